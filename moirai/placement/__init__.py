@@ -1,0 +1,1 @@
+"""Placement: solvers, the simulator that checks them, and the placement result format."""

@@ -1,0 +1,134 @@
+"""The placement result, `moirai.placement/v1` (see `../shared/formats/costgraph.md`).
+
+Every solver returns a `Placement`. Its `makespan_ms` is always the makespan of its own
+`schedule` and `transfers` under Moirai's execution model, re-checked by the simulator, whatever
+the solver believed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from moirai.errors import MoiraiError
+
+FORMAT = "moirai.placement/v1"
+Status = Literal["optimal", "feasible", "heuristic", "infeasible"]
+STATUSES = ("optimal", "feasible", "heuristic", "infeasible")
+
+
+@dataclass(frozen=True)
+class ScheduledTask:
+    task: str
+    device: str
+    start_ms: float
+    end_ms: float
+
+
+@dataclass(frozen=True)
+class ScheduledTransfer:
+    src: str
+    dst: str
+    from_device: str
+    to_device: str
+    start_ms: float
+    end_ms: float
+
+
+@dataclass
+class Placement:
+    costgraph: str
+    solver: str
+    status: Status
+    makespan_ms: float
+    lower_bound_ms: float
+    solve_seconds: float
+    assignment: dict[str, str]
+    schedule: list[ScheduledTask] = field(default_factory=list)
+    transfers: list[ScheduledTransfer] = field(default_factory=list)
+    objective: str = "latency"
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Informative keys: e.g. `period_ms` for the throughput objective, solver notes."""
+
+    @property
+    def gap(self) -> float:
+        """Relative optimality gap of the makespan against the lower bound (0 when proven)."""
+        if self.makespan_ms <= 0:
+            return 0.0
+        return max(0.0, (self.makespan_ms - self.lower_bound_ms) / self.makespan_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "costgraph": self.costgraph,
+            "solver": self.solver,
+            "status": self.status,
+            "objective": self.objective,
+            "makespan_ms": self.makespan_ms,
+            "lower_bound_ms": self.lower_bound_ms,
+            "gap": self.gap,
+            "solve_seconds": self.solve_seconds,
+            **self.extra,
+            "assignment": dict(self.assignment),
+            "schedule": [asdict(s) for s in self.schedule],
+            "transfers": [
+                {
+                    "src": t.src,
+                    "dst": t.dst,
+                    "from": t.from_device,
+                    "to": t.to_device,
+                    "start_ms": t.start_ms,
+                    "end_ms": t.end_ms,
+                }
+                for t in self.transfers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "placement") -> Placement:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise MoiraiError(f"{where}: not a {FORMAT} document (check its 'format' field)")
+        try:
+            known = {
+                "format", "costgraph", "solver", "status", "objective", "makespan_ms",
+                "lower_bound_ms", "gap", "solve_seconds", "assignment", "schedule", "transfers",
+            }
+            status = data["status"]
+            if status not in STATUSES:
+                raise MoiraiError(f"{where}.status is {status!r}: use one of {', '.join(STATUSES)}")
+            return cls(
+                costgraph=str(data["costgraph"]),
+                solver=str(data["solver"]),
+                status=status,
+                objective=str(data.get("objective", "latency")),
+                makespan_ms=float(data["makespan_ms"]),
+                lower_bound_ms=float(data.get("lower_bound_ms", 0.0)),
+                solve_seconds=float(data.get("solve_seconds", 0.0)),
+                assignment={str(k): str(v) for k, v in data["assignment"].items()},
+                schedule=[ScheduledTask(**s) for s in data.get("schedule", [])],
+                transfers=[
+                    ScheduledTransfer(
+                        src=t["src"], dst=t["dst"], from_device=t["from"], to_device=t["to"],
+                        start_ms=float(t["start_ms"]), end_ms=float(t["end_ms"]),
+                    )
+                    for t in data.get("transfers", [])
+                ],
+                extra={k: v for k, v in data.items() if k not in known},
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise MoiraiError(f"{where}: malformed placement ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Placement:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise MoiraiError(f"{path}: cannot read placement ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise MoiraiError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
