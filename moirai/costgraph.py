@@ -330,6 +330,10 @@ def _times(obj: Any, where: str) -> dict[str, float]:
     return out
 
 
+_TASK_KEYS = ("id", "compute_ms", "memory_bytes", "ops")
+_TOP_KEYS = ("format", "name", "devices", "links", "tasks", "edges")
+
+
 def _parse(data: Any, where: str) -> CostGraph:
     if not isinstance(data, dict):
         raise CostGraphError(f"{where}: a cost graph is a JSON object")
@@ -351,8 +355,10 @@ def _parse(data: Any, where: str) -> CostGraph:
     links = data.get("links", {})
     if not isinstance(links, dict):
         raise CostGraphError(f"{where}.links must be an object")
-    default_link = _link(links["default"], f"{where}.links.default") if "default" in links else (
-        CostGraph.default_link
+    default_link = (
+        _link(links["default"], f"{where}.links.default")
+        if "default" in links
+        else (CostGraph.default_link)
     )
     pair_links = {}
     for i, p in enumerate(links.get("pairs", [])):
@@ -371,7 +377,9 @@ def _parse(data: Any, where: str) -> CostGraph:
                 memory_bytes=int(_number(t, "memory_bytes", w, default=0)),
                 ops=tuple(ops),
                 extra={
-                    k: v for k, v in t.items() if k not in ("id", "compute_ms", "memory_bytes", "ops")
+                    k: v
+                    for k, v in t.items()
+                    if k not in ("id", "compute_ms", "memory_bytes", "ops")
                 },
             )
         )
@@ -386,11 +394,15 @@ def _parse(data: Any, where: str) -> CostGraph:
                 src=str(_require(e, "src", w, (str, int))),
                 dst=str(_require(e, "dst", w, (str, int))),
                 bytes=int(_number(e, "bytes", w, default=0)),
-                transfer_ms={str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()},
+                transfer_ms={
+                    str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()
+                },
             )
         )
     extra = {
-        k: v for k, v in data.items() if k not in ("format", "name", "devices", "links", "tasks", "edges")
+        k: v
+        for k, v in data.items()
+        if k not in ("format", "name", "devices", "links", "tasks", "edges")
     }
     try:
         return CostGraph(

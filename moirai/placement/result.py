@@ -92,8 +92,18 @@ class Placement:
             raise MoiraiError(f"{where}: not a {FORMAT} document (check its 'format' field)")
         try:
             known = {
-                "format", "costgraph", "solver", "status", "objective", "makespan_ms",
-                "lower_bound_ms", "gap", "solve_seconds", "assignment", "schedule", "transfers",
+                "format",
+                "costgraph",
+                "solver",
+                "status",
+                "objective",
+                "makespan_ms",
+                "lower_bound_ms",
+                "gap",
+                "solve_seconds",
+                "assignment",
+                "schedule",
+                "transfers",
             }
             status = data["status"]
             if status not in STATUSES:
@@ -110,8 +120,12 @@ class Placement:
                 schedule=[ScheduledTask(**s) for s in data.get("schedule", [])],
                 transfers=[
                     ScheduledTransfer(
-                        src=t["src"], dst=t["dst"], from_device=t["from"], to_device=t["to"],
-                        start_ms=float(t["start_ms"]), end_ms=float(t["end_ms"]),
+                        src=t["src"],
+                        dst=t["dst"],
+                        from_device=t["from"],
+                        to_device=t["to"],
+                        start_ms=float(t["start_ms"]),
+                        end_ms=float(t["end_ms"]),
                     )
                     for t in data.get("transfers", [])
                 ],

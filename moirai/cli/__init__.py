@@ -1,0 +1,61 @@
+"""The `moirai` command line: a thin shell over the library.
+
+Each subcommand lives in its own module (`moirai/cli/<name>.py`) exposing
+`register(subparsers) -> None`, which adds its parser and sets `func=run`, where
+`run(args) -> int` returns the exit status. `main` turns every `MoiraiError` into one line on
+stderr and exit status 2, and Ctrl-C into status 130, so users never see a traceback for bad
+input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from moirai import __version__
+from moirai.errors import MoiraiError
+
+SUBCOMMANDS = ("place", "profile", "serve", "infer", "demo", "stage", "gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moirai",
+        description="Place an ONNX model across heterogeneous devices and serve it.",
+    )
+    parser.add_argument("--version", action="version", version=f"moirai {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"moirai.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"moirai.cli.{name}":
+                raise
+            continue  # subcommand not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except MoiraiError as e:
+        print(f"moirai: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moirai: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
