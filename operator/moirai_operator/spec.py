@@ -1,0 +1,235 @@
+"""A PlacedModel's spec, parsed once into frozen dataclasses with every default applied.
+
+The CRD's structural schema already rejects wrong types, unknown enum values and out-of-range
+numbers at admission, so parsing here only fills defaults (the operator's solver defaults come
+from the Helm values, not the schema, so that changing them needs no CRD upgrade) and checks
+what a schema cannot express: a path URI must lie under the mounted volume, input shapes must be
+positive. A violation raises `SpecError`, which `status.py` turns into a Failed condition; the
+rest of the operator works only on these dataclasses, never on the raw dict.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlparse
+
+from kubernetes.utils.quantity import parse_quantity
+
+from moirai.errors import MoiraiError
+
+SOLVERS = ("auto", "milp", "cpsat", "heft", "getf", "msct", "single")
+OBJECTIVES = ("latency", "throughput")
+PROFILING_MODES = ("analytic", "measured")
+DEVICE_KINDS = ("cpu", "gpu")
+
+
+class SpecError(MoiraiError):
+    """The spec is well-typed but cannot be acted on (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-wide defaults for what a PlacedModel leaves out (from the Helm values)."""
+
+    solver: str = "auto"
+    objective: str = "latency"
+    time_limit_seconds: float = 60.0
+    image: str = "moirai:latest"
+
+
+@dataclass(frozen=True)
+class ModelVolume:
+    claim_name: str
+    mount_path: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    uri: str
+    sha256: str | None = None
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    volume: ModelVolume | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return urlparse(self.uri).scheme in ("http", "https")
+
+    @property
+    def local_path(self) -> str:
+        """The filesystem path of a path URI (`file:///x` or `/x`)."""
+        return urlparse(self.uri).path if self.uri.startswith("file://") else self.uri
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    kind: str
+    node_selector: Mapping[str, str] | None = None
+    max_devices: int = 1
+    gpus_per_device: int = 1
+    threads_per_device: int = 2
+    memory_per_device: str | None = None
+
+    @property
+    def memory_per_device_bytes(self) -> int | None:
+        if self.memory_per_device is None:
+            return None
+        return int(parse_quantity(self.memory_per_device))
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    solver: str
+    objective: str
+    time_limit_seconds: float
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    port: int = 8000
+    grpc_port: int = 8001
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
+class PlacedModelSpec:
+    model: ModelSpec
+    pools: tuple[PoolSpec, ...]
+    placement: PlacementSpec
+    profiling: str
+    serving: ServingSpec
+    image: str
+
+
+def _choice(value: Any, allowed: tuple[str, ...], where: str, default: str | None) -> str:
+    if value is None:
+        if default is None:
+            raise SpecError(f"{where} is missing: use one of {', '.join(allowed)}")
+        return default
+    if value not in allowed:
+        raise SpecError(f"{where} is {value!r}: use one of {', '.join(allowed)}")
+    return str(value)
+
+
+def _int(value: Any, where: str, default: int, minimum: int = 1) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{where} is {value!r}: use a whole number >= {minimum}")
+    return value
+
+
+def _model(raw: Mapping[str, Any]) -> ModelSpec:
+    uri = raw.get("uri")
+    if not isinstance(uri, str) or not uri:
+        raise SpecError("spec.model.uri is missing: give an http(s) URL or a path to a .onnx file")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in (raw.get("inputShapes") or {}).items():
+        if (
+            not isinstance(dims, list)
+            or not dims
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims)
+        ):
+            raise SpecError(
+                f"spec.model.inputShapes[{name!r}] is {dims!r}: give a list of positive integers"
+            )
+        shapes[str(name)] = tuple(dims)
+    volume = None
+    if raw.get("volume"):
+        v = raw["volume"]
+        volume = ModelVolume(claim_name=str(v["claimName"]), mount_path=str(v["mountPath"]))
+    sha = raw.get("sha256")
+    model = ModelSpec(
+        uri=uri, sha256=sha.lower() if sha else None, input_shapes=shapes, volume=volume
+    )
+    scheme = urlparse(uri).scheme
+    if scheme not in ("http", "https", "file", ""):
+        raise SpecError(f"spec.model.uri scheme {scheme!r} is not supported: use http(s) or a path")
+    if not model.is_remote:
+        if volume is None:
+            raise SpecError(
+                "spec.model.volume is required for a path URI: name the PersistentVolumeClaim "
+                "that holds the model and where to mount it"
+            )
+        mount = posixpath.normpath(volume.mount_path)
+        path = posixpath.normpath(model.local_path)
+        if posixpath.commonpath([mount, path]) != mount:
+            raise SpecError(
+                f"spec.model.uri {path} is not under spec.model.volume.mountPath {mount}"
+            )
+    return model
+
+
+def _pool(raw: Mapping[str, Any], i: int) -> PoolSpec:
+    where = f"spec.pools[{i}]"
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"{where}.name is missing")
+    selector = raw.get("nodeSelector")
+    memory = raw.get("memoryPerDevice")
+    if memory is not None:
+        try:
+            if parse_quantity(memory) <= Decimal(0):
+                raise ValueError
+        except ValueError:
+            raise SpecError(
+                f"{where}.memoryPerDevice is {memory!r}: use a positive quantity such as 8Gi"
+            ) from None
+    return PoolSpec(
+        name=name,
+        kind=_choice(raw.get("kind"), DEVICE_KINDS, f"{where}.kind", None),
+        node_selector=dict(selector) if selector else None,
+        max_devices=_int(raw.get("maxDevices"), f"{where}.maxDevices", 1),
+        gpus_per_device=_int(raw.get("gpusPerDevice"), f"{where}.gpusPerDevice", 1),
+        threads_per_device=_int(raw.get("threadsPerDevice"), f"{where}.threadsPerDevice", 2),
+        memory_per_device=memory,
+    )
+
+
+def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
+    """Parse a PlacedModel's `spec` (already schema-checked by the API server)."""
+    pools_raw = raw.get("pools") or []
+    if not pools_raw:
+        raise SpecError("spec.pools is empty: name at least one node pool")
+    pools = tuple(_pool(p, i) for i, p in enumerate(pools_raw))
+    names = [p.name for p in pools]
+    for n in names:
+        if names.count(n) > 1:
+            raise SpecError(f"spec.pools: pool name {n!r} appears twice")
+    placement = raw.get("placement") or {}
+    limit = placement.get("timeLimitSeconds", defaults.time_limit_seconds)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
+        raise SpecError(f"spec.placement.timeLimitSeconds is {limit!r}: use a number > 0")
+    serving = raw.get("serving") or {}
+    return PlacedModelSpec(
+        model=_model(raw.get("model") or {}),
+        pools=pools,
+        placement=PlacementSpec(
+            solver=_choice(
+                placement.get("solver"), SOLVERS, "spec.placement.solver", defaults.solver
+            ),
+            objective=_choice(
+                placement.get("objective"),
+                OBJECTIVES,
+                "spec.placement.objective",
+                defaults.objective,
+            ),
+            time_limit_seconds=float(limit),
+        ),
+        profiling=_choice(
+            (raw.get("profiling") or {}).get("mode"),
+            PROFILING_MODES,
+            "spec.profiling.mode",
+            "analytic",
+        ),
+        serving=ServingSpec(
+            port=_int(serving.get("port"), "spec.serving.port", 8000),
+            grpc_port=_int(serving.get("grpcPort"), "spec.serving.grpcPort", 8001),
+            replicas=_int(serving.get("replicas"), "spec.serving.replicas", 1),
+        ),
+        image=str(raw.get("image") or defaults.image),
+    )
