@@ -1,0 +1,385 @@
+"""Step 1 of the pipeline: load an ONNX model and describe it as an operator DAG.
+
+Two things leave this module, and both are contracts:
+
+- `load_model(path, input_shapes)` returns the `onnx.ModelProto` every later step works on —
+  fusion analysis, profiling, and the serving side, which cuts its stage sub-models out of this
+  same model. It is the file's model with (1) external data loaded, (2) graph inputs that are
+  really initializers (IR < 4 models list every weight as an input) dropped from `graph.input`,
+  so the inputs left are the ones a client feeds, (3) the user's input shapes applied and shapes
+  inferred (`value_info` filled in, every dimension static), and (4) every node renamed to its
+  canonical name.
+- `canonical_node_names(model)`: a node keeps its name when it is non-empty and unique in the
+  graph, otherwise it becomes `f"{op_type}_{index}"` (made unique with a numeric suffix). The
+  cost graph's `Task.ops` and the stage plans speak these names, so applying the rule twice
+  changes nothing.
+
+`build_graph(model)` then gives the analysis view (`OpGraph`): nodes in topological order with
+their input and output tensors, the bytes of every tensor (dtype size × static shape) and the
+weight bytes each node reads. A tensor is *constant* when it is an initializer or is computed
+only from constants (a `Constant` node, `ConstantOfShape` of a shape initializer, a `Shape` of a
+static tensor...): ONNX Runtime folds those nodes away at load time, so their outputs are weights
+held in memory, not work done per request. A node's weight bytes are the constant tensors it
+reads; constant nodes themselves read none, so a weight is counted where a kernel uses it,
+exactly as ONNX Runtime holds it after folding.
+
+Shapes come from `onnx.shape_inference` with data propagation. ONNX Runtime's symbolic shape
+inference would need sympy, which is not a dependency; a tensor whose shape is still unknown
+(an operator without an ONNX schema, a data-dependent size) counts as 0 bytes and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, helper
+
+from moirai.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+InputShapes = Mapping[str, Sequence[int]]
+
+# Nodes whose output depends only on the static shape of their input, which ONNX Runtime folds
+# once shapes are static.
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+# Never folded: their output changes from run to run.
+_NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+)
+
+
+# ----------------------------------------------------------------------- names
+def canonical_node_names(model: onnx.ModelProto) -> list[str]:
+    """The canonical name of every node of the main graph, in graph order.
+
+    `node.name` when it is non-empty and unique in the graph, else `f"{op_type}_{index}"`; a
+    generated name that collides with another gets `_1`, `_2`, ... appended.
+    """
+    nodes = model.graph.node
+    counts = Counter(n.name for n in nodes)
+    kept = {n.name for n in nodes if n.name and counts[n.name] == 1}
+    taken = set(kept)
+    names = []
+    for index, node in enumerate(nodes):
+        if node.name in kept:
+            names.append(node.name)
+            continue
+        base = name = f"{node.op_type}_{index}"
+        suffix = 0
+        while name in taken:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------- loading
+def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> onnx.ModelProto:
+    """Load, check and statically shape an ONNX model; nodes get their canonical names.
+
+    Raises `ModelError` (one line) for an unreadable or invalid file, an unknown input name, a
+    shape that contradicts the model, or an input dimension that stays symbolic.
+    """
+    path = Path(path)
+    model = _read(path)
+    _drop_initializer_inputs(model)
+    _apply_input_shapes(model, input_shapes or {}, path)
+    model = _infer_shapes(model, path)
+    _check_static_inputs(model, path)
+    for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
+        node.name = name
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"{path}: cannot read its external data ({e}); keep the data files next to the model"
+        ) from None
+    return model
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such ONNX file") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise ModelError(
+            f"{path}: not a valid ONNX model (truncated or corrupt: {_one_line(e)}); "
+            "re-export or re-download it"
+        ) from None
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+        raise ModelError(
+            f"{path}: invalid ONNX model: {_one_line(e)}; fix or re-export the model"
+        ) from None
+    return model
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Inputs backed by an initializer are weights: keep only the inputs a client feeds.
+
+    IR < 4 required every initializer to be listed as an input; from IR 4 such inputs are
+    merely overridable defaults, which would stop ONNX Runtime from folding them.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    if not any(i.name in weights for i in model.graph.input):
+        return
+    kept = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
+
+
+def _apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, path: Path) -> None:
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ModelError(
+                f"{path}: --input-shape names unknown input {name!r}; the model's inputs are "
+                f"{', '.join(inputs) or '(none)'}"
+            )
+        dims = list(dims)
+        if not dims or not all(isinstance(d, int | np.integer) and d > 0 for d in dims):
+            raise ModelError(
+                f"{path}: input shape for {name!r} must be positive integers, e.g. "
+                f"--input-shape {name}=1x3x224x224"
+            )
+        shape = inputs[name].type.tensor_type.shape
+        if inputs[name].type.tensor_type.HasField("shape") and len(shape.dim) != len(dims):
+            raise ModelError(
+                f"{path}: input {name!r} has rank {len(shape.dim)} but --input-shape gives "
+                f"{len(dims)} dimensions ({_dims_text(dims)})"
+            )
+        for axis, (dim, size) in enumerate(zip(shape.dim, dims, strict=True)):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise ModelError(
+                    f"{path}: input {name!r} dimension {axis} is fixed at {dim.dim_value} in the "
+                    f"model but --input-shape gives {size}"
+                )
+        del shape.dim[:]
+        for size in dims:
+            shape.dim.add().dim_value = int(size)
+
+
+def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    # Keep only the shapes we are about to derive again from the (possibly new) input shapes.
+    del model.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+        raise ModelError(
+            f"{path}: shape inference failed: {_one_line(e)}; check the --input-shape values"
+        ) from None
+
+
+def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
+    for value in model.graph.input:
+        tensor_type = value.type.tensor_type
+        dims = tensor_type.shape.dim
+        unknown = [(axis, d) for axis, d in enumerate(dims) if not d.HasField("dim_value")]
+        if not tensor_type.HasField("shape") or unknown:
+            example = "x".join(str(d.dim_value or 1) for d in dims) or "1x3x224x224"
+            what = (
+                f"dimension {unknown[0][0]} ({unknown[0][1].dim_param or 'unnamed'!r}) is symbolic"
+                if unknown
+                else "has no shape"
+            )
+            raise ModelError(
+                f"{path}: input {value.name!r} {what}: give its size, e.g. "
+                f"--input-shape {value.name}={example}"
+            )
+
+
+def _dims_text(dims: Iterable[int]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+# ------------------------------------------------------------------- the graph
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    elem_type: int
+    """ONNX `TensorProto.DataType`; 0 when unknown (sequences, maps, missing shape info)."""
+    shape: tuple[int, ...] | None
+    """Static shape, or None when inference could not resolve it."""
+    constant: bool
+    """An initializer or computed from constants only: held as a weight after folding."""
+
+    @property
+    def nbytes(self) -> int:
+        if self.shape is None or self.elem_type in (0, onnx.TensorProto.STRING):
+            return 0
+        itemsize = helper.tensor_dtype_to_np_dtype(self.elem_type).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+    @property
+    def numel(self) -> int:
+        return 0 if self.shape is None else int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op_type: str
+    domain: str
+    inputs: tuple[str, ...]
+    """Tensors read: explicit inputs (empty optional ones left out), then the outer-scope
+    tensors its subgraphs (If/Loop/Scan bodies) read."""
+    outputs: tuple[str, ...]
+    attributes: Mapping[str, object]
+    constant: bool
+    """Folded away by ONNX Runtime at load time: costs nothing per request."""
+
+
+@dataclass(frozen=True)
+class OpGraph:
+    """The operator DAG of a loaded model (see the module docstring)."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    """In topological order (ONNX requires the graph's node list to be one)."""
+    tensors: Mapping[str, Tensor]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @cached_property
+    def node(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    @cached_property
+    def producer(self) -> dict[str, str]:
+        """Tensor name → name of the node that writes it (graph inputs and initializers have
+        none)."""
+        return {t: n.name for n in self.nodes for t in n.outputs}
+
+    @cached_property
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {}
+        for n in self.nodes:
+            for t in dict.fromkeys(n.inputs):
+                out.setdefault(t, []).append(n.name)
+        return {t: tuple(c) for t, c in out.items()}
+
+    def weight_bytes(self, node_names: Iterable[str]) -> int:
+        """Bytes of the distinct constant tensors that the non-constant nodes among
+        `node_names` read: the weights a device running them must hold."""
+        return sum(self.tensors[t].nbytes for t in self.weights_read(node_names))
+
+    def weights_read(self, node_names: Iterable[str]) -> set[str]:
+        return {
+            t
+            for name in node_names
+            if not (n := self.node[name]).constant
+            for t in n.inputs
+            if self.tensors[t].constant
+        }
+
+    @cached_property
+    def unknown_shapes(self) -> tuple[str, ...]:
+        """Tensors in use (read, or a graph output) whose shape inference left unresolved:
+        they count as 0 bytes."""
+        used = self.consumers.keys() | set(self.outputs)
+        return tuple(t.name for t in self.tensors.values() if t.shape is None and t.name in used)
+
+
+def build_graph(model: onnx.ModelProto) -> OpGraph:
+    """The operator DAG of a model returned by `load_model`."""
+    graph = model.graph
+    types: dict[str, onnx.TypeProto] = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        types[value.name] = value.type
+    tensors: dict[str, Tensor] = {}
+    for init in graph.initializer:
+        tensors[init.name] = Tensor(init.name, init.data_type, tuple(init.dims), constant=True)
+    for init in graph.sparse_initializer:
+        values = init.values
+        tensors[values.name] = Tensor(values.name, values.data_type, tuple(init.dims), True)
+
+    def add(name: str, constant: bool) -> None:
+        if name in tensors:
+            return
+        tensor_type = types[name].tensor_type if name in types else None
+        shape = None
+        if tensor_type is not None and tensor_type.HasField("shape"):
+            dims = tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                shape = tuple(d.dim_value for d in dims)
+        elem_type = tensor_type.elem_type if tensor_type is not None else 0
+        tensors[name] = Tensor(name, elem_type, shape, constant)
+
+    for value in graph.input:
+        add(value.name, constant=False)
+    nodes = []
+    for node in graph.node:
+        inputs = tuple(dict.fromkeys([*(i for i in node.input if i), *_outer_scope_inputs(node)]))
+        for name in inputs:
+            add(name, constant=False)  # an undeclared input: the checker allows none here
+        constant = _is_constant(node, [tensors[i] for i in inputs])
+        for name in node.output:
+            if name:
+                add(name, constant)
+        nodes.append(
+            Node(
+                name=node.name,
+                op_type=node.op_type,
+                domain=node.domain,
+                inputs=inputs,
+                outputs=tuple(o for o in node.output if o),
+                attributes={a.name: helper.get_attribute_value(a) for a in node.attribute},
+                constant=constant,
+            )
+        )
+    op_graph = OpGraph(
+        name=graph.name or "model",
+        nodes=tuple(nodes),
+        tensors=tensors,
+        inputs=tuple(i.name for i in graph.input),
+        outputs=tuple(o.name for o in graph.output),
+    )
+    if op_graph.unknown_shapes:
+        log.warning(
+            "%d tensors have no static shape after inference (e.g. %s); they count as 0 bytes",
+            len(op_graph.unknown_shapes),
+            op_graph.unknown_shapes[0],
+        )
+    return op_graph
+
+
+def _is_constant(node: onnx.NodeProto, inputs: Sequence[Tensor]) -> bool:
+    if node.op_type in _NONDETERMINISTIC_OPS or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in _SHAPE_OPS:
+        return inputs[0].shape is not None
+    return all(t.constant for t in inputs)
+
+
+def _outer_scope_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read from the enclosing graph (implicit inputs)."""
+    found: list[str] = []
+    for attr in node.attribute:
+        for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for inner in sub.node:
+                for name in [*inner.input, *_outer_scope_inputs(inner)]:
+                    if name and name not in defined:
+                        found.append(name)
+                defined.update(inner.output)
+    return found
