@@ -1,0 +1,665 @@
+"""The stage plan: a placement turned into chained ONNX sub-models (`moirai.stageplan/v1`).
+
+A placement says on which device each fused group runs; serving needs more: which nodes run
+together in one ONNX Runtime session (a *stage*), which tensors cross between stages, and where
+each crossing tensor goes. `build_plan` derives that, and `extract_stage` cuts one stage's
+sub-model out of the model, so every stage server builds its own sessions from the model and the
+plan alone (no artefact store).
+
+How stages are formed. Groups are visited in a topological order of the model's data flow that
+follows the schedule (earliest start first, model order on ties). Each group joins the open stage
+of its device unless that would close a cycle in the stage DAG (a stage it depends on depends on
+the open stage); then it opens a new stage on that device. So stages are maximal runs of groups
+on one device in schedule order, a device holds several stages when the plan returns to it, and
+the stage DAG is acyclic, which is what lets the stages run in order in one process and reproduce
+the whole model. Dependencies come from the ONNX graph itself (including tensors that subgraphs of
+If/Loop/Scan read from the outer scope), not from the cost graph's edges, so a plan is correct
+even where the cost graph dropped an edge. `Constant` nodes feeding other nodes are copied into
+every stage that reads them instead of being shipped between stages. Nodes no group names (a cost
+graph may skip some) follow the device of their first consumer.
+
+The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every server reads)::
+
+    {
+      "format": "moirai.stageplan/v1",
+      "model": {"name": "mlp", "path": "mlp.onnx", "sha256": "…",
+                "input_shapes": {"x": [1, 64]}},
+      "devices": [{"name": "cpu-0", "kind": "cpu", "threads": 1},
+                  {"name": "gpu-0", "kind": "gpu", "device_id": 0}],
+      "inputs":  [{"name": "x", "datatype": "FP32", "shape": [1, 64]}],
+      "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 10]}],
+      "tensors": {"h": {"datatype": "FP32", "shape": [1, 256]}},
+      "stages": [
+        {"id": "s0", "device": "cpu-0", "nodes": ["MatMul_0", "Relu_1"],
+         "inputs": ["x"], "outputs": ["h"]},
+        {"id": "s1", "device": "cpu-1", "nodes": ["MatMul_2"],
+         "inputs": ["h"], "outputs": ["y"]}
+      ],
+      "routing": {"x": ["s0"], "h": ["s1"], "y": ["gateway"]},
+      "endpoints": {"cpu-0": "127.0.0.1:50051", "cpu-1": "127.0.0.1:50052",
+                    "gateway": "127.0.0.1:50050"},
+      "predicted": {"solver": "cpsat", "objective": "latency", "makespan_ms": 1.9}
+    }
+
+- `model.path` and `model.input_shapes` are what `moirai.graph.load_model` needs to rebuild the
+  same canonical node names; `sha256` (of the file) lets a server refuse a different model.
+- `inputs`/`outputs` are the model's; `tensors` types every tensor that crosses a stage border.
+  Datatypes are Open Inference Protocol names; a dimension of -1 is not fixed.
+- `stages` are in a topological order of the stage DAG; `nodes` are canonical ONNX node names in
+  model order; `inputs`/`outputs` are the tensors crossing the stage's border.
+- `routing` maps every tensor that travels to its consumers: stage ids, and `"gateway"` for the
+  model's outputs. Model inputs are routed from the gateway.
+- `endpoints` (optional, filled by whoever deploys) maps device names and `"gateway"` to the
+  gRPC address of their chain service; command-line flags override it.
+- `predicted` is informative: the placement's solver, objective and predicted times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+from moirai.errors import ModelError, MoiraiError
+
+FORMAT = "moirai.stageplan/v1"
+GATEWAY = "gateway"
+
+# ONNX element types that can cross a stage border or the gateway, by OIP datatype name.
+ONNX_DATATYPES: Mapping[int, str] = {
+    TensorProto.BOOL: "BOOL",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.INT8: "INT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+}
+
+
+class PlanError(MoiraiError):
+    """A stage plan is malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a dimension that is not fixed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    kind: str = "cpu"
+    threads: int | None = None
+    """ONNX Runtime intra-op threads (CPU devices); None lets ONNX Runtime choose."""
+    device_id: int | None = None
+    """CUDA device ordinal (GPU devices)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.threads is not None:
+            out["threads"] = self.threads
+        if self.device_id is not None:
+            out["device_id"] = self.device_id
+        return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    device: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    model_name: str
+    devices: tuple[DeviceSpec, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tensors: Mapping[str, TensorSpec]
+    stages: tuple[Stage, ...]
+    routing: Mapping[str, tuple[str, ...]]
+    model_path: str = ""
+    model_sha256: str = ""
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    predicted: Mapping[str, Any] = field(default_factory=dict)
+
+    def stage(self, stage_id: str) -> Stage:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        raise PlanError(f"the plan has no stage {stage_id!r}")
+
+    def device(self, name: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise PlanError(
+            f"the plan has no device {name!r}; its devices are "
+            f"{', '.join(d.name for d in self.devices)}"
+        )
+
+    def stages_on(self, device: str) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.device == device)
+
+    @property
+    def used_devices(self) -> tuple[str, ...]:
+        """Devices that hold at least one stage, in plan order."""
+        used = {s.device for s in self.stages}
+        return tuple(d.name for d in self.devices if d.name in used)
+
+    def spec(self, tensor: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == tensor:
+                return t
+        return self.tensors[tensor]
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": {
+                "name": self.model_name,
+                "path": self.model_path,
+                "sha256": self.model_sha256,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            },
+            "devices": [d.to_dict() for d in self.devices],
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "tensors": {
+                name: {"datatype": t.datatype, "shape": list(t.shape)}
+                for name, t in self.tensors.items()
+            },
+            "stages": [
+                {
+                    "id": s.id,
+                    "device": s.device,
+                    "nodes": list(s.nodes),
+                    "inputs": list(s.inputs),
+                    "outputs": list(s.outputs),
+                }
+                for s in self.stages
+            ],
+            "routing": {k: list(v) for k, v in self.routing.items()},
+            "endpoints": dict(self.endpoints),
+            "predicted": dict(self.predicted),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> StagePlan:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise PlanError(f"{where}: not a {FORMAT} document (check its 'format' field)")
+        try:
+            model = data["model"]
+            plan = cls(
+                model_name=str(model["name"]),
+                model_path=str(model.get("path", "")),
+                model_sha256=str(model.get("sha256", "")),
+                input_shapes={
+                    str(k): tuple(int(d) for d in v)
+                    for k, v in model.get("input_shapes", {}).items()
+                },
+                devices=tuple(
+                    DeviceSpec(
+                        name=str(d["name"]),
+                        kind=str(d.get("kind", "cpu")),
+                        threads=None if d.get("threads") is None else int(d["threads"]),
+                        device_id=None if d.get("device_id") is None else int(d["device_id"]),
+                    )
+                    for d in data["devices"]
+                ),
+                inputs=tuple(_tensor_spec(t["name"], t) for t in data["inputs"]),
+                outputs=tuple(_tensor_spec(t["name"], t) for t in data["outputs"]),
+                tensors={str(k): _tensor_spec(k, v) for k, v in data.get("tensors", {}).items()},
+                stages=tuple(
+                    Stage(
+                        id=str(s["id"]),
+                        device=str(s["device"]),
+                        nodes=tuple(map(str, s["nodes"])),
+                        inputs=tuple(map(str, s["inputs"])),
+                        outputs=tuple(map(str, s["outputs"])),
+                    )
+                    for s in data["stages"]
+                ),
+                routing={str(k): tuple(map(str, v)) for k, v in data["routing"].items()},
+                endpoints={str(k): str(v) for k, v in data.get("endpoints", {}).items()},
+                predicted=dict(data.get("predicted", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"{where}: malformed stage plan ({type(e).__name__}: {e})") from None
+        _validate(plan, where)
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> StagePlan:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read stage plan ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+
+def _tensor_spec(name: str, data: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(
+        name=str(name),
+        datatype=str(data["datatype"]),
+        shape=tuple(int(d) for d in data["shape"]),
+    )
+
+
+def _validate(plan: StagePlan, where: str) -> None:
+    devices = {d.name for d in plan.devices}
+    ids = [s.id for s in plan.stages]
+    if len(set(ids)) != len(ids) or GATEWAY in ids:
+        raise PlanError(f"{where}: stage ids must be unique and not {GATEWAY!r}")
+    known_ids = set(ids)
+    for s in plan.stages:
+        if s.device not in devices:
+            raise PlanError(f"{where}: stage {s.id} names unknown device {s.device!r}")
+        for t in (*s.inputs, *s.outputs):
+            try:
+                plan.spec(t)
+            except KeyError:
+                raise PlanError(f"{where}: stage {s.id} tensor {t!r} has no type") from None
+    for tensor, consumers in plan.routing.items():
+        for c in consumers:
+            if c != GATEWAY and c not in known_ids:
+                raise PlanError(f"{where}: routing of {tensor!r} names unknown stage {c!r}")
+
+
+# ------------------------------------------------------------------ graph helpers
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope tensors that the subgraphs of `node` (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = list(attr.graphs)
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        for g in graphs:
+            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                defined.update(n.output)
+            for n in g.node:
+                names.update(t for t in (*n.input, *_subgraph_inputs(n)) if t and t not in defined)
+    return names
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs and what its subgraphs read from the outer scope."""
+    return [t for t in node.input if t] + sorted(_subgraph_inputs(node) - set(node.input))
+
+
+def _is_shared_constant(node: onnx.NodeProto, model_outputs: set[str]) -> bool:
+    return (
+        node.op_type == "Constant"
+        and node.domain in ("", "ai.onnx")
+        and not any(o in model_outputs for o in node.output)
+    )
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    g = model.graph
+    return {v.name: v for v in (*g.value_info, *g.input, *g.output)}
+
+
+def _typed(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, onnx.ValueInfoProto]:
+    """ValueInfo of each tensor, running ONNX shape inference when the model lacks some."""
+    names = list(names)
+    types = _value_types(model)
+    if any(n not in types for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception as e:  # onnx raises several unrelated types here
+            raise ModelError(f"ONNX shape inference failed: {e}") from None
+        types.update(_value_types(inferred))
+    missing = [n for n in names if n not in types]
+    if missing:
+        raise ModelError(
+            f"tensor {missing[0]!r} has no inferable type; give static input shapes "
+            "(--input-shape) so that shape inference can type it"
+        )
+    return {n: types[n] for n in names}
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type.tensor_type
+    datatype = ONNX_DATATYPES.get(t.elem_type)
+    if datatype is None:
+        name = TensorProto.DataType.Name(t.elem_type)
+        raise ModelError(
+            f"tensor {value.name!r} is {name}: serving supports "
+            f"{', '.join(ONNX_DATATYPES.values())}"
+        )
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+    return TensorSpec(value.name, datatype, shape)
+
+
+# -------------------------------------------------------------------- planning
+def build_plan(
+    model: onnx.ModelProto,
+    node_device: Mapping[str, str],
+    devices: Sequence[DeviceSpec],
+    *,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    start_ms: Mapping[str, float] | None = None,
+    model_name: str | None = None,
+    model_path: str = "",
+    model_sha256: str = "",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    predicted: Mapping[str, Any] | None = None,
+) -> StagePlan:
+    """The stage plan of `model` under an assignment.
+
+    `node_device` assigns ONNX node names (or group ids, with `groups` mapping each group id to
+    its node names) to device names; `start_ms` gives each group's (or node's) scheduled start,
+    which orders the groups (model order where absent). Nodes that no entry covers follow their
+    first consumer's device.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    names = [n.name for n in nodes]
+    if any(not n for n in names) or len(set(names)) != len(names):
+        raise ModelError(
+            "node names must be unique and non-empty: load the model with "
+            "moirai.graph.load_model, which gives canonical names"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    by_name = {n.name: n for n in nodes}
+    device_names = [d.name for d in devices]
+    initializers = {i.name for i in graph.initializer} | {
+        s.values.name for s in graph.sparse_initializer
+    }
+    model_inputs = [i.name for i in graph.input if i.name not in initializers]
+    model_outputs = [o.name for o in graph.output]
+    output_set = set(model_outputs)
+    for o in model_outputs:
+        if o in initializers:
+            raise ModelError(f"model output {o!r} is an initializer; serving cannot route it")
+
+    producer: dict[str, str] = {}  # tensor -> node
+    for n in nodes:
+        for o in n.output:
+            if o:
+                producer[o] = n.name
+    live = _live_nodes(nodes, index, producer, model_outputs)
+
+    # Units: the groups (or single nodes) that stages are made of; dead nodes are left out.
+    shared = {n.name for n in nodes if n.name in live and _is_shared_constant(n, output_set)}
+    groups = dict(groups) if groups is not None else {n: [n] for n in node_device}
+    unit_of: dict[str, str] = {}
+    for unit, ops in groups.items():
+        for op in ops:
+            if op not in index:
+                raise ModelError(f"group {unit!r} names node {op!r}, which the model lacks")
+            if op in live and op not in shared:
+                unit_of[op] = unit
+    groups = {u: ops for u, ops in groups.items() if any(op in unit_of for op in ops)}
+    unit_device: dict[str, str] = {}
+    for unit in groups:
+        if unit not in node_device:
+            raise MoiraiError(f"the placement assigns no device to {unit!r}")
+        if node_device[unit] not in device_names:
+            raise MoiraiError(f"{unit!r} is placed on unknown device {node_device[unit]!r}")
+        unit_device[unit] = node_device[unit]
+
+    nodes = [n for n in nodes if n.name in live]
+    consumers: dict[str, list[str]] = {}  # tensor -> nodes
+    for n in nodes:
+        for t in node_inputs(n):
+            consumers.setdefault(t, []).append(n.name)
+
+    # Uncovered nodes follow their first consumer's device (else their producer's, else the
+    # first device), visited in reverse model order so chains of uncovered nodes resolve.
+    uncovered = [n for n in nodes if n.name not in unit_of and n.name not in shared]
+    fallback: dict[str, str] = {}
+    for n in reversed(uncovered):
+        later = sorted(
+            (index[c] for o in n.output for c in consumers.get(o, []) if c not in shared),
+        )
+        dev = None
+        for c in later:
+            dev = unit_device.get(unit_of.get(names[c], ""), fallback.get(names[c]))
+            if dev:
+                break
+        fallback[n.name] = dev or ""
+    for n in uncovered:
+        if not fallback[n.name]:
+            preds = [producer[t] for t in node_inputs(n) if t in producer]
+            devs = [unit_device.get(unit_of.get(p, ""), fallback.get(p, "")) for p in preds]
+            fallback[n.name] = next((d for d in devs if d), device_names[0])
+        unit_of[n.name] = n.name
+        unit_device[n.name] = fallback[n.name]
+    members: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.name in unit_of:
+            members.setdefault(unit_of[n.name], []).append(n.name)
+
+    # Unit dependencies from the data flow.
+    unit_preds: dict[str, set[str]] = {u: set() for u in members}
+    for u, ops in members.items():
+        for op in ops:
+            for t in node_inputs(by_name[op]):
+                p = producer.get(t)
+                if p is not None and p not in shared and unit_of[p] != u:
+                    unit_preds[u].add(unit_of[p])
+    order = _schedule_order(members, unit_preds, index, start_ms or {})
+
+    # Greedy stage formation (see the module docstring).
+    stage_units: list[list[str]] = []
+    stage_device: list[str] = []
+    reach: list[set[int]] = []  # stages each stage depends on, transitively
+    stage_of: dict[str, int] = {}
+    open_stage: dict[str, int] = {}
+    for u in order:
+        dev = unit_device[u]
+        preds = {stage_of[p] for p in unit_preds[u]}
+        s = open_stage.get(dev)
+        if s is None or any(s in reach[p] for p in preds if p != s):
+            s = len(stage_units)
+            stage_units.append([])
+            stage_device.append(dev)
+            reach.append(set())
+            open_stage[dev] = s
+        stage_units[s].append(u)
+        stage_of[u] = s
+        added = set().union(*(reach[p] | {p} for p in preds if p != s)) if preds else set()
+        if not added <= reach[s]:
+            reach[s] |= added
+            for r in reach:
+                if s in r:
+                    r |= reach[s]
+
+    # Stage DAG in topological order (a stage may have absorbed groups after later stages).
+    topo = _topological_stages(reach)
+    stage_id = {s: f"s{k}" for k, s in enumerate(topo)}
+    node_stage = {op: stage_id[stage_of[u]] for u, ops in members.items() for op in ops}
+
+    stages: list[Stage] = []
+    routing: dict[str, set[str]] = {}
+    for s in topo:
+        sid = stage_id[s]
+        own = sorted((op for u in stage_units[s] for op in members[u]), key=index.__getitem__)
+        produced = {o for op in own for o in by_name[op].output if o}
+        reads: list[str] = []
+        consts: set[str] = set()
+        for op in own:
+            for t in node_inputs(by_name[op]):
+                if t in produced or t in initializers:
+                    continue
+                if producer.get(t) in shared:
+                    consts.add(producer[t])
+                elif t not in reads:
+                    reads.append(t)
+        for t in reads:
+            routing.setdefault(t, set()).add(sid)
+        outputs = [
+            o
+            for op in own
+            for o in by_name[op].output
+            if o
+            and (
+                o in output_set
+                or any(c not in shared and node_stage.get(c) != sid for c in consumers.get(o, []))
+            )
+        ]
+        stages.append(
+            Stage(
+                id=sid,
+                device=stage_device[s],
+                nodes=tuple(sorted([*consts, *own], key=index.__getitem__)),
+                inputs=tuple(reads),
+                outputs=tuple(outputs),
+            )
+        )
+    for o in model_outputs:
+        routing.setdefault(o, set()).add(GATEWAY)
+    for t in routing:
+        if t not in producer and t not in model_inputs:
+            raise ModelError(f"tensor {t!r} is read but neither produced nor a model input")
+
+    types = _typed(model, [*model_inputs, *model_outputs, *routing])
+    border = {t for s in stages for t in (*s.inputs, *s.outputs)}
+    return StagePlan(
+        model_name=model_name or graph.name or "model",
+        model_path=model_path,
+        model_sha256=model_sha256,
+        input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
+        devices=tuple(devices),
+        inputs=tuple(_spec(types[i]) for i in model_inputs),
+        outputs=tuple(_spec(types[o]) for o in model_outputs),
+        tensors={
+            t: _spec(types[t])
+            for t in sorted(border, key=lambda t: index.get(producer.get(t, ""), -1))
+            if t not in model_inputs and t not in output_set
+        },
+        stages=tuple(stages),
+        routing={t: tuple(sorted(c)) for t, c in routing.items()},
+        predicted=dict(predicted or {}),
+    )
+
+
+def _live_nodes(
+    nodes: Sequence[onnx.NodeProto],
+    index: Mapping[str, int],
+    producer: Mapping[str, str],
+    outputs: Iterable[str],
+) -> set[str]:
+    """Nodes that some model output depends on; the rest is dead code that no stage runs."""
+    live: set[str] = set()
+    stack = [producer[o] for o in outputs if o in producer]
+    while stack:
+        name = stack.pop()
+        if name in live:
+            continue
+        live.add(name)
+        stack.extend(producer[t] for t in node_inputs(nodes[index[name]]) if t in producer)
+    return live
+
+
+def _schedule_order(
+    members: Mapping[str, list[str]],
+    preds: Mapping[str, set[str]],
+    index: Mapping[str, int],
+    start_ms: Mapping[str, float],
+) -> list[str]:
+    """Units in a topological order that follows the schedule (Kahn's, by start then model)."""
+    succs: dict[str, list[str]] = {u: [] for u in members}
+    indegree = {u: len(p) for u, p in preds.items()}
+    for u, ps in preds.items():
+        for p in ps:
+            succs[p].append(u)
+
+    def key(u: str) -> tuple[float, int]:
+        return (start_ms.get(u, float("inf")), min(index[op] for op in members[u]))
+
+    ready = [(key(u), u) for u, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, u = heapq.heappop(ready)
+        order.append(u)
+        for v in succs[u]:
+            indegree[v] -= 1
+            if indegree[v] == 0:
+                heapq.heappush(ready, (key(v), v))
+    if len(order) != len(members):
+        raise ModelError(
+            "the groups form a cycle over the model's data flow: a fusion group must not have a "
+            "path that leaves it and comes back"
+        )
+    return order
+
+
+def _topological_stages(reach: Sequence[set[int]]) -> list[int]:
+    """Stage indices ordered so that every stage comes after the stages it depends on."""
+    order: list[int] = []
+    placed: set[int] = set()
+    pending = list(range(len(reach)))
+    while pending:
+        for s in pending:
+            if reach[s] <= placed:
+                order.append(s)
+                placed.add(s)
+                pending.remove(s)
+                break
+        else:  # pragma: no cover - build_plan keeps the stage DAG acyclic
+            raise AssertionError("stage DAG has a cycle")
+    return order
+
+
+# -------------------------------------------------------------------- cutting
+def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onnx.ModelProto:
+    """The ONNX sub-model of one stage: its nodes, the initializers they read, its border."""
+    stage = plan.stage(stage_id)
+    graph = model.graph
+    wanted = set(stage.nodes)
+    nodes = [n for n in graph.node if n.name in wanted]
+    if len(nodes) != len(wanted):
+        missing = sorted(wanted - {n.name for n in nodes})
+        raise PlanError(
+            f"stage {stage_id} names node {missing[0]!r}, which the model lacks: the plan was "
+            "made for another model or other input shapes"
+        )
+    read = {t for n in nodes for t in node_inputs(n)}
+    types = _typed(model, [*stage.inputs, *stage.outputs])
+    sub = helper.make_graph(
+        nodes,
+        f"{graph.name or 'model'}_{stage_id}",
+        [types[t] for t in stage.inputs],
+        [types[t] for t in stage.outputs],
+        initializer=[i for i in graph.initializer if i.name in read],
+        sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
+    )
+    return helper.make_model(
+        sub,
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+        functions=list(model.functions),
+    )

@@ -1,0 +1,137 @@
+"""Small ONNX models built with onnx.helper, shaped to exercise the stage plan's corner cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _model(nodes, inputs, outputs, initializers, name: str) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=8)
+    onnx.checker.check_model(model)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _name(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    for i, n in enumerate(nodes):
+        n.name = f"{n.op_type}_{i}"
+    return nodes
+
+
+def mlp(width: int = 64, depth: int = 6, batch: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """x → (MatMul → Add → Relu) × depth → y: a chain, the throughput benchmark's shape."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(depth):
+        w = numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), f"w{i}"
+        )
+        b = numpy_helper.from_array(rng.standard_normal(width).astype(np.float32) * 0.1, f"b{i}")
+        inits += [w, b]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], ["y" if i == depth - 1 else f"h{i}"]),
+        ]
+        prev = f"h{i}"
+    return _model(
+        _name(nodes),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, width])],
+        inits,
+        "mlp",
+    )
+
+
+def branchy(seed: int = 1) -> onnx.ModelProto:
+    """Branches, a multi-output Split, shared Constants, a shared initializer, an If whose
+    branches read an outer-scope tensor, dead code, two inputs and three outputs (one of them
+    consumed inside the model too)."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    split = numpy_helper.from_array(np.array([4, 4], np.int64), "split")
+    then_g = helper.make_graph(
+        [helper.make_node("Add", ["p1", "r0"], ["then_out"], name="then_add")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, [2, 4])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Sub", ["p1", "r0"], ["else_out"], name="else_sub")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, [2, 4])],
+    )
+    half = helper.make_tensor("half", TensorProto.FLOAT, [], [0.5])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("Constant", [], ["c"], value=half),
+        helper.make_node("Split", ["m", "split"], ["p0", "p1"], axis=1),
+        helper.make_node("Mul", ["p0", "c"], ["q0"]),
+        helper.make_node("Tanh", ["p1"], ["q1"]),
+        helper.make_node("Relu", ["q0"], ["r0"]),
+        helper.make_node("Sigmoid", ["q1"], ["dead"]),
+        helper.make_node("ReduceSum", ["z"], ["zs"], keepdims=0),
+        helper.make_node("Greater", ["zs", "c"], ["cond"]),
+        helper.make_node("If", ["cond"], ["branch"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Concat", ["r0", "branch"], ["cat"], axis=1),
+        helper.make_node("MatMul", ["cat", "w"], ["y"]),
+        helper.make_node("Mul", ["y", "c"], ["y2"]),
+        helper.make_node("Add", ["y2", "y"], ["out"]),
+    ]
+    return _model(
+        _name(nodes),
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8]),
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 8]),
+            helper.make_tensor_value_info("q1", TensorProto.FLOAT, [2, 4]),
+        ],
+        [w, split],
+        "branchy",
+    )
+
+
+def gather(rows: int = 16, width: int = 32, seed: int = 2) -> onnx.ModelProto:
+    """x → MatMul → Relu → Gather(indices) → MatMul → y; out-of-range indices make ONNX Runtime
+    fail inside the second half, which the failure tests use to inject stage failures."""
+    rng = np.random.default_rng(seed)
+    w0 = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "w0")
+    w1 = numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), "w1")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        helper.make_node("Gather", ["r", "idx"], ["g"], axis=0),
+        helper.make_node("MatMul", ["g", "w1"], ["y"]),
+    ]
+    return _model(
+        _name(nodes),
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width]),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, [4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, width])],
+        [w0, w1],
+        "gather",
+    )
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        shape = [d.dim_value for d in t.shape.dim]
+        if t.elem_type == TensorProto.INT64:
+            out[i.name] = rng.integers(0, shape[0] if shape else 1, size=shape).astype(np.int64)
+        else:
+            out[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return out

@@ -1,0 +1,129 @@
+"""The stage plan: random placements reproduce the whole model; the plan's structure holds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moirai.errors import ModelError
+from moirai.partition import GATEWAY, DeviceSpec, PlanError, StagePlan, build_plan, extract_stage
+from moirai.runtime.sequential import run_sequential
+
+from . import models
+
+DEVICES = [
+    DeviceSpec("cpu-0", threads=1),
+    DeviceSpec("cpu-1", threads=1),
+    DeviceSpec("gpu-0", "gpu"),
+]
+MODELS = {"mlp": models.mlp(), "branchy": models.branchy(), "gather": models.gather()}
+
+
+def reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in model.graph.output], session.run(None, inputs), strict=True))
+
+
+def check_structure(model: onnx.ModelProto, plan: StagePlan) -> None:
+    """Stages in topological order, each tensor produced before it is read, routing complete."""
+    available = {i.name for i in plan.inputs}
+    producers: dict[str, str] = {}
+    for stage in plan.stages:
+        assert stage.inputs or stage.nodes, stage
+        for t in stage.inputs:
+            assert t in available, f"{stage.id} reads {t} before any stage produces it"
+            assert stage.id in plan.routing[t]
+        for t in stage.outputs:
+            assert t not in producers, f"{t} produced twice"
+            producers[t] = stage.id
+            available.add(t)
+            assert plan.routing[t], f"{t} goes nowhere"
+    for o in plan.outputs:
+        assert GATEWAY in plan.routing[o.name]
+    placed = [n for s in plan.stages for n in s.nodes]
+    constants = {n.name for n in model.graph.node if n.op_type == "Constant"}
+    non_constant = [n for n in placed if n not in constants]
+    assert len(non_constant) == len(set(non_constant)), "a node sits in two stages"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_placements_reproduce_the_model(name: str, data: st.DataObject) -> None:
+    model = MODELS[name]
+    devices = DEVICES[: data.draw(st.integers(1, len(DEVICES)), label="devices")]
+    assignment = {
+        n.name: data.draw(st.sampled_from([d.name for d in devices]), label=n.name)
+        for n in model.graph.node
+    }
+    cpu_only = [DeviceSpec(d.name, "cpu", threads=1) for d in devices]  # run everything here
+    plan = build_plan(model, assignment, cpu_only)
+    check_structure(model, plan)
+    assert StagePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    inputs = models.random_inputs(model, seed=data.draw(st.integers(0, 100), label="seed"))
+    want = reference(model, inputs)
+    got = run_sequential(model, plan, inputs)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_groups_and_schedule_make_maximal_stages() -> None:
+    """Independent groups on one device share a stage; a return to a device opens a new one."""
+    model = models.branchy()
+    names = [n.name for n in model.graph.node]
+    # Everything on cpu-0 except the If, which depends on cpu-0's work and feeds it again.
+    assignment = {n: "cpu-0" for n in names}
+    assignment["If_9"] = "cpu-1"
+    plan = build_plan(model, assignment, DEVICES[:2])
+    assert [s.device for s in plan.stages] == ["cpu-0", "cpu-1", "cpu-0"]
+    groups = {"g0": names[:5], "g1": names[5:]}
+    plan = build_plan(model, {"g0": "cpu-0", "g1": "cpu-1"}, DEVICES[:2], groups=groups)
+    assert [s.device for s in plan.stages] == ["cpu-0", "cpu-1"]
+    # Constant_1 feeds both stages: it is copied, not shipped.
+    assert all("Constant_1" in s.nodes for s in plan.stages)
+    assert "c" not in plan.routing
+
+
+def test_dead_nodes_and_uncovered_nodes() -> None:
+    model = models.branchy()
+    names = [n.name for n in model.graph.node]
+    # Only the first MatMul is placed; the rest follows its consumers.
+    plan = build_plan(model, {"MatMul_0": "cpu-1"}, DEVICES[:2])
+    nodes = [n for s in plan.stages for n in s.nodes]
+    assert "Sigmoid_6" not in nodes  # dead code
+    assert plan.stages[0].device in ("cpu-0", "cpu-1")
+    assert set(nodes) == set(names) - {"Sigmoid_6"}
+
+
+def test_extract_stage_refuses_a_foreign_model() -> None:
+    plan = build_plan(MODELS["mlp"], {n.name: "cpu-0" for n in MODELS["mlp"].graph.node}, DEVICES)
+    with pytest.raises(PlanError, match="made for another model"):
+        extract_stage(MODELS["gather"], plan, "s0")
+
+
+def test_sub_models_carry_only_their_initializers() -> None:
+    model = MODELS["mlp"]
+    nodes = [n.name for n in model.graph.node]
+    half = len(nodes) // 2
+    assignment = {n: ("cpu-0" if i < half else "cpu-1") for i, n in enumerate(nodes)}
+    plan = build_plan(model, assignment, DEVICES[:2])
+    first, second = (extract_stage(model, plan, s.id) for s in plan.stages)
+    assert {i.name for i in first.graph.initializer} == {"w0", "b0", "w1", "b1", "w2", "b2"}
+    assert {i.name for i in second.graph.initializer} == {"w3", "b3", "w4", "b4", "w5", "b5"}
+    onnx.checker.check_model(first)
+
+
+def test_bad_assignments_are_reported() -> None:
+    model = MODELS["mlp"]
+    with pytest.raises(ModelError, match="lacks"):
+        build_plan(model, {"g": "cpu-0"}, DEVICES, groups={"g": ["Nope"]})
+    with pytest.raises(Exception, match="unknown device"):
+        build_plan(model, {n.name: "tpu-9" for n in model.graph.node}, DEVICES)
+    with pytest.raises(PlanError, match="format"):
+        StagePlan.from_dict({"format": "nope"})
