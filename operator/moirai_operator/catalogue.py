@@ -130,7 +130,7 @@ def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> Device
                 )
             memory = node.gpu_memory_bytes or int(entry["memoryBytes"])
             figures = (
-                "cuda",
+                "CUDAExecutionProvider",
                 req.threads_per_device,
                 float(entry["peakFlops"]) * eff,
                 float(entry["memoryBandwidthBytesPerS"]) * eff,
@@ -143,7 +143,7 @@ def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> Device
                 float(cpu["maxMemoryBandwidthBytesPerS"]),
             )
             figures = (
-                "cpu",
+                "CPUExecutionProvider",
                 threads,
                 float(cpu["peakFlopsPerCore"]) * threads * eff,
                 bandwidth * eff,

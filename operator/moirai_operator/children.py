@@ -1,0 +1,454 @@
+"""The objects a PlacedModel owns, built as pure functions of the PlacedModel and its plan.
+
+For a plan over devices d1..dn the operator writes:
+
+    ConfigMap    <pm>-plan            plan.json (stage plan) + placement.json
+    Deployment   <pm>-<device>        one stage server per device: the pool's node selector,
+    Service      <pm>-<device>        GPU/CPU/memory requests, the plan mounted, the model
+                                      fetched and verified by an init container
+    Deployment   <pm>-gateway         the Open Inference Protocol gateway ...
+    Service      <pm>-gateway         ... and its Service: the PlacedModel's endpoint
+    NetworkPolicy <pm>-stages         stage servers admit traffic only from their peer stages
+                                      and their gateway (when enabled)
+
+Every object carries the same labels (so the operator can list and prune what it owns), an
+ownerReference to the PlacedModel (so deleting it deletes them), and names derived only from the
+PlacedModel and the device (so applying twice, or after a restart, converges to one object). Pod
+templates carry the plan's digest: a new plan rolls the stage servers; an unchanged one does not.
+
+The stage-server and gateway command lines are written here and nowhere else: a test runs them
+as local processes to prove the manifests really serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from moirai.errors import MoiraiError
+from moirai_operator.plan import Plan, PlannedDevice
+from moirai_operator.resources import (
+    ANNOTATION_PLAN_DIGEST,
+    API_VERSION,
+    COMPONENT_GATEWAY,
+    COMPONENT_PLAN,
+    COMPONENT_STAGE,
+    GPU_RESOURCE,
+    KIND,
+    LABEL_COMPONENT,
+    LABEL_DEVICE,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_PLACEDMODEL,
+    LABEL_POOL,
+    MANAGED_BY,
+    Manifest,
+)
+from moirai_operator.spec import PlacedModelSpec
+
+STAGE_PORT = 50051
+GATEWAY = "gateway"
+"""The stage plan's name for the gateway among its endpoints."""
+PLAN_DIR = "/etc/moirai/plan"
+MODEL_DIR = "/var/lib/moirai/model"
+MODEL_FILE = "model.onnx"
+CONFIGMAP_LIMIT = 1_000_000
+"""Bytes: the API server rejects ConfigMaps over 1 MiB; keep a margin for metadata."""
+RUN_AS_USER = 10001
+"""The non-root user of the image (see the Dockerfile)."""
+
+
+class PlanTooLargeError(MoiraiError):
+    """The plan does not fit in a ConfigMap."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The PlacedModel that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide settings that shape the children (from the Helm values)."""
+
+    network_policy: bool = True
+    image_pull_policy: str = "IfNotPresent"
+
+
+def child_name(owner: str, suffix: str) -> str:
+    """`<owner>-<suffix>`, shortened with a digest to fit a DNS-1035 label (Service names)."""
+    name = f"{owner}-{suffix}"
+    if not name[0].isalpha():
+        name = f"pm-{name}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    head = owner[: 63 - len(suffix) - len(digest) - 2].rstrip("-")
+    return f"{head}-{digest}-{suffix}"
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    return {
+        LABEL_NAME: "moirai",
+        LABEL_INSTANCE: owner.name,
+        LABEL_COMPONENT: component,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PLACEDMODEL: owner.name,
+    }
+
+
+def selector(owner: Owner) -> dict[str, str]:
+    """Selects every child of `owner` (used to list and prune)."""
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PLACEDMODEL: owner.name}
+
+
+def _metadata(owner: Owner, name: str, component: str, **extra: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": {**labels(owner, component), **extra},
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+            }
+        ],
+    }
+
+
+def plan_configmap_name(owner: Owner) -> str:
+    return child_name(owner.name, "plan")
+
+
+def stage_name(owner: Owner, device: str) -> str:
+    return child_name(owner.name, device)
+
+
+def gateway_name(owner: Owner) -> str:
+    return child_name(owner.name, "gateway")
+
+
+def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
+    """The in-cluster URL of the gateway (Open Inference Protocol over HTTP)."""
+    return f"http://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
+
+
+def endpoints(owner: Owner, plan: Plan, spec: PlacedModelSpec) -> dict[str, str]:
+    """gRPC address (host:port) of every stage server and of the gateway, by Service name."""
+    out = {
+        d.entry.name: f"{stage_name(owner, d.entry.name)}.{owner.namespace}.svc:{STAGE_PORT}"
+        for d in plan.devices
+    }
+    out[GATEWAY] = f"{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.grpc_port}"
+    return out
+
+
+def plan_files(owner: Owner, spec: PlacedModelSpec, plan: Plan) -> dict[str, str]:
+    """The files of the plan ConfigMap: the stage plan as the pods must read it, and the
+    placement. The stage plan gets the in-pod model path and the Services as endpoints."""
+    stage_plan = dict(plan.stage_plan)
+    stage_plan["model"] = {**stage_plan.get("model", {}), "path": model_path(spec)}
+    stage_plan["endpoints"] = endpoints(owner, plan, spec)
+    return {
+        "plan.json": json.dumps(stage_plan, indent=1, sort_keys=True) + "\n",
+        "placement.json": json.dumps(plan.placement, indent=1, sort_keys=True) + "\n",
+    }
+
+
+def plan_configmap(owner: Owner, spec: PlacedModelSpec, plan: Plan) -> Manifest:
+    files = plan_files(owner, spec, plan)
+    size = sum(len(v.encode()) for v in files.values())
+    if size > CONFIGMAP_LIMIT:
+        raise PlanTooLargeError(
+            f"the plan is {size} bytes, over the {CONFIGMAP_LIMIT}-byte ConfigMap limit: "
+            "coarsen the model or use fewer devices"
+        )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, plan_configmap_name(owner), COMPONENT_PLAN),
+        "data": files,
+    }
+
+
+def model_path(spec: PlacedModelSpec) -> str:
+    """Where the model file is inside a pod."""
+    return f"{MODEL_DIR}/{MODEL_FILE}" if spec.model.is_remote else spec.model.local_path
+
+
+def stage_command(device: PlannedDevice, spec: PlacedModelSpec) -> list[str]:
+    return [
+        "moirai",
+        "stage",
+        "--plan",
+        f"{PLAN_DIR}/plan.json",
+        "--model",
+        model_path(spec),
+        "--device",
+        device.entry.name,
+        "--port",
+        str(STAGE_PORT),
+    ]
+
+
+def gateway_command(spec: PlacedModelSpec) -> list[str]:
+    return [
+        "moirai",
+        "gateway",
+        "--plan",
+        f"{PLAN_DIR}/plan.json",
+        "--model",
+        model_path(spec),
+        "--http-port",
+        str(spec.serving.port),
+        "--grpc-port",
+        str(spec.serving.grpc_port),
+    ]
+
+
+def fetch_command(spec: PlacedModelSpec) -> list[str]:
+    cmd = ["python", "-m", "moirai_operator.fetch", spec.model.uri, f"{MODEL_DIR}/{MODEL_FILE}"]
+    if spec.model.sha256:
+        cmd += ["--sha256", spec.model.sha256]
+    return cmd
+
+
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _pod_spec(
+    owner: Owner,
+    spec: PlacedModelSpec,
+    options: BuildOptions,
+    container: dict[str, Any],
+) -> dict[str, Any]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "plan", "configMap": {"name": plan_configmap_name(owner)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts = [
+        {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.model.volume is None:
+        volumes.append({"name": "model", "emptyDir": {}})
+        model_mount = {"name": "model", "mountPath": MODEL_DIR}
+    else:
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {
+                    "claimName": spec.model.volume.claim_name,
+                    "readOnly": True,
+                },
+            }
+        )
+        model_mount = {"name": "model", "mountPath": spec.model.volume.mount_path, "readOnly": True}
+    return {
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "initContainers": [
+            {
+                "name": "fetch-model",
+                "image": spec.image,
+                "imagePullPolicy": options.image_pull_policy,
+                "command": fetch_command(spec),
+                "volumeMounts": [*mounts, model_mount],
+                "securityContext": _CONTAINER_SECURITY,
+            }
+        ],
+        "containers": [
+            {
+                **container,
+                "image": spec.image,
+                "imagePullPolicy": options.image_pull_policy,
+                "volumeMounts": [*mounts, model_mount],
+                "securityContext": _CONTAINER_SECURITY,
+            }
+        ],
+        "volumes": volumes,
+    }
+
+
+def _deployment(
+    owner: Owner,
+    name: str,
+    component: str,
+    replicas: int,
+    pod_labels: Mapping[str, str],
+    pod_spec: dict[str, Any],
+    plan: Plan,
+) -> Manifest:
+    match = {**selector(owner), LABEL_COMPONENT: component, "moirai.dev/child": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, name, component, **pod_labels),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": match},
+            "template": {
+                "metadata": {
+                    "labels": {**labels(owner, component), **pod_labels, **match},
+                    "annotations": {ANNOTATION_PLAN_DIGEST: plan.digest},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _grpc_probe(port: int) -> dict[str, Any]:
+    return {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
+
+
+def stage_deployment(
+    owner: Owner, spec: PlacedModelSpec, plan: Plan, device: PlannedDevice, options: BuildOptions
+) -> Manifest:
+    requests: dict[str, str] = {"cpu": str(device.entry.threads)}
+    limits: dict[str, str] = {}
+    if device.gpus:
+        limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = str(device.gpus)
+    if device.memory_request:
+        limits["memory"] = requests["memory"] = device.memory_request
+    container = {
+        "name": "stage-server",
+        "command": stage_command(device, spec),
+        "ports": [{"name": "grpc", "containerPort": STAGE_PORT}],
+        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+        "readinessProbe": _grpc_probe(STAGE_PORT),
+        "livenessProbe": {**_grpc_probe(STAGE_PORT), "initialDelaySeconds": 30},
+    }
+    pod = _pod_spec(owner, spec, options, container)
+    pod["nodeSelector"] = dict(device.node_selector)
+    if device.gpus:
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    name = stage_name(owner, device.entry.name)
+    extra = {LABEL_DEVICE: device.entry.name, LABEL_POOL: device.entry.pool}
+    return _deployment(owner, name, COMPONENT_STAGE, 1, extra, pod, plan)
+
+
+def stage_service(owner: Owner, device: PlannedDevice) -> Manifest:
+    name = stage_name(owner, device.entry.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, COMPONENT_STAGE, **{LABEL_DEVICE: device.entry.name}),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector(owner), "moirai.dev/child": name},
+            "ports": [{"name": "grpc", "port": STAGE_PORT, "targetPort": "grpc"}],
+        },
+    }
+
+
+def gateway_deployment(
+    owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
+) -> Manifest:
+    container = {
+        "name": "gateway",
+        "command": gateway_command(spec),
+        "ports": [
+            {"name": "http", "containerPort": spec.serving.port},
+            {"name": "grpc", "containerPort": spec.serving.grpc_port},
+        ],
+        "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
+        "readinessProbe": {
+            "httpGet": {"path": "/v2/health/ready", "port": "http"},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "initialDelaySeconds": 30,
+            "periodSeconds": 10,
+        },
+    }
+    pod = _pod_spec(owner, spec, options, container)
+    name = gateway_name(owner)
+    return _deployment(owner, name, COMPONENT_GATEWAY, spec.serving.replicas, {}, pod, plan)
+
+
+def gateway_service(owner: Owner, spec: PlacedModelSpec) -> Manifest:
+    name = gateway_name(owner)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, name, COMPONENT_GATEWAY),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector(owner), "moirai.dev/child": name},
+            "ports": [
+                {"name": "http", "port": spec.serving.port, "targetPort": "http"},
+                {"name": "grpc", "port": spec.serving.grpc_port, "targetPort": "grpc"},
+            ],
+        },
+    }
+
+
+def network_policy(owner: Owner) -> Manifest:
+    """Stage servers admit traffic only from their own PlacedModel's stages and gateway."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, child_name(owner.name, "stages"), COMPONENT_STAGE),
+        "spec": {
+            "podSelector": {"matchLabels": {**selector(owner), LABEL_COMPONENT: COMPONENT_STAGE}},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "podSelector": {
+                                "matchLabels": selector(owner),
+                                "matchExpressions": [
+                                    {
+                                        "key": LABEL_COMPONENT,
+                                        "operator": "In",
+                                        "values": [COMPONENT_STAGE, COMPONENT_GATEWAY],
+                                    }
+                                ],
+                            }
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": STAGE_PORT}],
+                }
+            ],
+        },
+    }
+
+
+def build_children(
+    owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
+) -> list[Manifest]:
+    """Every object the PlacedModel should own, in the order to apply them."""
+    out: list[Manifest] = [plan_configmap(owner, spec, plan)]
+    if options.network_policy:
+        out.append(network_policy(owner))
+    for device in plan.devices:
+        out.append(stage_service(owner, device))
+        out.append(stage_deployment(owner, spec, plan, device, options))
+    out.append(gateway_service(owner, spec))
+    out.append(gateway_deployment(owner, spec, plan, options))
+    return out

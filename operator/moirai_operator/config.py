@@ -1,0 +1,82 @@
+"""Operator-wide configuration, read once at startup from the environment the chart sets.
+
+The Helm chart turns its values (image, solver defaults, resync period, network policy, device
+catalogue) into `MOIRAI_*` environment variables of the operator Deployment; `OperatorConfig`
+parses them in one place, with a message naming the variable when one is malformed, so that a
+bad value fails the operator's start (visible in the pod's status) rather than some reconcile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from moirai.errors import MoiraiError
+from moirai_operator.children import BuildOptions
+from moirai_operator.spec import OBJECTIVES, SOLVERS, Defaults
+
+
+class ConfigError(MoiraiError):
+    """An operator environment variable is malformed."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    defaults: Defaults
+    options: BuildOptions
+    resync_seconds: float
+    """How often every PlacedModel is checked for pool changes and readiness."""
+    catalogue: Path | None
+    """YAML merged over the built-in device catalogue."""
+    model_cache: Path
+    solver_workers: int
+    """PlacedModels solved at once (each solve runs in its own worker thread)."""
+    solver_threads: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
+        def number(key: str, default: float, minimum: float) -> float:
+            raw = env.get(key, "")
+            try:
+                value = float(raw) if raw else default
+            except ValueError:
+                raise ConfigError(f"{key}={raw!r}: use a number") from None
+            if value < minimum:
+                raise ConfigError(f"{key}={raw!r}: use a number >= {minimum}")
+            return value
+
+        def choice(key: str, allowed: tuple[str, ...], default: str) -> str:
+            value = env.get(key) or default
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: use one of {', '.join(allowed)}")
+            return value
+
+        def flag(key: str, default: bool) -> bool:
+            raw = env.get(key, "").strip().lower()
+            if not raw:
+                return default
+            if raw not in ("true", "false", "1", "0"):
+                raise ConfigError(f"{key}={raw!r}: use true or false")
+            return raw in ("true", "1")
+
+        catalogue = env.get("MOIRAI_CATALOGUE")
+        return cls(
+            defaults=Defaults(
+                solver=choice("MOIRAI_SOLVER", SOLVERS, "auto"),
+                objective=choice("MOIRAI_OBJECTIVE", OBJECTIVES, "latency"),
+                time_limit_seconds=number("MOIRAI_TIME_LIMIT_SECONDS", 60.0, 1.0),
+                image=env.get("MOIRAI_IMAGE") or Defaults.image,
+            ),
+            options=BuildOptions(
+                network_policy=flag("MOIRAI_NETWORK_POLICY", True),
+                image_pull_policy=choice(
+                    "MOIRAI_IMAGE_PULL_POLICY", ("Always", "IfNotPresent", "Never"), "IfNotPresent"
+                ),
+            ),
+            resync_seconds=number("MOIRAI_RESYNC_SECONDS", 30.0, 0.1),
+            catalogue=Path(catalogue) if catalogue else None,
+            model_cache=Path(env.get("MOIRAI_MODEL_CACHE") or "/var/cache/moirai/models"),
+            solver_workers=int(number("MOIRAI_SOLVER_WORKERS", 2, 1)),
+            solver_threads=int(number("MOIRAI_SOLVER_THREADS", 1, 1)),
+        )

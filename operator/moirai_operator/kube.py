@@ -1,0 +1,169 @@
+"""A thin asynchronous Kubernetes client: server-side apply, list, delete, status patch.
+
+kopf watches and calls the handlers; everything the operator itself writes goes through here.
+Writes are server-side apply with one field manager and `force`, so applying the same manifest
+twice, or after an operator restart mid-reconcile, converges on one object with no read-modify-
+write race; what the operator stops wanting is deleted by label (`prune`). The official client
+does the authentication (kubeconfig or in-cluster service account, as kopf does) and the
+transport; its calls are blocking, so each runs in a worker thread and never stalls the event
+loop that serves the other PlacedModels.
+
+Every (resource, verb) the operator uses is recorded in `used`: the chart's RBAC must grant
+exactly these plus what kopf itself needs, and a test compares them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from moirai_operator.resources import FIELD_MANAGER, GROUP, PLURAL, VERSION, Manifest
+
+# kind -> (API prefix, group for RBAC, resource plural)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "ConfigMap": ("/api/v1", "", "configmaps"),
+    "Service": ("/api/v1", "", "services"),
+    "Deployment": ("/apis/apps/v1", "apps", "deployments"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networking.k8s.io", "networkpolicies"),
+    "PlacedModel": (f"/apis/{GROUP}/{VERSION}", GROUP, PLURAL),
+}
+CHILD_KINDS = ("ConfigMap", "NetworkPolicy", "Service", "Deployment")
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        if api_client is None:
+            try:
+                config.load_kube_config()
+            except config.ConfigException:
+                config.load_incluster_config()
+            api_client = client.ApiClient()
+        self._api = api_client
+        self.used: set[tuple[str, str, str]] = set()
+
+    def _path(self, kind: str, namespace: str, name: str | None = None, sub: str = "") -> str:
+        prefix, _, plural = KINDS[kind]
+        path = f"{prefix}/namespaces/{namespace}/{plural}"
+        if name:
+            path += f"/{name}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+    def _call(
+        self,
+        verb: str,
+        method: str,
+        kind: str,
+        path: str,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        sub: str = "",
+    ) -> dict[str, Any]:
+        _, group, plural = KINDS[kind]
+        self.used.add((group, f"{plural}/{sub}" if sub else plural, verb))
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        args = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(*args)
+        data = response.read()
+        if response.status >= 400:
+            raise ApiException(http_resp=response)
+        return json.loads(data) if data else {}
+
+    def _apply(self, manifest: Manifest) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        kind = manifest["kind"]
+        return self._call(
+            "patch",
+            "PATCH",
+            kind,
+            self._path(kind, meta["namespace"], meta["name"]),
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            body=manifest,
+            content_type="application/apply-patch+yaml",
+        )
+
+    async def apply(self, manifest: Manifest) -> dict[str, Any]:
+        """Create or update `manifest` by server-side apply; returns the object as stored."""
+        return await asyncio.to_thread(self._apply, manifest)
+
+    def _list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        out = self._call(
+            "list",
+            "GET",
+            kind,
+            self._path(kind, namespace),
+            query=[("labelSelector", _selector(labels))],
+        )
+        return list(out.get("items") or [])
+
+    async def list(
+        self, kind: str, namespace: str, labels: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._list, kind, namespace, labels)
+
+    def _delete(self, kind: str, namespace: str, name: str) -> None:
+        try:
+            self._call(
+                "delete",
+                "DELETE",
+                kind,
+                self._path(kind, namespace, name),
+                body={"propagationPolicy": "Background"},
+                content_type="application/json",
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def prune(
+        self, namespace: str, labels: Mapping[str, str], keep: Iterable[Manifest]
+    ) -> list[str]:
+        """Delete the children matching `labels` that are not in `keep`; returns `Kind/name`s."""
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
+        deleted = []
+        for kind in CHILD_KINDS:
+            for obj in await self.list(kind, namespace, labels):
+                name = obj["metadata"]["name"]
+                if (kind, name) not in wanted:
+                    await asyncio.to_thread(self._delete, kind, namespace, name)
+                    deleted.append(f"{kind}/{name}")
+        return deleted
+
+    def _patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        try:
+            self._call(
+                "patch",
+                "PATCH",
+                "PlacedModel",
+                self._path("PlacedModel", namespace, name, "status"),
+                body={"status": dict(status)},
+                content_type="application/merge-patch+json",
+                sub="status",
+            )
+        except ApiException as e:
+            if e.status != 404:  # deleted meanwhile: nothing left to report on
+                raise
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge `status` into the PlacedModel's status subresource (None values remove keys)."""
+        await asyncio.to_thread(self._patch_status, namespace, name, status)

@@ -1,0 +1,179 @@
+"""Planning: matched pools and a model → a `Plan`, with Moirai's library doing the real work.
+
+    pools ──catalogue──► devices ──build_costgraph──► cost graph ──solve──► placement
+                                                                             │
+                                    stage plan ◄──build_plan (model, groups)─┘
+
+The operator adds nothing to the pipeline that `moirai serve` runs locally; it only describes
+the devices from the pools (`catalogue.py`) and keeps the result in a `Plan`. All of it is CPU
+work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
+`AnalyticPlanner` runs it in a dedicated thread pool: the event loop keeps serving the other
+PlacedModels, and at most `solver_workers` solves compete for the cores. Before solving it checks
+the one infeasibility a person most often meets — the model does not fit in the devices — so the
+message can say how much is needed and how much the pools offer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from moirai.costgraph import CostGraph, Link
+from moirai.devices import DeviceSet, DeviceSpec
+from moirai.partition import DeviceSpec as StageDevice
+from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
+from moirai_operator.fetch import sha256_of
+from moirai_operator.plan import Plan, PlannedDevice
+from moirai_operator.pools import PoolMatch
+from moirai_operator.spec import PlacedModelSpec
+from moirai_operator.status import InsufficientMemoryError, ProfilingError
+
+GIB = float(1 << 30)
+
+
+def device_set(doc: DevicesDocument) -> DeviceSet:
+    return DeviceSet(
+        devices=tuple(
+            DeviceSpec(
+                name=d.name,
+                kind=d.kind,
+                provider=d.provider,
+                peak_flops=d.peak_flops,
+                memory_bandwidth_bytes_per_s=d.memory_bandwidth_bytes_per_s,
+                memory_bytes=d.memory_bytes,
+                threads=d.threads if d.kind == "cpu" else None,
+            )
+            for d in doc.devices
+        ),
+        default_link=Link(doc.link_bandwidth_bytes_per_s, doc.link_latency_ms),
+    )
+
+
+def check_memory(cg: CostGraph) -> None:
+    """Raise `InsufficientMemoryError` when the model cannot fit, saying by how much."""
+    need = sum(t.memory_bytes for t in cg.tasks)
+    have = sum(d.memory_bytes for d in cg.devices)
+    largest = max(d.memory_bytes for d in cg.devices)
+    biggest = max(cg.tasks, key=lambda t: t.memory_bytes)
+    if need > have:
+        raise InsufficientMemoryError(
+            f"no pool has enough memory: the model needs {need / GIB:.2f} GiB, the "
+            f"{len(cg.devices)} device(s) offer {have / GIB:.2f} GiB in total (largest "
+            f"{largest / GIB:.2f} GiB); add devices (maxDevices), nodes, or memoryPerDevice"
+        )
+    if biggest.memory_bytes > largest:
+        raise InsufficientMemoryError(
+            f"no pool has enough memory: one part of the model ({biggest.id}) needs "
+            f"{biggest.memory_bytes / GIB:.2f} GiB, the largest device has "
+            f"{largest / GIB:.2f} GiB"
+        )
+
+
+@dataclass(frozen=True)
+class AnalyticPlanner:
+    """Plans with analytic profiles from the device catalogue (`spec.profiling.mode: analytic`)."""
+
+    catalogue: Catalogue
+    executor: Executor
+    threads: int = 1
+
+    async def __call__(
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        model_path: Path,
+        pools_fingerprint: str,
+    ) -> Plan:
+        if spec.profiling != "analytic":
+            raise ProfilingError(
+                f"spec.profiling.mode {spec.profiling!r} is not available in this operator "
+                "version: use analytic"
+            )
+        doc = devices_document(pools, self.catalogue)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, self._plan, spec, pools, doc, model_path, pools_fingerprint
+        )
+
+    def _plan(
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        doc: DevicesDocument,
+        model_path: Path,
+        pools_fingerprint: str,
+    ) -> Plan:
+        from moirai.pipeline import build_costgraph
+
+        from moirai.graph import load_model
+        from moirai.partition import build_plan
+        from moirai.placement import solve
+
+        shapes = {k: list(v) for k, v in spec.model.input_shapes.items()} or None
+        cg = build_costgraph(model_path, device_set(doc), input_shapes=shapes)
+        check_memory(cg)
+        placement = solve(
+            cg,
+            solver=spec.placement.solver,
+            objective=spec.placement.objective,
+            time_limit=spec.placement.time_limit_seconds,
+            threads=self.threads,
+            seed=0,
+        )
+        model = load_model(model_path, shapes)
+        stage_plan = build_plan(
+            model,
+            placement.assignment,
+            [
+                StageDevice(
+                    name=d.name,
+                    kind=d.kind,
+                    threads=d.threads if d.kind == "cpu" else None,
+                    device_id=0 if d.kind == "gpu" else None,
+                )
+                for d in doc.devices
+            ],
+            groups={t.id: t.ops for t in cg.tasks},
+            start_ms={s.task: s.start_ms for s in placement.schedule},
+            model_name=cg.name,
+            model_sha256=spec.model.sha256 or sha256_of(model_path),
+            input_shapes=shapes,
+            predicted={
+                "solver": placement.solver,
+                "objective": placement.objective,
+                "makespan_ms": placement.makespan_ms,
+            },
+        )
+        used = set(stage_plan.used_devices)
+        tasks = Counter(placement.assignment.values())
+        by_pool = {m.spec.name: m for m in pools}
+        devices = tuple(
+            PlannedDevice(
+                entry=d,
+                node_selector=by_pool[d.pool].node_selector,
+                gpus=by_pool[d.pool].spec.gpus_per_device if d.kind == "gpu" else 0,
+                memory_request=by_pool[d.pool].spec.memory_per_device,
+                tasks=tasks[d.name],
+            )
+            for d in doc.devices
+            if d.name in used
+        )
+        return Plan(
+            devices=devices,
+            stages=len(stage_plan.stages),
+            stage_plan=stage_plan.to_dict(),
+            placement=placement.to_dict(),
+            solver=placement.solver,
+            solver_status=placement.status,
+            objective=placement.objective,
+            latency_ms=placement.makespan_ms,
+            lower_bound_ms=placement.lower_bound_ms,
+            gap=placement.gap,
+            profiling=spec.profiling,
+            pools_fingerprint=pools_fingerprint,
+            notes=doc.notes,
+        )

@@ -1,0 +1,229 @@
+"""Reconciliation: bring one PlacedModel's children and status in line with its spec and pools.
+
+There is one entry point, `converge`, called alike by the kopf handlers for create, update and
+resume and by a periodic timer. It decides what is stale by comparing the object with what its
+status says was last done:
+
+    generation != status.observedGeneration      the spec changed         → plan and apply
+    pools fingerprint != status.poolsFingerprint  nodes came, went, were
+                                                  cordoned or changed     → plan and apply
+    Planned=False for a reason that may pass      (the model URI was down)→ plan and apply
+    otherwise                                                             → refresh readiness
+
+so an operator restart at any point converges: whatever was not recorded in status is simply
+done again, and every write is an idempotent server-side apply of objects with derived names.
+
+Planning (`plan_and_apply`) fetches and verifies the model, asks the planner for a `Plan` (cost
+graph, solve, stage plan — run off the event loop), applies the children built by `children.py`
+and prunes what the new plan no longer needs. Errors a person can act on become a Failed phase
+and a `Planned=False` condition here, through `status.failure`, and nowhere else; anything else
+(API errors, bugs) propagates so kopf logs it and retries. A failed re-plan leaves the previous
+children in place: a model that was serving keeps serving while the new spec is fixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from moirai.errors import MoiraiError
+from moirai_operator import status as st
+from moirai_operator.children import (
+    BuildOptions,
+    Owner,
+    build_children,
+    endpoint,
+    selector,
+    stage_name,
+)
+from moirai_operator.fetch import fetch
+from moirai_operator.kube import Kube
+from moirai_operator.plan import Plan
+from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
+from moirai_operator.resources import Condition, PlacedModelBody
+from moirai_operator.spec import Defaults, PlacedModelSpec, parse_spec
+
+RETRY_REASONS = frozenset({"ModelUnreachable", "ProfilingFailed"})
+
+Planner = Callable[[PlacedModelSpec, Sequence[PoolMatch], Path, str], Awaitable[Plan]]
+"""(spec, matched pools, local model path, pools fingerprint) → Plan."""
+
+
+class Events(Protocol):
+    """Kubernetes Events on the PlacedModel (kopf posts them in production)."""
+
+    def info(self, reason: str, message: str) -> None: ...
+
+    def warning(self, reason: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the reconciler needs from the operator: one per process."""
+
+    kube: Kube
+    planner: Planner
+    defaults: Defaults
+    options: BuildOptions
+    model_cache: Path
+
+
+class _Status:
+    """The status as this reconcile pass last wrote it; each `write` is one merge patch."""
+
+    def __init__(self, kube: Kube, body: PlacedModelBody) -> None:
+        self.kube = kube
+        self.name = body["metadata"]["name"]
+        self.namespace = body["metadata"]["namespace"]
+        self.generation = int(body["metadata"].get("generation", 1))
+        current = body.get("status") or {}
+        self.conditions: list[Condition] = list(current.get("conditions") or [])
+
+    def condition(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        self.conditions = st.set_condition(
+            self.conditions, type_, ok, reason, message, self.generation
+        )
+
+    async def write(self, **fields: Any) -> None:
+        await self.kube.patch_status(
+            self.namespace, self.name, {**fields, "conditions": self.conditions}
+        )
+
+
+def owner_of(body: PlacedModelBody) -> Owner:
+    meta = body["metadata"]
+    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+def _planned_condition(body: PlacedModelBody) -> Condition | None:
+    for c in (body.get("status") or {}).get("conditions") or []:
+        if c.get("type") == st.PLANNED:
+            return c
+    return None
+
+
+def stale_reason(body: PlacedModelBody, pools_fingerprint: str) -> str | None:
+    """Why the PlacedModel must be planned again, or None when its plan is current."""
+    status = body.get("status") or {}
+    if status.get("observedGeneration") != body["metadata"].get("generation", 1):
+        return "the spec changed"
+    if status.get("poolsFingerprint") != pools_fingerprint:
+        return "the node pools changed"
+    planned = _planned_condition(body)
+    if planned is None:
+        return "it was never planned"
+    if planned["status"] != "True" and planned.get("reason") in RETRY_REASONS:
+        return f"retrying after {planned['reason']}"
+    return None
+
+
+def _spec_fingerprint(body: PlacedModelBody, ctx: Context, nodes: list[NodeFacts]) -> str:
+    try:
+        spec = parse_spec(body["spec"], ctx.defaults)
+    except MoiraiError as e:
+        return "invalid:" + hashlib.sha256(str(e).encode()).hexdigest()[:16]
+    return fingerprint(spec.pools, nodes)
+
+
+async def converge(
+    body: PlacedModelBody, nodes: Iterable[NodeFacts], ctx: Context, events: Events
+) -> None:
+    """The one reconcile entry point (see the module docstring)."""
+    nodes = list(nodes)
+    fp = _spec_fingerprint(body, ctx, nodes)
+    why = stale_reason(body, fp)
+    if why is not None:
+        await plan_and_apply(body, nodes, fp, why, ctx, events)
+    else:
+        await refresh_readiness(body, ctx, events)
+
+
+async def plan_and_apply(
+    body: PlacedModelBody,
+    nodes: list[NodeFacts],
+    fp: str,
+    why: str,
+    ctx: Context,
+    events: Events,
+) -> None:
+    owner = owner_of(body)
+    status = _Status(ctx.kube, body)
+    try:
+        spec = parse_spec(body["spec"], ctx.defaults)
+        matches = match_pools(spec.pools, nodes)
+        events.info("Profiling", f"planning because {why}")
+        status.condition(st.PLANNED, False, "Planning", f"planning because {why}")
+        await status.write(phase=st.PROFILING, message=f"fetching the model ({why})")
+        cache = ctx.model_cache / (hashlib.sha256(spec.model.uri.encode()).hexdigest()[:16])
+        model_path = await asyncio.to_thread(
+            fetch, spec.model.uri, cache / "model.onnx", spec.model.sha256
+        )
+        pools_text = ", ".join(f"{m.spec.name}: {m.devices} device(s)" for m in matches)
+        events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
+        await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
+        plan = await ctx.planner(spec, matches, model_path, fp)
+        children = build_children(owner, spec, plan, ctx.options)
+    except MoiraiError as e:
+        failure = st.failure(e)
+        assert failure is not None  # every MoiraiError maps to a reason
+        events.warning(failure.reason, failure.message)
+        status.condition(st.PLANNED, False, failure.reason, failure.message)
+        status.condition(st.READY_CONDITION, False, "PlanFailed", failure.message)
+        await status.write(
+            phase=st.FAILED,
+            message=failure.message,
+            observedGeneration=status.generation,
+            poolsFingerprint=fp,
+        )
+        return
+    summary = (
+        f"{st.format_latency(plan.latency_ms)} predicted on {len(plan.devices)} device(s), "
+        f"{plan.stages} stage(s) ({plan.solver}: {plan.solver_status}, gap {plan.gap:.1%})"
+    )
+    events.info("Solved", summary)
+    for note in plan.notes:
+        events.warning("DeviceCatalogue", note)
+    for manifest in children:
+        await ctx.kube.apply(manifest)
+    pruned = await ctx.kube.prune(owner.namespace, selector(owner), children)
+    events.info(
+        "Deployed",
+        f"applied {len(children)} object(s)" + (f", deleted {', '.join(pruned)}" if pruned else ""),
+    )
+    status.condition(st.PLANNED, True, "Solved", summary + "".join(f"; {n}" for n in plan.notes))
+    deployments = {d.entry.name: stage_name(owner, d.entry.name) for d in plan.devices}
+    ready, message = await _readiness(ctx, owner)
+    status.condition(st.READY_CONDITION, ready, "Available" if ready else "Deploying", message)
+    await status.write(
+        phase=st.READY if ready else st.DEPLOYING,
+        message=message,
+        endpoint=endpoint(owner, spec),
+        placement=st.placement_summary(plan, deployments),
+        observedGeneration=status.generation,
+        poolsFingerprint=fp,
+    )
+
+
+async def _readiness(ctx: Context, owner: Owner) -> tuple[bool, str]:
+    deployments = await ctx.kube.list("Deployment", owner.namespace, selector(owner))
+    return st.readiness(deployments)
+
+
+async def refresh_readiness(body: PlacedModelBody, ctx: Context, events: Events) -> None:
+    """Move between Deploying and Ready as the Deployments become (un)available."""
+    current = body.get("status") or {}
+    if current.get("phase") not in (st.DEPLOYING, st.READY):
+        return
+    ready, message = await _readiness(ctx, owner_of(body))
+    phase = st.READY if ready else st.DEPLOYING
+    if phase == current.get("phase") and message == current.get("message"):
+        return
+    if phase != current.get("phase"):
+        events.info(phase, message)
+    status = _Status(ctx.kube, body)
+    status.condition(st.READY_CONDITION, ready, "Available" if ready else "Deploying", message)
+    await status.write(phase=phase, message=message)

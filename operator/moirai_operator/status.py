@@ -1,0 +1,175 @@
+"""PlacedModel status: phases, conditions, and the one place where errors become conditions.
+
+Status is what a person reads with `kubectl get pm` and `kubectl describe pm`, so every failure
+ends as a condition whose reason names the problem (`NoMatchingPool`, `InsufficientMemory`,
+`ModelUnreachable`, ...) and whose message says what to change. `failure` below is the only
+mapping from exceptions to reasons; the reconciler catches once and calls it.
+
+Two conditions, as in most operators that deploy workloads:
+
+    Planned   the placement for the current generation is solved (False: why not)
+    Ready     every stage server and the gateway are available (False: what is missing)
+
+and a phase that summarises them for the printer column: Pending → Profiling → Solving →
+Deploying → Ready, or Failed. `lastTransitionTime` only moves when a condition's status flips.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moirai.errors import (
+    CostGraphError,
+    InfeasibleError,
+    ModelError,
+    MoiraiError,
+    SolverError,
+)
+from moirai_operator.catalogue import CatalogueError
+from moirai_operator.children import PlanTooLargeError
+from moirai_operator.fetch import ModelDigestError, ModelUnreachableError
+from moirai_operator.plan import Plan
+from moirai_operator.pools import PoolError
+from moirai_operator.resources import Condition
+from moirai_operator.spec import SpecError
+
+PENDING, PROFILING, SOLVING, DEPLOYING, READY, FAILED = (
+    "Pending",
+    "Profiling",
+    "Solving",
+    "Deploying",
+    "Ready",
+    "Failed",
+)
+PLANNED = "Planned"
+READY_CONDITION = "Ready"
+
+
+class InsufficientMemoryError(MoiraiError):
+    """The matched pools together (or their largest device) cannot hold the model."""
+
+
+class ProfilingError(MoiraiError):
+    """Profiling the pools failed or is not available in the requested mode."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    retry: bool
+    """Whether retrying without a spec or pool change may succeed (e.g. a network error)."""
+
+
+# Most specific first: the first matching class wins.
+_REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
+    (SpecError, "InvalidSpec", False),
+    (PoolError, "NoMatchingPool", False),
+    (InsufficientMemoryError, "InsufficientMemory", False),
+    (ModelUnreachableError, "ModelUnreachable", True),
+    (ModelDigestError, "ModelDigestMismatch", False),
+    (ModelError, "InvalidModel", False),
+    (CostGraphError, "InvalidModel", False),
+    (InfeasibleError, "Infeasible", False),
+    (SolverError, "SolverFailed", False),
+    (PlanTooLargeError, "PlanTooLarge", False),
+    (CatalogueError, "InvalidDeviceCatalogue", False),
+    (ProfilingError, "ProfilingFailed", True),
+    (MoiraiError, "PlanningFailed", False),
+)
+
+
+def failure(exc: BaseException) -> Failure | None:
+    """The condition reason for an error a person can act on; None for bugs and API errors."""
+    for cls, reason, retry in _REASONS:
+        if isinstance(exc, cls):
+            return Failure(reason, str(exc), retry)
+    return None
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Condition],
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int,
+) -> list[Condition]:
+    """`conditions` with `type_` set; its transition time kept unless its status flips."""
+    value = "True" if status else "False"
+    out: list[Condition] = []
+    previous = None
+    for c in conditions:
+        if c.get("type") == type_:
+            previous = c
+        else:
+            out.append(c)
+    since = previous["lastTransitionTime"] if previous and previous["status"] == value else now()
+    out.append(
+        {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": since,
+            "observedGeneration": generation,
+        }
+    )
+    return sorted(out, key=lambda c: c["type"])
+
+
+def format_latency(ms: float) -> str:
+    if ms >= 1000:
+        return f"{ms / 1000:.2f}s"
+    return f"{ms:.3g}ms" if ms < 10 else f"{ms:.1f}ms"
+
+
+def placement_summary(plan: Plan, deployments: dict[str, str]) -> dict[str, Any]:
+    """`status.placement`: what the plan decided, for people and the printer columns."""
+    return {
+        "devices": len(plan.devices),
+        "stages": plan.stages,
+        "latency": format_latency(plan.latency_ms),
+        "latencyMs": round(plan.latency_ms, 6),
+        "lowerBoundMs": round(plan.lower_bound_ms, 6),
+        "gap": round(plan.gap, 6),
+        "solver": plan.solver,
+        "solverStatus": plan.solver_status,
+        "objective": plan.objective,
+        "profiling": plan.profiling,
+        "assignment": [
+            {
+                "device": d.entry.name,
+                "pool": d.entry.pool,
+                "kind": d.entry.kind,
+                "tasks": d.tasks,
+                "deployment": deployments[d.entry.name],
+            }
+            for d in plan.devices
+        ],
+    }
+
+
+def readiness(deployments: Sequence[dict[str, Any]]) -> tuple[bool, str]:
+    """Whether every Deployment has all its replicas available, and a message saying which not."""
+    waiting = []
+    for d in deployments:
+        want = int((d.get("spec") or {}).get("replicas", 1))
+        status = d.get("status") or {}
+        have = int(status.get("availableReplicas") or 0)
+        current = status.get("observedGeneration", 0) >= d["metadata"].get("generation", 0)
+        updated = int(status.get("updatedReplicas") or 0) >= want
+        if have < want or not current or not updated:
+            waiting.append(f"{d['metadata']['name']} ({have}/{want} available)")
+    if not deployments:
+        return False, "no Deployments yet"
+    if waiting:
+        return False, "waiting for " + ", ".join(sorted(waiting))
+    return True, f"all {len(deployments)} Deployments available"

@@ -1,0 +1,112 @@
+"""Builders of raw Node and PlacedModel bodies for the operator's unit tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1 << 30
+
+
+def make_node(
+    name: str,
+    pool: str | None = None,
+    *,
+    pool_label: str = "moirai.dev/pool",
+    cpu: str = "8",
+    memory: str = "32Gi",
+    gpus: int = 0,
+    product: str | None = None,
+    ready: bool = True,
+    cordoned: bool = False,
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    all_labels = dict(labels or {})
+    if pool:
+        all_labels[pool_label] = pool
+    if product:
+        all_labels["nvidia.com/gpu.product"] = product
+    allocatable = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if gpus:
+        allocatable["nvidia.com/gpu"] = str(gpus)
+    return {
+        "metadata": {"name": name, "labels": all_labels},
+        "spec": {"unschedulable": True} if cordoned else {},
+        "status": {
+            "allocatable": allocatable,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def make_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"uri": "https://models.example/m.onnx"},
+        "pools": [
+            {"name": "gpu", "kind": "gpu", "maxDevices": 2},
+            {"name": "cpu", "kind": "cpu", "threadsPerDevice": 4},
+        ],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def make_body(spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "moirai.dev/v1alpha1",
+        "kind": "PlacedModel",
+        "metadata": {"name": "resnet", "namespace": "ml", "uid": "uid-1", "generation": 1},
+        "spec": spec or make_spec(),
+    }
+    if status:
+        body["status"] = status
+    return body
+
+
+def make_plan(devices: tuple[tuple[str, str], ...] = (("gpu-0", "gpu"), ("cpu-0", "cpu"))):
+    """A Plan over `(device, kind)` pairs, as the planner would return it."""
+    from moirai_operator.catalogue import DeviceEntry
+    from moirai_operator.plan import Plan, PlannedDevice
+
+    planned = tuple(
+        PlannedDevice(
+            entry=DeviceEntry(
+                name=name,
+                kind=kind,
+                pool=name.rsplit("-", 1)[0],
+                provider="CUDAExecutionProvider" if kind == "gpu" else "CPUExecutionProvider",
+                threads=4,
+                peak_flops=1e12,
+                memory_bandwidth_bytes_per_s=1e11,
+                memory_bytes=16 * GIB,
+            ),
+            node_selector={"moirai.dev/pool": name.rsplit("-", 1)[0]},
+            gpus=1 if kind == "gpu" else 0,
+            memory_request=None if kind == "gpu" else "8Gi",
+            tasks=3,
+        )
+        for name, kind in devices
+    )
+    stage_plan = {
+        "format": "moirai.stageplan/v1",
+        "model": {"name": "m", "path": "", "sha256": "", "input_shapes": {}},
+        "devices": [{"name": d.entry.name, "kind": d.entry.kind} for d in planned],
+        "stages": [
+            {"id": f"s{i}", "device": d.entry.name, "nodes": [], "inputs": [], "outputs": []}
+            for i, d in enumerate(planned)
+        ],
+        "endpoints": {},
+    }
+    return Plan(
+        devices=planned,
+        stages=len(planned),
+        stage_plan=stage_plan,
+        placement={"format": "moirai.placement/v1", "makespan_ms": 12.5},
+        solver="cpsat",
+        solver_status="optimal",
+        objective="latency",
+        latency_ms=12.5,
+        lower_bound_ms=12.5,
+        gap=0.0,
+        profiling="analytic",
+        pools_fingerprint="fp",
+    )

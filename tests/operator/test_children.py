@@ -1,0 +1,149 @@
+"""The child builders: names, labels, owners, pod templates, the plan ConfigMap, the policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from moirai_operator.children import (
+    STAGE_PORT,
+    BuildOptions,
+    Owner,
+    PlanTooLargeError,
+    build_children,
+    child_name,
+    endpoint,
+)
+from moirai_operator.spec import Defaults, parse_spec
+from operator_bodies import make_plan, make_spec
+
+OWNER = Owner(name="resnet", namespace="ml", uid="uid-1")
+
+
+def children(options: BuildOptions | None = None, **spec_overrides):
+    spec = parse_spec(make_spec(**spec_overrides), Defaults(image="moirai:test"))
+    return spec, build_children(OWNER, spec, make_plan(), options or BuildOptions())
+
+
+def by_name(objs):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def test_one_deployment_and_service_per_device_plus_gateway_plan_and_policy() -> None:
+    _, objs = children()
+    assert sorted(by_name(objs)) == [
+        ("ConfigMap", "resnet-plan"),
+        ("Deployment", "resnet-cpu-0"),
+        ("Deployment", "resnet-gateway"),
+        ("Deployment", "resnet-gpu-0"),
+        ("NetworkPolicy", "resnet-stages"),
+        ("Service", "resnet-cpu-0"),
+        ("Service", "resnet-gateway"),
+        ("Service", "resnet-gpu-0"),
+    ]
+    for o in objs:
+        meta = o["metadata"]
+        assert meta["namespace"] == "ml"
+        assert meta["labels"]["moirai.dev/placedmodel"] == "resnet"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "moirai-operator"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "moirai.dev/v1alpha1",
+                "kind": "PlacedModel",
+                "name": "resnet",
+                "uid": "uid-1",
+                "controller": True,
+            }
+        ]
+    assert children(BuildOptions(network_policy=False))[1][1]["kind"] != "NetworkPolicy"
+
+
+def test_stage_deployment_binds_to_its_pool_and_requests_its_device() -> None:
+    _, objs = children()
+    gpu = by_name(objs)[("Deployment", "resnet-gpu-0")]
+    pod = gpu["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"moirai.dev/pool": "gpu"}
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert container["command"][:2] == ["moirai", "stage"]
+    assert "--device" in container["command"] and "gpu-0" in container["command"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    cpu = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
+    assert "tolerations" not in cpu
+    assert cpu["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": "8Gi"},
+        "limits": {"memory": "8Gi"},
+    }
+    # The selector picks exactly this Deployment's pods; the template carries the plan digest.
+    sel = gpu["spec"]["selector"]["matchLabels"]
+    labels = gpu["spec"]["template"]["metadata"]["labels"]
+    assert sel.items() <= labels.items() and sel["moirai.dev/child"] == "resnet-gpu-0"
+    assert gpu["spec"]["template"]["metadata"]["annotations"]["moirai.dev/plan-digest"]
+
+
+def test_model_is_fetched_and_verified_by_an_init_container() -> None:
+    _, objs = children(model={"uri": "https://h/m.onnx", "sha256": "a" * 64})
+    pod = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["command"] == [
+        "python",
+        "-m",
+        "moirai_operator.fetch",
+        "https://h/m.onnx",
+        "/var/lib/moirai/model/model.onnx",
+        "--sha256",
+        "a" * 64,
+    ]
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+
+
+def test_path_model_mounts_its_claim_read_only() -> None:
+    model = {"uri": "/models/m.onnx", "volume": {"claimName": "weights", "mountPath": "/models"}}
+    _, objs = children(model=model)
+    pod = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
+    assert {
+        "name": "model",
+        "persistentVolumeClaim": {"claimName": "weights", "readOnly": True},
+    } in pod["volumes"]
+    assert "/models/m.onnx" in pod["containers"][0]["command"]
+
+
+def test_plan_configmap_names_services_as_endpoints() -> None:
+    spec, objs = children()
+    plan = json.loads(by_name(objs)[("ConfigMap", "resnet-plan")]["data"]["plan.json"])
+    assert plan["endpoints"] == {
+        "gpu-0": f"resnet-gpu-0.ml.svc:{STAGE_PORT}",
+        "cpu-0": f"resnet-cpu-0.ml.svc:{STAGE_PORT}",
+        "gateway": "resnet-gateway.ml.svc:8001",
+    }
+    assert plan["model"]["path"] == "/var/lib/moirai/model/model.onnx"
+    assert endpoint(OWNER, spec) == "http://resnet-gateway.ml.svc:8000"
+    svc = by_name(objs)[("Service", "resnet-gateway")]["spec"]
+    assert [p["port"] for p in svc["ports"]] == [8000, 8001]
+
+
+def test_network_policy_admits_only_peers_and_gateway() -> None:
+    _, objs = children()
+    policy = by_name(objs)[("NetworkPolicy", "resnet-stages")]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "stage-server"
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert peer["podSelector"]["matchLabels"]["moirai.dev/placedmodel"] == "resnet"
+    assert peer["podSelector"]["matchExpressions"][0]["values"] == ["stage-server", "gateway"]
+
+
+def test_oversized_plan_is_refused() -> None:
+    spec = parse_spec(make_spec(), Defaults())
+    plan = make_plan()
+    big = type(plan)(**{**plan.__dict__, "placement": {"blob": "x" * 1_100_000}})
+    with pytest.raises(PlanTooLargeError, match="ConfigMap limit"):
+        build_children(OWNER, spec, big, BuildOptions())
+
+
+def test_names_fit_dns_labels() -> None:
+    long = "m" * 80
+    name = child_name(long, "gpu-12")
+    assert len(name) <= 63 and name.endswith("-gpu-12")
+    assert child_name(long, "gpu-12") == name != child_name("n" * 80, "gpu-12")
+    assert child_name("9lives", "plan") == "pm-9lives-plan"

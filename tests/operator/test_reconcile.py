@@ -1,0 +1,213 @@
+"""The reconciler against an in-memory API: stale detection, apply and prune, status, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from moirai_operator.children import BuildOptions
+from moirai_operator.pools import PoolMatch, node_facts
+from moirai_operator.reconcile import Context, converge, stale_reason
+from moirai_operator.spec import Defaults, PlacedModelSpec
+from operator_bodies import make_body, make_node, make_plan, make_spec
+
+from moirai.errors import InfeasibleError
+
+
+class FakeKube:
+    """Stores applied objects; status patches merge into `status`."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.status: dict[str, Any] = {}
+        self.patches: list[dict[str, Any]] = []
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = manifest
+        return manifest
+
+    async def list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list:
+        return [
+            o
+            for (k, _), o in self.objects.items()
+            if k == kind and labels.items() <= o["metadata"]["labels"].items()
+        ]
+
+    async def prune(self, namespace: str, labels: Mapping[str, str], keep) -> list[str]:
+        wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
+        gone = [key for key in self.objects if key not in wanted]
+        for key in gone:
+            del self.objects[key]
+        return [f"{k}/{n}" for k, n in gone]
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        self.patches.append(dict(status))
+        self.status.update(status)
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str]] = []
+
+    def info(self, reason: str, message: str) -> None:
+        self.seen.append(("info", reason, message))
+
+    def warning(self, reason: str, message: str) -> None:
+        self.seen.append(("warning", reason, message))
+
+    @property
+    def reasons(self) -> list[str]:
+        return [r for _, r, _ in self.seen]
+
+
+class Planner:
+    def __init__(self, error: Exception | None = None, devices=None) -> None:
+        self.calls = 0
+        self.error = error
+        self.devices = devices
+
+    async def __call__(
+        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, fp: str
+    ):
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return make_plan(self.devices) if self.devices else make_plan()
+
+
+NODES = [
+    node_facts(make_node("g", "gpu", gpus=2, product="Tesla-T4")),
+    node_facts(make_node("c", "cpu", cpu="16")),
+]
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"onnx")
+    return path
+
+
+def path_spec(model: Path, **extra: Any) -> dict[str, Any]:
+    volume = {"claimName": "c", "mountPath": str(model.parent)}
+    return make_spec(model={"uri": str(model), "volume": volume, **extra})
+
+
+def context(kube: FakeKube, planner: Planner, tmp_path: Path) -> Context:
+    return Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "cache")  # type: ignore[arg-type]
+
+
+async def test_first_pass_plans_applies_and_reports(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    body = make_body(path_spec(model))
+    await converge(body, NODES, context(kube, planner, tmp_path), events)
+    assert planner.calls == 1
+    assert ("Deployment", "resnet-gpu-0") in kube.objects
+    assert [p.get("phase") for p in kube.patches] == ["Profiling", "Solving", "Deploying"]
+    status = kube.status
+    assert status["observedGeneration"] == 1
+    assert status["endpoint"] == "http://resnet-gateway.ml.svc:8000"
+    assert status["placement"]["devices"] == 2 and status["placement"]["latency"] == "12.5ms"
+    planned = {c["type"]: c for c in status["conditions"]}
+    assert planned["Planned"]["status"] == "True" and planned["Planned"]["reason"] == "Solved"
+    assert planned["Ready"]["reason"] == "Deploying"
+    assert events.reasons[:4] == ["Profiling", "Solving", "Solved", "Deployed"]
+
+
+async def test_current_plan_is_not_solved_again_but_readiness_follows(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    body["status"] = dict(kube.status)
+    for obj in kube.objects.values():
+        if obj["kind"] == "Deployment":
+            obj["status"] = {"availableReplicas": 1, "updatedReplicas": 1}
+    await converge(body, NODES, ctx, events)
+    assert planner.calls == 1
+    assert kube.status["phase"] == "Ready"
+    assert {c["type"]: c["status"] for c in kube.status["conditions"]}["Ready"] == "True"
+
+
+async def test_spec_change_and_pool_change_replan_and_prune(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    body["status"] = dict(kube.status)
+    assert stale_reason(body, kube.status["poolsFingerprint"]) is None
+
+    more = [*NODES, node_facts(make_node("g2", "gpu", gpus=1))]
+    assert stale_reason(body, "other") == "the node pools changed"
+    planner.devices = (("gpu-0", "gpu"),)
+    await converge(body, more, ctx, events)
+    assert planner.calls == 2
+    assert ("Deployment", "resnet-cpu-0") not in kube.objects  # pruned
+    assert "Deployed" in events.reasons
+
+    body["status"] = dict(kube.status)
+    body["metadata"]["generation"] = 2
+    assert stale_reason(body, kube.status["poolsFingerprint"]) == "the spec changed"
+    await converge(body, more, ctx, events)
+    assert planner.calls == 3 and kube.status["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize(
+    ("spec_of", "nodes", "error", "reason", "message"),
+    [
+        (
+            lambda m: path_spec(m, sha256="0" * 64),
+            NODES,
+            None,
+            "ModelDigestMismatch",
+            "has SHA-256",
+        ),
+        (
+            lambda m: make_spec(model={"uri": "http://127.0.0.1:9/m.onnx"}),
+            NODES,
+            None,
+            "ModelUnreachable",
+            "cannot be read",
+        ),
+        (lambda m: path_spec(m), NODES[1:], None, "NoMatchingPool", "pool 'gpu'"),
+        (
+            lambda m: path_spec(m),
+            NODES,
+            InfeasibleError("task t3 fits on no device"),
+            "Infeasible",
+            "t3",
+        ),
+    ],
+)
+async def test_failures_become_one_condition(
+    model: Path, tmp_path: Path, spec_of, nodes, error, reason: str, message: str
+) -> None:
+    kube, planner, events = FakeKube(), Planner(error), Events()
+    body = make_body(spec_of(model))
+    await converge(body, nodes, context(kube, planner, tmp_path), events)
+    assert kube.status["phase"] == "Failed"
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert planned["status"] == "False" and planned["reason"] == reason
+    assert message in planned["message"] and message in kube.status["message"]
+    assert ("warning", reason, planned["message"]) in events.seen
+    assert not kube.objects
+    body["status"] = dict(kube.status)
+    retry = stale_reason(body, kube.status["poolsFingerprint"])
+    assert (retry is not None) == (reason == "ModelUnreachable")
+
+
+async def test_failed_replan_keeps_serving_children(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    before = dict(kube.objects)
+    body["status"] = dict(kube.status)
+    body["metadata"]["generation"] = 2
+    planner.error = InfeasibleError("no")
+    await converge(body, NODES, ctx, events)
+    assert kube.objects == before and kube.status["phase"] == "Failed"

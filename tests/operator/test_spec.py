@@ -1,0 +1,84 @@
+"""Spec parsing: defaults from the operator, checks the schema cannot express."""
+
+from __future__ import annotations
+
+import pytest
+from moirai_operator.spec import Defaults, SpecError, parse_spec
+from operator_bodies import make_spec
+
+DEFAULTS = Defaults(solver="heft", objective="throughput", time_limit_seconds=7, image="img:1")
+
+
+def test_defaults_fill_what_the_spec_leaves_out() -> None:
+    spec = parse_spec(make_spec(), DEFAULTS)
+    assert spec.placement.solver == "heft"
+    assert spec.placement.objective == "throughput"
+    assert spec.placement.time_limit_seconds == 7
+    assert spec.image == "img:1"
+    assert spec.profiling == "analytic"
+    assert spec.serving.port == 8000 and spec.serving.grpc_port == 8001
+    gpu, cpu = spec.pools
+    assert (gpu.kind, gpu.max_devices, gpu.gpus_per_device) == ("gpu", 2, 1)
+    assert (cpu.kind, cpu.threads_per_device, cpu.memory_per_device_bytes) == ("cpu", 4, None)
+
+
+def test_spec_values_win_over_defaults() -> None:
+    raw = make_spec(
+        placement={"solver": "cpsat", "objective": "latency", "timeLimitSeconds": 3},
+        image="mine:2",
+        model={"uri": "http://h/m.onnx", "sha256": "A" * 64, "inputShapes": {"x": [1, 3]}},
+    )
+    spec = parse_spec(raw, DEFAULTS)
+    assert spec.placement.solver == "cpsat"
+    assert spec.placement.time_limit_seconds == 3.0
+    assert spec.image == "mine:2"
+    assert spec.model.sha256 == "a" * 64
+    assert spec.model.input_shapes == {"x": (1, 3)}
+    assert spec.model.is_remote
+
+
+def test_path_uri_needs_a_volume_that_contains_it() -> None:
+    with pytest.raises(SpecError, match=r"spec\.model\.volume is required"):
+        parse_spec(make_spec(model={"uri": "/models/m.onnx"}), DEFAULTS)
+    with pytest.raises(SpecError, match="not under"):
+        parse_spec(
+            make_spec(
+                model={"uri": "/data/m.onnx", "volume": {"claimName": "c", "mountPath": "/models"}}
+            ),
+            DEFAULTS,
+        )
+    spec = parse_spec(
+        make_spec(
+            model={
+                "uri": "file:///models/a/m.onnx",
+                "volume": {"claimName": "c", "mountPath": "/models"},
+            }
+        ),
+        DEFAULTS,
+    )
+    assert spec.model.local_path == "/models/a/m.onnx" and not spec.model.is_remote
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (make_spec(pools=[]), r"spec\.pools is empty"),
+        (make_spec(pools=[{"name": "a"}]), r"spec\.pools\[0\]\.kind is missing"),
+        (make_spec(pools=[{"name": "a", "kind": "tpu"}]), r"kind is 'tpu'"),
+        (
+            make_spec(pools=[{"name": "a", "kind": "cpu"}, {"name": "a", "kind": "gpu"}]),
+            "appears twice",
+        ),
+        (make_spec(pools=[{"name": "a", "kind": "cpu", "maxDevices": 0}]), "maxDevices"),
+        (
+            make_spec(pools=[{"name": "a", "kind": "cpu", "memoryPerDevice": "lots"}]),
+            "memoryPerDevice",
+        ),
+        (make_spec(placement={"solver": "magic"}), r"spec\.placement\.solver"),
+        (make_spec(model={"uri": "ftp://h/m.onnx"}), "scheme 'ftp'"),
+        (make_spec(model={"uri": "http://h/m", "inputShapes": {"x": [0]}}), "inputShapes"),
+    ],
+)
+def test_invalid_specs_name_the_field(raw: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw, DEFAULTS)
