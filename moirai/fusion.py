@@ -1,0 +1,373 @@
+"""Step 2 of the pipeline: fusion-aware coarsening — the tasks the solvers place.
+
+ONNX Runtime fuses operators when it loads a model (Conv+BatchNorm+Relu into one FusedConv,
+the Erf pattern into Gelu, the mean/variance pattern into LayerNormalization...). A placement
+that cut through such a fusion would forbid it, so the groups are taken from the backend itself
+rather than guessed: a session is created for the provider with level `ORT_ENABLE_EXTENDED` and
+`optimized_model_filepath`, and each node of the optimised graph is mapped back to the original
+nodes it replaced. Tensor names at fusion boundaries survive optimisation, so an optimised node
+*claims* the original nodes found by walking back from its outputs through original producers,
+stopping at every tensor that still exists in the optimised graph::
+
+    x ─► Conv ─► BatchNormalization ─► Relu ─► y        original
+    x ─► FusedConv ──────────────────────────► y        optimised (CPU)
+         claims {Conv, BatchNormalization, Relu, and the folded weight producers}
+
+An original node claimed by exactly one optimised node belongs to it. A node claimed by none was
+folded or eliminated (Constant, Shape chains on static shapes, Identity, Dropout) and a node
+claimed by several was eliminated in front of several consumers; neither is computed by a fused
+kernel, so each joins the group of its first consumer.
+
+Fusions differ by execution provider — ConvActivationFusion and GemmActivationFusion run for CPU
+only — so the groups of every provider present are merged (union-find): whatever device a task
+lands on, no fusion of its provider is split. Merging can make the group graph cyclic (A's
+fusion and B's fusion interleave), so strongly connected components are contracted.
+
+CUDA without onnxruntime-gpu: the CUDA groups are those of a CPU session with the CPU-only
+transformers disabled (`_CPU_ONLY_TRANSFORMERS`). This is exact for standard ONNX inference
+graphs with ONNX Runtime 1.2x/1.3x, whose CUDA-only level-2 transformers are BiasDropoutFusion
+(dropout is already eliminated at inference) and GroupQueryAttentionFusion (it rewrites
+contrib attention operators that only ONNX Runtime's offline transformer optimiser produces).
+Where onnxruntime-gpu is installed the CUDA provider itself is asked. Any other provider that is
+not installed falls back to the CPU groups, with a warning.
+
+Very large graphs can be coarsened further (`max_tasks`): an edge u→v can be contracted without
+creating a cycle when u has one successor or v has one predecessor (chains and trees); the
+lightest such pair goes first. When none is left, two groups adjacent in a topological order
+are merged, which is always safe.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from moirai.errors import ModelError
+from moirai.graph import OpGraph
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+# Level-2 transformers that ONNX Runtime registers for the CPU provider but not for CUDA
+# (onnxruntime/core/optimizer/graph_transformer_utils.cc).
+_CPU_ONLY_TRANSFORMERS = (
+    "ConvActivationFusion",
+    "GemmActivationFusion",
+    "MatMulIntegerToFloatFusion",
+    "DynamicQuantizeMatMulFusion",
+    "MatMulNBitsFusion",
+    "QDQS8ToU8Transformer",
+    "Avx2WeightS8ToU8Transformer",
+)
+# Protobuf cannot serialise a message over 2 GiB; bigger models go to ORT as files.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+Kernels = list[tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A task: original nodes (canonical names, topological order) that stay together."""
+
+    ops: tuple[str, ...]
+    kernels: tuple[tuple[str, ...], ...]
+    """The fusion units it is made of: each is roughly one kernel launch at run time."""
+
+
+# ------------------------------------------------------------ per provider
+def provider_fusions(model: onnx.ModelProto, graph: OpGraph, provider: str) -> list[set[str]]:
+    """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
+    it alone claims (see the module docstring). Nodes claimed by no set were folded away or
+    eliminated."""
+    optimised = _optimised_graph(model, provider)
+    materialised = {i.name for i in optimised.input} | {t.name for t in optimised.initializer}
+    for node in optimised.node:
+        materialised.update(node.input)
+        materialised.update(node.output)
+    claims: list[set[str]] = []
+    for node in optimised.node:
+        claimed: set[str] = set()
+        stack = [t for t in node.output if t in graph.producer]
+        while stack:
+            producer = graph.producer[stack.pop()]
+            if producer in claimed:
+                continue
+            claimed.add(producer)
+            stack.extend(
+                t
+                for t in graph.node[producer].inputs
+                if t not in materialised and t in graph.producer
+            )
+        claims.append(claimed)
+    times_claimed = {}
+    for claimed in claims:
+        for name in claimed:
+            times_claimed[name] = times_claimed.get(name, 0) + 1
+    return [c for claimed in claims if (c := {n for n in claimed if times_claimed[n] == 1})]
+
+
+def _optimised_graph(model: onnx.ModelProto, provider: str) -> onnx.GraphProto:
+    available = ort.get_available_providers()
+    disabled: list[str] = []
+    if provider not in available:
+        if provider != CUDA:
+            log.warning("%s is not installed: using the CPU provider's fusions for it", provider)
+        else:
+            disabled = list(_CPU_ONLY_TRANSFORMERS)
+        provider = CPU
+    with tempfile.TemporaryDirectory(prefix="moirai-fusion-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp, "optimised.onnx"))
+        # Write weights beside the optimised graph: only its structure is read back.
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimised.data"
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+        )
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        source: str | bytes
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            source = model.SerializeToString()
+        else:
+            source = str(Path(tmp, "model.onnx"))
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save(copy, source, save_as_external_data=True, location="model.data")
+        try:
+            ort.InferenceSession(
+                source,
+                options,
+                providers=list(dict.fromkeys([provider, CPU])),
+                disabled_optimizers=disabled,
+            )
+        except Exception as e:  # ORT raises its own exception types, without a common base
+            message = " ".join(str(e).split())[:200]
+            raise ModelError(
+                f"ONNX Runtime cannot load the model with {provider}: {message}"
+            ) from None
+        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+
+
+# ----------------------------------------------------------------- grouping
+def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[str]) -> list[Group]:
+    """Groups that split no fusion of any of `providers` and form a DAG, in topological
+    order."""
+    union = _UnionFind(n.name for n in graph.nodes)
+    attached: set[str] = set()
+    for provider in dict.fromkeys(providers):
+        for claimed in provider_fusions(model, graph, provider):
+            union.merge(claimed)
+            attached.update(claimed)
+    order = _index(graph)
+    for node in reversed(graph.nodes):
+        if node.name in attached:
+            continue
+        consumers = [c for t in node.outputs for c in graph.consumers.get(t, ())]
+        if consumers:
+            union.merge((node.name, min(consumers, key=order.__getitem__)))
+        attached.add(node.name)
+    return _as_groups(graph, _contract_cycles(graph, union.classes()))
+
+
+def coarsen(
+    graph: OpGraph,
+    groups: Sequence[Group],
+    max_tasks: int,
+    weight: Callable[[Sequence[str]], float] = len,
+) -> list[Group]:
+    """Merge groups until at most `max_tasks` remain, never creating a cycle (module
+    docstring); the pairs lightest by `weight` (of their node names) go first."""
+    if max_tasks < 1:
+        raise ValueError("max_tasks must be >= 1")
+    merged = [list(g.kernels) for g in groups]
+    if len(merged) > max_tasks:
+        merged = _coarsen(graph, merged, max_tasks, weight)
+    return _as_groups(graph, merged)
+
+
+def _as_groups(graph: OpGraph, groups: Sequence[Kernels]) -> list[Group]:
+    order = _index(graph)
+    return [
+        Group(
+            ops=tuple(sorted((n for k in g for n in k), key=order.__getitem__)),
+            kernels=tuple(sorted(g, key=lambda k: order[k[0]])),
+        )
+        for g in (groups[i] for i in _topological(graph, groups))
+    ]
+
+
+def _index(graph: OpGraph) -> dict[str, int]:
+    return {n.name: i for i, n in enumerate(graph.nodes)}
+
+
+class _UnionFind:
+    def __init__(self, items: Iterable[str]) -> None:
+        self.parent = {i: i for i in items}
+
+    def find(self, item: str) -> str:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def merge(self, items: Iterable[str]) -> None:
+        roots = [self.find(i) for i in items]
+        for other in roots[1:]:
+            self.parent[other] = roots[0]
+
+    def classes(self) -> list[tuple[str, ...]]:
+        """Members of each class in the order of the items, classes ordered by first member."""
+        out: dict[str, list[str]] = {}
+        for item in self.parent:
+            out.setdefault(self.find(item), []).append(item)
+        return [tuple(members) for members in out.values()]
+
+
+def _successors(graph: OpGraph, groups: Sequence[Kernels]) -> list[set[int]]:
+    where = {n: g for g, kernels in enumerate(groups) for k in kernels for n in k}
+    succs: list[set[int]] = [set() for _ in groups]
+    for node in graph.nodes:
+        dst = where[node.name]
+        for t in node.inputs:
+            if t in graph.producer and (src := where[graph.producer[t]]) != dst:
+                succs[src].add(dst)
+    return succs
+
+
+def _contract_cycles(graph: OpGraph, kernels: Kernels) -> list[Kernels]:
+    """Groups of kernels: the strongly connected components of the kernel graph (Tarjan's
+    algorithm, iterative)."""
+    groups = [[k] for k in kernels]
+    succs = _successors(graph, groups)
+    index: dict[int, int] = {}
+    low: dict[int, int] = {}
+    on_stack: set[int] = set()
+    stack: list[int] = []
+    components: list[Kernels] = []
+    counter = itertools.count()
+    for root in range(len(groups)):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(succs[root])))]
+        index[root] = low[root] = next(counter)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            for w in children:
+                if w not in index:
+                    index[w] = low[w] = next(counter)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(succs[w]))))
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    component = []
+                    while True:
+                        w = stack.pop()
+                        on_stack.discard(w)
+                        component.append(kernels[w])
+                        if w == v:
+                            break
+                    components.append(component)
+    return components
+
+
+def _topological(graph: OpGraph, groups: Sequence[Kernels]) -> list[int]:
+    """Indices of `groups` in a topological order (Kahn's algorithm), ties broken by the
+    position of a group's first node."""
+    succs = _successors(graph, groups)
+    order = _index(graph)
+    first = [min(order[n] for k in g for n in k) for g in groups]
+    indegree = [0] * len(groups)
+    for s in succs:
+        for d in s:
+            indegree[d] += 1
+    ready = [(first[g], g) for g in range(len(groups)) if indegree[g] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, g = heapq.heappop(ready)
+        out.append(g)
+        for d in succs[g]:
+            indegree[d] -= 1
+            if indegree[d] == 0:
+                heapq.heappush(ready, (first[d], d))
+    assert len(out) == len(groups), "group graph has a cycle after contraction"
+    return out
+
+
+def _coarsen(
+    graph: OpGraph, groups: list[Kernels], max_tasks: int, weight: Callable[[Sequence[str]], float]
+) -> list[Kernels]:
+    """Merge groups until at most `max_tasks` remain, never creating a cycle (module
+    docstring)."""
+    members: dict[int, Kernels] = dict(enumerate(groups))
+    mass = {g: float(weight([n for k in ks for n in k])) for g, ks in members.items()}
+    succs = dict(enumerate(_successors(graph, groups)))
+    preds: dict[int, set[int]] = {g: set() for g in members}
+    for g, s in succs.items():
+        for d in s:
+            preds[d].add(g)
+    version = dict.fromkeys(members, 0)
+    heap: list[tuple[float, int, int, int, int]] = []
+
+    def push_edges(g: int) -> None:
+        for u, v in [(p, g) for p in preds[g]] + [(g, s) for s in succs[g]]:
+            heapq.heappush(heap, (mass[u] + mass[v], u, v, version[u], version[v]))
+
+    def merge(u: int, v: int) -> None:
+        members[u] = members[u] + members.pop(v)
+        mass[u] += mass.pop(v)
+        for d in succs.pop(v):
+            preds[d].discard(v)
+            if d != u:
+                preds[d].add(u)
+                succs[u].add(d)
+        for p in preds.pop(v):
+            succs[p].discard(v)
+            if p != u:
+                succs[p].add(u)
+                preds[u].add(p)
+        succs[u].discard(u)
+        preds[u].discard(u)
+        version[u] += 1
+        del version[v]
+        push_edges(u)
+
+    for g in members:
+        push_edges(g)
+    while len(members) > max_tasks:
+        while heap:
+            _, u, v, vu, vv = heapq.heappop(heap)
+            current = version.get(u) == vu and version.get(v) == vv and v in succs[u]
+            if current and (len(succs[u]) == 1 or len(preds[v]) == 1):
+                merge(u, v)
+                break
+        else:
+            alive = list(members)
+            chain = [alive[i] for i in _topological(graph, [members[g] for g in alive])]
+            u, v = min(itertools.pairwise(chain), key=lambda p: mass[p[0]] + mass[p[1]])
+            merge(u, v)
+    return list(members.values())

@@ -1,0 +1,131 @@
+"""Steps 1–4 of the pipeline in one call: ONNX model + devices → cost graph.
+
+`build_costgraph` is the seam between the model side (graph, fusion, profile) and the placement
+side, which reads nothing but the `CostGraph` it returns:
+
+- tasks are the fusion groups of every execution provider among the devices (`moirai.fusion`),
+  optionally coarsened to `max_tasks` (lightest pairs by FLOPs first); `ops` lists the canonical
+  node names of `moirai.graph.load_model`, the names the serving side cuts stages by;
+- `compute_ms` comes from the profile source (analytic by default);
+- `memory_bytes` of a task is the weights its kernels read plus the activations its nodes write;
+- an edge carries every tensor written by one task and read by another, summed per task pair;
+- the cost graph's `source` records where the numbers came from (profile, model file and digest,
+  input shapes, providers) and the coarsening (nodes → fusion groups → tasks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from moirai.costgraph import CostGraph, Edge, Task
+from moirai.devices import DeviceSet, load_devices
+from moirai.fusion import Group, coarsen, fusion_groups
+from moirai.graph import InputShapes, OpGraph, build_graph, load_model
+from moirai.profile import Profile
+from moirai.profile.analytic import AnalyticProfile, node_flops
+
+log = logging.getLogger(__name__)
+
+
+def build_costgraph(
+    model_path: str | Path,
+    devices: DeviceSet | str | Path,
+    input_shapes: InputShapes | None = None,
+    profile: Profile | None = None,
+    max_tasks: int | None = None,
+) -> CostGraph:
+    """The placement problem of `model_path` on `devices` (a `DeviceSet` or a devices file)."""
+    model_path = Path(model_path)
+    if not isinstance(devices, DeviceSet):
+        devices = load_devices(devices)
+    profile = profile or AnalyticProfile()
+    model = load_model(model_path, input_shapes)
+    graph = build_graph(model)
+    groups = fusion_groups(model, graph, devices.providers)
+    fused = len(groups)
+    if max_tasks is not None:
+        groups = coarsen(
+            graph, groups, max_tasks, lambda ops: sum(node_flops(graph, graph.node[n]) for n in ops)
+        )
+    times = profile.compute_ms(graph, groups, devices.devices)
+    task_ids = [f"t{i}" for i in range(len(groups))]
+    tasks = tuple(
+        Task(
+            id=task_id,
+            compute_ms=dict(ms),
+            memory_bytes=_memory_bytes(graph, group),
+            ops=group.ops,
+            extra={"kind": _kind(graph, group)},
+        )
+        for task_id, group, ms in zip(task_ids, groups, times, strict=True)
+    )
+    source: dict[str, Any] = {
+        "profile": profile.name,
+        "model": model_path.name,
+        "sha256": _sha256(model_path),
+        "input_shapes": {
+            i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+        },
+        "providers": list(devices.providers),
+        "nodes": len(graph.nodes),
+        "fusion_groups": fused,
+        "tasks": len(groups),
+    }
+    log.info(
+        "%s: %d nodes → %d fusion groups → %d tasks",
+        model_path.name,
+        len(graph.nodes),
+        fused,
+        len(groups),
+    )
+    return CostGraph(
+        name=model_path.stem,
+        devices=tuple(d.to_costgraph() for d in devices.devices),
+        tasks=tasks,
+        edges=_edges(graph, groups, task_ids),
+        default_link=devices.default_link,
+        pair_links=dict(devices.pair_links),
+        extra={"source": source},
+    )
+
+
+def _memory_bytes(graph: OpGraph, group: Group) -> int:
+    activations = sum(
+        graph.tensors[t].nbytes
+        for n in group.ops
+        if not (node := graph.node[n]).constant
+        for t in node.outputs
+    )
+    return graph.weight_bytes(group.ops) + activations
+
+
+def _edges(graph: OpGraph, groups: list[Group], task_ids: list[str]) -> tuple[Edge, ...]:
+    task_of = {n: task for task, g in zip(task_ids, groups, strict=True) for n in g.ops}
+    pair_bytes: dict[tuple[str, str], int] = {}
+    for tensor, producer in graph.producer.items():
+        src = task_of[producer]
+        for dst in dict.fromkeys(task_of[c] for c in graph.consumers.get(tensor, ())):
+            if dst != src:
+                pair_bytes[(src, dst)] = (
+                    pair_bytes.get((src, dst), 0) + graph.tensors[tensor].nbytes
+                )
+    return tuple(Edge(src, dst, nbytes) for (src, dst), nbytes in pair_bytes.items())
+
+
+def _kind(graph: OpGraph, group: Group) -> str:
+    """A readable label: the distinct operator types that do work, e.g. Conv+Relu."""
+    ops = list(
+        dict.fromkeys(graph.node[n].op_type for n in group.ops if not graph.node[n].constant)
+    )
+    return "+".join(ops[:4]) + ("+..." if len(ops) > 4 else "") if ops else "Constant"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,29 @@
+"""Step 3 of the pipeline: what each task costs on each device.
+
+A profile source answers one question for the cost graph builder: how many milliseconds does
+each group take on each device. `build_costgraph` depends only on the `Profile` protocol, so the
+analytic model here (`moirai.profile.analytic`, no hardware needed) and measured profiling
+(ONNX Runtime's timings on the real devices) are interchangeable. A source sees the whole model
+and all groups at once, because measuring is cheapest per model (one profiled run per device),
+not per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from moirai.devices import DeviceSpec
+from moirai.fusion import Group
+from moirai.graph import OpGraph
+
+
+class Profile(Protocol):
+    name: str
+    """Recorded in the cost graph's `source.profile`, e.g. "analytic"."""
+
+    def compute_ms(
+        self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
+    ) -> list[Mapping[str, float]]:
+        """For each group, device name → milliseconds; a device left out cannot run it."""
+        ...

@@ -1,0 +1,167 @@
+"""The analytic cost model: a roofline per kernel, so a cost graph needs no hardware.
+
+Each fusion unit of a group (`Group.kernels`) runs as about one kernel. Its time on a device is
+
+    max(flops / peak_flops, bytes / memory_bandwidth) + launch overhead
+
+where `bytes` are what a fused kernel moves through memory: the activations entering and
+leaving the unit and the weights it reads — intermediates inside a fusion stay in registers or
+cache, which is exactly what fusing buys. The overhead (framework dispatch plus kernel launch)
+is larger on a GPU (`launch_overhead_ms` of the device, default 10 µs) than on a CPU (2 µs);
+it is what keeps a GPU from winning on tiny operators. Units that are only folded constants cost
+nothing; units of pure view operators (Reshape, Squeeze, ...) cost only the overhead.
+
+FLOPs per operator (multiply and add count as two):
+
+    Conv            2 · |out| · C_in/groups · |kernel|   (+ |out| with bias)
+    ConvTranspose   2 · |in| · C_out/groups · |kernel|
+    MatMul          2 · |out| · K;   Gemm  |out| · (2K + 1)
+    pooling         |out| · |kernel|;  global pooling, reductions: |in|
+    Softmax 5, LayerNormalization 8, BatchNormalization 2 ... per element (`_PER_ELEMENT`)
+    data movement   0 (Transpose, Concat, Gather, Slice, Cast, ...)
+    anything else   1 per output element
+
+The peaks are FP32 figures and the model assumes they are reached: it ranks devices and
+operators sensibly (GPUs for large convolutions and matrix products, CPUs for small and
+memory-bound operators) rather than predicting wall-clock time; measured profiling does that.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from moirai.devices import DeviceSpec
+from moirai.fusion import Group
+from moirai.graph import Node, OpGraph
+
+DEFAULT_LAUNCH_OVERHEAD_MS = {"gpu": 0.01, "cpu": 0.002}
+
+_VIEW_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"})
+_MOVEMENT_OPS = _VIEW_OPS | {
+    "Transpose",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "ScatterElements",
+    "ScatterND",
+    "Expand",
+    "Tile",
+    "Pad",
+    "Cast",
+    "Shape",
+    "Size",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "ConstantOfShape",
+    "Constant",
+}
+_PER_ELEMENT = {
+    # transcendental element-wise functions
+    **dict.fromkeys(
+        ("Exp", "Log", "Tanh", "Sigmoid", "Erf", "Sqrt", "Pow", "Reciprocal", "Sin", "Cos"), 4
+    ),
+    **dict.fromkeys(("Softplus", "Elu", "Selu", "Gelu", "Mish", "HardSwish", "HardSigmoid"), 4),
+    "Softmax": 5,
+    "LogSoftmax": 5,
+    "BatchNormalization": 2,
+    "LayerNormalization": 8,
+    "InstanceNormalization": 8,
+    "GroupNormalization": 8,
+}
+_POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
+_INPUT_SIZED = frozenset(
+    {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ArgMax", "ArgMin", "TopK"}
+)
+
+
+@dataclass(frozen=True)
+class Work:
+    flops: float
+    bytes: int
+
+
+def node_flops(graph: OpGraph, node: Node) -> float:
+    """Floating-point operations of one node (see the module docstring)."""
+    if node.constant or node.op_type in _MOVEMENT_OPS:
+        return 0.0
+    t = graph.tensors
+    out = t[node.outputs[0]].numel if node.outputs else 0
+    first = t[node.inputs[0]] if node.inputs else None
+    op = node.op_type
+    if op in ("Conv", "ConvTranspose") and len(node.inputs) >= 2:
+        weight = t[node.inputs[1]].shape
+        if weight is None or first is None:
+            return float(out)
+        per_output = math.prod(weight[1:])
+        bias = out if len(node.inputs) > 2 else 0
+        if op == "Conv":
+            return 2.0 * out * per_output + bias
+        return 2.0 * first.numel * per_output + bias
+    if op == "MatMul" and first is not None and first.shape:
+        return 2.0 * out * first.shape[-1]
+    if op == "Gemm" and first is not None and first.shape and len(first.shape) == 2:
+        k = first.shape[0] if node.attributes.get("transA") else first.shape[1]
+        return out * (2.0 * k + 1)
+    if op in _POOLS:
+        kernel = node.attributes.get("kernel_shape") or []
+        return float(out * math.prod(kernel))
+    if op == "LRN":
+        return float(out * (2 * int(node.attributes.get("size", 1)) + 3))
+    if op in _INPUT_SIZED or op.startswith("Reduce"):
+        return float(first.numel if first is not None else out)
+    return float(out * _PER_ELEMENT.get(op, 1))
+
+
+def kernel_work(graph: OpGraph, ops: Sequence[str]) -> Work:
+    """FLOPs and memory traffic of a set of nodes run as one fused kernel."""
+    inside = set(ops)
+    nodes = [graph.node[n] for n in ops]
+    computing = [n for n in nodes if not n.constant]
+    flops = sum(node_flops(graph, n) for n in computing)
+    if all(n.op_type in _VIEW_OPS for n in computing):
+        return Work(flops, 0)
+    produced = {t for n in computing for t in n.outputs}
+    read = {t for n in computing for t in n.inputs if t not in produced}
+    outputs = set(graph.outputs)
+    written = {
+        t
+        for t in produced
+        if t in outputs or any(c not in inside for c in graph.consumers.get(t, ()))
+    }
+    nbytes = sum(graph.tensors[t].nbytes for t in read | written)
+    return Work(flops, nbytes)
+
+
+@dataclass(frozen=True)
+class AnalyticProfile:
+    """Roofline estimates from the devices' peak figures (module docstring)."""
+
+    name: str = "analytic"
+
+    def compute_ms(
+        self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
+    ) -> list[Mapping[str, float]]:
+        return [
+            {device.name: self.group_ms(graph, group, device) for device in devices}
+            for group in groups
+        ]
+
+    def group_ms(self, graph: OpGraph, group: Group, device: DeviceSpec) -> float:
+        overhead = device.launch_overhead_ms
+        if overhead is None:
+            overhead = DEFAULT_LAUNCH_OVERHEAD_MS[device.kind]
+        total = 0.0
+        for kernel in group.kernels:
+            if all(graph.node[n].constant for n in kernel):
+                continue
+            work = kernel_work(graph, kernel)
+            seconds = max(
+                work.flops / device.peak_flops, work.bytes / device.memory_bandwidth_bytes_per_s
+            )
+            total += seconds * 1000.0 + overhead
+        return total
