@@ -3,6 +3,10 @@
 Every solver returns a `Placement`. Its `makespan_ms` is always the makespan of its own
 `schedule` and `transfers` under Moirai's execution model, re-checked by the simulator, whatever
 the solver believed.
+
+The objective decides what `lower_bound_ms` and `gap` refer to: the makespan for `latency`; for
+`throughput`, the pipelined period `period_ms` (the busiest device or port per request, see
+`moirai.placement.simulate.period`), while `makespan_ms` still reports one request's latency.
 """
 
 from __future__ import annotations
@@ -49,15 +53,25 @@ class Placement:
     schedule: list[ScheduledTask] = field(default_factory=list)
     transfers: list[ScheduledTransfer] = field(default_factory=list)
     objective: str = "latency"
+    period_ms: float | None = None
+    """Pipelined period of the assignment (always set by the solvers; the throughput objective)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Informative keys: e.g. `period_ms` for the throughput objective, solver notes."""
+    """Informative keys: solver notes, rounding error, candidates per task."""
+
+    @property
+    def objective_ms(self) -> float:
+        """The value the solver minimised: the makespan, or the period for `throughput`."""
+        if self.objective == "throughput" and self.period_ms is not None:
+            return self.period_ms
+        return self.makespan_ms
 
     @property
     def gap(self) -> float:
-        """Relative optimality gap of the makespan against the lower bound (0 when proven)."""
-        if self.makespan_ms <= 0:
+        """Relative optimality gap of the objective against the lower bound (0 when proven)."""
+        value = self.objective_ms
+        if value <= 0:
             return 0.0
-        return max(0.0, (self.makespan_ms - self.lower_bound_ms) / self.makespan_ms)
+        return max(0.0, (value - self.lower_bound_ms) / value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -67,6 +81,7 @@ class Placement:
             "status": self.status,
             "objective": self.objective,
             "makespan_ms": self.makespan_ms,
+            **({"period_ms": self.period_ms} if self.period_ms is not None else {}),
             "lower_bound_ms": self.lower_bound_ms,
             "gap": self.gap,
             "solve_seconds": self.solve_seconds,
@@ -98,6 +113,7 @@ class Placement:
                 "status",
                 "objective",
                 "makespan_ms",
+                "period_ms",
                 "lower_bound_ms",
                 "gap",
                 "solve_seconds",
@@ -114,6 +130,7 @@ class Placement:
                 status=status,
                 objective=str(data.get("objective", "latency")),
                 makespan_ms=float(data["makespan_ms"]),
+                period_ms=float(data["period_ms"]) if "period_ms" in data else None,
                 lower_bound_ms=float(data.get("lower_bound_ms", 0.0)),
                 solve_seconds=float(data.get("solve_seconds", 0.0)),
                 assignment={str(k): str(v) for k, v in data["assignment"].items()},

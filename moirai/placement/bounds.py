@@ -1,0 +1,58 @@
+"""Lower bounds on the objective, valid for every placement of a problem.
+
+- Critical path: the longest path through the DAG with every task at its fastest candidate
+  device and no transfers (no plan can beat the chain of its dependencies).
+- Total work: every task takes at least its fastest time somewhere, and the devices can share
+  it at best perfectly, so the sum of fastest times over the number of devices.
+
+Both hold for the makespan; for the pipelined period (throughput) the work bound holds as well,
+and so does the slowest single task at its fastest. Exact solvers report their own proven bound,
+which `auto` takes when it is better. Pins and memory restrict candidates, so the bounds use the
+candidate devices of each task, not all devices.
+"""
+
+from __future__ import annotations
+
+from moirai.placement.problem import PlacementProblem
+from moirai.placement.result import Placement
+
+OPTIMALITY_TOL = 1e-4
+"""Relative gap under which a plan counts as `optimal`: exact solvers stop at a relative gap of
+1e-6 and CP-SAT's integer time rounds durations, so an exact zero is rare even when proven."""
+
+
+def critical_path(problem: PlacementProblem) -> float:
+    p = problem
+    finish = [0.0] * p.n
+    for i in range(p.n):  # tasks are in topological order
+        ready = max((finish[p.edges[e][0]] for e in p.in_edges[i]), default=0.0)
+        finish[i] = ready + p.min_compute[i]
+    return max(finish, default=0.0)
+
+
+def total_work(problem: PlacementProblem) -> float:
+    return sum(problem.min_compute) / problem.num_devices
+
+
+def serial_horizon(problem: PlacementProblem) -> float:
+    """An upper bound on the optimum: every task at its slowest candidate and every transfer at
+    its slowest pair, one after another (a valid schedule whatever the assignment)."""
+    p = problem
+    tasks = sum(max(p.compute[i][k] for k in p.cand[i]) for i in range(p.n))
+    return tasks + sum(max(max(row) for row in t) for t in p.transfer)
+
+
+def lower_bound(problem: PlacementProblem) -> float:
+    """The best of the simple bounds for the problem's objective."""
+    if problem.objective == "throughput":
+        return max(total_work(problem), max(problem.min_compute, default=0.0))
+    return max(critical_path(problem), total_work(problem))
+
+
+def settle(plan: Placement, bound: float) -> Placement:
+    """Record `bound` in `plan` (never above its objective) and mark it `optimal` when the gap
+    is within `OPTIMALITY_TOL`; otherwise its status is left as the solver set it."""
+    plan.lower_bound_ms = min(bound, plan.objective_ms)
+    if plan.objective_ms <= bound * (1 + OPTIMALITY_TOL) + 1e-12:
+        plan.status = "optimal"
+    return plan

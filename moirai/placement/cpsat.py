@@ -1,0 +1,272 @@
+"""`cpsat`: the placement problem as a constraint program for OR-Tools CP-SAT.
+
+Same problem as the paper's MILP, but in scheduling primitives that CP-SAT propagates and
+reasons about natively (no big-M):
+
+- task i: start `S_i`, end `E_i = S_i + sum_k d[i,k] x[i,k]`, and for each candidate device k an
+  optional fixed-size interval `(S_i, d[i,k])` present iff `x[i,k]`; `ExactlyOne(x[i,.])`;
+- one `NoOverlap` per device over its task intervals;
+- edge e = (i, j): transfer start `T_e >= E_i`, `S_j >= T_e + sum tau[e,a,b] y[e,a,b]`, where
+  `y[e,a,b] <-> x[i,a] and x[j,b]` (a != b); for each such pair an optional interval
+  `(T_e, tau[e,a,b])` present iff `y[e,a,b]`, added to device a's send-port `NoOverlap` and to
+  device b's receive-port `NoOverlap` (congestion);
+- memory `sum_i mem_i x[i,k] <= cap_k`; makespan `C >= E_i` for sinks and, redundantly, `C >=`
+  each device's load, minimised. `throughput` keeps only the assignment: minimise `Z >=` each
+  device's, send port's and receive port's total time.
+
+Time is integer: one unit is `1/scale` ms, with `scale` chosen from the instance so that the
+horizon (a heuristic's makespan) spans about 10^6 units and the shortest positive duration at
+least ~100 (capped at 10^8 units). Durations are rounded *down*: then any real schedule maps to
+an integer one no longer than it (floor(a + b) >= floor(a) + floor(b)), so CP-SAT's bound
+divided by the scale is a valid lower bound of the real problem. The solution's assignment and
+operation order are replayed in exact time by the simulator (`retime`); the difference to
+CP-SAT's own objective is the rounding error, reported in the plan (`rounding_error_ms`).
+
+Hints (CP-SAT's warm start) come from the heuristic plan, floored the same way, which keeps them
+feasible. `num_workers` is the thread count; `random_seed` the seed. CP-SAT's parallel
+portfolio races workers against the clock, so with several threads two runs stopped by the time
+limit may differ; with `threads=1`, or when optimality is proven, results are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from moirai.errors import InfeasibleError, SolverError
+from moirai.placement.bounds import lower_bound, serial_horizon, settle
+from moirai.placement.problem import PlacementProblem
+from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
+from moirai.placement.result import Placement
+from moirai.placement.simulate import list_schedule, retime
+
+
+def choose_scale(problem: PlacementProblem, horizon_ms: float) -> float:
+    """Integer time units per millisecond for this instance."""
+    durations = [v for row in problem.compute for v in row.values() if v > 0]
+    durations += [v for e in problem.transfer for row in e for v in row if v > 0]
+    shortest = min(durations, default=1.0)
+    horizon_ms = max(horizon_ms, shortest)
+    units = min(1e8, max(1e6, 100.0 * horizon_ms / shortest))
+    return units / horizon_ms
+
+
+@dataclass
+class CpModel:
+    """The CP-SAT model of a problem and where its variables sit."""
+
+    model: Any
+    scale: float
+    x: list[dict[int, Any]]
+    y: dict[tuple[int, int, int], Any]
+    start: list[Any]
+    tstart: dict[int, Any]
+    objective: Any
+
+
+def build(
+    problem: PlacementProblem,
+    horizon_ms: float,
+    allowed: Sequence[Sequence[int]] | None = None,
+) -> CpModel:
+    """The model; `allowed[i]` may narrow task i's devices (then its bound is not global)."""
+    from ortools.sat.python import cp_model
+
+    p = problem
+    scale = choose_scale(p, horizon_ms)
+    horizon = math.ceil(horizon_ms * scale) + p.n + len(p.edges) + 1
+    cands = [tuple(allowed[i]) if allowed else p.cand[i] for i in range(p.n)]
+    m = cp_model.CpModel()
+    dur = [{k: math.floor(p.compute[i][k] * scale) for k in cands[i]} for i in range(p.n)]
+    x = [{k: m.NewBoolVar(f"x{i}_{k}") for k in cands[i]} for i in range(p.n)]
+    for i in range(p.n):
+        m.AddExactlyOne(x[i].values())
+    for k in range(p.num_devices):
+        items = [(p.mem[i], x[i][k]) for i in range(p.n) if k in x[i] and p.mem[i] > 0]
+        if sum(w for w, _ in items) > p.cap[k]:
+            m.Add(sum(w * v for w, v in items) <= p.cap[k])
+
+    y: dict[tuple[int, int, int], Any] = {}
+    tau: dict[tuple[int, int, int], int] = {}
+    for e, (i, j) in enumerate(p.edges):
+        for a in cands[i]:
+            for b in cands[j]:
+                if a == b:
+                    continue
+                lit = y[e, a, b] = m.NewBoolVar(f"y{e}_{a}_{b}")
+                m.AddImplication(lit, x[i][a])
+                m.AddImplication(lit, x[j][b])
+                m.AddBoolOr([x[i][a].Not(), x[j][b].Not(), lit])
+                tau[e, a, b] = math.floor(p.transfer[e][a][b] * scale)
+
+    if p.objective == "throughput":
+        z = m.NewIntVar(0, horizon * max(1, p.n), "period")
+        for k in range(p.num_devices):
+            m.Add(z >= sum(dur[i][k] * x[i][k] for i in range(p.n) if k in x[i]))
+            m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[1] == k))
+            m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[2] == k))
+        m.Minimize(z)
+        return CpModel(m, scale, x, y, [], {}, z)
+
+    start = [m.NewIntVar(0, horizon, f"s{i}") for i in range(p.n)]
+    end = []
+    device_iv: list[list[Any]] = [[] for _ in range(p.num_devices)]
+    for i in range(p.n):
+        end_i = m.NewIntVar(0, horizon, f"e{i}")
+        m.Add(end_i == start[i] + sum(dur[i][k] * x[i][k] for k in cands[i]))
+        end.append(end_i)
+        for k in cands[i]:
+            if dur[i][k] > 0:
+                device_iv[k].append(
+                    m.NewOptionalFixedSizeIntervalVar(start[i], dur[i][k], x[i][k], f"t{i}_{k}")
+                )
+    send_iv: list[list[Any]] = [[] for _ in range(p.num_devices)]
+    recv_iv: list[list[Any]] = [[] for _ in range(p.num_devices)]
+    tstart: dict[int, Any] = {}
+    for e, (i, j) in enumerate(p.edges):
+        keys = [key for key in ((e, a, b) for a in cands[i] for b in cands[j]) if key in y]
+        if not keys:
+            m.Add(start[j] >= end[i])
+            continue
+        t = tstart[e] = m.NewIntVar(0, horizon, f"T{e}")
+        m.Add(t >= end[i])
+        m.Add(start[j] >= t + sum(tau[key] * y[key] for key in keys))
+        for key in keys:
+            if tau[key] > 0:
+                iv = m.NewOptionalFixedSizeIntervalVar(
+                    t, tau[key], y[key], f"c{e}_{key[1]}_{key[2]}"
+                )
+                send_iv[key[1]].append(iv)
+                recv_iv[key[2]].append(iv)
+    for ivs in (*device_iv, *send_iv, *recv_iv):
+        if len(ivs) > 1:
+            m.AddNoOverlap(ivs)
+    cmax = m.NewIntVar(0, horizon, "makespan")
+    for i in range(p.n):
+        if not p.out_edges[i]:
+            m.Add(cmax >= end[i])
+    for k in range(p.num_devices):
+        load = [dur[i][k] * x[i][k] for i in range(p.n) if k in x[i] and dur[i][k] > 0]
+        if load:
+            m.Add(cmax >= sum(load))
+    m.Minimize(cmax)
+    return CpModel(m, scale, x, y, start, tstart, cmax)
+
+
+def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
+    """Hint every variable from a valid plan (floored to the model's time units)."""
+    p = problem
+    m, s = cp.model, cp.scale
+    assign = {i: p.device_index[plan.assignment[t]] for i, t in enumerate(p.tasks)}
+    for i in range(p.n):
+        for k, v in cp.x[i].items():
+            m.AddHint(v, int(assign[i] == k))
+    for (e, a, b), v in cp.y.items():
+        i, j = p.edges[e]
+        m.AddHint(v, int(assign[i] == a and assign[j] == b))
+    if p.objective == "throughput":
+        return
+    starts = {st.task: st.start_ms for st in plan.schedule}
+    for i, t in enumerate(p.tasks):
+        m.AddHint(cp.start[i], math.floor(starts[t] * s))
+    xs = {(x.src, x.dst): x.start_ms for x in plan.transfers}
+    for e, v in cp.tstart.items():
+        i, j = p.edges[e]
+        m.AddHint(v, math.floor(xs.get((p.tasks[i], p.tasks[j]), starts[p.tasks[j]]) * s))
+
+
+@dataclass(frozen=True)
+class CpSatSolver:
+    name: str = "cpsat"
+    description: str = "OR-Tools CP-SAT: intervals, NoOverlap per device and port"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            from ortools.sat.python import cp_model  # noqa: F401
+        except ImportError:
+            return False, "ortools is not installed"
+        return True, ""
+
+    def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
+        return solve_cpsat(problem, options)
+
+
+def solve_cpsat(
+    problem: PlacementProblem,
+    options: SolveOptions,
+    allowed: Sequence[Sequence[int]] | None = None,
+    label: str = "cpsat",
+) -> Placement:
+    """Solve with CP-SAT from `options.hint` (HEFT when absent); never worse than the hint.
+
+    With `allowed`, tasks are restricted to those devices (large instances): the result is
+    then a heuristic improvement whose bound is the problem's simple one.
+    """
+    from ortools.sat.python import cp_model
+
+    from moirai.placement.heuristics import warm_start
+
+    started = time.monotonic()
+    p = problem
+    lb = lower_bound(p)
+    warm = options.hint or warm_start(p)
+    cp = build(p, warm.objective_ms if warm is not None else serial_horizon(p), allowed)
+    if warm is not None:
+        add_hint(cp, p, warm)
+    solver = cp_model.CpSolver()
+    params = solver.parameters
+    params.max_time_in_seconds = max(0.05, options.remaining())
+    params.num_workers = options.threads
+    params.random_seed = options.seed
+    scale = cp.scale
+
+    class Progress(cp_model.CpSolverSolutionCallback):
+        def on_solution_callback(self) -> None:
+            options.report(
+                label,
+                started,
+                self.ObjectiveValue() / scale,
+                self.BestObjectiveBound() / scale if allowed is None else lb,
+            )
+
+    status = solver.Solve(cp.model, Progress() if options.progress is not None else None)
+    if status == cp_model.INFEASIBLE and (allowed is None or warm is None):
+        raise InfeasibleError(f"{label}: no placement fits the device memories (proven)")
+    if status == cp_model.INFEASIBLE:
+        return fall_back(warm, label, lb, started, "restricted model infeasible", options)
+    if status == cp_model.MODEL_INVALID:
+        raise SolverError(f"{label}: CP-SAT rejected the model ({solver.ResponseStats()})")
+    bound = lb
+    if allowed is None and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        bound = max(lb, solver.BestObjectiveBound() / scale)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if warm is None:
+            raise InfeasibleError(no_plan_message(label, options))
+        return fall_back(warm, label, bound, started, "no solution within the time limit", options)
+    assign = [next(k for k, v in cp.x[i].items() if solver.Value(v)) for i in range(p.n)]
+    schedules = [list_schedule(p, assign)]
+    if p.objective == "latency":
+        starts = [solver.Value(v) / scale for v in cp.start]
+        tstarts = {e: solver.Value(v) / scale for e, v in cp.tstart.items()}
+        schedules.append(retime(p, assign, starts, tstarts))
+    sched = min(schedules, key=lambda s: s.makespan)
+    objective = solver.ObjectiveValue() / scale
+    extra = {
+        "time_unit_ms": 1.0 / scale,
+        "cpsat_status": solver.StatusName(status),
+    }
+    plan = sched.to_placement(label, "feasible", bound, time.monotonic() - started, extra)
+    plan.extra["rounding_error_ms"] = max(0.0, plan.objective_ms - objective)
+    if allowed is not None:
+        plan.extra["note"] = "devices per task restricted: bound is the simple one"
+    if warm is not None and warm.objective_ms < plan.objective_ms:
+        return fall_back(warm, label, bound, started, "kept the warm start", options)
+    settle(plan, bound)
+    options.report(label, started, plan.objective_ms, plan.lower_bound_ms)
+    return plan
+
+
+SOLVERS = (CpSatSolver(),)

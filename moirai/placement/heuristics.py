@@ -1,0 +1,428 @@
+"""List-scheduling heuristics: `heft`, `getf`, `msct` (the paper's baselines) and `single`.
+
+All of them build their schedule with the one simulator's `Schedule` (insertion-based, transfers
+on send/receive ports), so they obey Moirai's execution model including congestion, and all are
+memory- and pin-aware: a task only goes to its candidate devices (runnable, pinned, fits alone)
+and only where `MemoryGuard` says the tasks not yet placed can still fit.
+
+- `heft` — Heterogeneous Earliest Finish Time, Topcuoglu, Hariri and Wu, "Performance-effective
+  and low-complexity task scheduling for heterogeneous computing", IEEE TPDS 13(3), 2002: tasks
+  by decreasing upward rank (mean compute over devices, mean transfer over device pairs), each
+  to the device with the earliest finish time, insertion-based.
+- `getf` — Generalized Earliest Time First, Su, Ren, Vardi and Wierman, "Communication-aware
+  scheduling of precedence-constrained tasks on related machines" (Operations Research Letters,
+  2021; arXiv 2004.14639). GETF first solves an LP relaxation that fixes, for each task, the
+  group of machines it may use, then runs ETF (Hwang, Chow, Anger and Lee, SIAM J. Comput.
+  1989) restricted to those groups: repeatedly start the ready (task, device) pair that can
+  start earliest. Su et al. group *related* machines by speed; our devices are unrelated (each
+  task has its own time per device), so our adaptation solves the analogous LP over fractional
+  assignments x[i][k] (min D s.t. per-device load <= D, every precedence chain of fractional
+  times <= D, memory) with HiGHS, and lets task i use the devices carrying at least half of its
+  largest fraction. Ties go to the larger upward rank.
+- `msct` — m-SCT, the memory-constrained Small Communication Time placer of Baechi (Jeon et
+  al., "Baechi: Fast Device Placement of Machine Learning Graphs", SoCC 2020), after Hanen and
+  Munier's SCT algorithm. An LP relaxation (x[e] in [0, 1] for "edge e pays its communication",
+  each task has at most one favourite child and is the favourite of at most one parent,
+  s_i + p_i + c_e x_e <= s_j, minimise the makespan) chooses favourite children (x_e < 0.5);
+  then ETF scheduling where a device that just ran a task is held for its favourite child
+  while that child is ready and can start earliest there: another task may use the device
+  only if it ends before the child would start. Baechi assumes identical devices; we take the
+  fastest compute time and the mean transfer time over device pairs in the LP, and schedule
+  with per-device times.
+- `single` — the best single device that can run and hold every task (no transfers at all): the
+  baseline a distributed placement has to beat.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from moirai.errors import InfeasibleError
+from moirai.placement.bounds import lower_bound, settle
+from moirai.placement.problem import PlacementProblem, gib
+from moirai.placement.registry import SolveOptions
+from moirai.placement.result import Placement
+from moirai.placement.simulate import (
+    Schedule,
+    TransferPlan,
+    list_schedule,
+    priority_order,
+    upward_rank,
+)
+
+EPS = 1e-9
+
+
+# ---------------------------------------------------------------------- memory
+def first_fit_decreasing(
+    problem: PlacementProblem, tasks: Sequence[int], free: Sequence[int]
+) -> list[int] | None:
+    """A memory-feasible assignment of `tasks` into `free` bytes per device, or None.
+
+    Largest task first, each to the candidate device with the most free memory (worst fit, which
+    keeps room spread out for later choices).
+    """
+    free = list(free)
+    out = [-1] * problem.n
+    for i in sorted(tasks, key=lambda i: (-problem.mem[i], i)):
+        best = -1
+        for k in problem.cand[i]:
+            if free[k] >= problem.mem[i] and (best < 0 or free[k] > free[best]):
+                best = k
+        if best < 0:
+            return None
+        free[best] -= problem.mem[i]
+        out[i] = best
+    return out
+
+
+class MemoryGuard:
+    """Keeps a greedy placement memory-feasible for the tasks it has not placed yet.
+
+    It holds a witness: an assignment of the unplaced tasks that fits in the memory left
+    (first-fit decreasing). Placing task i on device k is allowed when k has room for i and the
+    witness still fits afterwards (O(1)); otherwise the witness is rebuilt for the remaining
+    tasks with i on k, and the move is allowed if that succeeds. With plenty of memory the
+    witness never binds.
+    """
+
+    def __init__(self, problem: PlacementProblem) -> None:
+        self.problem = problem
+        self.free = list(problem.cap)
+        self.unplaced = set(range(problem.n))
+        witness = first_fit_decreasing(problem, range(problem.n), self.free)
+        if witness is None:
+            raise InfeasibleError(
+                "no placement found that fits device memory (first-fit decreasing failed; "
+                f"{gib(sum(problem.mem))} of tasks on {gib(sum(problem.cap))} of devices): "
+                "try --solver cpsat, which decides it exactly"
+            )
+        self._set_witness(witness)
+
+    def _set_witness(self, witness: list[int]) -> None:
+        self.witness = witness
+        self.load = [0] * self.problem.num_devices
+        for i in self.unplaced:
+            self.load[witness[i]] += self.problem.mem[i]
+
+    def allowed(self, i: int, k: int) -> bool:
+        p = self.problem
+        m = p.mem[i]
+        if m > self.free[k]:
+            return False
+        reserved = self.load[k] - (m if self.witness[i] == k else 0)
+        if self.free[k] - m >= reserved:
+            return True
+        free = list(self.free)
+        free[k] -= m
+        witness = first_fit_decreasing(p, [j for j in self.unplaced if j != i], free)
+        if witness is None:
+            return False
+        witness[i] = k
+        self._set_witness(witness)
+        return True
+
+    def place(self, i: int, k: int) -> None:
+        m = self.problem.mem[i]
+        self.free[k] -= m
+        self.load[self.witness[i]] -= m
+        self.unplaced.discard(i)
+        if self.witness[i] != k:
+            self.witness[i] = k
+
+
+# ----------------------------------------------------------------------- HEFT
+def heft(problem: PlacementProblem) -> Schedule:
+    p = problem
+    order = priority_order(p, upward_rank(p))
+    sched = Schedule(p)
+    guard = MemoryGuard(p)
+    for i in order:
+        best: tuple[float, int, float, TransferPlan] | None = None
+        for k in p.cand[i]:
+            if not guard.allowed(i, k):
+                continue
+            start, plan = sched.plan(i, k)
+            finish = start + p.compute[i][k]
+            if best is None or finish < best[0] - EPS:
+                best = (finish, k, start, plan)
+        assert best is not None  # the guard's witness always leaves one device
+        _, k, start, plan = best
+        sched.commit(i, k, start, plan)
+        guard.place(i, k)
+    return sched
+
+
+# ------------------------------------------------------------------------ ETF
+def etf(
+    problem: PlacementProblem,
+    allowed: Sequence[Sequence[int]],
+    favourite: Sequence[int] | None = None,
+) -> Schedule:
+    """Earliest Time First over ready (task, device) pairs, memory-guarded.
+
+    `allowed[i]` restricts task i's devices (falling back to all candidates when memory rules
+    them all out). With `favourite` (m-SCT), a device whose last task's favourite child is
+    ready and starts there earliest is held for it, and the child is placed there.
+    """
+    p = problem
+    level = upward_rank(p)
+    sched = Schedule(p)
+    guard = MemoryGuard(p)
+    waiting = [len(p.in_edges[i]) for i in range(p.n)]
+    ready = {i for i in range(p.n) if waiting[i] == 0}
+    last = [-1] * p.num_devices
+    cache: dict[tuple[int, int], tuple[tuple[int, ...], float, TransferPlan]] = {}
+
+    def estimate(i: int, k: int) -> tuple[float, TransferPlan]:
+        stamp = (
+            sched.device[k].version,
+            sched.recv[k].version,
+            *(sched.send[sched.where[p.edges[e][0]]].version for e in p.in_edges[i]),
+        )
+        hit = cache.get((i, k))
+        if hit is not None and hit[0] == stamp:
+            return hit[1], hit[2]
+        start, plan = sched.plan(i, k)
+        cache[(i, k)] = (stamp, start, plan)
+        return start, plan
+
+    def devices_of(i: int) -> list[int]:
+        ks = [k for k in allowed[i] if guard.allowed(i, k)]
+        return ks or [k for k in p.cand[i] if guard.allowed(i, k)]
+
+    for _ in range(p.n):
+        options: dict[int, list[tuple[float, int, TransferPlan]]] = {}
+        for i in ready:
+            options[i] = []
+            for k in devices_of(i):
+                start, plan = estimate(i, k)
+                options[i].append((start, k, plan))
+        held: dict[int, tuple[int, float]] = {}
+        if favourite is not None:
+            for k in range(p.num_devices):
+                f = favourite[last[k]] if last[k] >= 0 else -1
+                if f >= 0 and f in ready and options[f]:
+                    best_f = min(s for s, _, _ in options[f])
+                    mine = [s for s, kk, _ in options[f] if kk == k]
+                    if mine and mine[0] <= best_f + EPS:
+                        held[k] = (f, mine[0])
+        held_for = {f: k for k, (f, _) in held.items()}
+        best: tuple[float, float, int, int, float, TransferPlan] | None = None
+        for i, opts in options.items():
+            for start, k, plan in opts:
+                if k in held and held[k][0] != i and start + p.compute[i][k] > held[k][1] + EPS:
+                    continue  # the device waits for its favourite child
+                if i in held_for and held_for[i] != k:
+                    continue  # a held-for child goes where it is held
+                key = (start, -level[i], i, k)
+                if best is None or key < best[:4]:
+                    best = (start, -level[i], i, k, start, plan)
+        if best is None:  # every option was held back: ignore holds
+            i, (start, k, plan) = min(
+                ((i, o) for i, opts in options.items() for o in opts),
+                key=lambda io: (io[1][0], -level[io[0]], io[0], io[1][1]),
+            )
+        else:
+            _, _, i, k, start, plan = best
+        sched.commit(i, k, start, plan)
+        guard.place(i, k)
+        last[k] = i
+        ready.discard(i)
+        for e in p.out_edges[i]:
+            j = p.edges[e][1]
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.add(j)
+    return sched
+
+
+def _getf_groups(problem: PlacementProblem) -> list[tuple[int, ...]]:
+    """GETF's LP relaxation over fractional assignments; the devices each task may use."""
+    import highspy
+
+    p = problem
+    kk = p.num_devices
+    # columns: x[i][k] for k in cand[i], then C[i], then D
+    xcol: list[dict[int, int]] = []
+    ncol = 0
+    for i in range(p.n):
+        xcol.append({k: ncol + t for t, k in enumerate(p.cand[i])})
+        ncol += len(p.cand[i])
+    ccol = ncol
+    dcol = ccol + p.n
+    ncol = dcol + 1
+    rows: list[tuple[float, float, list[int], list[float]]] = []
+    inf = highspy.kHighsInf
+    for i in range(p.n):
+        cols = list(xcol[i].values())
+        rows.append((1.0, 1.0, cols, [1.0] * len(cols)))
+        # C_i >= own fractional time (+ C_pred for each predecessor)
+        own_c = [xcol[i][k] for k in p.cand[i]]
+        own_v = [-p.compute[i][k] for k in p.cand[i]]
+        rows.append((0.0, inf, [ccol + i, *own_c], [1.0, *own_v]))
+        for e in p.in_edges[i]:
+            j = p.edges[e][0]
+            rows.append((0.0, inf, [ccol + i, ccol + j, *own_c], [1.0, -1.0, *own_v]))
+        rows.append((0.0, inf, [dcol, ccol + i], [1.0, -1.0]))
+    for k in range(kk):
+        cols = [xcol[i][k] for i in range(p.n) if k in xcol[i]]
+        vals = [p.compute[i][k] for i in range(p.n) if k in xcol[i]]
+        rows.append((0.0, inf, [dcol, *cols], [1.0, *(-v for v in vals)]))
+        mvals = [float(p.mem[i]) for i in range(p.n) if k in xcol[i]]
+        rows.append((-inf, float(p.cap[k]), cols, mvals))
+    x = _solve_lp(ncol, dcol, rows)
+    groups = []
+    for i in range(p.n):
+        share = {k: x[c] for k, c in xcol[i].items()}
+        top = max(share.values())
+        groups.append(tuple(k for k in p.cand[i] if share[k] >= 0.5 * top - 1e-9))
+    return groups
+
+
+def _solve_lp(
+    ncol: int, objective_col: int, rows: list[tuple[float, float, list[int], list[float]]]
+) -> list[float]:
+    """Minimise one column subject to sparse rows (lower, upper, cols, vals), columns >= 0."""
+    import highspy
+    import numpy as np
+
+    from moirai.placement.milp import new_highs
+
+    h = new_highs(1)
+    inf = highspy.kHighsInf
+    cost = np.zeros(ncol)
+    cost[objective_col] = 1.0
+    h.addVars(ncol, np.zeros(ncol), np.full(ncol, inf))
+    h.changeColsCost(ncol, np.arange(ncol, dtype=np.int32), cost)
+    starts, index, value = [], [], []
+    for _, _, cols, vals in rows:
+        starts.append(len(index))
+        index.extend(cols)
+        value.extend(vals)
+    h.addRows(
+        len(rows),
+        np.array([r[0] for r in rows]),
+        np.array([r[1] for r in rows]),
+        len(index),
+        np.array(starts, dtype=np.int32),
+        np.array(index, dtype=np.int32),
+        np.array(value, dtype=np.float64),
+    )
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        raise InfeasibleError("the LP relaxation has no solution: memory cannot be shared out")
+    return list(h.getSolution().col_value)
+
+
+def getf(problem: PlacementProblem) -> Schedule:
+    return etf(problem, _getf_groups(problem))
+
+
+def _favourite_children(problem: PlacementProblem) -> list[int]:
+    """m-SCT's LP (Hanen and Munier, as in Baechi): favourite child of each task, or -1."""
+    p = problem
+    ne = len(p.edges)
+    kk = p.num_devices
+    pairs = max(1, kk * (kk - 1))
+    c = [sum(sum(row) for row in p.transfer[e]) / pairs for e in range(ne)]
+    # columns: x[e] (ne), s[i] (n), w
+    scol = ne
+    wcol = ne + p.n
+    rows: list[tuple[float, float, list[int], list[float]]] = []
+    import highspy
+
+    inf = highspy.kHighsInf
+    for e in range(ne):
+        rows.append((-inf, 1.0, [e], [1.0]))
+    for e, (i, j) in enumerate(p.edges):  # s_j - s_i - c_e x_e >= p_i
+        rows.append((p.min_compute[i], inf, [scol + j, scol + i, e], [1.0, -1.0, -c[e]]))
+    for i in range(p.n):
+        out = p.out_edges[i]
+        if out:  # at most one favourite child: sum x >= |out| - 1
+            rows.append((len(out) - 1.0, inf, list(out), [1.0] * len(out)))
+        inc = p.in_edges[i]
+        if inc:
+            rows.append((len(inc) - 1.0, inf, list(inc), [1.0] * len(inc)))
+        rows.append((p.min_compute[i], inf, [wcol, scol + i], [1.0, -1.0]))
+    x = _solve_lp(wcol + 1, wcol, rows)
+    fav = [-1] * p.n
+    has_parent = [False] * p.n
+    for e in sorted(range(ne), key=lambda e: (x[e], e)):
+        if x[e] >= 0.5:
+            break
+        i, j = p.edges[e]
+        if fav[i] < 0 and not has_parent[j]:
+            fav[i] = j
+            has_parent[j] = True
+    return fav
+
+
+def msct(problem: PlacementProblem) -> Schedule:
+    return etf(problem, problem.cand, favourite=_favourite_children(problem))
+
+
+# --------------------------------------------------------------------- single
+def single(problem: PlacementProblem) -> Schedule:
+    p = problem
+    best: Schedule | None = None
+    for k in range(p.num_devices):
+        if all(k in p.cand[i] for i in range(p.n)) and sum(p.mem) <= p.cap[k]:
+            sched = list_schedule(p, [k] * p.n)
+            if best is None or sched.makespan < best.makespan - EPS:
+                best = sched
+    if best is None:
+        raise InfeasibleError(
+            "no single device can run and hold every task (pins, memory or unsupported "
+            "operators): use a distributed solver"
+        )
+    return best
+
+
+# ------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Heuristic:
+    name: str
+    description: str
+    build: Callable[[PlacementProblem], Schedule]
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
+        started = time.monotonic()
+        sched = self.build(problem)
+        return finish_heuristic(problem, sched, self.name, started, options)
+
+
+def warm_start(problem: PlacementProblem) -> Placement | None:
+    """HEFT's plan, the exact solvers' default start; None when HEFT cannot fit memory."""
+    try:
+        return heft(problem).to_placement("heft", "heuristic", lower_bound(problem), 0.0)
+    except InfeasibleError:
+        return None
+
+
+def finish_heuristic(
+    problem: PlacementProblem,
+    sched: Schedule,
+    name: str,
+    started: float,
+    options: SolveOptions,
+    bound: float | None = None,
+) -> Placement:
+    """A heuristic's plan with the problem's lower bound; `optimal` when it meets it."""
+    lb = lower_bound(problem) if bound is None else bound
+    plan = settle(sched.to_placement(name, "heuristic", lb, time.monotonic() - started), lb)
+    options.report(name, started, plan.objective_ms, plan.lower_bound_ms)
+    return plan
+
+
+SOLVERS = (
+    Heuristic("heft", "HEFT list scheduling (Topcuoglu et al. 2002)", heft),
+    Heuristic("getf", "Generalized Earliest Time First (Su et al. 2021), LP groups", getf),
+    Heuristic("msct", "m-SCT: memory-constrained SCT with favourite children (Baechi)", msct),
+    Heuristic("single", "best single device", single),
+)

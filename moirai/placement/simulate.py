@@ -1,0 +1,529 @@
+"""The one simulator of Moirai's execution model (`../shared/formats/costgraph.md`).
+
+Model: a task runs on one device for its `compute_ms` there; tasks on one device never overlap;
+a task starts once every input has arrived (a predecessor on the same device has finished; one on
+another device has finished *and* that edge's transfer has finished); a transfer starts after its
+source task ends and lasts the edge's transfer time for that device pair; congestion: a device
+sends at most one transfer at a time (its send port) and receives at most one at a time (its
+receive port). Zero-length tasks and transfers occupy nothing. Makespan = the last end.
+
+Three things live here and nowhere else:
+
+- `Schedule`: a schedule under construction over timelines (device, send port, receive port).
+  Placing a task on a device schedules its incoming transfers at their earliest common gap on
+  the sender's send port and the receiver's receive port (in order of data readiness), then the
+  task at the earliest gap on the device (insertion-based, as in HEFT). The heuristics build
+  their schedules with it, so every heuristic obeys exactly this model.
+- `list_schedule(problem, assignment, priority)`: the evaluator that turns an assignment (and a
+  priority order, by default the upward rank under that assignment) into a valid schedule; and
+  `retime(problem, assignment, starts)`, which replays another solver's schedule operation by
+  operation in the order of its start times. Replaying in start order with insertion never
+  starts an operation later than the solver did (by induction over the order), so exact
+  solvers lose nothing, and their plans are re-timed in exact floating point whatever rounding
+  or tolerances they used.
+- `check(costgraph_or_problem, placement)`: verifies a finished plan rule by rule and reports
+  the first violated rule in one line (`InvalidScheduleError`); returns the recomputed makespan.
+
+`period` gives the pipelined period of an assignment for the throughput objective.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from moirai.costgraph import CostGraph
+from moirai.errors import MoiraiError
+from moirai.placement.problem import PlacementProblem, gib
+from moirai.placement.result import Placement, ScheduledTask, ScheduledTransfer, Status
+
+
+class InvalidScheduleError(MoiraiError):
+    """A plan violates the execution model (one line naming the rule and the culprits)."""
+
+
+# ------------------------------------------------------------------- timelines
+class Timeline:
+    """Busy intervals `[start, end)` of one resource, sorted and disjoint."""
+
+    __slots__ = ("ends", "starts", "version")
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.version = 0
+
+    def conflict(self, t: float, dur: float) -> float | None:
+        """End of the first busy interval overlapping `[t, t + dur)`, or None when free."""
+        idx = bisect_right(self.ends, t)
+        if idx < len(self.starts) and self.starts[idx] < t + dur:
+            return self.ends[idx]
+        return None
+
+    def add(self, start: float, end: float) -> None:
+        if end <= start:
+            return
+        idx = bisect_left(self.starts, start)
+        self.starts.insert(idx, start)
+        self.ends.insert(idx, end)
+        self.version += 1
+
+    def remove(self, start: float, end: float) -> None:
+        if end <= start:
+            return
+        idx = bisect_left(self.starts, start)
+        while self.ends[idx] != end:
+            idx += 1
+        del self.starts[idx]
+        del self.ends[idx]
+        self.version += 1
+
+    @property
+    def busy(self) -> float:
+        return sum(self.ends) - sum(self.starts)
+
+
+def earliest_gap(timelines: Sequence[Timeline], ready: float, dur: float) -> float:
+    """Earliest `t >= ready` at which `[t, t + dur)` is free on every timeline."""
+    if dur <= 0:
+        return ready
+    t = ready
+    moved = True
+    while moved:
+        moved = False
+        for tl in timelines:
+            end = tl.conflict(t, dur)
+            while end is not None:
+                t = end
+                moved = True
+                end = tl.conflict(t, dur)
+    return t
+
+
+# -------------------------------------------------------------------- schedule
+TransferPlan = list[tuple[int, float, float]]
+"""Incoming transfers of a task: (edge index, start, end)."""
+
+
+class Schedule:
+    """A (partial) schedule under Moirai's execution model, built one operation at a time."""
+
+    def __init__(self, problem: PlacementProblem) -> None:
+        self.problem = problem
+        k = problem.num_devices
+        self.device = [Timeline() for _ in range(k)]
+        self.send = [Timeline() for _ in range(k)]
+        self.recv = [Timeline() for _ in range(k)]
+        self.where = [-1] * problem.n
+        self.start = [0.0] * problem.n
+        self.end = [0.0] * problem.n
+        self.xfer: dict[int, tuple[float, float]] = {}
+        self.used_mem = [0] * k
+
+    # ---------------------------------------------------------------- tasks
+    def fits(self, i: int, k: int) -> bool:
+        return self.used_mem[k] + self.problem.mem[i] <= self.problem.cap[k]
+
+    def plan(self, i: int, k: int) -> tuple[float, TransferPlan]:
+        """Earliest start of task i on device k, with its incoming transfers (not committed).
+
+        Every predecessor must be placed. Incoming cross-device transfers are tried in order of
+        their source's end, each at the earliest gap on both ports (tentatively booked so they
+        do not collide with each other), then the task at the earliest gap on the device.
+        """
+        p = self.problem
+        ready = 0.0
+        cross: list[tuple[float, int, int]] = []
+        for e in p.in_edges[i]:
+            j = p.edges[e][0]
+            a = self.where[j]
+            if a == k:
+                ready = max(ready, self.end[j])
+            else:
+                cross.append((self.end[j], e, a))
+        plan: TransferPlan = []
+        if cross:
+            cross.sort()
+            recv = self.recv[k]
+            for r, e, a in cross:
+                d = p.transfer[e][a][k]
+                s = earliest_gap((self.send[a], recv), r, d)
+                self.send[a].add(s, s + d)
+                recv.add(s, s + d)
+                plan.append((e, s, s + d))
+                ready = max(ready, s + d)
+            for (_, s, f), (_, _, a) in zip(plan, cross, strict=True):
+                self.send[a].remove(s, f)
+                recv.remove(s, f)
+        return earliest_gap((self.device[k],), ready, p.compute[i][k]), plan
+
+    def commit(self, i: int, k: int, start: float, plan: TransferPlan) -> None:
+        p = self.problem
+        for e, s, f in plan:
+            a = self.where[p.edges[e][0]]
+            self.send[a].add(s, f)
+            self.recv[k].add(s, f)
+            self.xfer[e] = (s, f)
+        end = start + p.compute[i][k]
+        self.device[k].add(start, end)
+        self.where[i] = k
+        self.start[i] = start
+        self.end[i] = end
+        self.used_mem[k] += p.mem[i]
+
+    def place(self, i: int, k: int) -> float:
+        """Place task i on device k at its earliest start; returns its end."""
+        start, plan = self.plan(i, k)
+        self.commit(i, k, start, plan)
+        return self.end[i]
+
+    # ----------------------------------------------------- one op at a time
+    def place_transfer(self, e: int, k: int) -> None:
+        """Schedule edge e's transfer to device k (its source placed) at the earliest gap."""
+        p = self.problem
+        i = p.edges[e][0]
+        a = self.where[i]
+        d = p.transfer[e][a][k]
+        s = earliest_gap((self.send[a], self.recv[k]), self.end[i], d)
+        self.send[a].add(s, s + d)
+        self.recv[k].add(s, s + d)
+        self.xfer[e] = (s, s + d)
+
+    def place_task_after_inputs(self, i: int, k: int) -> None:
+        """Place task i on device k once its inputs are there (transfers already scheduled)."""
+        p = self.problem
+        ready = 0.0
+        for e in p.in_edges[i]:
+            j = p.edges[e][0]
+            ready = max(ready, self.end[j] if self.where[j] == k else self.xfer[e][1])
+        self.commit(i, k, earliest_gap((self.device[k],), ready, p.compute[i][k]), [])
+
+    # --------------------------------------------------------------- result
+    @property
+    def makespan(self) -> float:
+        ends = [*self.end, *(f for _, f in self.xfer.values())]
+        return max(ends, default=0.0)
+
+    @property
+    def assignment(self) -> list[int]:
+        return list(self.where)
+
+    def to_placement(
+        self,
+        solver: str,
+        status: Status,
+        lower_bound_ms: float,
+        solve_seconds: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Placement:
+        p = self.problem
+        if any(k < 0 for k in self.where):
+            raise RuntimeError(f"{solver}: schedule is incomplete")
+        names, devs = p.tasks, p.devices
+        order = sorted(range(p.n), key=lambda i: (self.start[i], i))
+        schedule = [
+            ScheduledTask(names[i], devs[self.where[i]], self.start[i], self.end[i]) for i in order
+        ]
+        transfers = []
+        for e in sorted(self.xfer, key=lambda e: (self.xfer[e][0], e)):
+            i, j = p.edges[e]
+            s, f = self.xfer[e]
+            transfers.append(
+                ScheduledTransfer(
+                    names[i], names[j], devs[self.where[i]], devs[self.where[j]], s, f
+                )
+            )
+        return Placement(
+            costgraph=p.costgraph.name,
+            solver=solver,
+            status=status,
+            makespan_ms=self.makespan,
+            lower_bound_ms=lower_bound_ms,
+            solve_seconds=solve_seconds,
+            assignment={names[i]: devs[self.where[i]] for i in range(p.n)},
+            schedule=schedule,
+            transfers=transfers,
+            objective=p.objective,
+            period_ms=period(p, self.where),
+            extra=dict(extra or {}),
+        )
+
+
+# ------------------------------------------------------------------ evaluators
+def upward_rank(problem: PlacementProblem, assignment: Sequence[int] | None = None) -> list[float]:
+    """HEFT's upward rank: the longest path from a task to the end, itself included.
+
+    With an assignment, times are those of the assigned devices and transfers; without one,
+    the mean compute time over candidate devices and the mean transfer time over device pairs
+    (Topcuoglu et al. 2002).
+    """
+    p = problem
+    rank = [0.0] * p.n
+    if assignment is None:
+        w = [sum(p.compute[i][k] for k in p.cand[i]) / len(p.cand[i]) for i in range(p.n)]
+        kk = p.num_devices
+        pairs = max(1, kk * (kk - 1))
+        c = [sum(sum(row) for row in p.transfer[e]) / pairs for e in range(len(p.edges))]
+    else:
+        w = [p.compute[i][assignment[i]] for i in range(p.n)]
+        c = [p.transfer[e][assignment[a]][assignment[b]] for e, (a, b) in enumerate(p.edges)]
+    for i in reversed(range(p.n)):
+        best = 0.0
+        for e in p.out_edges[i]:
+            best = max(best, c[e] + rank[p.edges[e][1]])
+        rank[i] = w[i] + best
+    return rank
+
+
+def priority_order(problem: PlacementProblem, rank: Sequence[float]) -> list[int]:
+    """Tasks by decreasing rank; a topological order when rank strictly decreases along edges
+    (upward ranks do as long as compute times are positive; ties fall back to topological
+    position, which keeps zero-time tasks after their predecessors)."""
+    return sorted(range(problem.n), key=lambda i: (-rank[i], i))
+
+
+def _topological_priority(problem: PlacementProblem, order: Sequence[int]) -> list[int]:
+    """Make a priority order topological: a task waits until its predecessors have gone."""
+    pos = {i: n for n, i in enumerate(order)}
+    indeg = [len(problem.in_edges[i]) for i in range(problem.n)]
+    ready = [(pos[i], i) for i in range(problem.n) if indeg[i] == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        out.append(i)
+        for e in problem.out_edges[i]:
+            j = problem.edges[e][1]
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(ready, (pos[j], j))
+    return out
+
+
+def list_schedule(
+    problem: PlacementProblem,
+    assignment: Sequence[int] | Mapping[str, str],
+    priority: Sequence[int] | Sequence[str] | None = None,
+) -> Schedule:
+    """Turn an assignment into a valid schedule by list scheduling.
+
+    Tasks go in `priority` order (made topological if it is not), by default by decreasing
+    upward rank under the assignment; each is placed at its earliest start on its device.
+    """
+    assign = _as_indices(problem, assignment)
+    if priority is None:
+        order = priority_order(problem, upward_rank(problem, assign))
+    else:
+        order = [problem.task_index[t] if isinstance(t, str) else t for t in priority]
+        if sorted(order) != list(range(problem.n)):
+            raise ValueError("priority must list every task exactly once")
+    order = _topological_priority(problem, order)
+    sched = Schedule(problem)
+    for i in order:
+        sched.place(i, assign[i])
+    return sched
+
+
+def retime(
+    problem: PlacementProblem,
+    assignment: Sequence[int],
+    task_start: Sequence[float],
+    transfer_start: Mapping[int, float],
+) -> Schedule:
+    """Replay a solver's schedule in exact time, operation by operation in start order.
+
+    `transfer_start[e]` is the solver's start of each cross-device edge (missing ones sort
+    right before their destination task). Ties are broken so that an operation always comes
+    after its predecessors, which keeps the replay valid even for zero-length operations.
+    """
+    p = problem
+    ops: list[tuple[float, int, int]] = []  # (start, rank, op); op >= 0 task, < 0 edge
+    for i in range(p.n):
+        ops.append((task_start[i], 2 * i, i))
+    for e, (i, j) in enumerate(p.edges):
+        if assignment[i] != assignment[j]:
+            s = transfer_start.get(e, task_start[j])
+            ops.append((max(s, task_start[i]), 2 * j - 1, -1 - e))
+    ops.sort()
+    sched = Schedule(p)
+    for _, _, op in ops:
+        if op >= 0:
+            sched.place_task_after_inputs(op, assignment[op])
+        else:
+            e = -1 - op
+            sched.place_transfer(e, assignment[p.edges[e][1]])
+    return sched
+
+
+def period(problem: PlacementProblem, assignment: Sequence[int]) -> float:
+    """Pipelined period of an assignment: the busiest resource per request.
+
+    With many requests in flight, every device computes its tasks once per request and every
+    device's send (receive) port carries its outgoing (incoming) transfers once per request;
+    in steady state a new request can enter every `max(device busy, send busy, receive busy)`
+    milliseconds, the model's throughput being its inverse. Precedence only adds pipeline
+    depth (latency), not period.
+    """
+    p = problem
+    busy = [0.0] * (3 * p.num_devices)
+    kk = p.num_devices
+    for i in range(p.n):
+        busy[assignment[i]] += p.compute[i][assignment[i]]
+    for e, (i, j) in enumerate(p.edges):
+        a, b = assignment[i], assignment[j]
+        if a != b:
+            d = p.transfer[e][a][b]
+            busy[kk + a] += d
+            busy[2 * kk + b] += d
+    return max(busy)
+
+
+def _as_indices(
+    problem: PlacementProblem, assignment: Sequence[int] | Mapping[str, str]
+) -> list[int]:
+    if isinstance(assignment, Mapping):
+        missing = [t for t in problem.tasks if t not in assignment]
+        if missing:
+            raise InvalidScheduleError(f"assignment misses task {missing[0]!r}")
+        unknown = [d for d in assignment.values() if d not in problem.device_index]
+        if unknown:
+            raise InvalidScheduleError(f"assignment names unknown device {unknown[0]!r}")
+        return [problem.device_index[assignment[t]] for t in problem.tasks]
+    return list(assignment)
+
+
+# ----------------------------------------------------------------------- check
+def check(
+    problem: PlacementProblem | CostGraph,
+    placement: Placement,
+    *,
+    rel_tol: float = 1e-9,
+) -> float:
+    """Verify `placement` under the execution model; return its recomputed makespan.
+
+    Checks, in order: every task assigned once to a device that can run it (and its pin),
+    memory per device, each scheduled task on its assigned device for exactly its compute time,
+    exactly one transfer per cross-device edge (and none for same-device edges) lasting its
+    transfer time, precedence (a transfer starts after its source ends; a task starts after
+    each input arrived), no overlap on a device, on a send port and on a receive port, and that
+    the reported makespan is the schedule's. Raises `InvalidScheduleError` naming the first
+    violation.
+    """
+    p = problem if isinstance(problem, PlacementProblem) else PlacementProblem(problem)
+    cg = p.costgraph
+    horizon = max([1.0, *(s.end_ms for s in placement.schedule)])
+    tol = rel_tol * horizon + 1e-12
+
+    def fail(msg: str) -> None:
+        raise InvalidScheduleError(msg)
+
+    a = placement.assignment
+    for t in p.tasks:
+        if t not in a:
+            fail(f"task {t!r} is not assigned to a device")
+    for t, d in a.items():
+        if t not in cg.task:
+            fail(f"assignment names unknown task {t!r}")
+        if d not in cg.device:
+            fail(f"task {t!r} is assigned to unknown device {d!r}")
+        if d not in cg.task[t].compute_ms:
+            fail(f"task {t!r} is assigned to {d!r}, which cannot run it")
+        if t in p.pins and p.pins[t] != d:
+            fail(f"task {t!r} is pinned to {p.pins[t]!r} but assigned to {d!r}")
+    used = dict.fromkeys(p.devices, 0)
+    for t, d in a.items():
+        used[d] += cg.task[t].memory_bytes
+    for k, d in enumerate(p.devices):
+        if used[d] > p.cap[k]:
+            fail(f"device {d!r} holds {gib(used[d])} of tasks but has {gib(p.cap[k])}")
+
+    start: dict[str, float] = {}
+    end: dict[str, float] = {}
+    per_device: dict[str, list[tuple[float, float, str]]] = {d: [] for d in p.devices}
+    for s in placement.schedule:
+        if s.task not in cg.task:
+            fail(f"schedule names unknown task {s.task!r}")
+        if s.task in start:
+            fail(f"task {s.task!r} is scheduled twice")
+        if s.device != a[s.task]:
+            fail(f"task {s.task!r} is scheduled on {s.device!r} but assigned to {a[s.task]!r}")
+        dur = cg.task[s.task].compute_ms[s.device]
+        if s.start_ms < -tol or abs(s.end_ms - s.start_ms - dur) > tol:
+            fail(
+                f"task {s.task!r} runs {s.end_ms - s.start_ms:.6g} ms from {s.start_ms:.6g} on "
+                f"{s.device!r}; its compute time there is {dur:.6g} ms"
+            )
+        start[s.task], end[s.task] = s.start_ms, s.end_ms
+        per_device[s.device].append((s.start_ms, s.end_ms, s.task))
+    for t in p.tasks:
+        if t not in start:
+            fail(f"task {t!r} is missing from the schedule")
+
+    xfers: dict[tuple[str, str], ScheduledTransfer] = {}
+    sends: dict[str, list[tuple[float, float, str]]] = {d: [] for d in p.devices}
+    recvs: dict[str, list[tuple[float, float, str]]] = {d: [] for d in p.devices}
+    edge_keys = {(e.src, e.dst) for e in cg.edges}
+    for x in placement.transfers:
+        key = (x.src, x.dst)
+        if key not in edge_keys:
+            fail(f"transfer {x.src}->{x.dst} is not an edge of the cost graph")
+        if key in xfers:
+            fail(f"transfer {x.src}->{x.dst} is scheduled twice")
+        xfers[key] = x
+        label = f"{x.src}->{x.dst}"
+        sends[x.from_device].append((x.start_ms, x.end_ms, label))
+        recvs[x.to_device].append((x.start_ms, x.end_ms, label))
+    for e in cg.edges:
+        da, db = a[e.src], a[e.dst]
+        x = xfers.get((e.src, e.dst))
+        if da == db:
+            if x is not None:
+                fail(f"edge {e.src}->{e.dst} stays on {da!r} but has a transfer")
+            if start[e.dst] < end[e.src] - tol:
+                fail(
+                    f"task {e.dst!r} starts at {start[e.dst]:.6g} ms before its predecessor "
+                    f"{e.src!r} ends at {end[e.src]:.6g} ms"
+                )
+            continue
+        if x is None:
+            fail(f"edge {e.src}->{e.dst} crosses {da!r}->{db!r} but has no transfer")
+            raise AssertionError  # unreachable; keeps type checkers quiet
+        if (x.from_device, x.to_device) != (da, db):
+            fail(
+                f"transfer {e.src}->{e.dst} goes {x.from_device!r}->{x.to_device!r}; the tasks "
+                f"are on {da!r}->{db!r}"
+            )
+        dur = cg.transfer_ms(e, da, db)
+        if abs(x.end_ms - x.start_ms - dur) > tol:
+            fail(
+                f"transfer {e.src}->{e.dst} lasts {x.end_ms - x.start_ms:.6g} ms; it takes "
+                f"{dur:.6g} ms from {da!r} to {db!r}"
+            )
+        if x.start_ms < end[e.src] - tol:
+            fail(
+                f"transfer {e.src}->{e.dst} starts at {x.start_ms:.6g} ms before {e.src!r} ends "
+                f"at {end[e.src]:.6g} ms"
+            )
+        if start[e.dst] < x.end_ms - tol:
+            fail(
+                f"task {e.dst!r} starts at {start[e.dst]:.6g} ms before its input from "
+                f"{e.src!r} arrives at {x.end_ms:.6g} ms"
+            )
+    for what, table in (
+        ("device", per_device),
+        ("send port of", sends),
+        ("receive port of", recvs),
+    ):
+        for d, items in table.items():
+            busy = sorted(it for it in items if it[1] - it[0] > tol)
+            for (_, e1, n1), (s2, _, n2) in itertools.pairwise(busy):
+                if s2 < e1 - tol:
+                    fail(f"{what} {d!r}: {n1} and {n2} overlap ({s2:.6g} ms < {e1:.6g} ms)")
+    makespan = max([*end.values(), *(x.end_ms for x in xfers.values())], default=0.0)
+    if not math.isclose(placement.makespan_ms, makespan, rel_tol=1e-9, abs_tol=tol):
+        fail(f"makespan_ms is {placement.makespan_ms:.6g} but the schedule ends at {makespan:.6g}")
+    return makespan

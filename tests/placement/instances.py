@@ -1,0 +1,67 @@
+"""Random cost graphs for the placement tests: small DAGs on heterogeneous devices."""
+
+from __future__ import annotations
+
+import random
+
+from moirai.costgraph import CostGraph, Device, Edge, Link, Task
+
+
+def random_costgraph(
+    seed: int,
+    tasks: int = 8,
+    devices: int = 3,
+    edge_prob: float = 0.3,
+    unrunnable_prob: float = 0.0,
+    memory_tight: bool = False,
+    zero_prob: float = 0.0,
+) -> CostGraph:
+    """A random DAG with per-device compute times, memory and per-pair links.
+
+    Device speeds differ per device and per task (unrelated machines); some tasks may be
+    unrunnable on some devices; with `memory_tight`, device memory only just holds the tasks.
+    """
+    rng = random.Random(seed)
+    names = [f"d{k}" for k in range(devices)]
+    speed = [rng.uniform(0.5, 3.0) for _ in names]
+    task_list = []
+    mem_total = 0
+    for i in range(tasks):
+        base = rng.uniform(0.5, 5.0)
+        compute = {}
+        for k, d in enumerate(names):
+            if k > 0 and rng.random() < unrunnable_prob:
+                continue
+            compute[d] = (
+                0.0
+                if rng.random() < zero_prob
+                else round(base / speed[k] * rng.uniform(0.7, 1.4), 3)
+            )
+        mem = rng.randint(1, 10) * 1_000_000
+        mem_total += mem
+        task_list.append(Task(id=f"t{i}", compute_ms=compute, memory_bytes=mem))
+    edges = []
+    for j in range(tasks):
+        for i in range(j):
+            if rng.random() < edge_prob:
+                nbytes = 0 if rng.random() < zero_prob else rng.randint(1, 40) * 100_000
+                edges.append(Edge(src=f"t{i}", dst=f"t{j}", bytes=nbytes))
+    cap = (mem_total // devices + 10_000_000) if memory_tight else 10**12
+    device_list = tuple(
+        Device(name=d, memory_bytes=cap, kind="gpu" if k else "cpu") for k, d in enumerate(names)
+    )
+    pairs = {}
+    for a in names:
+        for b in names:
+            if a != b and rng.random() < 0.5:
+                pairs[(a, b)] = Link(
+                    bandwidth_bytes_per_s=rng.uniform(0.5e9, 4e9), latency_ms=rng.uniform(0, 0.2)
+                )
+    return CostGraph(
+        name=f"random-{seed}",
+        devices=device_list,
+        tasks=tuple(task_list),
+        edges=tuple(edges),
+        default_link=Link(1e9, 0.05),
+        pair_links=pairs,
+    )
