@@ -5,4 +5,7 @@
 set -eu
 cd "$(dirname "$0")/../.."
 "${PYTHON:-python3}" -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. \
-  stage_server/protos/stage.proto stage_server/protos/grpc_predict_v2.proto
+  stage_server/protos/stage.proto
+# The OIP service is registered by hand under its specification's name (see the .proto), so only
+# its messages are generated.
+"${PYTHON:-python3}" -m grpc_tools.protoc -I. --python_out=. stage_server/protos/grpc_predict_v2.proto

@@ -1,0 +1,99 @@
+"""Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, a thin adapter.
+
+Each method checks the model name, converts with `stage_server.codec`, calls the `Gateway`, and
+converts back; errors are raised as domain errors and become status codes in
+`stage_server.transport.ErrorInterceptor`. The request size limit is the gRPC server's
+`max_receive_message_length`, so an oversized request is refused with RESOURCE_EXHAUSTED before
+it is held in memory. A client deadline shortens the gateway's own timeout.
+
+The methods are registered under the specification's service name, `inference.
+GRPCInferenceService`, by `add_to_server` (the messages live in a private protobuf package; see
+`protos/grpc_predict_v2.proto` for why).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from moirai import __version__
+from stage_server import codec
+from stage_server.gateway import Gateway
+from stage_server.protos import grpc_predict_v2_pb2 as oip
+
+SERVICE = "inference.GRPCInferenceService"
+METHODS: dict[str, tuple[type, type]] = {
+    "ServerLive": (oip.ServerLiveRequest, oip.ServerLiveResponse),
+    "ServerReady": (oip.ServerReadyRequest, oip.ServerReadyResponse),
+    "ModelReady": (oip.ModelReadyRequest, oip.ModelReadyResponse),
+    "ServerMetadata": (oip.ServerMetadataRequest, oip.ServerMetadataResponse),
+    "ModelMetadata": (oip.ModelMetadataRequest, oip.ModelMetadataResponse),
+    "ModelInfer": (oip.ModelInferRequest, oip.ModelInferResponse),
+}
+SERVER_NAME = "moirai"
+PLATFORM = "onnxruntime_onnx"
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+        for name, (request, response) in METHODS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+class InferenceServicer:
+    def __init__(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._gateway.ready())
+
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        self._gateway.check_model(request.name)
+        return oip.ModelReadyResponse(ready=self._gateway.ready())
+
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        self._gateway.check_model(request.name)
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=self._gateway.model_name,
+            versions=["1"],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in self._gateway.inputs.values()
+            ],
+            outputs=[
+                tensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                for t in self._gateway.outputs.values()
+            ],
+        )
+
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        self._gateway.check_model(request.model_name)
+        inputs = codec.decode_infer_request(request)
+        requested = [o.name for o in request.outputs] or None
+        outputs = await self._gateway.infer(inputs, requested, context.time_remaining())
+        return codec.encode_infer_response(self._gateway.model_name, request.id, outputs)

@@ -1,0 +1,123 @@
+"""Open Inference Protocol over HTTP/JSON (KServe v2 REST), a thin aiohttp adapter.
+
+Routes: `/v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models/{name}[/versions/{v}]`,
+`.../ready`, `.../infer`, and `/metrics` (Prometheus). Inference bodies are JSON, or JSON
+followed by raw tensor bytes under the binary-data extension (`Inference-Header-Content-Length`
+gives the JSON's length), which is what tritonclient sends by default; outputs come back as JSON
+`data` lists unless the request asks for binary outputs. The size limit is aiohttp's
+`client_max_size` (413). Errors become `{"error": message}` in
+`stage_server.transport.error_middleware`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from moirai import __version__
+from stage_server import codec
+from stage_server.errors import InvalidInput
+from stage_server.gateway import Gateway
+from stage_server.oip_grpc import PLATFORM, SERVER_NAME
+from stage_server.transport import error_middleware
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
+    app = web.Application(
+        client_max_size=max_request_bytes, middlewares=[error_middleware(gateway.metrics)]
+    )
+
+    def ready_response() -> web.Response:
+        ready = gateway.ready()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(request: web.Request) -> web.Response:
+        return ready_response()
+
+    async def server_metadata(request: web.Request) -> web.Response:
+        return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        gateway.check_model(request.match_info["name"])
+        return web.json_response(
+            {
+                "name": gateway.model_name,
+                "versions": ["1"],
+                "platform": PLATFORM,
+                "inputs": [t.to_dict() for t in gateway.inputs.values()],
+                "outputs": [t.to_dict() for t in gateway.outputs.values()],
+            }
+        )
+
+    async def model_ready(request: web.Request) -> web.Response:
+        gateway.check_model(request.match_info["name"])
+        return ready_response()
+
+    async def infer(request: web.Request) -> web.Response:
+        gateway.check_model(request.match_info["name"])
+        body = await request.read()
+        header, binary = _split(body, request.headers.get(HEADER_LENGTH))
+        inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
+        outputs = await gateway.infer(inputs, requested)
+        response, blobs = codec.encode_json_outputs(
+            gateway.model_name, str(header.get("id", "")), outputs, binary_out
+        )
+        text = json.dumps(response).encode()
+        if not blobs:
+            return web.Response(body=text, content_type="application/json")
+        return web.Response(
+            body=b"".join([text, *blobs]),
+            headers={HEADER_LENGTH: str(len(text))},
+            content_type="application/octet-stream",
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=gateway.metrics.exposition())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    app.add_routes(
+        [
+            web.get("/v2/health/live", live),
+            web.get("/v2/health/ready", ready),
+            web.get("/v2", server_metadata),
+            web.get(model, model_metadata),
+            web.get(versioned, model_metadata),
+            web.get(f"{model}/ready", model_ready),
+            web.get(f"{versioned}/ready", model_ready),
+            web.post(f"{model}/infer", infer),
+            web.post(f"{versioned}/infer", infer),
+            web.get("/metrics", metrics),
+        ]
+    )
+    return app
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the binary tensor data after it."""
+    if header_length is None:
+        length = len(body)
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH} is {header_length!r}, not a number") from None
+        if not 0 <= length <= len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the {len(body)}-byte body")
+    try:
+        header = json.loads(body[:length])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return header, body[length:]

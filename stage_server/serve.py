@@ -1,0 +1,173 @@
+"""Start and stop the servers: a stage server, or the gateway (gRPC + HTTP).
+
+This is where the data planes meet their transports: `start_stage` puts a `StageServer` behind
+`moirai.stage.v1.Chain` and `grpc.health.v1`; `start_gateway` puts a `Gateway` behind the Open
+Inference Protocol over gRPC and HTTP, and behind the chain service on which stages push final
+outputs. The CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start
+servers through here.
+
+The gateway's chain service shares the OIP gRPC port unless `chain_port` is given. The port's
+message size limit is then the request size limit, so the gateway checks at start that the
+largest push of final outputs fits under it, and otherwise asks for a separate chain port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import onnx
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moirai.errors import MoiraiError
+from moirai.partition import GATEWAY, StagePlan
+from stage_server.chain import ChainServicer, Peers
+from stage_server.codec import DTYPES
+from stage_server.gateway import Gateway
+from stage_server.oip_grpc import InferenceServicer, add_to_server
+from stage_server.oip_http import create_app
+from stage_server.protos import stage_pb2_grpc
+from stage_server.stage import StageServer
+from stage_server.transport import ErrorInterceptor
+
+DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise MoiraiError(f"cannot listen on {host}:{port} (in use?)")
+    return bound
+
+
+@dataclass
+class StageHandle:
+    impl: StageServer
+    server: grpc.aio.Server
+    port: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.server.stop(grace)
+        await self.impl.stop()
+
+
+async def start_stage(
+    model: onnx.ModelProto,
+    plan: StagePlan,
+    device: str,
+    addresses: Mapping[str, str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    threads: int | None = None,
+    cuda_device: int | None = None,
+    workers: int = 1,
+) -> StageHandle:
+    impl = StageServer(
+        model,
+        plan,
+        device,
+        Peers(plan, addresses),
+        threads=threads,
+        cuda_device=cuda_device,
+        workers=workers,
+    )
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(impl), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = _bind(server, host, port)
+    await server.start()
+    impl.start()
+    for service in ("", "moirai.stage.v1.Chain"):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return StageHandle(impl, server, bound)
+
+
+@dataclass
+class GatewayHandle:
+    gateway: Gateway
+    servers: list[grpc.aio.Server]
+    http: web.AppRunner
+    grpc_port: int
+    http_port: int
+    chain_port: int
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.http.cleanup()
+        for server in self.servers:
+            await server.stop(grace)
+        await self.gateway.stop()
+
+
+def _largest_final_push(plan: StagePlan) -> int:
+    """Bytes of the largest push of model outputs (one per producing stage), if shapes are fixed."""
+    largest = 0
+    for stage in plan.stages:
+        total = 0
+        for name in stage.outputs:
+            if GATEWAY in plan.routing.get(name, ()):
+                spec = plan.spec(name)
+                if -1 not in spec.shape:
+                    total += int(np.prod(spec.shape)) * DTYPES[spec.datatype].itemsize
+        largest = max(largest, total)
+    return largest
+
+
+async def start_gateway(
+    plan: StagePlan,
+    addresses: Mapping[str, str],
+    *,
+    host: str = "127.0.0.1",
+    grpc_port: int = 0,
+    http_port: int = 0,
+    chain_port: int | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    timeout_s: float = 30.0,
+) -> GatewayHandle:
+    gateway = Gateway(plan, Peers(plan, addresses), timeout_s=timeout_s)
+    interceptors = [ErrorInterceptor(gateway.metrics)]
+    limit = [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+    oip_server = grpc.aio.server(interceptors=interceptors, options=limit)
+    add_to_server(InferenceServicer(gateway), oip_server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), oip_server)
+    servers = [oip_server]
+    if chain_port is None:
+        needed = _largest_final_push(plan) + (1 << 20)
+        if needed > max_request_bytes:
+            raise MoiraiError(
+                f"the model's outputs ({needed} bytes in one push) exceed --max-request-bytes "
+                f"{max_request_bytes}, which also limits the shared chain port: give the "
+                "gateway a --chain-port of its own"
+            )
+        chain_server = oip_server
+    else:
+        chain_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+        servers.append(chain_server)
+    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(gateway), chain_server)
+    bound_grpc = _bind(oip_server, host, grpc_port)
+    bound_chain = bound_grpc if chain_port is None else _bind(chain_server, host, chain_port)
+    for server in servers:
+        await server.start()
+    runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, http_port)
+    try:
+        await site.start()
+    except OSError as e:
+        for server in servers:
+            await server.stop(None)
+        raise MoiraiError(f"cannot listen on {host}:{http_port} ({e.strerror})") from None
+    bound_http = runner.addresses[0][1]
+    await gateway.start()
+    return GatewayHandle(gateway, servers, runner, bound_grpc, bound_http, bound_chain)

@@ -1,0 +1,226 @@
+"""The stage server: runs the stages of one device and chains their outputs onwards.
+
+One process per device. It cuts its stages' sub-models from the model and the plan, opens one
+ONNX Runtime session per stage, and serves `moirai.stage.v1.Chain` plus `grpc.health.v1`.
+
+A request arrives as pushes of tensors (from the gateway or upstream stages). Per (request,
+stage) the server keeps the tensors received so far; when a stage has all its inputs it runs in a
+thread pool (ONNX Runtime releases the GIL, so the event loop keeps receiving), and each output
+goes straight to the stages that consume it: to a peer over gRPC, or, for a stage on this same
+device, handed over in memory. Final outputs go to the gateway. The pool has one worker by
+default, because a device runs one stage at a time (the execution model the plan was solved
+for); its queue is where requests wait while the device is busy, and that wait is reported as
+queue time.
+
+Nothing waits forever: every request carries its absolute deadline, a sweeper frees the state of
+requests whose deadline passed, a request whose deadline passes while queued is dropped without
+running, and the gateway's cancellation (client gone, deadline passed, another stage failed)
+frees state at once and leaves a tombstone until the deadline, so that late pushes of a cancelled
+request are dropped instead of recreating its state. A failure (a session raising, a peer
+unreachable) is reported to the gateway with its status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from moirai.partition import GATEWAY, StagePlan, extract_stage
+from stage_server.chain import Delivery, Peers, now_ms
+from stage_server.errors import NotFound, ServingError, StageFailed, status_of
+from stage_server.protos import stage_pb2
+from stage_server.sessions import create_session
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.25
+
+
+@dataclass
+class _Pending:
+    deadline_ms: float
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    timings: dict[tuple[str, str, str], stage_pb2.Timing] = field(default_factory=dict)
+
+    def add_timings(self, timings: list[stage_pb2.Timing]) -> None:
+        for t in timings:
+            self.timings[(t.stage, t.kind, t.tensor)] = t
+
+
+class _Expired(Exception):
+    """The request's deadline passed, or it was cancelled, while it waited in the queue."""
+
+
+class StageServer:
+    """The data plane of one device: request state, stage runs, chaining."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        plan: StagePlan,
+        device: str,
+        peers: Peers,
+        *,
+        threads: int | None = None,
+        cuda_device: int | None = None,
+        workers: int = 1,
+    ) -> None:
+        spec = plan.device(device)
+        self.device = device
+        self.plan = plan
+        self.stages = {s.id: s for s in plan.stages_on(device)}
+        self.sessions = {
+            sid: create_session(
+                extract_stage(model, plan, sid), spec, threads=threads, cuda_device=cuda_device
+            )
+            for sid in self.stages
+        }
+        self.peers = peers
+        self.pending: dict[tuple[str, str], _Pending] = {}
+        self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
+        self._local = {s.id for s in plan.stages if s.device == device}
+        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=f"stage-{device}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ inbound
+    def deliver(self, delivery: Delivery) -> None:
+        stage = self.stages.get(delivery.stage)
+        if stage is None:
+            raise NotFound(f"stage {delivery.stage!r} is not on device {self.device}")
+        rid = delivery.request_id
+        if rid in self.cancelled or delivery.deadline_ms <= now_ms():
+            return
+        key = (rid, stage.id)
+        pending = self.pending.get(key)
+        if pending is None:
+            pending = self.pending[key] = _Pending(delivery.deadline_ms)
+        pending.tensors.update(delivery.tensors)
+        pending.add_timings(delivery.timings)
+        if all(t in pending.tensors for t in stage.inputs):
+            del self.pending[key]
+            self._spawn(self._run(rid, stage.id, pending))
+
+    def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
+        """The gateway cancels a request: free its state, drop what still arrives for it."""
+        self.cancelled[request_id] = deadline_ms if deadline_ms > 0 else now_ms() + 60_000
+        for key in [k for k in self.pending if k[0] == request_id]:
+            del self.pending[key]
+
+    # ------------------------------------------------------------------ running
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _compute(
+        self, request_id: str, stage_id: str, pending: _Pending, ready: float
+    ) -> tuple[list[np.ndarray], float, float]:
+        start = time.perf_counter()
+        if request_id in self.cancelled or pending.deadline_ms <= now_ms():
+            raise _Expired
+        stage = self.stages[stage_id]
+        feeds = {t: pending.tensors[t] for t in stage.inputs}
+        outputs = self.sessions[stage_id].run(list(stage.outputs), feeds)
+        end = time.perf_counter()
+        return outputs, (start - ready) * 1000.0, (end - start) * 1000.0
+
+    async def _run(self, request_id: str, stage_id: str, pending: _Pending) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, queue_ms, compute_ms = await loop.run_in_executor(
+                self._pool, self._compute, request_id, stage_id, pending, time.perf_counter()
+            )
+        except _Expired:
+            return
+        except Exception as e:  # ONNX Runtime raises its own types; all are stage failures
+            await self._report(
+                request_id,
+                stage_id,
+                StageFailed(f"stage {stage_id} on {self.device} failed: {e}"),
+                pending.deadline_ms,
+            )
+            return
+        if request_id in self.cancelled:
+            return
+        pending.add_timings(
+            [
+                stage_pb2.Timing(stage=stage_id, kind="queue", ms=queue_ms),
+                stage_pb2.Timing(stage=stage_id, kind="compute", ms=compute_ms),
+            ]
+        )
+        stage = self.stages[stage_id]
+        by_target: dict[str, dict[str, np.ndarray]] = {}
+        for name, array in zip(stage.outputs, outputs, strict=True):
+            for target in self.plan.routing.get(name, ()):
+                by_target.setdefault(target, {})[name] = array
+        timings = list(pending.timings.values())
+        remote = []
+        for target, tensors in by_target.items():
+            if target in self._local:
+                self.deliver(
+                    Delivery(request_id, target, tensors, pending.deadline_ms, timings, stage_id)
+                )
+            else:
+                remote.append(
+                    self.peers.push(
+                        target, request_id, tensors, pending.deadline_ms, timings, stage_id
+                    )
+                )
+        results = await asyncio.gather(*remote, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            error = errors[0]
+            if not isinstance(error, ServingError):
+                error = StageFailed(f"stage {stage_id} could not push its outputs: {error}")
+            await self._report(request_id, stage_id, error, pending.deadline_ms)
+
+    async def _report(
+        self, request_id: str, stage_id: str, error: Exception, deadline_ms: float
+    ) -> None:
+        code = status_of(error)[0].name
+        log.debug("request %s failed at stage %s: %s", request_id, stage_id, error)
+        try:
+            await self.peers.fail(GATEWAY, request_id, code, str(error), stage_id, deadline_ms)
+        except ServingError as e:
+            log.warning("cannot report failure of request %s to the gateway: %s", request_id, e)
+
+    # ---------------------------------------------------------------- lifecycle
+    def sweep(self) -> None:
+        """Free the state of requests whose deadline passed, and old tombstones."""
+        now = now_ms()
+        for key in [k for k, p in self.pending.items() if p.deadline_ms <= now]:
+            del self.pending[key]
+        for rid in [r for r, until in self.cancelled.items() if until <= now]:
+            del self.cancelled[rid]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.sweep()
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.peers.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests this server holds state for or is running (the leak tests read it)."""
+        return len(self.pending) + len(self._tasks)

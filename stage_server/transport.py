@@ -1,0 +1,90 @@
+"""Where serving errors become status codes: one gRPC interceptor and one HTTP middleware.
+
+Both use `stage_server.errors.status_of`, the only table of codes. Handlers raise domain errors
+(`ServingError`, or any `MoiraiError`) and never call `context.abort` or build error responses
+themselves; an unexpected exception is logged with its traceback and answered INTERNAL / 500.
+Errors are counted by code here when a `Metrics` is given, so the count covers every failure a
+client sees, whether raised while decoding, validating or serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from moirai.errors import MoiraiError
+from stage_server.errors import NotFound, TooLarge, status_of
+from stage_server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, MoiraiError):
+        return str(error)
+    log.exception("unexpected error while serving", exc_info=error)
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions escaping unary gRPC handlers to status codes."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        metrics = self._metrics
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except Exception as error:
+                if isinstance(error, grpc.aio.AbortError):
+                    raise
+                code, _ = status_of(error)
+                if metrics is not None:
+                    metrics.errors.labels(code.name).inc()
+                await context.abort(code, _describe(error))
+
+        return handler._replace(unary_unary=unary_unary)
+
+
+def error_middleware(metrics: Metrics | None = None) -> Callable[..., Any]:
+    """aiohttp middleware: errors become `{"error": message}` with their HTTP status.
+
+    aiohttp's own "body too large" and "no such route" become the domain errors `TooLarge` and
+    `NotFound` first, so they too get their status from the one table.
+    """
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            try:
+                return await handler(request)
+            except web.HTTPRequestEntityTooLarge as e:
+                raise TooLarge(f"{e.text} (the gateway's --max-request-bytes)") from None
+            except web.HTTPNotFound:
+                raise NotFound(f"no such resource: {request.path}") from None
+        except web.HTTPException:
+            raise
+        except Exception as error:
+            code, status = status_of(error)
+            if metrics is not None:
+                metrics.errors.labels(code.name).inc()
+            return web.json_response({"error": _describe(error)}, status=status)
+
+    return middleware

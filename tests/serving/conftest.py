@@ -1,0 +1,77 @@
+"""Fixtures: real servers on real loopback sockets, in this process or as subprocesses."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import onnx
+import pytest
+
+from moirai.partition import DeviceSpec, StagePlan, build_plan
+from stage_server.serve import GatewayHandle, StageHandle, start_gateway, start_stage
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def split_plan(model: onnx.ModelProto, parts: int = 2, threads: int = 1) -> StagePlan:
+    """A hand-made placement: the model's nodes cut into `parts` contiguous runs."""
+    nodes = [n.name for n in model.graph.node]
+    devices = [DeviceSpec(f"cpu-{i}", threads=threads) for i in range(parts)]
+    per = -(-len(nodes) // parts)
+    return build_plan(model, {n: f"cpu-{i // per}" for i, n in enumerate(nodes)}, devices)
+
+
+@dataclass
+class Cluster:
+    plan: StagePlan
+    gateway: GatewayHandle
+    stages: dict[str, StageHandle]
+    addresses: dict[str, str]
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.gateway.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.gateway.http_port}"
+
+
+Launcher = Callable[..., "Cluster"]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Callable[..., object]]:
+    """`await cluster(model, plan, **gateway_options)`: stage servers and a gateway, in-process."""
+    started: list[Cluster] = []
+
+    async def launch(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
+        devices = plan.used_devices
+        ports = free_ports(len(devices) + 1)
+        addresses = {d: f"127.0.0.1:{p}" for d, p in zip(devices, ports, strict=False)}
+        addresses["gateway"] = f"127.0.0.1:{ports[-1]}"
+        stages = {
+            d: await start_stage(model, plan, d, addresses, port=int(addresses[d].split(":")[1]))
+            for d in devices
+        }
+        gateway = await start_gateway(plan, addresses, grpc_port=ports[-1], **options)
+        assert await gateway.gateway.wait_ready(10)
+        c = Cluster(plan, gateway, stages, addresses)
+        started.append(c)
+        return c
+
+    yield launch
+    for c in started:
+        await c.gateway.stop(0)
+        for s in c.stages.values():
+            await s.stop(0)
