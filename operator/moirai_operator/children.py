@@ -236,6 +236,7 @@ def _pod_spec(
     spec: PlacedModelSpec,
     options: BuildOptions,
     container: dict[str, Any],
+    image: str,
 ) -> dict[str, Any]:
     volumes: list[dict[str, Any]] = [
         {"name": "plan", "configMap": {"name": plan_configmap_name(owner)}},
@@ -272,7 +273,7 @@ def _pod_spec(
         "initContainers": [
             {
                 "name": "fetch-model",
-                "image": spec.image,
+                "image": image,
                 "imagePullPolicy": options.image_pull_policy,
                 "command": fetch_command(spec),
                 "volumeMounts": [*mounts, model_mount],
@@ -282,7 +283,7 @@ def _pod_spec(
         "containers": [
             {
                 **container,
-                "image": spec.image,
+                "image": image,
                 "imagePullPolicy": options.image_pull_policy,
                 "volumeMounts": [*mounts, model_mount],
                 "securityContext": _CONTAINER_SECURITY,
@@ -341,7 +342,8 @@ def stage_deployment(
         "readinessProbe": _grpc_probe(STAGE_PORT),
         "livenessProbe": {**_grpc_probe(STAGE_PORT), "initialDelaySeconds": 30},
     }
-    pod = _pod_spec(owner, spec, options, container)
+    image = spec.gpu_image if device.gpus else spec.image
+    pod = _pod_spec(owner, spec, options, container, image)
     pod["nodeSelector"] = dict(device.node_selector)
     if device.gpus:
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
@@ -385,7 +387,7 @@ def gateway_deployment(
             "periodSeconds": 10,
         },
     }
-    pod = _pod_spec(owner, spec, options, container)
+    pod = _pod_spec(owner, spec, options, container, spec.image)
     name = gateway_name(owner)
     return _deployment(owner, name, COMPONENT_GATEWAY, spec.serving.replicas, {}, pod, plan)
 

@@ -67,6 +67,7 @@ class OperatorConfig:
                 objective=choice("MOIRAI_OBJECTIVE", OBJECTIVES, "latency"),
                 time_limit_seconds=number("MOIRAI_TIME_LIMIT_SECONDS", 60.0, 1.0),
                 image=env.get("MOIRAI_IMAGE") or Defaults.image,
+                gpu_image=env.get("MOIRAI_GPU_IMAGE") or Defaults.gpu_image,
             ),
             options=BuildOptions(
                 network_policy=flag("MOIRAI_NETWORK_POLICY", True),

@@ -58,6 +58,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.INFO
+    # Serve only what exists at startup (the chart installs the CRD first): kopf then needs no
+    # permission to watch CRDs and Namespaces, keeping the RBAC to what the operator uses.
+    settings.scanning.disabled = True
     executor = ThreadPoolExecutor(config.solver_workers, thread_name_prefix="moirai-solver")
     memo.executor = executor
     memo.ctx = Context(

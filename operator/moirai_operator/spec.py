@@ -39,6 +39,9 @@ class Defaults:
     objective: str = "latency"
     time_limit_seconds: float = 60.0
     image: str = "moirai:latest"
+    """Image of the gateway and of cpu stage servers."""
+    gpu_image: str = "moirai:latest-gpu"
+    """Image of gpu stage servers (onnxruntime-gpu on a CUDA base)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class PlacedModelSpec:
     profiling: str
     serving: ServingSpec
     image: str
+    gpu_image: str
+    """`spec.image` when given (for every pod), else the operator's gpu image."""
 
 
 def _choice(value: Any, allowed: tuple[str, ...], where: str, default: str | None) -> str:
@@ -232,4 +237,5 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             replicas=_int(serving.get("replicas"), "spec.serving.replicas", 1),
         ),
         image=str(raw.get("image") or defaults.image),
+        gpu_image=str(raw.get("image") or defaults.gpu_image),
     )

@@ -1,0 +1,68 @@
+{{/* The release's full name, at most 63 characters. */}}
+{{- define "moirai.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moirai.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "moirai.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "moirai.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moirai.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moirai.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "moirai.gpuImage" -}}
+{{- default (printf "%s-gpu" (include "moirai.image" .)) .Values.gpuImage -}}
+{{- end -}}
+
+{{/*
+The rules the operator needs in a namespace it serves: exactly the verbs it uses.
+kopf: list/watch PlacedModels, patch them (its progress annotations), create Events.
+The reconciler: patch PlacedModel status; server-side apply (create + patch), list (prune) and
+delete its children.
+*/}}
+{{- define "moirai.namespacedRules" -}}
+- apiGroups: ["moirai.dev"]
+  resources: ["placedmodels"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["moirai.dev"]
+  resources: ["placedmodels/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "create", "patch", "delete"]
+{{- if .Values.networkPolicy.enabled }}
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "create", "patch", "delete"]
+{{- end }}
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end -}}

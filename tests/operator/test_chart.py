@@ -1,0 +1,177 @@
+"""The chart and the CRD, without a cluster: the CRD copy, the schema, values and templates.
+
+The rendering tests run the real helm binary that `hack/controlplane/build.sh` puts in the
+control plane's cache (found the same way the kube fixtures find it); the server-side dry-run of
+the rendered manifests is in tests/kube/test_chart.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "placedmodels.moirai.dev.yaml"
+CHART = REPO / "charts" / "moirai"
+
+
+def schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    return version
+
+
+def test_chart_carries_an_identical_copy_of_the_crd() -> None:
+    copy = CHART / "crds" / CRD.name
+    assert copy.read_bytes() == CRD.read_bytes(), (
+        f"{copy} differs from {CRD}: crds/ is the source of truth; copy it over"
+    )
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(
+        p.name for p in CRD.parent.iterdir()
+    )
+
+
+def test_crd_names_columns_and_status_subresource() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    assert crd["spec"]["group"] == "moirai.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["pm"]
+    version = schema()
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Devices",
+        "Latency",
+        "Endpoint",
+        "Age",
+    ]
+
+
+def _walk(node: dict[str, Any], path: str = ""):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural_and_validates() -> None:
+    root = schema()["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root):
+        assert "type" in node, f"{path or '.'} has no type: a structural schema needs one"
+    spec = root["properties"]["spec"]
+    assert spec["required"] == ["model", "pools"]
+    pool = spec["properties"]["pools"]["items"]
+    assert pool["properties"]["kind"]["enum"] == ["cpu", "gpu"]
+    assert pool["properties"]["maxDevices"]["minimum"] == 1
+    placement = spec["properties"]["placement"]["properties"]
+    assert "cpsat" in placement["solver"]["enum"]
+    assert placement["objective"]["enum"] == ["latency", "throughput"]
+
+
+def test_examples_follow_the_schema_keys() -> None:
+    spec_schema = schema()["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+    def check(value: Any, node: dict[str, Any], path: str) -> None:
+        if node.get("type") == "object" and isinstance(value, dict):
+            props = node.get("properties")
+            for key, child in value.items():
+                if props is not None:
+                    assert key in props, f"{path}.{key} is not in the schema"
+                    check(child, props[key], f"{path}.{key}")
+        if node.get("type") == "array":
+            for item in value:
+                check(item, node["items"], f"{path}[]")
+        if "enum" in node:
+            assert value in node["enum"], f"{path}: {value!r} not in {node['enum']}"
+
+    examples = sorted((REPO / "examples").glob("placedmodel*.yaml"))
+    assert examples
+    for example in examples:
+        doc = yaml.safe_load(example.read_text())
+        assert doc["apiVersion"] == "moirai.dev/v1alpha1" and doc["kind"] == "PlacedModel"
+        check(doc["spec"], spec_schema, example.name)
+
+
+def test_every_value_is_documented() -> None:
+    """Each top-level value, and each key of an undocumented section, has a `# --` comment in
+    the comment block right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    section_documented = False
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")) or line.startswith(" " * 4):
+            continue
+        block = []
+        for prev in reversed(lines[:i]):
+            if not prev.strip().startswith("#"):
+                break
+            block.append(prev.strip())
+        documented = any(c.startswith("# --") for c in block)
+        if not line.startswith(" "):
+            section_documented = documented
+            if stripped.endswith(":") and not documented:
+                continue  # a section: its keys must be documented instead
+        elif section_documented:
+            continue
+        assert documented, f"values.yaml line {i + 1} ({stripped}) has no '# --' comment above it"
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    out = subprocess.run(
+        ["bash", str(REPO / "hack" / "controlplane" / "build.sh"), "--print-dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    path = Path(out.stdout.strip().splitlines()[-1]) / "bin" / "helm"
+    assert path.exists(), f"{path} missing: run make controlplane"
+    return path
+
+
+def render(helm: Path, *args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [str(helm), "template", "r", str(CHART), "--namespace", "moirai-system", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_helm_lint_passes(helm: Path) -> None:
+    subprocess.run([str(helm), "lint", "--strict", str(CHART)], check=True, capture_output=True)
+
+
+def test_operator_deployment_has_probes_and_runs_kopf(helm: Path) -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(helm)}
+    pod = docs[("Deployment", "r-moirai")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"][:3] == ["kopf", "run", "--standalone"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in c["command"]
+    assert "--all-namespaces" in c["command"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["MOIRAI_SOLVER"] == "auto" and env["MOIRAI_IMAGE"] == "moirai:0.1.0"
+    assert env["MOIRAI_GPU_IMAGE"] == "moirai:0.1.0-gpu"
+
+
+def test_watch_namespaces_gives_roles_not_a_clusterrole(helm: Path) -> None:
+    docs = render(helm, "--set", "watchNamespaces={a,b}", "--set", "networkPolicy.enabled=false")
+    kinds = sorted((d["kind"], d["metadata"].get("namespace", "")) for d in docs)
+    assert ("Role", "a") in kinds and ("Role", "b") in kinds
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert [r["rules"][0]["resources"] for r in cluster_roles] == [["nodes"]]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert not any("networkpolicies" in r["resources"] for r in role["rules"])
+    command = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["command"]
+    assert "--namespace=a" in command and "--all-namespaces" not in command
