@@ -107,10 +107,9 @@ class AnalyticPlanner:
         model_path: Path,
         pools_fingerprint: str,
     ) -> Plan:
-        from moirai.pipeline import build_costgraph
-
         from moirai.graph import load_model
         from moirai.partition import build_plan
+        from moirai.pipeline import build_costgraph
         from moirai.placement import solve
 
         shapes = {k: list(v) for k, v in spec.model.input_shapes.items()} or None
@@ -118,8 +117,8 @@ class AnalyticPlanner:
         check_memory(cg)
         placement = solve(
             cg,
-            solver=spec.placement.solver,
-            objective=spec.placement.objective,
+            spec.placement.solver,
+            "throughput" if spec.placement.objective == "throughput" else "latency",
             time_limit=spec.placement.time_limit_seconds,
             threads=self.threads,
             seed=0,
@@ -144,8 +143,10 @@ class AnalyticPlanner:
             input_shapes=shapes,
             predicted={
                 "solver": placement.solver,
+                "status": placement.status,
                 "objective": placement.objective,
                 "makespan_ms": placement.makespan_ms,
+                "lower_bound_ms": placement.lower_bound_ms,
             },
         )
         used = set(stage_plan.used_devices)

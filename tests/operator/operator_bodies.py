@@ -110,3 +110,38 @@ def make_plan(devices: tuple[tuple[str, str], ...] = (("gpu-0", "gpu"), ("cpu-0"
         profiling="analytic",
         pools_fingerprint="fp",
     )
+
+
+def write_mlp(path, hidden: int = 64, layers: int = 4, seed: int = 0):
+    """A small MLP (MatMul/Add/Relu chain) as an ONNX file; returns the path."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(layers):
+        w = numpy_helper.from_array(
+            (rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32), f"w{i}"
+        )
+        b = numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}")
+        inits += [w, b]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"MatMul_{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"Add_{i}"),
+            helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"Relu_{i}"),
+        ]
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"], name="Out"))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

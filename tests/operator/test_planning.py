@@ -1,0 +1,66 @@
+"""The analytic planner on a real (tiny) model: devices from pools, a solve, a stage plan."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from moirai_operator.catalogue import Catalogue
+from moirai_operator.planning import AnalyticPlanner
+from moirai_operator.pools import match_pools, node_facts
+from moirai_operator.spec import Defaults, parse_spec
+from moirai_operator.status import InsufficientMemoryError, ProfilingError
+from operator_bodies import make_node, make_spec, write_mlp
+
+NODES = [
+    node_facts(make_node("g", "gpu", gpus=2, product="Tesla-T4")),
+    node_facts(make_node("c", "cpu", cpu="16")),
+]
+
+
+@pytest.fixture
+def planner():
+    with ThreadPoolExecutor(1) as executor:
+        yield AnalyticPlanner(Catalogue.load(), executor)
+
+
+def model_spec(model: Path, **extra):
+    volume = {"claimName": "c", "mountPath": str(model.parent)}
+    return make_spec(model={"uri": str(model), "volume": volume}, **extra)
+
+
+async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) -> None:
+    model = write_mlp(tmp_path / "mlp.onnx")
+    spec = parse_spec(model_spec(model, placement={"solver": "heft"}), Defaults())
+    plan = await planner(spec, match_pools(spec.pools, NODES), model, "fp")
+    assert plan.devices and plan.stages >= 1
+    assert {d.entry.pool for d in plan.devices} <= {"gpu", "cpu"}
+    assert plan.latency_ms > 0 and plan.solver_status in ("optimal", "feasible", "heuristic")
+    assert plan.stage_plan["format"] == "moirai.stageplan/v1"
+    assert {s["device"] for s in plan.stage_plan["stages"]} == {d.entry.name for d in plan.devices}
+    assert plan.placement["format"] == "moirai.placement/v1"
+    for d in plan.devices:
+        assert d.gpus == (1 if d.entry.kind == "gpu" else 0)
+        assert d.node_selector == {"moirai.dev/pool": d.entry.pool}
+        assert d.tasks >= 1
+
+
+async def test_model_larger_than_the_pools_is_reported_in_gib(tmp_path: Path, planner) -> None:
+    model = write_mlp(tmp_path / "mlp.onnx", hidden=1024, layers=2)
+    spec = parse_spec(
+        model_spec(
+            model,
+            pools=[{"name": "cpu", "kind": "cpu", "threadsPerDevice": 1, "memoryPerDevice": "1Mi"}],
+        ),
+        Defaults(),
+    )
+    with pytest.raises(InsufficientMemoryError, match=r"needs 0\.0\d GiB.*offer 0\.00 GiB"):
+        await planner(spec, match_pools(spec.pools, NODES), model, "fp")
+
+
+async def test_measured_profiling_is_refused_with_a_reason(tmp_path: Path, planner) -> None:
+    model = write_mlp(tmp_path / "mlp.onnx")
+    spec = parse_spec(model_spec(model, profiling={"mode": "measured"}), Defaults())
+    with pytest.raises(ProfilingError, match="use analytic"):
+        await planner(spec, match_pools(spec.pools, NODES), model, "fp")
