@@ -43,7 +43,9 @@ import heapq
 import itertools
 import logging
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +70,6 @@ _CPU_ONLY_TRANSFORMERS = (
     "QDQS8ToU8Transformer",
     "Avx2WeightS8ToU8Transformer",
 )
-# Protobuf cannot serialise a message over 2 GiB; bigger models go to ORT as files.
-_PROTOBUF_LIMIT = 2**31 - 2**24
 
 
 Kernels = list[tuple[str, ...]]
@@ -85,11 +85,10 @@ class Group:
 
 
 # ------------------------------------------------------------ per provider
-def provider_fusions(model: onnx.ModelProto, graph: OpGraph, provider: str) -> list[set[str]]:
+def _claims(source: bytes | str, graph: OpGraph, provider: str) -> list[set[str]]:
     """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
-    it alone claims (see the module docstring). Nodes claimed by no set were folded away or
-    eliminated."""
-    optimised = _optimised_graph(model, provider)
+    it alone claims (see the module docstring). Nodes in no set were folded or eliminated."""
+    optimised = _optimised_graph(source, provider)
     materialised = {i.name for i in optimised.input} | {t.name for t in optimised.initializer}
     for node in optimised.node:
         materialised.update(node.input)
@@ -109,17 +108,30 @@ def provider_fusions(model: onnx.ModelProto, graph: OpGraph, provider: str) -> l
                 if t not in materialised and t in graph.producer
             )
         claims.append(claimed)
-    times_claimed = {}
-    for claimed in claims:
-        for name in claimed:
-            times_claimed[name] = times_claimed.get(name, 0) + 1
+    times_claimed = Counter(n for claimed in claims for n in claimed)
     return [c for claimed in claims if (c := {n for n in claimed if times_claimed[n] == 1})]
 
 
-def _optimised_graph(model: onnx.ModelProto, provider: str) -> onnx.GraphProto:
-    available = ort.get_available_providers()
+@contextmanager
+def _ort_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """The model as ONNX Runtime takes it: serialised once for all providers, or as a file with
+    external data when it is beyond protobuf's 2 GiB."""
+    try:
+        yield model.SerializeToString()
+        return
+    except ValueError:  # protobuf refuses messages over 2 GiB
+        pass
+    with tempfile.TemporaryDirectory(prefix="moirai-model-") as tmp:
+        path = str(Path(tmp, "model.onnx"))
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save(copy, path, save_as_external_data=True, location="model.data")
+        yield path
+
+
+def _optimised_graph(source: bytes | str, provider: str) -> onnx.GraphProto:
     disabled: list[str] = []
-    if provider not in available:
+    if provider not in ort.get_available_providers():
         if provider != CUDA:
             log.warning("%s is not installed: using the CPU provider's fusions for it", provider)
         else:
@@ -129,23 +141,16 @@ def _optimised_graph(model: onnx.ModelProto, provider: str) -> onnx.GraphProto:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(Path(tmp, "optimised.onnx"))
-        # Write weights beside the optimised graph: only its structure is read back.
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", "optimised.data"
-        )
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-        )
+        for key, value in {
+            # Only the optimised graph's structure is read back: weights go to a side file,
+            # and packing them for the CPU's matrix kernels would be wasted work.
+            "session.optimized_model_external_initializers_file_name": "optimised.data",
+            "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+            "session.disable_prepacking": "1",
+        }.items():
+            options.add_session_config_entry(key, value)
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
-        source: str | bytes
-        if model.ByteSize() < _PROTOBUF_LIMIT:
-            source = model.SerializeToString()
-        else:
-            source = str(Path(tmp, "model.onnx"))
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save(copy, source, save_as_external_data=True, location="model.data")
         try:
             ort.InferenceSession(
                 source,
@@ -167,10 +172,11 @@ def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[st
     order."""
     union = _UnionFind(n.name for n in graph.nodes)
     attached: set[str] = set()
-    for provider in dict.fromkeys(providers):
-        for claimed in provider_fusions(model, graph, provider):
-            union.merge(claimed)
-            attached.update(claimed)
+    with _ort_source(model) as source:
+        for provider in dict.fromkeys(providers):
+            for claimed in _claims(source, graph, provider):
+                union.merge(claimed)
+                attached.update(claimed)
     order = _index(graph)
     for node in reversed(graph.nodes):
         if node.name in attached:

@@ -120,7 +120,8 @@ def _read(path: Path) -> onnx.ModelProto:
             "re-export or re-download it"
         ) from None
     try:
-        onnx.checker.check_model(model)
+        # Given the path, the checker resolves external data files relative to the model.
+        onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
         raise ModelError(
             f"{path}: invalid ONNX model: {_one_line(e)}; fix or re-export the model"
