@@ -92,6 +92,8 @@ class Kube:
     def _apply(self, manifest: Manifest) -> dict[str, Any]:
         meta = manifest["metadata"]
         kind = manifest["kind"]
+        _, group, plural = KINDS[kind]
+        self.used.add((group, plural, "create"))  # applying a new object creates it
         return self._call(
             "patch",
             "PATCH",

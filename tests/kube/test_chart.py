@@ -1,0 +1,156 @@
+"""The Helm chart on a real control plane: server-side dry-run of what it renders, and the
+operator running with exactly the chart's RBAC (as its ServiceAccount, not as admin).
+
+`helm lint`/`helm template` checks without a cluster are in tests/operator/test_chart.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config
+from moirai_operator.catalogue import Catalogue
+from moirai_operator.children import BuildOptions
+from moirai_operator.kube import Kube
+from moirai_operator.planning import AnalyticPlanner
+from moirai_operator.pools import NodeFacts, node_facts
+from moirai_operator.reconcile import Context, converge
+from moirai_operator.spec import Defaults
+from test_operator_harness import Cluster, install_crd, models_for, running_operator
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "moirai"
+RELEASE = "moirai"
+
+# What kopf itself does with the API (the reconciler's calls are recorded by `Kube.used`).
+KOPF_NEEDS = {
+    ("moirai.dev", "placedmodels", "list"),
+    ("moirai.dev", "placedmodels", "watch"),
+    ("moirai.dev", "placedmodels", "patch"),
+    ("", "events", "create"),
+    ("", "nodes", "list"),
+    ("", "nodes", "watch"),
+}
+
+
+def render(plane, namespace: str, *values: str, crds: bool = False) -> str:
+    args = ["template", RELEASE, str(CHART), "--namespace", namespace, *values]
+    return plane.helm(*args, *(["--include-crds"] if crds else []))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["--set", "watchNamespaces={default,kube-public}", "--set", "networkPolicy.enabled=false"],
+    ],
+    ids=["cluster-wide", "namespaced"],
+)
+def test_rendered_chart_passes_server_side_dry_run(control_plane, namespace, values):
+    manifests = render(control_plane, namespace, *values, crds=True)
+    out = control_plane.kubectl(
+        "apply", "--dry-run=server", "--server-side", "-f", "-", stdin=manifests
+    )
+    kinds = {line.split("/")[0] for line in out.splitlines()}
+    assert {
+        "customresourcedefinition.apiextensions.k8s.io",
+        "deployment.apps",
+        "serviceaccount",
+        "clusterrole.rbac.authorization.k8s.io",
+        "configmap",
+    } <= kinds
+
+
+def rules_of(manifests: str) -> set[tuple[str, str, str]]:
+    out = set()
+    for doc in yaml.safe_load_all(manifests):
+        if doc and doc["kind"] in ("ClusterRole", "Role"):
+            for rule in doc["rules"]:
+                for group in rule["apiGroups"]:
+                    for resource in rule["resources"]:
+                        for verb in rule["verbs"]:
+                            out.add((group, resource, verb))
+    return out
+
+
+def service_account_kubeconfig(plane, namespace: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the chart's ServiceAccount (a TokenRequest token)."""
+    token = plane.kubectl("create", "token", RELEASE, "-n", namespace).strip()
+    kubeconfig = yaml.safe_load(plane.kubeconfig.read_text())
+    kubeconfig["users"] = [{"name": "operator", "user": {"token": token}}]
+    for context in kubeconfig["contexts"]:
+        context["context"]["user"] = "operator"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    return path
+
+
+class _Events:
+    def info(self, reason: str, message: str) -> None:
+        pass
+
+    def warning(self, reason: str, message: str) -> None:
+        pass
+
+
+def _nodes(kube_api: client.ApiClient) -> list[NodeFacts]:
+    raw = kube_api.sanitize_for_serialization(client.CoreV1Api(kube_api).list_node())
+    return [node_facts(n) for n in raw["items"]]
+
+
+def test_operator_runs_with_exactly_the_charts_rbac(
+    scheduling_control_plane, kube_api, namespace, make_node_pool, tmp_path
+):
+    plane = scheduling_control_plane
+    install_crd(plane)
+    manifests = render(plane, namespace)
+    identity = [
+        d
+        for d in yaml.safe_load_all(manifests)
+        if d and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
+    ]
+    plane.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
+    )
+    kubeconfig = service_account_kubeconfig(plane, namespace, tmp_path / "operator.kubeconfig")
+    cpu = f"{namespace}-cpu"
+    make_node_pool(cpu, count=1, cpu="8")
+    cluster = Cluster(kube_api, plane, namespace)
+
+    with models_for(tmp_path / "models") as models:
+        spec = {
+            "model": {"uri": models["mlp"]},
+            "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 2}],
+        }
+        fewer = {**spec, "pools": [{**spec["pools"][0], "maxDevices": 1}]}
+
+        # As the ServiceAccount, under kopf: the chart grants enough for kopf and the reconciler
+        # (create, then a re-plan that prunes).
+        with running_operator(plane, tmp_path / "cache", kubeconfig=kubeconfig):
+            cluster.apply("viasa", spec)
+            cluster.wait_phase("viasa", "Ready")
+            cluster.apply("viasa", fewer)
+            cluster.wait_phase("viasa", "Ready")
+
+        # The same passes outside kopf, with every API call recorded: no more than granted.
+        kube = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
+        with ThreadPoolExecutor(1) as executor:
+            planner = AnalyticPlanner(Catalogue.load(), executor)
+            ctx = Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "cache2")
+            for body in (spec, fewer):
+                cluster.apply("direct", body)
+                asyncio.run(converge(cluster.pm("direct"), _nodes(kube_api), ctx, _Events()))
+        assert cluster.status("direct")["phase"] in ("Deploying", "Ready")
+
+    granted = rules_of(manifests)
+    used = kube.used | KOPF_NEEDS
+    assert used <= granted, f"the operator uses what the chart does not grant: {used - granted}"
+    assert granted <= used, f"the chart grants what the operator never uses: {granted - used}"

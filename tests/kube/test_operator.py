@@ -1,0 +1,259 @@
+"""The operator against a real control plane: kwok node pools, the PlacedModel lifecycle.
+
+One operator (kopf's `KopfRunner`, in this process, as the chart runs it: standalone, all
+namespaces) serves every test of the module; each test works in its own namespace with its own
+node pools (named after the namespace, since Nodes are cluster-wide). The models are small MLPs
+served over HTTP from 127.0.0.1, the way a model store would serve them. The restart test runs
+its own operators.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes.client.exceptions import ApiException
+from test_operator_harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    Cluster,
+    install_crd,
+    models_for,
+    running_operator,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def crd(scheduling_control_plane) -> None:
+    install_crd(scheduling_control_plane)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with models_for(tmp_path_factory.mktemp("models")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def operator(scheduling_control_plane, crd, tmp_path_factory) -> Iterator[KopfRunner]:
+    with running_operator(scheduling_control_plane, tmp_path_factory.mktemp("cache")) as runner:
+        yield runner
+
+
+@pytest.fixture
+def cluster(kube_api, scheduling_control_plane, namespace) -> Cluster:
+    return Cluster(kube_api, scheduling_control_plane, namespace)
+
+
+def two_pools(cluster: Cluster, make_node_pool) -> tuple[str, str]:
+    gpu, cpu = f"{cluster.ns}-gpu", f"{cluster.ns}-cpu"
+    make_node_pool(gpu, count=2, gpus=1, labels={"nvidia.com/gpu.product": "Tesla-T4"})
+    make_node_pool(cpu, count=1, cpu="16", memory="64Gi")
+    return gpu, cpu
+
+
+def spec_for(models: dict[str, Any], gpu: str, cpu: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
+        "pools": [
+            {"name": gpu, "kind": "gpu", "maxDevices": 2},
+            {"name": cpu, "kind": "cpu", "threadsPerDevice": 4, "maxDevices": 2},
+        ],
+        **extra,
+    }
+
+
+def test_placed_model_becomes_ready_on_its_pools(operator, cluster, make_node_pool, models):
+    gpu, cpu = two_pools(cluster, make_node_pool)
+    cluster.apply("mlp", spec_for(models, gpu, cpu))
+    status = cluster.wait_phase("mlp", "Ready")
+
+    placement = status["placement"]
+    assert placement["devices"] == len(placement["assignment"]) >= 1
+    assert placement["latencyMs"] > 0 and placement["solver"]
+    assert status["endpoint"] == f"http://mlp-gateway.{cluster.ns}.svc:8000"
+    assert cluster.condition("mlp", "Planned")["status"] == "True"
+    assert cluster.condition("mlp", "Ready")["status"] == "True"
+
+    deployments = cluster.deployments("mlp")
+    assert set(deployments) == {a["deployment"] for a in placement["assignment"]} | {"mlp-gateway"}
+    nodes = {n.metadata.name: n for n in cluster.core.list_node().items}
+    for a in placement["assignment"]:
+        d = deployments[a["deployment"]]
+        pool = gpu if a["kind"] == "gpu" else cpu
+        assert d.spec.template.spec.node_selector == {"moirai.dev/pool": pool}
+        placed_on = cluster.pods_nodes(a["deployment"])
+        assert placed_on and all(
+            nodes[n].metadata.labels["moirai.dev/pool"] == pool for n in placed_on
+        )
+        requests = d.spec.template.spec.containers[0].resources.requests
+        assert ("nvidia.com/gpu" in requests) == (a["kind"] == "gpu")
+    services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items}
+    assert services == set(deployments)
+    plan = cluster.core.read_namespaced_config_map("mlp-plan", cluster.ns).data
+    assert json.loads(plan["plan.json"])["endpoints"]["gateway"].startswith("mlp-gateway.")
+
+    table = cluster.plane.kubectl("get", "pm", "-n", cluster.ns)
+    header, row = table.strip().splitlines()
+    assert header.split() == ["NAME", "PHASE", "DEVICES", "LATENCY", "ENDPOINT", "AGE"]
+    assert row.split()[:5] == [
+        "mlp",
+        "Ready",
+        str(placement["devices"]),
+        placement["latency"],
+        status["endpoint"],
+    ]
+    events = cluster.core.list_namespaced_event(cluster.ns).items
+    reasons = {e.reason for e in events if e.involved_object.name == "mlp"}
+    assert {"Profiling", "Solving", "Solved", "Deployed"} <= reasons
+
+
+def test_spec_update_replans_and_prunes(operator, cluster, make_node_pool, models):
+    gpu, cpu = two_pools(cluster, make_node_pool)
+    cluster.apply("mlp", spec_for(models, gpu, cpu))
+    cluster.wait_phase("mlp", "Ready")
+    cluster.apply(
+        "mlp",
+        {**spec_for(models, gpu, cpu), "pools": [{"name": cpu, "kind": "cpu", "maxDevices": 1}]},
+    )
+    status = cluster.wait_phase("mlp", "Ready")
+    assert status["observedGeneration"] == 2
+    assert {a["device"] for a in status["placement"]["assignment"]} == {f"{cpu}-0"}
+    assert set(cluster.deployments("mlp")) == {f"mlp-{cpu}-0", "mlp-gateway"}
+
+
+def test_pool_change_replans(operator, cluster, make_node_pool, models):
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="4")
+    spec = {
+        "model": {"uri": models["mlp"]},
+        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 4, "maxDevices": 4}],
+    }
+    cluster.apply("mlp", spec)
+    first = cluster.wait_phase("mlp", "Ready")["poolsFingerprint"]
+    more = f"{cluster.ns}-more"
+    make_node_pool(more, count=2, cpu="4", labels={"moirai.dev/pool": cpu})
+    wait_until(
+        "a re-plan after new nodes joined the pool",
+        lambda: (
+            (s := cluster.status("mlp")).get("poolsFingerprint") != first
+            and s.get("phase") == "Ready"
+        ),
+    )
+    # Cordoning every node leaves no schedulable node: a Failed condition says so.
+    for node in cluster.core.list_node(label_selector=f"moirai.dev/pool={cpu}").items:
+        cluster.core.patch_node(node.metadata.name, {"spec": {"unschedulable": True}})
+    cluster.wait_phase("mlp", "Failed")
+    planned = cluster.condition("mlp", "Planned")
+    assert planned["reason"] == "NoMatchingPool" and "cordoned or NotReady" in planned["message"]
+
+
+def test_delete_removes_every_child(operator, cluster, make_node_pool, models):
+    gpu, cpu = two_pools(cluster, make_node_pool)
+    cluster.apply("mlp", spec_for(models, gpu, cpu))
+    cluster.wait_phase("mlp", "Ready")
+    assert cluster.children("mlp")
+    cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, "mlp")
+    wait_until("the garbage collector to delete the children", lambda: not cluster.children("mlp"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"model": {"uri": "ftp://x/m.onnx"}, "pools": [{"name": "a", "kind": "cpu"}]}, "uri"),
+        ({"model": {"uri": "http://x/m"}, "pools": [{"name": "a", "kind": "tpu"}]}, "kind"),
+        ({"model": {"uri": "http://x/m"}, "pools": []}, "pools"),
+        (
+            {
+                "model": {"uri": "http://x/m"},
+                "pools": [{"name": "a", "kind": "cpu", "maxDevices": 0}],
+            },
+            "maxDevices",
+        ),
+        (
+            {
+                "model": {"uri": "http://x/m"},
+                "pools": [{"name": "a", "kind": "cpu"}],
+                "placement": {"solver": "magic"},
+            },
+            "solver",
+        ),
+        (
+            {
+                "model": {"uri": "http://x/m", "sha256": "xyz"},
+                "pools": [{"name": "a", "kind": "cpu"}],
+            },
+            "sha256",
+        ),
+        ({"pools": [{"name": "a", "kind": "cpu"}]}, "model"),
+    ],
+)
+def test_schema_rejects_invalid_specs(crd, cluster, spec, message):
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PlacedModel",
+        "metadata": {"name": "bad"},
+        "spec": spec,
+    }
+    with pytest.raises(ApiException) as error:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body)
+    assert error.value.status == 422 and message in error.value.body
+
+
+def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool, models):
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="4", memory="8Gi")
+    pool = {"name": cpu, "kind": "cpu", "threadsPerDevice": 2}
+    cluster.apply(
+        "nopool", {"model": {"uri": models["mlp"]}, "pools": [{"name": "nowhere", "kind": "gpu"}]}
+    )
+    cluster.apply(
+        "unreachable", {"model": {"uri": f"{models['url']}/missing.onnx"}, "pools": [pool]}
+    )
+    cluster.apply("digest", {"model": {"uri": models["mlp"], "sha256": "0" * 64}, "pools": [pool]})
+    cluster.apply(
+        "toobig",
+        {"model": {"uri": models["wide"]}, "pools": [{**pool, "memoryPerDevice": "1Mi"}]},
+    )
+    expected = {
+        "nopool": ("NoMatchingPool", "no schedulable node matches pool 'nowhere'"),
+        "unreachable": ("ModelUnreachable", "HTTP 404"),
+        "digest": ("ModelDigestMismatch", "spec.model.sha256"),
+        "toobig": ("InsufficientMemory", "no pool has enough memory"),
+    }
+    for name, (reason, message) in expected.items():
+        cluster.wait_phase(name, "Failed")
+        planned = cluster.condition(name, "Planned")
+        assert planned["status"] == "False" and planned["reason"] == reason, planned
+        assert message in planned["message"]
+        assert not cluster.deployments(name)
+    # Fixing the spec recovers.
+    cluster.apply("nopool", {"model": {"uri": models["mlp"]}, "pools": [pool]})
+    cluster.wait_phase("nopool", "Ready")
+
+
+def test_restart_mid_reconcile_converges_without_duplicates(
+    scheduling_control_plane, crd, cluster, make_node_pool, models, tmp_path
+):
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=2, cpu="8")
+    spec = {
+        # A slow model store: the first operator is stopped while it fetches the model.
+        "model": {"uri": f"{models['url']}/slow/mlp.onnx"},
+        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 4}],
+    }
+    with running_operator(scheduling_control_plane, tmp_path / "cache"):
+        cluster.apply("mlp", spec)
+        wait_until("the fetch to start", lambda: cluster.status("mlp").get("phase") == "Profiling")
+    assert cluster.status("mlp").get("phase") == "Profiling"
+    with running_operator(scheduling_control_plane, tmp_path / "cache"):
+        status = cluster.wait_phase("mlp", "Ready", timeout=90)
+    devices = {a["deployment"] for a in status["placement"]["assignment"]}
+    assert set(cluster.deployments("mlp")) == devices | {"mlp-gateway"}
+    replicasets = cluster.apps.list_namespaced_replica_set(cluster.ns).items
+    assert len(replicasets) == len(devices) + 1

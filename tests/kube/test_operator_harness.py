@@ -1,0 +1,213 @@
+"""Harness of the operator's control-plane tests (no tests here): a model store on 127.0.0.1,
+the operator under kopf's `KopfRunner`, and a reader of one namespace.
+
+Shared by test_operator.py and test_chart.py; named test_operator_harness so that it lives
+beside them (pytest collects no tests from it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+REPO = Path(__file__).resolve().parents[2]
+GROUP, VERSION, PLURAL = "moirai.dev", "v1alpha1", "placedmodels"
+OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "moirai_operator.handlers"]
+OPERATOR_ENV = {
+    "MOIRAI_RESYNC_SECONDS": "1",
+    "MOIRAI_SOLVER": "heft",
+    "MOIRAI_TIME_LIMIT_SECONDS": "5",
+    "MOIRAI_IMAGE": "moirai:test",
+    "MOIRAI_GPU_IMAGE": "moirai:test-gpu",
+}
+TIMEOUT = 60.0
+
+
+def write_mlp(path: Path, hidden: int = 64, layers: int = 4) -> Path:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        inits += [
+            numpy_helper.from_array(
+                (rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32), f"w{i}"
+            ),
+            numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"MatMul_{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"Add_{i}"),
+            helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"Relu_{i}"),
+        ]
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"], name="Out"))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+SLOW_SECONDS = 4.0
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """An HTTP server for `directory` on 127.0.0.1; yields its base URL. Files under `/slow/`
+    are the same files, answered after `SLOW_SECONDS` (a slow model store)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(directory), **kwargs)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/slow/"):
+                time.sleep(SLOW_SECONDS)
+                self.path = self.path[len("/slow") :]
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def wait_until(what: str, check: Callable[[], Any], timeout: float = TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def install_crd(plane) -> None:
+    plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/placedmodels.moirai.dev"
+    )
+
+
+@contextlib.contextmanager
+def models_for(directory: Path) -> Iterator[dict[str, Any]]:
+    """Two models (a small and a wide MLP) served over HTTP; their URLs and digests."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mlp = write_mlp(directory / "mlp.onnx")
+    write_mlp(directory / "wide.onnx", hidden=1024, layers=3)
+    with serve_directory(directory) as url:
+        yield {
+            "url": url,
+            "mlp": f"{url}/mlp.onnx",
+            "mlp_sha256": hashlib.sha256(mlp.read_bytes()).hexdigest(),
+            "wide": f"{url}/wide.onnx",
+            "path": mlp,
+        }
+
+
+@contextlib.contextmanager
+def running_operator(plane, cache: Path, kubeconfig: Path | None = None) -> Iterator[KopfRunner]:
+    """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(kubeconfig or plane.kubeconfig))
+        mp.setenv("MOIRAI_MODEL_CACHE", str(cache))
+        for key, value in OPERATOR_ENV.items():
+            mp.setenv(key, value)
+        with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
+            yield runner
+    assert runner.exception is None, runner.output
+
+
+class Cluster:
+    """What the tests read and write, in one namespace."""
+
+    def __init__(self, api: client.ApiClient, plane, namespace: str) -> None:
+        self.api = api
+        self.plane = plane
+        self.ns = namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.apps = client.AppsV1Api(api)
+        self.core = client.CoreV1Api(api)
+
+    def apply(self, name: str, spec: dict[str, Any]) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PlacedModel",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": spec,
+        }
+        self.plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(body))
+
+    def pm(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.pm(name).get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        for c in self.status(name).get("conditions") or []:
+            if c["type"] == type_:
+                return c
+        return {}
+
+    def wait_phase(self, name: str, phase: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return wait_until(
+            f"{name} to be {phase}",
+            lambda: (
+                (s := self.status(name)).get("phase") == phase
+                and s.get("observedGeneration") == self.pm(name)["metadata"]["generation"]
+                and s
+            ),
+            timeout,
+        )
+
+    def deployments(self, name: str) -> dict[str, Any]:
+        items = self.apps.list_namespaced_deployment(
+            self.ns, label_selector=f"moirai.dev/placedmodel={name}"
+        ).items
+        return {d.metadata.name: d for d in items}
+
+    def children(self, name: str) -> set[str]:
+        selector = f"moirai.dev/placedmodel={name}"
+        found = set()
+        for kind, items in (
+            ("ConfigMap", self.core.list_namespaced_config_map(self.ns, label_selector=selector)),
+            ("Service", self.core.list_namespaced_service(self.ns, label_selector=selector)),
+            ("Deployment", self.apps.list_namespaced_deployment(self.ns, label_selector=selector)),
+        ):
+            found |= {f"{kind}/{o.metadata.name}" for o in items.items}
+        return found
+
+    def pods_nodes(self, deployment: str) -> set[str]:
+        pods = self.core.list_namespaced_pod(
+            self.ns, label_selector=f"moirai.dev/child={deployment}"
+        ).items
+        return {p.spec.node_name for p in pods if p.spec.node_name}
