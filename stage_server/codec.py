@@ -269,3 +269,24 @@ def encode_json_outputs(
     if request_id:
         body["id"] = request_id
     return body, blobs
+
+
+def encode_infer_request(
+    model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()
+) -> oip.ModelInferRequest:
+    """A `ModelInferRequest` with raw contents (the client side)."""
+    request = oip.ModelInferRequest(model_name=model_name)
+    for name, array in inputs.items():
+        request.inputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
+        request.raw_input_contents.append(to_bytes(array))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def decode_infer_response(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The output tensors of a `ModelInferResponse` (raw contents, as the gateway sends)."""
+    return {
+        t.name: from_bytes(t.name, t.datatype, t.shape, raw)
+        for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }

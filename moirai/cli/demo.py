@@ -1,0 +1,129 @@
+"""`moirai demo`: Moirai's main job, end to end, on a bundled model.
+
+    moirai demo [--model squeezenet] [--requests 30] [--concurrency 8] [planning flags]
+
+Plans the model over this machine's devices (the CPU split into one device per core, GPUs when
+present), serves it with one stage server per device and the gateway, sends requests through the
+Open Inference Protocol, checks every output against single-process ONNX Runtime on the whole
+model, prints the plan, predicted against measured latency and the throughput, and shuts
+everything down. Exit status 0 when every output matched, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moirai.cli.serve import add_planning_arguments, plan_from_args
+
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="plan, serve and check a bundled model end to end")
+    p.add_argument("--model", default="squeezenet", help="bundled model (moirai.zoo)")
+    p.add_argument("--requests", type=int, default=30, help="sequential requests timed")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight for throughput")
+    add_planning_arguments(p)
+    p.set_defaults(func=run)
+
+
+async def _throughput(url: str, model: str, inputs: dict[str, np.ndarray], n: int, c: int) -> float:
+    from stage_server.client import AsyncInferenceClient
+
+    client = AsyncInferenceClient(url)
+    queue = list(range(n))
+
+    async def worker() -> None:
+        while queue:
+            queue.pop()
+            await client.infer(model, inputs)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(c)))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return n / elapsed
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
+    from moirai import zoo
+    from moirai.runtime.local import LocalDeployment
+    from moirai.runtime.planning import describe
+    from stage_server.client import InferenceClient
+    from stage_server.codec import DTYPES
+
+    path = zoo.get(args.model)
+    planned = plan_from_args(args, path, zoo.input_shapes(args.model))
+    plan = planned.plan
+    print(describe(plan), flush=True)
+    rng = np.random.default_rng(0)
+    samples = [
+        {t.name: rng.random(t.shape).astype(DTYPES[t.datatype]) for t in plan.inputs}
+        for _ in range(3)
+    ]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    single = ort.InferenceSession(planned.model.SerializeToString(), options)
+    names = [o.name for o in plan.outputs]
+    expected = [dict(zip(names, single.run(names, s), strict=True)) for s in samples]
+    times = []
+    for _ in range(args.requests):
+        t0 = time.perf_counter()
+        single.run(names, samples[0])
+        times.append(time.perf_counter() - t0)
+    single_ms = statistics.median(times) * 1000
+
+    mismatches = 0
+    with tempfile.TemporaryDirectory(prefix="moirai-demo-") as tmp:
+        deployment = LocalDeployment(plan, path, Path(tmp))
+        with deployment, InferenceClient(deployment.grpc_url) as client:
+            print(f"serving on gRPC {deployment.grpc_url}, HTTP {deployment.http_url}", flush=True)
+            for sample, want in zip(samples, expected, strict=True):
+                got = client.infer(plan.model_name, sample)
+                for name in names:
+                    if not np.allclose(got[name], want[name], **TOLERANCE):
+                        mismatches += 1
+                        print(
+                            f"MISMATCH in {name}: max |diff| "
+                            f"{np.max(np.abs(got[name] - want[name])):.3g}"
+                        )
+            times = []
+            for _ in range(args.requests):
+                t0 = time.perf_counter()
+                client.infer(plan.model_name, samples[0])
+                times.append(time.perf_counter() - t0)
+            served_ms = statistics.median(times) * 1000
+            rps = asyncio.run(
+                _throughput(
+                    deployment.grpc_url,
+                    plan.model_name,
+                    samples[0],
+                    args.requests * 2,
+                    args.concurrency,
+                )
+            )
+    single_rps = 1000.0 / single_ms
+    predicted = plan.predicted.get("makespan_ms", float("nan"))
+    print()
+    print(
+        f"outputs equal single-process ONNX Runtime: {'yes' if not mismatches else 'NO'}"
+        f" ({len(samples)} inputs, rtol {TOLERANCE['rtol']}, atol {TOLERANCE['atol']})"
+    )
+    print(
+        f"latency   predicted {predicted:8.2f} ms   measured {served_ms:8.2f} ms (median of "
+        f"{args.requests}; single-process ORT, 1 thread: {single_ms:.2f} ms)"
+    )
+    print(
+        f"throughput served {rps:8.1f} req/s at concurrency {args.concurrency}   "
+        f"single-process ORT, 1 thread: {single_rps:.1f} req/s ({rps / single_rps:.2f}x)"
+    )
+    return 1 if mismatches else 0

@@ -1,0 +1,74 @@
+"""`moirai gateway`: the Open Inference Protocol endpoint of a stage plan.
+
+    moirai gateway --plan plan.json [--grpc-port 8001] [--http-port 8000] [--host 127.0.0.1] \
+        [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] [--max-request-bytes N] \
+        [--timeout 30] [--model model.onnx]
+
+Stage servers push final outputs to the gateway's `--chain-port` (by default the gRPC port).
+`--model` is optional: given, the gateway refuses a model file other than the plan's. Environment
+fallbacks: MOIRAI_PLAN, MOIRAI_HOST, MOIRAI_PEERS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moirai.errors import MoiraiError
+from moirai.partition import StagePlan
+from moirai.runtime.daemon import (
+    Stoppable,
+    check_model_file,
+    peer_addresses,
+    run_until_signalled,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from stage_server.serve import DEFAULT_MAX_REQUEST_BYTES
+
+    p = subparsers.add_parser("gateway", help="run the inference gateway of a stage plan")
+    env = os.environ.get
+    p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
+    p.add_argument("--model", help="check that this model file is the plan's")
+    p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
+    p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
+    p.add_argument("--http-port", type=int, default=8000, help="OIP HTTP port (default 8000)")
+    p.add_argument("--chain-port", type=int, help="port for stage pushes (default: gRPC port)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"largest request accepted (default {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="request deadline, seconds")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.plan:
+        raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
+    from stage_server.serve import start_gateway
+
+    plan = StagePlan.load(args.plan)
+    if args.model:
+        check_model_file(plan, Path(args.model))
+    addresses = peer_addresses(plan, args.peer)
+
+    async def start() -> Stoppable:
+        return await start_gateway(
+            plan,
+            addresses,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            chain_port=args.chain_port,
+            max_request_bytes=args.max_request_bytes,
+            timeout_s=args.timeout,
+        )
+
+    return run_until_signalled(
+        start, f"gateway on {args.host}:{args.grpc_port} (gRPC), :{args.http_port} (HTTP)"
+    )

@@ -1,0 +1,121 @@
+"""`moirai serve`: plan a model over this machine's devices and serve it on loopback.
+
+    moirai serve model.onnx [--devices local|devices.yaml] [--cpu-devices N] \
+        [--solver auto] [--objective latency|throughput] [--time-limit 10] \
+        [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000]
+
+Plans with the analytic cost model, starts one stage server per used device and the gateway as
+local processes, prints the plan and the endpoint, and serves until Ctrl-C or SIGTERM, then stops
+every process. A stage server that dies is restarted on its address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moirai.errors import MoiraiError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+def add_planning_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default="local", help="'local' or a devices YAML file")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        help="with --devices local: split the CPU into this many devices (default: one per "
+        "core, at most 4)",
+    )
+    p.add_argument("--solver", default="auto", help="placement solver (default auto)")
+    p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
+    p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, seconds")
+    p.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="plan a model and serve it on this machine")
+    p.add_argument("model", type=Path, help="ONNX model file")
+    add_planning_arguments(p)
+    p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
+    p.add_argument("--http-port", type=int, default=8000, help="OIP HTTP port (default 8000)")
+    p.add_argument("--timeout", type=float, default=30.0, help="request deadline, seconds")
+    p.add_argument("--workdir", type=Path, help="where the plan and logs go (default: temporary)")
+    p.set_defaults(func=run)
+
+
+def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object = None):
+    from moirai.devices import load_devices, local_devices
+    from moirai.runtime.planning import parse_input_shapes, plan_model, split_cpu
+
+    if args.devices == "local":
+        devices = split_cpu(local_devices(), args.cpu_devices)
+    else:
+        if args.cpu_devices:
+            raise MoiraiError("--cpu-devices applies to --devices local only")
+        devices = load_devices(args.devices)
+    shapes = parse_input_shapes(args.input_shape) if input_shapes is None else input_shapes
+    return plan_model(
+        model,
+        devices,
+        input_shapes=shapes,
+        solver=args.solver,
+        objective=args.objective,
+        time_limit=args.time_limit,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from moirai.runtime.local import LocalDeployment
+    from moirai.runtime.planning import describe
+
+    planned = plan_from_args(args, args.model)
+    print(describe(planned.plan), flush=True)
+    with tempfile.TemporaryDirectory(prefix="moirai-serve-") as tmp:
+        deployment = LocalDeployment(
+            planned.plan,
+            args.model.resolve(),
+            args.workdir or Path(tmp),
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            timeout_s=args.timeout,
+        )
+        stopping = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            deployment.start()
+            print(
+                f"serving {planned.plan.model_name}: gRPC {deployment.grpc_url}, "
+                f"HTTP http://{deployment.http_url} (Open Inference Protocol); "
+                f"metrics at http://{deployment.http_url}/metrics; Ctrl-C stops",
+                flush=True,
+            )
+            while not stopping:
+                time.sleep(0.2)
+                for name, proc in deployment.processes.items():
+                    if proc.poll() is not None and not stopping:
+                        log.warning("%s exited (%s); restarting it", name, proc.returncode)
+                        if name == "gateway":
+                            raise MoiraiError(f"the gateway died: {deployment.log_tail(name)}")
+                        deployment.start_stage(name)
+        finally:
+            deployment.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        print("stopped", flush=True)
+    return 0

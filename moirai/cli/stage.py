@@ -1,0 +1,76 @@
+"""`moirai stage`: run the stage server of one device of a stage plan.
+
+    moirai stage --plan plan.json --model model.onnx --device cpu-1 --port 50052 \
+        [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 --peer gateway=127.0.0.1:8001] \
+        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1]
+
+Peer addresses come from the plan's endpoints, `MOIRAI_PEERS` (JSON) and `--peer`. Every flag
+has an environment fallback for containers: MOIRAI_PLAN, MOIRAI_MODEL, MOIRAI_DEVICE,
+MOIRAI_HOST, MOIRAI_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from moirai.errors import MoiraiError
+from moirai.partition import StagePlan
+from moirai.runtime.daemon import (
+    Stoppable,
+    check_model_file,
+    peer_addresses,
+    run_until_signalled,
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("stage", help="run the stage server of one device")
+    env = os.environ.get
+    p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
+    p.add_argument("--model", default=env("MOIRAI_MODEL"), help="the ONNX model the plan cuts")
+    p.add_argument("--device", default=env("MOIRAI_DEVICE"), help="device name in the plan")
+    p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
+    p.add_argument("--port", type=int, default=int(env("MOIRAI_PORT", "50051")))
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the plan's)")
+    p.add_argument("--cuda-device", type=int, help="CUDA device id (default: the plan's)")
+    p.add_argument("--cpus", help="pin this process to these cores, e.g. 0,1")
+    p.add_argument("--workers", type=int, default=1, help="stages run at once (default 1)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    for flag in ("plan", "model", "device"):
+        if not getattr(args, flag):
+            raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
+    if args.cpus:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+        except (ValueError, OSError) as e:
+            raise MoiraiError(f"--cpus {args.cpus}: cannot pin to these cores ({e})") from None
+    from moirai.graph import load_model
+    from stage_server.serve import start_stage
+
+    plan = StagePlan.load(args.plan)
+    plan.device(args.device)
+    model_path = Path(args.model)
+    check_model_file(plan, model_path)
+    model = load_model(model_path, {k: list(v) for k, v in plan.input_shapes.items()} or None)
+    addresses = peer_addresses(plan, args.peer)
+
+    async def start() -> Stoppable:
+        return await start_stage(
+            model,
+            plan,
+            args.device,
+            addresses,
+            host=args.host,
+            port=args.port,
+            threads=args.threads,
+            cuda_device=args.cuda_device,
+            workers=args.workers,
+        )
+
+    return run_until_signalled(start, f"stage server {args.device} on {args.host}:{args.port}")

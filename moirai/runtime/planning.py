@@ -1,0 +1,173 @@
+"""From an ONNX file to a stage plan: the pipeline as `moirai serve` and `moirai demo` run it.
+
+load → cost graph (analytic profile until measured profiling lands) → solver → stage plan. The
+plan's groups are the cost graph's tasks (`Task.ops` are canonical node names) in the order of
+the solver's schedule, so stages follow the schedule the solver predicted.
+
+`--devices local` describes this machine as one CPU device with every core; serving wants one
+stage server per core group, so `split_cpu` cuts it into N devices of cores/N threads each
+(by default one per core, capped at 4), each later pinned to its own cores by the local runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from moirai.costgraph import CostGraph
+from moirai.devices import DeviceSet
+from moirai.errors import MoiraiError
+from moirai.graph import load_model
+from moirai.partition import DeviceSpec, StagePlan, build_plan
+from moirai.pipeline import build_costgraph
+from moirai.placement import Objective, solve
+from moirai.placement.result import Placement
+
+MAX_LOCAL_CPU_DEVICES = 4
+
+
+def available_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+
+
+def split_cpu(devices: DeviceSet, parts: int | None = None) -> DeviceSet:
+    """Cut each CPU device into `parts` devices of equal thread count and peak."""
+    cpus = [d for d in devices.devices if d.kind == "cpu"]
+    out = []
+    for d in devices.devices:
+        if d.kind != "cpu":
+            out.append(d)
+            continue
+        threads = d.threads or len(available_cores())
+        n = parts or min(threads, MAX_LOCAL_CPU_DEVICES)
+        if not 1 <= n <= threads:
+            raise MoiraiError(
+                f"--cpu-devices {n}: {d.name} has {threads} cores; use 1 to {threads}"
+            )
+        prefix = d.name.rsplit("-", 1)[0] if len(cpus) == 1 else d.name
+        out += [
+            dataclasses.replace(
+                d,
+                name=f"{prefix}-{i}",
+                threads=threads // n,
+                peak_flops=d.peak_flops / n,
+                memory_bandwidth_bytes_per_s=d.memory_bandwidth_bytes_per_s / n,
+                memory_bytes=d.memory_bytes // n,
+                device_id=i,
+            )
+            for i in range(n)
+        ]
+    return dataclasses.replace(devices, devices=tuple(out))
+
+
+def core_sets(plan: StagePlan) -> dict[str, list[int]]:
+    """Disjoint cores for the plan's CPU devices, in plan order (empty when they do not fit)."""
+    cores = available_cores()
+    out: dict[str, list[int]] = {}
+    start = 0
+    for d in plan.devices:
+        if d.kind == "cpu" and d.threads:
+            if start + d.threads > len(cores):
+                return {}
+            out[d.name] = cores[start : start + d.threads]
+            start += d.threads
+    return out
+
+
+@dataclass
+class Planned:
+    model: onnx.ModelProto
+    costgraph: CostGraph
+    placement: Placement
+    plan: StagePlan
+
+
+def plan_model(
+    model_path: str | Path,
+    devices: DeviceSet,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    solver: str = "auto",
+    objective: Objective = "latency",
+    time_limit: float = 10.0,
+    seed: int = 0,
+) -> Planned:
+    model_path = Path(model_path)
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    costgraph = build_costgraph(model_path, devices, shapes or None)
+    placement = solve(costgraph, solver, objective, time_limit=time_limit, seed=seed)
+    model = load_model(model_path, shapes or None)
+    source = costgraph.extra.get("source", {})
+    plan = build_plan(
+        model,
+        placement.assignment,
+        [
+            DeviceSpec(
+                d.name,
+                d.kind,
+                threads=d.threads if d.kind == "cpu" else None,
+                device_id=d.device_id if d.kind == "gpu" else None,
+            )
+            for d in devices.devices
+        ],
+        groups={t.id: t.ops for t in costgraph.tasks},
+        start_ms={s.task: s.start_ms for s in placement.schedule},
+        model_name=model_path.stem,
+        model_path=str(model_path),
+        model_sha256=str(source.get("sha256", "")),
+        input_shapes=shapes,
+        predicted={
+            "solver": placement.solver,
+            "status": placement.status,
+            "objective": placement.objective,
+            "makespan_ms": placement.makespan_ms,
+            "period_ms": placement.period_ms,
+            "lower_bound_ms": placement.lower_bound_ms,
+        },
+    )
+    return Planned(model, costgraph, placement, plan)
+
+
+def describe(plan: StagePlan) -> str:
+    """A person's view of a plan: devices, stages with their border tensors, predictions."""
+    p = plan.predicted
+    lines = [
+        f"model {plan.model_name}: {len(plan.stages)} stages on "
+        + ", ".join(
+            f"{d.name} ({d.kind}, {d.threads or 'all'} threads)"
+            if d.kind == "cpu"
+            else f"{d.name} (gpu {d.device_id or 0})"
+            for d in plan.devices
+            if d.name in plan.used_devices
+        )
+    ]
+    if p:
+        lines.append(
+            f"solver {p.get('solver')} ({p.get('status')}), objective {p.get('objective')}: "
+            f"predicted latency {p.get('makespan_ms', 0):.2f} ms, "
+            f"period {p.get('period_ms') or 0:.2f} ms"
+        )
+    for s in plan.stages:
+        ins = ", ".join(s.inputs) or "-"
+        outs = ", ".join(s.outputs)
+        lines.append(f"  {s.id:>4} on {s.device:<8} {len(s.nodes):>4} nodes  {ins} -> {outs}")
+    return "\n".join(lines)
+
+
+def parse_input_shapes(values: Sequence[str]) -> dict[str, list[int]]:
+    """`NAME=1x3x224x224` (or commas) flags as a mapping."""
+    shapes: dict[str, list[int]] = {}
+    for value in values:
+        name, sep, dims = value.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.replace(",", "x").split("x")]
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise MoiraiError(f"--input-shape {value!r}: write NAME=DIMS, e.g. input=1x3x224x224")
+    return shapes

@@ -1,0 +1,94 @@
+"""A small Open Inference Protocol gRPC client, for `moirai infer`, the demo and the benchmarks.
+
+Any OIP client works against the gateway (tritonclient, KServe's); this one exists so that Moirai
+needs no extra client package, and it uses the same codec as the gateway. `InferenceClient` is
+blocking; `AsyncInferenceClient` runs many requests concurrently on one channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import numpy as np
+
+from stage_server import codec
+from stage_server.oip_grpc import SERVICE
+from stage_server.protos import grpc_predict_v2_pb2 as oip
+
+_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+def _method(channel: Any, name: str, request: type, response: type) -> Any:
+    return channel.unary_unary(
+        f"/{SERVICE}/{name}",
+        request_serializer=request.SerializeToString,
+        response_deserializer=response.FromString,
+    )
+
+
+class InferenceClient:
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self._ready = _method(
+            self._channel, "ServerReady", oip.ServerReadyRequest, oip.ServerReadyResponse
+        )
+        self._metadata = _method(
+            self._channel, "ModelMetadata", oip.ModelMetadataRequest, oip.ModelMetadataResponse
+        )
+        self._infer = _method(
+            self._channel, "ModelInfer", oip.ModelInferRequest, oip.ModelInferResponse
+        )
+
+    def ready(self, timeout_s: float = 5.0) -> bool:
+        return bool(self._ready(oip.ServerReadyRequest(), timeout=timeout_s).ready)
+
+    def metadata(self, model: str, timeout_s: float = 5.0) -> oip.ModelMetadataResponse:
+        return self._metadata(oip.ModelMetadataRequest(name=model), timeout=timeout_s)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        timeout_s: float = 30.0,
+    ) -> dict[str, np.ndarray]:
+        request = codec.encode_infer_request(model, inputs, outputs)
+        return codec.decode_infer_response(self._infer(request, timeout=timeout_s))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncInferenceClient:
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._infer = _method(
+            self._channel, "ModelInfer", oip.ModelInferRequest, oip.ModelInferResponse
+        )
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        timeout_s: float = 30.0,
+    ) -> dict[str, np.ndarray]:
+        request = codec.encode_infer_request(model, inputs, outputs)
+        return codec.decode_infer_response(await self._infer(request, timeout=timeout_s))
+
+    async def close(self) -> None:
+        await self._channel.close()
