@@ -1,0 +1,220 @@
+"""moirai.graph: loading, canonical names, shapes, tensor and weight bytes, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from moirai import zoo
+from moirai.errors import ModelError
+from moirai.graph import build_graph, canonical_node_names, load_model
+
+from .onnx_patterns import conv_bn_relu, init, model, save, tensor
+
+
+def _relus(names: list[str]) -> onnx.ModelProto:
+    nodes = []
+    for i, name in enumerate(names):
+        nodes.append(helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=name))
+    n = len(names)
+    return model(nodes, [tensor("t0", [1, 4])], [tensor(f"t{n}", [1, 4])])
+
+
+def _one_line(e: pytest.ExceptionInfo[ModelError]) -> str:
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------ names
+def test_canonical_names_keep_unique_names_and_generate_the_rest() -> None:
+    m = _relus(["", "a", "dup", "dup", "", "Relu_0"])
+    assert canonical_node_names(m) == ["Relu_0_1", "a", "Relu_2", "Relu_3", "Relu_4", "Relu_0"]
+
+
+def test_load_model_applies_canonical_names_idempotently(tmp_path: Path) -> None:
+    path = save(_relus(["", "dup", "dup"]), tmp_path / "m.onnx")
+    loaded = load_model(path)
+    names = [n.name for n in loaded.graph.node]
+    assert names == ["Relu_0", "Relu_1", "Relu_2"]
+    assert canonical_node_names(loaded) == names
+    assert [n.name for n in build_graph(loaded).nodes] == names
+
+
+# ----------------------------------------------------------- bytes, weights
+def test_tensor_bytes_and_weight_bytes(tmp_path: Path) -> None:
+    graph = build_graph(load_model(save(conv_bn_relu(), tmp_path / "m.onnx")))
+    assert graph.inputs == ("x",) and graph.outputs == ("y",)
+    assert graph.tensors["x"].nbytes == 1 * 3 * 8 * 8 * 4
+    assert graph.tensors["c"].shape == (1, 4, 6, 6)
+    assert graph.tensors["c"].nbytes == 4 * 36 * 4
+    conv, bn, relu = (n.name for n in graph.nodes)
+    assert graph.weight_bytes([conv]) == (4 * 27 + 4) * 4
+    assert graph.weight_bytes([bn]) == 4 * 4 * 4
+    assert graph.weight_bytes([relu]) == 0
+    assert graph.consumers["c"] == (bn,)
+    assert graph.producer["bn"] == bn
+
+
+def test_constant_node_weights_count_where_they_are_used(tmp_path: Path) -> None:
+    value = numpy_helper.from_array(np.ones((16, 16), np.float32), "value")
+    m = model(
+        [
+            helper.make_node("Constant", [], ["w"], value=value),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        [tensor("x", [2, 16])],
+        [tensor("y", [2, 16])],
+    )
+    graph = build_graph(load_model(save(m, tmp_path / "m.onnx")))
+    constant, matmul = graph.nodes
+    assert constant.constant and not matmul.constant
+    assert graph.tensors["w"].constant
+    assert graph.weight_bytes([matmul.name]) == 16 * 16 * 4
+    assert graph.weight_bytes([constant.name]) == 0
+
+
+def test_shape_of_a_static_tensor_is_constant(tmp_path: Path) -> None:
+    m = model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Reshape", ["x", "s"], ["y"]),
+        ],
+        [tensor("x", [2, 3])],
+        [tensor("y", [2, 3])],
+    )
+    shape, reshape = build_graph(load_model(save(m, tmp_path / "m.onnx"))).nodes
+    assert shape.constant and not reshape.constant
+
+
+def test_external_data_is_loaded(tmp_path: Path) -> None:
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [tensor("x", [1, 256])],
+        [tensor("y", [1, 256])],
+        [init("w", [256, 256])],
+    )
+    expected = numpy_helper.to_array(m.graph.initializer[0])
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.data")
+    assert (tmp_path / "m.data").stat().st_size == 256 * 256 * 4
+    loaded = load_model(tmp_path / "m.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), expected)
+    assert build_graph(loaded).weight_bytes(["MatMul_0"]) == 256 * 256 * 4
+
+
+def test_light_model_weights_are_not_inputs() -> None:
+    """IR 3 models list every initializer as an input; only the image stays an input."""
+    loaded = load_model(zoo.get("squeezenet"))
+    assert [i.name for i in loaded.graph.input] == ["data_0"]
+    assert loaded.ir_version >= 4
+    graph = build_graph(loaded)
+    params = graph.weight_bytes([n.name for n in graph.nodes]) / 4
+    assert 1.2e6 < params < 1.3e6  # SqueezeNet 1.0 has 1.24 M parameters
+
+
+# ------------------------------------------------------------ input shapes
+def _symbolic(tmp_path: Path) -> Path:
+    m = model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [tensor("x", ["batch", 3, "height", 8])],
+        [tensor("y", ["batch", 3, "height", 8])],
+    )
+    return save(m, tmp_path / "m.onnx")
+
+
+def test_input_shapes_make_every_tensor_static(tmp_path: Path) -> None:
+    loaded = load_model(_symbolic(tmp_path), {"x": [2, 3, 5, 8]})
+    graph = build_graph(loaded)
+    assert graph.tensors["y"].shape == (2, 3, 5, 8)
+    assert graph.tensors["y"].nbytes == 2 * 3 * 5 * 8 * 4
+
+
+def test_unresolved_dimension_names_input_and_suggests_flag(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as e:
+        load_model(_symbolic(tmp_path))
+    message = _one_line(e)
+    assert "'x'" in message and "'batch'" in message
+    assert "--input-shape x=1x3x1x8" in message
+
+
+def test_unknown_input_name_lists_the_real_inputs(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as e:
+        load_model(_symbolic(tmp_path), {"images": [1, 3, 4, 8]})
+    message = _one_line(e)
+    assert "'images'" in message and "inputs are x" in message
+
+
+def test_light_model_inputs_exclude_initializers_in_the_error() -> None:
+    with pytest.raises(ModelError, match=r"inputs are data_0$"):
+        load_model(zoo.get("squeezenet"), {"conv1_w_0": [1]})
+
+
+@pytest.mark.parametrize(
+    ("shape", "needle"),
+    [
+        ([2, 3, 5], "rank 4"),
+        ([2, 4, 5, 8], "dimension 1 is fixed at 3"),
+        ([0, 3, 5, 8], "positive"),
+    ],
+)
+def test_contradicting_input_shapes(tmp_path: Path, shape: list[int], needle: str) -> None:
+    with pytest.raises(ModelError) as e:
+        load_model(_symbolic(tmp_path), {"x": shape})
+    assert needle in _one_line(e)
+
+
+# ------------------------------------------------------------- bad files
+def test_truncated_model_is_one_line_model_error(tmp_path: Path) -> None:
+    whole = conv_bn_relu().SerializeToString()
+    for cut in (len(whole) // 3, len(whole) // 2, len(whole) - 7):
+        path = tmp_path / f"cut{cut}.onnx"
+        path.write_bytes(whole[:cut])
+        with pytest.raises(ModelError) as e:
+            load_model(path)
+        assert str(path) in _one_line(e)
+
+
+def test_missing_and_garbage_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such ONNX file"):
+        load_model(tmp_path / "absent.onnx")
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 10)
+    with pytest.raises(ModelError, match=r"not a valid ONNX model|invalid ONNX model"):
+        load_model(tmp_path / "text.onnx")
+
+
+def test_invalid_graph_is_model_error(tmp_path: Path) -> None:
+    m = model(
+        [helper.make_node("Relu", ["nowhere"], ["y"])],
+        [tensor("x", [1])],
+        [tensor("y", [1])],
+    )
+    with pytest.raises(ModelError, match="invalid ONNX model"):
+        load_model(save(m, tmp_path / "m.onnx"))
+
+
+def test_missing_external_data_is_model_error(tmp_path: Path) -> None:
+    m = model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [tensor("x", [1, 256])],
+        [tensor("y", [1, 256])],
+        [init("w", [256, 256])],
+    )
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.data")
+    (tmp_path / "m.data").unlink()
+    with pytest.raises(ModelError) as e:
+        load_model(tmp_path / "m.onnx")
+    assert "m.onnx" in _one_line(e)
+
+
+def test_integer_tensors_use_their_itemsize(tmp_path: Path) -> None:
+    m = model(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.INT64)],
+        [tensor("x", [3, 5])],
+        [tensor("y", [3, 5], TensorProto.INT64)],
+    )
+    graph = build_graph(load_model(save(m, tmp_path / "m.onnx")))
+    assert graph.tensors["x"].nbytes == 60 and graph.tensors["y"].nbytes == 120
