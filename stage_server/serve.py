@@ -34,6 +34,7 @@ from stage_server.stage import StageServer
 from stage_server.transport import ErrorInterceptor
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
+PUSH_OVERHEAD_BYTES = 64 << 10  # names, shapes, timings of one push: far less in practice
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
@@ -132,6 +133,14 @@ async def start_gateway(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     timeout_s: float = 30.0,
 ) -> GatewayHandle:
+    if chain_port is None:
+        needed = _largest_final_push(plan) + PUSH_OVERHEAD_BYTES
+        if needed > max_request_bytes:
+            raise MoiraiError(
+                f"the model's outputs ({needed} bytes in one push) exceed --max-request-bytes "
+                f"{max_request_bytes}, which also limits the shared chain port: give the "
+                "gateway a --chain-port of its own"
+            )
     gateway = Gateway(plan, Peers(plan, addresses), timeout_s=timeout_s)
     interceptors = [ErrorInterceptor(gateway.metrics)]
     limit = [
@@ -143,13 +152,6 @@ async def start_gateway(
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), oip_server)
     servers = [oip_server]
     if chain_port is None:
-        needed = _largest_final_push(plan) + (1 << 20)
-        if needed > max_request_bytes:
-            raise MoiraiError(
-                f"the model's outputs ({needed} bytes in one push) exceed --max-request-bytes "
-                f"{max_request_bytes}, which also limits the shared chain port: give the "
-                "gateway a --chain-port of its own"
-            )
         chain_server = oip_server
     else:
         chain_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from moirai.costgraph import CostGraph
+from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet
 from moirai.errors import MoiraiError
 from moirai.graph import load_model
@@ -29,6 +29,11 @@ from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
 
 MAX_LOCAL_CPU_DEVICES = 4
+# What one hop between local stage servers costs in practice: gRPC in Python over loopback, with
+# the sender's and receiver's (de)serialisation, about 1 ms and 0.5 GB/s on a small machine (see
+# bench/runtime.py's per-hop table). The cost model's bare loopback link is far cheaper, which
+# would make the solver cut the model into many tiny stages that the hops then slow down.
+SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=5e8, latency_ms=1.0)
 
 
 def available_cores() -> list[int]:
@@ -36,7 +41,8 @@ def available_cores() -> list[int]:
 
 
 def split_cpu(devices: DeviceSet, parts: int | None = None) -> DeviceSet:
-    """Cut each CPU device into `parts` devices of equal thread count and peak."""
+    """Cut each CPU device into `parts` devices of equal thread count and peak, linked by
+    `SERVING_LOOPBACK`."""
     cpus = [d for d in devices.devices if d.kind == "cpu"]
     out = []
     for d in devices.devices:
@@ -62,7 +68,7 @@ def split_cpu(devices: DeviceSet, parts: int | None = None) -> DeviceSet:
             )
             for i in range(n)
         ]
-    return dataclasses.replace(devices, devices=tuple(out))
+    return dataclasses.replace(devices, devices=tuple(out), default_link=SERVING_LOOPBACK)
 
 
 def core_sets(plan: StagePlan) -> dict[str, list[int]]:
