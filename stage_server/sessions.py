@@ -25,23 +25,35 @@ def create_session(
     cuda_device: int | None = None,
 ) -> ort.InferenceSession:
     """A session running `model` on `device`; `threads`/`cuda_device` override the plan's."""
+    options = session_options(threads if threads is not None else device.threads)
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=execution_providers(device, cuda_device)
+    )
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """The options of every stage session (module docstring); measured profiling starts from
+    them too, so that it times what the stage servers run."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    intra = threads if threads is not None else device.threads
-    if intra:
-        options.intra_op_num_threads = intra
-    providers: list[str | tuple[str, dict[str, str]]]
-    if device.kind == "gpu":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise MoiraiError(
-                f"device {device.name} is a GPU, but this ONNX Runtime has no CUDA provider: "
-                "install onnxruntime-gpu (the `gpu` extra) or plan for CPU devices only"
-            )
-        ordinal = cuda_device if cuda_device is not None else (device.device_id or 0)
-        providers = [("CUDAExecutionProvider", {"device_id": str(ordinal)}), "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def execution_providers(
+    device: DeviceSpec, cuda_device: int | None = None
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers of a device: CUDA with its device id (CPU for what CUDA lacks), or CPU."""
+    if device.kind != "gpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise MoiraiError(
+            f"device {device.name} is a GPU, but this ONNX Runtime has no CUDA provider: "
+            "install onnxruntime-gpu (the `gpu` extra) or plan for CPU devices only"
+        )
+    ordinal = cuda_device if cuda_device is not None else (device.device_id or 0)
+    return [("CUDAExecutionProvider", {"device_id": str(ordinal)}), "CPUExecutionProvider"]
