@@ -13,7 +13,11 @@ ONNX Runtime fuses — decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div), GELU,
 separate or packed Q/K/V MatMuls, a scaled, masked Softmax:
 
 - `bert_encoder`: BERT-base-like (word and position embeddings, padding mask from an
-  `attention_mask` input, post-LayerNorm blocks, GELU as the Erf pattern);
+  `attention_mask` input, post-LayerNorm blocks, GELU as the Erf pattern), at opset 12 in
+  exactly the subgraph ONNX Runtime's AttentionFusion matches. ONNX Runtime 1.2x/1.3x fuses
+  the LayerNorms (into SkipLayerNormalization), GELU and the Q·Kᵀ scaling, but its level-1
+  MatMulAddFusion first rewrites every 3-D MatMul+Add into Reshape/Gemm/Reshape, which
+  pre-empts AttentionFusion and BiasGelu; the groups follow what the backend really does;
 - `gpt2_decoder`: GPT-2-small-like (pre-LayerNorm blocks, packed QKV split in three, a causal
   mask, GELU as the tanh pattern, LM head tied to the token embedding).
 
@@ -39,7 +43,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moirai.errors import ModelError
 
-OPSET = 17
+# Part of a generated model's cache file name: bump it whenever a builder's output changes.
+GENERATOR_VERSION = 2
 _LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 _LIGHT = {
     "alexnet": "light_bvlc_alexnet",
@@ -58,7 +63,8 @@ _LIGHT = {
 class _Builder:
     """Collects nodes and initializers under readable, unique names."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, opset: int) -> None:
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.rng = np.random.default_rng(seed)
@@ -134,7 +140,7 @@ class _Builder:
         scores = self.op("MatMul", [q, k], f"{name}/qk")
         scaled = self.op("Div", [scores, self.const(f"{name}.scale", math.sqrt(d))], f"{name}/div")
         masked = self.op("Add", [scaled, mask], f"{name}/mask")
-        probs = self.op("Softmax", [masked], f"{name}/softmax", axis=-1)
+        probs = self.op("Softmax", [masked], f"{name}/softmax", axis=3)
         context = self.op("MatMul", [probs, v], f"{name}/context")
         merged = self.op("Transpose", [context], f"{name}/merge", perm=[0, 2, 1, 3])
         shape = self.const(f"{name}.merge_shape", np.array([0, 0, hidden], np.int64))
@@ -151,7 +157,7 @@ class _Builder:
             self.initializers,
         )
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="moirai.zoo"
+            graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="moirai.zoo"
         )
         onnx.checker.check_model(model)
         return model
@@ -172,7 +178,7 @@ def bert_encoder(
 ) -> onnx.ModelProto:
     """A BERT-base-like encoder (defaults: BERT-base, 110 M parameters): inputs `input_ids`
     and `attention_mask` (batch, seq), output `last_hidden_state` (batch, seq, hidden)."""
-    b = _Builder(seed)
+    b = _Builder(seed, opset=12)
     positions = b.const("position_ids", np.arange(seq, dtype=np.int64)[None, :])
     words = b.op("Gather", [b.weight("embeddings.word", vocab, hidden), "input_ids"], "embed/word")
     where = b.op(
@@ -182,11 +188,8 @@ def bert_encoder(
     )
     x = b.layer_norm(b.op("Add", [words, where], "embed/add"), "embed/norm", hidden)
     # Padding mask (B, S) → additive (B, 1, 1, S): 0 where attended, -10000 where padded.
-    mask = b.op(
-        "Unsqueeze",
-        ["attention_mask", b.const("mask.axes", np.array([1, 2], np.int64))],
-        "mask/unsqueeze",
-    )
+    mask = b.op("Unsqueeze", ["attention_mask"], "mask/unsqueeze_1", axes=[1])
+    mask = b.op("Unsqueeze", [mask], "mask/unsqueeze_2", axes=[2])
     mask = b.op("Cast", [mask], "mask/cast", to=TensorProto.FLOAT)
     mask = b.op("Sub", [b.const("mask.one", 1.0), mask], "mask/invert")
     mask = b.op("Mul", [mask, b.const("mask.min", -10000.0)], "mask/scale")
@@ -224,7 +227,7 @@ def gpt2_decoder(
 ) -> onnx.ModelProto:
     """A GPT-2-small-like decoder (defaults: GPT-2 small, 124 M parameters): input
     `input_ids` (batch, seq), output `logits` (batch, seq, vocab)."""
-    b = _Builder(seed)
+    b = _Builder(seed, opset=17)
     wte = b.weight("wte", vocab, hidden)
     positions = b.const("position_ids", np.arange(seq, dtype=np.int64)[None, :])
     x = b.op(
@@ -286,7 +289,7 @@ def get(name: str) -> Path:
     _check(name)
     if name in _LIGHT:
         return _LIGHT_DIR / f"{_LIGHT[name]}.onnx"
-    path = cache_dir() / f"{name}.onnx"
+    path = cache_dir() / f"{name}-v{GENERATOR_VERSION}.onnx"
     if not path.exists():
         save(_GENERATED[name][0](), path)
     return path

@@ -95,10 +95,8 @@ def test_get_materialises_generated_models_once(tmp_path: Path, monkeypatch) -> 
 
     monkeypatch.setitem(zoo._GENERATED, "bert_base", (tiny, zoo._GENERATED["bert_base"][1]))
     path = zoo.get("bert_base")
-    assert path == tmp_path / "zoo" / "bert_base.onnx" and path.exists()
+    assert path == tmp_path / "zoo" / f"bert_base-v{zoo.GENERATOR_VERSION}.onnx"
     assert zoo.get("bert_base") == path and len(calls) == 1
-    assert sorted(p.name for p in path.parent.iterdir()) == [
-        "bert_base.onnx",
-        "bert_base.onnx.data",
-    ]
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == [path.name, f"{path.name}.data"]  # no temporary left behind
     assert zoo.input_shapes("bert_base") == {"input_ids": [1, 128], "attention_mask": [1, 128]}
