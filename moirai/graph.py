@@ -23,9 +23,13 @@ held in memory, not work done per request. A node's weight bytes are the constan
 reads; constant nodes themselves read none, so a weight is counted where a kernel uses it,
 exactly as ONNX Runtime holds it after folding.
 
-Shapes come from `onnx.shape_inference` with data propagation. ONNX Runtime's symbolic shape
-inference would need sympy, which is not a dependency; a tensor whose shape is still unknown
-(an operator without an ONNX schema, a data-dependent size) counts as 0 bytes and is logged.
+Shapes come from `onnx.shape_inference` with data propagation. What it leaves open (operators
+without an ONNX schema, such as ONNX Runtime's contrib operators, or data-dependent sizes) is
+asked of ONNX Runtime, whose session knows its own operators' shapes, and what stays symbolic
+there is measured by one run on zero-filled inputs. (ONNX Runtime's symbolic shape inference
+script would need sympy, which is not a dependency.) The answers go into `value_info`, so the
+returned model is fully typed — which serving needs for the tensors crossing a stage border. A
+tensor whose shape is still unknown counts as 0 bytes and is logged.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, helper
 
@@ -104,6 +109,7 @@ def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> onn
         raise ModelError(
             f"{path}: cannot read its external data ({e}); keep the data files next to the model"
         ) from None
+    _complete_shapes(model, path)
     return model
 
 
@@ -189,6 +195,64 @@ def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
         raise ModelError(
             f"{path}: shape inference failed: {_one_line(e)}; check the --input-shape values"
         ) from None
+
+
+def _static(value_type: onnx.TypeProto) -> bool:
+    tensor_type = value_type.tensor_type
+    return tensor_type.HasField("shape") and all(
+        d.HasField("dim_value") for d in tensor_type.shape.dim
+    )
+
+
+def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
+    """Ask ONNX Runtime for the shapes that ONNX's inference left open (module docstring)."""
+    graph = model.graph
+    known = {v.name for v in (*graph.input, *graph.value_info, *graph.output) if _static(v.type)}
+    known.update(t.name for t in graph.initializer)
+    outputs = {o.name: o for o in graph.output}
+    used = {t for n in graph.node for t in n.input} | outputs.keys()
+    missing = [t for n in graph.node for t in n.output if t in used and t not in known]
+    if not missing:
+        return
+    declared = len(graph.output)
+    graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
+    try:
+        source = model.SerializeToString()
+    finally:
+        del graph.output[declared:]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
+        if not all(isinstance(d, int) for t in missing for d in answers[t][1]):
+            feeds = {
+                i.name: np.zeros(i.shape, helper.tensor_dtype_to_np_dtype(_elem_type(i.type)))
+                for i in session.get_inputs()
+            }
+            results = session.run(missing, feeds)
+            answers.update(
+                {t: (answers[t][0], list(r.shape)) for t, r in zip(missing, results, strict=True)}
+            )
+    except Exception as e:  # ORT raises its own exception types, without a common base
+        log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
+        return
+    for name in missing:
+        type_name, shape = answers[name]
+        if not type_name.startswith("tensor("):
+            continue  # sequences and maps carry no static size
+        value = helper.make_tensor_value_info(name, _elem_type(type_name), shape)
+        if name in outputs:
+            outputs[name].CopyFrom(value)
+        else:
+            graph.value_info.append(value)
+    log.info("%s: ONNX Runtime shaped %d tensors that ONNX could not", path, len(missing))
+
+
+def _elem_type(ort_type: str) -> int:
+    """`tensor(float16)` → `TensorProto.FLOAT16`."""
+    return onnx.TensorProto.DataType.Value(ort_type.removeprefix("tensor(").rstrip(")").upper())
 
 
 def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:

@@ -218,3 +218,22 @@ def test_integer_tensors_use_their_itemsize(tmp_path: Path) -> None:
     )
     graph = build_graph(load_model(save(m, tmp_path / "m.onnx")))
     assert graph.tensors["x"].nbytes == 60 and graph.tensors["y"].nbytes == 120
+
+
+def test_onnx_runtime_shapes_contrib_and_data_dependent_outputs(tmp_path: Path) -> None:
+    m = model(
+        [
+            helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+            helper.make_node("Relu", ["g"], ["r"]),
+            helper.make_node("NonZero", ["x"], ["nz"]),
+            helper.make_node("Transpose", ["nz"], ["y"]),
+        ],
+        [tensor("x", [2, 3])],
+        [tensor("r", [2, 3]), tensor("y", ["n", 2], TensorProto.INT64)],
+    )
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    graph = build_graph(load_model(save(m, tmp_path / "m.onnx")))
+    assert graph.tensors["g"].shape == (2, 3)  # ONNX knows no com.microsoft.Gelu
+    assert graph.tensors["nz"].shape == (2, 0)  # measured: zero inputs have no non-zeros
+    assert graph.tensors["y"].shape == (0, 2)
+    assert not graph.unknown_shapes
