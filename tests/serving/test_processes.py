@@ -1,0 +1,131 @@
+"""Stage servers and the gateway as real processes: `moirai serve`, `moirai infer`, a stage server
+killed under load and brought back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from moirai.runtime.local import LocalDeployment
+from stage_server.client import InferenceClient
+
+from . import models
+from .conftest import split_plan
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(tmp_path: Path) -> None:
+    model = models.mlp(width=256, depth=8, batch=16)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    plan = split_plan(model, 2)
+    x = models.random_inputs(model)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    deployment = LocalDeployment(plan, path, tmp_path / "run", timeout_s=5.0)
+    with deployment, InferenceClient(deployment.grpc_url) as client:
+        np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-4, atol=1e-5)
+        results: list[tuple[str, float]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                try:
+                    client.infer("mlp", x, timeout_s=5.0)
+                    results.append(("OK", time.monotonic() - start))
+                except grpc.RpcError as e:
+                    results.append((e.code().name, time.monotonic() - start))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        deployment.kill("cpu-1")
+        time.sleep(1.0)
+        assert not client.ready()
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        failures = [(code, s) for code, s in results if code != "OK"]
+        assert failures, results
+        assert {code for code, _ in failures} == {"UNAVAILABLE"}, failures
+        assert max(s for _, s in failures) < 5.0  # within the deadline
+        with pytest.raises(grpc.RpcError) as e:
+            client.infer("mlp", x)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        deployment.start_stage("cpu-1")
+        deadline = time.monotonic() + 30
+        while not client.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.ready()
+        np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-4, atol=1e-5)
+    assert not any(alive(pid) for pid in deployment.pids.values())
+
+
+def test_serve_and_infer_commands_then_sigterm_leaves_no_process(tmp_path: Path) -> None:
+    model = models.mlp(width=32, depth=4)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    moirai = [sys.executable, "-m", "moirai"]
+    from moirai.runtime.local import free_ports
+
+    grpc_port, http_port = free_ports(2)
+    serve = subprocess.Popen(
+        [*moirai, "serve", str(path), "--cpu-devices", "2", "--objective", "throughput",
+         "--time-limit", "5", "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+         "--workdir", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        assert serve.stdout is not None
+        for line in serve.stdout:
+            lines.append(line)
+            if line.startswith("serving"):
+                break
+        assert any("stages on" in line for line in lines), lines
+        x = np.ones((1, 32), np.float32)
+        np.save(tmp_path / "x.npy", x)
+        out = subprocess.run(
+            [*moirai, "infer", "--url", f"127.0.0.1:{grpc_port}", "--model", "mlp",
+             "--input", f"x={tmp_path / 'x.npy'}", "--save", str(tmp_path / "out")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+        np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"), want, rtol=1e-4)
+        bad = subprocess.run(
+            [*moirai, "infer", "--url", f"127.0.0.1:{grpc_port}", "--model", "mlp",
+             "--input", "x=[[1, 2]]"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+        children = subprocess.run(
+            ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) >= 2  # the stage servers of the used devices and the gateway
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(timeout=30)
+    assert serve.returncode == 0
+    assert not any(alive(int(pid)) for pid in children)
