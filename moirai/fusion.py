@@ -44,7 +44,7 @@ import itertools
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +72,7 @@ _CPU_ONLY_TRANSFORMERS = (
 )
 
 
-Kernels = list[tuple[str, ...]]
+Kernels = tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,13 @@ class Group:
     """A task: original nodes (canonical names, topological order) that stay together."""
 
     ops: tuple[str, ...]
-    kernels: tuple[tuple[str, ...], ...]
-    """The fusion units it is made of: each is roughly one kernel launch at run time."""
+    kernels: Mapping[str, Kernels]
+    """Per execution provider, the fusion units the group is made of: each runs as about one
+    kernel on that provider (a CPU FusedConv is one unit, CUDA's Conv and Relu are two)."""
+
+    def kernels_for(self, provider: str) -> Kernels:
+        """The units on `provider`; one unit of all ops for a provider not analysed."""
+        return self.kernels.get(provider) or (self.ops,)
 
 
 # ------------------------------------------------------------ per provider
@@ -176,22 +181,33 @@ def _optimised_graph(source: bytes | str, provider: str) -> onnx.GraphProto:
 def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[str]) -> list[Group]:
     """Groups that split no fusion of any of `providers` and form a DAG, in topological
     order."""
-    union = _UnionFind(n.name for n in graph.nodes)
-    attached: set[str] = set()
+    units: dict[str, list[tuple[str, ...]]] = {}
     with _ort_source(model) as source:
         for provider in dict.fromkeys(providers):
-            for claimed in _claims(source, graph, provider):
-                union.merge(claimed)
-                attached.update(claimed)
+            units[provider] = _units(graph, _claims(source, graph, provider))
+    merged = _UnionFind(n.name for n in graph.nodes)
+    for provider_units in units.values():
+        for unit in provider_units:
+            merged.merge(unit)
+    blocks = merged.classes()
+    components = _contract_cycles(graph, blocks)
+    return _as_groups(graph, [[n for b in c for n in blocks[b]] for c in components], units)
+
+
+def _units(graph: OpGraph, claims: list[set[str]]) -> list[tuple[str, ...]]:
+    """One provider's fusion units: its claims, plus every unclaimed node (folded, eliminated)
+    joined to the unit of its first consumer."""
+    union = _UnionFind(n.name for n in graph.nodes)
+    attached: set[str] = set()
+    for claimed in claims:
+        union.merge(claimed)
+        attached.update(claimed)
     order = _index(graph)
     for node in reversed(graph.nodes):
-        if node.name in attached:
-            continue
         consumers = [c for t in node.outputs for c in graph.consumers.get(t, ())]
-        if consumers:
+        if node.name not in attached and consumers:
             union.merge((node.name, min(consumers, key=order.__getitem__)))
-        attached.add(node.name)
-    return _as_groups(graph, _contract_cycles(graph, union.classes()))
+    return union.classes()
 
 
 def coarsen(
@@ -201,23 +217,36 @@ def coarsen(
     weight: Callable[[Sequence[str]], float] = len,
 ) -> list[Group]:
     """Merge groups until at most `max_tasks` remain, never creating a cycle (module
-    docstring); the pairs lightest by `weight` (of their node names) go first."""
+    docstring); the pairs lightest by `weight` (of their node names) go first. Fusion units
+    are kept whole."""
     if max_tasks < 1:
         raise ValueError("max_tasks must be >= 1")
-    merged = [list(g.kernels) for g in groups]
-    if len(merged) > max_tasks:
-        merged = _coarsen(graph, merged, max_tasks, weight)
-    return _as_groups(graph, merged)
+    if len(groups) <= max_tasks:
+        return list(groups)
+    merged = _coarsen(graph, [g.ops for g in groups], max_tasks, weight)
+    units: dict[str, list[tuple[str, ...]]] = {}
+    for group in groups:
+        for provider, kernels in group.kernels.items():
+            units.setdefault(provider, []).extend(kernels)
+    return _as_groups(graph, [[n for i in m for n in groups[i].ops] for m in merged], units)
 
 
-def _as_groups(graph: OpGraph, groups: Sequence[Kernels]) -> list[Group]:
+def _as_groups(
+    graph: OpGraph, blocks: Sequence[Sequence[str]], units: Mapping[str, Sequence[tuple[str, ...]]]
+) -> list[Group]:
+    """Groups of `blocks` in topological order, each with the units inside it."""
     order = _index(graph)
+    where = {n: b for b, block in enumerate(blocks) for n in block}
+    inside: list[dict[str, list[tuple[str, ...]]]] = [{p: [] for p in units} for _ in blocks]
+    for provider, provider_units in units.items():
+        for unit in provider_units:
+            inside[where[unit[0]]][provider].append(unit)
     return [
         Group(
-            ops=tuple(sorted((n for k in g for n in k), key=order.__getitem__)),
-            kernels=tuple(sorted(g, key=lambda k: order[k[0]])),
+            ops=tuple(sorted(blocks[b], key=order.__getitem__)),
+            kernels={p: tuple(sorted(k, key=lambda u: order[u[0]])) for p, k in inside[b].items()},
         )
-        for g in (groups[i] for i in _topological(graph, groups))
+        for b in _topological(graph, blocks)
     ]
 
 
@@ -250,9 +279,10 @@ class _UnionFind:
         return [tuple(members) for members in out.values()]
 
 
-def _successors(graph: OpGraph, groups: Sequence[Kernels]) -> list[set[int]]:
-    where = {n: g for g, kernels in enumerate(groups) for k in kernels for n in k}
-    succs: list[set[int]] = [set() for _ in groups]
+# Graph algorithms on "blocks": disjoint sets of node names covering the graph.
+def _successors(graph: OpGraph, blocks: Sequence[Iterable[str]]) -> list[set[int]]:
+    where = {n: b for b, block in enumerate(blocks) for n in block}
+    succs: list[set[int]] = [set() for _ in blocks]
     for node in graph.nodes:
         dst = where[node.name]
         for t in node.inputs:
@@ -261,18 +291,17 @@ def _successors(graph: OpGraph, groups: Sequence[Kernels]) -> list[set[int]]:
     return succs
 
 
-def _contract_cycles(graph: OpGraph, kernels: Kernels) -> list[Kernels]:
-    """Groups of kernels: the strongly connected components of the kernel graph (Tarjan's
-    algorithm, iterative)."""
-    groups = [[k] for k in kernels]
-    succs = _successors(graph, groups)
+def _contract_cycles(graph: OpGraph, blocks: Sequence[Iterable[str]]) -> list[list[int]]:
+    """The strongly connected components of the block graph, as lists of block indices
+    (Tarjan's algorithm, iterative)."""
+    succs = _successors(graph, blocks)
     index: dict[int, int] = {}
     low: dict[int, int] = {}
     on_stack: set[int] = set()
     stack: list[int] = []
-    components: list[Kernels] = []
+    components: list[list[int]] = []
     counter = itertools.count()
-    for root in range(len(groups)):
+    for root in range(len(blocks)):
         if root in index:
             continue
         work = [(root, iter(sorted(succs[root])))]
@@ -299,58 +328,61 @@ def _contract_cycles(graph: OpGraph, kernels: Kernels) -> list[Kernels]:
                     while True:
                         w = stack.pop()
                         on_stack.discard(w)
-                        component.append(kernels[w])
+                        component.append(w)
                         if w == v:
                             break
                     components.append(component)
     return components
 
 
-def _topological(graph: OpGraph, groups: Sequence[Kernels]) -> list[int]:
-    """Indices of `groups` in a topological order (Kahn's algorithm), ties broken by the
-    position of a group's first node."""
-    succs = _successors(graph, groups)
+def _topological(graph: OpGraph, blocks: Sequence[Iterable[str]]) -> list[int]:
+    """Indices of `blocks` in a topological order (Kahn's algorithm), ties broken by the
+    position of a block's first node."""
+    succs = _successors(graph, blocks)
     order = _index(graph)
-    first = [min(order[n] for k in g for n in k) for g in groups]
-    indegree = [0] * len(groups)
+    first = [min(order[n] for n in block) for block in blocks]
+    indegree = [0] * len(blocks)
     for s in succs:
         for d in s:
             indegree[d] += 1
-    ready = [(first[g], g) for g in range(len(groups)) if indegree[g] == 0]
+    ready = [(first[b], b) for b in range(len(blocks)) if indegree[b] == 0]
     heapq.heapify(ready)
     out = []
     while ready:
-        _, g = heapq.heappop(ready)
-        out.append(g)
-        for d in succs[g]:
+        _, b = heapq.heappop(ready)
+        out.append(b)
+        for d in succs[b]:
             indegree[d] -= 1
             if indegree[d] == 0:
                 heapq.heappush(ready, (first[d], d))
-    assert len(out) == len(groups), "group graph has a cycle after contraction"
+    assert len(out) == len(blocks), "block graph has a cycle after contraction"
     return out
 
 
 def _coarsen(
-    graph: OpGraph, groups: list[Kernels], max_tasks: int, weight: Callable[[Sequence[str]], float]
-) -> list[Kernels]:
-    """Merge groups until at most `max_tasks` remain, never creating a cycle (module
-    docstring)."""
-    members: dict[int, Kernels] = dict(enumerate(groups))
-    mass = {g: float(weight([n for k in ks for n in k])) for g, ks in members.items()}
-    succs = dict(enumerate(_successors(graph, groups)))
-    preds: dict[int, set[int]] = {g: set() for g in members}
-    for g, s in succs.items():
+    graph: OpGraph,
+    blocks: Sequence[Sequence[str]],
+    max_tasks: int,
+    weight: Callable[[Sequence[str]], float],
+) -> list[list[int]]:
+    """Merge blocks until at most `max_tasks` remain, never creating a cycle (module
+    docstring); returns the merged blocks as lists of block indices."""
+    members: dict[int, list[int]] = {b: [b] for b in range(len(blocks))}
+    mass = {b: float(weight(block)) for b, block in enumerate(blocks)}
+    succs = dict(enumerate(_successors(graph, blocks)))
+    preds: dict[int, set[int]] = {b: set() for b in members}
+    for b, s in succs.items():
         for d in s:
-            preds[d].add(g)
+            preds[d].add(b)
     version = dict.fromkeys(members, 0)
     heap: list[tuple[float, int, int, int, int]] = []
 
-    def push_edges(g: int) -> None:
-        for u, v in [(p, g) for p in preds[g]] + [(g, s) for s in succs[g]]:
+    def push_edges(b: int) -> None:
+        for u, v in [(p, b) for p in preds[b]] + [(b, s) for s in succs[b]]:
             heapq.heappush(heap, (mass[u] + mass[v], u, v, version[u], version[v]))
 
     def merge(u: int, v: int) -> None:
-        members[u] = members[u] + members.pop(v)
+        members[u] += members.pop(v)
         mass[u] += mass.pop(v)
         for d in succs.pop(v):
             preds[d].discard(v)
@@ -368,8 +400,8 @@ def _coarsen(
         del version[v]
         push_edges(u)
 
-    for g in members:
-        push_edges(g)
+    for b in members:
+        push_edges(b)
     while len(members) > max_tasks:
         while heap:
             _, u, v, vu, vv = heapq.heappop(heap)
@@ -379,7 +411,8 @@ def _coarsen(
                 break
         else:
             alive = list(members)
-            chain = [alive[i] for i in _topological(graph, [members[g] for g in alive])]
+            merged = [[n for i in members[b] for n in blocks[i]] for b in alive]
+            chain = [alive[i] for i in _topological(graph, merged)]
             u, v = min(itertools.pairwise(chain), key=lambda p: mass[p[0]] + mass[p[1]])
             merge(u, v)
     return list(members.values())

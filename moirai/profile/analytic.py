@@ -1,6 +1,7 @@
 """The analytic cost model: a roofline per kernel, so a cost graph needs no hardware.
 
-Each fusion unit of a group (`Group.kernels`) runs as about one kernel. Its time on a device is
+Each fusion unit of a group on the device's execution provider (`Group.kernels_for`) runs as
+about one kernel. Its time on a device is
 
     max(flops / peak_flops, bytes / memory_bandwidth) + launch overhead
 
@@ -156,7 +157,7 @@ class AnalyticProfile:
         if overhead is None:
             overhead = DEFAULT_LAUNCH_OVERHEAD_MS[device.kind]
         total = 0.0
-        for kernel in group.kernels:
+        for kernel in group.kernels_for(device.provider):
             if all(graph.node[n].constant for n in kernel):
                 continue
             work = kernel_work(graph, kernel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from onnx import helper
 
 from moirai import zoo
 from moirai.devices import DeviceSpec
-from moirai.fusion import CPU, Group, fusion_groups
+from moirai.fusion import CPU, CUDA, Group, fusion_groups
 from moirai.graph import OpGraph, build_graph, load_model
 from moirai.profile.analytic import AnalyticProfile, kernel_work, node_flops
 
@@ -83,9 +84,8 @@ def test_fused_kernel_moves_only_its_boundary(tmp_path: Path) -> None:
 
 def test_roofline_and_launch_overhead(tmp_path: Path) -> None:
     graph = _graph(conv_bn_relu(), tmp_path)
-    group = Group(
-        ops=tuple(n.name for n in graph.nodes), kernels=(tuple(n.name for n in graph.nodes),)
-    )
+    ops = tuple(n.name for n in graph.nodes)
+    group = Group(ops=ops, kernels={CPU: (ops,)})  # `_device` runs the CPU provider
     work = kernel_work(graph, group.ops)
     profile = AnalyticProfile()
     # Compute-bound on a device with little compute, memory-bound with little bandwidth.
@@ -98,6 +98,19 @@ def test_roofline_and_launch_overhead(tmp_path: Path) -> None:
     gpu = profile.group_ms(graph, group, _device("gpu", **fast))
     cpu = profile.group_ms(graph, group, _device("cpu", **fast))
     assert gpu == pytest.approx(0.01, rel=1e-3) and cpu == pytest.approx(0.002, rel=1e-2)
+
+
+def test_each_device_counts_the_kernels_of_its_provider(tmp_path: Path) -> None:
+    """CPU fuses Conv+BN+Relu into one kernel; CUDA runs Conv+BN and Relu: two launches."""
+    loaded = load_model(save(conv_bn_relu(), tmp_path / "m.onnx"))
+    graph = build_graph(loaded)
+    (group,) = fusion_groups(loaded, graph, [CPU, CUDA])
+    assert len(group.kernels[CPU]) == 1 and len(group.kernels[CUDA]) == 2
+    fast = {"flops": 1e18, "bandwidth": 1e18}
+    gpu = replace(_device("gpu", **fast), provider=CUDA)
+    on_cpu = AnalyticProfile().group_ms(graph, group, _device("cpu", **fast))
+    on_gpu = AnalyticProfile().group_ms(graph, group, gpu)
+    assert on_cpu == pytest.approx(0.002) and on_gpu == pytest.approx(2 * 0.01)
 
 
 def test_profile_covers_every_group_and_device(tmp_path: Path) -> None:
@@ -120,5 +133,5 @@ def test_constants_cost_nothing(tmp_path: Path) -> None:
     )
     graph = _graph(m, tmp_path)
     constant = graph.nodes[0].name
-    group = Group(ops=(constant,), kernels=((constant,),))
+    group = Group(ops=(constant,), kernels={})
     assert AnalyticProfile().group_ms(graph, group, _device()) == 0.0
