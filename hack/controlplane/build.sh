@@ -21,7 +21,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=versions.env
+# shellcheck source-path=SCRIPTDIR source=versions.env
 source "$HERE/versions.env"
 
 VERSION_KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helmlayer-${HELM_LAYER_VERSION}"
@@ -98,7 +98,7 @@ build_kubernetes() {
         log "kubernetes ${K8S_VERSION}: already built"
         return
     fi
-    log "kubernetes ${K8S_VERSION}: building ${missing[*]} (long: ~20-40 min cold on 2 cores)"
+    log "kubernetes ${K8S_VERSION}: building ${missing[*]} (long: about 10-15 min cold on 2 cores)"
     local dir="$WORK/kubernetes" staging="$BIN/.staging-kubernetes"
     mkdir -p "$dir" "$staging"
     write_kubernetes_gomod "$dir"

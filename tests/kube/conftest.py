@@ -37,6 +37,7 @@ Tests that use these fixtures get the ``controlplane`` marker automatically.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -61,12 +62,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.controlplane)
 
 
+@contextlib.contextmanager
+def failing_plainly() -> Iterator[None]:
+    """Turn a ControlPlaneError into a test failure that shows only its message (and log)."""
+    try:
+        yield
+    except ControlPlaneError as error:
+        raise pytest.fail.Exception(str(error), pytrace=False) from None
+
+
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    try:
+    with failing_plainly():
         plane = start_control_plane(tmp_path_factory.mktemp("controlplane"))
-    except ControlPlaneError as error:
-        pytest.fail(str(error), pytrace=False)
     try:
         yield plane
     finally:
@@ -75,10 +83,8 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 
 @pytest.fixture(scope="session")
 def scheduling_control_plane(control_plane: ControlPlane) -> ControlPlane:
-    try:
+    with failing_plainly():
         start_scheduling(control_plane)
-    except ControlPlaneError as error:
-        pytest.fail(str(error), pytrace=False)
     return control_plane
 
 

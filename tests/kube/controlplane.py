@@ -107,7 +107,7 @@ def locate_binaries(names: tuple[str, ...]) -> Binaries:
         raise ControlPlaneError(
             f"control plane binaries missing in {binaries.root / 'bin'}: {', '.join(missing)}. "
             f"Build them with `{BUILD_SCRIPT.relative_to(REPO_ROOT)}` (needs Go >= 1.26; "
-            "about half an hour cold, seconds when built)."
+            "about 15 minutes cold on 2 cores, seconds once built)."
         )
     return binaries
 
