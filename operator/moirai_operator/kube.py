@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +33,9 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networking.k8s.io", "networkpolicies"),
     "PlacedModel": (f"/apis/{GROUP}/{VERSION}", GROUP, PLURAL),
 }
-CHILD_KINDS = ("ConfigMap", "NetworkPolicy", "Service", "Deployment")
+PRUNED_KINDS = ("Service", "Deployment")
+"""The children named after a device, which a new plan may no longer need; the plan ConfigMap,
+the gateway and the NetworkPolicy have fixed names and live as long as the PlacedModel."""
 
 
 def _selector(labels: Mapping[str, str]) -> str:
@@ -42,11 +45,14 @@ def _selector(labels: Mapping[str, str]) -> str:
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         if api_client is None:
+            # $KUBECONFIG is read now, not when the kubernetes package was imported.
+            kubeconfig = os.environ.get("KUBECONFIG") or None
             try:
-                config.load_kube_config()
+                api_client = config.new_client_from_config(config_file=kubeconfig)
             except config.ConfigException:
-                config.load_incluster_config()
-            api_client = client.ApiClient()
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                api_client = client.ApiClient(configuration)
         self._api = api_client
         self.used: set[tuple[str, str, str]] = set()
 
@@ -140,16 +146,29 @@ class Kube:
     async def prune(
         self, namespace: str, labels: Mapping[str, str], keep: Iterable[Manifest]
     ) -> list[str]:
-        """Delete the children matching `labels` that are not in `keep`; returns `Kind/name`s."""
+        """Delete the per-device children matching `labels` that are not in `keep`; returns
+        their `Kind/name`s."""
         wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
         deleted = []
-        for kind in CHILD_KINDS:
+        for kind in PRUNED_KINDS:
             for obj in await self.list(kind, namespace, labels):
                 name = obj["metadata"]["name"]
                 if (kind, name) not in wanted:
                     await asyncio.to_thread(self._delete, kind, namespace, name)
                     deleted.append(f"{kind}/{name}")
         return deleted
+
+    def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("get", "GET", kind, self._path(kind, namespace, name))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as stored now, or None when it is gone."""
+        return await asyncio.to_thread(self._get, kind, namespace, name)
 
     def _patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         try:

@@ -50,6 +50,8 @@ class Plan:
 
     @property
     def digest(self) -> str:
-        """Changes whenever a stage server would need a restart to pick up the plan."""
-        text = json.dumps([self.stage_plan, self.placement], sort_keys=True, default=str)
+        """Changes exactly when a stage server needs a restart to pick up the plan: the stage
+        plan without its informative `predicted` times (which vary from solve to solve)."""
+        served = {k: v for k, v in self.stage_plan.items() if k != "predicted"}
+        text = json.dumps(served, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

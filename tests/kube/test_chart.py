@@ -121,23 +121,25 @@ def test_operator_runs_with_exactly_the_charts_rbac(
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
     )
     kubeconfig = service_account_kubeconfig(plane, namespace, tmp_path / "operator.kubeconfig")
-    cpu = f"{namespace}-cpu"
-    make_node_pool(cpu, count=1, cpu="8")
+    first, second = f"{namespace}-a", f"{namespace}-b"
+    make_node_pool(first, count=1, cpu="8")
+    make_node_pool(second, count=1, cpu="8")
     cluster = Cluster(kube_api, plane, namespace)
 
     with models_for(tmp_path / "models") as models:
         spec = {
             "model": {"uri": models["mlp"]},
-            "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 2}],
+            "pools": [{"name": first, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 2}],
         }
-        fewer = {**spec, "pools": [{**spec["pools"][0], "maxDevices": 1}]}
+        # Moving to another pool replaces every stage server: a re-plan that prunes.
+        moved = {**spec, "pools": [{**spec["pools"][0], "name": second}]}
 
         # As the ServiceAccount, under kopf: the chart grants enough for kopf and the reconciler
         # (create, then a re-plan that prunes).
         with running_operator(plane, tmp_path / "cache", kubeconfig=kubeconfig):
             cluster.apply("viasa", spec)
             cluster.wait_phase("viasa", "Ready")
-            cluster.apply("viasa", fewer)
+            cluster.apply("viasa", moved)
             cluster.wait_phase("viasa", "Ready")
 
         # The same passes outside kopf, with every API call recorded: no more than granted.
@@ -145,9 +147,11 @@ def test_operator_runs_with_exactly_the_charts_rbac(
         with ThreadPoolExecutor(1) as executor:
             planner = AnalyticPlanner(Catalogue.load(), executor)
             ctx = Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "cache2")
-            for body in (spec, fewer):
+            for body in (spec, moved):
                 cluster.apply("direct", body)
-                asyncio.run(converge(cluster.pm("direct"), _nodes(kube_api), ctx, _Events()))
+                fresh = asyncio.run(kube.get("PlacedModel", namespace, "direct"))
+                asyncio.run(converge(fresh, _nodes(kube_api), ctx, _Events()))
+        assert set(cluster.deployments("direct")) == {f"direct-{second}-0", "direct-gateway"}
         assert cluster.status("direct")["phase"] in ("Deploying", "Ready")
 
     granted = rules_of(manifests)

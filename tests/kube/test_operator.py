@@ -10,6 +10,7 @@ its own operators.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from test_operator_harness import (
     PLURAL,
     VERSION,
     Cluster,
+    free_port,
     install_crd,
     models_for,
     running_operator,
@@ -39,9 +41,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         yield served
 
 
+LIVENESS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def operator(scheduling_control_plane, crd, tmp_path_factory) -> Iterator[KopfRunner]:
-    with running_operator(scheduling_control_plane, tmp_path_factory.mktemp("cache")) as runner:
+    cache = tmp_path_factory.mktemp("cache")
+    with running_operator(scheduling_control_plane, cache, liveness_port=LIVENESS_PORT) as runner:
         yield runner
 
 
@@ -129,15 +135,15 @@ def test_spec_update_replans_and_prunes(operator, cluster, make_node_pool, model
 
 def test_pool_change_replans(operator, cluster, make_node_pool, models):
     cpu = f"{cluster.ns}-cpu"
-    make_node_pool(cpu, count=1, cpu="4")
+    make_node_pool(cpu, count=1, cpu="8")
     spec = {
         "model": {"uri": models["mlp"]},
-        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 4, "maxDevices": 4}],
+        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 2}],
     }
     cluster.apply("mlp", spec)
     first = cluster.wait_phase("mlp", "Ready")["poolsFingerprint"]
     more = f"{cluster.ns}-more"
-    make_node_pool(more, count=2, cpu="4", labels={"moirai.dev/pool": cpu})
+    make_node_pool(more, count=2, cpu="8", labels={"moirai.dev/pool": cpu})
     wait_until(
         "a re-plan after new nodes joined the pool",
         lambda: (
@@ -257,3 +263,15 @@ def test_restart_mid_reconcile_converges_without_duplicates(
     assert set(cluster.deployments("mlp")) == devices | {"mlp-gateway"}
     replicasets = cluster.apps.list_namespaced_replica_set(cluster.ns).items
     assert len(replicasets) == len(devices) + 1
+
+
+def test_liveness_endpoint_answers(operator, make_node_pool, namespace):
+    make_node_pool(f"{namespace}-live", count=1)
+    url = f"http://127.0.0.1:{LIVENESS_PORT}/healthz"
+
+    def probe() -> dict[str, Any] | None:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+        return body if body.get("nodes", 0) >= 1 else None
+
+    assert wait_until("the liveness probe to count the nodes", probe)["nodes"] >= 1

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import http.server
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client
+from kubernetes.config import kube_config
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "moirai.dev", "v1alpha1", "placedmodels"
@@ -110,6 +112,12 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = TIMEOUT) ->
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def install_crd(plane) -> None:
     plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     plane.kubectl(
@@ -134,14 +142,22 @@ def models_for(directory: Path) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def running_operator(plane, cache: Path, kubeconfig: Path | None = None) -> Iterator[KopfRunner]:
-    """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin)."""
+def running_operator(
+    plane, cache: Path, kubeconfig: Path | None = None, liveness_port: int | None = None
+) -> Iterator[KopfRunner]:
+    """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin), with
+    kopf's liveness endpoint on 127.0.0.1:`liveness_port` when given."""
+    args = list(OPERATOR_ARGS)
+    if liveness_port:
+        args.insert(2, f"--liveness=http://127.0.0.1:{liveness_port}/healthz")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KUBECONFIG", str(kubeconfig or plane.kubeconfig))
+        # kubernetes reads $KUBECONFIG once, at import, into this default (kopf logs in with it).
+        mp.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig or plane.kubeconfig))
         mp.setenv("MOIRAI_MODEL_CACHE", str(cache))
         for key, value in OPERATOR_ENV.items():
             mp.setenv(key, value)
-        with KopfRunner(OPERATOR_ARGS, timeout=30) as runner:
+        with KopfRunner(args, timeout=30) as runner:
             yield runner
     assert runner.exception is None, runner.output
 

@@ -39,20 +39,25 @@ app.kubernetes.io/component: operator
 {{- end -}}
 
 {{/*
-The rules the operator needs in a namespace it serves: exactly the verbs it uses.
+The rules the operator needs in a namespace it serves: exactly the verbs it uses
+(tests/kube/test_chart.py records them and compares).
 kopf: list/watch PlacedModels, patch them (its progress annotations), create Events.
-The reconciler: patch PlacedModel status; server-side apply (create + patch), list (prune) and
-delete its children.
+The reconciler: get a PlacedModel afresh and patch its status; server-side apply its children
+(create + patch); list and delete the per-device ones a new plan no longer needs (Services,
+Deployments) and list Deployments for readiness.
 */}}
 {{- define "moirai.namespacedRules" -}}
 - apiGroups: ["moirai.dev"]
   resources: ["placedmodels"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["moirai.dev"]
   resources: ["placedmodels/status"]
   verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["configmaps", "services"]
+  resources: ["configmaps"]
+  verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
@@ -60,7 +65,7 @@ delete its children.
 {{- if .Values.networkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["create", "patch"]
 {{- end }}
 - apiGroups: [""]
   resources: ["events"]
