@@ -32,6 +32,12 @@ Using it from kopf or other code that reads a kubeconfig::
         with kopf.testing.KopfRunner(["run", "-A", "--standalone", "operator.py"]) as runner:
             ...
 
+Helpers for test authors live in ``tests/kube/controlplane.py``, imported as ``controlplane``
+(pytest puts this directory on ``sys.path`` while it has no ``__init__.py``):
+``wait_for(condition, timeout, what)``, ``ControlPlaneError``, ``POOL_LABEL``, ``GPU_RESOURCE``.
+Component logs stay in ``control_plane.directory`` (pytest keeps the last three base temp
+dirs) for post-mortems.
+
 Tests that use these fixtures get the ``controlplane`` marker automatically.
 """
 

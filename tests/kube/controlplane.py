@@ -167,7 +167,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 cwd=self.directory,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         component = Component(name, process, log_path)
         self.components.append(component)
