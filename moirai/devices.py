@@ -38,7 +38,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,23 +156,23 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
             f"{where}.provider {provider!r} is not an ONNX Runtime execution provider name "
             "(e.g. CPUExecutionProvider, CUDAExecutionProvider)"
         )
-    count = _integer(entry, "count", where, default=1)
-    threads = _integer(entry, "threads", where, default=None)
     overhead = entry.get("launch_overhead_ms")
-    spec = {
-        "kind": kind,
-        "provider": provider,
-        "peak_flops": _positive(entry, "peak_flops", where),
-        "memory_bandwidth_bytes_per_s": _positive(entry, "memory_bandwidth_bytes_per_s", where),
-        "memory_bytes": int(_positive(entry, "memory_bytes", where)),
-        "threads": threads,
-        "launch_overhead_ms": None
+    device = DeviceSpec(
+        name=name,
+        kind=kind,
+        provider=provider,
+        peak_flops=_positive(entry, "peak_flops", where),
+        memory_bandwidth_bytes_per_s=_positive(entry, "memory_bandwidth_bytes_per_s", where),
+        memory_bytes=int(_positive(entry, "memory_bytes", where)),
+        threads=_integer(entry, "threads", where),
+        launch_overhead_ms=None
         if overhead is None
         else _positive(entry, "launch_overhead_ms", where, allow_zero=True),
-    }
-    if "count" not in entry:
-        return [DeviceSpec(name=name, **spec)]
-    return [DeviceSpec(name=f"{name}-{i}", device_id=i, **spec) for i in range(count)]
+    )
+    count = _integer(entry, "count", where)
+    if count is None:
+        return [device]
+    return [replace(device, name=f"{name}-{i}", device_id=i) for i in range(count)]
 
 
 def _parse_links(
@@ -249,9 +249,10 @@ def _positive(data: Mapping[str, Any], key: str, where: str, allow_zero: bool = 
     return value
 
 
-def _integer(data: Mapping[str, Any], key: str, where: str, default: int | None) -> Any:
+def _integer(data: Mapping[str, Any], key: str, where: str) -> int | None:
+    """A whole number >= 1, or None when the key is absent."""
     if key not in data:
-        return default
+        return None
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DevicesError(f"{where}.{key} is {value!r}: it must be a whole number >= 1")
