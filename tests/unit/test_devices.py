@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import yaml
 
+from moirai import devices as module
 from moirai.costgraph import Link
 from moirai.devices import DEFAULT_LINK, load_devices, local_devices, parse_devices
 from moirai.errors import DevicesError
@@ -145,3 +148,21 @@ def test_local_devices_describe_this_machine() -> None:
     assert cpu.kind == "cpu" and cpu.provider == "CPUExecutionProvider"
     assert cpu.threads >= 1 and cpu.memory_bytes > 2**28 and cpu.peak_flops > 1e9
     assert all(d.kind == "gpu" for d in devices.devices[1:])
+
+
+def test_local_gpus_from_nvidia_smi(monkeypatch) -> None:
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPU"]
+    )
+    monkeypatch.setattr(module.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    answer = "NVIDIA A100-SXM4-40GB, 40960\nTesla T4, 15360\nSome Future GPU, 1024\n"
+    monkeypatch.setattr(
+        module.subprocess,
+        "run",
+        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=answer, stderr=""),
+    )
+    _, a100, t4, unknown = local_devices().devices
+    assert (a100.name, a100.device_id, a100.peak_flops) == ("gpu-0", 0, 19.5e12)
+    assert a100.memory_bytes == 40960 * 2**20 and a100.provider == "CUDAExecutionProvider"
+    assert (t4.name, t4.memory_bandwidth_bytes_per_s) == ("gpu-1", 0.32e12)
+    assert unknown.peak_flops == 8.1e12  # the most modest known figures
