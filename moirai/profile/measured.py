@@ -1,0 +1,707 @@
+"""Measured profiling: the time of every fusion group on a real device, with ONNX Runtime.
+
+For one device (a `Target`: the CPU provider with a thread count, or CUDA with a device id) and
+one model, `measure_device` produces a `DeviceProfile` (`moirai.profile.document`): the fusion
+groups of the device's provider (`moirai.fusion.fusion_groups`), each with its median time per
+run, its spread, how it was timed, and its memory.
+
+**Sessions as the stage servers build them.** Every session comes from `stage_server.sessions`
+(its options and providers), so the profile times what serving runs — graph optimisation level
+`ORT_ENABLE_ALL`, which on the CPU includes the NCHWc layout transformer — on the device's
+threads, pinned to as many cores as the local runtime pins a stage server to.
+
+**Whole model, per-node profiler (the CPU path).** Two sessions run the whole model in turns,
+`warmup` times untimed and then `repeats` times: a plain one, whose wall-clock time per run less
+one session call's overhead (timed on a one-node model) is `run_ms`, and one with ONNX Runtime's
+profiler on (`enable_profiling`), whose JSON trace has one "Node" event per kernel run, named
+`<optimised node name>_kernel_time`, with its duration in µs. Taking the times from the plain
+session keeps the profiler's own cost (about 20 µs per kernel) out of the totals; taking the
+split from the trace says where the time went. Turns alternate so that both see the same
+machine, busy or not.
+
+Trace events name nodes of ONNX Runtime's optimised graph, which the profiled session also
+writes out (`optimized_model_filepath`). They map back to the original (canonical) nodes with
+the fusion module's claim walk (`moirai.fusion.claimed_nodes`: an optimised node stands for the
+original nodes between its outputs and the tensors that still exist), after undoing what the
+layout transformer renames, because ONNX Runtime names its nodes predictably:
+
+    FusedConv "Conv_3" / "fused Gemm_7"    output names survive: the claim walk maps them
+    Conv "r4_nchwc", Conv "r8_bn_nchwc"    NCHWc node for original tensor r4 (r8 of a
+                                           BatchNormalization): its output is renamed to r4
+    Concat "Concat_9" → reorder_token_8    an original node working in NCHWc: its output is
+                                           renamed to the original node's output
+    ReorderInput/ReorderOutput, Memcpy...  layout and copy nodes the optimiser added: their time
+                                           joins the node that produced their input (or, at a
+                                           graph input, the first that consumes their output)
+
+A kernel's time then goes to the group holding its original nodes (split by FLOPs in the rare
+case it spans several, `moirai.profile.document.allocate`).
+
+**Time between kernels.** The kernels of a run add up to less than the run: the executor
+allocates, dispatches and frees between them. That difference is a cost per kernel launch, so
+it is shared among the groups by their number of kernels. It is the median, over the timed
+turns, of a plain run's time less the kernel sum of the profiled run right after it: the two
+saw the same machine, so the estimate holds up on a busy one, where medians of the two series
+taken apart can drift by more than the gap. Group times then add up to about `run_ms` (exactly
+on a quiet machine). When the kernels add up to more than the plain run — noise, or the
+profiler slowing them — groups are scaled down by the median ratio instead. The one-off cost of
+a session call (feeding inputs, fetching outputs) is kept apart as `call_overhead_ms`: a stage
+pays it once per run whatever its size.
+
+**Group sub-models (the fallback, and the CUDA path).** A group is cut out of the model as its
+own ONNX model (with `moirai.partition`: one stage per measured group, the rest of the model in
+other stages that run once to feed them real tensors) and timed alone: wall time less the call
+overhead. This is how groups that the trace leaves without time but that compute something are
+timed, and every group when the model cannot run whole on the device (too large, or the whole
+session fails). On CUDA every group is timed this way, because the CUDA provider's trace events
+time kernel *launches*, not the GPU's work (release builds of ONNX Runtime have no CUPTI
+tracing). CUDA runs bind inputs and outputs on the GPU (`IOBinding`) and synchronise, so the
+times hold the GPU's work without host↔device copies; when the whole model ran, the group times
+are then scaled to add up to its run time, which folds in launch overlap and per-kernel
+overhead the way the CPU path does.
+
+**Statistics.** Per group, the median of its per-run times over `repeats` runs and their
+interquartile range (`spread_ms`); warm-up runs are never counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from moirai.costgraph import CostGraph
+from moirai.devices import DeviceSpec
+from moirai.fusion import Group, claimed_nodes, fusion_groups
+from moirai.graph import InputShapes, OpGraph, build_graph, load_model
+from moirai.partition import DeviceSpec as PlanDevice
+from moirai.partition import build_plan, extract_stage
+from moirai.profile.analytic import node_flops
+from moirai.profile.cache import ProfileCache
+from moirai.profile.document import (
+    DeviceProfile,
+    DocumentProfile,
+    GroupTiming,
+    ProfileDocument,
+    ProfileError,
+    allocate,
+)
+from moirai.profile.links import DEFAULT_SIZES, measure_loopback
+from moirai.profile.targets import METHOD_VERSION, Target, cpu_model, signature, usable_cores
+from stage_server.sessions import create_session, execution_providers, session_options
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+METHOD_CHOICES = ("auto", "trace", "submodel")
+_NCHWC_DOMAIN = "com.microsoft.nchwc"
+_KERNEL_SUFFIX = "_kernel_time"
+_OVERHEAD_CALLS = 50
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: int = 3
+    repeats: int = 10
+    method: str = "auto"
+    """`auto` (trace on the CPU, sub-models on CUDA and as the fallback), `trace` (fail rather
+    than fall back) or `submodel` (every group alone)."""
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1:
+            raise ProfileError("profiling needs --warmup >= 0 and --repeats >= 1")
+        if self.method not in METHOD_CHOICES:
+            raise ProfileError(f"--method {self.method!r}: use one of {', '.join(METHOD_CHOICES)}")
+
+
+# ---------------------------------------------------------------- statistics
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+# --------------------------------------------------------------- running
+@contextlib.contextmanager
+def _pinned(target: Target) -> Iterator[None]:
+    """Pin this thread (and the ONNX Runtime threads it creates) to `threads` cores, as the
+    local runtime pins a stage server; leave it alone when there are not enough cores."""
+    cores = usable_cores()
+    if target.kind != "cpu" or target.threads is None or target.threads > len(cores):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cores[: target.threads]))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _feeds(graph: OpGraph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs to run the model with: N(0, 1) floats, zeros for integers (valid indices)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name in graph.inputs:
+        tensor = graph.tensors[name]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        shape = tensor.shape or ()
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+class _Runner:
+    """Runs one session on the target and times each run: wall time of `session.run` on the
+    CPU; on CUDA, of `run_with_iobinding` with inputs and outputs on the GPU, synchronised."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        target: Target,
+    ) -> None:
+        self.session = session
+        self.feeds = dict(feeds)
+        self.outputs = list(outputs)
+        self.binding: Any = None
+        if target.kind == "gpu":
+            self.binding = session.io_binding()
+            for name, array in feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(array, "cuda", target.device_id)
+                self.binding.bind_ortvalue_input(name, value)
+            for name in outputs:
+                self.binding.bind_output(name, "cuda", target.device_id)
+
+    def run(self) -> float:
+        started = time.perf_counter()
+        if self.binding is None:
+            self.session.run(self.outputs, self.feeds)
+        else:
+            self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+        return (time.perf_counter() - started) * 1000.0
+
+    def results(self) -> list[np.ndarray]:
+        """The outputs of one more run, on the host."""
+        if self.binding is None:
+            return list(self.session.run(self.outputs, self.feeds))
+        self.session.run_with_iobinding(self.binding)
+        return list(self.binding.copy_outputs_to_cpu())
+
+
+def _session(model: onnx.ModelProto, target: Target) -> ort.InferenceSession:
+    return create_session(model, target.plan_device)
+
+
+def call_overhead_ms(target: Target, warmup: int = 10) -> float:
+    """What one session call costs beyond its kernels: a one-node model, timed many times."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "call", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    runner = _Runner(_session(model, target), {"x": np.zeros(1, np.float32)}, ["y"], target)
+    for _ in range(warmup):
+        runner.run()
+    return _median([runner.run() for _ in range(_OVERHEAD_CALLS)])
+
+
+# ------------------------------------------------------------ whole model
+@dataclass
+class _Whole:
+    run_ms: list[float]
+    """Wall time of each timed run of the plain session."""
+    kernels: dict[str, list[float]] | None = None
+    """Optimised node → its kernel time in each timed run (ms); None without a trace."""
+    optimised: onnx.GraphProto | None = None
+
+
+def _profiled_session(
+    model: onnx.ModelProto, target: Target, workdir: Path
+) -> ort.InferenceSession:
+    options = session_options(target.threads)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(workdir / "trace")
+    options.optimized_model_filepath = str(workdir / "optimised.onnx")
+    # Only the optimised graph's structure is read back: its weights go to a side file.
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", "optimised.data"
+    )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=execution_providers(target.plan_device)
+    )
+
+
+def _run_whole(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    target: Target,
+    settings: Settings,
+    feeds: Mapping[str, np.ndarray],
+    workdir: Path,
+    trace: bool,
+    say: Progress,
+) -> _Whole:
+    outputs = list(graph.outputs)
+    plain = _Runner(_session(model, target), feeds, outputs, target)
+    profiled = _profiled_session(model, target, workdir) if trace else None
+    times = []
+    total = settings.warmup + settings.repeats
+    for i in range(total):
+        elapsed = plain.run()
+        if profiled is not None:
+            profiled.run(outputs, dict(feeds))
+        if i >= settings.warmup:
+            times.append(elapsed)
+        say(f"whole model, run {i + 1}/{total}" + (" (warm-up)" if i < settings.warmup else ""))
+    whole = _Whole(times)
+    if profiled is not None:
+        trace_file = profiled.end_profiling()
+        events = json.loads(Path(trace_file).read_text(encoding="utf-8"))
+        Path(trace_file).unlink()
+        whole.kernels = _parse_trace(events, settings.warmup)
+        whole.optimised = onnx.load(workdir / "optimised.onnx", load_external_data=False).graph
+    return whole
+
+
+def _parse_trace(events: list[dict[str, Any]], warmup: int) -> dict[str, list[float]]:
+    """Per optimised node: its kernel time (ms) in each run after the warm-up."""
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )[warmup:]
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") != "Node" or not name.endswith(_KERNEL_SUFFIX):
+            continue
+        run = next((r for r, (start, end) in enumerate(runs) if start <= e["ts"] <= end), None)
+        if run is None:
+            continue
+        node = name[: -len(_KERNEL_SUFFIX)]
+        kernels.setdefault(node, [0.0] * len(runs))[run] += e["dur"] / 1000.0
+    return kernels
+
+
+# -------------------------------------------------- optimised → original nodes
+def _restore_names(graph: OpGraph, optimised: onnx.GraphProto) -> onnx.GraphProto:
+    """A copy of the optimised graph with the layout transformer's renaming undone (module
+    docstring), so that the claim walk sees the original tensor names again."""
+    restored = onnx.GraphProto()
+    restored.CopyFrom(optimised)
+    produced = {t for node in restored.node for t in node.output}
+    for node in restored.node:
+        if node.op_type.startswith("Reorder"):
+            continue
+        if node.domain == _NCHWC_DOMAIN and node.output and node.output[0] not in graph.tensors:
+            original = _tensor_prefix(graph, node.name.removesuffix("_nchwc"))
+            if original is not None and original not in produced:
+                node.output[0] = original
+                produced.add(original)
+            continue
+        if node.name in graph.node:
+            mine = graph.node[node.name].outputs
+            for i, name in enumerate(node.output):
+                if name not in graph.tensors and i < len(mine) and mine[i] not in produced:
+                    node.output[i] = mine[i]
+                    produced.add(mine[i])
+    return restored
+
+
+def _tensor_prefix(graph: OpGraph, name: str) -> str | None:
+    """The longest prefix of `name`, cut at underscores, that is a tensor some original node
+    produces (`r8_bn` → `r8`)."""
+    while name:
+        if name in graph.producer:
+            return name
+        name, sep, _ = name.rpartition("_")
+        if not sep:
+            return None
+    return None
+
+
+def node_units(graph: OpGraph, optimised: onnx.GraphProto) -> dict[str, frozenset[str]]:
+    """Every optimised node → the original nodes its time belongs to (module docstring)."""
+    restored = _restore_names(graph, optimised)
+    units = {
+        node.name: frozenset(claimed)
+        for node, claimed in zip(restored.node, claimed_nodes(graph, restored), strict=True)
+        if claimed
+    }
+    producer = {t: node.name for node in optimised.node for t in node.output}
+    for node in optimised.node:  # topological order: producers resolve first
+        if node.name not in units:
+            found = next((units[p] for t in node.input if (p := producer.get(t)) in units), None)
+            if found is not None:
+                units[node.name] = found
+    consumers: dict[str, list[str]] = {}
+    for node in optimised.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node.name)
+    for node in reversed(optimised.node):
+        if node.name not in units:
+            found = next(
+                (units[c] for t in node.output for c in consumers.get(t, ()) if c in units), None
+            )
+            if found is not None:
+                units[node.name] = found
+    return units
+
+
+# ------------------------------------------------------------ sub-models
+def _run_submodels(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    groups: Sequence[Group],
+    measured: Sequence[int],
+    target: Target,
+    settings: Settings,
+    feeds: Mapping[str, np.ndarray],
+    say: Progress,
+) -> dict[int, list[float]]:
+    """Time each group of `measured` alone (module docstring); the other groups run once, in
+    their own stages, to give the measured ones real inputs."""
+    wanted = set(measured)
+    plan = build_plan(
+        model,
+        {f"g{i}": f"d{i}" if i in wanted else "rest" for i in range(len(groups))},
+        [PlanDevice(f"d{i}") for i in measured] + [PlanDevice("rest")],
+        groups={f"g{i}": g.ops for i, g in enumerate(groups)},
+    )
+    uses: dict[str, int] = {t: len(c) for t, c in plan.routing.items()}
+    env: dict[str, np.ndarray] = dict(feeds)
+    out: dict[int, list[float]] = {}
+    done = 0
+    for stage in plan.stages:
+        runner = _Runner(
+            _session(extract_stage(model, plan, stage.id), target),
+            {t: env[t] for t in stage.inputs},
+            stage.outputs,
+            target,
+        )
+        if stage.device != "rest":
+            index = int(stage.device[1:])
+            for _ in range(settings.warmup):
+                runner.run()
+            out[index] = times = [runner.run() for _ in range(settings.repeats)]
+            done += 1
+            say(f"group sub-model {done}/{len(measured)}: {_median(times):.3f} ms")
+        env.update(zip(stage.outputs, runner.results(), strict=True))
+        for t in stage.inputs:
+            uses[t] -= 1
+            if uses[t] == 0 and t not in feeds:
+                del env[t]
+    return out
+
+
+# ------------------------------------------------------------ one device
+def measure_device(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    target: Target,
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+) -> DeviceProfile:
+    """The profile of one device (module docstring). `model` comes from `load_model`."""
+    settings = settings or Settings()
+    target.check_available()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(f"{target}: {message}")
+
+    groups = fusion_groups(model, graph, [target.provider])
+    say(f"{len(graph.nodes)} nodes in {len(groups)} fusion groups")
+    feeds = _feeds(graph)
+    with _pinned(target), tempfile.TemporaryDirectory(prefix="moirai-profile-") as tmp:
+        overhead = call_overhead_ms(target)
+        trace = target.kind == "cpu" and settings.method != "submodel"
+        if settings.method == "trace" and target.kind != "cpu":
+            raise ProfileError(
+                f"--method trace: {target}'s trace times kernel launches, not the GPU's work; "
+                "use --method auto or submodel"
+            )
+        whole = _try_whole(model, graph, target, settings, feeds, Path(tmp), trace, say)
+        run_ms = None if whole is None else max(0.0, _median(whole.run_ms) - overhead)
+        timings: dict[int, GroupTiming] = {}
+        kernel_ms = None
+        if whole is not None and whole.kernels is not None:
+            assert whole.optimised is not None
+            timings, kernel_ms = _from_trace(graph, groups, whole, overhead)
+        untimed = [
+            i
+            for i, g in enumerate(groups)
+            if i not in timings
+            or (timings[i].ms == 0 and any(node_flops(graph, graph.node[n]) for n in g.ops))
+        ]
+        if untimed:
+            say(f"{len(untimed)} groups to time as sub-models")
+            alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
+            scale = 1.0
+            if run_ms is not None and not timings:
+                total = sum(max(0.0, _median(ms) - overhead) for ms in alone.values())
+                scale = run_ms / total if total > 0 else 1.0
+            for i, ms in alone.items():
+                timings[i] = GroupTiming(
+                    groups[i].ops,
+                    max(0.0, _median(ms) - overhead) * scale,
+                    _iqr(ms) * scale,
+                    "submodel",
+                )
+    for i, g in enumerate(groups):
+        timings.setdefault(i, GroupTiming(g.ops, 0.0, 0.0, "none"))
+    profile = DeviceProfile(
+        target=target.key,
+        signature=signature(target),
+        groups=tuple(_with_memory(graph, timings[i]) for i in range(len(groups))),
+        run_ms=run_ms,
+        run_spread_ms=0.0 if whole is None else _iqr(whole.run_ms),
+        call_overhead_ms=overhead,
+        kernel_ms=kernel_ms,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+    say(
+        f"{profile.total_ms:.3f} ms per run in {len(groups)} groups"
+        + ("" if run_ms is None else f" (whole model {run_ms:.3f} ms)")
+    )
+    return profile
+
+
+def _with_memory(graph: OpGraph, timing: GroupTiming) -> GroupTiming:
+    """The group's memory: the weights its kernels read and the activations they write."""
+    computing = [graph.node[n] for n in timing.ops if not graph.node[n].constant]
+    return dataclasses.replace(
+        timing,
+        weight_bytes=graph.weight_bytes(timing.ops),
+        activation_bytes=sum(graph.tensors[t].nbytes for n in computing for t in n.outputs),
+    )
+
+
+def _try_whole(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    target: Target,
+    settings: Settings,
+    feeds: Mapping[str, np.ndarray],
+    workdir: Path,
+    trace: bool,
+    say: Progress,
+) -> _Whole | None:
+    """The whole-model runs, or None (with a warning) when the model does not fit or fails
+    there; `--method trace` fails instead."""
+    needed = graph.weight_bytes(n.name for n in graph.nodes) + sum(
+        t.nbytes for t in graph.tensors.values() if not t.constant
+    )
+    available = _available_memory(target)
+    problem = None
+    if available is not None and needed * (2 if trace else 1) > available:
+        problem = f"needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"
+    else:
+        try:
+            return _run_whole(model, graph, target, settings, feeds, workdir, trace, say)
+        except Exception as e:  # ORT raises its own types, without a common base
+            problem = " ".join(str(e).split())[:200]
+    if settings.method == "trace":
+        raise ProfileError(f"{target}: the whole model cannot run there ({problem})")
+    log.warning("%s: the whole model cannot run there (%s): timing groups alone", target, problem)
+    say("the whole model does not run here: every group as a sub-model")
+    return None
+
+
+def _available_memory(target: Target) -> int | None:
+    """Bytes the CPU has available (None on a GPU or when unknown: the attempt decides)."""
+    if target.kind != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _from_trace(
+    graph: OpGraph, groups: Sequence[Group], whole: _Whole, overhead: float
+) -> tuple[dict[int, GroupTiming], float]:
+    """Group timings from the trace, calibrated to the plain session's runs (module
+    docstring); also the sum of the kernels' medians."""
+    assert whole.kernels is not None and whole.optimised is not None
+    units = node_units(graph, whole.optimised)
+    mapped = [(node, units[node]) for node in whole.kernels if node in units]
+    unmapped = sorted(set(whole.kernels) - set(units))
+    if unmapped:
+        log.debug("kernels mapped to no original node: %s", ", ".join(unmapped[:10]))
+
+    def spread(values: Callable[[str], float]) -> list[float]:
+        timings = [GroupTiming(tuple(unit), values(node), 0.0, "trace") for node, unit in mapped]
+        return allocate(graph, timings, groups)[0]
+
+    runs = len(whole.run_ms)
+    per_run = [spread(lambda node, r=r: whole.kernels[node][r]) for r in range(runs)]
+    medians = [_median([per_run[r][g] for r in range(runs)]) for g in range(len(groups))]
+    spreads = [_iqr([per_run[r][g] for r in range(runs)]) for g in range(len(groups))]
+    launches = spread(lambda node: 1.0)
+    kernel_sums = [sum(k[r] for k in whole.kernels.values()) for r in range(runs)]
+    # A plain run and the profiled run after it saw the same machine: their difference is the
+    # time between kernels, robust to the machine's load drifting during the measurement.
+    pairs = [(max(0.0, w - overhead), k) for w, k in zip(whole.run_ms, kernel_sums, strict=True)]
+    gap = _median([c - k for c, k in pairs])
+    scale = 1.0 if gap >= 0 else _median([c / k for c, k in pairs if k])
+    count = sum(launches) or 1.0
+    timings = {}
+    for g, group in enumerate(groups):
+        if launches[g] == 0:
+            continue
+        ms = medians[g] * scale + max(0.0, gap) * launches[g] / count
+        timings[g] = GroupTiming(group.ops, ms, spreads[g] * scale, "trace")
+    return timings, _median(kernel_sums)
+
+
+# ------------------------------------------------------- the Profile source
+def model_digest(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def link_signature() -> dict[str, Any]:
+    """What a loopback link measurement depends on: the machine and the gRPC build."""
+    return {
+        "method": METHOD_VERSION,
+        "path": "grpc-loopback",
+        "cpu": cpu_model(),
+        "cores": len(usable_cores()),
+        "grpc": grpc.__version__,
+    }
+
+
+class MeasuredProfile(DocumentProfile):
+    """Measures every device it is asked to price (or takes it from the cache), and the
+    loopback link between two local stage servers; a `Profile`."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_shapes: InputShapes | None = None,
+        *,
+        settings: Settings | None = None,
+        cache: ProfileCache | None = None,
+        links: bool = True,
+        link_sizes: Sequence[int] = DEFAULT_SIZES,
+        progress: Progress | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.input_shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+        self.settings = settings or Settings()
+        self.cache = cache
+        self.links = links
+        self.link_sizes = tuple(link_sizes)
+        self.progress = progress
+        self.cache_status: dict[str, str] = {}
+        """Profile device name → "hit" or "measured"."""
+        self._model: tuple[onnx.ModelProto, OpGraph] | None = None
+        digest = model_digest(self.model_path)
+        super().__init__(
+            ProfileDocument(
+                {
+                    "name": self.model_path.stem,
+                    "sha256": digest,
+                    "input_shapes": self.input_shapes,
+                }
+            )
+        )
+
+    def _loaded(self) -> tuple[onnx.ModelProto, OpGraph]:
+        if self._model is None:
+            model = load_model(self.model_path, self.input_shapes or None)
+            self._model = (model, build_graph(model))
+        return self._model
+
+    def measure(self, targets: Mapping[str, Target]) -> ProfileDocument:
+        """Profile each named target (cache first), and the link if asked; the document."""
+        for target in targets.values():
+            target.check_available()
+        devices = dict(self.document.devices)
+        digest = self.document.model["sha256"]
+        for name, target in targets.items():
+            if name in devices:
+                continue
+            key = signature(target)
+            entry = self.cache.get(digest, self.input_shapes, key) if self.cache else None
+            if entry is not None:
+                self.cache_status[name] = "hit"
+                self._say(f"{target}: cached ({self.cache.directory if self.cache else ''})")
+            else:
+                model, graph = self._loaded()
+                entry = measure_device(model, graph, target, self.settings, self.progress)
+                self.cache_status[name] = "measured"
+                if self.cache is not None:
+                    self.cache.put(digest, self.input_shapes, key, entry)
+            devices[name] = entry
+        link = self.document.link
+        if self.links and link is None:
+            link = self.cache.get_link(link_signature()) if self.cache else None
+            if link is None:
+                self._say("link: measuring two local stage servers over gRPC")
+                link = measure_loopback(self.link_sizes, progress=self.progress)
+                if self.cache is not None:
+                    self.cache.put_link(link_signature(), link)
+            self._say(
+                f"link: {link.latency_ms:.3f} ms + {link.bandwidth_bytes_per_s / 1e9:.3f} GB/s "
+                f"(R² {link.r2:.3f})"
+            )
+        self.document = ProfileDocument(self.document.model, devices, link)
+        return self.document
+
+    def compute_ms(
+        self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
+    ) -> list[Mapping[str, float]]:
+        self.measure({Target.of(d).key: Target.of(d) for d in devices})
+        return super().compute_ms(graph, groups, devices)
+
+    def annotate(self, costgraph: CostGraph) -> CostGraph:
+        annotated = super().annotate(costgraph)
+        source = dict(annotated.extra["source"])
+        source["measured"] = {
+            device: {**info, "cache": self.cache_status.get(info["profile_device"], "given")}
+            for device, info in source["measured"].items()
+        }
+        return dataclasses.replace(annotated, extra={**annotated.extra, "source": source})
+
+    def _say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
