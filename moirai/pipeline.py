@@ -10,7 +10,8 @@ side, which reads nothing but the `CostGraph` it returns:
 - `memory_bytes` of a task is the weights its kernels read plus the activations its nodes write;
 - an edge carries every tensor written by one task and read by another, summed per task pair;
 - the cost graph's `source` records where the numbers came from (profile, model file and digest,
-  input shapes, providers) and the coarsening (nodes → fusion groups → tasks).
+  input shapes, providers) and the coarsening (nodes → fusion groups → tasks); a profile that
+  `Annotates` then adds what it knows (measured links, per-device and per-task provenance).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from moirai.costgraph import CostGraph, Edge, Task
 from moirai.devices import DeviceSet, load_devices
 from moirai.fusion import Group, coarsen, fusion_groups
 from moirai.graph import InputShapes, OpGraph, build_graph, load_model
-from moirai.profile import Profile
+from moirai.profile import Annotates, Profile
 from moirai.profile.analytic import AnalyticProfile, node_flops
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def build_costgraph(
         fused,
         len(groups),
     )
-    return CostGraph(
+    costgraph = CostGraph(
         name=model_path.stem,
         devices=tuple(d.to_costgraph() for d in devices.devices),
         tasks=tasks,
@@ -90,6 +91,7 @@ def build_costgraph(
         pair_links=dict(devices.pair_links),
         extra={"source": source},
     )
+    return profile.annotate(costgraph) if isinstance(profile, Annotates) else costgraph
 
 
 def _memory_bytes(graph: OpGraph, group: Group) -> int:
