@@ -16,20 +16,26 @@ stopping at every tensor that still exists in the optimised graph::
 An original node claimed by exactly one optimised node belongs to it. A node claimed by none was
 folded or eliminated (Constant, Shape chains on static shapes, Identity, Dropout) and a node
 claimed by several was eliminated in front of several consumers; neither is computed by a fused
-kernel, so each joins the group of its first consumer.
+kernel, so each joins the unit of its first consumer. The result, per provider, is a set of
+*fusion units*, each about one kernel launch on that provider.
 
 Fusions differ by execution provider — ConvActivationFusion and GemmActivationFusion run for CPU
-only — so the groups of every provider present are merged (union-find): whatever device a task
-lands on, no fusion of its provider is split. Merging can make the group graph cyclic (A's
-fusion and B's fusion interleave), so strongly connected components are contracted.
+only — so the units of every provider present are merged (union-find) into groups: whatever
+device a task lands on, no fusion of its provider is split. Each group keeps its units per
+provider (`Group.kernels`), so a cost model charges a device for its own provider's launches.
+Merging can make the group graph cyclic (A's fusion and B's fusion interleave), so strongly
+connected components are contracted.
 
-CUDA without onnxruntime-gpu: the CUDA groups are those of a CPU session with the CPU-only
-transformers disabled (`_CPU_ONLY_TRANSFORMERS`). This is exact for standard ONNX inference
-graphs with ONNX Runtime 1.2x/1.3x, whose CUDA-only level-2 transformers are BiasDropoutFusion
-(dropout is already eliminated at inference) and GroupQueryAttentionFusion (it rewrites
-contrib attention operators that only ONNX Runtime's offline transformer optimiser produces).
-Where onnxruntime-gpu is installed the CUDA provider itself is asked. Any other provider that is
-not installed falls back to the CPU groups, with a warning.
+CUDA without onnxruntime-gpu (this project's default install): the CUDA units are those of a
+CPU session with the CPU-only transformers disabled (`_CPU_ONLY_TRANSFORMERS`, the list in
+ONNX Runtime's `graph_transformer_utils.cc`). The CUDA-only level-2 transformers of ONNX Runtime
+1.2x/1.3x have nothing to do on standard ONNX inference graphs — BiasDropoutFusion (dropout is
+already eliminated at inference) and GroupQueryAttentionFusion (it rewrites contrib attention
+operators that only the offline transformer optimiser produces) — so no rule table is needed to
+add CUDA-only fusions. What the emulation cannot see is the CUDA provider declining a node (no
+CUDA kernel: it falls back to CPU, where CPU fusions then apply). Where onnxruntime-gpu is
+installed the CUDA provider itself is asked: the backend is the source of truth. Any other
+provider that is not installed gets the CPU units, with a warning.
 
 Very large graphs can be coarsened further (`max_tasks`): an edge u→v can be contracted without
 creating a cycle when u has one successor or v has one predecessor (chains and trees); the
