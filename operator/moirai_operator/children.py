@@ -158,7 +158,12 @@ def plan_files(owner: Owner, spec: PlacedModelSpec, plan: Plan) -> dict[str, str
     """The files of the plan ConfigMap: the stage plan as the pods must read it, and the
     placement. The stage plan gets the in-pod model path and the Services as endpoints."""
     stage_plan = dict(plan.stage_plan)
-    stage_plan["model"] = {**stage_plan.get("model", {}), "path": model_path(spec)}
+    # Served as /v2/models/<PlacedModel name>, at the path where the pods find the model.
+    stage_plan["model"] = {
+        **stage_plan.get("model", {}),
+        "name": owner.name,
+        "path": model_path(spec),
+    }
     stage_plan["endpoints"] = endpoints(owner, plan, spec)
     return {
         "plan.json": json.dumps(stage_plan, indent=1, sort_keys=True) + "\n",
@@ -197,19 +202,22 @@ def stage_command(device: PlannedDevice, spec: PlacedModelSpec) -> list[str]:
         model_path(spec),
         "--device",
         device.entry.name,
+        "--host",
+        "0.0.0.0",
         "--port",
         str(STAGE_PORT),
     ]
 
 
 def gateway_command(spec: PlacedModelSpec) -> list[str]:
+    """The gateway needs only the plan (stage servers hold the model)."""
     return [
         "moirai",
         "gateway",
         "--plan",
         f"{PLAN_DIR}/plan.json",
-        "--model",
-        model_path(spec),
+        "--host",
+        "0.0.0.0",
         "--http-port",
         str(spec.serving.port),
         "--grpc-port",
@@ -237,7 +245,9 @@ def _pod_spec(
     options: BuildOptions,
     container: dict[str, Any],
     image: str,
+    with_model: bool,
 ) -> dict[str, Any]:
+    """A pod with the plan mounted and, `with_model`, the model fetched and verified first."""
     volumes: list[dict[str, Any]] = [
         {"name": "plan", "configMap": {"name": plan_configmap_name(owner)}},
         {"name": "tmp", "emptyDir": {}},
@@ -246,21 +256,7 @@ def _pod_spec(
         {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
-    if spec.model.volume is None:
-        volumes.append({"name": "model", "emptyDir": {}})
-        model_mount = {"name": "model", "mountPath": MODEL_DIR}
-    else:
-        volumes.append(
-            {
-                "name": "model",
-                "persistentVolumeClaim": {
-                    "claimName": spec.model.volume.claim_name,
-                    "readOnly": True,
-                },
-            }
-        )
-        model_mount = {"name": "model", "mountPath": spec.model.volume.mount_path, "readOnly": True}
-    return {
+    pod: dict[str, Any] = {
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,
@@ -270,27 +266,38 @@ def _pod_spec(
         },
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "initContainers": [
+    }
+    if with_model:
+        if spec.model.volume is None:
+            volumes.append({"name": "model", "emptyDir": {}})
+            mounts.append({"name": "model", "mountPath": MODEL_DIR})
+        else:
+            claim = {"claimName": spec.model.volume.claim_name, "readOnly": True}
+            volumes.append({"name": "model", "persistentVolumeClaim": claim})
+            mounts.append(
+                {"name": "model", "mountPath": spec.model.volume.mount_path, "readOnly": True}
+            )
+        pod["initContainers"] = [
             {
                 "name": "fetch-model",
                 "image": image,
                 "imagePullPolicy": options.image_pull_policy,
                 "command": fetch_command(spec),
-                "volumeMounts": [*mounts, model_mount],
+                "volumeMounts": mounts,
                 "securityContext": _CONTAINER_SECURITY,
             }
-        ],
-        "containers": [
-            {
-                **container,
-                "image": image,
-                "imagePullPolicy": options.image_pull_policy,
-                "volumeMounts": [*mounts, model_mount],
-                "securityContext": _CONTAINER_SECURITY,
-            }
-        ],
-        "volumes": volumes,
-    }
+        ]
+    pod["containers"] = [
+        {
+            **container,
+            "image": image,
+            "imagePullPolicy": options.image_pull_policy,
+            "volumeMounts": mounts,
+            "securityContext": _CONTAINER_SECURITY,
+        }
+    ]
+    pod["volumes"] = volumes
+    return pod
 
 
 def _deployment(
@@ -343,7 +350,7 @@ def stage_deployment(
         "livenessProbe": {**_grpc_probe(STAGE_PORT), "initialDelaySeconds": 30},
     }
     image = spec.gpu_image if device.gpus else spec.image
-    pod = _pod_spec(owner, spec, options, container, image)
+    pod = _pod_spec(owner, spec, options, container, image, with_model=True)
     pod["nodeSelector"] = dict(device.node_selector)
     if device.gpus:
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
@@ -387,7 +394,7 @@ def gateway_deployment(
             "periodSeconds": 10,
         },
     }
-    pod = _pod_spec(owner, spec, options, container, spec.image)
+    pod = _pod_spec(owner, spec, options, container, spec.image, with_model=False)
     name = gateway_name(owner)
     return _deployment(owner, name, COMPONENT_GATEWAY, spec.serving.replicas, {}, pod, plan)
 

@@ -84,7 +84,9 @@ def test_stage_deployment_binds_to_its_pool_and_requests_its_device() -> None:
 
 def test_model_is_fetched_and_verified_by_an_init_container() -> None:
     _, objs = children(model={"uri": "https://h/m.onnx", "sha256": "a" * 64})
-    pod = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    gateway = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    assert "initContainers" not in gateway  # the gateway needs only the plan
+    pod = by_name(objs)[("Deployment", "resnet-gpu-0")]["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["command"] == [
         "python",
@@ -118,6 +120,7 @@ def test_plan_configmap_names_services_as_endpoints() -> None:
         "gateway": "resnet-gateway.ml.svc:8001",
     }
     assert plan["model"]["path"] == "/var/lib/moirai/model/model.onnx"
+    assert plan["model"]["name"] == "resnet"  # served as /v2/models/resnet
     assert endpoint(OWNER, spec) == "http://resnet-gateway.ml.svc:8000"
     svc = by_name(objs)[("Service", "resnet-gateway")]["spec"]
     assert [p["port"] for p in svc["ports"]] == [8000, 8001]
