@@ -1,12 +1,14 @@
 """`moirai serve`: plan a model over this machine's devices and serve it on loopback.
 
     moirai serve model.onnx [--devices local|devices.yaml] [--cpu-devices N] \
-        [--solver auto] [--objective latency|throughput] [--time-limit 10] \
+        [--profile analytic|measured|FILE] [--solver auto] [--objective latency|throughput] \
+        [--time-limit 10] \
         [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000]
 
-Plans with the analytic cost model, starts one stage server per used device and the gateway as
-local processes, prints the plan and the endpoint, and serves until Ctrl-C or SIGTERM, then stops
-every process. A stage server that dies is restarted on its address.
+Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
+stage server per used device and the gateway as local processes, prints the plan and the
+endpoint, and serves until Ctrl-C or SIGTERM, then stops every process. A stage server that dies
+is restarted on its address.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,13 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="with --devices local: split the CPU into this many devices (default: one per "
         "core, at most 4)",
+    )
+    p.add_argument(
+        "--profile",
+        default="analytic",
+        metavar="measured|analytic|FILE",
+        help="task costs: 'measured' on this machine's devices (cached), 'analytic' (default), "
+        "or a profile file from `moirai profile`",
     )
     p.add_argument("--solver", default="auto", help="placement solver (default auto)")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
@@ -56,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object = None):
     from moirai.devices import load_devices, local_devices
+    from moirai.profile import resolve
     from moirai.runtime.planning import parse_input_shapes, plan_model, split_cpu
 
     if args.devices == "local":
@@ -65,6 +76,12 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
             raise MoiraiError("--cpu-devices applies to --devices local only")
         devices = load_devices(args.devices)
     shapes = parse_input_shapes(args.input_shape) if input_shapes is None else input_shapes
+    profile = resolve(
+        args.profile,
+        model,
+        shapes or None,
+        progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
+    )
     return plan_model(
         model,
         devices,
@@ -72,6 +89,7 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
         solver=args.solver,
         objective=args.objective,
         time_limit=args.time_limit,
+        profile=profile,
     )
 
 

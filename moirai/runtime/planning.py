@@ -1,6 +1,6 @@
 """From an ONNX file to a stage plan: the pipeline as `moirai serve` and `moirai demo` run it.
 
-load → cost graph (analytic profile until measured profiling lands) → solver → stage plan. The
+load → cost graph (analytic or measured profile) → solver → stage plan. The
 plan's groups are the cost graph's tasks (`Task.ops` are canonical node names) in the order of
 the solver's schedule, so stages follow the schedule the solver predicted.
 
@@ -27,6 +27,7 @@ from moirai.partition import DeviceSpec, StagePlan, build_plan
 from moirai.pipeline import build_costgraph
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
+from moirai.profile import Profile
 
 MAX_LOCAL_CPU_DEVICES = 4
 # What one hop between local stage servers costs in practice: gRPC in Python over loopback, with
@@ -102,10 +103,12 @@ def plan_model(
     objective: Objective = "latency",
     time_limit: float = 10.0,
     seed: int = 0,
+    profile: Profile | None = None,
 ) -> Planned:
+    """`profile` prices the tasks (default: the analytic model; see `moirai.profile.resolve`)."""
     model_path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
-    costgraph = build_costgraph(model_path, devices, shapes or None)
+    costgraph = build_costgraph(model_path, devices, shapes or None, profile=profile)
     placement = solve(costgraph, solver, objective, time_limit=time_limit, seed=seed)
     model = load_model(model_path, shapes or None)
     source = costgraph.extra.get("source", {})
