@@ -2,6 +2,8 @@
 
     moirai demo [--model squeezenet] [--requests 30] [--concurrency 8] [planning flags]
 
+The objective defaults to throughput here (a pipelined plan over every device).
+
 Plans the model over this machine's devices (the CPU split into one device per core, GPUs when
 present), serves it with one stage server per device and the gateway, sends requests through the
 Open Inference Protocol, checks every output against single-process ONNX Runtime on the whole
@@ -31,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--requests", type=int, default=30, help="sequential requests timed")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight for throughput")
     add_planning_arguments(p)
-    p.set_defaults(func=run)
+    # Pipelining across the devices is what serving many requests needs.
+    p.set_defaults(func=run, objective="throughput")
 
 
 async def _throughput(url: str, model: str, inputs: dict[str, np.ndarray], n: int, c: int) -> float:
