@@ -1,8 +1,8 @@
 """Harness of the operator's control-plane tests (no tests here): a model store on 127.0.0.1,
 the operator under kopf's `KopfRunner`, and a reader of one namespace.
 
-Shared by test_operator.py and test_chart.py; named test_operator_harness so that it lives
-beside them (pytest collects no tests from it).
+Shared by test_operator.py, test_operator_runs.py and test_chart_install.py; named
+test_operator_harness so that it lives beside them (pytest collects no tests from it).
 """
 
 from __future__ import annotations

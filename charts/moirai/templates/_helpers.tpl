@@ -40,7 +40,7 @@ app.kubernetes.io/component: operator
 
 {{/*
 The rules the operator needs in a namespace it serves: exactly the verbs it uses
-(tests/kube/test_chart.py records them and compares).
+(tests/kube/test_chart_install.py records them and compares).
 kopf: list/watch PlacedModels, patch them (its progress annotations), create Events.
 The reconciler: get a PlacedModel afresh and patch its status; server-side apply its children
 (create + patch); list and delete the per-device ones a new plan no longer needs (Services,

@@ -1,7 +1,7 @@
 """The Helm chart on a real control plane: server-side dry-run of what it renders, and the
 operator running with exactly the chart's RBAC (as its ServiceAccount, not as admin).
 
-`helm lint`/`helm template` checks without a cluster are in tests/operator/test_chart.py.
+`helm lint`/`helm template` checks without a cluster are in tests/operator/test_helm_chart.py.
 """
 
 from __future__ import annotations

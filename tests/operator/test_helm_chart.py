@@ -2,7 +2,7 @@
 
 The rendering tests run the real helm binary that `hack/controlplane/build.sh` puts in the
 control plane's cache (found the same way the kube fixtures find it); the server-side dry-run of
-the rendered manifests is in tests/kube/test_chart.py.
+the rendered manifests is in tests/kube/test_chart_install.py.
 """
 
 from __future__ import annotations
