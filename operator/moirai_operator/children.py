@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moirai.errors import MoiraiError
+from moirai.partition import GATEWAY
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.resources import (
     ANNOTATION_PLAN_DIGEST,
@@ -51,8 +52,6 @@ from moirai_operator.resources import (
 from moirai_operator.spec import PlacedModelSpec
 
 STAGE_PORT = 50051
-GATEWAY = "gateway"
-"""The stage plan's name for the gateway among its endpoints."""
 PLAN_DIR = "/etc/moirai/plan"
 MODEL_DIR = "/var/lib/moirai/model"
 MODEL_FILE = "model.onnx"

@@ -45,7 +45,6 @@ class Plan:
     lower_bound_ms: float
     gap: float
     profiling: str
-    pools_fingerprint: str
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -86,7 +86,6 @@ class AnalyticPlanner:
         spec: PlacedModelSpec,
         pools: Sequence[PoolMatch],
         model_path: Path,
-        pools_fingerprint: str,
     ) -> Plan:
         if spec.profiling != "analytic":
             raise ProfilingError(
@@ -95,9 +94,7 @@ class AnalyticPlanner:
             )
         doc = devices_document(pools, self.catalogue)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, self._plan, spec, pools, doc, model_path, pools_fingerprint
-        )
+        return await loop.run_in_executor(self.executor, self._plan, spec, pools, doc, model_path)
 
     def _plan(
         self,
@@ -105,7 +102,6 @@ class AnalyticPlanner:
         pools: Sequence[PoolMatch],
         doc: DevicesDocument,
         model_path: Path,
-        pools_fingerprint: str,
     ) -> Plan:
         from moirai.graph import load_model
         from moirai.partition import build_plan
@@ -175,6 +171,5 @@ class AnalyticPlanner:
             lower_bound_ms=placement.lower_bound_ms,
             gap=placement.gap,
             profiling=spec.profiling,
-            pools_fingerprint=pools_fingerprint,
             notes=doc.notes,
         )

@@ -34,8 +34,6 @@ from moirai_operator.resources import (
 )
 from moirai_operator.spec import PoolSpec
 
-GIB = 1 << 30
-
 
 class PoolError(MoiraiError):
     """No node pool can host what the spec asks for (the message says what is missing)."""

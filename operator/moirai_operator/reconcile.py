@@ -47,10 +47,8 @@ from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
 from moirai_operator.resources import Condition, PlacedModelBody
 from moirai_operator.spec import Defaults, PlacedModelSpec, parse_spec
 
-RETRY_REASONS = frozenset({"ModelUnreachable", "ProfilingFailed"})
-
-Planner = Callable[[PlacedModelSpec, Sequence[PoolMatch], Path, str], Awaitable[Plan]]
-"""(spec, matched pools, local model path, pools fingerprint) → Plan."""
+Planner = Callable[[PlacedModelSpec, Sequence[PoolMatch], Path], Awaitable[Plan]]
+"""(spec, matched pools, local model path) → Plan."""
 
 
 class Events(Protocol):
@@ -116,7 +114,7 @@ def stale_reason(body: PlacedModelBody, pools_fingerprint: str) -> str | None:
     planned = _planned_condition(body)
     if planned is None:
         return "it was never planned"
-    if planned["status"] != "True" and planned.get("reason") in RETRY_REASONS:
+    if planned["status"] != "True" and planned.get("reason") in st.RETRY_REASONS:
         return f"retrying after {planned['reason']}"
     return None
 
@@ -165,7 +163,7 @@ async def plan_and_apply(
         pools_text = ", ".join(f"{m.spec.name}: {m.devices} device(s)" for m in matches)
         events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
         await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
-        plan = await ctx.planner(spec, matches, model_path, fp)
+        plan = await ctx.planner(spec, matches, model_path)
         children = build_children(owner, spec, plan, ctx.options)
     except MoiraiError as e:
         failure = st.failure(e)

@@ -77,9 +77,13 @@ _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
     (SolverError, "SolverFailed", False),
     (PlanTooLargeError, "PlanTooLarge", False),
     (CatalogueError, "InvalidDeviceCatalogue", False),
-    (ProfilingError, "ProfilingFailed", True),
+    (ProfilingError, "ProfilingFailed", False),
     (MoiraiError, "PlanningFailed", False),
 )
+
+
+RETRY_REASONS = frozenset(reason for _, reason, retry in _REASONS if retry)
+"""Reasons of failures that may pass without a change to the spec or the pools."""
 
 
 def failure(exc: BaseException) -> Failure | None:

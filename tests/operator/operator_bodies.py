@@ -108,7 +108,6 @@ def make_plan(devices: tuple[tuple[str, str], ...] = (("gpu-0", "gpu"), ("cpu-0"
         lower_bound_ms=12.5,
         gap=0.0,
         profiling="analytic",
-        pools_fingerprint="fp",
     )
 
 

@@ -33,7 +33,7 @@ def model_spec(model: Path, **extra):
 async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) -> None:
     model = write_mlp(tmp_path / "mlp.onnx")
     spec = parse_spec(model_spec(model, placement={"solver": "heft"}), Defaults())
-    plan = await planner(spec, match_pools(spec.pools, NODES), model, "fp")
+    plan = await planner(spec, match_pools(spec.pools, NODES), model)
     assert plan.devices and plan.stages >= 1
     assert {d.entry.pool for d in plan.devices} <= {"gpu", "cpu"}
     assert plan.latency_ms > 0 and plan.solver_status in ("optimal", "feasible", "heuristic")
@@ -56,11 +56,11 @@ async def test_model_larger_than_the_pools_is_reported_in_gib(tmp_path: Path, pl
         Defaults(),
     )
     with pytest.raises(InsufficientMemoryError, match=r"needs 0\.0\d GiB.*offer 0\.00 GiB"):
-        await planner(spec, match_pools(spec.pools, NODES), model, "fp")
+        await planner(spec, match_pools(spec.pools, NODES), model)
 
 
 async def test_measured_profiling_is_refused_with_a_reason(tmp_path: Path, planner) -> None:
     model = write_mlp(tmp_path / "mlp.onnx")
     spec = parse_spec(model_spec(model, profiling={"mode": "measured"}), Defaults())
     with pytest.raises(ProfilingError, match="use analytic"):
-        await planner(spec, match_pools(spec.pools, NODES), model, "fp")
+        await planner(spec, match_pools(spec.pools, NODES), model)

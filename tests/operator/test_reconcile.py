@@ -68,9 +68,7 @@ class Planner:
         self.error = error
         self.devices = devices
 
-    async def __call__(
-        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, fp: str
-    ):
+    async def __call__(self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path):
         self.calls += 1
         if self.error:
             raise self.error
