@@ -32,6 +32,7 @@ from moirai.placement.registry import SolveOptions, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, period
 
+EXACT_PREFERENCE = ("cpsat", "milp-highs")
 FULL_MODEL_LIMIT = 12_000
 RESTRICTED_LIMIT = 40_000
 NEAR_FASTEST = 1.5
@@ -138,8 +139,9 @@ class AutoSolver:
             if settle(best, lb).status == "optimal":
                 return self._done(best, best.solver, started)
 
+        registered = {s.name: s for s in solvers()}
         exact = next(
-            (s.name for s in solvers() if s.name in ("cpsat", "milp-highs") and s.available()[0]),
+            (n for n in EXACT_PREFERENCE if n in registered and registered[n].available()[0]),
             None,
         )
         label = best.solver if best is not None else "none"

@@ -2,6 +2,13 @@
 
 - Critical path: the longest path through the DAG with every task at its fastest candidate
   device and no transfers (no plan can beat the chain of its dependencies).
+- Device-aware critical path (stronger): `head[i][k]`, the earliest task i can start on device
+  k, is at least, for every predecessor j, the least over j's devices a of
+  `head[j][a] + p[j][a] + transfer(a -> k)` (zero when a == k); `tail[i][k]`, the least time
+  from i's start on k to the end, is symmetric. Any plan puts j on some device a* and its real
+  times dominate these by induction, so `min_k head[i][k] + tail[i][k]` bounds the makespan for
+  every task i. It sees that leaving a fast device costs a transfer, which the plain bound does
+  not. The exact models use `head`/`tail` too, as conditional release times and tails.
 - Total work: every task takes at least its fastest time somewhere, and the devices can share
   it at best perfectly, so the sum of fastest times over the number of devices.
 
@@ -30,6 +37,39 @@ def critical_path(problem: PlacementProblem) -> float:
     return max(finish, default=0.0)
 
 
+def heads_tails(problem: PlacementProblem) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
+    """`head[i][k]` and `tail[i][k]` (tail includes i's own time on k), for k in `cand[i]`."""
+    p = problem
+    head: list[dict[int, float]] = [{} for _ in range(p.n)]
+    for i in range(p.n):
+        for k in p.cand[i]:
+            h = 0.0
+            for e in p.in_edges[i]:
+                j = p.edges[e][0]
+                h = max(
+                    h,
+                    min(head[j][a] + p.compute[j][a] + p.transfer[e][a][k] for a in p.cand[j]),
+                )
+            head[i][k] = h
+    tail: list[dict[int, float]] = [{} for _ in range(p.n)]
+    for i in reversed(range(p.n)):
+        for k in p.cand[i]:
+            t = 0.0
+            for e in p.out_edges[i]:
+                j = p.edges[e][1]
+                t = max(t, min(p.transfer[e][k][b] + tail[j][b] for b in p.cand[j]))
+            tail[i][k] = p.compute[i][k] + t
+    return head, tail
+
+
+def device_critical_path(problem: PlacementProblem) -> float:
+    head, tail = heads_tails(problem)
+    return max(
+        (min(head[i][k] + tail[i][k] for k in problem.cand[i]) for i in range(problem.n)),
+        default=0.0,
+    )
+
+
 def total_work(problem: PlacementProblem) -> float:
     return sum(problem.min_compute) / problem.num_devices
 
@@ -46,7 +86,7 @@ def lower_bound(problem: PlacementProblem) -> float:
     """The best of the simple bounds for the problem's objective."""
     if problem.objective == "throughput":
         return max(total_work(problem), max(problem.min_compute, default=0.0))
-    return max(critical_path(problem), total_work(problem))
+    return max(critical_path(problem), device_critical_path(problem), total_work(problem))
 
 
 def settle(plan: Placement, bound: float) -> Placement:

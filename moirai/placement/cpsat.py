@@ -10,38 +10,50 @@ reasons about natively (no big-M):
   `y[e,a,b] <-> x[i,a] and x[j,b]` (a != b); for each such pair an optional interval
   `(T_e, tau[e,a,b])` present iff `y[e,a,b]`, added to device a's send-port `NoOverlap` and to
   device b's receive-port `NoOverlap` (congestion);
-- memory `sum_i mem_i x[i,k] <= cap_k`; makespan `C >= E_i` for sinks and, redundantly, `C >=`
-  each device's load, minimised. `throughput` keeps only the assignment: minimise `Z >=` each
-  device's, send port's and receive port's total time.
+- memory `sum_i mem_i x[i,k] <= cap_k`; makespan `C >= S_i + tail[i,k]` when `x[i,k]` (the tail
+  includes i's own time, so this covers `C >= E_i`), minimised; redundantly `S_i >= head[i,k]`
+  when `x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load.
+
+`throughput` keeps only the assignment: minimise `Z >=` each device's, send port's and receive
+port's total time.
 
 Time is integer: one unit is `1/scale` ms, with `scale` chosen from the instance so that the
-horizon (a heuristic's makespan) spans about 10^6 units and the shortest positive duration at
-least ~100 (capped at 10^8 units). Durations are rounded *down*: then any real schedule maps to
-an integer one no longer than it (floor(a + b) >= floor(a) + floor(b)), so CP-SAT's bound
-divided by the scale is a valid lower bound of the real problem. The solution's assignment and
-operation order are replayed in exact time by the simulator (`retime`); the difference to
-CP-SAT's own objective is the rounding error, reported in the plan (`rounding_error_ms`).
+horizon (a heuristic's makespan) spans at least 10^6 units, the shortest positive duration at
+least ~100 and each operation's rounding at most 1/20000 of the horizon, capped at 10^9 units.
+Durations are rounded *down*: then any real schedule maps to an integer one no longer than it
+(floor(a + b) >= floor(a) + floor(b)), so CP-SAT's bound divided by the scale is a valid lower
+bound of the real problem. The solution's assignment and operation order are replayed in exact
+time by the simulator (`retime`); the difference to CP-SAT's own objective is the rounding
+error, reported in the plan (`rounding_error_ms`).
 
 Hints (CP-SAT's warm start) come from the heuristic plan, floored the same way, which keeps them
 feasible. `num_workers` is the thread count; `random_seed` the seed. CP-SAT's parallel
 portfolio races workers against the clock, so with several threads two runs stopped by the time
 limit may differ; with `threads=1`, or when optimality is proven, results are reproducible.
+Some presolve steps overrun CP-SAT's own time limit on a loaded machine, so a watchdog thread
+also stops the search at the deadline; probing is skipped on large models (`PROBING_LIMIT`).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
-from moirai.placement.bounds import lower_bound, serial_horizon, settle
+from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, retime
+
+PROBING_LIMIT = 2000
+"""Models with more optional intervals skip CP-SAT's probing in presolve: on them it can take
+most of a minute before the search even starts, while the search itself finds and proves more."""
+WATCHDOG_GRACE_S = 0.2
 
 
 def choose_scale(problem: PlacementProblem, horizon_ms: float) -> float:
@@ -50,7 +62,8 @@ def choose_scale(problem: PlacementProblem, horizon_ms: float) -> float:
     durations += [v for e in problem.transfer for row in e for v in row if v > 0]
     shortest = min(durations, default=1.0)
     horizon_ms = max(horizon_ms, shortest)
-    units = min(1e8, max(1e6, 100.0 * horizon_ms / shortest))
+    operations = problem.n + len(problem.edges)
+    units = min(1e9, max(1e6, 100.0 * horizon_ms / shortest, 2e4 * operations))
     return units / horizon_ms
 
 
@@ -63,8 +76,10 @@ class CpModel:
     x: list[dict[int, Any]]
     y: dict[tuple[int, int, int], Any]
     start: list[Any]
+    end: list[Any]
     tstart: dict[int, Any]
     objective: Any
+    intervals: int
 
 
 def build(
@@ -109,7 +124,7 @@ def build(
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[1] == k))
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[2] == k))
         m.Minimize(z)
-        return CpModel(m, scale, x, y, [], {}, z)
+        return CpModel(m, scale, x, y, [], [], {}, z, 0)
 
     start = [m.NewIntVar(0, horizon, f"s{i}") for i in range(p.n)]
     end = []
@@ -145,19 +160,30 @@ def build(
         if len(ivs) > 1:
             m.AddNoOverlap(ivs)
     cmax = m.NewIntVar(0, horizon, "makespan")
+    # heads and tails (`bounds.heads_tails`: earliest start on a device, least time from
+    # there to the end): redundant, but they tighten propagation and the linear relaxation
+    head, tail = heads_tails(p)
     for i in range(p.n):
-        if not p.out_edges[i]:
-            m.Add(cmax >= end[i])
+        m.Add(start[i] >= math.floor(min(head[i][k] for k in cands[i]) * scale))
+        m.Add(cmax >= start[i] + math.floor(min(tail[i][k] for k in cands[i]) * scale))
+        for k in cands[i]:
+            m.Add(start[i] >= math.floor(head[i][k] * scale)).OnlyEnforceIf(x[i][k])
+            m.Add(cmax >= start[i] + math.floor(tail[i][k] * scale)).OnlyEnforceIf(x[i][k])
     for k in range(p.num_devices):
         load = [dur[i][k] * x[i][k] for i in range(p.n) if k in x[i] and dur[i][k] > 0]
         if load:
             m.Add(cmax >= sum(load))
     m.Minimize(cmax)
-    return CpModel(m, scale, x, y, start, tstart, cmax)
+    intervals = sum(len(ivs) for ivs in (*device_iv, *send_iv, *recv_iv))
+    return CpModel(m, scale, x, y, start, end, tstart, cmax, intervals)
 
 
 def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
-    """Hint every variable from a valid plan (floored to the model's time units)."""
+    """Hint every variable from a valid plan (floored to the model's time units).
+
+    A complete, feasible hint is CP-SAT's first solution at once, which its large-neighbourhood
+    search workers then improve; an incomplete one may be ignored for the whole time limit.
+    """
     p = problem
     m, s = cp.model, cp.scale
     assign = {i: p.device_index[plan.assignment[t]] for i, t in enumerate(p.tasks)}
@@ -168,14 +194,36 @@ def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
         i, j = p.edges[e]
         m.AddHint(v, int(assign[i] == a and assign[j] == b))
     if p.objective == "throughput":
+        m.AddHint(cp.objective, _period_units(cp, p, assign))
         return
     starts = {st.task: st.start_ms for st in plan.schedule}
-    for i, t in enumerate(p.tasks):
-        m.AddHint(cp.start[i], math.floor(starts[t] * s))
+    begin = [math.floor(starts[t] * s) for t in p.tasks]
+    finish = [begin[i] + math.floor(p.compute[i][assign[i]] * s) for i in range(p.n)]
+    for i in range(p.n):
+        m.AddHint(cp.start[i], begin[i])
+        m.AddHint(cp.end[i], finish[i])
     xs = {(x.src, x.dst): x.start_ms for x in plan.transfers}
     for e, v in cp.tstart.items():
         i, j = p.edges[e]
-        m.AddHint(v, math.floor(xs.get((p.tasks[i], p.tasks[j]), starts[p.tasks[j]]) * s))
+        key = (p.tasks[i], p.tasks[j])
+        m.AddHint(v, math.floor(xs[key] * s) if key in xs else finish[i])
+    m.AddHint(cp.objective, max(finish))
+
+
+def _period_units(cp: CpModel, problem: PlacementProblem, assign: dict[int, int]) -> int:
+    """The period of an assignment in the model's (floored) units."""
+    p = problem
+    busy = [0] * (3 * p.num_devices)
+    kk = p.num_devices
+    for i in range(p.n):
+        busy[assign[i]] += math.floor(p.compute[i][assign[i]] * cp.scale)
+    for e, (i, j) in enumerate(p.edges):
+        a, b = assign[i], assign[j]
+        if a != b:
+            d = math.floor(p.transfer[e][a][b] * cp.scale)
+            busy[kk + a] += d
+            busy[2 * kk + b] += d
+    return max(busy)
 
 
 @dataclass(frozen=True)
@@ -221,6 +269,8 @@ def solve_cpsat(
     params.max_time_in_seconds = max(0.05, options.remaining())
     params.num_workers = options.threads
     params.random_seed = options.seed
+    if cp.intervals > PROBING_LIMIT:
+        params.cp_model_probing_level = 0
     scale = cp.scale
 
     class Progress(cp_model.CpSolverSolutionCallback):
@@ -232,7 +282,15 @@ def solve_cpsat(
                 self.BestObjectiveBound() / scale if allowed is None else lb,
             )
 
-    status = solver.Solve(cp.model, Progress() if options.progress is not None else None)
+    # CP-SAT checks its time limit less often in some presolve steps, and a loaded machine
+    # stretches them: a watchdog stops the search at the deadline whatever the phase.
+    watchdog = threading.Timer(options.remaining() + WATCHDOG_GRACE_S, solver.StopSearch)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        status = solver.Solve(cp.model, Progress() if options.progress is not None else None)
+    finally:
+        watchdog.cancel()
     if status == cp_model.INFEASIBLE and (allowed is None or warm is None):
         raise InfeasibleError(f"{label}: no placement fits the device memories (proven)")
     if status == cp_model.INFEASIBLE:

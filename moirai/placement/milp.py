@@ -15,7 +15,8 @@ model. For tasks i, devices k in `cand[i]`, edges e = (i, j):
 - congestion: for each pair of transfers not ordered by precedence that may leave the same
   device (or enter the same device), an order binary `q` and, per such port, the same
   disjunction with `send[e,a] = sum_b y[e,a,b]` (`recv[e,b] = sum_a y[e,a,b]`) as indicators;
-- makespan `C >= S_i + P_i` for every sink, minimised.
+- makespan `C >= S_i + sum_k tail[i,k] x[i,k]` for every task, minimised, and release times
+  `S_i >= sum_k head[i,k] x[i,k]` (`bounds.heads_tails`; redundant, they tighten the LP).
 
 Big-M is the horizon: the makespan of the heuristic warm start, also imposed as an upper bound
 on every time (so no constant is ever guessed). The warm start is passed as a MIP start.
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
-from moirai.placement.bounds import lower_bound, serial_horizon, settle
+from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
 from moirai.placement.result import Placement
@@ -201,9 +202,10 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
             m.row({start[j]: 1.0, t: -1.0, **duration(e, -1.0)}, 0.0, math.inf)
         else:
             m.row({start[j]: 1.0, **{c: -v for c, v in finish(i).items()}}, 0.0, math.inf)
+    head, tail = heads_tails(p)  # tail includes the task: this also gives C >= S_i + P_i
     for i in range(p.n):
-        if not p.out_edges[i]:
-            m.row({cmax: 1.0, **{c: -v for c, v in finish(i).items()}}, 0.0, math.inf)
+        m.row({start[i]: 1.0, **{x[i][k]: -head[i][k] for k in x[i]}}, 0.0, math.inf)
+        m.row({cmax: 1.0, start[i]: -1.0, **{x[i][k]: -tail[i][k] for k in x[i]}}, 0.0, math.inf)
 
     order: dict[tuple[int, int], int] = {}
     for i in range(p.n):
