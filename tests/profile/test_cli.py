@@ -1,0 +1,63 @@
+"""`moirai profile` as a user runs it: a profile file out, progress on stderr, the cache hit on
+the second run, and one-line errors for bad devices and a missing CUDA provider."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from moirai.cli import main
+from moirai.profile.document import ProfileDocument
+
+from .conftest import ModelFile
+
+
+def _profile(model: ModelFile, *extra: str) -> int:
+    shapes = [f"--input-shape={k}={'x'.join(map(str, v))}" for k, v in model.input_shapes.items()]
+    return main(["profile", str(model.path), *shapes, "--warmup=1", "--repeats=3", *extra])
+
+
+def test_profile_writes_a_file_and_hits_the_cache_the_second_time(
+    tiny_bert: ModelFile, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "profile.json"
+    cache = f"--cache-dir={tmp_path / 'cache'}"
+    args = ("--device=cpu:threads=1", "--device=two=cpu:threads=2", "--no-links", cache)
+    assert _profile(tiny_bert, *args, "-o", str(out)) == 0
+    captured = capsys.readouterr()
+    assert "moirai profile: cpu:threads=1: whole model, run 1/4 (warm-up)" in captured.err
+    assert "measured" in captured.out and f"wrote {out}" in captured.out
+    document = ProfileDocument.load(out)
+    assert set(document.devices) == {"cpu:threads=1", "two"}
+    assert document.devices["two"].target == "cpu:threads=2"
+    assert document.link is None
+    assert _profile(tiny_bert, *args) == 0
+    captured = capsys.readouterr()
+    assert "cached" in captured.err and captured.out.count(" hit") == 2
+
+
+@pytest.mark.parametrize("device", ["gpu:x", "cpu:threads=zero", "npu"])
+def test_bad_device_is_one_line(
+    tiny_bert: ModelFile, device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _profile(tiny_bert, f"--device={device}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moirai: --device") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA"
+)
+def test_cuda_missing_is_one_line(tiny_bert: ModelFile, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _profile(tiny_bert, "--device=cuda:0") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA provider" in err and "onnxruntime-gpu" in err
+
+
+def test_same_device_name_twice_is_refused(
+    tiny_bert: ModelFile, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _profile(tiny_bert, "--device=cpu", "--device=cpu") == 2
+    assert "given twice" in capsys.readouterr().err

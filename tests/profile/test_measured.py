@@ -1,0 +1,157 @@
+"""Measured profiling on the CPU: every fusion group timed from ONNX Runtime's per-node trace,
+the mapping from optimised to original nodes, the sub-model fallback, and the CUDA path up to
+the choice of provider (the GPU itself is checked on a GPU machine; see the module docstring of
+`moirai.profile.measured`)."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from moirai.errors import MoiraiError
+from moirai.fusion import fusion_groups
+from moirai.graph import build_graph, load_model
+from moirai.profile import measured
+from moirai.profile.document import ProfileError
+from moirai.profile.measured import Settings, measure_device, node_units
+from moirai.profile.targets import CUDA, Target, parse_device, signature
+from stage_server.sessions import execution_providers, session_options
+
+from .conftest import FAST, ModelFile
+
+CPU1 = Target("cpu", threads=1)
+
+
+def _load(model: ModelFile) -> tuple[onnx.ModelProto, object]:
+    loaded = load_model(model.path, model.input_shapes)
+    return loaded, build_graph(loaded)
+
+
+def test_zoo_cnn_every_group_timed_from_the_trace(squeezenet: ModelFile) -> None:
+    model, graph = _load(squeezenet)
+    messages: list[str] = []
+    profile = measure_device(model, graph, CPU1, FAST, messages.append)
+    groups = fusion_groups(model, graph, [CPU1.provider])
+    assert [g.ops for g in profile.groups] == [g.ops for g in groups]
+    assert all(g.method == "trace" and g.ms > 0 for g in profile.groups)
+    assert all(g.spread_ms >= 0 for g in profile.groups)
+    # Sane against the whole model's run: the groups share out its time (loosely, because the
+    # test machine may be busy), and the kernels alone never exceed it by much.
+    assert profile.run_ms is not None and profile.kernel_ms is not None
+    assert 0.5 < profile.total_ms / profile.run_ms < 2.0
+    # Memory: weights read and activations written, from the static shapes.
+    assert sum(g.weight_bytes for g in profile.groups) > 4_000_000  # SqueezeNet's 1.2 M weights
+    assert all(g.activation_bytes > 0 for g in profile.groups)
+    assert any("fusion groups" in m for m in messages) and any("run 4/4" in m for m in messages)
+    assert profile.signature == signature(CPU1)
+    assert (profile.warmup, profile.repeats) == (FAST.warmup, FAST.repeats)
+
+
+def test_every_optimised_kernel_maps_to_original_nodes(squeezenet: ModelFile, tmp_path) -> None:
+    """At level ORT_ENABLE_ALL the CPU provider rewrites convolutions to NCHWc and inserts
+    reorders: every node of that graph must still find its original nodes."""
+    model, graph = _load(squeezenet)
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+    assert any(n.domain == "com.microsoft.nchwc" for n in optimised.node)
+    units = node_units(graph, optimised)
+    assert set(units) == {n.name for n in optimised.node}
+    covered = set().union(*units.values())
+    computing = {n.name for n in graph.nodes if not n.constant}
+    assert computing <= covered
+
+
+def test_transformer_groups_timed_and_fallback_to_submodels(tiny_bert: ModelFile) -> None:
+    model, graph = _load(tiny_bert)
+    traced = measure_device(model, graph, CPU1, FAST)
+    assert all(g.method == "trace" for g in traced.groups)
+    assert traced.total_ms > 0
+    alone = measure_device(model, graph, CPU1, Settings(1, 3, "submodel"))
+    assert [g.ops for g in alone.groups] == [g.ops for g in traced.groups]
+    assert {g.method for g in alone.groups} <= {"submodel"}
+    # Timed alone, the groups are scaled to add up to the whole model's run.
+    assert alone.run_ms is not None
+    assert alone.total_ms == pytest.approx(alone.run_ms, rel=1e-6)
+
+
+def test_model_that_cannot_run_whole_is_timed_group_by_group(
+    tiny_bert: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 1 TiB")
+
+    monkeypatch.setattr(measured, "_run_whole", fail)
+    model, graph = _load(tiny_bert)
+    profile = measure_device(model, graph, CPU1, FAST)
+    assert profile.run_ms is None and profile.kernel_ms is None
+    assert all(g.method == "submodel" for g in profile.groups if g.ms > 0)
+    assert profile.total_ms > 0
+    with pytest.raises(ProfileError, match="cannot run there"):
+        measure_device(model, graph, CPU1, Settings(1, 3, "trace"))
+
+
+# ----------------------------------------------------------------- devices, CUDA
+@pytest.mark.parametrize(
+    ("text", "name", "target"),
+    [
+        ("cpu", "cpu", Target("cpu")),
+        ("cpu:threads=4", "cpu:threads=4", Target("cpu", threads=4)),
+        ("fast=cpu:threads=2", "fast", Target("cpu", threads=2)),
+        ("cuda", "cuda:0", Target("gpu", device_id=0)),
+        ("a100=cuda:3", "a100", Target("gpu", device_id=3)),
+    ],
+)
+def test_device_specs(text: str, name: str, target: Target) -> None:
+    assert parse_device(text) == (name, target)
+
+
+@pytest.mark.parametrize(
+    "text", ["tpu", "cpu:threads=0", "cpu:cores=2", "cuda:x", "cpu:threads=", "=cpu", "a b=cpu"]
+)
+def test_bad_device_specs_fail_in_one_line(text: str) -> None:
+    with pytest.raises(MoiraiError) as error:
+        parse_device(text)
+    assert "\n" not in str(error.value) and "cpu:threads=N" in str(error.value)
+
+
+def test_cuda_target_selects_the_cuda_provider_with_its_device_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, target = parse_device("cuda:1")
+    assert target.provider == CUDA
+    assert target.plan_device.kind == "gpu" and target.plan_device.device_id == 1
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, "CPUExecutionProvider"])
+    target.check_available()
+    assert execution_providers(target.plan_device) == [
+        (CUDA, {"device_id": "1"}),
+        "CPUExecutionProvider",
+    ]
+    assert signature(target)["provider"] == CUDA and "gpu" in signature(target)
+
+
+@pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="this machine has CUDA")
+def test_cuda_missing_is_one_clear_line(tiny_bert: ModelFile) -> None:
+    model, graph = _load(tiny_bert)
+    with pytest.raises(MoiraiError) as error:
+        measure_device(model, graph, Target("gpu"), FAST)
+    message = str(error.value)
+    assert "no CUDA provider" in message and "onnxruntime-gpu" in message and "\n" not in message
+
+
+def test_trace_method_is_refused_on_cuda(
+    tiny_bert: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Target, "check_available", lambda self: None)
+    model, graph = _load(tiny_bert)
+    with pytest.raises(ProfileError, match="kernel launches"):
+        measure_device(model, graph, Target("gpu"), Settings(1, 3, "trace"))
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ProfileError):
+        Settings(repeats=0)
+    with pytest.raises(ProfileError):
+        Settings(method="guess")
