@@ -17,8 +17,8 @@ and only where `MemoryGuard` says the tasks not yet placed can still fit.
   start earliest. Su et al. group *related* machines by speed; our devices are unrelated (each
   task has its own time per device), so our adaptation solves the analogous LP over fractional
   assignments x[i][k] (min D s.t. per-device load <= D, every precedence chain of fractional
-  times <= D, memory) with HiGHS, and lets task i use the devices carrying at least half of its
-  largest fraction. Ties go to the larger upward rank.
+  times plus fractional communication <= D, memory) with HiGHS, and lets task i use the devices
+  carrying at least half of its largest fraction. Ties go to the larger upward rank.
 - `msct` — m-SCT, the memory-constrained Small Communication Time placer of Baechi (Jeon et
   al., "Baechi: Fast Device Placement of Machine Learning Graphs", SoCC 2020), after Hanen and
   Munier's SCT algorithm. An LP relaxation (x[e] in [0, 1] for "edge e pays its communication",
@@ -240,32 +240,55 @@ def etf(
 
 
 def _getf_groups(problem: PlacementProblem) -> list[tuple[int, ...]]:
-    """GETF's LP relaxation over fractional assignments; the devices each task may use."""
+    """GETF's LP relaxation over fractional assignments; the devices each task may use.
+
+    Columns: x[i][k] (fraction of task i on device k), C[i] (completion), split[e] (how much
+    edge e is cut: at least x[i][a] - x[j][a] for every device a), D (the makespan). Rows:
+    every task fully assigned; C_j >= C_i + own fractional time + split_e * cheapest transfer;
+    C_i <= D; each device's fractional load <= D; memory.
+    """
     import highspy
 
     p = problem
     kk = p.num_devices
-    # columns: x[i][k] for k in cand[i], then C[i], then D
     xcol: list[dict[int, int]] = []
     ncol = 0
     for i in range(p.n):
         xcol.append({k: ncol + t for t, k in enumerate(p.cand[i])})
         ncol += len(p.cand[i])
     ccol = ncol
-    dcol = ccol + p.n
+    scol = ccol + p.n
+    dcol = scol + len(p.edges)
     ncol = dcol + 1
     rows: list[tuple[float, float, list[int], list[float]]] = []
     inf = highspy.kHighsInf
+    for e, (i, j) in enumerate(p.edges):
+        for a in p.cand[i]:
+            cols, vals = [scol + e, xcol[i][a]], [1.0, -1.0]
+            if a in xcol[j]:
+                cols.append(xcol[j][a])
+                vals.append(1.0)
+            rows.append((0.0, inf, cols, vals))
     for i in range(p.n):
         cols = list(xcol[i].values())
         rows.append((1.0, 1.0, cols, [1.0] * len(cols)))
-        # C_i >= own fractional time (+ C_pred for each predecessor)
         own_c = [xcol[i][k] for k in p.cand[i]]
         own_v = [-p.compute[i][k] for k in p.cand[i]]
         rows.append((0.0, inf, [ccol + i, *own_c], [1.0, *own_v]))
         for e in p.in_edges[i]:
             j = p.edges[e][0]
-            rows.append((0.0, inf, [ccol + i, ccol + j, *own_c], [1.0, -1.0, *own_v]))
+            cheapest = min(
+                (p.transfer[e][a][b] for a in p.cand[j] for b in p.cand[i] if a != b),
+                default=0.0,
+            )
+            rows.append(
+                (
+                    0.0,
+                    inf,
+                    [ccol + i, ccol + j, scol + e, *own_c],
+                    [1.0, -1.0, -cheapest, *own_v],
+                )
+            )
         rows.append((0.0, inf, [dcol, ccol + i], [1.0, -1.0]))
     for k in range(kk):
         cols = [xcol[i][k] for i in range(p.n) if k in xcol[i]]
