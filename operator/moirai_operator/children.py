@@ -31,11 +31,13 @@ from typing import Any
 from moirai.errors import MoiraiError
 from moirai.partition import GATEWAY
 from moirai_operator.plan import Plan, PlannedDevice
+from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import (
     ANNOTATION_PLAN_DIGEST,
     API_VERSION,
     COMPONENT_GATEWAY,
     COMPONENT_PLAN,
+    COMPONENT_PROFILER,
     COMPONENT_STAGE,
     GPU_RESOURCE,
     KIND,
@@ -55,6 +57,9 @@ STAGE_PORT = 50051
 PLAN_DIR = "/etc/moirai/plan"
 MODEL_DIR = "/var/lib/moirai/model"
 MODEL_FILE = "model.onnx"
+PROFILE_DIR = "/var/lib/moirai/profile"
+PROFILE_DEADLINE_S = 1800
+"""A profiling Job that has not finished after this long is stopped by Kubernetes."""
 CONFIGMAP_LIMIT = 1_000_000
 """Bytes: the API server rejects ConfigMaps over 1 MiB; keep a margin for metadata."""
 RUN_AS_USER = 10001
@@ -443,6 +448,95 @@ def network_policy(owner: Owner) -> Manifest:
                     "ports": [{"protocol": "TCP", "port": STAGE_PORT}],
                 }
             ],
+        },
+    }
+
+
+def profile_target(match: PoolMatch) -> str:
+    """`moirai profile`'s device target for one device of the pool."""
+    if match.spec.kind == "gpu":
+        return "cuda:0"
+    return f"cpu:threads={match.spec.threads_per_device}"
+
+
+def profile_command(spec: PlacedModelSpec, match: PoolMatch) -> list[str]:
+    cmd = [
+        "moirai",
+        "profile",
+        model_path(spec),
+        "--device",
+        f"{match.spec.name}={profile_target(match)}",
+        "--no-links",
+        "--no-cache",
+        "-o",
+        f"{PROFILE_DIR}/profile.json",
+    ]
+    for name, dims in spec.model.input_shapes.items():
+        cmd += ["--input-shape", f"{name}={'x'.join(str(d) for d in dims)}"]
+    return cmd
+
+
+def upload_command() -> list[str]:
+    return ["python", "-m", "moirai_operator.upload", f"{PROFILE_DIR}/profile.json"]
+
+
+def profile_job_name(owner: Owner, pool: str, token: str) -> str:
+    return child_name(owner.name, f"profile-{pool}-{token[:6].lower()}")
+
+
+def profile_job(
+    owner: Owner,
+    spec: PlacedModelSpec,
+    match: PoolMatch,
+    inbox_url: str,
+    token: str,
+    options: BuildOptions,
+) -> Manifest:
+    """A Job that measures one device of `match` with `moirai profile` on a node of the pool and
+    POSTs the profile to the operator's inbox (`inbox_url`, holding the one-time `token`)."""
+    gpu = match.spec.kind == "gpu"
+    image = spec.gpu_image if gpu else spec.image
+    requests: dict[str, str] = {"cpu": str(match.spec.threads_per_device)}
+    limits: dict[str, str] = {}
+    if gpu:
+        limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = str(match.spec.gpus_per_device)
+    if match.spec.memory_per_device:
+        limits["memory"] = requests["memory"] = match.spec.memory_per_device
+    profiler = {
+        "name": "profile",
+        "image": image,
+        "imagePullPolicy": options.image_pull_policy,
+        "command": profile_command(spec, match),
+        "resources": {"requests": requests, **({"limits": limits} if limits else {})},
+        "securityContext": _CONTAINER_SECURITY,
+    }
+    upload = {
+        "name": "upload",
+        "command": upload_command(),
+        "env": [{"name": "MOIRAI_PROFILE_URL", "value": inbox_url}],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
+    }
+    pod = _pod_spec(owner, spec, options, upload, image, with_model=True)
+    pod["volumes"].append({"name": "profile", "emptyDir": {}})
+    mounts = [*pod["containers"][0]["volumeMounts"], {"name": "profile", "mountPath": PROFILE_DIR}]
+    for c in (*pod["initContainers"], profiler, *pod["containers"]):
+        c["volumeMounts"] = list(mounts)
+    pod["initContainers"].append(profiler)
+    pod["restartPolicy"] = "Never"
+    pod["nodeSelector"] = dict(match.node_selector)
+    if gpu:
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    name = profile_job_name(owner, match.spec.name, token)
+    pod_labels = {**labels(owner, COMPONENT_PROFILER), LABEL_POOL: match.spec.name}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(owner, name, COMPONENT_PROFILER, **{LABEL_POOL: match.spec.name}),
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": PROFILE_DEADLINE_S,
+            "ttlSecondsAfterFinished": 600,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod},
         },
     }
 

@@ -33,6 +33,11 @@ class OperatorConfig:
     solver_workers: int
     """PlacedModels solved at once (each solve runs in its own worker thread)."""
     solver_threads: int
+    profile_url: str | None
+    """Base URL at which profiling Jobs reach the operator's inbox; None: no measured mode."""
+    profile_host: str
+    profile_port: int
+    profile_timeout_seconds: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
@@ -80,4 +85,8 @@ class OperatorConfig:
             model_cache=Path(env.get("MOIRAI_MODEL_CACHE") or "/var/cache/moirai/models"),
             solver_workers=int(number("MOIRAI_SOLVER_WORKERS", 2, 1)),
             solver_threads=int(number("MOIRAI_SOLVER_THREADS", 1, 1)),
+            profile_url=env.get("MOIRAI_PROFILE_URL") or None,
+            profile_host=env.get("MOIRAI_PROFILE_HOST") or "0.0.0.0",
+            profile_port=int(number("MOIRAI_PROFILE_PORT", 8081, 1)),
+            profile_timeout_seconds=number("MOIRAI_PROFILE_TIMEOUT_SECONDS", 900.0, 1.0),
         )

@@ -4,7 +4,8 @@ Run with `kopf run -m moirai_operator.handlers` (the chart adds `--standalone`, 
 and `--liveness`). What happens here and only here:
 
 - startup: read `OperatorConfig`, load the device catalogue, create the API client, the solver
-  thread pool and the planner, and keep them in kopf's memo; store kopf's own bookkeeping in
+  thread pool, the planner and (when configured) the profile inbox for measured profiling, and
+  keep them in kopf's memo; store kopf's own bookkeeping in
   `moirai.dev/` annotations (the CRD's status schema has no room for kopf's).
 - an index of Nodes (as `NodeFacts`), so that pool discovery never lists Nodes on each pass;
 - create, update (spec, labels, annotations) and resume of a PlacedModel → `converge`;
@@ -32,8 +33,9 @@ import kopf
 from moirai_operator.catalogue import Catalogue
 from moirai_operator.config import OperatorConfig
 from moirai_operator.kube import Kube
-from moirai_operator.planning import AnalyticPlanner
+from moirai_operator.planning import Planner
 from moirai_operator.pools import NodeFacts, node_facts
+from moirai_operator.profiling import JobProfiler, ProfileInbox
 from moirai_operator.reconcile import Context, converge
 from moirai_operator.resources import GROUP, PLURAL, VERSION, NodeBody, PlacedModelBody
 
@@ -63,9 +65,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.scanning.disabled = True
     executor = ThreadPoolExecutor(config.solver_workers, thread_name_prefix="moirai-solver")
     memo.executor = executor
+    kube = Kube()
+    profiler = None
+    memo.inbox = None
+    if config.profile_url:
+        inbox = ProfileInbox()
+        memo.inbox = await inbox.serve(config.profile_host, config.profile_port)
+        profiler = JobProfiler(
+            kube, inbox, config.profile_url, config.options, config.profile_timeout_seconds
+        )
     memo.ctx = Context(
-        kube=Kube(),
-        planner=AnalyticPlanner(
+        kube=kube,
+        planner=Planner(
             catalogue=Catalogue.load(config.catalogue),
             executor=executor,
             threads=config.solver_threads,
@@ -73,12 +84,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         defaults=config.defaults,
         options=config.options,
         model_cache=config.model_cache,
+        profiler=profiler,
     )
     memo.resync_seconds = config.resync_seconds
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if memo.inbox is not None:
+        await memo.inbox.cleanup()
     memo.executor.shutdown(wait=False, cancel_futures=True)
 
 

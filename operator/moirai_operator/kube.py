@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kubernetes import client, config
@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "Deployment": ("/apis/apps/v1", "apps", "deployments"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networking.k8s.io", "networkpolicies"),
     "PlacedModel": (f"/apis/{GROUP}/{VERSION}", GROUP, PLURAL),
+    "Job": ("/apis/batch/v1", "batch", "jobs"),
 }
 PRUNED_KINDS = ("Service", "Deployment")
 """The children named after a device, which a new plan may no longer need; the plan ConfigMap,
@@ -144,13 +145,17 @@ class Kube:
                 raise
 
     async def prune(
-        self, namespace: str, labels: Mapping[str, str], keep: Iterable[Manifest]
+        self,
+        namespace: str,
+        labels: Mapping[str, str],
+        keep: Iterable[Manifest],
+        kinds: Sequence[str] = PRUNED_KINDS,
     ) -> list[str]:
-        """Delete the per-device children matching `labels` that are not in `keep`; returns
-        their `Kind/name`s."""
+        """Delete the objects of `kinds` matching `labels` that are not in `keep`; returns their
+        `Kind/name`s."""
         wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
         deleted = []
-        for kind in PRUNED_KINDS:
+        for kind in kinds:
             for obj in await self.list(kind, namespace, labels):
                 name = obj["metadata"]["name"]
                 if (kind, name) not in wanted:

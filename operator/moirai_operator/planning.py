@@ -7,7 +7,7 @@
 The operator adds nothing to the pipeline that `moirai serve` runs locally; it only describes
 the devices from the pools (`catalogue.py`) and keeps the result in a `Plan`. All of it is CPU
 work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
-`AnalyticPlanner` runs it in a dedicated thread pool: the event loop keeps serving the other
+`Planner` runs it in a dedicated thread pool: the event loop keeps serving the other
 PlacedModels, and at most `solver_workers` solves compete for the cores. Before solving it checks
 the one infeasibility a person most often meets — the model does not fit in the devices — so the
 message can say how much is needed and how much the pools offer.
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet, DeviceSpec
+from moirai.errors import MoiraiError
 from moirai.partition import DeviceSpec as StageDevice
 from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
 from moirai_operator.fetch import sha256_of
@@ -74,8 +76,9 @@ def check_memory(cg: CostGraph) -> None:
 
 
 @dataclass(frozen=True)
-class AnalyticPlanner:
-    """Plans with analytic profiles from the device catalogue (`spec.profiling.mode: analytic`)."""
+class Planner:
+    """Plans with the profiling Jobs' measurements when given (`spec.profiling.mode: measured`),
+    else with analytic estimates from the device catalogue."""
 
     catalogue: Catalogue
     executor: Executor
@@ -86,15 +89,13 @@ class AnalyticPlanner:
         spec: PlacedModelSpec,
         pools: Sequence[PoolMatch],
         model_path: Path,
+        profile: Mapping[str, Any] | None = None,
     ) -> Plan:
-        if spec.profiling != "analytic":
-            raise ProfilingError(
-                f"spec.profiling.mode {spec.profiling!r} is not available in this operator "
-                "version: use analytic"
-            )
         doc = devices_document(pools, self.catalogue)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._plan, spec, pools, doc, model_path)
+        return await loop.run_in_executor(
+            self.executor, self._plan, spec, pools, doc, model_path, profile
+        )
 
     def _plan(
         self,
@@ -102,6 +103,7 @@ class AnalyticPlanner:
         pools: Sequence[PoolMatch],
         doc: DevicesDocument,
         model_path: Path,
+        profile: Mapping[str, Any] | None,
     ) -> Plan:
         from moirai.graph import load_model
         from moirai.partition import build_plan
@@ -109,7 +111,15 @@ class AnalyticPlanner:
         from moirai.placement import solve
 
         shapes = {k: list(v) for k, v in spec.model.input_shapes.items()} or None
-        cg = build_costgraph(model_path, device_set(doc), input_shapes=shapes)
+        measured = None
+        if profile is not None:
+            from moirai.profile.document import DocumentProfile, ProfileDocument
+
+            try:
+                measured = DocumentProfile(ProfileDocument.from_dict(profile), "profiling Jobs")
+            except MoiraiError as e:
+                raise ProfilingError(f"the profiling Jobs returned a bad profile: {e}") from None
+        cg = build_costgraph(model_path, device_set(doc), input_shapes=shapes, profile=measured)
         check_memory(cg)
         placement = solve(
             cg,

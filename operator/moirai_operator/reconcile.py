@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,8 +47,25 @@ from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
 from moirai_operator.resources import Condition, PlacedModelBody
 from moirai_operator.spec import Defaults, PlacedModelSpec, parse_spec
 
-Planner = Callable[[PlacedModelSpec, Sequence[PoolMatch], Path], Awaitable[Plan]]
-"""(spec, matched pools, local model path) → Plan."""
+
+class Planner(Protocol):
+    """(spec, matched pools, local model path, measured profile or None) → Plan."""
+
+    async def __call__(
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        model_path: Path,
+        profile: Mapping[str, Any] | None = None,
+    ) -> Plan: ...
+
+
+class Profiler(Protocol):
+    """Measures the pools (`spec.profiling.mode: measured`): a `moirai.profile/v1` document."""
+
+    async def profile(
+        self, owner: Owner, spec: PlacedModelSpec, pools: Sequence[PoolMatch]
+    ) -> dict[str, Any]: ...
 
 
 class Events(Protocol):
@@ -68,6 +85,8 @@ class Context:
     defaults: Defaults
     options: BuildOptions
     model_cache: Path
+    profiler: Profiler | None = None
+    """None: measured profiling is not available (a PlacedModel asking for it fails)."""
 
 
 class _Status:
@@ -161,9 +180,19 @@ async def plan_and_apply(
             fetch, spec.model.uri, cache / "model.onnx", spec.model.sha256
         )
         pools_text = ", ".join(f"{m.spec.name}: {m.devices} device(s)" for m in matches)
+        profile = None
+        if spec.profiling == "measured":
+            if ctx.profiler is None:
+                raise st.ProfilingError(
+                    "measured profiling is not available in this operator (no profile inbox "
+                    "configured): use spec.profiling.mode: analytic"
+                )
+            events.info("Profiling", f"profiling Jobs on {pools_text}")
+            await status.write(phase=st.PROFILING, message=f"profiling Jobs on {pools_text}")
+            profile = await ctx.profiler.profile(owner, spec, matches)
         events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
         await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
-        plan = await ctx.planner(spec, matches, model_path)
+        plan = await ctx.planner(spec, matches, model_path, profile)
         children = build_children(owner, spec, plan, ctx.options)
     except MoiraiError as e:
         failure = st.failure(e)

@@ -32,6 +32,7 @@ MANAGED_BY = "moirai-operator"
 COMPONENT_STAGE = "stage-server"
 COMPONENT_GATEWAY = "gateway"
 COMPONENT_PLAN = "plan"
+COMPONENT_PROFILER = "profiler"
 ANNOTATION_PLAN_DIGEST = "moirai.dev/plan-digest"
 
 # Node labels naming the node pool, in order of preference: Moirai's own, then the clouds'.

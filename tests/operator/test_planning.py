@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from moirai_operator.catalogue import Catalogue
-from moirai_operator.planning import AnalyticPlanner
+from moirai_operator.planning import Planner
 from moirai_operator.pools import match_pools, node_facts
 from moirai_operator.spec import Defaults, parse_spec
-from moirai_operator.status import InsufficientMemoryError, ProfilingError
+from moirai_operator.status import InsufficientMemoryError
 from operator_bodies import make_node, make_spec, write_mlp
 
 NODES = [
@@ -22,7 +23,7 @@ NODES = [
 @pytest.fixture
 def planner():
     with ThreadPoolExecutor(1) as executor:
-        yield AnalyticPlanner(Catalogue.load(), executor)
+        yield Planner(Catalogue.load(), executor)
 
 
 def model_spec(model: Path, **extra):
@@ -59,8 +60,41 @@ async def test_model_larger_than_the_pools_is_reported_in_gib(tmp_path: Path, pl
         await planner(spec, match_pools(spec.pools, NODES), model)
 
 
-async def test_measured_profiling_is_refused_with_a_reason(tmp_path: Path, planner) -> None:
+async def test_a_measured_profile_prices_the_plan(tmp_path: Path, planner) -> None:
+    from moirai_operator.profiling import merge
+
+    from moirai.cli import main
+
     model = write_mlp(tmp_path / "mlp.onnx")
-    spec = parse_spec(model_spec(model, profiling={"mode": "measured"}), Defaults())
-    with pytest.raises(ProfilingError, match="use analytic"):
-        await planner(spec, match_pools(spec.pools, NODES), model)
+    out = tmp_path / "profile.json"
+    assert (
+        main(
+            [
+                "profile",
+                str(model),
+                "--device",
+                "cpu=cpu:threads=1",
+                "--no-links",
+                "--no-cache",
+                "--repeats",
+                "2",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    raw = make_spec(pools=[{"name": "cpu", "kind": "cpu", "threadsPerDevice": 1, "maxDevices": 2}])
+    spec = parse_spec(
+        model_spec(model, pools=raw["pools"], placement={"solver": "heft"}), Defaults()
+    )
+    pools = match_pools(spec.pools, NODES)
+    document = json.loads(out.read_text())
+    profile = merge({"cpu": document}, pools)
+    assert set(profile["devices"]) == {"cpu-0", "cpu-1"}
+    measured = await planner(spec, pools, model, profile)
+    slow = json.loads(out.read_text())
+    for group in slow["devices"]["cpu"]["groups"]:
+        group["ms"] *= 1000
+    slowed = await planner(spec, pools, model, merge({"cpu": slow}, pools))
+    assert slowed.latency_ms > 100 * measured.latency_ms  # the times come from the profile

@@ -68,8 +68,11 @@ class Planner:
         self.error = error
         self.devices = devices
 
-    async def __call__(self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path):
+    async def __call__(
+        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, profile=None
+    ):
         self.calls += 1
+        self.profile = profile
         if self.error:
             raise self.error
         return make_plan(self.devices) if self.devices else make_plan()
@@ -209,3 +212,32 @@ async def test_failed_replan_keeps_serving_children(model: Path, tmp_path: Path)
     planner.error = InfeasibleError("no")
     await converge(body, NODES, ctx, events)
     assert kube.objects == before and kube.status["phase"] == "Failed"
+
+
+class Profiler:
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def profile(self, owner, spec, pools):
+        self.asked = [m.spec.name for m in pools]
+        return {"format": "moirai.profile/v1", "devices": {}}
+
+
+async def test_measured_profiling_asks_the_profiler_first(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    body = make_body(path_spec(model, **{}) | {"profiling": {"mode": "measured"}})
+    ctx = context(kube, planner, tmp_path)
+    await converge(body, NODES, ctx, events)  # no profiler configured
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert (
+        planned["reason"] == "ProfilingFailed" and "use spec.profiling.mode" in planned["message"]
+    )
+
+    profiler = Profiler()
+    ctx = Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "c", profiler)  # type: ignore[arg-type]
+    body["metadata"]["generation"] = 2
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert profiler.asked == ["gpu", "cpu"]
+    assert planner.profile == {"format": "moirai.profile/v1", "devices": {}}
+    assert kube.status["phase"] == "Deploying"
