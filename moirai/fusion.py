@@ -57,6 +57,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from moirai.errors import ModelError
 from moirai.graph import OpGraph
@@ -134,10 +135,12 @@ def _ort_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
     """The model as ONNX Runtime takes it: serialised once for all providers, or as a file with
     external data when it is beyond protobuf's 2 GiB."""
     try:
-        yield model.SerializeToString()
+        serialised = model.SerializeToString()
+    except EncodeError:  # protobuf refuses messages over 2 GiB
+        serialised = None
+    if serialised is not None:
+        yield serialised
         return
-    except ValueError:  # protobuf refuses messages over 2 GiB
-        pass
     with tempfile.TemporaryDirectory(prefix="moirai-model-") as tmp:
         path = str(Path(tmp, "model.onnx"))
         copy = onnx.ModelProto()

@@ -23,13 +23,15 @@ held in memory, not work done per request. A node's weight bytes are the constan
 reads; constant nodes themselves read none, so a weight is counted where a kernel uses it,
 exactly as ONNX Runtime holds it after folding.
 
-Shapes come from `onnx.shape_inference` with data propagation. What it leaves open (operators
-without an ONNX schema, such as ONNX Runtime's contrib operators, or data-dependent sizes) is
-asked of ONNX Runtime, whose session knows its own operators' shapes, and what stays symbolic
-there is measured by one run on zero-filled inputs. (ONNX Runtime's symbolic shape inference
-script would need sympy, which is not a dependency.) The answers go into `value_info`, so the
-returned model is fully typed — which serving needs for the tensors crossing a stage border. A
-tensor whose shape is still unknown counts as 0 bytes and is logged.
+Shapes come from `onnx.shape_inference`, without its data propagation: that represents every
+1-D initializer as a shape of as many dimensions, about 60 bytes per element (3 × 0.7 GB of
+1-D weights exhausted 23 GB). What it leaves open (shapes computed at run time from `Shape`
+chains, operators without an ONNX schema such as ONNX Runtime's contrib operators,
+data-dependent sizes) is asked of ONNX Runtime, whose session knows its own operators' shapes,
+and what stays symbolic there is measured by one run on zero-filled inputs. (ONNX Runtime's
+symbolic shape inference script would need sympy, which is not a dependency.) The answers go
+into `value_info`, so the returned model is fully typed — which serving needs for the tensors
+crossing a stage border. A tensor whose shape is still unknown counts as 0 bytes and is logged.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, helper
 
 from moirai.errors import ModelError
@@ -190,7 +192,7 @@ def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     # Keep only the shapes we are about to derive again from the (possibly new) input shapes.
     del model.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
         raise ModelError(
             f"{path}: shape inference failed: {_one_line(e)}; check the --input-shape values"
@@ -218,6 +220,9 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
     try:
         source = model.SerializeToString()
+    except EncodeError:  # over protobuf's 2 GiB: too big to probe in memory
+        log.warning("%s: too large to ask ONNX Runtime for %d missing shapes", path, len(missing))
+        return
     finally:
         del graph.output[declared:]
     options = ort.SessionOptions()

@@ -237,3 +237,25 @@ def test_onnx_runtime_shapes_contrib_and_data_dependent_outputs(tmp_path: Path) 
     assert graph.tensors["nz"].shape == (2, 0)  # measured: zero inputs have no non-zeros
     assert graph.tensors["y"].shape == (0, 2)
     assert not graph.unknown_shapes
+
+
+def test_shapes_computed_from_shape_chains_are_resolved(tmp_path: Path) -> None:
+    """Reshape(x, Concat(Gather(Shape(x), 0), -1)): known only once the chain is evaluated."""
+    m = model(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+            helper.make_node("Concat", ["b", "minus_one"], ["target"], axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["r"]),
+            helper.make_node("Relu", ["r"], ["y"]),
+        ],
+        [tensor("x", ["n", 3, 4])],
+        [tensor("y", ["n", "m"])],
+        [
+            numpy_helper.from_array(np.array([0], np.int64), "zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        ],
+    )
+    graph = build_graph(load_model(save(m, tmp_path / "m.onnx"), {"x": [2, 3, 4]}))
+    assert graph.tensors["r"].shape == (2, 12) and graph.tensors["y"].nbytes == 2 * 12 * 4
+    assert not graph.unknown_shapes
