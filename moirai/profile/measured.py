@@ -436,6 +436,11 @@ def measure_device(
     """The profile of one device (module docstring). `model` comes from `load_model`."""
     settings = settings or Settings()
     target.check_available()
+    if settings.method == "trace" and target.kind != "cpu":
+        raise ProfileError(
+            f"--method trace: {target}'s trace times kernel launches, not the GPU's work; "
+            "use --method auto or submodel"
+        )
 
     def say(message: str) -> None:
         if progress is not None:
@@ -447,11 +452,6 @@ def measure_device(
     with _pinned(target), tempfile.TemporaryDirectory(prefix="moirai-profile-") as tmp:
         overhead = call_overhead_ms(target)
         trace = target.kind == "cpu" and settings.method != "submodel"
-        if settings.method == "trace" and target.kind != "cpu":
-            raise ProfileError(
-                f"--method trace: {target}'s trace times kernel launches, not the GPU's work; "
-                "use --method auto or submodel"
-            )
         whole = _try_whole(model, graph, target, settings, feeds, Path(tmp), trace, say)
         run_ms = None if whole is None else max(0.0, _median(whole.run_ms) - overhead)
         timings: dict[int, GroupTiming] = {}
