@@ -6,7 +6,8 @@ about one kernel. Its time on a device is
     max(flops / peak_flops, bytes / memory_bandwidth) + launch overhead
 
 where `bytes` are what a fused kernel moves through memory: the activations entering and
-leaving the unit and the weights it reads — intermediates inside a fusion stay in registers or
+leaving the unit and the weights it reads (a Gather only the rows it returns: an embedding
+lookup does not stream the whole table) — intermediates inside a fusion stay in registers or
 cache, which is exactly what fusing buys. The overhead (framework dispatch plus kernel launch)
 is larger on a GPU (`launch_overhead_ms` of the device, default 10 µs) than on a CPU (2 µs);
 it is what keeps a GPU from winning on tiny operators. Units that are only folded constants cost
@@ -74,6 +75,7 @@ _PER_ELEMENT = {
     "InstanceNormalization": 8,
     "GroupNormalization": 8,
 }
+_GATHERS = frozenset({"Gather", "GatherElements", "GatherND"})
 _POOLS = frozenset({"MaxPool", "AveragePool", "LpPool"})
 _INPUT_SIZED = frozenset(
     {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ArgMax", "ArgMin", "TopK"}
@@ -127,15 +129,22 @@ def kernel_work(graph: OpGraph, ops: Sequence[str]) -> Work:
     if all(n.op_type in _VIEW_OPS for n in computing):
         return Work(flops, 0)
     produced = {t for n in computing for t in n.outputs}
-    read = {t for n in computing for t in n.inputs if t not in produced}
+    read: dict[str, int] = {}
+    for n in computing:
+        for i, t in enumerate(n.inputs):
+            if t in produced:
+                continue
+            nbytes = graph.tensors[t].nbytes
+            if i == 0 and n.op_type in _GATHERS:  # a lookup reads the rows it returns
+                nbytes = min(nbytes, sum(graph.tensors[o].nbytes for o in n.outputs))
+            read[t] = max(read.get(t, 0), nbytes)
     outputs = set(graph.outputs)
-    written = {
-        t
+    written = sum(
+        graph.tensors[t].nbytes
         for t in produced
         if t in outputs or any(c not in inside for c in graph.consumers.get(t, ()))
-    }
-    nbytes = sum(graph.tensors[t].nbytes for t in read | written)
-    return Work(flops, nbytes)
+    )
+    return Work(flops, sum(read.values()) + written)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 
 from moirai import zoo
 from moirai.devices import DeviceSpec
@@ -135,3 +135,16 @@ def test_constants_cost_nothing(tmp_path: Path) -> None:
     constant = graph.nodes[0].name
     group = Group(ops=(constant,), kernels={})
     assert AnalyticProfile().group_ms(graph, group, _device()) == 0.0
+
+
+def test_embedding_lookup_reads_only_its_rows(tmp_path: Path) -> None:
+    m = model(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        [tensor("ids", [1, 8], TensorProto.INT64)],
+        [tensor("y", [1, 8, 16])],
+        [init("table", [10000, 16])],
+    )
+    graph = _graph(m, tmp_path)
+    work = kernel_work(graph, [graph.nodes[0].name])
+    assert work.bytes == 8 * 8 + 2 * (8 * 16 * 4)  # ids + rows read + output written
+    assert graph.weight_bytes([graph.nodes[0].name]) == 10000 * 16 * 4  # held: the whole table
