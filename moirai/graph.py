@@ -109,7 +109,8 @@ def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> onn
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as e:
         raise ModelError(
-            f"{path}: cannot read its external data ({e}); keep the data files next to the model"
+            f"{path}: cannot read its external data ({_one_line(e)}); keep the data files next "
+            "to the model"
         ) from None
     _complete_shapes(model, path)
     return model
