@@ -336,26 +336,40 @@ def retime(
 ) -> Schedule:
     """Replay a solver's schedule in exact time, operation by operation in start order.
 
-    `transfer_start[e]` is the solver's start of each cross-device edge (missing ones sort
-    right before their destination task). Ties are broken so that an operation always comes
-    after its predecessors, which keeps the replay valid even for zero-length operations.
+    `transfer_start[e]` is the solver's start of each cross-device edge (a missing one counts
+    as its destination's start). Operations are released in order of the solver's start, but
+    never before their predecessors (so zero-length operations and a solver's tolerances, which
+    may put a successor a hair before its predecessor, cannot break the replay).
     """
     p = problem
-    ops: list[tuple[float, int, int]] = []  # (start, rank, op); op >= 0 task, < 0 edge
-    for i in range(p.n):
-        ops.append((task_start[i], 2 * i, i))
+    # operation ids: task i -> i, transfer of edge e -> n + e
+    key: dict[int, tuple[float, int]] = {i: (task_start[i], 2 * i) for i in range(p.n)}
+    succs: dict[int, list[int]] = {i: [] for i in range(p.n)}
+    waiting = dict.fromkeys(range(p.n), 0)
     for e, (i, j) in enumerate(p.edges):
         if assignment[i] != assignment[j]:
-            s = transfer_start.get(e, task_start[j])
-            ops.append((max(s, task_start[i]), 2 * j - 1, -1 - e))
-    ops.sort()
+            op = p.n + e
+            key[op] = (transfer_start.get(e, task_start[j]), 2 * j - 1)
+            succs[i].append(op)
+            succs[op] = [j]
+            waiting[op] = 1
+        else:
+            succs[i].append(j)
+        waiting[j] += 1
+    ready = [(key[op], op) for op, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
     sched = Schedule(p)
-    for _, _, op in ops:
-        if op >= 0:
+    while ready:
+        _, op = heapq.heappop(ready)
+        if op < p.n:
             sched.place_task_after_inputs(op, assignment[op])
         else:
-            e = -1 - op
+            e = op - p.n
             sched.place_transfer(e, assignment[p.edges[e][1]])
+        for nxt in succs[op]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                heapq.heappush(ready, (key[nxt], nxt))
     return sched
 
 

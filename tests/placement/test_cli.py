@@ -1,0 +1,116 @@
+"""`moirai place`: the table, the files it writes, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moirai.cli import main
+from moirai.placement import Placement, PlacementProblem, check
+
+from .instances import random_costgraph
+
+
+@pytest.fixture
+def costgraph_file(tmp_path: Path) -> Path:
+    path = tmp_path / "cg.json"
+    random_costgraph(seed=3, tasks=10, devices=3).save(path)
+    return path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], match: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("moirai: ")
+    assert match in err[0], err[0]
+    assert "Traceback" not in err[0]
+
+
+def test_place_costgraph_writes_a_checked_plan(
+    tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "plan.json"
+    gantt = tmp_path / "plan.png"
+    argv = ["place", "--costgraph", str(costgraph_file), "--time-limit", "10", "--threads", "2"]
+    assert main([*argv, "-o", str(out), "--gantt", str(gantt), "--pin", "t0=d1"]) == 0
+    captured = capsys.readouterr()
+    assert "auto(" in captured.out and "makespan ms" in captured.out and "busy %" in captured.out
+    assert "moirai: [" in captured.err  # progress
+    plan = Placement.load(out)
+    assert plan.assignment["t0"] == "d1"
+    from moirai.costgraph import CostGraph
+
+    assert check(PlacementProblem(CostGraph.load(costgraph_file), pins={"t0": "d1"}), plan) > 0
+    assert gantt.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_every_solver(
+    costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["place", "--costgraph", str(costgraph_file), "--compare", "--time-limit", "5", "-q"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("heft", "getf", "msct", "single", "milp-highs", "cpsat", "auto("):
+        assert name in out
+
+
+def test_costgraph_out_and_throughput(
+    tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    again = tmp_path / "again.json"
+    argv = ["place", "--costgraph", str(costgraph_file), "--objective", "throughput", "-q"]
+    assert main([*argv, "--solver", "cpsat", "--costgraph-out", str(again)]) == 0
+    assert json.loads(again.read_text())["format"] == "moirai.costgraph/v1"
+    assert "objective throughput" in capsys.readouterr().out
+
+
+def test_cyclic_costgraph(
+    tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(costgraph_file.read_text())
+    data["edges"].append({"src": "t9", "dst": "t0", "bytes": 1})
+    data["edges"].append({"src": "t0", "dst": "t9", "bytes": 1})
+    bad = tmp_path / "cyclic.json"
+    bad.write_text(json.dumps(data))
+    _one_line_error(capsys, ["place", "--costgraph", str(bad)], "cycle")
+
+
+def test_memory_infeasible_cluster(
+    tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(costgraph_file.read_text())
+    for d in data["devices"]:
+        d["memory_bytes"] = 1000
+    bad = tmp_path / "small.json"
+    bad.write_text(json.dumps(data))
+    _one_line_error(capsys, ["place", "--costgraph", str(bad)], "no placement fits")
+
+
+def test_unknown_devices(
+    tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _one_line_error(
+        capsys,
+        ["place", "--costgraph", str(costgraph_file), "--pin", "t0=tpu"],
+        "unknown device 'tpu'",
+    )
+    data = json.loads(costgraph_file.read_text())
+    data["tasks"][0]["compute_ms"]["tpu"] = 1.0
+    bad = tmp_path / "tpu.json"
+    bad.write_text(json.dumps(data))
+    _one_line_error(capsys, ["place", "--costgraph", str(bad)], "unknown device 'tpu'")
+
+
+def test_usage_errors(costgraph_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _one_line_error(capsys, ["place"], "nothing to place")
+    _one_line_error(capsys, ["place", "model.onnx"], "needs --devices")
+    _one_line_error(
+        capsys, ["place", "--costgraph", str(costgraph_file), "--solver", "magic"], "unknown solver"
+    )
+    _one_line_error(
+        capsys, ["place", "--costgraph", str(costgraph_file), "--pin", "t0"], "TASK=DEVICE"
+    )
+    _one_line_error(capsys, ["place", "--costgraph", "/nonexistent.json"], "cannot read")

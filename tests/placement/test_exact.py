@@ -1,0 +1,67 @@
+"""Exact solvers agree with brute force, and with each other, on the optimal makespan."""
+
+from __future__ import annotations
+
+import pytest
+
+from moirai.placement import PlacementProblem, solve
+
+from .brute import brute_force_makespan
+from .instances import random_costgraph
+
+REL = 1e-3  # CP-SAT rounds durations down to its time unit (far below this)
+
+SMALL = [
+    # (seed, tasks, devices, options)
+    *((s, 4 + s % 4, 2 + s % 2, {}) for s in range(16)),
+    *((100 + s, 5 + s % 2, 3, {"zero_prob": 0.25}) for s in range(4)),
+    *((200 + s, 6, 3, {"unrunnable_prob": 0.4}) for s in range(4)),
+    *((300 + s, 6, 3, {"memory_tight": True}) for s in range(4)),
+]
+
+
+@pytest.mark.parametrize(("seed", "tasks", "devices", "opts"), SMALL)
+def test_milp_cpsat_and_brute_force_agree(seed: int, tasks: int, devices: int, opts: dict) -> None:
+    cg = random_costgraph(seed, tasks=tasks, devices=devices, edge_prob=0.4, **opts)
+    best = brute_force_makespan(PlacementProblem(cg))
+    for solver in ("milp-highs", "cpsat"):
+        plan = solve(cg, solver, time_limit=60, threads=2, seed=seed)
+        assert plan.status == "optimal", (solver, plan.extra)
+        assert plan.makespan_ms == pytest.approx(best, rel=REL), solver
+        assert plan.lower_bound_ms <= best * (1 + 1e-6)
+
+
+def test_brute_force_with_pins() -> None:
+    cg = random_costgraph(7, tasks=6, devices=3, edge_prob=0.4)
+    pins = {"t0": "d2", "t3": "d1"}
+    best = brute_force_makespan(PlacementProblem(cg, pins=pins))
+    free = brute_force_makespan(PlacementProblem(cg))
+    assert best >= free - 1e-9
+    for solver in ("milp-highs", "cpsat"):
+        plan = solve(cg, solver, time_limit=60, threads=2, pins=pins)
+        assert plan.makespan_ms == pytest.approx(best, rel=REL)
+        assert all(plan.assignment[t] == d for t, d in pins.items())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_milp_and_cpsat_agree_on_twelve_tasks(seed: int) -> None:
+    cg = random_costgraph(1000 + seed, tasks=12, devices=3, edge_prob=0.3)
+    plans = [solve(cg, s, time_limit=90, threads=2, seed=0) for s in ("milp-highs", "cpsat")]
+    assert all(p.status == "optimal" for p in plans)
+    assert plans[0].makespan_ms == pytest.approx(plans[1].makespan_ms, rel=REL)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_throughput_optimum_by_enumeration(seed: int) -> None:
+    import itertools
+
+    from moirai.placement import period
+
+    cg = random_costgraph(400 + seed, tasks=6, devices=3, edge_prob=0.4)
+    problem = PlacementProblem(cg, objective="throughput")
+    best = min(period(problem, list(a)) for a in itertools.product(*problem.cand))
+    for solver in ("milp-highs", "cpsat"):
+        plan = solve(cg, solver, objective="throughput", time_limit=30, threads=2)
+        assert plan.status == "optimal"
+        assert plan.period_ms == pytest.approx(best, rel=REL)
+        assert plan.objective_ms == plan.period_ms

@@ -1,0 +1,79 @@
+"""The problem object: cheap infeasibility checks with one-line reasons; candidates."""
+
+from __future__ import annotations
+
+import pytest
+
+from moirai.costgraph import CostGraph, Device, Edge, Task
+from moirai.errors import InfeasibleError
+from moirai.placement import PlacementProblem, solve
+
+GB = 1 << 30
+
+
+def cluster(gpu_mem: int = 8 * GB, cpu_mem: int = 8 * GB, task_mem: int = GB) -> CostGraph:
+    return CostGraph(
+        name="c",
+        devices=(Device("gpu", gpu_mem, "gpu"), Device("cpu", cpu_mem)),
+        tasks=tuple(
+            Task(f"t{i}", {"gpu": 1.0, "cpu": 4.0} if i != 2 else {"cpu": 2.0}, task_mem)
+            for i in range(4)
+        ),
+        edges=(Edge("t0", "t1", 10), Edge("t1", "t2", 10), Edge("t2", "t3", 10)),
+    )
+
+
+def test_total_memory_message() -> None:
+    with pytest.raises(InfeasibleError) as e:
+        PlacementProblem(cluster(gpu_mem=2 * GB, cpu_mem=1 * GB, task_mem=GB))
+    assert str(e.value) == (
+        "no placement fits: total task memory 4.0 GiB exceeds total device memory 3.0 GiB"
+    )
+
+
+def test_task_that_fits_nowhere_is_named() -> None:
+    # t2 runs only on the CPU, which is too small for it
+    with pytest.raises(InfeasibleError, match=r"task 't2' needs 2\.0 GiB .* cpu 1\.0 GiB"):
+        PlacementProblem(cluster(gpu_mem=64 * GB, cpu_mem=GB, task_mem=2 * GB))
+
+
+def test_pins() -> None:
+    with pytest.raises(InfeasibleError, match="unknown task 'nope'"):
+        PlacementProblem(cluster(), pins={"nope": "gpu"})
+    with pytest.raises(InfeasibleError, match="unknown device 'tpu'; devices are gpu, cpu"):
+        PlacementProblem(cluster(), pins={"t0": "tpu"})
+    with pytest.raises(InfeasibleError, match="device 'gpu' cannot run task 't2'"):
+        PlacementProblem(cluster(), pins={"t2": "gpu"})
+    with pytest.raises(InfeasibleError, match=r"pins put 3\.0 GiB of task memory on 'gpu'"):
+        PlacementProblem(
+            cluster(gpu_mem=2 * GB, cpu_mem=8 * GB), pins=dict.fromkeys(("t0", "t1", "t3"), "gpu")
+        )
+
+
+def test_memory_limits_and_candidates() -> None:
+    p = PlacementProblem(cluster(), memory_limits={"gpu": GB // 2})
+    gpu = p.device_index["gpu"]
+    assert all(gpu not in c for c in p.cand)  # 1 GiB tasks no longer fit the GPU
+    plan = solve(cluster(), "auto", time_limit=5, threads=1, memory_limits={"gpu": GB // 2})
+    assert set(plan.assignment.values()) == {"cpu"}
+
+
+def test_unknown_objective() -> None:
+    with pytest.raises(InfeasibleError, match="unknown objective"):
+        PlacementProblem(cluster(), objective="speed")  # type: ignore[arg-type]
+
+
+def test_bin_packing_infeasibility_is_proven_by_cpsat() -> None:
+    # total memory fits (9 of 10 GiB) but three 3 GiB tasks cannot share two 5 GiB devices
+    cg = CostGraph(
+        name="pack",
+        devices=(Device("a", 5 * GB), Device("b", 5 * GB)),
+        tasks=tuple(Task(f"t{i}", {"a": 1.0, "b": 1.0}, 3 * GB) for i in range(3)),
+        edges=(),
+    )
+    with pytest.raises(InfeasibleError, match="no placement fits"):
+        solve(cg, "cpsat", time_limit=5, threads=1)
+    with pytest.raises(InfeasibleError):
+        solve(cg, "auto", time_limit=5, threads=1)
+    with pytest.raises(InfeasibleError, match="first-fit decreasing failed"):
+        solve(cg, "heft")

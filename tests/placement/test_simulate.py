@@ -1,0 +1,172 @@
+"""The simulator: hand-computed schedules, and `check` catching every kind of violation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from moirai.costgraph import CostGraph, Device, Edge, Link, Task
+from moirai.placement import (
+    InvalidScheduleError,
+    PlacementProblem,
+    ScheduledTask,
+    ScheduledTransfer,
+    check,
+    evaluate,
+    list_schedule,
+    period,
+    solve,
+)
+from moirai.placement.bounds import critical_path, device_critical_path, lower_bound, total_work
+from moirai.placement.simulate import retime
+
+from .instances import random_costgraph
+
+
+def fork() -> CostGraph:
+    """a feeds b and c; b and c both feed d. Transfers take 2 ms (1 MB at 0.5 GB/s)."""
+    return CostGraph(
+        name="fork",
+        devices=(Device("x", 10**9), Device("y", 10**9)),
+        tasks=(
+            Task("a", {"x": 1.0, "y": 1.0}),
+            Task("b", {"x": 3.0, "y": 3.0}),
+            Task("c", {"x": 3.0, "y": 3.0}),
+            Task("d", {"x": 1.0, "y": 1.0}),
+        ),
+        edges=(
+            Edge("a", "b", 1_000_000),
+            Edge("a", "c", 1_000_000),
+            Edge("b", "d", 1_000_000),
+            Edge("c", "d", 1_000_000),
+        ),
+        default_link=Link(0.5e9, 0.0),
+    )
+
+
+def test_list_schedule_by_hand() -> None:
+    # c on y: a ends 1, transfer a->c 1..3, c 3..6, transfer c->d 6..8, d at 8..9; b 1..4 on x
+    plan = evaluate(fork(), {"a": "x", "b": "x", "c": "y", "d": "x"})
+    times = {s.task: (s.start_ms, s.end_ms) for s in plan.schedule}
+    assert times == {"a": (1 - 1, 1), "b": (1, 4), "c": (3, 6), "d": (8, 9)}
+    assert plan.makespan_ms == 9
+    assert check(PlacementProblem(fork()), plan) == 9
+    # same device: no transfers, 8 ms serial
+    assert evaluate(fork(), dict.fromkeys("abcd", "x")).makespan_ms == 8
+
+
+def test_congestion_serialises_transfers_on_a_port() -> None:
+    # b and c on y: both transfers leave x's send port; the second waits for the first
+    plan = evaluate(fork(), {"a": "x", "b": "y", "c": "y", "d": "x"})
+    sends = sorted((t.start_ms, t.end_ms) for t in plan.transfers if t.from_device == "x")
+    assert sends == [(1, 3), (3, 5)]
+    check(PlacementProblem(fork()), plan)
+
+
+def test_period_is_the_busiest_resource() -> None:
+    p = PlacementProblem(fork())
+    x, y = p.device_index["x"], p.device_index["y"]
+    assign = [x, x, y, x]  # a b c d
+    # x computes 1+3+1 = 5; x sends a->c (2); x receives c->d (2); y computes 3
+    assert period(p, assign) == 5
+    assert period(p, [x, y, y, y]) == pytest.approx(7)  # y computes 3+3+1
+
+
+def test_bounds_are_valid_and_ordered() -> None:
+    p = PlacementProblem(fork())
+    assert critical_path(p) == 5  # a b d on the fastest devices
+    assert total_work(p) == 4
+    assert device_critical_path(p) == 5
+    assert lower_bound(p) <= solve(fork(), "cpsat", time_limit=10, threads=1).makespan_ms
+
+
+def _bad(plan, **changes):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(plan, **changes)
+
+
+@pytest.fixture
+def good():  # type: ignore[no-untyped-def]
+    return evaluate(fork(), {"a": "x", "b": "y", "c": "y", "d": "x"})
+
+
+def test_check_catches_device_overlap(good) -> None:  # type: ignore[no-untyped-def]
+    # inputs: a->b arrives at 3, a->c at 5 (one send port); b 3..6 and c 5..8 overlap on y
+    sched = [s if s.task != "b" else ScheduledTask("b", "y", 3.0, 6.0) for s in good.schedule]
+    sched = [s if s.task != "c" else ScheduledTask("c", "y", 5.0, 8.0) for s in sched]
+    with pytest.raises(InvalidScheduleError, match=r"device 'y': .* overlap"):
+        check(fork(), _bad(good, schedule=sched))
+
+
+def test_check_catches_port_congestion(good) -> None:  # type: ignore[no-untyped-def]
+    xs = [
+        dataclasses.replace(t, start_ms=1.0, end_ms=3.0) if t.from_device == "x" else t
+        for t in good.transfers
+    ]
+    with pytest.raises(InvalidScheduleError, match="send port of 'x'"):
+        check(fork(), _bad(good, transfers=xs))
+
+
+def test_check_catches_receive_congestion() -> None:
+    plan = evaluate(fork(), {"a": "x", "b": "x", "c": "y", "d": "y"})
+    # b->d (x->y) moved to overlap a->c (x->y) on y's receive port and x's send port
+    xs = [
+        dataclasses.replace(t, start_ms=1.5, end_ms=3.5) if t.src == "b" else t
+        for t in plan.transfers
+    ]
+    with pytest.raises(InvalidScheduleError, match=r"port of 'x'|port of 'y'|before 'b' ends"):
+        check(fork(), _bad(plan, transfers=xs))
+
+
+def test_check_catches_early_start(good) -> None:  # type: ignore[no-untyped-def]
+    sched = [s if s.task != "d" else ScheduledTask("d", "x", 0.5, 1.5) for s in good.schedule]
+    with pytest.raises(InvalidScheduleError, match="before its input"):
+        check(fork(), _bad(good, schedule=sched))
+
+
+def test_check_catches_wrong_durations_and_missing_transfers(good) -> None:  # type: ignore[no-untyped-def]
+    sched = [s if s.task != "a" else ScheduledTask("a", "x", 0.0, 0.5) for s in good.schedule]
+    with pytest.raises(InvalidScheduleError, match="compute time there is 1"):
+        check(fork(), _bad(good, schedule=sched))
+    with pytest.raises(InvalidScheduleError, match="has no transfer"):
+        check(fork(), _bad(good, transfers=good.transfers[1:]))
+    extra = ScheduledTransfer("a", "b", "y", "x", 0.0, 2.0)
+    with pytest.raises(InvalidScheduleError, match="scheduled twice"):
+        check(fork(), _bad(good, transfers=[*good.transfers, extra]))
+
+
+def test_check_catches_assignment_and_memory_errors(good) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidScheduleError, match="unknown device 'z'"):
+        check(fork(), _bad(good, assignment={**good.assignment, "a": "z"}))
+    with pytest.raises(InvalidScheduleError, match="makespan_ms is 1"):
+        check(fork(), _bad(good, makespan_ms=1.0))
+    small = dataclasses.replace(
+        fork(),
+        devices=(Device("x", 10), Device("y", 10)),
+        tasks=tuple(dataclasses.replace(t, memory_bytes=4) for t in fork().tasks),
+    )
+    with pytest.raises(InvalidScheduleError, match="device 'x' holds"):
+        check(small, evaluate(fork(), {"a": "x", "b": "x", "c": "x", "d": "y"}))
+    pinned = PlacementProblem(fork(), pins={"a": "y"})
+    with pytest.raises(InvalidScheduleError, match="pinned to 'y'"):
+        check(pinned, good)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_retime_never_starts_later_than_the_solver(seed: int) -> None:
+    cg = random_costgraph(seed, tasks=12, devices=3, zero_prob=0.2 if seed % 2 else 0.0)
+    p = PlacementProblem(cg)
+    plan = solve(cg, "getf")
+    assign = [p.device_index[plan.assignment[t]] for t in p.tasks]
+    starts = {s.task: s.start_ms for s in plan.schedule}
+    xs = {(t.src, t.dst): t.start_ms for t in plan.transfers}
+    task_start = [starts[t] for t in p.tasks]
+    edge_start = {
+        e: xs[(p.tasks[i], p.tasks[j])]
+        for e, (i, j) in enumerate(p.edges)
+        if (p.tasks[i], p.tasks[j]) in xs
+    }
+    replay = retime(p, assign, task_start, edge_start)
+    assert all(replay.start[i] <= task_start[i] + 1e-9 for i in range(p.n))
+    assert replay.makespan <= plan.makespan_ms + 1e-9
+    assert list_schedule(p, assign).makespan > 0

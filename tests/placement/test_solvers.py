@@ -1,0 +1,157 @@
+"""One suite, every solver: plans pass the simulator's check and honour the problem."""
+
+from __future__ import annotations
+
+import pytest
+
+from moirai.costgraph import CostGraph, Device, Edge, Task
+from moirai.errors import InfeasibleError, SolverError
+from moirai.placement import PlacementProblem, Progress, check, get_solver, solve, solvers
+
+from .instances import random_costgraph
+
+SOLVERS = ["heft", "getf", "msct", "single", "milp", "milp-highs", "milp-gurobi", "cpsat", "auto"]
+
+INSTANCES = {
+    "plain": dict(seed=1, tasks=10, devices=3),
+    "wide": dict(seed=2, tasks=14, devices=4, edge_prob=0.15),
+    "zero-times": dict(seed=3, tasks=9, devices=3, zero_prob=0.3),
+    "unrunnable": dict(seed=4, tasks=10, devices=3, unrunnable_prob=0.5),
+    "tight-memory": dict(seed=5, tasks=10, devices=3, memory_tight=True),
+}
+
+
+def _available(name: str) -> None:
+    ok, reason = get_solver(name).available() if name != "milp-gurobi" else (True, "")
+    if name == "milp-gurobi":
+        from moirai.placement.milp import gurobi_available
+
+        ok, reason = gurobi_available()
+    if not ok:
+        pytest.skip(reason)
+
+
+def test_registry_lists_every_solver() -> None:
+    names = {s.name for s in solvers()}
+    assert set(SOLVERS) <= names
+    with pytest.raises(SolverError, match="unknown solver 'nope'"):
+        get_solver("nope")
+
+
+@pytest.mark.parametrize("instance", INSTANCES)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_plan_is_valid(solver: str, instance: str) -> None:
+    _available(solver)
+    cg = random_costgraph(**INSTANCES[instance])
+    problem = PlacementProblem(cg)
+    try:
+        plan = solve(cg, solver, time_limit=10, threads=2)
+    except InfeasibleError:
+        assert solver == "single"  # some instances have no device that runs every task
+        return
+    assert check(problem, plan) == pytest.approx(plan.makespan_ms)
+    assert plan.status in ("optimal", "feasible", "heuristic")
+    assert 0 < plan.lower_bound_ms <= plan.makespan_ms * (1 + 1e-9)
+    assert plan.period_ms is not None and plan.period_ms > 0
+    for s in plan.schedule:
+        assert s.device in cg.task[s.task].compute_ms
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_pins_are_honoured(solver: str) -> None:
+    _available(solver)
+    cg = random_costgraph(seed=6, tasks=8, devices=3)
+    pins = {"t0": "d1", "t5": "d2"}
+    if solver == "single":
+        with pytest.raises(InfeasibleError, match="no single device"):
+            solve(cg, solver, pins=pins)
+        return
+    plan = solve(cg, solver, time_limit=10, threads=2, pins=pins)
+    assert plan.assignment["t0"] == "d1" and plan.assignment["t5"] == "d2"
+    check(PlacementProblem(cg, pins=pins), plan)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_throughput_objective(solver: str) -> None:
+    _available(solver)
+    cg = random_costgraph(seed=7, tasks=10, devices=3)
+    plan = solve(cg, solver, objective="throughput", time_limit=10, threads=2)
+    assert plan.objective == "throughput"
+    assert plan.period_ms is not None
+    assert plan.lower_bound_ms <= plan.period_ms * (1 + 1e-9)
+    check(PlacementProblem(cg, objective="throughput"), plan)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_deterministic_for_a_seed(solver: str) -> None:
+    _available(solver)
+    cg = random_costgraph(seed=8, tasks=10, devices=3)
+    a = solve(cg, solver, time_limit=20, threads=1, seed=3)
+    b = solve(cg, solver, time_limit=20, threads=1, seed=3)
+    assert a.assignment == b.assignment
+    assert a.schedule == b.schedule
+
+
+def test_memory_forces_a_split() -> None:
+    """Two heavy tasks that do not fit together: every solver must use both devices."""
+    cg = CostGraph(
+        name="split",
+        devices=(Device("fast", 10), Device("slow", 10)),
+        tasks=(
+            Task("a", {"fast": 1.0, "slow": 3.0}, memory_bytes=8),
+            Task("b", {"fast": 1.0, "slow": 3.0}, memory_bytes=8),
+        ),
+        edges=(Edge("a", "b", 1000),),
+    )
+    for name in SOLVERS:
+        if name == "single":
+            with pytest.raises(InfeasibleError):
+                solve(cg, name)
+            continue
+        if name == "milp-gurobi":
+            continue
+        plan = solve(cg, name, time_limit=5, threads=1)
+        assert set(plan.assignment.values()) == {"fast", "slow"}, name
+
+
+def test_unrunnable_device_is_never_used() -> None:
+    cg = CostGraph(
+        name="ep",
+        devices=(Device("gpu", 10**9, "gpu"), Device("cpu", 10**9)),
+        tasks=(
+            Task("a", {"gpu": 1.0, "cpu": 5.0}),
+            Task("custom", {"cpu": 1.0}),  # the GPU provider lacks this operator
+            Task("c", {"gpu": 1.0, "cpu": 5.0}),
+        ),
+        edges=(Edge("a", "custom", 10), Edge("custom", "c", 10)),
+    )
+    for name in ("heft", "getf", "msct", "milp", "cpsat", "auto"):
+        assert solve(cg, name, time_limit=5, threads=1).assignment["custom"] == "cpu"
+
+
+def test_progress_reports_incumbents_and_bounds() -> None:
+    events: list[Progress] = []
+    cg = random_costgraph(seed=9, tasks=12, devices=3)
+    plan = solve(cg, "auto", time_limit=20, threads=2, progress=events.append)
+    assert events
+    assert any(e.incumbent_ms is not None for e in events)
+    assert min(e.incumbent_ms for e in events if e.incumbent_ms) <= plan.makespan_ms * (1 + 1e-3)
+
+
+def test_auto_is_never_worse_than_a_heuristic() -> None:
+    cg = random_costgraph(seed=10, tasks=12, devices=4, edge_prob=0.25)
+    auto = solve(cg, "auto", time_limit=15, threads=2)
+    for name in ("heft", "getf", "msct", "single"):
+        assert auto.makespan_ms <= solve(cg, name).makespan_ms * (1 + 1e-9)
+    assert auto.solver.startswith("auto(")
+
+
+def test_time_limit_is_respected_and_auto_still_answers() -> None:
+    import time
+
+    cg = random_costgraph(seed=11, tasks=40, devices=4, edge_prob=0.15)
+    started = time.monotonic()
+    plan = solve(cg, "auto", time_limit=2, threads=2)
+    assert time.monotonic() - started < 6  # imports and checking on a loaded machine
+    assert plan.status in ("optimal", "feasible", "heuristic")
+    assert plan.lower_bound_ms > 0
