@@ -226,6 +226,7 @@ def call_overhead_ms(target: Target, warmup: int = 10) -> float:
     model = helper.make_model(
         helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "call", [x], [y]),
         opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,  # what every ONNX Runtime of the last years reads
     )
     runner = _Runner(_session(model, target), {"x": np.zeros(1, np.float32)}, ["y"], target)
     for _ in range(warmup):

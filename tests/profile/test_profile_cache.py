@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from profiling_support import FAST, ModelFile
+
 from moirai.profile.cache import ProfileCache, default_dir
 from moirai.profile.measured import MeasuredProfile
 from moirai.profile.targets import Target, signature
-
-from .conftest import FAST, ModelFile
 
 CPU1 = {"cpu:threads=1": Target("cpu", threads=1)}
 CPU2 = {"cpu:threads=2": Target("cpu", threads=2)}

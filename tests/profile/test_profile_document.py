@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from profiling_support import FAST, ModelFile
 
 from moirai.devices import DeviceSet, DeviceSpec
 from moirai.fusion import Group
@@ -25,8 +26,6 @@ from moirai.profile.document import (
 from moirai.profile.links import LinkSample, fit
 from moirai.profile.measured import MeasuredProfile
 from moirai.profile.targets import Target
-
-from .conftest import FAST, ModelFile
 
 
 def _cpu(name: str, threads: int | None = 1) -> DeviceSpec:

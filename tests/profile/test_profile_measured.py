@@ -8,6 +8,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 import pytest
+from profiling_support import FAST, ModelFile
 
 from moirai.errors import MoiraiError
 from moirai.fusion import fusion_groups
@@ -17,8 +18,6 @@ from moirai.profile.document import ProfileError
 from moirai.profile.measured import Settings, measure_device, node_units
 from moirai.profile.targets import CUDA, Target, parse_device, signature
 from stage_server.sessions import execution_providers, session_options
-
-from .conftest import FAST, ModelFile
 
 CPU1 = Target("cpu", threads=1)
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 import pytest
+from profiling_support import ModelFile
 
 from moirai.cli import main
 from moirai.profile.document import ProfileDocument
-
-from .conftest import ModelFile
 
 
 def _profile(model: ModelFile, *extra: str) -> int:
