@@ -36,6 +36,9 @@ EXACT_PREFERENCE = ("cpsat", "milp-highs")
 FULL_MODEL_LIMIT = 12_000
 RESTRICTED_LIMIT = 40_000
 NEAR_FASTEST = 1.5
+HEURISTIC_SHARE = 0.25
+"""Share of the time limit the heuristics' LPs (GETF, m-SCT) may use before giving up their
+advice; the list schedulers themselves take well under a second even on thousands of tasks."""
 RESERVE_S = 0.5
 """Seconds kept back from the exact solver for re-timing, checking and writing the plan."""
 
@@ -126,7 +129,11 @@ class AutoSolver:
         started = time.monotonic()
         p = problem
         lb = lower_bound(p)
-        quiet = replace(options, progress=None)
+        quiet = replace(
+            options,
+            progress=None,
+            deadline=min(options.deadline, started + HEURISTIC_SHARE * options.time_limit),
+        )
         plans: list[Placement] = []
         for h in HEURISTICS:
             try:

@@ -35,6 +35,7 @@ and only where `MemoryGuard` says the tasks not yet placed can still fit.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ class MemoryGuard:
 
 
 # ----------------------------------------------------------------------- HEFT
-def heft(problem: PlacementProblem) -> Schedule:
+def heft(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
     p = problem
     order = priority_order(p, upward_rank(p))
     sched = Schedule(p)
@@ -239,13 +240,14 @@ def etf(
     return sched
 
 
-def _getf_groups(problem: PlacementProblem) -> list[tuple[int, ...]]:
+def _getf_groups(problem: PlacementProblem, deadline: float) -> Sequence[Sequence[int]]:
     """GETF's LP relaxation over fractional assignments; the devices each task may use.
 
     Columns: x[i][k] (fraction of task i on device k), C[i] (completion), split[e] (how much
     edge e is cut: at least x[i][a] - x[j][a] for every device a), D (the makespan). Rows:
     every task fully assigned; C_j >= C_i + own fractional time + split_e * cheapest transfer;
-    C_i <= D; each device's fractional load <= D; memory.
+    C_i <= D; each device's fractional load <= D; memory. Without an LP answer by the
+    deadline, every candidate device stays allowed (plain ETF).
     """
     import highspy
 
@@ -296,7 +298,9 @@ def _getf_groups(problem: PlacementProblem) -> list[tuple[int, ...]]:
         rows.append((0.0, inf, [dcol, *cols], [1.0, *(-v for v in vals)]))
         mvals = [float(p.mem[i]) for i in range(p.n) if k in xcol[i]]
         rows.append((-inf, float(p.cap[k]), cols, mvals))
-    x = _solve_lp(ncol, dcol, rows)
+    x = _solve_lp(ncol, dcol, rows, deadline)
+    if x is None:
+        return p.cand
     groups = []
     for i in range(p.n):
         share = {k: x[c] for k, c in xcol[i].items()}
@@ -306,15 +310,20 @@ def _getf_groups(problem: PlacementProblem) -> list[tuple[int, ...]]:
 
 
 def _solve_lp(
-    ncol: int, objective_col: int, rows: list[tuple[float, float, list[int], list[float]]]
-) -> list[float]:
-    """Minimise one column subject to sparse rows (lower, upper, cols, vals), columns >= 0."""
+    ncol: int,
+    objective_col: int,
+    rows: list[tuple[float, float, list[int], list[float]]],
+    deadline: float,
+) -> list[float] | None:
+    """Minimise one column subject to sparse rows (lower, upper, cols, vals), columns >= 0;
+    None when HiGHS does not finish by the deadline (the caller then drops the LP's advice)."""
     import highspy
     import numpy as np
 
     from moirai.placement.milp import new_highs
 
     h = new_highs(1)
+    h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
     inf = highspy.kHighsInf
     cost = np.zeros(ncol)
     cost[objective_col] = 1.0
@@ -335,17 +344,21 @@ def _solve_lp(
         np.array(value, dtype=np.float64),
     )
     h.run()
-    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-        raise InfeasibleError("the LP relaxation has no solution: memory cannot be shared out")
+    status = h.getModelStatus()
+    if status == highspy.HighsModelStatus.kInfeasible:
+        raise InfeasibleError("no placement fits: the tasks' memory cannot be shared out")
+    if status != highspy.HighsModelStatus.kOptimal:
+        return None
     return list(h.getSolution().col_value)
 
 
-def getf(problem: PlacementProblem) -> Schedule:
-    return etf(problem, _getf_groups(problem))
+def getf(problem: PlacementProblem, deadline: float) -> Schedule:
+    return etf(problem, _getf_groups(problem, deadline))
 
 
-def _favourite_children(problem: PlacementProblem) -> list[int]:
-    """m-SCT's LP (Hanen and Munier, as in Baechi): favourite child of each task, or -1."""
+def _favourite_children(problem: PlacementProblem, deadline: float) -> list[int] | None:
+    """m-SCT's LP (Hanen and Munier, as in Baechi): favourite child of each task, or -1;
+    None without an LP answer by the deadline (then plain ETF)."""
     p = problem
     ne = len(p.edges)
     kk = p.num_devices
@@ -370,7 +383,9 @@ def _favourite_children(problem: PlacementProblem) -> list[int]:
         if inc:
             rows.append((len(inc) - 1.0, inf, list(inc), [1.0] * len(inc)))
         rows.append((p.min_compute[i], inf, [wcol, scol + i], [1.0, -1.0]))
-    x = _solve_lp(wcol + 1, wcol, rows)
+    x = _solve_lp(wcol + 1, wcol, rows, deadline)
+    if x is None:
+        return None
     fav = [-1] * p.n
     has_parent = [False] * p.n
     for e in sorted(range(ne), key=lambda e: (x[e], e)):
@@ -383,12 +398,12 @@ def _favourite_children(problem: PlacementProblem) -> list[int]:
     return fav
 
 
-def msct(problem: PlacementProblem) -> Schedule:
-    return etf(problem, problem.cand, favourite=_favourite_children(problem))
+def msct(problem: PlacementProblem, deadline: float) -> Schedule:
+    return etf(problem, problem.cand, favourite=_favourite_children(problem, deadline))
 
 
 # --------------------------------------------------------------------- single
-def single(problem: PlacementProblem) -> Schedule:
+def single(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
     p = problem
     best: Schedule | None = None
     for k in range(p.num_devices):
@@ -409,14 +424,15 @@ def single(problem: PlacementProblem) -> Schedule:
 class Heuristic:
     name: str
     description: str
-    build: Callable[[PlacementProblem], Schedule]
+    build: Callable[[PlacementProblem, float], Schedule]
+    """Builds the schedule; LP-based ones give up their LP's advice at the deadline."""
 
     def available(self) -> tuple[bool, str]:
         return True, ""
 
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
-        sched = self.build(problem)
+        sched = self.build(problem, options.deadline)
         return finish_heuristic(problem, sched, self.name, started, options)
 
 

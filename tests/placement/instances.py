@@ -65,3 +65,34 @@ def random_costgraph(
         default_link=Link(1e9, 0.05),
         pair_links=pairs,
     )
+
+
+def layered_costgraph(seed: int, tasks: int, devices: int = 4, width: int = 4) -> CostGraph:
+    """A large model-like DAG: `width` parallel branches per layer that merge and fork again,
+    like stacked inception or attention blocks, on devices of different speeds."""
+    rng = random.Random(seed)
+    names = [f"d{k}" for k in range(devices)]
+    speed = [1.0, *(rng.uniform(0.2, 0.8) for _ in names[1:])]
+    task_list = []
+    edges = []
+    prev: list[str] = []
+    i = 0
+    while i < tasks:
+        layer = [f"t{i + w}" for w in range(min(width if (i // width) % 2 else 1, tasks - i))]
+        for t in layer:
+            base = rng.uniform(0.01, 0.2)
+            compute = {d: round(base / speed[k], 5) for k, d in enumerate(names)}
+            task_list.append(
+                Task(id=t, compute_ms=compute, memory_bytes=rng.randint(1, 50) * 10**6)
+            )
+            for p in prev:
+                edges.append(Edge(src=p, dst=t, bytes=rng.randint(1, 20) * 50_000))
+        i += len(layer)
+        prev = layer
+    return CostGraph(
+        name=f"layered-{seed}-{tasks}",
+        devices=tuple(Device(name=d, memory_bytes=64 * 10**9) for d in names),
+        tasks=tuple(task_list),
+        edges=tuple(edges),
+        default_link=Link(12e9, 0.01),
+    )
