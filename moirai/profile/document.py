@@ -20,8 +20,8 @@ times in milliseconds, sizes in bytes::
           ]
         }
       },
-      "link": {"path": "grpc-loopback", "latency_ms": 0.7, "bandwidth_bytes_per_s": 4.1e8,
-               "r2": 0.99, "max_relative_residual": 0.2,
+      "link": {"path": "stage-server-loopback", "latency_ms": 0.7,
+               "bandwidth_bytes_per_s": 1.4e9, "r2": 0.99, "max_relative_residual": 0.2,
                "samples": [{"bytes": 1024, "median_ms": 0.7, "spread_ms": 0.05, "ms": […]}]}
     }
 

@@ -1,14 +1,16 @@
-"""Measured links: what moving a tensor from one stage server to another costs, fitted as
+"""Measured links: what a hop from one stage server to the next costs, fitted as
 `latency + bytes / bandwidth`.
 
-The measurement uses the serving path itself, not a synthetic socket test: the sender is
-`stage_server.chain.Peers.push` (codec to raw bytes, one `moirai.stage.v1.Chain/Push` per
-tensor batch, the chain's channel options) and the receiver is `stage_server.chain.
-ChainServicer` decoding the tensors and handing them to a sink, in another process, pinned to
-another core when there is one, exactly as two stage servers are. A sample is the duration of
-one Push call as the sender sees it: serialising, sending, the receiver decoding and accepting,
-and the empty reply. The reply makes it an upper bound on the one-way time by half an empty
-round trip (tens of µs on loopback), which needs no clock shared between two machines.
+A hop in serving is more than bytes on a socket: the sending stage encodes its outputs
+(`stage_server.codec`) and pushes them (`stage_server.chain.Peers.push`, one
+`moirai.stage.v1.Chain/Push`), the receiving stage server decodes them, files them with the
+request and hands the stage to its worker thread, which calls ONNX Runtime. So the hop is
+measured on exactly that path: the measuring process pushes a tensor with the stage servers'
+own `Peers` to a real stage server (`stage_server.serve.start_stage`, in a child process pinned
+to another core, as the local runtime pins stage servers), whose one stage — a `Shape` node, no
+work — answers with 8 bytes to the measuring process, which plays the gateway. A sample is the
+round trip less half the round trip of a 4-byte tensor: the answer's own trip back. One clock
+times both ends, so no clocks need to agree.
 
 Payloads go from 1 KiB to 64 MiB by powers of 4; each size is warmed up, then repeated, and
 summarised by its median, so a stray slow call (a garbage collection, a scheduler hiccup) does
@@ -18,9 +20,6 @@ payloads decide the intercept alone; a few Huber-reweighted iterations then disc
 sit far off the line. A negative intercept is refitted through the origin. The fit records R²
 (on the per-size medians) and the largest relative residual, so a reader can see whether the
 line describes the link.
-
-`serve_sink` runs just the receiving end (`python -m moirai.profile.links --sink --port P`), so
-the link between two machines can be measured the same way with `measure(address)`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import contextlib
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -41,16 +39,24 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnx
+from onnx import helper
 
 from moirai.costgraph import Link
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec, Stage, StagePlan
+from moirai.partition import GATEWAY, DeviceSpec, StagePlan, build_plan
 from stage_server.chain import ChainServicer, Delivery, Peers, now_ms
 from stage_server.protos import stage_pb2_grpc
+from stage_server.serve import start_stage
 
 KIB = 1024
 DEFAULT_SIZES = tuple(KIB * 4**i for i in range(9))  # 1 KiB ... 64 MiB
-SINK = "sink"
+HOP = "hop"
+STAGE = "s0"
+PATH = "stage-server-loopback"
+LINK_METHOD_VERSION = 2
+"""Bump when the way links are measured changes: cached links then miss (1: bare Push)."""
+LOCALHOST = "127.0.0.1"
 _SERVER_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 _HUBER_K = 1.345  # the usual Huber constant, in units of the residuals' robust scale
 _DEADLINE_MS = 60_000.0
@@ -85,8 +91,8 @@ class LinkFit:
     r2: float
     max_relative_residual: float
     samples: tuple[LinkSample, ...]
-    path: str = "grpc-loopback"
-    """How it was measured: `grpc-loopback` (two local processes) or `grpc:<address>`."""
+    path: str = PATH
+    """How it was measured: `stage-server-loopback` (a stage server on this machine)."""
 
     @property
     def link(self) -> Link:
@@ -124,12 +130,12 @@ class LinkFit:
                 LinkSample(int(s["bytes"]), tuple(float(x) for x in s["ms"]))
                 for s in data.get("samples", [])
             ),
-            path=str(data.get("path", "grpc-loopback")),
+            path=str(data.get("path", PATH)),
         )
 
 
 # ------------------------------------------------------------------------- fit
-def fit(samples: Sequence[LinkSample], path: str = "grpc-loopback") -> LinkFit:
+def fit(samples: Sequence[LinkSample], path: str = PATH) -> LinkFit:
     """Robust fit of `t = latency + bytes / bandwidth` (module docstring)."""
     if len({s.bytes for s in samples}) < 2:
         raise MoiraiError("a link fit needs samples of at least two payload sizes")
@@ -174,117 +180,115 @@ def _weighted_line(x: np.ndarray, t: np.ndarray, w: np.ndarray) -> tuple[float, 
 
 
 # ------------------------------------------------------------------ measuring
-def _sink_plan() -> StagePlan:
-    """A plan with one empty stage on one device: what `Peers` needs to address the sink."""
-    return StagePlan(
-        model_name="link",
-        devices=(DeviceSpec(SINK),),
-        inputs=(),
-        outputs=(),
-        tensors={},
-        stages=(Stage(SINK, SINK, (), (), ()),),
-        routing={},
+def _hop_model() -> onnx.ModelProto:
+    """One `Shape` node over a float tensor of any length: the receiving stage does no work
+    and answers with 8 bytes, whatever it was sent."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])
+    n = helper.make_tensor_value_info("n", onnx.TensorProto.INT64, [1])
+    graph = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["n"], name="shape")], "hop", [x], [n]
     )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-class _Sink:
-    """The receiving end: accepts every delivery and forgets it."""
+def _hop_plan() -> StagePlan:
+    return build_plan(_hop_model(), {"shape": HOP}, [DeviceSpec(HOP, threads=1)], model_name="hop")
+
+
+class _Arrivals:
+    """The gateway's end of the measurement: resolves the waiter of each returning request."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[float]] = {}
 
     def deliver(self, delivery: Delivery) -> None:
-        pass
+        waiter = self.waiting.pop(delivery.request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(time.perf_counter())
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
-        pass
+        waiter = self.waiting.pop(request_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(MoiraiError(f"the link's stage failed: {code} {message}"))
 
 
-async def _start_sink(host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def _serve_arrivals(arrivals: _Arrivals) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(_Sink()), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise MoiraiError(f"cannot listen on {host}:{port} (in use?)")
+    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(arrivals), server)
+    port = server.add_insecure_port(f"{LOCALHOST}:0")
     await server.start()
-    return server, bound
+    return server, port
 
 
-def serve_sink(
-    host: str = "127.0.0.1",
-    port: int = 0,
-    ready: Callable[[int], None] = print,
-    parent: int | None = None,
-) -> None:
-    """Run a sink until killed, or until process `parent` is gone; `ready` gets the port."""
-
-    async def serve() -> None:
-        server, bound = await _start_sink(host, port)
-        ready(bound)
-        while parent is None or os.getppid() == parent:
-            await asyncio.sleep(0.5)
-        await server.stop(None)
-
-    asyncio.run(serve())
+async def _round_trip(peers: Peers, arrivals: _Arrivals, payload: np.ndarray) -> float:
+    rid = uuid.uuid4().hex
+    waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    arrivals.waiting[rid] = waiter
+    started = time.perf_counter()
+    await peers.push(STAGE, rid, {"x": payload}, now_ms() + _DEADLINE_MS)
+    return (await asyncio.wait_for(waiter, _DEADLINE_MS / 1000.0) - started) * 1000.0
 
 
-@contextlib.contextmanager
-def loopback_sink() -> Iterator[str]:
-    """A sink in a child process (on the last core, when there are two or more); its address.
-    The child exits with this process, even when this one is killed."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    command = [sys.executable, "-m", "moirai.profile.links", "--sink", "--parent", str(os.getpid())]
-    if len(cores) > 1:
-        command += ["--cpu", str(cores[-1])]
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+async def _start_stage_process(gateway: str, core: int | None) -> tuple[Any, str]:
+    command = [sys.executable, "-m", "moirai.profile.links", "--gateway", gateway]
+    command += ["--parent", str(os.getpid())]
+    if core is not None:
+        command += ["--cpu", str(core)]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        line = process.stdout.readline()
-        if not line.startswith("sink on "):
-            error = " ".join(process.stderr.read().split())[-300:]
-            raise MoiraiError(f"the link sink did not start: {error or 'no output'}")
-        yield line.removeprefix("sink on ").strip()
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
+    assert process.stdout is not None and process.stderr is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
+    if not line.startswith("stage on "):
+        with contextlib.suppress(ProcessLookupError):
             process.kill()
-            process.wait()
+        error = " ".join((await process.stderr.read()).decode().split())[-300:]
+        raise MoiraiError(f"the link's stage server did not start: {error or 'no output'}")
+    return process, line.removeprefix("stage on ").strip()
 
 
 async def measure(
-    address: str,
     sizes: Sequence[int] = DEFAULT_SIZES,
     repeats: int = 10,
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
+    core: int | None = None,
 ) -> list[LinkSample]:
-    """Push durations to the sink at `address` for each payload size."""
-    peers = Peers(_sink_plan(), {SINK: address})
-    samples = []
+    """Hop times to a real stage server in a child process (pinned to `core`) for each payload
+    size (module docstring)."""
+    arrivals = _Arrivals()
+    server, port = await _serve_arrivals(arrivals)
+    gateway = f"{LOCALHOST}:{port}"
     try:
-        for _ in range(3):  # connect, and let both ends settle, before anything is timed
-            await peers.push(SINK, uuid.uuid4().hex, {"x": np.zeros(1, np.float32)}, _deadline())
+        process, address = await _start_stage_process(gateway, core)
+    except BaseException:
+        await server.stop(None)
+        raise
+    peers = Peers(_hop_plan(), {HOP: address, GATEWAY: gateway})
+    try:
+        tiny = np.zeros(1, np.float32)
+        for _ in range(10):  # connect both ways, and let both ends settle, before timing
+            await _round_trip(peers, arrivals, tiny)
+        back = statistics.median([await _round_trip(peers, arrivals, tiny) for _ in range(20)])
+        samples = []
         for size in sizes:
-            payload = {"x": np.zeros(max(1, size // 4), dtype=np.float32)}
+            payload = np.zeros(max(1, size // 4), dtype=np.float32)
             # Fewer repeats for the large payloads: their spread is small relative to their time.
             count = max(3, repeats if size <= 4 * KIB**2 else repeats // 2)
-            times = []
-            for i in range(warmup + count):
-                started = time.perf_counter()
-                await peers.push(SINK, uuid.uuid4().hex, payload, _deadline())
-                if i >= warmup:
-                    times.append((time.perf_counter() - started) * 1000.0)
-            samples.append(LinkSample(payload["x"].nbytes, tuple(times)))
+            times = [await _round_trip(peers, arrivals, payload) for _ in range(warmup + count)]
+            # The 8-byte answer's trip back is about half a tiny round trip: not part of the hop.
+            samples.append(LinkSample(payload.nbytes, tuple(t - back / 2 for t in times[warmup:])))
             if progress:
-                progress(f"link: {_human(size)} in {statistics.median(times):.3f} ms")
+                progress(f"link: {_human(size)} in {samples[-1].median_ms:.3f} ms")
     finally:
         await peers.close()
+        process.terminate()
+        await process.wait()
+        await server.stop(None)
     return samples
-
-
-def _deadline() -> float:
-    return now_ms() + _DEADLINE_MS
 
 
 def measure_loopback(
@@ -293,13 +297,15 @@ def measure_loopback(
     warmup: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> LinkFit:
-    """The link between two stage servers on this machine, measured and fitted. The sender is
-    pinned to the first core and the sink to the last, as the local runtime pins stage
-    servers."""
+    """The hop between two stage servers on this machine, measured and fitted. The sending end
+    runs on the first core and the receiving stage server on the last, as the local runtime
+    pins stage servers to their own cores."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    with loopback_sink() as address, _pinned_to(cores[:1] if len(cores) > 1 else []):
-        samples = asyncio.run(measure(address, sizes, repeats, warmup, progress))
-    return fit(samples, "grpc-loopback")
+    with _pinned_to(cores[:1] if len(cores) > 1 else []):
+        samples = asyncio.run(
+            measure(sizes, repeats, warmup, progress, cores[-1] if len(cores) > 1 else None)
+        )
+    return fit(samples, PATH)
 
 
 @contextlib.contextmanager
@@ -320,24 +326,33 @@ def _human(nbytes: int) -> str:
     return f"{nbytes / 1024**exponent:g} {('B', 'KiB', 'MiB', 'GiB')[exponent]}"
 
 
+def serve_stage(gateway: str, parent: int | None = None) -> None:
+    """Run the receiving stage server of a link measurement until process `parent` is gone;
+    prints its address."""
+
+    async def serve() -> None:
+        plan = _hop_plan()
+        # Its own address matters only to others: any placeholder satisfies `Peers`.
+        addresses = {HOP: f"{LOCALHOST}:0", GATEWAY: gateway}
+        handle = await start_stage(_hop_model(), plan, HOP, addresses, host=LOCALHOST)
+        print(f"stage on {LOCALHOST}:{handle.port}", flush=True)
+        while parent is None or os.getppid() == parent:
+            await asyncio.sleep(0.5)
+        await handle.stop(None)
+
+    asyncio.run(serve())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m moirai.profile.links --sink [--port P]`: the receiving end of a link, for
-    `measure(address)` from another machine (and for `loopback_sink`)."""
+    """`python -m moirai.profile.links --gateway HOST:PORT`: the receiving stage server."""
     parser = argparse.ArgumentParser(prog="python -m moirai.profile.links")
-    parser.add_argument("--sink", action="store_true", required=True, help="run a sink")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--gateway", required=True, help="where the stage sends its answers")
     parser.add_argument("--cpu", type=int, help="pin to this core")
     parser.add_argument("--parent", type=int, help="exit when this process is gone")
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    serve_sink(
-        args.host,
-        args.port,
-        ready=lambda port: print(f"sink on {args.host}:{port}", flush=True),
-        parent=args.parent,
-    )
+    serve_stage(args.gateway, args.parent)
 
 
 if __name__ == "__main__":

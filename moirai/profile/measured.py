@@ -103,8 +103,9 @@ from moirai.profile.document import (
     ProfileError,
     allocate,
 )
-from moirai.profile.links import DEFAULT_SIZES, measure_loopback
-from moirai.profile.targets import METHOD_VERSION, Target, cpu_model, signature, usable_cores
+from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, measure_loopback
+from moirai.profile.links import PATH as LINK_PATH
+from moirai.profile.targets import Target, cpu_model, signature, usable_cores
 from stage_server.sessions import create_session, execution_providers, session_options
 
 log = logging.getLogger(__name__)
@@ -600,10 +601,10 @@ def model_digest(path: str | Path) -> str:
 
 
 def link_signature() -> dict[str, Any]:
-    """What a loopback link measurement depends on: the machine and the gRPC build."""
+    """What a loopback link measurement depends on: the machine, the gRPC build, the method."""
     return {
-        "method": METHOD_VERSION,
-        "path": "grpc-loopback",
+        "method": LINK_METHOD_VERSION,
+        "path": LINK_PATH,
         "cpu": cpu_model(),
         "cores": len(usable_cores()),
         "grpc": grpc.__version__,

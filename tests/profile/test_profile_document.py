@@ -68,7 +68,7 @@ def test_file_prices_a_cost_graph_and_says_where_numbers_came_from(
     assert source["measured"]["cpu-1"]["profile_device"] == "cpu:threads=1"
     assert source["measured"]["cpu-1"]["onnxruntime"]
     assert costgraph.default_link.latency_ms == pytest.approx(document.link.latency_ms)
-    assert source["link"]["path"] == "grpc-loopback"
+    assert source["link"]["path"] == "stage-server-loopback"
     assert all(t.extra["source"] == {"cpu-0": "trace", "cpu-1": "trace"} for t in costgraph.tasks)
     # Coarsened tasks are unions of groups: the times add up exactly.
     coarse = build_costgraph(tiny_bert.path, devices, tiny_bert.input_shapes, profile, 5)

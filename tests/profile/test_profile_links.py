@@ -63,7 +63,7 @@ def test_loopback_link_between_two_processes() -> None:
             break
     result = max(results, key=lambda r: r.r2)
     assert result.r2 > 0.5
-    assert result.path == "grpc-loopback"
+    assert result.path == "stage-server-loopback"
     assert [s.bytes for s in result.samples] == sizes
     assert 0 < result.latency_ms < 50
     assert 1e6 < result.bandwidth_bytes_per_s < 1e11
