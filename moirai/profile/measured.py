@@ -42,9 +42,11 @@ allocates, dispatches and frees between them. That difference is a cost per kern
 it is shared among the groups by their number of kernels. It is the median, over the timed
 turns, of a plain run's time less the kernel sum of the profiled run right after it: the two
 saw the same machine, so the estimate holds up on a busy one, where medians of the two series
-taken apart can drift by more than the gap. Group times then add up to about `run_ms` (exactly
-on a quiet machine). When the kernels add up to more than the plain run — noise, or the
-profiler slowing them — groups are scaled down by the median ratio instead. The one-off cost of
+taken apart can drift by more than the gap. (When the kernels add up to more than the plain run
+— noise, or the profiler slowing them — groups are scaled down by the median ratio instead.)
+Finally the groups are scaled together to add up to `run_ms` exactly: the trace says how the
+time splits, the plain session how much there is — the sum of per-group medians alone falls
+short of a typical run on a busy machine, where slow runs hit different groups. The one-off cost of
 a session call (feeding inputs, fetching outputs) is kept apart as `call_overhead_ms`: a stage
 pays it once per run whatever its size.
 
@@ -585,12 +587,15 @@ def _from_trace(
     gap = _median([c - k for c, k in pairs])
     scale = 1.0 if gap >= 0 else _median([c / k for c, k in pairs if k])
     count = sum(launches) or 1.0
-    timings = {}
-    for g, group in enumerate(groups):
-        if launches[g] == 0:
-            continue
-        ms = medians[g] * scale + max(0.0, gap) * launches[g] / count
-        timings[g] = GroupTiming(group.ops, ms, spreads[g] * scale, "trace")
+    shares = [medians[g] * scale + max(0.0, gap) * launches[g] / count for g in range(len(groups))]
+    # The trace says how the time splits; the plain session says how much there is.
+    total = _median([c for c, _ in pairs])
+    norm = total / sum(shares) if sum(shares) > 0 else 1.0
+    timings = {
+        g: GroupTiming(group.ops, shares[g] * norm, spreads[g] * scale * norm, "trace")
+        for g, group in enumerate(groups)
+        if launches[g] > 0
+    }
     return timings, _median(kernel_sums)
 
 
