@@ -1,10 +1,21 @@
 """The chain: how stage servers and the gateway hand a request's tensors to each other.
 
 Both ends speak `moirai.stage.v1.Chain` (see `protos/stage.proto`). Outbound, `Peers` resolves a
-stage id to the address of the server holding it, keeps one channel per address, and turns every
-gRPC failure into a serving error (`stage_server.errors`); inbound, `ChainServicer` decodes each
-message and hands it to a `ChainHandler` (a stage server or the gateway). Neither end sees gRPC
-types beyond this module.
+stage id to the address of the server holding it, keeps one channel (and its method callables)
+per address, and turns every failure into a serving error (`stage_server.errors`); inbound,
+`ChainServicer` decodes each push and hands it to a `ChainHandler` (a stage server or the
+gateway). Neither end sees gRPC types beyond this module.
+
+Pushes are encoded and decoded by `stage_server.wire` (the proto's wire format, written without
+copying tensor bytes through protobuf), so the Push method is registered with raw-bytes
+(de)serialisers by `add_to_server`. A server registered through the generated
+`stage_pb2_grpc.add_ChainServicer_to_server` works too (it receives parsed messages), only with
+protobuf's copies.
+
+Two transports carry the same pushes: gRPC, the general one (pods on different nodes), and the
+same-host fast path (`stage_server.samehost`: a Unix socket, large tensors in shared memory),
+which `Peers` takes for a peer on a loopback address whose chain port accepts it, falling back
+to gRPC otherwise. `Fail` (rare) always takes gRPC.
 
 Channels reconnect quickly (100 ms to 1 s back-off instead of gRPC's default of up to two
 minutes), because a restarted stage server must be reachable again as soon as it listens. Message
@@ -13,19 +24,29 @@ sizes are unlimited on the chain: it is internal, and tensors of hundreds of MiB
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
 
 from moirai.partition import GATEWAY, StagePlan
-from stage_server import codec
-from stage_server.errors import DeadlineExceeded, Unavailable, from_code
-from stage_server.protos import stage_pb2, stage_pb2_grpc
+from stage_server import samehost, shm, wire
+from stage_server.errors import (
+    DeadlineExceeded,
+    SharedMemoryUnavailable,
+    Unavailable,
+    from_code,
+)
+from stage_server.protos import stage_pb2
 
+log = logging.getLogger(__name__)
+
+SERVICE = "moirai.stage.v1.Chain"
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -34,6 +55,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.enable_retries", 0),
 ]
+RECONNECT_S = 1.0
+"""How long a loopback peer whose fast path refused a connection gets gRPC before another try."""
 
 
 def now_ms() -> float:
@@ -48,7 +71,8 @@ class Delivery:
     stage: str
     tensors: dict[str, np.ndarray]
     deadline_ms: float
-    timings: list[stage_pb2.Timing]
+    timings: tuple[bytes, ...]
+    """Encoded timings of the stages upstream (`stage_server.wire.timing`)."""
     origin: str
 
 
@@ -58,54 +82,112 @@ class ChainHandler(Protocol):
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None: ...
 
 
-class ChainServicer(stage_pb2_grpc.ChainServicer):
+class ChainServicer:
     """Thin inbound adapter: decode, time the transfer, hand over."""
 
     def __init__(self, handler: ChainHandler) -> None:
         self._handler = handler
 
-    async def Push(
-        self, request: stage_pb2.PushRequest, context: grpc.aio.ServicerContext
-    ) -> stage_pb2.PushReply:
+    def receive(self, payload: bytes) -> None:
+        """One push, from either transport."""
         received = now_ms()
-        timings = list(request.timings)
-        tensors = {}
-        for t in request.tensors:
-            tensors[t.name] = codec.from_chain(t)
-            timings.append(
-                stage_pb2.Timing(
-                    stage=request.stage,
-                    kind="transfer",
-                    tensor=t.name,
-                    ms=max(0.0, received - request.sent_unix_ms),
-                )
-            )
+        push = wire.decode_push(payload)
+        transfer = max(0.0, received - push.sent_ms)
+        timings = push.timings + tuple(
+            wire.timing(push.stage, "transfer", transfer, name) for name in push.tensors
+        )
         self._handler.deliver(
             Delivery(
-                request.request_id,
-                request.stage,
-                tensors,
-                request.deadline_unix_ms,
-                timings,
-                request.origin,
+                push.request_id, push.stage, push.tensors, push.deadline_ms, timings, push.origin
             )
         )
+
+    async def Push(
+        self, request: bytes | stage_pb2.PushRequest, context: Any
+    ) -> stage_pb2.PushReply:
+        self.receive(request if isinstance(request, bytes) else request.SerializeToString())
         return stage_pb2.PushReply()
 
-    async def Fail(
-        self, request: stage_pb2.Failure, context: grpc.aio.ServicerContext
-    ) -> stage_pb2.FailReply:
+    async def Fail(self, request: stage_pb2.Failure, context: Any) -> stage_pb2.FailReply:
         self._handler.failed(
             request.request_id, request.code, request.message, request.deadline_unix_ms
         )
         return stage_pb2.FailReply()
 
 
+def add_to_server(servicer: ChainServicer, server: grpc.aio.Server) -> None:
+    """Serve the chain over gRPC: Push as raw bytes (decoded by `stage_server.wire`), Fail as
+    protobuf."""
+    handlers = {
+        "Push": grpc.unary_unary_rpc_method_handler(
+            servicer.Push, response_serializer=stage_pb2.PushReply.SerializeToString
+        ),
+        "Fail": grpc.unary_unary_rpc_method_handler(
+            servicer.Fail,
+            request_deserializer=stage_pb2.Failure.FromString,
+            response_serializer=stage_pb2.FailReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def loopback_port(address: str) -> int | None:
+    """The port of a host:port on this host's loopback interface, else None."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return int(port) if loopback else None
+    except ValueError:
+        return None
+
+
+class _Peer:
+    """One peer address: its gRPC channel and method callables, and the fast path to it."""
+
+    def __init__(self, address: str, same_host: bool) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.push = self.channel.unary_unary(f"/{SERVICE}/Push", _registered_method=True)
+        self.fail = self.channel.unary_unary(
+            f"/{SERVICE}/Fail",
+            request_serializer=stage_pb2.Failure.SerializeToString,
+            response_deserializer=stage_pb2.FailReply.FromString,
+            _registered_method=True,
+        )
+        self.port = loopback_port(address) if same_host else None
+        self.shared = shm.SUPPORTED
+        self.connection: samehost.Connection | None = None
+        self.retry_at = 0.0
+
+    async def fast_path(self) -> samehost.Connection | None:
+        """The open same-host connection, opening it if it is time to try; None: use gRPC."""
+        if self.port is None:
+            return None
+        if self.connection is not None and not self.connection.closed:
+            return self.connection
+        if time.monotonic() < self.retry_at:
+            return None
+        self.connection = await samehost.Connection.open(self.port)
+        if self.connection is None:
+            self.retry_at = time.monotonic() + RECONNECT_S
+        return self.connection
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+        await self.channel.close()
+
+
 class Peers:
     """Outbound: push tensors to a stage (or the gateway) by stage id; report failures."""
 
-    def __init__(self, plan: StagePlan, addresses: Mapping[str, str]) -> None:
-        """`addresses` maps device names and "gateway" to host:port."""
+    def __init__(
+        self, plan: StagePlan, addresses: Mapping[str, str], *, same_host: bool = True
+    ) -> None:
+        """`addresses` maps device names and "gateway" to host:port; `same_host` allows the
+        fast path to loopback peers (off: every push takes gRPC, as between hosts)."""
         missing = [d for d in plan.used_devices if d not in addresses]
         if missing:
             raise Unavailable(
@@ -114,7 +196,8 @@ class Peers:
             )
         self._device_of = {s.id: s.device for s in plan.stages}
         self._addresses = dict(addresses)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._same_host = same_host and samehost.SUPPORTED
 
     def address(self, target: str) -> str:
         """Address of a device name, a stage id or "gateway"."""
@@ -124,13 +207,15 @@ class Peers:
         except KeyError:
             raise Unavailable(f"no address for {key!r}") from None
 
-    def channel(self, target: str) -> grpc.aio.Channel:
+    def _peer(self, target: str) -> _Peer:
         address = self.address(target)
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            self._channels[address] = channel
-        return channel
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = _Peer(address, self._same_host)
+        return peer
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        return self._peer(target).channel
 
     async def push(
         self,
@@ -138,19 +223,55 @@ class Peers:
         request_id: str,
         tensors: Mapping[str, np.ndarray],
         deadline_ms: float,
-        timings: Iterable[stage_pb2.Timing] = (),
+        timings: Iterable[bytes] = (),
         origin: str = GATEWAY,
     ) -> None:
-        request = stage_pb2.PushRequest(
-            request_id=request_id,
-            stage=stage,
-            tensors=[codec.to_chain(name, array) for name, array in tensors.items()],
-            deadline_unix_ms=deadline_ms,
-            timings=list(timings),
-            origin=origin,
-        )
-        request.sent_unix_ms = now_ms()
-        await self._call("Push", stage, request, deadline_ms)
+        """Deliver `tensors` to `stage`; `timings` are encoded ones (`wire.timing`) to forward."""
+        peer = self._peer(stage)
+        timings = tuple(timings)
+        connection = await peer.fast_path()
+        if connection is None:
+            payload = wire.encode_push(
+                request_id, stage, tensors, deadline_ms, now_ms(), timings, origin
+            )
+            await self._call(peer.push, "Push", stage, payload, deadline_ms)
+            return
+        shared = {}
+        try:
+            if peer.shared:
+                shared = {
+                    name: shm.SharedTensor(name, array)
+                    for name, array in tensors.items()
+                    if array.nbytes >= samehost.SHARED_MIN_BYTES
+                }
+            payload = wire.encode_push(
+                request_id, stage, tensors, deadline_ms, now_ms(), timings, origin, shared
+            )
+            try:
+                await self._local(connection, stage, payload, deadline_ms)
+            except SharedMemoryUnavailable as e:
+                log.info("%s cannot map shared memory (%s): sending tensors inline", stage, e)
+                peer.shared = False
+                payload = wire.encode_push(
+                    request_id, stage, tensors, deadline_ms, now_ms(), timings, origin
+                )
+                await self._local(connection, stage, payload, deadline_ms)
+        finally:
+            for tensor in shared.values():
+                tensor.close()
+
+    async def _local(
+        self, connection: samehost.Connection, stage: str, payload: bytes, deadline_ms: float
+    ) -> None:
+        remaining = (deadline_ms - now_ms()) / 1000.0
+        if remaining <= 0:
+            raise DeadlineExceeded(f"deadline passed before Push to {stage}")
+        try:
+            await connection.push(payload, remaining)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed during Push to {stage}") from None
+        except Unavailable as e:
+            raise Unavailable(f"cannot reach {stage} at {self.address(stage)}: {e}") from None
 
     async def fail(
         self,
@@ -168,22 +289,23 @@ class Peers:
             stage=stage,
             deadline_unix_ms=deadline_ms,
         )
-        await self._call("Fail", target, request, deadline_ms)
+        await self._call(self._peer(target).fail, "Fail", target, request, deadline_ms)
 
-    async def _call(self, method: str, target: str, request: object, deadline_ms: float) -> None:
+    async def _call(
+        self, method: Any, name: str, target: str, request: object, deadline_ms: float
+    ) -> None:
         remaining = (deadline_ms - now_ms()) / 1000.0
         if remaining <= 0:
-            raise DeadlineExceeded(f"deadline passed before {method} to {target}")
-        stub = stage_pb2_grpc.ChainStub(self.channel(target))
+            raise DeadlineExceeded(f"deadline passed before {name} to {target}")
         try:
-            await getattr(stub, method)(request, timeout=remaining)
+            await method(request, timeout=remaining)
         except grpc.aio.AioRpcError as e:
             where = f"{target} at {self.address(target)}"
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise Unavailable(f"cannot reach {where}: {e.details()}") from None
-            raise from_code(e.code().name, f"{method} to {where}: {e.details()}") from None
+            raise from_code(e.code().name, f"{name} to {where}: {e.details()}") from None
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        for peer in self._peers.values():
+            await peer.close()
+        self._peers.clear()

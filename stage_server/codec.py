@@ -5,7 +5,7 @@ datatype names are the Open Inference Protocol's (`FP32`, `INT64`, ...), used ev
 stage plan, on the internal chain (`moirai.stage.v1.Tensor`) and at the gateway, so there is one
 table of types. This module converts between numpy and each of the wire forms:
 
-- the chain's `Tensor` message (raw bytes, zero-copy on the receiving side);
+- the chain's `Tensor` message (raw bytes; framed without protobuf copies by `stage_server.wire`);
 - the OIP gRPC `ModelInferRequest`/`ModelInferResponse` (raw contents or typed contents);
 - the OIP HTTP/JSON body (`data` lists) and its binary-data extension (raw bytes after the JSON).
 
@@ -15,6 +15,8 @@ expected, so the transports never see a numpy or protobuf exception.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +24,6 @@ import numpy as np
 
 from stage_server.errors import InvalidInput
 from stage_server.protos import grpc_predict_v2_pb2 as oip
-from stage_server.protos import stage_pb2
 
 DTYPES: Mapping[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -81,11 +82,18 @@ def _shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
     return dims
 
 
-def from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray:
+def nbytes(name: str, datatype: str, shape: Sequence[int]) -> int:
+    """The size in bytes of a tensor of this datatype and shape."""
+    return math.prod(_shape(shape, name)) * numpy_dtype(datatype, name).itemsize
+
+
+def from_bytes(
+    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview | mmap.mmap
+) -> np.ndarray:
     """A read-only array over `data` (no copy), after checking its size against the shape."""
     dtype = numpy_dtype(datatype, name)
     dims = _shape(shape, name)
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
             f"input {name!r}: raw contents hold {len(data)} bytes, but {datatype} {list(dims)} "
@@ -99,17 +107,6 @@ def from_bytes(name: str, datatype: str, shape: Sequence[int], data: bytes) -> n
 
 def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
-
-
-# ----------------------------------------------------------------- chain tensors
-def to_chain(name: str, array: np.ndarray) -> stage_pb2.Tensor:
-    return stage_pb2.Tensor(
-        name=name, datatype=datatype_of(array), shape=array.shape, data=to_bytes(array)
-    )
-
-
-def from_chain(tensor: stage_pb2.Tensor) -> np.ndarray:
-    return from_bytes(tensor.name, tensor.datatype, tensor.shape, tensor.data)
 
 
 # ----------------------------------------------------------- OIP gRPC (KServe v2)

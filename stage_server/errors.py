@@ -47,6 +47,11 @@ class StageFailed(ServingError):
     """A stage raised while running its sub-model."""
 
 
+class SharedMemoryUnavailable(ServingError):
+    """A push names a shared-memory tensor this receiver cannot map (`stage_server.shm`); the
+    sender falls back to inline bytes. Never reaches a client."""
+
+
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, 400),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
@@ -55,6 +60,7 @@ _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Cancelled: (grpc.StatusCode.CANCELLED, 499),
     StageFailed: (grpc.StatusCode.INTERNAL, 500),
+    SharedMemoryUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, 500),
 }
 _BY_CODE = {code.name: cls for cls, (code, _) in _STATUS.items()}
 

@@ -28,6 +28,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moirai.partition import GATEWAY, StagePlan, TensorSpec
+from stage_server import wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.codec import datatype_of
 from stage_server.errors import (
@@ -40,7 +41,6 @@ from stage_server.errors import (
     status_of,
 )
 from stage_server.metrics import Metrics
-from stage_server.protos import stage_pb2
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class _Request:
     deadline_ms: float
     future: asyncio.Future[None]
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    timings: dict[tuple[str, str, str], stage_pb2.Timing] = field(default_factory=dict)
+    timings: dict[bytes, None] = field(default_factory=dict)
+    """Encoded timings from the final pushes, without duplicates (`stage_server.wire`)."""
 
 
 class Gateway:
@@ -226,7 +227,7 @@ class Gateway:
             del self.pending[rid]
             self.metrics.in_flight.dec()
         self.metrics.request_seconds.observe(time.perf_counter() - started)
-        self.metrics.observe_timings(request.timings.values())
+        self.metrics.observe_timings(wire.decode_timings(request.timings))
         return {name: request.outputs[name] for name in wanted}
 
     @staticmethod
@@ -260,8 +261,7 @@ class Gateway:
         if request is None or request.future.done():
             return
         request.outputs.update(delivery.tensors)
-        for t in delivery.timings:
-            request.timings[(t.stage, t.kind, t.tensor)] = t
+        request.timings.update(dict.fromkeys(delivery.timings))
         self._complete(request)
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:

@@ -9,6 +9,10 @@ servers through here.
 The gateway's chain service shares the OIP gRPC port unless `chain_port` is given. The port's
 message size limit is then the request size limit, so the gateway checks at start that the
 largest push of final outputs fits under it, and otherwise asks for a separate chain port.
+
+Every chain port also serves the same-host fast path (`stage_server.samehost`) unless
+`same_host=False`, which also keeps this server's own pushes on gRPC: the path between hosts,
+which the tests and the benchmark exercise on one machine this way.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moirai.errors import MoiraiError
 from moirai.partition import GATEWAY, StagePlan
+from stage_server import samehost
 from stage_server.chain import ChainServicer, Peers
+from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.codec import DTYPES
 from stage_server.gateway import Gateway
 from stage_server.oip_grpc import InferenceServicer, add_to_server
 from stage_server.oip_http import create_app
-from stage_server.protos import stage_pb2_grpc
+from stage_server.samehost import Listener
 from stage_server.stage import StageServer
 from stage_server.transport import ErrorInterceptor
 
@@ -48,13 +54,24 @@ def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
+async def _listen(servicer: ChainServicer, port: int, same_host: bool) -> Listener | None:
+    if not (same_host and samehost.SUPPORTED):
+        return None
+    listener = Listener(servicer.receive)
+    await listener.start(port)
+    return listener
+
+
 @dataclass
 class StageHandle:
     impl: StageServer
     server: grpc.aio.Server
     port: int
+    listener: Listener | None = None
 
     async def stop(self, grace: float | None = None) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
         await self.server.stop(grace)
         await self.impl.stop()
 
@@ -70,26 +87,29 @@ async def start_stage(
     threads: int | None = None,
     cuda_device: int | None = None,
     workers: int = 1,
+    same_host: bool = True,
 ) -> StageHandle:
     impl = StageServer(
         model,
         plan,
         device,
-        Peers(plan, addresses),
+        Peers(plan, addresses, same_host=same_host),
         threads=threads,
         cuda_device=cuda_device,
         workers=workers,
     )
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
-    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(impl), server)
+    servicer = ChainServicer(impl)
+    add_chain_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = _bind(server, host, port)
     await server.start()
+    listener = await _listen(servicer, bound, same_host)
     impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return StageHandle(impl, server, bound)
+    return StageHandle(impl, server, bound, listener)
 
 
 @dataclass
@@ -100,9 +120,12 @@ class GatewayHandle:
     grpc_port: int
     http_port: int
     chain_port: int
+    listener: Listener | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         await self.http.cleanup()
+        if self.listener is not None:
+            await self.listener.stop()
         for server in self.servers:
             await server.stop(grace)
         await self.gateway.stop()
@@ -132,6 +155,7 @@ async def start_gateway(
     chain_port: int | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     timeout_s: float = 30.0,
+    same_host: bool = True,
 ) -> GatewayHandle:
     if chain_port is None:
         needed = _largest_final_push(plan) + PUSH_OVERHEAD_BYTES
@@ -141,7 +165,7 @@ async def start_gateway(
                 f"{max_request_bytes}, which also limits the shared chain port: give the "
                 "gateway a --chain-port of its own"
             )
-    gateway = Gateway(plan, Peers(plan, addresses), timeout_s=timeout_s)
+    gateway = Gateway(plan, Peers(plan, addresses, same_host=same_host), timeout_s=timeout_s)
     interceptors = [ErrorInterceptor(gateway.metrics)]
     limit = [
         ("grpc.max_receive_message_length", max_request_bytes),
@@ -156,20 +180,24 @@ async def start_gateway(
     else:
         chain_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
         servers.append(chain_server)
-    stage_pb2_grpc.add_ChainServicer_to_server(ChainServicer(gateway), chain_server)
+    servicer = ChainServicer(gateway)
+    add_chain_to_server(servicer, chain_server)
     bound_grpc = _bind(oip_server, host, grpc_port)
     bound_chain = bound_grpc if chain_port is None else _bind(chain_server, host, chain_port)
     for server in servers:
         await server.start()
+    listener = await _listen(servicer, bound_chain, same_host)
     runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, http_port)
     try:
         await site.start()
     except OSError as e:
+        if listener is not None:
+            await listener.stop()
         for server in servers:
             await server.stop(None)
         raise MoiraiError(f"cannot listen on {host}:{http_port} ({e.strerror})") from None
     bound_http = runner.addresses[0][1]
     await gateway.start()
-    return GatewayHandle(gateway, servers, runner, bound_grpc, bound_http, bound_chain)
+    return GatewayHandle(gateway, servers, runner, bound_grpc, bound_http, bound_chain, listener)

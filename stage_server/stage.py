@@ -4,13 +4,18 @@ One process per device. It cuts its stages' sub-models from the model and the pl
 ONNX Runtime session per stage, and serves `moirai.stage.v1.Chain` plus `grpc.health.v1`.
 
 A request arrives as pushes of tensors (from the gateway or upstream stages). Per (request,
-stage) the server keeps the tensors received so far; when a stage has all its inputs it runs in a
-thread pool (ONNX Runtime releases the GIL, so the event loop keeps receiving), and each output
-goes straight to the stages that consume it: to a peer over gRPC, or, for a stage on this same
-device, handed over in memory. Final outputs go to the gateway. The pool has one worker by
-default, because a device runs one stage at a time (the execution model the plan was solved
-for); its queue is where requests wait while the device is busy, and that wait is reported as
-queue time.
+stage) the server keeps the tensors received so far; when a stage has all its inputs it runs,
+and each output goes straight to the stages that consume it: to a peer over the chain
+(`stage_server.chain`), or, for a stage on this same device, handed over in memory. Final outputs
+go to the gateway.
+
+A device runs one stage at a time (the execution model the plan was solved for), so by default
+the stage runs right on the event loop: the loop would have nothing else to do but receive, and
+a thread pool would cost two thread wake-ups per stage, which on a busy core are far from free,
+while incoming pushes wait meanwhile in the sockets and gRPC's own threads. Ready stages queue on
+the loop in arrival order, and that wait is reported as queue time. With `workers` > 1 (a device
+that can run several stages at once) stages run in a thread pool of that size instead (ONNX
+Runtime releases the GIL).
 
 Nothing waits forever: every request carries its absolute deadline, a sweeper frees the state of
 requests whose deadline passed, a request whose deadline passes while queued is dropped without
@@ -26,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -33,9 +39,9 @@ import numpy as np
 import onnx
 
 from moirai.partition import GATEWAY, StagePlan, extract_stage
+from stage_server import wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import NotFound, ServingError, StageFailed, status_of
-from stage_server.protos import stage_pb2
 from stage_server.sessions import create_session
 
 log = logging.getLogger(__name__)
@@ -47,11 +53,12 @@ SWEEP_INTERVAL_S = 0.25
 class _Pending:
     deadline_ms: float
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    timings: dict[tuple[str, str, str], stage_pb2.Timing] = field(default_factory=dict)
+    timings: dict[bytes, None] = field(default_factory=dict)
+    """Encoded timings, in arrival order without duplicates (a stage fed by two branches gets
+    their common upstream's timings twice)."""
 
-    def add_timings(self, timings: list[stage_pb2.Timing]) -> None:
-        for t in timings:
-            self.timings[(t.stage, t.kind, t.tensor)] = t
+    def add_timings(self, timings: Iterable[bytes]) -> None:
+        self.timings.update(dict.fromkeys(timings))
 
 
 class _Expired(Exception):
@@ -86,7 +93,11 @@ class StageServer:
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
         self._local = {s.id for s in plan.stages if s.device == device}
-        self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix=f"stage-{device}")
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix=f"stage-{device}")
+            if workers > 1
+            else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -106,7 +117,7 @@ class StageServer:
         pending.add_timings(delivery.timings)
         if all(t in pending.tensors for t in stage.inputs):
             del self.pending[key]
-            self._spawn(self._run(rid, stage.id, pending))
+            self._spawn(self._run(rid, stage.id, pending, time.perf_counter()))
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
         """The gateway cancels a request: free its state, drop what still arrives for it."""
@@ -132,12 +143,14 @@ class StageServer:
         end = time.perf_counter()
         return outputs, (start - ready) * 1000.0, (end - start) * 1000.0
 
-    async def _run(self, request_id: str, stage_id: str, pending: _Pending) -> None:
-        loop = asyncio.get_running_loop()
+    async def _run(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
         try:
-            outputs, queue_ms, compute_ms = await loop.run_in_executor(
-                self._pool, self._compute, request_id, stage_id, pending, time.perf_counter()
-            )
+            if self._pool is None:
+                outputs, queue_ms, compute_ms = self._compute(request_id, stage_id, pending, ready)
+            else:
+                outputs, queue_ms, compute_ms = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._compute, request_id, stage_id, pending, ready
+                )
         except _Expired:
             return
         except Exception as e:  # ONNX Runtime raises its own types; all are stage failures
@@ -152,8 +165,8 @@ class StageServer:
             return
         pending.add_timings(
             [
-                stage_pb2.Timing(stage=stage_id, kind="queue", ms=queue_ms),
-                stage_pb2.Timing(stage=stage_id, kind="compute", ms=compute_ms),
+                wire.timing(stage_id, "queue", queue_ms),
+                wire.timing(stage_id, "compute", compute_ms),
             ]
         )
         stage = self.stages[stage_id]
@@ -161,7 +174,7 @@ class StageServer:
         for name, array in zip(stage.outputs, outputs, strict=True):
             for target in self.plan.routing.get(name, ()):
                 by_target.setdefault(target, {})[name] = array
-        timings = list(pending.timings.values())
+        timings = tuple(pending.timings)
         remote = []
         for target, tensors in by_target.items():
             if target in self._local:
@@ -174,7 +187,14 @@ class StageServer:
                         target, request_id, tensors, pending.deadline_ms, timings, stage_id
                     )
                 )
-        results = await asyncio.gather(*remote, return_exceptions=True)
+        if len(remote) == 1:  # the common case, without gather's extra task
+            results: list[BaseException | None] = [None]
+            try:
+                await remote[0]
+            except Exception as e:
+                results = [e]
+        else:
+            results = await asyncio.gather(*remote, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             error = errors[0]
@@ -218,7 +238,8 @@ class StageServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.peers.close()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
     @property
     def in_flight(self) -> int:

@@ -1,0 +1,210 @@
+"""`moirai.stage.v1.PushRequest` on the wire, without copying tensor bytes through protobuf.
+
+A push is mostly tensor bytes. Through the protobuf classes they would be copied four times
+(array to bytes, bytes into the message, message to the wire, and out of the parsed message on
+the other side), and on a machine where fresh memory is slow to fault in, those copies, not the
+socket, set the cost of a hop. So this module writes and reads the same wire format by hand where
+the bytes are: the small fields still go through `stage_pb2` (one message per tensor header, one
+for the request header), and each tensor's `data` is appended after its header as a
+length-delimited field, so the sender copies the array once (into the gRPC payload) and the
+receiver gets a numpy array that is a view into the received payload. Any protobuf
+implementation reads what `encode_push` writes, and `decode_push` reads what any protobuf
+implementation writes (fields in any order, unknown fields skipped): `stage.proto` stays the
+contract.
+
+Timings travel as their encoded `PushRequest.timings` fields, opaque to the stage servers: a stage
+adds its own and forwards the rest as bytes, so a long chain does not parse and re-encode the
+growing list at every hop; the gateway decodes them once, when the request completes.
+
+Tensors that travel through shared memory (`stage_server.shm`) carry a `SharedMemory` reference
+instead of `data`; `decode_push` maps them (and raises `SharedMemoryUnavailable` when it cannot,
+so the sender can fall back to inline bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stage_server import codec, shm
+from stage_server.errors import InvalidInput
+from stage_server.protos import stage_pb2
+
+# Field numbers of stage.proto.
+_PUSH_TENSORS = 3
+_PUSH_TIMINGS = 6
+_TENSOR_DATA = 4
+_TENSOR_SHARED = 5
+_LEN = 2  # wire type of length-delimited fields
+_TIMING_KEY = bytes([_PUSH_TIMINGS << 3 | _LEN])
+_TENSOR_KEY = bytes([_PUSH_TENSORS << 3 | _LEN])
+_DATA_KEY = bytes([_TENSOR_DATA << 3 | _LEN])
+
+
+@dataclass
+class Push:
+    """A decoded `PushRequest`."""
+
+    request_id: str
+    stage: str
+    tensors: dict[str, np.ndarray]
+    deadline_ms: float
+    sent_ms: float
+    timings: tuple[bytes, ...]
+    """Encoded `timings` fields (see `timing`, `decode_timings`)."""
+    origin: str
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise InvalidInput("malformed push: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview) -> Iterable[tuple[int, int, int, int]]:
+    """(field number, start of the field's key, start of its value, end) of each field."""
+    pos = 0
+    while pos < len(buf):
+        start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, end = _read_varint(buf, pos)
+        elif wire_type == 1:
+            end = pos + 8
+        elif wire_type == 5:
+            end = pos + 4
+        elif wire_type == _LEN:
+            length, pos = _read_varint(buf, pos)
+            end = pos + length
+        else:
+            raise InvalidInput(f"malformed push: wire type {wire_type}")
+        if end > len(buf):
+            raise InvalidInput("malformed push: a field runs past the end of the message")
+        yield number, start, pos, end
+        pos = end
+
+
+def timing(stage: str, kind: str, ms: float, tensor: str = "") -> bytes:
+    """One encoded `PushRequest.timings` field."""
+    body = stage_pb2.Timing(stage=stage, kind=kind, tensor=tensor, ms=ms).SerializeToString()
+    return _TIMING_KEY + _varint(len(body)) + body
+
+
+def decode_timings(chunks: Iterable[bytes]) -> list[stage_pb2.Timing]:
+    return list(stage_pb2.PushRequest.FromString(b"".join(chunks)).timings)
+
+
+def encode_push(
+    request_id: str,
+    stage: str,
+    tensors: Mapping[str, np.ndarray],
+    deadline_ms: float,
+    sent_ms: float,
+    timings: Sequence[bytes] = (),
+    origin: str = "",
+    shared: Mapping[str, shm.SharedTensor] | None = None,
+) -> bytes:
+    """The wire bytes of a push; tensors named in `shared` travel by reference."""
+    header = stage_pb2.PushRequest(
+        request_id=request_id,
+        stage=stage,
+        deadline_unix_ms=deadline_ms,
+        sent_unix_ms=sent_ms,
+        origin=origin,
+    )
+    parts: list[bytes | memoryview] = [header.SerializeToString(), *timings]
+    for name, array in tensors.items():
+        meta = stage_pb2.Tensor(name=name, datatype=codec.datatype_of(array), shape=array.shape)
+        ref = (shared or {}).get(name)
+        if ref is not None:
+            meta.shared.CopyFrom(ref.reference)
+            body = meta.SerializeToString()
+            parts += [_TENSOR_KEY, _varint(len(body)), body]
+            continue
+        data = _buffer(array)
+        body = meta.SerializeToString()
+        data_head = _DATA_KEY + _varint(data.nbytes)
+        parts += [_TENSOR_KEY, _varint(len(body) + len(data_head) + data.nbytes), body, data_head]
+        parts.append(data)
+    return b"".join(parts)
+
+
+def _buffer(array: np.ndarray) -> memoryview:
+    """The array's bytes without a copy (one copy when it is not C-contiguous)."""
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def decode_push(payload: bytes) -> Push:
+    """A push from its wire bytes; tensor arrays are read-only views into `payload` (or into
+    shared memory)."""
+    buf = memoryview(payload)
+    header: list[memoryview] = []
+    tensor_spans: list[tuple[int, int]] = []
+    timings: list[bytes] = []
+    for number, start, value, end in _fields(buf):
+        if number == _PUSH_TENSORS:
+            tensor_spans.append((value, end))
+        elif number == _PUSH_TIMINGS:
+            timings.append(bytes(buf[start:end]))
+        else:
+            header.append(buf[start:end])
+    try:
+        request = stage_pb2.PushRequest.FromString(b"".join(header))
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidInput(f"malformed push header: {e}") from None
+    tensors = {}
+    for value, end in tensor_spans:
+        name, array = _decode_tensor(buf[value:end])
+        tensors[name] = array
+    return Push(
+        request.request_id,
+        request.stage,
+        tensors,
+        request.deadline_unix_ms,
+        request.sent_unix_ms,
+        tuple(timings),
+        request.origin,
+    )
+
+
+def _decode_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
+    meta_parts: list[memoryview] = []
+    data: memoryview | None = None
+    for number, start, value, end in _fields(buf):
+        if number == _TENSOR_DATA:
+            data = buf[value:end]  # repeated scalar fields would keep the last; so does this
+        else:
+            meta_parts.append(buf[start:end])
+    try:
+        meta = stage_pb2.Tensor.FromString(b"".join(meta_parts))
+    except Exception as e:
+        raise InvalidInput(f"malformed tensor in push: {e}") from None
+    if meta.HasField("shared"):
+        dtype = codec.numpy_dtype(meta.datatype, meta.name)
+        nbytes = math.prod(meta.shape) * dtype.itemsize
+        return meta.name, codec.from_bytes(
+            meta.name, meta.datatype, meta.shape, shm.attach(meta.shared, nbytes)
+        )
+    return meta.name, codec.from_bytes(
+        meta.name, meta.datatype, meta.shape, data if data is not None else b""
+    )
