@@ -250,16 +250,15 @@ def _pod_spec(
     container: dict[str, Any],
     image: str,
     with_model: bool,
+    with_plan: bool = True,
 ) -> dict[str, Any]:
-    """A pod with the plan mounted and, `with_model`, the model fetched and verified first."""
-    volumes: list[dict[str, Any]] = [
-        {"name": "plan", "configMap": {"name": plan_configmap_name(owner)}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    mounts = [
-        {"name": "plan", "mountPath": PLAN_DIR, "readOnly": True},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
+    """A pod with the plan mounted (`with_plan`) and the model fetched and verified first
+    (`with_model`)."""
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    if with_plan:
+        volumes.append({"name": "plan", "configMap": {"name": plan_configmap_name(owner)}})
+        mounts.append({"name": "plan", "mountPath": PLAN_DIR, "readOnly": True})
     pod: dict[str, Any] = {
         "securityContext": {
             "runAsNonRoot": True,
@@ -516,7 +515,7 @@ def profile_job(
         "env": [{"name": "MOIRAI_PROFILE_URL", "value": inbox_url}],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
     }
-    pod = _pod_spec(owner, spec, options, upload, image, with_model=True)
+    pod = _pod_spec(owner, spec, options, upload, image, with_model=True, with_plan=False)
     pod["volumes"].append({"name": "profile", "emptyDir": {}})
     mounts = [*pod["containers"][0]["volumeMounts"], {"name": "profile", "mountPath": PROFILE_DIR}]
     for c in (*pod["initContainers"], profiler, *pod["containers"]):

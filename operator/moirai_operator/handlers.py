@@ -108,7 +108,13 @@ def _all(index: kopf.Index[Any, NodeFacts]) -> Iterable[NodeFacts]:
 async def _converge(body: kopf.Body, memo: kopf.Memo, index: kopf.Index[Any, NodeFacts]) -> None:
     lock: asyncio.Lock = memo.setdefault("lock", asyncio.Lock())
     async with lock:
-        await converge(cast(PlacedModelBody, body), _all(index), memo.ctx, _KopfEvents(body))
+        # Read the object afresh: kopf's copy may predate the status that the pass holding the
+        # lock just wrote, and deciding from it would plan the same generation twice.
+        ctx: Context = memo.ctx
+        fresh = await ctx.kube.get("PlacedModel", body.meta["namespace"], body.meta["name"])
+        if fresh is None:
+            return
+        await converge(cast(PlacedModelBody, fresh), _all(index), ctx, _KopfEvents(body))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,11 +18,20 @@ from kubernetes import client, config
 from moirai_operator.catalogue import Catalogue
 from moirai_operator.children import BuildOptions
 from moirai_operator.kube import Kube
-from moirai_operator.planning import AnalyticPlanner
+from moirai_operator.planning import Planner
 from moirai_operator.pools import NodeFacts, node_facts
+from moirai_operator.profiling import JobProfiler, ProfileInbox
 from moirai_operator.reconcile import Context, converge
 from moirai_operator.spec import Defaults
-from test_operator_harness import Cluster, install_crd, models_for, running_operator
+from test_operator_harness import (
+    Cluster,
+    free_port,
+    install_crd,
+    models_for,
+    run_job_pod,
+    running_operator,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "moirai"
@@ -97,6 +107,11 @@ class _Events:
         pass
 
 
+def _run_profiling_job(cluster: Cluster, tmp_path: Path) -> None:
+    (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs("direct"))
+    run_job_pod(cluster.api.sanitize_for_serialization(job.spec.template.spec), tmp_path / "job")
+
+
 def _nodes(kube_api: client.ApiClient) -> list[NodeFacts]:
     raw = kube_api.sanitize_for_serialization(client.CoreV1Api(kube_api).list_node())
     return [node_facts(n) for n in raw["items"]]
@@ -143,14 +158,32 @@ def test_operator_runs_with_exactly_the_charts_rbac(
             cluster.wait_phase("viasa", "Ready")
 
         # The same passes outside kopf, with every API call recorded: no more than granted.
+        # The last one profiles (a Job, run here by a thread playing the kubelet).
         kube = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
+        measured = {**moved, "profiling": {"mode": "measured"}}
         with ThreadPoolExecutor(1) as executor:
-            planner = AnalyticPlanner(Catalogue.load(), executor)
-            ctx = Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "cache2")
-            for body in (spec, moved):
-                cluster.apply("direct", body)
-                fresh = asyncio.run(kube.get("PlacedModel", namespace, "direct"))
-                asyncio.run(converge(fresh, _nodes(kube_api), ctx, _Events()))
+            planner = Planner(Catalogue.load(), executor)
+
+            async def passes() -> None:
+                inbox, port = ProfileInbox(), free_port()
+                runner = await inbox.serve("127.0.0.1", port)
+                profiler = JobProfiler(kube, inbox, f"http://127.0.0.1:{port}", BuildOptions(), 120)
+                ctx = Context(
+                    kube, planner, Defaults(), BuildOptions(), tmp_path / "cache2", profiler
+                )
+                try:
+                    for body in (spec, moved, measured):
+                        cluster.apply("direct", body)
+                        fresh = await kube.get("PlacedModel", namespace, "direct")
+                        await converge(fresh, _nodes(kube_api), ctx, _Events())
+                finally:
+                    await runner.cleanup()
+
+            kubelet = threading.Thread(target=_run_profiling_job, args=(cluster, tmp_path))
+            kubelet.start()
+            asyncio.run(passes())
+            kubelet.join()
+        assert cluster.status("direct")["placement"]["profiling"] == "measured"
         assert set(cluster.deployments("direct")) == {f"direct-{second}-0", "direct-gateway"}
         assert cluster.status("direct")["phase"] in ("Deploying", "Ready")
 

@@ -25,6 +25,7 @@ from test_operator_harness import (
     free_port,
     install_crd,
     models_for,
+    run_job_pod,
     running_operator,
     wait_until,
 )
@@ -243,26 +244,26 @@ def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool,
     cluster.wait_phase("nopool", "Ready")
 
 
-def test_restart_mid_reconcile_converges_without_duplicates(
-    scheduling_control_plane, crd, cluster, make_node_pool, models, tmp_path
+def test_measured_profiling_runs_a_job_per_pool(
+    operator, cluster, make_node_pool, models, kube_api, tmp_path
 ):
     cpu = f"{cluster.ns}-cpu"
-    make_node_pool(cpu, count=2, cpu="8")
+    make_node_pool(cpu, count=1, cpu="8")
     spec = {
-        # A slow model store: the first operator is stopped while it fetches the model.
-        "model": {"uri": f"{models['url']}/slow/mlp.onnx"},
-        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 4}],
+        "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
+        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 1, "maxDevices": 2}],
+        "profiling": {"mode": "measured"},
     }
-    with running_operator(scheduling_control_plane, tmp_path / "cache"):
-        cluster.apply("mlp", spec)
-        wait_until("the fetch to start", lambda: cluster.status("mlp").get("phase") == "Profiling")
-    assert cluster.status("mlp").get("phase") == "Profiling"
-    with running_operator(scheduling_control_plane, tmp_path / "cache"):
-        status = cluster.wait_phase("mlp", "Ready", timeout=90)
-    devices = {a["deployment"] for a in status["placement"]["assignment"]}
-    assert set(cluster.deployments("mlp")) == devices | {"mlp-gateway"}
-    replicasets = cluster.apps.list_namespaced_replica_set(cluster.ns).items
-    assert len(replicasets) == len(devices) + 1
+    cluster.apply("mlp", spec)
+    (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs("mlp"))
+    assert cluster.status("mlp")["phase"] == "Profiling"
+    pod = kube_api.sanitize_for_serialization(job.spec.template.spec)
+    assert pod["nodeSelector"] == {"moirai.dev/pool": cpu}
+    # Play the kubelet: run the Job's containers here; the last one reports to the operator.
+    run_job_pod(pod, tmp_path / "job")
+    status = cluster.wait_phase("mlp", "Ready")
+    assert status["placement"]["profiling"] == "measured"
+    wait_until("the profiling Job to be deleted", lambda: not cluster.profiling_jobs("mlp"))
 
 
 def test_liveness_endpoint_answers(operator, make_node_pool, namespace):

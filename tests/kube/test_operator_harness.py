@@ -11,7 +11,10 @@ import contextlib
 import hashlib
 import http.server
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -148,6 +151,7 @@ def running_operator(
     """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin), with
     kopf's liveness endpoint on 127.0.0.1:`liveness_port` when given."""
     args = list(OPERATOR_ARGS)
+    inbox = free_port()
     if liveness_port:
         args.insert(2, f"--liveness=http://127.0.0.1:{liveness_port}/healthz")
     with pytest.MonkeyPatch.context() as mp:
@@ -157,6 +161,10 @@ def running_operator(
         mp.setenv("MOIRAI_MODEL_CACHE", str(cache))
         for key, value in OPERATOR_ENV.items():
             mp.setenv(key, value)
+        # The profile inbox on loopback, where the test runs the profiling Jobs' pods.
+        mp.setenv("MOIRAI_PROFILE_HOST", "127.0.0.1")
+        mp.setenv("MOIRAI_PROFILE_PORT", str(inbox))
+        mp.setenv("MOIRAI_PROFILE_URL", f"http://127.0.0.1:{inbox}")
         with KopfRunner(args, timeout=30) as runner:
             yield runner
     assert runner.exception is None, runner.output
@@ -222,8 +230,87 @@ class Cluster:
             found |= {f"{kind}/{o.metadata.name}" for o in items.items}
         return found
 
+    def profiling_jobs(self, name: str) -> list[Any]:
+        return (
+            client.BatchV1Api(self.api)
+            .list_namespaced_job(
+                self.ns,
+                label_selector=f"moirai.dev/placedmodel={name},app.kubernetes.io/component=profiler",
+            )
+            .items
+        )
+
     def pods_nodes(self, deployment: str) -> set[str]:
         pods = self.core.list_namespaced_pod(
             self.ns, label_selector=f"moirai.dev/child={deployment}"
         ).items
         return {p.spec.node_name for p in pods if p.spec.node_name}
+
+
+# --- running the pods the operator wrote, as local processes -----------------------------------
+BIN = Path(sys.executable).parent
+
+
+def pod_mounts(pod: dict[str, Any], workdir: Path, configmaps: dict[str, Path]) -> dict[str, str]:
+    """Mount path → local directory: each ConfigMap volume from `configmaps` (by ConfigMap
+    name), each other volume (emptyDir) a fresh directory under `workdir`."""
+    by_volume: dict[str, str] = {}
+    for volume in pod["volumes"]:
+        if "configMap" in volume:
+            by_volume[volume["name"]] = str(configmaps[volume["configMap"]["name"]])
+        else:
+            directory = workdir / volume["name"]
+            directory.mkdir(parents=True, exist_ok=True)
+            by_volume[volume["name"]] = str(directory)
+    mounts = {}
+    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        for mount in container.get("volumeMounts") or []:
+            mounts[mount["mountPath"]] = by_volume[mount["name"]]
+    return mounts
+
+
+def local_argv(argv: list[str], mounts: dict[str, str], ports: dict[str, str]) -> list[str]:
+    """`argv` with mount paths moved to their local directories (the longest mount wins),
+    declared ports to loopback ports, the wildcard address to loopback, and the image's
+    programs to this environment's."""
+    out = []
+    for arg in argv:
+        arg = ports.get(arg, "127.0.0.1" if arg == "0.0.0.0" else arg)
+        for mount in sorted(mounts, key=len, reverse=True):
+            if arg == mount or arg.startswith(mount + "/"):
+                arg = mounts[mount] + arg[len(mount) :]
+                break
+        out.append(arg)
+    program = {"moirai": str(BIN / "moirai"), "python": sys.executable}.get(out[0], out[0])
+    return [program, *out[1:]]
+
+
+def container_env(
+    container: dict[str, Any], rewrite: dict[str, str] | None = None
+) -> dict[str, str]:
+    """This process's environment (less MOIRAI_*) plus the container's env as written, with
+    `rewrite` applied to the values (Service addresses to loopback)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOIRAI_")}
+    for e in container.get("env") or []:
+        value = e["value"]
+        for old, new in (rewrite or {}).items():
+            value = value.replace(old, new)
+        env[e["name"]] = value
+    return env
+
+
+def run_to_completion(
+    container: dict[str, Any], mounts: dict[str, str], rewrite: dict[str, str] | None = None
+) -> None:
+    argv = local_argv(container["command"], mounts, {})
+    result = subprocess.run(
+        argv, env=container_env(container, rewrite), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{container['name']}: {argv} failed:\n{result.stderr}"
+
+
+def run_job_pod(pod: dict[str, Any], workdir: Path, rewrite: dict[str, str] | None = None) -> None:
+    """A Job's pod: init containers, then its containers, each to completion."""
+    mounts = pod_mounts(pod, workdir, {})
+    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        run_to_completion(container, mounts, rewrite)

@@ -17,14 +17,10 @@ single-process ONNX Runtime on the same model.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -32,35 +28,16 @@ import pytest
 from kubernetes import client
 from test_operator_harness import (
     Cluster,
+    container_env,
     free_port,
     install_crd,
+    local_argv,
     models_for,
+    pod_mounts,
+    run_to_completion,
     running_operator,
     wait_until,
 )
-
-BIN = Path(sys.executable).parent
-
-
-def _local(argv: list[str], mounts: dict[str, str], ports: dict[str, str]) -> list[str]:
-    """`argv` with mount paths moved to their local directories (the longest mount wins),
-    declared ports to loopback ports, and the wildcard address to loopback."""
-    out = []
-    for arg in argv:
-        arg = ports.get(arg, "127.0.0.1" if arg == "0.0.0.0" else arg)
-        for mount in sorted(mounts, key=len, reverse=True):
-            if arg == mount or arg.startswith(mount + "/"):
-                arg = mounts[mount] + arg[len(mount) :]
-                break
-        out.append(arg)
-    program = {"moirai": str(BIN / "moirai"), "python": sys.executable}.get(out[0], out[0])
-    return [program, *out[1:]]
-
-
-def _env(container: dict[str, Any]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOIRAI_")}
-    env.update({e["name"]: e["value"] for e in container.get("env") or []})
-    return env
 
 
 @pytest.fixture
@@ -130,32 +107,19 @@ def test_the_written_pods_serve_the_model(
         for deployment in sorted(deployments, key=lambda d: d.metadata.name == "mlp-gateway"):
             pod = kube_api.sanitize_for_serialization(deployment.spec.template.spec)
             name = deployment.metadata.name
-            replace: dict[str, str] = {}
-            for volume in pod["volumes"]:
-                mount = next(
-                    m["mountPath"]
-                    for c in pod["containers"]
-                    for m in c["volumeMounts"]
-                    if m["name"] == volume["name"]
-                )
-                if "configMap" in volume:
-                    replace[mount] = str(plan_dir)
-                else:  # an emptyDir: one per pod
-                    directory = tmp_path / "pods" / name / volume["name"]
-                    directory.mkdir(parents=True)
-                    replace[mount] = str(directory)
+            mounts = pod_mounts(pod, tmp_path / "pods" / name, {"mlp-plan": plan_dir})
             for init in pod.get("initContainers") or []:
-                argv = _local(init["command"], replace, {})
-                result = subprocess.run(argv, env=_env(init), capture_output=True, text=True)
-                assert result.returncode == 0, f"{name} init {argv}: {result.stderr}"
+                run_to_completion(init, mounts)
             (container,) = pod["containers"]
             ports = {
                 str(p["containerPort"]): str(local[name][p["name"]]) for p in container["ports"]
             }
-            argv = _local(container["command"], replace, ports)
+            argv = local_argv(container["command"], mounts, ports)
             log = (tmp_path / f"{name}.log").open("w")
             processes.append(
-                subprocess.Popen(argv, env=_env(container), stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    argv, env=container_env(container), stdout=log, stderr=subprocess.STDOUT
+                )
             )
             if name == "mlp-gateway":
                 gateway_http = local[name]["http"]

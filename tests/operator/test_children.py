@@ -150,3 +150,34 @@ def test_names_fit_dns_labels() -> None:
     assert len(name) <= 63 and name.endswith("-gpu-12")
     assert child_name(long, "gpu-12") == name != child_name("n" * 80, "gpu-12")
     assert child_name("9lives", "plan") == "pm-9lives-plan"
+
+
+def test_profile_job_measures_one_device_of_its_pool_and_reports() -> None:
+    from moirai_operator.children import profile_job
+    from moirai_operator.pools import match_pool, node_facts
+    from operator_bodies import make_node
+
+    spec = parse_spec(
+        make_spec(model={"uri": "https://h/m.onnx", "inputShapes": {"x": [1, 3, 8, 8]}}),
+        Defaults(image="cpu:1", gpu_image="gpu:1"),
+    )
+    gpu = match_pool(spec.pools[0], [node_facts(make_node("n", "gpu", gpus=2))])
+    job = profile_job(OWNER, spec, gpu, "http://op:8081/profiles/tok", "tok123", BuildOptions())
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "resnet-profile-gpu-tok123"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == {"moirai.dev/pool": "gpu"}
+    fetch, profile = pod["initContainers"]
+    assert fetch["command"][:3] == ["python", "-m", "moirai_operator.fetch"]
+    assert profile["image"] == "gpu:1"
+    assert profile["command"][:4] == [
+        "moirai",
+        "profile",
+        "/var/lib/moirai/model/model.onnx",
+        "--device",
+    ]
+    assert "gpu=cuda:0" in profile["command"] and "x=1x3x8x8" in profile["command"]
+    assert profile["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    (upload,) = pod["containers"]
+    assert upload["command"][:3] == ["python", "-m", "moirai_operator.upload"]
+    assert upload["env"] == [{"name": "MOIRAI_PROFILE_URL", "value": "http://op:8081/profiles/tok"}]
+    assert not any("configMap" in v for v in pod["volumes"])  # no plan exists yet

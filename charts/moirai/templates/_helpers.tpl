@@ -44,7 +44,7 @@ The rules the operator needs in a namespace it serves: exactly the verbs it uses
 kopf: list/watch PlacedModels, patch them (its progress annotations), create Events.
 The reconciler: get a PlacedModel afresh and patch its status; server-side apply its children
 (create + patch); list and delete the per-device ones a new plan no longer needs (Services,
-Deployments) and list Deployments for readiness.
+Deployments) and list Deployments for readiness; apply, list and delete profiling Jobs.
 */}}
 {{- define "moirai.namespacedRules" -}}
 - apiGroups: ["moirai.dev"]
@@ -61,6 +61,9 @@ Deployments) and list Deployments for readiness.
   verbs: ["list", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
   verbs: ["list", "create", "patch", "delete"]
 {{- if .Values.networkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]
