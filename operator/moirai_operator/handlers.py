@@ -5,8 +5,8 @@ and `--liveness`). What happens here and only here:
 
 - startup: read `OperatorConfig`, load the device catalogue, create the API client, the solver
   thread pool, the planner and (when configured) the profile inbox for measured profiling, and
-  keep them in kopf's memo; store kopf's own bookkeeping in
-  `moirai.dev/` annotations (the CRD's status schema has no room for kopf's).
+  keep them in kopf's memo; store kopf's own bookkeeping in `moirai.dev/` annotations (the
+  CRD's status schema has no room for kopf's).
 - an index of Nodes (as `NodeFacts`), so that pool discovery never lists Nodes on each pass;
 - create, update (spec, labels, annotations) and resume of a PlacedModel → `converge`;
 - a daemon per PlacedModel that calls `converge` every `resync_seconds`: it notices pool

@@ -1,0 +1,52 @@
+"""Operator configuration from the environment the chart sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from moirai_operator.config import ConfigError, OperatorConfig
+
+
+def test_defaults_without_environment() -> None:
+    config = OperatorConfig.from_env({})
+    assert config.defaults.solver == "auto" and config.defaults.time_limit_seconds == 60
+    assert config.options.network_policy is True
+    assert config.resync_seconds == 30 and config.profile_url is None
+    assert config.catalogue is None
+
+
+def test_chart_values_arrive() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "MOIRAI_SOLVER": "cpsat",
+            "MOIRAI_OBJECTIVE": "throughput",
+            "MOIRAI_TIME_LIMIT_SECONDS": "12.5",
+            "MOIRAI_IMAGE": "reg/moirai:1",
+            "MOIRAI_GPU_IMAGE": "reg/moirai:1-gpu",
+            "MOIRAI_NETWORK_POLICY": "false",
+            "MOIRAI_CATALOGUE": "/etc/c.yaml",
+            "MOIRAI_PROFILE_URL": "http://moirai.ns.svc:8081",
+            "MOIRAI_SOLVER_WORKERS": "3",
+        }
+    )
+    assert (config.defaults.solver, config.defaults.objective) == ("cpsat", "throughput")
+    assert config.defaults.time_limit_seconds == 12.5
+    assert config.defaults.gpu_image == "reg/moirai:1-gpu"
+    assert config.options.network_policy is False
+    assert config.catalogue == Path("/etc/c.yaml")
+    assert config.profile_url == "http://moirai.ns.svc:8081" and config.solver_workers == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("MOIRAI_SOLVER", "magic"),
+        ("MOIRAI_TIME_LIMIT_SECONDS", "soon"),
+        ("MOIRAI_RESYNC_SECONDS", "0"),
+        ("MOIRAI_NETWORK_POLICY", "maybe"),
+    ],
+)
+def test_malformed_values_name_the_variable(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        OperatorConfig.from_env({key: value})
