@@ -70,11 +70,15 @@ def _progress(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import onnxruntime
+
     from moirai.profile.cache import ProfileCache
     from moirai.profile.measured import MeasuredProfile, Settings
     from moirai.profile.targets import parse_device
     from moirai.runtime.planning import parse_input_shapes
 
+    if not args.verbose:  # e.g. ONNX Runtime 1.31's warning for every CUDA session it builds
+        onnxruntime.set_default_logger_severity(3)
     named = [parse_device(text) for text in args.device] or _local_targets()
     targets: dict[str, Target] = {}
     for name, target in named:

@@ -50,17 +50,23 @@ short of a typical run on a busy machine, where slow runs hit different groups. 
 a session call (feeding inputs, fetching outputs) is kept apart as `call_overhead_ms`: a stage
 pays it once per run whatever its size.
 
+A group can also end up with no kernel of its own: its nodes were folded (constants), removed
+(Identity, Dropout, static Reshape chains) or fused by the layout transformer into a
+neighbouring group's kernel — the NCHWc convolution takes in a residual Add and the Relu after
+it, which the fusion groups (computed at the extended level, `moirai.fusion`) keep apart. Such a
+group costs nothing of its own (`method: none`); its time is in that kernel.
+
 **Group sub-models (the fallback, and the CUDA path).** A group is cut out of the model as its
 own ONNX model (with `moirai.partition`: one stage per measured group, the rest of the model in
 other stages that run once to feed them real tensors) and timed alone: wall time less the call
-overhead. This is how groups that the trace leaves without time but that compute something are
-timed, and every group when the model cannot run whole on the device (too large, or the whole
-session fails). On CUDA every group is timed this way, because the CUDA provider's trace events
-time kernel *launches*, not the GPU's work (release builds of ONNX Runtime have no CUPTI
-tracing). CUDA runs bind inputs and outputs on the GPU (`IOBinding`) and synchronise, so the
-times hold the GPU's work without host↔device copies; when the whole model ran, the group times
-are then scaled to add up to its run time, which folds in launch overlap and per-kernel
-overhead the way the CPU path does.
+overhead. This is how a group is timed that computes something, whose results still exist in the
+optimised graph, and that the trace mapping nevertheless left without time; and every group when
+the model cannot run whole on the device (too large, or the whole session fails). On CUDA every
+group is timed this way, because the CUDA provider's trace events time kernel *launches*, not
+the GPU's work (release builds of ONNX Runtime have no CUPTI tracing). CUDA runs bind inputs and
+outputs on the GPU (`IOBinding`) and synchronise, so the times hold the GPU's work without
+host↔device copies; when the whole model ran, the group times are then scaled to add up to its
+run time, which folds in launch overlap and per-kernel overhead the way the CPU path does.
 
 **Statistics.** Per group, the median of its per-run times over `repeats` runs and their
 interquartile range (`spread_ms`); warm-up runs are never counted.
@@ -460,15 +466,16 @@ def measure_device(
         run_ms = None if whole is None else max(0.0, _median(whole.run_ms) - overhead)
         timings: dict[int, GroupTiming] = {}
         kernel_ms = None
+        untimed = list(range(len(groups)))
         if whole is not None and whole.kernels is not None:
             assert whole.optimised is not None
             timings, kernel_ms = _from_trace(graph, groups, whole, overhead)
-        untimed = [
-            i
-            for i, g in enumerate(groups)
-            if i not in timings
-            or (timings[i].ms == 0 and any(node_flops(graph, graph.node[n]) for n in g.ops))
-        ]
+            present = _restored_tensors(graph, whole.optimised)
+            untimed = [
+                i
+                for i, g in enumerate(groups)
+                if i not in timings and _escaped_the_trace(graph, g, present)
+            ]
         if untimed:
             say(f"{len(untimed)} groups to time as sub-models")
             alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
@@ -557,6 +564,22 @@ def _available_memory(target: Target) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _restored_tensors(graph: OpGraph, optimised: onnx.GraphProto) -> set[str]:
+    """Original tensors that some node of the optimised graph still writes."""
+    return {t for node in _restore_names(graph, optimised).node for t in node.output}
+
+
+def _escaped_the_trace(graph: OpGraph, group: Group, present: set[str]) -> bool:
+    """A group without kernel time that computes something and whose results still exist in
+    the optimised graph: the mapping missed it, so it is timed alone. A group whose results are
+    gone was fused into a neighbour's kernel (the NCHWc convolution takes in the residual Add
+    and the Relu after it): its time is in that kernel already."""
+    computing = [graph.node[n] for n in group.ops if not graph.node[n].constant]
+    return any(node_flops(graph, n) for n in computing) and any(
+        t in present for n in computing for t in n.outputs
+    )
 
 
 def _from_trace(
