@@ -39,7 +39,7 @@ def test_zoo_cnn_every_group_timed_from_the_trace(squeezenet: ModelFile) -> None
     # kernels the profiler timed account for most of it (loosely: the machine may be busy).
     assert profile.run_ms is not None and profile.kernel_ms is not None
     assert profile.total_ms == pytest.approx(profile.run_ms, rel=1e-6)
-    assert 0.3 < profile.kernel_ms / profile.run_ms < 3.0
+    assert 0.2 < profile.kernel_ms / profile.run_ms < 5.0
     # Memory: weights read and activations written, from the static shapes.
     assert sum(g.weight_bytes for g in profile.groups) > 4_000_000  # SqueezeNet's 1.2 M weights
     assert all(g.activation_bytes > 0 for g in profile.groups)
