@@ -71,7 +71,6 @@ from moirai.graph import load_model  # noqa: E402
 from moirai.partition import (  # noqa: E402
     GATEWAY,
     ONNX_DATATYPES,
-    DeviceSpec,
     StagePlan,
     TensorSpec,
     build_plan,
@@ -146,15 +145,17 @@ def _onnx_type(spec: TensorSpec) -> int:
 
 
 def frame_ms(plan: StagePlan, requests: int, workdir: Path) -> float:
-    """Served latency of `frame_model` on one 1-thread CPU device (median)."""
+    """Served latency of `frame_model` (median) on the device of the plan's first stage, so
+    that a GPU's host↔device copies of the inputs and outputs are part of its frame."""
     model = frame_model(plan)
     path = workdir / "frame.onnx"
     onnx.save(model, path)
     loaded = load_model(path)
+    device = plan.device(plan.stages[0].device)
     frame = build_plan(
         loaded,
-        dict.fromkeys((n.name for n in loaded.graph.node), "cpu-0"),
-        [DeviceSpec("cpu-0", threads=1)],
+        dict.fromkeys((n.name for n in loaded.graph.node), device.name),
+        [device],
         model_name="frame",
     )
     return served_latency_ms(frame, path, inputs_for(plan), requests)
