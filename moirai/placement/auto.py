@@ -6,16 +6,19 @@
 2. Local search (`moirai.placement.local`: block moves evaluated by list scheduling) improves
    the incumbent for up to `LOCAL_SHARE` of the time left; it stops earlier at a local optimum.
    A better incumbent is a better hint for the exact solver's own search.
-3. The exact solver that is available, warm-started from the incumbent: CP-SAT (interval model,
-   far stronger on scheduling than a big-M MILP), else the MILP on HiGHS. It improves the plan
-   and, above all, proves a lower bound. CP-SAT also answers tiny instances in milliseconds, so
-   there is no separate path for them.
+3. The exact solvers, warm-started from the incumbent: first the paper's MILP on HiGHS when
+   its model is small enough (`MILP_ROWS`), for `MILP_SHARE` of the time left, then CP-SAT
+   (interval model, no big-M) with the better plan as its hint for the rest. Neither dominates:
+   the MILP's LP bound closes some zoo instances in seconds where CP-SAT's search stalls, and
+   CP-SAT proves and improves instances whose MILP is hopeless (n^2 disjunctions). Both answer
+   tiny instances in milliseconds, so there is no separate path for them.
 4. Large instances: the CP-SAT model has one optional interval per (task, candidate device) and
    per (edge, device pair). Past `FULL_MODEL_LIMIT` intervals it is too big to search well in
    a minute on a few cores, so each task keeps only its devices within `NEAR_FASTEST` of its
    fastest time plus the devices the plans so far used for it (the incumbent stays inside the
    restricted model, so it can only improve); the bound is then the simple one. Past
-   `RESTRICTED_LIMIT` intervals no exact model is built and the local search has all the time.
+   `RESTRICTED_LIMIT` intervals, or when building the model would take too much of the time
+   left, no exact model is built and the local search has all the time.
 5. Whatever time is left after the exact solver (it stopped early without proving optimality,
    or there was none) goes to the local search again.
 
@@ -27,6 +30,7 @@ e.g. `auto(cpsat)` or `auto(heft+local)`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -40,14 +44,23 @@ from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule
 
 EXACT_PREFERENCE = ("cpsat", "milp-highs")
+MILP_ROWS = 150_000
+MILP_SHARE = 0.4
+"""The MILP runs first, for this share of the time left, when its model has at most
+`MILP_ROWS` rows: its LP bound proves some instances in seconds where CP-SAT's search stalls
+(and CP-SAT proves others the MILP cannot touch)."""
 FULL_MODEL_LIMIT = 12_000
 RESTRICTED_LIMIT = 40_000
 NEAR_FASTEST = 1.5
 HEURISTIC_SHARE = 0.25
 """Share of the time limit the heuristics' LPs (GETF, m-SCT) may use before giving up their
 advice; the list schedulers themselves take well under a second even on thousands of tasks."""
-LOCAL_SHARE = 0.3
+LOCAL_SHARE = 0.15
 """Share of the time left after the heuristics that the first local search may use."""
+BUILD_S_PER_INTERVAL = 3e-4
+BUILD_SHARE = 0.3
+"""Building a model in Python takes about `BUILD_S_PER_INTERVAL` per optional interval; no
+exact model is built when that would take more than `BUILD_SHARE` of the time left."""
 RESERVE_S = 0.5
 """Seconds kept back for re-timing, checking and writing the plan."""
 
@@ -129,24 +142,43 @@ class AutoSolver:
     def _exact(
         p: PlacementProblem, best: Placement | None, plans: list[Placement], sub: SolveOptions
     ) -> Placement | None:
-        """The exact solver's plan (restricted on large instances), or None when none runs."""
+        """The exact solvers' best plan (MILP first when small, then CP-SAT), or None."""
+        from moirai.placement.milp import count_rows
         from moirai.placement.registry import get_solver, solvers
 
-        registered = {s.name: s for s in solvers()}
-        exact = next(
-            (n for n in EXACT_PREFERENCE if n in registered and registered[n].available()[0]),
-            None,
-        )
-        if exact is None or sub.remaining() <= 0:
-            return None
-        if exact == "cpsat" and best is not None and interval_count(p, p.cand) > FULL_MODEL_LIMIT:
-            allowed = restrict(p, plans)
-            if interval_count(p, allowed) > RESTRICTED_LIMIT:
-                return None
-            from moirai.placement.cpsat import solve_cpsat
+        available = {s.name for s in solvers() if s.available()[0]}
+        found: list[Placement] = []
+        hint = best
+        if "milp-highs" in available and count_rows(p, MILP_ROWS) <= MILP_ROWS:
+            now = time.monotonic()
+            share = 1.0 if "cpsat" not in available else MILP_SHARE
+            milp = get_solver("milp-highs").solve(
+                p, replace(sub, hint=hint, deadline=now + share * (sub.deadline - now))
+            )
+            if milp.status == "optimal":
+                return milp
+            found.append(milp)
+            if hint is None or milp.objective_ms < hint.objective_ms:
+                hint = milp
+        if "cpsat" in available and sub.remaining() > 0:
+            sub = replace(sub, hint=hint)
+            size = interval_count(p, p.cand)
+            allowed: list[tuple[int, ...]] | None = None
+            if hint is not None and size > FULL_MODEL_LIMIT:
+                allowed = restrict(p, [*plans, *found])
+                size = interval_count(p, allowed)
+                if size > RESTRICTED_LIMIT:
+                    size = math.inf
+            if hint is None or size * BUILD_S_PER_INTERVAL <= BUILD_SHARE * sub.remaining():
+                from moirai.placement.cpsat import solve_cpsat
 
-            return solve_cpsat(p, sub, allowed=allowed)
-        return get_solver(exact).solve(p, sub)
+                found.append(solve_cpsat(p, sub, allowed=allowed))
+        if not found:
+            return None
+        bound = max(plan.lower_bound_ms for plan in found)
+        plan = min(found, key=lambda plan: plan.objective_ms)
+        plan.lower_bound_ms = bound
+        return plan
 
     @staticmethod
     def _local(

@@ -164,11 +164,12 @@ def build(
     # there to the end): redundant, but they tighten propagation and the linear relaxation
     head, tail = heads_tails(p)
     for i in range(p.n):
-        m.Add(start[i] >= math.floor(min(head[i][k] for k in cands[i]) * scale))
-        m.Add(cmax >= start[i] + math.floor(min(tail[i][k] for k in cands[i]) * scale))
-        for k in cands[i]:
-            m.Add(start[i] >= math.floor(head[i][k] * scale)).OnlyEnforceIf(x[i][k])
-            m.Add(cmax >= start[i] + math.floor(tail[i][k] * scale)).OnlyEnforceIf(x[i][k])
+        # linear in x (as in the MILP), so they enter CP-SAT's LP relaxation as they are
+        hs = [math.floor(head[i][k] * scale) for k in cands[i]]
+        ts = [math.floor(tail[i][k] * scale) for k in cands[i]]
+        xs = [x[i][k] for k in cands[i]]
+        m.Add(start[i] >= cp_model.LinearExpr.WeightedSum(xs, hs))
+        m.Add(cmax >= start[i] + cp_model.LinearExpr.WeightedSum(xs, ts))
     for k in range(p.num_devices):
         load = [dur[i][k] * x[i][k] for i in range(p.n) if k in x[i] and dur[i][k] > 0]
         if load:
