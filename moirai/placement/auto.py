@@ -149,7 +149,8 @@ class AutoSolver:
         available = {s.name for s in solvers() if s.available()[0]}
         found: list[Placement] = []
         hint = best
-        if "milp-highs" in available and count_rows(p, MILP_ROWS) <= MILP_ROWS:
+        small = p.objective == "throughput" or count_rows(p, MILP_ROWS) <= MILP_ROWS
+        if "milp-highs" in available and small:
             now = time.monotonic()
             share = 1.0 if "cpsat" not in available else MILP_SHARE
             milp = get_solver("milp-highs").solve(

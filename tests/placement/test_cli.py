@@ -114,3 +114,32 @@ def test_usage_errors(costgraph_file: Path, capsys: pytest.CaptureFixture[str]) 
         capsys, ["place", "--costgraph", str(costgraph_file), "--pin", "t0"], "TASK=DEVICE"
     )
     _one_line_error(capsys, ["place", "--costgraph", "/nonexistent.json"], "cannot read")
+
+
+def test_place_an_onnx_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moirai import zoo
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cg.json"
+    argv = [
+        "place",
+        str(zoo.get("squeezenet")),
+        "--devices",
+        str(root / "examples/devices/bench-3.yaml"),
+    ]
+    assert main([*argv, "--time-limit", "10", "-q", "--costgraph-out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "nodes ->" in text and "groups" in text
+    assert json.loads(out.read_text())["source"]["fusion_groups"] > 0
+
+
+def test_truncated_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moirai import zoo
+
+    root = Path(__file__).resolve().parents[2]
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(zoo.get("squeezenet").read_bytes()[:5000])
+    argv = ["place", str(bad), "--devices", str(root / "examples/devices/bench-3.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moirai: ")
