@@ -109,6 +109,11 @@ def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array).tobytes()
 
 
+def raw_bytes(array: np.ndarray) -> memoryview:
+    """The array's bytes as a view, without a copy (one when it is not C-contiguous)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
 # ----------------------------------------------------------- OIP gRPC (KServe v2)
 def decode_infer_request(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
     """The input tensors of a `ModelInferRequest`, from raw or typed contents."""

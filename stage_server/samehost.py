@@ -45,6 +45,10 @@ SHARED_MIN_BYTES = 64 << 10
 side cost more than copying the bytes through the socket (measured: 64 KiB is already faster)."""
 _LENGTH = struct.Struct("<I")
 _DRAIN_ABOVE = 1 << 20  # bytes buffered for the socket before a push waits for it to drain
+_READ_LIMIT = 16 << 20
+"""How much a receiving connection buffers before it pauses the socket: asyncio's default
+(64 KiB) would read a large inline push (a peer that cannot map shared memory) in thousands of
+pause/resume round trips."""
 
 
 def socket_name(port: int) -> str:
@@ -72,7 +76,9 @@ class Listener:
         self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, port: int) -> None:
-        self._server = await asyncio.start_unix_server(self._serve, socket_name(port))
+        self._server = await asyncio.start_unix_server(
+            self._serve, socket_name(port), limit=_READ_LIMIT
+        )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)

@@ -30,25 +30,27 @@ import os
 
 import numpy as np
 
+from stage_server import codec
 from stage_server.errors import SharedMemoryUnavailable
 from stage_server.protos import stage_pb2
 
 SUPPORTED = hasattr(os, "memfd_create") and hasattr(mmap, "MAP_POPULATE")
 """Whether this platform has the fast path (Linux); elsewhere every tensor travels inline."""
+_PID = os.getpid()  # servers never fork after import; one system call less per tensor
 
 
 class SharedTensor:
     """The sender's side: a tensor's bytes in a memory file, open until `close`."""
 
     def __init__(self, name: str, array: np.ndarray) -> None:
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        data = codec.raw_bytes(array)
         self._fd = os.memfd_create(f"moirai-{name}", os.MFD_CLOEXEC)
         try:
             written = 0
             while written < data.nbytes:  # write() may stop short of very large buffers
                 written += os.write(self._fd, data[written:])
             self.reference = stage_pb2.SharedMemory(
-                pid=os.getpid(), fd=self._fd, inode=os.fstat(self._fd).st_ino
+                pid=_PID, fd=self._fd, inode=os.fstat(self._fd).st_ino
             )
         except BaseException:
             os.close(self._fd)

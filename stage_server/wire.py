@@ -141,17 +141,12 @@ def encode_push(
             body = meta.SerializeToString()
             parts += [_TENSOR_KEY, _varint(len(body)), body]
             continue
-        data = _buffer(array)
+        data = codec.raw_bytes(array)
         body = meta.SerializeToString()
         data_head = _DATA_KEY + _varint(data.nbytes)
         parts += [_TENSOR_KEY, _varint(len(body) + len(data_head) + data.nbytes), body, data_head]
         parts.append(data)
     return b"".join(parts)
-
-
-def _buffer(array: np.ndarray) -> memoryview:
-    """The array's bytes without a copy (one copy when it is not C-contiguous)."""
-    return memoryview(np.ascontiguousarray(array)).cast("B")
 
 
 def decode_push(payload: bytes) -> Push:

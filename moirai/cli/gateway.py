@@ -2,7 +2,7 @@
 
     moirai gateway --plan plan.json [--grpc-port 8001] [--http-port 8000] [--host 127.0.0.1] \
         [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] [--max-request-bytes N] \
-        [--timeout 30] [--model model.onnx]
+        [--timeout 30] [--model model.onnx] [--grpc-only]
 
 Stage servers push final outputs to the gateway's `--chain-port` (by default the gRPC port).
 `--model` is optional: given, the gateway refuses a model file other than the plan's. Environment
@@ -44,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"largest request accepted (default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     p.add_argument("--timeout", type=float, default=30.0, help="request deadline, seconds")
+    p.add_argument(
+        "--grpc-only",
+        action="store_true",
+        help="no same-host fast path: every push over gRPC, as between hosts",
+    )
     p.set_defaults(func=run)
 
 
@@ -67,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             chain_port=args.chain_port,
             max_request_bytes=args.max_request_bytes,
             timeout_s=args.timeout,
+            same_host=not args.grpc_only,
         )
 
     return run_until_signalled(

@@ -2,7 +2,7 @@
 
     moirai stage --plan plan.json --model model.onnx --device cpu-1 --port 50052 \
         [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 --peer gateway=127.0.0.1:8001] \
-        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1]
+        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1] [--grpc-only]
 
 Peer addresses come from the plan's endpoints, `MOIRAI_PEERS` (JSON) and `--peer`. Every flag
 has an environment fallback for containers: MOIRAI_PLAN, MOIRAI_MODEL, MOIRAI_DEVICE,
@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda-device", type=int, help="CUDA device id (default: the plan's)")
     p.add_argument("--cpus", help="pin this process to these cores, e.g. 0,1")
     p.add_argument("--workers", type=int, default=1, help="stages run at once (default 1)")
+    p.add_argument(
+        "--grpc-only",
+        action="store_true",
+        help="no same-host fast path: every push over gRPC, as between hosts",
+    )
     p.set_defaults(func=run)
 
 
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             cuda_device=args.cuda_device,
             workers=args.workers,
+            same_host=not args.grpc_only,
         )
 
     return run_until_signalled(start, f"stage server {args.device} on {args.host}:{args.port}")

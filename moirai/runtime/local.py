@@ -3,7 +3,9 @@
 Each stage server and the gateway run as `python -m moirai stage|gateway ...`, exactly the
 commands a Kubernetes deployment runs, so the local runtime exercises the same code paths. CPU
 devices are pinned to disjoint cores (`--cpus`, applied with `os.sched_setaffinity` in the child)
-so that their thread counts are real; GPU devices get their CUDA device id from the plan.
+so that their thread counts are real; GPU devices get their CUDA device id from the plan. The
+servers push to each other over the same-host fast path (`stage_server.samehost`) unless
+`same_host` is off, which keeps every push on gRPC, the path between hosts.
 
 No orphans: every child is asked (Linux `PR_SET_PDEATHSIG`) to receive SIGTERM when this process
 dies, even by SIGKILL, and `stop` sends SIGTERM, waits, then SIGKILLs what is left. Each child's
@@ -65,6 +67,7 @@ class LocalDeployment:
     http_port: int = 0
     timeout_s: float = 30.0
     pin_cores: bool = True
+    same_host: bool = True
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     cores: dict[str, list[int]] = field(default_factory=dict)
@@ -104,6 +107,7 @@ class LocalDeployment:
                     "--grpc-port", str(self.grpc_port),
                     "--http-port", str(self.http_port),
                     "--timeout", str(self.timeout_s),
+                    *self._transport,
                 ],
             )  # fmt: skip
             self.wait_ready(ready_timeout_s)
@@ -123,7 +127,11 @@ class LocalDeployment:
         ]  # fmt: skip
         if self.cores.get(device):
             args += ["--cpus", ",".join(map(str, self.cores[device]))]
-        self._spawn(device, args)
+        self._spawn(device, [*args, *self._transport])
+
+    @property
+    def _transport(self) -> list[str]:
+        return [] if self.same_host else ["--grpc-only"]
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("ab")

@@ -1,7 +1,13 @@
-"""Fixtures: real servers on real loopback sockets, in this process or as subprocesses."""
+"""Fixtures: real servers on real loopback sockets, in this process or as subprocesses.
+
+`cluster` runs every test twice: with the same-host fast path (Unix socket, shared memory), as
+`moirai serve` runs, and with every push on gRPC, the path between hosts."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -50,9 +56,23 @@ class Cluster:
 Launcher = Callable[..., "Cluster"]
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[Callable[..., object]]:
-    """`await cluster(model, plan, **gateway_options)`: stage servers and a gateway, in-process."""
+def shared_memory_in_use() -> tuple[int, int]:
+    """This process's descriptors of, and mappings of, chain tensors in shared memory."""
+    gc.collect()
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor)
+            fds += "memfd:moirai-" in os.readlink(f"/proc/self/fd/{fd}")
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = sum("memfd:moirai-" in line for line in maps)
+    return fds, mapped
+
+
+@pytest.fixture(params=[True, False], ids=["same-host", "grpc"])
+async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., object]]:
+    """`await cluster(model, plan, **gateway_options)`: stage servers and a gateway, in-process,
+    pushing over the same-host fast path or over gRPC only."""
+    same_host: bool = request.param
     started: list[Cluster] = []
 
     async def launch(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
@@ -61,10 +81,19 @@ async def cluster() -> AsyncIterator[Callable[..., object]]:
         addresses = {d: f"127.0.0.1:{p}" for d, p in zip(devices, ports, strict=False)}
         addresses["gateway"] = f"127.0.0.1:{ports[-1]}"
         stages = {
-            d: await start_stage(model, plan, d, addresses, port=int(addresses[d].split(":")[1]))
+            d: await start_stage(
+                model,
+                plan,
+                d,
+                addresses,
+                port=int(addresses[d].split(":")[1]),
+                same_host=same_host,
+            )
             for d in devices
         }
-        gateway = await start_gateway(plan, addresses, grpc_port=ports[-1], **options)
+        gateway = await start_gateway(
+            plan, addresses, grpc_port=ports[-1], same_host=same_host, **options
+        )
         assert await gateway.gateway.wait_ready(10)
         c = Cluster(plan, gateway, stages, addresses)
         started.append(c)

@@ -34,14 +34,17 @@ def alive(pid: int) -> bool:
     return True
 
 
-def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "grpc"])
+def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(
+    tmp_path: Path, same_host: bool
+) -> None:
     model = models.mlp(width=256, depth=8, batch=16)
     path = tmp_path / "mlp.onnx"
     onnx.save(model, path)
     plan = split_plan(model, 2)
     x = models.random_inputs(model)
     want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
-    deployment = LocalDeployment(plan, path, tmp_path / "run", timeout_s=5.0)
+    deployment = LocalDeployment(plan, path, tmp_path / "run", timeout_s=5.0, same_host=same_host)
     with deployment, InferenceClient(deployment.grpc_url) as client:
         np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-4, atol=1e-5)
         results: list[tuple[str, float]] = []

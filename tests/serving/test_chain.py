@@ -1,0 +1,221 @@
+"""The chain's pieces without models: the push wire format against protobuf, shared memory, the
+same-host fast path and its fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import numpy as np
+import pytest
+
+from moirai.partition import DeviceSpec, Stage, StagePlan
+from stage_server import chain, samehost, shm, wire
+from stage_server.chain import ChainServicer, Delivery, Peers, now_ms
+from stage_server.errors import (
+    InvalidInput,
+    NotFound,
+    SharedMemoryUnavailable,
+    Unavailable,
+)
+from stage_server.protos import stage_pb2
+from stage_server.transport import ErrorInterceptor
+
+from .conftest import free_ports, shared_memory_in_use
+
+pytestmark = pytest.mark.timeout(60)
+
+TENSORS = {
+    "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+    "b": np.array([True, False, True]),
+    "c": np.arange(6, dtype=np.int64)[::2],  # not contiguous
+    "d": np.zeros((0, 5), np.float16),
+}
+
+
+def test_pushes_read_by_protobuf_and_protobuf_pushes_read_back() -> None:
+    timings = [wire.timing("s0", "compute", 1.5), wire.timing("s0", "transfer", 0.25, "a")]
+    payload = wire.encode_push("r1", "s1", TENSORS, 1e12, 5.0, timings, "s0")
+    parsed = stage_pb2.PushRequest.FromString(payload)
+    assert (parsed.request_id, parsed.stage, parsed.origin) == ("r1", "s1", "s0")
+    assert (parsed.deadline_unix_ms, parsed.sent_unix_ms) == (1e12, 5.0)
+    assert [(t.stage, t.kind, t.tensor, t.ms) for t in parsed.timings] == [
+        ("s0", "compute", "", 1.5),
+        ("s0", "transfer", "a", 0.25),
+    ]
+    for t in parsed.tensors:
+        want = TENSORS[t.name]
+        assert list(t.shape) == list(want.shape)
+        assert t.data == np.ascontiguousarray(want).tobytes()
+
+    # Fields in protobuf's order (tensors before timings), plus a field this version lacks.
+    unknown = b"\xfa\x01\x03abc"  # field 31, length-delimited
+    push = wire.decode_push(parsed.SerializeToString() + unknown)
+    assert (push.request_id, push.stage, push.origin, push.sent_ms) == ("r1", "s1", "s0", 5.0)
+    assert wire.decode_timings(push.timings) == list(parsed.timings)
+    for name, want in TENSORS.items():
+        np.testing.assert_array_equal(push.tensors[name], want)
+        assert push.tensors[name].dtype == want.dtype
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x1a\x05\x0a\x01",  # a tensor field running past the end
+        b"\x1a\x02\x0a\x01",  # a tensor whose name runs past its field
+        b"\x0f",  # wire type 7
+        b"\x1a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # overlong varint
+        wire.encode_push("r", "s", {"x": np.zeros(4, np.float32)}, 1.0, 1.0)[:-3],
+    ],
+)
+def test_malformed_pushes_are_invalid_input(payload: bytes) -> None:
+    with pytest.raises(InvalidInput):
+        wire.decode_push(payload)
+
+
+def test_shared_tensors_outlive_the_senders_descriptor_and_leak_nothing() -> None:
+    array = np.random.default_rng(0).random((256, 128)).astype(np.float32)
+    before = shared_memory_in_use()
+    sent = shm.SharedTensor("x", array)
+    push = wire.decode_push(wire.encode_push("r", "s", {"x": array}, 1.0, 1.0, shared={"x": sent}))
+    sent.close()
+    np.testing.assert_array_equal(push.tensors["x"], array)
+    assert not push.tensors["x"].flags.writeable
+    del push
+    assert shared_memory_in_use() == before
+
+
+def test_a_shared_tensor_is_only_mapped_when_it_is_the_one_named() -> None:
+    sent = shm.SharedTensor("x", np.ones(1024, np.float32))
+    reference = stage_pb2.SharedMemory()
+    reference.CopyFrom(sent.reference)
+    try:
+        reference.inode += 1  # as if the descriptor had been closed and its number reused
+        with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
+            shm.attach(reference, 4096)
+        with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
+            shm.attach(sent.reference, 4000)
+    finally:
+        sent.close()
+    with pytest.raises(SharedMemoryUnavailable, match="cannot open"):
+        shm.attach(sent.reference, 4096)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        if delivery.stage == "missing":
+            raise NotFound("stage 'missing' is not here")
+        self.deliveries.append(delivery)
+
+    def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
+        pass
+
+
+def _plan() -> StagePlan:
+    return StagePlan(
+        model_name="m",
+        devices=(DeviceSpec("dev"),),
+        inputs=(),
+        outputs=(),
+        tensors={},
+        stages=(Stage("s", "dev", (), (), ()), Stage("missing", "dev", (), (), ())),
+        routing={},
+    )
+
+
+async def _serve(
+    handler: _Recorder, port: int | None = None
+) -> tuple[grpc.aio.Server, samehost.Listener, str]:
+    """A chain server (gRPC and the same-host listener) around `handler`."""
+    port = port or free_ports(1)[0]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=chain.CHANNEL_OPTIONS[:2])
+    servicer = ChainServicer(handler)
+    chain.add_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    listener = samehost.Listener(servicer.receive)
+    await listener.start(port)
+    return server, listener, f"127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "grpc"])
+async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: bool) -> None:
+    handler = _Recorder()
+    server, listener, address = await _serve(handler)
+    peers = Peers(_plan(), {"dev": address}, same_host=same_host)
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: shared memory on the same host
+    try:
+        await peers.push("s", "r", {"big": big, "small": big[:3]}, now_ms() + 5000, origin="g")
+        with pytest.raises(NotFound, match="missing"):
+            await peers.push("missing", "r", {}, now_ms() + 5000)
+        with pytest.raises(InvalidInput):
+            await peers.push("s", "r", {"bad": np.array([1 + 2j])}, now_ms() + 5000)
+    finally:
+        await peers.close()
+        await listener.stop()
+        await server.stop(0)
+    (delivery,) = handler.deliveries
+    assert (delivery.request_id, delivery.origin) == ("r", "g")
+    np.testing.assert_array_equal(delivery.tensors["big"], big)
+    np.testing.assert_array_equal(delivery.tensors["small"], big[:3])
+    kinds = {(t.kind, t.tensor) for t in wire.decode_timings(delivery.timings)}
+    assert kinds == {("transfer", "big"), ("transfer", "small")}
+
+
+async def test_a_peer_that_cannot_map_shared_memory_gets_inline_bytes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(reference: stage_pb2.SharedMemory, nbytes: int) -> None:
+        raise SharedMemoryUnavailable("not in this pid namespace")
+
+    monkeypatch.setattr(shm, "attach", refuse)
+    handler = _Recorder()
+    server, listener, address = await _serve(handler)
+    peers = Peers(_plan(), {"dev": address})
+    big = np.arange(1 << 16, dtype=np.float32)
+    try:
+        with caplog.at_level(logging.INFO, logger="stage_server.chain"):
+            for _ in range(2):
+                await peers.push("s", "r", {"big": big}, now_ms() + 5000)
+    finally:
+        await peers.close()
+        await listener.stop()
+        await server.stop(0)
+    assert [m for m in caplog.messages if "cannot map shared memory" in m]  # once, then inline
+    assert len([m for m in caplog.messages if "cannot map" in m]) == 1
+    for delivery in handler.deliveries:
+        np.testing.assert_array_equal(delivery.tensors["big"], big)
+
+
+async def test_same_host_connection_loss_is_unavailable_and_the_path_recovers() -> None:
+    handler = _Recorder()
+    server, listener, address = await _serve(handler)
+    peers = Peers(_plan(), {"dev": address})
+    x = {"x": np.ones(4, np.float32)}
+    try:
+        await peers.push("s", "r", x, now_ms() + 5000)
+        await listener.stop()
+        await server.stop(0)
+        with pytest.raises(Unavailable):
+            for _ in range(3):  # the first push may still find the old connection open
+                await peers.push("s", "r", x, now_ms() + 5000)
+        server, listener, _ = await _serve(handler, int(address.rsplit(":", 1)[1]))
+        await asyncio.sleep(chain.RECONNECT_S)
+        await peers.push("s", "r2", x, now_ms() + 5000)
+    finally:
+        await peers.close()
+        await listener.stop()
+        await server.stop(0)
+    assert handler.deliveries[-1].request_id == "r2"
+
+
+def test_only_loopback_peers_take_the_fast_path() -> None:
+    assert chain.loopback_port("127.0.0.1:8001") == 8001
+    assert chain.loopback_port("localhost:8001") == 8001
+    assert chain.loopback_port("[::1]:8001") == 8001
+    assert chain.loopback_port("10.0.0.3:8001") is None
+    assert chain.loopback_port("stage-cpu-0.moirai.svc:8001") is None
