@@ -88,6 +88,13 @@ def solve(
 ) -> Placement:
     """Place `costgraph` with the named solver; the plan is checked by the simulator.
 
+    `solver`: `auto` (default), `cpsat`, `milp` (= `milp-highs`), `milp-gurobi`, `heft`, `getf`,
+    `msct`, `single`. `time_limit` bounds the whole call (seconds); `threads` defaults to every
+    core this process may use; `pins` fix tasks to devices; `memory_limits` lower device
+    memories (bytes); `progress` receives improving incumbents and bounds. Heuristics are
+    deterministic; exact solvers are deterministic for a seed when they finish by proof or run
+    on one thread (a multi-threaded search cut by the clock may end elsewhere).
+
     Raises `InfeasibleError` when no placement can satisfy memory, runnable devices and pins,
     `SolverError` for an unknown or unavailable solver.
     """

@@ -45,6 +45,7 @@ from moirai.placement.simulate import list_schedule
 
 EXACT_PREFERENCE = ("cpsat", "milp-highs")
 MILP_ROWS = 150_000
+MILP_MAX_TASKS = 800
 MILP_SHARE = 0.4
 """The MILP runs first, for this share of the time left, when its model has at most
 `MILP_ROWS` rows: its LP bound proves some instances in seconds where CP-SAT's search stalls
@@ -149,7 +150,9 @@ class AutoSolver:
         available = {s.name for s in solvers() if s.available()[0]}
         found: list[Placement] = []
         hint = best
-        small = p.objective == "throughput" or count_rows(p, MILP_ROWS) <= MILP_ROWS
+        small = p.objective == "throughput" or (
+            p.n <= MILP_MAX_TASKS and count_rows(p, MILP_ROWS) <= MILP_ROWS
+        )
         if "milp-highs" in available and small:
             now = time.monotonic()
             share = 1.0 if "cpsat" not in available else MILP_SHARE

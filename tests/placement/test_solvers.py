@@ -155,3 +155,17 @@ def test_time_limit_is_respected_and_auto_still_answers() -> None:
     assert time.monotonic() - started < 6  # imports and checking on a loaded machine
     assert plan.status in ("optimal", "feasible", "heuristic")
     assert plan.lower_bound_ms > 0
+
+
+def test_large_graph_within_the_time_limit() -> None:
+    import time
+
+    from .instances import layered_costgraph
+
+    cg = layered_costgraph(seed=0, tasks=1500)
+    started = time.monotonic()
+    plan = solve(cg, "auto", time_limit=6, threads=2)
+    assert time.monotonic() - started < 12  # the limit plus checking, on a loaded machine
+    heft = solve(cg, "heft")
+    assert plan.makespan_ms <= heft.makespan_ms
+    assert plan.lower_bound_ms > 0 and plan.status in ("feasible", "heuristic")
