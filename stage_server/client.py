@@ -38,9 +38,7 @@ class InferenceClient:
         self._metadata = _method(
             self._channel, "ModelMetadata", oip.ModelMetadataRequest, oip.ModelMetadataResponse
         )
-        self._infer = _method(
-            self._channel, "ModelInfer", oip.ModelInferRequest, oip.ModelInferResponse
-        )
+        self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
 
     def ready(self, timeout_s: float = 5.0) -> bool:
         return bool(self._ready(oip.ServerReadyRequest(), timeout=timeout_s).ready)
@@ -76,9 +74,7 @@ class InferenceClient:
 class AsyncInferenceClient:
     def __init__(self, address: str) -> None:
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
-        self._infer = _method(
-            self._channel, "ModelInfer", oip.ModelInferRequest, oip.ModelInferResponse
-        )
+        self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
 
     async def infer(
         self,

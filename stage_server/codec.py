@@ -6,7 +6,8 @@ stage plan, on the internal chain (`moirai.stage.v1.Tensor`) and at the gateway,
 table of types. This module converts between numpy and each of the wire forms:
 
 - the chain's `Tensor` message (raw bytes; framed without protobuf copies by `stage_server.wire`);
-- the OIP gRPC `ModelInferRequest`/`ModelInferResponse` (raw contents or typed contents);
+- the OIP gRPC `ModelInferRequest`/`ModelInferResponse` (raw contents or typed contents; raw
+  contents framed by `stage_server.protowire`, so a large tensor is copied once, not four times);
 - the OIP HTTP/JSON body (`data` lists) and its binary-data extension (raw bytes after the JSON).
 
 Every malformed tensor raises `InvalidInput` with a message naming the tensor and what was
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from stage_server import protowire
 from stage_server.errors import InvalidInput
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 
@@ -115,9 +117,19 @@ def raw_bytes(array: np.ndarray) -> memoryview:
 
 
 # ----------------------------------------------------------- OIP gRPC (KServe v2)
-def decode_infer_request(request: oip.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The input tensors of a `ModelInferRequest`, from raw or typed contents."""
-    raw = request.raw_input_contents
+# Field numbers of the raw contents in grpc_predict_v2.proto.
+_RAW_INPUT_CONTENTS = 7
+_RAW_OUTPUT_CONTENTS = 6
+
+
+def decode_infer_request(payload: bytes) -> tuple[oip.ModelInferRequest, dict[str, np.ndarray]]:
+    """A serialised `ModelInferRequest` (without its raw contents) and its input tensors, from
+    raw contents (views into `payload`, no copy) or typed contents."""
+    message, raw = protowire.split_bytes_field(payload, _RAW_INPUT_CONTENTS)
+    try:
+        request = oip.ModelInferRequest.FromString(message)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give "
@@ -135,7 +147,7 @@ def decode_infer_request(request: oip.ModelInferRequest) -> dict[str, np.ndarray
             arrays[tensor.name] = from_bytes(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
             arrays[tensor.name] = _from_contents(tensor)
-    return arrays
+    return request, arrays
 
 
 def _from_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> np.ndarray:
@@ -162,13 +174,16 @@ def _from_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> np.ndarray
 
 def encode_infer_response(
     model_name: str, request_id: str, outputs: Mapping[str, np.ndarray]
-) -> oip.ModelInferResponse:
-    """A `ModelInferResponse` carrying every output as raw contents (as Triton does)."""
+) -> bytes:
+    """A serialised `ModelInferResponse` carrying every output as raw contents (as Triton
+    does), each copied once."""
     response = oip.ModelInferResponse(model_name=model_name, id=request_id)
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
-        response.raw_output_contents.append(to_bytes(array))
-    return response
+    raw = protowire.bytes_field_parts(
+        _RAW_OUTPUT_CONTENTS, [raw_bytes(a) for a in outputs.values()]
+    )
+    return b"".join([response.SerializeToString(), *raw])
 
 
 # ----------------------------------------------------------------- OIP HTTP/JSON
@@ -275,20 +290,23 @@ def encode_json_outputs(
 
 def encode_infer_request(
     model_name: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()
-) -> oip.ModelInferRequest:
-    """A `ModelInferRequest` with raw contents (the client side)."""
+) -> bytes:
+    """A serialised `ModelInferRequest` with raw contents (the client side)."""
     request = oip.ModelInferRequest(model_name=model_name)
     for name, array in inputs.items():
         request.inputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
-        request.raw_input_contents.append(to_bytes(array))
     for name in outputs:
         request.outputs.add(name=name)
-    return request
+    raw = protowire.bytes_field_parts(_RAW_INPUT_CONTENTS, [raw_bytes(a) for a in inputs.values()])
+    return b"".join([request.SerializeToString(), *raw])
 
 
-def decode_infer_response(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
-    """The output tensors of a `ModelInferResponse` (raw contents, as the gateway sends)."""
+def decode_infer_response(payload: bytes) -> dict[str, np.ndarray]:
+    """The output tensors of a serialised `ModelInferResponse` (raw contents, as the gateway
+    sends), as views into `payload`."""
+    message, raw = protowire.split_bytes_field(payload, _RAW_OUTPUT_CONTENTS)
+    response = oip.ModelInferResponse.FromString(message)
     return {
-        t.name: from_bytes(t.name, t.datatype, t.shape, raw)
-        for t, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+        t.name: from_bytes(t.name, t.datatype, t.shape, data)
+        for t, data in zip(response.outputs, raw, strict=True)
     }

@@ -27,8 +27,9 @@ METHODS: dict[str, tuple[type, type]] = {
     "ModelReady": (oip.ModelReadyRequest, oip.ModelReadyResponse),
     "ServerMetadata": (oip.ServerMetadataRequest, oip.ServerMetadataResponse),
     "ModelMetadata": (oip.ModelMetadataRequest, oip.ModelMetadataResponse),
-    "ModelInfer": (oip.ModelInferRequest, oip.ModelInferResponse),
 }
+"""Methods with protobuf (de)serialisers; ModelInfer takes and returns raw bytes, which
+`stage_server.codec` reads and writes without copying tensors through protobuf."""
 SERVER_NAME = "moirai"
 PLATFORM = "onnxruntime_onnx"
 
@@ -42,6 +43,7 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
         )
         for name, (request, response) in METHODS.items()
     }
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
@@ -89,11 +91,9 @@ class InferenceServicer:
             ],
         )
 
-    async def ModelInfer(
-        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> oip.ModelInferResponse:
-        self._gateway.check_model(request.model_name)
-        inputs = codec.decode_infer_request(request)
-        requested = [o.name for o in request.outputs] or None
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message, inputs = codec.decode_infer_request(request)
+        self._gateway.check_model(message.model_name)
+        requested = [o.name for o in message.outputs] or None
         outputs = await self._gateway.infer(inputs, requested, context.time_remaining())
-        return codec.encode_infer_response(self._gateway.model_name, request.id, outputs)
+        return codec.encode_infer_response(self._gateway.model_name, message.id, outputs)

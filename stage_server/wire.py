@@ -19,6 +19,8 @@ growing list at every hop; the gateway decodes them once, when the request compl
 Tensors that travel through shared memory (`stage_server.shm`) carry a `SharedMemory` reference
 instead of `data`; `decode_push` maps them (and raises `SharedMemoryUnavailable` when it cannot,
 so the sender can fall back to inline bytes).
+
+The by-hand parts of the format (varints, walking fields) are `stage_server.protowire`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stage_server import codec, shm
+from stage_server import codec, protowire, shm
 from stage_server.errors import InvalidInput
 from stage_server.protos import stage_pb2
 
@@ -38,10 +40,9 @@ _PUSH_TENSORS = 3
 _PUSH_TIMINGS = 6
 _TENSOR_DATA = 4
 _TENSOR_SHARED = 5
-_LEN = 2  # wire type of length-delimited fields
-_TIMING_KEY = bytes([_PUSH_TIMINGS << 3 | _LEN])
-_TENSOR_KEY = bytes([_PUSH_TENSORS << 3 | _LEN])
-_DATA_KEY = bytes([_TENSOR_DATA << 3 | _LEN])
+_TIMING_KEY = protowire.key(_PUSH_TIMINGS)
+_TENSOR_KEY = protowire.key(_PUSH_TENSORS)
+_DATA_KEY = protowire.key(_TENSOR_DATA)
 
 
 @dataclass
@@ -58,56 +59,10 @@ class Push:
     origin: str
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise InvalidInput("malformed push: truncated or overlong varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(buf: memoryview) -> Iterable[tuple[int, int, int, int]]:
-    """(field number, start of the field's key, start of its value, end) of each field."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, end = _read_varint(buf, pos)
-        elif wire_type == 1:
-            end = pos + 8
-        elif wire_type == 5:
-            end = pos + 4
-        elif wire_type == _LEN:
-            length, pos = _read_varint(buf, pos)
-            end = pos + length
-        else:
-            raise InvalidInput(f"malformed push: wire type {wire_type}")
-        if end > len(buf):
-            raise InvalidInput("malformed push: a field runs past the end of the message")
-        yield number, start, pos, end
-        pos = end
-
-
 def timing(stage: str, kind: str, ms: float, tensor: str = "") -> bytes:
     """One encoded `PushRequest.timings` field."""
     body = stage_pb2.Timing(stage=stage, kind=kind, tensor=tensor, ms=ms).SerializeToString()
-    return _TIMING_KEY + _varint(len(body)) + body
+    return _TIMING_KEY + protowire.varint(len(body)) + body
 
 
 def decode_timings(chunks: Iterable[bytes]) -> list[stage_pb2.Timing]:
@@ -139,12 +94,17 @@ def encode_push(
         if ref is not None:
             meta.shared.CopyFrom(ref.reference)
             body = meta.SerializeToString()
-            parts += [_TENSOR_KEY, _varint(len(body)), body]
+            parts += [_TENSOR_KEY, protowire.varint(len(body)), body]
             continue
         data = codec.raw_bytes(array)
         body = meta.SerializeToString()
-        data_head = _DATA_KEY + _varint(data.nbytes)
-        parts += [_TENSOR_KEY, _varint(len(body) + len(data_head) + data.nbytes), body, data_head]
+        data_head = _DATA_KEY + protowire.varint(data.nbytes)
+        parts += [
+            _TENSOR_KEY,
+            protowire.varint(len(body) + len(data_head) + data.nbytes),
+            body,
+            data_head,
+        ]
         parts.append(data)
     return b"".join(parts)
 
@@ -156,7 +116,7 @@ def decode_push(payload: bytes) -> Push:
     header: list[memoryview] = []
     tensor_spans: list[tuple[int, int]] = []
     timings: list[bytes] = []
-    for number, start, value, end in _fields(buf):
+    for number, start, value, end in protowire.fields(buf):
         if number == _PUSH_TENSORS:
             tensor_spans.append((value, end))
         elif number == _PUSH_TIMINGS:
@@ -185,7 +145,7 @@ def decode_push(payload: bytes) -> Push:
 def _decode_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
     meta_parts: list[memoryview] = []
     data: memoryview | None = None
-    for number, start, value, end in _fields(buf):
+    for number, start, value, end in protowire.fields(buf):
         if number == _TENSOR_DATA:
             data = buf[value:end]  # repeated scalar fields would keep the last; so does this
         else:

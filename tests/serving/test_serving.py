@@ -97,7 +97,6 @@ async def test_typed_contents_and_json_data(cluster) -> None:
         call = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
             request_serializer=oip.ModelInferRequest.SerializeToString,
-            response_deserializer=oip.ModelInferResponse.FromString,
         )
         got = codec.decode_infer_response(await call(request, timeout=10))
     np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
@@ -144,13 +143,17 @@ async def test_invalid_inputs_are_invalid_argument_and_servers_stay_healthy(clus
                 response_deserializer=oip.ModelInferResponse.FromString,
             )
             for raw_x in (good["x"].tobytes()[:-3], b"\x00garbage"):
-                request = codec.encode_infer_request("gather", good)
+                request = oip.ModelInferRequest.FromString(
+                    codec.encode_infer_request("gather", good)
+                )
                 request.raw_input_contents[0] = raw_x
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await call(request, timeout=10)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "input 'x': raw contents hold" in e.value.details()
-            wrong_model = codec.encode_infer_request("other", good)
+            wrong_model = oip.ModelInferRequest.FromString(
+                codec.encode_infer_request("other", good)
+            )
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await call(wrong_model, timeout=10)
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
