@@ -54,6 +54,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -67,6 +68,7 @@ from runtime import inputs_for, served_latency_ms  # noqa: E402
 from moirai import zoo  # noqa: E402
 from moirai.costgraph import CostGraph, Edge, Task  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
+from moirai.errors import MoiraiError  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
 from moirai.partition import (  # noqa: E402
     GATEWAY,
@@ -236,7 +238,8 @@ def validate(
 
 
 def report(results: dict[str, Any]) -> str:
-    rows = results["rows"]
+    rows = [r for r in results["rows"] if "failed" not in r]
+    failed = [r for r in results["rows"] if "failed" in r]
     errors = [r["error"] for r in rows]
     median = statistics.median(errors)
     machine = results["machine"]
@@ -270,6 +273,9 @@ def report(results: dict[str, Any]) -> str:
             f"{r['makespan_ms']:.2f} | {r['frame_ms']:.2f} | {r['predicted_ms']:.2f} | "
             f"{r['measured_ms']:.2f} | {r['error']:.1%} |"
         )
+    if failed:
+        out += ["", "Cases that failed (left out of the figures above):", ""]
+        out += [f"- {r['model']}, {r['devices']} CPU devices: {r['failed']}" for r in failed]
     return "\n".join(out) + "\n"
 
 
@@ -331,8 +337,8 @@ def main() -> None:
         cache = ProfileCache.at(tmp)  # fresh measurements, shared by the device counts
         for name in args.models:
             for parts in args.devices:
-                rows.append(
-                    validate(
+                try:
+                    row = validate(
                         name,
                         parts,
                         settings,
@@ -341,10 +347,15 @@ def main() -> None:
                         args.time_limit,
                         args.with_gpus,
                     )
-                )
+                except (MoiraiError, grpc.RpcError) as e:  # a case that fails is reported
+                    message = " ".join(str(e).split())[:160]
+                    print(f"{name:>14} N={parts}: failed: {message}", flush=True)
+                    row = {"model": name, "devices": parts, "failed": message}
+                rows.append(row)
+    done = [r for r in rows if "failed" not in r]
     results = {
         "rows": rows,
-        "link": rows[0].pop("link"),
+        "link": done[0].pop("link") if done else {},
         "settings": {
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -363,7 +374,7 @@ def main() -> None:
     (args.out / "validation.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results)
     (args.out / "validation.md").write_text(text)
-    plot(rows, args.out)
+    plot(done, args.out)
     print(text)
 
 
