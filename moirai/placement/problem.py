@@ -213,6 +213,3 @@ class PlacementProblem:
     def ordered(self, i: int, j: int) -> bool:
         """Whether precedence already orders tasks i and j (one reaches the other)."""
         return bool((self.descendants[i] >> j) & 1 or (self.descendants[j] >> i) & 1)
-
-    def with_objective(self, objective: Objective) -> PlacementProblem:
-        return PlacementProblem(self.costgraph, objective, self.pins, self.memory_limits)

@@ -82,10 +82,6 @@ class Timeline:
         del self.ends[idx]
         self.version += 1
 
-    @property
-    def busy(self) -> float:
-        return sum(self.ends) - sum(self.starts)
-
 
 def earliest_gap(timelines: Sequence[Timeline], ready: float, dur: float) -> float:
     """Earliest `t >= ready` at which `[t, t + dur)` is free on every timeline."""
@@ -122,12 +118,8 @@ class Schedule:
         self.start = [0.0] * problem.n
         self.end = [0.0] * problem.n
         self.xfer: dict[int, tuple[float, float]] = {}
-        self.used_mem = [0] * k
 
     # ---------------------------------------------------------------- tasks
-    def fits(self, i: int, k: int) -> bool:
-        return self.used_mem[k] + self.problem.mem[i] <= self.problem.cap[k]
-
     def plan(self, i: int, k: int) -> tuple[float, TransferPlan]:
         """Earliest start of task i on device k, with its incoming transfers (not committed).
 
@@ -173,7 +165,6 @@ class Schedule:
         self.where[i] = k
         self.start[i] = start
         self.end[i] = end
-        self.used_mem[k] += p.mem[i]
 
     def place(self, i: int, k: int) -> float:
         """Place task i on device k at its earliest start; returns its end."""
@@ -207,10 +198,6 @@ class Schedule:
     def makespan(self) -> float:
         ends = [*self.end, *(f for _, f in self.xfer.values())]
         return max(ends, default=0.0)
-
-    @property
-    def assignment(self) -> list[int]:
-        return list(self.where)
 
     def to_placement(
         self,
