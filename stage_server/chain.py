@@ -24,6 +24,7 @@ sizes are unlimited on the chain: it is internal, and tensors of hundreds of MiB
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import time
@@ -88,10 +89,10 @@ class ChainServicer:
     def __init__(self, handler: ChainHandler) -> None:
         self._handler = handler
 
-    def receive(self, payload: bytes) -> None:
-        """One push, from either transport."""
+    def receive(self, payload: bytes, mappings: shm.Mappings | None = None) -> None:
+        """One push, from either transport (`mappings`: the same-host connection's)."""
         received = now_ms()
-        push = wire.decode_push(payload)
+        push = wire.decode_push(payload, mappings)
         transfer = max(0.0, received - push.sent_ms)
         timings = push.timings + tuple(
             wire.timing(push.stage, "transfer", transfer, name) for name in push.tensors
@@ -160,6 +161,7 @@ class _Peer:
         self.shared = shm.SUPPORTED
         self.connection: samehost.Connection | None = None
         self.retry_at = 0.0
+        self._opening = asyncio.Lock()
 
     async def fast_path(self) -> samehost.Connection | None:
         """The open same-host connection, opening it if it is time to try; None: use gRPC."""
@@ -167,12 +169,17 @@ class _Peer:
             return None
         if self.connection is not None and not self.connection.closed:
             return self.connection
-        if time.monotonic() < self.retry_at:
-            return None
-        self.connection = await samehost.Connection.open(self.port)
-        if self.connection is None:
-            self.retry_at = time.monotonic() + RECONNECT_S
-        return self.connection
+        async with self._opening:  # concurrent pushes must not open two connections
+            if self.connection is not None and not self.connection.closed:
+                return self.connection
+            if time.monotonic() < self.retry_at:
+                return None
+            if self.connection is not None:
+                await self.connection.close()
+            self.connection = await samehost.Connection.open(self.port)
+            if self.connection is None:
+                self.retry_at = time.monotonic() + RECONNECT_S
+            return self.connection
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -236,38 +243,48 @@ class Peers:
             )
             await self._call(peer.push, "Push", stage, payload, deadline_ms)
             return
-        shared = {}
         try:
-            if peer.shared:
-                shared = {
-                    name: shm.SharedTensor(name, array)
-                    for name, array in tensors.items()
-                    if array.nbytes >= samehost.SHARED_MIN_BYTES
-                }
-            payload = wire.encode_push(
-                request_id, stage, tensors, deadline_ms, now_ms(), timings, origin, shared
+            await self._local(
+                connection, peer.shared, stage, request_id, tensors, deadline_ms, timings, origin
             )
-            try:
-                await self._local(connection, stage, payload, deadline_ms)
-            except SharedMemoryUnavailable as e:
-                log.info("%s cannot map shared memory (%s): sending tensors inline", stage, e)
-                peer.shared = False
-                payload = wire.encode_push(
-                    request_id, stage, tensors, deadline_ms, now_ms(), timings, origin
-                )
-                await self._local(connection, stage, payload, deadline_ms)
-        finally:
-            for tensor in shared.values():
-                tensor.close()
+        except SharedMemoryUnavailable as e:
+            log.info("%s cannot map shared memory (%s): sending tensors inline", stage, e)
+            peer.shared = False
+            await self._local(
+                connection, False, stage, request_id, tensors, deadline_ms, timings, origin
+            )
 
     async def _local(
-        self, connection: samehost.Connection, stage: str, payload: bytes, deadline_ms: float
+        self,
+        connection: samehost.Connection,
+        share: bool,
+        stage: str,
+        request_id: str,
+        tensors: Mapping[str, np.ndarray],
+        deadline_ms: float,
+        timings: tuple[bytes, ...],
+        origin: str,
     ) -> None:
+        """A push over the same-host path, large tensors in the connection's shared memory."""
+        shared: list[shm.SharedTensor] = []
+        references = {}
+        try:
+            for name, array in tensors.items():
+                if share and array.nbytes >= samehost.SHARED_MIN_BYTES:
+                    tensor, references[name] = connection.pool.take(array)
+                    shared.append(tensor)
+            payload = wire.encode_push(
+                request_id, stage, tensors, deadline_ms, now_ms(), timings, origin, references
+            )
+        except BaseException:
+            connection.pool.give_back(shared)
+            raise
         remaining = (deadline_ms - now_ms()) / 1000.0
         if remaining <= 0:
+            connection.pool.give_back(shared)
             raise DeadlineExceeded(f"deadline passed before Push to {stage}")
         try:
-            await connection.push(payload, remaining)
+            await connection.push(payload, remaining, shared)
         except TimeoutError:
             raise DeadlineExceeded(f"deadline passed during Push to {stage}") from None
         except Unavailable as e:

@@ -17,7 +17,6 @@ expected, so the transports never see a numpy or protobuf exception.
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -90,7 +89,7 @@ def nbytes(name: str, datatype: str, shape: Sequence[int]) -> int:
 
 
 def from_bytes(
-    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview | mmap.mmap
+    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview | np.ndarray
 ) -> np.ndarray:
     """A read-only array over `data` (no copy), after checking its size against the shape."""
     dtype = numpy_dtype(datatype, name)

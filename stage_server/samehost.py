@@ -12,9 +12,10 @@ host (`moirai serve`, where every server listens on loopback), neither is necess
   process. A push is one frame, `<u32 length><PushRequest bytes>` (the very bytes gRPC would
   carry, `stage_server.wire`), answered by one ack frame in order, `<u32 length><code>\\0<message>`
   with an empty code for success, so the sender keeps a FIFO of waiting pushes and needs no ids;
-- tensors of `SHARED_MIN_BYTES` and more travel in shared memory (`stage_server.shm`); the sender
-  closes its memory file when the ack arrives (or the push gives up), so nothing outlives the
-  push but the receiver's mapping, which dies with the request's arrays.
+- tensors of `SHARED_MIN_BYTES` and more travel in shared memory (`stage_server.shm`): the
+  sender writes them into memory files of the connection's pool, the receiver copies them out
+  before it acks, and the ack returns the files to the pool; both ends free everything when the
+  connection ends.
 
 A push keeps the chain's semantics: it carries the request's deadline and waits for its ack at
 most until then; the receiver's errors come back with their status code; a broken connection is
@@ -34,6 +35,7 @@ import struct
 import sys
 from collections.abc import Callable
 
+from stage_server import shm
 from stage_server.errors import ServingError, Unavailable, from_code, status_of
 
 log = logging.getLogger(__name__)
@@ -68,9 +70,10 @@ def _ack(error: BaseException | None) -> bytes:
 class Listener:
     """The receiving side: serves pushes on the Unix socket of a chain port."""
 
-    def __init__(self, receive: Callable[[bytes], None]) -> None:
-        """`receive` decodes and delivers one push (`ChainServicer.receive`); what it raises
-        goes back to the sender with its status code."""
+    def __init__(self, receive: Callable[[bytes, shm.Mappings], None]) -> None:
+        """`receive` decodes and delivers one push with the connection's mappings of the
+        sender's shared memory (`ChainServicer.receive`); what it raises goes back to the
+        sender with its status code."""
         self._receive = receive
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -82,12 +85,13 @@ class Listener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._connections.add(writer)
+        mappings = shm.Mappings()
         try:
             while True:
                 (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                 payload = await reader.readexactly(length)
                 try:
-                    self._receive(payload)
+                    self._receive(payload, mappings)
                     writer.write(_ack(None))
                 except Exception as error:  # every failure goes back to its sender
                     writer.write(_ack(error))
@@ -95,6 +99,7 @@ class Listener:
             pass  # the sender went away
         finally:
             self._connections.discard(writer)
+            mappings.close()
             writer.close()
 
     async def stop(self) -> None:
@@ -111,7 +116,10 @@ class Connection:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Per push sent and not yet acked: its waiter, and the pool's files it uses.
+        self._waiting: collections.deque[tuple[asyncio.Future[None], list[shm.SharedTensor]]]
+        self._waiting = collections.deque()
+        self.pool = shm.Pool()
         self._acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
         self.closed = False
 
@@ -124,12 +132,19 @@ class Connection:
             return None
         return cls(reader, writer)
 
-    async def push(self, payload: bytes, timeout_s: float) -> None:
-        """Send one push and wait for its ack (at most `timeout_s`); raise the peer's error."""
+    async def push(
+        self, payload: bytes, timeout_s: float, shared: list[shm.SharedTensor] | None = None
+    ) -> None:
+        """Send one push and wait for its ack (at most `timeout_s`); raise the peer's error.
+
+        The push's files from `pool` (`shared`) go back to it at the ack, which may come after
+        this call gave up: until then the receiver may still read them."""
         if self.closed:
+            for tensor in shared or ():
+                tensor.close()
             raise Unavailable("the connection is closed")
         ack = asyncio.get_running_loop().create_future()
-        self._waiting.append(ack)
+        self._waiting.append((ack, shared or []))
         self._writer.writelines([_LENGTH.pack(len(payload)), payload])
         if self._writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
             await self._writer.drain()
@@ -140,7 +155,8 @@ class Connection:
             while True:
                 (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
                 body = await reader.readexactly(length) if length else b""
-                ack = self._waiting.popleft()
+                ack, shared = self._waiting.popleft()
+                self.pool.give_back(shared)
                 if ack.done():  # its push gave up (deadline); the ack still arrives in order
                     continue
                 if body:
@@ -156,9 +172,12 @@ class Connection:
 
     def _fail(self, error: ServingError) -> None:
         while self._waiting:
-            ack = self._waiting.popleft()
+            ack, shared = self._waiting.popleft()
+            for tensor in shared:
+                tensor.close()
             if not ack.done():
                 ack.set_exception(error)
+        self.pool.close()
 
     async def close(self) -> None:
         self.closed = True

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moirai.errors import MoiraiError
 from moirai.partition import GATEWAY, StagePlan
 from stage_server import samehost
-from stage_server.chain import ChainServicer, Peers
+from stage_server.chain import ChainHandler, ChainServicer, Peers
 from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.codec import DTYPES
 from stage_server.gateway import Gateway
@@ -60,6 +60,33 @@ async def _listen(servicer: ChainServicer, port: int, same_host: bool) -> Listen
     listener = Listener(servicer.receive)
     await listener.start(port)
     return listener
+
+
+@dataclass
+class ChainHandle:
+    """A server of nothing but the chain (`start_chain`)."""
+
+    server: grpc.aio.Server
+    port: int
+    listener: Listener | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        await self.server.stop(grace)
+
+
+async def start_chain(
+    handler: ChainHandler, *, host: str = "127.0.0.1", port: int = 0, same_host: bool = True
+) -> ChainHandle:
+    """Serve only `moirai.stage.v1.Chain` for `handler`, over gRPC and the same-host fast path,
+    exactly as a stage server receives pushes: for link measurements and tests."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+    servicer = ChainServicer(handler)
+    add_chain_to_server(servicer, server)
+    bound = _bind(server, host, port)
+    await server.start()
+    return ChainHandle(server, bound, await _listen(servicer, bound, same_host))
 
 
 @dataclass

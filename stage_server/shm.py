@@ -1,29 +1,34 @@
-"""The same-host fast path: a tensor handed over in shared memory instead of inside the push.
+"""The same-host fast path's shared memory: large tensors handed over beside the push.
 
-When the sender and the receiver of a push run on one host (`moirai serve`: every server on
-loopback), a large tensor need not travel through gRPC at all, where it is copied several times
-into freshly allocated memory. The sender writes it once into an anonymous memory file
+When the sender and the receiver of a push run on one host (`stage_server.samehost`), a large
+tensor need not travel through the socket, where it would be copied into kernel buffers and out
+again into freshly allocated memory. The sender writes it into an anonymous memory file
 (`memfd_create`) and the push carries only a reference: the sender's pid, its descriptor of the
-file and the file's inode. While the push is in flight, the receiver opens the file through
-`/proc/<pid>/fd/<fd>`, checks the inode (so a descriptor number that was closed and reused can
-never hand over the wrong tensor), maps it read-only and gives the stage a numpy array over the
-mapping, with no copy at all.
+file and the file's inode. The receiver opens the file through `/proc/<pid>/fd/<fd>`, checks the
+inode (so a descriptor number that was closed and reused can never hand over the wrong tensor),
+maps it and copies the tensor out before it acks the push.
 
-Cleanup needs no bookkeeping, which is the point of this design: the file has no name anywhere,
-the sender closes its descriptor as soon as the push returns (delivered or failed), the receiver
-closes its descriptor right after mapping, and the kernel frees the memory when the last mapping
-goes, which is when the request's arrays are dropped: after the stage ran, or when the request
-failed, expired or was cancelled and its state was freed. A crash of either process frees its
-side with the process. Nothing can be left behind in `/dev/shm` or elsewhere.
+Memory is reused, which is what makes this fast: on a host where fresh memory costs a page fault
+per 4 KiB (about 10 µs on the virtual machines measured), writing every tensor into a new file
+costs more than the copy itself. So each connection's sender keeps a `Pool` of files that it
+writes again once the receiver has acked (and so copied out) the push that used them, and each
+connection's receiver keeps its `Mappings` of those files. Tensors larger than half the pool's
+budget get a file of their own, closed at the ack and never cached by the receiver.
+
+Nothing outlives the connection: the pool closes its files and the receiver its mappings when
+the connection ends (closed, broken, or its process gone), and the kernel frees a file's memory
+with the last descriptor or mapping. The files have no name anywhere, so nothing can be left
+behind in `/dev/shm`; while a connection lives, its memory is bounded by the pool's budget plus
+the tensors of the pushes in flight.
 
 Opening another process's descriptor needs the same user and the same pid namespace (the
-kernel's ptrace read check); where that fails (containers that do not share them, another host
-behind a loopback proxy), the receiver raises `SharedMemoryUnavailable` and the sender falls back
-to inline bytes for that peer for good.
+kernel's ptrace read check); where that fails (containers that do not share them), the receiver
+raises `SharedMemoryUnavailable` and the sender falls back to inline bytes for that peer.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import os
@@ -34,27 +39,41 @@ from stage_server import codec
 from stage_server.errors import SharedMemoryUnavailable
 from stage_server.protos import stage_pb2
 
-SUPPORTED = hasattr(os, "memfd_create") and hasattr(mmap, "MAP_POPULATE")
-"""Whether this platform has the fast path (Linux); elsewhere every tensor travels inline."""
+SUPPORTED = hasattr(os, "memfd_create")
+"""Whether this platform has memory files (Linux); elsewhere every tensor travels inline."""
+POOL_BYTES = 256 << 20
+"""Capacity of the idle files a connection's sender keeps for reuse, and of the mappings its
+receiver keeps."""
+_MIN_CAPACITY = 64 << 10
 _PID = os.getpid()  # servers never fork after import; one system call less per tensor
 
 
-class SharedTensor:
-    """The sender's side: a tensor's bytes in a memory file, open until `close`."""
+def _capacity(nbytes: int) -> int:
+    """Files come in powers of two, so that one fits the next tensor of about the same size."""
+    return max(_MIN_CAPACITY, 1 << (nbytes - 1).bit_length())
 
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        data = codec.raw_bytes(array)
-        self._fd = os.memfd_create(f"moirai-{name}", os.MFD_CLOEXEC)
+
+class SharedTensor:
+    """A memory file of the sender's holding one tensor while its push is in flight."""
+
+    def __init__(self, capacity: int, pooled: bool) -> None:
+        self.capacity = capacity
+        self.pooled = pooled
+        self._fd = os.memfd_create("moirai-tensor", os.MFD_CLOEXEC)
         try:
-            written = 0
-            while written < data.nbytes:  # write() may stop short of very large buffers
-                written += os.write(self._fd, data[written:])
-            self.reference = stage_pb2.SharedMemory(
-                pid=_PID, fd=self._fd, inode=os.fstat(self._fd).st_ino
-            )
+            os.ftruncate(self._fd, capacity)
+            self._inode = os.fstat(self._fd).st_ino
         except BaseException:
             os.close(self._fd)
             raise
+
+    def write(self, array: np.ndarray) -> stage_pb2.SharedMemory:
+        """Put `array` in the file; the reference the push carries."""
+        data = codec.raw_bytes(array)
+        written = 0
+        while written < data.nbytes:  # pwrite may stop short of very large buffers
+            written += os.pwrite(self._fd, data[written:], written)
+        return stage_pb2.SharedMemory(pid=_PID, fd=self._fd, inode=self._inode, pooled=self.pooled)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -62,11 +81,100 @@ class SharedTensor:
             self._fd = -1
 
 
-def attach(reference: stage_pb2.SharedMemory, nbytes: int) -> mmap.mmap:
-    """The receiver's side: a read-only mapping of `nbytes` shared by the sender.
+class Pool:
+    """The sender's side of one connection: memory files, reused once their push is acked."""
 
-    The mapping is populated at once (one system call instead of a page fault per page) and
-    unmapped when the last array over it is garbage-collected."""
+    def __init__(self, budget: int = POOL_BYTES) -> None:
+        self._budget = budget
+        self._idle: dict[int, list[SharedTensor]] = collections.defaultdict(list)
+        self._idle_bytes = 0
+
+    def take(self, array: np.ndarray) -> tuple[SharedTensor, stage_pb2.SharedMemory]:
+        """A file holding `array`, and its reference; give it back when the push is acked."""
+        capacity = _capacity(array.nbytes)
+        if capacity > self._budget // 2:
+            tensor = SharedTensor(array.nbytes, pooled=False)
+        else:
+            idle = self._idle[capacity]
+            if idle:
+                tensor = idle.pop()
+                self._idle_bytes -= capacity
+            else:
+                tensor = SharedTensor(capacity, pooled=True)
+        try:
+            return tensor, tensor.write(array)
+        except BaseException:
+            tensor.close()
+            raise
+
+    def give_back(self, tensors: list[SharedTensor]) -> None:
+        """The receiver has copied these out: keep them for the next pushes, within budget."""
+        for tensor in tensors:
+            if tensor.pooled and self._idle_bytes + tensor.capacity <= self._budget:
+                self._idle[tensor.capacity].append(tensor)
+                self._idle_bytes += tensor.capacity
+            else:
+                tensor.close()
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for tensor in idle:
+                tensor.close()
+        self._idle.clear()
+        self._idle_bytes = 0
+
+
+class Mappings:
+    """The receiver's side of one connection: its mappings of the sender's pooled files."""
+
+    def __init__(self, budget: int = POOL_BYTES) -> None:
+        self._budget = budget
+        self._maps: collections.OrderedDict[tuple[int, int, int], mmap.mmap] = (
+            collections.OrderedDict()
+        )
+        self._bytes = 0
+
+    def read(self, reference: stage_pb2.SharedMemory, nbytes: int) -> np.ndarray:
+        """A copy of the first `nbytes` of the file the reference names (bytes as uint8)."""
+        key = (reference.pid, reference.fd, reference.inode)
+        mapping = self._maps.get(key)
+        if mapping is None:
+            mapping = _attach(reference, nbytes)
+            if not reference.pooled:
+                with mapping:
+                    return _copy(mapping, nbytes)
+            self._maps[key] = mapping
+            self._bytes += len(mapping)
+            while self._bytes > self._budget and len(self._maps) > 1:
+                _, old = self._maps.popitem(last=False)
+                self._bytes -= len(old)
+                old.close()
+        else:
+            self._maps.move_to_end(key)
+        if len(mapping) < nbytes:
+            raise SharedMemoryUnavailable(
+                f"the shared tensor holds {len(mapping)} bytes, the push names {nbytes}"
+            )
+        return _copy(mapping, nbytes)
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            mapping.close()
+        self._maps.clear()
+        self._bytes = 0
+
+
+def _copy(mapping: mmap.mmap, nbytes: int) -> np.ndarray:
+    """The bytes copied into a numpy array, whose large allocations numpy backs with huge pages:
+    far fewer page faults than a `bytes` object of the same size."""
+    out = np.empty(nbytes, np.uint8)
+    view = np.frombuffer(mapping, np.uint8, nbytes)
+    out[:] = view
+    del view  # the mapping may be closed right after: no export may outlive this call
+    return out
+
+
+def _attach(reference: stage_pb2.SharedMemory, nbytes: int) -> mmap.mmap:
     path = f"/proc/{reference.pid}/fd/{reference.fd}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -74,12 +182,12 @@ def attach(reference: stage_pb2.SharedMemory, nbytes: int) -> mmap.mmap:
         raise SharedMemoryUnavailable(f"cannot open the sender's shared tensor: {e}") from None
     try:
         stat = os.fstat(fd)
-        if stat.st_ino != reference.inode or stat.st_size != nbytes:
+        if stat.st_ino != reference.inode or stat.st_size < max(nbytes, 1):
             raise SharedMemoryUnavailable(
                 f"{path} is not the shared tensor the push names (inode {stat.st_ino}, "
                 f"{stat.st_size} bytes; expected inode {reference.inode}, {nbytes} bytes)"
             )
-        return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+        return mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)

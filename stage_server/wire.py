@@ -16,23 +16,23 @@ Timings travel as their encoded `PushRequest.timings` fields, opaque to the stag
 adds its own and forwards the rest as bytes, so a long chain does not parse and re-encode the
 growing list at every hop; the gateway decodes them once, when the request completes.
 
-Tensors that travel through shared memory (`stage_server.shm`) carry a `SharedMemory` reference
-instead of `data`; `decode_push` maps them (and raises `SharedMemoryUnavailable` when it cannot,
-so the sender can fall back to inline bytes).
+Tensors that travel through shared memory (`stage_server.shm`, on the same-host path only) carry
+a `SharedMemory` reference instead of `data`; `decode_push` copies them out of the sender's file
+(and raises `SharedMemoryUnavailable` when it cannot, so the sender can fall back to inline
+bytes).
 
 The by-hand parts of the format (varints, walking fields) are `stage_server.protowire`'s.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from stage_server import codec, protowire, shm
-from stage_server.errors import InvalidInput
+from stage_server.errors import InvalidInput, SharedMemoryUnavailable
 from stage_server.protos import stage_pb2
 
 # Field numbers of stage.proto.
@@ -77,7 +77,7 @@ def encode_push(
     sent_ms: float,
     timings: Sequence[bytes] = (),
     origin: str = "",
-    shared: Mapping[str, shm.SharedTensor] | None = None,
+    shared: Mapping[str, stage_pb2.SharedMemory] | None = None,
 ) -> bytes:
     """The wire bytes of a push; tensors named in `shared` travel by reference."""
     header = stage_pb2.PushRequest(
@@ -92,7 +92,7 @@ def encode_push(
         meta = stage_pb2.Tensor(name=name, datatype=codec.datatype_of(array), shape=array.shape)
         ref = (shared or {}).get(name)
         if ref is not None:
-            meta.shared.CopyFrom(ref.reference)
+            meta.shared.CopyFrom(ref)
             body = meta.SerializeToString()
             parts += [_TENSOR_KEY, protowire.varint(len(body)), body]
             continue
@@ -109,9 +109,9 @@ def encode_push(
     return b"".join(parts)
 
 
-def decode_push(payload: bytes) -> Push:
-    """A push from its wire bytes; tensor arrays are read-only views into `payload` (or into
-    shared memory)."""
+def decode_push(payload: bytes, mappings: shm.Mappings | None = None) -> Push:
+    """A push from its wire bytes; tensor arrays are read-only views into `payload`, or copies
+    out of shared memory through the connection's `mappings` (same-host path only)."""
     buf = memoryview(payload)
     header: list[memoryview] = []
     tensor_spans: list[tuple[int, int]] = []
@@ -129,7 +129,7 @@ def decode_push(payload: bytes) -> Push:
         raise InvalidInput(f"malformed push header: {e}") from None
     tensors = {}
     for value, end in tensor_spans:
-        name, array = _decode_tensor(buf[value:end])
+        name, array = _decode_tensor(buf[value:end], mappings)
         tensors[name] = array
     return Push(
         request.request_id,
@@ -142,9 +142,9 @@ def decode_push(payload: bytes) -> Push:
     )
 
 
-def _decode_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
+def _decode_tensor(buf: memoryview, mappings: shm.Mappings | None) -> tuple[str, np.ndarray]:
     meta_parts: list[memoryview] = []
-    data: memoryview | None = None
+    data: bytes | memoryview | np.ndarray | None = None
     for number, start, value, end in protowire.fields(buf):
         if number == _TENSOR_DATA:
             data = buf[value:end]  # repeated scalar fields would keep the last; so does this
@@ -155,11 +155,10 @@ def _decode_tensor(buf: memoryview) -> tuple[str, np.ndarray]:
     except Exception as e:
         raise InvalidInput(f"malformed tensor in push: {e}") from None
     if meta.HasField("shared"):
-        dtype = codec.numpy_dtype(meta.datatype, meta.name)
-        nbytes = math.prod(meta.shape) * dtype.itemsize
-        return meta.name, codec.from_bytes(
-            meta.name, meta.datatype, meta.shape, shm.attach(meta.shared, nbytes)
-        )
+        if mappings is None:
+            raise SharedMemoryUnavailable("shared-memory tensors travel the same-host path only")
+        nbytes = codec.nbytes(meta.name, meta.datatype, meta.shape)
+        data = mappings.read(meta.shared, nbytes)
     return meta.name, codec.from_bytes(
         meta.name, meta.datatype, meta.shape, data if data is not None else b""
     )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstage_server/protos/stage.proto\x12\x0fmoirai.stage.v1\"t\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12-\n\x06shared\x18\x05 \x01(\x0b\x32\x1d.moirai.stage.v1.SharedMemory\"6\n\x0cSharedMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05inode\x18\x03 \x01(\x04\"A\n\x06Timing\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\t\x12\n\n\x02ms\x18\x04 \x01(\x01\"\xc4\x01\n\x0bPushRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.moirai.stage.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x01\x12\x14\n\x0csent_unix_ms\x18\x05 \x01(\x01\x12(\n\x07timings\x18\x06 \x03(\x0b\x32\x17.moirai.stage.v1.Timing\x12\x0e\n\x06origin\x18\x07 \x01(\t\"\x0b\n\tPushReply\"e\n\x07\x46\x61ilure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x01\"\x0b\n\tFailReply2\x8b\x01\n\x05\x43hain\x12\x42\n\x04Push\x12\x1c.moirai.stage.v1.PushRequest\x1a\x1a.moirai.stage.v1.PushReply\"\x00\x12>\n\x04\x46\x61il\x12\x18.moirai.stage.v1.Failure\x1a\x1a.moirai.stage.v1.FailReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fstage_server/protos/stage.proto\x12\x0fmoirai.stage.v1\"t\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12-\n\x06shared\x18\x05 \x01(\x0b\x32\x1d.moirai.stage.v1.SharedMemory\"F\n\x0cSharedMemory\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\n\n\x02\x66\x64\x18\x02 \x01(\r\x12\r\n\x05inode\x18\x03 \x01(\x04\x12\x0e\n\x06pooled\x18\x04 \x01(\x08\"A\n\x06Timing\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06tensor\x18\x03 \x01(\t\x12\n\n\x02ms\x18\x04 \x01(\x01\"\xc4\x01\n\x0bPushRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12(\n\x07tensors\x18\x03 \x03(\x0b\x32\x17.moirai.stage.v1.Tensor\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x01\x12\x14\n\x0csent_unix_ms\x18\x05 \x01(\x01\x12(\n\x07timings\x18\x06 \x03(\x0b\x32\x17.moirai.stage.v1.Timing\x12\x0e\n\x06origin\x18\x07 \x01(\t\"\x0b\n\tPushReply\"e\n\x07\x46\x61ilure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x05 \x01(\x01\"\x0b\n\tFailReply2\x8b\x01\n\x05\x43hain\x12\x42\n\x04Push\x12\x1c.moirai.stage.v1.PushRequest\x1a\x1a.moirai.stage.v1.PushReply\"\x00\x12>\n\x04\x46\x61il\x12\x18.moirai.stage.v1.Failure\x1a\x1a.moirai.stage.v1.FailReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=52
   _globals['_TENSOR']._serialized_end=168
   _globals['_SHAREDMEMORY']._serialized_start=170
-  _globals['_SHAREDMEMORY']._serialized_end=224
-  _globals['_TIMING']._serialized_start=226
-  _globals['_TIMING']._serialized_end=291
-  _globals['_PUSHREQUEST']._serialized_start=294
-  _globals['_PUSHREQUEST']._serialized_end=490
-  _globals['_PUSHREPLY']._serialized_start=492
-  _globals['_PUSHREPLY']._serialized_end=503
-  _globals['_FAILURE']._serialized_start=505
-  _globals['_FAILURE']._serialized_end=606
-  _globals['_FAILREPLY']._serialized_start=608
-  _globals['_FAILREPLY']._serialized_end=619
-  _globals['_CHAIN']._serialized_start=622
-  _globals['_CHAIN']._serialized_end=761
+  _globals['_SHAREDMEMORY']._serialized_end=240
+  _globals['_TIMING']._serialized_start=242
+  _globals['_TIMING']._serialized_end=307
+  _globals['_PUSHREQUEST']._serialized_start=310
+  _globals['_PUSHREQUEST']._serialized_end=506
+  _globals['_PUSHREPLY']._serialized_start=508
+  _globals['_PUSHREPLY']._serialized_end=519
+  _globals['_FAILURE']._serialized_start=521
+  _globals['_FAILURE']._serialized_end=622
+  _globals['_FAILREPLY']._serialized_start=624
+  _globals['_FAILREPLY']._serialized_end=635
+  _globals['_CHAIN']._serialized_start=638
+  _globals['_CHAIN']._serialized_end=777
 # @@protoc_insertion_point(module_scope)

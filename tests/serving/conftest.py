@@ -71,7 +71,8 @@ def shared_memory_in_use() -> tuple[int, int]:
 @pytest.fixture(params=[True, False], ids=["same-host", "grpc"])
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., object]]:
     """`await cluster(model, plan, **gateway_options)`: stage servers and a gateway, in-process,
-    pushing over the same-host fast path or over gRPC only."""
+    pushing over the same-host fast path or over gRPC only. Once they stop, no memory file or
+    mapping of a shared tensor may be left."""
     same_host: bool = request.param
     started: list[Cluster] = []
 
@@ -99,8 +100,10 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
         started.append(c)
         return c
 
+    before = shared_memory_in_use()
     yield launch
     for c in started:
         await c.gateway.stop(0)
         for s in c.stages.values():
             await s.stop(0)
+    assert shared_memory_in_use() == before, "shared memory left after the servers stopped"

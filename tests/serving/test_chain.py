@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 import numpy as np
 import pytest
 
 from moirai.partition import DeviceSpec, Stage, StagePlan
-from stage_server import chain, samehost, shm, wire
-from stage_server.chain import ChainServicer, Delivery, Peers, now_ms
+from stage_server import chain, shm, wire
+from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import (
     InvalidInput,
     NotFound,
@@ -20,9 +19,9 @@ from stage_server.errors import (
     Unavailable,
 )
 from stage_server.protos import stage_pb2
-from stage_server.transport import ErrorInterceptor
+from stage_server.serve import ChainHandle, start_chain
 
-from .conftest import free_ports, shared_memory_in_use
+from .conftest import shared_memory_in_use
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -74,32 +73,44 @@ def test_malformed_pushes_are_invalid_input(payload: bytes) -> None:
         wire.decode_push(payload)
 
 
-def test_shared_tensors_outlive_the_senders_descriptor_and_leak_nothing() -> None:
-    array = np.random.default_rng(0).random((256, 128)).astype(np.float32)
+def test_shared_tensors_are_copied_out_files_reused_and_nothing_left() -> None:
+    rng = np.random.default_rng(0)
+    first, second = (rng.random((256, 128)).astype(np.float32) for _ in range(2))
     before = shared_memory_in_use()
-    sent = shm.SharedTensor("x", array)
-    push = wire.decode_push(wire.encode_push("r", "s", {"x": array}, 1.0, 1.0, shared={"x": sent}))
-    sent.close()
-    np.testing.assert_array_equal(push.tensors["x"], array)
-    assert not push.tensors["x"].flags.writeable
+    pool, mappings = shm.Pool(), shm.Mappings()
+    sent, reference = pool.take(first)
+    push = wire.decode_push(
+        wire.encode_push("r", "s", {"x": first}, 1.0, 1.0, shared={"x": reference}), mappings
+    )
+    pool.give_back([sent])  # the ack: the receiver has its copy
+    again, reference_again = pool.take(second)  # the same file, written again
+    assert (reference_again.fd, reference_again.inode) == (reference.fd, reference.inode)
+    np.testing.assert_array_equal(push.tensors["x"], first)
+    assert mappings.read(reference_again, second.nbytes).tobytes() == second.tobytes()
+    pool.give_back([again])
+    pool.close()
+    mappings.close()
     del push
     assert shared_memory_in_use() == before
 
 
-def test_a_shared_tensor_is_only_mapped_when_it_is_the_one_named() -> None:
-    sent = shm.SharedTensor("x", np.ones(1024, np.float32))
-    reference = stage_pb2.SharedMemory()
-    reference.CopyFrom(sent.reference)
-    try:
-        reference.inode += 1  # as if the descriptor had been closed and its number reused
-        with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
-            shm.attach(reference, 4096)
-        with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
-            shm.attach(sent.reference, 4000)
-    finally:
-        sent.close()
+def test_a_shared_tensor_is_only_read_when_it_is_the_one_named() -> None:
+    pool = shm.Pool()
+    sent, reference = pool.take(np.ones(1024, np.float32))
+    wrong = stage_pb2.SharedMemory()
+    wrong.CopyFrom(reference)
+    wrong.inode += 1  # as if the descriptor had been closed and its number reused
+    with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
+        shm.Mappings().read(wrong, 4096)
+    with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
+        shm.Mappings().read(reference, 1 << 20)  # larger than the file
+    sent.close()
     with pytest.raises(SharedMemoryUnavailable, match="cannot open"):
-        shm.attach(sent.reference, 4096)
+        shm.Mappings().read(reference, 4096)
+    with pytest.raises(SharedMemoryUnavailable, match="same-host path only"):
+        wire.decode_push(
+            wire.encode_push("r", "s", {"x": np.ones(1024)}, 1, 1, (), "", {"x": reference})
+        )
 
 
 class _Recorder:
@@ -127,25 +138,15 @@ def _plan() -> StagePlan:
     )
 
 
-async def _serve(
-    handler: _Recorder, port: int | None = None
-) -> tuple[grpc.aio.Server, samehost.Listener, str]:
-    """A chain server (gRPC and the same-host listener) around `handler`."""
-    port = port or free_ports(1)[0]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=chain.CHANNEL_OPTIONS[:2])
-    servicer = ChainServicer(handler)
-    chain.add_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    listener = samehost.Listener(servicer.receive)
-    await listener.start(port)
-    return server, listener, f"127.0.0.1:{port}"
+async def _serve(handler: _Recorder, port: int = 0) -> tuple[ChainHandle, str]:
+    server = await start_chain(handler, port=port)
+    return server, f"127.0.0.1:{server.port}"
 
 
 @pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "grpc"])
 async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: bool) -> None:
     handler = _Recorder()
-    server, listener, address = await _serve(handler)
+    server, address = await _serve(handler)
     peers = Peers(_plan(), {"dev": address}, same_host=same_host)
     big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: shared memory on the same host
     try:
@@ -156,7 +157,6 @@ async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: boo
             await peers.push("s", "r", {"bad": np.array([1 + 2j])}, now_ms() + 5000)
     finally:
         await peers.close()
-        await listener.stop()
         await server.stop(0)
     (delivery,) = handler.deliveries
     assert (delivery.request_id, delivery.origin) == ("r", "g")
@@ -169,12 +169,12 @@ async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: boo
 async def test_a_peer_that_cannot_map_shared_memory_gets_inline_bytes(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def refuse(reference: stage_pb2.SharedMemory, nbytes: int) -> None:
+    def refuse(self: shm.Mappings, reference: stage_pb2.SharedMemory, nbytes: int) -> bytes:
         raise SharedMemoryUnavailable("not in this pid namespace")
 
-    monkeypatch.setattr(shm, "attach", refuse)
+    monkeypatch.setattr(shm.Mappings, "read", refuse)
     handler = _Recorder()
-    server, listener, address = await _serve(handler)
+    server, address = await _serve(handler)
     peers = Peers(_plan(), {"dev": address})
     big = np.arange(1 << 16, dtype=np.float32)
     try:
@@ -183,7 +183,6 @@ async def test_a_peer_that_cannot_map_shared_memory_gets_inline_bytes(
                 await peers.push("s", "r", {"big": big}, now_ms() + 5000)
     finally:
         await peers.close()
-        await listener.stop()
         await server.stop(0)
     assert [m for m in caplog.messages if "cannot map shared memory" in m]  # once, then inline
     assert len([m for m in caplog.messages if "cannot map" in m]) == 1
@@ -193,22 +192,20 @@ async def test_a_peer_that_cannot_map_shared_memory_gets_inline_bytes(
 
 async def test_same_host_connection_loss_is_unavailable_and_the_path_recovers() -> None:
     handler = _Recorder()
-    server, listener, address = await _serve(handler)
+    server, address = await _serve(handler)
     peers = Peers(_plan(), {"dev": address})
     x = {"x": np.ones(4, np.float32)}
     try:
         await peers.push("s", "r", x, now_ms() + 5000)
-        await listener.stop()
         await server.stop(0)
         with pytest.raises(Unavailable):
             for _ in range(3):  # the first push may still find the old connection open
                 await peers.push("s", "r", x, now_ms() + 5000)
-        server, listener, _ = await _serve(handler, int(address.rsplit(":", 1)[1]))
+        server, _ = await _serve(handler, int(address.rsplit(":", 1)[1]))
         await asyncio.sleep(chain.RECONNECT_S)
         await peers.push("s", "r2", x, now_ms() + 5000)
     finally:
         await peers.close()
-        await listener.stop()
         await server.stop(0)
     assert handler.deliveries[-1].request_id == "r2"
 

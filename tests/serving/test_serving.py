@@ -21,7 +21,7 @@ from stage_server.errors import InvalidInput
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 
 from . import models
-from .conftest import shared_memory_in_use, split_plan
+from .conftest import split_plan
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -237,9 +237,9 @@ async def test_metrics_show_latency_stages_and_in_flight(cluster) -> None:
 
 async def test_a_thousand_requests_with_failures_leave_nothing_behind(cluster) -> None:
     """Stage failures (out-of-range Gather indices), expired deadlines and client
-    cancellations, interleaved with good requests: afterwards no server holds any state, and
-    no tensor is left in shared memory (x and the tensor between the stages are 128 KiB, so
-    on the same-host path they travel there)."""
+    cancellations, interleaved with good requests: afterwards no server holds any state. (x
+    and the tensor between the stages are 128 KiB, so on the same-host path they travel in
+    shared memory; the `cluster` fixture checks that none is left once the servers stop.)"""
     model = models.gather(rows=1024)
     c = await cluster(model, split_plan(model, 2))
     good = models.random_inputs(model)
@@ -282,7 +282,6 @@ async def test_a_thousand_requests_with_failures_leave_nothing_behind(cluster) -
     assert not gateway.pending
     assert [s.in_flight for s in stages] == [0, 0]
     assert gateway.metrics.in_flight._value.get() == 0
-    assert shared_memory_in_use() == (0, 0)
 
 
 def test_codec_rejects_bad_bool_bytes() -> None:
