@@ -44,7 +44,8 @@ from onnx import TensorProto, helper, numpy_helper
 from moirai.errors import ModelError
 
 # Part of a generated model's cache file name: bump it whenever a builder's output changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+IR_VERSION = 8
 _LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 _LIGHT = {
     "alexnet": "light_bvlc_alexnet",
@@ -157,7 +158,12 @@ class _Builder:
             self.initializers,
         )
         model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="moirai.zoo"
+            graph,
+            opset_imports=[helper.make_opsetid("", self.opset)],
+            producer_name="moirai.zoo",
+            # The newest IR the `onnx` package writes can be newer than the ONNX Runtime that
+            # serves the model reads (onnxruntime-gpu 1.31 stops at IR 13); opsets <= 17 need 8.
+            ir_version=IR_VERSION,
         )
         onnx.checker.check_model(model)
         return model
