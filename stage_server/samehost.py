@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import logging
 import struct
 import sys
 from collections.abc import Callable
@@ -38,19 +36,12 @@ from collections.abc import Callable
 from stage_server import shm
 from stage_server.errors import ServingError, Unavailable, from_code, status_of
 
-log = logging.getLogger(__name__)
-
 SUPPORTED = sys.platform == "linux"
 """Abstract Unix sockets are Linux's; elsewhere every push takes gRPC."""
 SHARED_MIN_BYTES = 64 << 10
 """Tensors from this size on travel in shared memory: below it, the four system calls on each
 side cost more than copying the bytes through the socket (measured: 64 KiB is already faster)."""
 _LENGTH = struct.Struct("<I")
-_DRAIN_ABOVE = 1 << 20  # bytes buffered for the socket before a push waits for it to drain
-_READ_LIMIT = 16 << 20
-"""How much a receiving connection buffers before it pauses the socket: asyncio's default
-(64 KiB) would read a large inline push (a peer that cannot map shared memory) in thousands of
-pause/resume round trips."""
 
 
 def socket_name(port: int) -> str:
@@ -67,6 +58,73 @@ def _ack(error: BaseException | None) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
+class _Frames(asyncio.Protocol):
+    """Length-prefixed frames, each handed to `frame` as soon as it is complete.
+
+    Frames are handled right in `data_received`, not in a reading coroutine: no task wakes up
+    per frame, which on the chain's small pushes is a good part of their cost."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._partial = bytearray()  # the start of a frame not yet complete
+        self._expected = 0  # its whole length once its header is in, else 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._partial:
+            self._partial += data
+            if not self._expected and len(self._partial) >= _LENGTH.size:
+                self._expected = _LENGTH.size + _LENGTH.unpack_from(self._partial)[0]
+            if not self._expected or len(self._partial) < self._expected:
+                return  # a large frame arriving in pieces
+            data = bytes(self._partial)
+            self._partial = bytearray()
+            self._expected = 0
+        pos = 0
+        while len(data) - pos >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(data, pos)
+            end = pos + _LENGTH.size + length
+            if end > len(data):
+                break
+            self.frame(data[pos + _LENGTH.size : end])
+            pos = end
+        if pos < len(data):
+            self._partial = bytearray(data[pos:])
+            if len(self._partial) >= _LENGTH.size:
+                self._expected = _LENGTH.size + _LENGTH.unpack_from(self._partial)[0]
+
+    def frame(self, payload: bytes) -> None:
+        raise NotImplementedError
+
+
+class _Receiving(_Frames):
+    """A listener's connection: decode and deliver each push, ack it in order."""
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__()
+        self._listener = listener
+        self._mappings = shm.Mappings()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._listener.connections.add(self)
+
+    def frame(self, payload: bytes) -> None:
+        assert self.transport is not None
+        try:
+            self._listener.receive(payload, self._mappings)
+            self.transport.write(_ack(None))
+        except Exception as error:  # every failure goes back to its sender
+            self.transport.write(_ack(error))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.connections.discard(self)
+        self._mappings.close()
+
+
 class Listener:
     """The receiving side: serves pushes on the Unix socket of a chain port."""
 
@@ -74,63 +132,45 @@ class Listener:
         """`receive` decodes and delivers one push with the connection's mappings of the
         sender's shared memory (`ChainServicer.receive`); what it raises goes back to the
         sender with its status code."""
-        self._receive = receive
+        self.receive = receive
+        self.connections: set[_Receiving] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
 
     async def start(self, port: int) -> None:
-        self._server = await asyncio.start_unix_server(
-            self._serve, socket_name(port), limit=_READ_LIMIT
-        )
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(writer)
-        mappings = shm.Mappings()
-        try:
-            while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-                payload = await reader.readexactly(length)
-                try:
-                    self._receive(payload, mappings)
-                    writer.write(_ack(None))
-                except Exception as error:  # every failure goes back to its sender
-                    writer.write(_ack(error))
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the sender went away
-        finally:
-            self._connections.discard(writer)
-            mappings.close()
-            writer.close()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Receiving(self), socket_name(port))
 
     async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
-        for writer in list(self._connections):
-            writer.close()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
         await self._server.wait_closed()
 
 
-class Connection:
+class Connection(_Frames):
     """The sending side to one peer: pushes in order, each waiting for its ack."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    def __init__(self) -> None:
+        super().__init__()
         # Per push sent and not yet acked: its waiter, and the pool's files it uses.
         self._waiting: collections.deque[tuple[asyncio.Future[None], list[shm.SharedTensor]]]
         self._waiting = collections.deque()
         self.pool = shm.Pool()
-        self._acks = asyncio.get_running_loop().create_task(self._read_acks(reader))
         self.closed = False
 
     @classmethod
     async def open(cls, port: int) -> Connection | None:
         """A connection to the chain port `port` on this host, or None when nothing listens."""
         try:
-            reader, writer = await asyncio.open_unix_connection(socket_name(port))
+            _, connection = await asyncio.get_running_loop().create_unix_connection(
+                cls, socket_name(port)
+            )
         except OSError:
             return None
-        return cls(reader, writer)
+        return connection
 
     async def push(
         self, payload: bytes, timeout_s: float, shared: list[shm.SharedTensor] | None = None
@@ -139,38 +179,34 @@ class Connection:
 
         The push's files from `pool` (`shared`) go back to it at the ack, which may come after
         this call gave up: until then the receiver may still read them."""
-        if self.closed:
+        if self.closed or self.transport is None:
             for tensor in shared or ():
                 tensor.close()
             raise Unavailable("the connection is closed")
         ack = asyncio.get_running_loop().create_future()
         self._waiting.append((ack, shared or []))
-        self._writer.writelines([_LENGTH.pack(len(payload)), payload])
-        if self._writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
-            await self._writer.drain()
+        self.transport.writelines([_LENGTH.pack(len(payload)), payload])
         await asyncio.wait_for(ack, timeout_s)
 
-    async def _read_acks(self, reader: asyncio.StreamReader) -> None:
-        try:
-            while True:
-                (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-                body = await reader.readexactly(length) if length else b""
-                ack, shared = self._waiting.popleft()
-                self.pool.give_back(shared)
-                if ack.done():  # its push gave up (deadline); the ack still arrives in order
-                    continue
-                if body:
-                    code, _, message = body.decode(errors="replace").partition("\0")
-                    ack.set_exception(from_code(code, message))
-                else:
-                    ack.set_result(None)
-        except (asyncio.IncompleteReadError, ConnectionError, IndexError) as e:
-            self._fail(Unavailable(f"connection lost ({type(e).__name__})"))
-        finally:
-            self.closed = True
-            self._writer.close()
+    def frame(self, payload: bytes) -> None:
+        if not self._waiting:  # an ack for nothing: the peer is confused; stop talking to it
+            self._lose(Unavailable("the peer acknowledged a push it was not sent"))
+            return
+        ack, shared = self._waiting.popleft()
+        self.pool.give_back(shared)
+        if ack.done():  # its push gave up (deadline); the ack still arrives in order
+            return
+        if payload:
+            code, _, message = payload.decode(errors="replace").partition("\0")
+            ack.set_exception(from_code(code, message))
+        else:
+            ack.set_result(None)
 
-    def _fail(self, error: ServingError) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lose(Unavailable(f"connection lost ({exc or 'closed by the peer'})"))
+
+    def _lose(self, error: ServingError) -> None:
+        self.closed = True
         while self._waiting:
             ack, shared = self._waiting.popleft()
             for tensor in shared:
@@ -178,11 +214,8 @@ class Connection:
             if not ack.done():
                 ack.set_exception(error)
         self.pool.close()
+        if self.transport is not None:
+            self.transport.close()
 
     async def close(self) -> None:
-        self.closed = True
-        self._writer.close()
-        self._acks.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._acks
-        self._fail(Unavailable("the connection is closed"))
+        self._lose(Unavailable("the connection is closed"))

@@ -4,13 +4,14 @@ same-host fast path and its fallbacks."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import numpy as np
 import pytest
 
 from moirai.partition import DeviceSpec, Stage, StagePlan
-from stage_server import chain, shm, wire
+from stage_server import chain, samehost, shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import (
     InvalidInput,
@@ -216,3 +217,24 @@ def test_only_loopback_peers_take_the_fast_path() -> None:
     assert chain.loopback_port("[::1]:8001") == 8001
     assert chain.loopback_port("10.0.0.3:8001") is None
     assert chain.loopback_port("stage-cpu-0.moirai.svc:8001") is None
+
+
+def test_frames_are_found_however_the_bytes_arrive() -> None:
+    """Frames split anywhere, several in one read, empty ones and one larger than a read."""
+
+    class Collect(samehost._Frames):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frames: list[bytes] = []
+
+        def frame(self, payload: bytes) -> None:
+            self.frames.append(payload)
+
+    frames = [b"", b"a", b"hello", bytes(range(256)) * 1000, b"", b"end"]
+    stream = b"".join(samehost._LENGTH.pack(len(f)) + f for f in frames)
+    splits = [[], [1], [2, 3, 4], list(range(1, 40)), [7, 100, 5000, 255_000], [len(stream) - 1]]
+    for cuts in splits:
+        collect = Collect()
+        for a, b in itertools.pairwise([0, *cuts, len(stream)]):
+            collect.data_received(stream[a:b])
+        assert collect.frames == frames, cuts
