@@ -8,14 +8,21 @@ Writes bench/results/runtime.md (tables), runtime.json and runtime_*.png (plots)
    (contiguous splits of the fusion groups in topological order, one stage server per stage);
 2. per-hop overhead against tensor size (1 KiB to 64 MiB): a two-node model served as one stage
    and as two stages on two servers, the difference being one extra hop, next to the machine's
-   loopback copy bandwidth (a raw TCP socket); goal: overhead <= 2 x bytes / bandwidth + 0.5 ms;
+   loopback copy bandwidth (a raw TCP socket); goal: overhead <= 2 x bytes / bandwidth + 0.5 ms.
+   Both chain transports: the same-host fast path (what `moirai serve` uses) and gRPC only (the
+   path between hosts). Both deployments of a transport run at once and requests alternate
+   between them, so each extra hop is a paired difference taken under the same load;
 3. throughput (requests/s) at concurrency 1, 4, 8 and 16: single-process ORT on one thread
-   against a two-device throughput plan (each device one core and one thread);
-   goal: >= 1.5x at concurrency 8;
-4. predicted (the solver's simulated makespan) against measured latency of latency plans.
+   against a two-device throughput plan (each device one core and one thread), for a plan priced
+   by the analytic cost model and one priced by measured profiling (each fusion group timed
+   alone); goal: >= 1.5x at concurrency 8. Single-process ORT runs as many requests as the
+   served plan, in rounds alternating with it, so both see the same machine;
+4. predicted against measured latency of latency plans: the solver's makespan plus the gateway
+   hops it leaves out (`moirai.runtime.planning.gateway_ms`).
 
 Everything runs as real processes on loopback (`moirai.runtime.local.LocalDeployment`), with
-the gateway and the load generator sharing the machine, as they would in `moirai serve`.
+the gateway and the load generator sharing the machine, as they would in `moirai serve`. The
+report records the load average: on a shared machine every figure moves with it.
 """
 
 from __future__ import annotations
@@ -156,7 +163,25 @@ def hop_model(count: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def bench_hops(sizes: list[int], tmp: Path) -> list[dict]:
+def _paired_ms(
+    a: LocalDeployment, b: LocalDeployment, inputs: dict[str, np.ndarray], n: int
+) -> tuple[float, float, float]:
+    """Medians of alternating requests to `a` and `b`, and the median of their differences."""
+    with InferenceClient(a.grpc_url) as ca, InferenceClient(b.grpc_url) as cb:
+        for _ in range(3):
+            ca.infer("hop", inputs, timeout_s=120)
+            cb.infer("hop", inputs, timeout_s=120)
+        ta, tb = [], []
+        for _ in range(n):
+            for client, times in ((ca, ta), (cb, tb)):
+                t0 = time.perf_counter()
+                client.infer("hop", inputs, timeout_s=120)
+                times.append((time.perf_counter() - t0) * 1000)
+    diffs = [y - x for x, y in zip(ta, tb, strict=True)]
+    return statistics.median(ta), statistics.median(tb), statistics.median(diffs)
+
+
+def bench_hops(sizes: list[int], tmp: Path, n: int) -> list[dict]:
     import onnx
 
     rows = []
@@ -168,20 +193,18 @@ def bench_hops(sizes: list[int], tmp: Path) -> list[dict]:
         one = build_plan(model, {"Neg_0": "cpu-0", "Abs_1": "cpu-0"}, devices, model_name="hop")
         two = build_plan(model, {"Neg_0": "cpu-0", "Abs_1": "cpu-1"}, devices, model_name="hop")
         inputs = {"x": np.ones(size // 4, np.float32)}
-        n = 30 if size <= 1 << 20 else 8
-        base = served_latency_ms(one, path, inputs, n)
-        chained = served_latency_ms(two, path, inputs, n)
+        reps = n if size <= 1 << 20 else max(5, n // 4)
         bandwidth = loopback_bandwidth(size)
         goal = 2 * size / bandwidth * 1000 + 0.5
-        row = {
-            "bytes": size,
-            "one_stage_ms": base,
-            "two_stages_ms": chained,
-            "hop_ms": chained - base,
-            "loopback_gb_s": bandwidth / 1e9,
-            "goal_ms": goal,
-            "met": chained - base <= goal,
-        }
+        row = {"bytes": size, "loopback_gb_s": bandwidth / 1e9, "goal_ms": goal}
+        for transport, same_host in (("same_host", True), ("grpc", False)):
+            work = tmp / f"{transport}{size}"
+            a = LocalDeployment(one, path, work / "one", same_host=same_host)
+            b = LocalDeployment(two, path, work / "two", same_host=same_host)
+            with a, b:
+                base, chained, hop = _paired_ms(a, b, inputs, reps)
+            row[transport] = {"one_stage_ms": base, "two_stages_ms": chained, "hop_ms": hop}
+        row["met"] = row["same_host"]["hop_ms"] <= goal
         rows.append(row)
         print("hop", row, flush=True)
     return rows
@@ -205,30 +228,66 @@ async def _rps(url: str, model: str, inputs, concurrency: int, total: int) -> fl
     return total / elapsed
 
 
-def bench_throughput(name: str, concurrencies: list[int], total: int) -> dict:
+def _single_rps(session: ort.InferenceSession, inputs, total: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(total):
+        session.run(None, inputs)
+    return total / (time.perf_counter() - t0)
+
+
+def bench_throughput(
+    name: str, profiles: list[str], concurrencies: list[int], total: int, rounds: int
+) -> list[dict]:
+    from moirai.profile import resolve
+
     path = zoo.get(name)
+    shapes = zoo.input_shapes(name)
     devices = split_cpu(local_devices(), 2)
-    planned = plan_model(
-        path, devices, input_shapes=zoo.input_shapes(name), objective="throughput", time_limit=10
-    )
-    inputs = inputs_for(planned.plan)
-    session = single_session(planned.model)
-    single_rps = 1000.0 / median_ms(lambda: session.run(None, inputs), 10)
-    result = {
-        "model": name,
-        "stages": len(planned.plan.stages),
-        "predicted_period_ms": planned.plan.predicted.get("period_ms"),
-        "single_rps": single_rps,
-        "served_rps": {},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        d = LocalDeployment(planned.plan, path, Path(tmp))
-        with d:
-            for c in concurrencies:
-                rps = asyncio.run(_rps(d.grpc_url, planned.plan.model_name, inputs, c, total))
-                result["served_rps"][c] = rps
-                print("throughput", name, c, rps, "single", single_rps, flush=True)
-    return result
+    results = []
+    for profile in profiles:
+        source = (
+            resolve("measured", path, shapes, method="submodel")
+            if profile == "measured"
+            else resolve("analytic", path, shapes)
+        )
+        planned = plan_model(
+            path,
+            devices,
+            input_shapes=shapes,
+            objective="throughput",
+            time_limit=10,
+            profile=source,
+        )
+        inputs = inputs_for(planned.plan)
+        session = single_session(planned.model)
+        single: list[float] = []
+        served: dict[int, list[float]] = {c: [] for c in concurrencies}
+        ratios: dict[int, list[float]] = {c: [] for c in concurrencies}
+        with tempfile.TemporaryDirectory() as tmp:
+            d = LocalDeployment(planned.plan, path, Path(tmp))
+            with d:
+                asyncio.run(_rps(d.grpc_url, planned.plan.model_name, inputs, 8, 8))  # warm up
+                for _ in range(rounds):
+                    for c in concurrencies:
+                        single.append(_single_rps(session, inputs, total))
+                        rps = asyncio.run(
+                            _rps(d.grpc_url, planned.plan.model_name, inputs, c, total)
+                        )
+                        served[c].append(rps)
+                        ratios[c].append(rps / single[-1])
+                        print("throughput", name, profile, c, rps, single[-1], flush=True)
+        results.append(
+            {
+                "model": name,
+                "profile": profile,
+                "stages": len(planned.plan.stages),
+                "predicted_period_ms": planned.plan.predicted.get("period_ms"),
+                "single_rps": statistics.median(single),
+                "served_rps": {c: statistics.median(v) for c, v in served.items()},
+                "speedup": {c: statistics.median(v) for c, v in ratios.items()},
+            }
+        )
+    return results
 
 
 # ------------------------------------------------------- 4. predicted vs real
@@ -244,7 +303,8 @@ def bench_predicted(names: list[str], n: int) -> list[dict]:
                 "model": name,
                 "stages": len(planned.plan.stages),
                 "devices": len(planned.plan.used_devices),
-                "predicted_ms": planned.plan.predicted["makespan_ms"],
+                "makespan_ms": planned.plan.predicted["makespan_ms"],
+                "predicted_ms": planned.plan.predicted["latency_ms"],
                 "measured_ms": served_latency_ms(planned.plan, path, inputs, n),
             }
         )
@@ -254,12 +314,14 @@ def bench_predicted(names: list[str], n: int) -> list[dict]:
 
 # ------------------------------------------------------------------ report
 def report(results: dict) -> str:
+    m = results["machine"]
     out = [
         "# Serving benchmark (`bench/runtime.py`)",
         "",
-        f"{results['machine']['cores']} cores; load average before/after the run: "
-        f"{results['machine']['load_before']:.1f} / {results['machine']['load_after']:.1f} "
-        "(other processes on the machine skew every figure when it is above 0).",
+        f"Run: `{m['command']}` on {m['cores']} cores; load average (1 min) before/after: "
+        f"{m['load_before']:.1f} / {m['load_after']:.1f}. Other processes on the machine (it is "
+        "shared) skew every figure when that is above 0; pairs of figures compared below were "
+        "taken alternately under the same load.",
         "",
     ]
     out += ["## Latency: single-process ORT (1 thread) vs chained stages (ms, median)", "",
@@ -268,30 +330,38 @@ def report(results: dict) -> str:
     for r in results["latency"]:
         out.append(f"| {r['model']} | {r['single_ms']:.1f} | {r['chain2_ms']:.1f} | "
                    f"{r['chain3_ms']:.1f} | {r['chain4_ms']:.1f} |")  # fmt: skip
-    out += ["", "## Per-hop overhead vs tensor size", "",
-            "| bytes | 1 stage ms | 2 stages ms | hop ms | loopback GB/s | goal ms | met |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += ["", "## Per-hop overhead vs tensor size (ms, medians of paired requests)", "",
+            "Goal: hop <= 2 x bytes / loopback bandwidth + 0.5 ms, for the same-host path that "
+            "`moirai serve` uses; gRPC only is the path between hosts.", "",
+            "| bytes | loopback GB/s | goal | same-host: 1 stage | 2 stages | hop | met | "
+            "gRPC: 1 stage | 2 stages | hop |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["hops"]:
-        out.append(f"| {r['bytes']} | {r['one_stage_ms']:.2f} | {r['two_stages_ms']:.2f} | "
-                   f"{r['hop_ms']:.2f} | {r['loopback_gb_s']:.2f} | {r['goal_ms']:.2f} | "
-                   f"{'yes' if r['met'] else 'no'} |")  # fmt: skip
-    t = results["throughput"]
-    out += ["", f"## Throughput, {t['model']}: two 1-thread CPU devices, throughput plan "
-            f"({t['stages']} stages, predicted period {t['predicted_period_ms']:.1f} ms)", "",
-            "| concurrency | served req/s | single-process ORT req/s | speed-up |",
-            "|---|---|---|---|"]  # fmt: skip
-    for c, rps in t["served_rps"].items():
-        out.append(f"| {c} | {rps:.1f} | {t['single_rps']:.1f} | {rps / t['single_rps']:.2f}x |")
+        sh, g = r["same_host"], r["grpc"]
+        out.append(f"| {r['bytes']} | {r['loopback_gb_s']:.2f} | {r['goal_ms']:.2f} | "
+                   f"{sh['one_stage_ms']:.2f} | {sh['two_stages_ms']:.2f} | {sh['hop_ms']:.2f} | "
+                   f"{'yes' if r['met'] else 'no'} | {g['one_stage_ms']:.2f} | "
+                   f"{g['two_stages_ms']:.2f} | {g['hop_ms']:.2f} |")  # fmt: skip
+    for t in results["throughput"]:
+        out += ["", f"## Throughput, {t['model']}, {t['profile']} profile: two 1-thread CPU "
+                f"devices, throughput plan ({t['stages']} stages, predicted period "
+                f"{t['predicted_period_ms']:.1f} ms)", "",
+                "| concurrency | served req/s | single-process ORT req/s | speed-up |",
+                "|---|---|---|---|"]  # fmt: skip
+        for c, rps in t["served_rps"].items():
+            out.append(f"| {c} | {rps:.1f} | {t['single_rps']:.1f} | {t['speedup'][c]:.2f}x |")
     out += [
         "",
-        "## Predicted (simulator) vs measured latency, latency plans",
+        "## Predicted vs measured latency, latency plans",
         "",
-        "| model | devices | stages | predicted ms | measured ms |",
-        "|---|---|---|---|---|",
+        "Predicted: the solver's makespan plus the gateway hops it leaves out.",
+        "",
+        "| model | devices | stages | makespan ms | predicted ms | measured ms |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results["predicted"]:
-        out.append(f"| {r['model']} | {r['devices']} | {r['stages']} | {r['predicted_ms']:.1f} | "
-                   f"{r['measured_ms']:.1f} |")  # fmt: skip
+        out.append(f"| {r['model']} | {r['devices']} | {r['stages']} | {r['makespan_ms']:.1f} | "
+                   f"{r['predicted_ms']:.1f} | {r['measured_ms']:.1f} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -304,7 +374,9 @@ def plots(results: dict) -> None:
     hops = results["hops"]
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r["bytes"] for r in hops]
-    ax.loglog(x, [max(r["hop_ms"], 1e-3) for r in hops], "o-", label="measured hop overhead")
+    for transport, label in (("same_host", "same-host path"), ("grpc", "gRPC only")):
+        ax.loglog(x, [max(r[transport]["hop_ms"], 1e-2) for r in hops], "o-",
+                  label=f"hop overhead, {label}")  # fmt: skip
     ax.loglog(x, [r["goal_ms"] for r in hops], "--", label="goal: 2 x bytes/loopback + 0.5 ms")
     ax.loglog(x, [r["bytes"] / (r["loopback_gb_s"] * 1e9) * 1000 for r in hops], ":",
               label="bytes / loopback bandwidth")  # fmt: skip
@@ -313,14 +385,16 @@ def plots(results: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "runtime_hops.png", dpi=120)
-    t = results["throughput"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    cs = list(t["served_rps"])
-    ax.plot(cs, list(t["served_rps"].values()), "o-", label="two-device pipeline")
-    ax.axhline(t["single_rps"], linestyle="--", color="gray", label="single-process ORT, 1 thread")
+    for t in results["throughput"]:
+        cs = list(t["served_rps"])
+        ax.plot(cs, list(t["speedup"].values()), "o-",
+                label=f"{t['profile']} profile ({t['stages']} stages)")  # fmt: skip
+    ax.axhline(1.5, linestyle="--", color="gray", label="goal at concurrency 8")
+    ax.axhline(1.0, linestyle=":", color="gray")
     ax.set_xlabel("concurrency")
-    ax.set_ylabel("requests/s")
-    ax.set_title(t["model"])
+    ax.set_ylabel("served / single-process ORT requests/s")
+    ax.set_title(f"{results['throughput'][0]['model']}: two 1-thread devices")
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "runtime_throughput.png", dpi=120)
@@ -337,12 +411,19 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results: dict = {
-            "hops": bench_hops(sizes, Path(tmp)),
+            "hops": bench_hops(sizes, Path(tmp), 20 if args.quick else 40),
             "latency": bench_latency(["squeezenet", "inception_v1"], n),
-            "throughput": bench_throughput("inception_v1", [1, 4, 8, 16], 24 if args.quick else 48),
+            "throughput": bench_throughput(
+                "inception_v1",
+                ["analytic", "measured"],
+                [1, 4, 8, 16],
+                total=24 if args.quick else 48,
+                rounds=1 if args.quick else 3,
+            ),
             "predicted": bench_predicted(["squeezenet", "shufflenet", "inception_v1"], n),
         }
     results["machine"] = {
+        "command": "bench/runtime.py" + (" --quick" if args.quick else ""),
         "cores": os.cpu_count(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],

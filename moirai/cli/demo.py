@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
     single_rps = 1000.0 / single_ms
-    predicted = plan.predicted.get("makespan_ms", float("nan"))
+    predicted = plan.predicted.get("latency_ms", float("nan"))
     print()
     print(
         f"outputs equal single-process ONNX Runtime: {'yes' if not mismatches else 'NO'}"

@@ -2,7 +2,7 @@
 
     moirai serve model.onnx [--devices local|devices.yaml] [--cpu-devices N] \
         [--profile analytic|measured|FILE] [--solver auto] [--objective latency|throughput] \
-        [--time-limit 10] \
+        [--time-limit 10] [--max-tasks N] \
         [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000]
 
 Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
@@ -20,12 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from moirai.errors import MoiraiError
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +44,12 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="auto", help="placement solver (default auto)")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, seconds")
+    p.add_argument(
+        "--max-tasks",
+        type=int,
+        help="coarsen the model to at most this many tasks before solving: fewer possible "
+        "stages, each of which costs a hop (default: every fusion group a task)",
+    )
     p.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
     )
@@ -90,6 +92,7 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
         objective=args.objective,
         time_limit=args.time_limit,
         profile=profile,
+        max_tasks=args.max_tasks,
     )
 
 

@@ -4,6 +4,12 @@ load → cost graph (analytic or measured profile) → solver → stage plan. Th
 plan's groups are the cost graph's tasks (`Task.ops` are canonical node names) in the order of
 the solver's schedule, so stages follow the schedule the solver predicted.
 
+The cost graph starts a request with the model inputs already on every device and ends it when
+the last task finishes; a served request also travels from the client to the gateway, from the
+gateway to the first stages, from the last stages back to the gateway and to the client.
+`gateway_ms` prices those hops, and the plan's `predicted.latency_ms` (what `moirai demo` and the
+benchmark compare with the measured latency) is the solver's makespan plus them.
+
 `--devices local` describes this machine as one CPU device with every core; serving wants one
 stage server per core group, so `split_cpu` cuts it into N devices of cores/N threads each
 (by default one per core, capped at 4), each later pinned to its own cores by the local runtime.
@@ -12,29 +18,43 @@ stage server per core group, so `split_cpu` cuts it into N devices of cores/N th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet
 from moirai.errors import MoiraiError
 from moirai.graph import load_model
-from moirai.partition import DeviceSpec, StagePlan, build_plan
+from moirai.partition import ONNX_DATATYPES, DeviceSpec, StagePlan, build_plan
 from moirai.pipeline import build_costgraph
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
 from moirai.profile import Profile
 
 MAX_LOCAL_CPU_DEVICES = 4
-# What one hop between local stage servers costs in practice: gRPC in Python over loopback, with
-# the sender's and receiver's (de)serialisation, about 1 ms and 0.5 GB/s on a small machine (see
-# bench/runtime.py's per-hop table). The cost model's bare loopback link is far cheaper, which
-# would make the solver cut the model into many tiny stages that the hops then slow down.
-SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=5e8, latency_ms=1.0)
+# What one hop between local stage servers costs, as the solver should see it. Measured on the
+# 2-core development machine (bench/results/runtime.md): over the same-host fast path a push
+# takes about 0.35 ms of wall time plus 1-1.4 GB/s, but with pipelined requests it costs about
+# 0.35 ms of CPU on each end, and for a CPU device that is the device's own core. The throughput
+# objective charges transfers to separate link ports, not to the devices, so the latency here
+# is the CPU of both ends (0.7 ms): priced at the wall time alone, the solver cuts models into
+# many more stages, whose hops then take the time of the compute they were meant to balance
+# (squeezenet: 12 stages instead of 7). The cost model's bare loopback link is cheaper still. A
+# measured profile (`--profile measured`) brings its own measured link instead.
+SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=1.0e9, latency_ms=0.7)
+# The client's Open Inference Protocol call to the gateway: one gRPC round trip carrying the
+# inputs one way and the outputs the other (measured like the chain's gRPC path).
+CLIENT_LOOPBACK = Link(bandwidth_bytes_per_s=0.55e9, latency_ms=0.9)
+_ITEMSIZE = {
+    name: helper.tensor_dtype_to_np_dtype(onnx_type).itemsize
+    for onnx_type, name in ONNX_DATATYPES.items()
+}
 
 
 def available_cores() -> list[int]:
@@ -104,11 +124,16 @@ def plan_model(
     time_limit: float = 10.0,
     seed: int = 0,
     profile: Profile | None = None,
+    max_tasks: int | None = None,
 ) -> Planned:
-    """`profile` prices the tasks (default: the analytic model; see `moirai.profile.resolve`)."""
+    """`profile` prices the tasks (default: the analytic model; see `moirai.profile.resolve`);
+    `max_tasks` coarsens the fusion groups to at most that many tasks, which bounds how many
+    stages the solver can cut the model into (every stage costs a hop on each side)."""
     model_path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
-    costgraph = build_costgraph(model_path, devices, shapes or None, profile=profile)
+    costgraph = build_costgraph(
+        model_path, devices, shapes or None, profile=profile, max_tasks=max_tasks
+    )
     placement = solve(costgraph, solver, objective, time_limit=time_limit, seed=seed)
     model = load_model(model_path, shapes or None)
     source = costgraph.extra.get("source", {})
@@ -139,7 +164,51 @@ def plan_model(
             "lower_bound_ms": placement.lower_bound_ms,
         },
     )
+    hops = gateway_ms(plan, costgraph.default_link)
+    plan = dataclasses.replace(
+        plan,
+        predicted={
+            **plan.predicted,
+            "gateway_ms": hops,
+            "latency_ms": (placement.makespan_ms or 0.0) + hops,
+        },
+    )
     return Planned(model, costgraph, placement, plan)
+
+
+def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
+    """Bytes of these tensors; a dimension that is not fixed counts as 1."""
+    total = 0
+    for name in tensors:
+        spec = plan.spec(name)
+        total += math.prod(max(1, d) for d in spec.shape) * _ITEMSIZE[spec.datatype]
+    return total
+
+
+def gateway_ms(plan: StagePlan, chain: Link, client: Link = CLIENT_LOOPBACK) -> float:
+    """The hops of a served request that the cost graph leaves out: the client's call to the
+    gateway (inputs there, outputs back, one round trip over `client`), the gateway's pushes of
+    the inputs to the first stages and the last stages' pushes of the outputs to the gateway
+    (over `chain`; the pushes to or from several stages run at once, so the largest counts)."""
+    inputs = [t.name for t in plan.inputs]
+    outputs = [t.name for t in plan.outputs]
+    push_in = max(
+        (
+            chain.transfer_ms(_nbytes(plan, [t for t in s.inputs if t in inputs]))
+            for s in plan.stages
+            if any(t in inputs for t in s.inputs)
+        ),
+        default=0.0,
+    )
+    push_out = max(
+        (
+            chain.transfer_ms(_nbytes(plan, [t for t in s.outputs if t in outputs]))
+            for s in plan.stages
+            if any(t in outputs for t in s.outputs)
+        ),
+        default=0.0,
+    )
+    return client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)) + push_in + push_out
 
 
 def describe(plan: StagePlan) -> str:
@@ -158,8 +227,9 @@ def describe(plan: StagePlan) -> str:
     if p:
         lines.append(
             f"solver {p.get('solver')} ({p.get('status')}), objective {p.get('objective')}: "
-            f"predicted latency {p.get('makespan_ms', 0):.2f} ms, "
-            f"period {p.get('period_ms') or 0:.2f} ms"
+            f"predicted latency {p.get('latency_ms', p.get('makespan_ms', 0)):.2f} ms "
+            f"(makespan {p.get('makespan_ms', 0):.2f} ms + gateway hops "
+            f"{p.get('gateway_ms', 0):.2f} ms), period {p.get('period_ms') or 0:.2f} ms"
         )
     for s in plan.stages:
         ins = ", ".join(s.inputs) or "-"
