@@ -437,11 +437,21 @@ class Heuristic:
 
 
 def warm_start(problem: PlacementProblem) -> Placement | None:
-    """HEFT's plan, the exact solvers' default start; None when HEFT cannot fit memory."""
-    try:
-        return heft(problem).to_placement("heft", "heuristic", lower_bound(problem), 0.0)
-    except InfeasibleError:
-        return None
+    """The exact solvers' default start: the best plan of the heuristics that need no LP — HEFT,
+    ETF (GETF and m-SCT without their LPs' advice) and the best single device; None when none
+    of them fits memory."""
+    lb = lower_bound(problem)
+    plans = []
+    for name, build in (("heft", heft), ("etf", _plain_etf), ("single", single)):
+        try:
+            plans.append(build(problem).to_placement(name, "heuristic", lb, 0.0))
+        except InfeasibleError:
+            continue
+    return min(plans, key=lambda plan: plan.objective_ms, default=None)
+
+
+def _plain_etf(problem: PlacementProblem) -> Schedule:
+    return etf(problem, problem.cand)
 
 
 def finish_heuristic(
