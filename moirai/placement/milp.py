@@ -16,7 +16,8 @@ model. For tasks i, devices k in `cand[i]`, edges e = (i, j):
   device (or enter the same device), an order binary `q` and, per such port, the same
   disjunction with `send[e,a] = sum_b y[e,a,b]` (`recv[e,b] = sum_a y[e,a,b]`) as indicators;
 - makespan `C >= S_i + sum_k tail[i,k] x[i,k]` for every task, minimised, and release times
-  `S_i >= sum_k head[i,k] x[i,k]` (`bounds.heads_tails`; redundant, they tighten the LP).
+  `S_i >= sum_k head[i,k] x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load
+  (redundant, they tighten the LP).
 
 Big-M is the horizon: the makespan of the heuristic warm start, also imposed as an upper bound
 on every time (so no constant is ever guessed). The warm start is passed as a MIP start.
@@ -202,6 +203,10 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
             m.row({start[j]: 1.0, t: -1.0, **duration(e, -1.0)}, 0.0, math.inf)
         else:
             m.row({start[j]: 1.0, **{c: -v for c, v in finish(i).items()}}, 0.0, math.inf)
+    for k in range(p.num_devices):  # C >= each device's load (redundant, tightens the LP)
+        load = {x[i][k]: -p.compute[i][k] for i in range(p.n) if k in x[i]}
+        if load:
+            m.row({cmax: 1.0, **load}, 0.0, math.inf)
     head, tail = heads_tails(p)  # tail includes the task: this also gives C >= S_i + P_i
     for i in range(p.n):
         m.row({start[i]: 1.0, **{x[i][k]: -head[i][k] for k in x[i]}}, 0.0, math.inf)
