@@ -1,20 +1,24 @@
 """`milp`: the paper's mixed-integer program, on HiGHS (default) or Gurobi.
 
-Moirai's formulation (Zhang et al., arXiv 2312.04025, Section 4), written against our execution
-model. For tasks i, devices k in `cand[i]`, edges e = (i, j):
+Moirai's formulation (Zhang et al., arXiv 2312.04025): assignment, ordering, transfer and
+congestion variables and memory, written against our execution model (`costgraph.md`), where
+congestion means one transfer at a time per device send port and per receive port. For tasks
+i, devices k in `cand[i]`, edges e = (i, j):
 
 - assignment `x[i,k]` binary, `sum_k x[i,k] = 1`; memory `sum_i mem_i x[i,k] <= cap_k`;
 - start `S_i >= 0`, compute time `P_i = sum_k p[i,k] x[i,k]`;
 - transfer indicator `y[e,a,b] >= x[i,a] + x[j,b] - 1` for a != b (continuous in [0, 1]: at an
   integral x its least value is integral, and a larger one only lengthens transfers, so it is
-  never chosen at an optimum and a plan is re-timed from x anyway); transfer start `T_e`,
-  duration `D_e = sum tau[e,a,b] y[e,a,b]`; precedence `T_e >= S_i + P_i`, `S_j >= T_e + D_e`;
+  never chosen at an optimum and a plan is re-timed from x anyway), at most one pair per edge
+  (so the port indicators below stay <= 1); transfer start `T_e`, duration
+  `D_e = sum tau[e,a,b] y[e,a,b]`; precedence `T_e >= S_i + P_i`, `S_j >= T_e + D_e`;
 - non-overlap on a device: for each pair of tasks that precedence does not already order and
   that share a candidate device, an order binary `o` and, per shared device k,
   `S_j >= S_i + p[i,k] - M(1 - o) - M(2 - x[i,k] - x[j,k])` and the converse;
 - congestion: for each pair of transfers not ordered by precedence that may leave the same
   device (or enter the same device), an order binary `q` and, per such port, the same
-  disjunction with `send[e,a] = sum_b y[e,a,b]` (`recv[e,b] = sum_a y[e,a,b]`) as indicators;
+  disjunction with `send[e,a] = sum_b y[e,a,b]` (`recv[e,b] = sum_a y[e,a,b]`) as indicators
+  (pairs with a zero transfer time are left out: a zero-length transfer occupies no port);
 - makespan `C >= S_i + sum_k tail[i,k] x[i,k]` for every task, minimised, and release times
   `S_i >= sum_k head[i,k] x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load
   (redundant, they tighten the LP).
