@@ -501,7 +501,7 @@ class MilpSolver:
         if self.backend == "gurobi":
             size = max(form.model.num_cols, form.model.num_rows)
             try:
-                if size > GUROBI_SIZE_LIMIT and not _gurobi_unrestricted():
+                if size > GUROBI_SIZE_LIMIT and not gurobi_unrestricted():
                     raise GurobiSizeLimit(f"{size} variables or constraints")
                 result = _solve_gurobi(form.model, options, start, label, started)
             except GurobiSizeLimit as e:
@@ -536,7 +536,7 @@ class MilpSolver:
         return plan
 
 
-def _gurobi_unrestricted() -> bool:
+def gurobi_unrestricted() -> bool:
     """Whether the Gurobi licence is a full one (a size-limited one reports its limit)."""
     import gurobipy as gp
 

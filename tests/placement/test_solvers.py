@@ -169,3 +169,26 @@ def test_large_graph_within_the_time_limit() -> None:
     heft = solve(cg, "heft")
     assert plan.makespan_ms <= heft.makespan_ms
     assert plan.lower_bound_ms > 0 and plan.status in ("feasible", "heuristic")
+
+
+def test_gurobi_size_limit_falls_back_to_highs() -> None:
+    from moirai.placement.milp import (
+        GUROBI_SIZE_LIMIT,
+        build,
+        gurobi_available,
+        gurobi_unrestricted,
+    )
+
+    ok, reason = gurobi_available()
+    if not ok:
+        pytest.skip(reason)
+    if gurobi_unrestricted():
+        pytest.skip("a full Gurobi licence has no size limit")
+    cg = random_costgraph(seed=12, tasks=16, devices=4, edge_prob=0.3)
+    problem = PlacementProblem(cg)
+    size = build(problem, horizon=100.0).model.num_rows
+    assert size > GUROBI_SIZE_LIMIT  # beyond the pip licence
+    plan = solve(cg, "milp-gurobi", time_limit=5, threads=1)
+    assert plan.solver == "milp-highs"
+    assert "size-limited" in plan.extra["note"]
+    check(problem, plan)
