@@ -10,12 +10,13 @@ host (`moirai serve`, where every server listens on loopback), neither is necess
   (`socket_name`). Abstract sockets belong to the network namespace, exactly like the loopback
   address the sender would otherwise dial, have no file to clean up, and vanish with their
   process. A push is one frame, `<u32 length><PushRequest bytes>` (the very bytes gRPC would
-  carry, `stage_server.wire`), answered by one ack frame in order, `<u32 length><code>\\0<message>`
-  with an empty code for success, so the sender keeps a FIFO of waiting pushes and needs no ids;
+  carry, `stage_server.wire`), answered in order by one ack frame, `A` alone for success or
+  `A<code>\\0<message>`, so the sender keeps a FIFO of waiting pushes and needs no ids;
 - tensors of `SHARED_MIN_BYTES` and more travel in shared memory (`stage_server.shm`): the
-  sender writes them into memory files of the connection's pool, the receiver copies them out
-  before it acks, and the ack returns the files to the pool; both ends free everything when the
-  connection ends.
+  sender writes them into memory files of the connection's pool, the receiver's stage reads them
+  where they lie, and when the last array over a file is gone the receiver sends a release
+  frame, `R<u64 inode>`, which returns the file to the pool; both ends let go of everything when
+  the connection ends.
 
 A push keeps the chain's semantics: it carries the request's deadline and waits for its ack at
 most until then; the receiver's errors come back with their status code; a broken connection is
@@ -49,12 +50,17 @@ def socket_name(port: int) -> str:
     return f"\0moirai-chain-{port}"
 
 
+_ACK = b"A"
+_RELEASE = b"R"
+_INODE = struct.Struct("<Q")
+
+
 def _ack(error: BaseException | None) -> bytes:
     if error is None:
-        return _LENGTH.pack(0)
+        return _LENGTH.pack(1) + _ACK
     code = status_of(error)[0].name
     message = str(error) if isinstance(error, ServingError) else f"{type(error).__name__}: {error}"
-    body = f"{code}\0{message}".encode()
+    body = _ACK + f"{code}\0{message}".encode()
     return _LENGTH.pack(len(body)) + body
 
 
@@ -106,7 +112,12 @@ class _Receiving(_Frames):
     def __init__(self, listener: Listener) -> None:
         super().__init__()
         self._listener = listener
-        self._mappings = shm.Mappings()
+        self._mappings = shm.Mappings(self._release)
+
+    def _release(self, inode: int) -> None:
+        """No array over this file of the sender's is left: it may write the file again."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_LENGTH.pack(1 + _INODE.size) + _RELEASE + _INODE.pack(inode))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -155,9 +166,10 @@ class Connection(_Frames):
 
     def __init__(self) -> None:
         super().__init__()
-        # Per push sent and not yet acked: its waiter, and the pool's files it uses.
-        self._waiting: collections.deque[tuple[asyncio.Future[None], list[shm.SharedTensor]]]
+        # Per push sent and not yet acked: its waiter, and the inodes of its shared tensors.
+        self._waiting: collections.deque[tuple[asyncio.Future[None], list[int]]]
         self._waiting = collections.deque()
+        self._shared: dict[int, shm.SharedTensor] = {}  # by inode: not yet released
         self.pool = shm.Pool()
         self.closed = False
 
@@ -177,30 +189,45 @@ class Connection(_Frames):
     ) -> None:
         """Send one push and wait for its ack (at most `timeout_s`); raise the peer's error.
 
-        The push's files from `pool` (`shared`) go back to it at the ack, which may come after
-        this call gave up: until then the receiver may still read them."""
+        The push's files from `pool` (`shared`) belong to the connection from now on: they go
+        back to the pool when the receiver releases them, which is usually long after the ack
+        and may be after this call gave up."""
+        shared = shared or []
         if self.closed or self.transport is None:
-            for tensor in shared or ():
+            for tensor in shared:
                 tensor.close()
             raise Unavailable("the connection is closed")
+        for tensor in shared:
+            self._shared[tensor.inode] = tensor
         ack = asyncio.get_running_loop().create_future()
-        self._waiting.append((ack, shared or []))
+        self._waiting.append((ack, [tensor.inode for tensor in shared]))
         self.transport.writelines([_LENGTH.pack(len(payload)), payload])
         await asyncio.wait_for(ack, timeout_s)
 
     def frame(self, payload: bytes) -> None:
-        if not self._waiting:  # an ack for nothing: the peer is confused; stop talking to it
-            self._lose(Unavailable("the peer acknowledged a push it was not sent"))
+        kind, body = payload[:1], payload[1:]
+        if kind == _RELEASE and len(body) == _INODE.size:
+            self._give_back(_INODE.unpack(body)[0])
             return
-        ack, shared = self._waiting.popleft()
-        self.pool.give_back(shared)
+        if kind != _ACK or not self._waiting:  # the peer is confused: stop talking to it
+            self._lose(Unavailable("the peer sent a frame this connection does not expect"))
+            return
+        ack, inodes = self._waiting.popleft()
+        if body:  # the push failed: the receiver holds none of its files
+            for inode in inodes:
+                self._give_back(inode)
         if ack.done():  # its push gave up (deadline); the ack still arrives in order
             return
-        if payload:
-            code, _, message = payload.decode(errors="replace").partition("\0")
+        if body:
+            code, _, message = body.decode(errors="replace").partition("\0")
             ack.set_exception(from_code(code, message))
         else:
             ack.set_result(None)
+
+    def _give_back(self, inode: int) -> None:
+        tensor = self._shared.pop(inode, None)  # at most once, however it is released
+        if tensor is not None:
+            self.pool.give_back([tensor])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(Unavailable(f"connection lost ({exc or 'closed by the peer'})"))
@@ -208,11 +235,12 @@ class Connection(_Frames):
     def _lose(self, error: ServingError) -> None:
         self.closed = True
         while self._waiting:
-            ack, shared = self._waiting.popleft()
-            for tensor in shared:
-                tensor.close()
+            ack, _ = self._waiting.popleft()
             if not ack.done():
                 ack.set_exception(error)
+        for tensor in self._shared.values():
+            tensor.close()
+        self._shared.clear()
         self.pool.close()
         if self.transport is not None:
             self.transport.close()

@@ -6,20 +6,22 @@ again into freshly allocated memory. The sender writes it into an anonymous memo
 (`memfd_create`) and the push carries only a reference: the sender's pid, its descriptor of the
 file and the file's inode. The receiver opens the file through `/proc/<pid>/fd/<fd>`, checks the
 inode (so a descriptor number that was closed and reused can never hand over the wrong tensor),
-maps it and copies the tensor out before it acks the push.
+maps it, and gives the stage a read-only numpy array over the mapping: no copy at all.
 
 Memory is reused, which is what makes this fast: on a host where fresh memory costs a page fault
 per 4 KiB (about 10 µs on the virtual machines measured), writing every tensor into a new file
-costs more than the copy itself. So each connection's sender keeps a `Pool` of files that it
-writes again once the receiver has acked (and so copied out) the push that used them, and each
-connection's receiver keeps its `Mappings` of those files. Tensors larger than half the pool's
-budget get a file of their own, closed at the ack and never cached by the receiver.
+costs more than the copy itself. So each connection's sender keeps a `Pool` of files and each
+connection's receiver keeps its `Mappings` of them. A file goes back to the pool when the
+receiver releases it: when the last array over it is garbage-collected (the stage ran, or the
+request failed, expired or was cancelled and its state was dropped), the receiver sends a
+release, and only then may the sender write the file again. Tensors larger than half the pool's
+budget get a file of their own, closed at the release and never cached by the receiver.
 
-Nothing outlives the connection: the pool closes its files and the receiver its mappings when
-the connection ends (closed, broken, or its process gone), and the kernel frees a file's memory
-with the last descriptor or mapping. The files have no name anywhere, so nothing can be left
-behind in `/dev/shm`; while a connection lives, its memory is bounded by the pool's budget plus
-the tensors of the pushes in flight.
+Nothing outlives its use: the pool closes its files, and the receiver forgets its mappings,
+when the connection ends (closed, broken, or its process gone); an array still alive then keeps
+its mapping, and the kernel frees a file's memory with the last descriptor or mapping. The files
+have no name anywhere, so nothing can be left behind in `/dev/shm`; while a connection lives,
+its memory is bounded by the pool's budget plus the tensors still held by the receiver.
 
 Opening another process's descriptor needs the same user and the same pid namespace (the
 kernel's ptrace read check); where that fails (containers that do not share them), the receiver
@@ -32,6 +34,8 @@ import collections
 import contextlib
 import mmap
 import os
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -62,7 +66,7 @@ class SharedTensor:
         self._fd = os.memfd_create("moirai-tensor", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self._fd, capacity)
-            self._inode = os.fstat(self._fd).st_ino
+            self.inode = os.fstat(self._fd).st_ino
         except BaseException:
             os.close(self._fd)
             raise
@@ -73,7 +77,7 @@ class SharedTensor:
         written = 0
         while written < data.nbytes:  # pwrite may stop short of very large buffers
             written += os.pwrite(self._fd, data[written:], written)
-        return stage_pb2.SharedMemory(pid=_PID, fd=self._fd, inode=self._inode, pooled=self.pooled)
+        return stage_pb2.SharedMemory(pid=_PID, fd=self._fd, inode=self.inode, pooled=self.pooled)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -90,7 +94,8 @@ class Pool:
         self._idle_bytes = 0
 
     def take(self, array: np.ndarray) -> tuple[SharedTensor, stage_pb2.SharedMemory]:
-        """A file holding `array`, and its reference; give it back when the push is acked."""
+        """A file holding `array`, and its reference; give it back once the receiver released
+        it."""
         capacity = _capacity(array.nbytes)
         if capacity > self._budget // 2:
             tensor = SharedTensor(array.nbytes, pooled=False)
@@ -108,7 +113,7 @@ class Pool:
             raise
 
     def give_back(self, tensors: list[SharedTensor]) -> None:
-        """The receiver has copied these out: keep them for the next pushes, within budget."""
+        """The receiver is done with these: keep them for the next pushes, within budget."""
         for tensor in tensors:
             if tensor.pooled and self._idle_bytes + tensor.capacity <= self._budget:
                 self._idle[tensor.capacity].append(tensor)
@@ -125,9 +130,11 @@ class Pool:
 
 
 class Mappings:
-    """The receiver's side of one connection: its mappings of the sender's pooled files."""
+    """The receiver's side of one connection: its mappings of the sender's files."""
 
-    def __init__(self, budget: int = POOL_BYTES) -> None:
+    def __init__(self, release: Callable[[int], None], budget: int = POOL_BYTES) -> None:
+        """`release(inode)` tells the sender that no array over its file is left."""
+        self._release = release
         self._budget = budget
         self._maps: collections.OrderedDict[tuple[int, int, int], mmap.mmap] = (
             collections.OrderedDict()
@@ -135,43 +142,44 @@ class Mappings:
         self._bytes = 0
 
     def read(self, reference: stage_pb2.SharedMemory, nbytes: int) -> np.ndarray:
-        """A copy of the first `nbytes` of the file the reference names (bytes as uint8)."""
+        """A read-only array of the first `nbytes` of the file the reference names (as uint8),
+        over the mapping itself; the file is released when the array and every array made
+        from it are gone."""
         key = (reference.pid, reference.fd, reference.inode)
         mapping = self._maps.get(key)
         if mapping is None:
             mapping = _attach(reference, nbytes)
-            if not reference.pooled:
-                with mapping:
-                    return _copy(mapping, nbytes)
-            self._maps[key] = mapping
-            self._bytes += len(mapping)
-            while self._bytes > self._budget and len(self._maps) > 1:
-                _, old = self._maps.popitem(last=False)
-                self._bytes -= len(old)
-                old.close()
+            if reference.pooled:
+                self._remember(key, mapping)
         else:
             self._maps.move_to_end(key)
         if len(mapping) < nbytes:
             raise SharedMemoryUnavailable(
                 f"the shared tensor holds {len(mapping)} bytes, the push names {nbytes}"
             )
-        return _copy(mapping, nbytes)
+        view = np.frombuffer(mapping, np.uint8, nbytes)
+        weakref.finalize(view, self._release, reference.inode)
+        return view
+
+    def _remember(self, key: tuple[int, int, int], mapping: mmap.mmap) -> None:
+        self._maps[key] = mapping
+        self._bytes += len(mapping)
+        while self._bytes > self._budget and len(self._maps) > 1:
+            _, old = self._maps.popitem(last=False)
+            self._bytes -= len(old)
+            _unmap(old)
 
     def close(self) -> None:
         for mapping in self._maps.values():
-            mapping.close()
+            _unmap(mapping)
         self._maps.clear()
         self._bytes = 0
 
 
-def _copy(mapping: mmap.mmap, nbytes: int) -> np.ndarray:
-    """The bytes copied into a numpy array, whose large allocations numpy backs with huge pages:
-    far fewer page faults than a `bytes` object of the same size."""
-    out = np.empty(nbytes, np.uint8)
-    view = np.frombuffer(mapping, np.uint8, nbytes)
-    out[:] = view
-    del view  # the mapping may be closed right after: no export may outlive this call
-    return out
+def _unmap(mapping: mmap.mmap) -> None:
+    """Unmap now, or, while arrays over it live, when the last of them goes."""
+    with contextlib.suppress(BufferError):
+        mapping.close()
 
 
 def _attach(reference: stage_pb2.SharedMemory, nbytes: int) -> mmap.mmap:

@@ -74,24 +74,33 @@ def test_malformed_pushes_are_invalid_input(payload: bytes) -> None:
         wire.decode_push(payload)
 
 
-def test_shared_tensors_are_copied_out_files_reused_and_nothing_left() -> None:
+def test_shared_tensors_are_read_in_place_released_reused_and_nothing_left() -> None:
     rng = np.random.default_rng(0)
     first, second = (rng.random((256, 128)).astype(np.float32) for _ in range(2))
     before = shared_memory_in_use()
-    pool, mappings = shm.Pool(), shm.Mappings()
+    released: list[int] = []
+    pool, mappings = shm.Pool(), shm.Mappings(released.append)
     sent, reference = pool.take(first)
     push = wire.decode_push(
         wire.encode_push("r", "s", {"x": first}, 1.0, 1.0, shared={"x": reference}), mappings
     )
-    pool.give_back([sent])  # the ack: the receiver has its copy
+    x = push.tensors["x"]
+    np.testing.assert_array_equal(x, first)
+    assert not x.flags.writeable and not x.flags.owndata  # the sender's file, mapped
+    del push
+    assert released == []  # x still reads the file
+    del x
+    assert released == [reference.inode]
+    pool.give_back([sent])  # what the release frame does
     again, reference_again = pool.take(second)  # the same file, written again
     assert (reference_again.fd, reference_again.inode) == (reference.fd, reference.inode)
-    np.testing.assert_array_equal(push.tensors["x"], first)
-    assert mappings.read(reference_again, second.nbytes).tobytes() == second.tobytes()
+    view = mappings.read(reference_again, second.nbytes)  # the cached mapping
+    assert view.tobytes() == second.tobytes()
+    mappings.close()  # an array still over it keeps its mapping until it goes
+    assert view.tobytes() == second.tobytes()
+    del view
     pool.give_back([again])
     pool.close()
-    mappings.close()
-    del push
     assert shared_memory_in_use() == before
 
 
@@ -102,16 +111,15 @@ def test_a_shared_tensor_is_only_read_when_it_is_the_one_named() -> None:
     wrong.CopyFrom(reference)
     wrong.inode += 1  # as if the descriptor had been closed and its number reused
     with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
-        shm.Mappings().read(wrong, 4096)
+        shm.Mappings(print).read(wrong, 4096)
     with pytest.raises(SharedMemoryUnavailable, match="not the shared tensor"):
-        shm.Mappings().read(reference, 1 << 20)  # larger than the file
+        shm.Mappings(print).read(reference, 1 << 20)  # larger than the file
     sent.close()
     with pytest.raises(SharedMemoryUnavailable, match="cannot open"):
-        shm.Mappings().read(reference, 4096)
+        shm.Mappings(print).read(reference, 4096)
+    ones = {"x": np.ones(1024)}
     with pytest.raises(SharedMemoryUnavailable, match="same-host path only"):
-        wire.decode_push(
-            wire.encode_push("r", "s", {"x": np.ones(1024)}, 1, 1, (), "", {"x": reference})
-        )
+        wire.decode_push(wire.encode_push("r", "s", ones, 1, 1, (), "", {"x": reference}))
 
 
 class _Recorder:
