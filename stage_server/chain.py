@@ -58,6 +58,9 @@ CHANNEL_OPTIONS = [
 ]
 RECONNECT_S = 1.0
 """How long a loopback peer whose fast path refused a connection gets gRPC before another try."""
+RECONNECT_WAIT_S = 1.5
+"""How long a call answered UNAVAILABLE waits for its channel to come back: the longest
+reconnect back-off above, plus a margin."""
 
 
 def now_ms() -> float:
@@ -311,16 +314,33 @@ class Peers:
     async def _call(
         self, method: Any, name: str, target: str, request: object, deadline_ms: float
     ) -> None:
-        remaining = (deadline_ms - now_ms()) / 1000.0
-        if remaining <= 0:
-            raise DeadlineExceeded(f"deadline passed before {name} to {target}")
+        """One unary call within the request's deadline. An UNAVAILABLE answer is retried once
+        if the peer's channel comes back within `RECONNECT_WAIT_S`: a peer that restarted leaves
+        this side's channel in reconnect back-off for up to a second, while the gateway already
+        reports the chain ready."""
+        for attempt in (1, 2):
+            remaining = (deadline_ms - now_ms()) / 1000.0
+            if remaining <= 0:
+                raise DeadlineExceeded(f"deadline passed before {name} to {target}")
+            try:
+                await method(request, timeout=remaining)
+                return
+            except grpc.aio.AioRpcError as e:
+                where = f"{target} at {self.address(target)}"
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise from_code(e.code().name, f"{name} to {where}: {e.details()}") from None
+                if attempt == 2 or not await self._reconnected(target, deadline_ms):
+                    raise Unavailable(f"cannot reach {where}: {e.details()}") from None
+
+    async def _reconnected(self, target: str, deadline_ms: float) -> bool:
+        wait = min(RECONNECT_WAIT_S, (deadline_ms - now_ms()) / 1000.0)
+        if wait <= 0:
+            return False
         try:
-            await method(request, timeout=remaining)
-        except grpc.aio.AioRpcError as e:
-            where = f"{target} at {self.address(target)}"
-            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                raise Unavailable(f"cannot reach {where}: {e.details()}") from None
-            raise from_code(e.code().name, f"{name} to {where}: {e.details()}") from None
+            await asyncio.wait_for(self._peer(target).channel.channel_ready(), wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         for peer in self._peers.values():
