@@ -13,10 +13,12 @@ Writes bench/results/runtime.md (tables), runtime.json and runtime_*.png (plots)
    path between hosts). Both deployments of a transport run at once and requests alternate
    between them, so each extra hop is a paired difference taken under the same load;
 3. throughput (requests/s) at concurrency 1, 4, 8 and 16: single-process ORT on one thread
-   against a two-device throughput plan (each device one core and one thread), for a plan priced
-   by the analytic cost model and one priced by measured profiling (each fusion group timed
-   alone); goal: >= 1.5x at concurrency 8. Single-process ORT runs as many requests as the
-   served plan, in rounds alternating with it, so both see the same machine;
+   against a two-device throughput plan (each device one core and one thread), for plans priced
+   by the analytic cost model and by measured profiling (each fusion group timed alone), the
+   latter also coarsened to 48 tasks (`--max-tasks`); goal: >= 1.5x at concurrency 8.
+   Single-process ORT runs as many requests as the served plan, in rounds alternating with it,
+   so both see the same machine; the CPU each process spends per request gives the speed-up
+   the plan allows when the cores are the benchmark's alone;
 4. predicted against measured latency of latency plans: the solver's makespan plus the gateway
    hops it leaves out (`moirai.runtime.planning.gateway_ms`).
 
@@ -228,23 +230,55 @@ async def _rps(url: str, model: str, inputs, concurrency: int, total: int) -> fl
     return total / elapsed
 
 
-def _single_rps(session: ort.InferenceSession, inputs, total: int) -> float:
-    t0 = time.perf_counter()
+def _single_rps(session: ort.InferenceSession, inputs, total: int) -> tuple[float, float]:
+    """Requests/s of single-process ORT, and its CPU milliseconds per request."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(total):
         session.run(None, inputs)
-    return total / (time.perf_counter() - t0)
+    return total / (time.perf_counter() - t0), (time.thread_time() - c0) * 1000 / total
+
+
+def _cpu_ms(pid: int) -> float:
+    """CPU time of a process so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _served(d: LocalDeployment, model: str, inputs, c: int, total: int) -> tuple[float, dict]:
+    """Requests/s of the deployment at concurrency `c`, and CPU ms per request of each of its
+    processes and of this one (the load generator)."""
+    before = {name: _cpu_ms(pid) for name, pid in d.pids.items()}
+    me = os.times()
+    rps = asyncio.run(_rps(d.grpc_url, model, inputs, c, total))
+    cpu = {name: (_cpu_ms(pid) - before[name]) / (total + 1) for name, pid in d.pids.items()}
+    cpu["client"] = (sum(os.times()[:2]) - sum(me[:2])) * 1000 / (total + 1)
+    return rps, cpu
+
+
+def _capacity(cpu: dict, devices: list[str], single_cpu_ms: float) -> float:
+    """The speed-up the CPU costs allow when the machine is this benchmark's alone: each device
+    is bounded by its core, and everything together by all the cores."""
+    busiest = max(cpu[d] for d in devices)
+    cores = len(os.sched_getaffinity(0))
+    served = min(1000 / busiest, cores * 1000 / sum(cpu.values()))
+    return served * single_cpu_ms / 1000
 
 
 def bench_throughput(
-    name: str, profiles: list[str], concurrencies: list[int], total: int, rounds: int
+    name: str,
+    variants: list[tuple[str, int | None]],
+    concurrencies: list[int],
+    total: int,
+    rounds: int,
 ) -> list[dict]:
+    """For each (profile, max_tasks) variant: plan, serve, compare with single-process ORT."""
     from moirai.profile import resolve
 
     path = zoo.get(name)
     shapes = zoo.input_shapes(name)
     devices = split_cpu(local_devices(), 2)
     results = []
-    for profile in profiles:
+    for profile, max_tasks in variants:
         source = (
             resolve("measured", path, shapes, method="submodel")
             if profile == "measured"
@@ -257,34 +291,49 @@ def bench_throughput(
             objective="throughput",
             time_limit=10,
             profile=source,
+            max_tasks=max_tasks,
         )
         inputs = inputs_for(planned.plan)
         session = single_session(planned.model)
         single: list[float] = []
+        single_cpu: list[float] = []
         served: dict[int, list[float]] = {c: [] for c in concurrencies}
         ratios: dict[int, list[float]] = {c: [] for c in concurrencies}
+        capacity: dict[int, list[float]] = {c: [] for c in concurrencies}
+        cpu_at_8: list[dict] = []
+        used = list(planned.plan.used_devices)
         with tempfile.TemporaryDirectory() as tmp:
             d = LocalDeployment(planned.plan, path, Path(tmp))
             with d:
                 asyncio.run(_rps(d.grpc_url, planned.plan.model_name, inputs, 8, 8))  # warm up
                 for _ in range(rounds):
                     for c in concurrencies:
-                        single.append(_single_rps(session, inputs, total))
-                        rps = asyncio.run(
-                            _rps(d.grpc_url, planned.plan.model_name, inputs, c, total)
-                        )
+                        rps_single, cpu_single = _single_rps(session, inputs, total)
+                        single.append(rps_single)
+                        single_cpu.append(cpu_single)
+                        rps, cpu = _served(d, planned.plan.model_name, inputs, c, total)
                         served[c].append(rps)
-                        ratios[c].append(rps / single[-1])
-                        print("throughput", name, profile, c, rps, single[-1], flush=True)
+                        ratios[c].append(rps / rps_single)
+                        capacity[c].append(_capacity(cpu, used, cpu_single))
+                        if c == 8:
+                            cpu_at_8.append(cpu)
+                        print("throughput", name, profile, c, rps, rps_single, cpu, flush=True)
         results.append(
             {
                 "model": name,
-                "profile": profile,
+                "plan": f"{profile} profile" + (f", --max-tasks {max_tasks}" if max_tasks else ""),
                 "stages": len(planned.plan.stages),
                 "predicted_period_ms": planned.plan.predicted.get("period_ms"),
                 "single_rps": statistics.median(single),
+                "single_cpu_ms": statistics.median(single_cpu),
                 "served_rps": {c: statistics.median(v) for c, v in served.items()},
                 "speedup": {c: statistics.median(v) for c, v in ratios.items()},
+                "capacity_speedup": {c: statistics.median(v) for c, v in capacity.items()},
+                "cpu_ms_at_8": {
+                    k: statistics.median(cpu[k] for cpu in cpu_at_8) for k in cpu_at_8[0]
+                }
+                if cpu_at_8
+                else {},
             }
         )
     return results
@@ -343,13 +392,21 @@ def report(results: dict) -> str:
                    f"{'yes' if r['met'] else 'no'} | {g['one_stage_ms']:.2f} | "
                    f"{g['two_stages_ms']:.2f} | {g['hop_ms']:.2f} |")  # fmt: skip
     for t in results["throughput"]:
-        out += ["", f"## Throughput, {t['model']}, {t['profile']} profile: two 1-thread CPU "
+        out += ["", f"## Throughput, {t['model']}, {t['plan']}: two 1-thread CPU "
                 f"devices, throughput plan ({t['stages']} stages, predicted period "
                 f"{t['predicted_period_ms']:.1f} ms)", "",
-                "| concurrency | served req/s | single-process ORT req/s | speed-up |",
-                "|---|---|---|---|"]  # fmt: skip
+                "Speed-up: served over single-process ORT requests/s, measured in alternating "
+                "rounds (medians). CPU-bound speed-up: what the measured CPU per request allows "
+                "with the cores to ourselves (each device bounded by its core, all processes "
+                "by all cores), against single-process ORT's CPU per request "
+                f"({t['single_cpu_ms']:.1f} ms). CPU ms per request at concurrency 8: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in t["cpu_ms_at_8"].items()) + ".", "",
+                "| concurrency | served req/s | single-process ORT req/s | speed-up | "
+                "CPU-bound speed-up |",
+                "|---|---|---|---|---|"]  # fmt: skip
         for c, rps in t["served_rps"].items():
-            out.append(f"| {c} | {rps:.1f} | {t['single_rps']:.1f} | {t['speedup'][c]:.2f}x |")
+            out.append(f"| {c} | {rps:.1f} | {t['single_rps']:.1f} | {t['speedup'][c]:.2f}x | "
+                       f"{t['capacity_speedup'][c]:.2f}x |")  # fmt: skip
     out += [
         "",
         "## Predicted vs measured latency, latency plans",
@@ -389,7 +446,7 @@ def plots(results: dict) -> None:
     for t in results["throughput"]:
         cs = list(t["served_rps"])
         ax.plot(cs, list(t["speedup"].values()), "o-",
-                label=f"{t['profile']} profile ({t['stages']} stages)")  # fmt: skip
+                label=f"{t['plan']} ({t['stages']} stages)")  # fmt: skip
     ax.axhline(1.5, linestyle="--", color="gray", label="goal at concurrency 8")
     ax.axhline(1.0, linestyle=":", color="gray")
     ax.set_xlabel("concurrency")
@@ -415,7 +472,7 @@ def main() -> None:
             "latency": bench_latency(["squeezenet", "inception_v1"], n),
             "throughput": bench_throughput(
                 "inception_v1",
-                ["analytic", "measured"],
+                [("analytic", None), ("measured", None), ("measured", 48)],
                 [1, 4, 8, 16],
                 total=24 if args.quick else 48,
                 rounds=1 if args.quick else 3,
