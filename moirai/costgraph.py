@@ -9,7 +9,6 @@ nowhere, a negative time or a missing field each raise one `CostGraphError` nami
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from moirai.dag import topological_order
 from moirai.errors import CostGraphError
 
 FORMAT = "moirai.costgraph/v1"
@@ -195,25 +195,14 @@ def _link_dict(link: Link) -> dict[str, float]:
 
 # ------------------------------------------------------------------ validation
 def _topological_order(tasks: Iterable[Task], edges: Iterable[Edge]) -> tuple[str, ...] | None:
-    """Kahn's algorithm; None when the edges hold a cycle."""
+    """Task ids in model order as far as the edges allow; None when the edges hold a cycle."""
     ids = [t.id for t in tasks]
-    indegree = dict.fromkeys(ids, 0)
     succs: dict[str, list[str]] = {i: [] for i in ids}
     for e in edges:
-        indegree[e.dst] += 1
         succs[e.src].append(e.dst)
     position = {i: n for n, i in enumerate(ids)}
-    ready = [(position[i], i) for i in ids if indegree[i] == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        _, i = heapq.heappop(ready)
-        order.append(i)
-        for j in succs[i]:
-            indegree[j] -= 1
-            if indegree[j] == 0:
-                heapq.heappush(ready, (position[j], j))
-    return tuple(order) if len(order) == len(ids) else None
+    order = topological_order(ids, succs, position.__getitem__)
+    return tuple(order) if order is not None else None
 
 
 def _check_time(value: float, where: str) -> None:

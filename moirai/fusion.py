@@ -59,6 +59,7 @@ import onnx
 import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
+from moirai.dag import topological_order
 from moirai.errors import ModelError
 from moirai.graph import OpGraph
 
@@ -345,26 +346,13 @@ def _contract_cycles(graph: OpGraph, blocks: Sequence[Iterable[str]]) -> list[li
 
 
 def _topological(graph: OpGraph, blocks: Sequence[Iterable[str]]) -> list[int]:
-    """Indices of `blocks` in a topological order (Kahn's algorithm), ties broken by the
-    position of a block's first node."""
+    """Indices of `blocks` in a topological order, ties broken by the position of a block's
+    first node."""
     succs = _successors(graph, blocks)
     order = _index(graph)
     first = [min(order[n] for n in block) for block in blocks]
-    indegree = [0] * len(blocks)
-    for s in succs:
-        for d in s:
-            indegree[d] += 1
-    ready = [(first[b], b) for b in range(len(blocks)) if indegree[b] == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        _, b = heapq.heappop(ready)
-        out.append(b)
-        for d in succs[b]:
-            indegree[d] -= 1
-            if indegree[d] == 0:
-                heapq.heappush(ready, (first[d], d))
-    assert len(out) == len(blocks), "block graph has a cycle after contraction"
+    out = topological_order(range(len(blocks)), dict(enumerate(succs)), first.__getitem__)
+    assert out is not None, "block graph has a cycle after contraction"
     return out
 
 

@@ -56,7 +56,6 @@ The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every ser
 
 from __future__ import annotations
 
-import heapq
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
+from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
 
 FORMAT = "moirai.stageplan/v1"
@@ -591,7 +591,6 @@ def _schedule_order(
 ) -> list[str]:
     """Units in a topological order that follows the schedule (Kahn's, by start then model)."""
     succs: dict[str, list[str]] = {u: [] for u in members}
-    indegree = {u: len(p) for u, p in preds.items()}
     for u, ps in preds.items():
         for p in ps:
             succs[p].append(u)
@@ -599,17 +598,8 @@ def _schedule_order(
     def key(u: str) -> tuple[float, int]:
         return (start_ms.get(u, float("inf")), min(index[op] for op in members[u]))
 
-    ready = [(key(u), u) for u, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        _, u = heapq.heappop(ready)
-        order.append(u)
-        for v in succs[u]:
-            indegree[v] -= 1
-            if indegree[v] == 0:
-                heapq.heappush(ready, (key(v), v))
-    if len(order) != len(members):
+    order = topological_order(members, succs, key)
+    if order is None:
         raise ModelError(
             "the groups form a cycle over the model's data flow: a fusion group must not have a "
             "path that leaves it and comes back"
