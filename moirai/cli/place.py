@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         get_solver(args.solver)  # unknown or unavailable: one line before any work
     progress = None if args.quiet else _Reporter()
     plans: list[Placement] = []
+    asked: list[str] = []
     for name in names:
         options = SolveOptions(
             time_limit=args.time_limit,
@@ -176,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         )
         try:
             plans.append(solve_problem(problem, name, options))
+            asked.append(name)
         except MoiraiError as e:
             if not args.compare:
                 raise
@@ -183,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     if not plans:
         raise MoiraiError("no solver produced a plan")
     best = min(plans, key=lambda plan: (plan.objective_ms, plan.solve_seconds))
-    print(_summary(costgraph, problem, plans, best))
+    print(_summary(costgraph, problem, plans, asked, best))
     if args.output is not None:
         best.save(args.output)
         print(f"plan written to {args.output}")
@@ -196,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(
-    costgraph: CostGraph, problem: PlacementProblem, plans: list[Placement], best: Placement
+    costgraph: CostGraph,
+    problem: PlacementProblem,
+    plans: list[Placement],
+    asked: list[str],
+    best: Placement,
 ) -> str:
     from moirai.placement.problem import gib
 
@@ -208,13 +214,15 @@ def _summary(
         f"{costgraph.name}: {len(costgraph.tasks)} tasks{coarsening}, {len(costgraph.edges)} "
         f"edges, {len(costgraph.devices)} devices; objective {problem.objective}",
         "",
-        f"{'solver':<22} {'status':<10} {'makespan ms':>12} {'period ms':>10} "
+        f"{'solver':<24} {'status':<10} {'makespan ms':>12} {'period ms':>10} "
         f"{'bound ms':>10} {'gap':>7} {'seconds':>8}",
     ]
-    for plan in plans:
+    for name, plan in zip(asked, plans, strict=True):
         mark = " *" if plan is best and len(plans) > 1 else ""
+        # a solver that handed over says so (e.g. milp-gurobi -> milp-highs)
+        label = plan.solver if plan.solver.startswith(name) else f"{name}->{plan.solver}"
         lines.append(
-            f"{plan.solver:<22} {plan.status:<10} {plan.makespan_ms:>12.4f} "
+            f"{label:<24} {plan.status:<10} {plan.makespan_ms:>12.4f} "
             f"{plan.period_ms or 0.0:>10.4f} {plan.lower_bound_ms:>10.4f} {plan.gap:>7.2%} "
             f"{plan.solve_seconds:>8.2f}{mark}"
         )
