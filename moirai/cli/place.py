@@ -122,8 +122,9 @@ class _Reporter:
 
     def __call__(self, event: Progress) -> None:
         inc, bound = self.best.get(event.solver, (math.inf, -math.inf))
-        new_inc = event.incumbent_ms is not None and event.incumbent_ms < inc * (1 - 1e-9)
-        new_bound = event.bound_ms is not None and event.bound_ms > bound * (1 + 1e-9) + 1e-12
+        # improvements below the printed precision are not worth a line
+        new_inc = event.incumbent_ms is not None and event.incumbent_ms < inc * (1 - 1e-4)
+        new_bound = event.bound_ms is not None and event.bound_ms > bound * (1 + 1e-4) + 1e-12
         if not (new_inc or new_bound or event.message):
             return
         inc = min(inc, event.incumbent_ms if event.incumbent_ms is not None else math.inf)

@@ -117,7 +117,7 @@ class AutoSolver:
         best = min(plans, key=lambda plan: plan.objective_ms, default=None)
         label = best.solver if best is not None else "none"
         if best is not None:
-            options.report("auto", started, best.objective_ms, lb, f"best heuristic: {label}")
+            options.report("auto", best.objective_ms, lb, f"best heuristic: {label}")
             if settle(best, lb).status == "optimal":
                 return self._done(best, label, started)
             best, label = self._local(p, best, label, deadline, options, started, LOCAL_SHARE)
@@ -204,7 +204,7 @@ class AutoSolver:
             return plan, label
         new = list_schedule(p, better).to_placement("local", "heuristic", 0.0, 0.0)
         label = label if label.endswith("+local") else f"{label}+local"
-        options.report("auto", started, new.objective_ms, None, f"local search: {label}")
+        options.report("auto", new.objective_ms, None, f"local search: {label}")
         return new, label
 
     def _done(self, plan: Placement, label: str, started: float) -> Placement:

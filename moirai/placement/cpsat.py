@@ -278,11 +278,12 @@ def solve_cpsat(
         def on_solution_callback(self) -> None:
             options.report(
                 label,
-                started,
                 self.ObjectiveValue() / scale,
                 self.BestObjectiveBound() / scale if allowed is None else lb,
             )
 
+    if options.progress is not None and allowed is None:
+        solver.best_bound_callback = lambda bound: options.report(label, None, bound / scale)
     # CP-SAT checks its time limit less often in some presolve steps, and a loaded machine
     # stretches them: a watchdog stops the search at the deadline whatever the phase.
     watchdog = threading.Timer(options.remaining() + WATCHDOG_GRACE_S, solver.StopSearch)
@@ -324,7 +325,7 @@ def solve_cpsat(
     if warm is not None and warm.objective_ms < plan.objective_ms:
         return fall_back(warm, label, bound, started, "kept the warm start", options)
     settle(plan, bound)
-    options.report(label, started, plan.objective_ms, plan.lower_bound_ms)
+    options.report(label, plan.objective_ms, plan.lower_bound_ms)
     return plan
 
 

@@ -465,7 +465,7 @@ def finish_heuristic(
     """A heuristic's plan with the problem's lower bound; `optimal` when it meets it."""
     lb = lower_bound(problem) if bound is None else bound
     plan = settle(sched.to_placement(name, "heuristic", lb, time.monotonic() - started), lb)
-    options.report(name, started, plan.objective_ms, plan.lower_bound_ms)
+    options.report(name, plan.objective_ms, plan.lower_bound_ms)
     return plan
 
 

@@ -330,7 +330,6 @@ def _solve_highs(
     options: SolveOptions,
     start: list[float] | None,
     name: str,
-    started: float,
 ) -> MipResult:
     import highspy
     import numpy as np
@@ -368,7 +367,7 @@ def _solve_highs(
 
         def improving(event: Any) -> None:
             out = event.data_out
-            options.report(name, started, out.objective_function_value, out.mip_dual_bound)
+            options.report(name, out.objective_function_value, out.mip_dual_bound)
 
         h.cbMipImprovingSolution.subscribe(improving)
     h.run()
@@ -406,7 +405,6 @@ def _solve_gurobi(
     options: SolveOptions,
     start: list[float] | None,
     name: str,
-    started: float,
 ) -> MipResult:
     import gurobipy as gp
 
@@ -448,7 +446,7 @@ def _solve_gurobi(
             if where == gp.GRB.Callback.MIPSOL:
                 obj = model_.cbGet(gp.GRB.Callback.MIPSOL_OBJ)
                 bnd = model_.cbGet(gp.GRB.Callback.MIPSOL_OBJBND)
-                options.report(name, started, obj, bnd)
+                options.report(name, obj, bnd)
 
         try:
             g.optimize(callback if options.progress is not None else None)
@@ -503,13 +501,13 @@ class MilpSolver:
             try:
                 if size > GUROBI_SIZE_LIMIT and not gurobi_unrestricted():
                     raise GurobiSizeLimit(f"{size} variables or constraints")
-                result = _solve_gurobi(form.model, options, start, label, started)
+                result = _solve_gurobi(form.model, options, start, label)
             except GurobiSizeLimit as e:
                 notes["note"] = f"model exceeds Gurobi's size-limited licence ({e}): used HiGHS"
-                options.report(label, started, None, None, notes["note"])
+                options.report(label, None, None, notes["note"])
                 label = "milp-highs"
         if result is None:
-            result = _solve_highs(form.model, options, start, label, started)
+            result = _solve_highs(form.model, options, start, label)
         if result.note == "infeasible":
             raise InfeasibleError(f"{label}: no placement fits the device memories (proven)")
         bound = max(lb, result.bound)
@@ -532,7 +530,7 @@ class MilpSolver:
         if result.optimal:
             plan.status = "optimal"
         settle(plan, bound)
-        options.report(label, started, plan.objective_ms, plan.lower_bound_ms)
+        options.report(label, plan.objective_ms, plan.lower_bound_ms)
         return plan
 
 

@@ -50,28 +50,29 @@ class SolveOptions:
     """A plan to start from (CP-SAT hints, MIP start); the exact solvers compute one otherwise."""
     deadline: float = field(default=0.0)
     """Absolute `time.monotonic()` deadline; derived from `time_limit` when left at 0."""
+    origin: float = field(default=0.0)
+    """When the user's solve began (`time.monotonic()`); progress reports count from it, also
+    from solvers that `auto` runs inside its own time."""
 
     def __post_init__(self) -> None:
         if self.time_limit <= 0:
             raise SolverError(f"time limit must be > 0 seconds, got {self.time_limit}")
         if self.threads < 1:
             raise SolverError(f"threads must be >= 1, got {self.threads}")
+        if self.origin == 0.0:
+            object.__setattr__(self, "origin", time.monotonic())
         if self.deadline == 0.0:
-            object.__setattr__(self, "deadline", time.monotonic() + self.time_limit)
+            object.__setattr__(self, "deadline", self.origin + self.time_limit)
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
 
     def report(
-        self,
-        solver: str,
-        started: float,
-        incumbent: float | None,
-        bound: float | None,
-        message: str = "",
+        self, solver: str, incumbent: float | None, bound: float | None, message: str = ""
     ) -> None:
         if self.progress is not None:
-            self.progress(Progress(solver, time.monotonic() - started, incumbent, bound, message))
+            elapsed = time.monotonic() - self.origin
+            self.progress(Progress(solver, elapsed, incumbent, bound, message))
 
 
 class Solver(Protocol):
@@ -101,7 +102,7 @@ def fall_back(
     if note:
         plan.extra["note"] = note
     settle(plan, bound)
-    options.report(solver, started, plan.objective_ms, plan.lower_bound_ms, note)
+    options.report(solver, plan.objective_ms, plan.lower_bound_ms, note)
     return plan
 
 
