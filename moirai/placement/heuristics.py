@@ -14,11 +14,12 @@ and only where `MemoryGuard` says the tasks not yet placed can still fit.
   2021; arXiv 2004.14639). GETF first solves an LP relaxation that fixes, for each task, the
   group of machines it may use, then runs ETF (Hwang, Chow, Anger and Lee, SIAM J. Comput.
   1989) restricted to those groups: repeatedly start the ready (task, device) pair that can
-  start earliest. Su et al. group *related* machines by speed; our devices are unrelated (each
-  task has its own time per device), so our adaptation solves the analogous LP over fractional
-  assignments x[i][k] (min D s.t. per-device load <= D, every precedence chain of fractional
-  times plus fractional communication <= D, memory) with HiGHS, and lets task i use the devices
-  carrying at least half of its largest fraction. Ties go to the larger upward rank.
+  start earliest (ties: earliest finish, then the larger upward rank). Su et al. group
+  *related* machines by speed; our devices are unrelated (each task has its own time per
+  device), so our adaptation solves the analogous LP over fractional assignments x[i][k] (min D
+  s.t. per-device load <= D, every precedence chain of fractional times plus fractional
+  communication <= D, memory) with HiGHS, and lets task i use the devices carrying at least
+  half of its largest fraction.
 - `msct` — m-SCT, the memory-constrained Small Communication Time placer of Baechi (Jeon et
   al., "Baechi: Fast Device Placement of Machine Learning Graphs", SoCC 2020), after Hanen and
   Munier's SCT algorithm. An LP relaxation (x[e] in [0, 1] for "edge e pays its communication",
@@ -211,23 +212,26 @@ def etf(
                     if mine and mine[0] <= best_f + EPS:
                         held[k] = (f, mine[0])
         held_for = {f: k for k, (f, _) in held.items()}
-        best: tuple[float, float, int, int, float, TransferPlan] | None = None
+
+        def key(i: int, start: float, k: int) -> tuple[float, float, float, int, int]:
+            # earliest start; ties: earliest finish, then the larger upward rank
+            return (start, start + p.compute[i][k], -level[i], i, k)
+
+        best: tuple[tuple[float, float, float, int, int], float, TransferPlan] | None = None
         for i, opts in options.items():
             for start, k, plan in opts:
                 if k in held and held[k][0] != i and start + p.compute[i][k] > held[k][1] + EPS:
                     continue  # the device waits for its favourite child
                 if i in held_for and held_for[i] != k:
                     continue  # a held-for child goes where it is held
-                key = (start, -level[i], i, k)
-                if best is None or key < best[:4]:
-                    best = (start, -level[i], i, k, start, plan)
+                if best is None or key(i, start, k) < best[0]:
+                    best = (key(i, start, k), start, plan)
         if best is None:  # every option was held back: ignore holds
-            i, (start, k, plan) = min(
-                ((i, o) for i, opts in options.items() for o in opts),
-                key=lambda io: (io[1][0], -level[io[0]], io[0], io[1][1]),
+            best = min(
+                ((key(i, s, k), s, plan) for i, opts in options.items() for s, k, plan in opts),
+                key=lambda option: option[0],
             )
-        else:
-            _, _, i, k, start, plan = best
+        (_, _, _, i, k), start, plan = best
         sched.commit(i, k, start, plan)
         guard.place(i, k)
         last[k] = i

@@ -192,3 +192,25 @@ def test_gurobi_size_limit_falls_back_to_highs() -> None:
     assert plan.solver == "milp-highs"
     assert "size-limited" in plan.extra["note"]
     check(problem, plan)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_degenerate_graphs(solver: str) -> None:
+    _available(solver)
+    one = CostGraph(
+        name="one",
+        devices=(Device("a", 10), Device("b", 10)),
+        tasks=(Task("t", {"a": 2.0, "b": 1.0}),),
+        edges=(),
+    )
+    free = CostGraph(
+        name="free",
+        devices=(Device("a", 10), Device("b", 10)),
+        tasks=(Task("s", {"a": 0.0, "b": 0.0}), Task("t", {"a": 0.0, "b": 0.0})),
+        edges=(Edge("s", "t", 0),),
+    )
+    plan = solve(one, solver, time_limit=5, threads=1)
+    assert plan.makespan_ms == pytest.approx(1.0)  # on b
+    assert plan.status == "optimal"
+    plan = solve(free, solver, time_limit=5, threads=1)
+    assert plan.makespan_ms == 0.0 and plan.status == "optimal"
