@@ -46,7 +46,7 @@ from moirai.placement.simulate import list_schedule
 EXACT_PREFERENCE = ("cpsat", "milp-highs")
 MILP_ROWS = 150_000
 MILP_MAX_TASKS = 800
-MILP_SHARE = 0.4
+MILP_SHARE = 0.3
 """The MILP runs first, for this share of the time left, when its model has at most
 `MILP_ROWS` rows: its LP bound proves some instances in seconds where CP-SAT's search stalls
 (and CP-SAT proves others the MILP cannot touch)."""
