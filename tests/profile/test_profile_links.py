@@ -56,11 +56,17 @@ def test_loopback_link_between_two_processes() -> None:
     sizes = [KIB, 16 * KIB, 64 * KIB, 256 * KIB, 1024 * KIB, 2048 * KIB]
     # On a busy machine a stall can bend one size off the line: the check is that the real path
     # and the fit work, so the best of three measurements must fit well.
-    results = []
+    results, noisy = [], []
     for _ in range(3):
-        results.append(measure_loopback(sizes, repeats=5, warmup=1, progress=progress.append))
+        try:
+            results.append(measure_loopback(sizes, repeats=5, warmup=1, progress=progress.append))
+        except MoiraiError as e:  # a stall flattened the line: the error says so; measure again
+            assert "too noisy" in str(e)
+            noisy.append(e)
+            continue
         if results[-1].r2 > 0.5:
             break
+    assert results, noisy
     result = max(results, key=lambda r: r.r2)
     assert result.r2 > 0.5
     assert result.path == "stage-server-loopback"
@@ -68,4 +74,4 @@ def test_loopback_link_between_two_processes() -> None:
     assert 0 < result.latency_ms < 50
     assert 1e6 < result.bandwidth_bytes_per_s < 1e11
     assert result.predict_ms(2048 * KIB) > result.predict_ms(KIB)
-    assert len(progress) == len(sizes) * len(results)
+    assert len(progress) == len(sizes) * (len(results) + len(noisy))

@@ -77,9 +77,9 @@ def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(
             client.infer("mlp", x)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         deployment.start_stage("cpu-1")
-        deadline = time.monotonic() + 30
-        while not client.ready() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # Back means ready again, within the same start-up allowance as the first start: a
+        # restart imports ONNX Runtime and builds its sessions, which a loaded machine slows.
+        deployment.wait_ready(120.0)
         assert client.ready()
         np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-4, atol=1e-5)
     assert not any(alive(pid) for pid in deployment.pids.values())
