@@ -1,8 +1,10 @@
 """Serving benchmark: chained stage servers against single-process ONNX Runtime.
 
-    .venv/bin/python bench/runtime.py [--quick]
+    .venv/bin/python bench/runtime.py [--quick] [--only SECTION ...] [--sizes 64K 16M ...]
 
-Writes bench/results/runtime.md (tables), runtime.json and runtime_*.png (plots):
+Writes bench/results/runtime.md (tables), runtime.json and runtime_*.png (plots); with `--only`
+(repeatable: hops, latency, throughput, predicted) it runs those sections alone and only prints
+their tables, so a change can be measured without overwriting the full report:
 
 1. latency of single-process ORT against the same model chained over 2, 3 and 4 stages
    (contiguous splits of the fusion groups in topological order, one stage server per stage);
@@ -11,7 +13,8 @@ Writes bench/results/runtime.md (tables), runtime.json and runtime_*.png (plots)
    loopback copy bandwidth (a raw TCP socket); goal: overhead <= 2 x bytes / bandwidth + 0.5 ms.
    Both chain transports: the same-host fast path (what `moirai serve` uses) and gRPC only (the
    path between hosts). Both deployments of a transport run at once and requests alternate
-   between them, so each extra hop is a paired difference taken under the same load;
+   between them, so each extra hop is a paired difference taken under the same load. The CPU
+   each process spends per request is recorded beside the times: it moves less with the load;
 3. throughput (requests/s) at concurrency 1, 4, 8 and 16: single-process ORT on one thread
    against a two-device throughput plan (each device one core and one thread), for plans priced
    by the analytic cost model and by measured profiling (each fusion group timed alone), the
@@ -86,6 +89,12 @@ def median_ms(fn, n: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of a process so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def served_latency_ms(plan, model_path: Path, inputs, n: int, pin: bool = True) -> float:
@@ -167,20 +176,26 @@ def hop_model(count: int):
 
 def _paired_ms(
     a: LocalDeployment, b: LocalDeployment, inputs: dict[str, np.ndarray], n: int
-) -> tuple[float, float, float]:
-    """Medians of alternating requests to `a` and `b`, and the median of their differences."""
+) -> tuple[float, float, float, dict, dict]:
+    """Medians of alternating requests to `a` and `b`, the median of their differences, and the
+    CPU milliseconds per request of each process of `a` and of `b`."""
     with InferenceClient(a.grpc_url) as ca, InferenceClient(b.grpc_url) as cb:
         for _ in range(3):
             ca.infer("hop", inputs, timeout_s=120)
             cb.infer("hop", inputs, timeout_s=120)
+        before = [{k: cpu_ms(pid) for k, pid in d.pids.items()} for d in (a, b)]
         ta, tb = [], []
         for _ in range(n):
             for client, times in ((ca, ta), (cb, tb)):
                 t0 = time.perf_counter()
                 client.infer("hop", inputs, timeout_s=120)
                 times.append((time.perf_counter() - t0) * 1000)
+    cpu = [
+        {k: (cpu_ms(pid) - start[k]) / n for k, pid in d.pids.items()}
+        for d, start in zip((a, b), before, strict=True)
+    ]
     diffs = [y - x for x, y in zip(ta, tb, strict=True)]
-    return statistics.median(ta), statistics.median(tb), statistics.median(diffs)
+    return statistics.median(ta), statistics.median(tb), statistics.median(diffs), *cpu
 
 
 def bench_hops(sizes: list[int], tmp: Path, n: int) -> list[dict]:
@@ -204,8 +219,15 @@ def bench_hops(sizes: list[int], tmp: Path, n: int) -> list[dict]:
             a = LocalDeployment(one, path, work / "one", same_host=same_host)
             b = LocalDeployment(two, path, work / "two", same_host=same_host)
             with a, b:
-                base, chained, hop = _paired_ms(a, b, inputs, reps)
-            row[transport] = {"one_stage_ms": base, "two_stages_ms": chained, "hop_ms": hop}
+                base, chained, hop, cpu_one, cpu_two = _paired_ms(a, b, inputs, reps)
+            row[transport] = {
+                "one_stage_ms": base,
+                "two_stages_ms": chained,
+                "hop_ms": hop,
+                "cpu_ms_one": cpu_one,
+                "cpu_ms_two": cpu_two,
+                "hop_cpu_ms": sum(cpu_two.values()) - sum(cpu_one.values()),
+            }
         row["met"] = row["same_host"]["hop_ms"] <= goal
         rows.append(row)
         print("hop", row, flush=True)
@@ -238,19 +260,13 @@ def _single_rps(session: ort.InferenceSession, inputs, total: int) -> tuple[floa
     return total / (time.perf_counter() - t0), (time.thread_time() - c0) * 1000 / total
 
 
-def _cpu_ms(pid: int) -> float:
-    """CPU time of a process so far (user + system), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
-
-
 def _served(d: LocalDeployment, model: str, inputs, c: int, total: int) -> tuple[float, dict]:
     """Requests/s of the deployment at concurrency `c`, and CPU ms per request of each of its
     processes and of this one (the load generator)."""
-    before = {name: _cpu_ms(pid) for name, pid in d.pids.items()}
+    before = {name: cpu_ms(pid) for name, pid in d.pids.items()}
     me = os.times()
     rps = asyncio.run(_rps(d.grpc_url, model, inputs, c, total))
-    cpu = {name: (_cpu_ms(pid) - before[name]) / (total + 1) for name, pid in d.pids.items()}
+    cpu = {name: (cpu_ms(pid) - before[name]) / (total + 1) for name, pid in d.pids.items()}
     cpu["client"] = (sum(os.times()[:2]) - sum(me[:2])) * 1000 / (total + 1)
     return rps, cpu
 
@@ -373,25 +389,31 @@ def report(results: dict) -> str:
         "taken alternately under the same load.",
         "",
     ]
-    out += ["## Latency: single-process ORT (1 thread) vs chained stages (ms, median)", "",
-            "| model | single | 2 stages | 3 stages | 4 stages |",
-            "|---|---|---|---|---|"]  # fmt: skip
-    for r in results["latency"]:
-        out.append(f"| {r['model']} | {r['single_ms']:.1f} | {r['chain2_ms']:.1f} | "
-                   f"{r['chain3_ms']:.1f} | {r['chain4_ms']:.1f} |")  # fmt: skip
-    out += ["", "## Per-hop overhead vs tensor size (ms, medians of paired requests)", "",
-            "Goal: hop <= 2 x bytes / loopback bandwidth + 0.5 ms, for the same-host path that "
-            "`moirai serve` uses; gRPC only is the path between hosts.", "",
-            "| bytes | loopback GB/s | goal | same-host: 1 stage | 2 stages | hop | met | "
-            "gRPC: 1 stage | 2 stages | hop |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in results["hops"]:
-        sh, g = r["same_host"], r["grpc"]
-        out.append(f"| {r['bytes']} | {r['loopback_gb_s']:.2f} | {r['goal_ms']:.2f} | "
-                   f"{sh['one_stage_ms']:.2f} | {sh['two_stages_ms']:.2f} | {sh['hop_ms']:.2f} | "
-                   f"{'yes' if r['met'] else 'no'} | {g['one_stage_ms']:.2f} | "
-                   f"{g['two_stages_ms']:.2f} | {g['hop_ms']:.2f} |")  # fmt: skip
-    for t in results["throughput"]:
+    if "latency" in results:
+        out += ["## Latency: single-process ORT (1 thread) vs chained stages (ms, median)", "",
+                "| model | single | 2 stages | 3 stages | 4 stages |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for r in results["latency"]:
+            out.append(f"| {r['model']} | {r['single_ms']:.1f} | {r['chain2_ms']:.1f} | "
+                       f"{r['chain3_ms']:.1f} | {r['chain4_ms']:.1f} |")  # fmt: skip
+    if "hops" in results:
+        out += ["", "## Per-hop overhead vs tensor size (ms, medians of paired requests)", "",
+                "Goal: hop <= 2 x bytes / loopback bandwidth + 0.5 ms, for the same-host path that "
+                "`moirai serve` uses; gRPC only is the path between hosts.", "",
+                "Hop CPU: the CPU milliseconds per request that all processes spend more with two "
+                "stages than with one.", "",
+                "| bytes | loopback GB/s | goal | same-host: 1 stage | 2 stages | hop | met | "
+                "hop CPU | gRPC: 1 stage | 2 stages | hop | hop CPU |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in results["hops"]:
+            sh, g = r["same_host"], r["grpc"]
+            out.append(f"| {r['bytes']} | {r['loopback_gb_s']:.2f} | {r['goal_ms']:.2f} | "
+                       f"{sh['one_stage_ms']:.2f} | {sh['two_stages_ms']:.2f} | "
+                       f"{sh['hop_ms']:.2f} | {'yes' if r['met'] else 'no'} | "
+                       f"{sh['hop_cpu_ms']:.2f} | {g['one_stage_ms']:.2f} | "
+                       f"{g['two_stages_ms']:.2f} | {g['hop_ms']:.2f} | "
+                       f"{g['hop_cpu_ms']:.2f} |")  # fmt: skip
+    for t in results.get("throughput", []):
         out += ["", f"## Throughput, {t['model']}, {t['plan']}: two 1-thread CPU "
                 f"devices, throughput plan ({t['stages']} stages, predicted period "
                 f"{t['predicted_period_ms']:.1f} ms)", "",
@@ -407,18 +429,20 @@ def report(results: dict) -> str:
         for c, rps in t["served_rps"].items():
             out.append(f"| {c} | {rps:.1f} | {t['single_rps']:.1f} | {t['speedup'][c]:.2f}x | "
                        f"{t['capacity_speedup'][c]:.2f}x |")  # fmt: skip
-    out += [
-        "",
-        "## Predicted vs measured latency, latency plans",
-        "",
-        "Predicted: the solver's makespan plus the gateway hops it leaves out.",
-        "",
-        "| model | devices | stages | makespan ms | predicted ms | measured ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results["predicted"]:
-        out.append(f"| {r['model']} | {r['devices']} | {r['stages']} | {r['makespan_ms']:.1f} | "
-                   f"{r['predicted_ms']:.1f} | {r['measured_ms']:.1f} |")  # fmt: skip
+    if "predicted" in results:
+        out += [
+            "",
+            "## Predicted vs measured latency, latency plans",
+            "",
+            "Predicted: the solver's makespan plus the gateway hops it leaves out.",
+            "",
+            "| model | devices | stages | makespan ms | predicted ms | measured ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in results["predicted"]:
+            out.append(f"| {r['model']} | {r['devices']} | {r['stages']} | "
+                       f"{r['makespan_ms']:.1f} | {r['predicted_ms']:.1f} | "
+                       f"{r['measured_ms']:.1f} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -443,7 +467,7 @@ def plots(results: dict) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "runtime_hops.png", dpi=120)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in results["throughput"]:
+    for t in results.get("throughput", []):
         cs = list(t["served_rps"])
         ax.plot(cs, list(t["speedup"].values()), "o-",
                 label=f"{t['plan']} ({t['stages']} stages)")  # fmt: skip
@@ -457,38 +481,61 @@ def plots(results: dict) -> None:
     fig.savefig(RESULTS / "runtime_throughput.png", dpi=120)
 
 
+SECTIONS = ("hops", "latency", "throughput", "predicted")
+
+
+def size(text: str) -> int:
+    """A byte count such as 1024, 64K or 16M."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    scale = units.get(text[-1:].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run this section alone (repeatable); prints its tables and writes no results",
+    )
+    parser.add_argument("--sizes", nargs="+", type=size, help="tensor sizes of the hops section")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     n = 5 if args.quick else 15
-    sizes = [1 << 10, 1 << 20, 64 << 20] if args.quick else [
-        1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20]  # fmt: skip
+    sizes = args.sizes or ([1 << 10, 1 << 20, 64 << 20] if args.quick else [
+        1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20])  # fmt: skip
+    sections = {
+        "hops": lambda tmp: bench_hops(sizes, tmp, 20 if args.quick else 40),
+        "latency": lambda tmp: bench_latency(["squeezenet", "inception_v1"], n),
+        "throughput": lambda tmp: bench_throughput(
+            "inception_v1",
+            [("analytic", None), ("measured", None), ("measured", 48)],
+            [1, 4, 8, 16],
+            total=24 if args.quick else 48,
+            rounds=1 if args.quick else 3,
+        ),
+        "predicted": lambda tmp: bench_predicted(["squeezenet", "shufflenet", "inception_v1"], n),
+    }
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         results: dict = {
-            "hops": bench_hops(sizes, Path(tmp), 20 if args.quick else 40),
-            "latency": bench_latency(["squeezenet", "inception_v1"], n),
-            "throughput": bench_throughput(
-                "inception_v1",
-                [("analytic", None), ("measured", None), ("measured", 48)],
-                [1, 4, 8, 16],
-                total=24 if args.quick else 48,
-                rounds=1 if args.quick else 3,
-            ),
-            "predicted": bench_predicted(["squeezenet", "shufflenet", "inception_v1"], n),
+            name: run(Path(tmp))
+            for name, run in sections.items()
+            if name in (args.only or SECTIONS)
         }
     results["machine"] = {
-        "command": "bench/runtime.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["bench/runtime.py", *sys.argv[1:]]),
         "cores": os.cpu_count(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
     }
-    (RESULTS / "runtime.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results)
-    (RESULTS / "runtime.md").write_text(text)
-    plots(results)
+    if not args.only:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "runtime.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "runtime.md").write_text(text)
+        plots(results)
     print(text)
 
 
