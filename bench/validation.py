@@ -10,29 +10,25 @@ For each zoo model and each device count N (CPU devices of one thread each, as `
 
 1. profile with `moirai.profile.measured` (fresh: a private cache for this run), which also
    measures the loopback link between two stage servers;
-2. plan with the solver (`plan_model(..., profile=...)`, latency objective) and predict the
-   plan *as served*: the runtime runs stages, not groups — a stage starts once all its inputs
-   are in and sends its outputs when all its groups are done, and each run is one session call
-   — so the stage plan becomes a cost graph of its own (one task per stage: its groups' measured
-   times plus the device's call overhead; one edge per stage pair: the bytes crossing) and the
-   simulator (`moirai.placement.evaluate`) gives its makespan on the measured link; the
-   solver's own makespan (group by group) is in the table too;
+2. plan with the solver (`plan_model(..., profile=...)`, latency objective), which predicts the
+   plan *as served* (`moirai.runtime.prediction`, what `moirai serve` and `moirai demo` print):
+   the runtime runs stages, not groups — a stage starts once all its inputs are in and sends
+   its outputs when all its groups are done, and each run is one session call — so the stage
+   plan becomes a cost graph of its own (one task per stage: its groups' measured times plus
+   the device's call overhead; one edge per stage pair: the bytes crossing; the gateway's pushes
+   of the inputs and collection of the outputs) whose makespan, on the measured link, plus the
+   client's call to the gateway, is the predicted latency; the solver's own makespan (group by
+   group) is in the table too;
 3. serve the plan with the local runtime (`moirai.runtime.local`: one stage-server process per
    device and the gateway) and time `requests` requests from an Open Inference Protocol client
    (median, after one warm-up request).
 
-The cost graph models what happens between the first stage receiving the inputs and the last
-stage producing the outputs. A client also pays for the serving frame around it: encoding its
-request, the gateway (decoding, validating, routing, encoding the answer) and the hops from the
-gateway to the first stages and from the last stages back — the same for any placement, and
-not Moirai's to predict. It is measured, per model, by serving a model with the same inputs and
-outputs that computes nothing (`frame_model`) on the same runtime, so the prediction compared
-with the client's latency is
+For reference, the serving frame alone (the client's call, the gateway and its hops, the same
+for any placement) is measured too: a model with the same inputs and outputs that computes
+nothing (`frame_model`), served on the same runtime; its latency beside the plan's tells the
+frame's share of an error from the stages'.
 
-    predicted = served plan makespan + frame
-
-The error is
-|predicted − measured| / measured; the goal is a median below 15 %.
+The error is |predicted − measured| / measured; the goal is a median below 15 %.
 
 Writes bench/results/validation.md (table and summary), validation.json and validation.png
 (predicted against measured, with the ±15 % band). The machine's load average before and after
@@ -49,8 +45,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,58 +60,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 from runtime import inputs_for, served_latency_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
-from moirai.costgraph import CostGraph, Edge, Task  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
 from moirai.errors import MoiraiError  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
 from moirai.partition import (  # noqa: E402
-    GATEWAY,
     ONNX_DATATYPES,
     StagePlan,
     TensorSpec,
     build_plan,
 )
-from moirai.placement import evaluate  # noqa: E402
 from moirai.profile.cache import ProfileCache  # noqa: E402
 from moirai.profile.measured import MeasuredProfile, Settings  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402
 from moirai.runtime.planning import available_cores, plan_model, split_cpu  # noqa: E402
-from stage_server.codec import DTYPES  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.15
-
-
-def served_costgraph(
-    costgraph: CostGraph, plan: StagePlan, call_ms: Mapping[str, float]
-) -> CostGraph:
-    """The plan as the runtime executes it: one task per stage — its groups' times on its
-    device, plus one session call — and one edge per pair of stages, carrying the bytes of the
-    tensors that cross."""
-    copies = Counter(n for s in plan.stages for n in s.nodes)
-    stage_of = {n: s for s in plan.stages for n in s.nodes if copies[n] == 1}
-    compute = {s.id: call_ms.get(s.device, 0.0) for s in plan.stages}
-    for task in costgraph.tasks:
-        owner = next((stage_of[n] for n in task.ops if n in stage_of), None)
-        if owner is not None:
-            compute[owner.id] += task.compute_ms[owner.device]
-    producer = {t: s.id for s in plan.stages for t in s.outputs}
-    pairs: Counter[tuple[str, str]] = Counter()
-    for tensor, consumers in plan.routing.items():
-        for consumer in consumers:
-            if tensor in producer and consumer != GATEWAY:
-                spec = plan.spec(tensor)
-                pairs[(producer[tensor], consumer)] += (
-                    int(np.prod(spec.shape)) * DTYPES[spec.datatype].itemsize
-                )
-    return CostGraph(
-        name=f"{costgraph.name}-stages",
-        devices=costgraph.devices,
-        tasks=tuple(Task(s.id, {s.device: compute[s.id]}) for s in plan.stages),
-        edges=tuple(Edge(src, dst, nbytes) for (src, dst), nbytes in pairs.items()),
-        default_link=costgraph.default_link,
-        pair_links=costgraph.pair_links,
-    )
 
 
 def frame_model(plan: StagePlan) -> onnx.ModelProto:
@@ -190,19 +148,13 @@ def validate(
     planned = plan_model(path, devices, input_shapes=shapes, time_limit=limit, profile=profile)
     link = profile.document.link
     assert link is not None
-    solver_ms = planned.placement.makespan_ms
-    call_ms = {
-        d.name: profile.document.devices[profile.entry_for(d) or ""].call_overhead_ms
-        for d in devices.devices
-    }
-    stages = served_costgraph(planned.costgraph, planned.plan, call_ms)
-    makespan = evaluate(stages, {s.id: s.device for s in planned.plan.stages}).makespan_ms
+    p = planned.plan.predicted
+    predicted = p["latency_ms"]
     measured = served_latency_ms(
         planned.plan, path, inputs_for(planned.plan), requests, pin=parts <= len(available_cores())
     )
     with tempfile.TemporaryDirectory(prefix="moirai-frame-") as tmp:
         frame = frame_ms(planned.plan, requests, Path(tmp))
-    predicted = makespan + frame
     entry = next(e for e in profile.document.devices.values() if e.target.startswith("cpu"))
     row = {
         "model": name,
@@ -213,10 +165,11 @@ def validate(
         "tasks": len(planned.costgraph.tasks),
         "solver": planned.placement.solver,
         "run_ms": entry.run_ms,
-        "solver_makespan_ms": solver_ms,
-        "makespan_ms": makespan,
-        "frame_ms": frame,
+        "solver_makespan_ms": p["makespan_ms"],
+        "served_ms": p["served_ms"],
+        "client_ms": p["client_ms"],
         "predicted_ms": predicted,
+        "frame_ms": frame,
         "measured_ms": measured,
         "error": abs(predicted - measured) / measured,
         "seconds": time.monotonic() - started,
@@ -229,9 +182,10 @@ def validate(
     print(
         f"{name:>14} N={parts}+{row['gpus']} GPU: {row['used_devices']} devices, "
         f"{row['stages']} stages, "
-        f"predicted {predicted:9.2f} ms (stages {makespan:.2f} + frame {frame:.2f}; solver "
-        f"{solver_ms:.2f}), "
-        f"measured {measured:9.2f} ms, error {row['error']:6.1%} ({row['seconds']:.0f} s)",
+        f"predicted {predicted:9.2f} ms (served {p['served_ms']:.2f} + client "
+        f"{p['client_ms']:.2f}; solver {p['makespan_ms']:.2f}), "
+        f"measured {measured:9.2f} ms (frame {frame:.2f}), error {row['error']:6.1%} "
+        f"({row['seconds']:.0f} s)",
         flush=True,
     )
     return row
@@ -261,17 +215,21 @@ def report(results: dict[str, Any]) -> str:
         f"(goal <= {GOAL:.0%}: {'met' if median <= GOAL else 'not met'}); "
         f"{sum(e <= GOAL for e in errors)} of {len(rows)} within {GOAL:.0%}.",
         "",
+        "Predicted: the plan as served (stages, their hops and the gateway's) plus the client's "
+        "call, as `moirai serve` prints it. Frame: the measured latency of a model with the same "
+        "inputs and outputs that computes nothing, served the same way.",
+        "",
         "| model | CPU devices | GPUs | used | stages | whole model ms (1 CPU) | solver makespan "
-        "ms | served plan makespan ms | + frame ms | predicted ms | measured ms | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ms | served plan ms | + client ms | predicted ms | measured ms | error | frame ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         run = "-" if r["run_ms"] is None else f"{r['run_ms']:.2f}"
         out.append(
             f"| {r['model']} | {r['devices']} | {r['gpus']} | {r['used_devices']} | "
             f"{r['stages']} | {run} | {r['solver_makespan_ms']:.2f} | "
-            f"{r['makespan_ms']:.2f} | {r['frame_ms']:.2f} | {r['predicted_ms']:.2f} | "
-            f"{r['measured_ms']:.2f} | {r['error']:.1%} |"
+            f"{r['served_ms']:.2f} | {r['client_ms']:.2f} | {r['predicted_ms']:.2f} | "
+            f"{r['measured_ms']:.2f} | {r['error']:.1%} | {r['frame_ms']:.2f} |"
         )
     if failed:
         out += ["", "Cases that failed (left out of the figures above):", ""]

@@ -7,8 +7,8 @@ The objective defaults to throughput here (a pipelined plan over every device).
 Plans the model over this machine's devices (the CPU split into one device per core, GPUs when
 present), serves it with one stage server per device and the gateway, sends requests through the
 Open Inference Protocol, checks every output against single-process ONNX Runtime on the whole
-model, prints the plan, predicted against measured latency and the throughput, and shuts
-everything down. Exit status 0 when every output matched, 1 otherwise.
+model, prints the plan, the latency and throughput predicted for the plan as served against the
+measured ones, and shuts everything down. Exit status 0 when every output matched, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from moirai import zoo
     from moirai.runtime.local import LocalDeployment
     from moirai.runtime.planning import describe
+    from moirai.runtime.prediction import Prediction
     from stage_server.client import InferenceClient
     from stage_server.codec import DTYPES
 
@@ -120,18 +121,19 @@ def run(args: argparse.Namespace) -> int:
                     args.concurrency,
                 )
             )
-    predicted = plan.predicted.get("latency_ms", float("nan"))
+    predicted = Prediction.from_dict(plan.predicted)
     print()
     print(
         f"outputs equal single-process ONNX Runtime: {'yes' if not mismatches else 'NO'}"
         f" ({len(samples)} inputs, rtol {TOLERANCE['rtol']}, atol {TOLERANCE['atol']})"
     )
     print(
-        f"latency   predicted {predicted:8.2f} ms   measured {served_ms:8.2f} ms (median of "
-        f"{args.requests}; single-process ORT, 1 thread: {single_ms:.2f} ms)"
+        f"latency    predicted {predicted.latency_ms:8.2f} ms     measured {served_ms:8.2f} ms "
+        f"(median of {args.requests}; single-process ORT, 1 thread: {single_ms:.2f} ms)"
     )
     print(
-        f"throughput served {rps:8.1f} req/s at concurrency {args.concurrency}   "
-        f"single-process ORT, 1 thread: {single_rps:.1f} req/s ({rps / single_rps:.2f}x)"
+        f"throughput predicted {predicted.throughput_rps:8.1f} req/s  measured {rps:8.1f} req/s "
+        f"at concurrency {args.concurrency} (single-process ORT, 1 thread: {single_rps:.1f} "
+        f"req/s; {rps / single_rps:.2f}x)"
     )
     return 1 if mismatches else 0

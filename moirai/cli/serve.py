@@ -6,9 +6,10 @@
         [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000]
 
 Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
-stage server per used device and the gateway as local processes, prints the plan and the
-endpoint, and serves until Ctrl-C or SIGTERM, then stops every process. A stage server that dies
-is restarted on its address.
+stage server per used device and the gateway as local processes, prints the plan (with its
+latency predicted as served, and its period for a throughput plan) and the endpoint, and
+serves until Ctrl-C or SIGTERM, then stops every process. A stage server that dies is restarted
+on its address.
 """
 
 from __future__ import annotations

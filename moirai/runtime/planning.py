@@ -4,11 +4,14 @@ load → cost graph (analytic or measured profile) → solver → stage plan. Th
 plan's groups are the cost graph's tasks (`Task.ops` are canonical node names) in the order of
 the solver's schedule, so stages follow the schedule the solver predicted.
 
-The cost graph starts a request with the model inputs already on every device and ends it when
-the last task finishes; a served request also travels from the client to the gateway, from the
-gateway to the first stages, from the last stages back to the gateway and to the client.
-`gateway_ms` prices those hops, and the plan's `predicted.latency_ms` (what `moirai demo` and the
-benchmark compare with the measured latency) is the solver's makespan plus them.
+The plan's `predicted` keeps the solver's figures on the cost graph (`makespan_ms`, `period_ms`,
+`lower_bound_ms`) and adds the plan's as served (`moirai.runtime.prediction`): `latency_ms`
+(what `moirai serve`, `moirai demo`, the operator and the validation benchmark report) with its
+parts `served_ms` and `client_ms`, and `served_period_ms`.
+
+The operator plans through `plan_model` too: it describes its node pools as a `DeviceSet`,
+passes a `check` that refuses a model its pools cannot hold before the solver runs, and bounds
+the solver's `threads`.
 
 `--devices local` describes this machine as one CPU device with every core; serving wants one
 stage server per core group, so `split_cpu` cuts it into N devices of cores/N threads each
@@ -18,24 +21,23 @@ stage server per core group, so `split_cpu` cuts it into N devices of cores/N th
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from onnx import helper
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet
 from moirai.errors import MoiraiError
 from moirai.graph import load_model
-from moirai.partition import ONNX_DATATYPES, DeviceSpec, StagePlan, build_plan
+from moirai.partition import DeviceSpec, StagePlan, build_plan
 from moirai.pipeline import build_costgraph
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
 from moirai.profile import Profile
+from moirai.runtime.prediction import Prediction, call_overheads, predict
 
 MAX_LOCAL_CPU_DEVICES = 4
 # What one hop between local stage servers costs, as the solver should see it. Measured on the
@@ -48,13 +50,6 @@ MAX_LOCAL_CPU_DEVICES = 4
 # (squeezenet: 12 stages instead of 7). The cost model's bare loopback link is cheaper still. A
 # measured profile (`--profile measured`) brings its own measured link instead.
 SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=1.0e9, latency_ms=0.7)
-# The client's Open Inference Protocol call to the gateway: one gRPC round trip carrying the
-# inputs one way and the outputs the other (measured like the chain's gRPC path).
-CLIENT_LOOPBACK = Link(bandwidth_bytes_per_s=0.55e9, latency_ms=0.9)
-_ITEMSIZE = {
-    name: helper.tensor_dtype_to_np_dtype(onnx_type).itemsize
-    for onnx_type, name in ONNX_DATATYPES.items()
-}
 
 
 def available_cores() -> list[int]:
@@ -125,16 +120,24 @@ def plan_model(
     seed: int = 0,
     profile: Profile | None = None,
     max_tasks: int | None = None,
+    threads: int | None = None,
+    check: Callable[[CostGraph], None] | None = None,
 ) -> Planned:
     """`profile` prices the tasks (default: the analytic model; see `moirai.profile.resolve`);
     `max_tasks` coarsens the fusion groups to at most that many tasks, which bounds how many
-    stages the solver can cut the model into (every stage costs a hop on each side)."""
+    stages the solver can cut the model into (every stage costs a hop on each side); `threads`
+    bounds the solver's (default: every core); `check` sees the cost graph before the solver
+    and raises to refuse it."""
     model_path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     costgraph = build_costgraph(
         model_path, devices, shapes or None, profile=profile, max_tasks=max_tasks
     )
-    placement = solve(costgraph, solver, objective, time_limit=time_limit, seed=seed)
+    if check is not None:
+        check(costgraph)
+    placement = solve(
+        costgraph, solver, objective, time_limit=time_limit, threads=threads, seed=seed
+    )
     model = load_model(model_path, shapes or None)
     source = costgraph.extra.get("source", {})
     plan = build_plan(
@@ -155,6 +158,10 @@ def plan_model(
         model_path=str(model_path),
         model_sha256=str(source.get("sha256", "")),
         input_shapes=shapes,
+    )
+    served = predict(costgraph, plan, call_overheads(profile, devices.devices))
+    plan = dataclasses.replace(
+        plan,
         predicted={
             "solver": placement.solver,
             "status": placement.status,
@@ -162,53 +169,10 @@ def plan_model(
             "makespan_ms": placement.makespan_ms,
             "period_ms": placement.period_ms,
             "lower_bound_ms": placement.lower_bound_ms,
-        },
-    )
-    hops = gateway_ms(plan, costgraph.default_link)
-    plan = dataclasses.replace(
-        plan,
-        predicted={
-            **plan.predicted,
-            "gateway_ms": hops,
-            "latency_ms": (placement.makespan_ms or 0.0) + hops,
+            **served.to_dict(),
         },
     )
     return Planned(model, costgraph, placement, plan)
-
-
-def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
-    """Bytes of these tensors; a dimension that is not fixed counts as 1."""
-    total = 0
-    for name in tensors:
-        spec = plan.spec(name)
-        total += math.prod(max(1, d) for d in spec.shape) * _ITEMSIZE[spec.datatype]
-    return total
-
-
-def gateway_ms(plan: StagePlan, chain: Link, client: Link = CLIENT_LOOPBACK) -> float:
-    """The hops of a served request that the cost graph leaves out: the client's call to the
-    gateway (inputs there, outputs back, one round trip over `client`), the gateway's pushes of
-    the inputs to the first stages and the last stages' pushes of the outputs to the gateway
-    (over `chain`; the pushes to or from several stages run at once, so the largest counts)."""
-    inputs = [t.name for t in plan.inputs]
-    outputs = [t.name for t in plan.outputs]
-    push_in = max(
-        (
-            chain.transfer_ms(_nbytes(plan, [t for t in s.inputs if t in inputs]))
-            for s in plan.stages
-            if any(t in inputs for t in s.inputs)
-        ),
-        default=0.0,
-    )
-    push_out = max(
-        (
-            chain.transfer_ms(_nbytes(plan, [t for t in s.outputs if t in outputs]))
-            for s in plan.stages
-            if any(t in outputs for t in s.outputs)
-        ),
-        default=0.0,
-    )
-    return client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)) + push_in + push_out
 
 
 def describe(plan: StagePlan) -> str:
@@ -227,10 +191,12 @@ def describe(plan: StagePlan) -> str:
     if p:
         lines.append(
             f"solver {p.get('solver')} ({p.get('status')}), objective {p.get('objective')}: "
-            f"predicted latency {p.get('latency_ms', p.get('makespan_ms', 0)):.2f} ms "
-            f"(makespan {p.get('makespan_ms', 0):.2f} ms + gateway hops "
-            f"{p.get('gateway_ms', 0):.2f} ms), period {p.get('period_ms') or 0:.2f} ms"
+            f"makespan {p.get('makespan_ms', 0):.2f} ms, period {p.get('period_ms') or 0:.2f} ms "
+            f"(lower bound {p.get('lower_bound_ms', 0):.2f} ms)"
         )
+    if "served_ms" in p:
+        served = Prediction.from_dict(p)
+        lines.append(served.describe(period=p.get("objective") == "throughput"))
     for s in plan.stages:
         ins = ", ".join(s.inputs) or "-"
         outs = ", ".join(s.outputs)

@@ -1,0 +1,182 @@
+"""What a served request will take: the prediction `moirai serve`, `moirai demo`, the operator
+and the validation benchmark report.
+
+The solver's cost graph schedules fusion groups one by one and starts a request with the model
+inputs already on every device; the runtime runs *stages*: a stage starts once all its inputs
+are in, is one session call, and sends its outputs when all its groups are done; the gateway
+pushes the inputs to the first stages and collects the outputs from the last ones; the client
+makes one call to the gateway. So the plan is predicted on a cost graph of its own
+(`served_costgraph`):
+
+- one task per stage, on its device: its groups' times there plus one session call
+  (`call_ms`, a measured profile's `call_overhead_ms`);
+- one edge per pair of stages, carrying the bytes of the tensors that cross, priced by the
+  cost graph's links (the serving link);
+- the gateway as a device of its own, with a task that pushes the inputs to the stages that
+  read them and one that collects the outputs, over the default link.
+
+The simulator gives its makespan (from the gateway's first push to the last output back) and
+its pipelined period, under the same execution model as the solvers; the client's round trip to
+the gateway (`CLIENT_LOOPBACK`) adds to the latency only: the client is not a shared resource.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from onnx import helper
+
+from moirai.costgraph import CostGraph, Device, Edge, Link, Task
+from moirai.devices import DeviceSpec
+from moirai.errors import MoiraiError
+from moirai.partition import GATEWAY, ONNX_DATATYPES, StagePlan
+from moirai.placement import evaluate
+from moirai.profile import Profile
+from moirai.profile.document import DocumentProfile
+
+# The client's Open Inference Protocol call to the gateway: one gRPC round trip carrying the
+# inputs one way and the outputs the other (measured like the chain's gRPC path).
+CLIENT_LOOPBACK = Link(bandwidth_bytes_per_s=0.55e9, latency_ms=0.9)
+GATEWAY_IN, GATEWAY_OUT = f"{GATEWAY}:in", f"{GATEWAY}:out"
+_ITEMSIZE = {
+    name: helper.tensor_dtype_to_np_dtype(onnx_type).itemsize
+    for onnx_type, name in ONNX_DATATYPES.items()
+}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    served_ms: float
+    """Makespan of the served plan: the gateway's pushes, the stages, their hops."""
+    client_ms: float
+    """The client's round trip to the gateway."""
+    period_ms: float
+    """Pipelined period of the served plan: its busiest device or port per request."""
+
+    @property
+    def latency_ms(self) -> float:
+        return self.served_ms + self.client_ms
+
+    @property
+    def throughput_rps(self) -> float:
+        return 1000.0 / self.period_ms if self.period_ms > 0 else math.inf
+
+    def to_dict(self) -> dict[str, float]:
+        """The stage plan's `predicted` keys for the plan as served."""
+        return {
+            "latency_ms": self.latency_ms,
+            "served_ms": self.served_ms,
+            "client_ms": self.client_ms,
+            "served_period_ms": self.period_ms,
+        }
+
+    @classmethod
+    def from_dict(cls, predicted: Mapping[str, Any]) -> Prediction:
+        """Back from a stage plan's `predicted` (`to_dict`'s keys)."""
+        try:
+            return cls(
+                served_ms=float(predicted["served_ms"]),
+                client_ms=float(predicted["client_ms"]),
+                period_ms=float(predicted["served_period_ms"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise MoiraiError(f"the plan's predicted times lack or mistype {e}") from None
+
+    def describe(self, period: bool = True) -> str:
+        """One line for a person; `period` adds the period and throughput."""
+        line = (
+            f"predicted as served: latency {self.latency_ms:.2f} ms (stages and gateway hops "
+            f"{self.served_ms:.2f} ms + client call {self.client_ms:.2f} ms)"
+        )
+        if period:
+            line += f", period {self.period_ms:.2f} ms ({self.throughput_rps:.1f} req/s)"
+        return line
+
+
+def nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
+    """Bytes of these tensors; a dimension that is not fixed counts as 1."""
+    total = 0
+    for name in tensors:
+        spec = plan.spec(name)
+        total += math.prod(max(1, d) for d in spec.shape) * _ITEMSIZE[spec.datatype]
+    return total
+
+
+def served_costgraph(
+    costgraph: CostGraph, plan: StagePlan, call_ms: Mapping[str, float] | None = None
+) -> CostGraph:
+    """The plan as the runtime executes it (module docstring). `costgraph` is the one the plan
+    was made from: its tasks' `ops` say which stage runs them."""
+    if GATEWAY in costgraph.device:
+        raise MoiraiError(f"a device may not be named {GATEWAY!r}: the gateway's name")
+    call_ms = call_ms or {}
+    # A node that several stages copy (a shared constant) prices no task: its task goes to the
+    # stage of one of its other nodes.
+    copies = Counter(n for s in plan.stages for n in s.nodes)
+    stage_of = {n: s for s in plan.stages for n in s.nodes if copies[n] == 1}
+    compute = {s.id: call_ms.get(s.device, 0.0) for s in plan.stages}
+    for task in costgraph.tasks:
+        owner = next((stage_of[n] for n in task.ops if n in stage_of), None)
+        if owner is not None:
+            compute[owner.id] += task.compute_ms[owner.device]
+    producer = {t: s.id for s in plan.stages for t in s.outputs}
+    producer.update({t.name: GATEWAY_IN for t in plan.inputs})
+    crossing: dict[tuple[str, str], list[str]] = {}
+    for tensor, consumers in plan.routing.items():
+        for consumer in consumers:
+            src, dst = producer[tensor], GATEWAY_OUT if consumer == GATEWAY else consumer
+            crossing.setdefault((src, dst), []).append(tensor)
+    gateway = Device(GATEWAY, memory_bytes=0, kind="cpu")
+    return CostGraph(
+        name=f"{costgraph.name}-served",
+        devices=(*costgraph.devices, gateway),
+        tasks=(
+            Task(GATEWAY_IN, {GATEWAY: 0.0}),
+            *(Task(s.id, {s.device: compute[s.id]}) for s in plan.stages),
+            Task(GATEWAY_OUT, {GATEWAY: 0.0}),
+        ),
+        edges=tuple(
+            Edge(src, dst, nbytes(plan, tensors)) for (src, dst), tensors in crossing.items()
+        ),
+        default_link=costgraph.default_link,
+        pair_links=costgraph.pair_links,
+    )
+
+
+def predict(
+    costgraph: CostGraph,
+    plan: StagePlan,
+    call_ms: Mapping[str, float] | None = None,
+    client: Link = CLIENT_LOOPBACK,
+) -> Prediction:
+    """Latency and period of `plan` as served (module docstring)."""
+    served = served_costgraph(costgraph, plan, call_ms)
+    assignment = {
+        GATEWAY_IN: GATEWAY,
+        GATEWAY_OUT: GATEWAY,
+        **{s.id: s.device for s in plan.stages},
+    }
+    result = evaluate(served, assignment)
+    inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
+    return Prediction(
+        served_ms=result.makespan_ms,
+        client_ms=client.transfer_ms(nbytes(plan, inputs) + nbytes(plan, outputs)),
+        period_ms=result.period_ms or 0.0,
+    )
+
+
+def call_overheads(profile: Profile | None, devices: Sequence[DeviceSpec]) -> dict[str, float]:
+    """What one session call costs on each device beyond its kernels, where a measured profile
+    says (an analytic profile counts kernels only)."""
+    if not isinstance(profile, DocumentProfile):
+        return {}
+    out = {}
+    for d in devices:
+        entry = profile.entry_for(d)
+        if entry is not None:
+            out[d.name] = profile.document.devices[entry].call_overhead_ms
+    return out

@@ -1,0 +1,131 @@
+"""The prediction of a plan as served: stages as tasks, their hops, the gateway's pushes and the
+client's call; and the plan's `predicted` times, which `moirai serve`, `moirai demo` and the
+operator report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from moirai.costgraph import CostGraph, Device, Edge, Link, Task
+from moirai.devices import local_devices
+from moirai.errors import MoiraiError
+from moirai.partition import DeviceSpec, build_plan
+from moirai.profile.document import DocumentProfile, ProfileDocument
+from moirai.runtime.planning import available_cores, describe, plan_model, split_cpu
+from moirai.runtime.prediction import Prediction, call_overheads, predict
+
+from . import models
+
+MODEL = models.mlp(width=64, depth=6)  # x [1, 64] → 6 layers of 3 nodes → y [1, 64]
+DEVICES = [DeviceSpec("cpu-0", threads=1), DeviceSpec("cpu-1", threads=1)]
+CHAIN, CLIENT = Link(1e6, 0.5), Link(1e6, 1.0)  # 1 byte per microsecond
+HOP = 0.5 + 64 * 4 / 1e3  # one [1, 64] float tensor over CHAIN
+CALL = {"cpu-0": 0.2, "cpu-1": 0.3}
+
+
+def layers_costgraph(ms: float = 1.0) -> CostGraph:
+    """One task per layer (its MatMul, Add, Relu), `ms` on either device, a [1, 64] edge
+    between layers."""
+    nodes = [n.name for n in MODEL.graph.node]
+    return CostGraph(
+        name="mlp",
+        devices=tuple(Device(d.name, memory_bytes=1 << 30) for d in DEVICES),
+        tasks=tuple(
+            Task(f"t{i}", {"cpu-0": ms, "cpu-1": ms}, ops=tuple(nodes[3 * i : 3 * i + 3]))
+            for i in range(6)
+        ),
+        edges=tuple(Edge(f"t{i}", f"t{i + 1}", 256) for i in range(5)),
+        default_link=CHAIN,
+    )
+
+
+def plan_on(devices: list[str]):
+    """The mlp with layer i on devices[i]."""
+    cg = layers_costgraph()
+    assignment = {t.id: devices[i] for i, t in enumerate(cg.tasks)}
+    return cg, build_plan(MODEL, assignment, DEVICES, groups={t.id: t.ops for t in cg.tasks})
+
+
+def test_one_stage_is_its_compute_and_the_gateway_hops() -> None:
+    cg, plan = plan_on(["cpu-0"] * 6)
+    assert len(plan.stages) == 1
+    got = predict(cg, plan, CALL, CLIENT)
+    client = 1.0 + 2 * 256 / 1e3  # inputs there, outputs back
+    assert got.client_ms == pytest.approx(client)
+    assert got.served_ms == pytest.approx(HOP + 6.0 + CALL["cpu-0"] + HOP)
+    assert got.latency_ms == pytest.approx(got.served_ms + client)
+
+
+def test_each_stage_adds_its_call_and_its_hop() -> None:
+    cg, one = plan_on(["cpu-0"] * 6)
+    _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
+    _, three = plan_on(["cpu-0"] * 2 + ["cpu-1"] * 2 + ["cpu-0"] * 2)
+    assert [len(p.stages) for p in (one, two, three)] == [1, 2, 3]
+    latency = [predict(cg, p, CALL, CLIENT).latency_ms for p in (one, two, three)]
+    assert latency[1] - latency[0] == pytest.approx(HOP + CALL["cpu-1"])
+    assert latency[2] - latency[1] == pytest.approx(HOP + CALL["cpu-0"])
+
+
+def test_a_pipelined_plan_has_a_shorter_period_than_one_stage() -> None:
+    cg, one = plan_on(["cpu-0"] * 6)
+    _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
+    single, split = predict(cg, one), predict(cg, two)
+    assert single.period_ms >= 6.0  # the one device computes everything per request
+    assert split.period_ms < single.period_ms
+    assert split.throughput_rps == pytest.approx(1000.0 / split.period_ms)
+
+
+def test_the_gateway_name_is_refused_for_a_device() -> None:
+    cg, plan = plan_on(["cpu-0"] * 6)
+    renamed = CostGraph(
+        name="mlp",
+        devices=(Device("gateway", memory_bytes=1 << 30),),
+        tasks=tuple(Task(t.id, {"gateway": 1.0}, ops=t.ops) for t in cg.tasks),
+        edges=cg.edges,
+    )
+    with pytest.raises(MoiraiError, match="gateway"):
+        predict(renamed, plan)
+
+
+def test_the_predicted_keys_round_trip_and_bad_ones_are_reported() -> None:
+    p = Prediction(served_ms=4.0, client_ms=1.0, period_ms=2.5)
+    assert Prediction.from_dict(p.to_dict()) == p
+    assert p.to_dict()["latency_ms"] == 5.0 and p.throughput_rps == 400.0
+    with pytest.raises(MoiraiError, match="served_ms"):
+        Prediction.from_dict({"latency_ms": 5.0})
+
+
+def test_call_overheads_come_from_a_measured_profile_only() -> None:
+    devices = split_cpu(local_devices(), len(available_cores())).devices  # 1 thread each
+    document = ProfileDocument.from_dict(
+        {
+            "format": "moirai.profile/v1",
+            "model": {"name": "m", "sha256": "0" * 64},
+            "devices": {"cpu": {"target": "cpu:threads=1", "call_overhead_ms": 0.25, "groups": []}},
+        }
+    )
+    cpu = [d for d in devices if d.kind == "cpu"]
+    assert call_overheads(DocumentProfile(document), cpu) == {d.name: 0.25 for d in cpu}
+    assert call_overheads(None, devices) == {}
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_plan_model_predicts_the_plan_as_served(tmp_path: Path, objective: str) -> None:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(MODEL, path)
+    planned = plan_model(
+        path, split_cpu(local_devices(), 2), solver="heft", objective=objective, time_limit=5
+    )
+    p = planned.plan.predicted
+    want = predict(planned.costgraph, planned.plan)
+    assert p["latency_ms"] == pytest.approx(want.latency_ms)
+    assert p["served_period_ms"] == pytest.approx(want.period_ms)
+    assert p["makespan_ms"] == pytest.approx(planned.placement.makespan_ms)
+    # The served plan starts with the gateway's pushes and ends with its collection.
+    assert p["served_ms"] > p["makespan_ms"]
+    text = describe(planned.plan)
+    assert f"predicted as served: latency {want.latency_ms:.2f} ms" in text
+    assert ("req/s" in text) == (objective == "throughput")
