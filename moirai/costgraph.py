@@ -31,6 +31,19 @@ class Device:
     kind: str = "cpu"
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Informative keys (execution provider, threads, peak figures); ignored by solvers."""
+    transfers_occupy_device: bool | None = None
+    """Whether moving a tensor into or out of this device takes the device's own time, so the
+    throughput objective counts it in the device's busy time per request (Moirai's extension of
+    the format, `docs/throughput-model.md`). None: by `kind`, true for a CPU, whose stage server
+    copies and serialises every tensor on its own cores; false for a GPU, whose copies run on
+    DMA engines beside its compute."""
+
+    @property
+    def pays_for_transfers(self) -> bool:
+        """`transfers_occupy_device`, its default resolved."""
+        if self.transfers_occupy_device is None:
+            return self.kind == "cpu"
+        return self.transfers_occupy_device
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,17 @@ class CostGraph:
             "name": self.name,
             **dict(self.extra),
             "devices": [
-                {"name": d.name, "memory_bytes": d.memory_bytes, "kind": d.kind, **dict(d.extra)}
+                {
+                    "name": d.name,
+                    "memory_bytes": d.memory_bytes,
+                    "kind": d.kind,
+                    **(
+                        {"transfers_occupy_device": d.transfers_occupy_device}
+                        if d.transfers_occupy_device is not None
+                        else {}
+                    ),
+                    **dict(d.extra),
+                }
                 for d in self.devices
             ],
             "links": links,
@@ -319,6 +342,8 @@ def _times(obj: Any, where: str) -> dict[str, float]:
     return out
 
 
+_OCCUPY = "transfers_occupy_device"
+_DEVICE_KEYS = ("name", "memory_bytes", "kind", _OCCUPY)
 _TASK_KEYS = ("id", "compute_ms", "memory_bytes", "ops")
 _TOP_KEYS = ("format", "name", "devices", "links", "tasks", "edges")
 
@@ -333,12 +358,16 @@ def _parse(data: Any, where: str) -> CostGraph:
     devices = []
     for i, d in enumerate(_require(data, "devices", where, list)):
         w = f"{where}.devices[{i}]"
+        occupy = d.get(_OCCUPY) if isinstance(d, dict) else None
+        if occupy is not None and not isinstance(occupy, bool):
+            raise CostGraphError(f"{w}.{_OCCUPY} must be true or false, got {occupy!r}")
         devices.append(
             Device(
                 name=_require(d, "name", w, str),
                 memory_bytes=int(_number(d, "memory_bytes", w)),
                 kind=str(d.get("kind", "cpu")),
-                extra={k: v for k, v in d.items() if k not in ("name", "memory_bytes", "kind")},
+                extra={k: v for k, v in d.items() if k not in _DEVICE_KEYS},
+                transfers_occupy_device=occupy,
             )
         )
     links = data.get("links", {})

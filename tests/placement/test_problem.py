@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moirai.costgraph import CostGraph, Device, Edge, Task
-from moirai.errors import InfeasibleError
+from moirai.errors import CostGraphError, InfeasibleError
 from moirai.placement import PlacementProblem, solve
 
 GB = 1 << 30
@@ -77,3 +77,18 @@ def test_bin_packing_infeasibility_is_proven_by_cpsat() -> None:
         solve(cg, "auto", time_limit=5, threads=1)
     with pytest.raises(InfeasibleError, match="first-fit decreasing failed"):
         solve(cg, "heft")
+
+
+def test_transfers_occupy_device_defaults_by_kind_and_round_trips() -> None:
+    data = cluster().to_dict()
+    assert "transfers_occupy_device" not in data["devices"][0]  # left out when by kind
+    assert PlacementProblem(cluster()).pays_for_transfers == [False, True]  # gpu, cpu
+    data["devices"][0]["transfers_occupy_device"] = True
+    data["devices"][1]["transfers_occupy_device"] = False
+    cg = CostGraph.from_dict(data)
+    assert PlacementProblem(cg).pays_for_transfers == [True, False]
+    assert CostGraph.from_dict(cg.to_dict()) == cg
+    assert "transfers_occupy_device" not in cg.devices[0].extra
+    data["devices"][1]["transfers_occupy_device"] = "yes"
+    with pytest.raises(CostGraphError, match=r"devices\[1\]\.transfers_occupy_device must be"):
+        CostGraph.from_dict(data)
