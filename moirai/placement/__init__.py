@@ -117,9 +117,10 @@ def solve_problem(problem: PlacementProblem, solver: str, options: SolveOptions)
         plan.makespan_ms = check(problem, plan)
     except InvalidScheduleError as e:
         raise SolverError(f"solver {plan.solver!r} produced an invalid plan (a bug): {e}") from e
-    plan.period_ms = period(
-        problem, [problem.device_index[plan.assignment[t]] for t in problem.tasks]
-    )
+    if plan.period_ms is None:  # a registered solver may leave it out; check verified it if not
+        plan.period_ms = period(
+            problem, [problem.device_index[plan.assignment[t]] for t in problem.tasks]
+        )
     plan.solve_seconds = time.monotonic() - started
     return plan
 

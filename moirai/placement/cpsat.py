@@ -15,7 +15,8 @@ reasons about natively (no big-M):
   when `x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load.
 
 `throughput` keeps only the assignment: minimise `Z >=` each device's, send port's and receive
-port's total time.
+port's total time (a device that pays for its transfers counts those into and out of it too,
+`simulate.loads`).
 
 Time is integer: one unit is `1/scale` ms, with `scale` chosen from the instance so that the
 horizon (a heuristic's makespan) spans at least 10^6 units, the shortest positive duration at
@@ -48,7 +49,7 @@ from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, se
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
 from moirai.placement.result import Placement
-from moirai.placement.simulate import list_schedule, retime
+from moirai.placement.simulate import list_schedule, loads, retime
 
 PROBING_LIMIT = 2000
 """Models with more optional intervals skip CP-SAT's probing in presolve: on them it can take
@@ -120,7 +121,12 @@ def build(
     if p.objective == "throughput":
         z = m.NewIntVar(0, horizon * max(1, p.n), "period")
         for k in range(p.num_devices):
-            m.Add(z >= sum(dur[i][k] * x[i][k] for i in range(p.n) if k in x[i]))
+            own = [(t, y[key]) for key, t in tau.items() if k in key[1:]]
+            m.Add(
+                z
+                >= sum(dur[i][k] * x[i][k] for i in range(p.n) if k in x[i])
+                + sum(t * lit for t, lit in own if p.pays_for_transfers[k])
+            )
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[1] == k))
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[2] == k))
         m.Minimize(z)
@@ -187,7 +193,7 @@ def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
     """
     p = problem
     m, s = cp.model, cp.scale
-    assign = {i: p.device_index[plan.assignment[t]] for i, t in enumerate(p.tasks)}
+    assign = [p.device_index[plan.assignment[t]] for t in p.tasks]
     for i in range(p.n):
         for k, v in cp.x[i].items():
             m.AddHint(v, int(assign[i] == k))
@@ -211,20 +217,9 @@ def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
     m.AddHint(cp.objective, max(finish))
 
 
-def _period_units(cp: CpModel, problem: PlacementProblem, assign: dict[int, int]) -> int:
+def _period_units(cp: CpModel, problem: PlacementProblem, assign: list[int]) -> int:
     """The period of an assignment in the model's (floored) units."""
-    p = problem
-    busy = [0] * (3 * p.num_devices)
-    kk = p.num_devices
-    for i in range(p.n):
-        busy[assign[i]] += math.floor(p.compute[i][assign[i]] * cp.scale)
-    for e, (i, j) in enumerate(p.edges):
-        a, b = assign[i], assign[j]
-        if a != b:
-            d = math.floor(p.transfer[e][a][b] * cp.scale)
-            busy[kk + a] += d
-            busy[2 * kk + b] += d
-    return max(busy)
+    return int(max(loads(problem, assign, lambda ms: math.floor(ms * cp.scale))))
 
 
 @dataclass(frozen=True)

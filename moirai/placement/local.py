@@ -7,8 +7,9 @@ device, in topological order (a branch, a chain, a layer) — to another device.
 tasks rarely helps: it creates two transfers; moving a block pays for its transfers once. Moves
 are tried on the most critical tasks first (largest start + upward rank under the current
 assignment, which is the makespan exactly on the critical path; for the period, the tasks on
-the busiest device), first improvement, in a seeded random order within equal criticality,
-until no move improves or the deadline passes. Memory and candidate devices are respected.
+the busiest device, by `simulate.loads`), first improvement, in a seeded random order within
+equal criticality, until no move improves or the deadline passes. Memory and candidate
+devices are respected.
 
 `auto` runs it before the exact solver (a better hint for CP-SAT's search) and after it, and it
 is all `auto` can do on graphs too large for an exact model.
@@ -20,7 +21,7 @@ import random
 import time
 
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.simulate import Schedule, list_schedule, period, upward_rank
+from moirai.placement.simulate import Schedule, list_schedule, loads, period, upward_rank
 
 MAX_BLOCK = 64
 
@@ -53,9 +54,7 @@ def _order(
     p = problem
     noise = [rng.random() for _ in range(p.n)]
     if sched is None:  # throughput: tasks of the busiest device first
-        load = [0.0] * p.num_devices
-        for i, k in enumerate(assign):
-            load[k] += p.compute[i][k]
+        load = loads(p, assign)
         return sorted(range(p.n), key=lambda i: (-load[assign[i]], noise[i]))
     rank = upward_rank(p, assign)
     return sorted(range(p.n), key=lambda i: (-(sched.start[i] + rank[i]), noise[i]))

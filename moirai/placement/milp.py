@@ -26,9 +26,10 @@ i, devices k in `cand[i]`, edges e = (i, j):
 Big-M is the horizon: the makespan of the heuristic warm start, also imposed as an upper bound
 on every time (so no constant is ever guessed). The warm start is passed as a MIP start.
 
-`throughput` drops the schedule: minimise the period `Z >= sum_i p[i,k] x[i,k]` (each device),
-`Z >= sum send times` of each device's send port and `Z >=` its receive port's; the plan's
-latency is then that assignment list-scheduled.
+`throughput` drops the schedule: minimise the period `Z >= sum_i p[i,k] x[i,k]` (each device,
+plus `sum tau[e,a,b] y[e,a,b]` over the transfers into or out of it when it pays for its
+transfers, `simulate.loads`), `Z >= sum send times` of each device's send port and `Z >=` its
+receive port's; the plan's latency is then that assignment list-scheduled.
 
 The model is built once as a solver-neutral `LinearModel` (columns, rows in compressed form)
 and handed to a backend. Gurobi's pip licence stops at 2000 variables and 2000 constraints:
@@ -170,8 +171,7 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
     if p.objective == "throughput":
         z = m.var(0.0, math.inf, cost=1.0)
         for k in range(p.num_devices):
-            terms = {x[i][k]: -p.compute[i][k] for i in range(p.n) if k in x[i]}
-            m.row({z: 1.0, **terms}, 0.0, math.inf)
+            device = {z: 1.0, **{x[i][k]: -p.compute[i][k] for i in range(p.n) if k in x[i]}}
             send: dict[int, float] = {z: 1.0}
             recv: dict[int, float] = {z: 1.0}
             for (e, a, b), col in y.items():
@@ -179,6 +179,9 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
                     _add(send, col, -p.transfer[e][a][b])
                 if b == k:
                     _add(recv, col, -p.transfer[e][a][b])
+                if k in (a, b) and p.pays_for_transfers[k]:
+                    _add(device, col, -p.transfer[e][a][b])
+            m.row(device, 0.0, math.inf)
             m.row(send, 0.0, math.inf)
             m.row(recv, 0.0, math.inf)
         return Formulation(m, x, y, [], {}, {}, {}, z, horizon)

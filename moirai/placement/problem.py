@@ -10,7 +10,8 @@ more task memory than device memory in total.
 It also precomputes, once, the dense integer-indexed view that every solver and the simulator
 work on, so no solver re-derives it and all agree on it: tasks in topological order, the
 candidate devices of each task (runnable, allowed by its pin, with enough memory), compute times,
-transfer times of every edge for every ordered device pair, and reachability between tasks
+transfer times of every edge for every ordered device pair, which devices pay for their
+transfers with their own time (the throughput objective), and reachability between tasks
 (which orderings are already implied by precedence; the exact models skip those pairs).
 """
 
@@ -45,7 +46,7 @@ class PlacementProblem:
     device position `k` in `devices`; edge position `e` in `edges`):
     `cand[i]` candidate devices, `compute[i][k]` time (only for candidates), `mem[i]`, `cap[k]`,
     `edge_src[e]`, `edge_dst[e]`, `transfer[e][a][b]` (0 when `a == b`), `in_edges[i]`,
-    `out_edges[i]`.
+    `out_edges[i]`, `pays_for_transfers[k]`.
     """
 
     costgraph: CostGraph
@@ -137,6 +138,11 @@ class PlacementProblem:
             min(d.memory_bytes, self.memory_limits.get(d.name, d.memory_bytes))
             for d in self.costgraph.devices
         ]
+
+    @cached_property
+    def pays_for_transfers(self) -> list[bool]:
+        """Whether transfers into and out of device k take k's own time (throughput)."""
+        return [d.pays_for_transfers for d in self.costgraph.devices]
 
     @cached_property
     def mem(self) -> list[int]:

@@ -24,7 +24,12 @@ Three things live here and nowhere else:
 - `check(costgraph_or_problem, placement)`: verifies a finished plan rule by rule and reports
   the first violated rule in one line (`InvalidScheduleError`); returns the recomputed makespan.
 
-`period` gives the pipelined period of an assignment for the throughput objective.
+`period` gives the pipelined period of an assignment for the throughput objective, from
+`loads`, the busy time per request of every device and port. The period has its own resource
+model: a device whose `pays_for_transfers` is set (by default a CPU: its stage server copies and
+serialises every tensor it sends or receives on its own cores) is busy for its transfers as
+well as its tasks. The makespan model keeps transfers on the ports only: one request's hop is a
+wait for the data, and the pipelined cost of that copy is what the period charges.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import heapq
 import itertools
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from moirai.costgraph import CostGraph
@@ -360,27 +365,45 @@ def retime(
     return sched
 
 
-def period(problem: PlacementProblem, assignment: Sequence[int]) -> float:
-    """Pipelined period of an assignment: the busiest resource per request.
+def loads(
+    problem: PlacementProblem,
+    assignment: Sequence[int],
+    duration: Callable[[float], float] = float,
+) -> list[float]:
+    """Busy time per request of every resource: device k at `k`, its send port at `K + k` and
+    its receive port at `2K + k` (K devices). `duration` maps each compute or transfer time
+    before it is summed (CP-SAT passes its floored integer units).
 
-    With many requests in flight, every device computes its tasks once per request and every
-    device's send (receive) port carries its outgoing (incoming) transfers once per request;
-    in steady state a new request can enter every `max(device busy, send busy, receive busy)`
-    milliseconds, the model's throughput being its inverse. Precedence only adds pipeline
-    depth (latency), not period.
+    A device computes its tasks; a port carries its device's outgoing (incoming) transfers; a
+    device that pays for its transfers (`PlacementProblem.pays_for_transfers`, a CPU stage
+    server copying tensors on its own cores) is also busy for every transfer into and out of
+    it. Its port loads are then at most its own, so the ports bind only on the others (GPUs).
     """
     p = problem
-    busy = [0.0] * (3 * p.num_devices)
     kk = p.num_devices
+    busy = [0.0] * (3 * kk)
     for i in range(p.n):
-        busy[assignment[i]] += p.compute[i][assignment[i]]
+        busy[assignment[i]] += duration(p.compute[i][assignment[i]])
     for e, (i, j) in enumerate(p.edges):
         a, b = assignment[i], assignment[j]
         if a != b:
-            d = p.transfer[e][a][b]
+            d = duration(p.transfer[e][a][b])
             busy[kk + a] += d
             busy[2 * kk + b] += d
-    return max(busy)
+            for k in (a, b):
+                if p.pays_for_transfers[k]:
+                    busy[k] += d
+    return busy
+
+
+def period(problem: PlacementProblem, assignment: Sequence[int]) -> float:
+    """Pipelined period of an assignment: the busiest resource per request (`loads`).
+
+    With many requests in flight, every resource does its share of every request once; in
+    steady state a new request can enter every `max(loads)` milliseconds, the model's
+    throughput being its inverse. Precedence only adds pipeline depth (latency), not period.
+    """
+    return max(loads(problem, assignment))
 
 
 def _as_indices(
@@ -410,9 +433,9 @@ def check(
     memory per device, each scheduled task on its assigned device for exactly its compute time,
     exactly one transfer per cross-device edge (and none for same-device edges) lasting its
     transfer time, precedence (a transfer starts after its source ends; a task starts after
-    each input arrived), no overlap on a device, on a send port and on a receive port, and that
-    the reported makespan is the schedule's. Raises `InvalidScheduleError` naming the first
-    violation.
+    each input arrived), no overlap on a device, on a send port and on a receive port, that
+    the reported makespan is the schedule's, and the reported period (when there is one) the
+    assignment's (`period`). Raises `InvalidScheduleError` naming the first violation.
     """
     p = problem if isinstance(problem, PlacementProblem) else PlacementProblem(problem)
     cg = p.costgraph
@@ -527,4 +550,8 @@ def check(
     makespan = max([*end.values(), *(x.end_ms for x in xfers.values())], default=0.0)
     if not math.isclose(placement.makespan_ms, makespan, rel_tol=1e-9, abs_tol=tol):
         fail(f"makespan_ms is {placement.makespan_ms:.6g} but the schedule ends at {makespan:.6g}")
+    if placement.period_ms is not None:
+        cycle = period(p, [p.device_index[a[t]] for t in p.tasks])
+        if not math.isclose(placement.period_ms, cycle, rel_tol=1e-9, abs_tol=1e-12):
+            fail(f"period_ms is {placement.period_ms:.6g} but the assignment's is {cycle:.6g}")
     return makespan

@@ -9,6 +9,10 @@ order in which operations can be appended to their resources, computing start ti
 semi-active schedule by start time is such an order, so restricting the search to sequences
 with non-decreasing start times loses nothing and removes most permutations; a branch stops
 as soon as it cannot beat the best makespan found.
+
+The pipelined period needs no schedule: every assignment, and the busiest device or port per
+request, with the transfers into and out of a device that pays for them (a CPU by default)
+added to its compute.
 """
 
 from __future__ import annotations
@@ -29,6 +33,36 @@ def brute_force_makespan(problem: PlacementProblem) -> float:
             continue
         _search(p, list(assign), best)
     return best[0]
+
+
+def brute_force_period(problem: PlacementProblem) -> float:
+    p = problem
+    kk = p.num_devices
+    pays = [
+        d.kind == "cpu" if d.transfers_occupy_device is None else d.transfers_occupy_device
+        for d in p.costgraph.devices
+    ]
+    best = float("inf")
+    for assign in itertools.product(*p.cand):
+        used = [0] * kk
+        device = [0.0] * kk
+        send = [0.0] * kk
+        recv = [0.0] * kk
+        for i, k in enumerate(assign):
+            used[k] += p.mem[i]
+            device[k] += p.compute[i][k]
+        if any(u > c for u, c in zip(used, p.cap, strict=True)):
+            continue
+        for e, (i, j) in enumerate(p.edges):
+            a, b = assign[i], assign[j]
+            if a != b:
+                d = p.transfer[e][a][b]
+                send[a] += d
+                recv[b] += d
+                device[a] += d if pays[a] else 0.0
+                device[b] += d if pays[b] else 0.0
+        best = min(best, max(device + send + recv))
+    return best
 
 
 def _search(p: PlacementProblem, assign: list[int], best: list[float]) -> None:

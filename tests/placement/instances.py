@@ -15,11 +15,14 @@ def random_costgraph(
     unrunnable_prob: float = 0.0,
     memory_tight: bool = False,
     zero_prob: float = 0.0,
+    cpus: int = 1,
 ) -> CostGraph:
     """A random DAG with per-device compute times, memory and per-pair links.
 
     Device speeds differ per device and per task (unrelated machines); some tasks may be
     unrunnable on some devices; with `memory_tight`, device memory only just holds the tasks.
+    The first `cpus` devices are CPUs (they pay for their transfers in the period), the rest
+    GPUs.
     """
     rng = random.Random(seed)
     names = [f"d{k}" for k in range(devices)]
@@ -48,7 +51,8 @@ def random_costgraph(
                 edges.append(Edge(src=f"t{i}", dst=f"t{j}", bytes=nbytes))
     cap = (mem_total // devices + 10_000_000) if memory_tight else 10**12
     device_list = tuple(
-        Device(name=d, memory_bytes=cap, kind="gpu" if k else "cpu") for k, d in enumerate(names)
+        Device(name=d, memory_bytes=cap, kind="cpu" if k < cpus else "gpu")
+        for k, d in enumerate(names)
     )
     pairs = {}
     for a in names:

@@ -6,7 +6,7 @@ import pytest
 
 from moirai.placement import PlacementProblem, solve
 
-from .brute import brute_force_makespan
+from .brute import brute_force_makespan, brute_force_period
 from .instances import random_costgraph
 
 REL = 1e-3  # CP-SAT rounds durations down to its time unit (far below this)
@@ -51,17 +51,23 @@ def test_milp_and_cpsat_agree_on_twelve_tasks(seed: int) -> None:
     assert plans[0].makespan_ms == pytest.approx(plans[1].makespan_ms, rel=REL)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_throughput_optimum_by_enumeration(seed: int) -> None:
-    import itertools
+THROUGHPUT = [
+    # (seed, tasks, devices, cpus, options): CPUs pay for their transfers, GPUs use ports only
+    *((400 + s, 6, 3, 1, {}) for s in range(4)),
+    *((410 + s, 6, 2 + s % 2, 2 + s % 2, {}) for s in range(4)),
+    *((420 + s, 6, 3, 2, {"memory_tight": True, "zero_prob": 0.2}) for s in range(4)),
+]
 
-    from moirai.placement import period
 
-    cg = random_costgraph(400 + seed, tasks=6, devices=3, edge_prob=0.4)
-    problem = PlacementProblem(cg, objective="throughput")
-    best = min(period(problem, list(a)) for a in itertools.product(*problem.cand))
-    for solver in ("milp-highs", "cpsat"):
+@pytest.mark.parametrize(("seed", "tasks", "devices", "cpus", "opts"), THROUGHPUT)
+def test_throughput_optimum_by_enumeration(
+    seed: int, tasks: int, devices: int, cpus: int, opts: dict
+) -> None:
+    cg = random_costgraph(seed, tasks=tasks, devices=devices, edge_prob=0.4, cpus=cpus, **opts)
+    best = brute_force_period(PlacementProblem(cg, objective="throughput"))
+    for solver in ("milp-highs", "cpsat", "auto"):
         plan = solve(cg, solver, objective="throughput", time_limit=30, threads=2)
-        assert plan.status == "optimal"
-        assert plan.period_ms == pytest.approx(best, rel=REL)
+        assert plan.status == "optimal", solver
+        assert plan.period_ms == pytest.approx(best, rel=REL), solver
         assert plan.objective_ms == plan.period_ms
+        assert plan.lower_bound_ms <= best * (1 + 1e-6)

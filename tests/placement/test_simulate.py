@@ -19,7 +19,7 @@ from moirai.placement import (
     solve,
 )
 from moirai.placement.bounds import critical_path, device_critical_path, lower_bound, total_work
-from moirai.placement.simulate import retime
+from moirai.placement.simulate import loads, retime
 
 from .instances import random_costgraph
 
@@ -65,12 +65,34 @@ def test_congestion_serialises_transfers_on_a_port() -> None:
 
 
 def test_period_is_the_busiest_resource() -> None:
-    p = PlacementProblem(fork())
+    gpus = dataclasses.replace(
+        fork(), devices=(Device("x", 10**9, "gpu"), Device("y", 10**9, "gpu"))
+    )
+    p = PlacementProblem(gpus)
     x, y = p.device_index["x"], p.device_index["y"]
     assign = [x, x, y, x]  # a b c d
     # x computes 1+3+1 = 5; x sends a->c (2); x receives c->d (2); y computes 3
     assert period(p, assign) == 5
     assert period(p, [x, y, y, y]) == pytest.approx(7)  # y computes 3+3+1
+
+
+def test_period_charges_transfers_to_the_devices_that_pay_for_them() -> None:
+    p = PlacementProblem(fork())  # CPU devices: a stage server copies tensors on its own core
+    x, y = p.device_index["x"], p.device_index["y"]
+    assign = [x, x, y, x]
+    # x: computes 5, sends a->c (2), receives c->d (2); y: computes 3, receives 2, sends 2
+    assert loads(p, assign) == [9, 7, 2, 2, 2, 2]  # devices x y, send ports, receive ports
+    assert period(p, assign) == 9
+    assert period(p, [x] * 4) == 8  # no transfer: one device computing everything wins
+    # a CPU told otherwise, and a GPU told to pay, swap roles
+    swapped = dataclasses.replace(
+        fork(),
+        devices=(
+            Device("x", 10**9, transfers_occupy_device=False),
+            Device("y", 10**9, "gpu", transfers_occupy_device=True),
+        ),
+    )
+    assert loads(PlacementProblem(swapped), assign) == [5, 7, 2, 2, 2, 2]
 
 
 def test_bounds_are_valid_and_ordered() -> None:
@@ -140,6 +162,10 @@ def test_check_catches_assignment_and_memory_errors(good) -> None:  # type: igno
         check(fork(), _bad(good, assignment={**good.assignment, "a": "z"}))
     with pytest.raises(InvalidScheduleError, match="makespan_ms is 1"):
         check(fork(), _bad(good, makespan_ms=1.0))
+    # y computes b and c (6) and copies four 2 ms transfers (8); the ports alone would say 6
+    assert good.period_ms == 14
+    with pytest.raises(InvalidScheduleError, match="period_ms is 6 but the assignment's is 14"):
+        check(fork(), _bad(good, period_ms=6.0))
     small = dataclasses.replace(
         fork(),
         devices=(Device("x", 10), Device("y", 10)),
