@@ -1,16 +1,17 @@
 """Planning: matched pools and a model → a `Plan`, with Moirai's library doing the real work.
 
-    pools ──catalogue──► devices ──build_costgraph──► cost graph ──solve──► placement
-                                                                             │
-                                    stage plan ◄──build_plan (model, groups)─┘
+    pools ──catalogue──► devices ──moirai.runtime.planning.plan_model──► stage plan, placement,
+                                                                         predicted latency
 
-The operator adds nothing to the pipeline that `moirai serve` runs locally; it only describes
-the devices from the pools (`catalogue.py`) and keeps the result in a `Plan`. All of it is CPU
-work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
+The operator plans exactly as `moirai serve` does (cost graph, solver, stage plan, the latency
+predicted for the plan as served, gateway hops included); what it adds goes in through
+`plan_model`'s hooks: the devices described from the pools (`catalogue.py`), a memory check
+before the solver, and the solver's thread count. It keeps the result in a `Plan`. All of it is
+CPU work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
 `Planner` runs it in a dedicated thread pool: the event loop keeps serving the other
-PlacedModels, and at most `solver_workers` solves compete for the cores. Before solving it checks
-the one infeasibility a person most often meets — the model does not fit in the devices — so the
-message can say how much is needed and how much the pools offer.
+PlacedModels, and at most `solver_workers` solves compete for the cores. The memory check
+catches the one infeasibility a person most often meets — the model does not fit in the
+devices — so the message can say how much is needed and how much the pools offer.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ from typing import Any
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet, DeviceSpec
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec as StageDevice
 from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
-from moirai_operator.fetch import sha256_of
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
 from moirai_operator.spec import PlacedModelSpec
@@ -105,12 +104,8 @@ class Planner:
         model_path: Path,
         profile: Mapping[str, Any] | None,
     ) -> Plan:
-        from moirai.graph import load_model
-        from moirai.partition import build_plan
-        from moirai.pipeline import build_costgraph
-        from moirai.placement import solve
+        from moirai.runtime.planning import plan_model
 
-        shapes = {k: list(v) for k, v in spec.model.input_shapes.items()} or None
         measured = None
         if profile is not None:
             from moirai.profile.document import DocumentProfile, ProfileDocument
@@ -119,42 +114,18 @@ class Planner:
                 measured = DocumentProfile(ProfileDocument.from_dict(profile), "profiling Jobs")
             except MoiraiError as e:
                 raise ProfilingError(f"the profiling Jobs returned a bad profile: {e}") from None
-        cg = build_costgraph(model_path, device_set(doc), input_shapes=shapes, profile=measured)
-        check_memory(cg)
-        placement = solve(
-            cg,
-            spec.placement.solver,
-            "throughput" if spec.placement.objective == "throughput" else "latency",
+        planned = plan_model(
+            model_path,
+            device_set(doc),
+            input_shapes=spec.model.input_shapes,
+            solver=spec.placement.solver,
+            objective="throughput" if spec.placement.objective == "throughput" else "latency",
             time_limit=spec.placement.time_limit_seconds,
+            profile=measured,
             threads=self.threads,
-            seed=0,
+            check=check_memory,
         )
-        model = load_model(model_path, shapes)
-        stage_plan = build_plan(
-            model,
-            placement.assignment,
-            [
-                StageDevice(
-                    name=d.name,
-                    kind=d.kind,
-                    threads=d.threads if d.kind == "cpu" else None,
-                    device_id=0 if d.kind == "gpu" else None,
-                )
-                for d in doc.devices
-            ],
-            groups={t.id: t.ops for t in cg.tasks},
-            start_ms={s.task: s.start_ms for s in placement.schedule},
-            model_name=cg.name,
-            model_sha256=spec.model.sha256 or sha256_of(model_path),
-            input_shapes=shapes,
-            predicted={
-                "solver": placement.solver,
-                "status": placement.status,
-                "objective": placement.objective,
-                "makespan_ms": placement.makespan_ms,
-                "lower_bound_ms": placement.lower_bound_ms,
-            },
-        )
+        placement, stage_plan = planned.placement, planned.plan
         used = set(stage_plan.used_devices)
         tasks = Counter(placement.assignment.values())
         by_pool = {m.spec.name: m for m in pools}
@@ -177,7 +148,7 @@ class Planner:
             solver=placement.solver,
             solver_status=placement.status,
             objective=placement.objective,
-            latency_ms=placement.makespan_ms,
+            latency_ms=stage_plan.predicted["latency_ms"],
             lower_bound_ms=placement.lower_bound_ms,
             gap=placement.gap,
             profiling=spec.profiling,

@@ -7,12 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from moirai_operator.catalogue import Catalogue
-from moirai_operator.planning import Planner
+from moirai_operator.catalogue import Catalogue, devices_document
+from moirai_operator.planning import Planner, device_set
 from moirai_operator.pools import match_pools, node_facts
 from moirai_operator.spec import Defaults, parse_spec
-from moirai_operator.status import InsufficientMemoryError
+from moirai_operator.status import InsufficientMemoryError, placement_summary
 from operator_bodies import make_node, make_spec, write_mlp
+
+from moirai.partition import StagePlan
+from moirai.pipeline import build_costgraph
+from moirai.runtime.prediction import predict
 
 NODES = [
     node_facts(make_node("g", "gpu", gpus=2, product="Tesla-T4")),
@@ -45,6 +49,19 @@ async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) ->
         assert d.gpus == (1 if d.entry.kind == "gpu" else 0)
         assert d.node_selector == {"moirai.dev/pool": d.entry.pool}
         assert d.tasks >= 1
+
+
+async def test_the_status_reports_the_latency_the_library_predicts(tmp_path: Path, planner) -> None:
+    """The plan as served, gateway hops included: the number `moirai serve` prints."""
+    model = write_mlp(tmp_path / "mlp.onnx")
+    spec = parse_spec(model_spec(model, placement={"solver": "heft"}), Defaults())
+    pools = match_pools(spec.pools, NODES)
+    plan = await planner(spec, pools, model)
+    costgraph = build_costgraph(model, device_set(devices_document(pools, Catalogue.load())))
+    want = predict(costgraph, StagePlan.from_dict(plan.stage_plan))
+    summary = placement_summary(plan, {d.entry.name: d.entry.name for d in plan.devices})
+    assert summary["latencyMs"] == round(want.latency_ms, 6)
+    assert plan.latency_ms > plan.placement["makespan_ms"] + want.client_ms
 
 
 async def test_model_larger_than_the_pools_is_reported_in_gib(tmp_path: Path, planner) -> None:
@@ -97,4 +114,8 @@ async def test_a_measured_profile_prices_the_plan(tmp_path: Path, planner) -> No
     for group in slow["devices"]["cpu"]["groups"]:
         group["ms"] *= 1000
     slowed = await planner(spec, pools, model, merge({"cpu": slow}, pools))
-    assert slowed.latency_ms > 100 * measured.latency_ms  # the times come from the profile
+    # The times come from the profile (the served latency adds the same hops to both).
+    assert slowed.placement["makespan_ms"] > 100 * measured.placement["makespan_ms"]
+    assert slowed.latency_ms - measured.latency_ms == pytest.approx(
+        slowed.placement["makespan_ms"] - measured.placement["makespan_ms"], rel=0.05
+    )
