@@ -42,7 +42,10 @@ class Plan:
     solver_status: str
     objective: str
     latency_ms: float
+    """The latency predicted for the plan as served, gateway hops and the client's call
+    included (`moirai.runtime.prediction`): what `moirai serve` prints for the same plan."""
     lower_bound_ms: float
+    """The solver's bound on its objective (the cost graph's makespan or period)."""
     gap: float
     profiling: str
     notes: tuple[str, ...] = field(default_factory=tuple)
