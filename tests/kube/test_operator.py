@@ -25,6 +25,7 @@ from test_operator_harness import (
     free_port,
     install_crd,
     models_for,
+    placed_model,
     run_job_pod,
     running_operator,
     wait_until,
@@ -201,12 +202,7 @@ def test_delete_removes_every_child(operator, cluster, make_node_pool, models):
     ],
 )
 def test_schema_rejects_invalid_specs(crd, cluster, spec, message):
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "PlacedModel",
-        "metadata": {"name": "bad"},
-        "spec": spec,
-    }
+    body = placed_model("bad", spec)
     with pytest.raises(ApiException) as error:
         cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body)
     assert error.value.status == 422 and message in error.value.body

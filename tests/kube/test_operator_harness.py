@@ -25,9 +25,13 @@ import pytest
 from kopf.testing import KopfRunner
 from kubernetes import client
 from kubernetes.config import kube_config
+from moirai_operator.resources import GROUP, PLURAL, VERSION
 
 REPO = Path(__file__).resolve().parents[2]
-GROUP, VERSION, PLURAL = "moirai.dev", "v1alpha1", "placedmodels"
+# The operator's unit tests' builders: one PlacedModel body and one test model for both suites.
+sys.path.insert(0, str(REPO / "tests" / "operator"))
+from operator_bodies import placed_model, write_mlp  # noqa: E402
+
 OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "moirai_operator.handlers"]
 OPERATOR_ENV = {
     "MOIRAI_RESYNC_SECONDS": "1",
@@ -37,40 +41,6 @@ OPERATOR_ENV = {
     "MOIRAI_GPU_IMAGE": "moirai:test-gpu",
 }
 TIMEOUT = 60.0
-
-
-def write_mlp(path: Path, hidden: int = 64, layers: int = 4) -> Path:
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i in range(layers):
-        inits += [
-            numpy_helper.from_array(
-                (rng.standard_normal((hidden, hidden)) * 0.1).astype(np.float32), f"w{i}"
-            ),
-            numpy_helper.from_array(np.zeros(hidden, np.float32), f"b{i}"),
-        ]
-        nodes += [
-            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"MatMul_{i}"),
-            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"Add_{i}"),
-            helper.make_node("Relu", [f"a{i}"], [f"h{i}"], name=f"Relu_{i}"),
-        ]
-        prev = f"h{i}"
-    nodes.append(helper.make_node("Identity", [prev], ["y"], name="Out"))
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 SLOW_SECONDS = 4.0
@@ -182,12 +152,7 @@ class Cluster:
         self.core = client.CoreV1Api(api)
 
     def apply(self, name: str, spec: dict[str, Any]) -> None:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "PlacedModel",
-            "metadata": {"name": name, "namespace": self.ns},
-            "spec": spec,
-        }
+        body = placed_model(name, spec, namespace=self.ns)
         self.plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(body))
 
     def pm(self, name: str) -> dict[str, Any]:

@@ -1,8 +1,12 @@
-"""Builders of raw Node and PlacedModel bodies for the operator's unit tests."""
+"""Builders of raw Node and PlacedModel bodies and of a small model, for the operator's unit tests
+and its control-plane tests (`tests/kube/test_operator_harness.py` imports this module), so both
+build a PlacedModel one way. Only the standard library, onnx and numpy: importing it is cheap."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from moirai_operator.resources import API_VERSION, KIND
 
 GIB = 1 << 30
 
@@ -50,13 +54,19 @@ def make_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
-def make_body(spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": "moirai.dev/v1alpha1",
-        "kind": "PlacedModel",
-        "metadata": {"name": "resnet", "namespace": "ml", "uid": "uid-1", "generation": 1},
-        "spec": spec or make_spec(),
+def placed_model(name: str, spec: dict[str, Any], **metadata: Any) -> dict[str, Any]:
+    """A PlacedModel body as the API server takes it (`metadata`: namespace, uid, ...)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, **metadata},
+        "spec": spec,
     }
+
+
+def make_body(spec: dict[str, Any] | None = None, **status: Any) -> dict[str, Any]:
+    """A PlacedModel as kopf hands it to the operator: created, with a uid and a generation."""
+    body = placed_model("resnet", spec or make_spec(), namespace="ml", uid="uid-1", generation=1)
     if status:
         body["status"] = status
     return body
