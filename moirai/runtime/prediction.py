@@ -12,8 +12,9 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
   (`call_ms`, a measured profile's `call_overhead_ms`);
 - one edge per pair of stages, carrying the bytes of the tensors that cross, priced by the
   cost graph's links (the serving link);
-- the gateway as a device of its own, with a task that pushes the inputs to the stages that
-  read them and one that collects the outputs, over the default link.
+- the gateway as a CPU device of its own, with a task that pushes the inputs to the stages
+  that read them and one that collects the outputs, over the default link (one push at a time,
+  as the execution model sends from any device).
 
 The simulator gives its makespan (from the gateway's first push to the last output back) and
 its pipelined period, under the same execution model as the solvers; the client's round trip to
@@ -97,7 +98,7 @@ class Prediction:
         return line
 
 
-def nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
+def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
     """Bytes of these tensors; a dimension that is not fixed counts as 1."""
     total = 0
     for name in tensors:
@@ -140,7 +141,7 @@ def served_costgraph(
             Task(GATEWAY_OUT, {GATEWAY: 0.0}),
         ),
         edges=tuple(
-            Edge(src, dst, nbytes(plan, tensors)) for (src, dst), tensors in crossing.items()
+            Edge(src, dst, _nbytes(plan, tensors)) for (src, dst), tensors in crossing.items()
         ),
         default_link=costgraph.default_link,
         pair_links=costgraph.pair_links,
@@ -164,7 +165,7 @@ def predict(
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
     return Prediction(
         served_ms=result.makespan_ms,
-        client_ms=client.transfer_ms(nbytes(plan, inputs) + nbytes(plan, outputs)),
+        client_ms=client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)),
         period_ms=result.period_ms or 0.0,
     )
 
