@@ -3,7 +3,8 @@
 ONNX Runtime fuses operators when it loads a model (Conv+BatchNorm+Relu into one FusedConv,
 the Erf pattern into Gelu, the mean/variance pattern into LayerNormalization...). A placement
 that cut through such a fusion would forbid it, so the groups are taken from the backend itself
-rather than guessed: a session is created for the provider with level `ORT_ENABLE_EXTENDED` and
+rather than guessed: a session is created for the provider with level `ORT_ENABLE_EXTENDED` (and
+for the CPU also `ORT_ENABLE_ALL`, what stage servers run: see "The all level" below) and
 `optimized_model_filepath`, and each node of the optimised graph is mapped back to the original
 nodes it replaced. Tensor names at fusion boundaries survive optimisation, so an optimised node
 *claims* the original nodes found by walking back from its outputs through original producers,
@@ -18,6 +19,40 @@ folded or eliminated (Constant, Shape chains on static shapes, Identity, Dropout
 claimed by several was eliminated in front of several consumers; neither is computed by a fused
 kernel, so each joins the unit of its first consumer. The result, per provider, is a set of
 *fusion units*, each about one kernel launch on that provider.
+
+**The all level (CPU).** Stage servers and the measured profiler run level `ORT_ENABLE_ALL`,
+where the CPU provider's NCHWc transformer rewrites convolutions (and the pooling, Concat,
+Resize and per-channel Mul/Add around them) into the blocked layout, with ReorderInput/
+ReorderOutput at the layout's borders, and lets an NCHWc Conv take in the Add after it (as a
+fourth, "Sum" input) and then an activation. ResNet's Conv+BN, Sum and Relu become one kernel,
+which the extended level keeps as three. The transformer renames every tensor inside the layout
+(`reorder_token_N`), so the claim walk cannot run on the all-level graph as it is;
+`restore_layout` first maps it onto the extended graph:
+
+    extended   r9 ─► Conv n10 ─► r11 ─► Sum n14 ─► r14 ─► Relu n15 ─► r15 ─► FusedConv n16
+    all        t9 ─► Conv "r11_nchwc" (Sum input, activation Relu) ─► t15 ─► Conv "r18_nchwc"
+
+- each all-level node comes from one extended node: the same name, or for an NCHWc node
+  `<tensor>[_bn|_mul|_add]_nchwc[_token_N]`, the producer of `<tensor>` (ONNX Runtime names
+  its nodes so), of a compatible operator;
+- input i of an all-level node is input i of the node it comes from (the fourth input of an
+  NCHWc Conv that took in an Add is that Add's other input), and a Reorder's output is its
+  input: so each token gets the extended tensor it holds, and an NCHWc node's output becomes
+  whatever its consumers read (t15 is r15, since "r18_nchwc" comes from n16, which reads r15);
+- Reorder nodes are dropped: they only convert layouts, computing nothing of the model.
+
+The restored graph then goes through the claim walk like any other. Every step checks what it
+assumes (one extended tensor per token, an output at or after the node it comes from, each
+tensor computed once) and raises `LayoutError` otherwise; the CPU then keeps the extended
+level's fusions, with a warning, which is what Moirai did before this mapping.
+
+What groups cannot guarantee: a stage's session sees its border tensors as plain (NCHW) inputs,
+so a cut inside a layout region costs a Reorder pair, and an Add whose *other* input crosses the
+border is no longer taken in by its Conv (ONNX Runtime fuses it only when both inputs are NCHWc
+tensors of the same session), nor, since that Add's output is then plain too, the Add of each
+following identity block. In ResNet-50 only a cut right before a projection block keeps all 65
+NCHWc fusions; other cuts at group borders lose 2 to 10 (each a Conv whose Add and Relu then run
+apart). Pricing such cuts is the cost model's business, not the grouping's.
 
 Fusions differ by execution provider — ConvActivationFusion and GemmActivationFusion run for CPU
 only — so the units of every provider present are merged (union-find) into groups: whatever
@@ -35,7 +70,8 @@ operators that only the offline transformer optimiser produces) — so no rule t
 add CUDA-only fusions. What the emulation cannot see is the CUDA provider declining a node (no
 CUDA kernel: it falls back to CPU, where CPU fusions then apply). Where onnxruntime-gpu is
 installed the CUDA provider itself is asked: the backend is the source of truth. Any other
-provider that is not installed gets the CPU units, with a warning.
+provider that is not installed gets the CPU provider's extended-level units, with a warning. The
+CUDA units always come from the extended level: the NCHWc transformer is the CPU provider's.
 
 Very large graphs can be coarsened further (`max_tasks`): an edge u→v can be contracted without
 creating a cycle when u has one successor or v has one predecessor (chains and trees); the
@@ -80,6 +116,20 @@ _CPU_ONLY_TRANSFORMERS = (
 )
 
 
+_NCHWC = "com.microsoft.nchwc"
+_REORDERS = frozenset({"ReorderInput", "ReorderOutput"})
+# (NCHWc operator, extended-graph operator) pairs that the NCHWc transformer converts besides
+# operators of one type: per-channel affine operators become depthwise convolutions.
+_NCHWC_FROM = frozenset(
+    {
+        ("Conv", "FusedConv"),
+        ("Conv", "BatchNormalization"),
+        ("Conv", "Mul"),
+        ("Conv", "Add"),
+        ("Upsample", "Resize"),
+    }
+)
+
 Kernels = tuple[tuple[str, ...], ...]
 
 
@@ -101,7 +151,122 @@ class Group:
 def _claims(source: bytes | str, graph: OpGraph, provider: str) -> list[set[str]]:
     """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
     it alone claims (see the module docstring). Nodes in no set were folded or eliminated."""
-    return [c for c in claimed_nodes(graph, _optimised_graph(source, provider)) if c]
+    optimised = _optimised_graph(source, provider)
+    if provider == CPU:
+        layout = _optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        try:
+            optimised = restore_layout(optimised, layout)
+        except LayoutError as e:
+            log.warning("CPU fusions from the extended level only: %s", e)
+    return [c for c in claimed_nodes(graph, optimised) if c]
+
+
+def _counterpart(
+    node: onnx.NodeProto,
+    by_name: Mapping[str, onnx.NodeProto],
+    producer: Mapping[str, onnx.NodeProto],
+) -> onnx.NodeProto:
+    """The extended graph's node that an all-level node was made from: the same name, or for
+    an NCHWc node `<output>[_bn]_nchwc[_token_N]`, the producer of that output."""
+    origin = by_name.get(node.name)
+    if origin is None and node.domain == _NCHWC and "_nchwc" in node.name:
+        tensor = node.name[: node.name.rindex("_nchwc")]
+        while tensor not in producer and "_" in tensor:
+            tensor = tensor.rpartition("_")[0]
+        origin = producer.get(tensor)
+    if origin is None:
+        raise LayoutError(f"{node.op_type} node {node.name!r} matches no extended node")
+    if node.op_type != origin.op_type and (node.op_type, origin.op_type) not in _NCHWC_FROM:
+        raise LayoutError(f"{node.op_type} node {node.name!r} was made from {origin.op_type}")
+    return origin
+
+
+def _summed_with(conv: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> str:
+    """The other input of the Add (or two-input Sum) that consumes `conv`'s output alone."""
+    after = consumers.get(conv.output[0], [])
+    if len(after) != 1 or after[0].op_type not in ("Add", "Sum") or len(after[0].input) != 2:
+        raise LayoutError(f"the Sum input of {conv.name!r} follows no Add")
+    add = after[0]
+    return add.input[1] if add.input[0] == conv.output[0] else add.input[0]
+
+
+def _downstream(
+    start: str, end: str, consumers: Mapping[str, list[onnx.NodeProto]], limit: int = 4
+) -> bool:
+    """Whether `end` is `start` or follows it through a chain of sole consumers (what an
+    NCHWc kernel can take in: an Add, an activation)."""
+    for _ in range(limit + 1):
+        if start == end:
+            return True
+        after = consumers.get(start, [])
+        if len(after) != 1 or not after[0].output:
+            return False
+        start = after[0].output[0]
+    return False
+
+
+class LayoutError(ValueError):
+    """The all-level graph does not map back onto the extended one (names or structure that
+    the NCHWc transformer is not known to produce)."""
+
+
+def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onnx.GraphProto:
+    """The CPU provider's all-level graph in the extended graph's tensor names, without its
+    Reorder nodes, so that the claim walk applies to it (module docstring, "The all level").
+    Raises `LayoutError` where the mapping is not certain."""
+    producer = {t: n for n in extended.node for t in n.output}
+    known = set(producer) | {i.name for i in extended.input}
+    constants = {t.name for t in extended.initializer} | {t.name for t in optimised.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in extended.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    by_name = {n.name: n for n in extended.node}
+    same = _UnionFind(
+        itertools.chain(known, (t for n in optimised.node for t in [*n.input, *n.output] if t))
+    )
+    counterpart: dict[int, onnx.NodeProto] = {}
+    for i, node in enumerate(optimised.node):
+        if node.domain == _NCHWC and node.op_type in _REORDERS:
+            same.merge((node.input[0], node.output[0]))
+            continue
+        origin = counterpart[i] = _counterpart(node, by_name, producer)
+        pairs = list(zip(node.input, origin.input, strict=False))
+        if node.op_type == "Conv" and len(node.input) > 3 and len(origin.input) <= 3:
+            # The NCHWc Conv took in the Add after it: its fourth input is the Add's other one.
+            pairs.append((node.input[3], _summed_with(origin, consumers)))
+        for pair in pairs:
+            if all(pair) and not constants.intersection(pair):
+                same.merge(pair)
+    names: dict[str, str] = {}
+    for members in same.classes():
+        found = [t for t in members if t in known]
+        if len(found) > 1:
+            raise LayoutError(f"tensors {', '.join(sorted(found))} would be one")
+        if found:
+            names.update(dict.fromkeys(members, found[0]))
+    restored = onnx.GraphProto()
+    restored.CopyFrom(optimised)
+    del restored.node[:]
+    written: set[str] = set()
+    for i, node in enumerate(optimised.node):
+        if i not in counterpart:
+            continue
+        copy = restored.node.add()
+        copy.CopyFrom(node)
+        origin = counterpart[i]
+        for j, t in enumerate(node.output):
+            name = names.get(t, t)
+            if name not in known and j < len(origin.output):
+                name = origin.output[j]  # no consumer says otherwise: what it was made from
+            if j < len(origin.output) and not _downstream(origin.output[j], name, consumers):
+                raise LayoutError(f"{node.name} would compute {name}, not after {origin.name}")
+            if name in written:
+                raise LayoutError(f"two nodes compute {name}")
+            written.add(name)
+            copy.output[j] = name
+        copy.input[:] = [names.get(t, t) for t in node.input]
+    return restored
 
 
 def claimed_nodes(graph: OpGraph, optimised: onnx.GraphProto) -> list[set[str]]:
@@ -150,7 +315,11 @@ def _ort_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
         yield path
 
 
-def _optimised_graph(source: bytes | str, provider: str) -> onnx.GraphProto:
+def _optimised_graph(
+    source: bytes | str,
+    provider: str,
+    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+) -> onnx.GraphProto:
     disabled: list[str] = []
     if provider not in ort.get_available_providers():
         if provider != CUDA:
@@ -160,7 +329,7 @@ def _optimised_graph(source: bytes | str, provider: str) -> onnx.GraphProto:
         provider = CPU
     with tempfile.TemporaryDirectory(prefix="moirai-fusion-") as tmp:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.graph_optimization_level = level
         options.optimized_model_filepath = str(Path(tmp, "optimised.onnx"))
         for key, value in {
             # Only the optimised graph's structure is read back: weights go to a side file,

@@ -9,17 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from moirai import zoo
+from moirai import fusion, zoo
 from moirai.fusion import CPU, CUDA, Group, _contract_cycles, coarsen, fusion_groups
 from moirai.graph import OpGraph, build_graph, load_model
+from moirai.partition import DeviceSpec
+from stage_server.sessions import execution_providers, session_options
 
 from .onnx_patterns import (
     conv_bn_relu,
     diamond,
     gelu,
+    init,
     layer_norm,
     matmul_add,
     model,
@@ -126,6 +130,135 @@ def test_zoo_groups_are_a_partition_and_a_dag(name: str) -> None:
     # Every Conv of these CNNs is followed by its Relu; on CPU they fuse.
     relus = [g for g in groups if "Relu" in [graph.node[n].op_type for n in g.ops]]
     assert any("Conv" in [graph.node[n].op_type for n in g.ops] for g in relus)
+
+
+# ------------------------------------------------------ the all level (CPU)
+def _residual() -> onnx.ModelProto:
+    """x(1,16,8,8) → conv1 → c1 → conv2 → Add(c1) → Relu → y, 32 channels: at the all level
+    the NCHWc conv2 takes in the Add and the Relu."""
+    return model(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["c1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["c2", "c1"], ["s"], name="add"),
+            helper.make_node("Relu", ["s"], ["y"], name="relu"),
+        ],
+        [tensor("x", [1, 16, 8, 8])],
+        [tensor("y", [1, 32, 8, 8])],
+        [
+            init("w1", [32, 16, 3, 3]),
+            init("b1", [32]),
+            init("w2", [32, 32, 3, 3]),
+            init("b2", [32]),
+        ],
+    )
+
+
+def _serving_graph(m: onnx.ModelProto, tmp_path: Path) -> onnx.GraphProto:
+    """The optimised graph of a CPU stage server's session for `m`."""
+    options = session_options(1)
+    options.optimized_model_filepath = str(tmp_path / "serving.onnx")
+    ort.InferenceSession(
+        m.SerializeToString(), options, providers=execution_providers(DeviceSpec("cpu"))
+    )
+    return onnx.load(options.optimized_model_filepath).graph
+
+
+def _nchwc_fusions(optimised: onnx.GraphProto) -> int:
+    """How many Adds and activations NCHWc convolutions took in."""
+    convs = [n for n in optimised.node if n.domain == fusion._NCHWC and n.op_type == "Conv"]
+    return sum(len(n.input) > 3 for n in convs) + sum(
+        any(a.name == "activation" for a in n.attribute) for n in convs
+    )
+
+
+def _spanning(loaded: onnx.ModelProto, graph: OpGraph, groups: list[Group], tmp_path: Path) -> int:
+    """How many kernels of a CPU stage server's session for the whole model compute nodes of
+    more than one of `groups`."""
+    with fusion._ort_source(loaded) as source:
+        extended = fusion._optimised_graph(source, CPU)
+    serving = fusion.restore_layout(extended, _serving_graph(loaded, tmp_path))
+    where = {n: i for i, g in enumerate(groups) for n in g.ops}
+    return sum(len({where[n] for n in c}) > 1 for c in fusion.claimed_nodes(graph, serving))
+
+
+def _unmappable(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onnx.GraphProto:
+    raise fusion.LayoutError("test")
+
+
+@pytest.fixture
+def residual(tmp_path: Path) -> tuple[onnx.ModelProto, OpGraph]:
+    loaded, graph = _load(_residual(), tmp_path)
+    if _nchwc_fusions(_serving_graph(loaded, tmp_path)) != 2:
+        pytest.skip("this CPU has no NCHWc kernels (ONNX Runtime's MLAS block size is 1)")
+    return loaded, graph
+
+
+def test_nchwc_conv_add_relu_is_one_cpu_group(residual) -> None:
+    loaded, graph = residual
+    assert _op_types(graph, fusion_groups(loaded, graph, [CPU])) == [
+        ["Conv"],
+        ["Conv", "Add", "Relu"],
+    ]
+    # CUDA has no NCHWc layout: four kernels.
+    assert len(fusion_groups(loaded, graph, [CUDA])) == 4
+    assert len(fusion_groups(loaded, graph, [CPU, CUDA])) == 2
+
+
+def test_no_serving_kernel_spans_two_cpu_groups(residual, monkeypatch, tmp_path: Path) -> None:
+    loaded, graph = residual
+    assert _spanning(loaded, graph, fusion_groups(loaded, graph, [CPU]), tmp_path) == 0
+    # The extended level's groups keep conv2, the Add and the Relu apart: one kernel spans them.
+    with monkeypatch.context() as patched:
+        patched.setattr(fusion, "restore_layout", _unmappable)
+        extended_only = fusion_groups(loaded, graph, [CPU])
+    assert _spanning(loaded, graph, extended_only, tmp_path) == 1
+
+
+def test_unmappable_all_level_keeps_the_extended_fusions(residual, monkeypatch, caplog) -> None:
+    loaded, graph = residual
+    monkeypatch.setattr(fusion, "restore_layout", _unmappable)
+    assert len(fusion_groups(loaded, graph, [CPU])) == 4
+    assert "extended level only" in caplog.text
+
+
+def test_restore_layout_checks_node_names(residual) -> None:
+    loaded, _ = residual
+    with fusion._ort_source(loaded) as source:
+        extended = fusion._optimised_graph(source, CPU)
+        optimised = fusion._optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    restored = fusion.restore_layout(extended, optimised)
+    assert [n.op_type for n in restored.node] == ["Conv", "Conv"]
+    assert [list(n.output) for n in restored.node] == [["c1"], ["y"]]
+    renamed = next(n for n in optimised.node if n.name.endswith("_nchwc"))
+    renamed.name = "mystery"
+    with pytest.raises(fusion.LayoutError, match="mystery"):
+        fusion.restore_layout(extended, optimised)
+
+
+def test_zoo_residual_blocks_are_one_cpu_group(tmp_path: Path) -> None:
+    """ResNet-50's Conv+BN, Sum and Relu are one NCHWc kernel; Inception v2's per-channel
+    Mul becomes an NCHWc depthwise Conv: both map back without falling to the extended level."""
+    for name in ("resnet50", "inception_v2"):
+        loaded = load_model(zoo.get(name))
+        graph = build_graph(loaded)
+        with fusion._ort_source(loaded) as source:
+            extended = fusion._optimised_graph(source, CPU)
+            optimised = fusion._optimised_graph(
+                source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            )
+        fusion.restore_layout(extended, optimised)  # raises if it does not map
+    groups = fusion_groups(loaded, graph, [CPU])  # Inception v2
+    _assert_partition_dag(graph, groups)
+    loaded = load_model(zoo.get("resnet50"))
+    graph = build_graph(loaded)
+    groups = fusion_groups(loaded, graph, [CPU])
+    _assert_partition_dag(graph, groups)
+    assert _spanning(loaded, graph, groups, tmp_path) == 0
+    sums = [g for g in groups if "Sum" in [graph.node[n].op_type for n in g.ops]]
+    assert len(sums) == 16
+    assert all({"Conv", "Sum", "Relu"} <= {graph.node[n].op_type for n in g.ops} for g in sums)
+    assert len(groups) == 58  # 90 at the extended level
 
 
 # ---------------------------------------------------------------- cycles
