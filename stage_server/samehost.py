@@ -12,11 +12,11 @@ host (`moirai serve`, where every server listens on loopback), neither is necess
   process. A push is one frame, `<u32 length><PushRequest bytes>` (the very bytes gRPC would
   carry, `stage_server.wire`), answered in order by one ack frame, `A` alone for success or
   `A<code>\\0<message>`, so the sender keeps a FIFO of waiting pushes and needs no ids;
-- tensors of `SHARED_MIN_BYTES` and more travel in shared memory (`stage_server.shm`): the
-  sender writes them into memory files of the connection's pool, the receiver's stage reads them
-  where they lie, and when the last array over a file is gone the receiver sends a release
-  frame, `R<u64 inode>`, which returns the file to the pool; both ends let go of everything when
-  the connection ends.
+- tensors of `SHARED_MIN_BYTES` and more travel in shared memory (`stage_server.shm`): a stage
+  output already lies in a memory file of the server's arena, anything else is written into a
+  file of the connection's pool; the receiver's stage reads them where they lie, and when the
+  last array over a file is gone the receiver sends a release frame, `R<u64 inode>`, which lets
+  the sender write the file again; both ends let go of everything when the connection ends.
 
 A push keeps the chain's semantics: it carries the request's deadline and waits for its ack at
 most until then; the receiver's errors come back with their status code; a broken connection is
@@ -169,7 +169,9 @@ class Connection(_Frames):
         # Per push sent and not yet acked: its waiter, and the inodes of its shared tensors.
         self._waiting: collections.deque[tuple[asyncio.Future[None], list[int]]]
         self._waiting = collections.deque()
-        self._shared: dict[int, shm.SharedTensor] = {}  # by inode: not yet released
+        # By inode, once per push of the file not yet released (an arena file may be in
+        # several pushes at once).
+        self._shared: dict[int, list[shm.SharedTensor]] = {}
         self.pool = shm.Pool()
         self.closed = False
 
@@ -189,16 +191,15 @@ class Connection(_Frames):
     ) -> None:
         """Send one push and wait for its ack (at most `timeout_s`); raise the peer's error.
 
-        The push's files from `pool` (`shared`) belong to the connection from now on: they go
-        back to the pool when the receiver releases them, which is usually long after the ack
-        and may be after this call gave up."""
+        The push's files from `pool.take` (`shared`) belong to the connection from now on: they
+        go back when the receiver releases them, which is usually long after the ack and may be
+        after this call gave up."""
         shared = shared or []
         if self.closed or self.transport is None:
-            for tensor in shared:
-                tensor.close()
+            self.pool.give_back(shared, reuse=False)
             raise Unavailable("the connection is closed")
         for tensor in shared:
-            self._shared[tensor.inode] = tensor
+            self._shared.setdefault(tensor.inode, []).append(tensor)
         ack = asyncio.get_running_loop().create_future()
         self._waiting.append((ack, [tensor.inode for tensor in shared]))
         self.transport.writelines([_LENGTH.pack(len(payload)), payload])
@@ -213,9 +214,9 @@ class Connection(_Frames):
             self._lose(Unavailable("the peer sent a frame this connection does not expect"))
             return
         ack, inodes = self._waiting.popleft()
-        if body:  # the push failed: the receiver holds none of its files
-            for inode in inodes:
-                self._give_back(inode)
+        if body:  # the push failed: the receiver holds none of its files, but may still send
+            for inode in inodes:  # releases of those it read, so none is written again
+                self._give_back(inode, reuse=False)
         if ack.done():  # its push gave up (deadline); the ack still arrives in order
             return
         if body:
@@ -224,10 +225,12 @@ class Connection(_Frames):
         else:
             ack.set_result(None)
 
-    def _give_back(self, inode: int) -> None:
-        tensor = self._shared.pop(inode, None)  # at most once, however it is released
-        if tensor is not None:
-            self.pool.give_back([tensor])
+    def _give_back(self, inode: int, reuse: bool = True) -> None:
+        tensors = self._shared.get(inode)
+        if tensors:  # at most once per push, however it is released
+            self.pool.give_back([tensors.pop()], reuse)
+            if not tensors:
+                del self._shared[inode]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(Unavailable(f"connection lost ({exc or 'closed by the peer'})"))
@@ -238,8 +241,8 @@ class Connection(_Frames):
             ack, _ = self._waiting.popleft()
             if not ack.done():
                 ack.set_exception(error)
-        for tensor in self._shared.values():
-            tensor.close()
+        for tensors in self._shared.values():  # the receiver may still read them
+            self.pool.give_back(tensors, reuse=False)
         self._shared.clear()
         self.pool.close()
         if self.transport is not None:

@@ -2,26 +2,36 @@
 
 When the sender and the receiver of a push run on one host (`stage_server.samehost`), a large
 tensor need not travel through the socket, where it would be copied into kernel buffers and out
-again into freshly allocated memory. The sender writes it into an anonymous memory file
-(`memfd_create`) and the push carries only a reference: the sender's pid, its descriptor of the
-file and the file's inode. The receiver opens the file through `/proc/<pid>/fd/<fd>`, checks the
-inode (so a descriptor number that was closed and reused can never hand over the wrong tensor),
-maps it, and gives the stage a read-only numpy array over the mapping: no copy at all.
+again into freshly allocated memory. It lies in an anonymous memory file (`memfd_create`) and
+the push carries only a reference: the sender's pid, its descriptor of the file and the file's
+inode. The receiver opens the file through `/proc/<pid>/fd/<fd>`, checks the inode (so a
+descriptor number that was closed and reused can never hand over the wrong tensor), maps it, and
+gives the stage a read-only numpy array over the mapping: no copy at all.
+
+A stage's large outputs of static shape are written there by ONNX Runtime itself: the stage
+server's `Arena` hands out writable arrays over its files, the stage binds them as its outputs,
+and a push of such an array references its file instead of copying it, so a tensor crosses a
+hop without being copied anywhere. Any other array (the gateway's inputs, outputs of unknown
+shape) is copied once into a file of the connection's `Pool`.
 
 Memory is reused, which is what makes this fast: on a host where fresh memory costs a page fault
 per 4 KiB (about 10 µs on the virtual machines measured), writing every tensor into a new file
-costs more than the copy itself. So each connection's sender keeps a `Pool` of files and each
-connection's receiver keeps its `Mappings` of them. A file goes back to the pool when the
-receiver releases it: when the last array over it is garbage-collected (the stage ran, or the
-request failed, expired or was cancelled and its state was dropped), the receiver sends a
-release, and only then may the sender write the file again. Tensors larger than half the pool's
-budget get a file of their own, closed at the release and never cached by the receiver.
+costs more than the copy itself. So the arena and each connection's pool keep their files, and
+each connection's receiver keeps its `Mappings` of them. A file is written again only when
+nothing can read it any more: when the receiver released it (the last array over it was
+garbage-collected: the stage ran, or the request failed, expired or was cancelled and its state
+was dropped, and the receiver sent a release) and, for an arena file, when the sender's own
+arrays over it are gone too (a file pushed to several peers waits for each release). A file
+whose push failed, or whose connection ended, is never written again: the receiver may still
+read it, and a release may still be on its way; it is closed once nothing of the sender's holds
+it. Tensors larger than half the budget get a file of their own, closed when done and never
+cached by the receiver.
 
-Nothing outlives its use: the pool closes its files, and the receiver forgets its mappings,
-when the connection ends (closed, broken, or its process gone); an array still alive then keeps
-its mapping, and the kernel frees a file's memory with the last descriptor or mapping. The files
-have no name anywhere, so nothing can be left behind in `/dev/shm`; while a connection lives,
-its memory is bounded by the pool's budget plus the tensors still held by the receiver.
+Nothing outlives its use: the pool and the arena close their files, and the receiver forgets its
+mappings, when the connection or the stage server ends (closed, broken, or its process gone); an
+array still alive then keeps its mapping, and the kernel frees a file's memory with the last
+descriptor or mapping. The files have no name anywhere, so nothing can be left behind in
+`/dev/shm`; memory is bounded by the budgets of the idle files plus the tensors in use.
 
 Opening another process's descriptor needs the same user and the same pid namespace (the
 kernel's ptrace read check); where that fails (containers that do not share them), the receiver
@@ -32,10 +42,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import mmap
 import os
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -46,8 +58,8 @@ from stage_server.protos import stage_pb2
 SUPPORTED = hasattr(os, "memfd_create")
 """Whether this platform has memory files (Linux); elsewhere every tensor travels inline."""
 POOL_BYTES = 256 << 20
-"""Capacity of the idle files a connection's sender keeps for reuse, and of the mappings its
-receiver keeps."""
+"""Capacity of the idle files a connection's sender keeps for reuse, of those a stage server's
+arena keeps, and of the mappings a connection's receiver keeps."""
 _MIN_CAPACITY = 64 << 10
 _PID = os.getpid()  # servers never fork after import; one system call less per tensor
 
@@ -58,18 +70,35 @@ def _capacity(nbytes: int) -> int:
 
 
 class SharedTensor:
-    """A memory file of the sender's holding one tensor while its push is in flight."""
+    """A memory file of the sender's: one tensor at a time, while its pushes are in flight."""
 
-    def __init__(self, capacity: int, pooled: bool) -> None:
+    def __init__(self, capacity: int, pooled: bool, arena: Arena | None = None) -> None:
         self.capacity = capacity
         self.pooled = pooled
+        self.arena = arena
+        self.holds = 0
+        """Arena files: the sender's array over it (at most one) plus its pushes in flight."""
+        self.retired = False
+        """Arena files: never to be written again (a push of it failed, or its connection
+        ended)."""
         self._fd = os.memfd_create("moirai-tensor", os.MFD_CLOEXEC)
+        self._map: mmap.mmap | None = None
+        self._whole: np.ndarray | None = None  # arena files: all of it, mapped writable
         try:
             os.ftruncate(self._fd, capacity)
             self.inode = os.fstat(self._fd).st_ino
+            if arena is not None:
+                self._map = mmap.mmap(self._fd, capacity, flags=mmap.MAP_SHARED)
+                self._whole = np.frombuffer(self._map, np.uint8)
+                _ARENA_FILES[self._whole.ctypes.data] = self
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
+
+    @property
+    def reference(self) -> stage_pb2.SharedMemory:
+        """What a push carries instead of the tensor's bytes."""
+        return stage_pb2.SharedMemory(pid=_PID, fd=self._fd, inode=self.inode, pooled=self.pooled)
 
     def write(self, array: np.ndarray) -> stage_pb2.SharedMemory:
         """Put `array` in the file; the reference the push carries."""
@@ -77,16 +106,107 @@ class SharedTensor:
         written = 0
         while written < data.nbytes:  # pwrite may stop short of very large buffers
             written += os.pwrite(self._fd, data[written:], written)
-        return stage_pb2.SharedMemory(pid=_PID, fd=self._fd, inode=self.inode, pooled=self.pooled)
+        return self.reference
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable array over the start of an arena file."""
+        assert self._whole is not None
+        return self._whole[: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
     def close(self) -> None:
+        if self._whole is not None:
+            del _ARENA_FILES[self._whole.ctypes.data]
+            self._whole = None
+        if self._map is not None:
+            _unmap(self._map)
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
 
+_ARENA_FILES: dict[int, SharedTensor] = {}
+"""Arena files by the address of their mapping: how a pool knows an array that already lies in
+shared memory."""
+
+
+def _arena_file(array: np.ndarray) -> SharedTensor | None:
+    """The arena file `array` lies at the start of, if any."""
+    if not array.flags.c_contiguous or array.nbytes == 0:
+        return None
+    tensor = _ARENA_FILES.get(array.ctypes.data)
+    return tensor if tensor is not None and array.nbytes <= tensor.capacity else None
+
+
+class Arena:
+    """A stage server's memory files for its stages' outputs, reused once nothing holds them.
+
+    Thread-safe: stages may run in a thread pool, and an array may be collected in any
+    thread."""
+
+    def __init__(self, budget: int = POOL_BYTES) -> None:
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._idle: dict[int, list[SharedTensor]] = collections.defaultdict(list)
+        self._idle_bytes = 0
+        self._closed = False
+
+    def empty(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable array over a file of its own (no other array is over any part of it);
+        pushing it to a peer on this host references the file instead of copying it."""
+        capacity = _capacity(math.prod(shape) * dtype.itemsize)
+        pooled = capacity <= self._budget // 2
+        tensor = None
+        with self._lock:
+            if pooled and self._idle[capacity]:
+                tensor = self._idle[capacity].pop()
+                self._idle_bytes -= capacity
+        if tensor is None:
+            size = capacity if pooled else math.prod(shape) * dtype.itemsize
+            tensor = SharedTensor(size, pooled, self)
+        tensor.holds = 1
+        array = tensor.array(dtype, shape)
+        weakref.finalize(array, self.release, tensor)
+        return array
+
+    def lend(self, tensor: SharedTensor) -> None:
+        """A push of the file is in flight."""
+        with self._lock:
+            tensor.holds += 1
+
+    def release(self, tensor: SharedTensor, reuse: bool = True) -> None:
+        """One holder of the file is done with it (`reuse` False: never write it again); when
+        none is left, the file is idle or closed."""
+        with self._lock:
+            tensor.holds -= 1
+            tensor.retired |= not reuse
+            if tensor.holds:
+                return
+            if (
+                tensor.pooled
+                and not tensor.retired
+                and not self._closed
+                and self._idle_bytes + tensor.capacity <= self._budget
+            ):
+                self._idle[tensor.capacity].append(tensor)
+                self._idle_bytes += tensor.capacity
+                return
+        tensor.close()
+
+    def close(self) -> None:
+        """Close the idle files; the others close when they are released."""
+        with self._lock:
+            self._closed = True
+            idle = [tensor for tensors in self._idle.values() for tensor in tensors]
+            self._idle.clear()
+            self._idle_bytes = 0
+        for tensor in idle:
+            tensor.close()
+
+
 class Pool:
-    """The sender's side of one connection: memory files, reused once their push is acked."""
+    """The sender's side of one connection: memory files for arrays that do not already lie in
+    an arena, reused once their push is released."""
 
     def __init__(self, budget: int = POOL_BYTES) -> None:
         self._budget = budget
@@ -94,8 +214,13 @@ class Pool:
         self._idle_bytes = 0
 
     def take(self, array: np.ndarray) -> tuple[SharedTensor, stage_pb2.SharedMemory]:
-        """A file holding `array`, and its reference; give it back once the receiver released
-        it."""
+        """The file holding `array`, and its reference: the arena file it lies in, or a file of
+        the pool it is copied into. Give it back once the receiver released it."""
+        tensor = _arena_file(array)
+        if tensor is not None:
+            assert tensor.arena is not None
+            tensor.arena.lend(tensor)
+            return tensor, tensor.reference
         capacity = _capacity(array.nbytes)
         if capacity > self._budget // 2:
             tensor = SharedTensor(array.nbytes, pooled=False)
@@ -112,10 +237,14 @@ class Pool:
             tensor.close()
             raise
 
-    def give_back(self, tensors: list[SharedTensor]) -> None:
-        """The receiver is done with these: keep them for the next pushes, within budget."""
+    def give_back(self, tensors: Iterable[SharedTensor], reuse: bool = True) -> None:
+        """The receiver is done with these: keep them for the next pushes, within budget.
+        `reuse` False: it may still read them (a failed push, a lost connection), so they are
+        never written again."""
         for tensor in tensors:
-            if tensor.pooled and self._idle_bytes + tensor.capacity <= self._budget:
+            if tensor.arena is not None:
+                tensor.arena.release(tensor, reuse)
+            elif reuse and tensor.pooled and self._idle_bytes + tensor.capacity <= self._budget:
                 self._idle[tensor.capacity].append(tensor)
                 self._idle_bytes += tensor.capacity
             else:

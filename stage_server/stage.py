@@ -39,10 +39,10 @@ import numpy as np
 import onnx
 
 from moirai.partition import GATEWAY, StagePlan, extract_stage
-from stage_server import wire
+from stage_server import shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import NotFound, ServingError, StageFailed, status_of
-from stage_server.sessions import create_session
+from stage_server.sessions import StageSession, create_session
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,16 @@ class StageServer:
         self.device = device
         self.plan = plan
         self.stages = {s.id: s for s in plan.stages_on(device)}
+        self._arena = shm.Arena() if shm.SUPPORTED else None  # large outputs go there
         self.sessions = {
-            sid: create_session(
-                extract_stage(model, plan, sid), spec, threads=threads, cuda_device=cuda_device
+            sid: StageSession(
+                create_session(
+                    extract_stage(model, plan, sid), spec, threads=threads, cuda_device=cuda_device
+                ),
+                [plan.spec(t) for t in stage.outputs],
+                self._arena,
             )
-            for sid in self.stages
+            for sid, stage in self.stages.items()
         }
         self.peers = peers
         self.pending: dict[tuple[str, str], _Pending] = {}
@@ -139,7 +144,7 @@ class StageServer:
             raise _Expired
         stage = self.stages[stage_id]
         feeds = {t: pending.tensors[t] for t in stage.inputs}
-        outputs = self.sessions[stage_id].run(list(stage.outputs), feeds)
+        outputs = self.sessions[stage_id].run(feeds)
         end = time.perf_counter()
         return outputs, (start - ready) * 1000.0, (end - start) * 1000.0
 
@@ -240,6 +245,8 @@ class StageServer:
         await self.peers.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._arena is not None:
+            self._arena.close()
 
     @property
     def in_flight(self) -> int:

@@ -17,9 +17,9 @@ adds its own and forwards the rest as bytes, so a long chain does not parse and 
 growing list at every hop; the gateway decodes them once, when the request completes.
 
 Tensors that travel through shared memory (`stage_server.shm`, on the same-host path only) carry
-a `SharedMemory` reference instead of `data`; `decode_push` copies them out of the sender's file
-(and raises `SharedMemoryUnavailable` when it cannot, so the sender can fall back to inline
-bytes).
+a `SharedMemory` reference instead of `data`; `decode_push` gives read-only arrays over the
+receiver's mapping of the sender's file (and raises `SharedMemoryUnavailable` when it cannot map
+it, so the sender can fall back to inline bytes).
 
 The by-hand parts of the format (varints, walking fields) are `stage_server.protowire`'s.
 """
@@ -110,8 +110,8 @@ def encode_push(
 
 
 def decode_push(payload: bytes, mappings: shm.Mappings | None = None) -> Push:
-    """A push from its wire bytes; tensor arrays are read-only views into `payload`, or copies
-    out of shared memory through the connection's `mappings` (same-host path only)."""
+    """A push from its wire bytes; tensor arrays are read-only views into `payload`, or into
+    shared memory through the connection's `mappings` (same-host path only)."""
     buf = memoryview(payload)
     header: list[memoryview] = []
     tensor_spans: list[tuple[int, int]] = []

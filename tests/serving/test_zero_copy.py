@@ -1,0 +1,204 @@
+"""Stage outputs written by ONNX Runtime straight into shared memory and pushed without a copy:
+the arena's lifetime rules, and whole chains against single-process ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from moirai.partition import DeviceSpec, TensorSpec, build_plan
+from stage_server import shm, wire
+from stage_server.client import AsyncInferenceClient
+from stage_server.sessions import StageSession
+
+from .conftest import shared_memory_in_use
+
+pytestmark = pytest.mark.timeout(180)
+
+F32 = np.dtype(np.float32)
+
+
+def _push(
+    pool: shm.Pool, mappings: shm.Mappings, array: np.ndarray
+) -> tuple[shm.SharedTensor, np.ndarray]:
+    """Push `array` through `pool` to `mappings`: the sender's file, and the receiver's array."""
+    sent, reference = pool.take(array)
+    payload = wire.encode_push("r", "s", {"x": array}, 1.0, 1.0, shared={"x": reference})
+    return sent, wire.decode_push(payload, mappings).tensors["x"]
+
+
+def _files() -> int:
+    return shared_memory_in_use()[0]
+
+
+def test_an_output_is_pushed_in_its_own_file_and_reused_once_nothing_holds_it() -> None:
+    before = shared_memory_in_use()
+    arena, pool = shm.Arena(), shm.Pool()
+    released: list[int] = []
+    mappings = shm.Mappings(released.append)
+    out = arena.empty(F32, (256, 128))
+    out[:] = np.random.default_rng(0).random((256, 128))
+    want = out.copy()
+    sent, x = _push(pool, mappings, out)
+    assert sent.arena is arena  # the file it lies in, not a copy in one of the pool's
+    np.testing.assert_array_equal(x, want)
+    del x
+    assert released == [sent.inode]
+    pool.give_back([sent])  # what the release frame does
+    # The sender's array still holds the file: the next output gets another one.
+    other = arena.empty(F32, (256, 128))
+    second, y = _push(pool, mappings, other)
+    assert second.inode != sent.inode
+    del y, other
+    pool.give_back([second])
+    del out  # nothing holds either file now: the next outputs get them, whatever their shape
+    again = [arena.empty(F32, (200, 128)), arena.empty(np.dtype(np.int64), (12000,))]
+    taken = [pool.take(a)[0] for a in again]
+    assert {t.inode for t in taken} == {sent.inode, second.inode}
+    pool.give_back(taken)
+    del again
+    arena.close()
+    pool.close()
+    mappings.close()
+    assert shared_memory_in_use() == before
+
+
+def test_a_file_pushed_to_two_peers_waits_for_both_and_a_failed_push_retires_it() -> None:
+    before = shared_memory_in_use()
+    arena = shm.Arena()
+    a, b = shm.Pool(), shm.Pool()  # the connections to two peers
+    mappings = shm.Mappings(lambda inode: None)
+    out = arena.empty(F32, (1 << 16,))
+    to_a, xa = _push(a, mappings, out)
+    to_b, xb = _push(b, mappings, out)
+    assert to_a is to_b
+    del out, xa, xb
+    a.give_back([to_a])
+    fresh = arena.empty(F32, (1 << 16,))
+    fresh_file, _ = b.take(fresh)
+    assert fresh_file.inode != to_b.inode  # b's push still holds the first file
+    b.give_back([to_b, fresh_file])
+    del fresh
+    # The receiver of a failed push may still read the file: it is closed, never reused.
+    failed, _ = a.take(arena.empty(F32, (1 << 16,)))
+    files = _files()
+    a.give_back([failed], reuse=False)
+    assert _files() < files
+    later = [arena.empty(F32, (1 << 16,)) for _ in range(2)]
+    taken = [a.take(x)[0] for x in later]
+    assert failed.inode not in {t.inode for t in taken}
+    del later
+    arena.close()  # files still in a push close when they come back
+    assert _files() > before[0]
+    a.give_back(taken)
+    a.close()
+    b.close()
+    mappings.close()
+    assert shared_memory_in_use() == before
+
+
+def _model(nodes: list[onnx.NodeProto], count: int, outputs: list[str]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "zero_copy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [count])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_large_static_outputs_are_written_into_the_arena_and_others_left_to_ort() -> None:
+    before = shared_memory_in_use()
+    count = 1 << 16  # 256 KiB of FP32
+    model = _model(
+        [
+            helper.make_node("Neg", ["x"], ["big"]),
+            helper.make_node("Abs", ["x"], ["unknown"]),
+            helper.make_node("ReduceMax", ["x"], ["small"], keepdims=0),
+        ],
+        count,
+        ["big", "unknown", "small"],
+    )
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    specs = [
+        TensorSpec("big", "FP32", (count,)),
+        TensorSpec("unknown", "FP32", (-1,)),
+        TensorSpec("small", "FP32", ()),
+    ]
+    x = np.linspace(-1, 1, count, dtype=np.float32)
+    want = session.run(None, {"x": x})
+    arena, pool = shm.Arena(), shm.Pool()
+    got = StageSession(session, specs, arena).run({"x": x})
+    for array, expected in zip(got, want, strict=True):
+        np.testing.assert_array_equal(array, expected)
+    big, unknown, _ = got
+    assert not big.flags.writeable  # the arena's, shared from now on
+    taken = [pool.take(big)[0], pool.take(unknown)[0]]
+    assert [t.arena for t in taken] == [arena, None]  # only `unknown` is copied into a file
+    pool.give_back(taken)
+    without = StageSession(session, specs, None).run({"x": x})  # no shared memory: ORT's arrays
+    for array, expected in zip(without, want, strict=True):
+        np.testing.assert_array_equal(array, expected)
+    del got, big, unknown
+    arena.close()
+    pool.close()
+    assert shared_memory_in_use() == before
+
+
+@pytest.mark.parametrize(
+    ("count", "requests", "concurrency"),
+    [(16 << 20, 2, 1), (1 << 18, 16, 8)],
+    ids=["64MiB", "1MiB-concurrent"],
+)
+async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
+    cluster,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    requests: int,
+    concurrency: int,
+) -> None:
+    """x -> Neg -> a -> Abs -> b, Mul(a, b) -> y on three servers, `a` pushed to two of them: the
+    outputs equal single-process ORT's, requests in flight at once never see each other's
+    tensors, and on the same-host path the only tensor written into shared memory is the
+    gateway's input (the stages' outputs are pushed where ORT wrote them)."""
+    same_host = request.node.callspec.params["cluster"]
+    writes: list[int] = []
+    write = shm.SharedTensor.write
+
+    def counted(self: shm.SharedTensor, array: np.ndarray) -> object:
+        writes.append(array.nbytes)
+        return write(self, array)
+
+    monkeypatch.setattr(shm.SharedTensor, "write", counted)
+    model = _model(
+        [
+            helper.make_node("Neg", ["x"], ["a"], name="Neg_0"),
+            helper.make_node("Abs", ["a"], ["b"], name="Abs_1"),
+            helper.make_node("Mul", ["a", "b"], ["y"], name="Mul_2"),
+        ],
+        count,
+        ["y"],
+    )
+    devices = [DeviceSpec(f"cpu-{i}", threads=1) for i in range(3)]
+    plan = build_plan(model, {"Neg_0": "cpu-0", "Abs_1": "cpu-1", "Mul_2": "cpu-2"}, devices)
+    c = await cluster(model, plan)
+    client = AsyncInferenceClient(c.grpc_url)
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        x = np.linspace(-i - 1, i + 1, count, dtype=np.float32)
+        async with semaphore:
+            got = await client.infer(plan.model_name, {"x": x}, timeout_s=120)
+        np.testing.assert_array_equal(got["y"], -x * np.abs(x))
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    finally:
+        await client.close()
+    assert writes == ([count * 4] * requests if same_host else [])
