@@ -8,8 +8,10 @@
         [--costgraph-out FILE.json] [--compare] [--gantt FILE.png]
 
 Prints a table (solver, status, makespan, period, lower bound, gap, seconds) and the busy time
-and memory of every device; `--compare` runs every available solver with the same limits side
-by side and keeps the best plan. Improving incumbents and bounds go to stderr while solving.
+and memory of every device (busy: computing, as a share of the makespan; for `throughput`, per
+request with the transfers a device pays for, as a share of the period); `--compare` runs every
+available solver with the same limits side by side and keeps the best plan. Improving
+incumbents and bounds go to stderr while solving.
 A thin shell over `moirai.pipeline.build_costgraph` and `moirai.placement.solve`; every input
 error is one line and exit status 2 (see `moirai.cli`).
 """
@@ -206,6 +208,7 @@ def _summary(
     best: Placement,
 ) -> str:
     from moirai.placement.problem import gib
+    from moirai.placement.simulate import loads
 
     source = costgraph.extra.get("source", {})
     coarsening = ""
@@ -234,12 +237,18 @@ def _summary(
         busy[s.device] += s.end_ms - s.start_ms
         tasks[s.device] += 1
         memory[s.device] += costgraph.task[s.task].memory_bytes
+    span = best.makespan_ms
+    if problem.objective == "throughput":  # per request, with the transfers a device pays for
+        assignment = [problem.device_index[best.assignment[t]] for t in problem.tasks]
+        per_device = loads(problem, assignment)[: problem.num_devices]
+        busy = dict(zip(problem.devices, per_device, strict=True))
+        span = best.period_ms or 0.0
     lines += [
         "",
         f"{'device':<14} {'tasks':>6} {'busy ms':>10} {'busy %':>7} {'memory':>10} {'of':>10}",
     ]
     for k, d in enumerate(problem.devices):
-        share = busy[d] / best.makespan_ms if best.makespan_ms > 0 else 0.0
+        share = busy[d] / span if span > 0 else 0.0
         lines.append(
             f"{d:<14} {tasks[d]:>6} {busy[d]:>10.4f} {share:>7.1%} {gib(memory[d]):>10} "
             f"{gib(problem.cap[k]):>10}"

@@ -61,10 +61,19 @@ def test_costgraph_out_and_throughput(
     tmp_path: Path, costgraph_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     again = tmp_path / "again.json"
+    plan = tmp_path / "plan.json"
     argv = ["place", "--costgraph", str(costgraph_file), "--objective", "throughput", "-q"]
-    assert main([*argv, "--solver", "cpsat", "--costgraph-out", str(again)]) == 0
+    assert main([*argv, "--solver", "cpsat", "--costgraph-out", str(again), "-o", str(plan)]) == 0
     assert json.loads(again.read_text())["format"] == "moirai.costgraph/v1"
-    assert "objective throughput" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "objective throughput" in out
+    # the device table shows each device's busy time per request: the busiest is the period
+    rows = [
+        line.split() for line in out.splitlines() if line.split()[:1] in (["d0"], ["d1"], ["d2"])
+    ]
+    busiest = max(float(row[2]) for row in rows)
+    assert busiest == pytest.approx(json.loads(plan.read_text())["period_ms"], abs=1e-4)
+    assert any(row[3] == "100.0%" for row in rows)
 
 
 def test_cyclic_costgraph(
