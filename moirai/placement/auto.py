@@ -7,7 +7,8 @@
    the incumbent for up to `LOCAL_SHARE` of the time left; it stops earlier at a local optimum.
    A better incumbent is a better hint for the exact solver's own search.
 3. The exact solvers, warm-started from the incumbent: first the paper's MILP on HiGHS when
-   its model is small enough (`MILP_ROWS`), for `MILP_SHARE` of the time left, then CP-SAT
+   its model is small enough (`MILP_ROWS`, and quick to build for the time it would get,
+   `BUILD_S_PER_ROW`), for `MILP_SHARE` of the time left, then CP-SAT
    (interval model, no big-M) with the better plan as its hint for the rest. Neither dominates:
    the MILP's LP bound closes some zoo instances in seconds where CP-SAT's search stalls, and
    CP-SAT proves and improves instances whose MILP is hopeless (n^2 disjunctions). Both answer
@@ -59,9 +60,13 @@ advice; the list schedulers themselves take well under a second even on thousand
 LOCAL_SHARE = 0.15
 """Share of the time left after the heuristics that the first local search may use."""
 BUILD_S_PER_INTERVAL = 3e-4
+BUILD_S_PER_ROW = 2.5e-5
 BUILD_SHARE = 0.3
-"""Building a model in Python takes about `BUILD_S_PER_INTERVAL` per optional interval; no
-exact model is built when that would take more than `BUILD_SHARE` of the time left."""
+"""Building a model in Python takes about `BUILD_S_PER_INTERVAL` per optional interval
+(CP-SAT), or `BUILD_S_PER_ROW` per row to build the MILP and load it into HiGHS, neither of
+which stops at a deadline (a 94,000-row MILP: 1.3 s to build, 0.9 s in HiGHS before its time
+limit is looked at, on the 2-core development machine); no exact model is built when that would
+take more than `BUILD_SHARE` of the time it gets."""
 RESERVE_S = 0.5
 """Seconds kept back for re-timing, checking and writing the plan."""
 
@@ -150,14 +155,15 @@ class AutoSolver:
         available = {s.name for s in solvers() if s.available()[0]}
         found: list[Placement] = []
         hint = best
+        share = 1.0 if "cpsat" not in available else MILP_SHARE
+        milp_s = share * sub.remaining()
+        rows = count_rows(p, MILP_ROWS) if p.n <= MILP_MAX_TASKS else math.inf
         small = p.objective == "throughput" or (
-            p.n <= MILP_MAX_TASKS and count_rows(p, MILP_ROWS) <= MILP_ROWS
+            rows <= MILP_ROWS and rows * BUILD_S_PER_ROW <= BUILD_SHARE * milp_s
         )
         if "milp-highs" in available and small:
-            now = time.monotonic()
-            share = 1.0 if "cpsat" not in available else MILP_SHARE
             milp = get_solver("milp-highs").solve(
-                p, replace(sub, hint=hint, deadline=now + share * (sub.deadline - now))
+                p, replace(sub, hint=hint, deadline=time.monotonic() + milp_s)
             )
             if milp.status == "optimal":
                 return milp
