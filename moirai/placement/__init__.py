@@ -11,6 +11,13 @@ Modules, in import order: `problem` (the problem and its index view), `result` (
 evaluator, re-timer, checker, period), `bounds` (lower bounds), `registry` (solver contract and
 registry), then the solvers: `heuristics`, `milp`, `cpsat`, `local` (local search), `auto`;
 `gantt` draws a plan.
+
+Objectives: `latency`, the makespan of one request under the execution model, and
+`throughput`, the pipelined period (`simulate.period`): the busiest device, send port or
+receive port per request, where a device that pays for its transfers (a CPU by default, or the
+cost graph's `transfers_occupy_device`) is also busy for every transfer into and out of it,
+because a CPU stage server copies those tensors on its own cores. That key extends
+`moirai.costgraph/v1`; `docs/throughput-model.md` says why and how each solver applies it.
 """
 
 from __future__ import annotations

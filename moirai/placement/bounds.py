@@ -13,7 +13,8 @@
   it at best perfectly, so the sum of fastest times over the number of devices.
 
 Both hold for the makespan; for the pipelined period (throughput) the work bound holds as well,
-and so does the slowest single task at its fastest. Exact solvers report their own proven bound,
+and so does the slowest single task at its fastest (transfers, on ports or on the devices that
+pay for them, only add to the loads). Exact solvers report their own proven bound,
 which `auto` takes when it is better. Pins and memory restrict candidates, so the bounds use the
 candidate devices of each task, not all devices.
 """

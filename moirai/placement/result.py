@@ -5,8 +5,9 @@ Every solver returns a `Placement`. Its `makespan_ms` is always the makespan of 
 the solver believed.
 
 The objective decides what `lower_bound_ms` and `gap` refer to: the makespan for `latency`; for
-`throughput`, the pipelined period `period_ms` (the busiest device or port per request, see
-`moirai.placement.simulate.period`), while `makespan_ms` still reports one request's latency.
+`throughput`, the pipelined period `period_ms` (the busiest device or port per request, a
+device's transfers included when it pays for them, see `moirai.placement.simulate.loads`), while
+`makespan_ms` still reports one request's latency.
 """
 
 from __future__ import annotations
