@@ -14,6 +14,8 @@ and the network links between them::
         memory_bytes: 40e9
         threads: 8                 # optional: intra-op threads (CPU)
         launch_overhead_ms: 0.01   # optional: per-kernel overhead, default by kind
+        efficiency: 0.5            # optional: fraction of the peaks kernels reach, (0, 1];
+                                   # default by kind and threads (moirai.profile.analytic)
     links:
       default: {bandwidth_bytes_per_s: 1.25e9, latency_ms: 0.05}
       pairs:
@@ -53,7 +55,7 @@ DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Et
 LOOPBACK_LINK = Link(bandwidth_bytes_per_s=2e9, latency_ms=0.1)
 
 _REQUIRED = ("name", "kind", "peak_flops", "memory_bandwidth_bytes_per_s", "memory_bytes")
-_OPTIONAL = ("provider", "count", "threads", "launch_overhead_ms")
+_OPTIONAL = ("provider", "count", "threads", "launch_overhead_ms", "efficiency")
 _LINK_KEYS = ("bandwidth_bytes_per_s", "latency_ms")
 
 
@@ -68,6 +70,9 @@ class DeviceSpec:
     threads: int | None = None
     launch_overhead_ms: float | None = None
     """Per-kernel overhead; None lets the cost model use its default for the kind."""
+    efficiency: float | None = None
+    """Fraction of the peak figures that kernels reach; None lets the cost model use its
+    default for the kind and thread count."""
     device_id: int = 0
     """Index within its `count` group (the CUDA device id on a multi-GPU machine)."""
 
@@ -80,6 +85,8 @@ class DeviceSpec:
         }
         if self.threads is not None:
             extra["threads"] = self.threads
+        if self.efficiency is not None:
+            extra["efficiency"] = self.efficiency
         return Device(name=self.name, memory_bytes=self.memory_bytes, kind=self.kind, extra=extra)
 
 
@@ -157,6 +164,12 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
             "(e.g. CPUExecutionProvider, CUDAExecutionProvider)"
         )
     overhead = entry.get("launch_overhead_ms")
+    efficiency = None if "efficiency" not in entry else _positive(entry, "efficiency", where)
+    if efficiency is not None and efficiency > 1:
+        raise DevicesError(
+            f"{where}.efficiency is {entry['efficiency']!r}: it is a fraction of the peaks, at "
+            "most 1 (a device faster than its peaks needs higher peak figures)"
+        )
     device = DeviceSpec(
         name=name,
         kind=kind,
@@ -168,6 +181,7 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
         launch_overhead_ms=None
         if overhead is None
         else _positive(entry, "launch_overhead_ms", where, allow_zero=True),
+        efficiency=efficiency,
     )
     count = _integer(entry, "count", where)
     if count is None:

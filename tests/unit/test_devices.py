@@ -57,6 +57,9 @@ def test_defaults_and_conversion() -> None:
     device = cpu.to_costgraph()
     assert device.name == "xeon" and device.kind == "cpu" and device.memory_bytes == 192e9
     assert device.extra["provider"] == "CPUExecutionProvider" and device.extra["threads"] == 20
+    assert cpu.efficiency is None and "efficiency" not in device.extra
+    (tuned,) = parse_devices({"devices": [{**CPU, "efficiency": "0.4"}]}).devices
+    assert tuned.efficiency == 0.4 and tuned.to_costgraph().extra["efficiency"] == 0.4
 
 
 def test_count_expands_names_and_pairs() -> None:
@@ -105,6 +108,9 @@ def test_yaml_file(tmp_path: Path) -> None:
         ({"devices": [{**GPU, "peak_flops": -1}]}, "devices[0].peak_flops is -1"),
         ({"devices": [{**GPU, "memory_bytes": "lots"}]}, "memory_bytes must be a number"),
         ({"devices": [{**GPU, "count": 0}]}, "count is 0"),
+        ({"devices": [{**CPU, "efficiency": 0}]}, "efficiency is 0: it must be finite and > 0"),
+        ({"devices": [{**CPU, "efficiency": 1.5}]}, "efficiency is 1.5: it is a fraction"),
+        ({"devices": [{**CPU, "efficiency": "half"}]}, "efficiency must be a number"),
         ({"devices": [{**GPU, "provider": "cuda"}]}, "provider 'cuda' is not"),
         ({"devices": [{**GPU, "name": "a b"}]}, "name 'a b' must be"),
         ({"devices": [GPU, GPU]}, "'a100' appears twice"),
