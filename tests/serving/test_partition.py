@@ -127,17 +127,3 @@ def test_bad_assignments_are_reported() -> None:
         build_plan(model, {n.name: "tpu-9" for n in model.graph.node}, DEVICES)
     with pytest.raises(PlanError, match="format"):
         StagePlan.from_dict({"format": "nope"})
-
-
-def test_predicted_latency_adds_the_gateway_hops() -> None:
-    """The cost graph starts with the inputs on the devices and ends with the outputs on them;
-    a served request also crosses the client's call and the gateway's pushes."""
-    from moirai.costgraph import Link
-    from moirai.runtime.planning import gateway_ms
-
-    model = models.branchy()  # x [2, 8] and z [3] in; y, out [2, 8] and q1 [2, 4] out
-    plan = build_plan(model, {n.name: "cpu-0" for n in model.graph.node}, DEVICES[:1])
-    chain, client = Link(1e6, 0.5), Link(1e6, 1.0)  # 1 byte per microsecond
-    in_bytes, out_bytes = (16 + 3) * 4, (16 + 16 + 8) * 4
-    want = (1.0 + (in_bytes + out_bytes) / 1e3) + (0.5 + in_bytes / 1e3) + (0.5 + out_bytes / 1e3)
-    assert gateway_ms(plan, chain, client) == pytest.approx(want)
