@@ -121,7 +121,7 @@ def test_unknown_provider_falls_back_to_cpu_groups(tmp_path: Path, caplog) -> No
     assert "NoSuchExecutionProvider is not installed" in caplog.text
 
 
-@pytest.mark.parametrize("name", ["squeezenet", "inception_v1", "shufflenet"])
+@pytest.mark.parametrize("name", ["squeezenet", "inception_v1", "shufflenet", "resnet50"])
 def test_zoo_groups_are_a_partition_and_a_dag(name: str) -> None:
     loaded = load_model(zoo.get(name))
     graph = build_graph(loaded)
