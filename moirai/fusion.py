@@ -161,50 +161,6 @@ def _claims(source: bytes | str, graph: OpGraph, provider: str) -> list[set[str]
     return [c for c in claimed_nodes(graph, optimised) if c]
 
 
-def _counterpart(
-    node: onnx.NodeProto,
-    by_name: Mapping[str, onnx.NodeProto],
-    producer: Mapping[str, onnx.NodeProto],
-) -> onnx.NodeProto:
-    """The extended graph's node that an all-level node was made from: the same name, or for
-    an NCHWc node `<output>[_bn]_nchwc[_token_N]`, the producer of that output."""
-    origin = by_name.get(node.name)
-    if origin is None and node.domain == _NCHWC and "_nchwc" in node.name:
-        tensor = node.name[: node.name.rindex("_nchwc")]
-        while tensor not in producer and "_" in tensor:
-            tensor = tensor.rpartition("_")[0]
-        origin = producer.get(tensor)
-    if origin is None:
-        raise LayoutError(f"{node.op_type} node {node.name!r} matches no extended node")
-    if node.op_type != origin.op_type and (node.op_type, origin.op_type) not in _NCHWC_FROM:
-        raise LayoutError(f"{node.op_type} node {node.name!r} was made from {origin.op_type}")
-    return origin
-
-
-def _summed_with(conv: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> str:
-    """The other input of the Add (or two-input Sum) that consumes `conv`'s output alone."""
-    after = consumers.get(conv.output[0], [])
-    if len(after) != 1 or after[0].op_type not in ("Add", "Sum") or len(after[0].input) != 2:
-        raise LayoutError(f"the Sum input of {conv.name!r} follows no Add")
-    add = after[0]
-    return add.input[1] if add.input[0] == conv.output[0] else add.input[0]
-
-
-def _downstream(
-    start: str, end: str, consumers: Mapping[str, list[onnx.NodeProto]], limit: int = 4
-) -> bool:
-    """Whether `end` is `start` or follows it through a chain of sole consumers (what an
-    NCHWc kernel can take in: an Add, an activation)."""
-    for _ in range(limit + 1):
-        if start == end:
-            return True
-        after = consumers.get(start, [])
-        if len(after) != 1 or not after[0].output:
-            return False
-        start = after[0].output[0]
-    return False
-
-
 class LayoutError(ValueError):
     """The all-level graph does not map back onto the extended one (names or structure that
     the NCHWc transformer is not known to produce)."""
@@ -267,6 +223,50 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
             copy.output[j] = name
         copy.input[:] = [names.get(t, t) for t in node.input]
     return restored
+
+
+def _counterpart(
+    node: onnx.NodeProto,
+    by_name: Mapping[str, onnx.NodeProto],
+    producer: Mapping[str, onnx.NodeProto],
+) -> onnx.NodeProto:
+    """The extended graph's node that an all-level node was made from: the same name, or for
+    an NCHWc node `<tensor>[_bn|_mul|_add]_nchwc[_token_N]`, the producer of `<tensor>`."""
+    origin = by_name.get(node.name)
+    if origin is None and node.domain == _NCHWC and "_nchwc" in node.name:
+        tensor = node.name[: node.name.rindex("_nchwc")]
+        while tensor not in producer and "_" in tensor:
+            tensor = tensor.rpartition("_")[0]
+        origin = producer.get(tensor)
+    if origin is None:
+        raise LayoutError(f"{node.op_type} node {node.name!r} matches no extended node")
+    if node.op_type != origin.op_type and (node.op_type, origin.op_type) not in _NCHWC_FROM:
+        raise LayoutError(f"{node.op_type} node {node.name!r} was made from {origin.op_type}")
+    return origin
+
+
+def _summed_with(conv: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]]) -> str:
+    """The other input of the Add (or two-input Sum) that consumes `conv`'s output alone."""
+    after = consumers.get(conv.output[0], [])
+    if len(after) != 1 or after[0].op_type not in ("Add", "Sum") or len(after[0].input) != 2:
+        raise LayoutError(f"the Sum input of {conv.name!r} follows no Add")
+    add = after[0]
+    return add.input[1] if add.input[0] == conv.output[0] else add.input[0]
+
+
+def _downstream(
+    start: str, end: str, consumers: Mapping[str, list[onnx.NodeProto]], limit: int = 4
+) -> bool:
+    """Whether `end` is `start` or follows it through a chain of sole consumers (what an
+    NCHWc kernel can take in: an Add, an activation)."""
+    for _ in range(limit + 1):
+        if start == end:
+            return True
+        after = consumers.get(start, [])
+        if len(after) != 1 or not after[0].output:
+            return False
+        start = after[0].output[0]
+    return False
 
 
 def claimed_nodes(graph: OpGraph, optimised: onnx.GraphProto) -> list[set[str]]:
