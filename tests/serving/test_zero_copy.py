@@ -163,10 +163,11 @@ async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
     requests: int,
     concurrency: int,
 ) -> None:
-    """x -> Neg -> a -> Abs -> b, Mul(a, b) -> y on three servers, `a` pushed to two of them: the
-    outputs equal single-process ORT's, requests in flight at once never see each other's
-    tensors, and on the same-host path the only tensor written into shared memory is the
-    gateway's input (the stages' outputs are pushed where ORT wrote them)."""
+    """x -> Neg -> a; Abs(a) -> b; Mul(a, b) -> c; Add(a, c) -> y, on cpu-0, cpu-1, cpu-2 and
+    cpu-1 again, so `a` goes to two stages of cpu-1 (one connection, two pushes of one file) and
+    one of cpu-2: the outputs equal single-process ORT's, requests in flight at once never see
+    each other's tensors, and on the same-host path the only tensor written into shared memory
+    is the gateway's input (the stages' outputs are pushed where ORT wrote them)."""
     same_host = request.node.callspec.params["cluster"]
     writes: list[int] = []
     write = shm.SharedTensor.write
@@ -180,13 +181,17 @@ async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
         [
             helper.make_node("Neg", ["x"], ["a"], name="Neg_0"),
             helper.make_node("Abs", ["a"], ["b"], name="Abs_1"),
-            helper.make_node("Mul", ["a", "b"], ["y"], name="Mul_2"),
+            helper.make_node("Mul", ["a", "b"], ["c"], name="Mul_2"),
+            helper.make_node("Add", ["a", "c"], ["y"], name="Add_3"),
         ],
         count,
         ["y"],
     )
     devices = [DeviceSpec(f"cpu-{i}", threads=1) for i in range(3)]
-    plan = build_plan(model, {"Neg_0": "cpu-0", "Abs_1": "cpu-1", "Mul_2": "cpu-2"}, devices)
+    assignment = {"Neg_0": "cpu-0", "Abs_1": "cpu-1", "Mul_2": "cpu-2", "Add_3": "cpu-1"}
+    plan = build_plan(model, assignment, devices)
+    assert [s.device for s in plan.stages] == ["cpu-0", "cpu-1", "cpu-2", "cpu-1"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     c = await cluster(model, plan)
     client = AsyncInferenceClient(c.grpc_url)
     semaphore = asyncio.Semaphore(concurrency)
@@ -195,7 +200,7 @@ async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
         x = np.linspace(-i - 1, i + 1, count, dtype=np.float32)
         async with semaphore:
             got = await client.infer(plan.model_name, {"x": x}, timeout_s=120)
-        np.testing.assert_array_equal(got["y"], -x * np.abs(x))
+        np.testing.assert_array_equal(got["y"], session.run(None, {"x": x})[0])
 
     try:
         await asyncio.gather(*(one(i) for i in range(requests)))
