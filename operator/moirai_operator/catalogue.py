@@ -7,6 +7,11 @@ product to its peak FLOP/s, memory bandwidth and memory, and gives per-core figu
 `devices_document` turns matched pools into one device entry per slot, the input of the cost
 model; an unknown GPU product falls back to the `default` entry and is reported, so a person can
 add it rather than wonder why the plan is slow.
+
+The figures are published peaks, passed on as they are: how much of them kernels reach is the
+cost model's one decision (`moirai.profile.analytic`, its default per device kind and thread
+count). An entry that knows better — from a measurement of that hardware — says so with its own
+`efficiency`, which becomes the device's `efficiency` key; the built-in entries set none.
 """
 
 from __future__ import annotations
@@ -61,18 +66,25 @@ class Catalogue:
         return cat
 
     def check(self) -> None:
+        if "efficiency" in self.raw:
+            raise CatalogueError(
+                "device catalogue: a top-level `efficiency` is no longer read (the peaks are "
+                "passed on unscaled); set `cpu.efficiency` or `gpus.<product>.efficiency` in "
+                "(0, 1] for the devices it was measured on, or drop it"
+            )
         try:
-            float(self.raw["efficiency"])
             for key in (
                 "peakFlopsPerCore",
                 "memoryBandwidthBytesPerSPerCore",
                 "maxMemoryBandwidthBytesPerS",
             ):
                 float(self.raw["cpu"][key])
+            _efficiency(self.raw["cpu"], "cpu")
             for name, gpu in self.raw["gpus"].items():
                 for key in ("peakFlops", "memoryBandwidthBytesPerS", "memoryBytes"):
                     if float(gpu[key]) <= 0:
                         raise CatalogueError(f"device catalogue gpus.{name}.{key} must be > 0")
+                _efficiency(gpu, f"gpus.{name}")
             float(self.raw["links"]["bandwidthBytesPerS"])
             float(self.raw["links"]["latencyMs"])
         except (KeyError, TypeError, ValueError) as e:
@@ -84,6 +96,19 @@ class Catalogue:
         if product and product in gpus:
             return gpus[product], True
         return gpus["default"], False
+
+
+def _efficiency(entry: Mapping[str, Any], where: str) -> float | None:
+    """An entry's own `efficiency`, if it has one; a fraction of the peaks, in (0, 1]."""
+    if "efficiency" not in entry:
+        return None
+    value = float(entry["efficiency"])
+    if not 0 < value <= 1:
+        raise CatalogueError(
+            f"device catalogue {where}.efficiency is {entry['efficiency']!r}: it is the share "
+            "of the peaks that kernels reach, in (0, 1]"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,9 @@ class DeviceEntry:
     peak_flops: float
     memory_bandwidth_bytes_per_s: float
     memory_bytes: int
+    efficiency: float | None = None
+    """The catalogue entry's own share of the peaks kernels reach; None: the cost model's
+    default for the kind and thread count."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +142,6 @@ def device_name(pool: str, index: int) -> str:
 
 
 def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> DevicesDocument:
-    eff = float(catalogue.raw["efficiency"])
     cpu = catalogue.raw["cpu"]
     devices: list[DeviceEntry] = []
     notes: list[str] = []
@@ -132,9 +159,10 @@ def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> Device
             figures = (
                 "CUDAExecutionProvider",
                 req.threads_per_device,
-                float(entry["peakFlops"]) * eff,
-                float(entry["memoryBandwidthBytesPerS"]) * eff,
+                float(entry["peakFlops"]),
+                float(entry["memoryBandwidthBytesPerS"]),
                 memory,
+                _efficiency(entry, f"gpus.{node.gpu_product if known else 'default'}"),
             )
         else:
             threads = req.threads_per_device
@@ -145,11 +173,12 @@ def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> Device
             figures = (
                 "CPUExecutionProvider",
                 threads,
-                float(cpu["peakFlopsPerCore"]) * threads * eff,
-                bandwidth * eff,
+                float(cpu["peakFlopsPerCore"]) * threads,
+                bandwidth,
                 match.slot_memory(node),
+                _efficiency(cpu, "cpu"),
             )
-        provider, threads, flops, bandwidth, memory = figures
+        provider, threads, flops, bandwidth, memory, efficiency = figures
         for i in range(match.devices):
             devices.append(
                 DeviceEntry(
@@ -161,6 +190,7 @@ def devices_document(pools: Sequence[PoolMatch], catalogue: Catalogue) -> Device
                     peak_flops=flops,
                     memory_bandwidth_bytes_per_s=bandwidth,
                     memory_bytes=memory,
+                    efficiency=efficiency,
                 )
             )
     links = catalogue.raw["links"]
