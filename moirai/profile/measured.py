@@ -20,19 +20,22 @@ split from the trace says where the time went. Turns alternate so that both see 
 machine, busy or not.
 
 Trace events name nodes of ONNX Runtime's optimised graph, which the profiled session also
-writes out (`optimized_model_filepath`). They map back to the original (canonical) nodes with
-the fusion module's claim walk (`moirai.fusion.claimed_nodes`: an optimised node stands for the
-original nodes between its outputs and the tensors that still exist), after undoing what the
-layout transformer renames, because ONNX Runtime names its nodes predictably:
+writes out (`optimized_model_filepath`). They map back to the original (canonical) nodes the way
+the fusion groups were made, so there is one mapping: `moirai.fusion.restore_layout` puts the
+all-level graph into the extended graph's tensor names (undoing the NCHWc renaming, dropping the
+Reorder nodes), and the claim walk (`moirai.fusion.claimed_nodes`) gives each node the original
+nodes between its outputs and the tensors that still exist. Some nodes claim nothing:
 
-    FusedConv "Conv_3" / "fused Gemm_7"    output names survive: the claim walk maps them
-    Conv "r4_nchwc", Conv "r8_bn_nchwc"    NCHWc node for original tensor r4 (r8 of a
-                                           BatchNormalization): its output is renamed to r4
-    Concat "Concat_9" → reorder_token_8    an original node working in NCHWc: its output is
-                                           renamed to the original node's output
-    ReorderInput/ReorderOutput, Memcpy...  layout and copy nodes the optimiser added: their time
-                                           joins the node that produced their input (or, at a
-                                           graph input, the first that consumes their output)
+    x ─► Reshape ─► Gemm ─► Reshape ─► y    MatMulAddFusion on a 3-D input: the last Reshape
+         (tensors new to the graph)         writes y and claims the MatMul and the Add; the
+                                            Gemm, which does the work, claims nothing
+
+- nodes joined through tensors that the original graph lacks are one replacement and stand
+  together for what any of them claims: the Gemm's time goes to the MatMul and the Add, not to
+  the LayerNorm that produced x;
+- the Reorder nodes (layout conversions the optimiser added) and anything still unplaced join
+  the node that produced their input (or, at a graph input, the first that consumes their
+  output).
 
 A kernel's time then goes to the group holding its original nodes (split by FLOPs in the rare
 case it spans several, `moirai.profile.document.allocate`).
@@ -51,10 +54,10 @@ a session call (feeding inputs, fetching outputs) is kept apart as `call_overhea
 pays it once per run whatever its size.
 
 A group can also end up with no kernel of its own: its nodes were folded (constants), removed
-(Identity, Dropout, static Reshape chains) or fused by the layout transformer into a
-neighbouring group's kernel — the NCHWc convolution takes in a residual Add and the Relu after
-it, which the fusion groups (computed at the extended level, `moirai.fusion`) keep apart. Such a
-group costs nothing of its own (`method: none`); its time is in that kernel.
+(Identity, Dropout, static Reshape chains) or fused into a neighbouring group's kernel where
+the fusion groups keep them apart (the NCHWc convolution takes in a residual Add and the Relu
+after it; the groups do so too, except where `restore_layout` fell back to the extended level).
+Such a group costs nothing of its own (`method: none`); its time is in that kernel.
 
 **Group sub-models (the fallback, and the CUDA path).** A group is cut out of the model as its
 own ONNX model (with `moirai.partition`: one stage per measured group, the rest of the model in
@@ -97,7 +100,15 @@ from onnx import helper
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
-from moirai.fusion import Group, claimed_nodes, fusion_groups
+from moirai.fusion import (
+    CPU,
+    Group,
+    LayoutError,
+    _optimised_graph,
+    claimed_nodes,
+    fusion_groups,
+    restore_layout,
+)
 from moirai.graph import InputShapes, OpGraph, build_graph, load_model
 from moirai.partition import DeviceSpec as PlanDevice
 from moirai.partition import build_plan, extract_stage
@@ -120,7 +131,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 METHOD_CHOICES = ("auto", "trace", "submodel")
-_NCHWC_DOMAIN = "com.microsoft.nchwc"
 _KERNEL_SUFFIX = "_kernel_time"
 _OVERHEAD_CALLS = 50
 
@@ -251,6 +261,9 @@ class _Whole:
     kernels: dict[str, list[float]] | None = None
     """Optimised node → its kernel time in each timed run (ms); None without a trace."""
     optimised: onnx.GraphProto | None = None
+    """The profiled session's optimised graph, whose nodes the trace names."""
+    restored: onnx.GraphProto | None = None
+    """`optimised` in the original tensor names (`restored_graph`)."""
 
 
 def _profiled_session(
@@ -301,6 +314,7 @@ def _run_whole(
         Path(trace_file).unlink()
         whole.kernels = _parse_trace(events, settings.warmup)
         whole.optimised = onnx.load(workdir / "optimised.onnx", load_external_data=False).graph
+        whole.restored = restored_graph(model, whole.optimised)
     return whole
 
 
@@ -325,49 +339,32 @@ def _parse_trace(events: list[dict[str, Any]], warmup: int) -> dict[str, list[fl
 
 
 # -------------------------------------------------- optimised → original nodes
-def _restore_names(graph: OpGraph, optimised: onnx.GraphProto) -> onnx.GraphProto:
-    """A copy of the optimised graph with the layout transformer's renaming undone (module
-    docstring), so that the claim walk sees the original tensor names again."""
-    restored = onnx.GraphProto()
-    restored.CopyFrom(optimised)
-    produced = {t for node in restored.node for t in node.output}
-    for node in restored.node:
-        if node.op_type.startswith("Reorder"):
-            continue
-        if node.domain == _NCHWC_DOMAIN and node.output and node.output[0] not in graph.tensors:
-            original = _tensor_prefix(graph, node.name.removesuffix("_nchwc"))
-            if original is not None and original not in produced:
-                node.output[0] = original
-                produced.add(original)
-            continue
-        if node.name in graph.node:
-            mine = graph.node[node.name].outputs
-            for i, name in enumerate(node.output):
-                if name not in graph.tensors and i < len(mine) and mine[i] not in produced:
-                    node.output[i] = mine[i]
-                    produced.add(mine[i])
-    return restored
+def restored_graph(model: onnx.ModelProto, optimised: onnx.GraphProto) -> onnx.GraphProto:
+    """ONNX Runtime's all-level CPU graph of `model` in the extended graph's tensor names, its
+    Reorder nodes dropped (`moirai.fusion.restore_layout`, as the fusion groups see it); the
+    graph as it is, with a warning, where that mapping is not certain."""
+    extended = _optimised_graph(model.SerializeToString(), CPU)
+    try:
+        return restore_layout(extended, optimised)
+    except LayoutError as e:
+        log.warning("kernel times mapped without undoing the NCHWc layout: %s", e)
+        return optimised
 
 
-def _tensor_prefix(graph: OpGraph, name: str) -> str | None:
-    """The longest prefix of `name`, cut at underscores, that is a tensor some original node
-    produces (`r8_bn` → `r8`)."""
-    while name:
-        if name in graph.producer:
-            return name
-        name, sep, _ = name.rpartition("_")
-        if not sep:
-            return None
-    return None
-
-
-def node_units(graph: OpGraph, optimised: onnx.GraphProto) -> dict[str, frozenset[str]]:
-    """Every optimised node → the original nodes its time belongs to (module docstring)."""
-    restored = _restore_names(graph, optimised)
+def node_units(
+    graph: OpGraph, optimised: onnx.GraphProto, restored: onnx.GraphProto
+) -> dict[str, frozenset[str]]:
+    """Every optimised node → the original nodes its time belongs to (module docstring);
+    `restored` is `restored_graph` of `optimised`."""
+    claims = dict(zip((n.name for n in restored.node), claimed_nodes(graph, restored), strict=True))
+    replacement = _replacements(graph, restored)
+    pooled: dict[str, set[str]] = {}
+    for node, claimed in claims.items():
+        pooled.setdefault(replacement[node], set()).update(claimed)
     units = {
-        node.name: frozenset(claimed)
-        for node, claimed in zip(restored.node, claimed_nodes(graph, restored), strict=True)
-        if claimed
+        node: frozenset(claimed or pooled[replacement[node]])
+        for node, claimed in claims.items()
+        if claimed or pooled[replacement[node]]
     }
     producer = {t: node.name for node in optimised.node for t in node.output}
     for node in optimised.node:  # topological order: producers resolve first
@@ -387,6 +384,28 @@ def node_units(graph: OpGraph, optimised: onnx.GraphProto) -> dict[str, frozense
             if found is not None:
                 units[node.name] = found
     return units
+
+
+def _replacements(graph: OpGraph, restored: onnx.GraphProto) -> dict[str, str]:
+    """Each node of the restored graph → the first node of its replacement: the nodes joined
+    through tensors that the original graph lacks, which together stand for the original nodes
+    that any of them claims (module docstring)."""
+    writer = {t: n.name for n in restored.node for t in n.output if t and t not in graph.tensors}
+    links: dict[str, set[str]] = {n.name: set() for n in restored.node}
+    for node in restored.node:
+        for t in node.input:
+            if t in writer:
+                links[node.name].add(writer[t])
+                links[writer[t]].add(node.name)
+    first: dict[str, str] = {}
+    for start in links:
+        stack = [start]
+        while stack:
+            node = stack.pop()
+            if node not in first:
+                first[node] = start
+                stack.extend(links[node])
+    return first
 
 
 # ------------------------------------------------------------ sub-models
@@ -468,9 +487,9 @@ def measure_device(
         kernel_ms = None
         untimed = list(range(len(groups)))
         if whole is not None and whole.kernels is not None:
-            assert whole.optimised is not None
+            assert whole.restored is not None
             timings, kernel_ms = _from_trace(graph, groups, whole, overhead)
-            present = _restored_tensors(graph, whole.optimised)
+            present = _restored_tensors(whole.restored)
             untimed = [
                 i
                 for i, g in enumerate(groups)
@@ -566,9 +585,9 @@ def _available_memory(target: Target) -> int | None:
     return None
 
 
-def _restored_tensors(graph: OpGraph, optimised: onnx.GraphProto) -> set[str]:
-    """Original tensors that some node of the optimised graph still writes."""
-    return {t for node in _restore_names(graph, optimised).node for t in node.output}
+def _restored_tensors(restored: onnx.GraphProto) -> set[str]:
+    """Tensors that some node of the (restored) optimised graph still writes."""
+    return {t for node in restored.node for t in node.output}
 
 
 def _escaped_the_trace(graph: OpGraph, group: Group, present: set[str]) -> bool:
@@ -587,8 +606,9 @@ def _from_trace(
 ) -> tuple[dict[int, GroupTiming], float]:
     """Group timings from the trace, calibrated to the plain session's runs (module
     docstring); also the sum of the kernels' medians."""
-    assert whole.kernels is not None and whole.optimised is not None
-    units = node_units(graph, whole.optimised)
+    assert whole.kernels is not None
+    assert whole.optimised is not None and whole.restored is not None
+    units = node_units(graph, whole.optimised, whole.restored)
     mapped = [(node, units[node]) for node in whole.kernels if node in units]
     unmapped = sorted(set(whole.kernels) - set(units))
     if unmapped:

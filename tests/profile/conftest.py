@@ -1,9 +1,12 @@
-"""Fixtures: small models (a tiny BERT encoder generated like the zoo's, and the zoo's
-SqueezeNet), so the whole suite stays within seconds."""
+"""Fixtures: small models (a tiny BERT encoder generated like the zoo's, the zoo's SqueezeNet,
+and a LayerNorm before a projection), so the whole suite stays within seconds."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from profiling_support import ModelFile
 
 from moirai import zoo
@@ -22,3 +25,34 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> ModelFile:
 @pytest.fixture(scope="session")
 def squeezenet() -> ModelFile:
     return ModelFile(zoo.get("squeezenet"), None)
+
+
+@pytest.fixture(scope="session")
+def layernorm_matmul(tmp_path_factory: pytest.TempPathFactory) -> ModelFile:
+    """x[1, 128, 256] → LayerNormalization → MatMul (256 × 1024) → Add → y: a transformer's
+    projection, which ONNX Runtime runs as Reshape → Gemm → Reshape (MatMulAddFusion)."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "ln.scale": (256,),
+        "ln.bias": (256,),
+        "w": (256, 1024),
+        "b": (1024,),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("LayerNormalization", ["x", "ln.scale", "ln.bias"], ["h"], name="ln"),
+            helper.make_node("MatMul", ["h", "w"], ["m"], name="matmul"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="add"),
+        ],
+        "layernorm_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 128, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 1024])],
+        [
+            numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+            for name, shape in weights.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path_factory.mktemp("models") / "layernorm_matmul.onnx"
+    onnx.save(model, path)
+    return ModelFile(path, None)

@@ -5,6 +5,8 @@ the choice of provider (the GPU itself is checked on a GPU machine; see the modu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -15,7 +17,7 @@ from moirai.fusion import fusion_groups
 from moirai.graph import build_graph, load_model
 from moirai.profile import measured
 from moirai.profile.document import ProfileError
-from moirai.profile.measured import Settings, measure_device, node_units
+from moirai.profile.measured import Settings, measure_device, node_units, restored_graph
 from moirai.profile.targets import CUDA, Target, parse_device, signature
 from stage_server.sessions import execution_providers, session_options
 
@@ -48,20 +50,58 @@ def test_zoo_cnn_every_group_timed_from_the_trace(squeezenet: ModelFile) -> None
     assert (profile.warmup, profile.repeats) == (FAST.warmup, FAST.repeats)
 
 
-def test_every_optimised_kernel_maps_to_original_nodes(squeezenet: ModelFile, tmp_path) -> None:
-    """At level ORT_ENABLE_ALL the CPU provider rewrites convolutions to NCHWc and inserts
-    reorders: every node of that graph must still find its original nodes."""
-    model, graph = _load(squeezenet)
+def _optimised(model: onnx.ModelProto, path: Path) -> onnx.GraphProto:
+    """The graph ONNX Runtime runs for a stage server on one CPU thread (level all)."""
     options = session_options(1)
-    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.optimized_model_filepath = str(path)
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    optimised = onnx.load(options.optimized_model_filepath, load_external_data=False).graph
-    assert any(n.domain == "com.microsoft.nchwc" for n in optimised.node)
-    units = node_units(graph, optimised)
+    return onnx.load(path, load_external_data=False).graph
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "tiny_bert"])
+def test_every_optimised_kernel_maps_into_one_fusion_group(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """At level ORT_ENABLE_ALL the CPU provider rewrites convolutions to NCHWc and inserts
+    reorders, and fuses a transformer's MatMul and Add into Reshape → Gemm → Reshape: every
+    node of that graph must still find its original nodes, all inside one fusion group (the
+    trace is mapped the way the groups were made)."""
+    model, graph = _load(request.getfixturevalue(name))
+    optimised = _optimised(model, tmp_path / "optimised.onnx")
+    assert any(n.domain == "com.microsoft.nchwc" or n.op_type == "Gemm" for n in optimised.node)
+    units = node_units(graph, optimised, restored_graph(model, optimised))
     assert set(units) == {n.name for n in optimised.node}
     covered = set().union(*units.values())
     computing = {n.name for n in graph.nodes if not n.constant}
     assert computing <= covered
+    where = {
+        n: i for i, g in enumerate(fusion_groups(model, graph, [CPU1.provider])) for n in g.ops
+    }
+    assert all(len({where[n] for n in unit}) == 1 for unit in units.values())
+
+
+def test_fused_gemm_is_mapped_to_the_matmul_it_replaced(
+    layernorm_matmul: ModelFile, tmp_path: Path
+) -> None:
+    """The Gemm claims nothing (its output is new to the graph): its time belongs to the MatMul
+    and Add that its Reshapes stand for, not to the LayerNorm that produced its input."""
+    model, graph = _load(layernorm_matmul)
+    optimised = _optimised(model, tmp_path / "optimised.onnx")
+    units = node_units(graph, optimised, restored_graph(model, optimised))
+    by_type = {n.op_type: units[n.name] for n in optimised.node}
+    assert by_type["Gemm"] == by_type["Reshape"] == {"matmul", "add"}
+    assert by_type["LayerNormalization"] == {"ln"}
+
+
+def test_measured_time_of_a_projection_lands_on_its_matmul(layernorm_matmul: ModelFile) -> None:
+    model, graph = _load(layernorm_matmul)
+    profile = measure_device(model, graph, CPU1, FAST)
+    ms = {g.ops: g.ms for g in profile.groups}
+    assert set(ms) == {("ln",), ("matmul", "add")}
+    assert all(g.method == "trace" for g in profile.groups)
+    # 67 MFLOP against a LayerNorm of 32 K elements: the MatMul's group holds the bulk.
+    assert ms[("matmul", "add")] > 5 * ms[("ln",)]
+    assert ms[("matmul", "add")] + ms[("ln",)] == pytest.approx(profile.run_ms, rel=1e-6)
 
 
 def test_transformer_groups_timed_and_fallback_to_submodels(tiny_bert: ModelFile) -> None:
