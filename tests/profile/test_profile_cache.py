@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from profiling_support import FAST, ModelFile
 
+from moirai.profile import targets
 from moirai.profile.cache import ProfileCache, default_dir
 from moirai.profile.measured import MeasuredProfile
 from moirai.profile.targets import Target, signature
@@ -50,6 +52,19 @@ def test_key_depends_on_model_shapes_and_signature(tmp_path: Path) -> None:
     assert cache.device_path("ab" * 32, {"x": [2, 3]}, one)[0] != path
     assert cache.device_path("cd" * 32, {"x": [1, 3]}, one)[0] != path
     assert cache.device_path("ab" * 32, {"x": [1, 3]}, {**one, "onnxruntime": "0.1"})[0] != path
+
+
+def test_a_new_measuring_method_misses_old_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Profiles of an older method (e.g. one that split a transformer's time differently) are
+    not reused once METHOD_VERSION moves on."""
+    cache = ProfileCache.at(tmp_path)
+    old = signature(Target("cpu", threads=1))
+    monkeypatch.setattr(targets, "METHOD_VERSION", targets.METHOD_VERSION + 1)
+    new = signature(Target("cpu", threads=1))
+    assert new["method"] == old["method"] + 1
+    assert cache.device_path("ab" * 32, {}, new)[0] != cache.device_path("ab" * 32, {}, old)[0]
 
 
 def test_damaged_entry_is_a_miss(tiny_bert: ModelFile, tmp_path: Path) -> None:
