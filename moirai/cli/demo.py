@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moirai.cli.options import positive_int
 from moirai.cli.serve import add_planning_arguments, plan_from_args
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -30,8 +31,10 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="plan, serve and check a bundled model end to end")
     p.add_argument("--model", default="squeezenet", help="bundled model (moirai.zoo)")
-    p.add_argument("--requests", type=int, default=30, help="sequential requests timed")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight for throughput")
+    p.add_argument("--requests", type=positive_int, default=30, help="sequential requests timed")
+    p.add_argument(
+        "--concurrency", type=positive_int, default=8, help="requests in flight for throughput"
+    )
     add_planning_arguments(p)
     # Pipelining across the devices is what serving many requests needs.
     p.set_defaults(func=run, objective="throughput")

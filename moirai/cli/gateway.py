@@ -15,6 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
+from moirai.cli.options import positive_float, positive_int
 from moirai.errors import MoiraiError
 from moirai.partition import StagePlan
 from moirai.runtime.daemon import (
@@ -39,11 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument(
         "--max-request-bytes",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_REQUEST_BYTES,
         help=f"largest request accepted (default {DEFAULT_MAX_REQUEST_BYTES})",
     )
-    p.add_argument("--timeout", type=float, default=30.0, help="request deadline, seconds")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
     p.add_argument(
         "--grpc-only",
         action="store_true",

@@ -5,6 +5,10 @@
 
 An input is a .npy file or a JSON value; `--inputs` reads a JSON object {name: value}. JSON values
 take the input's datatype from the model's metadata. `--save` writes each output as NAME.npy.
+
+The metadata call comes first and waits at most `CONNECT_S`: an address where nothing answers
+(a firewall that drops packets, a port that is not the gateway's gRPC port) fails in seconds
+with what to check, not at the end of `--timeout` as a bare DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -15,7 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from moirai.cli.options import output_folder, positive_float
 from moirai.errors import MoiraiError
+
+CONNECT_S = 5.0
+"""How long the gateway has to answer the metadata call that opens every `moirai infer`."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy|JSON")
     p.add_argument("--inputs", type=Path, help="JSON file: {name: nested list}")
     p.add_argument("--output", action="append", default=[], help="outputs to return (default all)")
-    p.add_argument("--save", type=Path, help="write each output to DIR/NAME.npy")
-    p.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
+    p.add_argument("--save", type=output_folder, help="write each output to DIR/NAME.npy")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="deadline, seconds")
     p.set_defaults(func=run)
 
 
@@ -35,8 +43,8 @@ def _values(args: argparse.Namespace) -> dict[str, object]:
     if args.inputs:
         try:
             data = json.loads(args.inputs.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MoiraiError(f"--inputs {args.inputs}: {e}") from None
+        except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+            raise MoiraiError(f"--inputs {args.inputs}: cannot read it as JSON ({e})") from None
         if not isinstance(data, dict):
             raise MoiraiError(f"--inputs {args.inputs}: must be a JSON object {{name: value}}")
         values.update(data)
@@ -53,30 +61,77 @@ def _values(args: argparse.Namespace) -> dict[str, object]:
             try:
                 values[name] = json.loads(value)
             except json.JSONDecodeError as e:
-                raise MoiraiError(f"--input {name}: not JSON ({e.msg})") from None
+                raise MoiraiError(
+                    f"--input {name}: {value!r} is neither a FILE.npy nor JSON ({e.msg})"
+                ) from None
     if not values:
         raise MoiraiError("give the inputs with --input NAME=FILE.npy|JSON or --inputs FILE.json")
     return values
+
+
+def _array(name: str, value: object, datatype: str | None) -> np.ndarray:
+    """An input as the array to send: a .npy array as it is, a JSON value as the model's
+    datatype for the input (numbers only: numpy would turn "1" or null into a float)."""
+    from stage_server.codec import DTYPES
+
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise MoiraiError(
+                f"--input {name}: nested lists of different lengths; give a rectangular array"
+            ) from None
+        if array.dtype.kind not in "biuf":
+            raise MoiraiError(f"--input {name}: give numbers (or true/false), not {value!r:.40}")
+        dtype = DTYPES.get(datatype or "")
+        if dtype is not None:
+            if dtype.kind in "biu" and array.dtype.kind == "f":
+                raise MoiraiError(
+                    f"--input {name}: the model takes {datatype}, so give whole numbers"
+                )
+            try:
+                array = np.asarray(value, dtype=dtype)
+            except OverflowError:
+                raise MoiraiError(
+                    f"--input {name}: a value is out of range for {datatype}"
+                ) from None
+    if array.dtype not in DTYPES.values():
+        raise MoiraiError(
+            f"--input {name}: dtype {array.dtype} is not supported; use one of "
+            f"{', '.join(str(d) for d in DTYPES.values())}"
+        )
+    return array
 
 
 def run(args: argparse.Namespace) -> int:
     import grpc
 
     from stage_server.client import InferenceClient
-    from stage_server.codec import DTYPES
 
+    if "://" in args.url:
+        raise MoiraiError(
+            f"--url {args.url}: give HOST:PORT of the gateway's gRPC port, e.g. 127.0.0.1:8001"
+        )
     values = _values(args)
+    connect_s = min(CONNECT_S, args.timeout)
     with InferenceClient(args.url) as client:
         try:
-            meta = client.metadata(args.model, timeout_s=args.timeout)
-            dtypes = {t.name: DTYPES.get(t.datatype) for t in meta.inputs}
-            inputs = {
-                name: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=dtypes.get(name))
-                for name, v in values.items()
-            }
+            meta = client.metadata(args.model, timeout_s=connect_s)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise MoiraiError(
+                    f"--url {args.url}: no answer within {connect_s:g} s; is "
+                    "the gateway running there, and is this its gRPC port (not the HTTP one)?"
+                ) from None
+            raise MoiraiError(f"--url {args.url}: {e.code().name}: {e.details()}") from None
+        datatypes = {t.name: t.datatype for t in meta.inputs}
+        inputs = {name: _array(name, v, datatypes.get(name)) for name, v in values.items()}
+        try:
             outputs = client.infer(args.model, inputs, args.output, timeout_s=args.timeout)
         except grpc.RpcError as e:
-            raise MoiraiError(f"{args.url}: {e.code().name}: {e.details()}") from None
+            raise MoiraiError(f"--url {args.url}: {e.code().name}: {e.details()}") from None
     for name, array in outputs.items():
         print(f"{name}: {array.dtype} {list(array.shape)}")
         print(np.array2string(array, threshold=20, edgeitems=3))

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moirai.cli.options import output_file, positive_float, positive_int
 from moirai.errors import MoiraiError
 
 if TYPE_CHECKING:
@@ -45,11 +46,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="analytic|measured|FILE",
         help="task costs for MODEL (default analytic)",
     )
-    p.add_argument("--max-tasks", type=int, help="coarsen MODEL to at most this many tasks")
+    p.add_argument(
+        "--max-tasks", type=positive_int, help="coarsen MODEL to at most this many tasks"
+    )
     p.add_argument("--solver", default="auto", help="auto (default), cpsat, milp, heft, ...")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
-    p.add_argument("--time-limit", type=float, default=60.0, help="seconds (default 60)")
-    p.add_argument("--threads", type=int, help="solver threads (default: all cores)")
+    p.add_argument("--time-limit", type=positive_float, default=60.0, help="seconds (default 60)")
+    p.add_argument("--threads", type=positive_int, help="solver threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
         "--pin", action="append", default=[], metavar="TASK=DEVICE", help="fix a task's device"
@@ -61,10 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DEVICE=BYTES",
         help="use at most this much of a device's memory (e.g. gpu-0=8e9)",
     )
-    p.add_argument("-o", "--output", type=Path, help="write the plan (moirai.placement/v1)")
-    p.add_argument("--costgraph-out", type=Path, help="write the cost graph that was planned")
+    p.add_argument("-o", "--output", type=output_file, help="write the plan (moirai.placement/v1)")
+    p.add_argument(
+        "--costgraph-out", type=output_file, help="write the cost graph that was planned"
+    )
     p.add_argument("--compare", action="store_true", help="run every available solver")
-    p.add_argument("--gantt", type=Path, help="draw the schedule to this PNG file")
+    p.add_argument("--gantt", type=output_file, help="draw the schedule to this PNG file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
@@ -84,8 +89,10 @@ def _memory_limits(values: list[str]) -> dict[str, int]:
     for dev, text in _pairs(values, "--memory-limit", "DEVICE=BYTES, e.g. gpu-0=8e9").items():
         try:
             out[dev] = int(float(text))
-        except ValueError:
-            raise MoiraiError(f"--memory-limit {dev}={text}: BYTES must be a number") from None
+        except (ValueError, OverflowError):  # not a number, nan or inf
+            raise MoiraiError(
+                f"--memory-limit {dev}={text}: BYTES must be a finite number, e.g. 8e9"
+            ) from None
     return out
 
 

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moirai.cli.options import output_file
 from moirai.errors import MoiraiError
 
 if TYPE_CHECKING:  # the profiling modules load ONNX Runtime and gRPC: only when run
@@ -61,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir", type=Path, help="profile cache (default ~/.cache/moirai/profiles)"
     )
     cache.add_argument("--no-cache", action="store_true", help="measure again, cache nothing")
-    p.add_argument("-o", "--output", type=Path, help="write the profile file here")
+    p.add_argument("-o", "--output", type=output_file, help="write the profile file here")
     p.set_defaults(func=run)
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from moirai.cli.options import port, positive_float, positive_int
 from moirai.errors import MoiraiError
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="local", help="'local' or a devices YAML file")
     p.add_argument(
         "--cpu-devices",
-        type=int,
+        type=positive_int,
         help="with --devices local: split the CPU into this many devices (default: one per "
         "core, at most 4)",
     )
@@ -44,10 +46,12 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--solver", default="auto", help="placement solver (default auto)")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
-    p.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, seconds")
+    p.add_argument(
+        "--time-limit", type=positive_float, default=10.0, help="solver time limit, seconds"
+    )
     p.add_argument(
         "--max-tasks",
-        type=int,
+        type=positive_int,
         help="coarsen the model to at most this many tasks before solving: fewer possible "
         "stages, each of which costs a hop (default: every fusion group a task)",
     )
@@ -60,9 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="plan a model and serve it on this machine")
     p.add_argument("model", type=Path, help="ONNX model file")
     add_planning_arguments(p)
-    p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
-    p.add_argument("--http-port", type=int, default=8000, help="OIP HTTP port (default 8000)")
-    p.add_argument("--timeout", type=float, default=30.0, help="request deadline, seconds")
+    p.add_argument("--grpc-port", type=port, default=8001, help="OIP gRPC port (default 8001)")
+    p.add_argument("--http-port", type=port, default=8000, help="OIP HTTP port (default 8000)")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
     p.add_argument("--workdir", type=Path, help="where the plan and logs go (default: temporary)")
     p.set_defaults(func=run)
 
@@ -97,10 +101,29 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
     )
 
 
+def check_port_free(flag: str, port: int) -> None:
+    """Refuse a port that something already listens on, before minutes of planning. The probe
+    sets no SO_REUSEPORT, so it also sees another gRPC server, which sets it and would otherwise
+    let a second gateway share the port with the first."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise MoiraiError(
+                f"{flag} {port}: 127.0.0.1:{port} is taken ({e.strerror}); stop what serves "
+                f"there or pick another port"
+            ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from moirai.runtime.local import LocalDeployment
     from moirai.runtime.planning import describe
 
+    if args.grpc_port == args.http_port:
+        raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
+    check_port_free("--grpc-port", args.grpc_port)
+    check_port_free("--http-port", args.http_port)
     planned = plan_from_args(args, args.model)
     print(describe(planned.plan), flush=True)
     with tempfile.TemporaryDirectory(prefix="moirai-serve-") as tmp:

@@ -15,6 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
+from moirai.cli.options import port, positive_int
 from moirai.errors import MoiraiError
 from moirai.partition import StagePlan
 from moirai.runtime.daemon import (
@@ -32,12 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=env("MOIRAI_MODEL"), help="the ONNX model the plan cuts")
     p.add_argument("--device", default=env("MOIRAI_DEVICE"), help="device name in the plan")
     p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
-    p.add_argument("--port", type=int, default=int(env("MOIRAI_PORT", "50051")))
+    p.add_argument("--port", type=port, default=env("MOIRAI_PORT", "50051"))
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
-    p.add_argument("--threads", type=int, help="intra-op threads (default: the plan's)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: the plan's)")
     p.add_argument("--cuda-device", type=int, help="CUDA device id (default: the plan's)")
     p.add_argument("--cpus", help="pin this process to these cores, e.g. 0,1")
-    p.add_argument("--workers", type=int, default=1, help="stages run at once (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="stages run at once (default 1)")
     p.add_argument(
         "--grpc-only",
         action="store_true",

@@ -1,0 +1,209 @@
+"""Bad command lines, as a clumsy or hostile user types them: every one ends with exit status 2 and
+a message naming the flag, before any work starts, never with a traceback or a hang."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moirai.cli import infer, main
+from moirai.errors import MoiraiError
+
+COSTGRAPH = {
+    "format": "moirai.costgraph/v1",
+    "name": "tiny",
+    "devices": [{"name": "d0", "memory_bytes": 1000}, {"name": "d1", "memory_bytes": 1000}],
+    "tasks": [
+        {"id": "t0", "compute_ms": {"d0": 1, "d1": 2}, "memory_bytes": 10},
+        {"id": "t1", "compute_ms": {"d0": 1, "d1": 2}, "memory_bytes": 10},
+    ],
+    "edges": [{"src": "t0", "dst": "t1", "bytes": 100}],
+}
+
+
+@pytest.fixture
+def costgraph(tmp_path: Path) -> str:
+    path = tmp_path / "cg.json"
+    path.write_text(json.dumps(COSTGRAPH), encoding="utf-8")
+    return str(path)
+
+
+def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], flag: str) -> str:
+    """argparse refused `argv` (status 2), naming `flag`; its message."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: argument {flag}" in last, last
+    return last
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """`moirai ARGV` exits 2 with one `moirai: ` line and no traceback; that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moirai: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["place", "m.onnx", "--time-limit", "nan"], "--time-limit"),  # solved with no limit
+        (["place", "m.onnx", "--time-limit", "inf"], "--time-limit"),
+        (["place", "m.onnx", "--time-limit", "0"], "--time-limit"),
+        (["place", "m.onnx", "--max-tasks", "0"], "--max-tasks"),  # a ValueError traceback
+        (["place", "m.onnx", "--threads", "0"], "--threads"),  # silently all cores
+        (["serve", "m.onnx", "--time-limit", "-1"], "--time-limit"),
+        (["serve", "m.onnx", "--cpu-devices", "0"], "--cpu-devices"),
+        (["serve", "m.onnx", "--grpc-port", "0"], "--grpc-port"),
+        (["serve", "m.onnx", "--http-port", "70000"], "--http-port"),
+        (["serve", "m.onnx", "--timeout", "nan"], "--timeout"),
+        (["demo", "--requests", "0"], "--requests"),  # a StatisticsError traceback
+        (["demo", "--concurrency", "0"], "--concurrency"),  # a throughput of nonsense
+        (["infer", "--model", "m", "--timeout", "-1"], "--timeout"),
+        (["gateway", "--max-request-bytes", "-1"], "--max-request-bytes"),
+        (["stage", "--workers", "0"], "--workers"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_while_parsing(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    usage_error(capsys, argv, flag)
+
+
+def test_a_port_from_the_environment_that_is_no_number(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MOIRAI_PORT=abc used to crash every subcommand while the parser was built."""
+    monkeypatch.setenv("MOIRAI_PORT", "abc")
+    assert "'abc' is not a port number" in usage_error(capsys, ["stage"], "--port")
+
+
+@pytest.mark.parametrize("flag", ["-o", "--costgraph-out", "--gantt"])
+def test_place_outputs_are_checked_before_solving(
+    tmp_path: Path, costgraph: str, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """A missing folder or a folder as the file used to fail after the solve, losing it."""
+    missing = tmp_path / "no-such-folder" / "out"
+    message = usage_error(capsys, ["place", "--costgraph", costgraph, flag, str(missing)], flag)
+    assert "does not exist" in message
+    message = usage_error(capsys, ["place", "--costgraph", costgraph, flag, str(tmp_path)], flag)
+    assert "is a folder" in message
+
+
+def test_profile_output_is_checked_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["profile", "m.onnx", "-o", str(tmp_path / "no-such-folder" / "p.json")]
+    assert "does not exist" in usage_error(capsys, argv, "-o/--output")
+
+
+@pytest.mark.parametrize("limit", ["inf", "nan", "lots"])
+def test_memory_limit_must_be_a_finite_number(
+    costgraph: str, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    """`inf` used to end in an OverflowError traceback."""
+    argv = ["place", "--costgraph", costgraph, "-q", "--memory-limit", f"d0={limit}"]
+    assert "--memory-limit d0=" in one_line_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("value", "datatype", "needle"),
+    [
+        ([["a", "b"]], "FP32", "give numbers"),  # used to be a ValueError traceback
+        (["1", "2"], "FP32", "give numbers"),  # numpy would read "1" as 1.0
+        ([None, 1.0], "FP32", "give numbers"),  # ... and null as nan
+        ({"a": 1}, "FP32", "give numbers"),  # a TypeError traceback
+        ([[1, 2], [3]], "FP32", "different lengths"),
+        ([1.5, 2], "INT64", "whole numbers"),  # numpy would cut 1.5 to 1
+        ([1000], "INT8", "out of range for INT8"),
+        ([-1], "UINT8", "out of range for UINT8"),
+        (np.array(["a"]), "FP32", "dtype <U1 is not supported"),
+    ],
+)
+def test_infer_values_that_are_no_tensor(value: object, datatype: str, needle: str) -> None:
+    with pytest.raises(MoiraiError, match="--input x: ") as e:
+        infer._array("x", value, datatype)
+    assert needle in str(e.value)
+
+
+def test_infer_values_take_the_models_datatype() -> None:
+    assert infer._array("x", [[1, 2]], "FP32").dtype == np.float32
+    assert infer._array("x", [True, 0], "BOOL").tolist() == [True, False]
+    assert infer._array("x", [3, 4], "UINT8").dtype == np.uint8
+    npy = np.zeros(3, np.float64)
+    assert infer._array("x", npy, "FP32") is npy  # a file's array goes as it is; the gateway checks
+
+
+def test_infer_inputs_file_that_is_not_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "inputs.json"
+    path.write_bytes(b"\x08\xb7\xff\x00")
+    message = one_line_error(capsys, ["infer", "--model", "m", "--inputs", str(path)])
+    assert f"--inputs {path}: cannot read it as JSON" in message
+
+
+def test_infer_url_that_is_an_http_url(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", "http://127.0.0.1:8001"]
+    assert "give HOST:PORT of the gateway's gRPC port" in one_line_error(capsys, argv)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never says a word (not an HTTP/2 server)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def test_infer_where_nothing_answers_fails_at_the_connect_limit(
+    silent_port: int, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to wait for the whole --timeout, then say only 'Deadline Exceeded'."""
+    monkeypatch.setattr(infer, "CONNECT_S", 0.5)
+    url = f"127.0.0.1:{silent_port}"
+    argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", url, "--timeout", "600"]
+    message = one_line_error(capsys, argv)
+    assert f"--url {url}: no answer within 0.5 s" in message and "gRPC port" in message
+
+
+def test_infer_where_the_port_is_closed(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", f"127.0.0.1:{port}"]
+        assert "UNAVAILABLE" in one_line_error(capsys, argv)
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so-reuseport"])
+def test_serve_on_a_port_in_use_fails_before_planning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reuse_port: bool
+) -> None:
+    """Also when the holder set SO_REUSEPORT, as every gRPC server does: a second gateway then
+    used to bind the same port, and died later on its chain socket with a traceback. The model
+    does not exist: the port is checked first."""
+    with socket.socket() as taken:
+        if reuse_port:
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        other = port - 1 if port > 1024 else port + 1
+        argv = ["serve", str(tmp_path / "missing.onnx"), "--grpc-port", str(port)]
+        message = one_line_error(capsys, [*argv, "--http-port", str(other)])
+        assert f"--grpc-port {port}: 127.0.0.1:{port} is taken" in message
+
+
+def test_serve_with_one_port_for_both_protocols(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", str(tmp_path / "m.onnx"), "--grpc-port", "18123", "--http-port", "18123"]
+    assert "give two ports" in one_line_error(capsys, argv)
