@@ -45,6 +45,8 @@ from stage_server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.1, 0.2, 0.5, 1.0)  # back-off of the health watch after a broken stream
+VERSION = "1"
+"""The version of the model, in the Open Inference Protocol's sense: a gateway serves one."""
 
 
 @dataclass
@@ -90,10 +92,17 @@ class Gateway:
     def ready(self) -> bool:
         return all(self.up.values())
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str, version: str = "") -> None:
+        """Refuse a request for another model, or for a version other than `VERSION` (an
+        empty version means the model's only one)."""
         if name != self.model_name:
             raise NotFound(
                 f"model {name!r} is not served here; this gateway serves {self.model_name!r}"
+            )
+        if version not in ("", VERSION):
+            raise NotFound(
+                f"model {name!r} has no version {version!r}: its one version is {VERSION!r} "
+                "(or leave the version out)"
             )
 
     async def start(self) -> None:

@@ -17,7 +17,7 @@ import grpc
 
 from moirai import __version__
 from stage_server import codec
-from stage_server.gateway import Gateway
+from stage_server.gateway import VERSION, Gateway
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 
 SERVICE = "inference.GRPCInferenceService"
@@ -64,7 +64,7 @@ class InferenceServicer:
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        self._gateway.check_model(request.name)
+        self._gateway.check_model(request.name, request.version)
         return oip.ModelReadyResponse(ready=self._gateway.ready())
 
     async def ServerMetadata(
@@ -75,11 +75,11 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        self._gateway.check_model(request.name)
+        self._gateway.check_model(request.name, request.version)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=self._gateway.model_name,
-            versions=["1"],
+            versions=[VERSION],
             platform=PLATFORM,
             inputs=[
                 tensor(name=t.name, datatype=t.datatype, shape=t.shape)
@@ -93,7 +93,7 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         message, inputs = codec.decode_infer_request(request)
-        self._gateway.check_model(message.model_name)
+        self._gateway.check_model(message.model_name, message.model_version)
         requested = [o.name for o in message.outputs] or None
         outputs = await self._gateway.infer(inputs, requested, context.time_remaining())
         return codec.encode_infer_response(self._gateway.model_name, message.id, outputs)

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from moirai import __version__
 from stage_server import codec
 from stage_server.errors import InvalidInput
-from stage_server.gateway import Gateway
+from stage_server.gateway import VERSION, Gateway
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
 from stage_server.transport import error_middleware
 
@@ -45,12 +45,15 @@ def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
     async def server_metadata(request: web.Request) -> web.Response:
         return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
 
+    def check_model(request: web.Request) -> None:
+        gateway.check_model(request.match_info["name"], request.match_info.get("version", ""))
+
     async def model_metadata(request: web.Request) -> web.Response:
-        gateway.check_model(request.match_info["name"])
+        check_model(request)
         return web.json_response(
             {
                 "name": gateway.model_name,
-                "versions": ["1"],
+                "versions": [VERSION],
                 "platform": PLATFORM,
                 "inputs": [t.to_dict() for t in gateway.inputs.values()],
                 "outputs": [t.to_dict() for t in gateway.outputs.values()],
@@ -58,17 +61,20 @@ def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
         )
 
     async def model_ready(request: web.Request) -> web.Response:
-        gateway.check_model(request.match_info["name"])
+        check_model(request)
         return ready_response()
 
     async def infer(request: web.Request) -> web.Response:
-        gateway.check_model(request.match_info["name"])
+        check_model(request)
         body = await request.read()
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
+        request_id = header.get("id")
+        if not isinstance(request_id, str | None):
+            raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
         inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
         outputs = await gateway.infer(inputs, requested)
         response, blobs = codec.encode_json_outputs(
-            gateway.model_name, str(header.get("id", "")), outputs, binary_out
+            gateway.model_name, request_id or "", outputs, binary_out
         )
         text = json.dumps(response).encode()
         if not blobs:
@@ -118,6 +124,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         header = json.loads(body[:length])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise InvalidInput("request body nests JSON arrays or objects too deeply") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
     return header, body[length:]

@@ -1,0 +1,186 @@
+"""Hostile and clumsy requests at the gateway, over real loopback HTTP and gRPC: each is refused
+with a 4xx status or an INVALID_ARGUMENT / NOT_FOUND code and a message naming what is wrong,
+and good requests sent among them still get the model's outputs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aiohttp
+import grpc
+import numpy as np
+import pytest
+
+from stage_server import codec
+from stage_server.client import AsyncInferenceClient
+from stage_server.protos import grpc_predict_v2_pb2 as oip
+
+from . import models
+from .conftest import split_plan
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    # The bad requests never reach the chain, so one way of pushing along it is enough.
+    pytest.mark.parametrize("cluster", [True], ids=["same-host"], indirect=True),
+]
+
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def good_body(x: np.ndarray) -> dict[str, object]:
+    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+
+
+async def test_model_versions_other_than_the_one_served_are_not_found(cluster) -> None:
+    """Any version used to be served as if it were version 1."""
+    model = models.mlp(width=8, depth=2)
+    c = await cluster(model, split_plan(model, 2))
+    x = models.random_inputs(model)["x"]
+    async with aiohttp.ClientSession() as s:
+        base = f"http://{c.http_url}/v2/models/mlp"
+        async with s.post(f"{base}/versions/7/infer", json=good_body(x)) as r:
+            assert r.status == 404
+            assert "has no version '7'" in (await r.json())["error"]
+        for path in ("/versions/2", "/versions/2/ready"):
+            async with s.get(base + path) as r:
+                assert r.status == 404, path
+        async with s.post(f"{base}/versions/1/infer", json=good_body(x)) as r:
+            assert r.status == 200
+        async with s.get(f"{base}/versions/1") as r:
+            assert (await r.json())["versions"] == ["1"]
+    async with grpc.aio.insecure_channel(c.grpc_url) as channel:
+        infer = channel.unary_unary(INFER)
+        request = oip.ModelInferRequest.FromString(codec.encode_infer_request("mlp", {"x": x}))
+        request.model_version = "7"
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await infer(request.SerializeToString(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "has no version '7'" in e.value.details()
+        request.model_version = "1"
+        assert codec.decode_infer_response(await infer(request.SerializeToString(), timeout=10))
+        metadata = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelMetadata",
+            request_serializer=oip.ModelMetadataRequest.SerializeToString,
+            response_deserializer=oip.ModelMetadataResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await metadata(oip.ModelMetadataRequest(name="mlp", version="2"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Bodies that the gateway must refuse with 400, and a word of the message each gets.
+BAD_BODIES: list[tuple[bytes, str]] = [
+    (b"hello", "not valid JSON"),
+    (b"", "not valid JSON"),
+    (b"\xff\xfe\x00\x01", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),  # was a 500
+    (b'{"inputs": {"x": 1}}', "'inputs' list"),
+    (b'{"id": {"a": 1}, "inputs": []}', "'id' must be a string"),  # was echoed as "{'a': 1}"
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2]}]}',
+     "holds 2 values, but shape [1, 8] needs 8"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": ["a"]}]}',
+     "does not hold FP32 values"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "BYTES", "data": [1]}]}',
+     "'BYTES' is not supported"),
+    (b'{"inputs": [{"name": "x", "shape": [-1, 8], "datatype": "FP32", "data": [1]}]}',
+     "negative dimension"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2, 3, 4, '
+     b'5, 6, 7, 8]}], "outputs": [{"name": "nope"}]}', "unknown output 'nope'"),
+]  # fmt: skip
+
+
+async def test_garbage_among_good_requests(cluster) -> None:
+    """Bad HTTP bodies and bad gRPC messages, all at once with good requests on both
+    protocols: each bad one gets its error, each good one the model's outputs, and the gateway
+    stays ready."""
+    model = models.mlp(width=8, depth=2)
+    c = await cluster(model, split_plan(model, 2))
+    x = models.random_inputs(model)["x"]
+    client = AsyncInferenceClient(c.grpc_url)
+    url = f"http://{c.http_url}/v2/models/mlp/infer"
+    raw = codec.encode_infer_request("mlp", {"x": x})
+    short = oip.ModelInferRequest.FromString(raw)
+    short.raw_input_contents[0] = x.tobytes()[:-4]
+    bad_grpc = [b"\xff\xff\xff\xff\x0f", short.SerializeToString()]
+
+    async with aiohttp.ClientSession() as s, grpc.aio.insecure_channel(c.grpc_url) as channel:
+        infer = channel.unary_unary(INFER)
+
+        async def bad_http(body: bytes, needle: str) -> None:
+            async with s.post(url, data=body) as r:
+                assert r.status == 400, (body[:60], await r.text())
+                assert needle in (await r.json())["error"]
+
+        async def bad_rpc(payload: bytes) -> None:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await infer(payload, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        async def good_http() -> np.ndarray:
+            async with s.post(url, json=good_body(x)) as r:
+                assert r.status == 200
+                return np.array((await r.json())["outputs"][0]["data"], np.float32)
+
+        async def good_rpc() -> np.ndarray:
+            return (await client.infer("mlp", {"x": x}, timeout_s=30))["y"].ravel()
+
+        calls = []
+        for _ in range(5):
+            calls += [bad_http(body, needle) for body, needle in BAD_BODIES]
+            calls += [bad_rpc(payload) for payload in bad_grpc]
+            calls += [good_http(), good_rpc()]
+        results = await asyncio.gather(*calls)
+        goods = [r for r in results if r is not None]
+        assert len(goods) == 10
+        for got in goods:
+            np.testing.assert_allclose(got, goods[0], rtol=1e-6)
+        async with s.get(f"http://{c.http_url}/v2/health/ready") as r:
+            assert r.status == 200
+    await client.close()
+
+
+def _extra_raw(r: oip.ModelInferRequest) -> None:
+    r.raw_input_contents.append(b"\0" * 32)
+
+
+def _fp8(r: oip.ModelInferRequest) -> None:
+    r.inputs[0].datatype = "FP8"
+
+
+def _negative(r: oip.ModelInferRequest) -> None:
+    r.inputs[0].shape[0] = -1
+
+
+def _twice_the_rows(r: oip.ModelInferRequest) -> None:
+    r.inputs[0].shape[0] = 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (_extra_raw, "raw_input_contents has 2 entries for 1 inputs"),
+        (_fp8, "datatype 'FP8' is not supported"),
+        (_negative, "negative dimension"),
+        (_twice_the_rows, "raw contents hold 32 bytes, but FP32 [2, 8] needs 64"),
+    ],
+    ids=["raw-count", "dtype", "negative-dim", "length"],
+)
+async def test_grpc_tensors_that_do_not_add_up(
+    cluster, mutate: Callable[[oip.ModelInferRequest], None], needle: str
+) -> None:
+    model = models.mlp(width=8, depth=2)
+    c = await cluster(model, split_plan(model, 2))
+    x = models.random_inputs(model)["x"]
+    request = oip.ModelInferRequest.FromString(codec.encode_infer_request("mlp", {"x": x}))
+    mutate(request)
+    async with grpc.aio.insecure_channel(c.grpc_url) as channel:
+        infer = channel.unary_unary(INFER)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await infer(request.SerializeToString(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in e.value.details()
+        good = codec.encode_infer_request("mlp", {"x": x})
+        assert codec.decode_infer_response(await infer(good, timeout=10))["y"].shape == (1, 8)
