@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moirai.cli.options import port, positive_float, positive_int
+from moirai.cli.options import output_folder, port, positive_float, positive_int
 from moirai.errors import MoiraiError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-port", type=port, default=8001, help="OIP gRPC port (default 8001)")
     p.add_argument("--http-port", type=port, default=8000, help="OIP HTTP port (default 8000)")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
-    p.add_argument("--workdir", type=Path, help="where the plan and logs go (default: temporary)")
+    p.add_argument(
+        "--workdir", type=output_folder, help="where the plan and logs go (default: temporary)"
+    )
     p.set_defaults(func=run)
 
 

@@ -207,3 +207,18 @@ def test_serve_with_one_port_for_both_protocols(
 ) -> None:
     argv = ["serve", str(tmp_path / "m.onnx"), "--grpc-port", "18123", "--http-port", "18123"]
     assert "give two ports" in one_line_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["serve", "m.onnx", "--workdir"], "--workdir"),  # a FileExistsError after planning
+        (["infer", "--model", "m", "--save"], "--save"),  # ... after the request
+    ],
+)
+def test_folders_that_are_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    file = tmp_path / "file"
+    file.write_text("", encoding="utf-8")
+    assert "is a file, not a folder" in usage_error(capsys, [*argv, str(file)], flag)
