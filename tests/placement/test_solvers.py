@@ -157,6 +157,21 @@ def test_time_limit_is_respected_and_auto_still_answers() -> None:
     assert plan.lower_bound_ms > 0
 
 
+def test_auto_builds_no_milp_it_has_no_time_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ~95,000 rows: seconds to build and load into HiGHS, and neither stops at the deadline
+    import moirai.placement.milp as milp
+
+    built: list[int] = []
+    build = milp.build
+    monkeypatch.setattr(milp, "build", lambda p, horizon: built.append(p.n) or build(p, horizon))
+    cg = random_costgraph(seed=11, tasks=40, devices=4, edge_prob=0.15)
+    assert milp.count_rows(PlacementProblem(cg)) > 90_000
+    solve(cg, "auto", time_limit=2, threads=2)
+    assert built == []
+    solve(cg, "auto", objective="throughput", time_limit=2, threads=2)  # a small model
+    assert built == [40]
+
+
 def test_large_graph_within_the_time_limit() -> None:
     import time
 
