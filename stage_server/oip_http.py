@@ -7,6 +7,12 @@ gives the JSON's length), which is what tritonclient sends by default; outputs c
 `data` lists unless the request asks for binary outputs. The size limit is aiohttp's
 `client_max_size` (413). Errors become `{"error": message}` in
 `stage_server.transport.error_middleware`.
+
+The JSON part of a request has a lower limit of its own, `MAX_JSON_BYTES` (413 too): the gateway
+parses it on its event loop, holding the GIL (`json.loads` never lets go of it), so while it
+parses, every other request on the gateway, gRPC included, waits. 40 MB of JSON took 4.5 s on a
+busy 2-core machine; at the 1 GiB request limit, one client could stall the gateway past every
+deadline. Large tensors travel as binary data or over gRPC, which cost no parsing.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moirai import __version__
 from stage_server import codec
-from stage_server.errors import InvalidInput
+from stage_server.errors import InvalidInput, TooLarge
 from stage_server.gateway import VERSION, Gateway
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
 from stage_server.transport import error_middleware
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_JSON_BYTES = 16 << 20
+"""About 2 million values in `data` lists; a 224x224 RGB image takes 2-3 MB."""
 
 
 def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
@@ -120,6 +128,12 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
             raise InvalidInput(f"{HEADER_LENGTH} is {header_length!r}, not a number") from None
         if not 0 <= length <= len(body):
             raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the {len(body)}-byte body")
+    if length > MAX_JSON_BYTES:
+        raise TooLarge(
+            f"the request's JSON is {length} bytes, over the {MAX_JSON_BYTES} that the gateway "
+            "parses: send large tensors as binary data (the binary-data extension, "
+            "tritonclient's default) or over gRPC"
+        )
     try:
         header = json.loads(body[:length])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

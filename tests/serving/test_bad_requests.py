@@ -5,6 +5,7 @@ and good requests sent among them still get the model's outputs."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import aiohttp
@@ -12,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from stage_server import codec
+from stage_server import codec, oip_http
 from stage_server.client import AsyncInferenceClient
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 
@@ -184,3 +185,26 @@ async def test_grpc_tensors_that_do_not_add_up(
         assert needle in e.value.details()
         good = codec.encode_infer_request("mlp", {"x": x})
         assert codec.decode_infer_response(await infer(good, timeout=10))["y"].shape == (1, 8)
+
+
+async def test_json_over_its_own_limit_is_413_and_binary_data_is_not(
+    cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsing JSON stalls the whole gateway, so its limit is far below the request limit; the
+    same tensor as binary data (the binary-data extension) passes."""
+    monkeypatch.setattr(oip_http, "MAX_JSON_BYTES", 4096)
+    model = models.mlp(width=8, depth=2, batch=256)
+    c = await cluster(model, split_plan(model, 2))
+    x = models.random_inputs(model)["x"]  # 8 KiB as bytes, more as JSON
+    url = f"http://{c.http_url}/v2/models/mlp/infer"
+    binary = {"binary_data_size": x.nbytes}
+    entry = {"name": "x", "shape": [256, 8], "datatype": "FP32", "parameters": binary}
+    header = json.dumps({"inputs": [entry]}).encode()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=good_body(x)) as r:
+            assert r.status == 413
+            assert "send large tensors as binary data" in (await r.json())["error"]
+        headers = {oip_http.HEADER_LENGTH: str(len(header))}
+        async with s.post(url, data=header + x.tobytes(), headers=headers) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["outputs"][0]["shape"] == [256, 8]
