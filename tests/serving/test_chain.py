@@ -175,6 +175,43 @@ async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: boo
     assert kinds == {("transfer", "big"), ("transfer", "small")}
 
 
+class _Refusing(_Recorder):
+    """Refuses pushes to the stage 'missing', keeping their tensors (as a receiver may, for a
+    while, after its answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused: list[Delivery] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        if delivery.stage == "missing":
+            self.refused.append(delivery)
+        super().deliver(delivery)
+
+
+async def test_files_of_failed_pushes_are_never_rewritten_and_nothing_is_left() -> None:
+    before = shared_memory_in_use()
+    handler = _Refusing()
+    server, address = await _serve(handler)
+    peers = Peers(_plan(), {"dev": address})
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB: shared memory
+    try:
+        for i in range(4):
+            with pytest.raises(NotFound):
+                await peers.push("missing", "r", {"big": big - i}, now_ms() + 5000)
+            await peers.push("s", f"r{i}", {"big": big + i}, now_ms() + 5000)
+    finally:
+        await peers.close()
+        await server.stop(0)
+    for i, (refused, delivered) in enumerate(zip(handler.refused, handler.deliveries, strict=True)):
+        np.testing.assert_array_equal(refused.tensors["big"], big - i)
+        np.testing.assert_array_equal(delivered.tensors["big"], big + i)
+    del refused, delivered
+    handler.refused.clear()
+    handler.deliveries.clear()
+    assert shared_memory_in_use() == before
+
+
 async def test_a_peer_that_cannot_map_shared_memory_gets_inline_bytes(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
