@@ -42,14 +42,12 @@ from moirai.runtime.prediction import Prediction, call_overheads, predict
 MAX_LOCAL_CPU_DEVICES = 4
 # What one hop between local stage servers costs, as the solver should see it. Measured on the
 # 2-core development machine (bench/results/runtime.md): over the same-host fast path a push
-# takes about 0.35 ms of wall time plus 1-1.4 GB/s, but with pipelined requests it costs about
-# 0.35 ms of CPU on each end, and for a CPU device that is the device's own core. The throughput
-# objective charges transfers to separate link ports, not to the devices, so the latency here
-# is the CPU of both ends (0.7 ms): priced at the wall time alone, the solver cuts models into
-# many more stages, whose hops then take the time of the compute they were meant to balance
-# (squeezenet: 12 stages instead of 7). The cost model's bare loopback link is cheaper still. A
-# measured profile (`--profile measured`) brings its own measured link instead.
-SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=1.0e9, latency_ms=0.7)
+# takes about 0.35 ms of wall time plus 1-1.4 GB/s, and with pipelined requests about 0.35 ms of
+# CPU on each end. That is one end's cost: the throughput objective charges it to each CPU end
+# (a CPU stage server pays for its transfers on its own core, docs/throughput-model.md), and a
+# latency plan waits for it once per hop. A measured profile (`--profile measured`) brings its
+# own measured link instead.
+SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=1.0e9, latency_ms=0.35)
 
 
 def available_cores() -> list[int]:

@@ -56,7 +56,8 @@ class Prediction:
     client_ms: float
     """The client's round trip to the gateway."""
     period_ms: float
-    """Pipelined period of the served plan: its busiest device or port per request."""
+    """Pipelined period of the served plan: its busiest device or port per request (a CPU
+    device also busy for its transfers, `moirai.placement.simulate.loads`)."""
 
     @property
     def latency_ms(self) -> float:
