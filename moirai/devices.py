@@ -16,6 +16,8 @@ and the network links between them::
         launch_overhead_ms: 0.01   # optional: per-kernel overhead, default by kind
         efficiency: 0.5            # optional: fraction of the peaks kernels reach, (0, 1];
                                    # default by kind and threads (moirai.profile.analytic)
+        transfers_occupy_device: false  # optional: its transfers take its own time in the
+                                   # throughput objective; default true for cpu, false for gpu
     links:
       default: {bandwidth_bytes_per_s: 1.25e9, latency_ms: 0.05}
       pairs:
@@ -55,7 +57,14 @@ DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Et
 LOOPBACK_LINK = Link(bandwidth_bytes_per_s=2e9, latency_ms=0.1)
 
 _REQUIRED = ("name", "kind", "peak_flops", "memory_bandwidth_bytes_per_s", "memory_bytes")
-_OPTIONAL = ("provider", "count", "threads", "launch_overhead_ms", "efficiency")
+_OPTIONAL = (
+    "provider",
+    "count",
+    "threads",
+    "launch_overhead_ms",
+    "efficiency",
+    "transfers_occupy_device",
+)
 _LINK_KEYS = ("bandwidth_bytes_per_s", "latency_ms")
 
 
@@ -73,6 +82,8 @@ class DeviceSpec:
     efficiency: float | None = None
     """Fraction of the peak figures that kernels reach; None lets the cost model use its
     default for the kind and thread count."""
+    transfers_occupy_device: bool | None = None
+    """None: by kind (`moirai.costgraph.Device.transfers_occupy_device`)."""
     device_id: int = 0
     """Index within its `count` group (the CUDA device id on a multi-GPU machine)."""
 
@@ -87,7 +98,13 @@ class DeviceSpec:
             extra["threads"] = self.threads
         if self.efficiency is not None:
             extra["efficiency"] = self.efficiency
-        return Device(name=self.name, memory_bytes=self.memory_bytes, kind=self.kind, extra=extra)
+        return Device(
+            name=self.name,
+            memory_bytes=self.memory_bytes,
+            kind=self.kind,
+            extra=extra,
+            transfers_occupy_device=self.transfers_occupy_device,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,9 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
             f"{where}.efficiency is {entry['efficiency']!r}: it is a fraction of the peaks, at "
             "most 1 (a device faster than its peaks needs higher peak figures)"
         )
+    occupy = entry.get("transfers_occupy_device")
+    if occupy is not None and not isinstance(occupy, bool):
+        raise DevicesError(f"{where}.transfers_occupy_device is {occupy!r}: use true or false")
     device = DeviceSpec(
         name=name,
         kind=kind,
@@ -182,6 +202,7 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
         if overhead is None
         else _positive(entry, "launch_overhead_ms", where, allow_zero=True),
         efficiency=efficiency,
+        transfers_occupy_device=occupy,
     )
     count = _integer(entry, "count", where)
     if count is None:

@@ -60,6 +60,9 @@ def test_defaults_and_conversion() -> None:
     assert cpu.efficiency is None and "efficiency" not in device.extra
     (tuned,) = parse_devices({"devices": [{**CPU, "efficiency": "0.4"}]}).devices
     assert tuned.efficiency == 0.4 and tuned.to_costgraph().extra["efficiency"] == 0.4
+    assert cpu.to_costgraph().pays_for_transfers and not gpu.to_costgraph().pays_for_transfers
+    (offload,) = parse_devices({"devices": [{**CPU, "transfers_occupy_device": False}]}).devices
+    assert not offload.to_costgraph().pays_for_transfers
 
 
 def test_count_expands_names_and_pairs() -> None:
@@ -111,6 +114,10 @@ def test_yaml_file(tmp_path: Path) -> None:
         ({"devices": [{**CPU, "efficiency": 0}]}, "efficiency is 0: it must be finite and > 0"),
         ({"devices": [{**CPU, "efficiency": 1.5}]}, "efficiency is 1.5: it is a fraction"),
         ({"devices": [{**CPU, "efficiency": "half"}]}, "efficiency must be a number"),
+        (
+            {"devices": [{**CPU, "transfers_occupy_device": "no"}]},
+            "transfers_occupy_device is 'no': use true or false",
+        ),
         ({"devices": [{**GPU, "provider": "cuda"}]}, "provider 'cuda' is not"),
         ({"devices": [{**GPU, "name": "a b"}]}, "name 'a b' must be"),
         ({"devices": [GPU, GPU]}, "'a100' appears twice"),
