@@ -52,6 +52,8 @@ def _values(args: argparse.Namespace) -> dict[str, object]:
         name, sep, value = item.partition("=")
         if not sep:
             raise MoiraiError(f"--input {item!r}: write NAME=FILE.npy or NAME=JSON")
+        if name in values:
+            raise MoiraiError(f"--input {name} is given twice (with --input or in --inputs)")
         if value.endswith(".npy"):
             try:
                 values[name] = np.load(value)

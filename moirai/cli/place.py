@@ -80,6 +80,8 @@ def _pairs(values: list[str], flag: str, example: str) -> dict[str, str]:
         key, sep, val = value.partition("=")
         if not sep or not key or not val:
             raise MoiraiError(f"{flag} {value!r}: write {example}")
+        if key in out:
+            raise MoiraiError(f"{flag} {key} is given twice ({out[key]} and {val}): give it once")
         out[key] = val
     return out
 

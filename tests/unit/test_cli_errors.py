@@ -222,3 +222,20 @@ def test_folders_that_are_files(
     file = tmp_path / "file"
     file.write_text("", encoding="utf-8")
     assert "is a file, not a folder" in usage_error(capsys, [*argv, str(file)], flag)
+
+
+@pytest.mark.parametrize("flag", ["--pin", "--memory-limit"])
+def test_place_pairs_given_twice(
+    costgraph: str, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """The last one used to win silently."""
+    values = ["t0=d0", "t0=d1"] if flag == "--pin" else ["d0=100", "d0=200"]
+    argv = ["place", "--costgraph", costgraph, "-q", flag, values[0], flag, values[1]]
+    assert f"{flag} {values[0].split('=')[0]} is given twice" in one_line_error(capsys, argv)
+
+
+def test_infer_input_given_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "inputs.json"
+    path.write_text('{"x": [1]}', encoding="utf-8")
+    argv = ["infer", "--model", "m", "--inputs", str(path), "--input", "x=[2]"]
+    assert "--input x is given twice" in one_line_error(capsys, argv)
