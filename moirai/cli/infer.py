@@ -127,13 +127,13 @@ def run(args: argparse.Namespace) -> int:
                     f"--url {args.url}: no answer within {connect_s:g} s; is "
                     "the gateway running there, and is this its gRPC port (not the HTTP one)?"
                 ) from None
-            raise MoiraiError(f"--url {args.url}: {e.code().name}: {e.details()}") from None
+            raise MoiraiError(f"gateway {args.url}: {e.code().name}: {e.details()}") from None
         datatypes = {t.name: t.datatype for t in meta.inputs}
         inputs = {name: _array(name, v, datatypes.get(name)) for name, v in values.items()}
         try:
             outputs = client.infer(args.model, inputs, args.output, timeout_s=args.timeout)
         except grpc.RpcError as e:
-            raise MoiraiError(f"--url {args.url}: {e.code().name}: {e.details()}") from None
+            raise MoiraiError(f"gateway {args.url}: {e.code().name}: {e.details()}") from None
     for name, array in outputs.items():
         print(f"{name}: {array.dtype} {list(array.shape)}")
         print(np.array2string(array, threshold=20, edgeitems=3))
