@@ -86,6 +86,7 @@ class StageSession:
             t.name: (codec.DTYPES[t.datatype], t.shape)
             for t in outputs
             if arena is not None
+            and t.datatype in codec.DTYPES  # else the push rejects it, as it always did
             and min(t.shape, default=0) >= 0
             and codec.nbytes(t.name, t.datatype, t.shape) >= samehost.SHARED_MIN_BYTES
         }
