@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moirai.cli.options import output_file
+from moirai.cli.options import output_file, output_folder
 from moirai.errors import MoiraiError
 
 if TYPE_CHECKING:  # the profiling modules load ONNX Runtime and gRPC: only when run
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cache = p.add_mutually_exclusive_group()
     cache.add_argument(
-        "--cache-dir", type=Path, help="profile cache (default ~/.cache/moirai/profiles)"
+        "--cache-dir", type=output_folder, help="profile cache (default ~/.cache/moirai/profiles)"
     )
     cache.add_argument("--no-cache", action="store_true", help="measure again, cache nothing")
     p.add_argument("-o", "--output", type=output_file, help="write the profile file here")

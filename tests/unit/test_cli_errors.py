@@ -214,6 +214,7 @@ def test_serve_with_one_port_for_both_protocols(
     [
         (["serve", "m.onnx", "--workdir"], "--workdir"),  # a FileExistsError after planning
         (["infer", "--model", "m", "--save"], "--save"),  # ... after the request
+        (["profile", "m.onnx", "--cache-dir"], "--cache-dir"),  # ... after measuring
     ],
 )
 def test_folders_that_are_files(
