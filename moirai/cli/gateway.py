@@ -56,8 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.plan:
         raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
+    from stage_server.allocator import keep_freed_memory
     from stage_server.serve import start_gateway
 
+    keep_freed_memory()
     plan = StagePlan.load(args.plan)
     if args.model:
         check_model_file(plan, Path(args.model))

@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             raise MoiraiError(f"--cpus {args.cpus}: cannot pin to these cores ({e})") from None
     from moirai.graph import load_model
+    from stage_server.allocator import keep_freed_memory
     from stage_server.serve import start_stage
 
+    keep_freed_memory()
     plan = StagePlan.load(args.plan)
     plan.device(args.device)
     model_path = Path(args.model)
