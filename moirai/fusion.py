@@ -151,9 +151,9 @@ class Group:
 def _claims(source: bytes | str, graph: OpGraph, provider: str) -> list[set[str]]:
     """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
     it alone claims (see the module docstring). Nodes in no set were folded or eliminated."""
-    optimised = _optimised_graph(source, provider)
+    optimised = optimised_graph(source, provider)
     if provider == CPU:
-        layout = _optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        layout = optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
             optimised = restore_layout(optimised, layout)
         except LayoutError as e:
@@ -315,7 +315,7 @@ def _ort_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
         yield path
 
 
-def _optimised_graph(
+def optimised_graph(
     source: bytes | str,
     provider: str,
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

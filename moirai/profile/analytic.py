@@ -38,19 +38,19 @@ thread CPU time so that other users of the machine do not count):
     squeezenet 0.95   resnet50 0.94   inception_v1 1.64   shufflenet 0.74   densenet121 0.97
     alexnet 1.14      bert_base 1.02  gpt2_small 1.05     (median 1.0)
 
-Per group (CNNs: the profiler's split of a transformer's run among its groups is not reliable
-yet), compute-bound groups 1.11 (IQR 0.98-1.22, 322 groups of 6 CNNs), memory-bound ones 0.58
-(IQR 0.39-1.13, 442 groups: at batch 1 the activations stay in cache, faster than the DRAM
-figure); the outliers are LRN and the groups beside it (inception_v1, alexnet: 30-50x their
-roofline; ONNX Runtime's LRN is a naive kernel, between layout conversions) and shufflenet's
-tiny kernels. So one thread needs no factor. Two threads against one, the best
-of 15 alternating runs each: parallel efficiency squeezenet 0.82, shufflenet 0.54, resnet50 0.91,
+Per group (CNNs only: when this was measured, the profiler still misplaced transformers' fused
+Gemm kernels among their groups), compute-bound groups 1.11 (IQR 0.98-1.22, 322 groups of 6 CNNs),
+memory-bound ones 0.58 (IQR 0.39-1.13, 442 groups: at batch 1 the activations stay in cache,
+faster than the DRAM figure); the outliers are LRN and the groups beside it (inception_v1,
+alexnet: 30-50x their roofline; ONNX Runtime's LRN is a naive kernel, between layout conversions)
+and shufflenet's tiny kernels. So one thread needs no factor. Two threads against one, the best of
+15 alternating runs each: parallel efficiency squeezenet 0.82, shufflenet 0.54, resnet50 0.91,
 inception_v1 0.84, densenet121 0.72 (median 0.82, so s = 1/0.82 − 1 = 0.22; medians of the runs,
-under other users' load, give 0.74). Beyond two threads s is an extrapolation: the 20-thread
-Xeon of `examples/devices` gets 0.19 of its 3.2 TFLOP/s, so ResNet-50 takes 14.3 ms there
-instead of 2.9, and SqueezeNet 2.2 ms instead of 0.48, where the bare peak made it beat the
-A100 (0.71 ms) on SqueezeNet, ShuffleNet and Inception v1. Measure a device and set its
-`efficiency` to do better than the extrapolation.
+under other users' load, give 0.74). Beyond two threads s is an extrapolation: the 20-thread Xeon
+of `examples/devices` gets 0.19 of its 3.2 TFLOP/s, so ResNet-50 takes 14.3 ms there instead of
+2.9, and SqueezeNet 2.2 ms instead of 0.48, where the bare peak made it beat the A100 (0.71 ms) on
+SqueezeNet, ShuffleNet and Inception v1. Measure a device and set its `efficiency` to do better
+than the extrapolation.
 
 The GPU keeps 1: against the H100 measurements in `bench/results/validation-h100.json` (8 CNNs,
 every group timed on the GPU), the analytic total is measured/analytic 0.79-2.50, median 1.30,

@@ -104,9 +104,9 @@ from moirai.fusion import (
     CPU,
     Group,
     LayoutError,
-    _optimised_graph,
     claimed_nodes,
     fusion_groups,
+    optimised_graph,
     restore_layout,
 )
 from moirai.graph import InputShapes, OpGraph, build_graph, load_model
@@ -343,7 +343,7 @@ def restored_graph(model: onnx.ModelProto, optimised: onnx.GraphProto) -> onnx.G
     """ONNX Runtime's all-level CPU graph of `model` in the extended graph's tensor names, its
     Reorder nodes dropped (`moirai.fusion.restore_layout`, as the fusion groups see it); the
     graph as it is, with a warning, where that mapping is not certain."""
-    extended = _optimised_graph(model.SerializeToString(), CPU)
+    extended = optimised_graph(model.SerializeToString(), CPU)
     try:
         return restore_layout(extended, optimised)
     except LayoutError as e:

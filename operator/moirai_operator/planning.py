@@ -47,6 +47,7 @@ def device_set(doc: DevicesDocument) -> DeviceSet:
                 memory_bandwidth_bytes_per_s=d.memory_bandwidth_bytes_per_s,
                 memory_bytes=d.memory_bytes,
                 threads=d.threads if d.kind == "cpu" else None,
+                efficiency=d.efficiency,
             )
             for d in doc.devices
         ),

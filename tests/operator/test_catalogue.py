@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from moirai_operator.catalogue import Catalogue, CatalogueError, devices_document
+from moirai_operator.planning import device_set
 from moirai_operator.pools import match_pool, node_facts
 from moirai_operator.spec import PoolSpec
 from operator_bodies import GIB, make_node
@@ -38,6 +39,7 @@ def test_override_file_merges_over_builtin(tmp_path: Path) -> None:
     doc = devices_document([gpu, t4, cpu], cat)
     # An entry's own efficiency becomes the device's; the peaks stay as published.
     assert [d.efficiency for d in doc.devices] == [0.8, None, 0.6]
+    assert [d.efficiency for d in device_set(doc).devices] == [0.8, None, 0.6]
     assert doc.devices[0].peak_flops == 1.0e13 and doc.devices[2].peak_flops == 2.0e11
 
 

@@ -176,7 +176,7 @@ def _spanning(loaded: onnx.ModelProto, graph: OpGraph, groups: list[Group], tmp_
     """How many kernels of a CPU stage server's session for the whole model compute nodes of
     more than one of `groups`."""
     with fusion._ort_source(loaded) as source:
-        extended = fusion._optimised_graph(source, CPU)
+        extended = fusion.optimised_graph(source, CPU)
     serving = fusion.restore_layout(extended, _serving_graph(loaded, tmp_path))
     where = {n: i for i, g in enumerate(groups) for n in g.ops}
     return sum(len({where[n] for n in c}) > 1 for c in fusion.claimed_nodes(graph, serving))
@@ -225,8 +225,8 @@ def test_unmappable_all_level_keeps_the_extended_fusions(residual, monkeypatch, 
 def test_restore_layout_checks_node_names(residual) -> None:
     loaded, _ = residual
     with fusion._ort_source(loaded) as source:
-        extended = fusion._optimised_graph(source, CPU)
-        optimised = fusion._optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        extended = fusion.optimised_graph(source, CPU)
+        optimised = fusion.optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     restored = fusion.restore_layout(extended, optimised)
     assert [n.op_type for n in restored.node] == ["Conv", "Conv"]
     assert [list(n.output) for n in restored.node] == [["c1"], ["y"]]
@@ -243,8 +243,8 @@ def test_zoo_residual_blocks_are_one_cpu_group(tmp_path: Path) -> None:
         loaded = load_model(zoo.get(name))
         graph = build_graph(loaded)
         with fusion._ort_source(loaded) as source:
-            extended = fusion._optimised_graph(source, CPU)
-            optimised = fusion._optimised_graph(
+            extended = fusion.optimised_graph(source, CPU)
+            optimised = fusion.optimised_graph(
                 source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             )
         fusion.restore_layout(extended, optimised)  # raises if it does not map
