@@ -22,8 +22,9 @@ their tables, so a change can be measured without overwriting the full report:
    Single-process ORT runs as many requests as the served plan, in rounds alternating with it,
    so both see the same machine; the CPU each process spends per request gives the speed-up
    the plan allows when the cores are the benchmark's alone;
-4. predicted against measured latency of latency plans: the solver's makespan plus the gateway
-   hops it leaves out (`moirai.runtime.planning.gateway_ms`).
+4. predicted against measured latency of latency plans: the latency of the plan as served
+   (`moirai.runtime.prediction`: stages, their hops, the gateway's pushes, the client's call),
+   next to the solver's makespan.
 
 Everything runs as real processes on loopback (`moirai.runtime.local.LocalDeployment`), with
 the gateway and the load generator sharing the machine, as they would in `moirai serve`. The
@@ -445,7 +446,8 @@ def report(results: dict) -> str:
             "",
             "## Predicted vs measured latency, latency plans",
             "",
-            "Predicted: the solver's makespan plus the gateway hops it leaves out.",
+            "Predicted: the plan as served (`moirai.runtime.prediction`: stages, hops, the "
+            "gateway's pushes and the client's call); the solver's makespan beside it.",
             "",
             "| model | devices | stages | makespan ms | predicted ms | measured ms |",
             "|---|---|---|---|---|---|",
