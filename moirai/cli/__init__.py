@@ -4,7 +4,8 @@ Each subcommand lives in its own module (`moirai/cli/<name>.py`) exposing
 `register(subparsers) -> None`, which adds its parser and sets `func=run`, where
 `run(args) -> int` returns the exit status. `main` turns every `MoiraiError` into one line on
 stderr and exit status 2, and Ctrl-C into status 130, so users never see a traceback for bad
-input.
+input. argparse's own errors (a missing argument, a value its type refuses) take the same form,
+one `moirai: ` line and status 2, instead of the usage followed by the error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from moirai import __version__
 from moirai.errors import MoiraiError
@@ -21,8 +23,15 @@ from moirai.errors import MoiraiError
 SUBCOMMANDS = ("place", "profile", "serve", "infer", "demo", "stage", "gateway")
 
 
+class _Parser(argparse.ArgumentParser):
+    """The subcommands' parsers are of this class too (argparse makes them of the parent's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"moirai: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moirai",
         description="Place an ONNX model across heterogeneous devices and serve it.",
     )

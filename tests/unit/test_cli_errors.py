@@ -34,13 +34,15 @@ def costgraph(tmp_path: Path) -> str:
 
 
 def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], flag: str) -> str:
-    """argparse refused `argv` (status 2), naming `flag`; its message."""
+    """argparse refused `argv` with status 2 and one line naming `flag`; that line."""
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"error: argument {flag}" in last, last
-    return last
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moirai: argument "), err
+    assert f"{flag}: " in err[0], err
+    assert err[0].endswith(f"(see `moirai {argv[0]} --help`)")
+    return err[0]
 
 
 def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
@@ -85,7 +87,7 @@ def test_a_port_from_the_environment_that_is_no_number(
     assert "'abc' is not a port number" in usage_error(capsys, ["stage"], "--port")
 
 
-@pytest.mark.parametrize("flag", ["-o", "--costgraph-out", "--gantt"])
+@pytest.mark.parametrize("flag", ["--output", "--costgraph-out", "--gantt"])
 def test_place_outputs_are_checked_before_solving(
     tmp_path: Path, costgraph: str, capsys: pytest.CaptureFixture[str], flag: str
 ) -> None:
