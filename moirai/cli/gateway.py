@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from moirai.cli.options import positive_float, positive_int
+from moirai.cli.options import check_port_free, positive_float, positive_int
 from moirai.errors import MoiraiError
 from moirai.partition import StagePlan
 from moirai.runtime.daemon import (
@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.plan:
         raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
+    ports = {"--grpc-port": args.grpc_port, "--http-port": args.http_port}
+    if args.chain_port is not None:
+        ports["--chain-port"] = args.chain_port
+    for flag, number in ports.items():
+        check_port_free(flag, number, args.host)
     from stage_server.allocator import keep_freed_memory
     from stage_server.serve import start_gateway
 

@@ -1,6 +1,7 @@
-"""Argument types the subcommands share: positive numbers, ports, files and folders to write.
+"""Argument types the subcommands share: positive numbers, ports, files and folders to write;
+and the check that a port is free.
 
-argparse calls them while it parses, so a bad value is refused with the flag's name and exit
+argparse calls the types while it parses, so a bad value is refused with the flag's name and exit
 status 2 before any work starts. Without them a `--time-limit nan` solved with no limit, a
 `--max-tasks 0` or `--requests 0` ended in a traceback, and an `-o` into a missing folder failed
 only after minutes of profiling or solving, losing the result.
@@ -9,9 +10,13 @@ only after minutes of profiling or solving, losing the result.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import socket
 from pathlib import Path
+
+from moirai.errors import MoiraiError
 
 
 def positive_int(text: str) -> int:
@@ -64,3 +69,31 @@ def output_folder(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
     return path
+
+
+def check_port_free(flag: str, port: int, host: str = "127.0.0.1") -> None:
+    """Refuse a port that something listens on, naming the flag. The probe sets no SO_REUSEPORT,
+    so it also sees a gRPC server, which sets it: a second server would otherwise bind the same
+    port as the first, and a gateway or stage server then died on its same-host socket with a
+    traceback. Port 0 (any free port) needs no check."""
+    if port == 0:
+        return
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise MoiraiError(f"--host {host}: not an address to listen on ({e.strerror})") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
+        try:
+            probe.bind(address)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise MoiraiError(
+                    f"{flag} {port}: cannot listen on {host} ({e.strerror})"
+                ) from None
+            raise MoiraiError(
+                f"{flag} {port}: {host}:{port} is taken; stop what serves there or pick another "
+                "port"
+            ) from None

@@ -17,13 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from moirai.cli.options import output_folder, port, positive_float, positive_int
+from moirai.cli.options import (
+    check_port_free,
+    output_folder,
+    port,
+    positive_float,
+    positive_int,
+)
 from moirai.errors import MoiraiError
 
 log = logging.getLogger(__name__)
@@ -101,21 +106,6 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
         profile=profile,
         max_tasks=args.max_tasks,
     )
-
-
-def check_port_free(flag: str, port: int) -> None:
-    """Refuse a port that something already listens on, before minutes of planning. The probe
-    sets no SO_REUSEPORT, so it also sees another gRPC server, which sets it and would otherwise
-    let a second gateway share the port with the first."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no listener
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as e:
-            raise MoiraiError(
-                f"{flag} {port}: 127.0.0.1:{port} is taken ({e.strerror}); stop what serves "
-                f"there or pick another port"
-            ) from None
 
 
 def run(args: argparse.Namespace) -> int:

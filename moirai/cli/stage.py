@@ -15,7 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from moirai.cli.options import port, positive_int
+from moirai.cli.options import check_port_free, port, positive_int
 from moirai.errors import MoiraiError
 from moirai.partition import StagePlan
 from moirai.runtime.daemon import (
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("plan", "model", "device"):
         if not getattr(args, flag):
             raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
+    check_port_free("--port", args.port, args.host)
     if args.cpus:
         try:
             os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})

@@ -204,6 +204,33 @@ def test_serve_on_a_port_in_use_fails_before_planning(
         assert f"--grpc-port {port}: 127.0.0.1:{port} is taken" in message
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        # port 0 (any free one) for the other ports: these are checked first
+        (["gateway", "--plan", "missing.json", "--http-port", "0", "--grpc-port"], "--grpc-port"),
+        (["gateway", "--plan", "missing.json", "--http-port", "0", "--grpc-port", "0",
+          "--chain-port"], "--chain-port"),
+        (["stage", "--plan", "p.json", "--model", "m.onnx", "--device", "d", "--port"], "--port"),
+    ],
+)  # fmt: skip
+def test_daemons_on_a_grpc_servers_port(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """A gateway or stage server on the port of a running gRPC server (SO_REUSEPORT) used to bind
+    it as well, then die on its same-host socket with a traceback."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        message = one_line_error(capsys, [*argv, str(port)])
+        assert message == (
+            f"moirai: {flag} {port}: 127.0.0.1:{port} is taken; stop what serves there or pick "
+            "another port"
+        )
+
+
 def test_serve_with_one_port_for_both_protocols(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
