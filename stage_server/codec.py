@@ -16,8 +16,9 @@ expected, so the transports never see a numpy or protobuf exception.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,10 +77,20 @@ def numpy_dtype(datatype: str, name: str) -> np.dtype:
         ) from None
 
 
+# The largest dimension numpy and ONNX Runtime can hold (an int64); element counts are Python
+# ints, so a product of large dimensions is never wrapped around.
+MAX_DIM = 2**63 - 1
+
+
 def _shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
         raise InvalidInput(f"input {name!r}: shape {list(dims)} has a negative dimension")
+    if any(d > MAX_DIM for d in dims):
+        raise InvalidInput(
+            f"input {name!r}: shape {list(dims)} has a dimension above 2**63 - 1; give the "
+            "tensor's real shape"
+        )
     return dims
 
 
@@ -119,6 +130,7 @@ def raw_bytes(array: np.ndarray) -> memoryview:
 # Field numbers of the raw contents in grpc_predict_v2.proto.
 _RAW_INPUT_CONTENTS = 7
 _RAW_OUTPUT_CONTENTS = 6
+_Tensor = oip.ModelInferRequest.InferInputTensor | oip.ModelInferResponse.InferOutputTensor
 
 
 def decode_infer_request(payload: bytes) -> tuple[oip.ModelInferRequest, dict[str, np.ndarray]]:
@@ -129,45 +141,55 @@ def decode_infer_request(payload: bytes) -> tuple[oip.ModelInferRequest, dict[st
         request = oip.ModelInferRequest.FromString(message)
     except Exception as e:  # protobuf's DecodeError and friends
         raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
-    if raw and len(raw) != len(request.inputs):
+    return request, _decode_tensors(request.inputs, raw, "input")
+
+
+def _decode_tensors(
+    tensors: Sequence[_Tensor], raw: list[memoryview], role: str
+) -> dict[str, np.ndarray]:
+    """The tensors of a request (`role` "input") or response ("output"), from the raw contents
+    `raw` when there are any, else from each tensor's typed contents."""
+    if raw and len(raw) != len(tensors):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: give "
-            "one per input, in the order of `inputs`"
+            f"raw_{role}_contents has {len(raw)} entries for {len(tensors)} {role}s: give "
+            f"one per {role}, in the order of `{role}s`"
         )
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
+    for i, tensor in enumerate(tensors):
         if tensor.name in arrays:
-            raise InvalidInput(f"input {tensor.name!r} is given twice")
+            raise InvalidInput(f"{role} {tensor.name!r} is given twice")
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input {tensor.name!r}: give raw_input_contents or typed contents, not both"
+                    f"{role} {tensor.name!r}: give raw_{role}_contents or typed contents, not both"
                 )
             arrays[tensor.name] = from_bytes(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
-            arrays[tensor.name] = _from_contents(tensor)
-    return request, arrays
+            arrays[tensor.name] = _from_contents(tensor, role)
+    return arrays
 
 
-def _from_contents(tensor: oip.ModelInferRequest.InferInputTensor) -> np.ndarray:
+def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     dtype = numpy_dtype(datatype, name)
     dims = _shape(tensor.shape, name)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise InvalidInput(f"input {name!r}: {datatype} tensors travel as raw_input_contents only")
+        raise InvalidInput(
+            f"{role} {name!r}: {datatype} tensors travel as raw_{role}_contents only"
+        )
     values = getattr(tensor.contents, field)
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)
     if len(values) != count:
         raise InvalidInput(
-            f"input {name!r}: contents.{field} holds {len(values)} values, but shape "
+            f"{role} {name!r}: contents.{field} holds {len(values)} values, but shape "
             f"{list(dims)} needs {count}"
         )
     try:
         return np.array(values, dtype=dtype).reshape(dims)
     except OverflowError:
         raise InvalidInput(
-            f"input {name!r}: a value in contents.{field} overflows {datatype}"
+            f"{role} {name!r}: a value in contents.{field} overflows {datatype}"
         ) from None
 
 
@@ -214,9 +236,18 @@ def decode_json_inputs(
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given twice")
-        size = (entry.get("parameters") or {}).get("binary_data_size")
+        size = _parameters(entry, f"input {name!r}").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size must be a non-negative integer (the "
+                    f"tensor's bytes after the JSON header), not {_show(size)}"
+                )
+            if "data" in entry:
+                raise InvalidInput(
+                    f"input {name!r}: give 'data' or parameters.binary_data_size, not both"
+                )
+            if offset + size > len(binary):
                 raise InvalidInput(
                     f"input {name!r}: binary_data_size {size} runs past the {len(binary)} bytes "
                     "of binary data after the JSON header"
@@ -231,17 +262,65 @@ def decode_json_inputs(
         )
     requested = body.get("outputs")
     names = None
-    binary_out = bool((body.get("parameters") or {}).get("binary_data_output", False))
+    binary_out = _flag(_parameters(body, "the request"), "binary_data_output", "the request")
     if requested is not None:
         if not isinstance(requested, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in requested
         ):
             raise InvalidInput("'outputs' must be a list of objects with a 'name'")
         names = [o["name"] for o in requested]
-        binary_out = binary_out or any(
-            (o.get("parameters") or {}).get("binary_data", False) for o in requested
-        )
+        for o in requested:
+            where = f"output {o['name']!r}"
+            binary_out = _flag(_parameters(o, where), "binary_data", where) or binary_out
     return arrays, names, binary_out
+
+
+def _show(value: Any) -> str:
+    """A JSON value as the client wrote it, cut short for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _parameters(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The `parameters` object of the body, an input or an output ({} when absent)."""
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"{where}: 'parameters' must be a JSON object, not {_show(parameters)}")
+    return parameters
+
+
+def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{where}: parameter {key!r} must be true or false, not {_show(value)}")
+    return value
+
+
+# The JSON values each kind of datatype takes: bool is a subclass of int, so it is refused
+# explicitly for numbers; null, strings and objects are never numbers.
+def _json_kind(datatype: str) -> tuple[str, Callable[[Any], bool]]:
+    if datatype == "BOOL":
+        return "true or false", lambda v: isinstance(v, bool)
+    if datatype.startswith("FP"):
+        return "JSON numbers", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return "JSON integers", lambda v: isinstance(v, int) and not isinstance(v, bool)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """The values of `data` in row-major order: OIP allows it flat or nested by the shape."""
+    values: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            values.append(value)
+        else:
+            stack.pop()
+    return values
 
 
 def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
@@ -249,17 +328,23 @@ def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np
     dims = _shape(shape, name)
     if not isinstance(data, list):
         raise InvalidInput(f"input {name!r}: 'data' must be a list of values")
-    try:
-        array = np.array(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(f"input {name!r}: 'data' does not hold {datatype} values") from None
-    count = int(np.prod(dims, dtype=np.int64))
-    if array.size != count:
+    values = _flatten(data)
+    kind, accepts = _json_kind(datatype)
+    for value in values:
+        if not accepts(value):
+            raise InvalidInput(
+                f"input {name!r}: 'data' holds {_show(value)}, but {datatype} 'data' must be {kind}"
+            )
+    count = math.prod(dims)
+    if len(values) != count:
         raise InvalidInput(
-            f"input {name!r}: 'data' holds {array.size} values, but shape {list(dims)} needs "
+            f"input {name!r}: 'data' holds {len(values)} values, but shape {list(dims)} needs "
             f"{count}"
         )
-    return array.reshape(dims)
+    try:
+        return np.array(values, dtype=dtype).reshape(dims)
+    except OverflowError:
+        raise InvalidInput(f"input {name!r}: a value in 'data' overflows {datatype}") from None
 
 
 def encode_json_outputs(
@@ -301,11 +386,11 @@ def encode_infer_request(
 
 
 def decode_infer_response(payload: bytes) -> dict[str, np.ndarray]:
-    """The output tensors of a serialised `ModelInferResponse` (raw contents, as the gateway
-    sends), as views into `payload`."""
+    """The output tensors of a serialised `ModelInferResponse`: views into `payload` for raw
+    contents (as the gateway sends), copies for typed contents (as other OIP servers may)."""
     message, raw = protowire.split_bytes_field(payload, _RAW_OUTPUT_CONTENTS)
-    response = oip.ModelInferResponse.FromString(message)
-    return {
-        t.name: from_bytes(t.name, t.datatype, t.shape, data)
-        for t, data in zip(response.outputs, raw, strict=True)
-    }
+    try:
+        response = oip.ModelInferResponse.FromString(message)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise InvalidInput(f"malformed ModelInferResponse: {e}") from None
+    return _decode_tensors(response.outputs, raw, "output")

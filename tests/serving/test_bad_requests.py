@@ -71,6 +71,17 @@ async def test_model_versions_other_than_the_one_served_are_not_found(cluster) -
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _x(data: object = list(range(8)), **fields: object) -> bytes:
+    """A body with input x of the mlp, its `fields` changed (no 'data' when it is None)."""
+    entry = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": data, **fields}
+    return json.dumps({"inputs": [{k: v for k, v in entry.items() if v is not None}]}).encode()
+
+
+def _body(**fields: object) -> bytes:
+    """A good body with `fields` added at its top level."""
+    return json.dumps({**json.loads(_x()), **fields}).encode()
+
+
 # Bodies that the gateway must refuse with 400, and a word of the message each gets.
 BAD_BODIES: list[tuple[bytes, str]] = [
     (b"hello", "not valid JSON"),
@@ -83,13 +94,36 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2]}]}',
      "holds 2 values, but shape [1, 8] needs 8"),
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": ["a"]}]}',
-     "does not hold FP32 values"),
+     "FP32 'data' must be JSON numbers"),
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "BYTES", "data": [1]}]}',
      "'BYTES' is not supported"),
     (b'{"inputs": [{"name": "x", "shape": [-1, 8], "datatype": "FP32", "data": [1]}]}',
      "negative dimension"),
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2, 3, 4, '
      b'5, 6, 7, 8]}], "outputs": [{"name": "nope"}]}', "unknown output 'nope'"),
+    # Values of the wrong JSON type were converted (strings parsed, null as NaN, true as 1).
+    (_x(data=["1", "2", "3", "4", "5", "6", "7", "8"]), 'holds "1", but FP32 \'data\' must be'),
+    (_x(data=[1, 2, 3, 4, 5, 6, 7, None]), "holds null, but FP32 'data' must be JSON numbers"),
+    (_x(data=[[1, 2, 3, 4], [5, 6, 7, True]]), "holds true, but FP32 'data' must be"),
+    (_x(datatype="INT64", data=[1, 2, 3, 4, 5, 6, 7, 8.5]), "INT64 'data' must be JSON integers"),
+    (_x(datatype="BOOL", data=[1, 0, 1, 0, 1, 0, 1, 0]), "BOOL 'data' must be true or false"),
+    (_x(datatype="UINT8", data=[1, 2, 3, 4, 5, 6, 7, 256]), "a value in 'data' overflows UINT8"),
+    # Element counts wrapped around in int64 ("needs 0", a negative count, or a 500).
+    (_x(shape=[2**62, 2**62]), f"needs {2**124}"),
+    (_x(shape=[2**63]), "a dimension above 2**63 - 1"),
+    (_x(shape=[99999999999999999999999]), "a dimension above 2**63 - 1"),
+    # Parameters that are not objects were a 500 (AttributeError).
+    (_x(parameters=[1]), "input 'x': 'parameters' must be a JSON object, not [1]"),
+    (_body(parameters="x"), "the request: 'parameters' must be a JSON object"),
+    (_body(outputs=[{"name": "y", "parameters": [1]}]), "output 'y': 'parameters' must be"),
+    # binary_data_size "32" was said to run past the data, true was taken as 1; data given
+    # with it was ignored, and binary_data "no" was taken as true.
+    (_x(data=None, parameters={"binary_data_size": "32"}), 'not "32"'),
+    (_x(data=None, parameters={"binary_data_size": True}), "non-negative integer"),
+    (_x(parameters={"binary_data_size": 0}), "give 'data' or parameters.binary_data_size"),
+    (_body(outputs=[{"name": "y", "parameters": {"binary_data": "no"}}]),
+     "output 'y': parameter 'binary_data' must be true or false"),
+    (_body(parameters={"binary_data_output": 1}), "'binary_data_output' must be true or false"),
 ]  # fmt: skip
 
 
