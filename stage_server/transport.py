@@ -65,7 +65,8 @@ def error_middleware(metrics: Metrics | None = None) -> Callable[..., Any]:
     """aiohttp middleware: errors become `{"error": message}` with their HTTP status.
 
     aiohttp's own "body too large" and "no such route" become the domain errors `TooLarge` and
-    `NotFound` first, so they too get their status from the one table.
+    `NotFound` first, so they too get their status from the one table; its "method not allowed"
+    keeps its 405 and `Allow` header, with the same JSON body.
     """
 
     @web.middleware
@@ -79,6 +80,10 @@ def error_middleware(metrics: Metrics | None = None) -> Callable[..., Any]:
                 raise TooLarge(f"{e.text} (the gateway's --max-request-bytes)") from None
             except web.HTTPNotFound:
                 raise NotFound(f"no such resource: {request.path}") from None
+        except web.HTTPMethodNotAllowed as e:
+            allowed = ", ".join(sorted(e.allowed_methods))
+            message = f"method {e.method} is not allowed on {request.path}; use {allowed}"
+            return web.json_response({"error": message}, status=405, headers={"Allow": allowed})
         except web.HTTPException:
             raise
         except Exception as error:

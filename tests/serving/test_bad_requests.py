@@ -71,6 +71,25 @@ async def test_model_versions_other_than_the_one_served_are_not_found(cluster) -
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_method_not_allowed_is_json_like_every_other_error(cluster) -> None:
+    """A GET on the infer route came back as aiohttp's plain text."""
+    model = models.mlp(width=8, depth=2)
+    c = await cluster(model, split_plan(model, 2))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{c.http_url}/v2/models/mlp/infer") as r:
+            assert r.status == 405
+            assert r.content_type == "application/json"
+            assert r.headers["Allow"] == "POST"
+            assert (await r.json())["error"] == (
+                "method GET is not allowed on /v2/models/mlp/infer; use POST"
+            )
+        async with s.post(f"http://{c.http_url}/v2/health/ready") as r:
+            assert r.status == 405
+            assert "use GET" in (await r.json())["error"]
+        async with s.get(f"http://{c.http_url}/v2/health/ready") as r:
+            assert r.status == 200
+
+
 def _x(data: object = list(range(8)), **fields: object) -> bytes:
     """A body with input x of the mlp, its `fields` changed (no 'data' when it is None)."""
     entry = {"name": "x", "shape": [1, 8], "datatype": "FP32", "data": data, **fields}
