@@ -44,6 +44,15 @@ PUSH_OVERHEAD_BYTES = 64 << 10  # names, shapes, timings of one push: far less i
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
+def _server(
+    interceptors: list[ErrorInterceptor], options: list[tuple[str, int]]
+) -> grpc.aio.Server:
+    """A gRPC server that owns its port: gRPC sets SO_REUSEPORT by default, so a second server
+    would bind a port in use and share its connections (and fail later, on the same-host socket
+    of that port)."""
+    return grpc.aio.server(interceptors=interceptors, options=[*options, ("grpc.so_reuseport", 0)])
+
+
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -58,7 +67,13 @@ async def _listen(servicer: ChainServicer, port: int, same_host: bool) -> Listen
     if not (same_host and samehost.SUPPORTED):
         return None
     listener = Listener(servicer.receive)
-    await listener.start(port)
+    try:
+        await listener.start(port)
+    except OSError as e:
+        raise MoiraiError(
+            f"cannot listen on the same-host socket of chain port {port} ({e.strerror}): another "
+            "server holds it; stop it or pick another port"
+        ) from None
     return listener
 
 
@@ -81,12 +96,16 @@ async def start_chain(
 ) -> ChainHandle:
     """Serve only `moirai.stage.v1.Chain` for `handler`, over gRPC and the same-host fast path,
     exactly as a stage server receives pushes: for link measurements and tests."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+    server = _server([ErrorInterceptor()], _UNLIMITED)
     servicer = ChainServicer(handler)
     add_chain_to_server(servicer, server)
-    bound = _bind(server, host, port)
-    await server.start()
-    return ChainHandle(server, bound, await _listen(servicer, bound, same_host))
+    try:
+        bound = _bind(server, host, port)
+        await server.start()
+        return ChainHandle(server, bound, await _listen(servicer, bound, same_host))
+    except MoiraiError:
+        await server.stop(None)
+        raise
 
 
 @dataclass
@@ -125,14 +144,19 @@ async def start_stage(
         cuda_device=cuda_device,
         workers=workers,
     )
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+    server = _server([ErrorInterceptor()], _UNLIMITED)
     servicer = ChainServicer(impl)
     add_chain_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = _bind(server, host, port)
-    await server.start()
-    listener = await _listen(servicer, bound, same_host)
+    try:
+        bound = _bind(server, host, port)
+        await server.start()
+        listener = await _listen(servicer, bound, same_host)
+    except MoiraiError:
+        await server.stop(None)
+        await impl.stop()
+        raise
     impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -198,33 +222,38 @@ async def start_gateway(
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ]
-    oip_server = grpc.aio.server(interceptors=interceptors, options=limit)
+    oip_server = _server(interceptors, limit)
     add_to_server(InferenceServicer(gateway), oip_server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), oip_server)
     servers = [oip_server]
     if chain_port is None:
         chain_server = oip_server
     else:
-        chain_server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_UNLIMITED)
+        chain_server = _server([ErrorInterceptor()], _UNLIMITED)
         servers.append(chain_server)
     servicer = ChainServicer(gateway)
     add_chain_to_server(servicer, chain_server)
-    bound_grpc = _bind(oip_server, host, grpc_port)
-    bound_chain = bound_grpc if chain_port is None else _bind(chain_server, host, chain_port)
-    for server in servers:
-        await server.start()
-    listener = await _listen(servicer, bound_chain, same_host)
     runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, http_port)
+    listener = None
     try:
-        await site.start()
-    except OSError as e:
+        bound_grpc = _bind(oip_server, host, grpc_port)
+        bound_chain = bound_grpc if chain_port is None else _bind(chain_server, host, chain_port)
+        for server in servers:
+            await server.start()
+        listener = await _listen(servicer, bound_chain, same_host)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, http_port).start()
+        except OSError as e:
+            raise MoiraiError(f"cannot listen on {host}:{http_port} ({e.strerror})") from None
+    except MoiraiError:
+        await runner.cleanup()
         if listener is not None:
             await listener.stop()
         for server in servers:
             await server.stop(None)
-        raise MoiraiError(f"cannot listen on {host}:{http_port} ({e.strerror})") from None
+        await gateway.stop()
+        raise
     bound_http = runner.addresses[0][1]
     await gateway.start()
     return GatewayHandle(gateway, servers, runner, bound_grpc, bound_http, bound_chain, listener)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import aiohttp
 import grpc
@@ -14,14 +15,16 @@ import pytest
 import tritonclient.grpc.aio as tgrpc
 import tritonclient.http.aio as thttp
 
+from moirai.errors import MoiraiError
 from moirai.partition import DeviceSpec, build_plan
-from stage_server import codec
+from stage_server import codec, samehost
 from stage_server.client import AsyncInferenceClient
 from stage_server.errors import InvalidInput
 from stage_server.protos import grpc_predict_v2_pb2 as oip
+from stage_server.serve import start_gateway, start_stage
 
 from . import models
-from .conftest import split_plan
+from .conftest import free_ports, split_plan
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -282,6 +285,51 @@ async def test_a_thousand_requests_with_failures_leave_nothing_behind(cluster) -
     assert not gateway.pending
     assert [s.in_flight for s in stages] == [0, 0]
     assert gateway.metrics.in_flight._value.get() == 0
+
+
+@pytest.mark.parametrize("cluster", [True], ids=["same-host"], indirect=True)
+async def test_a_port_in_use_is_refused_in_one_line_and_its_server_keeps_serving(cluster) -> None:
+    """gRPC's default SO_REUSEPORT let a second server bind a port in use, which then died on
+    the same-host socket of that port with an OSError traceback."""
+    model = models.mlp(width=8, depth=2)
+    plan = split_plan(model, 2)
+    c = await cluster(model, plan)
+    x = models.random_inputs(model)["x"]
+    client = AsyncInferenceClient(c.grpc_url)
+    before = (await client.infer("mlp", {"x": x}, timeout_s=10))["y"]
+    device = plan.used_devices[0]
+    taken = [
+        (start_stage(model, plan, device, c.addresses, port=c.stages[device].port),
+         f"127.0.0.1:{c.stages[device].port}"),
+        (start_gateway(plan, c.addresses, grpc_port=c.gateway.grpc_port),
+         f"127.0.0.1:{c.gateway.grpc_port}"),
+        (start_gateway(plan, c.addresses, http_port=c.gateway.http_port),
+         f"127.0.0.1:{c.gateway.http_port}"),
+    ]  # fmt: skip
+    for start, address in taken:
+        with pytest.raises(MoiraiError, match=f"cannot listen on {address}") as e:
+            await start
+        assert "\n" not in str(e.value)
+    after = (await client.infer("mlp", {"x": x}, timeout_s=10))["y"]
+    np.testing.assert_array_equal(after, before)
+    await client.close()
+
+
+@pytest.mark.skipif(not samehost.SUPPORTED, reason="no same-host fast path here")
+async def test_a_same_host_socket_in_use_is_refused_in_one_line() -> None:
+    """Something else holding the chain port's same-host socket raised an unhandled OSError."""
+    model = models.mlp(width=8, depth=2)
+    plan = split_plan(model, 2)
+    (port,) = free_ports(1)
+    device = plan.used_devices[0]
+    addresses = {d: f"127.0.0.1:{port}" for d in [*plan.used_devices, "gateway"]}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.bind(samehost.socket_name(port))
+        with pytest.raises(MoiraiError, match=f"same-host socket of chain port {port}"):
+            await start_stage(model, plan, device, addresses, port=port)
+    # The failed server gave its gRPC port back.
+    handle = await start_stage(model, plan, device, addresses, port=port)
+    await handle.stop(0)
 
 
 def test_codec_rejects_bad_bool_bytes() -> None:
