@@ -178,19 +178,25 @@ def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
         raise InvalidInput(
             f"{role} {name!r}: {datatype} tensors travel as raw_{role}_contents only"
         )
-    values = getattr(tensor.contents, field)
+    # As a list, so numpy checks each value's range (from protobuf's container it wraps them).
+    values = list(getattr(tensor.contents, field))
+    return _from_values(f"{role} {name!r}", dtype, dims, values, f"contents.{field}")
+
+
+def _from_values(
+    who: str, dtype: np.dtype, dims: tuple[int, ...], values: Sequence[Any], source: str
+) -> np.ndarray:
+    """An array of the values of typed contents or JSON `data` (`source`), after checking their
+    count against the shape; `who` names the tensor in messages."""
     count = math.prod(dims)
     if len(values) != count:
         raise InvalidInput(
-            f"{role} {name!r}: contents.{field} holds {len(values)} values, but shape "
-            f"{list(dims)} needs {count}"
+            f"{who}: {source} holds {len(values)} values, but shape {list(dims)} needs {count}"
         )
     try:
         return np.array(values, dtype=dtype).reshape(dims)
     except OverflowError:
-        raise InvalidInput(
-            f"{role} {name!r}: a value in contents.{field} overflows {datatype}"
-        ) from None
+        raise InvalidInput(f"{who}: a value in {source} overflows {_NAMES[dtype]}") from None
 
 
 def encode_infer_response(
@@ -335,16 +341,7 @@ def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np
             raise InvalidInput(
                 f"input {name!r}: 'data' holds {_show(value)}, but {datatype} 'data' must be {kind}"
             )
-    count = math.prod(dims)
-    if len(values) != count:
-        raise InvalidInput(
-            f"input {name!r}: 'data' holds {len(values)} values, but shape {list(dims)} needs "
-            f"{count}"
-        )
-    try:
-        return np.array(values, dtype=dtype).reshape(dims)
-    except OverflowError:
-        raise InvalidInput(f"input {name!r}: a value in 'data' overflows {datatype}") from None
+    return _from_values(f"input {name!r}", dtype, dims, values, "'data'")
 
 
 def encode_json_outputs(

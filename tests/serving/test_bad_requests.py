@@ -212,6 +212,19 @@ def _twice_the_rows(r: oip.ModelInferRequest) -> None:
     r.inputs[0].shape[0] = 2
 
 
+def _huge_typed(r: oip.ModelInferRequest) -> None:
+    """No values for 2**124 of them: the count wrapped to 0 in int64, then numpy raised (500)."""
+    del r.raw_input_contents[:]
+    r.inputs[0].shape[:] = [2**62, 2**62]
+    r.inputs[0].contents.fp32_contents.extend([])
+
+
+def _int_overflow(r: oip.ModelInferRequest) -> None:
+    del r.raw_input_contents[:]
+    r.inputs[0].datatype = "INT8"
+    r.inputs[0].contents.int_contents.extend([1000] * 8)
+
+
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
@@ -219,8 +232,13 @@ def _twice_the_rows(r: oip.ModelInferRequest) -> None:
         (_fp8, "datatype 'FP8' is not supported"),
         (_negative, "negative dimension"),
         (_twice_the_rows, "raw contents hold 32 bytes, but FP32 [2, 8] needs 64"),
+        (
+            _huge_typed,
+            f"contents.fp32_contents holds 0 values, but shape [{2**62}, {2**62}] needs {2**124}",
+        ),
+        (_int_overflow, "input 'x': a value in contents.int_contents overflows INT8"),
     ],
-    ids=["raw-count", "dtype", "negative-dim", "length"],
+    ids=["raw-count", "dtype", "negative-dim", "length", "huge-count", "overflow"],
 )
 async def test_grpc_tensors_that_do_not_add_up(
     cluster, mutate: Callable[[oip.ModelInferRequest], None], needle: str
