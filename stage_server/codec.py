@@ -67,12 +67,13 @@ def datatype_of(array: np.ndarray) -> str:
         raise InvalidInput(f"tensor dtype {array.dtype} is not supported") from None
 
 
-def numpy_dtype(datatype: str, name: str) -> np.dtype:
+def numpy_dtype(datatype: str, name: str, role: str = "input") -> np.dtype:
+    """The numpy dtype of a datatype; `role` and `name` name the tensor in the message."""
     try:
         return DTYPES[datatype]
     except KeyError:
         raise InvalidInput(
-            f"input {name!r}: datatype {datatype!r} is not supported; use one of "
+            f"{role} {name!r}: datatype {datatype!r} is not supported; use one of "
             f"{', '.join(DTYPES)}"
         ) from None
 
@@ -82,13 +83,13 @@ def numpy_dtype(datatype: str, name: str) -> np.dtype:
 MAX_DIM = 2**63 - 1
 
 
-def _shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
+def _shape(shape: Sequence[int], name: str, role: str = "input") -> tuple[int, ...]:
     dims = tuple(int(d) for d in shape)
     if any(d < 0 for d in dims):
-        raise InvalidInput(f"input {name!r}: shape {list(dims)} has a negative dimension")
+        raise InvalidInput(f"{role} {name!r}: shape {list(dims)} has a negative dimension")
     if any(d > MAX_DIM for d in dims):
         raise InvalidInput(
-            f"input {name!r}: shape {list(dims)} has a dimension above 2**63 - 1; give the "
+            f"{role} {name!r}: shape {list(dims)} has a dimension above 2**63 - 1; give the "
             "tensor's real shape"
         )
     return dims
@@ -100,20 +101,24 @@ def nbytes(name: str, datatype: str, shape: Sequence[int]) -> int:
 
 
 def from_bytes(
-    name: str, datatype: str, shape: Sequence[int], data: bytes | memoryview | np.ndarray
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    data: bytes | memoryview | np.ndarray,
+    role: str = "input",
 ) -> np.ndarray:
     """A read-only array over `data` (no copy), after checking its size against the shape."""
-    dtype = numpy_dtype(datatype, name)
-    dims = _shape(shape, name)
+    dtype = numpy_dtype(datatype, name, role)
+    dims = _shape(shape, name, role)
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input {name!r}: raw contents hold {len(data)} bytes, but {datatype} {list(dims)} "
+            f"{role} {name!r}: raw contents hold {len(data)} bytes, but {datatype} {list(dims)} "
             f"needs {expected}"
         )
     array = np.frombuffer(data, dtype=dtype).reshape(dims)
     if datatype == "BOOL" and len(data) and np.frombuffer(data, np.uint8).max() > 1:
-        raise InvalidInput(f"input {name!r}: BOOL raw contents must be bytes 0 or 1")
+        raise InvalidInput(f"{role} {name!r}: BOOL raw contents must be bytes 0 or 1")
     return array
 
 
@@ -163,7 +168,9 @@ def _decode_tensors(
                 raise InvalidInput(
                     f"{role} {tensor.name!r}: give raw_{role}_contents or typed contents, not both"
                 )
-            arrays[tensor.name] = from_bytes(tensor.name, tensor.datatype, tensor.shape, raw[i])
+            arrays[tensor.name] = from_bytes(
+                tensor.name, tensor.datatype, tensor.shape, raw[i], role
+            )
         else:
             arrays[tensor.name] = _from_contents(tensor, role)
     return arrays
@@ -171,8 +178,8 @@ def _decode_tensors(
 
 def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
-    dtype = numpy_dtype(datatype, name)
-    dims = _shape(tensor.shape, name)
+    dtype = numpy_dtype(datatype, name, role)
+    dims = _shape(tensor.shape, name, role)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidInput(

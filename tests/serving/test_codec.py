@@ -48,8 +48,14 @@ def test_raw_output_contents_decode_as_before() -> None:
             typed_response().SerializeToString() + b"\x32\x04abcd",  # one raw entry, 3 outputs
             "raw_output_contents has 1 entries for 3 outputs",
         ),
+        (
+            oip.ModelInferResponse(
+                outputs=[oip.ModelInferResponse.InferOutputTensor(name="s", datatype="BYTES")]
+            ).SerializeToString(),
+            "output 's': datatype 'BYTES' is not supported",
+        ),
     ],
-    ids=["garbage", "raw-count"],
+    ids=["garbage", "raw-count", "bytes"],
 )
 def test_responses_that_do_not_add_up(payload: bytes, needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle):
