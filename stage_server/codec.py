@@ -311,9 +311,9 @@ def _flag(parameters: Mapping[str, Any], key: str, where: str) -> bool:
     return value
 
 
-# The JSON values each kind of datatype takes: bool is a subclass of int, so it is refused
-# explicitly for numbers; null, strings and objects are never numbers.
 def _json_kind(datatype: str) -> tuple[str, Callable[[Any], bool]]:
+    """What JSON values a datatype takes, in words, and a test for them: numpy would parse
+    strings, take null as NaN and true as 1; bool being an int, it is refused for numbers."""
     if datatype == "BOOL":
         return "true or false", lambda v: isinstance(v, bool)
     if datatype.startswith("FP"):
