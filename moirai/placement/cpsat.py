@@ -47,7 +47,7 @@ from typing import Any
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
+from moirai.placement.registry import SolveOptions, fall_back, interruptible, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, loads, retime
 
@@ -265,6 +265,7 @@ def solve_cpsat(
     params.max_time_in_seconds = max(0.05, options.remaining())
     params.num_workers = options.threads
     params.random_seed = options.seed
+    params.catch_sigint_signal = False  # Ctrl-C must stop the run, not only the search
     if cp.intervals > PROBING_LIMIT:
         params.cp_model_probing_level = 0
     scale = cp.scale
@@ -285,7 +286,8 @@ def solve_cpsat(
     watchdog.daemon = True
     watchdog.start()
     try:
-        status = solver.Solve(cp.model, Progress() if options.progress is not None else None)
+        callback = Progress() if options.progress is not None else None
+        status = interruptible(lambda: solver.Solve(cp.model, callback), solver.StopSearch)
     finally:
         watchdog.cancel()
     if status == cp_model.INFEASIBLE and (allowed is None or warm is None):

@@ -324,7 +324,7 @@ def _solve_lp(
     import highspy
     import numpy as np
 
-    from moirai.placement.milp import new_highs
+    from moirai.placement.milp import new_highs, run_highs
 
     h = new_highs(1)
     h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
@@ -347,7 +347,7 @@ def _solve_lp(
         np.array(index, dtype=np.int32),
         np.array(value, dtype=np.float64),
     )
-    h.run()
+    run_highs(h)
     status = h.getModelStatus()
     if status == highspy.HighsModelStatus.kInfeasible:
         raise InfeasibleError("no placement fits: the tasks' memory cannot be shared out")

@@ -46,7 +46,7 @@ from typing import Any
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions, fall_back, no_plan_message
+from moirai.placement.registry import SolveOptions, fall_back, interruptible, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, retime
 
@@ -320,6 +320,13 @@ def new_highs(threads: int) -> Any:
     return h
 
 
+def run_highs(h: Any) -> None:
+    """`h.run()`, stopped by Ctrl-C (`interruptible`): HiGHS's interrupt callbacks poll the flag
+    that `cancelSolve` sets."""
+    h.HandleUserInterrupt = True
+    interruptible(h.run, h.cancelSolve)
+
+
 @dataclass
 class MipResult:
     values: list[float] | None
@@ -373,7 +380,7 @@ def _solve_highs(
             options.report(name, out.objective_function_value, out.mip_dual_bound)
 
         h.cbMipImprovingSolution.subscribe(improving)
-    h.run()
+    run_highs(h)
     status = h.getModelStatus()
     info = h.getInfo()
     if status == highspy.HighsModelStatus.kInfeasible:

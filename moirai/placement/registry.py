@@ -14,10 +14,12 @@ Every solver returns a plan re-timed by the one simulator (`moirai.placement.sim
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from moirai.errors import SolverError
 from moirai.placement.bounds import settle
@@ -55,8 +57,10 @@ class SolveOptions:
     from solvers that `auto` runs inside its own time."""
 
     def __post_init__(self) -> None:
-        if self.time_limit <= 0:
-            raise SolverError(f"time limit must be > 0 seconds, got {self.time_limit}")
+        if not (math.isfinite(self.time_limit) and self.time_limit > 0):
+            raise SolverError(
+                f"time limit must be a finite number of seconds > 0, got {self.time_limit}"
+            )
         if self.threads < 1:
             raise SolverError(f"threads must be >= 1, got {self.threads}")
         if self.origin == 0.0:
@@ -73,6 +77,44 @@ class SolveOptions:
         if self.progress is not None:
             elapsed = time.monotonic() - self.origin
             self.progress(Progress(solver, elapsed, incumbent, bound, message))
+
+
+T = TypeVar("T")
+
+
+def interruptible(solve: Callable[[], T], stop: Callable[[], None]) -> T:
+    """Run a native solver's blocking `solve` so that Ctrl-C stops it and propagates.
+
+    Python runs signal handlers only on the main thread between bytecodes, so while a solver's
+    C++ search holds the main thread a Ctrl-C waits for the search to end (and CP-SAT, left to
+    itself, catches SIGINT and merely ends the search early). The search runs on a worker thread
+    instead; the main thread waits on it, and on KeyboardInterrupt asks the solver to `stop`,
+    waits for it to unwind and re-raises, so the caller never goes on with a cut-short result.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            result.append(solve())
+        except BaseException as e:  # re-raised on the calling thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    # An Event, not Thread.join: an interrupted join marks the thread finished (CPython 3.11,
+    # bpo-45274), so a second join would not wait and the process would exit mid-search.
+    threading.Thread(target=work, name="moirai-solve", daemon=True).start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        stop()
+        done.wait()
+        raise
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 class Solver(Protocol):
