@@ -19,6 +19,7 @@ from typing import Any
 
 from moirai.dag import topological_order
 from moirai.errors import CostGraphError
+from moirai.textfile import read_text
 
 FORMAT = "moirai.costgraph/v1"
 DEVICE_KINDS = ("cpu", "gpu")
@@ -195,11 +196,7 @@ class CostGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> CostGraph:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise CostGraphError(f"{path}: cannot read cost graph ({e.strerror})") from None
+        text = read_text(path, "a cost graph", CostGraphError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

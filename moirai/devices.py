@@ -50,6 +50,7 @@ import yaml
 
 from moirai.costgraph import DEVICE_KINDS, Device, Link
 from moirai.errors import DevicesError
+from moirai.textfile import read_text
 
 DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
 DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Ethernet
@@ -121,11 +122,7 @@ class DeviceSet:
 
 # ------------------------------------------------------------------------ file
 def load_devices(path: str | Path) -> DeviceSet:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise DevicesError(f"{path}: cannot read devices file ({e.strerror})") from None
+    text = read_text(path, "a devices file", DevicesError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

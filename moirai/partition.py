@@ -67,6 +67,7 @@ from onnx import TensorProto, helper
 
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
+from moirai.textfile import read_text
 
 FORMAT = "moirai.stageplan/v1"
 GATEWAY = "gateway"
@@ -254,10 +255,9 @@ class StagePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> StagePlan:
+        text = read_text(path, "a stage plan", PlanError)
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read stage plan ({e.strerror})") from None
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_dict(data, str(path))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from moirai.errors import MoiraiError
+from moirai.textfile import read_text
 
 FORMAT = "moirai.placement/v1"
 Status = Literal["optimal", "feasible", "heuristic", "infeasible"]
@@ -154,10 +155,9 @@ class Placement:
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
+        text = read_text(path, "a placement", MoiraiError)
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise MoiraiError(f"{path}: cannot read placement ({e.strerror})") from None
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise MoiraiError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         return cls.from_dict(data, str(path))

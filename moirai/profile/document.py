@@ -72,6 +72,7 @@ from moirai.graph import OpGraph
 from moirai.profile.analytic import node_flops
 from moirai.profile.links import LinkFit
 from moirai.profile.targets import Target, parse_device
+from moirai.textfile import read_text
 
 FORMAT = "moirai.profile/v1"
 METHODS = ("trace", "submodel", "none")
@@ -215,10 +216,7 @@ class ProfileDocument:
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileDocument:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ProfileError(f"{path}: cannot read profile ({e.strerror})") from None
+        text = read_text(path, "a profile", ProfileError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

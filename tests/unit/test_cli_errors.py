@@ -269,3 +269,34 @@ def test_infer_input_given_twice(tmp_path: Path, capsys: pytest.CaptureFixture[s
     path.write_text('{"x": [1]}', encoding="utf-8")
     argv = ["infer", "--model", "m", "--inputs", str(path), "--input", "x=[2]"]
     assert "--input x is given twice" in one_line_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    ("flags", "what"),
+    [
+        (["place", "{model}", "--devices", "{binary}"], "a devices file"),
+        (["place", "--costgraph", "{binary}"], "a cost graph"),
+        (["place", "{model}", "--devices", "local", "--profile", "{binary}"], "a profile"),
+        (["gateway", "--plan", "{binary}"], "a stage plan"),
+    ],
+)
+def test_a_model_where_a_text_file_belongs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], what: str
+) -> None:
+    """An .onnx file passed for a YAML/JSON one was a UnicodeDecodeError traceback."""
+    binary = tmp_path / "model.onnx"
+    binary.write_bytes(b"\x08\x07\x12\x07pytorch\xff\xfe\x00graph")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    argv = [f.format(binary=binary, model=model) for f in flags]
+    line = one_line_error(capsys, argv)
+    assert f"{binary}: not a YAML/JSON text file" in line and what in line, line
+
+
+def test_a_placement_file_that_is_not_text(tmp_path: Path) -> None:
+    from moirai.placement import Placement
+
+    binary = tmp_path / "plan.json"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(MoiraiError, match=r"not a YAML/JSON text file .*expected a placement"):
+        Placement.load(binary)
