@@ -321,6 +321,14 @@ def _number(obj: Any, key: str, where: str, default: float | None = None) -> flo
     return float(_require(obj, key, where, (int, float)))
 
 
+def _bytes(obj: Any, key: str, where: str, default: float | None = None) -> int:
+    """A byte count: finite (JSON reads 1e400 as infinity, which no int holds)."""
+    value = _number(obj, key, where, default)
+    if not math.isfinite(value):
+        raise CostGraphError(f"{where}.{key} is {value}: a number of bytes must be finite")
+    return int(value)
+
+
 def _link(obj: Any, where: str) -> Link:
     return Link(
         bandwidth_bytes_per_s=_number(obj, "bandwidth_bytes_per_s", where),
@@ -361,7 +369,7 @@ def _parse(data: Any, where: str) -> CostGraph:
         devices.append(
             Device(
                 name=_require(d, "name", w, str),
-                memory_bytes=int(_number(d, "memory_bytes", w)),
+                memory_bytes=_bytes(d, "memory_bytes", w),
                 kind=str(d.get("kind", "cpu")),
                 extra={k: v for k, v in d.items() if k not in _DEVICE_KEYS},
                 transfers_occupy_device=occupy,
@@ -389,7 +397,7 @@ def _parse(data: Any, where: str) -> CostGraph:
             Task(
                 id=str(_require(t, "id", w, (str, int))),
                 compute_ms=_times(_require(t, "compute_ms", w, dict), f"{w}.compute_ms"),
-                memory_bytes=int(_number(t, "memory_bytes", w, default=0)),
+                memory_bytes=_bytes(t, "memory_bytes", w, default=0),
                 ops=tuple(ops),
                 extra={
                     k: v
@@ -408,7 +416,7 @@ def _parse(data: Any, where: str) -> CostGraph:
             Edge(
                 src=str(_require(e, "src", w, (str, int))),
                 dst=str(_require(e, "dst", w, (str, int))),
-                bytes=int(_number(e, "bytes", w, default=0)),
+                bytes=_bytes(e, "bytes", w, default=0),
                 transfer_ms={
                     str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()
                 },

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moirai.costgraph import CostGraph, Device, Edge, Task
@@ -91,4 +93,21 @@ def test_transfers_occupy_device_defaults_by_kind_and_round_trips() -> None:
     assert "transfers_occupy_device" not in cg.devices[0].extra
     data["devices"][1]["transfers_occupy_device"] = "yes"
     with pytest.raises(CostGraphError, match=r"devices\[1\]\.transfers_occupy_device must be"):
+        CostGraph.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("path", "where"),
+    [
+        (("devices", 0, "memory_bytes"), r"devices\[0\]\.memory_bytes"),
+        (("tasks", 1, "memory_bytes"), r"tasks\[1\]\.memory_bytes"),
+        (("edges", 0, "bytes"), r"edges\[0\]\.bytes"),
+    ],
+)
+def test_byte_counts_must_be_finite(path: tuple[str, int, str], where: str) -> None:
+    """`1e400` in JSON is infinity; int(inf) was an OverflowError traceback."""
+    data = json.loads(json.dumps(cluster().to_dict()))
+    kind, index, key = path
+    data[kind][index][key] = json.loads("1e400")
+    with pytest.raises(CostGraphError, match=where + r" is inf: .* must be finite"):
         CostGraph.from_dict(data)
