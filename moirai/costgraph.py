@@ -196,7 +196,7 @@ class CostGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> CostGraph:
-        text = read_text(path, "a cost graph", CostGraphError)
+        text = read_text(path, "cost graph", CostGraphError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -255,7 +255,7 @@ class StagePlan:
 
     @classmethod
     def load(cls, path: str | Path) -> StagePlan:
-        text = read_text(path, "a stage plan", PlanError)
+        text = read_text(path, "stage plan", PlanError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

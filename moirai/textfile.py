@@ -19,5 +19,5 @@ def read_text(path: str | Path, what: str, error: type[MoiraiError]) -> str:
         raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise error(
-            f"{path}: not a YAML/JSON text file (byte {e.start} is not UTF-8): expected {what}"
+            f"{path}: not a YAML/JSON text file (byte {e.start} is not UTF-8), so not a {what}"
         ) from None

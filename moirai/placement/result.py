@@ -155,7 +155,7 @@ class Placement:
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
-        text = read_text(path, "a placement", MoiraiError)
+        text = read_text(path, "placement", MoiraiError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

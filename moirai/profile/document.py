@@ -216,7 +216,7 @@ class ProfileDocument:
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileDocument:
-        text = read_text(path, "a profile", ProfileError)
+        text = read_text(path, "profile", ProfileError)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -290,7 +290,7 @@ def test_a_model_where_a_text_file_belongs(
     model.write_bytes(b"")
     argv = [f.format(binary=binary, model=model) for f in flags]
     line = one_line_error(capsys, argv)
-    assert f"{binary}: not a YAML/JSON text file" in line and what in line, line
+    assert f"{binary}: not a YAML/JSON text file" in line and f"so not {what}" in line, line
 
 
 def test_a_placement_file_that_is_not_text(tmp_path: Path) -> None:
@@ -298,5 +298,5 @@ def test_a_placement_file_that_is_not_text(tmp_path: Path) -> None:
 
     binary = tmp_path / "plan.json"
     binary.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(MoiraiError, match=r"not a YAML/JSON text file .*expected a placement"):
+    with pytest.raises(MoiraiError, match=r"not a YAML/JSON text file .*, so not a placement"):
         Placement.load(binary)
