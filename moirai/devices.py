@@ -56,6 +56,10 @@ DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider
 DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Ethernet
 # Local stage servers talk gRPC over loopback: roughly a memory copy through the kernel.
 LOOPBACK_LINK = Link(bandwidth_bytes_per_s=2e9, latency_ms=0.1)
+# The most devices one entry's `count` expands to: well past any node pool placed onto (each
+# device is a stage server, and the solvers' models grow with tasks x devices), so a larger
+# count is a typo, refused at once instead of expanding for minutes.
+MAX_COUNT = 4096
 
 _REQUIRED = ("name", "kind", "peak_flops", "memory_bandwidth_bytes_per_s", "memory_bytes")
 _OPTIONAL = (
@@ -122,7 +126,7 @@ class DeviceSet:
 
 # ------------------------------------------------------------------------ file
 def load_devices(path: str | Path) -> DeviceSet:
-    text = read_text(path, "a devices file", DevicesError)
+    text = read_text(path, "devices file", DevicesError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -146,12 +150,12 @@ def parse_devices(data: Any, where: str = "devices") -> DeviceSet:
         expanded = _parse_device(entry, f"{where}.devices[{i}]")
         groups[entry["name"]] = [d.name for d in expanded]
         devices.extend(expanded)
-    names = [d.name for d in devices]
-    for name in names:
-        if names.count(name) > 1:
-            raise DevicesError(f"{where}.devices: device name {name!r} appears twice")
-    for name in names:
-        groups.setdefault(name, [name])
+    seen: set[str] = set()
+    for d in devices:
+        if d.name in seen:
+            raise DevicesError(f"{where}.devices: device name {d.name!r} appears twice")
+        seen.add(d.name)
+        groups.setdefault(d.name, [d.name])
     default_link, pair_links = _parse_links(data.get("links", {}), f"{where}.links", groups)
     return DeviceSet(tuple(devices), default_link, pair_links)
 
@@ -204,6 +208,11 @@ def _parse_device(entry: Any, where: str) -> list[DeviceSpec]:
     count = _integer(entry, "count", where)
     if count is None:
         return [device]
+    if count > MAX_COUNT:
+        raise DevicesError(
+            f"{where}.count is {count}: at most {MAX_COUNT} devices of one entry "
+            "(a count this large is a typo; the placement would never finish)"
+        )
     return [replace(device, name=f"{name}-{i}", device_id=i) for i in range(count)]
 
 

@@ -179,3 +179,10 @@ def test_local_gpus_from_nvidia_smi(monkeypatch) -> None:
     assert a100.memory_bytes == 40960 * 2**20 and a100.provider == "CUDAExecutionProvider"
     assert (t4.name, t4.memory_bandwidth_bytes_per_s) == ("gpu-1", 0.32e12)
     assert unknown.peak_flops == 8.1e12  # the most modest known figures
+
+
+def test_count_is_capped_before_expanding() -> None:
+    """`count: 100000000` expanded every name and then checked duplicates quadratically: a hang."""
+    with pytest.raises(DevicesError, match=r"devices\[0\]\.count is 100000000: at most 4096"):
+        parse_devices({"devices": [{**GPU, "count": 100_000_000}]}, "d.yaml")
+    assert len(parse_devices({"devices": [{**GPU, "count": module.MAX_COUNT}]}).devices) == 4096
