@@ -96,7 +96,7 @@ import onnxruntime as ort
 from google.protobuf.message import EncodeError
 
 from moirai.dag import topological_order
-from moirai.errors import ModelError
+from moirai.errors import ModelError, MoiraiError
 from moirai.graph import OpGraph
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def coarsen(
     docstring); the pairs lightest by `weight` (of their node names) go first. Fusion units
     are kept whole."""
     if max_tasks < 1:
-        raise ValueError("max_tasks must be >= 1")
+        raise MoiraiError(f"max_tasks (--max-tasks) is {max_tasks}: it must be >= 1")
     if len(groups) <= max_tasks:
         return list(groups)
     merged = _coarsen(graph, [g.ops for g in groups], max_tasks, weight)

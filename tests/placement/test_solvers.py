@@ -7,6 +7,7 @@ import pytest
 from moirai.costgraph import CostGraph, Device, Edge, Task
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement import PlacementProblem, Progress, check, get_solver, solve, solvers
+from moirai.placement.registry import SolveOptions
 
 from .instances import random_costgraph
 
@@ -36,6 +37,13 @@ def test_registry_lists_every_solver() -> None:
     assert set(SOLVERS) <= names
     with pytest.raises(SolverError, match="unknown solver 'nope'"):
         get_solver("nope")
+
+
+@pytest.mark.parametrize("limit", [0.0, -1.0, float("nan"), float("inf")])
+def test_time_limit_must_be_finite_and_positive(limit: float) -> None:
+    """`time_limit <= 0` let nan through (no comparison with nan is true)."""
+    with pytest.raises(SolverError, match="time limit must be a finite number of seconds > 0"):
+        SolveOptions(time_limit=limit)
 
 
 @pytest.mark.parametrize("instance", INSTANCES)

@@ -14,6 +14,7 @@ import pytest
 from onnx import helper
 
 from moirai import fusion, zoo
+from moirai.errors import MoiraiError
 from moirai.fusion import CPU, CUDA, Group, _contract_cycles, coarsen, fusion_groups
 from moirai.graph import OpGraph, build_graph, load_model
 from moirai.partition import DeviceSpec
@@ -273,6 +274,13 @@ def test_interleaved_fusions_are_contracted_into_one_group(tmp_path: Path) -> No
 
 
 # -------------------------------------------------------------- coarsening
+def test_coarsen_refuses_no_tasks_in_one_line() -> None:
+    loaded = load_model(zoo.get("squeezenet"))
+    graph = build_graph(loaded)
+    with pytest.raises(MoiraiError, match=r"max_tasks \(--max-tasks\) is 0: it must be >= 1"):
+        coarsen(graph, fusion_groups(loaded, graph, [CPU]), 0)
+
+
 @pytest.mark.parametrize("max_tasks", [1, 2, 5, 20, 60])
 def test_coarsen_respects_max_tasks_and_stays_a_dag(max_tasks: int) -> None:
     loaded = load_model(zoo.get("inception_v1"))
