@@ -53,7 +53,22 @@ class ProfileCache:
 
     @classmethod
     def at(cls, directory: str | Path | None = None) -> ProfileCache:
-        return cls(Path(directory) if directory is not None else default_dir())
+        """The cache in `directory`, created now: a folder that cannot be made fails here, before
+        minutes of measuring, not when the first result is written."""
+        path = Path(directory) if directory is not None else default_dir()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProfileError(
+                f"{path}: cannot create the profile cache folder ({e.strerror}); "
+                "choose another with --cache-dir, or --no-cache"
+            ) from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ProfileError(
+                f"{path}: the profile cache folder is not writable; "
+                "choose another with --cache-dir, or --no-cache"
+            )
+        return cls(path)
 
     # ------------------------------------------------------------- devices
     def device_path(
@@ -123,7 +138,7 @@ class ProfileCache:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not even UTF-8
             log.warning("ignoring unreadable cache entry %s: %s", path, e)
             return None
         return data if isinstance(data, dict) and data.get("format") == FORMAT else None

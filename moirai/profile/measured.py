@@ -100,6 +100,7 @@ from onnx import helper
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
+from moirai.errors import ModelError
 from moirai.fusion import (
     CPU,
     Group,
@@ -644,8 +645,11 @@ def _from_trace(
 
 # ------------------------------------------------------- the Profile source
 def model_digest(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read model ({e.strerror})") from None
 
 
 def link_signature() -> dict[str, Any]:

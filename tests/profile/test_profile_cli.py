@@ -60,3 +60,24 @@ def test_same_device_name_twice_is_refused(
 ) -> None:
     assert _profile(tiny_bert, "--device=cpu", "--device=cpu") == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_missing_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was a FileNotFoundError traceback from hashing the model."""
+    missing = tmp_path / "missing.onnx"
+    assert main(["profile", str(missing), "--no-cache"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"moirai: {missing}: cannot read model (No such file or directory)\n"
+
+
+def test_cache_folder_that_cannot_be_made_fails_before_measuring(
+    tiny_bert: ModelFile, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Was a traceback after all the measuring, when the first result was written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = blocker / "cache"  # under a file: no folder can be made there
+    assert _profile(tiny_bert, "--device=cpu:threads=1", f"--cache-dir={cache}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"moirai: {cache}: cannot create the profile cache folder")
+    assert err.count("\n") == 1 and "run 1/" not in err  # nothing was measured
