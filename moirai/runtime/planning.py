@@ -207,6 +207,11 @@ def parse_input_shapes(values: Sequence[str]) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
     for value in values:
         name, sep, dims = value.partition("=")
+        if name in shapes:
+            raise MoiraiError(
+                f"--input-shape {name} is given twice ({name}={'x'.join(map(str, shapes[name]))} "
+                f"and {value}): give each input once"
+            )
         try:
             shapes[name] = [int(d) for d in dims.replace(",", "x").split("x")]
         except ValueError:

@@ -300,3 +300,17 @@ def test_a_placement_file_that_is_not_text(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(MoiraiError, match=r"not a YAML/JSON text file .*, so not a placement"):
         Placement.load(binary)
+
+
+@pytest.mark.parametrize("command", ["place", "profile"])
+def test_input_shape_given_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """The last one used to win silently."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    argv = [command, str(model), "--input-shape", "x=2x4", "--input-shape", "x=3x4"]
+    if command == "place":
+        argv += ["--devices", "local"]
+    line = one_line_error(capsys, argv)
+    assert "--input-shape x is given twice (x=2x4 and x=3x4)" in line, line
