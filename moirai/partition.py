@@ -280,6 +280,13 @@ def _validate(plan: StagePlan, where: str) -> None:
     if len(set(ids)) != len(ids) or GATEWAY in ids:
         raise PlanError(f"{where}: stage ids must be unique and not {GATEWAY!r}")
     known_ids = set(ids)
+    datatypes = ONNX_DATATYPES.values()
+    for t in (*plan.inputs, *plan.outputs, *plan.tensors.values()):
+        if t.datatype not in datatypes:
+            raise PlanError(
+                f"{where}: tensor {t.name!r} has datatype {t.datatype!r}: "
+                f"use one of {', '.join(datatypes)}"
+            )
     for s in plan.stages:
         if s.device not in devices:
             raise PlanError(f"{where}: stage {s.id} names unknown device {s.device!r}")

@@ -37,13 +37,28 @@ def peer_addresses(plan: StagePlan, flags: Sequence[str]) -> dict[str, str]:
             ) from None
         if not isinstance(parsed, dict):
             raise MoiraiError("MOIRAI_PEERS must be a JSON object {name: host:port}")
-        addresses.update({str(k): str(v) for k, v in parsed.items()})
+        for name, address in parsed.items():
+            if not isinstance(address, str) or ":" not in address:
+                raise MoiraiError(
+                    f"MOIRAI_PEERS[{name!r}] is {address!r}: give a 'host:port' string"
+                )
+            addresses[_plan_device(plan, name, f"MOIRAI_PEERS[{name!r}]")] = address
     for flag in flags:
         name, sep, address = flag.partition("=")
         if not sep or not name or ":" not in address:
             raise MoiraiError(f"--peer {flag!r}: write NAME=HOST:PORT, e.g. cpu-1=127.0.0.1:50052")
-        addresses[name] = address
+        addresses[_plan_device(plan, name, f"--peer {flag!r}")] = address
     return addresses
+
+
+def _plan_device(plan: StagePlan, name: str, where: str) -> str:
+    """`name`, when the plan has such a device; an address for any other goes nowhere (a typo)."""
+    names = [d.name for d in plan.devices]
+    if name not in names:
+        raise MoiraiError(
+            f"{where}: the plan has no device {name!r}; its devices are {', '.join(names)}"
+        )
+    return name
 
 
 def check_model_file(plan: StagePlan, path: Path) -> None:

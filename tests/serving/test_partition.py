@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moirai.errors import ModelError
+from moirai.errors import ModelError, MoiraiError
 from moirai.partition import GATEWAY, DeviceSpec, PlanError, StagePlan, build_plan, extract_stage
+from moirai.runtime.daemon import peer_addresses
 from moirai.runtime.sequential import run_sequential
 
 from . import models
@@ -127,3 +128,36 @@ def test_bad_assignments_are_reported() -> None:
         build_plan(model, {n.name: "tpu-9" for n in model.graph.node}, DEVICES)
     with pytest.raises(PlanError, match="format"):
         StagePlan.from_dict({"format": "nope"})
+
+
+def _mlp_plan() -> StagePlan:
+    model = MODELS["mlp"]
+    nodes = [n.name for n in model.graph.node]
+    assignment = {n: ("cpu-0" if i < len(nodes) // 2 else "cpu-1") for i, n in enumerate(nodes)}
+    return build_plan(model, assignment, DEVICES[:2])
+
+
+@pytest.mark.parametrize("where", ["inputs", "outputs", "tensors"])
+def test_a_datatype_oip_does_not_know_is_refused_on_load(where: str) -> None:
+    """A plan saying FP8 used to start a gateway that could decode no request."""
+    data = _mlp_plan().to_dict()
+    tensor = data[where][0] if where != "tensors" else next(iter(data[where].values()))
+    name = tensor.get("name") or next(iter(data[where]))
+    tensor["datatype"] = "FP8"
+    with pytest.raises(PlanError, match=rf"tensor '{name}' has datatype 'FP8': use one of BOOL"):
+        StagePlan.from_dict(json.loads(json.dumps(data)), "plan.json")
+
+
+def test_peer_addresses_name_plan_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An address for a device the plan lacks went nowhere, and a number passed as str(v)."""
+    plan = _mlp_plan()
+    monkeypatch.setenv("MOIRAI_PEERS", '{"cpu-0": "h:1"}')
+    assert peer_addresses(plan, ["cpu-1=h:2"]) == {"cpu-0": "h:1", "cpu-1": "h:2"}
+    with pytest.raises(MoiraiError, match=r"--peer 'cpu-9=h:3': the plan has no device 'cpu-9'"):
+        peer_addresses(plan, ["cpu-9=h:3"])
+    monkeypatch.setenv("MOIRAI_PEERS", '{"cpu-0": 5}')
+    with pytest.raises(MoiraiError, match=r"MOIRAI_PEERS\['cpu-0'\] is 5: give a 'host:port'"):
+        peer_addresses(plan, [])
+    monkeypatch.setenv("MOIRAI_PEERS", '{"cpu-9": "h:1"}')
+    with pytest.raises(MoiraiError, match=r"MOIRAI_PEERS\['cpu-9'\]: the plan has no device"):
+        peer_addresses(plan, [])
