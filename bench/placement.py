@@ -4,8 +4,8 @@
         [--models resnet50,bert_base] [--devices examples/devices/bench-3.yaml ...] \
         [--solvers single,heft,getf,msct,milp-highs,cpsat,auto]
 
-For each zoo model (`moirai.zoo`) and each devices file (default: the 3- and 4-device sets in
-`examples/devices/bench-*.yaml`), builds the cost graph with the analytic profile
+For each zoo model (`moirai.zoo`) and each devices file (default: `examples/devices/bench-3.yaml`,
+`bench-4.yaml` and `bench-gpus.yaml`), builds the cost graph with the analytic profile
 (`moirai.pipeline.build_costgraph`) and runs each solver through `moirai.placement.solve`, which
 re-checks every plan with the simulator. Records makespan, lower bound, gap, status and time,
 the coarsening (ONNX nodes -> fusion groups -> tasks), and the speed-up of `auto` over the best
@@ -37,8 +37,8 @@ from moirai.placement import default_threads, solve  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEVICE_SETS = [
-    ROOT / "examples" / "devices" / "bench-3.yaml",
-    ROOT / "examples/devices/bench-4.yaml",
+    ROOT / "examples" / "devices" / name
+    for name in ("bench-3.yaml", "bench-4.yaml", "bench-gpus.yaml")
 ]
 SOLVERS = ["single", "heft", "getf", "msct", "milp-highs", "cpsat", "auto"]
 BASELINES = ["single", "heft", "getf", "msct"]
@@ -121,8 +121,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "",
         f"`bench/placement.py --time-limit {args.time_limit:g} --threads {args.threads}` on "
         f"{platform.machine()} ({args.threads} threads), analytic costs from "
-        "`examples/devices/bench-3.yaml` (A100, T4, Xeon; 10 Gb/s Ethernet) and `bench-4.yaml` "
-        "(A100, two T4 on one PCIe node, Xeon). Makespans in ms, re-checked by the simulator; "
+        "`examples/devices/bench-3.yaml` (A100, T4, Xeon; 10 Gb/s Ethernet), `bench-4.yaml` "
+        "(A100, two T4 on one PCIe node, Xeon) and `bench-gpus.yaml` (two A100 on NVLink and two "
+        "T4, one PCIe node). Makespans in ms, re-checked by the simulator; "
         "`gap` = (makespan - lower bound) / makespan; speed-up = baseline makespan / auto "
         "makespan.",
         "",
@@ -136,7 +137,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     for row in rows:
         auto = row["solvers"].get("auto", {})
         lines.append(
-            f"| {row['model']} | {row['num_devices']} | {row['nodes']} → {row['groups']} → "
+            f"| {row['model']} | {row['devices']} | {row['nodes']} → {row['groups']} → "
             f"{row['tasks']} | "
             + " | ".join(_cell(row["solvers"].get(s)) for s in solvers)
             + (
@@ -155,7 +156,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['num_devices']} | "
+            f"| {row['model']} | {row['devices']} | "
             + " | ".join(
                 f"{row['speedup'][b]:.2f}x" if b in row["speedup"] else "-" for b in BASELINES
             )
@@ -177,9 +178,9 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 cells.append("-")
                 continue
             cells.append(f"{r['status']}, {r['gap']:.2%}, {r['seconds']:.1f} s")
-        lines.append(f"| {row['model']} | {row['num_devices']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['model']} | {row['devices']} | " + " | ".join(cells) + " |")
     worse = [
-        f"{row['model']}/{row['num_devices']}: {b}"
+        f"{row['model']}/{row['devices']}: {b}"
         for row in rows
         for b, v in row["speedup"].items()
         if v < 1 - 1e-9
@@ -201,7 +202,7 @@ def plots(rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [f"{r['model']}/{r['num_devices']}" for r in rows]
+    names = [f"{r['model']}/{r['devices']}" for r in rows]
     x = np.arange(len(rows))
     width = 0.8 / len(BASELINES)
     fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
