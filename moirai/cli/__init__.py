@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # also while the subcommands' imports load, before any work
+        print("moirai: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -61,9 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MoiraiError as e:
         print(f"moirai: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("moirai: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -314,3 +314,17 @@ def test_input_shape_given_twice(
         argv += ["--devices", "local"]
     line = one_line_error(capsys, argv)
     assert "--input-shape x is given twice (x=2x4 and x=3x4)" in line, line
+
+
+def test_ctrl_c_while_the_subcommands_load(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during the imports at start-up was a KeyboardInterrupt traceback."""
+    import moirai.cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moirai.cli, "build_parser", interrupted)
+    assert main(["place", "--help"]) == 130
+    assert capsys.readouterr().err == "moirai: interrupted\n"
