@@ -16,7 +16,6 @@ glibc this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 KEEP_FREED_BYTES = 1 << 30
@@ -29,9 +28,10 @@ def keep_freed_memory() -> bool:
     if "GLIBC_TUNABLES" in os.environ:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc
+        # The process's own symbols, not `ctypes.util.find_library`: that runs `ldconfig` in a
+        # child process, and a fork after gRPC started its threads breaks gRPC's poller.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
