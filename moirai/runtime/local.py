@@ -141,6 +141,11 @@ class LocalDeployment:
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
+            # Python's descriptors are not inherited anyway (PEP 446). Closing every descriptor
+            # between fork and exec would close gRPC's epoll descriptor under the poller thread
+            # that gRPC's fork handler restarts in the child: it aborts the child before exec
+            # (grpc/grpc#43055) when this process has used gRPC, as `wait_ready` has.
+            close_fds=False,
         )
         log.close()
 
