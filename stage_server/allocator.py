@@ -4,13 +4,16 @@ A stage server or gateway allocates and frees buffers of the request's tensor si
 request, in gRPC, protobuf, numpy and ONNX Runtime alike. glibc's malloc serves each large one
 with a fresh `mmap` and unmaps it on `free`, so every request pays a page fault per 4 KiB of every
 large buffer; on the virtual machines measured that is most of the cost of a large tensor
-(bench/runtime.py, a 16 MiB hop: the gateway's CPU per request 55 ms, 30 ms with this; 64 MiB:
-330 ms, about 95 ms). Serving every allocation from the heap and keeping up to
+(bench/runtime.py, 16 MiB: the gateway's CPU per request 55 ms, 30 ms with this). Serving
+buffers up to `MMAP_THRESHOLD_BYTES` (glibc's largest) from the heap and keeping up to
 `KEEP_FREED_BYTES` of freed memory at its top lets the next request reuse the same pages.
+Larger buffers still get their own mappings: turning `mmap` off altogether (glibc.malloc.mmap_max
+0) saves more at 64 MiB, but leaves a thread's arena no way to serve a buffer larger than
+itself.
 
 The price is memory: a server may hold that much freed memory. `GLIBC_TUNABLES` set in the
-environment (glibc.malloc.mmap_max, glibc.malloc.trim_threshold) takes precedence; elsewhere than
-glibc this does nothing.
+environment (glibc.malloc.mmap_threshold, glibc.malloc.trim_threshold) takes precedence;
+elsewhere than glibc this does nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import ctypes
 import os
 
 KEEP_FREED_BYTES = 1 << 30
+MMAP_THRESHOLD_BYTES = 32 << 20
+"""glibc's largest: buffers up to this size come from the heap."""
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
-_M_MMAP_MAX = -4
+_M_MMAP_THRESHOLD = -3
 
 
 def keep_freed_memory() -> bool:
@@ -34,4 +39,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    )
