@@ -138,26 +138,43 @@ def plan_model(
     )
     model = load_model(model_path, shapes or None)
     source = costgraph.extra.get("source", {})
-    plan = build_plan(
-        model,
-        placement.assignment,
-        [
-            DeviceSpec(
-                d.name,
-                d.kind,
-                threads=d.threads if d.kind == "cpu" else None,
-                device_id=d.device_id if d.kind == "gpu" else None,
-            )
-            for d in devices.devices
-        ],
-        groups={t.id: t.ops for t in costgraph.tasks},
-        start_ms={s.task: s.start_ms for s in placement.schedule},
-        model_name=model_path.stem,
-        model_path=str(model_path),
-        model_sha256=str(source.get("sha256", "")),
-        input_shapes=shapes,
-    )
-    served = predict(costgraph, plan, call_overheads(profile, devices.devices))
+    specs = [
+        DeviceSpec(
+            d.name,
+            d.kind,
+            threads=d.threads if d.kind == "cpu" else None,
+            device_id=d.device_id if d.kind == "gpu" else None,
+        )
+        for d in devices.devices
+    ]
+    overheads = call_overheads(profile, devices.devices)
+
+    def as_served(chosen: Placement) -> tuple[StagePlan, Prediction]:
+        plan = build_plan(
+            model,
+            chosen.assignment,
+            specs,
+            groups={t.id: t.ops for t in costgraph.tasks},
+            start_ms={s.task: s.start_ms for s in chosen.schedule},
+            model_name=model_path.stem,
+            model_path=str(model_path),
+            model_sha256=str(source.get("sha256", "")),
+            input_shapes=shapes,
+        )
+        return plan, predict(costgraph, plan, overheads)
+
+    plan, served = as_served(placement)
+    if solver == "auto" and len(plan.stages) > 1:
+        # The solvers price the hops but not each stage's own session call, which the plan as
+        # served adds: a plan of many small stages can lose to the best device alone.
+        try:
+            alone = solve(costgraph, "single", objective, threads=threads, seed=seed)
+        except MoiraiError:  # no device holds the whole model
+            alone = None
+        if alone is not None:
+            alone_plan, alone_served = as_served(alone)
+            if _served_cost(alone_served, objective) < _served_cost(served, objective):
+                placement, plan, served = alone, alone_plan, alone_served
     plan = dataclasses.replace(
         plan,
         predicted={
@@ -171,6 +188,10 @@ def plan_model(
         },
     )
     return Planned(model, costgraph, placement, plan)
+
+
+def _served_cost(served: Prediction, objective: Objective) -> float:
+    return served.period_ms if objective == "throughput" else served.latency_ms
 
 
 def describe(plan: StagePlan) -> str:

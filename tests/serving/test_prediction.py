@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import local_devices
@@ -129,3 +131,49 @@ def test_plan_model_predicts_the_plan_as_served(tmp_path: Path, objective: str) 
     text = describe(planned.plan)
     assert f"predicted as served: latency {want.latency_ms:.2f} ms" in text
     assert ("req/s" in text) == (objective == "throughput")
+
+
+def two_branches(width: int = 1024, rows: int = 64, depth: int = 3) -> onnx.ModelProto:
+    """x [rows, width] → two chains of `depth` MatMuls (width x width) → their sum: branches
+    heavy enough that a latency plan runs them on two devices side by side."""
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+    for branch in "ab":
+        last = "x"
+        for i in range(depth):
+            w = f"{branch}{i}_w"
+            weights.append(
+                numpy_helper.from_array(rng.standard_normal((width, width), np.float32), w)
+            )
+            nodes.append(
+                helper.make_node("MatMul", [last, w], [f"{branch}{i}"], name=f"{branch}{i}")
+            )
+            last = w[:-2]
+    nodes.append(helper.make_node("Add", [f"a{depth - 1}", f"b{depth - 1}"], ["y"], name="sum"))
+    value = (onnx.TensorProto.FLOAT, [rows, width])
+    graph = helper.make_graph(
+        nodes,
+        "two_branches",
+        [helper.make_tensor_value_info("x", *value)],
+        [helper.make_tensor_value_info("y", *value)],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_auto_serves_the_model_whole_when_its_split_would_serve_slower(tmp_path: Path) -> None:
+    """A stage runs once all its inputs are in, so the stage that holds one branch and the sum
+    waits for the other branch before it starts: the solver's makespan overlaps the branches,
+    the plan as served does not. `auto` keeps the best device alone when that serves faster; a
+    named solver keeps its own plan."""
+    path = tmp_path / "two.onnx"
+    onnx.save(two_branches(), path)
+    devices = split_cpu(local_devices(), 2)
+    split = plan_model(path, devices, time_limit=5, solver="cpsat")
+    alone = plan_model(path, devices, time_limit=5, solver="single")
+    assert len(split.plan.stages) > 1
+    assert split.plan.predicted["makespan_ms"] < alone.plan.predicted["makespan_ms"]
+    assert split.plan.predicted["latency_ms"] > alone.plan.predicted["latency_ms"]
+    chosen = plan_model(path, devices, time_limit=5)
+    assert len(chosen.plan.stages) == 1
+    assert chosen.plan.predicted["latency_ms"] == pytest.approx(alone.plan.predicted["latency_ms"])
