@@ -18,7 +18,7 @@ which the tests and the benchmark exercise on one machine this way.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -91,6 +91,20 @@ class ChainHandle:
         await self.server.stop(grace)
 
 
+async def _start_chain_port(
+    server: grpc.aio.Server, servicer: ChainServicer, host: str, port: int, same_host: bool
+) -> tuple[int, Listener | None]:
+    """Bind and start `server` and the same-host listener of its port; the bound port. A
+    failure stops the server again."""
+    try:
+        bound = _bind(server, host, port)
+        await server.start()
+        return bound, await _listen(servicer, bound, same_host)
+    except MoiraiError:
+        await server.stop(None)
+        raise
+
+
 async def start_chain(
     handler: ChainHandler, *, host: str = "127.0.0.1", port: int = 0, same_host: bool = True
 ) -> ChainHandle:
@@ -99,26 +113,17 @@ async def start_chain(
     server = _server([ErrorInterceptor()], _UNLIMITED)
     servicer = ChainServicer(handler)
     add_chain_to_server(servicer, server)
-    try:
-        bound = _bind(server, host, port)
-        await server.start()
-        return ChainHandle(server, bound, await _listen(servicer, bound, same_host))
-    except MoiraiError:
-        await server.stop(None)
-        raise
+    return ChainHandle(server, *await _start_chain_port(server, servicer, host, port, same_host))
 
 
 @dataclass
-class StageHandle:
-    impl: StageServer
-    server: grpc.aio.Server
-    port: int
-    listener: Listener | None = None
+class StageHandle(ChainHandle):
+    """A stage server: its chain port, and the stages behind it."""
+
+    impl: StageServer = field(kw_only=True)
 
     async def stop(self, grace: float | None = None) -> None:
-        if self.listener is not None:
-            await self.listener.stop()
-        await self.server.stop(grace)
+        await super().stop(grace)
         await self.impl.stop()
 
 
@@ -150,17 +155,14 @@ async def start_stage(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = _bind(server, host, port)
-        await server.start()
-        listener = await _listen(servicer, bound, same_host)
+        bound, listener = await _start_chain_port(server, servicer, host, port, same_host)
     except MoiraiError:
-        await server.stop(None)
         await impl.stop()
         raise
     impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return StageHandle(impl, server, bound, listener)
+    return StageHandle(server, bound, listener, impl=impl)
 
 
 @dataclass
