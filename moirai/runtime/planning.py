@@ -30,7 +30,7 @@ import onnx
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet
-from moirai.errors import MoiraiError
+from moirai.errors import InfeasibleError, MoiraiError
 from moirai.graph import load_model
 from moirai.partition import DeviceSpec, StagePlan, build_plan
 from moirai.pipeline import build_costgraph
@@ -165,11 +165,12 @@ def plan_model(
 
     plan, served = as_served(placement)
     if solver == "auto" and len(plan.stages) > 1:
-        # The solvers price the hops but not each stage's own session call, which the plan as
-        # served adds: a plan of many small stages can lose to the best device alone.
+        # The plan as served can lose what the solver's schedule gains: a stage runs once all
+        # its inputs are in (so a stage holding a branch and the join waits for the other
+        # branch), and each stage costs a session call the solvers do not price.
         try:
             alone = solve(costgraph, "single", objective, threads=threads, seed=seed)
-        except MoiraiError:  # no device holds the whole model
+        except InfeasibleError:  # no device holds the whole model
             alone = None
         if alone is not None:
             alone_plan, alone_served = as_served(alone)
