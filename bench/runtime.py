@@ -56,10 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
-from moirai.partition import GATEWAY, DeviceSpec, build_plan  # noqa: E402
+from moirai.partition import build_plan  # noqa: E402
 from moirai.pipeline import build_costgraph  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.runtime.planning import plan_model, split_cpu  # noqa: E402
+from moirai.stageplan import GATEWAY, DeviceSpec  # noqa: E402
 from stage_server.client import AsyncInferenceClient, InferenceClient  # noqa: E402
 from stage_server.codec import DTYPES  # noqa: E402
 

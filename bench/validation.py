@@ -63,16 +63,12 @@ from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
 from moirai.errors import MoiraiError  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
-from moirai.partition import (  # noqa: E402
-    ONNX_DATATYPES,
-    StagePlan,
-    TensorSpec,
-    build_plan,
-)
+from moirai.partition import build_plan  # noqa: E402
 from moirai.profile.cache import ProfileCache  # noqa: E402
 from moirai.profile.measured import MeasuredProfile, Settings  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402
 from moirai.runtime.planning import available_cores, plan_model, split_cpu  # noqa: E402
+from moirai.stageplan import ONNX_DATATYPES, StagePlan, TensorSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.15

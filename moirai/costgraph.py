@@ -9,7 +9,6 @@ nowhere, a negative time or a missing field each raise one `CostGraphError` nami
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Any
 
 from moirai.dag import topological_order
 from moirai.errors import CostGraphError
-from moirai.textfile import read_text
+from moirai.textfile import read_json, write_json
 
 FORMAT = "moirai.costgraph/v1"
 DEVICE_KINDS = ("cpu", "gpu")
@@ -196,17 +195,10 @@ class CostGraph:
 
     @classmethod
     def load(cls, path: str | Path) -> CostGraph:
-        text = read_text(path, "cost graph", CostGraphError)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CostGraphError(
-                f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-            ) from None
-        return _parse(data, str(path))
+        return _parse(read_json(path, "cost graph", CostGraphError), str(path))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict(), "cost graph")
 
 
 def _link_dict(link: Link) -> dict[str, float]:

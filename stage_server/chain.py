@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import grpc
 import numpy as np
 
-from moirai.partition import GATEWAY, StagePlan
+from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost, shm, wire
 from stage_server.errors import (
     DeadlineExceeded,

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moirai.partition import GATEWAY, StagePlan, TensorSpec
+from moirai.stageplan import GATEWAY, StagePlan, TensorSpec
 from stage_server import wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.codec import datatype_of

@@ -27,7 +27,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moirai.errors import MoiraiError
-from moirai.partition import GATEWAY, StagePlan
+from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost
 from stage_server.chain import ChainHandler, ChainServicer, Peers
 from stage_server.chain import add_to_server as add_chain_to_server

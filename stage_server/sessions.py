@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec, TensorSpec
+from moirai.stageplan import DeviceSpec, TensorSpec
 from stage_server import codec, samehost, shm
 
 

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from moirai.partition import GATEWAY, StagePlan, extract_stage
+from moirai.partition import extract_stage
+from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import NotFound, ServingError, StageFailed, status_of

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from moirai.cli.options import check_port_free, positive_float, positive_int
 from moirai.errors import MoiraiError
-from moirai.partition import StagePlan
 from moirai.runtime.daemon import (
     Stoppable,
     check_model_file,
     peer_addresses,
     run_until_signalled,
 )
+from moirai.stageplan import StagePlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -12,13 +12,12 @@ device's transfers included when it pays for them, see `moirai.placement.simulat
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from moirai.errors import MoiraiError
-from moirai.textfile import read_text
+from moirai.textfile import read_json, write_json
 
 FORMAT = "moirai.placement/v1"
 Status = Literal["optimal", "feasible", "heuristic", "infeasible"]
@@ -155,12 +154,7 @@ class Placement:
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
-        text = read_text(path, "placement", MoiraiError)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoiraiError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, "placement", MoiraiError), str(path))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict(), "placement")

@@ -58,7 +58,6 @@ how its time was measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,7 @@ from moirai.graph import OpGraph
 from moirai.profile.analytic import node_flops
 from moirai.profile.links import LinkFit
 from moirai.profile.targets import Target, parse_device
-from moirai.textfile import read_text
+from moirai.textfile import read_json, write_json
 
 FORMAT = "moirai.profile/v1"
 METHODS = ("trace", "submodel", "none")
@@ -216,15 +215,10 @@ class ProfileDocument:
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileDocument:
-        text = read_text(path, "profile", ProfileError)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ProfileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, "profile", ProfileError), str(path))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict(), "profile")
 
     def merge(self, other: ProfileDocument) -> ProfileDocument:
         """Both documents' devices (the other's win on a name clash) and link (the other's

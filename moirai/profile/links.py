@@ -44,7 +44,8 @@ from onnx import helper
 
 from moirai.costgraph import Link
 from moirai.errors import MoiraiError
-from moirai.partition import GATEWAY, DeviceSpec, StagePlan, build_plan
+from moirai.partition import build_plan
+from moirai.stageplan import GATEWAY, DeviceSpec, StagePlan
 from stage_server.chain import ChainServicer, Delivery, Peers, now_ms
 from stage_server.protos import stage_pb2_grpc
 from stage_server.serve import start_stage

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec as PlanDevice
+from moirai.stageplan import DeviceSpec as PlanDevice
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

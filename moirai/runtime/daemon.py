@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from moirai.errors import MoiraiError
-from moirai.partition import StagePlan
+from moirai.stageplan import StagePlan
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0

@@ -31,8 +31,8 @@ from types import TracebackType
 import grpc
 
 from moirai.errors import MoiraiError
-from moirai.partition import GATEWAY, StagePlan
 from moirai.runtime.planning import core_sets
+from moirai.stageplan import GATEWAY, StagePlan
 
 PR_SET_PDEATHSIG = 1
 LOCALHOST = "127.0.0.1"

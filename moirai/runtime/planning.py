@@ -32,12 +32,13 @@ from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet
 from moirai.errors import InfeasibleError, MoiraiError
 from moirai.graph import load_model
-from moirai.partition import DeviceSpec, StagePlan, build_plan
+from moirai.partition import build_plan
 from moirai.pipeline import build_costgraph
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
 from moirai.profile import Profile
 from moirai.runtime.prediction import Prediction, call_overheads, predict
+from moirai.stageplan import DeviceSpec, StagePlan
 
 MAX_LOCAL_CPU_DEVICES = 4
 # What one hop between local stage servers costs, as the solver should see it. Measured on the

@@ -34,10 +34,10 @@ from onnx import helper
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
-from moirai.partition import GATEWAY, ONNX_DATATYPES, StagePlan
 from moirai.placement import evaluate
 from moirai.profile import Profile
 from moirai.profile.document import DocumentProfile
+from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 
 # The client's Open Inference Protocol call to the gateway: one gRPC round trip carrying the
 # inputs one way and the outputs the other (measured like the chain's gRPC path).

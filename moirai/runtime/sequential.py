@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from moirai.partition import StagePlan, extract_stage
+from moirai.partition import extract_stage
+from moirai.stageplan import StagePlan
 from stage_server.sessions import create_session
 
 

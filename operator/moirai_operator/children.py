@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moirai.errors import MoiraiError
-from moirai.partition import GATEWAY
+from moirai.stageplan import GATEWAY
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import (

@@ -14,9 +14,9 @@ from moirai_operator.spec import Defaults, parse_spec
 from moirai_operator.status import InsufficientMemoryError, placement_summary
 from operator_bodies import make_node, make_spec, write_mlp
 
-from moirai.partition import StagePlan
 from moirai.pipeline import build_costgraph
 from moirai.runtime.prediction import predict
+from moirai.stageplan import StagePlan
 
 NODES = [
     node_facts(make_node("g", "gpu", gpus=2, product="Tesla-T4")),

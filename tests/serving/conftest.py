@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import onnx
 import pytest
 
-from moirai.partition import DeviceSpec, StagePlan, build_plan
+from moirai.partition import build_plan
+from moirai.stageplan import DeviceSpec, StagePlan
 from stage_server.serve import GatewayHandle, StageHandle, start_gateway, start_stage
 
 

@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import pytest
 
-from moirai.partition import DeviceSpec, Stage, StagePlan
+from moirai.stageplan import DeviceSpec, Stage, StagePlan
 from stage_server import chain, samehost, shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
 from stage_server.errors import (

@@ -14,10 +14,11 @@ from onnx import helper, numpy_helper
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import local_devices
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec, build_plan
+from moirai.partition import build_plan
 from moirai.profile.document import DocumentProfile, ProfileDocument
 from moirai.runtime.planning import available_cores, describe, plan_model, split_cpu
 from moirai.runtime.prediction import Prediction, call_overheads, predict
+from moirai.stageplan import DeviceSpec
 
 from . import models
 

@@ -16,7 +16,8 @@ import tritonclient.grpc.aio as tgrpc
 import tritonclient.http.aio as thttp
 
 from moirai.errors import MoiraiError
-from moirai.partition import DeviceSpec, build_plan
+from moirai.partition import build_plan
+from moirai.stageplan import DeviceSpec
 from stage_server import codec, samehost
 from stage_server.client import AsyncInferenceClient
 from stage_server.errors import InvalidInput

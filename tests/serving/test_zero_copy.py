@@ -11,7 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from moirai.partition import DeviceSpec, TensorSpec, build_plan
+from moirai.partition import build_plan
+from moirai.stageplan import DeviceSpec, TensorSpec
 from stage_server import shm, wire
 from stage_server.client import AsyncInferenceClient
 from stage_server.sessions import StageSession

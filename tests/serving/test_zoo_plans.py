@@ -11,10 +11,11 @@ import pytest
 
 from moirai import zoo
 from moirai.devices import local_devices
-from moirai.partition import DeviceSpec, build_plan
+from moirai.partition import build_plan
 from moirai.pipeline import build_costgraph
 from moirai.runtime.planning import plan_model, split_cpu
 from moirai.runtime.sequential import run_sequential
+from moirai.stageplan import DeviceSpec
 
 pytestmark = pytest.mark.timeout(300)
 DEVICES = split_cpu(local_devices(), 2)

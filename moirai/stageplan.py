@@ -1,0 +1,278 @@
+"""The stage plan format, `moirai.stageplan/v1`: dataclasses, validation, load and save.
+
+What `moirai serve` writes and every stage server and the front end read; `moirai.partition`
+builds plans.
+
+The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every server reads)::
+
+    {
+      "format": "moirai.stageplan/v1",
+      "model": {"name": "mlp", "path": "mlp.onnx", "sha256": "…",
+                "input_shapes": {"x": [1, 64]}},
+      "devices": [{"name": "cpu-0", "kind": "cpu", "threads": 1},
+                  {"name": "gpu-0", "kind": "gpu", "device_id": 0}],
+      "inputs":  [{"name": "x", "datatype": "FP32", "shape": [1, 64]}],
+      "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 10]}],
+      "tensors": {"h": {"datatype": "FP32", "shape": [1, 256]}},
+      "stages": [
+        {"id": "s0", "device": "cpu-0", "nodes": ["MatMul_0", "Relu_1"],
+         "inputs": ["x"], "outputs": ["h"]},
+        {"id": "s1", "device": "cpu-1", "nodes": ["MatMul_2"],
+         "inputs": ["h"], "outputs": ["y"]}
+      ],
+      "routing": {"x": ["s0"], "h": ["s1"], "y": ["gateway"]},
+      "endpoints": {"cpu-0": "127.0.0.1:50051", "cpu-1": "127.0.0.1:50052",
+                    "gateway": "127.0.0.1:50050"},
+      "predicted": {"solver": "cpsat", "objective": "latency", "makespan_ms": 1.9}
+    }
+
+- `model.path` and `model.input_shapes` are what `moirai.graph.load_model` needs to rebuild the
+  same canonical node names; `sha256` (of the file) lets a server refuse a different model.
+- `inputs`/`outputs` are the model's; `tensors` types every tensor that crosses a stage border.
+  Datatypes are Open Inference Protocol names; a dimension of -1 is not fixed.
+- `stages` are in a topological order of the stage DAG; `nodes` are canonical ONNX node names in
+  model order; `inputs`/`outputs` are the tensors crossing the stage's border.
+- `routing` maps every tensor that travels to its consumers: stage ids, and `"gateway"` for the
+  model's outputs. Model inputs are routed from the gateway.
+- `endpoints` (optional, filled by whoever deploys) maps device names and `"gateway"` to the
+  gRPC address of their chain service; command-line flags override it.
+- `predicted` is informative: the placement's solver, objective and predicted times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnx import TensorProto
+
+from moirai.errors import MoiraiError
+from moirai.textfile import read_json, write_json
+
+FORMAT = "moirai.stageplan/v1"
+GATEWAY = "gateway"
+
+# ONNX element types that can cross a stage border or the gateway, by OIP datatype name.
+ONNX_DATATYPES: Mapping[int, str] = {
+    TensorProto.BOOL: "BOOL",
+    TensorProto.UINT8: "UINT8",
+    TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32",
+    TensorProto.UINT64: "UINT64",
+    TensorProto.INT8: "INT8",
+    TensorProto.INT16: "INT16",
+    TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64",
+    TensorProto.FLOAT16: "FP16",
+    TensorProto.FLOAT: "FP32",
+    TensorProto.DOUBLE: "FP64",
+}
+
+
+class PlanError(MoiraiError):
+    """A stage plan is malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a dimension that is not fixed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    name: str
+    kind: str = "cpu"
+    threads: int | None = None
+    """ONNX Runtime intra-op threads (CPU devices); None lets ONNX Runtime choose."""
+    device_id: int | None = None
+    """CUDA device ordinal (GPU devices)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.threads is not None:
+            out["threads"] = self.threads
+        if self.device_id is not None:
+            out["device_id"] = self.device_id
+        return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    device: str
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    model_name: str
+    devices: tuple[DeviceSpec, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    tensors: Mapping[str, TensorSpec]
+    stages: tuple[Stage, ...]
+    routing: Mapping[str, tuple[str, ...]]
+    model_path: str = ""
+    model_sha256: str = ""
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    predicted: Mapping[str, Any] = field(default_factory=dict)
+
+    def stage(self, stage_id: str) -> Stage:
+        for s in self.stages:
+            if s.id == stage_id:
+                return s
+        raise PlanError(f"the plan has no stage {stage_id!r}")
+
+    def device(self, name: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise PlanError(
+            f"the plan has no device {name!r}; its devices are "
+            f"{', '.join(d.name for d in self.devices)}"
+        )
+
+    def stages_on(self, device: str) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.device == device)
+
+    @property
+    def used_devices(self) -> tuple[str, ...]:
+        """Devices that hold at least one stage, in plan order."""
+        used = {s.device for s in self.stages}
+        return tuple(d.name for d in self.devices if d.name in used)
+
+    def spec(self, tensor: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == tensor:
+                return t
+        return self.tensors[tensor]
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": {
+                "name": self.model_name,
+                "path": self.model_path,
+                "sha256": self.model_sha256,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+            },
+            "devices": [d.to_dict() for d in self.devices],
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "tensors": {
+                name: {"datatype": t.datatype, "shape": list(t.shape)}
+                for name, t in self.tensors.items()
+            },
+            "stages": [
+                {
+                    "id": s.id,
+                    "device": s.device,
+                    "nodes": list(s.nodes),
+                    "inputs": list(s.inputs),
+                    "outputs": list(s.outputs),
+                }
+                for s in self.stages
+            ],
+            "routing": {k: list(v) for k, v in self.routing.items()},
+            "endpoints": dict(self.endpoints),
+            "predicted": dict(self.predicted),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "plan") -> StagePlan:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise PlanError(f"{where}: not a {FORMAT} document (check its 'format' field)")
+        try:
+            model = data["model"]
+            plan = cls(
+                model_name=str(model["name"]),
+                model_path=str(model.get("path", "")),
+                model_sha256=str(model.get("sha256", "")),
+                input_shapes={
+                    str(k): tuple(int(d) for d in v)
+                    for k, v in model.get("input_shapes", {}).items()
+                },
+                devices=tuple(
+                    DeviceSpec(
+                        name=str(d["name"]),
+                        kind=str(d.get("kind", "cpu")),
+                        threads=None if d.get("threads") is None else int(d["threads"]),
+                        device_id=None if d.get("device_id") is None else int(d["device_id"]),
+                    )
+                    for d in data["devices"]
+                ),
+                inputs=tuple(_tensor_spec(t["name"], t) for t in data["inputs"]),
+                outputs=tuple(_tensor_spec(t["name"], t) for t in data["outputs"]),
+                tensors={str(k): _tensor_spec(k, v) for k, v in data.get("tensors", {}).items()},
+                stages=tuple(
+                    Stage(
+                        id=str(s["id"]),
+                        device=str(s["device"]),
+                        nodes=tuple(map(str, s["nodes"])),
+                        inputs=tuple(map(str, s["inputs"])),
+                        outputs=tuple(map(str, s["outputs"])),
+                    )
+                    for s in data["stages"]
+                ),
+                routing={str(k): tuple(map(str, v)) for k, v in data["routing"].items()},
+                endpoints={str(k): str(v) for k, v in data.get("endpoints", {}).items()},
+                predicted=dict(data.get("predicted", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlanError(f"{where}: malformed stage plan ({type(e).__name__}: {e})") from None
+        _validate(plan, where)
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> StagePlan:
+        return cls.from_dict(read_json(path, "stage plan", PlanError), str(path))
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict(), "stage plan")
+
+
+def _tensor_spec(name: str, data: Mapping[str, Any]) -> TensorSpec:
+    return TensorSpec(
+        name=str(name),
+        datatype=str(data["datatype"]),
+        shape=tuple(int(d) for d in data["shape"]),
+    )
+
+
+def _validate(plan: StagePlan, where: str) -> None:
+    devices = {d.name for d in plan.devices}
+    ids = [s.id for s in plan.stages]
+    if len(set(ids)) != len(ids) or GATEWAY in ids:
+        raise PlanError(f"{where}: stage ids must be unique and not {GATEWAY!r}")
+    known_ids = set(ids)
+    datatypes = ONNX_DATATYPES.values()
+    for t in (*plan.inputs, *plan.outputs, *plan.tensors.values()):
+        if t.datatype not in datatypes:
+            raise PlanError(
+                f"{where}: tensor {t.name!r} has datatype {t.datatype!r}: "
+                f"use one of {', '.join(datatypes)}"
+            )
+    for s in plan.stages:
+        if s.device not in devices:
+            raise PlanError(f"{where}: stage {s.id} names unknown device {s.device!r}")
+        for t in (*s.inputs, *s.outputs):
+            try:
+                plan.spec(t)
+            except KeyError:
+                raise PlanError(f"{where}: stage {s.id} tensor {t!r} has no type") from None
+    for tensor, consumers in plan.routing.items():
+        for c in consumers:
+            if c != GATEWAY and c not in known_ids:
+                raise PlanError(f"{where}: routing of {tensor!r} names unknown stage {c!r}")
