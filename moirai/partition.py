@@ -2,9 +2,9 @@
 
 A placement says on which device each fused group runs; serving needs more: which nodes run
 together in one ONNX Runtime session (a *stage*), which tensors cross between stages, and where
-each crossing tensor goes. `build_plan` derives that, and `extract_stage` cuts one stage's
-sub-model out of the model, so every stage server builds its own sessions from the model and the
-plan alone (no artefact store).
+each crossing tensor goes. `build_plan` derives that; `moirai.stagecut.extract_stage` then cuts
+one stage's sub-model out of the model, so every stage server builds its own sessions from the
+model and the plan alone (no artefact store).
 
 How stages are formed. Groups are visited in a topological order of the model's data flow that
 follows the schedule (earliest start first, model order on ties). Each group joins the open stage
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
@@ -35,7 +35,6 @@ from moirai.stageplan import (
     GATEWAY,
     ONNX_DATATYPES,
     DeviceSpec,
-    PlanError,
     Stage,
     StagePlan,
     TensorSpec,
@@ -77,7 +76,7 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in (*g.value_info, *g.input, *g.output)}
 
 
-def _typed(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, onnx.ValueInfoProto]:
+def typed_values(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, onnx.ValueInfoProto]:
     """ValueInfo of each tensor, running ONNX shape inference when the model lacks some."""
     names = list(names)
     types = _value_types(model)
@@ -292,7 +291,7 @@ def build_plan(
         if t not in producer and t not in model_inputs:
             raise ModelError(f"tensor {t!r} is read but neither produced nor a model input")
 
-    types = _typed(model, [*model_inputs, *model_outputs, *routing])
+    types = typed_values(model, [*model_inputs, *model_outputs, *routing])
     border = {t for s in stages for t in (*s.inputs, *s.outputs)}
     return StagePlan(
         model_name=model_name or graph.name or "model",
@@ -370,34 +369,3 @@ def _topological_stages(reach: Sequence[set[int]]) -> list[int]:
         else:  # pragma: no cover - build_plan keeps the stage DAG acyclic
             raise AssertionError("stage DAG has a cycle")
     return order
-
-
-# -------------------------------------------------------------------- cutting
-def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onnx.ModelProto:
-    """The ONNX sub-model of one stage: its nodes, the initializers they read, its border."""
-    stage = plan.stage(stage_id)
-    graph = model.graph
-    wanted = set(stage.nodes)
-    nodes = [n for n in graph.node if n.name in wanted]
-    if len(nodes) != len(wanted):
-        missing = sorted(wanted - {n.name for n in nodes})
-        raise PlanError(
-            f"stage {stage_id} names node {missing[0]!r}, which the model lacks: the plan was "
-            "made for another model or other input shapes"
-        )
-    read = {t for n in nodes for t in node_inputs(n)}
-    types = _typed(model, [*stage.inputs, *stage.outputs])
-    sub = helper.make_graph(
-        nodes,
-        f"{graph.name or 'model'}_{stage_id}",
-        [types[t] for t in stage.inputs],
-        [types[t] for t in stage.outputs],
-        initializer=[i for i in graph.initializer if i.name in read],
-        sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
-    )
-    return helper.make_model(
-        sub,
-        opset_imports=list(model.opset_import),
-        ir_version=model.ir_version,
-        functions=list(model.functions),
-    )

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from moirai.partition import extract_stage
+from moirai.stagecut import extract_stage
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import shm, wire
 from stage_server.chain import Delivery, Peers, now_ms

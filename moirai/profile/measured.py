@@ -111,7 +111,7 @@ from moirai.fusion import (
     restore_layout,
 )
 from moirai.graph import InputShapes, OpGraph, build_graph, load_model
-from moirai.partition import build_plan, extract_stage
+from moirai.partition import build_plan
 from moirai.profile.analytic import node_flops
 from moirai.profile.cache import ProfileCache
 from moirai.profile.document import (
@@ -125,6 +125,7 @@ from moirai.profile.document import (
 from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, measure_loopback
 from moirai.profile.links import PATH as LINK_PATH
 from moirai.profile.targets import Target, cpu_model, signature, usable_cores
+from moirai.stagecut import extract_stage
 from moirai.stageplan import DeviceSpec as PlanDevice
 from stage_server.sessions import create_session, execution_providers, session_options
 

@@ -2,7 +2,7 @@
 
 This is the reference semantics of a plan: the chained servers must produce exactly what this
 produces, and this must reproduce the whole model (the property tests check both). It cuts every
-stage with `moirai.partition.extract_stage` and runs it in its own ONNX Runtime session, exactly
+stage with `moirai.stagecut.extract_stage` and runs it in its own ONNX Runtime session, exactly
 as the stage servers do, only without the network.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from moirai.partition import extract_stage
+from moirai.stagecut import extract_stage
 from moirai.stageplan import StagePlan
 from stage_server.sessions import create_session
 

@@ -12,9 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moirai.errors import ModelError, MoiraiError
-from moirai.partition import build_plan, extract_stage
+from moirai.partition import build_plan
 from moirai.runtime.daemon import peer_addresses
 from moirai.runtime.sequential import run_sequential
+from moirai.stagecut import extract_stage
 from moirai.stageplan import GATEWAY, DeviceSpec, PlanError, StagePlan
 
 from . import models
