@@ -15,11 +15,12 @@ The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every ser
       "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 10]}],
       "tensors": {"h": {"datatype": "FP32", "shape": [1, 256]}},
       "stages": [
-        {"id": "s0", "device": "cpu-0", "nodes": ["MatMul_0", "Relu_1"],
+        {"id": "s0", "device": "cpu-0", "lane": 0, "nodes": ["MatMul_0", "Relu_1"],
          "inputs": ["x"], "outputs": ["h"]},
-        {"id": "s1", "device": "cpu-1", "nodes": ["MatMul_2"],
+        {"id": "s1", "device": "cpu-1", "lane": 0, "nodes": ["MatMul_2"],
          "inputs": ["h"], "outputs": ["y"]}
       ],
+      "lanes": [{"weight": 1.0}],
       "routing": {"x": ["s0"], "h": ["s1"], "y": ["gateway"]},
       "endpoints": {"cpu-0": "127.0.0.1:50051", "cpu-1": "127.0.0.1:50052",
                     "gateway": "127.0.0.1:50050"},
@@ -34,6 +35,12 @@ The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every ser
   model order; `inputs`/`outputs` are the tensors crossing the stage's border.
 - `routing` maps every tensor that travels to its consumers: stage ids, and `"gateway"` for the
   model's outputs. Model inputs are routed from the gateway.
+- `lanes` (optional; default one lane of weight 1): a plan may hold several complete copies of
+  the chain, each on its own devices, and each stage names its `lane` (default 0). Stages of
+  different lanes never share a device, and each lane produces every model output. `routing`
+  lists the consumers of every lane; a sender pushes only to those of its own lane
+  (`StagePlan.routes`), and the front end sends each request to one lane, chosen by `weight`
+  (relative, > 0) and the requests each lane has in flight.
 - `endpoints` (optional, filled by whoever deploys) maps device names and `"gateway"` to the
   gRPC address of their chain service; command-line flags override it.
 - `predicted` is informative: the placement's solver, objective and predicted times.
@@ -111,6 +118,15 @@ class Stage:
     nodes: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    lane: int = 0
+    """The copy of the chain this stage belongs to (`StagePlan.lanes`)."""
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One complete copy of the chain; requests are shared among lanes by weight."""
+
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,7 @@ class StagePlan:
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     endpoints: Mapping[str, str] = field(default_factory=dict)
     predicted: Mapping[str, Any] = field(default_factory=dict)
+    lanes: tuple[Lane, ...] = (Lane(),)
 
     def stage(self, stage_id: str) -> Stage:
         for s in self.stages:
@@ -145,6 +162,20 @@ class StagePlan:
 
     def stages_on(self, device: str) -> tuple[Stage, ...]:
         return tuple(s for s in self.stages if s.device == device)
+
+    def stages_of_lane(self, lane: int) -> tuple[Stage, ...]:
+        """The stages of one lane, in plan order."""
+        return tuple(s for s in self.stages if s.lane == lane)
+
+    def devices_of_lane(self, lane: int) -> tuple[str, ...]:
+        """Devices that hold a stage of `lane`, in plan order."""
+        used = {s.device for s in self.stages if s.lane == lane}
+        return tuple(d.name for d in self.devices if d.name in used)
+
+    def routes(self, tensor: str, lane: int) -> tuple[str, ...]:
+        """The consumers of `tensor` in `lane`: its stages there, and "gateway"."""
+        lanes = {s.id: s.lane for s in self.stages}
+        return tuple(c for c in self.routing.get(tensor, ()) if lanes.get(c, lane) == lane)
 
     @property
     def used_devices(self) -> tuple[str, ...]:
@@ -182,9 +213,11 @@ class StagePlan:
                     "nodes": list(s.nodes),
                     "inputs": list(s.inputs),
                     "outputs": list(s.outputs),
+                    "lane": s.lane,
                 }
                 for s in self.stages
             ],
+            "lanes": [{"weight": lane.weight} for lane in self.lanes],
             "routing": {k: list(v) for k, v in self.routing.items()},
             "endpoints": dict(self.endpoints),
             "predicted": dict(self.predicted),
@@ -223,8 +256,12 @@ class StagePlan:
                         nodes=tuple(map(str, s["nodes"])),
                         inputs=tuple(map(str, s["inputs"])),
                         outputs=tuple(map(str, s["outputs"])),
+                        lane=_integer(s.get("lane", 0), f"stage {s['id']} lane"),
                     )
                     for s in data["stages"]
+                ),
+                lanes=tuple(
+                    Lane(weight=float(lane.get("weight", 1.0))) for lane in data.get("lanes", [{}])
                 ),
                 routing={str(k): tuple(map(str, v)) for k, v in data["routing"].items()},
                 endpoints={str(k): str(v) for k, v in data.get("endpoints", {}).items()},
@@ -249,6 +286,12 @@ def _tensor_spec(name: str, data: Mapping[str, Any]) -> TensorSpec:
         datatype=str(data["datatype"]),
         shape=tuple(int(d) for d in data["shape"]),
     )
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, not {value!r}")
+    return value
 
 
 def _validate(plan: StagePlan, where: str) -> None:
@@ -276,3 +319,46 @@ def _validate(plan: StagePlan, where: str) -> None:
         for c in consumers:
             if c != GATEWAY and c not in known_ids:
                 raise PlanError(f"{where}: routing of {tensor!r} names unknown stage {c!r}")
+    _validate_lanes(plan, where)
+
+
+def _validate_lanes(plan: StagePlan, where: str) -> None:
+    """Lanes are complete copies of the chain on disjoint devices."""
+    if not plan.lanes:
+        raise PlanError(f"{where}: 'lanes' is empty: give at least one lane (or leave it out)")
+    for k, lane in enumerate(plan.lanes):
+        if not (0 < lane.weight < float("inf")):
+            raise PlanError(f"{where}: lane {k} has weight {lane.weight}: give a number above 0")
+    owner: dict[str, int] = {}
+    for s in plan.stages:
+        if not 0 <= s.lane < len(plan.lanes):
+            raise PlanError(
+                f"{where}: stage {s.id} is in lane {s.lane}, but the plan has "
+                f"{len(plan.lanes)} lane(s): number lanes from 0 (and list each in 'lanes')"
+            )
+        if owner.setdefault(s.device, s.lane) != s.lane:
+            raise PlanError(
+                f"{where}: device {s.device} holds stages of lanes {owner[s.device]} and "
+                f"{s.lane}: lanes must run on disjoint devices"
+            )
+    if len(plan.lanes) == 1:
+        return
+    model_inputs = {t.name for t in plan.inputs}
+    for k in range(len(plan.lanes)):
+        stages = plan.stages_of_lane(k)
+        if not stages:
+            raise PlanError(f"{where}: lane {k} has no stage")
+        produced = {t for s in stages for t in s.outputs} | model_inputs
+        for s in stages:
+            for t in s.inputs:
+                if t not in produced:
+                    raise PlanError(
+                        f"{where}: stage {s.id} of lane {k} takes {t!r}, which no stage of "
+                        "its lane produces: each lane must be a complete copy of the chain"
+                    )
+        missing = [t.name for t in plan.outputs if t.name not in produced]
+        if missing:
+            raise PlanError(
+                f"{where}: lane {k} produces no model output {missing[0]!r}: each lane must "
+                "be a complete copy of the chain"
+            )

@@ -10,13 +10,13 @@ import gc
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 import pytest
 
 from moirai.partition import build_plan
-from moirai.stageplan import DeviceSpec, StagePlan
+from moirai.stageplan import GATEWAY, DeviceSpec, Lane, StagePlan
 from stage_server.serve import GatewayHandle, StageHandle, start_gateway, start_stage
 
 
@@ -108,3 +108,24 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
         for s in c.stages.values():
             await s.stop(0)
     assert shared_memory_in_use() == before, "shared memory left after the servers stopped"
+
+
+def laned(plan: StagePlan, weights: tuple[float, ...] = (1.0, 1.0)) -> StagePlan:
+    """A hand-built plan of `len(weights)` lanes: lane k > 0 copies every stage of `plan` (ids
+    and devices suffixed "-l{k}") and routes each tensor to the copies of its consumers too."""
+    devices = list(plan.devices)
+    stages = list(plan.stages)
+    routing = {t: list(c) for t, c in plan.routing.items()}
+    for k in range(1, len(weights)):
+        devices += [replace(d, name=f"{d.name}-l{k}") for d in plan.devices]
+        stages += [replace(s, id=f"{s.id}-l{k}", device=f"{s.device}-l{k}", lane=k)
+                   for s in plan.stages]  # fmt: skip
+        for consumers in routing.values():
+            consumers += [f"{c}-l{k}" for c in list(consumers) if c != GATEWAY and "-l" not in c]
+    return replace(
+        plan,
+        devices=tuple(devices),
+        stages=tuple(stages),
+        routing={t: tuple(c) for t, c in routing.items()},
+        lanes=tuple(Lane(w) for w in weights),
+    )
