@@ -6,7 +6,7 @@
 
 For each zoo model (`moirai.zoo`) and each devices file (default: `examples/devices/bench-3.yaml`,
 `bench-4.yaml` and `bench-gpus.yaml`), builds the cost graph with the analytic profile
-(`moirai.pipeline.build_costgraph`) and runs each solver through `moirai.placement.solve`, which
+(`moirai.planning.build_costgraph`) and runs each solver through `moirai.placement.solve`, which
 re-checks every plan with the simulator. Records makespan, lower bound, gap, status and time,
 the coarsening (ONNX nodes -> fusion groups -> tasks), and the speed-up of `auto` over the best
 single device, HEFT, GETF and m-SCT (baseline makespan / auto makespan). `milp-highs` and
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from moirai import zoo  # noqa: E402
 from moirai.errors import MoiraiError  # noqa: E402
-from moirai.pipeline import build_costgraph  # noqa: E402
 from moirai.placement import default_threads, solve  # noqa: E402
+from moirai.planning import build_costgraph  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DEVICE_SETS = [

@@ -23,7 +23,7 @@ their tables, so a change can be measured without overwriting the full report:
    so both see the same machine; the CPU each process spends per request gives the speed-up
    the plan allows when the cores are the benchmark's alone;
 4. predicted against measured latency of latency plans: the latency of the plan as served
-   (`moirai.runtime.prediction`: stages, their hops, the gateway's pushes, the client's call),
+   (`moirai.planning.prediction`: stages, their hops, the gateway's pushes, the client's call),
    next to the solver's makespan.
 
 Everything runs as real processes on loopback (`moirai.runtime.local.LocalDeployment`), with
@@ -57,9 +57,9 @@ sys.path.insert(0, str(ROOT))
 from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
-from moirai.pipeline import build_costgraph  # noqa: E402
+from moirai.planning import build_costgraph, plan_model  # noqa: E402
+from moirai.planning.cpu import split_cpu  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
-from moirai.runtime.planning import plan_model, split_cpu  # noqa: E402
 from moirai.stageplan import GATEWAY, DeviceSpec  # noqa: E402
 from stage_server.client import AsyncInferenceClient, InferenceClient  # noqa: E402
 from stage_server.codec import DTYPES  # noqa: E402
@@ -300,17 +300,19 @@ def bench_throughput(
     rounds: int,
 ) -> list[dict]:
     """For each (profile, max_tasks) variant: plan, serve, compare with single-process ORT."""
-    from moirai.profile import resolve
+    from moirai.planning import load
+    from moirai.planning.inputs import resolve_profile
 
     path = zoo.get(name)
     shapes = zoo.input_shapes(name)
+    model = load(path, shapes)
     devices = split_cpu(local_devices(), 2)
     results = []
     for profile, max_tasks in variants:
         source = (
-            resolve("measured", path, shapes, method="submodel")
+            resolve_profile("measured", model, method="submodel")
             if profile == "measured"
-            else resolve("analytic", path, shapes)
+            else resolve_profile("analytic", model)
         )
         planned = plan_model(
             path,
@@ -447,7 +449,7 @@ def report(results: dict) -> str:
             "",
             "## Predicted vs measured latency, latency plans",
             "",
-            "Predicted: the plan as served (`moirai.runtime.prediction`: stages, hops, the "
+            "Predicted: the plan as served (`moirai.planning.prediction`: stages, hops, the "
             "gateway's pushes and the client's call); the solver's makespan beside it.",
             "",
             "| model | devices | stages | makespan ms | predicted ms | measured ms |",

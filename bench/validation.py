@@ -11,7 +11,7 @@ For each zoo model and each device count N (CPU devices of one thread each, as `
 1. profile with `moirai.profile.measured` (fresh: a private cache for this run), which also
    measures the loopback link between two stage servers;
 2. plan with the solver (`plan_model(..., profile=...)`, latency objective), which predicts the
-   plan *as served* (`moirai.runtime.prediction`, what `moirai serve` and `moirai demo` print):
+   plan *as served* (`moirai.planning.prediction`, what `moirai serve` and `moirai demo` print):
    the runtime runs stages, not groups — a stage starts once all its inputs are in and sends
    its outputs when all its groups are done, and each run is one session call — so the stage
    plan becomes a cost graph of its own (one task per stage: its groups' measured times plus
@@ -64,10 +64,12 @@ from moirai.devices import local_devices  # noqa: E402
 from moirai.errors import MoiraiError  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
+from moirai.planning import plan_model  # noqa: E402
+from moirai.planning.cpu import available_cores, split_cpu  # noqa: E402
 from moirai.profile.cache import ProfileCache  # noqa: E402
 from moirai.profile.measured import MeasuredProfile, Settings  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402
-from moirai.runtime.planning import available_cores, plan_model, split_cpu  # noqa: E402
+from moirai.runtime.linkprobe import measure_loopback  # noqa: E402
 from moirai.stageplan import ONNX_DATATYPES, StagePlan, TensorSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -140,7 +142,9 @@ def validate(
         ),
     )
     devices = split_cpu(local, parts)
-    profile = MeasuredProfile(path, shapes, settings=settings, cache=cache)
+    profile = MeasuredProfile(
+        path, shapes, settings=settings, cache=cache, link_probe=measure_loopback
+    )
     planned = plan_model(path, devices, input_shapes=shapes, time_limit=limit, profile=profile)
     link = profile.document.link
     assert link is not None

@@ -1,11 +1,7 @@
 """ONNX Runtime sessions for one device of a stage plan.
 
-A CPU device gets the CPU execution provider with its own intra-op thread count (one inter-op
-thread, sequential execution, no spinning: the stage servers of several CPU devices share one
-machine, and a spinning pool would steal the cores of its neighbours). A GPU device gets the CUDA
-execution provider with its device id, falling back to the CPU provider only for operators CUDA
-lacks; when this ONNX Runtime build has no CUDA provider, that is an error the user can act on
-rather than a silent run on the CPU.
+Sessions are built by `moirai.sessions` (options and providers per device kind), which measured
+profiling shares, so that a profile times what the stage servers run.
 
 A stage server runs each session as a `StageSession`: outputs whose size the plan knows and
 that are large enough for shared memory (`stage_server.samehost.SHARED_MIN_BYTES`) are bound
@@ -21,54 +17,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from moirai.errors import MoiraiError
-from moirai.stageplan import DeviceSpec, TensorSpec
+from moirai.sessions import create_session, execution_providers, session_options
+from moirai.stageplan import TensorSpec
 from stage_server import codec, samehost, shm
 
-
-def create_session(
-    model: onnx.ModelProto,
-    device: DeviceSpec,
-    *,
-    threads: int | None = None,
-    cuda_device: int | None = None,
-) -> ort.InferenceSession:
-    """A session running `model` on `device`; `threads`/`cuda_device` override the plan's."""
-    options = session_options(threads if threads is not None else device.threads)
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=execution_providers(device, cuda_device)
-    )
-
-
-def session_options(threads: int | None) -> ort.SessionOptions:
-    """The options of every stage session (module docstring); measured profiling starts from
-    them too, so that it times what the stage servers run."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    return options
-
-
-def execution_providers(
-    device: DeviceSpec, cuda_device: int | None = None
-) -> list[str | tuple[str, dict[str, str]]]:
-    """The providers of a device: CUDA with its device id (CPU for what CUDA lacks), or CPU."""
-    if device.kind != "gpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise MoiraiError(
-            f"device {device.name} is a GPU, but this ONNX Runtime has no CUDA provider: "
-            "install onnxruntime-gpu (the `gpu` extra) or plan for CPU devices only"
-        )
-    ordinal = cuda_device if cuda_device is not None else (device.device_id or 0)
-    return [("CUDAExecutionProvider", {"device_id": str(ordinal)}), "CPUExecutionProvider"]
+__all__ = ["StageSession", "create_session", "execution_providers", "session_options"]
 
 
 class StageSession:

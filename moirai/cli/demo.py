@@ -62,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from moirai import zoo
+    from moirai.planning import Prediction, describe
     from moirai.runtime.local import LocalDeployment
-    from moirai.runtime.planning import describe
-    from moirai.runtime.prediction import Prediction
     from stage_server.client import InferenceClient
     from stage_server.codec import DTYPES
 

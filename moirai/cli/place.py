@@ -1,7 +1,7 @@
 """`moirai place`: plan a model (or a cost graph) across devices and report the plan.
 
-    moirai place MODEL.onnx --devices FILE|local [--input-shape NAME=DIMS ...] \
-        [--profile analytic|measured|FILE] [--max-tasks N]
+    moirai place MODEL.onnx --devices FILE|local [--cpu-devices N] \
+        [--input-shape NAME=DIMS ...] [--profile analytic|measured|FILE] [--max-tasks N]
     moirai place --costgraph FILE.json
         [--solver auto] [--objective latency|throughput] [--time-limit 60] [--threads N] \
         [--seed 0] [--pin TASK=DEVICE ...] [--memory-limit DEVICE=BYTES ...] [-o plan.json] \
@@ -12,8 +12,9 @@ and memory of every device (busy: computing, as a share of the makespan; for `th
 request with the transfers a device pays for, as a share of the period); `--compare` runs every
 available solver with the same limits side by side and keeps the best plan. Improving
 incumbents and bounds go to stderr while solving.
-A thin shell over `moirai.pipeline.build_costgraph` and `moirai.placement.solve`; every input
-error is one line and exit status 2 (see `moirai.cli`).
+`--devices local` are the devices `moirai serve --devices local` plans for (the same resolver,
+`moirai.planning.inputs.resolve`). A thin shell over `moirai.planning.build_costgraph` and
+`moirai.placement.solve`; every input error is one line and exit status 2 (see `moirai.cli`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("place", help="plan a model across devices and report the plan")
     p.add_argument("model", type=Path, nargs="?", help="ONNX model file")
     p.add_argument("--devices", help="devices YAML file, or 'local' (with MODEL)")
+    p.add_argument(
+        "--cpu-devices",
+        type=positive_int,
+        help="with --devices local: split the CPU into this many devices (default: one per "
+        "core, at most 4), as `moirai serve` does",
+    )
     p.add_argument("--costgraph", type=Path, help="plan this moirai.costgraph/v1 file instead")
     p.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
@@ -109,20 +116,19 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
         raise MoiraiError("nothing to place: give MODEL.onnx --devices FILE, or --costgraph FILE")
     if not args.devices:
         raise MoiraiError("MODEL.onnx needs --devices FILE (a devices YAML file) or 'local'")
-    from moirai.devices import load_devices, local_devices
-    from moirai.pipeline import build_costgraph
-    from moirai.profile import resolve
-    from moirai.runtime.planning import parse_input_shapes
+    from moirai.planning import build_costgraph, resolve
 
-    devices = local_devices() if args.devices == "local" else load_devices(args.devices)
-    shapes = parse_input_shapes(args.input_shape) or None
-    profile = resolve(
-        args.profile,
+    inputs = resolve(
         args.model,
-        shapes,
+        args.devices,
+        cpu_devices=args.cpu_devices,
+        input_shapes=args.input_shape,
+        profile=args.profile,
         progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
     )
-    return build_costgraph(args.model, devices, shapes, profile=profile, max_tasks=args.max_tasks)
+    return build_costgraph(
+        inputs.model, inputs.devices, profile=inputs.profile, max_tasks=args.max_tasks
+    )
 
 
 class _Reporter:

@@ -73,10 +73,11 @@ def _progress(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import onnxruntime
 
+    from moirai.planning import parse_input_shapes
     from moirai.profile.cache import ProfileCache
     from moirai.profile.measured import MeasuredProfile, Settings
     from moirai.profile.targets import parse_device
-    from moirai.runtime.planning import parse_input_shapes
+    from moirai.runtime.linkprobe import measure_loopback
 
     if not args.verbose:  # e.g. ONNX Runtime 1.31's warning for every CUDA session it builds
         onnxruntime.set_default_logger_severity(3)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         parse_input_shapes(args.input_shape) or None,
         settings=Settings(args.warmup, args.repeats, args.method),
         cache=None if args.no_cache else ProfileCache.at(args.cache_dir),
-        links=not args.no_links,
+        link_probe=None if args.no_links else measure_loopback,
         progress=_progress,
     )
     document = profiler.measure(targets)
@@ -105,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _local_targets() -> list[tuple[str, Target]]:
-    from moirai.devices import local_devices
+    from moirai.planning.inputs import LOCAL, resolve_devices
     from moirai.profile.targets import Target
-    from moirai.runtime.planning import split_cpu
 
-    targets = dict.fromkeys(Target.of(d) for d in split_cpu(local_devices()).devices)
+    targets = dict.fromkeys(Target.of(d) for d in resolve_devices(LOCAL).devices)
     return [(t.key, t) for t in targets]
 
 

@@ -79,38 +79,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object = None):
-    from moirai.devices import load_devices, local_devices
-    from moirai.profile import resolve
-    from moirai.runtime.planning import parse_input_shapes, plan_model, split_cpu
+    """Plan `model` as the planning flags say (`input_shapes` overrides `--input-shape`)."""
+    from moirai.planning import plan_model, resolve
 
-    if args.devices == "local":
-        devices = split_cpu(local_devices(), args.cpu_devices)
-    else:
-        if args.cpu_devices:
-            raise MoiraiError("--cpu-devices applies to --devices local only")
-        devices = load_devices(args.devices)
-    shapes = parse_input_shapes(args.input_shape) if input_shapes is None else input_shapes
-    profile = resolve(
-        args.profile,
+    inputs = resolve(
         model,
-        shapes or None,
+        args.devices,
+        cpu_devices=args.cpu_devices,
+        input_shapes=args.input_shape if input_shapes is None else input_shapes,
+        profile=args.profile,
         progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
     )
     return plan_model(
-        model,
-        devices,
-        input_shapes=shapes,
+        inputs.model,
+        inputs.devices,
         solver=args.solver,
         objective=args.objective,
         time_limit=args.time_limit,
-        profile=profile,
+        profile=inputs.profile,
         max_tasks=args.max_tasks,
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from moirai.planning import describe
     from moirai.runtime.local import LocalDeployment
-    from moirai.runtime.planning import describe
 
     if args.grpc_port == args.http_port:
         raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")

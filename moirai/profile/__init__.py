@@ -8,20 +8,20 @@ and all groups at once, because measuring is cheapest per model (one profiled ru
 not per group.
 
 A source that knows more than task times (a measured link, where each number came from) also
-implements `Annotates`: `build_costgraph` hands it the finished cost graph to amend. `resolve`
-turns the command line's `--profile measured|analytic|FILE` into a source.
+implements `Annotates`: `build_costgraph` hands it the finished cost graph to amend.
+`moirai.planning.inputs.resolve_profile` turns the command line's
+`--profile measured|analytic|FILE` into a source.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
 from moirai.fusion import Group
-from moirai.graph import InputShapes, OpGraph
+from moirai.graph import OpGraph
 
 
 class Profile(Protocol):
@@ -40,37 +40,3 @@ class Annotates(Protocol):
     def annotate(self, costgraph: CostGraph) -> CostGraph:
         """The cost graph amended with what this source knows beyond task times."""
         ...
-
-
-def resolve(
-    spec: str,
-    model_path: str | Path,
-    input_shapes: InputShapes | None = None,
-    *,
-    cache_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
-    **settings: Any,
-) -> Profile:
-    """The source `--profile SPEC` names: `analytic` (roofline, no hardware), `measured` (this
-    machine's devices, measured now or taken from the profile cache; `settings` are
-    `moirai.profile.measured.Settings` fields) or the path of a profile file from
-    `moirai profile`, which must have been measured on this model with these input shapes."""
-    if spec == "analytic":
-        from moirai.profile.analytic import AnalyticProfile
-
-        return AnalyticProfile()
-    from moirai.profile.cache import ProfileCache
-    from moirai.profile.document import DocumentProfile, ProfileDocument
-    from moirai.profile.measured import MeasuredProfile, Settings, model_digest
-
-    if spec == "measured":
-        return MeasuredProfile(
-            model_path,
-            input_shapes,
-            settings=Settings(**settings),
-            cache=ProfileCache.at(cache_dir),
-            progress=progress,
-        )
-    document = ProfileDocument.load(spec)
-    document.check_model(model_digest(model_path), input_shapes or {})
-    return DocumentProfile(document, origin=str(spec))

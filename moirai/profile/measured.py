@@ -5,7 +5,7 @@ one model, `measure_device` produces a `DeviceProfile` (`moirai.profile.document
 groups of the device's provider (`moirai.fusion.fusion_groups`), each with its median time per
 run, its spread, how it was timed, and its memory.
 
-**Sessions as the stage servers build them.** Every session comes from `stage_server.sessions`
+**Sessions as the stage servers build them.** Every session comes from `moirai.sessions`
 (its options and providers), so the profile times what serving runs — graph optimisation level
 `ORT_ENABLE_ALL`, which on the CPU includes the NCHWc layout transformer — on the device's
 threads, pinned to as many cores as the local runtime pins a stage server to.
@@ -122,12 +122,12 @@ from moirai.profile.document import (
     ProfileError,
     allocate,
 )
-from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, measure_loopback
+from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, LinkProbe
 from moirai.profile.links import PATH as LINK_PATH
 from moirai.profile.targets import Target, cpu_model, signature, usable_cores
+from moirai.sessions import create_session, execution_providers, session_options
 from moirai.stagecut import extract_stage
 from moirai.stageplan import DeviceSpec as PlanDevice
-from stage_server.sessions import create_session, execution_providers, session_options
 
 log = logging.getLogger(__name__)
 
@@ -665,8 +665,10 @@ def link_signature() -> dict[str, Any]:
 
 
 class MeasuredProfile(DocumentProfile):
-    """Measures every device it is asked to price (or takes it from the cache), and the
-    loopback link between two local stage servers; a `Profile`."""
+    """Measures every device it is asked to price (or takes it from the cache), and with a
+    `link_probe` (`moirai.runtime.linkprobe.measure_loopback`) the loopback link between two
+    local stage servers; a `Profile`. `loaded` hands over the model already loaded (its
+    `load_model` model, graph and file digest), so it is not loaded again."""
 
     def __init__(
         self,
@@ -675,21 +677,24 @@ class MeasuredProfile(DocumentProfile):
         *,
         settings: Settings | None = None,
         cache: ProfileCache | None = None,
-        links: bool = True,
+        link_probe: LinkProbe | None = None,
         link_sizes: Sequence[int] = DEFAULT_SIZES,
         progress: Progress | None = None,
+        loaded: tuple[onnx.ModelProto, OpGraph, str] | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.input_shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
         self.settings = settings or Settings()
         self.cache = cache
-        self.links = links
+        self.link_probe = link_probe
         self.link_sizes = tuple(link_sizes)
         self.progress = progress
         self.cache_status: dict[str, str] = {}
         """Profile device name → "hit" or "measured"."""
         self._model: tuple[onnx.ModelProto, OpGraph] | None = None
-        digest = model_digest(self.model_path)
+        if loaded is not None:
+            self._model = (loaded[0], loaded[1])
+        digest = loaded[2] if loaded is not None else model_digest(self.model_path)
         super().__init__(
             ProfileDocument(
                 {
@@ -707,7 +712,7 @@ class MeasuredProfile(DocumentProfile):
         return self._model
 
     def measure(self, targets: Mapping[str, Target]) -> ProfileDocument:
-        """Profile each named target (cache first), and the link if asked; the document."""
+        """Profile each named target (cache first), and the link with a probe; the document."""
         for target in targets.values():
             target.check_available()
         devices = dict(self.document.devices)
@@ -728,11 +733,11 @@ class MeasuredProfile(DocumentProfile):
                     self.cache.put(digest, self.input_shapes, key, entry)
             devices[name] = entry
         link = self.document.link
-        if self.links and link is None:
+        if self.link_probe is not None and link is None:
             link = self.cache.get_link(link_signature()) if self.cache else None
             if link is None:
                 self._say("link: measuring two local stage servers over gRPC")
-                link = measure_loopback(self.link_sizes, progress=self.progress)
+                link = self.link_probe(self.link_sizes, progress=self.progress)
                 if self.cache is not None:
                     self.cache.put_link(link_signature(), link)
             self._say(

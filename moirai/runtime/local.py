@@ -31,7 +31,7 @@ from types import TracebackType
 import grpc
 
 from moirai.errors import MoiraiError
-from moirai.runtime.planning import core_sets
+from moirai.planning.cpu import core_sets
 from moirai.stageplan import GATEWAY, StagePlan
 
 PR_SET_PDEATHSIG = 1

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from moirai.sessions import create_session
 from moirai.stagecut import extract_stage
 from moirai.stageplan import StagePlan
-from stage_server.sessions import create_session
 
 
 def run_sequential(

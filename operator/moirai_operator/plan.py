@@ -43,7 +43,7 @@ class Plan:
     objective: str
     latency_ms: float
     """The latency predicted for the plan as served, gateway hops and the client's call
-    included (`moirai.runtime.prediction`): what `moirai serve` prints for the same plan."""
+    included (`moirai.planning.prediction`): what `moirai serve` prints for the same plan."""
     lower_bound_ms: float
     """The solver's bound on its objective (the cost graph's makespan or period)."""
     gap: float

@@ -1,7 +1,7 @@
 """Planning: matched pools and a model → a `Plan`, with Moirai's library doing the real work.
 
-    pools ──catalogue──► devices ──moirai.runtime.planning.plan_model──► stage plan, placement,
-                                                                         predicted latency
+    pools ──catalogue──► devices ──moirai.planning.plan_model──► stage plan, placement,
+                                                                 predicted latency
 
 The operator plans exactly as `moirai serve` does (cost graph, solver, stage plan, the latency
 predicted for the plan as served, gateway hops included); what it adds goes in through
@@ -26,7 +26,6 @@ from typing import Any
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet, DeviceSpec
-from moirai.errors import MoiraiError
 from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
@@ -105,24 +104,26 @@ class Planner:
         model_path: Path,
         profile: Mapping[str, Any] | None,
     ) -> Plan:
-        from moirai.runtime.planning import plan_model
+        from moirai.planning import plan_model, resolve
+        from moirai.profile.document import ProfileError
 
-        measured = None
-        if profile is not None:
-            from moirai.profile.document import DocumentProfile, ProfileDocument
-
-            try:
-                measured = DocumentProfile(ProfileDocument.from_dict(profile), "profiling Jobs")
-            except MoiraiError as e:
-                raise ProfilingError(f"the profiling Jobs returned a bad profile: {e}") from None
+        try:
+            inputs = resolve(
+                model_path,
+                device_set(doc),
+                input_shapes=spec.model.input_shapes,
+                profile=profile,
+                origin="profiling Jobs",
+            )
+        except ProfileError as e:
+            raise ProfilingError(f"the profiling Jobs returned a bad profile: {e}") from None
         planned = plan_model(
-            model_path,
-            device_set(doc),
-            input_shapes=spec.model.input_shapes,
+            inputs.model,
+            inputs.devices,
             solver=spec.placement.solver,
             objective="throughput" if spec.placement.objective == "throughput" else "latency",
             time_limit=spec.placement.time_limit_seconds,
-            profile=measured,
+            profile=inputs.profile,
             threads=self.threads,
             check=check_memory,
         )

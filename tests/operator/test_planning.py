@@ -14,8 +14,8 @@ from moirai_operator.spec import Defaults, parse_spec
 from moirai_operator.status import InsufficientMemoryError, placement_summary
 from operator_bodies import make_node, make_spec, write_mlp
 
-from moirai.pipeline import build_costgraph
-from moirai.runtime.prediction import predict
+from moirai.planning import build_costgraph
+from moirai.planning.prediction import predict
 from moirai.stageplan import StagePlan
 
 NODES = [

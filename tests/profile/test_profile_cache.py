@@ -19,7 +19,7 @@ CPU2 = {"cpu:threads=2": Target("cpu", threads=2)}
 
 
 def _profiler(model: ModelFile, cache: ProfileCache) -> MeasuredProfile:
-    return MeasuredProfile(model.path, model.input_shapes, settings=FAST, cache=cache, links=False)
+    return MeasuredProfile(model.path, model.input_shapes, settings=FAST, cache=cache)
 
 
 def test_second_profile_is_a_hit_and_other_threads_miss(

@@ -12,8 +12,8 @@ from profiling_support import FAST, ModelFile
 from moirai.devices import DeviceSet, DeviceSpec
 from moirai.fusion import Group
 from moirai.graph import build_graph, load_model
-from moirai.pipeline import build_costgraph
-from moirai.profile import resolve
+from moirai.planning import build_costgraph, load
+from moirai.planning.inputs import resolve_profile
 from moirai.profile.analytic import AnalyticProfile
 from moirai.profile.cache import ProfileCache
 from moirai.profile.document import (
@@ -34,7 +34,7 @@ def _cpu(name: str, threads: int | None = 1) -> DeviceSpec:
 
 def _measured(model: ModelFile, tmp_path: Path) -> ProfileDocument:
     profiler = MeasuredProfile(
-        model.path, model.input_shapes, settings=FAST, cache=ProfileCache.at(tmp_path), links=False
+        model.path, model.input_shapes, settings=FAST, cache=ProfileCache.at(tmp_path)
     )
     document = profiler.measure({"cpu:threads=1": Target("cpu", threads=1)})
     link = fit([LinkSample(n, (0.5 + n / 1e6,)) for n in (1024, 65536, 1 << 20)])
@@ -57,7 +57,7 @@ def test_file_prices_a_cost_graph_and_says_where_numbers_came_from(
     path = tmp_path / "profile.json"
     document.save(path)
     devices = DeviceSet((_cpu("cpu-0"), _cpu("cpu-1")))
-    profile = resolve(str(path), tiny_bert.path, tiny_bert.input_shapes)
+    profile = resolve_profile(str(path), load(tiny_bert.path, tiny_bert.input_shapes))
     costgraph = build_costgraph(tiny_bert.path, devices, tiny_bert.input_shapes, profile)
     entry = document.devices["cpu:threads=1"]
     total = sum(t.compute_ms["cpu-0"] for t in costgraph.tasks)
@@ -94,9 +94,11 @@ def test_profile_of_another_model_or_shape_is_refused(
     path = tmp_path / "profile.json"
     _measured(tiny_bert, tmp_path).save(path)
     with pytest.raises(ProfileError, match="another model"):
-        resolve(str(path), squeezenet.path)
+        resolve_profile(str(path), load(squeezenet.path))
     with pytest.raises(ProfileError, match="input shapes"):
-        resolve(str(path), tiny_bert.path, {"input_ids": [2, 16], "attention_mask": [2, 16]})
+        resolve_profile(
+            str(path), load(tiny_bert.path, {"input_ids": [2, 16], "attention_mask": [2, 16]})
+        )
 
 
 def test_device_missing_from_the_profile_is_named(tiny_bert: ModelFile, tmp_path: Path) -> None:
@@ -164,9 +166,11 @@ def test_malformed_files_fail_in_one_line(content: str, message: str, tmp_path: 
 
 
 def test_resolve_analytic_and_measured(tiny_bert: ModelFile, tmp_path: Path) -> None:
-    assert isinstance(resolve("analytic", tiny_bert.path), AnalyticProfile)
-    measured = resolve("measured", tiny_bert.path, tiny_bert.input_shapes, cache_dir=tmp_path)
+    model = load(tiny_bert.path, tiny_bert.input_shapes)
+    assert isinstance(resolve_profile("analytic", model), AnalyticProfile)
+    measured = resolve_profile("measured", model, cache_dir=tmp_path)
     assert isinstance(measured, MeasuredProfile) and measured.cache is not None
     assert measured.cache.directory == tmp_path
+    assert measured.link_probe is not None  # measured where the devices are: the link too
     with pytest.raises(ProfileError, match="cannot read profile"):
-        resolve(str(tmp_path / "missing.json"), tiny_bert.path)
+        resolve_profile(str(tmp_path / "missing.json"), model)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from moirai.errors import MoiraiError
-from moirai.profile.links import KIB, LinkSample, fit, measure_loopback
+from moirai.profile.links import KIB, LinkSample, fit
+from moirai.runtime.linkprobe import measure_loopback
 
 
 def _line(latency_ms: float, bandwidth: float, sizes: list[int]) -> list[LinkSample]:

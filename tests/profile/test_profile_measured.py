@@ -19,7 +19,7 @@ from moirai.profile import measured
 from moirai.profile.document import ProfileError
 from moirai.profile.measured import Settings, measure_device, node_units, restored_graph
 from moirai.profile.targets import CUDA, Target, parse_device, signature
-from stage_server.sessions import execution_providers, session_options
+from moirai.sessions import execution_providers, session_options
 
 CPU1 = Target("cpu", threads=1)
 

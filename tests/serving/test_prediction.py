@@ -15,9 +15,10 @@ from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
+from moirai.planning import describe, plan_model
+from moirai.planning.cpu import available_cores, split_cpu
+from moirai.planning.prediction import Prediction, call_overheads, predict
 from moirai.profile.document import DocumentProfile, ProfileDocument
-from moirai.runtime.planning import available_cores, describe, plan_model, split_cpu
-from moirai.runtime.prediction import Prediction, call_overheads, predict
 from moirai.stageplan import DeviceSpec
 
 from . import models

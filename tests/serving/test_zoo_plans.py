@@ -12,8 +12,8 @@ import pytest
 from moirai import zoo
 from moirai.devices import local_devices
 from moirai.partition import build_plan
-from moirai.pipeline import build_costgraph
-from moirai.runtime.planning import plan_model, split_cpu
+from moirai.planning import build_costgraph, plan_model
+from moirai.planning.cpu import split_cpu
 from moirai.runtime.sequential import run_sequential
 from moirai.stageplan import DeviceSpec
 

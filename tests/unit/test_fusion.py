@@ -17,8 +17,8 @@ from moirai import fusion, zoo
 from moirai.errors import MoiraiError
 from moirai.fusion import CPU, CUDA, Group, _contract_cycles, coarsen, fusion_groups
 from moirai.graph import OpGraph, build_graph, load_model
+from moirai.sessions import execution_providers, session_options
 from moirai.stageplan import DeviceSpec
-from stage_server.sessions import execution_providers, session_options
 
 from .onnx_patterns import (
     conv_bn_relu,

@@ -1,4 +1,4 @@
-"""moirai.pipeline.build_costgraph: tasks, edges, memory, provenance, the profile seam."""
+"""moirai.planning.build_costgraph: tasks, edges, memory, provenance, the profile seam."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from moirai.devices import DeviceSet, DeviceSpec, parse_devices
 from moirai.errors import DevicesError, ModelError
 from moirai.fusion import Group
 from moirai.graph import OpGraph, build_graph, load_model
-from moirai.pipeline import build_costgraph
+from moirai.planning import build_costgraph
 
 from .onnx_patterns import conv_bn_relu, diamond, save
 

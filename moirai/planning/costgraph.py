@@ -1,5 +1,7 @@
 """Steps 1–4 of the pipeline in one call: ONNX model + devices → cost graph.
 
+`load` reads the model once (`moirai.graph.load_model`, its graph and the file's digest) into a
+`LoadedModel`, which the cost graph, the stage plan and the served prediction all share.
 `build_costgraph` is the seam between the model side (graph, fusion, profile) and the placement
 side, which reads nothing but the `CostGraph` it returns:
 
@@ -18,8 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import onnx
 
 from moirai.costgraph import CostGraph, Edge, Task
 from moirai.devices import DeviceSet, load_devices
@@ -31,20 +37,44 @@ from moirai.profile.analytic import AnalyticProfile, node_flops
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as every planning step reads it: loaded once with its input shapes."""
+
+    path: Path
+    input_shapes: Mapping[str, Sequence[int]]
+    """The user's input shapes (empty: the file's own)."""
+    proto: onnx.ModelProto
+    """`moirai.graph.load_model`'s model: canonical node names, shapes inferred."""
+    graph: OpGraph
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def load(model_path: str | Path, input_shapes: InputShapes | None = None) -> LoadedModel:
+    path = Path(model_path)
+    shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    proto = load_model(path, shapes or None)
+    return LoadedModel(path, shapes, proto, build_graph(proto), _sha256(path))
+
+
 def build_costgraph(
-    model_path: str | Path,
+    model: str | Path | LoadedModel,
     devices: DeviceSet | str | Path,
     input_shapes: InputShapes | None = None,
     profile: Profile | None = None,
     max_tasks: int | None = None,
 ) -> CostGraph:
-    """The placement problem of `model_path` on `devices` (a `DeviceSet` or a devices file)."""
-    model_path = Path(model_path)
+    """The placement problem of `model` (a file, loaded with `input_shapes`, or a model already
+    loaded) on `devices` (a `DeviceSet` or a devices file)."""
+    loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
+    model_path, model, graph = loaded.path, loaded.proto, loaded.graph
     if not isinstance(devices, DeviceSet):
         devices = load_devices(devices)
     profile = profile or AnalyticProfile()
-    model = load_model(model_path, input_shapes)
-    graph = build_graph(model)
     groups = fusion_groups(model, graph, devices.providers)
     fused = len(groups)
     if max_tasks is not None:
@@ -66,7 +96,7 @@ def build_costgraph(
     source: dict[str, Any] = {
         "profile": profile.name,
         "model": model_path.name,
-        "sha256": _sha256(model_path),
+        "sha256": loaded.sha256,
         "input_shapes": {
             i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
         },
@@ -126,8 +156,5 @@ def _kind(graph: OpGraph, group: Group) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
