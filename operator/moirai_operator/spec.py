@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 from kubernetes.utils.quantity import parse_quantity
 
 from moirai.errors import MoiraiError
+from moirai.placement import OBJECTIVES, solvers
 
-SOLVERS = ("auto", "milp", "cpsat", "heft", "getf", "msct", "single")
-OBJECTIVES = ("latency", "throughput")
+# The placement registry's names, which the CRD's enum repeats (a test checks that they agree).
+SOLVERS = tuple(s.name for s in solvers())
 PROFILING_MODES = ("analytic", "measured")
 DEVICE_KINDS = ("cpu", "gpu")
 

@@ -35,6 +35,21 @@ def test_chart_carries_an_identical_copy_of_the_crd() -> None:
     )
 
 
+def test_crd_placement_enums_are_the_registry_names() -> None:
+    """The operator takes its solver and objective names from the placement registry; the
+    CRD's schema must admit exactly those."""
+    from moirai_operator.spec import SOLVERS
+
+    from moirai.placement import OBJECTIVES, solvers
+
+    placement = schema()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "placement"
+    ]["properties"]
+    assert sorted(placement["solver"]["enum"]) == sorted(s.name for s in solvers())
+    assert sorted(SOLVERS) == sorted(s.name for s in solvers())
+    assert placement["objective"]["enum"] == list(OBJECTIVES)
+
+
 def test_crd_names_columns_and_status_subresource() -> None:
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["group"] == "moirai.dev"
