@@ -9,7 +9,8 @@ valid schedule under Moirai's execution model with its makespan recomputed.
 Modules, in import order: `problem` (the problem and its index view), `result` (the
 `moirai.placement/v1` plan), `simulate` (the one simulator: schedule builder, list-scheduling
 evaluator, re-timer, checker, period), `bounds` (lower bounds), `registry` (solver contract and
-registry), then the solvers: `heuristics`, `milp`, `cpsat`, `local` (local search), `auto`;
+registry), `memory` (packings and the guard greedy placers keep memory-feasible with), then the
+solvers: `heuristics`, `milp`, `cpsat`, `local` (local search), `auto`;
 `gantt` draws a plan.
 
 Objectives: `latency`, the makespan of one request under the execution model, and

@@ -256,7 +256,7 @@ def solve_cpsat(
     started = time.monotonic()
     p = problem
     lb = lower_bound(p)
-    warm = options.hint or warm_start(p)
+    warm = options.hint or warm_start(p, options.deadline)
     cp = build(p, warm.objective_ms if warm is not None else serial_horizon(p), allowed)
     if warm is not None:
         add_hint(cp, p, warm)

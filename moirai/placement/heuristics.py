@@ -3,7 +3,9 @@
 All of them build their schedule with the one simulator's `Schedule` (insertion-based, transfers
 on send/receive ports), so they obey Moirai's execution model including congestion, and all are
 memory- and pin-aware: a task only goes to its candidate devices (runnable, pinned, fits alone)
-and only where `MemoryGuard` says the tasks not yet placed can still fit.
+and only where `memory.MemoryGuard` says the tasks not yet placed can still fit, so on a
+memory-tight instance they answer whenever the tasks can be packed at all, and otherwise say
+there is no plan (`InfeasibleError`).
 
 - `heft` — Heterogeneous Earliest Finish Time, Topcuoglu, Hariri and Wu, "Performance-effective
   and low-complexity task scheduling for heterogeneous computing", IEEE TPDS 13(3), 2002: tasks
@@ -43,7 +45,8 @@ from dataclasses import dataclass
 
 from moirai.errors import InfeasibleError
 from moirai.placement.bounds import lower_bound, settle
-from moirai.placement.problem import PlacementProblem, gib
+from moirai.placement.memory import MemoryGuard
+from moirai.placement.problem import PlacementProblem
 from moirai.placement.registry import SolveOptions
 from moirai.placement.result import Placement
 from moirai.placement.simulate import (
@@ -57,90 +60,12 @@ from moirai.placement.simulate import (
 EPS = 1e-9
 
 
-# ---------------------------------------------------------------------- memory
-def first_fit_decreasing(
-    problem: PlacementProblem, tasks: Sequence[int], free: Sequence[int]
-) -> list[int] | None:
-    """A memory-feasible assignment of `tasks` into `free` bytes per device, or None.
-
-    Largest task first, each to the candidate device with the most free memory (worst fit, which
-    keeps room spread out for later choices).
-    """
-    free = list(free)
-    out = [-1] * problem.n
-    for i in sorted(tasks, key=lambda i: (-problem.mem[i], i)):
-        best = -1
-        for k in problem.cand[i]:
-            if free[k] >= problem.mem[i] and (best < 0 or free[k] > free[best]):
-                best = k
-        if best < 0:
-            return None
-        free[best] -= problem.mem[i]
-        out[i] = best
-    return out
-
-
-class MemoryGuard:
-    """Keeps a greedy placement memory-feasible for the tasks it has not placed yet.
-
-    It holds a witness: an assignment of the unplaced tasks that fits in the memory left
-    (first-fit decreasing). Placing task i on device k is allowed when k has room for i and the
-    witness still fits afterwards (O(1)); otherwise the witness is rebuilt for the remaining
-    tasks with i on k, and the move is allowed if that succeeds. With plenty of memory the
-    witness never binds.
-    """
-
-    def __init__(self, problem: PlacementProblem) -> None:
-        self.problem = problem
-        self.free = list(problem.cap)
-        self.unplaced = set(range(problem.n))
-        witness = first_fit_decreasing(problem, range(problem.n), self.free)
-        if witness is None:
-            raise InfeasibleError(
-                "no placement found that fits device memory (first-fit decreasing failed; "
-                f"{gib(sum(problem.mem))} of tasks on {gib(sum(problem.cap))} of devices): "
-                "try --solver cpsat, which decides it exactly"
-            )
-        self._set_witness(witness)
-
-    def _set_witness(self, witness: list[int]) -> None:
-        self.witness = witness
-        self.load = [0] * self.problem.num_devices
-        for i in self.unplaced:
-            self.load[witness[i]] += self.problem.mem[i]
-
-    def allowed(self, i: int, k: int) -> bool:
-        p = self.problem
-        m = p.mem[i]
-        if m > self.free[k]:
-            return False
-        reserved = self.load[k] - (m if self.witness[i] == k else 0)
-        if self.free[k] - m >= reserved:
-            return True
-        free = list(self.free)
-        free[k] -= m
-        witness = first_fit_decreasing(p, [j for j in self.unplaced if j != i], free)
-        if witness is None:
-            return False
-        witness[i] = k
-        self._set_witness(witness)
-        return True
-
-    def place(self, i: int, k: int) -> None:
-        m = self.problem.mem[i]
-        self.free[k] -= m
-        self.load[self.witness[i]] -= m
-        self.unplaced.discard(i)
-        if self.witness[i] != k:
-            self.witness[i] = k
-
-
 # ----------------------------------------------------------------------- HEFT
 def heft(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
     p = problem
     order = priority_order(p, upward_rank(p))
     sched = Schedule(p)
-    guard = MemoryGuard(p)
+    guard = MemoryGuard(p, deadline)
     for i in order:
         best: tuple[float, int, float, TransferPlan] | None = None
         for k in p.cand[i]:
@@ -162,6 +87,7 @@ def etf(
     problem: PlacementProblem,
     allowed: Sequence[Sequence[int]],
     favourite: Sequence[int] | None = None,
+    deadline: float = math.inf,
 ) -> Schedule:
     """Earliest Time First over ready (task, device) pairs, memory-guarded.
 
@@ -172,7 +98,7 @@ def etf(
     p = problem
     level = upward_rank(p)
     sched = Schedule(p)
-    guard = MemoryGuard(p)
+    guard = MemoryGuard(p, deadline)
     waiting = [len(p.in_edges[i]) for i in range(p.n)]
     ready = {i for i in range(p.n) if waiting[i] == 0}
     last = [-1] * p.num_devices
@@ -357,7 +283,7 @@ def _solve_lp(
 
 
 def getf(problem: PlacementProblem, deadline: float) -> Schedule:
-    return etf(problem, _getf_groups(problem, deadline))
+    return etf(problem, _getf_groups(problem, deadline), deadline=deadline)
 
 
 def _favourite_children(problem: PlacementProblem, deadline: float) -> list[int] | None:
@@ -403,7 +329,9 @@ def _favourite_children(problem: PlacementProblem, deadline: float) -> list[int]
 
 
 def msct(problem: PlacementProblem, deadline: float) -> Schedule:
-    return etf(problem, problem.cand, favourite=_favourite_children(problem, deadline))
+    return etf(
+        problem, problem.cand, favourite=_favourite_children(problem, deadline), deadline=deadline
+    )
 
 
 # --------------------------------------------------------------------- single
@@ -440,7 +368,7 @@ class Heuristic:
         return finish_heuristic(problem, sched, self.name, started, options)
 
 
-def warm_start(problem: PlacementProblem) -> Placement | None:
+def warm_start(problem: PlacementProblem, deadline: float = math.inf) -> Placement | None:
     """The exact solvers' default start: the best plan of the heuristics that need no LP — HEFT,
     ETF (GETF and m-SCT without their LPs' advice) and the best single device; None when none
     of them fits memory."""
@@ -448,14 +376,14 @@ def warm_start(problem: PlacementProblem) -> Placement | None:
     plans = []
     for name, build in (("heft", heft), ("etf", _plain_etf), ("single", single)):
         try:
-            plans.append(build(problem).to_placement(name, "heuristic", lb, 0.0))
+            plans.append(build(problem, deadline).to_placement(name, "heuristic", lb, 0.0))
         except InfeasibleError:
             continue
     return min(plans, key=lambda plan: plan.objective_ms, default=None)
 
 
-def _plain_etf(problem: PlacementProblem) -> Schedule:
-    return etf(problem, problem.cand)
+def _plain_etf(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
+    return etf(problem, problem.cand, deadline=deadline)
 
 
 def finish_heuristic(

@@ -496,7 +496,7 @@ class MilpSolver:
         started = time.monotonic()
         p = problem
         lb = lower_bound(p)
-        warm = options.hint or warm_start(p)
+        warm = options.hint or warm_start(p, options.deadline)
         label = f"milp-{self.backend}"
         if warm is not None and p.objective == "latency" and count_rows(p) > MAX_ROWS:
             note = f"model too large (> {MAX_ROWS} rows): returned the warm start"

@@ -100,3 +100,48 @@ def layered_costgraph(seed: int, tasks: int, devices: int = 4, width: int = 4) -
         edges=tuple(edges),
         default_link=Link(12e9, 0.01),
     )
+
+
+def tight_costgraph(
+    seed: int,
+    tasks: int = 12,
+    devices: int = 3,
+    slack: float = 1.05,
+    edge_prob: float = 0.3,
+    unrunnable_prob: float = 0.0,
+) -> CostGraph:
+    """A random DAG whose devices have uneven memories summing to `slack` times the tasks'.
+
+    With a slack near 1 first-fit packings often fail and a greedy placer can strand a task
+    with no device left that holds it (m-SCT used to crash so); some instances have no
+    placement at all.
+    """
+    rng = random.Random(seed)
+    names = [f"d{k}" for k in range(devices)]
+    task_list = []
+    total = 0
+    for i in range(tasks):
+        base = rng.uniform(0.5, 5.0)
+        compute = {
+            d: round(base * rng.uniform(0.3, 2.0), 3)
+            for k, d in enumerate(names)
+            if k == 0 or rng.random() >= unrunnable_prob
+        }
+        mem = rng.randint(1, 20) * 1_000_000
+        total += mem
+        task_list.append(Task(id=f"t{i}", compute_ms=compute, memory_bytes=mem))
+    edges = [
+        Edge(src=f"t{i}", dst=f"t{j}", bytes=rng.randint(1, 40) * 100_000)
+        for j in range(tasks)
+        for i in range(j)
+        if rng.random() < edge_prob
+    ]
+    shares = [rng.uniform(0.4, 1.6) for _ in names]
+    caps = [int(total * slack * s / sum(shares)) for s in shares]
+    return CostGraph(
+        name=f"tight-{seed}",
+        devices=tuple(Device(name=d, memory_bytes=c) for d, c in zip(names, caps, strict=True)),
+        tasks=tuple(task_list),
+        edges=tuple(edges),
+        default_link=Link(1e9, 0.05),
+    )

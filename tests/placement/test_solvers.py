@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moirai.costgraph import CostGraph, Device, Edge, Task
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement import PlacementProblem, Progress, check, get_solver, solve, solvers
 from moirai.placement.registry import SolveOptions
 
-from .instances import random_costgraph
+from .instances import random_costgraph, tight_costgraph
 
 SOLVERS = ["heft", "getf", "msct", "single", "milp", "milp-highs", "milp-gurobi", "cpsat", "auto"]
 
@@ -63,6 +65,43 @@ def test_plan_is_valid(solver: str, instance: str) -> None:
     assert plan.period_ms is not None and plan.period_ms > 0
     for s in plan.schedule:
         assert s.device in cg.task[s.task].compute_ms
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    seed=st.integers(0, 10**6),
+    tasks=st.integers(4, 12),
+    devices=st.integers(2, 4),
+    slack=st.floats(0.95, 1.2),
+    unrunnable=st.sampled_from([0.0, 0.3]),
+)
+def test_memory_tight_instances_get_a_plan_or_no_plan(
+    solver: str, seed: int, tasks: int, devices: int, slack: float, unrunnable: float
+) -> None:
+    """Every solver answers a valid plan or says "no plan" (`InfeasibleError`), and only the
+    best single device may say so when the tasks can be packed into the memories at all."""
+    _available(solver)
+    from moirai.placement.memory import exact_packing
+
+    cg = tight_costgraph(seed, tasks, devices, slack, unrunnable_prob=unrunnable)
+    try:
+        problem = PlacementProblem(cg)
+        packable = exact_packing(problem) is not None
+    except InfeasibleError:
+        packable = False
+    try:
+        plan = solve(cg, solver, time_limit=5, threads=1)
+    except InfeasibleError as e:
+        assert solver == "single" or not packable, f"{solver}: {e}"
+        return
+    assert packable
+    check(problem, plan)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
