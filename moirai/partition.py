@@ -6,13 +6,27 @@ each crossing tensor goes. `build_plan` derives that; `moirai.stagecut.extract_s
 one stage's sub-model out of the model, so every stage server builds its own sessions from the
 model and the plan alone (no artefact store).
 
-How stages are formed. Groups are visited in a topological order of the model's data flow that
-follows the schedule (earliest start first, model order on ties). Each group joins the open stage
-of its device unless that would close a cycle in the stage DAG (a stage it depends on depends on
-the open stage); then it opens a new stage on that device. So stages are maximal runs of groups
-on one device in schedule order, a device holds several stages when the plan returns to it, and
-the stage DAG is acyclic, which is what lets the stages run in order in one process and reproduce
-the whole model. Dependencies come from the ONNX graph itself (including tensors that subgraphs of
+How stages are formed: as the schedule runs them. A stage server runs a stage once all its
+inputs are in and sends its outputs once all its groups are done, so a stage must not hold a
+group that waits for something its first group did not, nor a group whose output another device
+wants before the stage would end. Groups are visited in a topological order of the model's data
+flow that follows the schedule (earliest start first, model order on ties). Each group joins the
+open stage of its device, except that it opens a new stage there when
+
+- it reads a tensor from a stage on another device that the open stage does not already wait
+  for (the schedule has the group wait for that input, the open stage has not: joining would
+  hold the whole stage back until the input arrives);
+- joining would close a cycle in the stage DAG (a stage it depends on depends on the open
+  stage).
+
+And a stage closes when a group on another device reads from it: the groups of its device that
+the schedule starts later form a new stage, so the reader gets its input when the schedule says,
+not when the device's later groups are done. Stages are otherwise maximal runs of groups on one
+device in schedule order; a device holds several stages when the plan returns to it or waits on
+the way, and the stage DAG is acyclic, which is what lets the stages run in order in one process
+and reproduce the whole model. The served plan then overlaps what the schedule overlaps
+(`moirai.planning.prediction` predicts it), at the price of one session call per stage.
+Dependencies come from the ONNX graph itself (including tensors that subgraphs of
 If/Loop/Scan read from the outer scope), not from the cost graph's edges, so a plan is correct
 even where the cost graph dropped an edge. `Constant` nodes feeding other nodes are copied into
 every stage that reads them instead of being shipped between stages. Nodes no group names (a cost
@@ -227,8 +241,15 @@ def build_plan(
     for u in order:
         dev = unit_device[u]
         preds = {stage_of[p] for p in unit_preds[u]}
+        for p in preds:  # a reader on another device: its producer stage ends here
+            if stage_device[p] != dev and open_stage.get(stage_device[p]) == p:
+                del open_stage[stage_device[p]]
         s = open_stage.get(dev)
-        if s is None or any(s in reach[p] for p in preds if p != s):
+        if (
+            s is None
+            or any(s in reach[p] for p in preds if p != s)
+            or any(stage_device[p] != dev and p not in reach[s] for p in preds if p != s)
+        ):
             s = len(stage_units)
             stage_units.append([])
             stage_device.append(dev)

@@ -35,8 +35,7 @@ from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
 from moirai.placement import evaluate
-from moirai.profile import Profile
-from moirai.profile.document import DocumentProfile
+from moirai.profile import PricesCalls, Profile
 from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 
 # The client's Open Inference Protocol call to the gateway: one gRPC round trip carrying the
@@ -172,13 +171,13 @@ def predict(
 
 
 def call_overheads(profile: Profile | None, devices: Sequence[DeviceSpec]) -> dict[str, float]:
-    """What one session call costs on each device beyond its kernels, where a measured profile
-    says (an analytic profile counts kernels only)."""
-    if not isinstance(profile, DocumentProfile):
+    """What one session call costs on each device beyond its kernels, where the profile says
+    (a measured one does; an analytic profile counts kernels only)."""
+    if not isinstance(profile, PricesCalls):
         return {}
     out = {}
     for d in devices:
-        entry = profile.entry_for(d)
-        if entry is not None:
-            out[d.name] = profile.document.devices[entry].call_overhead_ms
+        ms = profile.call_overhead_ms(d)
+        if ms is not None:
+            out[d.name] = ms
     return out

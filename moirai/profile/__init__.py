@@ -8,7 +8,9 @@ and all groups at once, because measuring is cheapest per model (one profiled ru
 not per group.
 
 A source that knows more than task times (a measured link, where each number came from) also
-implements `Annotates`: `build_costgraph` hands it the finished cost graph to amend.
+implements `Annotates`: `build_costgraph` hands it the finished cost graph to amend. A source
+that knows what one session call costs (a measured one) implements `PricesCalls`: the served
+prediction charges it once per stage.
 `moirai.planning.inputs.resolve_profile` turns the command line's
 `--profile measured|analytic|FILE` into a source.
 """
@@ -32,6 +34,13 @@ class Profile(Protocol):
         self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
     ) -> list[Mapping[str, float]]:
         """For each group, device name → milliseconds; a device left out cannot run it."""
+        ...
+
+
+@runtime_checkable
+class PricesCalls(Protocol):
+    def call_overhead_ms(self, device: DeviceSpec) -> float | None:
+        """What one session call costs on `device` beyond its kernels (None: not known)."""
         ...
 
 

@@ -303,6 +303,11 @@ class DocumentProfile:
                 return name
         return None
 
+    def call_overhead_ms(self, device: DeviceSpec) -> float | None:
+        """The session call overhead measured for `device`'s entry, if the profile has one."""
+        entry = self.entry_for(device)
+        return None if entry is None else self.document.devices[entry].call_overhead_ms
+
     def compute_ms(
         self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
     ) -> list[Mapping[str, float]]:

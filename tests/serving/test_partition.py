@@ -66,7 +66,9 @@ def test_random_placements_reproduce_the_model(name: str, data: st.DataObject) -
         for n in model.graph.node
     }
     cpu_only = [DeviceSpec(d.name, "cpu", threads=1) for d in devices]  # run everything here
-    plan = build_plan(model, assignment, cpu_only)
+    # Any schedule: start times only order the nodes (within the data flow), and decide cuts.
+    start_ms = {n: data.draw(st.floats(0, 10), label=f"start {n}") for n in assignment}
+    plan = build_plan(model, assignment, cpu_only, start_ms=start_ms)
     check_structure(model, plan)
     assert StagePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     inputs = models.random_inputs(model, seed=data.draw(st.integers(0, 100), label="seed"))
@@ -91,6 +93,60 @@ def test_groups_and_schedule_make_maximal_stages() -> None:
     # Constant_1 feeds both stages: it is copied, not shipped.
     assert all("Constant_1" in s.nodes for s in plan.stages)
     assert "c" not in plan.routing
+
+
+def _fork_join() -> onnx.ModelProto:
+    """x → a → a2 → y = a2 + b, and x → b: two branches and a join."""
+    spec = (onnx.TensorProto.FLOAT, [2, 4])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["a"], name="a"),
+            onnx.helper.make_node("Tanh", ["a"], ["a2"], name="a2"),
+            onnx.helper.make_node("Sigmoid", ["x"], ["b"], name="b"),
+            onnx.helper.make_node("Add", ["a2", "b"], ["y"], name="join"),
+        ],
+        "fork_join",
+        [onnx.helper.make_tensor_value_info("x", *spec)],
+        [onnx.helper.make_tensor_value_info("y", *spec)],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_a_group_waiting_for_another_device_starts_a_stage() -> None:
+    """The join waits for b, which cpu-1 computes; the branch on cpu-0 does not: they are two
+    stages, so cpu-0's branch runs while cpu-1 computes b, as scheduled."""
+    model = _fork_join()
+    assignment = {"a": "cpu-0", "a2": "cpu-0", "b": "cpu-1", "join": "cpu-0"}
+    plan = build_plan(model, assignment, DEVICES[:2], start_ms={"a": 0, "b": 0, "a2": 1, "join": 3})
+    assert [(s.device, s.nodes) for s in plan.stages] == [
+        ("cpu-0", ("a", "a2")),
+        ("cpu-1", ("b",)),
+        ("cpu-0", ("join",)),
+    ]
+    assert plan.stages[0].inputs == ("x",) and set(plan.stages[2].inputs) == {"a2", "b"}
+
+
+def test_a_stage_ends_where_another_device_reads_from_it() -> None:
+    """cpu-1 reads a as soon as cpu-0 has it; b, which cpu-0 computes next, is a stage of its
+    own, so a goes out without waiting for b. The join waits for b, which cpu-1's first stage
+    did not: a stage of its own too."""
+    model = _fork_join()
+    assignment = {"a": "cpu-0", "a2": "cpu-1", "b": "cpu-0", "join": "cpu-1"}
+    plan = build_plan(model, assignment, DEVICES[:2], start_ms={"a": 0, "a2": 1, "b": 1, "join": 3})
+    assert [(s.device, s.nodes) for s in plan.stages] == [
+        ("cpu-0", ("a",)),
+        ("cpu-1", ("a2",)),
+        ("cpu-0", ("b",)),
+        ("cpu-1", ("join",)),
+    ]
+    # Without a schedule that asks for it, a device's groups stay together.
+    together = build_plan(
+        model, {**assignment, "a2": "cpu-0"}, DEVICES[:2], start_ms={"a": 0, "a2": 1, "b": 2}
+    )
+    assert [(s.device, s.nodes) for s in together.stages] == [
+        ("cpu-0", ("a", "a2", "b")),
+        ("cpu-1", ("join",)),
+    ]
 
 
 def test_dead_nodes_and_uncovered_nodes() -> None:

@@ -16,8 +16,9 @@ from moirai.devices import local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.planning import describe, plan_model
-from moirai.planning.cpu import available_cores, split_cpu
+from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
 from moirai.planning.prediction import Prediction, call_overheads, predict
+from moirai.profile.analytic import AnalyticProfile
 from moirai.profile.document import DocumentProfile, ProfileDocument
 from moirai.stageplan import DeviceSpec
 
@@ -163,19 +164,49 @@ def two_branches(width: int = 1024, rows: int = 64, depth: int = 3) -> onnx.Mode
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_auto_serves_the_model_whole_when_its_split_would_serve_slower(tmp_path: Path) -> None:
-    """A stage runs once all its inputs are in, so the stage that holds one branch and the sum
-    waits for the other branch before it starts: the solver's makespan overlaps the branches,
-    the plan as served does not. `auto` keeps the best device alone when that serves faster; a
-    named solver keeps its own plan."""
+def test_a_split_plan_is_served_as_scheduled(tmp_path: Path) -> None:
+    """The branches run side by side on two devices and the join waits for both: the plan as
+    served keeps the overlap the solver scheduled (each stage starts when its own inputs are in),
+    so its prediction is the solver's makespan plus the gateway's hops in and out, and `auto`
+    serves the split rather than the best device alone."""
     path = tmp_path / "two.onnx"
     onnx.save(two_branches(), path)
     devices = split_cpu(local_devices(), 2)
     split = plan_model(path, devices, time_limit=5, solver="cpsat")
     alone = plan_model(path, devices, time_limit=5, solver="single")
+    p = split.plan.predicted
+    assert len(split.plan.used_devices) == 2
+    assert p["makespan_ms"] < alone.plan.predicted["makespan_ms"]
+    hop = SERVING_LOOPBACK.transfer_ms(64 * 1024 * 4)  # x in, y out: [64, 1024] floats
+    assert p["served_ms"] == pytest.approx(p["makespan_ms"] + 2 * hop, rel=1e-6)
+    assert p["latency_ms"] < alone.plan.predicted["latency_ms"]
+    chosen = plan_model(path, devices, time_limit=5)
+    assert chosen.plan.predicted["latency_ms"] == pytest.approx(p["latency_ms"])
+
+
+class CostlyCalls(AnalyticProfile):
+    """The analytic profile, with a session call that costs `ms` on every device."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def call_overhead_ms(self, device: object) -> float:
+        return self.ms
+
+
+def test_auto_serves_the_model_whole_when_a_split_would_serve_slower(tmp_path: Path) -> None:
+    """Each stage costs a session call the solvers do not price: where the calls eat what the
+    split gains, `auto` keeps the best device alone; a named solver keeps its own plan."""
+    path = tmp_path / "two.onnx"
+    onnx.save(two_branches(), path)
+    devices = split_cpu(local_devices(), 2)
+    profile = CostlyCalls(5.0)
+    split = plan_model(path, devices, time_limit=5, solver="cpsat", profile=profile)
+    alone = plan_model(path, devices, time_limit=5, solver="single", profile=profile)
     assert len(split.plan.stages) > 1
     assert split.plan.predicted["makespan_ms"] < alone.plan.predicted["makespan_ms"]
     assert split.plan.predicted["latency_ms"] > alone.plan.predicted["latency_ms"]
-    chosen = plan_model(path, devices, time_limit=5)
+    chosen = plan_model(path, devices, time_limit=5, profile=profile)
     assert len(chosen.plan.stages) == 1
     assert chosen.plan.predicted["latency_ms"] == pytest.approx(alone.plan.predicted["latency_ms"])
