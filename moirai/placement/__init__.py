@@ -6,12 +6,14 @@ solver from the registry by name, runs it within the time limit, and re-checks t
 plan with the simulator (`check`) before handing it back, so every plan a caller sees is a
 valid schedule under Moirai's execution model with its makespan recomputed.
 
-Modules, in import order: `problem` (the problem and its index view), `result` (the
-`moirai.placement/v1` plan), `simulate` (the one simulator: schedule builder, list-scheduling
-evaluator, re-timer, checker, period), `bounds` (lower bounds), `registry` (solver contract and
-registry), `memory` (packings and the guard greedy placers keep memory-feasible with), then the
-solvers: `heuristics`, `milp`, `cpsat`, `local` (local search), `auto`;
-`gantt` draws a plan.
+Modules, in import order (`LAYERS`; each imports only from those before it, which a test
+checks): `problem` (the problem and its index view), `result` (the `moirai.placement/v1` plan),
+`simulate` (the one simulator: schedule builder, list-scheduling evaluator, re-timer, checker,
+period), `bounds` (lower bounds), `contract` (what every solver takes and shares), `memory`
+(packings and the guard greedy placers keep memory-feasible with), `lp` (HiGHS helpers), the
+heuristics (`heuristics`), `warm` (the exact solvers' default start), `local` (local search),
+the exact solvers (`milp`, `cpsat`), `auto`, and `registry` (solvers by name); `gantt` draws a
+plan.
 
 Objectives: `latency`, the makespan of one request under the execution model, and
 `throughput`, the pipelined period (`simulate.period`): the busiest device, send port or
@@ -30,16 +32,9 @@ from collections.abc import Mapping
 from moirai.costgraph import CostGraph
 from moirai.errors import SolverError
 from moirai.placement.bounds import lower_bound
+from moirai.placement.contract import Progress, ProgressCallback, SolveOptions, Solver
 from moirai.placement.problem import OBJECTIVES, Objective, PlacementProblem
-from moirai.placement.registry import (
-    Progress,
-    ProgressCallback,
-    SolveOptions,
-    Solver,
-    get_solver,
-    register,
-    solvers,
-)
+from moirai.placement.registry import get_solver, register, solvers
 from moirai.placement.result import Placement, ScheduledTask, ScheduledTransfer
 from moirai.placement.simulate import (
     InvalidScheduleError,
@@ -50,6 +45,7 @@ from moirai.placement.simulate import (
 )
 
 __all__ = [
+    "LAYERS",
     "OBJECTIVES",
     "InvalidScheduleError",
     "Objective",
@@ -74,6 +70,25 @@ __all__ = [
     "solve_problem",
     "solvers",
 ]
+
+
+LAYERS = (
+    "problem",
+    "result",
+    "simulate",
+    "bounds",
+    "contract",
+    "memory",
+    "lp",
+    "heuristics",
+    "warm",
+    "local",
+    "milp",
+    "cpsat",
+    "auto",
+    "registry",
+    "gantt",
+)
 
 
 def default_threads() -> int:

@@ -37,10 +37,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from moirai.errors import InfeasibleError
+from moirai.placement import cpsat, heuristics, milp
 from moirai.placement.bounds import lower_bound, settle
+from moirai.placement.contract import SolveOptions, no_plan_message
 from moirai.placement.local import improve
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule
 
@@ -102,8 +103,6 @@ class AutoSolver:
         return True, ""
 
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
-        from moirai.placement.heuristics import SOLVERS as HEURISTICS
-
         started = time.monotonic()
         p = problem
         lb = lower_bound(p)
@@ -114,7 +113,7 @@ class AutoSolver:
             deadline=min(deadline, started + HEURISTIC_SHARE * options.time_limit),
         )
         plans: list[Placement] = []
-        for h in HEURISTICS:
+        for h in heuristics.SOLVERS:
             try:
                 plans.append(h.solve(p, quiet))
             except InfeasibleError:
@@ -149,27 +148,23 @@ class AutoSolver:
         p: PlacementProblem, best: Placement | None, plans: list[Placement], sub: SolveOptions
     ) -> Placement | None:
         """The exact solvers' best plan (MILP first when small, then CP-SAT), or None."""
-        from moirai.placement.milp import count_rows
-        from moirai.placement.registry import get_solver, solvers
-
-        available = {s.name for s in solvers() if s.available()[0]}
+        highs = next(s for s in milp.SOLVERS if s.name == "milp-highs")
+        available = {s.name for s in (highs, *cpsat.SOLVERS) if s.available()[0]}
         found: list[Placement] = []
         hint = best
         share = 1.0 if "cpsat" not in available else MILP_SHARE
         milp_s = share * sub.remaining()
-        rows = count_rows(p, MILP_ROWS) if p.n <= MILP_MAX_TASKS else math.inf
+        rows = milp.count_rows(p, MILP_ROWS) if p.n <= MILP_MAX_TASKS else math.inf
         small = p.objective == "throughput" or (
             rows <= MILP_ROWS and rows * BUILD_S_PER_ROW <= BUILD_SHARE * milp_s
         )
         if "milp-highs" in available and small:
-            milp = get_solver("milp-highs").solve(
-                p, replace(sub, hint=hint, deadline=time.monotonic() + milp_s)
-            )
-            if milp.status == "optimal":
-                return milp
-            found.append(milp)
-            if hint is None or milp.objective_ms < hint.objective_ms:
-                hint = milp
+            plan = highs.solve(p, replace(sub, hint=hint, deadline=time.monotonic() + milp_s))
+            if plan.status == "optimal":
+                return plan
+            found.append(plan)
+            if hint is None or plan.objective_ms < hint.objective_ms:
+                hint = plan
         if "cpsat" in available and sub.remaining() > 0:
             sub = replace(sub, hint=hint)
             size = interval_count(p, p.cand)
@@ -180,9 +175,7 @@ class AutoSolver:
                 if size > RESTRICTED_LIMIT:
                     size = math.inf
             if hint is None or size * BUILD_S_PER_INTERVAL <= BUILD_SHARE * sub.remaining():
-                from moirai.placement.cpsat import solve_cpsat
-
-                found.append(solve_cpsat(p, sub, allowed=allowed))
+                found.append(cpsat.solve_cpsat(p, sub, allowed=allowed))
         if not found:
             return None
         bound = max(plan.lower_bound_ms for plan in found)

@@ -46,10 +46,11 @@ from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
+from moirai.placement.contract import SolveOptions, fall_back, interruptible, no_plan_message
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions, fall_back, interruptible, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, loads, retime
+from moirai.placement.warm import warm_start
 
 PROBING_LIMIT = 2000
 """Models with more optional intervals skip CP-SAT's probing in presolve: on them it can take
@@ -250,8 +251,6 @@ def solve_cpsat(
     then a heuristic improvement whose bound is the problem's simple one.
     """
     from ortools.sat.python import cp_model
-
-    from moirai.placement.heuristics import warm_start
 
     started = time.monotonic()
     p = problem

@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 from moirai.errors import InfeasibleError
 from moirai.placement.bounds import lower_bound, settle
+from moirai.placement.contract import SolveOptions
+from moirai.placement.lp import solve_lp
 from moirai.placement.memory import MemoryGuard
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions
 from moirai.placement.result import Placement
 from moirai.placement.simulate import (
     Schedule,
@@ -228,7 +229,7 @@ def _getf_groups(problem: PlacementProblem, deadline: float) -> Sequence[Sequenc
         rows.append((0.0, inf, [dcol, *cols], [1.0, *(-v for v in vals)]))
         mvals = [float(p.mem[i]) for i in range(p.n) if k in xcol[i]]
         rows.append((-inf, float(p.cap[k]), cols, mvals))
-    x = _solve_lp(ncol, dcol, rows, deadline)
+    x = solve_lp(ncol, dcol, rows, deadline)
     if x is None:
         return p.cand
     groups = []
@@ -237,49 +238,6 @@ def _getf_groups(problem: PlacementProblem, deadline: float) -> Sequence[Sequenc
         top = max(share.values())
         groups.append(tuple(k for k in p.cand[i] if share[k] >= 0.5 * top - 1e-9))
     return groups
-
-
-def _solve_lp(
-    ncol: int,
-    objective_col: int,
-    rows: list[tuple[float, float, list[int], list[float]]],
-    deadline: float,
-) -> list[float] | None:
-    """Minimise one column subject to sparse rows (lower, upper, cols, vals), columns >= 0;
-    None when HiGHS does not finish by the deadline (the caller then drops the LP's advice)."""
-    import highspy
-    import numpy as np
-
-    from moirai.placement.milp import new_highs, run_highs
-
-    h = new_highs(1)
-    h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
-    inf = highspy.kHighsInf
-    cost = np.zeros(ncol)
-    cost[objective_col] = 1.0
-    h.addVars(ncol, np.zeros(ncol), np.full(ncol, inf))
-    h.changeColsCost(ncol, np.arange(ncol, dtype=np.int32), cost)
-    starts, index, value = [], [], []
-    for _, _, cols, vals in rows:
-        starts.append(len(index))
-        index.extend(cols)
-        value.extend(vals)
-    h.addRows(
-        len(rows),
-        np.array([r[0] for r in rows]),
-        np.array([r[1] for r in rows]),
-        len(index),
-        np.array(starts, dtype=np.int32),
-        np.array(index, dtype=np.int32),
-        np.array(value, dtype=np.float64),
-    )
-    run_highs(h)
-    status = h.getModelStatus()
-    if status == highspy.HighsModelStatus.kInfeasible:
-        raise InfeasibleError("no placement fits: the tasks' memory cannot be shared out")
-    if status != highspy.HighsModelStatus.kOptimal:
-        return None
-    return list(h.getSolution().col_value)
 
 
 def getf(problem: PlacementProblem, deadline: float) -> Schedule:
@@ -313,7 +271,7 @@ def _favourite_children(problem: PlacementProblem, deadline: float) -> list[int]
         if inc:
             rows.append((len(inc) - 1.0, inf, list(inc), [1.0] * len(inc)))
         rows.append((p.min_compute[i], inf, [wcol, scol + i], [1.0, -1.0]))
-    x = _solve_lp(wcol + 1, wcol, rows, deadline)
+    x = solve_lp(wcol + 1, wcol, rows, deadline)
     if x is None:
         return None
     fav = [-1] * p.n
@@ -368,21 +326,7 @@ class Heuristic:
         return finish_heuristic(problem, sched, self.name, started, options)
 
 
-def warm_start(problem: PlacementProblem, deadline: float = math.inf) -> Placement | None:
-    """The exact solvers' default start: the best plan of the heuristics that need no LP — HEFT,
-    ETF (GETF and m-SCT without their LPs' advice) and the best single device; None when none
-    of them fits memory."""
-    lb = lower_bound(problem)
-    plans = []
-    for name, build in (("heft", heft), ("etf", _plain_etf), ("single", single)):
-        try:
-            plans.append(build(problem, deadline).to_placement(name, "heuristic", lb, 0.0))
-        except InfeasibleError:
-            continue
-    return min(plans, key=lambda plan: plan.objective_ms, default=None)
-
-
-def _plain_etf(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
+def plain_etf(problem: PlacementProblem, deadline: float = math.inf) -> Schedule:
     return etf(problem, problem.cand, deadline=deadline)
 
 

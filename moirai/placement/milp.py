@@ -45,10 +45,12 @@ from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
+from moirai.placement.contract import SolveOptions, fall_back, no_plan_message
+from moirai.placement.lp import new_highs, run_highs
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.registry import SolveOptions, fall_back, interruptible, no_plan_message
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, retime
+from moirai.placement.warm import warm_start
 
 GUROBI_SIZE_LIMIT = 2000
 MAX_ROWS = 400_000
@@ -304,29 +306,6 @@ def mip_start(form: Formulation, problem: PlacementProblem, plan: Placement) -> 
 
 
 # ---------------------------------------------------------------- backends
-def new_highs(threads: int) -> Any:
-    """A silent HiGHS instance on `threads` threads.
-
-    HiGHS keeps one process-wide thread pool sized by the first solve; a later solve asking for
-    another size fails unless the pool is reset first, so reset it every time (solves here never
-    run concurrently).
-    """
-    import highspy
-
-    highspy.Highs.resetGlobalScheduler(True)
-    h = highspy.Highs()
-    h.silent()
-    h.setOptionValue("threads", threads)
-    return h
-
-
-def run_highs(h: Any) -> None:
-    """`h.run()`, stopped by Ctrl-C (`interruptible`): HiGHS's interrupt callbacks poll the flag
-    that `cancelSolve` sets."""
-    h.HandleUserInterrupt = True
-    interruptible(h.run, h.cancelSolve)
-
-
 @dataclass
 class MipResult:
     values: list[float] | None
@@ -491,8 +470,6 @@ class MilpSolver:
         return True, ""
 
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
-        from moirai.placement.heuristics import warm_start
-
         started = time.monotonic()
         p = problem
         lb = lower_bound(p)

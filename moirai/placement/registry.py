@@ -1,189 +1,35 @@
-"""The solver contract and the registry that picks a solver by name.
+"""The registry that picks a solver by name.
 
-A solver is anything with a `name`, `available() -> (bool, reason)` and
-`solve(problem, options) -> Placement`; the problem knows nothing about solvers (as in PuLP's
-and cvxpy's solver interfaces). Solvers register under their name; the built-in ones are
-registered the first time the registry is consulted, and their third-party backends (OR-Tools,
-HiGHS, Gurobi) are imported only when asked whether they are available or to solve, so importing
-`moirai.placement` stays cheap and no default is chosen at import time: `auto` decides at solve
-time from what is available (Gurobi's pip package may be installed without a usable licence).
-
-Every solver returns a plan re-timed by the one simulator (`moirai.placement.simulate`) and
-`solve` re-checks it, so a solver bug cannot reach a user as a wrong schedule.
+Solvers register under their name (`register`); the built-in ones are registered when this
+module is imported. It sits at the top of the package (it imports every solver module, and no
+solver imports it), and the solvers import their third-party backends (OR-Tools, HiGHS, Gurobi)
+only when asked whether they are available or to solve, so importing `moirai.placement` stays
+cheap and no default is chosen at import time: `auto` decides at solve time from what is
+available (Gurobi's pip package may be installed without a usable licence).
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
-
 from moirai.errors import SolverError
-from moirai.placement.bounds import settle
-from moirai.placement.problem import PlacementProblem
-from moirai.placement.result import Placement
+from moirai.placement import auto, cpsat, heuristics, milp
+from moirai.placement.contract import Solver
 
-
-@dataclass(frozen=True)
-class Progress:
-    """A progress report during a solve: an improving incumbent and/or a better bound."""
-
-    solver: str
-    elapsed_s: float
-    incumbent_ms: float | None
-    bound_ms: float | None
-    message: str = ""
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class SolveOptions:
-    time_limit: float = 60.0
-    """Wall-clock seconds for the whole solve (heuristics, model building and search)."""
-    threads: int = 1
-    seed: int = 0
-    progress: ProgressCallback | None = None
-    hint: Placement | None = None
-    """A plan to start from (CP-SAT hints, MIP start); the exact solvers compute one otherwise."""
-    deadline: float = field(default=0.0)
-    """Absolute `time.monotonic()` deadline; derived from `time_limit` when left at 0."""
-    origin: float = field(default=0.0)
-    """When the user's solve began (`time.monotonic()`); progress reports count from it, also
-    from solvers that `auto` runs inside its own time."""
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.time_limit) and self.time_limit > 0):
-            raise SolverError(
-                f"time limit must be a finite number of seconds > 0, got {self.time_limit}"
-            )
-        if self.threads < 1:
-            raise SolverError(f"threads must be >= 1, got {self.threads}")
-        if self.origin == 0.0:
-            object.__setattr__(self, "origin", time.monotonic())
-        if self.deadline == 0.0:
-            object.__setattr__(self, "deadline", self.origin + self.time_limit)
-
-    def remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
-
-    def report(
-        self, solver: str, incumbent: float | None, bound: float | None, message: str = ""
-    ) -> None:
-        if self.progress is not None:
-            elapsed = time.monotonic() - self.origin
-            self.progress(Progress(solver, elapsed, incumbent, bound, message))
-
-
-T = TypeVar("T")
-
-
-def interruptible(solve: Callable[[], T], stop: Callable[[], None]) -> T:
-    """Run a native solver's blocking `solve` so that Ctrl-C stops it and propagates.
-
-    Python runs signal handlers only on the main thread between bytecodes, so while a solver's
-    C++ search holds the main thread a Ctrl-C waits for the search to end (and CP-SAT, left to
-    itself, catches SIGINT and merely ends the search early). The search runs on a worker thread
-    instead; the main thread waits on it, and on KeyboardInterrupt asks the solver to `stop`,
-    waits for it to unwind and re-raises, so the caller never goes on with a cut-short result.
-    """
-    result: list[T] = []
-    failure: list[BaseException] = []
-    done = threading.Event()
-
-    def work() -> None:
-        try:
-            result.append(solve())
-        except BaseException as e:  # re-raised on the calling thread
-            failure.append(e)
-        finally:
-            done.set()
-
-    # An Event, not Thread.join: an interrupted join marks the thread finished (CPython 3.11,
-    # bpo-45274), so a second join would not wait and the process would exit mid-search.
-    threading.Thread(target=work, name="moirai-solve", daemon=True).start()
-    try:
-        done.wait()
-    except KeyboardInterrupt:
-        stop()
-        done.wait()
-        raise
-    if failure:
-        raise failure[0]
-    return result[0]
-
-
-class Solver(Protocol):
-    name: str
-    description: str
-
-    def available(self) -> tuple[bool, str]:
-        """Whether the solver can run here, and if not, why (one line)."""
-        ...
-
-    def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement: ...
-
-
-def fall_back(
-    warm: Placement,
-    solver: str,
-    bound: float,
-    started: float,
-    note: str,
-    options: SolveOptions,
-) -> Placement:
-    """The warm start, relabelled: what an exact solver returns when it found nothing better."""
-    plan = Placement.from_dict(warm.to_dict())
-    plan.solver = solver
-    plan.status = "heuristic"
-    plan.solve_seconds = time.monotonic() - started
-    if note:
-        plan.extra["note"] = note
-    settle(plan, bound)
-    options.report(solver, plan.objective_ms, plan.lower_bound_ms, note)
-    return plan
-
-
-def no_plan_message(solver: str, options: SolveOptions) -> str:
-    return (
-        f"{solver}: found no placement that fits the device memories within "
-        f"{options.time_limit:g} s (not proven impossible: raise --time-limit)"
-    )
-
-
-_REGISTRY: dict[str, Solver] = {}
-_BUILTINS_LOADED = False
+_REGISTRY: dict[str, Solver] = {
+    solver.name: solver for module in (heuristics, milp, cpsat, auto) for solver in module.SOLVERS
+}
 
 
 def register(solver: Solver) -> None:
     _REGISTRY[solver.name] = solver
 
 
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    from moirai.placement import auto, cpsat, heuristics, milp
-
-    for module in (heuristics, milp, cpsat, auto):
-        for solver in module.SOLVERS:
-            _REGISTRY.setdefault(solver.name, solver)
-
-
 def solvers() -> list[Solver]:
     """Every registered solver, available or not."""
-    _load_builtins()
     return list(_REGISTRY.values())
 
 
 def get_solver(name: str) -> Solver:
     """The solver registered under `name`; `SolverError` if unknown or unavailable here."""
-    _load_builtins()
     solver = _REGISTRY.get(name)
     if solver is None:
         raise SolverError(f"unknown solver {name!r}: use one of {', '.join(_REGISTRY)}")

@@ -8,8 +8,15 @@ from hypothesis import strategies as st
 
 from moirai.costgraph import CostGraph, Device, Edge, Task
 from moirai.errors import InfeasibleError, SolverError
-from moirai.placement import PlacementProblem, Progress, check, get_solver, solve, solvers
-from moirai.placement.registry import SolveOptions
+from moirai.placement import (
+    PlacementProblem,
+    Progress,
+    SolveOptions,
+    check,
+    get_solver,
+    solve,
+    solvers,
+)
 
 from .instances import random_costgraph, tight_costgraph
 
