@@ -69,12 +69,12 @@ RESULTS = ROOT / "bench" / "results"
 
 def inputs_for(plan, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {
-        t.name: (
-            rng.integers(0, 100, t.shape) if t.datatype == "INT64" else rng.random(t.shape)
-        ).astype(DTYPES[t.datatype])
-        for t in plan.inputs
-    }
+    inputs = {}
+    for t in plan.inputs:
+        shape = plan.priced_shape(t.name)
+        values = rng.integers(0, 100, shape) if t.datatype == "INT64" else rng.random(shape)
+        inputs[t.name] = values.astype(DTYPES[t.datatype])
+    return inputs
 
 
 def single_session(model, threads: int = 1) -> ort.InferenceSession:

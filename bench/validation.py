@@ -76,24 +76,31 @@ RESULTS = ROOT / "bench" / "results"
 GOAL = 0.15
 
 
-def frame_model(plan: StagePlan) -> onnx.ModelProto:
+def frame_model(plan: StagePlan, model: onnx.ModelProto) -> onnx.ModelProto:
     """A model with the plan's inputs and outputs that does (almost) nothing: every input summed
-    to one number, broadcast to every output's shape. Served, it costs what the serving frame
-    costs — client, gateway, and the hops in and out of the stages — and no compute."""
+    to one number, broadcast to every output's shape as `model` (the planned model, statically
+    shaped) gives it. Served, it costs what the serving frame costs — client, gateway, and the
+    hops in and out of the stages — and no compute."""
     nodes, inputs, outputs, initializers = [], [], [], []
     sums = []
+    static = {
+        o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output
+    }
     for i, spec in enumerate(plan.inputs):
-        inputs.append(helper.make_tensor_value_info(spec.name, _onnx_type(spec), spec.shape))
+        shape = plan.priced_shape(spec.name)
+        inputs.append(helper.make_tensor_value_info(spec.name, _onnx_type(spec), shape))
         nodes.append(helper.make_node("Cast", [spec.name], [f"f{i}"], to=TensorProto.FLOAT))
         nodes.append(helper.make_node("ReduceSum", [f"f{i}"], [f"s{i}"], keepdims=0))
         sums.append(f"s{i}")
     nodes.append(helper.make_node("Sum", sums, ["total"]))
     for i, spec in enumerate(plan.outputs):
-        shape = numpy_helper.from_array(np.array(spec.shape, np.int64), f"shape{i}")
+        shape = numpy_helper.from_array(np.array(static[spec.name], np.int64), f"shape{i}")
         initializers.append(shape)
         nodes.append(helper.make_node("Expand", ["total", f"shape{i}"], [f"e{i}"]))
         nodes.append(helper.make_node("Cast", [f"e{i}"], [spec.name], to=_onnx_type(spec)))
-        outputs.append(helper.make_tensor_value_info(spec.name, _onnx_type(spec), spec.shape))
+        outputs.append(
+            helper.make_tensor_value_info(spec.name, _onnx_type(spec), static[spec.name])
+        )
     graph = helper.make_graph(nodes, "frame", inputs, outputs, initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -102,10 +109,10 @@ def _onnx_type(spec: TensorSpec) -> int:
     return next(t for t, name in ONNX_DATATYPES.items() if name == spec.datatype)
 
 
-def frame_ms(plan: StagePlan, requests: int, workdir: Path) -> float:
+def frame_ms(plan: StagePlan, planned: onnx.ModelProto, requests: int, workdir: Path) -> float:
     """Served latency of `frame_model` (median) on the device of the plan's first stage, so
     that a GPU's host↔device copies of the inputs and outputs are part of its frame."""
-    model = frame_model(plan)
+    model = frame_model(plan, planned)
     path = workdir / "frame.onnx"
     onnx.save(model, path)
     loaded = load_model(path)
@@ -154,7 +161,7 @@ def validate(
         planned.plan, path, inputs_for(planned.plan), requests, pin=parts <= len(available_cores())
     )
     with tempfile.TemporaryDirectory(prefix="moirai-frame-") as tmp:
-        frame = frame_ms(planned.plan, requests, Path(tmp))
+        frame = frame_ms(planned.plan, planned.model, requests, Path(tmp))
     entry = next(e for e in profile.document.devices.values() if e.target.startswith("cpu"))
     row = {
         "model": name,

@@ -3,12 +3,18 @@
 Two things leave this module, and both are contracts:
 
 - `load_model(path, input_shapes)` returns the `onnx.ModelProto` every later step works on —
-  fusion analysis, profiling, and the serving side, which cuts its stage sub-models out of this
-  same model. It is the file's model with (1) external data loaded, (2) graph inputs that are
-  really initializers (IR < 4 models list every weight as an input) dropped from `graph.input`,
-  so the inputs left are the ones a client feeds, (3) the user's input shapes applied and shapes
-  inferred (`value_info` filled in, every dimension static), and (4) every node renamed to its
-  canonical name.
+  fusion analysis, profiling and planning. It is the file's model with (1) external data
+  loaded, (2) graph inputs that are really initializers (IR < 4 models list every weight as an
+  input) dropped from `graph.input`, so the inputs left are the ones a client feeds, (3) the
+  user's input shapes applied and shapes inferred (`value_info` filled in, every dimension
+  static), and (4) every node renamed to its canonical name. The shapes are the *representative*
+  ones the model is priced at: a symbolic first dimension of an input (its batch dimension, as
+  in Triton) that the user gives no shape for is priced at 1; any other symbolic dimension needs
+  `--input-shape`, since no default size would be representative of it.
+- `load_model(path, symbolic=True)` is the serving view: the same model and names, but input
+  dimensions stay as the file declares them, so the stage servers' sub-models accept every size
+  the model accepts. `dynamic_shapes(path)` tells which dimensions of which tensors vary with
+  those symbolic inputs (ONNX's symbolic shape inference): the stage plan marks them -1.
 - `canonical_node_names(model)`: a node keeps its name when it is non-empty and unique in the
   graph, otherwise it becomes `f"{op_type}_{index}"` (made unique with a numeric suffix). The
   cost graph's `Task.ops` and the stage plans speak these names, so applying the rule twice
@@ -91,18 +97,28 @@ def canonical_node_names(model: onnx.ModelProto) -> list[str]:
 
 
 # ---------------------------------------------------------------------- loading
-def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> onnx.ModelProto:
+def load_model(
+    path: str | Path, input_shapes: InputShapes | None = None, *, symbolic: bool = False
+) -> onnx.ModelProto:
     """Load, check and statically shape an ONNX model; nodes get their canonical names.
 
+    With `symbolic`, input dimensions stay as the file declares them and no shapes are inferred
+    (the serving view: module docstring); `input_shapes` must then be None.
+
     Raises `ModelError` (one line) for an unreadable or invalid file, an unknown input name, a
-    shape that contradicts the model, or an input dimension that stays symbolic.
+    shape that contradicts the model, or a symbolic input dimension other than the first that
+    no input shape resolves.
     """
+    if symbolic and input_shapes:
+        raise ValueError("a symbolic load takes no input shapes")
     path = Path(path)
     model = _read(path)
     _drop_initializer_inputs(model)
-    _apply_input_shapes(model, input_shapes or {}, path)
-    model = _infer_shapes(model, path)
-    _check_static_inputs(model, path)
+    if not symbolic:
+        _apply_input_shapes(model, input_shapes or {}, path)
+        _price_batch_at_one(model, path)
+        model = _infer_shapes(model, path)
+        _check_static_inputs(model, path)
     for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
         node.name = name
     try:
@@ -112,8 +128,38 @@ def load_model(path: str | Path, input_shapes: InputShapes | None = None) -> onn
             f"{path}: cannot read its external data ({_one_line(e)}); keep the data files next "
             "to the model"
         ) from None
-    _complete_shapes(model, path)
+    if not symbolic:
+        _complete_shapes(model, path)
     return model
+
+
+def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of a model's tensors as its file declares its inputs, -1 for a dimension that
+    is not fixed; empty when every input dimension is fixed (nothing varies).
+
+    From ONNX's symbolic shape inference on the graph alone (external data is not read: shapes
+    of weights are in their headers). A tensor that inference cannot shape is left out: the
+    caller should treat all of its dimensions as varying. Call it on a file that `load_model`
+    accepted."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    _drop_initializer_inputs(model)
+    if all(_static(i.type) for i in model.graph.input):
+        return {}
+    del model.graph.value_info[:]  # a file's own value_info may be stale (exported at batch 1)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+        log.warning("%s: symbolic shape inference failed (%s)", path, _one_line(e))
+    graph = model.graph
+    shapes = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[value.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim
+            )
+    return shapes
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -187,6 +233,24 @@ def _apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, path: Path)
         del shape.dim[:]
         for size in dims:
             shape.dim.add().dim_value = int(size)
+
+
+def _price_batch_at_one(model: onnx.ModelProto, path: Path) -> None:
+    """A symbolic first dimension left after the user's shapes is the batch: priced at 1."""
+    for value in model.graph.input:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape") or not tensor_type.shape.dim:
+            continue
+        first = tensor_type.shape.dim[0]
+        if not first.HasField("dim_value"):
+            log.info(
+                "%s: input %r: symbolic batch dimension %r priced at 1 (give --input-shape to "
+                "price another size)",
+                path,
+                value.name,
+                first.dim_param or "unnamed",
+            )
+            first.dim_value = 1
 
 
 def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:

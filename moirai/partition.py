@@ -109,7 +109,11 @@ def typed_values(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, onnx
     return {n: types[n] for n in names}
 
 
-def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+def _spec(
+    value: onnx.ValueInfoProto, dynamic: Mapping[str, Sequence[int]] | None = None
+) -> TensorSpec:
+    """The tensor's plan type; with `dynamic` (`moirai.graph.dynamic_shapes`), a dimension that
+    varies there is -1, and so is every dimension of a tensor it could not shape."""
     t = value.type.tensor_type
     datatype = ONNX_DATATYPES.get(t.elem_type)
     if datatype is None:
@@ -119,6 +123,12 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
             f"{', '.join(ONNX_DATATYPES.values())}"
         )
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+    if dynamic:
+        varies = dynamic.get(value.name)
+        if varies is None or len(varies) != len(shape):
+            shape = (-1,) * len(shape)
+        else:
+            shape = tuple(-1 if v == -1 else d for d, v in zip(shape, varies, strict=True))
     return TensorSpec(value.name, datatype, shape)
 
 
@@ -135,13 +145,16 @@ def build_plan(
     model_sha256: str = "",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     predicted: Mapping[str, Any] | None = None,
+    dynamic: Mapping[str, Sequence[int]] | None = None,
 ) -> StagePlan:
     """The stage plan of `model` under an assignment.
 
     `node_device` assigns ONNX node names (or group ids, with `groups` mapping each group id to
     its node names) to device names; `start_ms` gives each group's (or node's) scheduled start,
     which orders the groups (model order where absent). Nodes that no entry covers follow their
-    first consumer's device.
+    first consumer's device. `input_shapes` are the shapes the model was priced at; `dynamic`
+    (`moirai.graph.dynamic_shapes` of the model's file) marks the dimensions that vary as -1 in
+    the plan's types, where `model` itself was shaped statically.
     """
     graph = model.graph
     nodes = list(graph.node)
@@ -320,10 +333,10 @@ def build_plan(
         model_sha256=model_sha256,
         input_shapes={k: tuple(v) for k, v in (input_shapes or {}).items()},
         devices=tuple(devices),
-        inputs=tuple(_spec(types[i]) for i in model_inputs),
-        outputs=tuple(_spec(types[o]) for o in model_outputs),
+        inputs=tuple(_spec(types[i], dynamic) for i in model_inputs),
+        outputs=tuple(_spec(types[o], dynamic) for o in model_outputs),
         tensors={
-            t: _spec(types[t])
+            t: _spec(types[t], dynamic)
             for t in sorted(border, key=lambda t: index.get(producer.get(t, ""), -1))
             if t not in model_inputs and t not in output_set
         },

@@ -11,12 +11,13 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from moirai.partition import node_inputs, typed_values
-from moirai.stageplan import PlanError, StagePlan
+from moirai.partition import node_inputs
+from moirai.stageplan import ONNX_DATATYPES, PlanError, StagePlan, TensorSpec
 
 
 def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onnx.ModelProto:
-    """The ONNX sub-model of one stage: its nodes, the initializers they read, its border."""
+    """The ONNX sub-model of one stage: its nodes, the initializers they read, its border typed
+    as the plan types it (so a dimension the plan leaves open, -1, stays open)."""
     stage = plan.stage(stage_id)
     graph = model.graph
     wanted = set(stage.nodes)
@@ -28,12 +29,11 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
             "made for another model or other input shapes"
         )
     read = {t for n in nodes for t in node_inputs(n)}
-    types = typed_values(model, [*stage.inputs, *stage.outputs])
     sub = helper.make_graph(
         nodes,
         f"{graph.name or 'model'}_{stage_id}",
-        [types[t] for t in stage.inputs],
-        [types[t] for t in stage.outputs],
+        [_value_info(plan.spec(t)) for t in stage.inputs],
+        [_value_info(plan.spec(t)) for t in stage.outputs],
         initializer=[i for i in graph.initializer if i.name in read],
         sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
     )
@@ -43,3 +43,11 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
         ir_version=model.ir_version,
         functions=list(model.functions),
     )
+
+
+def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
+    """A border tensor as the plan types it: -1 becomes a dimension of no fixed size, so the
+    stage accepts every size the model does."""
+    elem_type = next(e for e, d in ONNX_DATATYPES.items() if d == spec.datatype)
+    dims = [d if d >= 0 else None for d in spec.shape]
+    return helper.make_tensor_value_info(spec.name, elem_type, dims)

@@ -27,10 +27,14 @@ The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every ser
       "predicted": {"solver": "cpsat", "objective": "latency", "makespan_ms": 1.9}
     }
 
-- `model.path` and `model.input_shapes` are what `moirai.graph.load_model` needs to rebuild the
-  same canonical node names; `sha256` (of the file) lets a server refuse a different model.
+- `model.path` is the file stage servers cut their sub-models from (`moirai.graph.load_model`
+  gives the same canonical node names whatever the shapes); `sha256` (of the file) lets a server
+  refuse a different model; `input_shapes` are the shapes every input was priced at (a symbolic
+  batch dimension at 1 unless the user gave another): informative, serving does not fix them.
 - `inputs`/`outputs` are the model's; `tensors` types every tensor that crosses a stage border.
-  Datatypes are Open Inference Protocol names; a dimension of -1 is not fixed.
+  Datatypes are Open Inference Protocol names; a dimension of -1 is not fixed (it varies with a
+  symbolic dimension of the model's inputs): servers accept any size there, and report -1 in the
+  model's metadata.
 - `stages` are in a topological order of the stage DAG; `nodes` are canonical ONNX node names in
   model order; `inputs`/`outputs` are the tensors crossing the stage's border.
 - `routing` maps every tensor that travels to its consumers: stage ids, and `"gateway"` for the
@@ -182,6 +186,10 @@ class StagePlan:
         """Devices that hold at least one stage, in plan order."""
         used = {s.device for s in self.stages}
         return tuple(d.name for d in self.devices if d.name in used)
+
+    def priced_shape(self, name: str) -> tuple[int, ...]:
+        """The shape model input `name` was priced at: concrete where its spec has -1."""
+        return tuple(self.input_shapes.get(name, self.spec(name).shape))
 
     def spec(self, tensor: str) -> TensorSpec:
         for t in (*self.inputs, *self.outputs):

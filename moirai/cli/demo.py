@@ -73,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     print(describe(plan), flush=True)
     rng = np.random.default_rng(0)
     samples = [
-        {t.name: rng.random(t.shape).astype(DTYPES[t.datatype]) for t in plan.inputs}
+        {
+            t.name: rng.random(plan.priced_shape(t.name)).astype(DTYPES[t.datatype])
+            for t in plan.inputs
+        }
         for _ in range(3)
     ]
     options = ort.SessionOptions()

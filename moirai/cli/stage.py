@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     plan.device(args.device)
     model_path = Path(args.model)
     check_model_file(plan, model_path)
-    model = load_model(model_path, {k: list(v) for k, v in plan.input_shapes.items()} or None)
+    model = load_model(model_path, symbolic=True)  # the plan's types fix what is static
     addresses = peer_addresses(plan, args.peer)
 
     async def start() -> Stoppable:

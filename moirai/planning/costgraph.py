@@ -30,7 +30,7 @@ import onnx
 from moirai.costgraph import CostGraph, Edge, Task
 from moirai.devices import DeviceSet, load_devices
 from moirai.fusion import Group, coarsen, fusion_groups
-from moirai.graph import InputShapes, OpGraph, build_graph, load_model
+from moirai.graph import InputShapes, OpGraph, build_graph, dynamic_shapes, load_model
 from moirai.profile import Annotates, Profile
 from moirai.profile.analytic import AnalyticProfile, node_flops
 
@@ -48,17 +48,29 @@ class LoadedModel:
     """`moirai.graph.load_model`'s model: canonical node names, shapes inferred."""
     graph: OpGraph
     sha256: str
+    dynamic: Mapping[str, Sequence[int]]
+    """`moirai.graph.dynamic_shapes`: what varies with the file's symbolic inputs (empty when
+    nothing does); the stage plan leaves those dimensions open."""
 
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def priced_shapes(self) -> dict[str, list[int]]:
+        """Every input's shape as the model is priced: the user's, or the file's with a
+        symbolic batch at 1."""
+        return {
+            i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in self.proto.graph.input
+        }
 
 
 def load(model_path: str | Path, input_shapes: InputShapes | None = None) -> LoadedModel:
     path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     proto = load_model(path, shapes or None)
-    return LoadedModel(path, shapes, proto, build_graph(proto), _sha256(path))
+    return LoadedModel(path, shapes, proto, build_graph(proto), _sha256(path), dynamic_shapes(path))
 
 
 def build_costgraph(
@@ -97,9 +109,7 @@ def build_costgraph(
         "profile": profile.name,
         "model": model_path.name,
         "sha256": loaded.sha256,
-        "input_shapes": {
-            i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input
-        },
+        "input_shapes": loaded.priced_shapes,
         "providers": list(devices.providers),
         "nodes": len(graph.nodes),
         "fusion_groups": fused,

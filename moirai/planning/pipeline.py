@@ -66,7 +66,8 @@ class _Context:
             model_name=self.model.name,
             model_path=str(self.model.path),
             model_sha256=self.model.sha256,
-            input_shapes=self.model.input_shapes,
+            input_shapes=self.model.priced_shapes,
+            dynamic=self.model.dynamic,
         )
         return plan, predict(self.costgraph, plan, self.call_ms)
 

@@ -124,6 +124,53 @@ def gather(rows: int = 16, width: int = 32, seed: int = 2) -> onnx.ModelProto:
     )
 
 
+def cnn(
+    channels: int = 16, classes: int = 10, size: int | None = None, seed: int = 3
+) -> onnx.ModelProto:
+    """images[batch, 3, h, w] → Conv → Relu → Conv → Relu → GlobalAveragePool → Reshape [0, -1]
+    → Gemm → Softmax → probs[batch, classes], and the first Relu's feature map as a second
+    output: every dimension but the channels symbolic, like a CNN exported with dynamic axes
+    (`size` fixes h and w, leaving the batch alone symbolic). At 64×64, a row of the feature map
+    is 256 KiB: large enough for shared memory, so a cut after it exercises the dynamic
+    outputs' path."""
+    h, w = (size, size) if size else ("h", "w")
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        scale = 1 / np.sqrt(np.prod(shape[1:]))
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) * scale).astype(np.float32), name
+        )
+
+    inits = [
+        weight("w0", channels, 3, 3, 3),
+        weight("w1", channels, channels, 3, 3),
+        weight("fc", classes, channels),
+        numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"),
+        numpy_helper.from_array(np.array([0, -1], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["images", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["features"]),
+        helper.make_node("Conv", ["features", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("GlobalAveragePool", ["r1"], ["pooled"]),
+        helper.make_node("Reshape", ["pooled", "flat"], ["flat_out"]),
+        helper.make_node("Gemm", ["flat_out", "fc", "fc_b"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    return _model(
+        _name(nodes),
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, h, w])],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes]),
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", channels, h, w]),
+        ],
+        inits,
+        "cnn",
+    )
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moirai.errors import ModelError, MoiraiError
+from moirai.graph import dynamic_shapes, load_model
 from moirai.partition import build_plan
 from moirai.runtime.daemon import peer_addresses
 from moirai.runtime.sequential import run_sequential
@@ -219,3 +221,41 @@ def test_peer_addresses_name_plan_devices(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("MOIRAI_PEERS", '{"cpu-9": "h:1"}')
     with pytest.raises(MoiraiError, match=r"MOIRAI_PEERS\['cpu-9'\]: the plan has no device"):
         peer_addresses(plan, [])
+
+
+# ------------------------------------------------------------- dynamic shapes
+def test_a_symbolic_model_s_plan_leaves_its_dimensions_open() -> None:
+    """Types from a symbolically shaped model: -1 wherever a dimension is not fixed, and the
+    cut sub-models run at any batch and image size, as the whole model does."""
+    model = models.cnn()
+    nodes = [n.name for n in model.graph.node]
+    plan = build_plan(model, {n: f"cpu-{i // 4}" for i, n in enumerate(nodes)}, DEVICES[:2])
+    assert plan.inputs[0].shape == (-1, 3, -1, -1)
+    assert plan.spec("probs").shape == (-1, 10)
+    assert [t.shape for t in plan.tensors.values()] == [(-1, 16, -1, -1)]  # c1, the border
+    rng = np.random.default_rng(0)
+    for shape in [(1, 3, 8, 8), (4, 3, 8, 8), (3, 3, 5, 7)]:
+        inputs = {"images": rng.standard_normal(shape).astype(np.float32)}
+        want = reference(model, inputs)
+        got = run_sequential(model, plan, inputs)
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_dynamic_shapes_open_a_statically_loaded_plan(tmp_path: Path) -> None:
+    """The planning view is static (priced at batch 1, 8×8 here); `dynamic` opens what varies,
+    and a stage cut from the symbolic load accepts batch 4."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.cnn(), path)
+    static = load_model(path, {"images": [1, 3, 8, 8]})
+    nodes = [n.name for n in static.graph.node]
+    assignment = {n: f"cpu-{i // 4}" for i, n in enumerate(nodes)}
+    plan = build_plan(static, assignment, DEVICES[:2], dynamic=dynamic_shapes(path))
+    assert plan.inputs[0].shape == (-1, 3, -1, -1)
+    assert plan.outputs[0].shape == (-1, 10)
+    assert build_plan(static, assignment, DEVICES[:2]).inputs[0].shape == (1, 3, 8, 8)
+    images = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    got = run_sequential(load_model(path, symbolic=True), plan, {"images": images})
+    np.testing.assert_allclose(
+        got["probs"], reference(models.cnn(), {"images": images})["probs"], rtol=1e-5, atol=1e-6
+    )

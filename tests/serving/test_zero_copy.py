@@ -151,6 +151,48 @@ def test_large_static_outputs_are_written_into_the_arena_and_others_left_to_ort(
     assert shared_memory_in_use() == before
 
 
+def test_dynamic_outputs_go_to_the_arena_once_their_input_shapes_were_seen() -> None:
+    """An output of open size is ONNX Runtime's the first time at given input shapes, then
+    written into the arena; one whose size depends on the data (NonZero) is never guessed
+    again once a guess failed, and every answer stays right."""
+    before = shared_memory_in_use()
+    model = _model(
+        [helper.make_node("Neg", ["x"], ["big"]), helper.make_node("NonZero", ["x"], ["nz"])],
+        1,
+        ["big", "nz"],
+    )
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    model.graph.output[1].type.tensor_type.elem_type = TensorProto.INT64
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    arena = shm.Arena()
+    stage = StageSession(
+        session, [TensorSpec("big", "FP32", (-1,)), TensorSpec("nz", "INT64", (1, -1))], arena
+    )
+    count = 1 << 16  # 256 KiB of FP32; NonZero's int64 indices: up to 512 KiB
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        got = stage.run({"x": x})
+        np.testing.assert_array_equal(got[0], -x)
+        np.testing.assert_array_equal(got[1], np.stack(np.nonzero(x)))
+        return got
+
+    ones = np.ones(count, np.float32)
+    first = run(ones)
+    assert all(a.flags.writeable for a in first)  # ONNX Runtime's own arrays
+    second = run(ones)
+    assert not any(a.flags.writeable for a in second)  # both guessed, both in the arena
+    half = ones.copy()
+    half[::2] = 0  # the same input shape, half the indices: the guess for `nz` fails
+    third = run(half)
+    assert all(a.flags.writeable for a in third)  # run again with ONNX Runtime's allocation
+    fourth = run(ones)
+    assert not fourth[0].flags.writeable and fourth[1].flags.writeable  # never guessed again
+    assert run(np.ones(count // 2, np.float32))[0].flags.writeable  # a new batch size
+    del first, second, third, fourth
+    arena.close()
+    assert shared_memory_in_use() == before
+
+
 @pytest.mark.parametrize(
     ("count", "requests", "concurrency"),
     [(16 << 20, 2, 1), (1 << 18, 16, 8)],

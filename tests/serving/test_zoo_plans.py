@@ -27,10 +27,11 @@ def inputs_for(plan, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
     for t in plan.inputs:
+        shape = plan.priced_shape(t.name)
         if t.datatype == "INT64":
-            out[t.name] = rng.integers(0, 100, size=t.shape).astype(np.int64)
+            out[t.name] = rng.integers(0, 100, size=shape).astype(np.int64)
         else:
-            out[t.name] = rng.random(t.shape).astype(np.float32)
+            out[t.name] = rng.random(shape).astype(np.float32)
     return out
 
 

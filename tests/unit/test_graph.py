@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from moirai import zoo
 from moirai.errors import ModelError
-from moirai.graph import build_graph, canonical_node_names, load_model
+from moirai.graph import build_graph, canonical_node_names, dynamic_shapes, load_model
 
 from .onnx_patterns import conv_bn_relu, init, model, save, tensor
 
@@ -134,11 +134,60 @@ def test_input_shapes_make_every_tensor_static(tmp_path: Path) -> None:
 
 
 def test_unresolved_dimension_names_input_and_suggests_flag(tmp_path: Path) -> None:
+    """The symbolic batch is priced at 1; 'height' has no representative size."""
     with pytest.raises(ModelError) as e:
         load_model(_symbolic(tmp_path))
     message = _one_line(e)
-    assert "'x'" in message and "'batch'" in message
+    assert "'x'" in message and "'height'" in message
     assert "--input-shape x=1x3x1x8" in message
+
+
+def _batch_only(tmp_path: Path) -> Path:
+    """A symbolic batch through a Reshape and a MatMul, to a [batch, 4] output."""
+    m = model(
+        [
+            helper.make_node("Reshape", ["x", "flat"], ["r"]),
+            helper.make_node("MatMul", ["r", "w"], ["y"]),
+        ],
+        [tensor("x", ["N", 2, 3])],
+        [tensor("y", ["N", 4])],
+        [
+            numpy_helper.from_array(np.array([0, 6], np.int64), "flat"),
+            numpy_helper.from_array(np.ones((6, 4), np.float32), "w"),
+        ],
+    )
+    return save(m, tmp_path / "b.onnx")
+
+
+def test_symbolic_batch_is_priced_at_one(tmp_path: Path) -> None:
+    graph = build_graph(load_model(_batch_only(tmp_path)))
+    assert graph.tensors["x"].shape == (1, 2, 3)
+    assert graph.tensors["y"].shape == (1, 4)
+
+
+def test_given_shape_prices_another_batch(tmp_path: Path) -> None:
+    graph = build_graph(load_model(_batch_only(tmp_path), {"x": [8, 2, 3]}))
+    assert graph.tensors["r"].shape == (8, 6)
+
+
+def test_symbolic_load_keeps_the_file_s_dimensions(tmp_path: Path) -> None:
+    loaded = load_model(_batch_only(tmp_path), symbolic=True)
+    dims = loaded.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [2, 3]
+    assert [n.name for n in loaded.graph.node] == ["Reshape_0", "MatMul_1"]
+    with pytest.raises(ValueError):
+        load_model(_batch_only(tmp_path), {"x": [1, 2, 3]}, symbolic=True)
+
+
+def test_dynamic_shapes_mark_what_varies_with_the_batch(tmp_path: Path) -> None:
+    shapes = dynamic_shapes(_batch_only(tmp_path))
+    assert shapes["x"] == (-1, 2, 3)
+    assert shapes["r"] == (-1, 6)
+    assert shapes["y"] == (-1, 4)
+
+
+def test_dynamic_shapes_of_a_static_model_are_empty(tmp_path: Path) -> None:
+    assert dynamic_shapes(save(_relus(["a"]), tmp_path / "s.onnx")) == {}
 
 
 def test_unknown_input_name_lists_the_real_inputs(tmp_path: Path) -> None:
