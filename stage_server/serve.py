@@ -29,6 +29,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from moirai.errors import MoiraiError
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost
+from stage_server.batchconfig import BatchingConfig
+from stage_server.batching import BatchingFront, with_batching
 from stage_server.chain import ChainHandler, ChainServicer, Peers
 from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.codec import DTYPES
@@ -167,7 +169,7 @@ async def start_stage(
 
 @dataclass
 class GatewayHandle:
-    gateway: Gateway
+    gateway: Gateway | BatchingFront
     servers: list[grpc.aio.Server]
     http: web.AppRunner
     grpc_port: int
@@ -209,6 +211,7 @@ async def start_gateway(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     timeout_s: float = 30.0,
     same_host: bool = True,
+    batching: BatchingConfig | None = None,
 ) -> GatewayHandle:
     if chain_port is None:
         needed = _largest_final_push(plan) + PUSH_OVERHEAD_BYTES
@@ -219,13 +222,14 @@ async def start_gateway(
                 "gateway a --chain-port of its own"
             )
     gateway = Gateway(plan, Peers(plan, addresses, same_host=same_host), timeout_s=timeout_s)
+    front = with_batching(gateway, batching)  # what the transports call
     interceptors = [ErrorInterceptor(gateway.metrics)]
     limit = [
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ]
     oip_server = _server(interceptors, limit)
-    add_to_server(InferenceServicer(gateway), oip_server)
+    add_to_server(InferenceServicer(front), oip_server)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), oip_server)
     servers = [oip_server]
     if chain_port is None:
@@ -235,7 +239,7 @@ async def start_gateway(
         servers.append(chain_server)
     servicer = ChainServicer(gateway)
     add_chain_to_server(servicer, chain_server)
-    runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
+    runner = web.AppRunner(create_app(front, max_request_bytes), access_log=None)
     listener = None
     try:
         bound_grpc = _bind(oip_server, host, grpc_port)
@@ -254,8 +258,8 @@ async def start_gateway(
             await listener.stop()
         for server in servers:
             await server.stop(None)
-        await gateway.stop()
+        await front.stop()
         raise
     bound_http = runner.addresses[0][1]
     await gateway.start()
-    return GatewayHandle(gateway, servers, runner, bound_grpc, bound_http, bound_chain, listener)
+    return GatewayHandle(front, servers, runner, bound_grpc, bound_http, bound_chain, listener)

@@ -2,11 +2,13 @@
 
     moirai gateway --plan plan.json [--grpc-port 8001] [--http-port 8000] [--host 127.0.0.1] \
         [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] [--max-request-bytes N] \
-        [--timeout 30] [--model model.onnx] [--grpc-only]
+        [--timeout 30] [--model model.onnx] [--grpc-only] \
+        [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
 
 Stage servers push final outputs to the gateway's `--chain-port` (by default the gRPC port).
-`--model` is optional: given, the gateway refuses a model file other than the plan's. Environment
-fallbacks: MOIRAI_PLAN, MOIRAI_HOST, MOIRAI_PEERS.
+`--model` is optional: given, the gateway refuses a model file other than the plan's. The batching
+flags turn on dynamic batching (`stage_server.batching`). Environment fallbacks: MOIRAI_PLAN,
+MOIRAI_HOST, MOIRAI_PEERS.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moirai.stageplan import StagePlan
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from stage_server.batchconfig import add_arguments as add_batching_arguments
     from stage_server.serve import DEFAULT_MAX_REQUEST_BYTES
 
     p = subparsers.add_parser("gateway", help="run the inference gateway of a stage plan")
@@ -50,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no same-host fast path: every push over gRPC, as between hosts",
     )
+    add_batching_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -62,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     for flag, number in ports.items():
         check_port_free(flag, number, args.host)
     from stage_server.allocator import keep_freed_memory
+    from stage_server.batchconfig import from_args
     from stage_server.serve import start_gateway
 
+    batching = from_args(args)
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
     if args.model:
@@ -81,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes,
             timeout_s=args.timeout,
             same_host=not args.grpc_only,
+            batching=batching,
         )
 
     return run_until_signalled(

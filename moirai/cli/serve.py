@@ -3,13 +3,15 @@
     moirai serve model.onnx [--devices local|devices.yaml] [--cpu-devices N] \
         [--profile analytic|measured|FILE] [--solver auto] [--objective latency|throughput] \
         [--time-limit 10] [--max-tasks N] \
-        [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000]
+        [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000] \
+        [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
 
 Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
 stage server per used device and the gateway as local processes, prints the plan (with its
 latency predicted as served, and its period for a throughput plan) and the endpoint, and
 serves until Ctrl-C or SIGTERM, then stops every process. A stage server that dies is restarted
-on its address.
+on its address. `--max-batch-size` turns on dynamic batching at the gateway
+(`stage_server.batching`), for a model whose inputs and outputs have a symbolic batch dimension.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from moirai.cli.options import (
     positive_int,
 )
 from moirai.errors import MoiraiError
+from stage_server.batchconfig import add_arguments as add_batching_arguments
+from stage_server.batchconfig import from_args as batching_from_args
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workdir", type=output_folder, help="where the plan and logs go (default: temporary)"
     )
+    add_batching_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -104,13 +109,17 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
 def run(args: argparse.Namespace) -> int:
     from moirai.planning import describe
     from moirai.runtime.local import LocalDeployment
+    from stage_server.batching import check_batchable
 
+    batching = batching_from_args(args)
     if args.grpc_port == args.http_port:
         raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
     check_port_free("--grpc-port", args.grpc_port)
     check_port_free("--http-port", args.http_port)
     planned = plan_from_args(args, args.model)
     print(describe(planned.plan), flush=True)
+    if batching.enabled:
+        check_batchable(planned.plan.model_name, planned.plan.inputs, planned.plan.outputs)
     with tempfile.TemporaryDirectory(prefix="moirai-serve-") as tmp:
         deployment = LocalDeployment(
             planned.plan,
@@ -119,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             timeout_s=args.timeout,
+            batching=batching,
         )
         stopping = False
 

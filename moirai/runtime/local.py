@@ -33,6 +33,7 @@ import grpc
 from moirai.errors import MoiraiError
 from moirai.planning.cpu import core_sets
 from moirai.stageplan import GATEWAY, StagePlan
+from stage_server.batchconfig import BatchingConfig
 
 PR_SET_PDEATHSIG = 1
 LOCALHOST = "127.0.0.1"
@@ -66,6 +67,8 @@ class LocalDeployment:
     grpc_port: int = 0
     http_port: int = 0
     timeout_s: float = 30.0
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Dynamic batching at the gateway (off by default)."""
     pin_cores: bool = True
     same_host: bool = True
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -107,6 +110,7 @@ class LocalDeployment:
                     "--grpc-port", str(self.grpc_port),
                     "--http-port", str(self.http_port),
                     "--timeout", str(self.timeout_s),
+                    *self.batching.to_args(),
                     *self._transport,
                 ],
             )  # fmt: skip

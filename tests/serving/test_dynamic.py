@@ -3,6 +3,7 @@ accepts, through real gRPC and HTTP, and its metadata reports -1 for what is not
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from moirai.devices import local_devices
 from moirai.planning import plan_model
 from moirai.planning.cpu import split_cpu
 from moirai.runtime.local import LocalDeployment
+from stage_server.batchconfig import BatchingConfig
 from stage_server.client import InferenceClient
 
 from . import models
@@ -71,7 +73,7 @@ async def test_a_symbolic_model_answers_batch_1_and_4_over_grpc_and_http(cluster
 def test_moirai_serve_plans_at_batch_1_and_serves_batch_4(tmp_path: Path) -> None:
     """The whole path of `moirai serve`: planned without --input-shape (the symbolic batch
     priced at 1, recorded in the plan), stage servers as processes cutting their sub-models
-    from the symbolic model."""
+    from the symbolic model, and the gateway process batching (its metrics count batches)."""
     model = models.cnn(size=32)
     path = tmp_path / "cnn.onnx"
     onnx.save(model, path)
@@ -79,8 +81,9 @@ def test_moirai_serve_plans_at_batch_1_and_serves_batch_4(tmp_path: Path) -> Non
     plan = planned.plan
     assert plan.input_shapes == {"images": (1, 3, 32, 32)}
     assert plan.inputs[0].shape == (-1, 3, 32, 32)
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_us=1000)
     with (
-        LocalDeployment(plan, path, tmp_path / "run") as deployment,
+        LocalDeployment(plan, path, tmp_path / "run", batching=batching) as deployment,
         InferenceClient(deployment.grpc_url) as client,
     ):
         for batch in (1, 4):
@@ -88,3 +91,7 @@ def test_moirai_serve_plans_at_batch_1_and_serves_batch_4(tmp_path: Path) -> Non
             got = client.infer("cnn", inputs)
             for name, value in reference(model, inputs).items():
                 np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+        with urllib.request.urlopen(f"http://{deployment.http_url}/metrics") as response:
+            metrics = response.read().decode()
+    assert "moirai_batch_size_count 2.0" in metrics.splitlines()
+    assert "moirai_batch_size_sum 5.0" in metrics.splitlines()

@@ -328,3 +328,49 @@ def test_ctrl_c_while_the_subcommands_load(
     monkeypatch.setattr(moirai.cli, "build_parser", interrupted)
     assert main(["place", "--help"]) == 130
     assert capsys.readouterr().err == "moirai: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--preferred-batch-sizes", "4"], "need --max-batch-size"),
+        (["--max-queue-delay-us", "100"], "need --max-batch-size"),
+        (["--max-batch-size", "4", "--preferred-batch-sizes", "8"], "--preferred-batch-sizes 8"),
+        (["--max-batch-size", "4", "--preferred-batch-sizes", "2,x"], "separated by commas"),
+        (["--max-batch-size", "-2"], "--max-batch-size -2"),
+        (["--max-batch-size", "4", "--max-queue-delay-us", "-1"], "--max-queue-delay-us -1"),
+    ],
+)
+def test_serve_batching_flags_that_make_no_sense(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
+) -> None:
+    """Refused before planning (the model file does not even exist)."""
+    argv = ["serve", str(tmp_path / "missing.onnx"), *flags]
+    assert needle in one_line_error(capsys, argv)
+
+
+def test_serve_batching_a_model_with_a_fixed_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused after planning, before any server starts."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from moirai.runtime.local import free_ports
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph), path)
+    grpc_port, http_port = free_ports(2)
+    argv = [
+        "serve", str(path), "--max-batch-size", "8", "--time-limit", "2",
+        "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+    ]  # fmt: skip
+    message = one_line_error(capsys, argv)
+    assert "input 'x' has a fixed first dimension (1)" in message
+    assert "without --max-batch-size" in message
