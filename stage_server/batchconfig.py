@@ -1,12 +1,17 @@
-"""Dynamic batching's settings and their command-line flags, apart from the batcher
-(`stage_server.batching`) so that the CLI parses them without importing the serving stack."""
+"""Dynamic batching's settings, their command-line flags and the check that a model can be
+batched, apart from the batcher (`stage_server.batching`) so that the CLI and the operator use
+them without importing the serving stack."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moirai.errors import MoiraiError
+
+if TYPE_CHECKING:
+    from moirai.stageplan import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,25 @@ def from_args(args: Any) -> BatchingConfig:
             "commas, e.g. 4,8"
         ) from None
     return BatchingConfig(args.max_batch_size, preferred, args.max_queue_delay_us)
+
+
+def check_batchable(
+    model: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    setting: str = "--max-batch-size",
+) -> None:
+    """Refuse batching for a model whose inputs and outputs do not all have an open first
+    dimension: concatenating and splitting along it would be wrong. `setting` names what turned
+    batching on, for the message."""
+    for role, specs in (("input", inputs), ("output", outputs)):
+        for t in specs:
+            if not t.shape or t.shape[0] != -1:
+                first = (
+                    "no dimensions" if not t.shape else f"a fixed first dimension ({t.shape[0]})"
+                )
+                raise MoiraiError(
+                    f"model {model!r} {role} {t.name!r} has {first}: batching needs a symbolic "
+                    "batch dimension first in every input and output; export the model with a "
+                    f"dynamic batch axis, or serve it without {setting}"
+                )

@@ -45,9 +45,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from moirai.errors import MoiraiError
-from moirai.stageplan import TensorSpec
-from stage_server.batchconfig import BatchingConfig
+from stage_server.batchconfig import BatchingConfig, check_batchable
 from stage_server.errors import DeadlineExceeded, InvalidInput, StageFailed, Unavailable
 
 log = logging.getLogger(__name__)
@@ -62,24 +60,6 @@ _SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 10
 _QUEUE_BUCKETS = (
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
 )  # fmt: skip
-
-
-def check_batchable(
-    model: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
-) -> None:
-    """Refuse batching for a model whose inputs and outputs do not all have an open first
-    dimension: concatenating and splitting along it would be wrong."""
-    for role, specs in (("input", inputs), ("output", outputs)):
-        for t in specs:
-            if not t.shape or t.shape[0] != -1:
-                first = (
-                    "no dimensions" if not t.shape else f"a fixed first dimension ({t.shape[0]})"
-                )
-                raise MoiraiError(
-                    f"model {model!r} {role} {t.name!r} has {first}: batching needs a symbolic "
-                    "batch dimension first in every input and output; export the model with a "
-                    "dynamic batch axis, or serve it without --max-batch-size"
-                )
 
 
 class BatchMetrics:

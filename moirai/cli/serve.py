@@ -109,7 +109,7 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
 def run(args: argparse.Namespace) -> int:
     from moirai.planning import describe
     from moirai.runtime.local import LocalDeployment
-    from stage_server.batching import check_batchable
+    from stage_server.batchconfig import check_batchable
 
     batching = batching_from_args(args)
     if args.grpc_port == args.http_port:

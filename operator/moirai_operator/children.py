@@ -226,6 +226,7 @@ def gateway_command(spec: PlacedModelSpec) -> list[str]:
         str(spec.serving.port),
         "--grpc-port",
         str(spec.serving.grpc_port),
+        *spec.serving.batching.to_args(),
     ]
 
 

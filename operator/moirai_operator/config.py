@@ -15,6 +15,7 @@ from pathlib import Path
 from moirai.errors import MoiraiError
 from moirai_operator.children import BuildOptions
 from moirai_operator.spec import OBJECTIVES, SOLVERS, Defaults
+from stage_server.batchconfig import BatchingConfig
 
 
 class ConfigError(MoiraiError):
@@ -65,6 +66,23 @@ class OperatorConfig:
                 raise ConfigError(f"{key}={raw!r}: use true or false")
             return raw in ("true", "1")
 
+        def batching() -> BatchingConfig:
+            raw = env.get("MOIRAI_PREFERRED_BATCH_SIZES", "").replace(" ", "")
+            try:
+                preferred = tuple(int(v) for v in raw.split(",") if v)
+            except ValueError:
+                raise ConfigError(
+                    f"MOIRAI_PREFERRED_BATCH_SIZES={raw!r}: use sizes separated by commas"
+                ) from None
+            try:
+                return BatchingConfig(
+                    int(number("MOIRAI_MAX_BATCH_SIZE", 0, 0)),
+                    preferred,
+                    int(number("MOIRAI_MAX_QUEUE_DELAY_US", 0, 0)),
+                )
+            except MoiraiError as e:
+                raise ConfigError(f"the chart's batching values: {e}") from None
+
         catalogue = env.get("MOIRAI_CATALOGUE")
         return cls(
             defaults=Defaults(
@@ -73,6 +91,7 @@ class OperatorConfig:
                 time_limit_seconds=number("MOIRAI_TIME_LIMIT_SECONDS", 60.0, 1.0),
                 image=env.get("MOIRAI_IMAGE") or Defaults.image,
                 gpu_image=env.get("MOIRAI_GPU_IMAGE") or Defaults.gpu_image,
+                batching=batching(),
             ),
             options=BuildOptions(
                 network_policy=flag("MOIRAI_NETWORK_POLICY", True),

@@ -6,7 +6,8 @@
 The operator plans exactly as `moirai serve` does (cost graph, solver, stage plan, the latency
 predicted for the plan as served, gateway hops included); what it adds goes in through
 `plan_model`'s hooks: the devices described from the pools (`catalogue.py`), a memory check
-before the solver, and the solver's thread count. It keeps the result in a `Plan`. All of it is
+before the solver, and the solver's thread count; a spec that batches is refused (InvalidSpec)
+when the plan shows no batch dimension to batch along. It keeps the result in a `Plan`. All of it is
 CPU work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
 `Planner` runs it in a dedicated thread pool: the event loop keeps serving the other
 PlacedModels, and at most `solver_workers` solves compete for the cores. The memory check
@@ -26,10 +27,11 @@ from typing import Any
 
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet, DeviceSpec
+from moirai.errors import MoiraiError
 from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
-from moirai_operator.spec import PlacedModelSpec
+from moirai_operator.spec import PlacedModelSpec, SpecError
 from moirai_operator.status import InsufficientMemoryError, ProfilingError
 
 GIB = float(1 << 30)
@@ -106,6 +108,7 @@ class Planner:
     ) -> Plan:
         from moirai.planning import plan_model, resolve
         from moirai.profile.document import ProfileError
+        from stage_server.batchconfig import check_batchable
 
         try:
             inputs = resolve(
@@ -128,6 +131,16 @@ class Planner:
             check=check_memory,
         )
         placement, stage_plan = planned.placement, planned.plan
+        if spec.serving.batching.enabled:
+            try:
+                check_batchable(
+                    stage_plan.model_name,
+                    stage_plan.inputs,
+                    stage_plan.outputs,
+                    "spec.serving.batching.maxBatchSize",
+                )
+            except MoiraiError as e:
+                raise SpecError(str(e)) from None
         used = set(stage_plan.used_devices)
         tasks = Counter(placement.assignment.values())
         by_pool = {m.spec.name: m for m in pools}

@@ -21,6 +21,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from moirai.errors import MoiraiError
 from moirai.placement import OBJECTIVES, solvers
+from stage_server.batchconfig import BatchingConfig
 
 # The placement registry's names, which the CRD's enum repeats (a test checks that they agree).
 SOLVERS = tuple(s.name for s in solvers())
@@ -43,6 +44,8 @@ class Defaults:
     """Image of the gateway and of cpu stage servers."""
     gpu_image: str = "moirai:latest-gpu"
     """Image of gpu stage servers (onnxruntime-gpu on a CUDA base)."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Dynamic batching of a PlacedModel whose spec.serving.batching leaves fields out."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class ServingSpec:
     port: int = 8000
     grpc_port: int = 8001
     replicas: int = 1
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Dynamic batching at the endpoint (`stage_server.batching`); off by default."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,30 @@ def _pool(raw: Mapping[str, Any], i: int) -> PoolSpec:
     )
 
 
+def _batching(raw: Mapping[str, Any], default: BatchingConfig) -> BatchingConfig:
+    """spec.serving.batching over the operator's defaults; preferred sizes must fit the max."""
+    where = "spec.serving.batching"
+    size = _int(raw.get("maxBatchSize"), f"{where}.maxBatchSize", default.max_batch_size, 0)
+    preferred = raw.get("preferredBatchSizes")
+    if preferred is None:
+        preferred = default.preferred_batch_sizes if size == default.max_batch_size else ()
+    delay = _int(
+        raw.get("maxQueueDelayMicroseconds"),
+        f"{where}.maxQueueDelayMicroseconds",
+        default.max_queue_delay_us,
+        0,
+    )
+    for value in preferred:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= size:
+            raise SpecError(
+                f"{where}.preferredBatchSizes has {value!r}: give sizes from 1 to maxBatchSize "
+                f"({size})"
+            )
+    if size == 0:
+        return BatchingConfig()  # off: a preferred size or a delay means nothing then
+    return BatchingConfig(size, tuple(preferred), delay)
+
+
 def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
     """Parse a PlacedModel's `spec` (already schema-checked by the API server)."""
     pools_raw = raw.get("pools") or []
@@ -236,6 +265,7 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             port=_int(serving.get("port"), "spec.serving.port", 8000),
             grpc_port=_int(serving.get("grpcPort"), "spec.serving.grpcPort", 8001),
             replicas=_int(serving.get("replicas"), "spec.serving.replicas", 1),
+            batching=_batching(serving.get("batching") or {}, defaults.batching),
         ),
         image=str(raw.get("image") or defaults.image),
         gpu_image=str(raw.get("image") or defaults.gpu_image),

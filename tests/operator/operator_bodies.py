@@ -121,8 +121,9 @@ def make_plan(devices: tuple[tuple[str, str], ...] = (("gpu-0", "gpu"), ("cpu-0"
     )
 
 
-def write_mlp(path, hidden: int = 64, layers: int = 4, seed: int = 0):
-    """A small MLP (MatMul/Add/Relu chain) as an ONNX file; returns the path."""
+def write_mlp(path, hidden: int = 64, layers: int = 4, seed: int = 0, batch: int | str = 1):
+    """A small MLP (MatMul/Add/Relu chain) as an ONNX file; returns the path. `batch` a name:
+    a symbolic batch dimension."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -146,8 +147,8 @@ def write_mlp(path, hidden: int = 64, layers: int = 4, seed: int = 0):
     graph = helper.make_graph(
         nodes,
         "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, hidden])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, hidden])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

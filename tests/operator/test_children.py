@@ -181,3 +181,16 @@ def test_profile_job_measures_one_device_of_its_pool_and_reports() -> None:
     assert upload["command"][:3] == ["python", "-m", "moirai_operator.upload"]
     assert upload["env"] == [{"name": "MOIRAI_PROFILE_URL", "value": "http://op:8081/profiles/tok"}]
     assert not any("configMap" in v for v in pod["volumes"])  # no plan exists yet
+
+
+def test_the_gateway_batches_as_the_spec_says() -> None:
+    def command(**serving: object) -> list[str]:
+        _, objs = children(serving=serving)
+        pod = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+        return pod["containers"][0]["command"]
+
+    assert "--max-batch-size" not in command()
+    batching = {"maxBatchSize": 8, "preferredBatchSizes": [8, 4], "maxQueueDelayMicroseconds": 500}
+    assert command(batching=batching)[-6:] == [
+        "--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--max-queue-delay-us", "500",
+    ]  # fmt: skip

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from moirai_operator.config import ConfigError, OperatorConfig
 
+from stage_server.batchconfig import BatchingConfig
+
 
 def test_defaults_without_environment() -> None:
     config = OperatorConfig.from_env({})
@@ -14,6 +16,22 @@ def test_defaults_without_environment() -> None:
     assert config.options.network_policy is True
     assert config.resync_seconds == 30 and config.profile_url is None
     assert config.catalogue is None
+    assert not config.defaults.batching.enabled
+
+
+def test_the_chart_s_batching_defaults_arrive() -> None:
+    env = {
+        "MOIRAI_MAX_BATCH_SIZE": "8",
+        "MOIRAI_PREFERRED_BATCH_SIZES": "4,8",
+        "MOIRAI_MAX_QUEUE_DELAY_US": "2000",
+    }
+    assert OperatorConfig.from_env(env).defaults.batching == BatchingConfig(8, (4, 8), 2000)
+    off = {"MOIRAI_MAX_BATCH_SIZE": "0", "MOIRAI_PREFERRED_BATCH_SIZES": ""}
+    assert OperatorConfig.from_env(off).defaults.batching == BatchingConfig()
+    with pytest.raises(ConfigError, match="MOIRAI_PREFERRED_BATCH_SIZES"):
+        OperatorConfig.from_env({**env, "MOIRAI_PREFERRED_BATCH_SIZES": "4;8"})
+    with pytest.raises(ConfigError, match="batching values: --preferred-batch-sizes 16"):
+        OperatorConfig.from_env({**env, "MOIRAI_PREFERRED_BATCH_SIZES": "16"})
 
 
 def test_chart_values_arrive() -> None:

@@ -10,8 +10,8 @@ import pytest
 from moirai_operator.catalogue import Catalogue, devices_document
 from moirai_operator.planning import Planner, device_set
 from moirai_operator.pools import match_pools, node_facts
-from moirai_operator.spec import Defaults, parse_spec
-from moirai_operator.status import InsufficientMemoryError, placement_summary
+from moirai_operator.spec import Defaults, SpecError, parse_spec
+from moirai_operator.status import InsufficientMemoryError, failure, placement_summary
 from operator_bodies import make_node, make_spec, write_mlp
 
 from moirai.planning import build_costgraph
@@ -49,6 +49,21 @@ async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) ->
         assert d.gpus == (1 if d.entry.kind == "gpu" else 0)
         assert d.node_selector == {"moirai.dev/pool": d.entry.pool}
         assert d.tasks >= 1
+
+
+async def test_a_spec_that_batches_needs_a_batch_dimension(tmp_path: Path, planner) -> None:
+    batching = {"serving": {"batching": {"maxBatchSize": 8}}, "placement": {"solver": "heft"}}
+    fixed = write_mlp(tmp_path / "fixed.onnx")
+    spec = parse_spec(model_spec(fixed, **batching), Defaults())
+    with pytest.raises(SpecError, match=r"input 'x' has a fixed first dimension \(1\)") as e:
+        await planner(spec, match_pools(spec.pools, NODES), fixed)
+    assert "without spec.serving.batching.maxBatchSize" in str(e.value)
+    assert failure(e.value).reason == "InvalidSpec"
+    symbolic = write_mlp(tmp_path / "symbolic.onnx", batch="N")
+    spec = parse_spec(model_spec(symbolic, **batching), Defaults())
+    plan = await planner(spec, match_pools(spec.pools, NODES), symbolic)
+    assert plan.stage_plan["inputs"][0]["shape"] == [-1, 64]
+    assert plan.stage_plan["model"]["input_shapes"] == {"x": [1, 64]}  # priced at batch 1
 
 
 async def test_the_status_reports_the_latency_the_library_predicts(tmp_path: Path, planner) -> None:

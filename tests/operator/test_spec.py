@@ -6,6 +6,8 @@ import pytest
 from moirai_operator.spec import Defaults, SpecError, parse_spec
 from operator_bodies import make_spec
 
+from stage_server.batchconfig import BatchingConfig
+
 DEFAULTS = Defaults(solver="heft", objective="throughput", time_limit_seconds=7, image="img:1")
 
 
@@ -82,3 +84,33 @@ def test_path_uri_needs_a_volume_that_contains_it() -> None:
 def test_invalid_specs_name_the_field(raw: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse_spec(raw, DEFAULTS)
+
+
+def test_batching_takes_the_operator_s_defaults_where_the_spec_leaves_it_out() -> None:
+    defaults = Defaults(batching=BatchingConfig(8, (4, 8), 2000))
+    assert parse_spec(make_spec(), Defaults()).serving.batching == BatchingConfig()  # off
+    assert parse_spec(make_spec(), defaults).serving.batching == BatchingConfig(8, (4, 8), 2000)
+
+    def batching(**fields: object) -> BatchingConfig:
+        return parse_spec(make_spec(serving={"batching": fields}), defaults).serving.batching
+
+    # Another maxBatchSize drops the default preferred sizes, which may not fit it.
+    assert batching(maxBatchSize=16) == BatchingConfig(16, (), 2000)
+    assert batching(maxBatchSize=4, preferredBatchSizes=[2]) == BatchingConfig(4, (2,), 2000)
+    assert batching(maxQueueDelayMicroseconds=0) == BatchingConfig(8, (4, 8), 0)
+    assert batching(maxBatchSize=0) == BatchingConfig()
+
+
+@pytest.mark.parametrize(
+    ("batching", "message"),
+    [
+        ({"maxBatchSize": 4, "preferredBatchSizes": [8]}, "preferredBatchSizes has 8"),
+        ({"maxBatchSize": 0, "preferredBatchSizes": [1]}, "from 1 to maxBatchSize (0)"),
+        ({"maxBatchSize": -1}, "spec.serving.batching.maxBatchSize is -1"),
+        ({"maxBatchSize": 4, "maxQueueDelayMicroseconds": "soon"}, "maxQueueDelayMicroseconds"),
+    ],
+)
+def test_batching_that_cannot_work_names_the_field(batching: dict, message: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(make_spec(serving={"batching": batching}), DEFAULTS)
+    assert message in str(e.value)

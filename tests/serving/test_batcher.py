@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from moirai.errors import MoiraiError
 from moirai.stageplan import TensorSpec
-from stage_server.batchconfig import BatchingConfig
-from stage_server.batching import Batcher, check_batchable
+from stage_server.batchconfig import BatchingConfig, check_batchable
+from stage_server.batching import Batcher
 from stage_server.errors import DeadlineExceeded, InvalidInput, StageFailed, Unavailable
 
 pytestmark = pytest.mark.timeout(60)
