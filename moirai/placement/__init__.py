@@ -12,7 +12,8 @@ checks): `problem` (the problem and its index view), `result` (the `moirai.place
 period), `bounds` (lower bounds), `contract` (what every solver takes and shares), `memory`
 (packings and the guard greedy placers keep memory-feasible with), `lp` (HiGHS helpers), the
 heuristics (`heuristics`), `warm` (the exact solvers' default start), `local` (local search),
-the exact solvers (`milp`, `cpsat`), `auto`, and `registry` (solvers by name); `gantt` draws a
+the exact solvers (`milp`, `cpsat`), `series` (the series decomposition between cut
+vertices, solved segment by segment), `auto`, and `registry` (solvers by name); `gantt` draws a
 plan.
 
 Objectives: `latency`, the makespan of one request under the execution model, and
@@ -85,6 +86,7 @@ LAYERS = (
     "local",
     "milp",
     "cpsat",
+    "series",
     "auto",
     "registry",
     "gantt",

@@ -1,31 +1,39 @@
-"""`auto` (the default): heuristics, local search, then the best exact solver in the time left.
+"""`auto` (the default): heuristics, series decomposition, local search, then an exact solver.
 
 1. Run the heuristics (`heft`, `getf`, `msct`, `single`); the list schedulers take well under a
    second on thousands of tasks, and their LPs get at most `HEURISTIC_SHARE` of the limit. The
    best plan is the incumbent; if it meets the lower bound it is optimal and we stop.
-2. Local search (`moirai.placement.local`: block moves evaluated by list scheduling) improves
+2. Series decomposition (`moirai.placement.series`, latency only): when the graph has cut
+   vertices (a concat closing an Inception module, the norm after a residual add, every layer
+   of a chain), the segments between them are solved exactly one by one, each for the devices
+   of its ends, and the cheapest chain of segments is both a plan and a lower bound; it ends
+   as soon as they meet (every zoo model, usually within seconds) or after `SERIES_SHARE` of
+   the time left.
+3. Local search (`moirai.placement.local`: block moves evaluated by list scheduling) improves
    the incumbent for up to `LOCAL_SHARE` of the time left; it stops earlier at a local optimum.
    A better incumbent is a better hint for the exact solver's own search.
-3. The exact solvers, warm-started from the incumbent: first the paper's MILP on HiGHS when
+4. The exact solvers, warm-started from the incumbent: first the paper's MILP on HiGHS when
    its model is small enough (`MILP_ROWS`, and quick to build for the time it would get,
    `BUILD_S_PER_ROW`), for `MILP_SHARE` of the time left, then CP-SAT
    (interval model, no big-M) with the better plan as its hint for the rest. Neither dominates:
    the MILP's LP bound closes some zoo instances in seconds where CP-SAT's search stalls, and
    CP-SAT proves and improves instances whose MILP is hopeless (n^2 disjunctions). Both answer
    tiny instances in milliseconds, so there is no separate path for them.
-4. Large instances: the CP-SAT model has one optional interval per (task, candidate device) and
+5. Large instances: the CP-SAT model has one optional interval per (task, candidate device) and
    per (edge, device pair). Past `FULL_MODEL_LIMIT` intervals it is too big to search well in
    a minute on a few cores, so each task keeps only its devices within `NEAR_FASTEST` of its
    fastest time plus the devices the plans so far used for it (the incumbent stays inside the
    restricted model, so it can only improve); the bound is then the simple one. Past
    `RESTRICTED_LIMIT` intervals, or when building the model would take too much of the time
    left, no exact model is built and the local search has all the time.
-5. Whatever time is left after the exact solver (it stopped early without proving optimality,
+6. Whatever time is left after the exact solver (it stopped early without proving optimality,
    or there was none) goes to the local search again.
 
-It returns the best plan found with the best bound, the gap and a status: `optimal` when the gap
-is within tolerance, `feasible` when an exact solver produced the plan, `heuristic` otherwise;
-also when the exact solver finds nothing in time. `solver` says which step produced the plan,
+It returns the best plan found with the best bound (named in the plan's `bound_from`: a simple
+bound of `moirai.placement.bounds`, `series`, or an exact solver's own), the gap and a status:
+`optimal` when the gap is within tolerance, `feasible` when an exact solver (or the series
+decomposition) produced the plan, `heuristic` otherwise; also when the exact solver finds
+nothing in time. `solver` says which step produced the plan,
 e.g. `auto(cpsat)` or `auto(heft+local)`.
 """
 
@@ -38,14 +46,15 @@ from dataclasses import dataclass, replace
 
 from moirai.errors import InfeasibleError
 from moirai.placement import cpsat, heuristics, milp
-from moirai.placement.bounds import lower_bound, settle
+from moirai.placement.bounds import settle, simple_bounds, strongest
 from moirai.placement.contract import SolveOptions, no_plan_message
 from moirai.placement.local import improve
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
+from moirai.placement.series import decompose
 from moirai.placement.simulate import list_schedule
 
-EXACT_PREFERENCE = ("cpsat", "milp-highs")
+EXACT_PREFERENCE = ("cpsat", "milp-highs", "series")
 MILP_ROWS = 150_000
 MILP_MAX_TASKS = 800
 MILP_SHARE = 0.3
@@ -68,6 +77,10 @@ BUILD_SHARE = 0.3
 which stops at a deadline (a 94,000-row MILP: 1.3 s to build, 0.9 s in HiGHS before its time
 limit is looked at, on the 2-core development machine); no exact model is built when that would
 take more than `BUILD_SHARE` of the time it gets."""
+SERIES_SHARE = 0.5
+"""Share of the time left that the series decomposition (`moirai.placement.series`) may use;
+it stops earlier once its plan is proven optimal, which on graphs with cut vertices (every zoo
+model) is usually within seconds."""
 RESERVE_S = 0.5
 """Seconds kept back for re-timing, checking and writing the plan."""
 
@@ -105,7 +118,8 @@ class AutoSolver:
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
         p = problem
-        lb = lower_bound(p)
+        bounds = simple_bounds(p)
+        lb = strongest(bounds)[1]
         deadline = options.deadline - RESERVE_S
         quiet = replace(
             options,
@@ -123,15 +137,32 @@ class AutoSolver:
         if best is not None:
             options.report("auto", best.objective_ms, lb, f"best heuristic: {label}")
             if settle(best, lb).status == "optimal":
-                return self._done(best, label, started)
+                return self._done(best, label, started, bounds)
+        now = time.monotonic()
+        series_options = replace(options, deadline=now + SERIES_SHARE * max(0.0, deadline - now))
+        split = decompose(p, series_options)
+        if split is not None:
+            bounds["series"] = split.bound
+            lb = strongest(bounds)[1]
+            if split.plan is not None:
+                plan = split.plan.to_placement("series", "heuristic", lb, 0.0)
+                if best is None or plan.objective_ms < best.objective_ms * (1 - 1e-9):
+                    best, label = plan, "series"
+                    plans.append(plan)
+            if best is not None:
+                options.report("auto", best.objective_ms, lb, f"series: {split.segments} segments")
+                if settle(best, lb).status == "optimal":
+                    return self._done(best, label, started, bounds)
+        if best is not None:
             best, label = self._local(p, best, label, deadline, options, started, LOCAL_SHARE)
             if settle(best, lb).status == "optimal":
-                return self._done(best, label, started)
+                return self._done(best, label, started, bounds)
             plans.append(best)
 
         found = self._exact(p, best, plans, replace(options, hint=best, deadline=deadline))
         if found is not None:
-            lb = max(lb, found.lower_bound_ms)
+            bounds[found.solver] = found.lower_bound_ms
+            lb = strongest(bounds)[1]
             if best is None or found.objective_ms < best.objective_ms * (1 - 1e-9):
                 best, label = found, found.solver
         if best is None:
@@ -140,8 +171,7 @@ class AutoSolver:
             best, label = self._local(p, best, label, deadline, options, started, 1.0)
         if best.status != "optimal":
             best.status = "feasible" if label in EXACT_PREFERENCE else "heuristic"
-        settle(best, lb)
-        return self._done(best, label, started)
+        return self._done(best, label, started, bounds)
 
     @staticmethod
     def _exact(
@@ -206,7 +236,11 @@ class AutoSolver:
         options.report("auto", new.objective_ms, None, f"local search: {label}")
         return new, label
 
-    def _done(self, plan: Placement, label: str, started: float) -> Placement:
+    def _done(
+        self, plan: Placement, label: str, started: float, bounds: dict[str, float]
+    ) -> Placement:
+        source, bound = strongest(bounds)
+        settle(plan, bound, source)
         plan.solver = f"auto({label})"
         plan.solve_seconds = time.monotonic() - started
         return plan

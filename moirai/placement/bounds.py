@@ -14,12 +14,15 @@
 
 Both hold for the makespan; for the pipelined period (throughput) the work bound holds as well,
 and so does the slowest single task at its fastest (transfers, on ports or on the devices that
-pay for them, only add to the loads). Exact solvers report their own proven bound,
-which `auto` takes when it is better. Pins and memory restrict candidates, so the bounds use the
+pay for them, only add to the loads). Exact solvers report their own proven bound, and so does
+the series decomposition (`moirai.placement.series`); `auto` takes the best and names it in the
+plan (`bound_from`). Pins and memory restrict candidates, so the bounds use the
 candidate devices of each task, not all devices.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -83,17 +86,38 @@ def serial_horizon(problem: PlacementProblem) -> float:
     return tasks + sum(max(max(row) for row in t) for t in p.transfer)
 
 
+def simple_bounds(problem: PlacementProblem) -> dict[str, float]:
+    """The simple bounds for the problem's objective, by name (as plans report them)."""
+    if problem.objective == "throughput":
+        return {
+            "work": total_work(problem),
+            "slowest task": max(problem.min_compute, default=0.0),
+        }
+    return {
+        "critical path": critical_path(problem),
+        "device critical path": device_critical_path(problem),
+        "work": total_work(problem),
+    }
+
+
+def strongest(bounds: Mapping[str, float]) -> tuple[str, float]:
+    """The binding bound: the largest, the first named on a tie."""
+    name = max(bounds, key=lambda k: bounds[k], default="none")
+    return name, bounds.get(name, 0.0)
+
+
 def lower_bound(problem: PlacementProblem) -> float:
     """The best of the simple bounds for the problem's objective."""
-    if problem.objective == "throughput":
-        return max(total_work(problem), max(problem.min_compute, default=0.0))
-    return max(critical_path(problem), device_critical_path(problem), total_work(problem))
+    return strongest(simple_bounds(problem))[1]
 
 
-def settle(plan: Placement, bound: float) -> Placement:
+def settle(plan: Placement, bound: float, source: str | None = None) -> Placement:
     """Record `bound` in `plan` (never above its objective) and mark it `optimal` when the gap
-    is within `OPTIMALITY_TOL`; otherwise its status is left as the solver set it."""
+    is within `OPTIMALITY_TOL`; otherwise its status is left as the solver set it. `source`
+    names the bound (`bound_from` in the plan: a simple bound, `series`, or a solver's own)."""
     plan.lower_bound_ms = min(bound, plan.objective_ms)
+    if source is not None:
+        plan.extra["bound_from"] = source
     if plan.objective_ms <= bound * (1 + OPTIMALITY_TOL) + 1e-12:
         plan.status = "optimal"
     return plan

@@ -46,6 +46,10 @@ class SolveOptions:
     """Wall-clock seconds for the whole solve (heuristics, model building and search)."""
     threads: int = 1
     seed: int = 0
+    work_limit: float | None = None
+    """Deterministic work for the search, in CP-SAT's deterministic seconds (about a second of
+    one core, counted the same on an idle and a loaded machine): with it, a search stopped by
+    its work rather than by the clock ends at the same plan wherever it runs."""
     progress: ProgressCallback | None = None
     hint: Placement | None = None
     """A plan to start from (CP-SAT hints, MIP start); the exact solvers compute one otherwise."""

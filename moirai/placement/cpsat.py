@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,11 +244,13 @@ def solve_cpsat(
     options: SolveOptions,
     allowed: Sequence[Sequence[int]] | None = None,
     label: str = "cpsat",
+    parameters: Mapping[str, Any] | None = None,
 ) -> Placement:
     """Solve with CP-SAT from `options.hint` (HEFT when absent); never worse than the hint.
 
     With `allowed`, tasks are restricted to those devices (large instances): the result is
-    then a heuristic improvement whose bound is the problem's simple one.
+    then a heuristic improvement whose bound is the problem's simple one. `parameters` sets
+    CP-SAT parameters by name (after the defaults here).
     """
     from ortools.sat.python import cp_model
 
@@ -262,11 +264,15 @@ def solve_cpsat(
     solver = cp_model.CpSolver()
     params = solver.parameters
     params.max_time_in_seconds = max(0.05, options.remaining())
+    if options.work_limit is not None:
+        params.max_deterministic_time = options.work_limit
     params.num_workers = options.threads
     params.random_seed = options.seed
     params.catch_sigint_signal = False  # Ctrl-C must stop the run, not only the search
     if cp.intervals > PROBING_LIMIT:
         params.cp_model_probing_level = 0
+    for key, value in (parameters or {}).items():
+        setattr(params, key, value)
     scale = cp.scale
 
     class Progress(cp_model.CpSolverSolutionCallback):

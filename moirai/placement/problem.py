@@ -216,6 +216,49 @@ class PlacementProblem:
             desc[i] = bits
         return desc
 
+    @cached_property
+    def twins(self) -> list[int]:
+        """For each device, the first device it is interchangeable with (itself if none):
+        same memory, same tasks at the same times, same transfer times to and from every
+        other device, so swapping the two in any plan changes nothing. Solvers may then look
+        at one of each set (a node's identical GPUs, say)."""
+        rep = list(range(self.num_devices))
+        for k in range(self.num_devices):
+            for r in sorted(set(rep[:k])):
+                if self._swappable(r, k):
+                    rep[k] = r
+                    break
+        return rep
+
+    def _swappable(self, a: int, b: int) -> bool:
+        if self.cap[a] != self.cap[b] or self.pays_for_transfers[a] != self.pays_for_transfers[b]:
+            return False
+        for i in range(self.n):
+            if self.compute[i].get(a) != self.compute[i].get(b) or (a in self.cand[i]) != (
+                b in self.cand[i]
+            ):
+                return False
+        others = [c for c in range(self.num_devices) if c not in (a, b)]
+        for t in self.transfer:
+            if t[a][b] != t[b][a]:
+                return False
+            for c in others:
+                if t[a][c] != t[b][c] or t[c][a] != t[c][b]:
+                    return False
+        return True
+
+    @cached_property
+    def ancestors(self) -> list[int]:
+        """Bitset (Python int) of the tasks that reach each task by a non-empty path."""
+        anc = [0] * self.n
+        for i in range(self.n):
+            bits = 0
+            for e in self.in_edges[i]:
+                j = self.edges[e][0]
+                bits |= (1 << j) | anc[j]
+            anc[i] = bits
+        return anc
+
     def ordered(self, i: int, j: int) -> bool:
         """Whether precedence already orders tasks i and j (one reaches the other)."""
         return bool((self.descendants[i] >> j) & 1 or (self.descendants[j] >> i) & 1)

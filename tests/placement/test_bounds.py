@@ -1,0 +1,85 @@
+"""Every lower bound is valid: never above the optimum that brute force finds on small
+instances; and the series decomposition is exact where it says so."""
+
+from __future__ import annotations
+
+import pytest
+
+from moirai.placement import PlacementProblem, SolveOptions, check, solve
+from moirai.placement.bounds import simple_bounds
+from moirai.placement.series import decompose
+
+from .brute import brute_force_makespan, brute_force_period
+from .instances import random_costgraph, series_costgraph
+
+REL = 1e-3  # CP-SAT rounds durations down to its time unit (far below this)
+
+RANDOM = [
+    *((s, 4 + s % 4, 2 + s % 2, {}) for s in range(8)),
+    *((500 + s, 6, 3, {"unrunnable_prob": 0.4, "zero_prob": 0.2}) for s in range(3)),
+    *((510 + s, 6, 3, {"memory_tight": True}) for s in range(3)),
+]
+
+
+@pytest.mark.parametrize(("seed", "tasks", "devices", "opts"), RANDOM)
+def test_simple_bounds_never_exceed_the_optimum(
+    seed: int, tasks: int, devices: int, opts: dict
+) -> None:
+    cg = random_costgraph(seed, tasks=tasks, devices=devices, edge_prob=0.4, **opts)
+    latency = PlacementProblem(cg)
+    best = brute_force_makespan(latency)
+    for name, value in simple_bounds(latency).items():
+        assert value <= best * (1 + 1e-9), name
+    throughput = PlacementProblem(cg, objective="throughput")
+    best = brute_force_period(throughput)
+    for name, value in simple_bounds(throughput).items():
+        assert value <= best * (1 + 1e-9), name
+
+
+SERIES = [
+    *((s, {}) for s in range(4)),
+    *((10 + s, {"jumps": 1 + s % 2}) for s in range(4)),
+    *((20 + s, {"twins": True}) for s in range(4)),
+    *((30 + s, {"twins": True, "jumps": 1}) for s in range(2)),
+    *((40 + s, {"memory_tight": True}) for s in range(4)),
+    *((50 + s, {"blocks": (3,), "devices": 2}) for s in range(2)),
+]
+
+
+@pytest.mark.parametrize(("seed", "opts"), SERIES)
+def test_series_bound_is_valid_and_exact_where_it_says_so(seed: int, opts: dict) -> None:
+    cg = series_costgraph(seed, **opts)
+    problem = PlacementProblem(cg)
+    best = brute_force_makespan(problem)
+    for name, value in simple_bounds(problem).items():
+        assert value <= best * (1 + 1e-9), name
+    split = decompose(problem, SolveOptions(time_limit=30, threads=1))
+    assert split is not None
+    assert split.bound <= best * (1 + 1e-6)
+    if split.plan is not None:
+        plan = split.plan.to_placement("series", "heuristic", split.bound, 0.0)
+        assert check(problem, plan) >= best * (1 - 1e-9)
+        if split.exact and split.jumps == 0:  # no coupling left: the plan is the optimum
+            assert plan.makespan_ms == pytest.approx(best, rel=REL)
+    if split.exact and split.jumps == 0 and "memory_tight" not in opts:
+        assert split.bound == pytest.approx(best, rel=REL)
+
+
+def test_twins_are_interchangeable_devices_only() -> None:
+    assert PlacementProblem(series_costgraph(1, twins=True)).twins == [0, 1, 1]
+    assert PlacementProblem(series_costgraph(1)).twins == [0, 1, 2]
+    pinned = PlacementProblem(series_costgraph(1, twins=True), pins={"t1": "d2"})
+    assert pinned.twins == [0, 1, 2]  # a pin tells them apart
+
+
+def test_auto_reports_the_binding_bound() -> None:
+    cg = series_costgraph(3, blocks=(2, 2, 2), devices=3)
+    plan = solve(cg, "auto", time_limit=20, threads=1)
+    assert plan.status == "optimal"
+    assert plan.extra["bound_from"] in {*simple_bounds(PlacementProblem(cg)), "series"}
+    plan = solve(random_costgraph(3, tasks=6, devices=2), "auto", time_limit=20, threads=1)
+    source = plan.extra["bound_from"]
+    named = simple_bounds(PlacementProblem(random_costgraph(3, tasks=6, devices=2)))
+    assert source in {*named, "cpsat", "milp-highs"}
+    if source in named:
+        assert plan.lower_bound_ms == pytest.approx(min(named[source], plan.makespan_ms))
