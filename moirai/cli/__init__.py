@@ -2,10 +2,11 @@
 
 Each subcommand lives in its own module (`moirai/cli/<name>.py`) exposing
 `register(subparsers) -> None`, which adds its parser and sets `func=run`, where
-`run(args) -> int` returns the exit status. `main` turns every `MoiraiError` into one line on
-stderr and exit status 2, and Ctrl-C into status 130, so users never see a traceback for bad
-input. argparse's own errors (a missing argument, a value its type refuses) take the same form,
-one `moirai: ` line and status 2, instead of the usage followed by the error.
+`run(args) -> int` returns the exit status. `main` turns every `MoiraiError`, and every
+`OSError` (a path the system refuses to write), into one line on stderr and exit status 2, and
+Ctrl-C into status 130, so users never see a traceback for bad input. argparse's own errors (a
+missing argument, a value its type refuses) take the same form, one `moirai: ` line and status 2,
+instead of the usage followed by the error.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def _run(argv: Sequence[str] | None) -> int:
         return int(args.func(args) or 0)
     except MoiraiError as e:
         print(f"moirai: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the system refused (`-o /proc/x.json`, a full disk)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"moirai: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -64,10 +64,16 @@ def output_file(text: str) -> Path:
 
 
 def output_folder(text: str) -> Path:
-    """A folder to write into, created later if it does not exist yet."""
+    """A folder to write into, created now (before any work) if it does not exist yet."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create folder {text} ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in folder {text}")
     return path
 
 

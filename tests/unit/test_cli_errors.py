@@ -254,6 +254,31 @@ def test_folders_that_are_files(
     assert "is a file, not a folder" in usage_error(capsys, [*argv, str(file)], flag)
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["serve", "m.onnx", "--workdir"], "--workdir"),
+        (["infer", "--model", "m", "--save"], "--save"),
+        (["profile", "m.onnx", "--cache-dir"], "--cache-dir"),
+    ],
+)
+def test_folders_that_cannot_be_made(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str
+) -> None:
+    """Refused before any work (planning, the request, measuring), in one line."""
+    assert "cannot create folder" in usage_error(capsys, [*argv, "/proc/moirai/out"], flag)
+
+
+@pytest.mark.parametrize("flag", ["-o", "--costgraph-out", "--gantt"])
+def test_place_output_the_system_refuses(
+    costgraph: str, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """/proc passes every check a folder can (it exists, root may write in it), yet refuses a
+    new file: one line naming the file, not a traceback."""
+    argv = ["place", "--costgraph", costgraph, "--solver", "heft", "-q", flag, "/proc/x.png"]
+    assert one_line_error(capsys, argv).startswith("moirai: /proc/x.png: ")
+
+
 @pytest.mark.parametrize("flag", ["--pin", "--memory-limit"])
 def test_place_pairs_given_twice(
     costgraph: str, capsys: pytest.CaptureFixture[str], flag: str
