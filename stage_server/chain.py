@@ -3,8 +3,10 @@
 Both ends speak `moirai.stage.v1.Chain` (see `protos/stage.proto`). Outbound, `Peers` resolves a
 stage id to the address of the server holding it, keeps one channel (and its method callables)
 per address, and turns every failure into a serving error (`stage_server.errors`); inbound,
-`ChainServicer` decodes each push and hands it to a `ChainHandler` (a stage server or the
-gateway). Neither end sees gRPC types beyond this module.
+`ChainServicer` decodes each push and hands it to the process's `Router`, which hands it to its
+`ChainHandler` (a stage server or the gateway). A target in the same process (`Router`) never
+takes a transport: its pushes are handed over in memory. Neither end sees gRPC types beyond this
+module.
 
 Pushes are encoded and decoded by `stage_server.wire` (the proto's wire format, written without
 copying tensor bytes through protobuf), so the Push method is registered with raw-bytes
@@ -39,6 +41,7 @@ from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost, shm, wire
 from stage_server.errors import (
     DeadlineExceeded,
+    NotFound,
     SharedMemoryUnavailable,
     Unavailable,
     from_code,
@@ -84,6 +87,40 @@ class ChainHandler(Protocol):
     def deliver(self, delivery: Delivery) -> None: ...
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None: ...
+
+
+class Router:
+    """The chain handlers that live in this process, by target: stage ids and device names of a
+    stage server, "gateway" for the front end.
+
+    It is the `ChainHandler` of the process's chain port (a push is handed to its target's
+    handler; a failure report to every handler, since each keeps what it must drop), and
+    `Peers` consults it before any transport: a push to a target in this process is delivered
+    in memory, synchronously, with nothing copied or encoded. That is how a stage hands its
+    outputs to the next stage on its device, and how a front end in a stage server's process
+    hands model inputs to its stages and gets the final outputs back."""
+
+    def __init__(self) -> None:
+        self._by_target: dict[str, ChainHandler] = {}
+        self._handlers: list[ChainHandler] = []
+
+    def attach(self, targets: Iterable[str], handler: ChainHandler) -> None:
+        for target in targets:
+            self._by_target[target] = handler
+        self._handlers.append(handler)
+
+    def get(self, target: str) -> ChainHandler | None:
+        return self._by_target.get(target)
+
+    def deliver(self, delivery: Delivery) -> None:
+        handler = self._by_target.get(delivery.stage)
+        if handler is None:
+            raise NotFound(f"no stage {delivery.stage!r} is served here")
+        handler.deliver(delivery)
+
+    def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
+        for handler in self._handlers:
+            handler.failed(request_id, code, message, deadline_ms)
 
 
 class ChainServicer:
@@ -194,11 +231,18 @@ class Peers:
     """Outbound: push tensors to a stage (or the gateway) by stage id; report failures."""
 
     def __init__(
-        self, plan: StagePlan, addresses: Mapping[str, str], *, same_host: bool = True
+        self,
+        plan: StagePlan,
+        addresses: Mapping[str, str],
+        *,
+        same_host: bool = True,
+        local: Router | None = None,
     ) -> None:
         """`addresses` maps device names and "gateway" to host:port; `same_host` allows the
-        fast path to loopback peers (off: every push takes gRPC, as between hosts)."""
-        missing = [d for d in plan.used_devices if d not in addresses]
+        fast path to loopback peers (off: every push takes gRPC, as between hosts); `local`
+        holds the targets in this process, which get their pushes in memory."""
+        self.local = local or Router()
+        missing = [d for d in plan.used_devices if d not in addresses and self.local.get(d) is None]
         if missing:
             raise Unavailable(
                 f"no address for device {missing[0]!r}: give it with --peers or the plan's "
@@ -237,8 +281,14 @@ class Peers:
         origin: str = GATEWAY,
     ) -> None:
         """Deliver `tensors` to `stage`; `timings` are encoded ones (`wire.timing`) to forward."""
-        peer = self._peer(stage)
         timings = tuple(timings)
+        handler = self.local.get(stage)
+        if handler is not None:
+            handler.deliver(
+                Delivery(request_id, stage, dict(tensors), deadline_ms, timings, origin)
+            )
+            return
+        peer = self._peer(stage)
         connection = await peer.fast_path()
         if connection is None:
             payload = wire.encode_push(
@@ -302,6 +352,10 @@ class Peers:
         stage: str,
         deadline_ms: float,
     ) -> None:
+        handler = self.local.get(target)
+        if handler is not None:
+            handler.failed(request_id, code, message, deadline_ms)
+            return
         request = stage_pb2.Failure(
             request_id=request_id,
             code=code,

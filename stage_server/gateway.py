@@ -1,22 +1,36 @@
-"""The gateway's data plane: one model's inference across the chained stage servers.
+"""The front end's data plane: one model's inference across the chained stages.
 
 The transports (`oip_grpc`, `oip_http`) decode a request into numpy arrays and call
-`Gateway.infer`, which validates the inputs against the plan, pushes each model input to the
-stages that consume it, and waits for the model outputs that the last stages push back
-(`deliver`) or for a failure report (`failed`). It never runs a model itself.
+`Gateway.infer`, which validates the inputs against the plan, picks a lane (a complete copy of
+the chain, `StagePlan.lanes`), pushes each model input to the stages of that lane that consume
+it, and waits for the model outputs that the last stages push back (`deliver`) or for a failure
+report (`failed`). It never runs a model itself.
 
-Readiness is watched, not polled per request: one `grpc.health.v1` Watch stream per stage server.
-When a stream breaks (the server died or became unreachable), the gateway marks that device down,
-fails every request in flight with UNAVAILABLE at once (their state died with the server, so
-waiting for their deadline would only waste the client's time), refuses new requests with
-UNAVAILABLE while any device is down, and keeps reconnecting; once the server reports SERVING
-again, serving resumes. Every request that fails, times out or is abandoned by its client is
-cancelled on every stage server, so no server keeps its state.
+It runs either alone (`moirai gateway`: every stage remote) or inside the process of a stage
+server ("fused", what `moirai serve` runs): then the stages of that process are targets of the
+process's `chain.Router`, and `Peers` hands them the model inputs in memory, and they hand the
+final outputs back the same way, so a one-stage plan has no hop and no copy between the
+request and the response.
+
+A lane is chosen per request among the lanes whose devices are all up, by weight and requests in
+flight (`_pick_lane`): lanes are loaded in proportion to their weights, and a lane that answers
+slowly has more requests in flight, so it gets fewer new ones.
+
+Readiness is watched, not polled per request: one `grpc.health.v1` Watch stream per remote stage
+server (a stage server in this process is up as long as the process is). When a stream breaks
+(the server died or became unreachable), the gateway marks that device down, fails every request
+in flight on the lanes that use it with UNAVAILABLE at once (their state died with the server, so
+waiting for their deadline would only waste the client's time), sends new requests to other
+lanes (and refuses them with UNAVAILABLE when no lane is fully up), and keeps reconnecting; once
+the server reports SERVING again, its lanes serve again. Every request that fails, times out or
+is abandoned by its client is cancelled on every stage server of its lane, so no server keeps
+its state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -50,10 +64,26 @@ VERSION = "1"
 
 
 @dataclass
+class _Lane:
+    """One copy of the chain, as the gateway uses it."""
+
+    index: int
+    weight: float
+    devices: tuple[str, ...]
+    targets: dict[str, tuple[str, ...]]
+    """Model input -> the stages of this lane that consume it."""
+    triggers: tuple[str, ...]
+    """Stages of this lane that take no input at all: each needs an empty push."""
+    in_flight: int = 0
+    sent: int = 0
+
+
+@dataclass
 class _Request:
     wanted: frozenset[str]
     deadline_ms: float
     future: asyncio.Future[None]
+    lane: _Lane
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     timings: dict[bytes, None] = field(default_factory=dict)
     """Encoded timings from the final pushes, without duplicates (`stage_server.wire`)."""
@@ -68,6 +98,8 @@ class Gateway:
         timeout_s: float = 30.0,
         metrics: Metrics | None = None,
     ) -> None:
+        """`peers` reaches the stage servers; those attached to its router live in this
+        process."""
         self.plan = plan
         self.peers = peers
         self.timeout_s = timeout_s
@@ -75,22 +107,56 @@ class Gateway:
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in plan.inputs}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in plan.outputs}
         self.pending: dict[str, _Request] = {}
-        self.up: dict[str, bool] = dict.fromkeys(plan.used_devices, False)
+        self.up: dict[str, bool] = {d: peers.local.get(d) is not None for d in plan.used_devices}
         self._watchers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
-        # Where each model input goes, and the stages that need a push with no tensors at all.
-        self._targets: dict[str, list[str]] = {
-            name: [c for c in plan.routing.get(name, ()) if c != GATEWAY] for name in self.inputs
-        }
-        self._triggers = [s.id for s in plan.stages if not s.inputs]
+        self._lanes = [
+            _Lane(
+                k,
+                lane.weight,
+                plan.devices_of_lane(k),
+                {
+                    name: tuple(c for c in plan.routes(name, k) if c != GATEWAY)
+                    for name in self.inputs
+                },
+                tuple(s.id for s in plan.stages_of_lane(k) if not s.inputs),
+            )
+            for k, lane in enumerate(plan.lanes)
+        ]
+        self._ids = itertools.count()
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def model_name(self) -> str:
         return self.plan.model_name
 
     # --------------------------------------------------------------- readiness
+    def _lane_up(self, lane: _Lane) -> bool:
+        return all(self.up[d] for d in lane.devices)
+
     def ready(self) -> bool:
-        return all(self.up.values())
+        """At least one lane has all its stage servers up."""
+        return any(self._lane_up(lane) for lane in self._lanes)
+
+    def _pick_lane(self) -> _Lane:
+        """Among the lanes up, the one with the fewest requests in flight per unit of weight
+        (least outstanding requests, weighted); among equals, the one that was sent the fewest
+        requests per unit of weight (weighted round robin), so that lanes share even a light
+        load in proportion to their weights."""
+        best: _Lane | None = None
+        for lane in self._lanes:
+            if self._lane_up(lane) and (
+                best is None
+                or (lane.in_flight * best.weight, lane.sent * best.weight)
+                < (best.in_flight * lane.weight, best.sent * lane.weight)
+            ):
+                best = lane
+        if best is None:
+            down = [d for d, up in self.up.items() if not up]
+            raise Unavailable(f"stage server {down[0]} is not serving; the model is not ready")
+        best.sent += 1
+        return best
 
     def check_model(self, name: str, version: str = "") -> None:
         """Refuse a request for another model, or for a version other than `VERSION` (an
@@ -106,9 +172,11 @@ class Gateway:
             )
 
     async def start(self) -> None:
-        for device in self.up:
-            self.metrics.stage_up.labels(device).set(0)
-            self._watchers.append(asyncio.get_running_loop().create_task(self._watch(device)))
+        self._loop = asyncio.get_running_loop()
+        for device, up in self.up.items():
+            self.metrics.stage_up.labels(device).set(1 if up else 0)
+            if not up:  # a remote stage server: watch it
+                self._watchers.append(self._loop.create_task(self._watch(device)))
 
     async def wait_ready(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
@@ -148,7 +216,7 @@ class Gateway:
             address = self.peers.address(device)
             log.warning("stage server %s at %s is down", device, address)
             for request in self.pending.values():
-                if not request.future.done():
+                if not request.future.done() and device in request.lane.devices:
                     request.future.set_exception(
                         Unavailable(f"stage server {device} at {address} went away")
                     )
@@ -194,38 +262,35 @@ class Gateway:
     ) -> dict[str, np.ndarray]:
         """The requested outputs (all when None) of one inference."""
         self.validate(inputs, requested)
-        if not self.ready():
-            down = [d for d, up in self.up.items() if not up]
-            raise Unavailable(f"stage server {down[0]} is not serving; the model is not ready")
+        lane = self._pick_lane()
         wanted = list(requested or self.outputs)
         timeout = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
         started = time.perf_counter()
-        rid = uuid.uuid4().hex
+        rid = f"{self._id_prefix}{next(self._ids)}"
         deadline_ms = now_ms() + timeout * 1000.0
-        request = _Request(
-            frozenset(wanted), deadline_ms, asyncio.get_running_loop().create_future()
-        )
+        loop = self._loop or asyncio.get_running_loop()
+        request = _Request(frozenset(wanted), deadline_ms, loop.create_future(), lane)
         self.pending[rid] = request
+        lane.in_flight += 1
         self.metrics.in_flight.inc()
+        timer = loop.call_later(timeout, _expire, request.future, timeout)
         try:
             for name in wanted:
                 if name in inputs:  # a model input that is also an output
                     request.outputs[name] = np.asarray(inputs[name])
-            by_stage: dict[str, dict[str, np.ndarray]] = {s: {} for s in self._triggers}
+            by_stage: dict[str, dict[str, np.ndarray]] = {s: {} for s in lane.triggers}
             for name, array in inputs.items():
-                for stage in self._targets[name]:
+                for stage in lane.targets[name]:
                     by_stage.setdefault(stage, {})[name] = array
             self._complete(request)
             pushes = [self.peers.push(s, rid, t, deadline_ms) for s, t in by_stage.items()]
-            for result in await asyncio.gather(*pushes, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
-            try:
-                await asyncio.wait_for(request.future, timeout=(deadline_ms - now_ms()) / 1000)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no result within {timeout:.3g} s (the request's deadline)"
-                ) from None
+            if len(pushes) == 1:  # the common case, without gather's tasks
+                await pushes[0]
+            else:
+                for result in await asyncio.gather(*pushes, return_exceptions=True):
+                    if isinstance(result, BaseException):
+                        raise result
+            await request.future
         except asyncio.CancelledError:
             self._cancel(rid, Cancelled("the client cancelled the request"))
             raise
@@ -233,7 +298,9 @@ class Gateway:
             self._cancel(rid, error)
             raise
         finally:
+            timer.cancel()
             del self.pending[rid]
+            lane.in_flight -= 1
             self.metrics.in_flight.dec()
         self.metrics.request_seconds.observe(time.perf_counter() - started)
         self.metrics.observe_timings(wire.decode_timings(request.timings))
@@ -245,15 +312,16 @@ class Gateway:
             request.future.set_result(None)
 
     def _cancel(self, rid: str, error: BaseException) -> None:
-        """Tell every stage server to drop the request (in the background)."""
+        """Tell every stage server of the request's lane to drop it (in the background)."""
         request = self.pending[rid]
         code = status_of(error)[0].name
         deadline = max(request.deadline_ms, now_ms() + 1000.0)
+        devices = request.lane.devices
 
         async def broadcast() -> None:
             calls = [
                 self.peers.fail(device, rid, code, str(error), GATEWAY, deadline)
-                for device in self.up
+                for device in devices
             ]
             await asyncio.gather(*calls, return_exceptions=True)
 
@@ -264,8 +332,6 @@ class Gateway:
     # ------------------------------------------------------------ chain inbound
     def deliver(self, delivery: Delivery) -> None:
         """Final outputs pushed by the last stages."""
-        if delivery.stage != GATEWAY:
-            raise NotFound(f"the gateway holds no stage {delivery.stage!r}")
         request = self.pending.get(delivery.request_id)
         if request is None or request.future.done():
             return
@@ -278,3 +344,10 @@ class Gateway:
         request = self.pending.get(request_id)
         if request is not None and not request.future.done():
             request.future.set_exception(from_code(code, message))
+
+
+def _expire(future: asyncio.Future[None], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(f"no result within {timeout:.3g} s (the request's deadline)")
+        )

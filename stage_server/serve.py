@@ -1,10 +1,13 @@
-"""Start and stop the servers: a stage server, or the gateway (gRPC + HTTP).
+"""Start and stop the servers: a stage server (with or without the front end), or the gateway.
 
 This is where the data planes meet their transports: `start_stage` puts a `StageServer` behind
-`moirai.stage.v1.Chain` and `grpc.health.v1`; `start_gateway` puts a `Gateway` behind the Open
-Inference Protocol over gRPC and HTTP, and behind the chain service on which stages push final
-outputs. The CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start
-servers through here.
+`moirai.stage.v1.Chain` and `grpc.health.v1`, and, given a `Frontend`, also a `Gateway` behind
+the Open Inference Protocol over gRPC and HTTP in the same process ("fused": the stages of this
+process get model inputs and give back final outputs in memory, through the process's
+`chain.Router`; remote stages push final outputs to this chain port). `start_gateway` runs the
+`Gateway` alone, behind the OIP and the chain service on which stages push final outputs. The
+CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start servers through
+here.
 
 The gateway's chain service shares the OIP gRPC port unless `chain_port` is given. The port's
 message size limit is then the request size limit, so the gateway checks at start that the
@@ -31,7 +34,7 @@ from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost
 from stage_server.batchconfig import BatchingConfig
 from stage_server.batching import BatchingFront, with_batching
-from stage_server.chain import ChainHandler, ChainServicer, Peers
+from stage_server.chain import ChainHandler, ChainServicer, Peers, Router
 from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.codec import DTYPES
 from stage_server.gateway import Gateway
@@ -119,12 +122,84 @@ async def start_chain(
 
 
 @dataclass
-class StageHandle(ChainHandle):
-    """A stage server: its chain port, and the stages behind it."""
+class Frontend:
+    """The options of an Open Inference Protocol front end."""
 
-    impl: StageServer = field(kw_only=True)
+    grpc_port: int = 0
+    http_port: int = 0
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    timeout_s: float = 30.0
+    batching: BatchingConfig | None = None
+
+
+@dataclass
+class FrontendHandle:
+    """A running front end: its gateway (batching when configured), OIP gRPC server and HTTP
+    app."""
+
+    gateway: Gateway | BatchingFront
+    server: grpc.aio.Server
+    http: web.AppRunner
+    grpc_port: int
+    http_port: int
 
     async def stop(self, grace: float | None = None) -> None:
+        await self.http.cleanup()
+        await self.server.stop(grace)
+        await self.gateway.stop()
+
+
+def _oip_server(gateway: Gateway | BatchingFront, max_request_bytes: int) -> grpc.aio.Server:
+    """The OIP gRPC server of a gateway, not yet bound; its message limit is the request limit."""
+    limit = [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+    server = _server([ErrorInterceptor(gateway.metrics)], limit)
+    add_to_server(InferenceServicer(gateway), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    return server
+
+
+async def _start_http(
+    gateway: Gateway | BatchingFront, host: str, port: int, max_request_bytes: int
+) -> web.AppRunner:
+    runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as e:
+        await runner.cleanup()
+        raise MoiraiError(f"cannot listen on {host}:{port} ({e.strerror})") from None
+    return runner
+
+
+async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
+    """Serve the OIP for `gateway` (whose chain is served elsewhere) and start it; a failure
+    stops what started."""
+    front = with_batching(gateway, options.batching)  # what the transports call
+    server = _oip_server(front, options.max_request_bytes)
+    try:
+        bound = _bind(server, host, options.grpc_port)
+        await server.start()
+        runner = await _start_http(front, host, options.http_port, options.max_request_bytes)
+    except MoiraiError:
+        await server.stop(None)
+        raise
+    await gateway.start()
+    return FrontendHandle(front, server, runner, bound, runner.addresses[0][1])
+
+
+@dataclass
+class StageHandle(ChainHandle):
+    """A stage server: its chain port, the stages behind it, and its front end if it has one."""
+
+    impl: StageServer = field(kw_only=True)
+    frontend: FrontendHandle | None = field(default=None, kw_only=True)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.frontend is not None:
+            await self.frontend.stop(grace)
         await super().stop(grace)
         await self.impl.stop()
 
@@ -141,18 +216,31 @@ async def start_stage(
     cuda_device: int | None = None,
     workers: int = 1,
     same_host: bool = True,
+    cpus: set[int] | None = None,
+    frontend: Frontend | None = None,
 ) -> StageHandle:
+    """A stage server on `port`; with `frontend`, also the model's OIP front end, in this
+    process (remote stages then push final outputs to `port`, the plan's "gateway" address).
+    `cpus`: pin the threads that run stages to these cores, and only them."""
+    router = Router()
+    peers = Peers(plan, addresses, same_host=same_host, local=router)
     impl = StageServer(
         model,
         plan,
         device,
-        Peers(plan, addresses, same_host=same_host),
+        peers,
         threads=threads,
         cuda_device=cuda_device,
         workers=workers,
+        offload=frontend is not None,
+        cpus=cpus,
     )
+    gateway = None
+    if frontend is not None:
+        gateway = Gateway(plan, peers, timeout_s=frontend.timeout_s)
+        router.attach([GATEWAY], gateway)
     server = _server([ErrorInterceptor()], _UNLIMITED)
-    servicer = ChainServicer(impl)
+    servicer = ChainServicer(router)
     add_chain_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -164,25 +252,34 @@ async def start_stage(
     impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return StageHandle(server, bound, listener, impl=impl)
+    handle = StageHandle(server, bound, listener, impl=impl)
+    if gateway is not None:
+        assert frontend is not None
+        try:
+            handle.frontend = await _start_frontend(gateway, host, frontend)
+        except MoiraiError:
+            await handle.stop(None)
+            await gateway.stop()
+            raise
+    return handle
 
 
 @dataclass
-class GatewayHandle:
-    gateway: Gateway | BatchingFront
-    servers: list[grpc.aio.Server]
-    http: web.AppRunner
-    grpc_port: int
-    http_port: int
-    chain_port: int
-    listener: Listener | None = None
+class GatewayHandle(FrontendHandle):
+    """The front end alone: its OIP servers and the chain port stages push final outputs to."""
+
+    chain_port: int = field(kw_only=True)
+    chain_server: grpc.aio.Server | None = field(default=None, kw_only=True)
+    """None: the chain shares the OIP gRPC server."""
+    listener: Listener | None = field(default=None, kw_only=True)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.http.cleanup()
         if self.listener is not None:
             await self.listener.stop()
-        for server in self.servers:
-            await server.stop(grace)
+        await self.server.stop(grace)
+        if self.chain_server is not None:
+            await self.chain_server.stop(grace)
         await self.gateway.stop()
 
 
@@ -213,6 +310,7 @@ async def start_gateway(
     same_host: bool = True,
     batching: BatchingConfig | None = None,
 ) -> GatewayHandle:
+    """The front end alone, every stage remote (`moirai gateway`)."""
     if chain_port is None:
         needed = _largest_final_push(plan) + PUSH_OVERHEAD_BYTES
         if needed > max_request_bytes:
@@ -221,45 +319,43 @@ async def start_gateway(
                 f"{max_request_bytes}, which also limits the shared chain port: give the "
                 "gateway a --chain-port of its own"
             )
-    gateway = Gateway(plan, Peers(plan, addresses, same_host=same_host), timeout_s=timeout_s)
+    router = Router()
+    gateway = Gateway(
+        plan, Peers(plan, addresses, same_host=same_host, local=router), timeout_s=timeout_s
+    )
+    router.attach([GATEWAY], gateway)
     front = with_batching(gateway, batching)  # what the transports call
-    interceptors = [ErrorInterceptor(gateway.metrics)]
-    limit = [
-        ("grpc.max_receive_message_length", max_request_bytes),
-        ("grpc.max_send_message_length", -1),
-    ]
-    oip_server = _server(interceptors, limit)
-    add_to_server(InferenceServicer(front), oip_server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), oip_server)
+    oip_server = _oip_server(front, max_request_bytes)
     servers = [oip_server]
-    if chain_port is None:
-        chain_server = oip_server
-    else:
+    chain_server = None
+    if chain_port is not None:
         chain_server = _server([ErrorInterceptor()], _UNLIMITED)
         servers.append(chain_server)
-    servicer = ChainServicer(gateway)
-    add_chain_to_server(servicer, chain_server)
-    runner = web.AppRunner(create_app(front, max_request_bytes), access_log=None)
+    servicer = ChainServicer(router)
+    add_chain_to_server(servicer, chain_server or oip_server)
     listener = None
     try:
         bound_grpc = _bind(oip_server, host, grpc_port)
-        bound_chain = bound_grpc if chain_port is None else _bind(chain_server, host, chain_port)
+        bound_chain = bound_grpc if chain_server is None else _bind(chain_server, host, chain_port)
         for server in servers:
             await server.start()
         listener = await _listen(servicer, bound_chain, same_host)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, http_port).start()
-        except OSError as e:
-            raise MoiraiError(f"cannot listen on {host}:{http_port} ({e.strerror})") from None
+        runner = await _start_http(front, host, http_port, max_request_bytes)
     except MoiraiError:
-        await runner.cleanup()
         if listener is not None:
             await listener.stop()
         for server in servers:
             await server.stop(None)
         await front.stop()
         raise
-    bound_http = runner.addresses[0][1]
     await gateway.start()
-    return GatewayHandle(front, servers, runner, bound_grpc, bound_http, bound_chain, listener)
+    return GatewayHandle(
+        front,
+        oip_server,
+        runner,
+        bound_grpc,
+        runner.addresses[0][1],
+        chain_port=bound_chain,
+        chain_server=chain_server,
+        listener=listener,
+    )

@@ -3,23 +3,25 @@
 One process per device. It cuts its stages' sub-models from the model and the plan, opens one
 ONNX Runtime session per stage, and serves `moirai.stage.v1.Chain` plus `grpc.health.v1`.
 
-A request arrives as pushes of tensors (from the gateway or upstream stages). Per (request,
+A request arrives as pushes of tensors (from the front end or upstream stages). Per (request,
 stage) the server keeps the tensors received so far; when a stage has all its inputs it runs,
-and each output goes straight to the stages that consume it: to a peer over the chain
-(`stage_server.chain`), or, for a stage on this same device, handed over in memory. Final outputs
-go to the gateway.
+and each output goes straight to the stages that consume it, in the stage's own lane: to a peer
+over the chain (`stage_server.chain`), or, for a target in this process (another stage of this
+device, or the front end when it runs here), handed over in memory through the process's
+`chain.Router`. Final outputs go to the front end ("gateway").
 
-A device runs one stage at a time (the execution model the plan was solved for), so by default
-the stage runs right on the event loop: the loop would have nothing else to do but receive, and
-a thread pool would cost two thread wake-ups per stage, which on a busy core are far from free,
-while incoming pushes wait meanwhile in the sockets and gRPC's own threads. Ready stages queue on
-the loop in arrival order, and that wait is reported as queue time. With `workers` > 1 (a device
-that can run several stages at once) stages run in a thread pool of that size instead (ONNX
-Runtime releases the GIL).
+A device runs one stage at a time (the execution model the plan was solved for). Without a
+front end in the process the stage runs right on the event loop: the loop would have nothing
+else to do but receive, and a thread pool would cost two thread wake-ups per stage, which on a
+busy core are far from free, while incoming pushes wait meanwhile in the sockets and gRPC's own
+threads. Ready stages queue on the loop in arrival order, and that wait is reported as queue
+time. With a front end in the process (`offload`), or `workers` > 1 (a device that can run
+several stages at once), stages run in a thread pool of that size instead (ONNX Runtime
+releases the GIL), so that the loop keeps decoding and answering requests meanwhile.
 
 Nothing waits forever: every request carries its absolute deadline, a sweeper frees the state of
 requests whose deadline passed, a request whose deadline passes while queued is dropped without
-running, and the gateway's cancellation (client gone, deadline passed, another stage failed)
+running, and the front end's cancellation (client gone, deadline passed, another stage failed)
 frees state at once and leaves a tombstone until the deadline, so that late pushes of a cancelled
 request are dropped instead of recreating its state. A failure (a session raising, a peer
 unreachable) is reported to the gateway with its status code.
@@ -30,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,6 +65,25 @@ class _Pending:
         self.timings.update(dict.fromkeys(timings))
 
 
+def _pin(cpus: set[int]) -> None:
+    """Pin the calling thread (Linux: affinity is per thread, and new threads inherit it)."""
+    os.sched_setaffinity(0, cpus)
+
+
+@contextlib.contextmanager
+def _pinned(cpus: set[int] | None) -> Iterator[None]:
+    """The calling thread pinned to `cpus` for a while (threads it starts keep the affinity)."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    _pin(cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 class _Expired(Exception):
     """The request's deadline passed, or it was cancelled, while it waited in the queue."""
 
@@ -79,29 +101,49 @@ class StageServer:
         threads: int | None = None,
         cuda_device: int | None = None,
         workers: int = 1,
+        offload: bool = False,
+        cpus: set[int] | None = None,
     ) -> None:
+        """`workers`: stages this device runs at once; `offload`: run them in a thread even
+        when one at a time (a front end shares this process's event loop); `cpus`: the cores
+        of the threads that run stages (ONNX Runtime's, and the pool's), when only they are to
+        be pinned."""
         spec = plan.device(device)
         self.device = device
         self.plan = plan
         self.stages = {s.id: s for s in plan.stages_on(device)}
         self._arena = shm.Arena() if shm.SUPPORTED else None  # large outputs go there
-        self.sessions = {
-            sid: StageSession(
-                create_session(
-                    extract_stage(model, plan, sid), spec, threads=threads, cuda_device=cuda_device
-                ),
-                [plan.spec(t) for t in stage.outputs],
-                self._arena,
-            )
+        with _pinned(cpus):  # ONNX Runtime's threads start here and keep the affinity
+            self.sessions = {
+                sid: StageSession(
+                    create_session(
+                        extract_stage(model, plan, sid),
+                        spec,
+                        threads=threads,
+                        cuda_device=cuda_device,
+                    ),
+                    [plan.spec(t) for t in stage.outputs],
+                    self._arena,
+                )
+                for sid, stage in self.stages.items()
+            }
+        self.peers = peers
+        peers.local.attach([*self.stages, device], self)
+        # Where each output of each stage goes: consumers in the stage's own lane.
+        self._routes = {
+            sid: [(name, plan.routes(name, stage.lane)) for name in stage.outputs]
             for sid, stage in self.stages.items()
         }
-        self.peers = peers
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
-        self._local = {s.id for s in plan.stages if s.device == device}
         self._pool = (
-            ThreadPoolExecutor(workers, thread_name_prefix=f"stage-{device}")
-            if workers > 1
+            ThreadPoolExecutor(
+                workers,
+                thread_name_prefix=f"stage-{device}",
+                initializer=_pin if cpus else None,
+                initargs=(cpus,),
+            )
+            if workers > 1 or offload or cpus
             else None
         )
         self._tasks: set[asyncio.Task[None]] = set()
@@ -175,16 +217,16 @@ class StageServer:
                 wire.timing(stage_id, "compute", compute_ms),
             ]
         )
-        stage = self.stages[stage_id]
         by_target: dict[str, dict[str, np.ndarray]] = {}
-        for name, array in zip(stage.outputs, outputs, strict=True):
-            for target in self.plan.routing.get(name, ()):
+        for (name, targets), array in zip(self._routes[stage_id], outputs, strict=True):
+            for target in targets:
                 by_target.setdefault(target, {})[name] = array
         timings = tuple(pending.timings)
         remote = []
         for target, tensors in by_target.items():
-            if target in self._local:
-                self.deliver(
+            handler = self.peers.local.get(target)
+            if handler is not None:  # in this process: in memory, right now
+                handler.deliver(
                     Delivery(request_id, target, tensors, pending.deadline_ms, timings, stage_id)
                 )
             else:

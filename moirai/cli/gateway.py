@@ -28,19 +28,14 @@ from moirai.runtime.daemon import (
 from moirai.stageplan import StagePlan
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of an Open Inference Protocol front end (`moirai gateway`, `moirai stage
+    --frontend`)."""
     from stage_server.batchconfig import add_arguments as add_batching_arguments
     from stage_server.serve import DEFAULT_MAX_REQUEST_BYTES
 
-    p = subparsers.add_parser("gateway", help="run the inference gateway of a stage plan")
-    env = os.environ.get
-    p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
-    p.add_argument("--model", help="check that this model file is the plan's")
-    p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
     p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
     p.add_argument("--http-port", type=int, default=8000, help="OIP HTTP port (default 8000)")
-    p.add_argument("--chain-port", type=int, help="port for stage pushes (default: gRPC port)")
-    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument(
         "--max-request-bytes",
         type=positive_int,
@@ -48,19 +43,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"largest request accepted (default {DEFAULT_MAX_REQUEST_BYTES})",
     )
     p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
+    add_batching_arguments(p)
+
+
+def frontend_ports(args: argparse.Namespace) -> dict[str, int]:
+    """The front end's ports by flag, for `check_port_free`."""
+    if args.grpc_port == args.http_port != 0:  # 0: any free port
+        raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
+    return {"--grpc-port": args.grpc_port, "--http-port": args.http_port}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("gateway", help="run the inference gateway of a stage plan")
+    env = os.environ.get
+    p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
+    p.add_argument("--model", help="check that this model file is the plan's")
+    p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
+    add_frontend_arguments(p)
+    p.add_argument("--chain-port", type=int, help="port for stage pushes (default: gRPC port)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument(
         "--grpc-only",
         action="store_true",
         help="no same-host fast path: every push over gRPC, as between hosts",
     )
-    add_batching_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if not args.plan:
         raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
-    ports = {"--grpc-port": args.grpc_port, "--http-port": args.http_port}
+    ports = frontend_ports(args)
     if args.chain_port is not None:
         ports["--chain-port"] = args.chain_port
     for flag, number in ports.items():

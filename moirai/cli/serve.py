@@ -7,11 +7,12 @@
         [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
 
 Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
-stage server per used device and the gateway as local processes, prints the plan (with its
-latency predicted as served, and its period for a throughput plan) and the endpoint, and
-serves until Ctrl-C or SIGTERM, then stops every process. A stage server that dies is restarted
-on its address. `--max-batch-size` turns on dynamic batching at the gateway
-(`stage_server.batching`), for a model whose inputs and outputs have a symbolic batch dimension.
+stage server per used device as local processes (the Open Inference Protocol front end inside
+the first stage's), prints the plan (with its latency predicted as served, and its period for a
+throughput plan) and the endpoint, and serves until Ctrl-C or SIGTERM, then stops every process.
+A process that dies, the front end's included, is restarted on its address. `--max-batch-size`
+turns on dynamic batching at the front end (`stage_server.batching`), for a model whose inputs
+and outputs have a symbolic batch dimension.
 """
 
 from __future__ import annotations
@@ -149,10 +150,13 @@ def run(args: argparse.Namespace) -> int:
                 time.sleep(0.2)
                 for name, proc in deployment.processes.items():
                     if proc.poll() is not None and not stopping:
-                        log.warning("%s exited (%s); restarting it", name, proc.returncode)
-                        if name == "gateway":
-                            raise MoiraiError(f"the gateway died: {deployment.log_tail(name)}")
-                        deployment.start_stage(name)
+                        log.warning(
+                            "%s exited (%s); restarting it: %s",
+                            name,
+                            proc.returncode,
+                            deployment.log_tail(name, 2),
+                        )
+                        deployment.restart(name)
         finally:
             deployment.stop()
             for s, handler in previous.items():

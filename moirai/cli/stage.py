@@ -2,7 +2,15 @@
 
     moirai stage --plan plan.json --model model.onnx --device cpu-1 --port 50052 \
         [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 --peer gateway=127.0.0.1:8001] \
-        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1] [--grpc-only]
+        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1] [--grpc-only] \
+        [--frontend [--grpc-port 8001] [--http-port 8000] [--max-request-bytes N] [--timeout 30]
+                    [--max-batch-size 8 ...]]
+
+With `--frontend` the stage server is also the model's Open Inference Protocol endpoint (what
+`moirai serve` runs in the process of the plan's first stage): its stages get model inputs and
+give back final outputs in memory, and the other stage servers push final outputs to `--port`
+(give them this server's address as the `gateway` peer). `--cpus` then pins only the threads
+that run the stages, so that the front end can use every core.
 
 Peer addresses come from the plan's endpoints, `MOIRAI_PEERS` (JSON) and `--peer`. Every flag
 has an environment fallback for containers: MOIRAI_PLAN, MOIRAI_MODEL, MOIRAI_DEVICE,
@@ -15,6 +23,7 @@ import argparse
 import os
 from pathlib import Path
 
+from moirai.cli.gateway import add_frontend_arguments, frontend_ports
 from moirai.cli.options import check_port_free, port, positive_int
 from moirai.errors import MoiraiError
 from moirai.runtime.daemon import (
@@ -44,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no same-host fast path: every push over gRPC, as between hosts",
     )
+    p.add_argument(
+        "--frontend",
+        action="store_true",
+        help="also serve the model's Open Inference Protocol endpoint from this process",
+    )
+    add_frontend_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -51,15 +66,21 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("plan", "model", "device"):
         if not getattr(args, flag):
             raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
-    check_port_free("--port", args.port, args.host)
+    ports = {"--port": args.port, **(frontend_ports(args) if args.frontend else {})}
+    for flag, number in ports.items():
+        check_port_free(flag, number, args.host)
+    cpus = None
     if args.cpus:
         try:
-            os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+            cpus = {int(c) for c in args.cpus.split(",")}
+            if not args.frontend:  # the whole process runs the stages: pin it
+                os.sched_setaffinity(0, cpus)
         except (ValueError, OSError) as e:
             raise MoiraiError(f"--cpus {args.cpus}: cannot pin to these cores ({e})") from None
     from moirai.graph import load_model
     from stage_server.allocator import keep_freed_memory
-    from stage_server.serve import start_stage
+    from stage_server.batchconfig import from_args as batching_from_args
+    from stage_server.serve import Frontend, start_stage
 
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
@@ -81,6 +102,19 @@ def run(args: argparse.Namespace) -> int:
             cuda_device=args.cuda_device,
             workers=args.workers,
             same_host=not args.grpc_only,
+            cpus=cpus if args.frontend else None,
+            frontend=Frontend(
+                args.grpc_port,
+                args.http_port,
+                args.max_request_bytes,
+                args.timeout,
+                batching_from_args(args),
+            )
+            if args.frontend
+            else None,
         )
 
-    return run_until_signalled(start, f"stage server {args.device} on {args.host}:{args.port}")
+    what = f"stage server {args.device} on {args.host}:{args.port}"
+    if args.frontend:
+        what += f", front end on :{args.grpc_port} (gRPC), :{args.http_port} (HTTP)"
+    return run_until_signalled(start, what)

@@ -1,11 +1,16 @@
-"""Serve a stage plan on this machine: one process per device plus the gateway, on loopback.
+"""Serve a stage plan on this machine: one process per device, on loopback.
 
-Each stage server and the gateway run as `python -m moirai stage|gateway ...`, exactly the
-commands a Kubernetes deployment runs, so the local runtime exercises the same code paths. CPU
-devices are pinned to disjoint cores (`--cpus`, applied with `os.sched_setaffinity` in the child)
-so that their thread counts are real; GPU devices get their CUDA device id from the plan. The
-servers push to each other over the same-host fast path (`stage_server.samehost`) unless
-`same_host` is off, which keeps every push on gRPC, the path between hosts.
+Each stage server runs as `python -m moirai stage ...`, the command a Kubernetes deployment runs,
+so the local runtime exercises the same code paths. The Open Inference Protocol front end runs
+inside the process of the plan's first stage (`moirai stage --frontend`, "fused"), so a request
+reaches that stage, and a one-stage plan answers, without any hop between processes; a plan of
+several lanes (or `fused=False`) gets the front end in a process of its own (`moirai gateway`),
+which no lane's failure takes down. CPU devices are pinned to disjoint cores (`--cpus`, applied
+with `os.sched_setaffinity` in the child: to the whole process, or only to the threads that run
+stages in the process of the front end, which may use every core) so that their thread counts
+are real; GPU devices get their CUDA device id from the plan. The servers push to each other
+over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which keeps
+every push on gRPC, the path between hosts.
 
 No orphans: every child is asked (Linux `PR_SET_PDEATHSIG`) to receive SIGTERM when this process
 dies, even by SIGKILL, and `stop` sends SIGTERM, waits, then SIGKILLs what is left. Each child's
@@ -59,7 +64,7 @@ def _die_with_parent() -> None:
 
 @dataclass
 class LocalDeployment:
-    """Stage servers and a gateway as local processes; a context manager."""
+    """Stage servers and the front end as local processes; a context manager."""
 
     plan: StagePlan
     model_path: Path
@@ -68,9 +73,11 @@ class LocalDeployment:
     http_port: int = 0
     timeout_s: float = 30.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    """Dynamic batching at the gateway (off by default)."""
+    """Dynamic batching at the front end (off by default)."""
     pin_cores: bool = True
     same_host: bool = True
+    fused: bool = True
+    """The front end in the process of the plan's first stage (single-lane plans only)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     cores: dict[str, list[int]] = field(default_factory=dict)
@@ -80,8 +87,15 @@ class LocalDeployment:
         return self.workdir / "plan.json"
 
     @property
+    def entry(self) -> str | None:
+        """The device whose process holds the front end; None when it runs alone."""
+        if not self.fused or len(self.plan.lanes) > 1:
+            return None
+        return self.plan.stages[0].device
+
+    @property
     def grpc_url(self) -> str:
-        return self.addresses[GATEWAY]
+        return f"{LOCALHOST}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
@@ -94,7 +108,8 @@ class LocalDeployment:
         self.grpc_port = self.grpc_port or ports[-2]
         self.http_port = self.http_port or ports[-1]
         self.addresses = {d: f"{LOCALHOST}:{p}" for d, p in zip(devices, ports, strict=False)}
-        self.addresses[GATEWAY] = f"{LOCALHOST}:{self.grpc_port}"
+        # Where stages push final outputs: the front end's chain port.
+        self.addresses[GATEWAY] = self.addresses[self.entry] if self.entry else self.grpc_url
         plan = self.plan.to_dict()
         plan["endpoints"] = self.addresses
         self.plan_path.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
@@ -102,22 +117,19 @@ class LocalDeployment:
         try:
             for device in devices:
                 self.start_stage(device)
-            self._spawn(
-                GATEWAY,
-                [
-                    "gateway",
-                    "--plan", str(self.plan_path),
-                    "--grpc-port", str(self.grpc_port),
-                    "--http-port", str(self.http_port),
-                    "--timeout", str(self.timeout_s),
-                    *self.batching.to_args(),
-                    *self._transport,
-                ],
-            )  # fmt: skip
+            if self.entry is None:
+                self.start_gateway()
             self.wait_ready(ready_timeout_s)
         except BaseException:
             self.stop()
             raise
+
+    def restart(self, name: str) -> None:
+        """Start a process again (after it died) on its address and cores."""
+        if name == GATEWAY:
+            self.start_gateway()
+        else:
+            self.start_stage(name)
 
     def start_stage(self, device: str) -> None:
         """(Re)start the stage server of one device on its address and cores."""
@@ -131,7 +143,23 @@ class LocalDeployment:
         ]  # fmt: skip
         if self.cores.get(device):
             args += ["--cpus", ",".join(map(str, self.cores[device]))]
+        if device == self.entry:
+            args += ["--frontend", *self._frontend]
         self._spawn(device, [*args, *self._transport])
+
+    def start_gateway(self) -> None:
+        """(Re)start the front end alone, in a process of its own."""
+        self._spawn(GATEWAY, ["gateway", "--plan", str(self.plan_path), *self._frontend,
+                              *self._transport])  # fmt: skip
+
+    @property
+    def _frontend(self) -> list[str]:
+        return [
+            "--grpc-port", str(self.grpc_port),
+            "--http-port", str(self.http_port),
+            "--timeout", str(self.timeout_s),
+            *self.batching.to_args(),
+        ]  # fmt: skip
 
     @property
     def _transport(self) -> list[str]:
@@ -154,7 +182,7 @@ class LocalDeployment:
         log.close()
 
     def wait_ready(self, timeout_s: float) -> None:
-        """Until the gateway reports ready (every stage server SERVING)."""
+        """Until the front end reports ready (the stage servers of a lane SERVING)."""
         from stage_server.client import InferenceClient
 
         end = time.monotonic() + timeout_s

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -17,7 +18,13 @@ import pytest
 
 from moirai.partition import build_plan
 from moirai.stageplan import GATEWAY, DeviceSpec, Lane, StagePlan
-from stage_server.serve import GatewayHandle, StageHandle, start_gateway, start_stage
+from stage_server.serve import (
+    Frontend,
+    FrontendHandle,
+    StageHandle,
+    start_gateway,
+    start_stage,
+)
 
 
 def free_ports(n: int) -> list[int]:
@@ -41,7 +48,8 @@ def split_plan(model: onnx.ModelProto, parts: int = 2, threads: int = 1) -> Stag
 @dataclass
 class Cluster:
     plan: StagePlan
-    gateway: GatewayHandle
+    gateway: FrontendHandle
+    """The front end: a gateway alone, or a stage server's (`stages[...].frontend`)."""
     stages: dict[str, StageHandle]
     addresses: dict[str, str]
 
@@ -69,34 +77,46 @@ def shared_memory_in_use() -> tuple[int, int]:
     return fds, mapped
 
 
-@pytest.fixture(params=[True, False], ids=["same-host", "grpc"])
+@pytest.fixture(params=["same-host", "grpc", "fused"])
 async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., object]]:
-    """`await cluster(model, plan, **gateway_options)`: stage servers and a gateway, in-process,
-    pushing over the same-host fast path or over gRPC only. Once they stop, no memory file or
-    mapping of a shared tensor may be left."""
-    same_host: bool = request.param
+    """`await cluster(model, plan, **frontend_options)`: stage servers and a front end,
+    in-process: the gateway alone pushing over the same-host fast path ("same-host") or over
+    gRPC only ("grpc"), or the front end inside the stage server of the plan's first stage
+    ("fused", as `moirai serve` runs it). Once they stop, no memory file or mapping of a shared
+    tensor may be left."""
+    mode: str = request.param
+    same_host = mode != "grpc"
     started: list[Cluster] = []
 
     async def launch(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
         devices = plan.used_devices
         ports = free_ports(len(devices) + 1)
         addresses = {d: f"127.0.0.1:{p}" for d, p in zip(devices, ports, strict=False)}
-        addresses["gateway"] = f"127.0.0.1:{ports[-1]}"
-        stages = {
-            d: await start_stage(
+        entry = plan.stages[0].device if mode == "fused" else None
+        addresses["gateway"] = addresses[entry] if entry else f"127.0.0.1:{ports[-1]}"
+        stages = {}
+        for d in devices:
+            frontend = Frontend(grpc_port=ports[-1], **options) if d == entry else None
+            stages[d] = await start_stage(
                 model,
                 plan,
                 d,
                 addresses,
                 port=int(addresses[d].split(":")[1]),
                 same_host=same_host,
+                frontend=frontend,
             )
-            for d in devices
-        }
-        gateway = await start_gateway(
-            plan, addresses, grpc_port=ports[-1], same_host=same_host, **options
-        )
-        assert await gateway.gateway.wait_ready(10)
+        if entry:
+            gateway = stages[entry].frontend
+        else:
+            gateway = await start_gateway(
+                plan, addresses, grpc_port=ports[-1], same_host=same_host, **options
+            )
+        assert gateway is not None and await gateway.gateway.wait_ready(10)
+        for _ in range(200):  # every lane, not only one
+            if all(gateway.gateway.up.values()):
+                break
+            await asyncio.sleep(0.05)
         c = Cluster(plan, gateway, stages, addresses)
         started.append(c)
         return c
@@ -104,7 +124,8 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
     before = shared_memory_in_use()
     yield launch
     for c in started:
-        await c.gateway.stop(0)
+        if c.gateway not in [s.frontend for s in c.stages.values()]:
+            await c.gateway.stop(0)
         for s in c.stages.values():
             await s.stop(0)
     assert shared_memory_in_use() == before, "shared memory left after the servers stopped"

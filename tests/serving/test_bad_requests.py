@@ -22,8 +22,9 @@ from .conftest import split_plan
 
 pytestmark = [
     pytest.mark.timeout(120),
-    # The bad requests never reach the chain, so one way of pushing along it is enough.
-    pytest.mark.parametrize("cluster", [True], ids=["same-host"], indirect=True),
+    # The bad requests never reach the chain, so one way of pushing along it is enough; the
+    # front end alone and inside a stage server's process.
+    pytest.mark.parametrize("cluster", ["same-host", "fused"], indirect=True),
 ]
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"

@@ -18,12 +18,17 @@ import onnxruntime as ort
 import pytest
 
 from moirai.runtime.local import LocalDeployment
+from moirai.stageplan import StagePlan
 from stage_server.client import InferenceClient
 
 from . import models
 from .conftest import split_plan
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def cmdline(pid: str) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
 def alive(pid: int) -> bool:
@@ -34,17 +39,26 @@ def alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "grpc"])
+@pytest.mark.parametrize(
+    ("same_host", "fused"),
+    [(True, True), (False, True), (True, False)],
+    ids=["same-host", "grpc", "gateway-alone"],
+)
 def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(
-    tmp_path: Path, same_host: bool
+    tmp_path: Path, same_host: bool, fused: bool
 ) -> None:
+    """The downstream stage server dies under load: the front end (in the first stage's process,
+    or alone) fails what was in flight with UNAVAILABLE, reports not ready, and serves again
+    once the server is back."""
     model = models.mlp(width=256, depth=8, batch=16)
     path = tmp_path / "mlp.onnx"
     onnx.save(model, path)
     plan = split_plan(model, 2)
     x = models.random_inputs(model)
     want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
-    deployment = LocalDeployment(plan, path, tmp_path / "run", timeout_s=5.0, same_host=same_host)
+    deployment = LocalDeployment(
+        plan, path, tmp_path / "run", timeout_s=5.0, same_host=same_host, fused=fused
+    )
     with deployment, InferenceClient(deployment.grpc_url) as client:
         np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-4, atol=1e-5)
         results: list[tuple[str, float]] = []
@@ -85,7 +99,7 @@ def test_killed_stage_server_fails_in_flight_requests_then_serving_resumes(
     assert not any(alive(pid) for pid in deployment.pids.values())
 
 
-def test_serve_and_infer_commands_then_sigterm_leaves_no_process(tmp_path: Path) -> None:
+def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path: Path) -> None:
     model = models.mlp(width=32, depth=4)
     path = tmp_path / "mlp.onnx"
     onnx.save(model, path)
@@ -126,7 +140,27 @@ def test_serve_and_infer_commands_then_sigterm_leaves_no_process(tmp_path: Path)
         children = subprocess.run(
             ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True
         ).stdout.split()
-        assert len(children) >= 2  # the stage servers of the used devices and the gateway
+        # One stage server per used device, the front end inside the first stage's process.
+        served = StagePlan.load(tmp_path / "run" / "plan.json")
+        assert len(children) == len(served.used_devices)
+        # The front end's process dies: `serve` starts it again, and it answers again.
+        (front,) = [pid for pid in children if "--frontend" in cmdline(pid)]
+        os.kill(int(front), signal.SIGKILL)
+        with InferenceClient(f"127.0.0.1:{grpc_port}") as client:
+            end = time.monotonic() + 120
+            while True:
+                try:
+                    if client.ready(timeout_s=1.0):
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < end, "the front end did not come back"
+                time.sleep(0.2)
+            np.testing.assert_allclose(client.infer("mlp", {"x": x})["y"], want, rtol=1e-4)
+        children += subprocess.run(
+            ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(set(children)) == len(served.used_devices) + 1
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=30)

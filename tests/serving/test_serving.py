@@ -19,6 +19,7 @@ from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.stageplan import DeviceSpec
 from stage_server import codec, samehost
+from stage_server.chain import ChainServicer
 from stage_server.client import AsyncInferenceClient
 from stage_server.errors import InvalidInput
 from stage_server.protos import grpc_predict_v2_pb2 as oip
@@ -83,6 +84,39 @@ async def test_tritonclient_grpc_and_http_get_the_models_outputs(cluster) -> Non
         np.testing.assert_allclose(result.as_numpy("out"), want["out"], rtol=1e-5, atol=1e-6)
     finally:
         await h.close()
+
+
+async def test_a_one_stage_plan_answers_and_in_the_stage_process_crosses_no_process(
+    cluster, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-stage plan answers like ONNX Runtime over gRPC and HTTP; with the front end in the
+    stage server's process, no push crosses to another process (nor comes back)."""
+    received: list[int] = []
+    receive = ChainServicer.receive
+
+    def counted(self: ChainServicer, payload: bytes, mappings: object = None) -> None:
+        received.append(len(payload))
+        receive(self, payload, mappings)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChainServicer, "receive", counted)
+    model = models.branchy()
+    c = await cluster(model, split_plan(model, 1))
+    inputs = models.random_inputs(model, seed=5)
+    want = reference(model, inputs)
+    g = tgrpc.InferenceServerClient(c.grpc_url)
+    h = thttp.InferenceServerClient(c.http_url)
+    try:
+        for result in [
+            await g.infer("branchy", triton_inputs(tgrpc, inputs)),
+            await h.infer("branchy", triton_inputs(thttp, inputs)),
+        ]:
+            for name, value in want.items():
+                np.testing.assert_allclose(result.as_numpy(name), value, rtol=1e-5, atol=1e-6)
+    finally:
+        await g.close()
+        await h.close()
+    fused = request.node.callspec.params["cluster"] == "fused"
+    assert len(received) == (0 if fused else 4)  # in, and out, for each request
 
 
 async def test_typed_contents_and_json_data(cluster) -> None:
@@ -288,7 +322,7 @@ async def test_a_thousand_requests_with_failures_leave_nothing_behind(cluster) -
     assert gateway.metrics.in_flight._value.get() == 0
 
 
-@pytest.mark.parametrize("cluster", [True], ids=["same-host"], indirect=True)
+@pytest.mark.parametrize("cluster", ["same-host", "fused"], indirect=True)
 async def test_a_port_in_use_is_refused_in_one_line_and_its_server_keeps_serving(cluster) -> None:
     """gRPC's default SO_REUSEPORT let a second server bind a port in use, which then died on
     the same-host socket of that port with an OSError traceback."""

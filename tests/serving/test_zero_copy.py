@@ -210,8 +210,9 @@ async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
     cpu-1 again, so `a` goes to two stages of cpu-1 (one connection, two pushes of one file) and
     one of cpu-2: the outputs equal single-process ORT's, requests in flight at once never see
     each other's tensors, and on the same-host path the only tensor written into shared memory
-    is the gateway's input (the stages' outputs are pushed where ORT wrote them)."""
-    same_host = request.node.callspec.params["cluster"]
+    is the gateway's input (the stages' outputs are pushed where ORT wrote them); with the front
+    end in the first stage's process, not even that (it reaches the stage in memory)."""
+    mode = request.node.callspec.params["cluster"]
     writes: list[int] = []
     write = shm.SharedTensor.write
 
@@ -249,4 +250,4 @@ async def test_chains_of_large_tensors_copy_only_the_gateways_inputs(
         await asyncio.gather(*(one(i) for i in range(requests)))
     finally:
         await client.close()
-    assert writes == ([count * 4] * requests if same_host else [])
+    assert writes == ([count * 4] * requests if mode == "same-host" else [])

@@ -1,0 +1,413 @@
+"""Stack cost: what `moirai serve` costs per request, and how close it serves to ONNX Runtime.
+
+    .venv/bin/python bench/stack.py [--quick] [--label after] [--window 10] [--only stack|resnet]
+
+1. **Stack cost.** A model that computes nothing (one Identity node) served as a one-stage plan by
+   `moirai serve`'s real processes (`moirai.runtime.local.LocalDeployment`), at 64 B, 0.57 MiB
+   (1x3x224x224 FP32) and 4.7 MiB (1x3x640x640 FP32), driven by several client *processes* over
+   gRPC (and over HTTP with binary tensors at 0.57 MiB). Over a load window, the CPU every
+   serving process spent (all threads, from the scheduler's nanosecond counts in /proc, the
+   process tree of the deployment) divided by the requests completed in that window. Clients
+   send a request encoded once and do not decode answers (one checked answer each), so that
+   their own CPU disturbs the servers as little as possible; their CPU is reported apart.
+2. **Against in-process ONNX Runtime.** ResNet-50 (`moirai.zoo`, 1x3x224x224) as a one-stage plan
+   on one CPU device with every core's thread, 16 requests in flight from client processes,
+   against in-process ORT with the same session options and threads at 16 in flight (16 Python
+   threads calling `run` on one session) in alternating rounds, so that both see the same
+   machine.
+
+Results are kept by `--label` in bench/results/stack.json (so that the servers of an earlier
+checkout can be measured beside the current ones: `MOIRAI_TREE=/path/to/checkout` runs that
+checkout's servers, with its `moirai` on the path) and the Markdown table of every label goes
+to bench/results/stack.md. The load average is recorded: on a shared machine every figure moves
+with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TREE = Path(os.environ.get("MOIRAI_TREE", ROOT)).resolve()
+sys.path.insert(0, str(TREE))
+os.environ["PYTHONPATH"] = str(TREE)  # the servers run this checkout's code too
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+from moirai import zoo  # noqa: E402
+from moirai.graph import load_model  # noqa: E402
+from moirai.partition import build_plan  # noqa: E402
+from moirai.runtime.local import LocalDeployment  # noqa: E402
+from moirai.stageplan import DeviceSpec  # noqa: E402
+from stage_server import codec  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SIZES = {"64 B": (16,), "0.57 MiB": (1, 3, 224, 224), "4.7 MiB": (1, 3, 640, 640)}
+HTTP_SIZE = "0.57 MiB"
+
+
+# ------------------------------------------------------------------ measuring
+def _tree(pids: list[int]) -> list[int]:
+    """The processes and all their descendants."""
+    out, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_ms(pids: list[int]) -> float:
+    """CPU milliseconds of every thread of these processes and their descendants so far."""
+    total = 0
+    for pid in _tree(pids):
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):  # a thread that just ended
+                    total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e6
+
+
+# ------------------------------------------------------------------- clients
+def _grpc_client(url: str, model: str, x, inflight: int, count, stop, ok) -> None:
+    """`x`: (input name, array); the first answer must be the input (Identity) or any output."""
+    import grpc
+
+    from stage_server.oip_grpc import SERVICE
+
+    name, x = x
+    request = codec.encode_infer_request(model, {name: x})
+
+    async def main() -> None:
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        async with grpc.aio.insecure_channel(url, options=options) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+            got = codec.decode_infer_response(await call(request, timeout=60))
+            ok.value = int(model != "identity" or np.array_equal(got["y"], x))
+            with count.get_lock():
+                count.value += 1
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    await call(request, timeout=60)
+                    with count.get_lock():
+                        count.value += 1
+
+            await asyncio.gather(*(worker() for _ in range(inflight)))
+
+    asyncio.run(main())
+
+
+def _http_client(url: str, model: str, x, inflight: int, count, stop, ok) -> None:
+    import aiohttp
+
+    name, x = x
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    body = header + x.tobytes()
+    headers = {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+    target = f"http://{url}/v2/models/{model}/infer"
+
+    async def main() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(target, data=body, headers=headers) as r:
+                raw = await r.read()
+                length = int(r.headers["Inference-Header-Content-Length"])
+                ok.value = int(model != "identity" or raw[length:] == x.tobytes())
+            with count.get_lock():
+                count.value += 1
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    async with session.post(target, data=body, headers=headers) as r:
+                        await r.read()
+                        r.raise_for_status()
+                    with count.get_lock():
+                        count.value += 1
+
+            await asyncio.gather(*(worker() for _ in range(inflight)))
+
+    asyncio.run(main())
+
+
+def load(
+    pids: list[int],
+    url: str,
+    model: str,
+    x: tuple[str, np.ndarray],
+    *,
+    http: bool = False,
+    processes: int = 3,
+    inflight: int = 4,
+    warmup_s: float = 2.0,
+    window_s: float = 10.0,
+) -> dict:
+    """Drive the servers from client processes; their CPU per request over the window."""
+    ctx = mp.get_context("spawn")  # no inherited gRPC state
+    count, stop = ctx.Value("q", 0), ctx.Event()
+    oks = [ctx.Value("i", -1) for _ in range(processes)]
+    target = _http_client if http else _grpc_client
+    clients = [
+        ctx.Process(target=target, args=(url, model, x, inflight, count, stop, ok), daemon=True)
+        for ok in oks
+    ]
+    for c in clients:
+        c.start()
+    try:
+        end = time.monotonic() + 120
+        while any(ok.value == -1 for ok in oks):  # each client's first answer is in
+            if time.monotonic() > end or not all(c.is_alive() for c in clients):
+                raise SystemExit("the clients did not get their first answers")
+            time.sleep(0.1)
+        time.sleep(warmup_s)
+        client_pids = [c.pid for c in clients]
+        s0, c0, n0, t0 = cpu_ms(pids), cpu_ms(client_pids), count.value, time.perf_counter()
+        time.sleep(window_s)
+        s1, c1, n1, t1 = cpu_ms(pids), cpu_ms(client_pids), count.value, time.perf_counter()
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(10)
+            if c.is_alive():
+                c.kill()
+    n = max(n1 - n0, 1)
+    if any(ok.value != 1 for ok in oks):
+        raise SystemExit(f"a client got a wrong answer or none: {[ok.value for ok in oks]}")
+    return {
+        "requests": n1 - n0,
+        "rps": (n1 - n0) / (t1 - t0),
+        "server_cpu_ms": (s1 - s0) / n,
+        "client_cpu_ms": (c1 - c0) / n,
+    }
+
+
+# -------------------------------------------------------------- 1. stack cost
+def identity_model(shape: tuple[int, ...]) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"], name="Identity_0")],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def bench_stack(tmp: Path, window_s: float) -> list[dict]:
+    rows = []
+    for label, shape in SIZES.items():
+        model = identity_model(shape)
+        path = tmp / f"identity{len(shape)}.onnx"
+        onnx.save(model, path)
+        plan = build_plan(
+            model, {"Identity_0": "cpu-0"}, [DeviceSpec("cpu-0", threads=1)], model_name="identity"
+        )
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        with LocalDeployment(plan, path, tmp / f"run{len(shape)}") as d:
+            pids = list(d.pids.values())
+            row = {"size": label, "bytes": x.nbytes, "processes": len(pids)}
+            row["grpc"] = load(pids, d.grpc_url, "identity", ("x", x), window_s=window_s)
+            if label == HTTP_SIZE:
+                row["http"] = load(
+                    pids, d.http_url, "identity", ("x", x), http=True, window_s=window_s
+                )
+        rows.append(row)
+        print("stack", row, flush=True)
+    return rows
+
+
+# ------------------------------------------------------- 2. against ORT in-process
+def _in_process_rps(session, feeds: dict, inflight: int, window_s: float) -> tuple[float, float]:
+    """Requests/s of `inflight` threads calling `session.run`, and CPU ms per request."""
+    stop = threading.Event()
+    counts = [0] * inflight
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            session.run(None, feeds)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(inflight)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    n0, c0, t0 = sum(counts), cpu_ms([os.getpid()]), time.perf_counter()
+    time.sleep(window_s)
+    n1, c1, t1 = sum(counts), cpu_ms([os.getpid()]), time.perf_counter()
+    stop.set()
+    for t in threads:
+        t.join()
+    return (n1 - n0) / (t1 - t0), (c1 - c0) / max(n1 - n0, 1)
+
+
+def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) -> dict:
+    import onnxruntime as ort
+
+    from stage_server.sessions import session_options
+
+    threads = len(os.sched_getaffinity(0))
+    path = zoo.get("resnet50")
+    model = load_model(path, zoo.input_shapes("resnet50"))
+    nodes = dict.fromkeys((n.name for n in model.graph.node), "cpu-0")
+    devices = [DeviceSpec("cpu-0", threads=threads)]
+    plan = build_plan(model, nodes, devices, model_name="resnet50")
+    (spec,) = plan.inputs
+    x = np.random.default_rng(0).random(spec.shape, dtype=np.float32)
+    session = ort.InferenceSession(
+        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    want = session.run(None, {spec.name: x})
+    served, single, served_cpu, single_cpu = [], [], [], []
+    with LocalDeployment(plan, path, tmp / "resnet") as d:
+        pids = list(d.pids.values())
+        from stage_server.client import InferenceClient
+
+        with InferenceClient(d.grpc_url) as client:
+            got = client.infer("resnet50", {spec.name: x}, timeout_s=120)
+        np.testing.assert_allclose(next(iter(got.values())), want[0], rtol=1e-3, atol=1e-4)
+        for _ in range(rounds):
+            rps, cpu = _in_process_rps(session, {spec.name: x}, inflight, window_s)
+            single.append(rps)
+            single_cpu.append(cpu)
+            r = load(
+                pids,
+                d.grpc_url,
+                "resnet50",
+                (spec.name, x),
+                processes=4,
+                inflight=inflight // 4,
+                warmup_s=3.0,
+                window_s=window_s,
+            )
+            served.append(r["rps"])
+            served_cpu.append(r["server_cpu_ms"])
+            print("resnet50", {"in_process": rps, "served": r["rps"]}, flush=True)
+    return {
+        "threads": threads,
+        "inflight": inflight,
+        "in_process_rps": statistics.median(single),
+        "served_rps": statistics.median(served),
+        "ratio": statistics.median(s / i for s, i in zip(served, single, strict=True)),
+        "in_process_cpu_ms": statistics.median(single_cpu),
+        "served_cpu_ms": statistics.median(served_cpu),
+    }
+
+
+# --------------------------------------------------------------------- report
+def report(results: dict) -> str:
+    labels = [k for k in results if k != "machine"]
+    out = [
+        "# Stack cost (`bench/stack.py`)",
+        "",
+        "Goal: CPU of all serving processes per request <= 0.25 ms at 64 B, 0.4 ms at 0.57 MiB, "
+        "2.0 ms at 4.7 MiB (a one-stage plan of one Identity node, `moirai serve`'s processes, "
+        "3 client processes with 4 requests in flight each); a one-stage ResNet-50 plan serves "
+        ">= 0.8x the requests/s of in-process ONNX Runtime at 16 in flight, same threads.",
+        "",
+    ]
+    for label in labels:
+        r = results[label]
+        m = r["machine"]
+        out.append(
+            f"- **{label}**: {m['commit']}, {m['cores']} cores, load average {m['load_before']:.1f}"
+            f" before / {m['load_after']:.1f} after, {m['date']}"
+        )
+    out += ["", "| label | tensor | protocol | processes | server CPU ms/request | req/s | "
+            "client CPU ms/request |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label in labels:
+        for row in results[label].get("stack", []):
+            for protocol in ("grpc", "http"):
+                if protocol in row:
+                    p = row[protocol]
+                    out.append(
+                        f"| {label} | {row['size']} | {protocol} | {row['processes']} | "
+                        f"**{p['server_cpu_ms']:.2f}** | {p['rps']:.0f} | "
+                        f"{p['client_cpu_ms']:.2f} |"
+                    )
+    out += ["", "| label | threads | in flight | in-process ORT req/s | served req/s | ratio | "
+            "in-process CPU ms/request | served CPU ms/request |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label in labels:
+        r = results[label].get("resnet")
+        if r:
+            out.append(
+                f"| {label} | {r['threads']} | {r['inflight']} | {r['in_process_rps']:.2f} | "
+                f"{r['served_rps']:.2f} | **{r['ratio']:.2f}x** | {r['in_process_cpu_ms']:.1f} | "
+                f"{r['served_cpu_ms']:.1f} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _commit() -> str:
+    import subprocess
+
+    head = subprocess.run(
+        ["git", "-C", str(TREE), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"`{head[:70]}`" if head else str(TREE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, one round")
+    parser.add_argument("--label", default="after", help="the results' name (default after)")
+    parser.add_argument("--window", type=float, help="load window, seconds (default 10)")
+    parser.add_argument("--only", choices=("stack", "resnet"), help="one section alone")
+    args = parser.parse_args()
+    window = args.window or (4.0 if args.quick else 10.0)
+    load_before = os.getloadavg()[0]
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "stack"):
+            results["stack"] = bench_stack(Path(tmp), window)
+        if args.only in (None, "resnet"):
+            results["resnet"] = bench_resnet(Path(tmp), window, 1 if args.quick else 3)
+    results["machine"] = {
+        "commit": _commit(),
+        "cores": len(os.sched_getaffinity(0)),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join(["bench/stack.py", *sys.argv[1:]]),
+    }
+    store = RESULTS / "stack.json"
+    everything = json.loads(store.read_text()) if store.exists() else {}
+    everything[args.label] = {**everything.get(args.label, {}), **results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(everything, indent=1) + "\n")
+    text = report(everything)
+    (RESULTS / "stack.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
