@@ -1,6 +1,7 @@
 """Stack cost: what `moirai serve` costs per request, and how close it serves to ONNX Runtime.
 
-    .venv/bin/python bench/stack.py [--quick] [--label after] [--window 10] [--only stack|resnet]
+    .venv/bin/python bench/stack.py [--quick] [--tree LABEL=CHECKOUT ...] [--window 10] \
+        [--only stack|resnet]
 
 1. **Stack cost.** A model that computes nothing (one Identity node) served as a one-stage plan by
    `moirai serve`'s real processes (`moirai.runtime.local.LocalDeployment`), at 64 B, 0.57 MiB
@@ -16,11 +17,12 @@
    threads calling `run` on one session) in alternating rounds, so that both see the same
    machine.
 
-Results are kept by `--label` in bench/results/stack.json (so that the servers of an earlier
-checkout can be measured beside the current ones: `MOIRAI_TREE=/path/to/checkout` runs that
-checkout's servers, with its `moirai` on the path) and the Markdown table of every label goes
-to bench/results/stack.md. The load average is recorded: on a shared machine every figure moves
-with it.
+Several checkouts can be measured side by side: `--tree before=/path/to/old/checkout --tree
+after=.` runs each measurement (a size, the ResNet-50 comparison) for each checkout in turn, in a
+child process with that checkout's `moirai` on the path (its servers too), so that both see the
+same machine; the report has one row per checkout. Results go to bench/results/stack.json and
+stack.md (`--only`: printed only). The load average is recorded: on a shared machine every
+figure moves with it.
 """
 
 from __future__ import annotations
@@ -222,27 +224,22 @@ def identity_model(shape: tuple[int, ...]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def bench_stack(tmp: Path, window_s: float) -> list[dict]:
-    rows = []
-    for label, shape in SIZES.items():
-        model = identity_model(shape)
-        path = tmp / f"identity{len(shape)}.onnx"
-        onnx.save(model, path)
-        plan = build_plan(
-            model, {"Identity_0": "cpu-0"}, [DeviceSpec("cpu-0", threads=1)], model_name="identity"
-        )
-        x = np.random.default_rng(0).random(shape, dtype=np.float32)
-        with LocalDeployment(plan, path, tmp / f"run{len(shape)}") as d:
-            pids = list(d.pids.values())
-            row = {"size": label, "bytes": x.nbytes, "processes": len(pids)}
-            row["grpc"] = load(pids, d.grpc_url, "identity", ("x", x), window_s=window_s)
-            if label == HTTP_SIZE:
-                row["http"] = load(
-                    pids, d.http_url, "identity", ("x", x), http=True, window_s=window_s
-                )
-        rows.append(row)
-        print("stack", row, flush=True)
-    return rows
+def bench_size(tmp: Path, size: str, window_s: float) -> dict:
+    shape = SIZES[size]
+    model = identity_model(shape)
+    path = tmp / "identity.onnx"
+    onnx.save(model, path)
+    plan = build_plan(
+        model, {"Identity_0": "cpu-0"}, [DeviceSpec("cpu-0", threads=1)], model_name="identity"
+    )
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    with LocalDeployment(plan, path, tmp / "run") as d:
+        pids = list(d.pids.values())
+        row = {"size": size, "bytes": x.nbytes, "processes": len(pids)}
+        row["grpc"] = load(pids, d.grpc_url, "identity", ("x", x), window_s=window_s)
+        if size == HTTP_SIZE:
+            row["http"] = load(pids, d.http_url, "identity", ("x", x), http=True, window_s=window_s)
+    return row
 
 
 # ------------------------------------------------------- 2. against ORT in-process
@@ -310,7 +307,6 @@ def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) ->
             )
             served.append(r["rps"])
             served_cpu.append(r["server_cpu_ms"])
-            print("resnet50", {"in_process": rps, "served": r["rps"]}, flush=True)
     return {
         "threads": threads,
         "inflight": inflight,
@@ -324,7 +320,7 @@ def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) ->
 
 # --------------------------------------------------------------------- report
 def report(results: dict) -> str:
-    labels = [k for k in results if k != "machine"]
+    labels = list(results)
     out = [
         "# Stack cost (`bench/stack.py`)",
         "",
@@ -367,45 +363,90 @@ def report(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _commit() -> str:
+def _commit(tree: Path) -> str:
     import subprocess
 
     head = subprocess.run(
-        ["git", "-C", str(TREE), "log", "-1", "--format=%h %s"], capture_output=True, text=True
+        ["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True
     ).stdout.strip()
-    return f"`{head[:70]}`" if head else str(TREE)
+    return f"`{head[:70]}`" if head else str(tree)
+
+
+def child(part: str, window_s: float, rounds: int) -> dict:
+    """One measurement, with this process's checkout (`MOIRAI_TREE`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if part == "resnet":
+            return bench_resnet(Path(tmp), window_s, rounds)
+        return bench_size(Path(tmp), part, window_s)
+
+
+def run_child(tree: Path, part: str, window_s: float, rounds: int) -> dict:
+    import subprocess
+
+    command = [sys.executable, __file__, "--child", part, "--window", str(window_s)]
+    command += ["--rounds", str(rounds)]
+    done = subprocess.run(
+        command,
+        cwd=tree,
+        env={**os.environ, "MOIRAI_TREE": str(tree)},
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{part} with {tree} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short windows, one round")
-    parser.add_argument("--label", default="after", help="the results' name (default after)")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        metavar="LABEL=CHECKOUT",
+        help="measure this checkout's servers under this label (repeatable; default after=.)",
+    )
     parser.add_argument("--window", type=float, help="load window, seconds (default 10)")
+    parser.add_argument("--rounds", type=int, help="ResNet-50 rounds (default 3)")
     parser.add_argument("--only", choices=("stack", "resnet"), help="one section alone")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     window = args.window or (4.0 if args.quick else 10.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if args.child:
+        print(json.dumps(child(args.child, window, rounds)))
+        return
+    trees = {}
+    for entry in args.tree or [f"after={ROOT}"]:
+        label, _, path = entry.partition("=")
+        trees[label] = Path(path).resolve()
+    parts = [*SIZES] if args.only in (None, "stack") else []
+    parts += ["resnet"] if args.only in (None, "resnet") else []
     load_before = os.getloadavg()[0]
-    results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.only in (None, "stack"):
-            results["stack"] = bench_stack(Path(tmp), window)
-        if args.only in (None, "resnet"):
-            results["resnet"] = bench_resnet(Path(tmp), window, 1 if args.quick else 3)
-    results["machine"] = {
-        "commit": _commit(),
-        "cores": len(os.sched_getaffinity(0)),
-        "load_before": load_before,
-        "load_after": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join(["bench/stack.py", *sys.argv[1:]]),
-    }
-    store = RESULTS / "stack.json"
-    everything = json.loads(store.read_text()) if store.exists() else {}
-    everything[args.label] = {**everything.get(args.label, {}), **results}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps(everything, indent=1) + "\n")
-    text = report(everything)
-    (RESULTS / "stack.md").write_text(text)
+    results: dict = {label: {"stack": []} for label in trees}
+    for part in parts:
+        for label, tree in trees.items():
+            got = run_child(tree, part, window, rounds)
+            if part == "resnet":
+                results[label]["resnet"] = got
+            else:
+                results[label]["stack"].append(got)
+            print(label, part, got, flush=True)
+    for label, tree in trees.items():
+        results[label]["machine"] = {
+            "commit": _commit(tree),
+            "cores": len(os.sched_getaffinity(0)),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["bench/stack.py", *sys.argv[1:]]),
+        }
+    text = report(results)
+    if not args.only:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "stack.json").write_text(json.dumps(results, indent=1) + "\n")
+        (RESULTS / "stack.md").write_text(text)
     print(text)
 
 
