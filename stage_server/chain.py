@@ -47,6 +47,7 @@ from stage_server.errors import (
     from_code,
 )
 from stage_server.protos import stage_pb2
+from stage_server.transport import guarded
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,10 @@ def add_to_server(servicer: ChainServicer, server: grpc.aio.Server) -> None:
     protobuf."""
     handlers = {
         "Push": grpc.unary_unary_rpc_method_handler(
-            servicer.Push, response_serializer=stage_pb2.PushReply.SerializeToString
+            guarded(servicer.Push), response_serializer=stage_pb2.PushReply.SerializeToString
         ),
         "Fail": grpc.unary_unary_rpc_method_handler(
-            servicer.Fail,
+            guarded(servicer.Fail),
             request_deserializer=stage_pb2.Failure.FromString,
             response_serializer=stage_pb2.FailReply.SerializeToString,
         ),

@@ -25,6 +25,7 @@ class Metrics:
     def __init__(self, stage_devices: Mapping[str, str]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._devices = dict(stage_devices)
+        self._stage_children: dict[tuple[str, str], Histogram] = {}
         self.request_seconds = Histogram(
             "moirai_request_duration_seconds",
             "End-to-end latency of successful inference requests at the gateway.",
@@ -59,8 +60,14 @@ class Metrics:
 
     def observe_timings(self, timings: Iterable[stage_pb2.Timing]) -> None:
         for t in timings:
-            device = self._devices.get(t.stage, "gateway")
-            self.stage_seconds.labels(t.stage, device, t.kind).observe(t.ms / 1000.0)
+            key = (t.stage, t.kind)
+            child = self._stage_children.get(key)
+            if child is None:  # labels() takes a lock and builds a key: once per series
+                device = self._devices.get(t.stage, "gateway")
+                child = self._stage_children[key] = self.stage_seconds.labels(
+                    t.stage, device, t.kind
+                )
+            child.observe(t.ms / 1000.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,7 @@
 
 Each method checks the model name, converts with `stage_server.codec`, calls the `Gateway`, and
 converts back; errors are raised as domain errors and become status codes in
-`stage_server.transport.ErrorInterceptor`. The request size limit is the gRPC server's
+`stage_server.transport.guarded`. The request size limit is the gRPC server's
 `max_receive_message_length`, so an oversized request is refused with RESOURCE_EXHAUSTED before
 it is held in memory. A client deadline shortens the gateway's own timeout.
 
@@ -18,7 +18,9 @@ import grpc
 from moirai import __version__
 from stage_server import codec
 from stage_server.gateway import VERSION, Gateway
+from stage_server.metrics import Metrics
 from stage_server.protos import grpc_predict_v2_pb2 as oip
+from stage_server.transport import guarded
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS: dict[str, tuple[type, type]] = {
@@ -34,16 +36,21 @@ SERVER_NAME = "moirai"
 PLATFORM = "onnxruntime_onnx"
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_to_server(
+    servicer: InferenceServicer, server: grpc.aio.Server, metrics: Metrics | None = None
+) -> None:
+    """Register the methods, each `guarded` (errors counted in `metrics`)."""
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
+            guarded(getattr(servicer, name), metrics),
             request_deserializer=request.FromString,
             response_serializer=response.SerializeToString,
         )
         for name, (request, response) in METHODS.items()
     }
-    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(servicer.ModelInfer)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        guarded(servicer.ModelInfer, metrics)
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 

@@ -42,20 +42,17 @@ from stage_server.oip_grpc import InferenceServicer, add_to_server
 from stage_server.oip_http import create_app
 from stage_server.samehost import Listener
 from stage_server.stage import StageServer
-from stage_server.transport import ErrorInterceptor
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
 PUSH_OVERHEAD_BYTES = 64 << 10  # names, shapes, timings of one push: far less in practice
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-def _server(
-    interceptors: list[ErrorInterceptor], options: list[tuple[str, int]]
-) -> grpc.aio.Server:
+def _server(options: list[tuple[str, int]]) -> grpc.aio.Server:
     """A gRPC server that owns its port: gRPC sets SO_REUSEPORT by default, so a second server
     would bind a port in use and share its connections (and fail later, on the same-host socket
     of that port)."""
-    return grpc.aio.server(interceptors=interceptors, options=[*options, ("grpc.so_reuseport", 0)])
+    return grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
@@ -115,7 +112,7 @@ async def start_chain(
 ) -> ChainHandle:
     """Serve only `moirai.stage.v1.Chain` for `handler`, over gRPC and the same-host fast path,
     exactly as a stage server receives pushes: for link measurements and tests."""
-    server = _server([ErrorInterceptor()], _UNLIMITED)
+    server = _server(_UNLIMITED)
     servicer = ChainServicer(handler)
     add_chain_to_server(servicer, server)
     return ChainHandle(server, *await _start_chain_port(server, servicer, host, port, same_host))
@@ -155,8 +152,8 @@ def _oip_server(gateway: Gateway | BatchingFront, max_request_bytes: int) -> grp
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ]
-    server = _server([ErrorInterceptor(gateway.metrics)], limit)
-    add_to_server(InferenceServicer(gateway), server)
+    server = _server(limit)
+    add_to_server(InferenceServicer(gateway), server, gateway.metrics)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return server
 
@@ -239,7 +236,7 @@ async def start_stage(
     if frontend is not None:
         gateway = Gateway(plan, peers, timeout_s=frontend.timeout_s)
         router.attach([GATEWAY], gateway)
-    server = _server([ErrorInterceptor()], _UNLIMITED)
+    server = _server(_UNLIMITED)
     servicer = ChainServicer(router)
     add_chain_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -329,7 +326,7 @@ async def start_gateway(
     servers = [oip_server]
     chain_server = None
     if chain_port is not None:
-        chain_server = _server([ErrorInterceptor()], _UNLIMITED)
+        chain_server = _server(_UNLIMITED)
         servers.append(chain_server)
     servicer = ChainServicer(router)
     add_chain_to_server(servicer, chain_server or oip_server)

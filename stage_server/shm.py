@@ -108,10 +108,14 @@ class SharedTensor:
             written += os.pwrite(self._fd, data[written:], written)
         return self.reference
 
-    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """A writable array over the start of an arena file."""
-        assert self._whole is not None
-        return self._whole[: math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
+    def flat(self, dtype: np.dtype, count: int) -> np.ndarray:
+        """A writable 1-D array over the start of an arena file, made straight over the mapping:
+        numpy makes the base of every view of it (slices, reshapes, a batch's rows) this very
+        array, so it lives, and the file is not written again, while any of them does. (Had it
+        been a view of another array, its views would skip it for that array, and a slice
+        could outlive it.)"""
+        assert self._map is not None
+        return np.frombuffer(self._map, dtype, count)
 
     def close(self) -> None:
         if self._whole is not None:
@@ -165,9 +169,9 @@ class Arena:
             size = capacity if pooled else math.prod(shape) * dtype.itemsize
             tensor = SharedTensor(size, pooled, self)
         tensor.holds = 1
-        array = tensor.array(dtype, shape)
-        weakref.finalize(array, self.release, tensor)
-        return array
+        flat = tensor.flat(dtype, math.prod(shape))
+        weakref.finalize(flat, self.release, tensor)  # the base of every view of it
+        return flat.reshape(shape)
 
     def lend(self, tensor: SharedTensor) -> None:
         """A push of the file is in flight."""

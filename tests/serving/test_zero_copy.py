@@ -69,6 +69,23 @@ def test_an_output_is_pushed_in_its_own_file_and_reused_once_nothing_holds_it() 
     assert shared_memory_in_use() == before
 
 
+def test_a_slice_of_an_output_keeps_its_file_from_being_written_again() -> None:
+    """A batch's rows are slices of the batch's outputs; numpy makes a slice's base the array
+    that owns the memory, so an output that was itself a view of another array could be
+    collected before its slices, and its file written again under them (wrong answers with
+    dynamic batching in the stage server's process)."""
+    arena = shm.Arena()
+    out = arena.empty(F32, (4, 1 << 14))
+    out[:] = 1.0
+    row = out[1:2]
+    del out
+    again = arena.empty(F32, (4, 1 << 14))  # must not be the file `row` reads
+    again[:] = 2.0
+    np.testing.assert_array_equal(row, 1.0)
+    del row, again
+    arena.close()
+
+
 def test_a_file_pushed_to_two_peers_waits_for_both_and_a_failed_push_retires_it() -> None:
     before = shared_memory_in_use()
     arena = shm.Arena()
