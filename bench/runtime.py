@@ -12,7 +12,8 @@ their tables, so a change can be measured without overwriting the full report:
    and as two stages on two servers, the difference being one extra hop, next to the machine's
    loopback copy bandwidth (a raw TCP socket); goal: overhead <= 2 x bytes / bandwidth + 0.5 ms.
    Both chain transports: the same-host fast path (what `moirai serve` uses) and gRPC only (the
-   path between hosts). Both deployments of a transport run at once and requests alternate
+   path between hosts), with the front end in a process of its own, so that the second stage
+   adds exactly one push. Both deployments of a transport run at once and requests alternate
    between them, so each extra hop is a paired difference taken under the same load. The CPU
    each process spends per request is recorded beside the times: it moves less with the load;
 3. throughput (requests/s) at concurrency 1, 4, 8 and 16: single-process ORT on one thread
@@ -228,8 +229,9 @@ def bench_hops(sizes: list[int], tmp: Path, n: int) -> list[dict]:
         row = {"bytes": size, "loopback_gb_s": bandwidth / 1e9, "goal_ms": goal}
         for transport, same_host in (("same_host", True), ("grpc", False)):
             work = tmp / f"{transport}{size}"
-            a = LocalDeployment(one, path, work / "one", same_host=same_host)
-            b = LocalDeployment(two, path, work / "two", same_host=same_host)
+            # The front end alone, so that two stages add exactly one push to one stage's two.
+            a = LocalDeployment(one, path, work / "one", same_host=same_host, fused=False)
+            b = LocalDeployment(two, path, work / "two", same_host=same_host, fused=False)
             with a, b:
                 base, chained, hop, cpu_one, cpu_two = _paired_ms(a, b, inputs, reps)
             row[transport] = {
