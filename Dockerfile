@@ -1,68 +1,100 @@
-# syntax=docker/dockerfile:1
 # One image for the Moirai operator, stage servers and gateway; a GPU variant for GPU pools.
 #
-#   docker build -t moirai:0.1.0 .                         # CPU: the default (last) stage
-#   docker build -t moirai:0.1.0-gpu --target gpu .        # onnxruntime-gpu on a CUDA runtime
+#   hack/image/build.sh [cpu|gpu] [TAG]        what `make image` runs: the arguments below filled in
+#   docker build -t moirai:0.1.0 .                       # CPU: the default (last) stage
+#   docker build -t moirai:0.1.0-gpu --target gpu .      # onnxruntime-gpu on a CUDA runtime
+#
+# Build arguments:
+#   BASE_IMAGE  base of the CPU image: Debian or Ubuntu with python3 (>= 3.11) and its venv
+#               module. Default python:3.11-slim; where no image registry can be reached,
+#               hack/image/base.sh makes an equivalent one from Debian's packages.
+#   CUDA_IMAGE  base of the GPU image, which gets python3 and python3-venv from its distribution
+#               (Ubuntu 24.04: Python 3.12).
+# The builds download Moirai's dependencies from PyPI. Where that needs a CA bundle the base
+# image lacks (a proxy's), pass it as the build secret `ca`:
+#   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
+# RUN --mount needs BuildKit: Docker 23 or later, or DOCKER_BUILDKIT=1 before that.
 #
 # Entry points, all from the same virtual environment in /opt/moirai:
 #   kopf run --standalone -m moirai_operator.handlers ...  the operator (the chart's command)
 #   moirai stage ... / moirai gateway ...                  stage server, gateway
 #   python -m moirai_operator.fetch URI DEST [--sha256 X]  init container: fetch and verify
+#   python -m moirai_operator.upload FILE                  profiling Job: deliver the profile
 #
-# Build stages compile wheels of the project and every dependency (one Python version per
-# variant: the CUDA base is Ubuntu 24.04 with Python 3.12); runtime stages install only those
-# wheels, offline, and run as the unprivileged user 10001, the UID that the operator's pod
-# templates and the chart's securityContext name.
+# Each variant installs its virtual environment in a build stage — Moirai's dependencies first,
+# in a layer that changes only with pyproject.toml, then Moirai itself — and its runtime stage
+# copies only that environment onto the same base. Runtime stages run as the unprivileged user
+# 10001, the UID that the operator's pod templates and the chart's securityContext name.
 
-ARG CPU_PYTHON=3.11
+ARG BASE_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
-# ---------------------------------------------------------------------- wheels, per variant
-FROM python:${CPU_PYTHON}-slim AS wheels-cpu
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY moirai/ moirai/
-COPY stage_server/ stage_server/
-COPY operator/ operator/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[cpu]"
-
-FROM python:3.12-slim AS wheels-gpu
-WORKDIR /src
-COPY --from=wheels-cpu /src /src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[gpu]"
-
-# ------------------------------------------------------------------------------ GPU runtime
-FROM ${CUDA_IMAGE} AS gpu
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PATH=/opt/moirai/bin:$PATH
-# The base image's distribution pins the Python 3.12 package; take its security updates.
-# hadolint ignore=DL3008
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3.12 python3.12-venv \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 moirai \
- && useradd --system --uid 10001 --gid moirai --no-create-home --shell /usr/sbin/nologin moirai
-RUN --mount=type=bind,from=wheels-gpu,source=/wheels,target=/wheels \
-    python3.12 -m venv /opt/moirai \
- && /opt/moirai/bin/pip install --no-cache-dir --no-index --find-links=/wheels "moirai[gpu]"
-USER 10001:10001
-WORKDIR /tmp
-EXPOSE 8000 8001 50051
-CMD ["moirai", "--help"]
-
-# ---------------------------------------------------------------- CPU runtime (the default)
-FROM python:${CPU_PYTHON}-slim AS cpu
+# ------------------------------------------------------------------------------- bases
+FROM ${BASE_IMAGE} AS cpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/moirai/bin:$PATH
 RUN groupadd --system --gid 10001 moirai \
  && useradd --system --uid 10001 --gid moirai --no-create-home --shell /usr/sbin/nologin moirai
-RUN --mount=type=bind,from=wheels-cpu,source=/wheels,target=/wheels \
-    python -m venv /opt/moirai \
- && /opt/moirai/bin/pip install --no-cache-dir --no-index --find-links=/wheels "moirai[cpu]"
+
+FROM ${CUDA_IMAGE} AS gpu-base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/moirai/bin:$PATH
+# The distribution's Python, with its security updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 moirai \
+ && useradd --system --uid 10001 --gid moirai --no-create-home --shell /usr/sbin/nologin moirai
+
+# ------------------------------------------------------------- virtual environments
+FROM cpu-base AS venv-cpu
+WORKDIR /src
+COPY pyproject.toml ./
+# Dependencies only: the project's packages are empty folders here.
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && mkdir -p moirai stage_server operator/moirai_operator && touch README.md \
+ && python3 -m venv /opt/moirai \
+ && /opt/moirai/bin/pip install --no-cache-dir ".[cpu]"
+COPY README.md ./
+COPY moirai/ moirai/
+COPY stage_server/ stage_server/
+COPY operator/ operator/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && /opt/moirai/bin/pip install --no-cache-dir --no-deps --force-reinstall .
+
+FROM gpu-base AS venv-gpu
+WORKDIR /src
+COPY pyproject.toml ./
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && mkdir -p moirai stage_server operator/moirai_operator && touch README.md \
+ && python3 -m venv /opt/moirai \
+ && /opt/moirai/bin/pip install --no-cache-dir ".[gpu]"
+COPY README.md ./
+COPY moirai/ moirai/
+COPY stage_server/ stage_server/
+COPY operator/ operator/
+RUN --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+ && /opt/moirai/bin/pip install --no-cache-dir --no-deps --force-reinstall .
+
+# ------------------------------------------------------------------------ GPU runtime
+FROM gpu-base AS gpu
+COPY --from=venv-gpu /opt/moirai /opt/moirai
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000 8001 8080 50051
+EXPOSE 8000 8001 50051 50052
+CMD ["moirai", "--help"]
+
+# -------------------------------------------------------------- CPU runtime (the default)
+FROM cpu-base AS cpu
+COPY --from=venv-cpu /opt/moirai /opt/moirai
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8000 8001 8080 8081 50051 50052
 CMD ["kopf", "run", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces", "-m", "moirai_operator.handlers"]

@@ -1,12 +1,13 @@
 # The two commands of the README:
 #   make demo   set up a virtual environment and run Moirai's main job on a bundled model
 #   make test   set up (with test tools and the Kubernetes test control plane) and run every check
+# and what they are made of: setup, lint, controlplane, image (Moirai's image, with Docker).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRA ?= cpu
 
-.PHONY: setup demo test lint controlplane
+.PHONY: setup demo test lint controlplane image
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ demo: setup
 
 controlplane:
 	hack/controlplane/build.sh
+
+image:
+	hack/image/build.sh cpu
 
 lint: setup
 	$(BIN)/ruff check .

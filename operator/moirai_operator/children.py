@@ -8,16 +8,25 @@ For a plan over devices d1..dn the operator writes:
                                       fetched and verified by an init container
     Deployment   <pm>-gateway         the Open Inference Protocol gateway ...
     Service      <pm>-gateway         ... and its Service: the PlacedModel's endpoint
+    Service      <pm>-gateway-chain   the gateway's internal chain port, where the last stages
+                                      push the model's outputs
     NetworkPolicy <pm>-stages         stage servers admit traffic only from their peer stages
                                       and their gateway (when enabled)
+    NetworkPolicy <pm>-gateway        the gateway admits clients on its public ports, and only
+                                      its stage servers on its chain port (when enabled)
 
 Every object carries the same labels (so the operator can list and prune what it owns), an
 ownerReference to the PlacedModel (so deleting it deletes them), and names derived only from the
 PlacedModel and the device (so applying twice, or after a restart, converges to one object). Pod
 templates carry the plan's digest: a new plan rolls the stage servers; an unchanged one does not.
 
-The stage-server and gateway command lines are written here and nowhere else: a test runs them
-as local processes to prove the manifests really serve.
+The stage-server and gateway command lines are written here and nowhere else: tests run them
+as local processes and, in tests/container, as containers of the image, to prove that the
+manifests really serve. Internal (chain) traffic has ports of its own, never the public ones.
+Stage servers listen on their pod's IP (the downward API's `status.podIP`), not on every
+address: they are reached only through their Services, and pods that share a network namespace
+(host networking, the container tests) can then all use the one chain port. Every push is gRPC
+(`--grpc-only`): no two pods share a loopback, so the same-host fast path never applies.
 """
 
 from __future__ import annotations
@@ -54,6 +63,10 @@ from moirai_operator.resources import (
 from moirai_operator.spec import PlacedModelSpec
 
 STAGE_PORT = 50051
+"""Chain port of stage servers (internal)."""
+GATEWAY_CHAIN_PORT = 50052
+"""The gateway's chain port (internal), where the last stages push the model's outputs."""
+POD_IP_ENV = "POD_IP"
 PLAN_DIR = "/etc/moirai/plan"
 MODEL_DIR = "/var/lib/moirai/model"
 MODEL_FILE = "model.onnx"
@@ -143,6 +156,10 @@ def gateway_name(owner: Owner) -> str:
     return child_name(owner.name, "gateway")
 
 
+def gateway_chain_name(owner: Owner) -> str:
+    return child_name(owner.name, "gateway-chain")
+
+
 def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
     """The in-cluster URL of the gateway (Open Inference Protocol over HTTP)."""
     return f"http://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
@@ -154,7 +171,7 @@ def endpoints(owner: Owner, plan: Plan, spec: PlacedModelSpec) -> dict[str, str]
         d.entry.name: f"{stage_name(owner, d.entry.name)}.{owner.namespace}.svc:{STAGE_PORT}"
         for d in plan.devices
     }
-    out[GATEWAY] = f"{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.grpc_port}"
+    out[GATEWAY] = f"{gateway_chain_name(owner)}.{owner.namespace}.svc:{GATEWAY_CHAIN_PORT}"
     return out
 
 
@@ -207,9 +224,10 @@ def stage_command(device: PlannedDevice, spec: PlacedModelSpec) -> list[str]:
         "--device",
         device.entry.name,
         "--host",
-        "0.0.0.0",
+        f"$({POD_IP_ENV})",
         "--port",
         str(STAGE_PORT),
+        "--grpc-only",
     ]
 
 
@@ -226,6 +244,9 @@ def gateway_command(spec: PlacedModelSpec) -> list[str]:
         str(spec.serving.port),
         "--grpc-port",
         str(spec.serving.grpc_port),
+        "--chain-port",
+        str(GATEWAY_CHAIN_PORT),
+        "--grpc-only",
         *spec.serving.batching.to_args(),
     ]
 
@@ -332,6 +353,9 @@ def _deployment(
     }
 
 
+POD_IP = {"name": POD_IP_ENV, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
 def _grpc_probe(port: int) -> dict[str, Any]:
     return {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 3}
 
@@ -348,7 +372,8 @@ def stage_deployment(
     container = {
         "name": "stage-server",
         "command": stage_command(device, spec),
-        "ports": [{"name": "grpc", "containerPort": STAGE_PORT}],
+        "env": [POD_IP],
+        "ports": [{"name": "chain", "containerPort": STAGE_PORT}],
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         "readinessProbe": _grpc_probe(STAGE_PORT),
         "livenessProbe": {**_grpc_probe(STAGE_PORT), "initialDelaySeconds": 30},
@@ -372,7 +397,7 @@ def stage_service(owner: Owner, device: PlannedDevice) -> Manifest:
         "spec": {
             "type": "ClusterIP",
             "selector": {**selector(owner), "moirai.dev/child": name},
-            "ports": [{"name": "grpc", "port": STAGE_PORT, "targetPort": "grpc"}],
+            "ports": [{"name": "chain", "port": STAGE_PORT, "targetPort": "chain"}],
         },
     }
 
@@ -386,6 +411,7 @@ def gateway_deployment(
         "ports": [
             {"name": "http", "containerPort": spec.serving.port},
             {"name": "grpc", "containerPort": spec.serving.grpc_port},
+            {"name": "chain", "containerPort": GATEWAY_CHAIN_PORT},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
         "readinessProbe": {
@@ -420,36 +446,76 @@ def gateway_service(owner: Owner, spec: PlacedModelSpec) -> Manifest:
     }
 
 
-def network_policy(owner: Owner) -> Manifest:
-    """Stage servers admit traffic only from their own PlacedModel's stages and gateway."""
+def gateway_chain_service(owner: Owner) -> Manifest:
+    """The gateway's chain port, apart from the endpoint's Service, so that exposing the
+    endpoint (a LoadBalancer, an Ingress) never exposes it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, gateway_chain_name(owner), COMPONENT_GATEWAY),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {**selector(owner), "moirai.dev/child": gateway_name(owner)},
+            "ports": [{"name": "chain", "port": GATEWAY_CHAIN_PORT, "targetPort": "chain"}],
+        },
+    }
+
+
+def _peers(owner: Owner, *components: str) -> dict[str, Any]:
+    """A NetworkPolicy peer: this PlacedModel's pods of `components`."""
+    return {
+        "podSelector": {
+            "matchLabels": selector(owner),
+            "matchExpressions": [
+                {"key": LABEL_COMPONENT, "operator": "In", "values": list(components)}
+            ],
+        }
+    }
+
+
+def _ingress_policy(
+    owner: Owner, name: str, component: str, rules: list[dict[str, Any]]
+) -> Manifest:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(owner, child_name(owner.name, "stages"), COMPONENT_STAGE),
+        "metadata": _metadata(owner, child_name(owner.name, name), component),
         "spec": {
-            "podSelector": {"matchLabels": {**selector(owner), LABEL_COMPONENT: COMPONENT_STAGE}},
+            "podSelector": {"matchLabels": {**selector(owner), LABEL_COMPONENT: component}},
             "policyTypes": ["Ingress"],
-            "ingress": [
-                {
-                    "from": [
-                        {
-                            "podSelector": {
-                                "matchLabels": selector(owner),
-                                "matchExpressions": [
-                                    {
-                                        "key": LABEL_COMPONENT,
-                                        "operator": "In",
-                                        "values": [COMPONENT_STAGE, COMPONENT_GATEWAY],
-                                    }
-                                ],
-                            }
-                        }
-                    ],
-                    "ports": [{"protocol": "TCP", "port": STAGE_PORT}],
-                }
-            ],
+            "ingress": rules,
         },
     }
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def network_policies(owner: Owner, spec: PlacedModelSpec) -> list[Manifest]:
+    """Stage servers admit traffic only from their own PlacedModel's stages and gateway; the
+    gateway admits anyone on its public ports and only those stages on its chain port."""
+    stages = _ingress_policy(
+        owner,
+        "stages",
+        COMPONENT_STAGE,
+        [
+            {
+                "from": [_peers(owner, COMPONENT_STAGE, COMPONENT_GATEWAY)],
+                "ports": _tcp(STAGE_PORT),
+            }
+        ],
+    )
+    gateway = _ingress_policy(
+        owner,
+        "gateway",
+        COMPONENT_GATEWAY,
+        [
+            {"ports": _tcp(spec.serving.port, spec.serving.grpc_port)},
+            {"from": [_peers(owner, COMPONENT_STAGE)], "ports": _tcp(GATEWAY_CHAIN_PORT)},
+        ],
+    )
+    return [stages, gateway]
 
 
 def profile_target(match: PoolMatch) -> str:
@@ -480,22 +546,47 @@ def upload_command() -> list[str]:
     return ["python", "-m", "moirai_operator.upload", f"{PROFILE_DIR}/profile.json"]
 
 
-def profile_job_name(owner: Owner, pool: str, token: str) -> str:
-    return child_name(owner.name, f"profile-{pool}-{token[:6].lower()}")
+PROFILE_URL_KEY = "url"
+"""The key of the profiling Secret that holds the inbox URL with its one-time token."""
+
+
+def profile_name(owner: Owner, pool: str, attempt: str) -> str:
+    """The name of the profiling Job of `pool` and of its Secret. `attempt` is random and new
+    for each Job (a Job being deleted may still hold the previous name); never the token."""
+    return child_name(owner.name, f"profile-{pool}-{attempt}")
+
+
+def profile_secret(
+    owner: Owner, match: PoolMatch, attempt: str, inbox_url: str, job_uid: str
+) -> Manifest:
+    """The Secret that hands the profiling Job its inbox URL (which carries the one-time token):
+    owned by the Job, so it goes when the Job goes."""
+    name = profile_name(owner, match.spec.name, attempt)
+    metadata = _metadata(owner, name, COMPONENT_PROFILER, **{LABEL_POOL: match.spec.name})
+    metadata["ownerReferences"] = [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": name, "uid": job_uid}
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": metadata,
+        "type": "Opaque",
+        "stringData": {PROFILE_URL_KEY: inbox_url},
+    }
 
 
 def profile_job(
     owner: Owner,
     spec: PlacedModelSpec,
     match: PoolMatch,
-    inbox_url: str,
-    token: str,
+    attempt: str,
     options: BuildOptions,
 ) -> Manifest:
     """A Job that measures one device of `match` with `moirai profile` on a node of the pool and
-    POSTs the profile to the operator's inbox (`inbox_url`, holding the one-time `token`)."""
+    POSTs the profile to the operator's inbox, at the URL in its Secret (`profile_secret`)."""
     gpu = match.spec.kind == "gpu"
     image = spec.gpu_image if gpu else spec.image
+    name = profile_name(owner, match.spec.name, attempt)
     requests: dict[str, str] = {"cpu": str(match.spec.threads_per_device)}
     limits: dict[str, str] = {}
     if gpu:
@@ -513,7 +604,12 @@ def profile_job(
     upload = {
         "name": "upload",
         "command": upload_command(),
-        "env": [{"name": "MOIRAI_PROFILE_URL", "value": inbox_url}],
+        "env": [
+            {
+                "name": "MOIRAI_PROFILE_URL",
+                "valueFrom": {"secretKeyRef": {"name": name, "key": PROFILE_URL_KEY}},
+            }
+        ],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}},
     }
     pod = _pod_spec(owner, spec, options, upload, image, with_model=True, with_plan=False)
@@ -526,7 +622,6 @@ def profile_job(
     pod["nodeSelector"] = dict(match.node_selector)
     if gpu:
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    name = profile_job_name(owner, match.spec.name, token)
     pod_labels = {**labels(owner, COMPONENT_PROFILER), LABEL_POOL: match.spec.name}
     return {
         "apiVersion": "batch/v1",
@@ -547,10 +642,11 @@ def build_children(
     """Every object the PlacedModel should own, in the order to apply them."""
     out: list[Manifest] = [plan_configmap(owner, spec, plan)]
     if options.network_policy:
-        out.append(network_policy(owner))
+        out.extend(network_policies(owner, spec))
     for device in plan.devices:
         out.append(stage_service(owner, device))
         out.append(stage_deployment(owner, spec, plan, device, options))
     out.append(gateway_service(owner, spec))
+    out.append(gateway_chain_service(owner))
     out.append(gateway_deployment(owner, spec, plan, options))
     return out

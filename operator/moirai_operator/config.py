@@ -1,13 +1,15 @@
 """Operator-wide configuration, read once at startup from the environment the chart sets.
 
-The Helm chart turns its values (image, solver defaults, resync period, network policy, device
-catalogue) into `MOIRAI_*` environment variables of the operator Deployment; `OperatorConfig`
-parses them in one place, with a message naming the variable when one is malformed, so that a
-bad value fails the operator's start (visible in the pod's status) rather than some reconcile.
+The Helm chart turns its values (images and the allow-list of `spec.image`, solver defaults,
+resync period, network policy, device catalogue) into `MOIRAI_*` environment variables of the
+operator Deployment; `OperatorConfig` parses them in one place, with a message naming the
+variable when one is malformed, so that a bad value fails the operator's start (visible in the
+pod's status) rather than some reconcile.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,16 @@ class OperatorConfig:
             except MoiraiError as e:
                 raise ConfigError(f"the chart's batching values: {e}") from None
 
+        def patterns(key: str) -> tuple[str, ...]:
+            raw = env.get(key, "").strip()
+            try:
+                value = json.loads(raw) if raw else []
+            except ValueError:
+                value = None
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"{key}={raw!r}: use a JSON list of image patterns")
+            return tuple(value)
+
         catalogue = env.get("MOIRAI_CATALOGUE")
         return cls(
             defaults=Defaults(
@@ -92,6 +104,7 @@ class OperatorConfig:
                 image=env.get("MOIRAI_IMAGE") or Defaults.image,
                 gpu_image=env.get("MOIRAI_GPU_IMAGE") or Defaults.gpu_image,
                 batching=batching(),
+                allowed_images=patterns("MOIRAI_ALLOWED_IMAGES"),
             ),
             options=BuildOptions(
                 network_policy=flag("MOIRAI_NETWORK_POLICY", True),

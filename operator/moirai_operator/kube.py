@@ -33,6 +33,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networking.k8s.io", "networkpolicies"),
     "PlacedModel": (f"/apis/{GROUP}/{VERSION}", GROUP, PLURAL),
     "Job": ("/apis/batch/v1", "batch", "jobs"),
+    "Secret": ("/api/v1", "", "secrets"),
 }
 PRUNED_KINDS = ("Service", "Deployment")
 """The children named after a device, which a new plan may no longer need; the plan ConfigMap,

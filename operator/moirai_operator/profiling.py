@@ -1,16 +1,19 @@
 """Measured profiling: one Job per node pool runs `moirai profile`, the operator collects.
 
-    operator ──creates──► Job <pm>-profile-<pool>-<token>   (on a node of the pool)
+    operator ──creates──► Job <pm>-profile-<pool>-<attempt>   (on a node of the pool)
                             init: fetch + verify the model
                             init: moirai profile MODEL --device <pool>=<target> -o profile.json
                             main: python -m moirai_operator.upload profile.json
+             ──creates──► Secret of the same name, owned by the Job: the inbox URL + token
     operator ◄──POST /profiles/<token>── (the pod)
 
 Results travel to the operator rather than being read from pod logs or written to the API, so
 profiling Jobs hold no credentials and the operator needs no permission on pods or their logs.
 `ProfileInbox` is the operator's small HTTP endpoint for that: each Job gets a one-time random
-token in its URL, and `JobProfiler.profile` waits (without blocking the event loop, within a time
-limit) until every pool's token has been delivered, deletes the Jobs, and merges the documents.
+token in its URL, which only its Secret holds (not its name, not its spec: who may read Jobs
+need not read Secrets), and `JobProfiler.profile` waits (without blocking the event loop, within
+a time limit) until every pool's token has been delivered, deletes the Jobs (their Secrets go
+with them), and merges the documents.
 Each pool's profile names one device after the pool; the merged document repeats that entry for
 every device of the pool (`<pool>-0`, `<pool>-1`, ...), which is what `DocumentProfile` matches
 cost-graph devices by.
@@ -31,7 +34,7 @@ from typing import Any
 from aiohttp import web
 
 from moirai_operator.catalogue import device_name
-from moirai_operator.children import BuildOptions, Owner, labels, profile_job
+from moirai_operator.children import BuildOptions, Owner, labels, profile_job, profile_secret
 from moirai_operator.kube import Kube
 from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import COMPONENT_PROFILER
@@ -121,9 +124,11 @@ class JobProfiler:
                 token, future = self.inbox.expect()
                 tokens[match.spec.name], waits[match.spec.name] = token, future
                 url = f"{self.inbox_url.rstrip('/')}/profiles/{token}"
-                job = profile_job(owner, spec, match, url, token, self.options)
+                attempt = secrets.token_hex(3)
+                job = await self.kube.apply(profile_job(owner, spec, match, attempt, self.options))
                 jobs[match.spec.name] = job["metadata"]["name"]
-                await self.kube.apply(job)
+                secret = profile_secret(owner, match, attempt, url, job["metadata"]["uid"])
+                await self.kube.apply(secret)
             _, pending = await asyncio.wait(waits.values(), timeout=self.timeout_s)
             if pending:
                 late = [pool for pool, f in waits.items() if f in pending]

@@ -10,6 +10,7 @@ rest of the operator works only on these dataclasses, never on the raw dict.
 
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,21 @@ class Defaults:
     """Image of gpu stage servers (onnxruntime-gpu on a CUDA base)."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Dynamic batching of a PlacedModel whose spec.serving.batching leaves fields out."""
+    allowed_images: tuple[str, ...] = ()
+    """Shell-style patterns of the images `spec.image` may name, beside the two above (the
+    chart's `allowedImages`): a PlacedModel's pods run whatever image it names, so by default
+    it may name none but the operator's own."""
+
+    def check_image(self, image: str) -> None:
+        if image in (self.image, self.gpu_image):
+            return
+        if any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images):
+            return
+        allowed = ", ".join(self.allowed_images) or "none beside the operator's own"
+        raise SpecError(
+            f"spec.image {image!r} is not allowed by this operator (allowed: {allowed}): "
+            "leave spec.image out, or have the operator's chart value allowedImages list it"
+        )
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,8 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
     if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0:
         raise SpecError(f"spec.placement.timeLimitSeconds is {limit!r}: use a number > 0")
     serving = raw.get("serving") or {}
+    if raw.get("image"):
+        defaults.check_image(str(raw["image"]))
     return PlacedModelSpec(
         model=_model(raw.get("model") or {}),
         pools=pools,

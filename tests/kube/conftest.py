@@ -38,14 +38,20 @@ Helpers for test authors live in ``tests/kube/controlplane.py``, imported as ``c
 Component logs stay in ``control_plane.directory`` (pytest keeps the last three base temp
 dirs) for post-mortems.
 
-Tests that use these fixtures get the ``controlplane`` marker automatically.
+``image`` (session) and ``kubelet`` (function): Moirai's image and a kubelet that runs pod specs
+    as its containers (``tests/container/container_fixtures.py``).
+
+Tests that use these fixtures get the ``controlplane`` marker automatically, and those that use
+``image`` or ``kubelet`` the ``container`` marker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from controlplane import (
@@ -57,6 +63,9 @@ from controlplane import (
 )
 from kubernetes import client
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "container"))
+from container_fixtures import image, kubelet, mark_container_tests  # noqa: F401
+
 CONTROL_PLANE_FIXTURES = frozenset(
     {"control_plane", "scheduling_control_plane", "kube_api", "namespace", "make_node_pool"}
 )
@@ -66,6 +75,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if CONTROL_PLANE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.controlplane)
+    mark_container_tests(items)
 
 
 @contextlib.contextmanager

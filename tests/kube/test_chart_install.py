@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from moirai_operator.spec import Defaults
 from test_operator_harness import (
     Cluster,
     free_port,
+    in_thread,
     install_crd,
     models_for,
-    run_job_pod,
+    run_profiling_job,
     running_operator,
-    wait_until,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,18 +106,13 @@ class _Events:
         pass
 
 
-def _run_profiling_job(cluster: Cluster, tmp_path: Path) -> None:
-    (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs("direct"))
-    run_job_pod(cluster.api.sanitize_for_serialization(job.spec.template.spec), tmp_path / "job")
-
-
 def _nodes(kube_api: client.ApiClient) -> list[NodeFacts]:
     raw = kube_api.sanitize_for_serialization(client.CoreV1Api(kube_api).list_node())
     return [node_facts(n) for n in raw["items"]]
 
 
 def test_operator_runs_with_exactly_the_charts_rbac(
-    scheduling_control_plane, kube_api, namespace, make_node_pool, tmp_path
+    scheduling_control_plane, kube_api, namespace, make_node_pool, image, kubelet, tmp_path
 ):
     plane = scheduling_control_plane
     install_crd(plane)
@@ -158,7 +152,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
             cluster.wait_phase("viasa", "Ready")
 
         # The same passes outside kopf, with every API call recorded: no more than granted.
-        # The last one profiles (a Job, run here by a thread playing the kubelet).
+        # The last one profiles (a Job, whose pod the kubelet runs as containers).
         kube = Kube(config.new_client_from_config(config_file=str(kubeconfig)))
         measured = {**moved, "profiling": {"mode": "measured"}}
         with ThreadPoolExecutor(1) as executor:
@@ -169,7 +163,12 @@ def test_operator_runs_with_exactly_the_charts_rbac(
                 runner = await inbox.serve("127.0.0.1", port)
                 profiler = JobProfiler(kube, inbox, f"http://127.0.0.1:{port}", BuildOptions(), 120)
                 ctx = Context(
-                    kube, planner, Defaults(), BuildOptions(), tmp_path / "cache2", profiler
+                    kube,
+                    planner,
+                    Defaults(image=image),
+                    BuildOptions(),
+                    tmp_path / "cache2",
+                    profiler,
                 )
                 try:
                     for body in (spec, moved, measured):
@@ -179,10 +178,9 @@ def test_operator_runs_with_exactly_the_charts_rbac(
                 finally:
                     await runner.cleanup()
 
-            kubelet = threading.Thread(target=_run_profiling_job, args=(cluster, tmp_path))
-            kubelet.start()
+            profiled = in_thread(run_profiling_job, cluster, kubelet, "direct")
             asyncio.run(passes())
-            kubelet.join()
+            profiled()
         assert cluster.status("direct")["placement"]["profiling"] == "measured"
         assert set(cluster.deployments("direct")) == {f"direct-{second}-0", "direct-gateway"}
         assert cluster.status("direct")["phase"] in ("Deploying", "Ready")

@@ -26,7 +26,6 @@ from test_operator_harness import (
     install_crd,
     models_for,
     placed_model,
-    run_job_pod,
     running_operator,
     wait_until,
 )
@@ -238,28 +237,6 @@ def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool,
     # Fixing the spec recovers.
     cluster.apply("nopool", {"model": {"uri": models["mlp"]}, "pools": [pool]})
     cluster.wait_phase("nopool", "Ready")
-
-
-def test_measured_profiling_runs_a_job_per_pool(
-    operator, cluster, make_node_pool, models, kube_api, tmp_path
-):
-    cpu = f"{cluster.ns}-cpu"
-    make_node_pool(cpu, count=1, cpu="8")
-    spec = {
-        "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
-        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 1, "maxDevices": 2}],
-        "profiling": {"mode": "measured"},
-    }
-    cluster.apply("mlp", spec)
-    (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs("mlp"))
-    assert cluster.status("mlp")["phase"] == "Profiling"
-    pod = kube_api.sanitize_for_serialization(job.spec.template.spec)
-    assert pod["nodeSelector"] == {"moirai.dev/pool": cpu}
-    # Play the kubelet: run the Job's containers here; the last one reports to the operator.
-    run_job_pod(pod, tmp_path / "job")
-    status = cluster.wait_phase("mlp", "Ready")
-    assert status["placement"]["profiling"] == "measured"
-    wait_until("the profiling Job to be deleted", lambda: not cluster.profiling_jobs("mlp"))
 
 
 def test_liveness_endpoint_answers(operator, make_node_pool, namespace):

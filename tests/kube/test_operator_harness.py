@@ -1,7 +1,8 @@
 """Harness of the operator's control-plane tests (no tests here): a model store on 127.0.0.1,
-the operator under kopf's `KopfRunner`, and a reader of one namespace.
+the operator under kopf's `KopfRunner`, a reader of one namespace, and the nodes' part: the pods
+the operator wrote, run as containers of Moirai's image by `tests/container/kubelet.py`.
 
-Shared by test_operator.py, test_operator_runs.py and test_chart_install.py; named
+Shared by test_operator.py, test_containers.py and test_chart_install.py; named
 test_operator_harness so that it lives beside them (pytest collects no tests from it).
 """
 
@@ -11,9 +12,7 @@ import contextlib
 import hashlib
 import http.server
 import json
-import os
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +22,9 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
+from kubelet import Kubelet, Pod
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 from kubernetes.config import kube_config
 from moirai_operator.resources import GROUP, PLURAL, VERSION
 
@@ -195,6 +196,14 @@ class Cluster:
             found |= {f"{kind}/{o.metadata.name}" for o in items.items}
         return found
 
+    def secret(self, name: str) -> Any:
+        try:
+            return self.core.read_namespaced_secret(name, self.ns)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def profiling_jobs(self, name: str) -> list[Any]:
         return (
             client.BatchV1Api(self.api)
@@ -212,70 +221,72 @@ class Cluster:
         return {p.spec.node_name for p in pods if p.spec.node_name}
 
 
-# --- running the pods the operator wrote, as local processes -----------------------------------
-BIN = Path(sys.executable).parent
+# --- running the pods the operator wrote, as containers (tests/container/kubelet.py) ----------
+def _manifest(api: client.ApiClient, obj: Any, kind: str) -> dict[str, Any]:
+    return {"kind": kind, **api.sanitize_for_serialization(obj)}
 
 
-def pod_mounts(pod: dict[str, Any], workdir: Path, configmaps: dict[str, Path]) -> dict[str, str]:
-    """Mount path → local directory: each ConfigMap volume from `configmaps` (by ConfigMap
-    name), each other volume (emptyDir) a fresh directory under `workdir`."""
-    by_volume: dict[str, str] = {}
-    for volume in pod["volumes"]:
-        if "configMap" in volume:
-            by_volume[volume["name"]] = str(configmaps[volume["configMap"]["name"]])
-        else:
-            directory = workdir / volume["name"]
-            directory.mkdir(parents=True, exist_ok=True)
-            by_volume[volume["name"]] = str(directory)
-    mounts = {}
-    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
-        for mount in container.get("volumeMounts") or []:
-            mounts[mount["mountPath"]] = by_volume[mount["name"]]
-    return mounts
+def run_profiling_job(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, Any]:
+    """The nodes' part in measured profiling: run the pod of PlacedModel `name`'s profiling Job
+    to completion (its last container reports to the operator); returns the pod spec."""
+    (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs(name))
+    pod_spec = cluster.api.sanitize_for_serialization(job.spec.template.spec)
+    for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+        for env in container.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:  # the operator may write the Secret just after the Job: wait, as kubelets do
+                name = ref["name"]
+                secret = wait_until(f"Secret {name}", lambda n=name: cluster.secret(n))
+                kubelet.add_object(_manifest(cluster.api, secret, "Secret"))
+    labels = dict(job.spec.template.metadata.labels or {})
+    kubelet.start(kubelet.pod(f"{job.metadata.name}-pod", cluster.ns, pod_spec, labels))
+    return pod_spec
 
 
-def local_argv(argv: list[str], mounts: dict[str, str], ports: dict[str, str]) -> list[str]:
-    """`argv` with mount paths moved to their local directories (the longest mount wins),
-    declared ports to loopback ports, the wildcard address to loopback, and the image's
-    programs to this environment's."""
-    out = []
-    for arg in argv:
-        arg = ports.get(arg, "127.0.0.1" if arg == "0.0.0.0" else arg)
-        for mount in sorted(mounts, key=len, reverse=True):
-            if arg == mount or arg.startswith(mount + "/"):
-                arg = mounts[mount] + arg[len(mount) :]
-                break
-        out.append(arg)
-    program = {"moirai": str(BIN / "moirai"), "python": sys.executable}.get(out[0], out[0])
-    return [program, *out[1:]]
+def in_thread(what: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """Run `what(*args)` in a thread (the kubelet beside the operator); the returned function
+    waits for it and returns its result or raises its exception."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = what(*args)
+        except BaseException as e:  # re-raised in the test's thread
+            result["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join(timeout=600)
+        if "error" in result:
+            raise result["error"]
+        return result.get("value")
+
+    return join
 
 
-def container_env(
-    container: dict[str, Any], rewrite: dict[str, str] | None = None
-) -> dict[str, str]:
-    """This process's environment (less MOIRAI_*) plus the container's env as written, with
-    `rewrite` applied to the values (Service addresses to loopback)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOIRAI_")}
-    for e in container.get("env") or []:
-        value = e["value"]
-        for old, new in (rewrite or {}).items():
-            value = value.replace(old, new)
-        env[e["name"]] = value
-    return env
-
-
-def run_to_completion(
-    container: dict[str, Any], mounts: dict[str, str], rewrite: dict[str, str] | None = None
-) -> None:
-    argv = local_argv(container["command"], mounts, {})
-    result = subprocess.run(
-        argv, env=container_env(container, rewrite), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"{container['name']}: {argv} failed:\n{result.stderr}"
-
-
-def run_job_pod(pod: dict[str, Any], workdir: Path, rewrite: dict[str, str] | None = None) -> None:
-    """A Job's pod: init containers, then its containers, each to completion."""
-    mounts = pod_mounts(pod, workdir, {})
-    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
-        run_to_completion(container, mounts, rewrite)
+def run_deployments(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, Pod]:
+    """A pod for each Deployment of PlacedModel `name` (by Deployment name), started with its
+    plan ConfigMap, Services resolved, and ready."""
+    selector = f"moirai.dev/placedmodel={name}"
+    for cm in cluster.core.list_namespaced_config_map(cluster.ns, label_selector=selector).items:
+        kubelet.add_object(_manifest(cluster.api, cm, "ConfigMap"))
+    pods: dict[str, Pod] = {}
+    deployments = cluster.apps.list_namespaced_deployment(cluster.ns, label_selector=selector)
+    for deployment in deployments.items:
+        assert deployment.spec.replicas == 1, deployment.metadata.name
+        template = deployment.spec.template
+        pods[deployment.metadata.name] = kubelet.pod(
+            f"{deployment.metadata.name}-0",
+            cluster.ns,
+            cluster.api.sanitize_for_serialization(template.spec),
+            template.metadata.labels,
+        )
+    for service in cluster.core.list_namespaced_service(cluster.ns, label_selector=selector).items:
+        manifest = _manifest(cluster.api, service, "Service")
+        kubelet.expose(manifest, pods[manifest["spec"]["selector"]["moirai.dev/child"]])
+    for pod in pods.values():
+        kubelet.start(pod)
+    kubelet.wait_ready(list(pods.values()), timeout=180)
+    return pods

@@ -36,9 +36,11 @@ def test_one_deployment_and_service_per_device_plus_gateway_plan_and_policy() ->
         ("Deployment", "resnet-cpu-0"),
         ("Deployment", "resnet-gateway"),
         ("Deployment", "resnet-gpu-0"),
+        ("NetworkPolicy", "resnet-gateway"),
         ("NetworkPolicy", "resnet-stages"),
         ("Service", "resnet-cpu-0"),
         ("Service", "resnet-gateway"),
+        ("Service", "resnet-gateway-chain"),
         ("Service", "resnet-gpu-0"),
     ]
     for o in objs:
@@ -55,7 +57,8 @@ def test_one_deployment_and_service_per_device_plus_gateway_plan_and_policy() ->
                 "controller": True,
             }
         ]
-    assert children(BuildOptions(network_policy=False))[1][1]["kind"] != "NetworkPolicy"
+    unguarded = children(BuildOptions(network_policy=False))[1]
+    assert not any(o["kind"] == "NetworkPolicy" for o in unguarded)
 
 
 def test_stage_deployment_binds_to_its_pool_and_requests_its_device() -> None:
@@ -117,13 +120,33 @@ def test_plan_configmap_names_services_as_endpoints() -> None:
     assert plan["endpoints"] == {
         "gpu-0": f"resnet-gpu-0.ml.svc:{STAGE_PORT}",
         "cpu-0": f"resnet-cpu-0.ml.svc:{STAGE_PORT}",
-        "gateway": "resnet-gateway.ml.svc:8001",
+        "gateway": "resnet-gateway-chain.ml.svc:50052",
     }
     assert plan["model"]["path"] == "/var/lib/moirai/model/model.onnx"
     assert plan["model"]["name"] == "resnet"  # served as /v2/models/resnet
     assert endpoint(OWNER, spec) == "http://resnet-gateway.ml.svc:8000"
     svc = by_name(objs)[("Service", "resnet-gateway")]["spec"]
-    assert [p["port"] for p in svc["ports"]] == [8000, 8001]
+    assert [p["port"] for p in svc["ports"]] == [8000, 8001]  # the chain port is not public
+    chain = by_name(objs)[("Service", "resnet-gateway-chain")]["spec"]
+    assert [(p["port"], p["targetPort"]) for p in chain["ports"]] == [(50052, "chain")]
+    gateway = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    command = gateway["containers"][0]["command"]
+    assert command[command.index("--chain-port") + 1] == "50052"
+    assert chain["selector"]["moirai.dev/child"] == "resnet-gateway"
+
+
+def test_stage_servers_listen_on_their_pod_ip_over_grpc_only() -> None:
+    _, objs = children()
+    pod = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[command.index("--host") + 1] == "$(POD_IP)"
+    assert {
+        "name": "POD_IP",
+        "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
+    } in container["env"]
+    assert "--grpc-only" in command
+    assert container["readinessProbe"]["grpc"]["port"] == STAGE_PORT
 
 
 def test_network_policy_admits_only_peers_and_gateway() -> None:
@@ -134,6 +157,18 @@ def test_network_policy_admits_only_peers_and_gateway() -> None:
     (peer,) = rule["from"]
     assert peer["podSelector"]["matchLabels"]["moirai.dev/placedmodel"] == "resnet"
     assert peer["podSelector"]["matchExpressions"][0]["values"] == ["stage-server", "gateway"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": STAGE_PORT}]
+
+
+def test_gateway_policy_opens_public_ports_and_the_chain_port_to_stages_only() -> None:
+    _, objs = children(serving={"port": 9000, "grpcPort": 9001})
+    policy = by_name(objs)[("NetworkPolicy", "resnet-gateway")]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    public, chain = policy["ingress"]
+    assert "from" not in public and [p["port"] for p in public["ports"]] == [9000, 9001]
+    (peer,) = chain["from"]
+    assert peer["podSelector"]["matchExpressions"][0]["values"] == ["stage-server"]
+    assert chain["ports"] == [{"protocol": "TCP", "port": 50052}]
 
 
 def test_oversized_plan_is_refused() -> None:
@@ -153,7 +188,7 @@ def test_names_fit_dns_labels() -> None:
 
 
 def test_profile_job_measures_one_device_of_its_pool_and_reports() -> None:
-    from moirai_operator.children import profile_job
+    from moirai_operator.children import profile_job, profile_secret
     from moirai_operator.pools import match_pool, node_facts
     from operator_bodies import make_node
 
@@ -162,8 +197,8 @@ def test_profile_job_measures_one_device_of_its_pool_and_reports() -> None:
         Defaults(image="cpu:1", gpu_image="gpu:1"),
     )
     gpu = match_pool(spec.pools[0], [node_facts(make_node("n", "gpu", gpus=2))])
-    job = profile_job(OWNER, spec, gpu, "http://op:8081/profiles/tok", "tok123", BuildOptions())
-    assert job["kind"] == "Job" and job["metadata"]["name"] == "resnet-profile-gpu-tok123"
+    job = profile_job(OWNER, spec, gpu, "a1b2c3", BuildOptions())
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "resnet-profile-gpu-a1b2c3"
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["nodeSelector"] == {"moirai.dev/pool": "gpu"}
     fetch, profile = pod["initContainers"]
@@ -179,7 +214,26 @@ def test_profile_job_measures_one_device_of_its_pool_and_reports() -> None:
     assert profile["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     (upload,) = pod["containers"]
     assert upload["command"][:3] == ["python", "-m", "moirai_operator.upload"]
-    assert upload["env"] == [{"name": "MOIRAI_PROFILE_URL", "value": "http://op:8081/profiles/tok"}]
+    # The inbox URL, with its one-time token, only in the Secret the Job owns.
+    assert upload["env"] == [
+        {
+            "name": "MOIRAI_PROFILE_URL",
+            "valueFrom": {"secretKeyRef": {"name": "resnet-profile-gpu-a1b2c3", "key": "url"}},
+        }
+    ]
+    url = "http://op:8081/profiles/SeCrEt-ToKeN"
+    secret = profile_secret(OWNER, gpu, "a1b2c3", url, "job-uid")
+    assert secret["metadata"]["name"] == "resnet-profile-gpu-a1b2c3"
+    assert secret["stringData"] == {"url": url}
+    assert secret["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": "resnet-profile-gpu-a1b2c3",
+            "uid": "job-uid",
+        }
+    ]
+    assert "ToKeN" not in json.dumps(job)
     assert not any("configMap" in v for v in pod["volumes"])  # no plan exists yet
 
 

@@ -68,3 +68,15 @@ def test_chart_values_arrive() -> None:
 def test_malformed_values_name_the_variable(key: str, value: str) -> None:
     with pytest.raises(ConfigError, match=key):
         OperatorConfig.from_env({key: value})
+
+
+def test_allowed_images_are_a_json_list() -> None:
+    env = {"MOIRAI_ALLOWED_IMAGES": '["reg.example/moirai:*", "mine:1"]'}
+    assert OperatorConfig.from_env(env).defaults.allowed_images == (
+        "reg.example/moirai:*",
+        "mine:1",
+    )
+    assert OperatorConfig.from_env({}).defaults.allowed_images == ()
+    for bad in ("reg.example/moirai:*", '{"a": 1}', '[""]'):
+        with pytest.raises(ConfigError, match=r"MOIRAI_ALLOWED_IMAGES=.*JSON list"):
+            OperatorConfig.from_env({"MOIRAI_ALLOWED_IMAGES": bad})

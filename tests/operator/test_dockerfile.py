@@ -3,8 +3,9 @@
 What can be checked here: the stages and their order (CPU is the default, last stage; `gpu`
 installs the `gpu` extra on a CUDA base), that runtime stages run as the UID the pod templates
 name, that `.dockerignore` admits exactly what the build copies, and that those files alone
-build a wheel holding every entry point and the device catalogue (the step the image's
-`pip wheel` runs, here without dependencies and offline). hadolint lints it when installed.
+build a wheel holding every entry point and the device catalogue (what the image's last
+`pip install` builds, here without dependencies and offline). tests/container builds the image
+and runs it.
 """
 
 from __future__ import annotations
@@ -55,12 +56,23 @@ def stages() -> dict[str, list[tuple[str, str]]]:
 def test_stages_cpu_last_and_gpu_on_cuda() -> None:
     names = list(stages())
     assert names[-1] == "cpu", "the CPU image must be the default (last) stage"
-    assert "gpu" in names
-    froms = {rest.split(" AS ")[-1]: rest for word, rest in instructions() if word == "FROM"}
-    assert froms["gpu"].startswith("${CUDA_IMAGE}")
-    gpu_runs = " ".join(rest for word, rest in stages()["gpu"] if word == "RUN")
-    assert '"moirai[gpu]"' in gpu_runs
-    assert '"moirai[cpu]"' in " ".join(rest for word, rest in stages()["cpu"] if word == "RUN")
+    froms = {
+        rest.split(" AS ")[-1]: rest.split(" AS ")[0] for w, rest in instructions() if w == "FROM"
+    }
+    assert froms["cpu-base"] == "${BASE_IMAGE}" and froms["gpu-base"] == "${CUDA_IMAGE}"
+    for variant in ("cpu", "gpu"):
+        assert froms[variant] == froms[f"venv-{variant}"] == f"{variant}-base"
+        runs = " ".join(rest for word, rest in stages()[f"venv-{variant}"] if word == "RUN")
+        assert f'".[{variant}]"' in runs
+        copies = [rest for word, rest in stages()[variant] if word == "COPY"]
+        assert copies == [f"--from=venv-{variant} /opt/moirai /opt/moirai"]
+
+
+def test_base_image_argument_matches_the_base_script() -> None:
+    """hack/image/base.sh answers the Dockerfile's default base when it can be pulled."""
+    (default,) = [r for w, r in instructions() if w == "ARG" and r.startswith("BASE_IMAGE=")]
+    script = (REPO / "hack" / "image" / "base.sh").read_text()
+    assert f'WANTED="${{BASE_IMAGE:-{default.split("=", 1)[1]}}}"' in script
 
 
 def test_runtime_stages_run_as_the_pod_templates_user() -> None:
@@ -111,7 +123,7 @@ def test_build_context_holds_what_copy_needs() -> None:
     files = {p.relative_to(REPO).as_posix() for p in context_files()}
     copied = [
         rest.split()[0].rstrip("/")
-        for word, rest in stages()["wheels-cpu"]
+        for word, rest in stages()["venv-cpu"]
         if word == "COPY" and not rest.startswith("--from")
     ]
     for source in " ".join(copied).split():

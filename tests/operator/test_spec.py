@@ -8,7 +8,13 @@ from operator_bodies import make_spec
 
 from stage_server.batchconfig import BatchingConfig
 
-DEFAULTS = Defaults(solver="heft", objective="throughput", time_limit_seconds=7, image="img:1")
+DEFAULTS = Defaults(
+    solver="heft",
+    objective="throughput",
+    time_limit_seconds=7,
+    image="img:1",
+    allowed_images=("mine:*", "reg.example/team/*"),
+)
 
 
 def test_defaults_fill_what_the_spec_leaves_out() -> None:
@@ -114,3 +120,14 @@ def test_batching_that_cannot_work_names_the_field(batching: dict, message: str)
     with pytest.raises(SpecError) as e:
         parse_spec(make_spec(serving={"batching": batching}), DEFAULTS)
     assert message in str(e.value)
+
+
+def test_spec_image_must_be_the_operators_or_allowed() -> None:
+    for image in ("img:1", DEFAULTS.gpu_image, "mine:3", "reg.example/team/moirai:1"):
+        assert parse_spec(make_spec(image=image), DEFAULTS).image == image
+    for image in ("evil/miner:latest", "reg.example/other/moirai:1", "mine"):
+        with pytest.raises(SpecError, match=f"spec.image '{image}' is not allowed.*allowedImages"):
+            parse_spec(make_spec(image=image), DEFAULTS)
+    # By default no image but the operator's own.
+    with pytest.raises(SpecError, match="none beside the operator's own"):
+        parse_spec(make_spec(image="mine:2"), Defaults(image="img:1"))

@@ -44,7 +44,8 @@ The rules the operator needs in a namespace it serves: exactly the verbs it uses
 kopf: list/watch PlacedModels, patch them (its progress annotations), create Events.
 The reconciler: get a PlacedModel afresh and patch its status; server-side apply its children
 (create + patch); list and delete the per-device ones a new plan no longer needs (Services,
-Deployments) and list Deployments for readiness; apply, list and delete profiling Jobs.
+Deployments) and list Deployments for readiness; apply, list and delete profiling Jobs; apply
+their Secrets (never read or list them: they go with their Job).
 */}}
 {{- define "moirai.namespacedRules" -}}
 - apiGroups: ["moirai.dev"]
@@ -65,6 +66,9 @@ Deployments) and list Deployments for readiness; apply, list and delete profilin
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "create", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "patch"]
 {{- if .Values.networkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
