@@ -3,9 +3,10 @@
 For a plan over devices d1..dn the operator writes:
 
     ConfigMap    <pm>-plan            plan.json (stage plan) + placement.json
-    Deployment   <pm>-<device>        one stage server per device: the pool's node selector,
-    Service      <pm>-<device>        GPU/CPU/memory requests, the plan mounted, the model
-                                      fetched and verified by an init container
+    Deployment   <pm>-<device>        one stage server per device and lane: the pool's node
+    Service      <pm>-<device>        selector, GPU/CPU/memory requests, the plan mounted, the
+                                      model fetched and verified by an init container (lane k
+                                      of spec.serving.replicas names device d `d-l<k>`)
     Deployment   <pm>-gateway         the Open Inference Protocol gateway ...
     Service      <pm>-gateway         ... and its Service: the PlacedModel's endpoint
     Service      <pm>-gateway-chain   the gateway's internal chain port, where the last stages
@@ -14,6 +15,7 @@ For a plan over devices d1..dn the operator writes:
                                       and their gateway (when enabled)
     NetworkPolicy <pm>-gateway        the gateway admits clients on its public ports, and only
                                       its stage servers on its chain port (when enabled)
+    HorizontalPodAutoscaler <pm>-lanes   the lanes scaled on requests in flight (when asked)
 
 Every object carries the same labels (so the operator can list and prune what it owns), an
 ownerReference to the PlacedModel (so deleting it deletes them), and names derived only from the
@@ -38,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from moirai.errors import MoiraiError
-from moirai.stageplan import GATEWAY
+from moirai.stageplan import GATEWAY, StagePlan
+from moirai_operator.lanes import lane_name, with_lanes
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import (
@@ -53,6 +56,7 @@ from moirai_operator.resources import (
     LABEL_COMPONENT,
     LABEL_DEVICE,
     LABEL_INSTANCE,
+    LABEL_LANE,
     LABEL_MANAGED_BY,
     LABEL_NAME,
     LABEL_PLACEDMODEL,
@@ -165,20 +169,29 @@ def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
     return f"http://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
 
 
+def lanes(spec: PlacedModelSpec) -> range:
+    """The lanes served: `spec.serving.replicas` copies of the chain (`lanes.py`)."""
+    return range(spec.serving.replicas)
+
+
 def endpoints(owner: Owner, plan: Plan, spec: PlacedModelSpec) -> dict[str, str]:
-    """gRPC address (host:port) of every stage server and of the gateway, by Service name."""
-    out = {
-        d.entry.name: f"{stage_name(owner, d.entry.name)}.{owner.namespace}.svc:{STAGE_PORT}"
-        for d in plan.devices
-    }
+    """gRPC address (host:port) of every lane's stage servers and of the gateway's chain port,
+    by Service name."""
+    out = {}
+    for k in lanes(spec):
+        for d in plan.devices:
+            name = lane_name(d.entry.name, k)
+            out[name] = f"{stage_name(owner, name)}.{owner.namespace}.svc:{STAGE_PORT}"
     out[GATEWAY] = f"{gateway_chain_name(owner)}.{owner.namespace}.svc:{GATEWAY_CHAIN_PORT}"
     return out
 
 
 def plan_files(owner: Owner, spec: PlacedModelSpec, plan: Plan) -> dict[str, str]:
     """The files of the plan ConfigMap: the stage plan as the pods must read it, and the
-    placement. The stage plan gets the in-pod model path and the Services as endpoints."""
-    stage_plan = dict(plan.stage_plan)
+    placement. The stage plan gets its lanes, the in-pod model path and the Services as
+    endpoints."""
+    solved = StagePlan.from_dict(dict(plan.stage_plan), "the solved plan")
+    stage_plan = with_lanes(solved, spec.serving.replicas).to_dict()
     # Served as /v2/models/<PlacedModel name>, at the path where the pods find the model.
     stage_plan["model"] = {
         **stage_plan.get("model", {}),
@@ -213,7 +226,7 @@ def model_path(spec: PlacedModelSpec) -> str:
     return f"{MODEL_DIR}/{MODEL_FILE}" if spec.model.is_remote else spec.model.local_path
 
 
-def stage_command(device: PlannedDevice, spec: PlacedModelSpec) -> list[str]:
+def stage_command(device: str, spec: PlacedModelSpec) -> list[str]:
     return [
         "moirai",
         "stage",
@@ -222,7 +235,7 @@ def stage_command(device: PlannedDevice, spec: PlacedModelSpec) -> list[str]:
         "--model",
         model_path(spec),
         "--device",
-        device.entry.name,
+        device,
         "--host",
         f"$({POD_IP_ENV})",
         "--port",
@@ -332,7 +345,7 @@ def _deployment(
     replicas: int,
     pod_labels: Mapping[str, str],
     pod_spec: dict[str, Any],
-    plan: Plan,
+    digest: str,
 ) -> Manifest:
     match = {**selector(owner), LABEL_COMPONENT: component, "moirai.dev/child": name}
     return {
@@ -345,7 +358,7 @@ def _deployment(
             "template": {
                 "metadata": {
                     "labels": {**labels(owner, component), **pod_labels, **match},
-                    "annotations": {ANNOTATION_PLAN_DIGEST: plan.digest},
+                    "annotations": {ANNOTATION_PLAN_DIGEST: digest},
                 },
                 "spec": pod_spec,
             },
@@ -361,7 +374,12 @@ def _grpc_probe(port: int) -> dict[str, Any]:
 
 
 def stage_deployment(
-    owner: Owner, spec: PlacedModelSpec, plan: Plan, device: PlannedDevice, options: BuildOptions
+    owner: Owner,
+    spec: PlacedModelSpec,
+    plan: Plan,
+    device: PlannedDevice,
+    options: BuildOptions,
+    lane: int = 0,
 ) -> Manifest:
     requests: dict[str, str] = {"cpu": str(device.entry.threads)}
     limits: dict[str, str] = {}
@@ -371,7 +389,7 @@ def stage_deployment(
         limits["memory"] = requests["memory"] = device.memory_request
     container = {
         "name": "stage-server",
-        "command": stage_command(device, spec),
+        "command": stage_command(lane_name(device.entry.name, lane), spec),
         "env": [POD_IP],
         "ports": [{"name": "chain", "containerPort": STAGE_PORT}],
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
@@ -383,17 +401,21 @@ def stage_deployment(
     pod["nodeSelector"] = dict(device.node_selector)
     if device.gpus:
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    name = stage_name(owner, device.entry.name)
-    extra = {LABEL_DEVICE: device.entry.name, LABEL_POOL: device.entry.pool}
-    return _deployment(owner, name, COMPONENT_STAGE, 1, extra, pod, plan)
+    device_name = lane_name(device.entry.name, lane)
+    extra = {LABEL_DEVICE: device_name, LABEL_POOL: device.entry.pool, LABEL_LANE: str(lane)}
+    # The solved plan's digest, not the lanes': a lane added or removed rolls no other lane.
+    name = stage_name(owner, device_name)
+    return _deployment(owner, name, COMPONENT_STAGE, 1, extra, pod, plan.digest)
 
 
-def stage_service(owner: Owner, device: PlannedDevice) -> Manifest:
-    name = stage_name(owner, device.entry.name)
+def stage_service(owner: Owner, device: PlannedDevice, lane: int = 0) -> Manifest:
+    device_name = lane_name(device.entry.name, lane)
+    name = stage_name(owner, device_name)
+    labels = {LABEL_DEVICE: device_name, LABEL_LANE: str(lane)}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, name, COMPONENT_STAGE, **{LABEL_DEVICE: device.entry.name}),
+        "metadata": _metadata(owner, name, COMPONENT_STAGE, **labels),
         "spec": {
             "type": "ClusterIP",
             "selector": {**selector(owner), "moirai.dev/child": name},
@@ -426,7 +448,10 @@ def gateway_deployment(
     }
     pod = _pod_spec(owner, spec, options, container, spec.image, with_model=False)
     name = gateway_name(owner)
-    return _deployment(owner, name, COMPONENT_GATEWAY, spec.serving.replicas, {}, pod, plan)
+    # One gateway (stage servers push each output to the gateway's one address); it reads every
+    # lane, so it restarts when their number changes.
+    digest = f"{plan.digest}-{spec.serving.replicas}"
+    return _deployment(owner, name, COMPONENT_GATEWAY, 1, {}, pod, digest)
 
 
 def gateway_service(owner: Owner, spec: PlacedModelSpec) -> Manifest:
@@ -516,6 +541,53 @@ def network_policies(owner: Owner, spec: PlacedModelSpec) -> list[Manifest]:
         ],
     )
     return [stages, gateway]
+
+
+IN_FLIGHT_METRIC = "moirai_requests_in_flight"
+"""The gateway's gauge of requests in flight, which the autoscaler reads per gateway Service."""
+
+
+def autoscaler(owner: Owner, spec: PlacedModelSpec) -> Manifest:
+    """A HorizontalPodAutoscaler of the PlacedModel's lanes (its scale subresource): lanes =
+    requests in flight at the gateway / target per lane, within min and max. An Object metric
+    with an AverageValue target divides by the lanes, so the gauge is read as it is; it comes
+    from the custom metrics API, which needs a metrics adapter (e.g. prometheus-adapter) that
+    maps `moirai_requests_in_flight` to Services."""
+    scaling = spec.serving.autoscaling
+    assert scaling is not None
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(owner, child_name(owner.name, "lanes"), COMPONENT_GATEWAY),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Object",
+                    "object": {
+                        "describedObject": {
+                            "apiVersion": "v1",
+                            "kind": "Service",
+                            "name": gateway_name(owner),
+                        },
+                        "metric": {"name": IN_FLIGHT_METRIC},
+                        "target": {
+                            "type": "AverageValue",
+                            "averageValue": str(scaling.target_requests_in_flight),
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def scale_selector(owner: Owner) -> str:
+    """The scale subresource's selector (`status.selector`): the stage servers of every lane."""
+    labels = {**selector(owner), LABEL_COMPONENT: COMPONENT_STAGE}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def profile_target(match: PoolMatch) -> str:
@@ -643,10 +715,13 @@ def build_children(
     out: list[Manifest] = [plan_configmap(owner, spec, plan)]
     if options.network_policy:
         out.extend(network_policies(owner, spec))
-    for device in plan.devices:
-        out.append(stage_service(owner, device))
-        out.append(stage_deployment(owner, spec, plan, device, options))
+    for lane in lanes(spec):
+        for device in plan.devices:
+            out.append(stage_service(owner, device, lane))
+            out.append(stage_deployment(owner, spec, plan, device, options, lane))
     out.append(gateway_service(owner, spec))
     out.append(gateway_chain_service(owner))
     out.append(gateway_deployment(owner, spec, plan, options))
+    if spec.serving.autoscaling is not None:
+        out.append(autoscaler(owner, spec))
     return out

@@ -34,10 +34,16 @@ KINDS: dict[str, tuple[str, str, str]] = {
     "PlacedModel": (f"/apis/{GROUP}/{VERSION}", GROUP, PLURAL),
     "Job": ("/apis/batch/v1", "batch", "jobs"),
     "Secret": ("/api/v1", "", "secrets"),
+    "HorizontalPodAutoscaler": (
+        "/apis/autoscaling/v2",
+        "autoscaling",
+        "horizontalpodautoscalers",
+    ),
 }
-PRUNED_KINDS = ("Service", "Deployment")
-"""The children named after a device, which a new plan may no longer need; the plan ConfigMap,
-the gateway and the NetworkPolicy have fixed names and live as long as the PlacedModel."""
+PRUNED_KINDS = ("Service", "Deployment", "HorizontalPodAutoscaler")
+"""The children that a new plan or spec may no longer need: those named after a device (of a
+lane), and the autoscaler; the plan ConfigMap, the gateway and the NetworkPolicies have fixed
+names and live as long as the PlacedModel."""
 
 
 def _selector(labels: Mapping[str, str]) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from moirai_operator.children import (
     Owner,
     build_children,
     endpoint,
+    scale_selector,
     selector,
     stage_name,
 )
@@ -87,6 +88,10 @@ class Context:
     model_cache: Path
     profiler: Profiler | None = None
     """None: measured profiling is not available (a PlacedModel asking for it fails)."""
+    plans: dict[str, tuple[str, Plan]] = field(default_factory=dict)
+    """The last plan of each PlacedModel (by uid) with its `_plan_key`: a change of the spec
+    that the plan does not depend on (lanes above all, which an autoscaler changes) is applied
+    without solving again. Lost on restart, when planning again is the safe way."""
 
 
 class _Status:
@@ -159,6 +164,46 @@ async def converge(
         await refresh_readiness(body, ctx, events)
 
 
+async def _plan(
+    owner: Owner,
+    spec: PlacedModelSpec,
+    matches: Sequence[PoolMatch],
+    why: str,
+    status: _Status,
+    ctx: Context,
+    events: Events,
+) -> Plan:
+    """Fetch the model, profile (when measured) and solve."""
+    events.info("Profiling", f"planning because {why}")
+    status.condition(st.PLANNED, False, "Planning", f"planning because {why}")
+    await status.write(phase=st.PROFILING, message=f"fetching the model ({why})")
+    cache = ctx.model_cache / (hashlib.sha256(spec.model.uri.encode()).hexdigest()[:16])
+    model_path = await asyncio.to_thread(
+        fetch, spec.model.uri, cache / "model.onnx", spec.model.sha256
+    )
+    pools_text = ", ".join(f"{m.spec.name}: {m.devices} device(s)" for m in matches)
+    profile = None
+    if spec.profiling == "measured":
+        if ctx.profiler is None:
+            raise st.ProfilingError(
+                "measured profiling is not available in this operator (no profile inbox "
+                "configured): use spec.profiling.mode: analytic"
+            )
+        events.info("Profiling", f"profiling Jobs on {pools_text}")
+        await status.write(phase=st.PROFILING, message=f"profiling Jobs on {pools_text}")
+        profile = await ctx.profiler.profile(owner, spec, matches)
+    events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
+    await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
+    return await ctx.planner(spec, matches, model_path, profile)
+
+
+def _plan_key(spec: PlacedModelSpec, pools_fingerprint: str) -> str:
+    """What the plan depends on: the model, pools, placement and profiling (not the serving
+    fields, the image or the lanes), and the pools as they are."""
+    text = repr((spec.model, spec.pools, spec.placement, spec.profiling, pools_fingerprint))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 async def plan_and_apply(
     body: PlacedModelBody,
     nodes: list[NodeFacts],
@@ -172,27 +217,13 @@ async def plan_and_apply(
     try:
         spec = parse_spec(body["spec"], ctx.defaults)
         matches = match_pools(spec.pools, nodes)
-        events.info("Profiling", f"planning because {why}")
-        status.condition(st.PLANNED, False, "Planning", f"planning because {why}")
-        await status.write(phase=st.PROFILING, message=f"fetching the model ({why})")
-        cache = ctx.model_cache / (hashlib.sha256(spec.model.uri.encode()).hexdigest()[:16])
-        model_path = await asyncio.to_thread(
-            fetch, spec.model.uri, cache / "model.onnx", spec.model.sha256
-        )
-        pools_text = ", ".join(f"{m.spec.name}: {m.devices} device(s)" for m in matches)
-        profile = None
-        if spec.profiling == "measured":
-            if ctx.profiler is None:
-                raise st.ProfilingError(
-                    "measured profiling is not available in this operator (no profile inbox "
-                    "configured): use spec.profiling.mode: analytic"
-                )
-            events.info("Profiling", f"profiling Jobs on {pools_text}")
-            await status.write(phase=st.PROFILING, message=f"profiling Jobs on {pools_text}")
-            profile = await ctx.profiler.profile(owner, spec, matches)
-        events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
-        await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
-        plan = await ctx.planner(spec, matches, model_path, profile)
+        key = _plan_key(spec, fp)
+        cached = ctx.plans.get(owner.uid)
+        if cached is not None and cached[0] == key:
+            plan = cached[1]  # only how it is served changed (lanes, ports, image...)
+        else:
+            plan = await _plan(owner, spec, matches, why, status, ctx, events)
+            ctx.plans[owner.uid] = (key, plan)
         children = build_children(owner, spec, plan, ctx.options)
     except MoiraiError as e:
         failure = st.failure(e)
@@ -230,6 +261,8 @@ async def plan_and_apply(
         message=message,
         endpoint=endpoint(owner, spec),
         placement=st.placement_summary(plan, deployments),
+        replicas=spec.serving.replicas,
+        selector=scale_selector(owner),
         observedGeneration=status.generation,
         poolsFingerprint=fp,
     )

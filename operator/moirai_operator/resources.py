@@ -28,6 +28,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PLACEDMODEL = "moirai.dev/placedmodel"
 LABEL_DEVICE = "moirai.dev/device"
 LABEL_POOL = "moirai.dev/pool"
+LABEL_LANE = "moirai.dev/lane"
 MANAGED_BY = "moirai-operator"
 COMPONENT_STAGE = "stage-server"
 COMPONENT_GATEWAY = "gateway"
@@ -75,6 +76,8 @@ class PlacedModelStatus(TypedDict, total=False):
     message: str
     poolsFingerprint: str
     placement: dict[str, Any]
+    replicas: int
+    selector: str
     conditions: list[Condition]
 
 

@@ -112,10 +112,21 @@ class PlacementSpec:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    """A HorizontalPodAutoscaler of the lanes, on requests in flight at the gateway."""
+
+    max_replicas: int
+    min_replicas: int = 1
+    target_requests_in_flight: int = 4
+
+
+@dataclass(frozen=True)
 class ServingSpec:
     port: int = 8000
     grpc_port: int = 8001
     replicas: int = 1
+    """Lanes: copies of the whole chain behind the gateway (`lanes.py`)."""
+    autoscaling: AutoscalingSpec | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Dynamic batching at the endpoint (`stage_server.batching`); off by default."""
 
@@ -241,6 +252,25 @@ def _batching(raw: Mapping[str, Any], default: BatchingConfig) -> BatchingConfig
     return BatchingConfig(size, tuple(preferred), delay)
 
 
+def _autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
+    if raw is None:
+        return None
+    where = "spec.serving.autoscaling"
+    scaling = AutoscalingSpec(
+        max_replicas=_int(raw.get("maxReplicas"), f"{where}.maxReplicas", 0),
+        min_replicas=_int(raw.get("minReplicas"), f"{where}.minReplicas", 1),
+        target_requests_in_flight=_int(
+            raw.get("targetRequestsInFlight"), f"{where}.targetRequestsInFlight", 4
+        ),
+    )
+    if not 1 <= scaling.min_replicas <= scaling.max_replicas:
+        raise SpecError(
+            f"{where}: minReplicas {scaling.min_replicas} and maxReplicas "
+            f"{scaling.max_replicas}: give 1 <= minReplicas <= maxReplicas"
+        )
+    return scaling
+
+
 def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
     """Parse a PlacedModel's `spec` (already schema-checked by the API server)."""
     pools_raw = raw.get("pools") or []
@@ -283,6 +313,7 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             port=_int(serving.get("port"), "spec.serving.port", 8000),
             grpc_port=_int(serving.get("grpcPort"), "spec.serving.grpcPort", 8001),
             replicas=_int(serving.get("replicas"), "spec.serving.replicas", 1),
+            autoscaling=_autoscaling(serving.get("autoscaling")),
             batching=_batching(serving.get("batching") or {}, defaults.batching),
         ),
         image=str(raw.get("image") or defaults.image),

@@ -56,9 +56,10 @@ def render(plane, namespace: str, *values: str, crds: bool = False) -> str:
     "values",
     [
         [],
+        ["--set", "watchAllNamespaces=true"],
         ["--set", "watchNamespaces={default,kube-public}", "--set", "networkPolicy.enabled=false"],
     ],
-    ids=["cluster-wide", "namespaced"],
+    ids=["own-namespace", "cluster-wide", "namespaces"],
 )
 def test_rendered_chart_passes_server_side_dry_run(control_plane, namespace, values):
     manifests = render(control_plane, namespace, *values, crds=True)
@@ -73,6 +74,9 @@ def test_rendered_chart_passes_server_side_dry_run(control_plane, namespace, val
         "clusterrole.rbac.authorization.k8s.io",
         "configmap",
     } <= kinds
+
+
+IDENTITY = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
 def rules_of(manifests: str) -> set[tuple[str, str, str]]:
@@ -117,11 +121,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
     plane = scheduling_control_plane
     install_crd(plane)
     manifests = render(plane, namespace)
-    identity = [
-        d
-        for d in yaml.safe_load_all(manifests)
-        if d and d["kind"] in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding")
-    ]
+    identity = [d for d in yaml.safe_load_all(manifests) if d and d["kind"] in IDENTITY]
     plane.kubectl(
         "apply",
         "--server-side",
@@ -145,7 +145,10 @@ def test_operator_runs_with_exactly_the_charts_rbac(
 
         # As the ServiceAccount, under kopf: the chart grants enough for kopf and the reconciler
         # (create, then a re-plan that prunes).
-        with running_operator(plane, tmp_path / "cache", kubeconfig=kubeconfig):
+        # By default the chart serves its own namespace only: so does the operator here.
+        with running_operator(
+            plane, tmp_path / "cache", kubeconfig=kubeconfig, namespaces=(namespace,)
+        ):
             cluster.apply("viasa", spec)
             cluster.wait_phase("viasa", "Ready")
             cluster.apply("viasa", moved)
@@ -171,7 +174,9 @@ def test_operator_runs_with_exactly_the_charts_rbac(
                     profiler,
                 )
                 try:
-                    for body in (spec, moved, measured):
+                    # Lanes under an autoscaler, then without one (pruned).
+                    scaled = {**moved, "serving": {"autoscaling": {"maxReplicas": 3}}}
+                    for body in (spec, scaled, measured):
                         cluster.apply("direct", body)
                         fresh = await kube.get("PlacedModel", namespace, "direct")
                         await converge(fresh, _nodes(kube_api), ctx, _Events())

@@ -101,9 +101,10 @@ def test_placed_model_becomes_ready_on_its_pools(operator, cluster, make_node_po
         requests = d.spec.template.spec.containers[0].resources.requests
         assert ("nvidia.com/gpu" in requests) == (a["kind"] == "gpu")
     services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items}
-    assert services == set(deployments)
+    assert services == set(deployments) | {"mlp-gateway-chain"}
     plan = cluster.core.read_namespaced_config_map("mlp-plan", cluster.ns).data
-    assert json.loads(plan["plan.json"])["endpoints"]["gateway"].startswith("mlp-gateway.")
+    gateway = json.loads(plan["plan.json"])["endpoints"]["gateway"]
+    assert gateway.startswith("mlp-gateway-chain.")  # stages push outputs to the chain port
 
     table = cluster.plane.kubectl("get", "pm", "-n", cluster.ns)
     header, row = table.strip().splitlines()

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
 from operator_bodies import placed_model, write_mlp  # noqa: E402
 
-OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "moirai_operator.handlers"]
+OPERATOR_ARGS = ["run", "--standalone", "-m", "moirai_operator.handlers"]
 OPERATOR_ENV = {
     "MOIRAI_RESYNC_SECONDS": "1",
     "MOIRAI_SOLVER": "heft",
@@ -117,11 +117,17 @@ def models_for(directory: Path) -> Iterator[dict[str, Any]]:
 
 @contextlib.contextmanager
 def running_operator(
-    plane, cache: Path, kubeconfig: Path | None = None, liveness_port: int | None = None
+    plane,
+    cache: Path,
+    kubeconfig: Path | None = None,
+    liveness_port: int | None = None,
+    namespaces: tuple[str, ...] = (),
 ) -> Iterator[KopfRunner]:
-    """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin), with
-    kopf's liveness endpoint on 127.0.0.1:`liveness_port` when given."""
+    """The operator as the chart runs it, authenticated by `kubeconfig` (default: admin),
+    serving `namespaces` (default: all), with kopf's liveness endpoint on
+    127.0.0.1:`liveness_port` when given."""
     args = list(OPERATOR_ARGS)
+    args[2:2] = [f"--namespace={n}" for n in namespaces] or ["--all-namespaces"]
     inbox = free_port()
     if liveness_port:
         args.insert(2, f"--liveness=http://127.0.0.1:{liveness_port}/healthz")

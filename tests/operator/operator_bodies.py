@@ -96,14 +96,30 @@ def make_plan(devices: tuple[tuple[str, str], ...] = (("gpu-0", "gpu"), ("cpu-0"
         )
         for name, kind in devices
     )
+    # A chain x -> t1 -> ... -> y with one stage per device.
+    names = ["x", *(f"t{i}" for i in range(1, len(planned))), "y"]
+    tensor = {"datatype": "FP32", "shape": [1, 4]}
     stage_plan = {
         "format": "moirai.stageplan/v1",
         "model": {"name": "m", "path": "", "sha256": "", "input_shapes": {}},
         "devices": [{"name": d.entry.name, "kind": d.entry.kind} for d in planned],
+        "inputs": [{"name": "x", **tensor}],
+        "outputs": [{"name": "y", **tensor}],
+        "tensors": {n: tensor for n in names[1:-1]},
         "stages": [
-            {"id": f"s{i}", "device": d.entry.name, "nodes": [], "inputs": [], "outputs": []}
+            {
+                "id": f"s{i}",
+                "device": d.entry.name,
+                "nodes": [],
+                "inputs": [names[i]],
+                "outputs": [names[i + 1]],
+            }
             for i, d in enumerate(planned)
         ],
+        "routing": {
+            **{names[i]: [f"s{i}"] for i in range(len(planned))},
+            "y": ["gateway"],
+        },
         "endpoints": {},
     }
     return Plan(

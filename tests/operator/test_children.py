@@ -248,3 +248,37 @@ def test_the_gateway_batches_as_the_spec_says() -> None:
     assert command(batching=batching)[-6:] == [
         "--max-batch-size", "8", "--preferred-batch-sizes", "4,8", "--max-queue-delay-us", "500",
     ]  # fmt: skip
+
+
+def test_replicas_are_lanes_each_with_stage_servers_of_its_own() -> None:
+    from moirai.stageplan import StagePlan
+
+    _, one = children()
+    _, two = children(serving={"replicas": 2})
+    names = set(by_name(two)) - set(by_name(one))
+    assert names == {
+        ("Deployment", "resnet-gpu-0-l1"),
+        ("Deployment", "resnet-cpu-0-l1"),
+        ("Service", "resnet-gpu-0-l1"),
+        ("Service", "resnet-cpu-0-l1"),
+    }
+    copy = by_name(two)[("Deployment", "resnet-cpu-0-l1")]
+    assert copy["metadata"]["labels"]["moirai.dev/lane"] == "1"
+    command = copy["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--device") + 1] == "cpu-0-l1"
+    # Lane 0 is the plan as solved, and its pods do not roll when lanes come or go.
+    digest = "moirai.dev/plan-digest"
+    for name in ("resnet-cpu-0", "resnet-gpu-0"):
+        before = by_name(one)[("Deployment", name)]["spec"]["template"]
+        after = by_name(two)[("Deployment", name)]["spec"]["template"]
+        assert before == after
+    gateways = [by_name(objs)[("Deployment", "resnet-gateway")] for objs in (one, two)]
+    assert [g["spec"]["replicas"] for g in gateways] == [1, 1]  # one gateway for every lane
+    assert len({g["spec"]["template"]["metadata"]["annotations"][digest] for g in gateways}) == 2
+    # The plan the pods read: two lanes on disjoint devices, each a Service of its own.
+    data = json.loads(by_name(two)[("ConfigMap", "resnet-plan")]["data"]["plan.json"])
+    plan = StagePlan.from_dict(data)
+    assert len(plan.lanes) == 2
+    assert plan.devices_of_lane(1) == ("gpu-0-l1", "cpu-0-l1")
+    assert plan.routes("x", 1) == ("s0-l1",) and plan.routes("y", 1) == ("gateway",)
+    assert plan.endpoints["cpu-0-l1"] == f"resnet-cpu-0-l1.ml.svc:{STAGE_PORT}"

@@ -7,6 +7,7 @@ the rendered manifests is in tests/kube/test_chart_install.py.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,16 @@ def test_crd_names_columns_and_status_subresource() -> None:
     assert crd["spec"]["group"] == "moirai.dev"
     assert crd["spec"]["names"]["shortNames"] == ["pm"]
     version = schema()
-    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert version["name"] == "v1alpha1"
+    # Lanes scale like replicas: `kubectl scale pm/NAME --replicas 3`, or an autoscaler.
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.serving.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Phase",
         "Devices",
@@ -170,23 +180,81 @@ def test_operator_deployment_has_probes_and_runs_kopf(helm: Path) -> None:
     (c,) = pod["containers"]
     assert c["command"][:3] == ["kopf", "run", "--standalone"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in c["command"]
-    assert "--all-namespaces" in c["command"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     env = {e["name"]: e["value"] for e in c["env"]}
     assert env["MOIRAI_SOLVER"] == "auto" and env["MOIRAI_IMAGE"] == "moirai:0.1.0"
     assert env["MOIRAI_GPU_IMAGE"] == "moirai:0.1.0-gpu"
+    assert env["MOIRAI_ALLOWED_IMAGES"] == "[]"  # spec.image: none but these two by default
+
+
+def _command(docs: list[dict[str, Any]]) -> list[str]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+def _inbox_namespaces(docs: list[dict[str, Any]]) -> Any:
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy")
+    (peer,) = policy["spec"]["ingress"][0]["from"]
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "profiler"
+    return peer["namespaceSelector"]
+
+
+def test_by_default_the_operator_serves_its_own_namespace_only(helm: Path) -> None:
+    docs = render(helm)
+    roles = [(d["kind"], d["metadata"].get("namespace")) for d in docs if "Role" in d["kind"]]
+    assert sorted(roles) == [
+        ("ClusterRole", None),
+        ("ClusterRoleBinding", None),
+        ("Role", "moirai-system"),
+        ("RoleBinding", "moirai-system"),
+    ]
+    (cluster_role,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert cluster_role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}
+    ]
+    command = _command(docs)
+    assert "--namespace=moirai-system" in command and "--all-namespaces" not in command
+    assert not any("kube-system" in yaml.safe_dump(d) for d in docs)
+    # Only profiling Jobs of that namespace may reach the inbox.
+    assert _inbox_namespaces(docs) == {
+        "matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["moirai-system"]}
+        ]
+    }
 
 
 def test_watch_namespaces_gives_roles_not_a_clusterrole(helm: Path) -> None:
     docs = render(helm, "--set", "watchNamespaces={a,b}", "--set", "networkPolicy.enabled=false")
     kinds = sorted((d["kind"], d["metadata"].get("namespace", "")) for d in docs)
     assert ("Role", "a") in kinds and ("Role", "b") in kinds
+    assert ("Role", "moirai-system") not in kinds
     cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
     assert [r["rules"][0]["resources"] for r in cluster_roles] == [["nodes"]]
     role = next(d for d in docs if d["kind"] == "Role")
     assert not any("networkpolicies" in r["resources"] for r in role["rules"])
-    command = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
-        "containers"
-    ][0]["command"]
+    command = _command(docs)
     assert "--namespace=a" in command and "--all-namespaces" not in command
+    assert _inbox_namespaces(render(helm, "--set", "watchNamespaces={a,b}"))["matchExpressions"][0][
+        "values"
+    ] == ["a", "b"]
+
+
+def test_all_namespaces_only_when_asked(helm: Path) -> None:
+    docs = render(helm, "--set", "watchAllNamespaces=true")
+    assert not any(d["kind"] == "Role" for d in docs)
+    cluster_roles = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ClusterRole"}
+    assert any("placedmodels" in r["resources"] for r in cluster_roles["r-moirai"]["rules"])
+    assert "--all-namespaces" in _command(docs)
+    assert _inbox_namespaces(docs) == {}
+
+
+def test_allowed_images_reach_the_operator(helm: Path) -> None:
+    docs = render(helm, "--set", "allowedImages={reg.example/moirai:*,mine:1}")
+    env = {e["name"]: e["value"] for e in _command_env(docs)}
+    assert json.loads(env["MOIRAI_ALLOWED_IMAGES"]) == ["reg.example/moirai:*", "mine:1"]
+
+
+def _command_env(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]["env"]

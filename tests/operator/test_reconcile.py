@@ -154,7 +154,8 @@ async def test_spec_change_and_pool_change_replan_and_prune(model: Path, tmp_pat
     body["metadata"]["generation"] = 2
     assert stale_reason(body, kube.status["poolsFingerprint"]) == "the spec changed"
     await converge(body, more, ctx, events)
-    assert planner.calls == 3 and kube.status["observedGeneration"] == 2
+    # A new generation whose plan inputs are unchanged is applied without solving again.
+    assert planner.calls == 2 and kube.status["observedGeneration"] == 2
 
 
 @pytest.mark.parametrize(
@@ -208,6 +209,7 @@ async def test_failed_replan_keeps_serving_children(model: Path, tmp_path: Path)
     await converge(body, NODES, ctx, events)
     before = dict(kube.objects)
     body["status"] = dict(kube.status)
+    body["spec"]["placement"] = {"solver": "getf"}
     body["metadata"]["generation"] = 2
     planner.error = InfeasibleError("no")
     await converge(body, NODES, ctx, events)
@@ -241,3 +243,33 @@ async def test_measured_profiling_asks_the_profiler_first(model: Path, tmp_path:
     assert profiler.asked == ["gpu", "cpu"]
     assert planner.profile == {"format": "moirai.profile/v1", "devices": {}}
     assert kube.status["phase"] == "Deploying"
+
+
+async def test_lanes_change_without_solving_again(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    assert kube.status["replicas"] == 1
+    assert kube.status["selector"] == (
+        "app.kubernetes.io/component=stage-server,app.kubernetes.io/managed-by=moirai-operator,"
+        "moirai.dev/placedmodel=resnet"
+    )
+    # What an autoscaler does: spec.serving.replicas 1 -> 3 -> 2, a new generation each time.
+    for generation, lanes in ((2, 3), (3, 2)):
+        body["status"] = dict(kube.status)
+        body["spec"]["serving"] = {"replicas": lanes}
+        body["metadata"]["generation"] = generation
+        await converge(body, NODES, ctx, events)
+        assert planner.calls == 1  # the plan does not depend on the lanes
+        assert kube.status["replicas"] == lanes
+        stage_servers = {
+            name for kind, name in kube.objects if kind == "Deployment" and name != "resnet-gateway"
+        }
+        assert len(stage_servers) == 2 * lanes  # two devices per lane; lane 2 pruned at the end
+    # A change the plan depends on is solved again.
+    body["status"] = dict(kube.status)
+    body["spec"]["placement"] = {"solver": "getf"}
+    body["metadata"]["generation"] = 4
+    await converge(body, NODES, ctx, events)
+    assert planner.calls == 2

@@ -38,6 +38,15 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-gpu" (include "moirai.image" .)) .Values.gpuImage -}}
 {{- end -}}
 
+{{/* The namespaces served (a JSON list): watchNamespaces, or the release's own. */}}
+{{- define "moirai.watchNamespaces" -}}
+{{- if .Values.watchNamespaces -}}
+{{- toJson .Values.watchNamespaces -}}
+{{- else -}}
+{{- toJson (list .Release.Namespace) -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 The rules the operator needs in a namespace it serves: exactly the verbs it uses
 (tests/kube/test_chart_install.py records them and compares).
@@ -45,7 +54,8 @@ kopf: list/watch PlacedModels, patch them (its progress annotations), create Eve
 The reconciler: get a PlacedModel afresh and patch its status; server-side apply its children
 (create + patch); list and delete the per-device ones a new plan no longer needs (Services,
 Deployments) and list Deployments for readiness; apply, list and delete profiling Jobs; apply
-their Secrets (never read or list them: they go with their Job).
+their Secrets (never read or list them: they go with their Job); apply, list and prune the lanes'
+HorizontalPodAutoscaler.
 */}}
 {{- define "moirai.namespacedRules" -}}
 - apiGroups: ["moirai.dev"]
@@ -69,6 +79,9 @@ their Secrets (never read or list them: they go with their Job).
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "create", "patch", "delete"]
 {{- if .Values.networkPolicy.enabled }}
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
