@@ -78,11 +78,12 @@ def inputs_for(plan, seed: int = 0) -> dict[str, np.ndarray]:
     return inputs
 
 
-def single_session(model, threads: int = 1) -> ort.InferenceSession:
+def single_session(path, threads: int = 1) -> ort.InferenceSession:
+    """ONNX Runtime on the model file, as a user runs it (its default options otherwise)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def median_ms(fn, n: int) -> float:
@@ -131,7 +132,7 @@ def bench_latency(names: list[str], n: int) -> list[dict]:
         planned = plan_model(path, devices, input_shapes=zoo.input_shapes(name), time_limit=5)
         costgraph = build_costgraph(path, devices, zoo.input_shapes(name))
         inputs = inputs_for(planned.plan)
-        session = single_session(planned.model)
+        session = single_session(path)
         row = {"model": name, "single_ms": median_ms(partial(session.run, None, inputs), n)}
         for parts in (2, 3, 4):
             plan = split_plan(planned.model, costgraph, parts, planned.plan.model_name)
@@ -326,7 +327,7 @@ def bench_throughput(
             max_tasks=max_tasks,
         )
         inputs = inputs_for(planned.plan)
-        session = single_session(planned.model)
+        session = single_session(path)
         single: list[float] = []
         single_cpu: list[float] = []
         served: dict[int, list[float]] = {c: [] for c in concurrencies}

@@ -86,18 +86,17 @@ import itertools
 import logging
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import EncodeError
 
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
 from moirai.graph import OpGraph
+from moirai.weights import optimised_model_without_weights, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +147,12 @@ class Group:
 
 
 # ------------------------------------------------------------ per provider
-def _claims(source: bytes | str, graph: OpGraph, provider: str) -> list[set[str]]:
+def _claims(model: onnx.ModelProto, graph: OpGraph, provider: str) -> list[set[str]]:
     """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
     it alone claims (see the module docstring). Nodes in no set were folded or eliminated."""
-    optimised = optimised_graph(source, provider)
+    optimised = optimised_graph(model, provider)
     if provider == CPU:
-        layout = optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        layout = optimised_graph(model, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         try:
             optimised = restore_layout(optimised, layout)
         except LayoutError as e:
@@ -296,30 +295,12 @@ def claimed_nodes(graph: OpGraph, optimised: onnx.GraphProto) -> list[set[str]]:
     return [{n for n in claimed if times_claimed[n] == 1} for claimed in claims]
 
 
-@contextmanager
-def _ort_source(model: onnx.ModelProto) -> Iterator[bytes | str]:
-    """The model as ONNX Runtime takes it: serialised once for all providers, or as a file with
-    external data when it is beyond protobuf's 2 GiB."""
-    try:
-        serialised = model.SerializeToString()
-    except EncodeError:  # protobuf refuses messages over 2 GiB
-        serialised = None
-    if serialised is not None:
-        yield serialised
-        return
-    with tempfile.TemporaryDirectory(prefix="moirai-model-") as tmp:
-        path = str(Path(tmp, "model.onnx"))
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save(copy, path, save_as_external_data=True, location="model.data")
-        yield path
-
-
 def optimised_graph(
-    source: bytes | str,
+    model: onnx.ModelProto,
     provider: str,
     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
 ) -> onnx.GraphProto:
+    """ONNX Runtime's optimised graph of `model` for `provider` at `level`, without weights."""
     disabled: list[str] = []
     if provider not in ort.get_available_providers():
         if provider != CUDA:
@@ -330,22 +311,16 @@ def optimised_graph(
     with tempfile.TemporaryDirectory(prefix="moirai-fusion-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = level
-        options.optimized_model_filepath = str(Path(tmp, "optimised.onnx"))
-        for key, value in {
-            # Only the optimised graph's structure is read back: weights go to a side file,
-            # and packing them for the CPU's matrix kernels would be wasted work.
-            "session.optimized_model_external_initializers_file_name": "optimised.data",
-            "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
-            "session.disable_prepacking": "1",
-        }.items():
-            options.add_session_config_entry(key, value)
+        written = optimised_model_without_weights(options, Path(tmp))
+        # Packing weights for the CPU's matrix kernels would be wasted work here.
+        options.add_session_config_entry("session.disable_prepacking", "1")
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            ort.InferenceSession(
-                source,
+            ort_session(
+                model,
                 options,
-                providers=list(dict.fromkeys([provider, CPU])),
+                list(dict.fromkeys([provider, CPU])),
                 disabled_optimizers=disabled,
             )
         except Exception as e:  # ORT raises its own exception types, without a common base
@@ -353,17 +328,14 @@ def optimised_graph(
             raise ModelError(
                 f"ONNX Runtime cannot load the model with {provider}: {message}"
             ) from None
-        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+        return onnx.load(written, load_external_data=False).graph
 
 
 # ----------------------------------------------------------------- grouping
 def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[str]) -> list[Group]:
     """Groups that split no fusion of any of `providers` and form a DAG, in topological
     order."""
-    units: dict[str, list[tuple[str, ...]]] = {}
-    with _ort_source(model) as source:
-        for provider in dict.fromkeys(providers):
-            units[provider] = _units(graph, _claims(source, graph, provider))
+    units = {p: _units(graph, _claims(model, graph, p)) for p in dict.fromkeys(providers)}
     merged = _UnionFind(n.name for n in graph.nodes)
     for provider_units in units.values():
         for unit in provider_units:

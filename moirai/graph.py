@@ -3,11 +3,12 @@
 Two things leave this module, and both are contracts:
 
 - `load_model(path, input_shapes)` returns the `onnx.ModelProto` every later step works on —
-  fusion analysis, profiling and planning. It is the file's model with (1) external data
-  loaded, (2) graph inputs that are really initializers (IR < 4 models list every weight as an
-  input) dropped from `graph.input`, so the inputs left are the ones a client feeds, (3) the
-  user's input shapes applied and shapes inferred (`value_info` filled in, every dimension
-  static), and (4) every node renamed to its canonical name. The shapes are the *representative*
+  fusion analysis, profiling and planning. It is the file's model with (1) its weights left in
+  their files (`moirai.weights`: external references that ONNX Runtime maps), (2) graph inputs
+  that are really initializers (IR < 4 models list every weight as an input) dropped from
+  `graph.input`, so the inputs left are the ones a client feeds, (3) the user's input shapes
+  applied and shapes inferred (`value_info` filled in, every dimension static), and (4) every
+  node renamed to its canonical name. The shapes are the *representative*
   ones the model is priced at: a symbolic first dimension of an input (its batch dimension, as
   in Triton) that the user gives no shape for is priced at 1; any other symbolic dimension needs
   `--input-shape`, since no default size would be representative of it.
@@ -52,10 +53,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError, EncodeError
-from onnx import external_data_helper, helper
+from onnx import helper
 
 from moirai.errors import ModelError
+from moirai.weights import ort_session, read_skeleton
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,11 @@ def canonical_node_names(model: onnx.ModelProto) -> list[str]:
 
 # ---------------------------------------------------------------------- loading
 def load_model(
-    path: str | Path, input_shapes: InputShapes | None = None, *, symbolic: bool = False
+    path: str | Path,
+    input_shapes: InputShapes | None = None,
+    *,
+    symbolic: bool = False,
+    check: bool = True,
 ) -> onnx.ModelProto:
     """Load, check and statically shape an ONNX model; nodes get their canonical names.
 
@@ -107,12 +112,13 @@ def load_model(
 
     Raises `ModelError` (one line) for an unreadable or invalid file, an unknown input name, a
     shape that contradicts the model, or a symbolic input dimension other than the first that
-    no input shape resolves.
+    no input shape resolves. `check=False` skips ONNX's checker, which reads the whole file: for
+    a stage server, whose plan names the digest of a model that was checked when it was planned.
     """
     if symbolic and input_shapes:
         raise ValueError("a symbolic load takes no input shapes")
     path = Path(path)
-    model = _read(path)
+    model = _read(path, check)
     _drop_initializer_inputs(model)
     if not symbolic:
         _apply_input_shapes(model, input_shapes or {}, path)
@@ -121,13 +127,6 @@ def load_model(
         _check_static_inputs(model, path)
     for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
         node.name = name
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (OSError, ValueError) as e:
-        raise ModelError(
-            f"{path}: cannot read its external data ({_one_line(e)}); keep the data files next "
-            "to the model"
-        ) from None
     if not symbolic:
         _complete_shapes(model, path)
     return model
@@ -142,7 +141,7 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     caller should treat all of its dimensions as varying. Call it on a file that `load_model`
     accepted."""
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_skeleton(path)
     _drop_initializer_inputs(model)
     if all(_static(i.type) for i in model.graph.input):
         return {}
@@ -162,18 +161,10 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such ONNX file") from None
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
-    except (DecodeError, ValueError, RuntimeError) as e:
-        raise ModelError(
-            f"{path}: not a valid ONNX model (truncated or corrupt: {_one_line(e)}); "
-            "re-export or re-download it"
-        ) from None
+def _read(path: Path, check: bool) -> onnx.ModelProto:
+    model = read_skeleton(path)
+    if not check:
+        return model
     try:
         # Given the path, the checker resolves external data files relative to the model.
         onnx.checker.check_model(str(path))
@@ -283,18 +274,11 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
         return
     declared = len(graph.output)
     graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
-    try:
-        source = model.SerializeToString()
-    except EncodeError:  # over protobuf's 2 GiB: too big to probe in memory
-        log.warning("%s: too large to ask ONNX Runtime for %d missing shapes", path, len(missing))
-        return
-    finally:
-        del graph.output[declared:]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort_session(model, options, ["CPUExecutionProvider"])
         answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
         if not all(isinstance(d, int) for t in missing for d in answers[t][1]):
             feeds = {
@@ -308,6 +292,8 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     except Exception as e:  # ORT raises its own exception types, without a common base
         log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
         return
+    finally:
+        del graph.output[declared:]
     for name in missing:
         type_name, shape = answers[name]
         if not type_name.startswith("tensor("):

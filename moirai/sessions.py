@@ -9,7 +9,8 @@ rather than a silent run on the CPU.
 
 The stage servers (`stage_server.sessions`), measured profiling (`moirai.profile.measured`) and
 the in-process reference run (`moirai.runtime.sequential`) all build their sessions here, so a
-profile times what serving runs.
+profile times what serving runs. A model's weights stay in their files (`moirai.weights`): a
+stage's session maps the weights of its own nodes and no others.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import onnxruntime as ort
 
 from moirai.errors import MoiraiError
 from moirai.stageplan import DeviceSpec
+from moirai.weights import ort_session
 
 
 def create_session(
@@ -30,9 +32,7 @@ def create_session(
 ) -> ort.InferenceSession:
     """A session running `model` on `device`; `threads`/`cuda_device` override the plan's."""
     options = session_options(threads if threads is not None else device.threads)
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=execution_providers(device, cuda_device)
-    )
+    return ort_session(model, options, execution_providers(device, cuda_device))
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

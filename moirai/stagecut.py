@@ -3,7 +3,9 @@
 Every stage server, the sequential runtime and the measured profiler build their sessions from
 the model and the plan alone: `moirai.partition.build_plan` says which nodes form a stage and
 which tensors cross its border, and this module makes the sub-model of those nodes, with the
-initializers they read and the border as its inputs and outputs.
+initializers they read and the border as its inputs and outputs. Weights stay where they are
+(`moirai.weights`): an initializer whose data lie in a file is copied as its reference, so the
+sub-model is the stage's graph, and its session maps only the stage's own weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from onnx import helper
 
 from moirai.partition import node_inputs
 from moirai.stageplan import ONNX_DATATYPES, PlanError, StagePlan, TensorSpec
+from moirai.weights import folder_of, set_folder
 
 
 def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onnx.ModelProto:
@@ -37,12 +40,14 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
         initializer=[i for i in graph.initializer if i.name in read],
         sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
     )
-    return helper.make_model(
+    stage_model = helper.make_model(
         sub,
         opset_imports=list(model.opset_import),
         ir_version=model.ir_version,
         functions=list(model.functions),
     )
+    set_folder(stage_model, folder_of(model))
+    return stage_model
 
 
 def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:

@@ -319,6 +319,60 @@ def save(model: onnx.ModelProto, path: Path) -> None:
         Path(tmp, path.name).replace(path)
 
 
+def matmul_chain(
+    path: Path, size: int = 14000, layers: int = 3, *, dense: bool = True, seed: int = 0
+) -> Path:
+    """x(1, size) → MatMul → ... → y through `layers` size×size fp32 weights, written as
+    external data (`<name>.data`, each weight at a 4 KiB boundary) one block of rows at a time,
+    never whole in memory: the large model of the tests and `bench/largemodels.py` (three
+    14000² weights are 2.35 GB). Weights are N(0, 1/size), so values keep their scale. With
+    `dense=False` only every 64th row is non-zero (scaled up to match) and the rest of the data
+    file is a hole: no disk used and nothing to write, which changes nothing that placement,
+    memory or serving depend on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = f"{path.name}.data"
+    rng = np.random.default_rng(seed)
+    row_bytes = size * 4
+    stride = 1 if dense else 64
+    block = max(1, (64 << 20) // row_bytes)  # rows written at a time: at most 64 MiB
+    initializers, nodes, offset = [], [], 0
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        with Path(tmp, data).open("wb") as f:
+            for layer in range(layers):
+                offset = -(-offset // 4096) * 4096
+                for first in range(0, size, block if dense else stride):
+                    rows = min(block, size - first) if dense else 1
+                    values = rng.standard_normal((rows, size)) * math.sqrt(stride / size)
+                    f.seek(offset + first * row_bytes)
+                    f.write(values.astype(np.float32).tobytes())
+                weight = onnx.TensorProto(
+                    name=f"w{layer}", dims=[size, size], data_type=TensorProto.FLOAT
+                )
+                weight.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data), ("offset", offset), ("length", size**2 * 4)):
+                    weight.external_data.add(key=key, value=str(value))
+                initializers.append(weight)
+                previous = "x" if layer == 0 else f"h{layer - 1}"
+                output = "y" if layer == layers - 1 else f"h{layer}"
+                nodes.append(helper.make_node("MatMul", [previous, f"w{layer}"], [output]))
+                offset += size**2 * 4
+            f.truncate(offset)
+        graph = helper.make_graph(
+            nodes,
+            f"matmul_chain_{size}x{layers}",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, size])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, size])],
+            initializers,
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION
+        )
+        onnx.save(model, Path(tmp, path.name))
+        Path(tmp, data).replace(path.parent / data)
+        Path(tmp, path.name).replace(path)
+    return path
+
+
 def cache_dir() -> Path:
     if "MOIRAI_CACHE" in os.environ:
         return Path(os.environ["MOIRAI_CACHE"]) / "zoo"

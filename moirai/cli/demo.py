@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    single = ort.InferenceSession(planned.model.SerializeToString(), options)
+    single = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in plan.outputs]
     expected = [dict(zip(names, single.run(names, s), strict=True)) for s in samples]
     times = []

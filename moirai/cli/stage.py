@@ -87,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     plan.device(args.device)
     model_path = Path(args.model)
     check_model_file(plan, model_path)
-    model = load_model(model_path, symbolic=True)  # the plan's types fix what is static
+    # The plan's types fix what is static. A plan with a digest names a model that was checked
+    # when it was planned: ONNX's checker, which reads the whole file, would only raise this
+    # server's peak memory.
+    model = load_model(model_path, symbolic=True, check=not plan.model_sha256)
     addresses = peer_addresses(plan, args.peer)
 
     async def start() -> Stoppable:

@@ -18,7 +18,6 @@ side, which reads nothing but the `CostGraph` it returns:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from moirai.fusion import Group, coarsen, fusion_groups
 from moirai.graph import InputShapes, OpGraph, build_graph, dynamic_shapes, load_model
 from moirai.profile import Annotates, Profile
 from moirai.profile.analytic import AnalyticProfile, node_flops
+from moirai.weights import model_digest
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class LoadedModel:
     """`moirai.graph.load_model`'s model: canonical node names, shapes inferred."""
     graph: OpGraph
     sha256: str
+    """`moirai.weights.model_digest`: the file's, followed by its external data files'."""
     dynamic: Mapping[str, Sequence[int]]
     """`moirai.graph.dynamic_shapes`: what varies with the file's symbolic inputs (empty when
     nothing does); the stage plan leaves those dimensions open."""
@@ -70,7 +71,9 @@ def load(model_path: str | Path, input_shapes: InputShapes | None = None) -> Loa
     path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     proto = load_model(path, shapes or None)
-    return LoadedModel(path, shapes, proto, build_graph(proto), _sha256(path), dynamic_shapes(path))
+    return LoadedModel(
+        path, shapes, proto, build_graph(proto), model_digest(path), dynamic_shapes(path)
+    )
 
 
 def build_costgraph(
@@ -163,8 +166,3 @@ def _kind(graph: OpGraph, group: Group) -> str:
         dict.fromkeys(graph.node[n].op_type for n in group.ops if not graph.node[n].constant)
     )
     return "+".join(ops[:4]) + ("+..." if len(ops) > 4 else "") if ops else "Constant"
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -80,7 +80,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -100,7 +99,6 @@ from onnx import helper
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
-from moirai.errors import ModelError
 from moirai.fusion import (
     CPU,
     Group,
@@ -128,6 +126,7 @@ from moirai.profile.targets import Target, cpu_model, signature, usable_cores
 from moirai.sessions import create_session, execution_providers, session_options
 from moirai.stagecut import extract_stage
 from moirai.stageplan import DeviceSpec as PlanDevice
+from moirai.weights import model_digest, optimised_model_without_weights, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +273,8 @@ def _profiled_session(
     options = session_options(target.threads)
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "trace")
-    options.optimized_model_filepath = str(workdir / "optimised.onnx")
-    # Only the optimised graph's structure is read back: its weights go to a side file.
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_file_name", "optimised.data"
-    )
-    options.add_session_config_entry(
-        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
-    )
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=execution_providers(target.plan_device)
-    )
+    optimised_model_without_weights(options, workdir)
+    return ort_session(model, options, execution_providers(target.plan_device))
 
 
 def _run_whole(
@@ -345,7 +335,7 @@ def restored_graph(model: onnx.ModelProto, optimised: onnx.GraphProto) -> onnx.G
     """ONNX Runtime's all-level CPU graph of `model` in the extended graph's tensor names, its
     Reorder nodes dropped (`moirai.fusion.restore_layout`, as the fusion groups see it); the
     graph as it is, with a warning, where that mapping is not certain."""
-    extended = optimised_graph(model.SerializeToString(), CPU)
+    extended = optimised_graph(model, CPU)
     try:
         return restore_layout(extended, optimised)
     except LayoutError as e:
@@ -645,14 +635,6 @@ def _from_trace(
 
 
 # ------------------------------------------------------- the Profile source
-def model_digest(path: str | Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read model ({e.strerror})") from None
-
-
 def link_signature() -> dict[str, Any]:
     """What a loopback link measurement depends on: the machine, the gRPC build, the method."""
     return {

@@ -9,7 +9,6 @@ grace period, so `moirai serve` and Kubernetes can stop it cleanly.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Protocol
 
 from moirai.errors import MoiraiError
 from moirai.stageplan import StagePlan
+from moirai.weights import model_digest
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 1.0
@@ -62,17 +62,11 @@ def _plan_device(plan: StagePlan, name: str, where: str) -> str:
 
 
 def check_model_file(plan: StagePlan, path: Path) -> None:
-    """Refuse a model file other than the one the plan was made for (when the plan says)."""
+    """Refuse a model other than the one the plan was made for (when the plan says): its file
+    and external data files (`moirai.weights.model_digest`)."""
     if not plan.model_sha256:
         return
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError as e:
-        raise MoiraiError(f"{path}: cannot read the model ({e.strerror})") from None
-    if digest.hexdigest() != plan.model_sha256:
+    if model_digest(path) != plan.model_sha256:
         raise MoiraiError(
             f"{path} is not the model the plan was made for (sha256 differs): plan again"
         )

@@ -67,7 +67,7 @@ def test_missing_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     missing = tmp_path / "missing.onnx"
     assert main(["profile", str(missing), "--no-cache"]) == 2
     err = capsys.readouterr().err
-    assert err == f"moirai: {missing}: cannot read model (No such file or directory)\n"
+    assert err == f"moirai: {missing}: no such ONNX file\n"
 
 
 def test_cache_folder_that_cannot_be_made_fails_before_measuring(

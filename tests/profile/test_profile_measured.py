@@ -20,6 +20,7 @@ from moirai.profile.document import ProfileError
 from moirai.profile.measured import Settings, measure_device, node_units, restored_graph
 from moirai.profile.targets import CUDA, Target, parse_device, signature
 from moirai.sessions import execution_providers, session_options
+from moirai.weights import ort_session
 
 CPU1 = Target("cpu", threads=1)
 
@@ -54,7 +55,7 @@ def _optimised(model: onnx.ModelProto, path: Path) -> onnx.GraphProto:
     """The graph ONNX Runtime runs for a stage server on one CPU thread (level all)."""
     options = session_options(1)
     options.optimized_model_filepath = str(path)
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort_session(model, options, ["CPUExecutionProvider"])
     return onnx.load(path, load_external_data=False).graph
 
 

@@ -16,6 +16,7 @@ from moirai.planning import build_costgraph, plan_model
 from moirai.planning.cpu import split_cpu
 from moirai.runtime.sequential import run_sequential
 from moirai.stageplan import DeviceSpec
+from moirai.weights import ort_session
 
 pytestmark = pytest.mark.timeout(300)
 DEVICES = split_cpu(local_devices(), 2)
@@ -36,7 +37,7 @@ def inputs_for(plan, seed=0):
 
 
 def whole(model, inputs):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(model, ort.SessionOptions(), ["CPUExecutionProvider"])
     return dict(zip([o.name for o in model.graph.output], session.run(None, inputs), strict=True))
 
 

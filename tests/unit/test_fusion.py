@@ -19,6 +19,7 @@ from moirai.fusion import CPU, CUDA, Group, _contract_cycles, coarsen, fusion_gr
 from moirai.graph import OpGraph, build_graph, load_model
 from moirai.sessions import execution_providers, session_options
 from moirai.stageplan import DeviceSpec
+from moirai.weights import ort_session
 
 from .onnx_patterns import (
     conv_bn_relu,
@@ -159,9 +160,7 @@ def _serving_graph(m: onnx.ModelProto, tmp_path: Path) -> onnx.GraphProto:
     """The optimised graph of a CPU stage server's session for `m`."""
     options = session_options(1)
     options.optimized_model_filepath = str(tmp_path / "serving.onnx")
-    ort.InferenceSession(
-        m.SerializeToString(), options, providers=execution_providers(DeviceSpec("cpu"))
-    )
+    ort_session(m, options, execution_providers(DeviceSpec("cpu")))
     return onnx.load(options.optimized_model_filepath).graph
 
 
@@ -176,8 +175,7 @@ def _nchwc_fusions(optimised: onnx.GraphProto) -> int:
 def _spanning(loaded: onnx.ModelProto, graph: OpGraph, groups: list[Group], tmp_path: Path) -> int:
     """How many kernels of a CPU stage server's session for the whole model compute nodes of
     more than one of `groups`."""
-    with fusion._ort_source(loaded) as source:
-        extended = fusion.optimised_graph(source, CPU)
+    extended = fusion.optimised_graph(loaded, CPU)
     serving = fusion.restore_layout(extended, _serving_graph(loaded, tmp_path))
     where = {n: i for i, g in enumerate(groups) for n in g.ops}
     return sum(len({where[n] for n in c}) > 1 for c in fusion.claimed_nodes(graph, serving))
@@ -225,9 +223,8 @@ def test_unmappable_all_level_keeps_the_extended_fusions(residual, monkeypatch, 
 
 def test_restore_layout_checks_node_names(residual) -> None:
     loaded, _ = residual
-    with fusion._ort_source(loaded) as source:
-        extended = fusion.optimised_graph(source, CPU)
-        optimised = fusion.optimised_graph(source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    extended = fusion.optimised_graph(loaded, CPU)
+    optimised = fusion.optimised_graph(loaded, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     restored = fusion.restore_layout(extended, optimised)
     assert [n.op_type for n in restored.node] == ["Conv", "Conv"]
     assert [list(n.output) for n in restored.node] == [["c1"], ["y"]]
@@ -243,11 +240,8 @@ def test_zoo_residual_blocks_are_one_cpu_group(tmp_path: Path) -> None:
     for name in ("resnet50", "inception_v2"):
         loaded = load_model(zoo.get(name))
         graph = build_graph(loaded)
-        with fusion._ort_source(loaded) as source:
-            extended = fusion.optimised_graph(source, CPU)
-            optimised = fusion.optimised_graph(
-                source, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            )
+        extended = fusion.optimised_graph(loaded, CPU)
+        optimised = fusion.optimised_graph(loaded, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         fusion.restore_layout(extended, optimised)  # raises if it does not map
     groups = fusion_groups(loaded, graph, [CPU])  # Inception v2
     _assert_partition_dag(graph, groups)

@@ -91,21 +91,6 @@ def test_shape_of_a_static_tensor_is_constant(tmp_path: Path) -> None:
     assert shape.constant and not reshape.constant
 
 
-def test_external_data_is_loaded(tmp_path: Path) -> None:
-    m = model(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        [tensor("x", [1, 256])],
-        [tensor("y", [1, 256])],
-        [init("w", [256, 256])],
-    )
-    expected = numpy_helper.to_array(m.graph.initializer[0])
-    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.data")
-    assert (tmp_path / "m.data").stat().st_size == 256 * 256 * 4
-    loaded = load_model(tmp_path / "m.onnx")
-    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), expected)
-    assert build_graph(loaded).weight_bytes(["MatMul_0"]) == 256 * 256 * 4
-
-
 def test_light_model_weights_are_not_inputs() -> None:
     """IR 3 models list every initializer as an input; only the image stays an input."""
     loaded = load_model(zoo.get("squeezenet"))
