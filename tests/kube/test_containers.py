@@ -11,10 +11,16 @@ with single-process ONNX Runtime on the same model.
 
 from __future__ import annotations
 
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from prometheus_client.parser import text_string_to_metric_families
 from test_operator_harness import (
     Cluster,
     free_port,
@@ -26,6 +32,7 @@ from test_operator_harness import (
     running_operator,
     wait_until,
 )
+from tritonclient.utils import InferenceServerException
 
 
 def test_a_placed_model_profiles_deploys_and_serves_in_containers(
@@ -88,3 +95,136 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
                     config = kubelet.inspect(docker_name)
                     assert config["Config"]["User"] == "10001:10001"
                     assert config["HostConfig"]["ReadonlyRootfs"] is True
+
+
+def _in_flight_load(
+    url: str, model: Path, stop: threading.Event, results: list[tuple[float, float, str]]
+) -> None:
+    """One client: requests back to back until `stop`; each result (start, end, outcome), the
+    outcome "ok", "WRONG" or the gRPC status of a failure."""
+    session = ort.InferenceSession(str(model))
+    client = triton_grpc.InferenceServerClient(url)
+    rng = np.random.default_rng()
+    while not stop.is_set():
+        x = rng.standard_normal((1, 64)).astype(np.float32)
+        inputs = [triton_grpc.InferInput("x", [1, 64], "FP32")]
+        inputs[0].set_data_from_numpy(x)
+        start = time.monotonic()
+        try:
+            got = client.infer("mlp", inputs, client_timeout=30).as_numpy("y")
+        except InferenceServerException as e:
+            results.append((start, time.monotonic(), str(e.status())))
+            continue
+        (expected,) = session.run(["y"], {"x": x})
+        ok = np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        results.append((start, time.monotonic(), "ok" if ok else "WRONG"))
+
+
+def _metric(url: str, name: str, **labels: str) -> float | None:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        for family in text_string_to_metric_families(response.read().decode()):
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    return sample.value
+    return None
+
+
+def test_two_lanes_lose_only_the_requests_in_flight_on_a_killed_stage_server(
+    scheduling_control_plane, kube_api, namespace, make_node_pool, kubelet, tmp_path
+):
+    """2 lanes, 8 requests in flight; one stage container of lane 1 killed: no wrong answer,
+    failures (UNAVAILABLE) only for requests in flight then, lane 0 serves meanwhile, and the
+    lane serves again once Docker has restarted the container (as the kubelet would)."""
+    plane = scheduling_control_plane
+    install_crd(plane)
+    cpu = f"{namespace}-cpu"
+    make_node_pool(cpu, count=1, cpu="16")
+    cluster = Cluster(kube_api, plane, namespace)
+    http_port, grpc_port = free_port(), free_port()
+    with models_for(tmp_path / "models") as models:
+        spec = {
+            "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
+            "pools": [
+                {
+                    "name": cpu,
+                    "kind": "cpu",
+                    "threadsPerDevice": 1,
+                    "maxDevices": 4,
+                    "memoryPerDevice": "32Ki",  # a chain of stage servers in each lane
+                }
+            ],
+            "serving": {"port": http_port, "grpcPort": grpc_port, "replicas": 2},
+        }
+        with running_operator(plane, tmp_path / "cache"):
+            cluster.apply("mlp", spec)
+            status = cluster.wait_phase("mlp", "Ready", timeout=120)
+        assert status["replicas"] == 2
+        pods = run_deployments(cluster, kubelet, "mlp")
+        gateway = pods["mlp-gateway"]
+        metrics = f"http://{gateway.ip}:{http_port}"
+        lane1 = sorted(name for name in pods if name.endswith("-l1"))
+        assert len(lane1) >= 2 and len(pods) == 2 * len(lane1) + 1
+        victim = pods[lane1[-1]]
+        device = victim.labels["moirai.dev/device"]
+
+        stop = threading.Event()
+        results: list[tuple[float, float, str]] = []
+        clients = [
+            threading.Thread(
+                target=_in_flight_load,
+                args=(f"{gateway.ip}:{grpc_port}", models["path"], stop, results),
+            )
+            for _ in range(8)
+        ]
+        for c in clients:
+            c.start()
+        try:
+            wait_until("both lanes to serve", lambda: len(results) >= 200, timeout=60)
+            served = _metric(metrics, "moirai_stage_seconds_count", device=device, kind="compute")
+            assert served, f"lane 1 ({device}) served nothing while both lanes were up"
+            killed = time.monotonic()
+            kubelet.crash(victim, "stage-server")
+            wait_until(
+                "the gateway to see the stage server die",
+                lambda: _metric(metrics, "moirai_stage_server_up", device=device) == 0,
+                timeout=30,
+            )
+            down = time.monotonic()
+            wait_until(
+                "the stage server to be restarted and seen up",
+                lambda: _metric(metrics, "moirai_stage_server_up", device=device) == 1,
+                timeout=120,
+            )
+            back = time.monotonic()
+            count = _metric(metrics, "moirai_stage_seconds_count", device=device, kind="compute")
+            wait_until(
+                "lane 1 to serve again",
+                lambda: (
+                    _metric(metrics, "moirai_stage_seconds_count", device=device, kind="compute")
+                    > (count or 0)
+                ),
+                timeout=30,
+            )
+            time.sleep(2.5)  # two full seconds of both lanes, for the figures below
+        finally:
+            stop.set()
+            for c in clients:
+                c.join(timeout=60)
+    outcomes = [outcome for _, _, outcome in results]
+    failed = [(start, outcome) for start, _, outcome in results if outcome != "ok"]
+    assert "WRONG" not in outcomes
+    # Only requests in flight when the server died fail (at most the 8 clients' one each),
+    # with UNAVAILABLE; once the gateway has seen it die, lane 0 serves every request.
+    assert len(failed) <= 8, failed
+    assert all(o == "StatusCode.UNAVAILABLE" for _, o in failed), failed
+    assert all(start < killed + 1.0 for start, _ in failed), failed
+    during = [o for s, e, o in results if down < s and e < back]
+    assert during and set(during) == {"ok"}
+    windows = [
+        sum(1 for s, e, o in results if o == "ok" and t <= e < t + 1)
+        for t in (killed - 2, killed - 1, back, back + 1)
+    ]
+    print(
+        f"\nfailover: {len(failed)} failed of {len(results)}; lane back {back - killed:.1f}s "
+        f"after the kill; answers per second before {windows[:2]}, after {windows[2:]}"
+    )
