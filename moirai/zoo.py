@@ -6,7 +6,8 @@ DenseNet-121, ShuffleNet, SqueezeNet, VGG-19, AlexNet, ZFNet-512), exported from
 opset 9 / IR 3, with every weight produced by a `ConstantOfShape` node filled with 0.02 from a
 shape initializer. They are useless for accuracy, faithful for placement: shapes, FLOPs and
 weight sizes are those of the real networks (e.g. VGG-19's 575 MB, ResNet-50's 102 MB), and
-ONNX Runtime folds the constants at load time just as it would hold real weights.
+ONNX Runtime folds the constants at load time just as it would hold real weights. They were
+exported at batch 1; `with_symbolic_batch` makes that dimension symbolic, for dynamic batching.
 
 **Transformers**, generated with `onnx.helper` in the operator patterns that exporters emit and
 ONNX Runtime fuses — decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div), GELU, attention with
@@ -31,6 +32,7 @@ its weights as external data beside it.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -299,6 +301,33 @@ def get(name: str) -> Path:
     if not path.exists():
         save(_GENERATED[name][0](), path)
     return path
+
+
+def with_symbolic_batch(model: onnx.ModelProto, name: str = "batch") -> onnx.ModelProto:
+    """A copy of a model exported at a fixed batch size (the CNNs here, at 1) whose batch is
+    symbolic: the first dimension of every input and output is `name`, and every Reshape whose
+    target shape is a constant starting with the old batch size copies that dimension from its
+    input instead (0), as exporters with dynamic axes write it. What else the model computes
+    from the batch size it was exported at stays as it was."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in weights]
+    batch = inputs[0].type.tensor_type.shape.dim[0].dim_value if inputs else 0
+    for value in (*inputs, *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].dim_param = name
+    del graph.value_info[:]  # shapes inferred at the old batch size
+    shapes = {n.input[1] for n in graph.node if n.op_type == "Reshape" and len(n.input) > 1}
+    for i, init in enumerate(graph.initializer):
+        if init.name in shapes:
+            target = numpy_helper.to_array(init).copy()
+            if target.ndim == 1 and len(target) and target[0] == batch:
+                target[0] = 0
+                graph.initializer[i].CopyFrom(numpy_helper.from_array(target, init.name))
+    onnx.checker.check_model(model)
+    return model
 
 
 def save(model: onnx.ModelProto, path: Path) -> None:

@@ -18,9 +18,11 @@ The settings and their meaning are Triton's (`model_configuration.md`, `batcher.
   is there.
 
 Like Triton, batches form when the chain can take one: at most `slots` batches are in flight (a
-model instance in Triton's terms; by default one per device of the plan, plus one that travels
-while the others run), and requests that arrive meanwhile wait, which is what makes batches
-large under load. The delay bounds only the wait for a batch to fill while a slot is free.
+model instance in Triton's terms; by default one per device of the plan, so that each device of
+a pipeline has a batch to run), and requests that arrive meanwhile wait, which is what makes
+batches large under load. The delay bounds only the wait for a batch to fill while a slot is
+free. (A slot more would hide the hops between batches, but it splits the requests in flight
+into smaller batches: on ResNet-50 here, 3.8 rows a batch instead of 5.4 at 16 in flight.)
 
 Requests are batched in arrival order, only with requests of the same datatypes and non-batch
 dimensions (one queue per such key; the queue of the oldest request is served first), and each
@@ -383,7 +385,7 @@ class BatchingFront:
 
     def __init__(self, plane: Any, config: BatchingConfig, *, slots: int | None = None) -> None:
         """`plane` has `plan`, `infer`, `validate`, `timeout_s` and `metrics` (a gateway);
-        `slots` defaults to the plan's devices plus one."""
+        `slots` defaults to the plan's devices (one batch running on each)."""
         plan = plane.plan
         check_batchable(plan.model_name, plan.inputs, plan.outputs)
         self._plane = plane
@@ -392,7 +394,7 @@ class BatchingFront:
             config,
             validate=plane.validate,
             timeout_s=plane.timeout_s,
-            slots=slots if slots is not None else len(plan.used_devices) + 1,
+            slots=slots if slots is not None else len(plan.used_devices),
             registry=plane.metrics.registry,
         )
         log.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -101,3 +102,17 @@ def test_get_materialises_generated_models_once(tmp_path: Path, monkeypatch) -> 
     files = sorted(p.name for p in path.parent.iterdir())
     assert files == [path.name, f"{path.name}.data"]  # no temporary left behind
     assert zoo.input_shapes("bert_base") == {"input_ids": [1, 128], "attention_mask": [1, 128]}
+
+
+def test_a_cnn_with_its_batch_made_symbolic_answers_each_row_as_batch_1() -> None:
+    model = zoo.with_symbolic_batch(onnx.load(str(zoo.get("resnet50"))))
+    dims = [d.dim_param or d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1000]
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CPU])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    both = session.run(None, {name: x})[0]
+    assert both.shape == (2, 1000)
+    for row in range(2):
+        alone = session.run(None, {name: x[row : row + 1]})[0]
+        np.testing.assert_allclose(both[row : row + 1], alone, rtol=1e-4, atol=1e-6)
