@@ -448,10 +448,13 @@ def gateway_deployment(
     }
     pod = _pod_spec(owner, spec, options, container, spec.image, with_model=False)
     name = gateway_name(owner)
-    # One gateway (stage servers push each output to the gateway's one address); it reads every
-    # lane, so it restarts when their number changes.
+    # One gateway: stage servers push each output to the gateway's one address, so two (as in a
+    # rolling update) would receive each other's outputs; Recreate stops the old one first. It
+    # reads every lane, so it restarts when their number changes.
     digest = f"{plan.digest}-{spec.serving.replicas}"
-    return _deployment(owner, name, COMPONENT_GATEWAY, 1, {}, pod, digest)
+    deployment = _deployment(owner, name, COMPONENT_GATEWAY, 1, {}, pod, digest)
+    deployment["spec"]["strategy"] = {"type": "Recreate"}
+    return deployment
 
 
 def gateway_service(owner: Owner, spec: PlacedModelSpec) -> Manifest:

@@ -274,6 +274,7 @@ def test_replicas_are_lanes_each_with_stage_servers_of_its_own() -> None:
         assert before == after
     gateways = [by_name(objs)[("Deployment", "resnet-gateway")] for objs in (one, two)]
     assert [g["spec"]["replicas"] for g in gateways] == [1, 1]  # one gateway for every lane
+    assert gateways[0]["spec"]["strategy"] == {"type": "Recreate"}  # never two at once
     assert len({g["spec"]["template"]["metadata"]["annotations"][digest] for g in gateways}) == 2
     # The plan the pods read: two lanes on disjoint devices, each a Service of its own.
     data = json.loads(by_name(two)[("ConfigMap", "resnet-plan")]["data"]["plan.json"])
