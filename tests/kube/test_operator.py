@@ -223,7 +223,12 @@ def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool,
         "toobig",
         {"model": {"uri": models["wide"]}, "pools": [{**pool, "memoryPerDevice": "1Mi"}]},
     )
+    # An image the chart does not allow: its pods would run whatever it names.
+    cluster.apply(
+        "miner", {"model": {"uri": models["mlp"]}, "pools": [pool], "image": "evil/miner:1"}
+    )
     expected = {
+        "miner": ("InvalidSpec", "spec.image 'evil/miner:1' is not allowed"),
         "nopool": ("NoMatchingPool", "no schedulable node matches pool 'nowhere'"),
         "unreachable": ("ModelUnreachable", "HTTP 404"),
         "digest": ("ModelDigestMismatch", "spec.model.sha256"),
