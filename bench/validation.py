@@ -23,6 +23,11 @@ For each zoo model and each device count N (CPU devices of one thread each, as `
    device and the gateway) and time `requests` requests from an Open Inference Protocol client
    (median, after one warm-up request).
 
+Where the plan is split over several devices, the best device alone (`--solver single`, the
+plan `auto` compares against) is served too, so the table says whether the split beats one
+device as measured; and a split plan's measured latency is set against the solver's makespan:
+the goal is at most 10% above it plus the frame (the hops in and out and the client's call).
+
 For reference, the serving frame alone (the client's call, the gateway and its hops, the same
 for any placement) is measured too: a model with the same inputs and outputs that computes
 nothing (`frame_model`), served on the same runtime; its latency beside the plan's tells the
@@ -74,6 +79,12 @@ from moirai.stageplan import ONNX_DATATYPES, StagePlan, TensorSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOAL = 0.15
+SCHEDULE_GOAL = 0.10  # a split plan's measured latency over its solver's makespan, frame apart
+
+
+def within_schedule(row: dict[str, Any]) -> bool:
+    """The split plan served as scheduled: measured <= 1.1 x makespan + frame."""
+    return row["measured_ms"] <= (1 + SCHEDULE_GOAL) * row["solver_makespan_ms"] + row["frame_ms"]
 
 
 def frame_model(plan: StagePlan, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -162,6 +173,21 @@ def validate(
     )
     with tempfile.TemporaryDirectory(prefix="moirai-frame-") as tmp:
         frame = frame_ms(planned.plan, planned.model, requests, Path(tmp))
+    single = None
+    if len(planned.plan.used_devices) > 1:
+        alone = plan_model(
+            path, devices, input_shapes=shapes, solver="single", time_limit=limit, profile=profile
+        )
+        single = {
+            "predicted_ms": alone.plan.predicted["latency_ms"],
+            "measured_ms": served_latency_ms(
+                alone.plan,
+                path,
+                inputs_for(alone.plan),
+                requests,
+                pin=parts <= len(available_cores()),
+            ),
+        }
     entry = next(e for e in profile.document.devices.values() if e.target.startswith("cpu"))
     row = {
         "model": name,
@@ -179,6 +205,7 @@ def validate(
         "frame_ms": frame,
         "measured_ms": measured,
         "error": abs(predicted - measured) / measured,
+        "single": single,
         "seconds": time.monotonic() - started,
         "link": {
             "latency_ms": link.latency_ms,
@@ -192,7 +219,8 @@ def validate(
         f"predicted {predicted:9.2f} ms (served {p['served_ms']:.2f} + client "
         f"{p['client_ms']:.2f}; solver {p['makespan_ms']:.2f}), "
         f"measured {measured:9.2f} ms (frame {frame:.2f}), error {row['error']:6.1%} "
-        f"({row['seconds']:.0f} s)",
+        + ("" if single is None else f"; one device {single['measured_ms']:.2f} ms ")
+        + f"({row['seconds']:.0f} s)",
         flush=True,
     )
     return row
@@ -204,6 +232,7 @@ def report(results: dict[str, Any]) -> str:
     errors = [r["error"] for r in rows]
     median = statistics.median(errors)
     machine = results["machine"]
+    split = [r for r in rows if r["used_devices"] > 1]
     out = [
         "# Validation: predicted vs measured latency (`bench/validation.py`)",
         "",
@@ -222,13 +251,21 @@ def report(results: dict[str, Any]) -> str:
         f"(goal <= {GOAL:.0%}: {'met' if median <= GOAL else 'not met'}); "
         f"{sum(e <= GOAL for e in errors)} of {len(rows)} within {GOAL:.0%}.",
         "",
+        f"**Split plans**: {len(split)} of {len(rows)} latency plans use several devices; "
+        f"{sum(r['measured_ms'] < r['single']['measured_ms'] for r in split)} of them serve "
+        f"faster than the best device alone (measured); "
+        f"{sum(within_schedule(r) for r in split)} of {len(split)} within "
+        f"{SCHEDULE_GOAL:.0%} + frame of the solver's makespan (goal: all).",
+        "",
         "Predicted: the plan as served (stages, their hops and the gateway's) plus the client's "
         "call, as `moirai serve` prints it. Frame: the measured latency of a model with the same "
-        "inputs and outputs that computes nothing, served the same way.",
+        "inputs and outputs that computes nothing, served the same way. One device: the best "
+        "device alone (`--solver single`), served, beside a split plan.",
         "",
         "| model | CPU devices | GPUs | used | stages | whole model ms (1 CPU) | solver makespan "
-        "ms | served plan ms | + client ms | predicted ms | measured ms | error | frame ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "ms | served plan ms | + client ms | predicted ms | measured ms | error | frame ms "
+        "| one device ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         run = "-" if r["run_ms"] is None else f"{r['run_ms']:.2f}"
@@ -236,7 +273,9 @@ def report(results: dict[str, Any]) -> str:
             f"| {r['model']} | {r['devices']} | {r['gpus']} | {r['used_devices']} | "
             f"{r['stages']} | {run} | {r['solver_makespan_ms']:.2f} | "
             f"{r['served_ms']:.2f} | {r['client_ms']:.2f} | {r['predicted_ms']:.2f} | "
-            f"{r['measured_ms']:.2f} | {r['error']:.1%} | {r['frame_ms']:.2f} |"
+            f"{r['measured_ms']:.2f} | {r['error']:.1%} | {r['frame_ms']:.2f} | "
+            + ("-" if not r.get("single") else f"{r['single']['measured_ms']:.2f}")
+            + " |"
         )
     if failed:
         out += ["", "Cases that failed (left out of the figures above):", ""]

@@ -13,8 +13,10 @@ request with the transfers a device pays for, as a share of the period); `--comp
 available solver with the same limits side by side and keeps the best plan. Improving
 incumbents and bounds go to stderr while solving.
 `--devices local` are the devices `moirai serve --devices local` plans for (the same resolver,
-`moirai.planning.inputs.resolve`). A thin shell over `moirai.planning.build_costgraph` and
-`moirai.placement.solve`; every input error is one line and exit status 2 (see `moirai.cli`).
+`moirai.planning.inputs.resolve`): the grouping of the CPU's cores that serves best unless
+`--cpu-devices` says, priced by a measured profile unless `--profile` says. A thin shell over
+`moirai.planning.build_costgraph` and `moirai.placement.solve`; every input error is one line
+and exit status 2 (see `moirai.cli`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cpu-devices",
         type=positive_int,
-        help="with --devices local: split the CPU into this many devices (default: one per "
-        "core, at most 4), as `moirai serve` does",
+        help="with --devices local: split the CPU into this many devices (default: the "
+        "grouping `moirai serve` would choose)",
     )
     p.add_argument("--costgraph", type=Path, help="plan this moirai.costgraph/v1 file instead")
     p.add_argument(
@@ -49,9 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--profile",
-        default="analytic",
         metavar="analytic|measured|FILE",
-        help="task costs for MODEL (default analytic)",
+        help="task costs for MODEL (default: measured with --devices local, else analytic)",
     )
     p.add_argument(
         "--max-tasks", type=positive_int, help="coarsen MODEL to at most this many tasks"
@@ -116,7 +117,7 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
         raise MoiraiError("nothing to place: give MODEL.onnx --devices FILE, or --costgraph FILE")
     if not args.devices:
         raise MoiraiError("MODEL.onnx needs --devices FILE (a devices YAML file) or 'local'")
-    from moirai.planning import build_costgraph, resolve
+    from moirai.planning import build_costgraph, plan_model, resolve
 
     inputs = resolve(
         args.model,
@@ -126,9 +127,25 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
         profile=args.profile,
         progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
     )
-    return build_costgraph(
-        inputs.model, inputs.devices, profile=inputs.profile, max_tasks=args.max_tasks
-    )
+    devices = inputs.device_sets[0]
+    if len(inputs.device_sets) > 1:  # the grouping of the CPU `moirai serve` would choose
+        planned = plan_model(
+            inputs.model,
+            inputs.device_sets,
+            solver=args.solver,
+            objective=args.objective,
+            time_limit=args.time_limit,
+            seed=args.seed,
+            profile=inputs.profile,
+            max_tasks=args.max_tasks,
+            threads=args.threads,
+        )
+        devices = planned.layout.devices
+        print(
+            f"moirai: devices: {planned.layout.describe()} serves best (--cpu-devices N to choose)",
+            file=sys.stderr,
+        )
+    return build_costgraph(inputs.model, devices, profile=inputs.profile, max_tasks=args.max_tasks)
 
 
 class _Reporter:

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         metavar="[NAME=]TARGET",
         help="cpu, cpu:threads=N, cuda or cuda:ID (repeatable; default: this machine's devices "
-        "as `moirai serve` splits them)",
+        "in every grouping `moirai serve` chooses from)",
     )
     p.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
@@ -109,7 +109,7 @@ def _local_targets() -> list[tuple[str, Target]]:
     from moirai.planning.inputs import LOCAL, resolve_devices
     from moirai.profile.targets import Target
 
-    targets = dict.fromkeys(Target.of(d) for d in resolve_devices(LOCAL).devices)
+    targets = dict.fromkeys(Target.of(d) for ds in resolve_devices(LOCAL) for d in ds.devices)
     return [(t.key, t) for t in targets]
 
 

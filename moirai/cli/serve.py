@@ -6,13 +6,15 @@
         [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000] \
         [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
 
-Plans with the analytic cost model or a measured profile (`--profile measured|FILE`), starts one
-stage server per used device as local processes (the Open Inference Protocol front end inside
-the first stage's), prints the plan (with its latency predicted as served, and its period for a
-throughput plan) and the endpoint, and serves until Ctrl-C or SIGTERM, then stops every process.
-A process that dies, the front end's included, is restarted on its address. `--max-batch-size`
-turns on dynamic batching at the front end (`stage_server.batching`), for a model whose inputs
-and outputs have a symbolic batch dimension.
+Plans with a measured profile of this machine's devices (cached; `--profile analytic|FILE`
+otherwise; analytic by default with a devices file), choosing how to group the CPU's cores into
+stage servers unless `--cpu-devices` says, and for a throughput plan how many lanes (copies of
+the model) to run; starts one stage server per used device as local processes (the Open
+Inference Protocol front end inside the first stage's), prints the plan (with its latency
+predicted as served, and its period for a throughput plan) and the endpoint, and serves until
+Ctrl-C or SIGTERM, then stops every process. A process that dies, the front end's included, is
+restarted on its address. `--max-batch-size` turns on dynamic batching at the front end
+(`stage_server.batching`), for a model whose inputs and outputs have a symbolic batch dimension.
 """
 
 from __future__ import annotations
@@ -44,15 +46,15 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cpu-devices",
         type=positive_int,
-        help="with --devices local: split the CPU into this many devices (default: one per "
-        "core, at most 4)",
+        help="with --devices local: split the CPU into this many devices (default: the "
+        "planner chooses how to group the cores, by predicted served time)",
     )
     p.add_argument(
         "--profile",
-        default="analytic",
         metavar="measured|analytic|FILE",
-        help="task costs: 'measured' on this machine's devices (cached), 'analytic' (default), "
-        "or a profile file from `moirai profile`",
+        help="task costs: 'measured' on this machine's devices (cached; the default with "
+        "--devices local), 'analytic' (the default with a devices file), or a profile file from "
+        "`moirai profile`",
     )
     p.add_argument("--solver", default="auto", help="placement solver (default auto)")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
@@ -98,7 +100,7 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
     )
     return plan_model(
         inputs.model,
-        inputs.devices,
+        inputs.device_sets,
         solver=args.solver,
         objective=args.objective,
         time_limit=args.time_limit,

@@ -4,15 +4,17 @@
 their own terms (flags, a PlacedModel's pools and profiling Jobs); `resolve` turns them into one
 `PlanningInputs`, so `--devices local` means the same devices in `place` and `serve`:
 
-- devices: `local` is this machine (`moirai.devices.local_devices`) with its CPU cut into stage
-  servers (`moirai.planning.cpu.split_cpu`; `cpu_devices` how many), a path is a devices file, a
-  `DeviceSet` is taken as it is (the operator's pools);
+- devices: `local` is this machine (`moirai.devices.local_devices`), its CPU cut into stage
+  servers in every way the planner may choose from (`moirai.planning.space.cpu_groupings`), or
+  in the one `cpu_devices` asks for (`moirai.planning.cpu.split_cpu`); a path is a devices file;
+  a `DeviceSet` is taken as it is (the operator's pools);
 - input shapes: `NAME=DIMS` flags or a mapping;
-- profile: `analytic` (roofline, no hardware), `measured` (this machine's devices, measured now
-  or taken from the profile cache, with the loopback link between two local stage servers), the
-  path of a profile file from `moirai profile` or a `ProfileDocument` (measured on this model
-  with these input shapes), a profile document as parsed JSON (the operator's Jobs, which
-  measured the model the operator verified), or a `Profile` itself;
+- profile (by default measured where the devices are at hand, `local`, and analytic for a
+  devices file): `analytic` (roofline, no hardware), `measured` (this machine's devices,
+  measured now or taken from the profile cache, with the loopback link between two local stage
+  servers), the path of a profile file from `moirai profile` or a `ProfileDocument` (measured
+  on this model with these input shapes), a profile document as parsed JSON (the operator's
+  Jobs, which measured the model the operator verified), or a `Profile` itself;
 - the model, loaded once (`moirai.planning.costgraph.load`) for every later step.
 """
 
@@ -27,6 +29,7 @@ from moirai.devices import DeviceSet, load_devices, local_devices
 from moirai.errors import MoiraiError
 from moirai.planning.costgraph import LoadedModel, load
 from moirai.planning.cpu import split_cpu
+from moirai.planning.space import cpu_groupings
 from moirai.profile import Profile
 
 LOCAL = "local"
@@ -36,8 +39,17 @@ ANALYTIC, MEASURED = "analytic", "measured"
 @dataclass(frozen=True)
 class PlanningInputs:
     model: LoadedModel
-    devices: DeviceSet
+    device_sets: tuple[DeviceSet, ...]
+    """The device sets to choose from: several groupings of this machine's CPU for `local`
+    (`moirai.planning.space.cpu_groupings`), else one."""
     profile: Profile
+
+    @property
+    def devices(self) -> DeviceSet:
+        """The devices, where they are fixed (a devices file, `--cpu-devices`)."""
+        if len(self.device_sets) != 1:
+            raise MoiraiError("the devices are not fixed: choose one of the device sets")
+        return self.device_sets[0]
 
 
 def parse_input_shapes(values: Sequence[str]) -> dict[str, list[int]]:
@@ -59,17 +71,26 @@ def parse_input_shapes(values: Sequence[str]) -> dict[str, list[int]]:
     return shapes
 
 
-def resolve_devices(devices: str | Path | DeviceSet, cpu_devices: int | None = None) -> DeviceSet:
-    """`local`, a devices file or a `DeviceSet` (module docstring)."""
+def resolve_devices(
+    devices: str | Path | DeviceSet, cpu_devices: int | None = None
+) -> tuple[DeviceSet, ...]:
+    """`local`, a devices file or a `DeviceSet` (module docstring): the device sets to choose
+    from."""
     if isinstance(devices, DeviceSet):
         given = devices
     elif str(devices) == LOCAL:
-        return split_cpu(local_devices(), cpu_devices)
+        local = local_devices()
+        return (split_cpu(local, cpu_devices),) if cpu_devices else tuple(cpu_groupings(local))
     else:
         given = load_devices(devices)
     if cpu_devices:
         raise MoiraiError("--cpu-devices applies to --devices local only")
-    return given
+    return (given,)
+
+
+def default_profile(devices: str | Path | DeviceSet) -> str:
+    """Measured where the devices are at hand (`local`), analytic for a description of them."""
+    return MEASURED if str(devices) == LOCAL else ANALYTIC
 
 
 def resolve_profile(
@@ -118,27 +139,30 @@ def resolve(
     devices: str | Path | DeviceSet = LOCAL,
     *,
     cpu_devices: int | None = None,
-    input_shapes: Sequence[str] | Mapping[str, Sequence[int]] = (),
-    profile: str | Path | Mapping[str, Any] | Profile | None = ANALYTIC,
+    input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
+    profile: str | Path | Mapping[str, Any] | Profile | None = None,
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     origin: str = "a profile document",
 ) -> PlanningInputs:
-    """The model, devices and profile of a plan (module docstring). The flags, the devices and a
-    profile file are read before the model loads, so a mistake in them fails at once."""
+    """The model, devices and profile of a plan (module docstring); no `profile` means
+    `default_profile`. The flags, the devices and a profile file are read before the model
+    loads, so a mistake in them fails at once."""
     from moirai.profile.document import ProfileDocument
 
-    device_set = resolve_devices(devices, cpu_devices)
+    device_sets = resolve_devices(devices, cpu_devices)
+    if profile is None:
+        profile = default_profile(devices)
     shapes = (
         dict(input_shapes)
         if isinstance(input_shapes, Mapping)
-        else parse_input_shapes(input_shapes)
+        else parse_input_shapes(input_shapes or ())
     )
     if isinstance(profile, str | Path) and str(profile) not in (ANALYTIC, MEASURED):
         profile, origin = ProfileDocument.load(profile), str(profile)
     model = load(model_path, shapes)
     return PlanningInputs(
         model,
-        device_set,
+        device_sets,
         resolve_profile(profile, model, cache_dir=cache_dir, progress=progress, origin=origin),
     )

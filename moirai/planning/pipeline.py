@@ -20,9 +20,12 @@ the solver's `threads`.
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -33,7 +36,16 @@ from moirai.partition import build_plan
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
 from moirai.planning.costgraph import LoadedModel, build_costgraph, load
-from moirai.planning.prediction import Prediction, call_overheads, predict
+from moirai.planning.lanes import merge_lanes, restrict
+from moirai.planning.prediction import (
+    LanePrediction,
+    Prediction,
+    balanced_weights,
+    call_overheads,
+    combine,
+    predict_lane,
+)
+from moirai.planning.space import Layout, layouts
 from moirai.profile import Profile
 from moirai.stageplan import DeviceSpec, StagePlan
 
@@ -42,20 +54,32 @@ from moirai.stageplan import DeviceSpec, StagePlan
 class Planned:
     model: onnx.ModelProto
     costgraph: CostGraph
-    placement: Placement
+    """The cost graph of the chosen devices (every lane's)."""
+    placements: tuple[Placement, ...]
+    """The solver's plan of each lane, on that lane's devices."""
     plan: StagePlan
+    layout: Layout
+
+    @property
+    def placement(self) -> Placement:
+        """The first lane's placement (the only one but for a throughput plan of lanes)."""
+        return self.placements[0]
+
+    def tasks_per_device(self) -> dict[str, int]:
+        """How many of the cost graph's tasks each device runs, over every lane."""
+        return dict(Counter(d for p in self.placements for d in p.assignment.values()))
 
 
 @dataclass(frozen=True)
 class _Context:
-    """What turning a placement into a served plan needs, fixed for one `plan_model` call."""
+    """What turning a placement into a served plan needs, fixed for one device set."""
 
     model: LoadedModel
     costgraph: CostGraph
     specs: Sequence[DeviceSpec]
     call_ms: Mapping[str, float]
 
-    def as_served(self, placement: Placement) -> tuple[StagePlan, Prediction]:
+    def as_served(self, placement: Placement) -> tuple[StagePlan, LanePrediction]:
         """The stage plan of `placement` and its prediction as served."""
         plan = build_plan(
             self.model.proto,
@@ -69,12 +93,21 @@ class _Context:
             input_shapes=self.model.priced_shapes,
             dynamic=self.model.dynamic,
         )
-        return plan, predict(self.costgraph, plan, self.call_ms)
+        return plan, predict_lane(self.costgraph, plan, self.call_ms)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    layout: Layout
+    costgraph: CostGraph
+    placements: tuple[Placement, ...]
+    plan: StagePlan
+    served: Prediction
 
 
 def plan_model(
     model: str | Path | LoadedModel,
-    devices: DeviceSet,
+    devices: DeviceSet | Sequence[DeviceSet],
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     solver: str = "auto",
@@ -86,68 +119,183 @@ def plan_model(
     threads: int | None = None,
     check: Callable[[CostGraph], None] | None = None,
 ) -> Planned:
-    """`model` is a file (loaded with `input_shapes`) or a model already loaded
-    (`moirai.planning.inputs.resolve`); `profile` prices the tasks (default: the analytic
-    model); `max_tasks` coarsens the fusion groups to at most that many tasks, which bounds how
-    many stages the solver can cut the model into (every stage costs a hop on each side);
-    `threads` bounds the solver's (default: every core); `check` sees the cost graph before the
-    solver and raises to refuse it."""
+    """The best plan of `model` on `devices` as served, with its prediction.
+
+    `model` is a file (loaded with `input_shapes`) or a model already loaded
+    (`moirai.planning.inputs.resolve`); `devices` one device set or several to choose from
+    (`moirai.planning.space.cpu_groupings`); every layout of each (`moirai.planning.space`) is
+    solved and served in prediction, and the one that serves best for `objective` wins.
+    `profile` prices the tasks (default: the analytic model); `max_tasks` coarsens the fusion
+    groups to at most that many tasks, which bounds how many stages the solver can cut the model
+    into (every stage costs a hop on each side); `time_limit` is shared by the solves that
+    search (lanes of one device need none); `threads` bounds the solver's (default: every
+    core); `check` sees each cost graph before the solver and raises to refuse it."""
     loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
-    costgraph = build_costgraph(loaded, devices, profile=profile, max_tasks=max_tasks)
-    if check is not None:
-        check(costgraph)
-    placement = solve(
-        costgraph, solver, objective, time_limit=time_limit, threads=threads, seed=seed
-    )
-    specs = [
-        DeviceSpec(
-            d.name,
-            d.kind,
-            threads=d.threads if d.kind == "cpu" else None,
-            device_id=d.device_id if d.kind == "gpu" else None,
+    device_sets = [devices] if isinstance(devices, DeviceSet) else list(devices)
+    contexts = []
+    for device_set in device_sets:
+        costgraph = build_costgraph(loaded, device_set, profile=profile, max_tasks=max_tasks)
+        if check is not None:
+            check(costgraph)
+        specs = [
+            DeviceSpec(
+                d.name,
+                d.kind,
+                threads=d.threads if d.kind == "cpu" else None,
+                device_id=d.device_id if d.kind == "gpu" else None,
+            )
+            for d in device_set.devices
+        ]
+        context = _Context(loaded, costgraph, specs, call_overheads(profile, device_set.devices))
+        for layout in layouts([device_set], objective, _holds_the_model(costgraph)):
+            contexts.append((context, layout))
+    solves = _Solves(solver, objective, time_limit, threads, seed)
+    for context, layout in contexts:
+        for lane in layout.lanes:
+            solves.expect(context.costgraph, lane)
+    candidates = []
+    for context, layout in contexts:
+        try:
+            candidates.append(_serve(context, layout, solves))
+        except InfeasibleError:
+            if len(contexts) == 1:
+                raise
+    if not candidates:
+        raise InfeasibleError(
+            "no layout of the devices can hold the model: "
+            + "; ".join(layout.describe() for _, layout in contexts)
         )
-        for d in devices.devices
+    best = min(candidates, key=lambda c: served_cost(c.served, objective))
+    lead = best.placements[0]
+    predicted: dict[str, Any] = {
+        "solver": lead.solver,
+        "status": lead.status,
+        "objective": lead.objective,
+        "makespan_ms": lead.makespan_ms,
+        "period_ms": lead.period_ms,
+        "lower_bound_ms": lead.lower_bound_ms,
+        **best.served.to_dict(),
+        "layout": best.layout.describe(),
+    }
+    if len(best.placements) > 1:
+        predicted["lanes"] = [
+            {
+                "devices": list(lane),
+                "solver": p.solver,
+                "makespan_ms": p.makespan_ms,
+                "period_ms": p.period_ms,
+            }
+            for lane, p in zip(best.layout.lanes, best.placements, strict=True)
+        ]
+    if len(candidates) > 1:
+        predicted["candidates"] = [
+            {"layout": c.layout.describe(), "served_ms": served_cost(c.served, objective)}
+            for c in candidates
+        ]
+    plan = dataclasses.replace(best.plan, predicted=predicted)
+    return Planned(loaded.proto, best.costgraph, best.placements, plan, best.layout)
+
+
+def _holds_the_model(costgraph: CostGraph) -> set[str]:
+    """Devices that can run every task and hold all of them."""
+    need = sum(t.memory_bytes for t in costgraph.tasks)
+    return {
+        d.name
+        for d in costgraph.devices
+        if d.memory_bytes >= need and all(d.name in t.compute_ms for t in costgraph.tasks)
+    }
+
+
+class _Solves:
+    """The solver runs of one `plan_model` call: each distinct lane problem once (lanes on
+    alike devices are one problem, their devices renamed), the time limit shared among those
+    that search."""
+
+    def __init__(
+        self, solver: str, objective: Objective, time_limit: float, threads: int | None, seed: int
+    ) -> None:
+        self.solver, self.objective, self.time_limit = solver, objective, time_limit
+        self.threads, self.seed = threads, seed
+        self.searching: set[str] = set()
+        self.done: dict[tuple[str, str], Placement] = {}
+
+    @staticmethod
+    def canonical(costgraph: CostGraph, lane: Sequence[str]) -> tuple[CostGraph, str]:
+        """The lane's problem on devices named d0, d1, ..., and a key that says which."""
+        problem = restrict(costgraph, lane, {d: f"d{i}" for i, d in enumerate(lane)})
+        return problem, json.dumps(problem.to_dict(), sort_keys=True)
+
+    def expect(self, costgraph: CostGraph, lane: Sequence[str]) -> None:
+        if len(lane) > 1:
+            self.searching.add(self.canonical(costgraph, lane)[1])
+
+    def solve(self, costgraph: CostGraph, lane: Sequence[str], solver: str = "") -> Placement:
+        """The placement of one lane, on the lane's own device names."""
+        problem, key = self.canonical(costgraph, lane)
+        solver = solver or (self.solver if len(lane) > 1 else "single")
+        if (solver, key) not in self.done:
+            limit = self.time_limit / max(1, len(self.searching))
+            self.done[(solver, key)] = solve(
+                problem,
+                solver,
+                self.objective,
+                time_limit=limit,
+                threads=self.threads,
+                seed=self.seed,
+            )
+        return _renamed(self.done[(solver, key)], {f"d{i}": d for i, d in enumerate(lane)})
+
+
+def _renamed(placement: Placement, names: Mapping[str, str]) -> Placement:
+    plan = Placement.from_dict(placement.to_dict())
+    plan.assignment = {t: names[d] for t, d in plan.assignment.items()}
+    plan.schedule = [dataclasses.replace(s, device=names[s.device]) for s in plan.schedule]
+    plan.transfers = [
+        dataclasses.replace(x, from_device=names[x.from_device], to_device=names[x.to_device])
+        for x in plan.transfers
     ]
-    context = _Context(loaded, costgraph, specs, call_overheads(profile, devices.devices))
-    plan, served = context.as_served(placement)
-    if solver == "auto" and len(plan.stages) > 1:
-        placement, plan, served = compare_single_device(
-            context, objective, (placement, plan, served), threads=threads, seed=seed
-        )
-    plan = dataclasses.replace(
-        plan,
-        predicted={
-            "solver": placement.solver,
-            "status": placement.status,
-            "objective": placement.objective,
-            "makespan_ms": placement.makespan_ms,
-            "period_ms": placement.period_ms,
-            "lower_bound_ms": placement.lower_bound_ms,
-            **served.to_dict(),
-        },
+    plan.costgraph = placement.costgraph
+    return plan
+
+
+def _serve(context: _Context, layout: Layout, solves: _Solves) -> _Candidate:
+    """Solve each lane of `layout`, and serve them together in prediction."""
+    placements, plans, served = [], [], []
+    for lane in layout.lanes:
+        placement = solves.solve(context.costgraph, lane)
+        plan, prediction = context.as_served(placement)
+        if solves.solver == "auto" and len(plan.stages) > 1:
+            placement, plan, prediction = compare_single_device(
+                context, solves, lane, (placement, plan, prediction)
+            )
+        placements.append(placement)
+        plans.append(plan)
+        served.append(prediction)
+    weights = balanced_weights(served) if len(served) > 1 else [1.0]
+    prediction = combine(served, weights) if len(served) > 1 else served[0].prediction
+    return _Candidate(
+        layout, context.costgraph, tuple(placements), merge_lanes(plans, weights), prediction
     )
-    return Planned(loaded.proto, costgraph, placement, plan)
 
 
 def compare_single_device(
     context: _Context,
-    objective: Objective,
-    split: tuple[Placement, StagePlan, Prediction],
-    *,
-    threads: int | None,
-    seed: int,
-) -> tuple[Placement, StagePlan, Prediction]:
-    """`auto`'s last step: the best device alone when it serves better than the split plan.
-
-    The plan as served can lose what the solver's schedule gains: a stage runs once all its
-    inputs are in (so a stage holding a branch and the join waits for the other branch), and
-    each stage costs a session call the solvers do not price."""
+    solves: _Solves,
+    lane: Sequence[str],
+    split: tuple[Placement, StagePlan, LanePrediction],
+) -> tuple[Placement, StagePlan, LanePrediction]:
+    """`auto`'s last step for a lane: its best device alone when that serves better than the
+    split plan. A stage costs a session call the solvers do not price, and a split that the
+    solver overlaps can still lose to hops the schedule hid."""
     try:
-        alone = solve(context.costgraph, "single", objective, threads=threads, seed=seed)
-    except InfeasibleError:  # no device holds the whole model
+        alone = solves.solve(context.costgraph, lane, "single")
+    except InfeasibleError:  # no device of the lane holds the whole model
         return split
     alone_plan, alone_served = context.as_served(alone)
-    if served_cost(alone_served, objective) < served_cost(split[2], objective):
+    objective = solves.objective
+    if served_cost(alone_served.prediction, objective) < served_cost(
+        split[2].prediction, objective
+    ):
         return alone, alone_plan, alone_served
     return split
 
@@ -158,8 +306,10 @@ def served_cost(served: Prediction, objective: Objective) -> float:
 
 
 def describe(plan: StagePlan) -> str:
-    """A person's view of a plan: devices, stages with their border tensors, predictions."""
+    """A person's view of a plan: devices, lanes, stages with their border tensors,
+    predictions, and the layouts it was chosen from."""
     p = plan.predicted
+    lanes = len(plan.lanes)
     lines = [
         f"model {plan.model_name}: {len(plan.stages)} stages on "
         + ", ".join(
@@ -169,18 +319,31 @@ def describe(plan: StagePlan) -> str:
             for d in plan.devices
             if d.name in plan.used_devices
         )
+        + (f", in {lanes} lanes" if lanes > 1 else "")
     ]
+    if "layout" in p:
+        lines.append(f"layout: {p['layout']}")
     if p:
         lines.append(
             f"solver {p.get('solver')} ({p.get('status')}), objective {p.get('objective')}: "
             f"makespan {p.get('makespan_ms', 0):.2f} ms, period {p.get('period_ms') or 0:.2f} ms "
             f"(lower bound {p.get('lower_bound_ms', 0):.2f} ms)"
+            + (" (lane 0)" if lanes > 1 else "")
         )
     if "served_ms" in p:
         served = Prediction.from_dict(p)
         lines.append(served.describe(period=p.get("objective") == "throughput"))
-    for s in plan.stages:
-        ins = ", ".join(s.inputs) or "-"
-        outs = ", ".join(s.outputs)
-        lines.append(f"  {s.id:>4} on {s.device:<8} {len(s.nodes):>4} nodes  {ins} -> {outs}")
+    if p.get("candidates"):
+        lines.append(
+            "chosen from: "
+            + "; ".join(f"{c['layout']} {c['served_ms']:.2f} ms" for c in p["candidates"])
+            + (" (period as served)" if p.get("objective") == "throughput" else " (latency)")
+        )
+    for k, lane in enumerate(plan.lanes):
+        if lanes > 1:
+            lines.append(f"  lane {k} (weight {lane.weight:.2f}):")
+        for s in plan.stages_of_lane(k):
+            ins = ", ".join(s.inputs) or "-"
+            outs = ", ".join(s.outputs)
+            lines.append(f"  {s.id:>4} on {s.device:<8} {len(s.nodes):>4} nodes  {ins} -> {outs}")
     return "\n".join(lines)

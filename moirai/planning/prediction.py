@@ -19,6 +19,11 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
 The simulator gives its makespan (from the gateway's first push to the last output back) and
 its pipelined period, under the same execution model as the solvers; the client's round trip to
 the gateway (`CLIENT_LOOPBACK`) adds to the latency only: the client is not a shared resource.
+
+A plan of several lanes (`moirai.planning.lanes`) is priced lane by lane and combined by the
+lanes' weights: a request's latency is its lane's, and the period is that of the busiest
+resource per request, a lane's own devices for the share of requests it takes, the one gateway
+for all of them (`combine`).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ from onnx import helper
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
-from moirai.placement import evaluate
+from moirai.placement import PlacementProblem, evaluate
+from moirai.placement.simulate import loads
 from moirai.profile import PricesCalls, Profile
 from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 
@@ -154,20 +160,79 @@ def predict(
     call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
 ) -> Prediction:
-    """Latency and period of `plan` as served (module docstring)."""
+    """Latency and period of `plan` as served (module docstring); a plan of several lanes is
+    priced lane by lane (`combine`)."""
+    if len(plan.lanes) > 1:
+        from moirai.planning.lanes import lane_view
+
+        lanes = [
+            predict_lane(costgraph, lane_view(plan, k), call_ms, client)
+            for k in range(len(plan.lanes))
+        ]
+        return combine(lanes, [lane.weight for lane in plan.lanes])
+    return predict_lane(costgraph, plan, call_ms, client).prediction
+
+
+@dataclass(frozen=True)
+class LanePrediction:
+    prediction: Prediction
+    lane_period_ms: float
+    """The busiest of the lane's own devices and ports per request (the gateway apart)."""
+    gateway_ms: float
+    """The gateway's busy time per request of the lane."""
+
+
+def predict_lane(
+    costgraph: CostGraph,
+    plan: StagePlan,
+    call_ms: Mapping[str, float] | None = None,
+    client: Link = CLIENT_LOOPBACK,
+) -> LanePrediction:
+    """One lane's prediction, with the parts `combine` needs to put lanes together."""
     served = served_costgraph(costgraph, plan, call_ms)
     assignment = {
         GATEWAY_IN: GATEWAY,
         GATEWAY_OUT: GATEWAY,
         **{s.id: s.device for s in plan.stages},
     }
-    result = evaluate(served, assignment)
+    problem = PlacementProblem(served)
+    result = evaluate(problem, assignment)
+    busy = loads(problem, [problem.device_index[assignment[t]] for t in problem.tasks])
+    k, g = problem.num_devices, problem.device_index[GATEWAY]
+    gateway = max(busy[g], busy[k + g], busy[2 * k + g])
+    own = max((b for i, b in enumerate(busy) if i % k != g), default=0.0)
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
-    return Prediction(
-        served_ms=result.makespan_ms,
-        client_ms=client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)),
-        period_ms=result.period_ms or 0.0,
+    return LanePrediction(
+        Prediction(
+            served_ms=result.makespan_ms,
+            client_ms=client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)),
+            period_ms=max(gateway, own),
+        ),
+        own,
+        gateway,
     )
+
+
+def combine(lanes: Sequence[LanePrediction], weights: Sequence[float]) -> Prediction:
+    """Several lanes behind one gateway, lane k taking a share `weights[k]` of the requests: a
+    request's expected latency, and the period of the busiest resource per request (a lane's
+    own, for its share; the gateway's, for all)."""
+    total = sum(weights)
+    share = [w / total for w in weights]
+    return Prediction(
+        served_ms=sum(w * lane.prediction.served_ms for w, lane in zip(share, lanes, strict=True)),
+        client_ms=sum(w * lane.prediction.client_ms for w, lane in zip(share, lanes, strict=True)),
+        period_ms=max(
+            max(w * lane.lane_period_ms for w, lane in zip(share, lanes, strict=True)),
+            sum(w * lane.gateway_ms for w, lane in zip(share, lanes, strict=True)),
+        ),
+    )
+
+
+def balanced_weights(lanes: Sequence[LanePrediction]) -> list[float]:
+    """Request shares that keep every lane equally busy: in proportion to each lane's rate."""
+    rates = [1.0 / max(lane.lane_period_ms, 1e-9) for lane in lanes]
+    return [r / sum(rates) for r in rates]
 
 
 def call_overheads(profile: Profile | None, devices: Sequence[DeviceSpec]) -> dict[str, float]:

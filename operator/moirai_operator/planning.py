@@ -18,7 +18,6 @@ devices — so the message can say how much is needed and how much the pools off
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -122,7 +121,7 @@ class Planner:
             raise ProfilingError(f"the profiling Jobs returned a bad profile: {e}") from None
         planned = plan_model(
             inputs.model,
-            inputs.devices,
+            inputs.device_sets,
             solver=spec.placement.solver,
             objective="throughput" if spec.placement.objective == "throughput" else "latency",
             time_limit=spec.placement.time_limit_seconds,
@@ -142,7 +141,7 @@ class Planner:
             except MoiraiError as e:
                 raise SpecError(str(e)) from None
         used = set(stage_plan.used_devices)
-        tasks = Counter(placement.assignment.values())
+        tasks = planned.tasks_per_device()
         by_pool = {m.spec.name: m for m in pools}
         devices = tuple(
             PlannedDevice(
