@@ -43,6 +43,7 @@ from moirai.planning.prediction import (
     balanced_weights,
     call_overheads,
     combine,
+    front_end,
     predict_lane,
 )
 from moirai.planning.space import Layout, layouts
@@ -79,8 +80,11 @@ class _Context:
     specs: Sequence[DeviceSpec]
     call_ms: Mapping[str, float]
 
-    def as_served(self, placement: Placement) -> tuple[StagePlan, LanePrediction]:
-        """The stage plan of `placement` and its prediction as served."""
+    def as_served(
+        self, placement: Placement, fused: bool = True
+    ) -> tuple[StagePlan, LanePrediction]:
+        """The stage plan of `placement` and its prediction as served, the front end `fused`
+        into its first stage's process (`moirai.planning.prediction.front_end`)."""
         plan = build_plan(
             self.model.proto,
             placement.assignment,
@@ -93,7 +97,8 @@ class _Context:
             input_shapes=self.model.priced_shapes,
             dynamic=self.model.dynamic,
         )
-        return plan, predict_lane(self.costgraph, plan, self.call_ms)
+        entry = front_end(plan, fused)
+        return plan, predict_lane(self.costgraph, plan, self.call_ms, entry=entry)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ def plan_model(
     max_tasks: int | None = None,
     threads: int | None = None,
     check: Callable[[CostGraph], None] | None = None,
+    fused_front_end: bool = True,
 ) -> Planned:
     """The best plan of `model` on `devices` as served, with its prediction.
 
@@ -129,7 +135,9 @@ def plan_model(
     groups to at most that many tasks, which bounds how many stages the solver can cut the model
     into (every stage costs a hop on each side); `time_limit` is shared by the solves that
     search (lanes of one device need none); `threads` bounds the solver's (default: every
-    core); `check` sees each cost graph before the solver and raises to refuse it."""
+    core); `check` sees each cost graph before the solver and raises to refuse it;
+    `fused_front_end` says whether the front end runs in the first stage's process (as
+    `moirai serve` runs a plan of one lane) or apart (the operator's gateway)."""
     loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
     device_sets = [devices] if isinstance(devices, DeviceSet) else list(devices)
     contexts = []
@@ -149,7 +157,7 @@ def plan_model(
         context = _Context(loaded, costgraph, specs, call_overheads(profile, device_set.devices))
         for layout in layouts([device_set], objective, _holds_the_model(costgraph)):
             contexts.append((context, layout))
-    solves = _Solves(solver, objective, time_limit, threads, seed)
+    solves = _Solves(solver, objective, time_limit, threads, seed, fused_front_end)
     for context, layout in contexts:
         for lane in layout.lanes:
             solves.expect(context.costgraph, lane)
@@ -212,10 +220,16 @@ class _Solves:
     that search."""
 
     def __init__(
-        self, solver: str, objective: Objective, time_limit: float, threads: int | None, seed: int
+        self,
+        solver: str,
+        objective: Objective,
+        time_limit: float,
+        threads: int | None,
+        seed: int,
+        fused: bool,
     ) -> None:
         self.solver, self.objective, self.time_limit = solver, objective, time_limit
-        self.threads, self.seed = threads, seed
+        self.threads, self.seed, self.fused = threads, seed, fused
         self.searching: set[str] = set()
         self.done: dict[tuple[str, str], Placement] = {}
 
@@ -261,12 +275,13 @@ def _renamed(placement: Placement, names: Mapping[str, str]) -> Placement:
 def _serve(context: _Context, layout: Layout, solves: _Solves) -> _Candidate:
     """Solve each lane of `layout`, and serve them together in prediction."""
     placements, plans, served = [], [], []
+    fused = solves.fused and len(layout.lanes) == 1  # several lanes: a gateway of their own
     for lane in layout.lanes:
         placement = solves.solve(context.costgraph, lane)
-        plan, prediction = context.as_served(placement)
+        plan, prediction = context.as_served(placement, fused)
         if solves.solver == "auto" and len(plan.stages) > 1:
             placement, plan, prediction = compare_single_device(
-                context, solves, lane, (placement, plan, prediction)
+                context, solves, lane, (placement, plan, prediction), fused
             )
         placements.append(placement)
         plans.append(plan)
@@ -283,6 +298,7 @@ def compare_single_device(
     solves: _Solves,
     lane: Sequence[str],
     split: tuple[Placement, StagePlan, LanePrediction],
+    fused: bool,
 ) -> tuple[Placement, StagePlan, LanePrediction]:
     """`auto`'s last step for a lane: its best device alone when that serves better than the
     split plan. A stage costs a session call the solvers do not price, and a split that the
@@ -291,7 +307,7 @@ def compare_single_device(
         alone = solves.solve(context.costgraph, lane, "single")
     except InfeasibleError:  # no device of the lane holds the whole model
         return split
-    alone_plan, alone_served = context.as_served(alone)
+    alone_plan, alone_served = context.as_served(alone, fused)
     objective = solves.objective
     if served_cost(alone_served.prediction, objective) < served_cost(
         split[2].prediction, objective

@@ -12,13 +12,17 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
   (`call_ms`, a measured profile's `call_overhead_ms`);
 - one edge per pair of stages, carrying the bytes of the tensors that cross, priced by the
   cost graph's links (the serving link);
-- the gateway as a CPU device of its own, with a task that pushes the inputs to the stages
-  that read them and one that collects the outputs, over the default link (one push at a time,
-  as the execution model sends from any device).
+- the front end, with a task that pushes the inputs to the stages that read them and one that
+  collects the outputs (one push at a time, as the execution model sends from any device): in
+  the process of the plan's first stage where `moirai serve` runs it there (`fused`, a plan of
+  one lane: `moirai.runtime.local`), so that stage's device takes the inputs and gives the
+  outputs without a hop, and its links price the others; else as a CPU device of its own (the
+  gateway) over the default link.
 
-The simulator gives its makespan (from the gateway's first push to the last output back) and
+The simulator gives its makespan (from the front end's first push to the last output back) and
 its pipelined period, under the same execution model as the solvers; the client's round trip to
-the gateway (`CLIENT_LOOPBACK`) adds to the latency only: the client is not a shared resource.
+the front end (`CLIENT_LOOPBACK`) adds to the latency, and keeps the front end's process (the
+first stage's device, or the gateway) busy as long for every request.
 
 A plan of several lanes (`moirai.planning.lanes`) is priced lane by lane and combined by the
 lanes' weights: a request's latency is its lane's, and the period is that of the busiest
@@ -113,11 +117,21 @@ def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
     return total
 
 
+def front_end(plan: StagePlan, fused: bool = True) -> str:
+    """Where the front end runs: the device of the plan's first stage when it is fused into
+    that stage's process (a plan of one lane), else the gateway of its own."""
+    return plan.stages[0].device if fused and len(plan.lanes) == 1 else GATEWAY
+
+
 def served_costgraph(
-    costgraph: CostGraph, plan: StagePlan, call_ms: Mapping[str, float] | None = None
+    costgraph: CostGraph,
+    plan: StagePlan,
+    call_ms: Mapping[str, float] | None = None,
+    entry: str = GATEWAY,
 ) -> CostGraph:
-    """The plan as the runtime executes it (module docstring). `costgraph` is the one the plan
-    was made from: its tasks' `ops` say which stage runs them."""
+    """The plan as the runtime executes it (module docstring), the front end on `entry`
+    (`front_end`). `costgraph` is the one the plan was made from: its tasks' `ops` say which
+    stage runs them."""
     if GATEWAY in costgraph.device:
         raise MoiraiError(f"a device may not be named {GATEWAY!r}: the gateway's name")
     call_ms = call_ms or {}
@@ -137,14 +151,14 @@ def served_costgraph(
         for consumer in consumers:
             src, dst = producer[tensor], GATEWAY_OUT if consumer == GATEWAY else consumer
             crossing.setdefault((src, dst), []).append(tensor)
-    gateway = Device(GATEWAY, memory_bytes=0, kind="cpu")
+    gateway = (Device(GATEWAY, memory_bytes=0, kind="cpu"),) if entry == GATEWAY else ()
     return CostGraph(
         name=f"{costgraph.name}-served",
-        devices=(*costgraph.devices, gateway),
+        devices=(*costgraph.devices, *gateway),
         tasks=(
-            Task(GATEWAY_IN, {GATEWAY: 0.0}),
+            Task(GATEWAY_IN, {entry: 0.0}),
             *(Task(s.id, {s.device: compute[s.id]}) for s in plan.stages),
-            Task(GATEWAY_OUT, {GATEWAY: 0.0}),
+            Task(GATEWAY_OUT, {entry: 0.0}),
         ),
         edges=tuple(
             Edge(src, dst, _nbytes(plan, tensors)) for (src, dst), tensors in crossing.items()
@@ -159,9 +173,11 @@ def predict(
     plan: StagePlan,
     call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
+    fused: bool = True,
 ) -> Prediction:
-    """Latency and period of `plan` as served (module docstring); a plan of several lanes is
-    priced lane by lane (`combine`)."""
+    """Latency and period of `plan` as served (module docstring), the front end `fused` into
+    the first stage's process where the plan has one lane; a plan of several lanes is priced
+    lane by lane (`combine`), behind a gateway of its own."""
     if len(plan.lanes) > 1:
         from moirai.planning.lanes import lane_view
 
@@ -170,7 +186,7 @@ def predict(
             for k in range(len(plan.lanes))
         ]
         return combine(lanes, [lane.weight for lane in plan.lanes])
-    return predict_lane(costgraph, plan, call_ms, client).prediction
+    return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused)).prediction
 
 
 @dataclass(frozen=True)
@@ -187,26 +203,29 @@ def predict_lane(
     plan: StagePlan,
     call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
+    entry: str = GATEWAY,
 ) -> LanePrediction:
-    """One lane's prediction, with the parts `combine` needs to put lanes together."""
-    served = served_costgraph(costgraph, plan, call_ms)
+    """One lane's prediction, the front end on `entry` (`front_end`), with the parts `combine`
+    needs to put lanes together."""
+    served = served_costgraph(costgraph, plan, call_ms, entry)
     assignment = {
-        GATEWAY_IN: GATEWAY,
-        GATEWAY_OUT: GATEWAY,
+        GATEWAY_IN: entry,
+        GATEWAY_OUT: entry,
         **{s.id: s.device for s in plan.stages},
     }
     problem = PlacementProblem(served)
     result = evaluate(problem, assignment)
     busy = loads(problem, [problem.device_index[assignment[t]] for t in problem.tasks])
-    k, g = problem.num_devices, problem.device_index[GATEWAY]
-    gateway = max(busy[g], busy[k + g], busy[2 * k + g])
-    own = max((b for i, b in enumerate(busy) if i % k != g), default=0.0)
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
+    # The front end's own share of every request, the client's call, keeps its process busy.
+    client_ms = client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs))
+    busy[problem.device_index[entry]] += client_ms
+    k, g = problem.num_devices, problem.device_index.get(GATEWAY, -1)
+    gateway = max(busy[g], busy[k + g], busy[2 * k + g]) if g >= 0 else 0.0
+    own = max((b for i, b in enumerate(busy) if i % k != g), default=0.0)
     return LanePrediction(
         Prediction(
-            served_ms=result.makespan_ms,
-            client_ms=client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs)),
-            period_ms=max(gateway, own),
+            served_ms=result.makespan_ms, client_ms=client_ms, period_ms=max(gateway, own)
         ),
         own,
         gateway,

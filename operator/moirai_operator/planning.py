@@ -128,6 +128,7 @@ class Planner:
             profile=inputs.profile,
             threads=self.threads,
             check=check_memory,
+            fused_front_end=False,  # the gateway is a Deployment of its own
         )
         placement, stage_plan = planned.placement, planned.plan
         if spec.serving.batching.enabled:

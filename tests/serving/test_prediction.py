@@ -57,11 +57,23 @@ def plan_on(devices: list[str]):
 def test_one_stage_is_its_compute_and_the_gateway_hops() -> None:
     cg, plan = plan_on(["cpu-0"] * 6)
     assert len(plan.stages) == 1
-    got = predict(cg, plan, CALL, CLIENT)
+    got = predict(cg, plan, CALL, CLIENT, fused=False)
     client = 1.0 + 2 * 256 / 1e3  # inputs there, outputs back
     assert got.client_ms == pytest.approx(client)
     assert got.served_ms == pytest.approx(HOP + 6.0 + CALL["cpu-0"] + HOP)
     assert got.latency_ms == pytest.approx(got.served_ms + client)
+
+
+def test_a_front_end_in_the_first_stage_takes_no_hop() -> None:
+    """`moirai serve` runs the front end in the process of the first stage: a one-stage plan is
+    its compute and its call; a stage elsewhere gets its inputs and gives its outputs over the
+    link from and to the first stage's device."""
+    cg, one = plan_on(["cpu-0"] * 6)
+    _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
+    assert predict(cg, one, CALL, CLIENT).served_ms == pytest.approx(6.0 + CALL["cpu-0"])
+    assert predict(cg, two, CALL, CLIENT).served_ms == pytest.approx(
+        6.0 + CALL["cpu-0"] + CALL["cpu-1"] + 2 * HOP
+    )
 
 
 def test_each_stage_adds_its_call_and_its_hop() -> None:
@@ -69,7 +81,7 @@ def test_each_stage_adds_its_call_and_its_hop() -> None:
     _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
     _, three = plan_on(["cpu-0"] * 2 + ["cpu-1"] * 2 + ["cpu-0"] * 2)
     assert [len(p.stages) for p in (one, two, three)] == [1, 2, 3]
-    latency = [predict(cg, p, CALL, CLIENT).latency_ms for p in (one, two, three)]
+    latency = [predict(cg, p, CALL, CLIENT, fused=False).latency_ms for p in (one, two, three)]
     assert latency[1] - latency[0] == pytest.approx(HOP + CALL["cpu-1"])
     assert latency[2] - latency[1] == pytest.approx(HOP + CALL["cpu-0"])
 
@@ -129,8 +141,8 @@ def test_plan_model_predicts_the_plan_as_served(tmp_path: Path, objective: str) 
     assert p["latency_ms"] == pytest.approx(want.latency_ms)
     assert p["served_period_ms"] == pytest.approx(want.period_ms)
     assert p["makespan_ms"] == pytest.approx(planned.placement.makespan_ms)
-    # The served plan starts with the gateway's pushes and ends with its collection.
-    assert p["served_ms"] > p["makespan_ms"]
+    # The served plan takes the inputs from the front end and gives it the outputs.
+    assert p["served_ms"] >= p["makespan_ms"]
     text = describe(planned.plan)
     assert f"predicted as served: latency {want.latency_ms:.2f} ms" in text
     assert ("req/s" in text) == (objective == "throughput")
@@ -177,8 +189,11 @@ def test_a_split_plan_is_served_as_scheduled(tmp_path: Path) -> None:
     p = split.plan.predicted
     assert len(split.plan.used_devices) == 2
     assert p["makespan_ms"] < alone.plan.predicted["makespan_ms"]
-    hop = SERVING_LOOPBACK.transfer_ms(64 * 1024 * 4)  # x in, y out: [64, 1024] floats
-    assert p["served_ms"] == pytest.approx(p["makespan_ms"] + 2 * hop, rel=1e-6)
+    # The front end runs in the first stage's process: x reaches the other device and y comes
+    # back over one hop each, at most ([64, 1024] floats); the solver's schedule already has
+    # one of those hops.
+    hop = SERVING_LOOPBACK.transfer_ms(64 * 1024 * 4)
+    assert p["makespan_ms"] <= p["served_ms"] <= p["makespan_ms"] + 2 * hop + 1e-9
     assert p["latency_ms"] < alone.plan.predicted["latency_ms"]
     chosen = plan_model(path, devices, time_limit=5)
     assert chosen.plan.predicted["latency_ms"] == pytest.approx(p["latency_ms"])
