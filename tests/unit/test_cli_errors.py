@@ -393,7 +393,7 @@ def test_serve_batching_a_model_with_a_fixed_batch(
     onnx.save(helper.make_model(graph), path)
     grpc_port, http_port = free_ports(2)
     argv = [
-        "serve", str(path), "--max-batch-size", "8", "--time-limit", "2",
+        "serve", str(path), "--max-batch-size", "8", "--time-limit", "2", "--profile", "analytic",
         "--grpc-port", str(grpc_port), "--http-port", str(http_port),
     ]  # fmt: skip
     message = one_line_error(capsys, argv)
