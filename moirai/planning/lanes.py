@@ -76,10 +76,11 @@ def lane_view(plan: StagePlan, lane: int) -> StagePlan:
 
 
 def merge_lanes(plans: Sequence[StagePlan], weights: Sequence[float]) -> StagePlan:
-    """One plan with each of `plans` (one-lane plans of the same model, on disjoint devices of
-    the same device list) as a lane of the given weight."""
+    """One plan with each of `plans` (one-lane plans of the same model, on disjoint devices) as
+    a lane of the given weight; its devices are theirs, each once."""
     if len(plans) == 1:
         return dataclasses.replace(plans[0], lanes=(Lane(weights[0]),))
+    devices = {d.name: d for plan in plans for d in plan.devices}
     stages = []
     routing: dict[str, list[str]] = {}
     tensors = {}
@@ -92,6 +93,7 @@ def merge_lanes(plans: Sequence[StagePlan], weights: Sequence[float]) -> StagePl
         tensors.update(plan.tensors)
     return dataclasses.replace(
         plans[0],
+        devices=tuple(devices.values()),
         stages=tuple(stages),
         routing={t: tuple(c) for t, c in routing.items()},
         tensors=tensors,

@@ -224,9 +224,7 @@ def predict_lane(
     gateway = max(busy[g], busy[k + g], busy[2 * k + g]) if g >= 0 else 0.0
     own = max((b for i, b in enumerate(busy) if i % k != g), default=0.0)
     return LanePrediction(
-        Prediction(
-            served_ms=result.makespan_ms, client_ms=client_ms, period_ms=max(gateway, own)
-        ),
+        Prediction(served_ms=result.makespan_ms, client_ms=client_ms, period_ms=max(gateway, own)),
         own,
         gateway,
     )

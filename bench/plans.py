@@ -1,0 +1,384 @@
+"""The plan space, served: Moirai's latency and throughput plans on this machine against ONNX
+Runtime on its own and plain replication.
+
+    .venv/bin/python bench/plans.py [--models squeezenet inception_v1 ...] [--requests 9] \
+        [--window 5] [--time-limit 10] [--cache-dir DIR]
+
+For each zoo model, as `moirai serve --devices local` plans it (measured profile, cached; the
+CPU's cores grouped as serves best; lanes for throughput):
+
+1. **Latency.** The latency plan, served by `moirai serve`'s processes
+   (`moirai.runtime.local.LocalDeployment`), median of `requests` sequential requests from one
+   client, against in-process ONNX Runtime on the whole model with every core and with one
+   thread (the best single device of the groupings), and the serving frame: a model with the
+   same inputs and outputs that computes nothing, served the same way (the stack's own cost per
+   request). Goal: served <= 1.05 x the better of the two + the frame.
+2. **Throughput.** The throughput plan, served, driven by 3 client processes with 4 requests in
+   flight each over a window, against in-process ONNX Runtime with every core (4 threads calling
+   `run` on one session), two one-thread replicas (two processes, each pinned to its core, each
+   calling `run` in a loop; their requests/s added) and plain replication served (one lane per
+   one-thread device). Goals: served >= 0.95 x the best of every-core ORT and two replicas, and
+   >= plain replication served (within 5%: measurements alternate, but the machine is shared).
+
+The served variants and the in-process ones run back to back for each model so that they see the
+same machine; the load average is recorded. Writes bench/results/plans.md and plans.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from runtime import inputs_for, median_ms  # noqa: E402
+from stack import cpu_ms  # noqa: E402
+from validation import frame_ms  # noqa: E402
+
+from moirai import zoo  # noqa: E402
+from moirai.planning import plan_model, resolve  # noqa: E402
+from moirai.planning.cpu import available_cores  # noqa: E402
+from moirai.planning.lanes import merge_lanes  # noqa: E402
+from moirai.profile.targets import cpu_model  # noqa: E402
+from moirai.runtime.local import LocalDeployment  # noqa: E402
+from moirai.sessions import session_options  # noqa: E402
+from moirai.stageplan import StagePlan  # noqa: E402
+from stage_server import codec  # noqa: E402
+from stage_server.client import InferenceClient  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+LATENCY_GOAL, THROUGHPUT_GOAL, REPLICATION_GOAL = 1.05, 0.95, 0.95
+
+
+# ------------------------------------------------------------------ clients
+def _client(url: str, model: str, inputs: dict, inflight: int, count, stop, ok) -> None:
+    import grpc
+
+    from stage_server.oip_grpc import SERVICE
+
+    request = codec.encode_infer_request(model, inputs)
+
+    async def main() -> None:
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        async with grpc.aio.insecure_channel(url, options=options) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+            await call(request, timeout=300)
+            ok.value = 1
+
+            async def worker() -> None:
+                while not stop.is_set():
+                    await call(request, timeout=300)
+                    with count.get_lock():
+                        count.value += 1
+
+            await asyncio.gather(*(worker() for _ in range(inflight)))
+
+    asyncio.run(main())
+
+
+def served_rps(
+    d: LocalDeployment, model: str, inputs: dict, window_s: float, processes: int = 3
+) -> dict[str, float]:
+    """Requests/s of the deployment under 3 client processes x 4 in flight, and the CPU all
+    serving processes spent per request."""
+    ctx = mp.get_context("spawn")
+    count, stop = ctx.Value("q", 0), ctx.Event()
+    oks = [ctx.Value("i", 0) for _ in range(processes)]
+    clients = [
+        ctx.Process(target=_client, args=(d.grpc_url, model, inputs, 4, count, stop, ok))
+        for ok in oks
+    ]
+    for c in clients:
+        c.start()
+    try:
+        end = time.monotonic() + 300
+        while not all(ok.value for ok in oks):
+            if time.monotonic() > end or not all(c.is_alive() for c in clients):
+                raise SystemExit("the clients got no first answer")
+            time.sleep(0.1)
+        time.sleep(1.0)
+        pids = list(d.pids.values())
+        c0, n0, t0 = cpu_ms(pids), count.value, time.perf_counter()
+        time.sleep(window_s)
+        c1, n1, t1 = cpu_ms(pids), count.value, time.perf_counter()
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(30)
+            if c.is_alive():
+                c.kill()
+    return {"rps": (n1 - n0) / (t1 - t0), "cpu_ms": (c1 - c0) / max(n1 - n0, 1)}
+
+
+# --------------------------------------------------------------- in process
+def _session(model_bytes: bytes, threads: int):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        model_bytes, session_options(threads), providers=["CPUExecutionProvider"]
+    )
+
+
+def in_process_rps(model_bytes: bytes, inputs: dict, threads: int, window_s: float) -> float:
+    """Requests/s of 4 Python threads calling `run` on one session of `threads` threads."""
+    session = _session(model_bytes, threads)
+    stop, counts = threading.Event(), [0] * 4
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            session.run(None, inputs)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    n0, t0 = sum(counts), time.perf_counter()
+    time.sleep(window_s)
+    n1, t1 = sum(counts), time.perf_counter()
+    stop.set()
+    for w in workers:
+        w.join()
+    return (n1 - n0) / (t1 - t0)
+
+
+def _replica(model_bytes: bytes, inputs: dict, core: int, count, ready, stop) -> None:
+    os.sched_setaffinity(0, {core})
+    session = _session(model_bytes, 1)
+    session.run(None, inputs)
+    ready.set()
+    while not stop.is_set():
+        session.run(None, inputs)
+        with count.get_lock():
+            count.value += 1
+
+
+def replicas_rps(model_bytes: bytes, inputs: dict, window_s: float) -> float:
+    """Requests/s of one one-thread ORT process per core (two on two cores), together."""
+    ctx = mp.get_context("spawn")
+    count, stop = ctx.Value("q", 0), ctx.Event()
+    readies = [ctx.Event() for _ in available_cores()]
+    procs = [
+        ctx.Process(target=_replica, args=(model_bytes, inputs, core, count, ready, stop))
+        for core, ready in zip(available_cores(), readies, strict=True)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        for ready in readies:
+            ready.wait(300)
+        time.sleep(1.0)
+        n0, t0 = count.value, time.perf_counter()
+        time.sleep(window_s)
+        n1, t1 = count.value, time.perf_counter()
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(30)
+    return (n1 - n0) / (t1 - t0)
+
+
+# ------------------------------------------------------------------- a model
+def _served_latency(plan: StagePlan, path: Path, inputs: dict, n: int, tmp: Path) -> float:
+    with LocalDeployment(plan, path, tmp) as d, InferenceClient(d.grpc_url) as client:
+        return median_ms(lambda: client.infer(plan.model_name, inputs, timeout_s=300), n)
+
+
+def _layout(plan: StagePlan) -> str:
+    return str(plan.predicted.get("layout", "?"))
+
+
+def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    path = zoo.get(name)
+    inputs = resolve(
+        path,
+        "local",
+        input_shapes=zoo.input_shapes(name),
+        profile="measured",
+        cache_dir=args.cache_dir,
+    )
+    common = {
+        "profile": inputs.profile,
+        "time_limit": args.time_limit,
+        "threads": len(available_cores()),
+    }
+    latency = plan_model(inputs.model, inputs.device_sets, objective="latency", **common)
+    throughput = plan_model(inputs.model, inputs.device_sets, objective="throughput", **common)
+    # Plain replication: a whole copy of the model on each device of the finest grouping.
+    finest = max(inputs.device_sets, key=lambda ds: len(ds.devices))
+    copies = [
+        plan_model(
+            inputs.model,
+            dataclasses.replace(finest, devices=(device,)),
+            objective="throughput",
+            solver="single",
+            **common,
+        ).plan
+        for device in finest.devices
+    ]
+    replication = merge_lanes(copies, [1.0] * len(copies))
+    lanes = len(copies)
+    feeds = inputs_for(latency.plan)
+    model_bytes = inputs.model.proto.SerializeToString()
+    cores = len(available_cores())
+    row: dict[str, Any] = {"model": name}
+
+    # Latency: served, the frame, in-process ORT with every core and with one thread.
+    row["latency_layout"] = _layout(latency.plan)
+    row["latency_predicted_ms"] = latency.plan.predicted["latency_ms"]
+    row["latency_ms"] = _served_latency(latency.plan, path, feeds, args.requests, tmp / "lat")
+    row["frame_ms"] = frame_ms(latency.plan, inputs.model.proto, args.requests, tmp / "frame")
+    row["ort_all_ms"] = median_ms(
+        partial(_session(model_bytes, cores).run, None, feeds), args.requests
+    )
+    row["ort_one_ms"] = median_ms(partial(_session(model_bytes, 1).run, None, feeds), args.requests)
+    best = min(row["ort_all_ms"], row["ort_one_ms"])
+    row["latency_goal_ms"] = LATENCY_GOAL * best + row["frame_ms"]
+    row["latency_met"] = row["latency_ms"] <= row["latency_goal_ms"]
+
+    # Throughput: served plan, served plain replication, ORT with every core, two replicas.
+    row["throughput_layout"] = _layout(throughput.plan)
+    row["throughput_predicted_rps"] = 1000.0 / throughput.plan.predicted["served_period_ms"]
+    with LocalDeployment(throughput.plan, path, tmp / "tput") as d:
+        served = served_rps(d, throughput.plan.model_name, feeds, args.window)
+    row["served_rps"], row["served_cpu_ms"] = served["rps"], served["cpu_ms"]
+    if throughput.plan.to_dict()["stages"] == replication.to_dict()["stages"]:
+        row["replication_rps"] = row["served_rps"]  # the plan is plain replication
+    else:
+        with LocalDeployment(replication, path, tmp / "repl") as d:
+            row["replication_rps"] = served_rps(d, replication.model_name, feeds, args.window)[
+                "rps"
+            ]
+    row["replication_lanes"] = lanes
+    row["ort_all_rps"] = in_process_rps(model_bytes, feeds, cores, args.window)
+    row["replicas_rps"] = replicas_rps(model_bytes, feeds, args.window)
+    best_rps = max(row["ort_all_rps"], row["replicas_rps"])
+    row["throughput_ratio"] = row["served_rps"] / best_rps
+    row["throughput_met"] = row["throughput_ratio"] >= THROUGHPUT_GOAL
+    row["replication_ratio"] = row["served_rps"] / row["replication_rps"]
+    row["replication_met"] = row["replication_ratio"] >= REPLICATION_GOAL
+    row["seconds"] = time.monotonic() - started
+    print(
+        f"{name:>14}: latency {row['latency_ms']:.2f} ms ({row['latency_layout']}; goal "
+        f"{row['latency_goal_ms']:.2f}: ORT all {row['ort_all_ms']:.2f}, one "
+        f"{row['ort_one_ms']:.2f}, frame {row['frame_ms']:.2f}); throughput "
+        f"{row['served_rps']:.1f} req/s ({row['throughput_layout']}; ORT all "
+        f"{row['ort_all_rps']:.1f}, replicas {row['replicas_rps']:.1f}, replication served "
+        f"{row['replication_rps']:.1f}) ({row['seconds']:.0f} s)",
+        flush=True,
+    )
+    return row
+
+
+# ------------------------------------------------------------------- report
+def report(results: dict[str, Any]) -> str:
+    rows = [r for r in results["rows"] if "failed" not in r]
+    failed = [r for r in results["rows"] if "failed" in r]
+    m = results["machine"]
+    lat = sum(r["latency_met"] for r in rows)
+    tput = sum(r["throughput_met"] for r in rows)
+    repl = sum(r["replication_met"] for r in rows)
+    out = [
+        "# The plan space, served (`bench/plans.py`)",
+        "",
+        f"{m['cores']} cores ({m['cpu']}); load average before/after "
+        f"{m['load_before']:.1f} / {m['load_after']:.1f}. Plans as `moirai serve --devices "
+        "local` makes them (measured profile; the CPU's cores grouped as serves best; lanes for "
+        f"throughput), solver time limit {results['settings']['time_limit']:g} s. Latency: "
+        f"median of {results['settings']['requests']} sequential requests; throughput: 3 "
+        f"client processes x 4 in flight over {results['settings']['window']:g} s.",
+        "",
+        f"**Latency plans**: {lat} of {len(rows)} within {LATENCY_GOAL:g}x the better of "
+        "in-process ONNX Runtime with every core and with one thread, plus the frame (the "
+        "stack's own latency per request). "
+        f"**Throughput plans**: {tput} of {len(rows)} at >= {THROUGHPUT_GOAL:g}x the better of "
+        "in-process ONNX Runtime with every core and two one-thread replicas; "
+        f"{repl} of {len(rows)} at >= {REPLICATION_GOAL:g}x plain replication served.",
+        "",
+        "| model | latency plan | served ms | predicted ms | ORT all cores ms | ORT 1 thread "
+        "ms | frame ms | goal ms | met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['latency_layout']} | {r['latency_ms']:.2f} | "
+            f"{r['latency_predicted_ms']:.2f} | {r['ort_all_ms']:.2f} | {r['ort_one_ms']:.2f} | "
+            f"{r['frame_ms']:.2f} | {r['latency_goal_ms']:.2f} | "
+            f"{'yes' if r['latency_met'] else 'no'} |"
+        )
+    out += [
+        "",
+        "| model | throughput plan | served req/s | predicted req/s | ORT all cores | two "
+        "replicas (ORT) | vs best | replication served | vs replication | server CPU ms/req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['model']} | {r['throughput_layout']} | {r['served_rps']:.1f} | "
+            f"{r['throughput_predicted_rps']:.1f} | {r['ort_all_rps']:.1f} | "
+            f"{r['replicas_rps']:.1f} | {r['throughput_ratio']:.2f}x | "
+            f"{r['replication_rps']:.1f} | {r['replication_ratio']:.2f}x | "
+            f"{r['served_cpu_ms']:.1f} |"
+        )
+    if failed:
+        out += ["", "Cases that failed:", ""]
+        out += [f"- {r['model']}: {r['failed']}" for r in failed]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=zoo.names(), choices=zoo.names())
+    parser.add_argument("--requests", type=int, default=9, help="latency: requests timed")
+    parser.add_argument("--window", type=float, default=5.0, help="throughput window, s")
+    parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, s")
+    parser.add_argument("--cache-dir", type=Path, help="profile cache (default: the user's)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in args.models:
+        with tempfile.TemporaryDirectory(prefix="moirai-plans-") as tmp:
+            try:
+                rows.append(bench_model(name, args, Path(tmp)))
+            except Exception as e:  # a case that fails is reported, the others still run
+                message = " ".join(str(e).split())[:200]
+                print(f"{name:>14}: failed: {message}", flush=True)
+                rows.append({"model": name, "failed": message})
+    results = {
+        "rows": rows,
+        "settings": {
+            "requests": args.requests,
+            "window": args.window,
+            "time_limit": args.time_limit,
+        },
+        "machine": {
+            "cores": len(available_cores()),
+            "cpu": cpu_model(),
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        },
+    }
+    (args.out / "plans.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = report(results)
+    (args.out / "plans.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
