@@ -122,10 +122,6 @@ def from_bytes(
     return array
 
 
-def to_bytes(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array).tobytes()
-
-
 def raw_bytes(array: np.ndarray) -> memoryview:
     """The array's bytes as a view, without a copy (one when it is not C-contiguous)."""
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
@@ -222,7 +218,7 @@ def encode_infer_response(
 
 # ----------------------------------------------------------------- OIP HTTP/JSON
 def decode_json_inputs(
-    body: Mapping[str, Any], binary: bytes = b""
+    body: Mapping[str, Any], binary: bytes | memoryview = b""
 ) -> tuple[dict[str, np.ndarray], list[str] | None, bool]:
     """Inputs, requested output names and whether binary outputs are wanted, from a JSON body.
 
@@ -353,10 +349,10 @@ def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np
 
 def encode_json_outputs(
     model_name: str, request_id: str, outputs: Mapping[str, np.ndarray], binary: bool
-) -> tuple[dict[str, Any], list[bytes]]:
+) -> tuple[dict[str, Any], list[memoryview]]:
     """The JSON response body and, for the binary-data extension, the bytes to append."""
     entries = []
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     for name, array in outputs.items():
         entry: dict[str, Any] = {
             "name": name,
@@ -364,7 +360,7 @@ def encode_json_outputs(
             "shape": list(array.shape),
         }
         if binary:
-            blob = to_bytes(array)
+            blob = raw_bytes(array)  # copied once, into the response
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -117,8 +117,9 @@ def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
     return app
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary tensor data after it."""
+def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary tensor data after it (a view: the tensors are read where
+    they were received)."""
     if header_length is None:
         length = len(body)
     else:
@@ -142,4 +143,4 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], byte
         raise InvalidInput("request body nests JSON arrays or objects too deeply") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
-    return header, body[length:]
+    return header, memoryview(body)[length:]
