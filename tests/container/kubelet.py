@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import subprocess
@@ -147,12 +148,37 @@ class Pod:
         raise PodFailed(f"pod {self.name} declares no port {name_or_number!r}")
 
 
+OWNER_LABEL = "moirai-test"
+"""Label of everything a Kubelet makes: `<pid of the test process>-<random>`."""
+
+
+def remove_orphans() -> None:
+    """Remove the containers and volumes of Kubelets whose test process is gone."""
+    owner_of = '{{.Label "' + OWNER_LABEL + '"}}'
+    for kind, listing in (
+        ("container", ["ps", "-a", "--format", "{{.ID}} " + owner_of]),
+        ("volume", ["volume", "ls", "--format", "{{.Name}} " + owner_of]),
+    ):
+        orphans = []
+        found = _docker(*listing, "--filter", f"label={OWNER_LABEL}", check=False)
+        for line in found.splitlines():
+            name, _, owner = line.partition(" ")
+            pid = owner.split("-")[0]
+            if name and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                orphans.append(name)
+        if orphans:
+            remove = ["rm", "-f", "-v"] if kind == "container" else ["volume", "rm", "-f"]
+            _docker(*remove, *orphans, check=False)
+
+
 class Kubelet:
     """Runs pods as containers; `close` removes everything it made (containers by label)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.label = f"moirai-test={uuid.uuid4().hex[:12]}"
+        # Containers restart until removed: those of a test process that died are removed here.
+        remove_orphans()
+        self.label = f"{OWNER_LABEL}={os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.hosts: dict[str, str] = {}
         self.configmaps: dict[str, Mapping[str, str]] = {}
         self.secrets: dict[str, Mapping[str, bytes]] = {}
