@@ -22,7 +22,7 @@ from moirai.stageplan import StagePlan
 from stage_server.client import InferenceClient
 
 from . import models
-from .conftest import split_plan
+from .conftest import laned, split_plan
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -166,3 +166,35 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
         serve.wait(timeout=30)
     assert serve.returncode == 0
     assert not any(alive(int(pid)) for pid in children)
+
+
+def test_a_plan_of_two_lanes_gets_a_front_end_of_its_own_and_survives_a_lane(
+    tmp_path: Path,
+) -> None:
+    """Two lanes: the front end runs alone (no lane's failure takes it down); with a lane's
+    stage server killed, the model stays ready and the other lane answers."""
+    model = models.mlp(width=32, depth=4)
+    path = tmp_path / "mlp.onnx"
+    onnx.save(model, path)
+    plan = laned(split_plan(model, 1))
+    x = models.random_inputs(model)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
+    deployment = LocalDeployment(plan, path, tmp_path / "run", pin_cores=False)
+    with deployment, InferenceClient(deployment.grpc_url) as client:
+        assert deployment.entry is None
+        assert set(deployment.processes) == {"cpu-0", "cpu-0-l1", "gateway"}
+        for _ in range(4):
+            np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-5)
+        deployment.kill("cpu-0-l1")
+        # Until the health watch notices, a request sent to lane 1 fails UNAVAILABLE; then
+        # every request goes to lane 0.
+        in_a_row, end = 0, time.monotonic() + 30
+        while in_a_row < 8:
+            assert time.monotonic() < end, "lane 0 did not take every request"
+            try:
+                np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-5)
+                in_a_row += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                in_a_row = 0
+        assert client.ready()
