@@ -52,4 +52,6 @@ esac
 args+=(${MOIRAI_BUILD_ARGS:-})
 
 DOCKER_BUILDKIT=1 "$(builder)" build "${args[@]}" -t "$TAG" "$REPO" >&2
+# The images this tag named before (each a copy of the environment): untagged now, removed.
+docker image prune -f --filter label=dev.moirai.image >/dev/null
 printf '%s\n' "$TAG"

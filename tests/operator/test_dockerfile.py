@@ -66,6 +66,8 @@ def test_stages_cpu_last_and_gpu_on_cuda() -> None:
         assert f'".[{variant}]"' in runs
         copies = [rest for word, rest in stages()[variant] if word == "COPY"]
         assert copies == [f"--from=venv-{variant} /opt/moirai /opt/moirai"]
+        (install,) = [rest for word, rest in stages()[variant] if word == "RUN"]
+        assert f"from=wheel-{variant}" in install and "--no-index" in install
 
 
 def test_base_image_argument_matches_the_base_script() -> None:
@@ -123,7 +125,7 @@ def test_build_context_holds_what_copy_needs() -> None:
     files = {p.relative_to(REPO).as_posix() for p in context_files()}
     copied = [
         rest.split()[0].rstrip("/")
-        for word, rest in stages()["venv-cpu"]
+        for word, rest in stages()["wheel-cpu"]
         if word == "COPY" and not rest.startswith("--from")
     ]
     for source in " ".join(copied).split():
