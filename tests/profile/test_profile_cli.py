@@ -73,11 +73,14 @@ def test_missing_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cache_folder_that_cannot_be_made_fails_before_measuring(
     tiny_bert: ModelFile, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Was a traceback after all the measuring, when the first result was written."""
+    """Was a traceback after all the measuring, when the first result was written; now the
+    flag is refused as it is parsed."""
     blocker = tmp_path / "file"
     blocker.write_text("")
     cache = blocker / "cache"  # under a file: no folder can be made there
-    assert _profile(tiny_bert, "--device=cpu:threads=1", f"--cache-dir={cache}") == 2
+    with pytest.raises(SystemExit) as exit_:
+        _profile(tiny_bert, "--device=cpu:threads=1", f"--cache-dir={cache}")
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"moirai: {cache}: cannot create the profile cache folder")
+    assert err.startswith(f"moirai: argument --cache-dir: cannot create folder {cache}")
     assert err.count("\n") == 1 and "run 1/" not in err  # nothing was measured
