@@ -1,40 +1,44 @@
-"""`auto` (the default): heuristics, series decomposition, local search, then an exact solver.
+"""`auto` (the default): heuristics, the series decomposition, then local search and CP-SAT.
 
-1. Run the heuristics (`heft`, `getf`, `msct`, `single`); the list schedulers take well under a
-   second on thousands of tasks, and their LPs get at most `HEURISTIC_SHARE` of the limit. The
-   best plan is the incumbent; if it meets the lower bound it is optimal and we stop.
+1. The list schedulers that need no LP (`QUICK_HEURISTICS`: HEFT, the best single device):
+   milliseconds even on thousands of tasks, and a first incumbent; and the windowed load bound
+   (`lp.windowed_load`). If the incumbent meets the lower bound it is optimal and we stop
+   (likewise after every step below).
 2. Series decomposition (`moirai.placement.series`, latency only): when the graph has cut
    vertices (a concat closing an Inception module, the norm after a residual add, every layer
    of a chain), the segments between them are solved exactly one by one, each for the devices
    of its ends, and the cheapest chain of segments is both a plan and a lower bound; it ends
-   as soon as they meet (every zoo model, usually within seconds) or after `SERIES_SHARE` of
-   the time left.
-3. Local search (`moirai.placement.local`: block moves evaluated by list scheduling) improves
-   the incumbent for up to `LOCAL_SHARE` of the time left; it stops earlier at a local optimum.
-   A better incumbent is a better hint for the exact solver's own search.
-4. The exact solvers, warm-started from the incumbent: first the paper's MILP on HiGHS when
-   its model is small enough (`MILP_ROWS`, and quick to build for the time it would get,
-   `BUILD_S_PER_ROW`), for `MILP_SHARE` of the time left, then CP-SAT
-   (interval model, no big-M) with the better plan as its hint for the rest. Neither dominates:
-   the MILP's LP bound closes some zoo instances in seconds where CP-SAT's search stalls, and
-   CP-SAT proves and improves instances whose MILP is hopeless (n^2 disjunctions). Both answer
-   tiny instances in milliseconds, so there is no separate path for them.
-5. Large instances: the CP-SAT model has one optional interval per (task, candidate device) and
-   per (edge, device pair). Past `FULL_MODEL_LIMIT` intervals it is too big to search well in
-   a minute on a few cores, so each task keeps only its devices within `NEAR_FASTEST` of its
-   fastest time plus the devices the plans so far used for it (the incumbent stays inside the
-   restricted model, so it can only improve); the bound is then the simple one. Past
-   `RESTRICTED_LIMIT` intervals, or when building the model would take too much of the time
-   left, no exact model is built and the local search has all the time.
-6. Whatever time is left after the exact solver (it stopped early without proving optimality,
-   or there was none) goes to the local search again.
+   as soon as they meet (every zoo model, usually within seconds), or after `SERIES_SHARE` of
+   the time left. Its segment solves are limited by work, not time, so it ends at the same
+   plan on an idle and on a loaded machine.
+3. GETF and m-SCT, whose LPs get at most `HEURISTIC_SHARE` of the limit.
+4. The paper's MILP on HiGHS, warm-started, for `MILP_SHARE` of the time left, when its model
+   is small (`MILP_ROWS`, and quick to build for the time it would get, `BUILD_S_PER_ROW`;
+   the throughput model always is): its LP bound closes some instances that CP-SAT's search
+   does not.
+5. The race: local search (`moirai.placement.local`: block moves evaluated by list scheduling,
+   with kicks out of local optima) and CP-SAT (interval model, no big-M) take turns, each
+   from the best plan so far; a search whose turn improved the plan gets a longer turn next,
+   one whose turn did not a shorter one, so the time goes to whichever is improving. CP-SAT's
+   model is built once and hinted anew each turn. Past `FULL_MODEL_LIMIT` optional intervals
+   the model is too big to search well in a minute on a few cores, so each task keeps only its
+   devices within `NEAR_FASTEST` of its fastest time plus its device in the incumbent (which
+   stays inside the restricted model), and the bound is then the others'; past
+   `RESTRICTED_LIMIT`, or when building the model would take too much of the time left, local
+   search has all the time.
 
 It returns the best plan found with the best bound (named in the plan's `bound_from`: a simple
 bound of `moirai.placement.bounds`, `series`, or an exact solver's own), the gap and a status:
 `optimal` when the gap is within tolerance, `feasible` when an exact solver (or the series
-decomposition) produced the plan, `heuristic` otherwise; also when the exact solver finds
-nothing in time. `solver` says which step produced the plan,
-e.g. `auto(cpsat)` or `auto(heft+local)`.
+decomposition) produced the plan, `heuristic` otherwise. `solver` says which step produced
+the plan, e.g. `auto(series)`, `auto(cpsat)` or `auto(heft+local)`.
+
+Stability: `stopped_by` in the plan says why it ended. `proof`: the plan is optimal, and
+every step before it stops by work or proof, not by the clock (the heuristics, and the series
+decomposition's segment solves, limited by CP-SAT's deterministic time), so the same inputs
+give the same plan on an idle and on a loaded machine (as long as the machine is not so slow
+that the series phase's deadline comes first). `time`: the time limit ended the search, and a
+faster or less loaded machine may find a better plan in the same limit.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from moirai.errors import InfeasibleError
 from moirai.placement import cpsat, heuristics, milp
 from moirai.placement.bounds import settle, simple_bounds, strongest
 from moirai.placement.contract import SolveOptions, no_plan_message
-from moirai.placement.local import improve
+from moirai.placement.local import improve, plan_timing
+from moirai.placement.lp import windowed_load
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
 from moirai.placement.series import decompose
@@ -67,8 +72,6 @@ NEAR_FASTEST = 1.5
 HEURISTIC_SHARE = 0.25
 """Share of the time limit the heuristics' LPs (GETF, m-SCT) may use before giving up their
 advice; the list schedulers themselves take well under a second even on thousands of tasks."""
-LOCAL_SHARE = 0.15
-"""Share of the time left after the heuristics that the first local search may use."""
 BUILD_S_PER_INTERVAL = 3e-4
 BUILD_S_PER_ROW = 2.5e-5
 BUILD_SHARE = 0.3
@@ -81,6 +84,14 @@ SERIES_SHARE = 0.5
 """Share of the time left that the series decomposition (`moirai.placement.series`) may use;
 it stops earlier once its plan is proven optimal, which on graphs with cut vertices (every zoo
 model) is usually within seconds."""
+QUICK_HEURISTICS = ("heft", "single")
+"""Run first; GETF and m-SCT solve an LP first, run after the series decomposition."""
+LP_BOUND_SHARE = 0.15
+"""Share of the time limit the windowed load bound's LP may use (it needs far less)."""
+SLICE_S = (0.5, 30.0)
+"""Shortest and longest turn in the race between local search and CP-SAT."""
+FIRST_SLICE_SHARE = 0.1
+"""Each search's first turn: this share of the time left (at least the shortest turn)."""
 RESERVE_S = 0.5
 """Seconds kept back for re-timing, checking and writing the plan."""
 
@@ -107,10 +118,47 @@ def restrict(problem: PlacementProblem, plans: list[Placement]) -> list[tuple[in
     ]
 
 
+@dataclass
+class _Incumbent:
+    """The best plan so far, what produced it, and every bound found, by name."""
+
+    bounds: dict[str, float]
+    options: SolveOptions
+    plan: Placement | None = None
+    label: str = "none"
+
+    @property
+    def bound(self) -> float:
+        return strongest(self.bounds)[1]
+
+    @property
+    def optimal(self) -> bool:
+        return self.plan is not None and settle(self.plan, self.bound).status == "optimal"
+
+    def offer(self, plan: Placement | None, label: str, message: str = "") -> bool:
+        """Keep `plan` when it is better; whether it was."""
+        if plan is None or (
+            self.plan is not None and plan.objective_ms >= self.plan.objective_ms * (1 - 1e-9)
+        ):
+            return False
+        self.plan, self.label = plan, label
+        self.options.report("auto", plan.objective_ms, self.bound, message or label)
+        return True
+
+
+@dataclass
+class _Arm:
+    """One search of the race: its next turn's length, and what it has done."""
+
+    name: str
+    slice_s: float
+    turns: int = 0
+
+
 @dataclass(frozen=True)
 class AutoSolver:
     name: str = "auto"
-    description: str = "heuristics, local search, then CP-SAT (or the MILP), within the limit"
+    description: str = "heuristics, series decomposition, then local search raced with CP-SAT"
 
     def available(self) -> tuple[bool, str]:
         return True, ""
@@ -118,130 +166,163 @@ class AutoSolver:
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
         p = problem
-        bounds = simple_bounds(p)
-        lb = strongest(bounds)[1]
         deadline = options.deadline - RESERVE_S
-        quiet = replace(
-            options,
-            progress=None,
-            deadline=min(deadline, started + HEURISTIC_SHARE * options.time_limit),
-        )
-        plans: list[Placement] = []
+        best = _Incumbent(simple_bounds(p), options)
+        # 1. the list schedulers that need no LP: milliseconds, and a first incumbent
         for h in heuristics.SOLVERS:
-            try:
-                plans.append(h.solve(p, quiet))
-            except InfeasibleError:
-                continue
-        best = min(plans, key=lambda plan: plan.objective_ms, default=None)
-        label = best.solver if best is not None else "none"
-        if best is not None:
-            options.report("auto", best.objective_ms, lb, f"best heuristic: {label}")
-            if settle(best, lb).status == "optimal":
-                return self._done(best, label, started, bounds)
+            if h.name in QUICK_HEURISTICS:
+                best.offer(self._heuristic(p, h, replace(options, progress=None)), h.name)
+        # and the LP bound (fractions of tasks per device, in time windows): a second or a few
+        # on thousands of tasks
+        load = windowed_load(
+            p, min(deadline, time.monotonic() + LP_BOUND_SHARE * options.time_limit)
+        )
+        if load is not None:
+            best.bounds["windowed load"] = load
+        if best.optimal:
+            return self._done(best, started)
+        # 2. the series decomposition: exact on graphs with cut vertices (every zoo model)
         now = time.monotonic()
-        series_options = replace(options, deadline=now + SERIES_SHARE * max(0.0, deadline - now))
-        split = decompose(p, series_options)
+        split = decompose(
+            p, replace(options, deadline=now + SERIES_SHARE * max(0.0, deadline - now))
+        )
         if split is not None:
-            bounds["series"] = split.bound
-            lb = strongest(bounds)[1]
+            best.bounds["series"] = split.bound
             if split.plan is not None:
-                plan = split.plan.to_placement("series", "heuristic", lb, 0.0)
-                if best is None or plan.objective_ms < best.objective_ms * (1 - 1e-9):
-                    best, label = plan, "series"
-                    plans.append(plan)
-            if best is not None:
-                options.report("auto", best.objective_ms, lb, f"series: {split.segments} segments")
-                if settle(best, lb).status == "optimal":
-                    return self._done(best, label, started, bounds)
-        if best is not None:
-            best, label = self._local(p, best, label, deadline, options, started, LOCAL_SHARE)
-            if settle(best, lb).status == "optimal":
-                return self._done(best, label, started, bounds)
-            plans.append(best)
-
-        found = self._exact(p, best, plans, replace(options, hint=best, deadline=deadline))
-        if found is not None:
-            bounds[found.solver] = found.lower_bound_ms
-            lb = strongest(bounds)[1]
-            if best is None or found.objective_ms < best.objective_ms * (1 - 1e-9):
-                best, label = found, found.solver
-        if best is None:
+                plan = split.plan.to_placement("series", "feasible", best.bound, 0.0)
+                best.offer(plan, "series", f"series: {split.segments} segments")
+            if best.optimal:
+                return self._done(best, started)
+        # 3. the heuristics with an LP (GETF, m-SCT), their LPs within a share of the limit
+        lp_deadline = min(deadline, time.monotonic() + HEURISTIC_SHARE * options.time_limit)
+        for h in heuristics.SOLVERS:
+            if h.name not in QUICK_HEURISTICS:
+                quiet = replace(options, progress=None, deadline=lp_deadline)
+                best.offer(self._heuristic(p, h, quiet), h.name)
+        if best.plan is None:
             raise InfeasibleError(no_plan_message("auto", options))
-        if settle(best, lb).status != "optimal":
-            best, label = self._local(p, best, label, deadline, options, started, 1.0)
-        if best.status != "optimal":
-            best.status = "feasible" if label in EXACT_PREFERENCE else "heuristic"
-        return self._done(best, label, started, bounds)
+        if best.optimal:
+            return self._done(best, started)
+        # 4. the MILP, when its model is small (the throughput model always is)
+        self._milp(p, best, replace(options, deadline=deadline))
+        if best.optimal:
+            return self._done(best, started)
+        # 5. local search and CP-SAT take turns, each from the best plan so far
+        self._race(p, best, replace(options, deadline=deadline))
+        return self._done(best, started)
 
     @staticmethod
-    def _exact(
-        p: PlacementProblem, best: Placement | None, plans: list[Placement], sub: SolveOptions
+    def _heuristic(
+        p: PlacementProblem, h: heuristics.Heuristic, options: SolveOptions
     ) -> Placement | None:
-        """The exact solvers' best plan (MILP first when small, then CP-SAT), or None."""
+        try:
+            return h.solve(p, options)
+        except InfeasibleError:
+            return None
+
+    @staticmethod
+    def _milp(p: PlacementProblem, best: _Incumbent, options: SolveOptions) -> None:
+        """One run of the MILP on HiGHS, for `MILP_SHARE` of the time, when its model is small
+        (and quick to build for the time it gets)."""
         highs = next(s for s in milp.SOLVERS if s.name == "milp-highs")
-        available = {s.name for s in (highs, *cpsat.SOLVERS) if s.available()[0]}
-        found: list[Placement] = []
-        hint = best
-        share = 1.0 if "cpsat" not in available else MILP_SHARE
-        milp_s = share * sub.remaining()
+        if not highs.available()[0]:
+            return
+        share = MILP_SHARE if cpsat.SOLVERS[0].available()[0] else 1.0
+        milp_s = share * options.remaining()
         rows = milp.count_rows(p, MILP_ROWS) if p.n <= MILP_MAX_TASKS else math.inf
         small = p.objective == "throughput" or (
             rows <= MILP_ROWS and rows * BUILD_S_PER_ROW <= BUILD_SHARE * milp_s
         )
-        if "milp-highs" in available and small:
-            plan = highs.solve(p, replace(sub, hint=hint, deadline=time.monotonic() + milp_s))
-            if plan.status == "optimal":
-                return plan
-            found.append(plan)
-            if hint is None or plan.objective_ms < hint.objective_ms:
-                hint = plan
-        if "cpsat" in available and sub.remaining() > 0:
-            sub = replace(sub, hint=hint)
-            size = interval_count(p, p.cand)
-            allowed: list[tuple[int, ...]] | None = None
-            if hint is not None and size > FULL_MODEL_LIMIT:
-                allowed = restrict(p, [*plans, *found])
-                size = interval_count(p, allowed)
-                if size > RESTRICTED_LIMIT:
-                    size = math.inf
-            if hint is None or size * BUILD_S_PER_INTERVAL <= BUILD_SHARE * sub.remaining():
-                found.append(cpsat.solve_cpsat(p, sub, allowed=allowed))
-        if not found:
-            return None
-        bound = max(plan.lower_bound_ms for plan in found)
-        plan = min(found, key=lambda plan: plan.objective_ms)
-        plan.lower_bound_ms = bound
-        return plan
+        if not small:
+            return
+        plan = highs.solve(p, replace(options, hint=best.plan, deadline=time.monotonic() + milp_s))
+        best.bounds["milp-highs"] = plan.lower_bound_ms
+        best.offer(plan, "milp-highs")
+
+    def _race(self, p: PlacementProblem, best: _Incumbent, options: SolveOptions) -> None:
+        """Local search and CP-SAT take turns until the time is up or the plan is proven.
+
+        Each turn starts from the best plan so far, whoever found it (CP-SAT from it as a
+        complete hint, its model built once); an arm whose turn improved the plan gets twice
+        as long next time, one whose turn did not gets half as long (within `SLICE_S`), so the
+        time goes to whichever search is improving.
+        """
+        session = self._session(p, best, options)
+        first = max(SLICE_S[0], FIRST_SLICE_SHARE * options.remaining())
+        arms = [_Arm("local", first)]
+        if session is not None:
+            arms.append(_Arm("cpsat", first))
+        while options.remaining() > SLICE_S[0] / 2 and not best.optimal:
+            for arm in arms:
+                if options.remaining() <= SLICE_S[0] / 2 or best.optimal:
+                    break
+                turn = replace(
+                    options, deadline=time.monotonic() + min(arm.slice_s, options.remaining())
+                )
+                if arm.name == "local":
+                    improved = self._local(p, best, turn, arm.turns)
+                else:
+                    assert session is not None
+                    improved = self._cpsat(p, best, session, turn)
+                arm.turns += 1
+                grown = arm.slice_s * (2 if improved else 0.5)
+                arm.slice_s = min(SLICE_S[1], max(SLICE_S[0], grown))
 
     @staticmethod
-    def _local(
-        p: PlacementProblem,
-        plan: Placement,
-        label: str,
-        deadline: float,
-        options: SolveOptions,
-        started: float,
-        share: float,
-    ) -> tuple[Placement, str]:
-        """Local search from `plan` for `share` of the time left; the better plan and label."""
-        now = time.monotonic()
-        if now >= deadline:
-            return plan, label
-        assign = [p.device_index[plan.assignment[t]] for t in p.tasks]
-        better, value = improve(p, assign, now + share * (deadline - now), options.seed)
-        if value >= plan.objective_ms * (1 - 1e-9):
-            return plan, label
-        new = list_schedule(p, better).to_placement("local", "heuristic", 0.0, 0.0)
-        label = label if label.endswith("+local") else f"{label}+local"
-        options.report("auto", new.objective_ms, None, f"local search: {label}")
-        return new, label
+    def _session(
+        p: PlacementProblem, best: _Incumbent, options: SolveOptions
+    ) -> cpsat.Session | None:
+        """The CP-SAT model for the race (restricted on large instances), or None when there
+        is no time to build one."""
+        if not cpsat.SOLVERS[0].available()[0] or best.plan is None:
+            return None
+        size = interval_count(p, p.cand)
+        allowed: list[tuple[int, ...]] | None = None
+        if size > FULL_MODEL_LIMIT:
+            allowed = restrict(p, [best.plan])
+            size = interval_count(p, allowed)
+            if size > RESTRICTED_LIMIT:
+                return None
+        if size * BUILD_S_PER_INTERVAL > BUILD_SHARE * options.remaining():
+            return None
+        return cpsat.Session(p, best.plan.objective_ms, allowed)
 
-    def _done(
-        self, plan: Placement, label: str, started: float, bounds: dict[str, float]
-    ) -> Placement:
-        source, bound = strongest(bounds)
+    @staticmethod
+    def _cpsat(
+        p: PlacementProblem, best: _Incumbent, session: cpsat.Session, options: SolveOptions
+    ) -> bool:
+        plan = session.search(options, best.plan)
+        if session.allowed is None:
+            best.bounds["cpsat"] = max(best.bounds.get("cpsat", 0.0), session.bound)
+        return best.offer(plan, "cpsat")
+
+    @staticmethod
+    def _local(p: PlacementProblem, best: _Incumbent, options: SolveOptions, turn: int) -> bool:
+        assert best.plan is not None
+        assign = [p.device_index[best.plan.assignment[t]] for t in p.tasks]
+        start = plan_timing(p, best.plan) if p.objective == "latency" else None
+        better, value, sched = improve(
+            p, assign, options.deadline, options.seed + turn, bound=best.bound, start=start
+        )
+        if value >= best.plan.objective_ms * (1 - 1e-9):
+            return False
+        sched = sched or list_schedule(p, better)
+        plan = sched.to_placement("local", "heuristic", best.bound, 0.0)
+        label = best.label if best.label.endswith("+local") else f"{best.label}+local"
+        return best.offer(plan, label, f"local search: {label}")
+
+    @staticmethod
+    def _done(best: _Incumbent, started: float) -> Placement:
+        plan = best.plan
+        assert plan is not None
+        source, bound = strongest(best.bounds)
         settle(plan, bound, source)
-        plan.solver = f"auto({label})"
+        plan.extra["stopped_by"] = "proof"
+        if plan.status != "optimal":
+            base = best.label.removesuffix("+local")
+            plan.status = "feasible" if base in EXACT_PREFERENCE else "heuristic"
+            plan.extra["stopped_by"] = "time"
+        plan.solver = f"auto({best.label})"
         plan.solve_seconds = time.monotonic() - started
         return plan
 

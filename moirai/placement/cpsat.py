@@ -239,6 +239,104 @@ class CpSatSolver:
         return solve_cpsat(problem, options)
 
 
+class Session:
+    """One CP-SAT model of a problem, searched once or several times, each time from a hint.
+
+    `auto` gives CP-SAT several turns between other searches, each from the best plan found so
+    far by anyone (a complete hint is CP-SAT's first solution at once): the model is built once,
+    and its proven bound only grows from turn to turn. With `allowed`, tasks are restricted to
+    those devices (large instances): its plans are then heuristic improvements, and its bound is
+    the problem's simple one.
+    """
+
+    def __init__(
+        self,
+        problem: PlacementProblem,
+        horizon_ms: float,
+        allowed: Sequence[Sequence[int]] | None = None,
+        label: str = "cpsat",
+        parameters: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.problem = problem
+        self.allowed = allowed
+        self.label = label
+        self.parameters = dict(parameters or {})
+        self.cp = build(problem, horizon_ms, allowed)
+        self.bound = lower_bound(problem)
+        self.turns = 0
+        self.status = ""
+
+    def search(self, options: SolveOptions, hint: Placement | None) -> Placement | None:
+        """The best plan CP-SAT finds within `options`' limits from `hint` (re-timed exactly),
+        or None when it finds none. Raises `InfeasibleError` when it proves there is none."""
+        from ortools.sat.python import cp_model
+
+        started = time.monotonic()
+        p, cp, label = self.problem, self.cp, self.label
+        cp.model.ClearHints()
+        if hint is not None:
+            add_hint(cp, p, hint)
+        solver = cp_model.CpSolver()
+        params = solver.parameters
+        params.max_time_in_seconds = max(0.05, options.remaining())
+        if options.work_limit is not None:
+            params.max_deterministic_time = options.work_limit
+        params.num_workers = options.threads
+        params.random_seed = options.seed + self.turns
+        params.catch_sigint_signal = False  # Ctrl-C must stop the run, not only the search
+        if cp.intervals > PROBING_LIMIT:
+            params.cp_model_probing_level = 0
+        for key, value in self.parameters.items():
+            setattr(params, key, value)
+        self.turns += 1
+        scale = cp.scale
+        exact = self.allowed is None
+        session = self
+
+        class Progress(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self) -> None:
+                bound = self.BestObjectiveBound() / scale if exact else session.bound
+                options.report(label, self.ObjectiveValue() / scale, bound)
+
+        if options.progress is not None and exact:
+            solver.best_bound_callback = lambda bound: options.report(label, None, bound / scale)
+        # CP-SAT checks its time limit less often in some presolve steps, and a loaded machine
+        # stretches them: a watchdog stops the search at the deadline whatever the phase.
+        watchdog = threading.Timer(options.remaining() + WATCHDOG_GRACE_S, solver.StopSearch)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            callback = Progress() if options.progress is not None else None
+            status = interruptible(lambda: solver.Solve(cp.model, callback), solver.StopSearch)
+        finally:
+            watchdog.cancel()
+        self.status = solver.StatusName(status)
+        if status == cp_model.INFEASIBLE and exact:
+            raise InfeasibleError(f"{label}: no placement fits the device memories (proven)")
+        if status == cp_model.MODEL_INVALID:
+            raise SolverError(f"{label}: CP-SAT rejected the model ({solver.ResponseStats()})")
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return None
+        if exact:
+            self.bound = max(self.bound, solver.BestObjectiveBound() / scale)
+        assign = [next(k for k, v in cp.x[i].items() if solver.Value(v)) for i in range(p.n)]
+        schedules = [list_schedule(p, assign)]
+        if p.objective == "latency":
+            starts = [solver.Value(v) / scale for v in cp.start]
+            tstarts = {e: solver.Value(v) / scale for e, v in cp.tstart.items()}
+            schedules.append(retime(p, assign, starts, tstarts))
+        sched = min(schedules, key=lambda s: s.makespan)
+        extra = {"time_unit_ms": 1.0 / scale, "cpsat_status": self.status}
+        plan = sched.to_placement(label, "feasible", self.bound, time.monotonic() - started, extra)
+        plan.extra["rounding_error_ms"] = max(
+            0.0, plan.objective_ms - solver.ObjectiveValue() / scale
+        )
+        if not exact:
+            plan.extra["note"] = "devices per task restricted: bound is the simple one"
+        settle(plan, self.bound)
+        return plan
+
+
 def solve_cpsat(
     problem: PlacementProblem,
     options: SolveOptions,
@@ -252,81 +350,27 @@ def solve_cpsat(
     then a heuristic improvement whose bound is the problem's simple one. `parameters` sets
     CP-SAT parameters by name (after the defaults here).
     """
-    from ortools.sat.python import cp_model
-
     started = time.monotonic()
     p = problem
-    lb = lower_bound(p)
     warm = options.hint or warm_start(p, options.deadline)
-    cp = build(p, warm.objective_ms if warm is not None else serial_horizon(p), allowed)
-    if warm is not None:
-        add_hint(cp, p, warm)
-    solver = cp_model.CpSolver()
-    params = solver.parameters
-    params.max_time_in_seconds = max(0.05, options.remaining())
-    if options.work_limit is not None:
-        params.max_deterministic_time = options.work_limit
-    params.num_workers = options.threads
-    params.random_seed = options.seed
-    params.catch_sigint_signal = False  # Ctrl-C must stop the run, not only the search
-    if cp.intervals > PROBING_LIMIT:
-        params.cp_model_probing_level = 0
-    for key, value in (parameters or {}).items():
-        setattr(params, key, value)
-    scale = cp.scale
-
-    class Progress(cp_model.CpSolverSolutionCallback):
-        def on_solution_callback(self) -> None:
-            options.report(
-                label,
-                self.ObjectiveValue() / scale,
-                self.BestObjectiveBound() / scale if allowed is None else lb,
-            )
-
-    if options.progress is not None and allowed is None:
-        solver.best_bound_callback = lambda bound: options.report(label, None, bound / scale)
-    # CP-SAT checks its time limit less often in some presolve steps, and a loaded machine
-    # stretches them: a watchdog stops the search at the deadline whatever the phase.
-    watchdog = threading.Timer(options.remaining() + WATCHDOG_GRACE_S, solver.StopSearch)
-    watchdog.daemon = True
-    watchdog.start()
+    horizon = warm.objective_ms if warm is not None else serial_horizon(p)
+    session = Session(p, horizon, allowed, label, parameters)
     try:
-        callback = Progress() if options.progress is not None else None
-        status = interruptible(lambda: solver.Solve(cp.model, callback), solver.StopSearch)
-    finally:
-        watchdog.cancel()
-    if status == cp_model.INFEASIBLE and (allowed is None or warm is None):
-        raise InfeasibleError(f"{label}: no placement fits the device memories (proven)")
-    if status == cp_model.INFEASIBLE:
-        return fall_back(warm, label, lb, started, "restricted model infeasible", options)
-    if status == cp_model.MODEL_INVALID:
-        raise SolverError(f"{label}: CP-SAT rejected the model ({solver.ResponseStats()})")
-    bound = lb
-    if allowed is None and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        bound = max(lb, solver.BestObjectiveBound() / scale)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        plan = session.search(options, warm)
+    except InfeasibleError:
+        if allowed is None or warm is None:
+            raise
+        plan = None
+    if plan is None:
         if warm is None:
             raise InfeasibleError(no_plan_message(label, options))
-        return fall_back(warm, label, bound, started, "no solution within the time limit", options)
-    assign = [next(k for k, v in cp.x[i].items() if solver.Value(v)) for i in range(p.n)]
-    schedules = [list_schedule(p, assign)]
-    if p.objective == "latency":
-        starts = [solver.Value(v) / scale for v in cp.start]
-        tstarts = {e: solver.Value(v) / scale for e, v in cp.tstart.items()}
-        schedules.append(retime(p, assign, starts, tstarts))
-    sched = min(schedules, key=lambda s: s.makespan)
-    objective = solver.ObjectiveValue() / scale
-    extra = {
-        "time_unit_ms": 1.0 / scale,
-        "cpsat_status": solver.StatusName(status),
-    }
-    plan = sched.to_placement(label, "feasible", bound, time.monotonic() - started, extra)
-    plan.extra["rounding_error_ms"] = max(0.0, plan.objective_ms - objective)
-    if allowed is not None:
-        plan.extra["note"] = "devices per task restricted: bound is the simple one"
+        note = "no solution within the time limit"
+        if session.status == "INFEASIBLE":
+            note = "restricted model infeasible"
+        return fall_back(warm, label, session.bound, started, note, options)
     if warm is not None and warm.objective_ms < plan.objective_ms:
-        return fall_back(warm, label, bound, started, "kept the warm start", options)
-    settle(plan, bound)
+        return fall_back(warm, label, session.bound, started, "kept the warm start", options)
+    plan.solve_seconds = time.monotonic() - started
     options.report(label, plan.objective_ms, plan.lower_bound_ms)
     return plan
 

@@ -8,8 +8,14 @@ tasks rarely helps: it creates two transfers; moving a block pays for its transf
 are tried on the most critical tasks first (largest start + upward rank under the current
 assignment, which is the makespan exactly on the critical path; for the period, the tasks on
 the busiest device, by `simulate.loads`), first improvement, in a seeded random order within
-equal criticality, until no move improves or the deadline passes. Memory and candidate
-devices are respected.
+equal criticality, until no move improves. Memory and candidate devices are respected.
+
+At such a local optimum the search *kicks* (iterated local search): a few random critical
+blocks go to random other devices whatever it costs, the descent runs again from there, and the
+result replaces the best only when it is better; otherwise the next kick starts from the best.
+
+The search counts its evaluations and stops after `max_evaluations` (its work limit: the same
+count gives the same result on any machine) or at the deadline, whichever comes first.
 
 `auto` runs it before the exact solver (a better hint for CP-SAT's search) and after it, and it
 is all `auto` can do on graphs too large for an exact model.
@@ -17,13 +23,19 @@ is all `auto` can do on graphs too large for an exact model.
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 
+from moirai.placement.bounds import OPTIMALITY_TOL
 from moirai.placement.problem import PlacementProblem
-from moirai.placement.simulate import Schedule, list_schedule, loads, period, upward_rank
+from moirai.placement.result import Placement
+from moirai.placement.simulate import Schedule, list_schedule, loads, period, retime, upward_rank
 
 MAX_BLOCK = 64
+KICK_BLOCKS = 3
+"""At most this many blocks move in one kick."""
 
 
 def _blocks(problem: PlacementProblem, assign: list[int], i: int) -> list[list[int]]:
@@ -60,54 +72,167 @@ def _order(
     return sorted(range(p.n), key=lambda i: (-(sched.start[i] + rank[i]), noise[i]))
 
 
-def improve(
-    problem: PlacementProblem, assignment: list[int], deadline: float, seed: int = 0
-) -> tuple[list[int], float]:
-    """A better (or the same) assignment and its objective value, by block moves."""
-    p = problem
-    rng = random.Random(seed)
-    assign = list(assignment)
-    used = [0] * p.num_devices
-    for i, k in enumerate(assign):
-        used[k] += p.mem[i]
-    latency = p.objective == "latency"
+class _Search:
+    """The state of one search: the current assignment, its value, the work done."""
 
-    def evaluate(a: list[int]) -> tuple[float, Schedule | None]:
-        if latency:
-            s = list_schedule(p, a)
-            return s.makespan, s
-        return period(p, a), None
+    def __init__(
+        self,
+        problem: PlacementProblem,
+        assignment: Sequence[int],
+        deadline: float,
+        max_evaluations: float,
+        rng: random.Random,
+        start: Timing | None = None,
+    ) -> None:
+        self.p = problem
+        self.timing = start
+        self.deadline = deadline
+        self.max_evaluations = max_evaluations
+        self.rng = rng
+        self.evaluations = 0
+        self.assign = list(assignment)
+        self.used = [0] * problem.num_devices
+        for i, k in enumerate(self.assign):
+            self.used[k] += problem.mem[i]
+        self.accept(*self.evaluate())
 
-    best, sched = evaluate(assign)
-    improved = True
-    while improved and time.monotonic() < deadline:
-        improved = False
-        for i in _order(p, assign, sched, rng):
-            if improved or time.monotonic() >= deadline:
-                break
-            for block in _blocks(p, assign, i):
-                if improved or time.monotonic() >= deadline:
+    def out_of_work(self) -> bool:
+        return self.evaluations >= self.max_evaluations or time.monotonic() >= self.deadline
+
+    def evaluate(self) -> tuple[float, Schedule | None]:
+        """The objective of the current assignment. For the makespan, the better of two
+        schedules: list scheduling by upward rank, and the last accepted schedule replayed
+        (`simulate.retime`) with the moved tasks where they now belong, which keeps a good
+        schedule's order of operations (HEFT's or CP-SAT's) through a move."""
+        self.evaluations += 1
+        if self.p.objective != "latency":
+            return period(self.p, self.assign), None
+        s = list_schedule(self.p, self.assign)
+        if self.timing is not None:
+            starts, transfers = self.timing
+            kept = retime(self.p, self.assign, starts, transfers)
+            if kept.makespan < s.makespan:
+                s = kept
+        return s.makespan, s
+
+    def accept(self, value: float, sched: Schedule | None) -> None:
+        self.value, self.sched = value, sched
+        if sched is not None:
+            self.timing = timing(self.p, sched)
+
+    def targets(self, block: list[int]) -> list[int]:
+        p = self.p
+        home = self.assign[block[0]]
+        mem = sum(p.mem[j] for j in block)
+        return [
+            k
+            for k in range(p.num_devices)
+            if k != home and self.used[k] + mem <= p.cap[k] and all(k in p.cand[j] for j in block)
+        ]
+
+    def move(self, block: list[int], k: int) -> None:
+        p = self.p
+        home = self.assign[block[0]]
+        mem = sum(p.mem[j] for j in block)
+        self.used[home] -= mem
+        self.used[k] += mem
+        for j in block:
+            self.assign[j] = k
+
+    def descend(self) -> None:
+        """First-improvement block moves until none improves (or the work is done)."""
+        improved = True
+        while improved and not self.out_of_work():
+            improved = False
+            for i in _order(self.p, self.assign, self.sched, self.rng):
+                if improved or self.out_of_work():
                     break
-                home = assign[i]
-                mem = sum(p.mem[j] for j in block)
-                targets = [
-                    k
-                    for k in range(p.num_devices)
-                    if k != home
-                    and used[k] + mem <= p.cap[k]
-                    and all(k in p.cand[j] for j in block)
-                ]
-                rng.shuffle(targets)
-                for k in targets:
-                    for j in block:
-                        assign[j] = k
-                    value, s = evaluate(assign)
-                    if value < best * (1 - 1e-9):
-                        best, sched = value, s
-                        used[home] -= mem
-                        used[k] += mem
-                        improved = True
+                for block in _blocks(self.p, self.assign, i):
+                    if improved or self.out_of_work():
                         break
-                    for j in block:
-                        assign[j] = home
-    return assign, best
+                    home = self.assign[i]
+                    targets = self.targets(block)
+                    self.rng.shuffle(targets)
+                    for k in targets:
+                        self.move(block, k)
+                        value, sched = self.evaluate()
+                        if value < self.value * (1 - 1e-9):
+                            self.accept(value, sched)
+                            improved = True
+                            break
+                        self.move(block, home)
+                        if self.out_of_work():
+                            break
+
+    def restore(self, assign: list[int], value: float, sched: Schedule | None) -> None:
+        self.assign = list(assign)
+        self.used = [0] * self.p.num_devices
+        for i, k in enumerate(self.assign):
+            self.used[k] += self.p.mem[i]
+        self.accept(value, sched)
+
+    def kick(self) -> None:
+        """Move a few random blocks among the most critical tasks to random devices."""
+        order = _order(self.p, self.assign, self.sched, self.rng)
+        critical = order[: max(1, len(order) // 10)]
+        for _ in range(self.rng.randint(1, KICK_BLOCKS)):
+            i = self.rng.choice(critical)
+            block = self.rng.choice(_blocks(self.p, self.assign, i))
+            targets = self.targets(block)
+            if targets:
+                self.move(block, self.rng.choice(targets))
+        self.accept(*self.evaluate())
+
+
+def improve(
+    problem: PlacementProblem,
+    assignment: list[int],
+    deadline: float,
+    seed: int = 0,
+    max_evaluations: float = math.inf,
+    bound: float = 0.0,
+    start: Timing | None = None,
+) -> tuple[list[int], float, Schedule | None]:
+    """A better (or the same) assignment, its objective value and (latency) its schedule, by
+    block moves and kicks; it stops early once the value meets `bound` (a lower bound: nothing
+    better exists). `start` is the timing of the schedule the assignment comes from (`timing`),
+    so that the search begins from that schedule rather than from a list schedule of it."""
+    rng = random.Random(seed)
+    search = _Search(problem, assignment, deadline, max_evaluations, rng, start)
+    search.descend()
+    best, value, sched = list(search.assign), search.value, search.sched
+    while not search.out_of_work() and value > bound * (1 + OPTIMALITY_TOL):
+        search.kick()
+        search.descend()
+        if search.value < value * (1 - 1e-9):
+            best, value, sched = list(search.assign), search.value, search.sched
+        else:  # back to the best
+            search.restore(best, value, sched)
+    return best, value, sched
+
+
+Timing = tuple[Sequence[float], Mapping[int, float]]
+"""Start of every task, and of every cross-device transfer by edge index."""
+
+
+def timing(problem: PlacementProblem, sched: Schedule) -> Timing:
+    """A schedule's timing; a same-device edge's transfer, were it to cross, would start when
+    its source ends."""
+    transfers = {e: sched.end[i] for e, (i, _) in enumerate(problem.edges)}
+    transfers.update({e: s for e, (s, _) in sched.xfer.items()})
+    return list(sched.start), transfers
+
+
+def plan_timing(problem: PlacementProblem, plan: Placement) -> Timing:
+    """The timing of a plan's schedule, in the problem's indices."""
+    p = problem
+    starts = [0.0] * p.n
+    ends = [0.0] * p.n
+    for s in plan.schedule:
+        i = p.task_index[s.task]
+        starts[i], ends[i] = s.start_ms, s.end_ms
+    transfers = {e: ends[i] for e, (i, _) in enumerate(p.edges)}
+    index = {(p.edges[e][0], p.edges[e][1]): e for e in range(len(p.edges))}
+    for x in plan.transfers:
+        transfers[index[p.task_index[x.src], p.task_index[x.dst]]] = x.start_ms
+    return starts, transfers

@@ -1,8 +1,8 @@
-"""HiGHS helpers shared by the LP-based heuristics and the MILP.
+"""HiGHS helpers shared by the LP-based heuristics, the MILP and the LP bound.
 
 `new_highs` makes a silent instance on a given number of threads, `run_highs` runs it so that
 Ctrl-C stops it, and `solve_lp` minimises one column of a small sparse LP within a deadline
-(GETF's and m-SCT's relaxations).
+(GETF's and m-SCT's relaxations, and `windowed_load`, the load bound in time windows).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import time
 from typing import Any
 
 from moirai.errors import InfeasibleError
+from moirai.placement.bounds import heads_tails, lower_bound
 from moirai.placement.contract import interruptible
+from moirai.placement.problem import PlacementProblem
 
 
 def new_highs(threads: int) -> Any:
@@ -76,3 +78,94 @@ def solve_lp(
     if status != highspy.HighsModelStatus.kOptimal:
         return None
     return list(h.getSolution().col_value)
+
+
+WINDOWS = 12
+"""Release and tail thresholds per side in `windowed_load` (24 windows in all)."""
+ROUNDS = 4
+"""LPs `windowed_load` solves at most, each with windows up to the last one's bound."""
+
+
+def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
+    """The windowed load bound: a fractional assignment's busiest device, in time windows.
+
+    In a plan with makespan C, a task i on device k starts no earlier than its head
+    `head[i][k]` and ends no later than C minus its tail after it (`tail[i][k] - p[i][k]`,
+    `bounds.heads_tails`): so the tasks of k with head >= t and tail after >= s all run inside
+    [t, C - s], one at a time, and C >= t + s + their times. When none of them is on k that
+    says only C >= t + s, which is true of every plan as long as t + s is at most a known
+    lower bound L. So, over fractional assignments (each task's shares sum to 1; memory per
+    device), minimising C subject to C >= t + s + sum of p[i][k] x[i][k] over those tasks, for
+    a grid of windows (t, 0) and (0, s) with t, s <= L and every device, is an LP whose optimum
+    is at most any plan's makespan, and a new L: the LP is solved again with windows up to it
+    while that raises it (`ROUNDS`). The window (0, 0) alone is the plain fractional load bound,
+    which holds for the throughput objective's period as well: there it is all this computes.
+    None when HiGHS does not finish by the deadline.
+    """
+    p = problem
+    head, tail = heads_tails(p)
+    after = [{k: tail[i][k] - p.compute[i][k] for k in p.cand[i]} for i in range(p.n)]
+    known = lower_bound(p) if p.objective == "latency" else 0.0
+    best = None
+    for _ in range(ROUNDS):
+        value = _windowed_lp(p, head, after, known, deadline)
+        if value is None:
+            return best
+        best = max(value, best or 0.0)
+        if value <= known * (1 + 1e-3):
+            break
+        known = value
+    return best
+
+
+def _windowed_lp(
+    p: PlacementProblem,
+    head: list[dict[int, float]],
+    after: list[dict[int, float]],
+    known: float,
+    deadline: float,
+) -> float | None:
+    import highspy
+
+    col: dict[tuple[int, int], int] = {}
+    for i in range(p.n):
+        for k in p.cand[i]:
+            col[i, k] = len(col)
+    makespan = len(col)
+    inf = highspy.kHighsInf
+    rows: list[tuple[float, float, list[int], list[float]]] = []
+    for i in range(p.n):
+        cols = [col[i, k] for k in p.cand[i]]
+        rows.append((1.0, 1.0, cols, [1.0] * len(cols)))
+    for k in range(p.num_devices):
+        on_k = [i for i in range(p.n) if k in p.cand[i]]
+        if sum(p.mem[i] for i in on_k) > p.cap[k]:
+            mem = [float(p.mem[i]) for i in on_k]
+            rows.append((-inf, float(p.cap[k]), [col[i, k] for i in on_k], mem))
+    windows = [(0.0, 0.0)]
+    if p.objective == "latency":
+        heads = sorted({h for i in range(p.n) for h in head[i].values() if 0 < h <= known})
+        tails = sorted({a for i in range(p.n) for a in after[i].values() if 0 < a <= known})
+        windows += [(t, 0.0) for t in _grid(heads)] + [(0.0, s) for s in _grid(tails)]
+    for t, s in windows:
+        for k in range(p.num_devices):
+            inside = [
+                i
+                for i in range(p.n)
+                if k in p.cand[i]
+                and p.compute[i][k] > 0
+                and (p.objective != "latency" or (head[i][k] >= t and after[i][k] >= s))
+            ]
+            if inside:
+                cols = [makespan] + [col[i, k] for i in inside]
+                vals = [1.0] + [-p.compute[i][k] for i in inside]
+                rows.append((t + s, inf, cols, vals))
+    x = solve_lp(makespan + 1, makespan, rows, deadline)
+    return None if x is None else x[makespan]
+
+
+def _grid(values: list[float]) -> list[float]:
+    """At most `WINDOWS` of the sorted `values`, spread evenly."""
+    if len(values) <= WINDOWS:
+        return values
+    return [values[round(j * (len(values) - 1) / (WINDOWS - 1))] for j in range(WINDOWS)]

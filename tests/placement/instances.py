@@ -260,31 +260,48 @@ def inception_costgraph(
     )
 
 
-def random_dag(seed: int, tasks: int, devices: int, max_width: int = 8) -> CostGraph:
-    """A random model-like DAG: layers of 1 to `max_width` tasks, each fed by one to three tasks
-    of the last few layers (so branches fork, run side by side and join, with some skips), on
-    unrelated heterogeneous devices with a transfer matrix per edge."""
+def random_dag(
+    seed: int, tasks: int, devices: int, ccr: float = 0.5, max_width: int = 8
+) -> CostGraph:
+    """A random model-like DAG on unrelated heterogeneous devices, with a transfer matrix per
+    edge (after the random graphs of Topcuoglu et al. 2002: layers, fan-in, a
+    communication-to-computation ratio).
+
+    Layers of 1 to `max_width` tasks, each task fed by one to three tasks of the last three
+    layers (branches fork, run side by side and join, with skips). Device 0 is the fastest, the
+    others 0.15 to 1 times as fast, each task's time varying by up to 50% around that
+    (unrelated machines). An edge's transfer takes `ccr` times the mean compute time on average
+    between the first half of the devices (one node), four times that to or from the others.
+    """
     rng = random.Random(seed)
     names = [f"d{k}" for k in range(devices)]
-    speed = [1.0, *sorted((rng.uniform(0.1, 0.9) for _ in names[1:]), reverse=True)]
-    bw, lat = _links(rng, devices)
+    speed = [1.0, *sorted((rng.uniform(0.15, 1.0) for _ in names[1:]), reverse=True)]
+    island = max(2, devices // 2)
+    mean = 0.055
     task_list: list[Task] = []
     edges: list[Edge] = []
     layers: list[list[str]] = []
     while len(task_list) < tasks:
-        width = min(rng.randint(1, max_width), tasks - len(task_list))
         layer = []
-        for _ in range(width):
+        for _ in range(min(rng.randint(1, max_width), tasks - len(task_list))):
             t = f"t{len(task_list)}"
-            base = rng.uniform(0.005, 0.1)
+            base = rng.uniform(0.01, 0.1)
             compute = {
-                d: round(base / speed[k] * rng.uniform(0.6, 1.6), 5) for k, d in enumerate(names)
+                d: round(base / speed[k] * rng.uniform(0.5, 1.5), 5) for k, d in enumerate(names)
             }
             task_list.append(Task(t, compute, memory_bytes=rng.randint(1, 30) * 10**6))
             recent = [u for lay in layers[-3:] for u in lay]
-            for src in rng.sample(recent, min(len(recent), rng.randint(1, 3))) if recent else []:
-                nbytes = rng.randint(1, 40) * 50_000
-                edges.append(Edge(src, t, nbytes, _transfer_matrix(rng, nbytes, bw, lat)))
+            for src in rng.sample(recent, min(len(recent), rng.randint(1, 3))):
+                cost = ccr * mean * rng.uniform(0.5, 1.5)
+                matrix = {
+                    a: {
+                        b: round(cost * (1 if ka < island and kb < island else 4), 5)
+                        for kb, b in enumerate(names)
+                        if b != a
+                    }
+                    for ka, a in enumerate(names)
+                }
+                edges.append(Edge(src, t, int(cost * 1e6), matrix))
             layer.append(t)
         layers.append(layer)
     return CostGraph(

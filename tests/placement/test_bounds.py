@@ -3,10 +3,13 @@ instances; and the series decomposition is exact where it says so."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from moirai.placement import PlacementProblem, SolveOptions, check, solve
 from moirai.placement.bounds import simple_bounds
+from moirai.placement.lp import windowed_load
 from moirai.placement.series import decompose
 
 from .brute import brute_force_makespan, brute_force_period
@@ -28,12 +31,30 @@ def test_simple_bounds_never_exceed_the_optimum(
     cg = random_costgraph(seed, tasks=tasks, devices=devices, edge_prob=0.4, **opts)
     latency = PlacementProblem(cg)
     best = brute_force_makespan(latency)
-    for name, value in simple_bounds(latency).items():
+    for name, value in _bounds(latency).items():
         assert value <= best * (1 + 1e-9), name
     throughput = PlacementProblem(cg, objective="throughput")
     best = brute_force_period(throughput)
-    for name, value in simple_bounds(throughput).items():
+    for name, value in _bounds(throughput).items():
         assert value <= best * (1 + 1e-9), name
+
+
+def _bounds(problem: PlacementProblem) -> dict[str, float]:
+    """Every bound that needs no search: the simple ones and the windowed load LP."""
+    load = windowed_load(problem, time.monotonic() + 30)
+    assert load is not None
+    return {**simple_bounds(problem), "windowed load": load}
+
+
+def test_windowed_load_beats_plain_load_where_heads_and_tails_matter() -> None:
+    """A chain into a wide layer into a chain: the wide tasks can only run in the middle."""
+    cg = series_costgraph(3, blocks=(4,), devices=2)
+    problem = PlacementProblem(cg)
+    load = windowed_load(problem, time.monotonic() + 30)
+    plain = windowed_load(PlacementProblem(cg, objective="throughput"), time.monotonic() + 30)
+    assert load is not None and plain is not None
+    assert load > plain * 1.01
+    assert load <= brute_force_makespan(problem) * (1 + 1e-9)
 
 
 SERIES = [
@@ -51,7 +72,7 @@ def test_series_bound_is_valid_and_exact_where_it_says_so(seed: int, opts: dict)
     cg = series_costgraph(seed, **opts)
     problem = PlacementProblem(cg)
     best = brute_force_makespan(problem)
-    for name, value in simple_bounds(problem).items():
+    for name, value in _bounds(problem).items():
         assert value <= best * (1 + 1e-9), name
     split = decompose(problem, SolveOptions(time_limit=30, threads=1))
     assert split is not None
@@ -76,10 +97,14 @@ def test_auto_reports_the_binding_bound() -> None:
     cg = series_costgraph(3, blocks=(2, 2, 2), devices=3)
     plan = solve(cg, "auto", time_limit=20, threads=1)
     assert plan.status == "optimal"
-    assert plan.extra["bound_from"] in {*simple_bounds(PlacementProblem(cg)), "series"}
+    assert plan.extra["bound_from"] in {
+        *simple_bounds(PlacementProblem(cg)),
+        "series",
+        "windowed load",
+    }
     plan = solve(random_costgraph(3, tasks=6, devices=2), "auto", time_limit=20, threads=1)
     source = plan.extra["bound_from"]
     named = simple_bounds(PlacementProblem(random_costgraph(3, tasks=6, devices=2)))
-    assert source in {*named, "cpsat", "milp-highs"}
+    assert source in {*named, "windowed load", "cpsat", "milp-highs"}
     if source in named:
         assert plan.lower_bound_ms == pytest.approx(min(named[source], plan.makespan_ms))
