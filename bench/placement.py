@@ -1,240 +1,318 @@
-"""Placement benchmark: every solver on every zoo model and heterogeneous device set.
+"""Placement benchmark: `auto` and the baselines on three instance sets, before and after.
 
-    .venv/bin/python bench/placement.py [--time-limit 60] [--threads N] \
-        [--models resnet50,bert_base] [--devices examples/devices/bench-3.yaml ...] \
-        [--solvers single,heft,getf,msct,milp-highs,cpsat,auto]
+    flock /tmp/moirai-heavy.lock .venv/bin/python bench/placement.py --set zoo
+    flock /tmp/moirai-heavy.lock .venv/bin/python bench/placement.py --set paper,random
+    .venv/bin/python bench/placement.py --set zoo --code DIR --label before   # another checkout
+    .venv/bin/python bench/placement.py --report                              # tables only
 
-For each zoo model (`moirai.zoo`) and each devices file (default: `examples/devices/bench-3.yaml`,
-`bench-4.yaml` and `bench-gpus.yaml`), builds the cost graph with the analytic profile
-(`moirai.planning.build_costgraph`) and runs each solver through `moirai.placement.solve`, which
-re-checks every plan with the simulator. Records makespan, lower bound, gap, status and time,
-the coarsening (ONNX nodes -> fusion groups -> tasks), and the speed-up of `auto` over the best
-single device, HEFT, GETF and m-SCT (baseline makespan / auto makespan). `milp-highs` and
-`cpsat` get the same time limit as `auto`, so the table also compares the paper's MILP with
-CP-SAT directly.
+Sets (cost graphs built once and cached under `~/.cache/moirai/bench-placement/`):
+- `zoo`: every zoo model (`moirai.zoo`) on `examples/devices/bench-3.yaml` (A100, T4, Xeon;
+  10 Gb/s Ethernet), `bench-4.yaml` (A100, two T4 on one PCIe node, Xeon) and
+  `bench-gpus.yaml` (two A100 on NVLink, two T4, one PCIe node), analytic costs; 60 s.
+- `paper`: graphs in the style of the paper's published instances
+  (`tests/placement/instances.inception_costgraph`): Inception-like networks of 144 to 1378
+  tasks on 4 heterogeneous devices, a cost per task and device and a transfer matrix per edge,
+  two of them with a fastest device too small for the whole model; 60 s.
+- `random`: random DAGs (`tests/placement/instances.random_dag`) of 100 to 1500 tasks on 3 to 8
+  devices, communication-to-computation ratios 0.3 and 1; 20 s.
 
-Writes bench/results/placement.md (tables), placement.json (every number) and
-placement_speedup.png / placement_gap.png (plots).
+Each solve is its own `moirai place --costgraph FILE` process, so `--code DIR` runs the same
+instances through another checkout's solvers (`before`: the main branch this work started
+from). A run writes its numbers under its label in bench/results/placement.json; the report
+(bench/results/placement.md, placement_gap.png) compares the labels `before` and `after`: the
+makespan, the lower bound, the proven gap ((makespan - bound) / makespan), the binding bound,
+and the medians per set. Keep one invocation under 20 minutes on 2 cores: one set per run
+(`--quick` takes 10 s limits and the smaller instances, for development).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moirai import zoo  # noqa: E402
-from moirai.errors import MoiraiError  # noqa: E402
-from moirai.placement import default_threads, solve  # noqa: E402
-from moirai.planning import build_costgraph  # noqa: E402
+from moirai.costgraph import CostGraph  # noqa: E402
+from moirai.placement import default_threads  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-DEVICE_SETS = [
-    ROOT / "examples" / "devices" / name
-    for name in ("bench-3.yaml", "bench-4.yaml", "bench-gpus.yaml")
+CACHE = Path.home() / ".cache" / "moirai" / "bench-placement"
+DEVICE_SETS = ("bench-3", "bench-4", "bench-gpus")
+HEURISTICS = ("single", "heft", "getf", "msct")
+LABEL = {"single": "single", "heft": "HEFT", "getf": "GETF", "msct": "m-SCT", "auto": "auto"}
+TIME_LIMIT = {"zoo": 60.0, "paper": 60.0, "random": 20.0}
+PAPER = [  # (seed, Inception modules, memory-tight): 144 to 1378 tasks
+    (1, 16, False),
+    (2, 16, True),
+    (3, 35, False),
+    (4, 71, False),
+    (5, 119, True),
+    (6, 163, False),
 ]
-SOLVERS = ["single", "heft", "getf", "msct", "milp-highs", "cpsat", "auto"]
-BASELINES = ["single", "heft", "getf", "msct"]
-LABEL = {
-    "single": "single",
-    "heft": "HEFT",
-    "getf": "GETF",
-    "msct": "m-SCT",
-    "milp-highs": "MILP (HiGHS)",
-    "milp-gurobi": "MILP (Gurobi)",
-    "cpsat": "CP-SAT",
-    "auto": "auto",
-}
+RANDOM = [  # (seed, tasks, devices, ccr)
+    (1, 100, 3, 0.3),
+    (2, 100, 8, 1.0),
+    (3, 200, 4, 1.0),
+    (4, 300, 5, 0.3),
+    (5, 400, 3, 1.0),
+    (6, 600, 6, 0.3),
+    (7, 800, 8, 1.0),
+    (8, 1000, 4, 0.3),
+    (9, 1500, 3, 1.0),
+    (10, 1500, 8, 0.3),
+]
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
-    for model in args.models:
-        for devices in args.devices:
-            started = time.monotonic()
-            cg = build_costgraph(zoo.get(model), devices, zoo.input_shapes(model))
-            source = cg.extra.get("source", {})
-            row: dict[str, Any] = {
-                "model": model,
-                "devices": Path(devices).stem,
-                "num_devices": len(cg.devices),
-                "nodes": source.get("nodes"),
-                "groups": source.get("fusion_groups"),
-                "tasks": len(cg.tasks),
-                "edges": len(cg.edges),
-                "costgraph_seconds": round(time.monotonic() - started, 2),
-                "solvers": {},
-            }
-            for name in args.solvers:
-                try:
-                    plan = solve(cg, name, time_limit=args.time_limit, threads=args.threads)
-                except MoiraiError as e:
-                    row["solvers"][name] = {"error": str(e)}
-                    print(f"{model} {row['devices']} {name}: {e}", flush=True)
-                    continue
-                row["solvers"][name] = {
-                    "solver": plan.solver,
-                    "status": plan.status,
-                    "makespan_ms": plan.makespan_ms,
-                    "lower_bound_ms": plan.lower_bound_ms,
-                    "gap": plan.gap,
-                    "seconds": plan.solve_seconds,
-                    "devices_used": len(set(plan.assignment.values())),
-                    "transfers": len(plan.transfers),
-                    "note": plan.extra.get("note", ""),
-                }
-                print(
-                    f"{model:<13} {row['devices']:<8} {name:<11} {plan.makespan_ms:9.4f} ms "
-                    f"bound {plan.lower_bound_ms:9.4f} gap {plan.gap:6.2%} {plan.status:<9} "
-                    f"{plan.solve_seconds:6.1f} s",
-                    flush=True,
+def instances(which: str, quick: bool) -> list[tuple[str, Callable[[], CostGraph]]]:
+    """(name, builder) of every instance of a set; built lazily, cached as JSON."""
+    from tests.placement.instances import inception_costgraph, random_dag
+
+    if which == "zoo":
+        from moirai import zoo
+        from moirai.planning import build_costgraph
+
+        models = zoo.names()[:3] if quick else zoo.names()
+        return [
+            (
+                f"{m}/{d}",
+                lambda m=m, d=d: build_costgraph(
+                    zoo.get(m), ROOT / "examples" / "devices" / f"{d}.yaml", zoo.input_shapes(m)
+                ),
+            )
+            for m in models
+            for d in DEVICE_SETS
+        ]
+    if which == "paper":
+        return [
+            (
+                f"inception-{seed}{'-tight' if tight else ''}",
+                lambda s=seed, m=modules, t=tight: inception_costgraph(s, m, memory_tight=t),
+            )
+            for seed, modules, tight in (PAPER[:2] if quick else PAPER)
+        ]
+    if which == "random":
+        return [
+            (
+                f"random-{seed}-{n}x{k}-ccr{ccr:g}",
+                lambda s=seed, n=n, k=k, c=ccr: random_dag(s, n, k, ccr=c),
+            )
+            for seed, n, k, ccr in (RANDOM[:3] if quick else RANDOM)
+        ]
+    raise SystemExit(f"unknown set {which!r}: use zoo, paper or random")
+
+
+def cached(name: str, build: Callable[[], CostGraph]) -> Path:
+    path = CACHE / (name.replace("/", "__") + ".json")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build().save(path)
+    return path
+
+
+def place(
+    costgraph: Path, solver: str, time_limit: float, threads: int, code: Path | None
+) -> dict[str, Any]:
+    """One solve in its own process (`moirai place`, from `code` when given)."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "plan.json"
+        argv = [sys.executable, "-m", "moirai", "place", "--costgraph", str(costgraph)]
+        argv += ["--solver", solver, "--time-limit", f"{time_limit:g}"]
+        argv += ["--threads", str(threads), "-q", "-o", str(out)]
+        started = time.monotonic()
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=code or ROOT)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall_s": wall}
+        plan = json.loads(out.read_text())
+    return {
+        "solver": plan["solver"],
+        "status": plan["status"],
+        "makespan_ms": plan["makespan_ms"],
+        "lower_bound_ms": plan["lower_bound_ms"],
+        "gap": plan["gap"],
+        "bound_from": plan.get("bound_from", ""),
+        "seconds": plan["solve_seconds"],
+        "wall_s": wall,
+        "devices_used": len(set(plan["assignment"].values())),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    path = RESULTS / "placement.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(data, dict) or "runs" not in data:  # another layout: start afresh
+        data = {}
+    runs = data.setdefault("runs", {}).setdefault(args.label, {})
+    solvers = args.solvers or (["auto"] if args.label == "before" else [*HEURISTICS, "auto"])
+    for which in args.set:
+        limit = 10.0 if args.quick else TIME_LIMIT[which]
+        for name, build in instances(which, args.quick):
+            cg_path = cached(name, build)
+            cg = CostGraph.load(cg_path)
+            row = runs.setdefault(name, {})
+            row.update(
+                set=which,
+                tasks=len(cg.tasks),
+                edges=len(cg.edges),
+                devices=len(cg.devices),
+                time_limit=limit,
+                threads=args.threads,
+            )
+            for solver in solvers:
+                result = place(cg_path, solver, limit, args.threads, args.code)
+                row[solver] = result
+                shown = (
+                    f"{result['makespan_ms']:9.4f} ms bound {result['lower_bound_ms']:9.4f} "
+                    f"gap {result['gap']:6.2%} {result['status']:<9} "
+                    f"{result['seconds']:5.1f} s {result['bound_from']}"
+                    if "error" not in result
+                    else result["error"]
                 )
-            auto = row["solvers"].get("auto", {}).get("makespan_ms")
-            row["speedup"] = {
-                b: row["solvers"][b]["makespan_ms"] / auto
-                for b in BASELINES
-                if auto and "makespan_ms" in row["solvers"].get(b, {})
-            }
-            rows.append(row)
-    return rows
+                print(f"{args.label:<6} {name:<34} {solver:<6} {shown}", flush=True)
+            path.write_text(json.dumps(data, indent=1) + "\n")  # keep what is done
+    data.setdefault("machine", {})[args.label] = (
+        f"{platform.machine()}, {os.cpu_count()} cores, --threads {args.threads}"
+    )
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _cell(result: dict[str, Any] | None) -> str:
-    if not result:
-        return "-"
-    if "error" in result:
-        return "n/a"
-    return f"{result['makespan_ms']:.3f}"
+# ---------------------------------------------------------------------- report
+def _auto(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    result = (row or {}).get("auto")
+    return result if result and "error" not in result else None
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    solvers = args.solvers
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.2%}" if values else "-"
+
+
+def report(data: dict[str, Any]) -> str:
+    runs = data.get("runs", {})
+    before, after = runs.get("before", {}), runs.get("after", {})
+    names = [n for n in after if n in before] + [n for n in after if n not in before]
     lines = [
         "# Placement benchmark",
         "",
-        f"`bench/placement.py --time-limit {args.time_limit:g} --threads {args.threads}` on "
-        f"{platform.machine()} ({args.threads} threads), analytic costs from "
-        "`examples/devices/bench-3.yaml` (A100, T4, Xeon; 10 Gb/s Ethernet), `bench-4.yaml` "
-        "(A100, two T4 on one PCIe node, Xeon) and `bench-gpus.yaml` (two A100 on NVLink and two "
-        "T4, one PCIe node). Makespans in ms, re-checked by the simulator; "
-        "`gap` = (makespan - lower bound) / makespan; speed-up = baseline makespan / auto "
-        "makespan.",
+        "`bench/placement.py` (see its docstring): `auto` before (the main branch this work "
+        "started from) and after, on the same instances, the same time limit and "
+        f"`--threads` ({data.get('machine', {}).get('after', '?')}; before: "
+        f"{data.get('machine', {}).get('before', '?')}). Makespans and bounds in ms; gap = "
+        "(makespan - lower bound) / makespan, proven; `bound` = the binding lower bound: "
+        "`series` (the series decomposition), a solver's own (`cpsat`, `milp-highs`) or a "
+        "simple one (`critical path`, `device critical path`, `work`). ▼ marks a plan or bound "
+        "worse than before.",
         "",
-        "## Makespan (ms) per solver",
-        "",
-        "| model | devices | nodes → groups → tasks | "
-        + " | ".join(LABEL.get(s, s) for s in solvers)
-        + " | auto bound | auto gap | auto status | auto s |",
-        "|" + "---|" * (3 + len(solvers) + 4),
     ]
-    for row in rows:
-        auto = row["solvers"].get("auto", {})
-        lines.append(
-            f"| {row['model']} | {row['devices']} | {row['nodes']} → {row['groups']} → "
-            f"{row['tasks']} | "
-            + " | ".join(_cell(row["solvers"].get(s)) for s in solvers)
-            + (
-                f" | {auto['lower_bound_ms']:.3f} | {auto['gap']:.2%} | {auto['status']} | "
-                f"{auto['seconds']:.1f} |"
-                if "makespan_ms" in auto
-                else " | - | - | - | - |"
-            )
+    summary = [
+        "## Summary",
+        "",
+        "| set | instances | median gap before | median gap after | open before | open after "
+        "| plan better / worse | bound better / worse |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for which in ("zoo", "paper", "random", None):
+        group = [n for n in names if which is None or after[n].get("set") == which]
+        pairs = [(_auto(before.get(n)), _auto(after[n])) for n in group]
+        pairs = [(b, a) for b, a in pairs if b is not None and a is not None]
+        if not pairs:
+            continue
+        tol = 1e-6
+        summary.append(
+            f"| {which or 'all'} | {len(pairs)} | {_median([b['gap'] for b, _ in pairs])} | "
+            f"{_median([a['gap'] for _, a in pairs])} | "
+            f"{sum(b['gap'] > 1e-4 for b, _ in pairs)} | "
+            f"{sum(a['gap'] > 1e-4 for _, a in pairs)} | "
+            f"{sum(a['makespan_ms'] < b['makespan_ms'] * (1 - tol) for b, a in pairs)} / "
+            f"{sum(a['makespan_ms'] > b['makespan_ms'] * (1 + tol) for b, a in pairs)} | "
+            f"{sum(a['lower_bound_ms'] > b['lower_bound_ms'] * (1 + tol) for b, a in pairs)} / "
+            f"{sum(a['lower_bound_ms'] < b['lower_bound_ms'] * (1 - tol) for b, a in pairs)} |"
         )
-    lines += [
-        "",
-        "## Speed-up of auto",
-        "",
-        "| model | devices | " + " | ".join(f"vs {LABEL[b]}" for b in BASELINES) + " |",
-        "|---|---|" + "---|" * len(BASELINES),
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['devices']} | "
-            + " | ".join(
-                f"{row['speedup'][b]:.2f}x" if b in row["speedup"] else "-" for b in BASELINES
-            )
-            + " |"
-        )
-    exact = [s for s in ("milp-highs", "milp-gurobi", "cpsat", "auto") if s in solvers]
-    lines += [
-        "",
-        "## Exact solvers: status, gap and seconds",
-        "",
-        "| model | devices | " + " | ".join(LABEL[s] for s in exact) + " |",
-        "|---|---|" + "---|" * len(exact),
-    ]
-    for row in rows:
-        cells = []
-        for s in exact:
-            r = row["solvers"].get(s, {})
-            if "makespan_ms" not in r:
-                cells.append("-")
-                continue
-            cells.append(f"{r['status']}, {r['gap']:.2%}, {r['seconds']:.1f} s")
-        lines.append(f"| {row['model']} | {row['devices']} | " + " | ".join(cells) + " |")
-    worse = [
-        f"{row['model']}/{row['devices']}: {b}"
-        for row in rows
-        for b, v in row["speedup"].items()
-        if v < 1 - 1e-9
-    ]
-    lines += [
-        "",
-        "auto is no worse than every heuristic on every instance."
-        if not worse
-        else "auto is worse than a heuristic on: " + ", ".join(worse),
-        "",
-    ]
+    lines += summary
+    for which in ("zoo", "paper", "random"):
+        group = [n for n in names if after[n].get("set") == which]
+        if not group:
+            continue
+        heur = [h for h in HEURISTICS if any(h in after[n] for n in group)]
+        lines += [
+            "",
+            f"## {which} ({after[group[0]]['time_limit']:g} s)",
+            "",
+            "| instance | tasks | devices | "
+            + " | ".join(LABEL[h] for h in heur)
+            + " | before | bound | gap | after | bound | gap | bound from | status | s |",
+            "|---|---|---|" + "---|" * len(heur) + "---|---|---|---|---|---|---|---|---|",
+        ]
+        for n in group:
+            row, old, new = after[n], _auto(before.get(n)), _auto(after[n])
+            cells = [n, str(row["tasks"]), str(row["devices"])]
+            for h in heur:
+                r = row.get(h, {})
+                cells.append(f"{r['makespan_ms']:.3f}" if "makespan_ms" in r else "n/a")
+            if old is not None:
+                cells += [
+                    f"{old['makespan_ms']:.3f}",
+                    f"{old['lower_bound_ms']:.3f}",
+                    f"{old['gap']:.1%}",
+                ]
+            else:
+                cells += ["-", "-", "-"]
+            if new is not None:
+                worse_plan = old is not None and new["makespan_ms"] > old["makespan_ms"] * (
+                    1 + 1e-6
+                )
+                worse_bound = old is not None and new["lower_bound_ms"] < old["lower_bound_ms"] * (
+                    1 - 1e-6
+                )
+                cells += [
+                    f"**{new['makespan_ms']:.3f}**" + (" ▼" if worse_plan else ""),
+                    f"{new['lower_bound_ms']:.3f}" + (" ▼" if worse_bound else ""),
+                    f"{new['gap']:.1%}",
+                    new["bound_from"] or "-",
+                    new["status"],
+                    f"{new['seconds']:.1f}",
+                ]
+            else:
+                cells += ["-"] * 6
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 
-def plots(rows: list[dict[str, Any]]) -> None:
+def plot(data: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = [f"{r['model']}/{r['devices']}" for r in rows]
-    x = np.arange(len(rows))
-    width = 0.8 / len(BASELINES)
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
-    for n, b in enumerate(BASELINES):
-        ax.bar(
-            x + n * width,
-            [r["speedup"].get(b, 0) for r in rows],
-            width,
-            label=f"vs {LABEL[b]}",
-        )
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x + width * (len(BASELINES) - 1) / 2, names, rotation=60, ha="right")
-    ax.set_ylabel("speed-up of auto (x)")
-    ax.set_title("auto's latency against the baselines (higher is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "placement_speedup.png", dpi=120)
-    plt.close(fig)
-
-    exact = [s for s in ("milp-highs", "cpsat", "auto") if any(s in r["solvers"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(rows)), 4.5))
-    width = 0.8 / max(1, len(exact))
-    for n, s in enumerate(exact):
-        ax.bar(
-            x + n * width,
-            [100 * r["solvers"].get(s, {}).get("gap", 0) for r in rows],
-            width,
-            label=LABEL[s],
-        )
-    ax.set_xticks(x + width * (len(exact) - 1) / 2, names, rotation=60, ha="right")
-    ax.set_ylabel("optimality gap (%)")
-    ax.set_title("gap to the proven lower bound (lower is better)")
+    runs = data.get("runs", {})
+    before, after = runs.get("before", {}), runs.get("after", {})
+    names = [n for n in after if _auto(after[n]) and _auto(before.get(n))]
+    if not names:
+        return
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(names)), 4.5))
+    for shift, (label, run) in zip(
+        (-0.2, 0.2), (("before", before), ("after", after)), strict=True
+    ):
+        ax.bar(x + shift, [100 * run[n]["auto"]["gap"] for n in names], 0.4, label=label)
+    ax.set_xticks(x, names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("proven gap of auto (%)")
+    ax.set_title("gap to the lower bound, before and after (lower is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "placement_gap.png", dpi=120)
@@ -243,17 +321,20 @@ def plots(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per solve")
-    parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--models", type=lambda s: s.split(","), default=zoo.names())
-    parser.add_argument("--devices", nargs="+", default=[str(p) for p in DEVICE_SETS])
-    parser.add_argument("--solvers", type=lambda s: s.split(","), default=SOLVERS)
+    parser.add_argument("--set", type=lambda s: s.split(","), default=["zoo"])
+    parser.add_argument("--label", default="after", help="where the numbers go (after, before)")
+    parser.add_argument("--code", type=Path, help="run this checkout's solvers (PYTHONPATH)")
+    parser.add_argument("--threads", type=int, default=min(2, default_threads()))
+    parser.add_argument("--solvers", type=lambda s: s.split(","))
+    parser.add_argument("--quick", action="store_true", help="10 s limits, fewer instances")
+    parser.add_argument("--report", action="store_true", help="only rewrite the report")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = run(args)
-    (RESULTS / "placement.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (RESULTS / "placement.md").write_text(markdown(rows, args))
-    plots(rows)
+    if not args.report:
+        run(args)
+    data = json.loads((RESULTS / "placement.json").read_text())
+    (RESULTS / "placement.md").write_text(report(data))
+    plot(data)
     print(f"wrote {RESULTS / 'placement.md'}")
 
 
