@@ -18,6 +18,7 @@ deadline. Large tensors travel as binary data or over gRPC, which cost no parsin
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -135,12 +136,58 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memo
             "parses: send large tensors as binary data (the binary-data extension, "
             "tritonclient's default) or over gRPC"
         )
+    text = body[:length]
     try:
-        header = json.loads(body[:length])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"request body is not valid JSON: {e}") from None
+        header = json.loads(text)
     except RecursionError:  # the decoder recurses once per level of nesting
         raise InvalidInput("request body nests JSON arrays or objects too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        if "integer string conversion" in str(e):
+            raise InvalidInput(_long_integer(text)) from None
+        raise InvalidInput(f"request body is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
     return header, memoryview(body)[length:]
+
+
+class _LongInteger(int):
+    """Stands in for a JSON integer longer than Python converts (`sys.get_int_max_str_digits`)."""
+
+    digits = 0
+
+
+def _long_integer(text: bytes) -> str:
+    """The message for a body that holds an integer too long to convert, naming the input (or
+    the field) that holds it. The body is parsed again for it, on this error path only, with
+    such integers left unconverted."""
+    limit = sys.get_int_max_str_digits()
+
+    def parse_int(literal: str) -> int:
+        digits = len(literal.lstrip("-"))
+        if digits <= limit:
+            return int(literal)
+        marker = _LongInteger()
+        marker.digits = digits
+        return marker
+
+    def find(value: Any, path: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], int]:
+        if isinstance(value, _LongInteger):
+            return path, value.digits
+        if isinstance(value, dict | list):
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                found = find(item, (*path, key))
+                if found[0]:
+                    return found
+        return (), 0
+
+    try:
+        body = json.loads(text, parse_int=parse_int)
+        path, digits = find(body, ())
+    except (ValueError, RecursionError):  # invalid further on: say what was found first
+        return f"request body holds an integer of more than {limit} digits"
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+    where = where or "request body"
+    entry = body["inputs"][path[1]] if path[:1] == ("inputs",) and len(path) > 1 else None
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        where = f"input {entry['name']!r} ({where})"
+    return f"{where} holds an integer of {digits} digits: no tensor datatype holds one that long"

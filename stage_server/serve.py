@@ -110,11 +110,13 @@ async def _start_chain_port(
 async def start_chain(
     handler: ChainHandler, *, host: str = "127.0.0.1", port: int = 0, same_host: bool = True
 ) -> ChainHandle:
-    """Serve only `moirai.stage.v1.Chain` for `handler`, over gRPC and the same-host fast path,
-    exactly as a stage server receives pushes: for link measurements and tests."""
+    """Serve only `moirai.stage.v1.Chain` for `handler` (and `grpc.health.v1`, SERVING), over
+    gRPC and the same-host fast path, exactly as a stage server receives pushes: for link
+    measurements and tests."""
     server = _server(_UNLIMITED)
     servicer = ChainServicer(handler)
     add_chain_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return ChainHandle(server, *await _start_chain_port(server, servicer, host, port, same_host))
 
 
@@ -161,7 +163,11 @@ def _oip_server(gateway: Gateway | BatchingFront, max_request_bytes: int) -> grp
 async def _start_http(
     gateway: Gateway | BatchingFront, host: str, port: int, max_request_bytes: int
 ) -> web.AppRunner:
-    runner = web.AppRunner(create_app(gateway, max_request_bytes), access_log=None)
+    # handler_cancellation: a client that closes its connection cancels its request, which
+    # the gateway then cancels along the chain, instead of serving it for no one.
+    runner = web.AppRunner(
+        create_app(gateway, max_request_bytes), access_log=None, handler_cancellation=True
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -4,11 +4,14 @@ Both use `stage_server.errors.status_of`, the only table of codes. Handlers rais
 (`ServingError`, or any `MoiraiError`) and never call `context.abort` or build error responses
 themselves; an unexpected exception is logged with its traceback and answered INTERNAL / 500.
 Errors are counted by code here when a `Metrics` is given, so the count covers every failure a
-client sees, whether raised while decoding, validating or serving.
+client sees, whether raised while decoding, validating or serving. A client that goes away (a
+gRPC call cancelled, an HTTP connection closed while its request is read or served) is counted
+as CANCELLED: it is the client's doing, not the server's failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,7 +20,7 @@ import grpc
 from aiohttp import web
 
 from moirai.errors import MoiraiError
-from stage_server.errors import NotFound, TooLarge, status_of
+from stage_server.errors import Cancelled, NotFound, TooLarge, status_of
 from stage_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,10 @@ def guarded(handler: Handler, metrics: Metrics | None = None) -> Handler:
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await handler(request, context)
+        except asyncio.CancelledError:  # the client cancelled or went away
+            if metrics is not None:
+                metrics.errors.labels(grpc.StatusCode.CANCELLED.name).inc()
+            raise
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
@@ -73,6 +80,12 @@ def error_middleware(metrics: Metrics | None = None) -> Callable[..., Any]:
                 raise TooLarge(f"{e.text} (the gateway's --max-request-bytes)") from None
             except web.HTTPNotFound:
                 raise NotFound(f"no such resource: {request.path}") from None
+            except ConnectionResetError:  # lost while its body was read: no one to answer
+                raise Cancelled("the client closed the connection") from None
+        except asyncio.CancelledError:  # lost while served (the server cancels the handler)
+            if metrics is not None:
+                metrics.errors.labels(grpc.StatusCode.CANCELLED.name).inc()
+            raise
         except web.HTTPMethodNotAllowed as e:
             allowed = ", ".join(sorted(e.allowed_methods))
             message = f"method {e.method} is not allowed on {request.path}; use {allowed}"

@@ -18,10 +18,13 @@ import pytest
 
 from moirai.partition import build_plan
 from moirai.stageplan import GATEWAY, DeviceSpec, Lane, StagePlan
+from stage_server.chain import Delivery
 from stage_server.serve import (
+    ChainHandle,
     Frontend,
     FrontendHandle,
     StageHandle,
+    start_chain,
     start_gateway,
     start_stage,
 )
@@ -150,3 +153,72 @@ def laned(plan: StagePlan, weights: tuple[float, ...] = (1.0, 1.0)) -> StagePlan
         routing={t: tuple(c) for t, c in routing.items()},
         lanes=tuple(Lane(w) for w in weights),
     )
+
+
+class Recorder:
+    """A chain handler that keeps every push and failure report and never answers."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[Delivery] = []
+        self.failures: list[tuple[str, str]] = []
+
+    def deliver(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+
+    def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
+        self.failures.append((request_id, code))
+
+
+@dataclass
+class Stalled:
+    """A front end whose one stage server (`chain`, recording into `stage`) never answers: its
+    requests stay in flight until their deadline, the client leaves or the server sheds them."""
+
+    frontend: FrontendHandle
+    chain: ChainHandle
+    stage: Recorder
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.frontend.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.frontend.http_port}"
+
+    def errors(self, code: str) -> float:
+        """Requests failed with the gRPC status `code`, as the front end's metrics count them."""
+        registry = self.frontend.gateway.metrics.registry
+        return registry.get_sample_value("moirai_request_errors_total", {"code": code}) or 0.0
+
+    async def until(self, condition: Callable[[], bool], what: str) -> None:
+        """Wait for `condition`, at most 20 s (only a hang takes that long)."""
+        for _ in range(400):
+            if condition():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"not reached: {what}")
+
+
+@pytest.fixture
+async def stalled() -> AsyncIterator[Callable[..., object]]:
+    """`await stalled(model, **options)`: a `Stalled` front end for `model` (a plan of one stage),
+    started with the options of `start_gateway`."""
+    started: list[Stalled] = []
+
+    async def launch(model: onnx.ModelProto, **options: object) -> Stalled:
+        plan = split_plan(model, 1)
+        stage = Recorder()
+        chain = await start_chain(stage)
+        (port,) = free_ports(1)
+        addresses = {"cpu-0": f"127.0.0.1:{chain.port}", "gateway": f"127.0.0.1:{port}"}
+        frontend = await start_gateway(plan, addresses, chain_port=port, **options)
+        s = Stalled(frontend, chain, stage)
+        started.append(s)
+        assert await frontend.gateway.wait_ready(10)
+        return s
+
+    yield launch
+    for s in started:
+        await s.frontend.stop(0)
+        await s.chain.stop(0)

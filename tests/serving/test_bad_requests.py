@@ -110,6 +110,10 @@ BAD_BODIES: list[tuple[bytes, str]] = [
     (b"[1, 2]", "must be a JSON object"),
     (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "too deeply"),  # was a 500
     (b'{"inputs": {"x": 1}}', "'inputs' list"),
+    # An integer longer than Python converts was a 500 with a traceback.
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "INT64", "data": [1, '
+     + b"9" * 5000 + b"]}]}", "input 'x' (inputs[0].data[1]) holds an integer of 5000 digits"),
+    (b'{"id": ' + b"9" * 5000 + b', "inputs": []}', "id holds an integer of 5000 digits"),
     (b'{"id": {"a": 1}, "inputs": []}', "'id' must be a string"),  # was echoed as "{'a': 1}"
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2]}]}',
      "holds 2 values, but shape [1, 8] needs 8"),
