@@ -87,6 +87,7 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,17 +148,43 @@ class Group:
 
 
 # ------------------------------------------------------------ per provider
-def _claims(model: onnx.ModelProto, graph: OpGraph, provider: str) -> list[set[str]]:
+def _claims(model: onnx.ModelProto, graph: OpGraph, provider: str) -> list[set[str]] | None:
     """For each node of ONNX Runtime's optimised graph for `provider`, the original nodes that
-    it alone claims (see the module docstring). Nodes in no set were folded or eliminated."""
-    optimised = optimised_graph(model, provider)
+    it alone claims (see the module docstring). Nodes in no set were folded or eliminated.
+    None, said in one line, when ONNX Runtime cannot optimise the model for the provider."""
+    levels = [ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED]
     if provider == CPU:
-        layout = optimised_graph(model, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        levels.append(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    try:
+        optimised, *layout = _optimised_graphs(model, provider, levels)
+    except ModelError as e:
+        log.warning("%s: each node is a task of its own, so a cut may split a fusion", e)
+        return None
+    if layout:
         try:
-            optimised = restore_layout(optimised, layout)
+            optimised = restore_layout(optimised, layout[0])
         except LayoutError as e:
             log.warning("CPU fusions from the extended level only: %s", e)
     return [c for c in claimed_nodes(graph, optimised) if c]
+
+
+def _optimised_graphs(
+    model: onnx.ModelProto, provider: str, levels: Sequence[ort.GraphOptimizationLevel]
+) -> list[onnx.GraphProto]:
+    """`optimised_graph` at each level, the sessions built at once (ONNX Runtime builds them
+    outside the GIL; for a large model each reads every weight). Where ONNX Runtime refuses the
+    model with the shapes ONNX inferred, it is asked again with its own (`value_info` dropped):
+    ONNX Runtime runs what it can type itself."""
+    with ThreadPoolExecutor(len(levels)) as pool:
+        try:
+            return list(pool.map(lambda level: optimised_graph(model, provider, level), levels))
+        except ModelError as e:
+            bare = onnx.ModelProto()
+            bare.CopyFrom(model)
+            del bare.graph.value_info[:]
+            found = list(pool.map(lambda level: optimised_graph(bare, provider, level), levels))
+            log.warning("%s; with its own shapes it can: fusions taken from those", e)
+            return found
 
 
 class LayoutError(ValueError):
@@ -335,7 +362,10 @@ def optimised_graph(
 def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[str]) -> list[Group]:
     """Groups that split no fusion of any of `providers` and form a DAG, in topological
     order."""
-    units = {p: _units(graph, _claims(model, graph, p)) for p in dict.fromkeys(providers)}
+    units = {}
+    for provider in dict.fromkeys(providers):
+        claims = _claims(model, graph, provider)
+        units[provider] = _units(graph, claims) if claims is not None else _alone(graph)
     merged = _UnionFind(n.name for n in graph.nodes)
     for provider_units in units.values():
         for unit in provider_units:
@@ -343,6 +373,11 @@ def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[st
     blocks = merged.classes()
     components = _contract_cycles(graph, blocks)
     return _as_groups(graph, [[n for b in c for n in blocks[b]] for c in components], units)
+
+
+def _alone(graph: OpGraph) -> list[tuple[str, ...]]:
+    """Units when ONNX Runtime cannot say its fusions: every node on its own."""
+    return [(n.name,) for n in graph.nodes]
 
 
 def _units(graph: OpGraph, claims: list[set[str]]) -> list[tuple[str, ...]]:

@@ -65,6 +65,7 @@ InputShapes = Mapping[str, Sequence[int]]
 # Nodes whose output depends only on the static shape of their input, which ONNX Runtime folds
 # once shapes are static.
 _SHAPE_OPS = frozenset({"Shape", "Size"})
+_SUBGRAPHS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 # Never folded: their output changes from run to run.
 _NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
@@ -169,10 +170,29 @@ def _read(path: Path, check: bool) -> onnx.ModelProto:
         # Given the path, the checker resolves external data files relative to the model.
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
-        raise ModelError(
-            f"{path}: invalid ONNX model: {_one_line(e)}; fix or re-export the model"
-        ) from None
+        problem = _one_line(e)
+        if _ort_refuses(model) is not None:
+            raise ModelError(
+                f"{path}: invalid ONNX model: {problem}; fix or re-export the model"
+            ) from None
+        log.warning(
+            "%s: ONNX's checker refuses the model (%s), but ONNX Runtime loads it: going on",
+            path,
+            problem,
+        )
     return model
+
+
+def _ort_refuses(model: onnx.ModelProto) -> str | None:
+    """Why ONNX Runtime cannot load `model` (None when it can): it has the last word."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort_session(model, options, ["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types, without a common base
+        return _one_line(e)
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -245,14 +265,25 @@ def _price_batch_at_one(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """ONNX's shapes in `value_info`; where ONNX cannot infer them, none (ONNX Runtime's are
+    then asked for: `_complete_shapes`). Subgraphs (If/Loop/Scan bodies) stay as the file has
+    them: ONNX Runtime infers their insides itself, and an inference of another ONNX version
+    written into them could contradict it."""
     # Keep only the shapes we are about to derive again from the (possibly new) input shapes.
     del model.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
-        raise ModelError(
-            f"{path}: shape inference failed: {_one_line(e)}; check the --input-shape values"
-        ) from None
+        log.warning(
+            "%s: ONNX's shape inference fails (%s): the shapes are ONNX Runtime's",
+            path,
+            _one_line(e),
+        )
+        return model
+    for original, node in zip(model.graph.node, inferred.graph.node, strict=True):
+        if any(a.type in _SUBGRAPHS for a in node.attribute):
+            node.CopyFrom(original)
+    return inferred
 
 
 def _static(value_type: onnx.TypeProto) -> bool:
@@ -272,13 +303,17 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     missing = [t for n in graph.node for t in n.output if t in used and t not in known]
     if not missing:
         return
-    declared = len(graph.output)
-    graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
+    # The probe is the model as its file has it, at the given input shapes: ONNX Runtime infers
+    # every shape itself, so nothing ONNX inferred can contradict it.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        session = ort_session(model, options, ["CPUExecutionProvider"])
+        session = ort_session(probe, options, ["CPUExecutionProvider"])
         answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
         if not all(isinstance(d, int) for t in missing for d in answers[t][1]):
             feeds = {
@@ -292,8 +327,6 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     except Exception as e:  # ORT raises its own exception types, without a common base
         log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
         return
-    finally:
-        del graph.output[declared:]
     for name in missing:
         type_name, shape = answers[name]
         if not type_name.startswith("tensor("):

@@ -22,6 +22,12 @@ from moirai.errors import MoiraiError
 from moirai.stageplan import DeviceSpec
 from moirai.weights import ort_session
 
+STAGE_SERVER_OVERHEAD_BYTES = 128 * 2**20
+"""Host memory a stage server holds besides its sessions' weights and activations: Python, ONNX
+Runtime, gRPC and their libraries. Measured at 107 MiB peak resident for a one-stage server of a
+one-node model (`bench/largemodels.py`); the planner reserves this much of every CPU device's
+memory for it, so a device's tasks plus this are what its stage server peaks at."""
+
 
 def create_session(
     model: onnx.ModelProto,

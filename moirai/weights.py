@@ -29,9 +29,12 @@ its weights as external data, and `check_size` says so in one line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import mmap
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -40,6 +43,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from moirai.cachedir import cache_dir
 from moirai.errors import ModelError
 
 if TYPE_CHECKING:
@@ -59,6 +63,10 @@ _TENSOR_RAW_DATA = 9
 _TENSOR_EXTERNAL_DATA = 13
 _TENSOR_DATA_LOCATION = 14
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+class ExternalDataError(ModelError):
+    """An external data location that is absolute or leaves the model's folder."""
 
 
 # ------------------------------------------------------------------ reading
@@ -125,7 +133,7 @@ def external_location(tensor: onnx.TensorProto, model_path: Path | str) -> str:
     location = info.get("location", "")
     parts = PurePosixPath(location.replace("\\", "/")).parts
     if not location or PurePosixPath(location).is_absolute() or ".." in parts or ":" in location:
-        raise ModelError(
+        raise ExternalDataError(
             f"{model_path}: initializer {tensor.name!r} names external data {location!r}: "
             "locations must be relative paths inside the model's folder"
         )
@@ -162,23 +170,59 @@ def _read_in(tensor: onnx.TensorProto, folder: Path, path: Path) -> None:
 
 
 def model_files(path: Path) -> list[Path]:
-    """The model file, then its external data files in the order of their locations' names."""
-    return [path, *(path.parent / f for f in external_files(read_skeleton(path), path))]
+    """The model file, then its external data files in the order of their locations' names (a
+    file that is no readable model has none: loading it says what is wrong)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such ONNX file")
+    try:
+        skeleton = read_skeleton(path)
+    except ExternalDataError:
+        raise
+    except ModelError:
+        return [path]
+    return [path, *(path.parent / f for f in external_files(skeleton, path))]
 
 
 def model_digest(path: Path | str) -> str:
     """SHA-256 of the model file followed by its external data files, in the order of their
     locations' names (byte order): `cat model.onnx model.onnx.data | sha256sum` for one data
-    file, `sha256sum model.onnx` for a model without external data."""
+    file, `sha256sum model.onnx` for a model without external data.
+
+    Remembered (in the cache folder's `digests`) against each file's identity and change
+    times, as git's index does: a file written since, even with its modification time put
+    back, has a new change time (`st_ctime_ns`, which no tool sets), so it is read again. The
+    planner, every stage server and the fetch of one model then read gigabytes once."""
+    files = model_files(Path(path))
+    stamps = [_stamp(f) for f in files]
+    entry = cache_dir("digests") / f"{hashlib.sha256(str(stamps).encode()).hexdigest()}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        remembered = json.loads(entry.read_text(encoding="utf-8"))
+        if remembered["stamps"] == stamps:
+            return str(remembered["sha256"])
     digest = hashlib.sha256()
-    for file in model_files(Path(path)):
+    for file in files:
         try:
             with file.open("rb") as f:
                 while chunk := f.read(1 << 22):
                     digest.update(chunk)
         except OSError as e:
             raise ModelError(f"{file}: cannot read the model ({e.strerror})") from None
+    if [_stamp(f) for f in files] == stamps:  # unchanged while it was read
+        with contextlib.suppress(OSError):  # a cache that cannot be written is no cache
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"stamps": stamps, "sha256": digest.hexdigest()}, f)
+            os.replace(tmp, entry)
     return digest.hexdigest()
+
+
+def _stamp(file: Path) -> list[int | str]:
+    try:
+        st = file.stat()
+    except OSError as e:
+        raise ModelError(f"{file}: cannot read the model ({e.strerror})") from None
+    return [str(file.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 # ------------------------------------------------------------------ folder

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moirai import cachedir
 from moirai.errors import ModelError
 
 # Part of a generated model's cache file name: bump it whenever a builder's output changes.
@@ -403,10 +403,7 @@ def matmul_chain(
 
 
 def cache_dir() -> Path:
-    if "MOIRAI_CACHE" in os.environ:
-        return Path(os.environ["MOIRAI_CACHE"]) / "zoo"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moirai" / "zoo"
+    return cachedir.cache_dir("zoo")
 
 
 def _check(name: str) -> None:

@@ -10,6 +10,9 @@ side, which reads nothing but the `CostGraph` it returns:
   node names of `moirai.graph.load_model`, the names the serving side cuts stages by;
 - `compute_ms` comes from the profile source (analytic by default);
 - `memory_bytes` of a task is the weights its kernels read plus the activations its nodes write;
+  a CPU device's memory is what is left for tasks once its stage server's fixed overhead is
+  reserved (`moirai.sessions.STAGE_SERVER_OVERHEAD_BYTES`), so a stage server peaks at its
+  tasks' memory plus that overhead (`bench/largemodels.py` measures it);
 - an edge carries every tensor written by one task and read by another, summed per task pair;
 - the cost graph's `source` records where the numbers came from (profile, model file and digest,
   input shapes, providers) and the coarsening (nodes → fusion groups → tasks); a profile that
@@ -18,20 +21,23 @@ side, which reads nothing but the `CostGraph` it returns:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from moirai.costgraph import CostGraph, Edge, Task
-from moirai.devices import DeviceSet, load_devices
+from moirai.costgraph import CostGraph, Device, Edge, Task
+from moirai.devices import DeviceSet, DeviceSpec, load_devices
 from moirai.fusion import Group, coarsen, fusion_groups
 from moirai.graph import InputShapes, OpGraph, build_graph, dynamic_shapes, load_model
 from moirai.profile import Annotates, Profile
 from moirai.profile.analytic import AnalyticProfile, node_flops
+from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
 from moirai.weights import model_digest
 
 log = logging.getLogger(__name__)
@@ -47,8 +53,9 @@ class LoadedModel:
     proto: onnx.ModelProto
     """`moirai.graph.load_model`'s model: canonical node names, shapes inferred."""
     graph: OpGraph
-    sha256: str
-    """`moirai.weights.model_digest`: the file's, followed by its external data files'."""
+    digest: Future[str]
+    """`moirai.weights.model_digest`, computed beside the fusion analysis (for a large model
+    both read every weight): `sha256` waits for it."""
     dynamic: Mapping[str, Sequence[int]]
     """`moirai.graph.dynamic_shapes`: what varies with the file's symbolic inputs (empty when
     nothing does); the stage plan leaves those dimensions open."""
@@ -56,6 +63,11 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def sha256(self) -> str:
+        """The file's digest, followed by its external data files' (`model_digest`)."""
+        return self.digest.result()
 
     @property
     def priced_shapes(self) -> dict[str, list[int]]:
@@ -71,9 +83,11 @@ def load(model_path: str | Path, input_shapes: InputShapes | None = None) -> Loa
     path = Path(model_path)
     shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     proto = load_model(path, shapes or None)
-    return LoadedModel(
-        path, shapes, proto, build_graph(proto), model_digest(path), dynamic_shapes(path)
-    )
+    digest = _DIGESTS.submit(model_digest, path)
+    return LoadedModel(path, shapes, proto, build_graph(proto), digest, dynamic_shapes(path))
+
+
+_DIGESTS = ThreadPoolExecutor(1, thread_name_prefix="moirai-digest")
 
 
 def build_costgraph(
@@ -127,7 +141,7 @@ def build_costgraph(
     )
     costgraph = CostGraph(
         name=model_path.stem,
-        devices=tuple(d.to_costgraph() for d in devices.devices),
+        devices=tuple(_as_served(d) for d in devices.devices),
         tasks=tasks,
         edges=_edges(graph, groups, task_ids),
         default_link=devices.default_link,
@@ -135,6 +149,17 @@ def build_costgraph(
         extra={"source": source},
     )
     return profile.annotate(costgraph) if isinstance(profile, Annotates) else costgraph
+
+
+def _as_served(device: DeviceSpec) -> Device:
+    """The cost graph's device. A CPU device's memory is less what its stage server holds
+    besides its tasks (`moirai.sessions.STAGE_SERVER_OVERHEAD_BYTES`): tasks then fit in what is
+    left, and a stage server peaks at its tasks' memory plus that overhead."""
+    device = device.to_costgraph()
+    if device.kind != "cpu":
+        return device
+    usable = max(0, device.memory_bytes - STAGE_SERVER_OVERHEAD_BYTES)
+    return dataclasses.replace(device, memory_bytes=usable)
 
 
 def _memory_bytes(graph: OpGraph, group: Group) -> int:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moirai.cachedir import cache_dir
 from moirai.profile.document import DeviceProfile, ProfileError
 from moirai.profile.links import LinkFit
 
@@ -36,10 +37,7 @@ FORMAT = "moirai.profile-cache/v1"
 
 
 def default_dir() -> Path:
-    if "MOIRAI_CACHE" in os.environ:
-        return Path(os.environ["MOIRAI_CACHE"]) / "profiles"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "moirai" / "profiles"
+    return cache_dir("profiles")
 
 
 def _digest(ingredients: Mapping[str, Any]) -> str:

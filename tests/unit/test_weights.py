@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from moirai.weights import (
     PROTOBUF_LIMIT,
     external_files,
     folder_of,
+    model_digest,
     ort_session,
     read_skeleton,
 )
@@ -168,3 +171,22 @@ def test_the_folder_is_only_metadata(tmp_path: Path) -> None:
     assert FOLDER_KEY in {p.key for p in read_skeleton(path).metadata_props}
     x = np.ones((1, 64), np.float32)
     np.testing.assert_array_equal(_run(m, x), _reference(m, x))
+
+
+def test_the_digest_covers_data_files_and_is_remembered_until_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOIRAI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.onnx"
+    onnx.save(_chain(), path, save_as_external_data=True, location="m.data")
+    data = tmp_path / "m.data"
+    want = hashlib.sha256(path.read_bytes() + data.read_bytes()).hexdigest()
+    assert model_digest(path) == want
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1
+    assert model_digest(path) == want  # from the cache
+    # The same size and modification time, other bytes: the change time gives it away.
+    before = data.stat()
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert model_digest(path) == hashlib.sha256(path.read_bytes() + data.read_bytes()).hexdigest()
+    assert model_digest(path) != want
