@@ -385,7 +385,11 @@ def stage_deployment(
     limits: dict[str, str] = {}
     if device.gpus:
         limits[GPU_RESOURCE] = requests[GPU_RESOURCE] = str(device.gpus)
-    if device.memory_request:
+    if device.memory_bytes:
+        # What the plan says this server peaks at, within the device's memory as planned.
+        requests["memory"] = str(device.memory_bytes)
+        limits["memory"] = str(max(device.memory_bytes, device.entry.memory_bytes))
+    elif device.memory_request:
         limits["memory"] = requests["memory"] = device.memory_request
     container = {
         "name": "stage-server",

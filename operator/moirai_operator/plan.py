@@ -28,6 +28,10 @@ class PlannedDevice:
     """Memory request and limit (the pool's memoryPerDevice), if any."""
     tasks: int
     """Tasks of the cost graph placed on it."""
+    memory_bytes: int = 0
+    """What its stage server peaks at as planned: the weights and activations of its tasks
+    plus a stage server's fixed overhead (`moirai.sessions.STAGE_SERVER_OVERHEAD_BYTES`); the
+    pod requests this much. 0 where it is not planned (GPU devices: their memory is the GPU's)."""
 
 
 @dataclass(frozen=True)

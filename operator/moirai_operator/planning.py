@@ -18,6 +18,7 @@ devices — so the message can say how much is needed and how much the pools off
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class Planner:
     ) -> Plan:
         from moirai.planning import plan_model, resolve
         from moirai.profile.document import ProfileError
+        from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
         from stage_server.batchconfig import check_batchable
 
         try:
@@ -143,6 +145,9 @@ class Planner:
                 raise SpecError(str(e)) from None
         used = set(stage_plan.used_devices)
         tasks = planned.tasks_per_device()
+        memory: Counter[str] = Counter()
+        for task in planned.costgraph.tasks:
+            memory[placement.assignment[task.id]] += task.memory_bytes
         by_pool = {m.spec.name: m for m in pools}
         devices = tuple(
             PlannedDevice(
@@ -151,6 +156,7 @@ class Planner:
                 gpus=by_pool[d.pool].spec.gpus_per_device if d.kind == "gpu" else 0,
                 memory_request=by_pool[d.pool].spec.memory_per_device,
                 tasks=tasks[d.name],
+                memory_bytes=memory[d.name] + STAGE_SERVER_OVERHEAD_BYTES if d.kind == "cpu" else 0,
             )
             for d in doc.devices
             if d.name in used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from moirai_operator.children import (
     endpoint,
 )
 from moirai_operator.spec import Defaults, parse_spec
-from operator_bodies import make_plan, make_spec
+from operator_bodies import GIB, make_plan, make_spec
 
 OWNER = Owner(name="resnet", namespace="ml", uid="uid-1")
 
@@ -83,6 +84,20 @@ def test_stage_deployment_binds_to_its_pool_and_requests_its_device() -> None:
     labels = gpu["spec"]["template"]["metadata"]["labels"]
     assert sel.items() <= labels.items() and sel["moirai.dev/child"] == "resnet-gpu-0"
     assert gpu["spec"]["template"]["metadata"]["annotations"]["moirai.dev/plan-digest"]
+
+
+def test_a_cpu_stage_server_requests_its_planned_memory() -> None:
+    """Requests what the plan says the server peaks at; limited to the device's memory."""
+    plan = make_plan((("cpu-0", "cpu"),))
+    planned = dataclasses.replace(plan.devices[0], memory_bytes=3 * GIB)
+    spec = parse_spec(make_spec(), Defaults(image="moirai:test"))
+    plan = dataclasses.replace(plan, devices=(planned,))
+    objs = build_children(OWNER, spec, plan, BuildOptions())
+    pod = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "4", "memory": str(3 * GIB)},
+        "limits": {"memory": str(16 * GIB)},
+    }
 
 
 def test_model_is_fetched_and_verified_by_an_init_container() -> None:

@@ -51,6 +51,22 @@ async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) ->
         assert d.tasks >= 1
 
 
+async def test_cpu_devices_plan_their_stage_servers_memory(tmp_path: Path, planner) -> None:
+    """A CPU stage server's pod requests what it peaks at: its tasks' weights and activations
+    plus a stage server's fixed overhead (moirai.sessions)."""
+    from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
+
+    model = write_mlp(tmp_path / "mlp.onnx", hidden=256, layers=4)
+    cpu_only = {
+        "pools": [{"name": "cpu", "kind": "cpu", "nodeSelector": {"moirai.dev/pool": "cpu"}}]
+    }
+    spec = parse_spec(model_spec(model, placement={"solver": "single"}, **cpu_only), Defaults())
+    plan = await planner(spec, match_pools(spec.pools, NODES), model)
+    (device,) = plan.devices
+    weights = 4 * (256 * 256 + 256) * 4
+    assert weights < device.memory_bytes - STAGE_SERVER_OVERHEAD_BYTES < 2 * weights
+
+
 async def test_a_spec_that_batches_needs_a_batch_dimension(tmp_path: Path, planner) -> None:
     batching = {"serving": {"batching": {"maxBatchSize": 8}}, "placement": {"solver": "heft"}}
     fixed = write_mlp(tmp_path / "fixed.onnx")
