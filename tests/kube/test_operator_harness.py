@@ -175,6 +175,12 @@ class Cluster:
         return {}
 
     def wait_phase(self, name: str, phase: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        try:
+            return self._wait_phase(name, phase, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; status: {self.status(name)}") from None
+
+    def _wait_phase(self, name: str, phase: str, timeout: float) -> dict[str, Any]:
         return wait_until(
             f"{name} to be {phase}",
             lambda: (
