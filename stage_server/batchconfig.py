@@ -1,6 +1,10 @@
 """Dynamic batching's settings, their command-line flags and the check that a model can be
 batched, apart from the batcher (`stage_server.batching`) so that the CLI and the operator use
-them without importing the serving stack."""
+them without importing the serving stack.
+
+Batching is set per model, as in Triton. A front end of several models takes each flag once per
+model, `--max-batch-size MODEL=N`, and a value without `MODEL=` for every model that has no
+value of its own (`from_args(args, model)`)."""
 
 from __future__ import annotations
 
@@ -52,55 +56,99 @@ class BatchingConfig:
     def delay_s(self) -> float:
         return self.max_queue_delay_us / 1e6
 
-    def to_args(self) -> list[str]:
-        """The command-line flags that give this configuration (`add_arguments`)."""
+    def to_args(self, model: str | None = None) -> list[str]:
+        """The command-line flags that give this configuration (`add_arguments`), to `model`
+        only when named (a front end of several models)."""
         if not self.enabled:
             return []
-        args = ["--max-batch-size", str(self.max_batch_size)]
+        to = f"{model}=" if model else ""
+        args = ["--max-batch-size", f"{to}{self.max_batch_size}"]
         if self.preferred_batch_sizes:
-            args += ["--preferred-batch-sizes", ",".join(map(str, self.preferred_batch_sizes))]
+            sizes = ",".join(map(str, self.preferred_batch_sizes))
+            args += ["--preferred-batch-sizes", f"{to}{sizes}"]
         if self.max_queue_delay_us:
-            args += ["--max-queue-delay-us", str(self.max_queue_delay_us)]
+            args += ["--max-queue-delay-us", f"{to}{self.max_queue_delay_us}"]
         return args
 
 
+FLAGS = {
+    "max_batch_size": "--max-batch-size",
+    "preferred_batch_sizes": "--preferred-batch-sizes",
+    "max_queue_delay_us": "--max-queue-delay-us",
+}
+
+
 def add_arguments(parser: Any) -> None:
-    """`--max-batch-size`, `--preferred-batch-sizes`, `--max-queue-delay-us` (argparse)."""
+    """`--max-batch-size`, `--preferred-batch-sizes`, `--max-queue-delay-us` (argparse), each
+    `[MODEL=]VALUE` and repeatable (module docstring)."""
     parser.add_argument(
         "--max-batch-size",
-        type=int,
-        default=0,
-        metavar="N",
+        action="append",
+        metavar="[MODEL=]N",
         help="batch concurrent requests along their first dimension, up to this many rows "
-        "(default 0: no batching; the model needs a symbolic batch dimension)",
+        "(default 0: no batching; the model needs a symbolic batch dimension); MODEL= sets it "
+        "for one model of several",
     )
     parser.add_argument(
         "--preferred-batch-sizes",
-        default="",
-        metavar="N,N",
+        action="append",
+        metavar="[MODEL=]N,N",
         help="batch sizes sent as soon as reached, e.g. 4,8 (default: --max-batch-size)",
     )
     parser.add_argument(
         "--max-queue-delay-us",
-        type=int,
-        default=0,
-        metavar="US",
+        action="append",
+        metavar="[MODEL=]US",
         help="how long a request may wait for others to join its batch, microseconds "
         "(default 0: send at once what is queued)",
     )
 
 
-def from_args(args: Any) -> BatchingConfig:
-    """The configuration of the flags of `add_arguments`."""
-    text = str(args.preferred_batch_sizes or "").replace(" ", "")
+def _value(args: Any, field: str, model: str | None) -> tuple[str, str]:
+    """The value of a flag for `model` (its `MODEL=` value, else the bare one; "" when none),
+    and the flag as written, for messages."""
+    bare = named = None
+    for text in getattr(args, field, None) or ():
+        name, sep, value = str(text).partition("=")
+        if not sep:
+            bare = (text, text)
+        elif name == model:
+            named = (value, text)
+    value, written = named or bare or ("", "")
+    return value, f"{FLAGS[field]} {written}".strip()
+
+
+def _number(args: Any, field: str, model: str | None) -> int:
+    text, flag = _value(args, field, model)
     try:
-        preferred = tuple(int(s) for s in text.split(",") if s)
+        return int(text or 0)
+    except ValueError:
+        raise MoiraiError(f"{flag}: give a whole number (or MODEL=N for one model)") from None
+
+
+def from_args(args: Any, model: str | None = None) -> BatchingConfig:
+    """The configuration of the flags of `add_arguments` for `model` (None: the bare values)."""
+    text, flag = _value(args, "preferred_batch_sizes", model)
+    try:
+        preferred = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
         raise MoiraiError(
-            f"--preferred-batch-sizes {args.preferred_batch_sizes!r}: give sizes separated by "
-            "commas, e.g. 4,8"
+            f"{flag}: give sizes separated by commas, e.g. 4,8 (or MODEL=4,8 for one model)"
         ) from None
-    return BatchingConfig(args.max_batch_size, preferred, args.max_queue_delay_us)
+    size = _number(args, "max_batch_size", model)
+    return BatchingConfig(size, preferred, _number(args, "max_queue_delay_us", model))
+
+
+def check_model_names(args: Any, models: Sequence[str]) -> None:
+    """Refuse a `MODEL=` value for a model that is not served."""
+    for field, flag in FLAGS.items():
+        for text in getattr(args, field, None) or ():
+            name, sep, _ = str(text).partition("=")
+            if sep and name not in models:
+                raise MoiraiError(
+                    f"{flag} {text}: no model {name!r} is served here; the models are "
+                    + ", ".join(models)
+                )
 
 
 def check_batchable(

@@ -4,7 +4,8 @@ The transports (`oip_grpc`, `oip_http`) decode a request into numpy arrays and c
 `Gateway.infer`, which validates the inputs against the plan, picks a lane (a complete copy of
 the chain, `StagePlan.lanes`), pushes each model input to the stages of that lane that consume
 it, and waits for the model outputs that the last stages push back (`deliver`) or for a failure
-report (`failed`). It never runs a model itself.
+report (`failed`). It never runs a model itself. A front end holds one gateway per model it serves
+(`stage_server.repository`), which the transports look up by the request's model name.
 
 It runs either alone (`moirai gateway`: every stage remote) or inside the process of a stage
 server ("fused", what `moirai serve` runs): then the stages of that process are targets of the
@@ -49,7 +50,6 @@ from stage_server.errors import (
     Cancelled,
     DeadlineExceeded,
     InvalidInput,
-    NotFound,
     Unavailable,
     from_code,
     status_of,
@@ -59,8 +59,6 @@ from stage_server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.1, 0.2, 0.5, 1.0)  # back-off of the health watch after a broken stream
-VERSION = "1"
-"""The version of the model, in the Open Inference Protocol's sense: a gateway serves one."""
 
 
 @dataclass
@@ -157,19 +155,6 @@ class Gateway:
             raise Unavailable(f"stage server {down[0]} is not serving; the model is not ready")
         best.sent += 1
         return best
-
-    def check_model(self, name: str, version: str = "") -> None:
-        """Refuse a request for another model, or for a version other than `VERSION` (an
-        empty version means the model's only one)."""
-        if name != self.model_name:
-            raise NotFound(
-                f"model {name!r} is not served here; this gateway serves {self.model_name!r}"
-            )
-        if version not in ("", VERSION):
-            raise NotFound(
-                f"model {name!r} has no version {version!r}: its one version is {VERSION!r} "
-                "(or leave the version out)"
-            )
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()

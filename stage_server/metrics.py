@@ -5,13 +5,17 @@ process (the tests) keep their numbers apart. Per-stage compute, queue and trans
 from the timings that travel with each request along the chain (`moirai.stage.v1.Timing`): the
 gateway observes them when a request completes, so one scrape of the gateway shows the whole
 pipeline.
+
+A front end of several models shows every model's registry in one exposition, each sample
+labelled with its `model` (`merged_exposition`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from stage_server.protos import stage_pb2
 
@@ -71,3 +75,35 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Merged:
+    """A collector of several registries: `common`'s samples as they are, and each model's with
+    a `model` label, one metric family per name."""
+
+    def __init__(self, models: Mapping[str, CollectorRegistry], common: CollectorRegistry) -> None:
+        self._models = models
+        self._common = common
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        sources = [("", self._common), *self._models.items()]
+        for model, registry in sources:
+            for family in registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                for sample in family.samples:
+                    labels = {"model": model, **sample.labels} if model else sample.labels
+                    merged.samples.append(sample._replace(labels=labels))
+        yield from families.values()
+
+
+def merged_exposition(models: Mapping[str, CollectorRegistry], common: CollectorRegistry) -> bytes:
+    """The Prometheus exposition of several models' registries, each sample labelled with its
+    model, and of `common` (the front end's own) unlabelled."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(models, common))
+    return generate_latest(registry)

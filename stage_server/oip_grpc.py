@@ -1,14 +1,16 @@
 """Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, a thin adapter.
 
-Each method checks the model name, converts with `stage_server.codec`, calls the `Gateway`, and
-converts back; errors are raised as domain errors and become status codes in
+Each method looks the request's model up in the front end's `Repository` (NOT_FOUND for a model
+not served), converts with `stage_server.codec`, calls that model's data plane, and converts
+back; errors are raised as domain errors and become status codes in
 `stage_server.transport.guarded`. The request size limit is the gRPC server's
 `max_receive_message_length`, so an oversized request is refused with RESOURCE_EXHAUSTED before
 it is held in memory. A client deadline shortens the gateway's own timeout.
 
 The methods are registered under the specification's service name, `inference.
 GRPCInferenceService`, by `add_to_server` (the messages live in a private protobuf package; see
-`protos/grpc_predict_v2.proto` for why).
+`protos/grpc_predict_v2.proto` for why). The protocol's repository methods are not among them
+(UNIMPLEMENTED): the list of models is HTTP's (`oip_http`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import grpc
 
 from moirai import __version__
 from stage_server import codec
-from stage_server.gateway import VERSION, Gateway
-from stage_server.metrics import Metrics
 from stage_server.protos import grpc_predict_v2_pb2 as oip
-from stage_server.transport import guarded
+from stage_server.repository import VERSION, Repository
+from stage_server.transport import CountsErrors, guarded
 
 SERVICE = "inference.GRPCInferenceService"
 METHODS: dict[str, tuple[type, type]] = {
@@ -37,7 +38,7 @@ PLATFORM = "onnxruntime_onnx"
 
 
 def add_to_server(
-    servicer: InferenceServicer, server: grpc.aio.Server, metrics: Metrics | None = None
+    servicer: InferenceServicer, server: grpc.aio.Server, metrics: CountsErrors | None = None
 ) -> None:
     """Register the methods, each `guarded` (errors counted in `metrics`)."""
     handlers = {
@@ -55,8 +56,8 @@ def add_to_server(
 
 
 class InferenceServicer:
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+    def __init__(self, repository: Repository) -> None:
+        self._repository = repository
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -66,13 +67,13 @@ class InferenceServicer:
     async def ServerReady(
         self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._gateway.ready())
+        return oip.ServerReadyResponse(ready=self._repository.ready())
 
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        self._gateway.check_model(request.name, request.version)
-        return oip.ModelReadyResponse(ready=self._gateway.ready())
+        plane = self._repository.get(request.name, request.version)
+        return oip.ModelReadyResponse(ready=plane.ready())
 
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -82,25 +83,25 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        self._gateway.check_model(request.name, request.version)
+        plane = self._repository.get(request.name, request.version)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
-            name=self._gateway.model_name,
+            name=plane.model_name,
             versions=[VERSION],
             platform=PLATFORM,
             inputs=[
                 tensor(name=t.name, datatype=t.datatype, shape=t.shape)
-                for t in self._gateway.inputs.values()
+                for t in plane.inputs.values()
             ],
             outputs=[
                 tensor(name=t.name, datatype=t.datatype, shape=t.shape)
-                for t in self._gateway.outputs.values()
+                for t in plane.outputs.values()
             ],
         )
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         message, inputs = codec.decode_infer_request(request)
-        self._gateway.check_model(message.model_name, message.model_version)
+        plane = self._repository.get(message.model_name, message.model_version)
         requested = [o.name for o in message.outputs] or None
-        outputs = await self._gateway.infer(inputs, requested, context.time_remaining())
-        return codec.encode_infer_response(self._gateway.model_name, message.id, outputs)
+        outputs = await plane.infer(inputs, requested, context.time_remaining())
+        return codec.encode_infer_response(plane.model_name, message.id, outputs)

@@ -1,11 +1,14 @@
 """Open Inference Protocol over HTTP/JSON (KServe v2 REST), a thin aiohttp adapter.
 
-Routes: `/v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models/{name}[/versions/{v}]`,
-`.../ready`, `.../infer`, and `/metrics` (Prometheus). Inference bodies are JSON, or JSON
-followed by raw tensor bytes under the binary-data extension (`Inference-Header-Content-Length`
-gives the JSON's length), which is what tritonclient sends by default; outputs come back as JSON
-`data` lists unless the request asks for binary outputs. The size limit is aiohttp's
-`client_max_size` (413). Errors become `{"error": message}` in
+Routes: `/v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models` (the models served, as
+KServe lists them), `POST /v2/repository/index` (each with its state, as Triton's repository
+extension answers: what `tritonclient`'s `get_model_repository_index` reads),
+`/v2/models/{name}[/versions/{v}]`, `.../ready`, `.../infer`, and `/metrics` (Prometheus). Each
+model route looks its model up in the front end's `Repository` (404 naming the models served).
+Inference bodies are JSON, or JSON followed by raw tensor bytes under the binary-data extension
+(`Inference-Header-Content-Length` gives the JSON's length), which is what tritonclient sends by
+default; outputs come back as JSON `data` lists unless the request asks for binary outputs. The
+size limit is aiohttp's `client_max_size` (413). Errors become `{"error": message}` in
 `stage_server.transport.error_middleware`.
 
 The JSON part of a request has a lower limit of its own, `MAX_JSON_BYTES` (413 too): the gateway
@@ -27,8 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from moirai import __version__
 from stage_server import codec
 from stage_server.errors import InvalidInput, TooLarge
-from stage_server.gateway import VERSION, Gateway
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
+from stage_server.repository import VERSION, Repository
 from stage_server.transport import error_middleware
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -36,54 +39,58 @@ MAX_JSON_BYTES = 16 << 20
 """About 2 million values in `data` lists; a 224x224 RGB image takes 2-3 MB."""
 
 
-def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
+def create_app(repository: Repository, max_request_bytes: int) -> web.Application:
     app = web.Application(
-        client_max_size=max_request_bytes, middlewares=[error_middleware(gateway.metrics)]
+        client_max_size=max_request_bytes, middlewares=[error_middleware(repository.metrics)]
     )
 
-    def ready_response() -> web.Response:
-        ready = gateway.ready()
+    def ready_response(ready: bool) -> web.Response:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
     async def ready(request: web.Request) -> web.Response:
-        return ready_response()
+        return ready_response(repository.ready())
 
     async def server_metadata(request: web.Request) -> web.Response:
         return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
 
-    def check_model(request: web.Request) -> None:
-        gateway.check_model(request.match_info["name"], request.match_info.get("version", ""))
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"models": repository.names})
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response(repository.index())
+
+    def model_of(request: web.Request) -> Any:
+        return repository.get(request.match_info["name"], request.match_info.get("version", ""))
 
     async def model_metadata(request: web.Request) -> web.Response:
-        check_model(request)
+        plane = model_of(request)
         return web.json_response(
             {
-                "name": gateway.model_name,
+                "name": plane.model_name,
                 "versions": [VERSION],
                 "platform": PLATFORM,
-                "inputs": [t.to_dict() for t in gateway.inputs.values()],
-                "outputs": [t.to_dict() for t in gateway.outputs.values()],
+                "inputs": [t.to_dict() for t in plane.inputs.values()],
+                "outputs": [t.to_dict() for t in plane.outputs.values()],
             }
         )
 
     async def model_ready(request: web.Request) -> web.Response:
-        check_model(request)
-        return ready_response()
+        return ready_response(model_of(request).ready())
 
     async def infer(request: web.Request) -> web.Response:
-        check_model(request)
+        plane = model_of(request)
         body = await request.read()
         header, binary = _split(body, request.headers.get(HEADER_LENGTH))
         request_id = header.get("id")
         if not isinstance(request_id, str | None):
             raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
         inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
-        outputs = await gateway.infer(inputs, requested)
+        outputs = await plane.infer(inputs, requested)
         response, blobs = codec.encode_json_outputs(
-            gateway.model_name, request_id or "", outputs, binary_out
+            plane.model_name, request_id or "", outputs, binary_out
         )
         text = json.dumps(response).encode()
         if not blobs:
@@ -95,7 +102,7 @@ def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
         )
 
     async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=gateway.metrics.exposition())
+        response = web.Response(body=repository.exposition())
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response
 
@@ -106,6 +113,8 @@ def create_app(gateway: Gateway, max_request_bytes: int) -> web.Application:
             web.get("/v2/health/live", live),
             web.get("/v2/health/ready", ready),
             web.get("/v2", server_metadata),
+            web.get("/v2/models", models),
+            web.post("/v2/repository/index", index),
             web.get(model, model_metadata),
             web.get(versioned, model_metadata),
             web.get(f"{model}/ready", model_ready),

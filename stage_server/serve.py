@@ -4,10 +4,12 @@ This is where the data planes meet their transports: `start_stage` puts a `Stage
 `moirai.stage.v1.Chain` and `grpc.health.v1`, and, given a `Frontend`, also a `Gateway` behind
 the Open Inference Protocol over gRPC and HTTP in the same process ("fused": the stages of this
 process get model inputs and give back final outputs in memory, through the process's
-`chain.Router`; remote stages push final outputs to this chain port). `start_gateway` runs the
-`Gateway` alone, behind the OIP and the chain service on which stages push final outputs. The
-CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start servers through
-here.
+`chain.Router`; remote stages push final outputs to this chain port). `start_front_end` runs the
+front end alone, of one model (`start_gateway`) or several: a `Gateway` per model in a
+`stage_server.repository.Repository`, behind one OIP endpoint and one chain service on which
+every model's stages push final outputs. The transports reach the models through the repository
+only. The CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start
+servers through here.
 
 The gateway's chain service shares the OIP gRPC port unless `chain_port` is given. The port's
 message size limit is then the request size limit, so the gateway checks at start that the
@@ -20,8 +22,9 @@ which the tests and the benchmark exercise on one machine this way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -33,13 +36,14 @@ from moirai.errors import MoiraiError
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import samehost
 from stage_server.batchconfig import BatchingConfig
-from stage_server.batching import BatchingFront, with_batching
+from stage_server.batching import with_batching
 from stage_server.chain import ChainHandler, ChainServicer, Peers, Router
 from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.codec import DTYPES
 from stage_server.gateway import Gateway
 from stage_server.oip_grpc import InferenceServicer, add_to_server
 from stage_server.oip_http import create_app
+from stage_server.repository import GatewayDispatch, Repository
 from stage_server.samehost import Listener
 from stage_server.stage import StageServer
 
@@ -133,40 +137,46 @@ class Frontend:
 
 @dataclass
 class FrontendHandle:
-    """A running front end: its gateway (batching when configured), OIP gRPC server and HTTP
-    app."""
+    """A running front end: its models (`Repository`: a gateway per model, batching where
+    configured), OIP gRPC server and HTTP app."""
 
-    gateway: Gateway | BatchingFront
+    repository: Repository
     server: grpc.aio.Server
     http: web.AppRunner
     grpc_port: int
     http_port: int
 
+    @property
+    def gateway(self) -> Any:
+        """The data plane of the one model served (a gateway, or the batching front over it)."""
+        return self.repository.only
+
     async def stop(self, grace: float | None = None) -> None:
         await self.http.cleanup()
         await self.server.stop(grace)
-        await self.gateway.stop()
+        await self.repository.stop()
 
 
-def _oip_server(gateway: Gateway | BatchingFront, max_request_bytes: int) -> grpc.aio.Server:
-    """The OIP gRPC server of a gateway, not yet bound; its message limit is the request limit."""
+def _oip_server(repository: Repository, max_request_bytes: int) -> grpc.aio.Server:
+    """The OIP gRPC server of a front end, not yet bound; its message limit is the request
+    limit."""
     limit = [
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", -1),
     ]
     server = _server(limit)
-    add_to_server(InferenceServicer(gateway), server, gateway.metrics)
+    add_to_server(InferenceServicer(repository), server, repository.metrics)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return server
 
 
 async def _start_http(
-    gateway: Gateway | BatchingFront, host: str, port: int, max_request_bytes: int
+    repository: Repository, host: str, port: int, max_request_bytes: int
 ) -> web.AppRunner:
     # handler_cancellation: a client that closes its connection cancels its request, which
     # the gateway then cancels along the chain, instead of serving it for no one.
     runner = web.AppRunner(
-        create_app(gateway, max_request_bytes), access_log=None, handler_cancellation=True
+        create_app(repository, max_request_bytes), access_log=None, handler_cancellation=True
     )
     await runner.setup()
     try:
@@ -180,17 +190,17 @@ async def _start_http(
 async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
     """Serve the OIP for `gateway` (whose chain is served elsewhere) and start it; a failure
     stops what started."""
-    front = with_batching(gateway, options.batching)  # what the transports call
-    server = _oip_server(front, options.max_request_bytes)
+    repository = Repository([with_batching(gateway, options.batching)])
+    server = _oip_server(repository, options.max_request_bytes)
     try:
         bound = _bind(server, host, options.grpc_port)
         await server.start()
-        runner = await _start_http(front, host, options.http_port, options.max_request_bytes)
+        runner = await _start_http(repository, host, options.http_port, options.max_request_bytes)
     except MoiraiError:
         await server.stop(None)
         raise
-    await gateway.start()
-    return FrontendHandle(front, server, runner, bound, runner.addresses[0][1])
+    await repository.start()
+    return FrontendHandle(repository, server, runner, bound, runner.addresses[0][1])
 
 
 @dataclass
@@ -283,7 +293,7 @@ class GatewayHandle(FrontendHandle):
         await self.server.stop(grace)
         if self.chain_server is not None:
             await self.chain_server.stop(grace)
-        await self.gateway.stop()
+        await self.repository.stop()
 
 
 def _largest_final_push(plan: StagePlan) -> int:
@@ -300,9 +310,30 @@ def _largest_final_push(plan: StagePlan) -> int:
     return largest
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One model of a standalone front end: its plan, the addresses of its stage servers
+    (device names), and its own batching."""
+
+    plan: StagePlan
+    addresses: Mapping[str, str]
+    batching: BatchingConfig | None = None
+
+
 async def start_gateway(
     plan: StagePlan,
     addresses: Mapping[str, str],
+    *,
+    batching: BatchingConfig | None = None,
+    **options: Any,
+) -> GatewayHandle:
+    """The front end of one model alone, every stage remote (`moirai gateway`); `options` are
+    `start_front_end`'s."""
+    return await start_front_end([ServedModel(plan, addresses, batching)], **options)
+
+
+async def start_front_end(
+    models: Sequence[ServedModel],
     *,
     host: str = "127.0.0.1",
     grpc_port: int = 0,
@@ -311,11 +342,12 @@ async def start_gateway(
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     timeout_s: float = 30.0,
     same_host: bool = True,
-    batching: BatchingConfig | None = None,
 ) -> GatewayHandle:
-    """The front end alone, every stage remote (`moirai gateway`)."""
+    """A standalone front end of one or several models (`moirai gateway`), every stage remote:
+    a gateway per model in one `Repository`, behind one OIP endpoint, and one chain port where
+    the last stages of every model push their final outputs."""
     if chain_port is None:
-        needed = _largest_final_push(plan) + PUSH_OVERHEAD_BYTES
+        needed = max(_largest_final_push(m.plan) for m in models) + PUSH_OVERHEAD_BYTES
         if needed > max_request_bytes:
             raise MoiraiError(
                 f"the model's outputs ({needed} bytes in one push) exceed --max-request-bytes "
@@ -323,12 +355,19 @@ async def start_gateway(
                 "gateway a --chain-port of its own"
             )
     router = Router()
-    gateway = Gateway(
-        plan, Peers(plan, addresses, same_host=same_host, local=router), timeout_s=timeout_s
+    gateways = [
+        Gateway(
+            m.plan,
+            Peers(m.plan, m.addresses, same_host=same_host, local=router),
+            timeout_s=timeout_s,
+        )
+        for m in models
+    ]
+    router.attach([GATEWAY], gateways[0] if len(gateways) == 1 else GatewayDispatch(gateways))
+    repository = Repository(
+        [with_batching(g, m.batching) for g, m in zip(gateways, models, strict=True)]
     )
-    router.attach([GATEWAY], gateway)
-    front = with_batching(gateway, batching)  # what the transports call
-    oip_server = _oip_server(front, max_request_bytes)
+    oip_server = _oip_server(repository, max_request_bytes)
     servers = [oip_server]
     chain_server = None
     if chain_port is not None:
@@ -343,17 +382,17 @@ async def start_gateway(
         for server in servers:
             await server.start()
         listener = await _listen(servicer, bound_chain, same_host)
-        runner = await _start_http(front, host, http_port, max_request_bytes)
+        runner = await _start_http(repository, host, http_port, max_request_bytes)
     except MoiraiError:
         if listener is not None:
             await listener.stop()
         for server in servers:
             await server.stop(None)
-        await front.stop()
+        await repository.stop()
         raise
-    await gateway.start()
+    await repository.start()
     return GatewayHandle(
-        front,
+        repository,
         oip_server,
         runner,
         bound_grpc,

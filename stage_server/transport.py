@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
+from prometheus_client import Counter
 
 from moirai.errors import MoiraiError
 from stage_server.errors import Cancelled, NotFound, TooLarge, status_of
-from stage_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,13 @@ def _describe(error: BaseException) -> str:
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-def guarded(handler: Handler, metrics: Metrics | None = None) -> Handler:
+class CountsErrors(Protocol):
+    """Where errors are counted: a model's `Metrics`, or a front end's of several models."""
+
+    errors: Counter
+
+
+def guarded(handler: Handler, metrics: CountsErrors | None = None) -> Handler:
     """`handler` with the exceptions escaping it mapped to status codes.
 
     Each method is wrapped once, when it is registered (`add_to_server` of `oip_grpc` and
@@ -61,7 +67,7 @@ def guarded(handler: Handler, metrics: Metrics | None = None) -> Handler:
     return unary_unary
 
 
-def error_middleware(metrics: Metrics | None = None) -> Callable[..., Any]:
+def error_middleware(metrics: CountsErrors | None = None) -> Callable[..., Any]:
     """aiohttp middleware: errors become `{"error": message}` with their HTTP status.
 
     aiohttp's own "body too large" and "no such route" become the domain errors `TooLarge` and

@@ -1,14 +1,18 @@
-"""`moirai gateway`: the Open Inference Protocol endpoint of a stage plan.
+"""`moirai gateway`: the Open Inference Protocol endpoint of one stage plan, or of several.
 
-    moirai gateway --plan plan.json [--grpc-port 8001] [--http-port 8000] [--host 127.0.0.1] \
-        [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] [--max-request-bytes N] \
-        [--timeout 30] [--model model.onnx] [--grpc-only] \
-        [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
+    moirai gateway --plan plan.json [--plan other.json ...] [--grpc-port 8001] [--http-port 8000] \
+        [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] \
+        [--max-request-bytes N] [--timeout 30] [--model model.onnx] [--grpc-only] \
+        [--max-batch-size [MODEL=]8 [--preferred-batch-sizes [MODEL=]4,8] \
+         [--max-queue-delay-us [MODEL=]2000]]
 
 Stage servers push final outputs to the gateway's `--chain-port` (by default the gRPC port).
-`--model` is optional: given, the gateway refuses a model file other than the plan's. The batching
-flags turn on dynamic batching (`stage_server.batching`). Environment fallbacks: MOIRAI_PLAN,
-MOIRAI_HOST, MOIRAI_PEERS.
+With several `--plan`s the gateway serves every plan's model behind one endpoint, by model name
+(`stage_server.repository`), and the stage servers of every model push to the same chain port;
+each plan's stage servers are then found at its `endpoints` only (`--peer`, `MOIRAI_PEERS` and
+`--model` name one model's). `--model` is optional: given, the gateway refuses a model file other
+than the plan's. The batching flags turn on dynamic batching (`stage_server.batching`), for every
+model or, with `MODEL=`, for one. Environment fallbacks: MOIRAI_PLAN, MOIRAI_HOST, MOIRAI_PEERS.
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def frontend_ports(args: argparse.Namespace) -> dict[str, int]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("gateway", help="run the inference gateway of a stage plan")
     env = os.environ.get
-    p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
+    p.add_argument(
+        "--plan",
+        action="append",
+        help="stage plan JSON (repeat to serve several models; default MOIRAI_PLAN)",
+    )
     p.add_argument("--model", help="check that this model file is the plan's")
     p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
     add_frontend_arguments(p)
@@ -71,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.plan:
+    paths = args.plan or ([os.environ["MOIRAI_PLAN"]] if os.environ.get("MOIRAI_PLAN") else [])
+    if not paths:
         raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
     ports = frontend_ports(args)
     if args.chain_port is not None:
@@ -79,20 +88,37 @@ def run(args: argparse.Namespace) -> int:
     for flag, number in ports.items():
         check_port_free(flag, number, args.host)
     from stage_server.allocator import keep_freed_memory
-    from stage_server.batchconfig import from_args
-    from stage_server.serve import start_gateway
+    from stage_server.batchconfig import check_model_names, from_args
+    from stage_server.serve import ServedModel, start_front_end
 
-    batching = from_args(args)
-    keep_freed_memory()
-    plan = StagePlan.load(args.plan)
+    plans = [StagePlan.load(path) for path in paths]
+    names = [plan.model_name for plan in plans]
+    for name in names:
+        if names.count(name) > 1:
+            twice = [
+                path for path, plan in zip(paths, plans, strict=True) if plan.model_name == name
+            ]
+            raise MoiraiError(
+                f"--plan {twice[0]} and --plan {twice[1]} both serve model {name!r}: a front end "
+                "serves each model name once"
+            )
+    check_model_names(args, names)
+    if len(plans) > 1 and (args.peer or args.model or os.environ.get("MOIRAI_PEERS")):
+        raise MoiraiError(
+            "--peer, --model and MOIRAI_PEERS name one model's servers and file: with several "
+            "--plan, give each plan its stage servers' addresses in its endpoints"
+        )
     if args.model:
-        check_model_file(plan, Path(args.model))
-    addresses = peer_addresses(plan, args.peer)
+        check_model_file(plans[0], Path(args.model))
+    models = [
+        ServedModel(plan, peer_addresses(plan, args.peer), from_args(args, plan.model_name))
+        for plan in plans
+    ]
+    keep_freed_memory()
 
     async def start() -> Stoppable:
-        return await start_gateway(
-            plan,
-            addresses,
+        return await start_front_end(
+            models,
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
@@ -100,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes,
             timeout_s=args.timeout,
             same_host=not args.grpc_only,
-            batching=batching,
         )
 
+    served = ", ".join(names)
     return run_until_signalled(
-        start, f"gateway on {args.host}:{args.grpc_port} (gRPC), :{args.http_port} (HTTP)"
+        start,
+        f"gateway of {served} on {args.host}:{args.grpc_port} (gRPC), :{args.http_port} (HTTP)",
     )

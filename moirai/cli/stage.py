@@ -79,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
             raise MoiraiError(f"--cpus {args.cpus}: cannot pin to these cores ({e})") from None
     from moirai.graph import load_model
     from stage_server.allocator import keep_freed_memory
+    from stage_server.batchconfig import check_model_names
     from stage_server.batchconfig import from_args as batching_from_args
     from stage_server.serve import Frontend, start_stage
 
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
     plan.device(args.device)
+    check_model_names(args, [plan.model_name])
+    batching = batching_from_args(args, plan.model_name)
     model_path = Path(args.model)
     check_model_file(plan, model_path)
     # The plan's types fix what is static. A plan with a digest names a model that was checked
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 args.http_port,
                 args.max_request_bytes,
                 args.timeout,
-                batching_from_args(args),
+                batching,
             )
             if args.frontend
             else None,
