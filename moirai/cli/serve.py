@@ -1,10 +1,12 @@
-"""`moirai serve`: plan a model over this machine's devices and serve it on loopback.
+"""`moirai serve`: plan models over this machine's devices and serve them on loopback.
 
-    moirai serve model.onnx [--devices local|devices.yaml] [--cpu-devices N] \
+    moirai serve model.onnx [other.onnx | models/ | NAME=model.onnx ...] \
+        [--devices local|devices.yaml] [--cpu-devices N] \
         [--profile analytic|measured|FILE] [--solver auto] [--objective latency|throughput] \
         [--time-limit 10] [--max-tasks N] \
         [--input-shape input=1x3x224x224] [--grpc-port 8001] [--http-port 8000] \
-        [--max-batch-size 8 [--preferred-batch-sizes 4,8] [--max-queue-delay-us 2000]]
+        [--max-batch-size [MODEL=]8 [--preferred-batch-sizes [MODEL=]4,8] \
+         [--max-queue-delay-us [MODEL=]2000]]
 
 Plans with a measured profile of this machine's devices (cached; `--profile analytic|FILE`
 otherwise; analytic by default with a devices file), choosing how to group the CPU's cores into
@@ -15,16 +17,27 @@ predicted as served, and its period for a throughput plan) and the endpoint, and
 Ctrl-C or SIGTERM, then stops every process. A process that dies, the front end's included, is
 restarted on its address. `--max-batch-size` turns on dynamic batching at the front end
 (`stage_server.batching`), for a model whose inputs and outputs have a symbolic batch dimension.
+
+Several models (several files, a folder of models, `NAME=PATH` to name one) are served behind
+one endpoint, each under its name (the file's stem): each is planned on the same devices, their
+memory shared (`moirai.planning.together`: the plans and then one line of how the memory was
+split are printed, and models that do not fit together are refused before anything starts), and
+the front end runs in a process of its own (`moirai.runtime.local`). `--input-shape` then names
+its model (`MODEL:INPUT=DIMS`), and a batching flag applies to every model unless it names one
+(`--max-batch-size MODEL=8`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from moirai.cli.options import (
@@ -35,7 +48,9 @@ from moirai.cli.options import (
     positive_int,
 )
 from moirai.errors import MoiraiError
+from moirai.stageplan import StagePlan
 from stage_server.batchconfig import add_arguments as add_batching_arguments
+from stage_server.batchconfig import check_model_names
 from stage_server.batchconfig import from_args as batching_from_args
 
 log = logging.getLogger(__name__)
@@ -68,13 +83,22 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
         "stages, each of which costs a hop (default: every fusion group a task)",
     )
     p.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=DIMS",
+        help="e.g. x=1x3x224x224 (serving several models: MODEL:NAME=DIMS)",
     )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="plan a model and serve it on this machine")
-    p.add_argument("model", type=Path, help="ONNX model file")
+    p.add_argument(
+        "model",
+        nargs="+",
+        help="ONNX model file, a folder of models, or NAME=FILE to serve it as NAME; several "
+        "are served behind one endpoint",
+    )
     add_planning_arguments(p)
     p.add_argument("--grpc-port", type=port, default=8001, help="OIP gRPC port (default 8001)")
     p.add_argument("--http-port", type=port, default=8000, help="OIP HTTP port (default 8000)")
@@ -109,29 +133,152 @@ def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object =
     )
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def model_files(values: Sequence[str]) -> dict[str, Path]:
+    """Model name -> file, from `moirai serve`'s arguments: a file (named by its stem),
+    `NAME=FILE`, or a folder, which serves each `*.onnx` file in it and each sub-folder that
+    holds exactly one (named by the sub-folder: a model with its external data files)."""
+    found: dict[str, Path] = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        named = bool(sep) and not Path(value).exists()
+        path = Path(rest if named else value)
+        if path.is_dir() and not named:
+            entries = _folder(path)
+        elif path.is_file():
+            entries = [(name if named else path.stem, path)]
+        else:
+            raise MoiraiError(f"{path}: no such model file" + ("" if named else " or folder"))
+        for model, file in entries:
+            if not MODEL_NAME.fullmatch(model):
+                raise MoiraiError(
+                    f"{file}: {model!r} cannot name a model in a URL: give NAME={file} with a "
+                    "name of letters, digits, '_', '.' and '-'"
+                )
+            if model in found:
+                raise MoiraiError(
+                    f"{found[model]} and {file} are both model {model!r}: give one another "
+                    f"name, e.g. {model}-2={file}"
+                )
+            found[model] = file
+    return found
+
+
+def _folder(path: Path) -> list[tuple[str, Path]]:
+    entries = []
+    for entry in sorted(path.iterdir()):
+        if entry.is_file() and entry.suffix == ".onnx":
+            entries.append((entry.stem, entry))
+        elif entry.is_dir():
+            inside = sorted(entry.glob("*.onnx"))
+            if len(inside) == 1:
+                entries.append((entry.name, inside[0]))
+    if not entries:
+        raise MoiraiError(
+            f"{path}: no model in this folder (*.onnx files, or sub-folders holding one each)"
+        )
+    return entries
+
+
+def _input_shapes(values: Sequence[str], name: str, names: Sequence[str]) -> list[str]:
+    """The `--input-shape` flags of model `name` among several: `MODEL:INPUT=DIMS`."""
+    out = []
+    for value in values:
+        model, sep, rest = value.partition(":")
+        if not sep or "=" in model:
+            raise MoiraiError(
+                f"--input-shape {value}: serving several models, name the model too: "
+                f"MODEL:{value}, e.g. {names[0]}:{value}"
+            )
+        if model not in names:
+            raise MoiraiError(
+                f"--input-shape {value}: no model {model!r} is served; the models are "
+                + ", ".join(names)
+            )
+        if model == name:
+            out.append(rest)
+    return out
+
+
+def _named(plan: StagePlan, name: str) -> StagePlan:
+    return plan if plan.model_name == name else dataclasses.replace(plan, model_name=name)
+
+
+def plan_several(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, StagePlan]:
+    """Plan several models on shared devices (`moirai.planning.together`), print each plan and
+    how the memory was split; their plans by name."""
+    from moirai.planning import describe, plan_model, resolve
+    from moirai.planning.together import plan_together
+
+    names = list(files)
+    models = {
+        name: resolve(
+            path,
+            args.devices,
+            cpu_devices=args.cpu_devices,
+            input_shapes=_input_shapes(args.input_shape, name, names),
+            profile=args.profile,
+            progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
+        )
+        for name, path in files.items()
+    }
+    together = plan_together(
+        models,
+        lambda inputs, device_sets: plan_model(
+            inputs.model,
+            device_sets,
+            solver=args.solver,
+            objective=args.objective,
+            time_limit=args.time_limit,
+            profile=inputs.profile,
+            max_tasks=args.max_tasks,
+            fused_front_end=False,  # several models: the front end runs alone
+        ),
+    )
+    plans = {name: _named(p.plan, name) for name, p in together.planned.items()}
+    for plan in plans.values():
+        print(describe(plan), flush=True)
+    print(together.describe_memory(), flush=True)
+    return plans
+
+
 def run(args: argparse.Namespace) -> int:
     from moirai.planning import describe
-    from moirai.runtime.local import LocalDeployment
+    from moirai.runtime.local import LocalDeployment, LocalModel
     from stage_server.batchconfig import check_batchable
 
-    batching = batching_from_args(args)
+    batching_from_args(args)  # the flags for every model make sense, before any work
     if args.grpc_port == args.http_port:
         raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
     check_port_free("--grpc-port", args.grpc_port)
     check_port_free("--http-port", args.http_port)
-    planned = plan_from_args(args, args.model)
-    print(describe(planned.plan), flush=True)
-    if batching.enabled:
-        check_batchable(planned.plan.model_name, planned.plan.inputs, planned.plan.outputs)
+    files = model_files(args.model)
+    names = list(files)
+    check_model_names(args, names)
+    batching = {name: batching_from_args(args, name) for name in names}
+    if len(files) == 1:
+        planned = plan_from_args(args, files[names[0]])
+        plans = {names[0]: _named(planned.plan, names[0])}
+        print(describe(plans[names[0]]), flush=True)
+    else:
+        plans = plan_several(args, files)
+    for name, plan in plans.items():
+        if batching[name].enabled:
+            check_batchable(name, plan.inputs, plan.outputs)
+    models = [LocalModel(plans[n], files[n].resolve(), batching[n]) for n in names]
     with tempfile.TemporaryDirectory(prefix="moirai-serve-") as tmp:
+        first, *more = models
         deployment = LocalDeployment(
-            planned.plan,
-            args.model.resolve(),
+            first.plan,
+            first.model_path,
             args.workdir or Path(tmp),
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             timeout_s=args.timeout,
-            batching=batching,
+            batching=first.batching,
+            more=tuple(more),
         )
         stopping = False
 
@@ -143,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             deployment.start()
             print(
-                f"serving {planned.plan.model_name}: gRPC {deployment.grpc_url}, "
+                f"serving {', '.join(names)}: gRPC {deployment.grpc_url}, "
                 f"HTTP http://{deployment.http_url} (Open Inference Protocol); "
                 f"metrics at http://{deployment.http_url}/metrics; Ctrl-C stops",
                 flush=True,

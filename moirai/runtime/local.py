@@ -1,4 +1,5 @@
-"""Serve a stage plan on this machine: one process per device, on loopback.
+"""Serve a stage plan on this machine, or several models' plans: one process per device of
+each, on loopback.
 
 Each stage server runs as `python -m moirai stage ...`, the command a Kubernetes deployment runs,
 so the local runtime exercises the same code paths. The Open Inference Protocol front end runs
@@ -11,6 +12,14 @@ stages in the process of the front end, which may use every core) so that their 
 are real; GPU devices get their CUDA device id from the plan. The servers push to each other
 over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which keeps
 every push on gRPC, the path between hosts.
+
+Several models (`more`) are served behind one front end, which then runs in a process of its
+own (`moirai gateway` with every model's plan): a front end fused into one model's stage server
+would go down, with every model's endpoint, whenever that one process dies, and would share that
+model's event loop and cores with every other model's requests. Each model's stage servers are
+processes of their own (named `MODEL/DEVICE`, their plan and logs in the work directory's
+`MODEL/` folder), pinned to the cores of that model's devices: models share the machine's cores
+as they share its memory (`moirai.planning.together`).
 
 No orphans: every child is asked (Linux `PR_SET_PDEATHSIG`) to receive SIGTERM when this process
 dies, even by SIGKILL, and `stop` sends SIGTERM, waits, then SIGKILLs what is left. Each child's
@@ -62,6 +71,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+@dataclass(frozen=True)
+class LocalModel:
+    """A model of a deployment: its plan (named as it is served), file and batching."""
+
+    plan: StagePlan
+    model_path: Path
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    @property
+    def name(self) -> str:
+        return self.plan.model_name
+
+
 @dataclass
 class LocalDeployment:
     """Stage servers and the front end as local processes; a context manager."""
@@ -78,18 +100,29 @@ class LocalDeployment:
     same_host: bool = True
     fused: bool = True
     """The front end in the process of the plan's first stage (single-lane plans only)."""
+    more: tuple[LocalModel, ...] = ()
+    """Models served beside the first (`plan`), behind the same front end."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    """Chain address by process name (a device's, or `MODEL/DEVICE` with several models)."""
     cores: dict[str, list[int]] = field(default_factory=dict)
+    _stages: dict[str, tuple[LocalModel, str]] = field(default_factory=dict, repr=False)
 
     @property
-    def plan_path(self) -> Path:
-        return self.workdir / "plan.json"
+    def models(self) -> list[LocalModel]:
+        return [LocalModel(self.plan, self.model_path, self.batching), *self.more]
+
+    def name_of(self, model: LocalModel, device: str) -> str:
+        """The process name of a model's stage server of `device`."""
+        return f"{model.name}/{device}" if self.more else device
+
+    def plan_path(self, model: LocalModel) -> Path:
+        return self.workdir / (f"{model.name}/plan.json" if self.more else "plan.json")
 
     @property
     def entry(self) -> str | None:
         """The device whose process holds the front end; None when it runs alone."""
-        if not self.fused or len(self.plan.lanes) > 1:
+        if not self.fused or self.more or len(self.plan.lanes) > 1:
             return None
         return self.plan.stages[0].device
 
@@ -102,21 +135,29 @@ class LocalDeployment:
         return f"{LOCALHOST}:{self.http_port}"
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        devices = self.plan.used_devices
-        ports = free_ports(len(devices) + 2)
+        self._stages = {
+            self.name_of(m, d): (m, d) for m in self.models for d in m.plan.used_devices
+        }
+        ports = free_ports(len(self._stages) + 2)
         self.grpc_port = self.grpc_port or ports[-2]
         self.http_port = self.http_port or ports[-1]
-        self.addresses = {d: f"{LOCALHOST}:{p}" for d, p in zip(devices, ports, strict=False)}
+        self.addresses = {n: f"{LOCALHOST}:{p}" for n, p in zip(self._stages, ports, strict=False)}
         # Where stages push final outputs: the front end's chain port.
         self.addresses[GATEWAY] = self.addresses[self.entry] if self.entry else self.grpc_url
-        plan = self.plan.to_dict()
-        plan["endpoints"] = self.addresses
-        self.plan_path.write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
-        self.cores = core_sets(self.plan) if self.pin_cores else {}
+        for m in self.models:
+            plan = m.plan.to_dict()
+            plan["endpoints"] = {
+                **{d: self.addresses[self.name_of(m, d)] for d in m.plan.used_devices},
+                GATEWAY: self.addresses[GATEWAY],
+            }
+            self.plan_path(m).parent.mkdir(parents=True, exist_ok=True)
+            self.plan_path(m).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+            if self.pin_cores:
+                for device, cores in core_sets(m.plan).items():
+                    self.cores[self.name_of(m, device)] = cores
         try:
-            for device in devices:
-                self.start_stage(device)
+            for name in self._stages:
+                self.start_stage(name)
             if self.entry is None:
                 self.start_gateway()
             self.wait_ready(ready_timeout_s)
@@ -131,34 +172,41 @@ class LocalDeployment:
         else:
             self.start_stage(name)
 
-    def start_stage(self, device: str) -> None:
-        """(Re)start the stage server of one device on its address and cores."""
-        port = self.addresses[device].rsplit(":", 1)[1]
+    def start_stage(self, name: str) -> None:
+        """(Re)start a stage server (by process name: its device's, or `MODEL/DEVICE`) on its
+        address and cores."""
+        model, device = self._stages[name]
+        port = self.addresses[name].rsplit(":", 1)[1]
         args = [
             "stage",
-            "--plan", str(self.plan_path),
-            "--model", str(self.model_path),
+            "--plan", str(self.plan_path(model)),
+            "--model", str(model.model_path),
             "--device", device,
             "--port", port,
         ]  # fmt: skip
-        if self.cores.get(device):
-            args += ["--cpus", ",".join(map(str, self.cores[device]))]
+        if self.cores.get(name):
+            args += ["--cpus", ",".join(map(str, self.cores[name]))]
         if device == self.entry:
             args += ["--frontend", *self._frontend]
-        self._spawn(device, [*args, *self._transport])
+        self._spawn(name, [*args, *self._transport])
 
     def start_gateway(self) -> None:
-        """(Re)start the front end alone, in a process of its own."""
-        self._spawn(GATEWAY, ["gateway", "--plan", str(self.plan_path), *self._frontend,
-                              *self._transport])  # fmt: skip
+        """(Re)start the front end alone, in a process of its own, with every model's plan."""
+        plans = [arg for m in self.models for arg in ("--plan", str(self.plan_path(m)))]
+        self._spawn(GATEWAY, ["gateway", *plans, *self._frontend, *self._transport])
 
     @property
     def _frontend(self) -> list[str]:
+        batching = (
+            [a for m in self.models for a in m.batching.to_args(m.name)]
+            if self.more
+            else self.batching.to_args()
+        )
         return [
             "--grpc-port", str(self.grpc_port),
             "--http-port", str(self.http_port),
             "--timeout", str(self.timeout_s),
-            *self.batching.to_args(),
+            *batching,
         ]  # fmt: skip
 
     @property
