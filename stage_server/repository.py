@@ -39,6 +39,7 @@ VERSION = "1"
 """The version of every model, in the Open Inference Protocol's sense: one each."""
 
 READY, UNAVAILABLE = "READY", "UNAVAILABLE"
+NOT_READY = "no lane of its chain has every stage server up"
 
 
 class ErrorMetrics:
@@ -56,22 +57,35 @@ class ErrorMetrics:
 
 class Repository:
     """The models a front end serves, each by its data plane (a `Gateway` or a batching front
-    over one); `planes` in the order they are listed."""
+    over one, or a `stage_server.remote.RemoteModel`); `planes` in the order they are listed.
 
-    def __init__(self, planes: Sequence[Any]) -> None:
-        if not planes:
-            raise ValueError("a repository needs at least one model")
+    `labelled` (default: with other than one model) shows metrics labelled by model and counts
+    errors apart; a repository whose models come and go (`add`, `remove`: the shared endpoint on
+    Kubernetes) is labelled from the start."""
+
+    def __init__(self, planes: Sequence[Any], *, labelled: bool | None = None) -> None:
         self._planes: dict[str, Any] = {}
+        self._served = ""
         for plane in planes:
-            name = plane.model_name
-            if name in self._planes:
-                raise ValueError(f"model {name!r} is given twice")
-            self._planes[name] = plane
-        self._served = ", ".join(repr(n) for n in self._planes)
+            self.add(plane)
+        self.labelled = len(planes) != 1 if labelled is None else labelled
         self.metrics: Metrics | ErrorMetrics = (
-            planes[0].metrics if len(planes) == 1 else ErrorMetrics()
+            ErrorMetrics() if self.labelled else planes[0].metrics
         )
         """Where the transports count errors."""
+
+    def add(self, plane: Any) -> None:
+        name = plane.model_name
+        if name in self._planes:
+            raise ValueError(f"model {name!r} is given twice")
+        self._planes[name] = plane
+        self._served = ", ".join(repr(n) for n in self._planes)
+
+    def remove(self, name: str) -> Any:
+        """Stop serving model `name`; its plane (to stop)."""
+        plane = self._planes.pop(name)
+        self._served = ", ".join(repr(n) for n in self._planes)
+        return plane
 
     @property
     def names(self) -> list[str]:
@@ -94,7 +108,8 @@ class Repository:
         plane = self._planes.get(name)
         if plane is None:
             raise NotFound(
-                f"model {name!r} is not served here; this endpoint serves {self._served}"
+                f"model {name!r} is not served here; this endpoint serves "
+                f"{self._served or 'no model yet'}"
             )
         if version and version != VERSION:
             raise NotFound(
@@ -108,22 +123,18 @@ class Repository:
         return all(plane.ready() for plane in self._planes.values())
 
     def index(self) -> list[dict[str, str]]:
-        """Every model with its version and state (Triton's repository index)."""
+        """Every model with its version and state (Triton's repository index); a model not
+        ready says why (its plane's `reason`, where it has one)."""
         out = []
         for name, plane in self._planes.items():
             ready = plane.ready()
-            out.append(
-                {
-                    "name": name,
-                    "version": VERSION,
-                    "state": READY if ready else UNAVAILABLE,
-                    "reason": "" if ready else "a stage server of every lane is down",
-                }
-            )
+            reason = "" if ready else getattr(plane, "reason", "") or NOT_READY
+            state = READY if ready else UNAVAILABLE
+            out.append({"name": name, "version": VERSION, "state": state, "reason": reason})
         return out
 
     def exposition(self) -> bytes:
-        if len(self._planes) == 1:
+        if not self.labelled:
             return self.only.metrics.exposition()
         registries = {name: plane.metrics.registry for name, plane in self._planes.items()}
         assert isinstance(self.metrics, ErrorMetrics)

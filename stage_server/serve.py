@@ -187,20 +187,37 @@ async def _start_http(
     return runner
 
 
-async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
-    """Serve the OIP for `gateway` (whose chain is served elsewhere) and start it; a failure
-    stops what started."""
-    repository = Repository([with_batching(gateway, options.batching)])
-    server = _oip_server(repository, options.max_request_bytes)
+async def start_oip(
+    repository: Repository,
+    *,
+    host: str = "127.0.0.1",
+    grpc_port: int = 0,
+    http_port: int = 0,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FrontendHandle:
+    """Serve the OIP over gRPC and HTTP for the models of `repository` (whose chains, if any,
+    are served elsewhere) and start them; a failure stops what started."""
+    server = _oip_server(repository, max_request_bytes)
     try:
-        bound = _bind(server, host, options.grpc_port)
+        bound = _bind(server, host, grpc_port)
         await server.start()
-        runner = await _start_http(repository, host, options.http_port, options.max_request_bytes)
+        runner = await _start_http(repository, host, http_port, max_request_bytes)
     except MoiraiError:
         await server.stop(None)
         raise
     await repository.start()
     return FrontendHandle(repository, server, runner, bound, runner.addresses[0][1])
+
+
+async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
+    """The front end of a stage server's process, for `gateway`."""
+    return await start_oip(
+        Repository([with_batching(gateway, options.batching)]),
+        host=host,
+        grpc_port=options.grpc_port,
+        http_port=options.http_port,
+        max_request_bytes=options.max_request_bytes,
+    )
 
 
 @dataclass

@@ -50,18 +50,21 @@ def _selector(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def new_api_client() -> client.ApiClient:
+    """A client of the cluster: $KUBECONFIG (read now, not when the kubernetes package was
+    imported) or the default kubeconfig, else the pod's service account."""
+    kubeconfig = os.environ.get("KUBECONFIG") or None
+    try:
+        return config.new_client_from_config(config_file=kubeconfig)
+    except config.ConfigException:
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+
+
 class Kube:
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        if api_client is None:
-            # $KUBECONFIG is read now, not when the kubernetes package was imported.
-            kubeconfig = os.environ.get("KUBECONFIG") or None
-            try:
-                api_client = config.new_client_from_config(config_file=kubeconfig)
-            except config.ConfigException:
-                configuration = client.Configuration()
-                config.load_incluster_config(client_configuration=configuration)
-                api_client = client.ApiClient(configuration)
-        self._api = api_client
+        self._api = api_client or new_api_client()
         self.used: set[tuple[str, str, str]] = set()
 
     def _path(self, kind: str, namespace: str, name: str | None = None, sub: str = "") -> str:

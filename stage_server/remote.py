@@ -1,0 +1,131 @@
+"""A model served by another Open Inference Protocol endpoint, as a data plane of this one.
+
+The shared endpoint on Kubernetes (`moirai_operator.endpoint`) serves every PlacedModel behind
+one address: its `Repository` holds a `RemoteModel` per PlacedModel, which forwards each request
+over gRPC to that model's own gateway Service (where the model's batching, lanes and chain
+are). To the transports it is a data plane like a `Gateway`: `infer`, metadata, readiness.
+
+Readiness and metadata are polled, not asked per request: every `poll_s` the model's
+ModelReady, and its ModelMetadata each time it becomes ready (a new plan may change the model).
+A model that is not ready, or not reachable, refuses requests with UNAVAILABLE at once, saying
+why; an error of the remote endpoint reaches the client with the remote's status code.
+
+The forwarding costs one gRPC hop and a copy of the tensors each way, on top of the model's own
+endpoint: clients that care for the last fraction of a millisecond call the model's own Service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+
+import grpc
+import numpy as np
+
+from moirai.stageplan import TensorSpec
+from stage_server import codec
+from stage_server.errors import Unavailable, from_code
+from stage_server.metrics import Metrics
+from stage_server.oip_grpc import SERVICE
+from stage_server.protos import grpc_predict_v2_pb2 as oip
+
+log = logging.getLogger(__name__)
+
+_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+
+class RemoteModel:
+    """Model `model_name` at the OIP gRPC endpoint `address` (host:port)."""
+
+    def __init__(
+        self, model_name: str, address: str, *, timeout_s: float = 30.0, poll_s: float = 1.0
+    ) -> None:
+        self.model_name = model_name
+        self.address = address
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.metrics = Metrics({})
+        self.inputs: dict[str, TensorSpec] = {}
+        self.outputs: dict[str, TensorSpec] = {}
+        self.reason = f"its endpoint {address} has not answered yet"
+        """Why it is not ready (the repository index shows it)."""
+        self._ready = False
+        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
+        self._model_ready = self._channel.unary_unary(
+            f"/{SERVICE}/ModelReady",
+            request_serializer=oip.ModelReadyRequest.SerializeToString,
+            response_deserializer=oip.ModelReadyResponse.FromString,
+        )
+        self._metadata = self._channel.unary_unary(
+            f"/{SERVICE}/ModelMetadata",
+            request_serializer=oip.ModelMetadataRequest.SerializeToString,
+            response_deserializer=oip.ModelMetadataResponse.FromString,
+        )
+        self._poller: asyncio.Task[None] | None = None
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        """Poll from now on (the first answer makes it ready)."""
+        self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        await self._channel.close()
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.poll_s)
+
+    async def poll(self) -> None:
+        """Ask the endpoint whether the model is ready (and its metadata when it becomes so)."""
+        name = oip.ModelReadyRequest(name=self.model_name)
+        try:
+            ready = (await self._model_ready(name, timeout=self.poll_s + 1.0)).ready
+            if ready and not self._ready:
+                request = oip.ModelMetadataRequest(name=self.model_name)
+                metadata = await self._metadata(request, timeout=self.poll_s + 1.0)
+                self.inputs = _specs(metadata.inputs)
+                self.outputs = _specs(metadata.outputs)
+            self.reason = "" if ready else f"its endpoint {self.address} reports it not ready"
+        except grpc.aio.AioRpcError as e:
+            ready = False
+            self.reason = f"its endpoint {self.address} does not answer ({e.code().name})"
+        if ready != self._ready:
+            log.info("model %s at %s: %s", self.model_name, self.address, self.reason or "ready")
+        self._ready = ready
+
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        requested: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The requested outputs (all when None), from the model's own endpoint."""
+        if not self._ready:
+            raise Unavailable(f"model {self.model_name!r} is not ready: {self.reason}")
+        timeout = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
+        request = codec.encode_infer_request(self.model_name, inputs, requested or ())
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            reply = await self._infer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise from_code(e.code().name, f"{self.address}: {e.details()}") from None
+        finally:
+            self.metrics.in_flight.dec()
+        self.metrics.request_seconds.observe(time.perf_counter() - started)
+        return codec.decode_infer_response(reply)
+
+
+def _specs(tensors: Sequence[oip.ModelMetadataResponse.TensorMetadata]) -> dict[str, TensorSpec]:
+    return {t.name: TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors}

@@ -1,0 +1,209 @@
+"""The shared endpoint (`moirai_operator.endpoint`, the chart's `sharedEndpoint`) against a real
+API server, running as the chart's ServiceAccount with exactly the chart's RBAC for it.
+
+Two PlacedModels, each served by a real gateway on loopback (a `LocalDeployment`: what a
+PlacedModel's gateway Service is in a cluster), are given their status endpoint as the
+operator writes it, but pointing to loopback (no cluster DNS here). The endpoint, started as its
+pod runs it, lists them from the API server and routes by model name over real sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import yaml
+from test_chart_install import IDENTITY, render, rules_of
+from test_operator_harness import install_crd, write_mlp
+
+from moirai.partition import build_plan
+from moirai.runtime.local import LocalDeployment, free_ports
+from moirai.stageplan import DeviceSpec
+from stage_server.client import InferenceClient
+
+pytestmark = pytest.mark.timeout(300)
+ENDPOINT = "moirai-endpoint"  # the chart's names for release "moirai"
+
+
+def _one_stage(path: Path, name: str) -> LocalDeployment:
+    model = onnx.load(path)
+    plan = build_plan(
+        model, {n.name: "cpu-0" for n in model.graph.node}, [DeviceSpec("cpu-0", threads=1)]
+    )
+    return LocalDeployment(
+        dataclasses.replace(plan, model_name=name),
+        path,
+        path.parent / f"run-{name}",
+        pin_cores=False,
+    )
+
+
+def _get(url: str) -> tuple[int, dict | list]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _index(url: str) -> dict[str, str]:
+    request = urllib.request.Request(f"{url}/v2/repository/index", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return {m["name"]: m["state"] for m in json.loads(r.read())}
+
+
+def _until(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Until `condition()` holds; refused connections count as not yet (a server starting)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(ConnectionError, urllib.error.URLError):
+            if condition():
+                return
+        assert time.monotonic() < end, f"not {what} within {timeout_s} s"
+        time.sleep(0.2)
+
+
+def _kubeconfig_of(plane, namespace: str, account: str, path: Path) -> Path:
+    token = plane.kubectl("create", "token", account, "-n", namespace).strip()
+    kubeconfig = yaml.safe_load(plane.kubeconfig.read_text())
+    kubeconfig["users"] = [{"name": account, "user": {"token": token}}]
+    for context in kubeconfig["contexts"]:
+        context["context"]["user"] = account
+    path.write_text(yaml.safe_dump(kubeconfig))
+    return path
+
+
+@contextlib.contextmanager
+def _endpoint(kubeconfig: Path, namespace: str, log: Path) -> Iterator[tuple[str, str]]:
+    """The shared endpoint as its pod runs it (the chart's command), on loopback."""
+    grpc_port, http_port = free_ports(2)
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moirai_operator.endpoint", f"--namespace={namespace}",
+             "--host=127.0.0.1", f"--grpc-port={grpc_port}", f"--http-port={http_port}",
+             "--refresh-seconds=0.5"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+
+
+def _placed_model(plane, namespace: str, name: str, grpc_port: int, http_port: int) -> None:
+    body = {
+        "apiVersion": "moirai.dev/v1alpha1",
+        "kind": "PlacedModel",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"uri": f"/models/{name}.onnx"},
+            "pools": [{"name": "cpu", "kind": "cpu"}],
+            "serving": {"port": http_port, "grpcPort": grpc_port},
+        },
+    }
+    plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(body))
+    # What the operator writes once the model is deployed (there `http://<name>-gateway.<ns>.
+    # svc:<port>`; here the gateway's loopback address).
+    status = {"status": {"endpoint": f"http://127.0.0.1:{http_port}"}}
+    plane.kubectl(
+        "patch", "placedmodel", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+
+
+def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
+    control_plane, namespace, tmp_path
+) -> None:
+    plane = control_plane
+    install_crd(plane)
+    manifests = render(plane, namespace, "--set", "sharedEndpoint.enabled=true")
+    identity = [
+        d
+        for d in yaml.safe_load_all(manifests)
+        if d and d["kind"] in IDENTITY and d["metadata"]["name"] == ENDPOINT
+    ]
+    assert {d["kind"] for d in identity} == {"ServiceAccount", "Role", "RoleBinding"}
+    assert rules_of(yaml.safe_dump_all(identity)) == {("moirai.dev", "placedmodels", "list")}
+    plane.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
+    )
+    kubeconfig = _kubeconfig_of(plane, namespace, ENDPOINT, tmp_path / "endpoint.kubeconfig")
+    paths = {
+        "alpha": write_mlp(tmp_path / "alpha.onnx", hidden=32, layers=2, seed=1),
+        "beta": write_mlp(tmp_path / "beta.onnx", hidden=48, layers=3, seed=2),
+    }
+    x = {name: np.random.default_rng(3).standard_normal((1, w)).astype(np.float32)
+         for name, w in (("alpha", 32), ("beta", 48))}  # fmt: skip
+    want = {
+        name: ort.InferenceSession(str(path)).run(None, {"x": x[name]})[0]
+        for name, path in paths.items()
+    }
+    alpha, beta = _one_stage(paths["alpha"], "alpha"), _one_stage(paths["beta"], "beta")
+    with alpha, beta:
+        for name, gateway in (("alpha", alpha), ("beta", beta)):
+            _placed_model(plane, namespace, name, gateway.grpc_port, gateway.http_port)
+        with (
+            _endpoint(kubeconfig, namespace, tmp_path / "endpoint.log") as (grpc_url, http_url),
+            InferenceClient(grpc_url) as client,
+        ):
+            _until(lambda: _index(http_url) == {"alpha": "READY", "beta": "READY"}, "both ready")
+            assert _get(f"{http_url}/v2/models") == (200, {"models": ["alpha", "beta"]})
+            for name in ("alpha", "beta"):
+                got = client.infer(name, {"x": x[name]})["y"]
+                np.testing.assert_allclose(got, want[name], rtol=1e-5, atol=1e-6)
+                status, metadata = _get(f"{http_url}/v2/models/{name}")
+                assert status == 200 and metadata["name"] == name
+                assert metadata["inputs"] == [
+                    {"name": "x", "datatype": "FP32", "shape": [1, x[name].shape[1]]}
+                ]
+            with pytest.raises(grpc.RpcError) as e:
+                client.infer("gamma", {"x": x["alpha"]})
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "this endpoint serves 'alpha', 'beta'" in (e.value.details() or "")
+
+            alpha.stop()  # alpha's gateway goes away: only alpha is not ready
+            _until(lambda: _index(http_url)["alpha"] == "UNAVAILABLE", "alpha unavailable")
+            assert _get(f"{http_url}/v2/models/alpha/ready")[0] == 503
+            assert _get(f"{http_url}/v2/models/beta/ready")[0] == 200
+            with pytest.raises(grpc.RpcError) as e:
+                client.infer("alpha", {"x": x["alpha"]})
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            got = client.infer("beta", {"x": x["beta"]})["y"]
+            np.testing.assert_allclose(got, want["beta"], rtol=1e-5, atol=1e-6)
+
+            plane.kubectl("delete", "placedmodel", "beta", "-n", namespace)
+            _until(lambda: _get(f"{http_url}/v2/models")[1] == {"models": ["alpha"]}, "beta gone")
+
+
+@pytest.mark.parametrize("scope", ["namespaces", "cluster-wide"])
+def test_the_chart_with_the_shared_endpoint_passes_server_side_dry_run(
+    control_plane, namespace, scope
+) -> None:
+    values = ["--set", "sharedEndpoint.enabled=true"]
+    if scope == "cluster-wide":
+        values += ["--set", "watchAllNamespaces=true"]
+    manifests = render(control_plane, namespace, *values, crds=True)
+    out = control_plane.kubectl(
+        "apply", "--dry-run=server", "--server-side", "-f", "-", stdin=manifests
+    )
+    assert f"deployment.apps/{ENDPOINT} serverside-applied (server dry run)" in out
+    assert f"service/{ENDPOINT} serverside-applied (server dry run)" in out
