@@ -11,8 +11,11 @@ model is planned on those same devices, so that memory is counted per device.
 
 What a plan holds on a device is the memory of the tasks that each of its lanes places there
 (weights and activations: the cost graph's `memory_bytes`, the figures the solvers' memory
-constraints use). A model that does not fit in what the others leave is refused in one line that
-says what they hold (`InfeasibleError`).
+constraints use) and, on a CPU device, its stage server's fixed overhead
+(`moirai.sessions.STAGE_SERVER_OVERHEAD_BYTES`): the cost graph reserves one stage server's per
+device, and every model's stage server on a device is a process of its own. A model that does
+not fit in what the others leave is refused in one line that says what they hold
+(`InfeasibleError`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from moirai.errors import InfeasibleError
 from moirai.placement.problem import gib
 from moirai.planning.inputs import PlanningInputs
 from moirai.planning.pipeline import Planned
+from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
 
 PlanOne = Callable[[PlanningInputs, Sequence[DeviceSet]], Planned]
 """Plans one model (its inputs) on the device sets given, as `plan_model` does."""
@@ -44,6 +48,7 @@ class Together:
 
     def describe_memory(self) -> str:
         """How the devices' memory is split between the models, in one line."""
+        overhead = any(d.kind == "cpu" for d in self.devices.devices)
         parts = []
         for d in self.devices.devices:
             held = self.held.get(d.name, {})
@@ -51,16 +56,21 @@ class Together:
             models = ", ".join(f"{m} {gib(b)}" for m, b in held.items())
             parts.append(f"{d.name} ({gib(d.memory_bytes)}): {models + ', ' if models else ''}"
                          f"{gib(free)} free")  # fmt: skip
-        return "memory: " + "; ".join(parts)
+        each = f" (each CPU stage server {gib(STAGE_SERVER_OVERHEAD_BYTES)} beside its tasks)"
+        return f"memory{each if overhead else ''}: " + "; ".join(parts)
 
 
 def held_memory(planned: Planned) -> dict[str, int]:
-    """Bytes each device holds of a plan: the memory of the tasks every lane places on it."""
+    """Bytes each device holds of a plan: the memory of the tasks every lane places on it, and
+    the fixed overhead of its stage server on a CPU device (module docstring)."""
     memory = {t.id: t.memory_bytes for t in planned.costgraph.tasks}
+    cpus = {d.name for d in planned.costgraph.devices if d.kind == "cpu"}
     out: dict[str, int] = {}
     for placement in planned.placements:
         for task, device in placement.assignment.items():
-            out[device] = out.get(device, 0) + memory[task]
+            if device not in out:
+                out[device] = STAGE_SERVER_OVERHEAD_BYTES if device in cpus else 0
+            out[device] += memory[task]
     return out
 
 

@@ -129,7 +129,7 @@ def test_serve_a_folder_of_models_prints_the_memory_split_and_stops_cleanly(
             if line.startswith("serving") or serve.poll() is not None:
                 break
         assert lines[-1].startswith("serving branches, chain:"), lines
-        memory = [line for line in lines if line.startswith("memory: ")]
+        memory = [line for line in lines if line.startswith("memory (each CPU stage server")]
         assert len(memory) == 1 and "cpu-0 (" in memory[0] and "cpu-1 (" in memory[0], lines
         assert sum(line.startswith("model ") for line in lines) == 2, lines
         with InferenceClient(f"127.0.0.1:{grpc_port}") as client:

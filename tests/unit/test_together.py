@@ -14,6 +14,7 @@ from moirai.devices import DeviceSet, parse_devices
 from moirai.errors import InfeasibleError
 from moirai.planning import PlanningInputs, plan_model, resolve
 from moirai.planning.together import held_memory, plan_together
+from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES as OVERHEAD
 
 MIB = 1 << 20
 
@@ -71,38 +72,41 @@ def inputs_of(paths: dict[str, Path], device_set: DeviceSet) -> dict[str, Planni
 
 
 def test_two_models_share_the_devices_memory_and_the_split_is_one_line(tmp_path: Path) -> None:
-    """Two models of 2 MiB of weights on two devices of 3 MiB: one alone could take both
-    devices, together each device holds what fits beside the other model, never more than its
-    memory, and the line names every device with what each model holds there."""
+    """Two models (2 MiB and 1 MiB of weights) on two devices with room for one stage server
+    and 3 MiB of tasks each: each device holds what fits, never more than its memory (tasks and
+    each stage server's overhead), and the line names every device with what each model holds
+    there."""
     paths = {
         "big": chain(tmp_path / "big.onnx", 512, 2, 0),  # 2 MiB
         "small": chain(tmp_path / "small.onnx", 256, 4, 1),  # 1 MiB
     }
-    device_set = devices(2, 3 * MIB)
-    together = plan_together(inputs_of(paths, device_set), plan_one)
+    memory = OVERHEAD + 3 * MIB
+    together = plan_together(inputs_of(paths, devices(2, memory)), plan_one)
     assert list(together.planned) == ["big", "small"]
     assert [d.name for d in together.devices.devices] == ["cpu-0", "cpu-1"]
     held = together.held
     for device in ("cpu-0", "cpu-1"):
-        assert sum(held.get(device, {}).values()) <= 3 * MIB
+        assert sum(held.get(device, {}).values()) <= memory
     for name, planned in together.planned.items():
-        total = sum(t.memory_bytes for t in planned.costgraph.tasks)
-        assert sum(held_memory(planned).values()) == total
-        assert sum(held[d].get(name, 0) for d in held) == total
+        tasks = sum(t.memory_bytes for t in planned.costgraph.tasks)
+        used = {d for p in planned.placements for d in p.assignment.values()}
+        assert sum(held_memory(planned).values()) == tasks + OVERHEAD * len(used)
+        assert sum(held[d].get(name, 0) for d in held) == tasks + OVERHEAD * len(used)
     line = together.describe_memory()
-    assert "\n" not in line and line.startswith("memory: cpu-0 (3.0 MiB): ")
-    assert "; cpu-1 (3.0 MiB): " in line and "free" in line
-    assert "big 2.0 MiB" in line or "big 1.0 MiB" in line
+    assert "\n" not in line
+    assert line.startswith("memory (each CPU stage server 0.1 GiB beside its tasks): cpu-0 (0.1 ")
+    assert "; cpu-1 (0.1 GiB): " in line and "free" in line and "big 0.1 GiB" in line
 
 
 def test_models_that_fit_only_apart_are_refused_in_one_line(tmp_path: Path) -> None:
-    """Two models of 2 MiB and 1.5 MiB of weights on one device of 3 MiB: each fits alone,
-    together they do not; the refusal names the model, what the other holds, and the fix."""
+    """Two models of 2 MiB and 1 MiB of weights on one device with room for two stage servers
+    and 2.5 MiB of tasks: each fits alone, together they do not; the refusal names the model,
+    what the other holds, and the fix."""
     paths = {
         "a": chain(tmp_path / "a.onnx", 512, 2, 0),
         "b": chain(tmp_path / "b.onnx", 512, 1, 1),
     }
-    device_set = devices(1, 3 * MIB)
+    device_set = devices(1, 2 * OVERHEAD + 5 * MIB // 2)
     inputs = inputs_of(paths, device_set)
     for one in inputs.values():
         plan_one(one, [device_set])  # each fits alone
@@ -111,8 +115,8 @@ def test_models_that_fit_only_apart_are_refused_in_one_line(tmp_path: Path) -> N
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith(
-        "model 'b' does not fit beside 'a' in the devices' memory "
-        "(memory: cpu-0 (3.0 MiB): a 2.0 MiB"
+        "model 'b' does not fit beside 'a' in the devices' memory (memory (each CPU stage "
+        "server 0.1 GiB beside its tasks): cpu-0 (0.3 GiB): a 0.1 GiB, 0.1 GiB free): "
     ), message
     assert "serve fewer models together, or on devices with more memory" in message
 
@@ -130,9 +134,11 @@ def test_the_largest_model_is_planned_first_and_chooses_the_devices(tmp_path: Pa
         )
         return plan_one(inputs, device_sets)
 
-    together = plan_together(inputs_of(paths, devices(2, 64 * MIB)), spy)
+    together = plan_together(inputs_of(paths, devices(2, OVERHEAD + 64 * MIB)), spy)
     assert [name for name, _ in seen] == ["large", "small"]
-    assert seen[0][1] == (64 * MIB, 64 * MIB)
+    assert seen[0][1] == (OVERHEAD + 64 * MIB, OVERHEAD + 64 * MIB)
     large_held = held_memory(together.planned["large"])
-    assert seen[1][1] == tuple(64 * MIB - large_held.get(d, 0) for d in ("cpu-0", "cpu-1"))
+    assert seen[1][1] == tuple(
+        OVERHEAD + 64 * MIB - large_held.get(d, 0) for d in ("cpu-0", "cpu-1")
+    )
     assert list(together.planned) == ["small", "large"]  # reported in the order given
