@@ -7,7 +7,11 @@ their memory, so the solvers keep every model's stages within what is left. Mode
 largest first (by the bytes of their weights): as in first-fit decreasing packing, the models
 that need most room choose first, while it is there. The first model also chooses the devices
 (how this machine's CPU is grouped into stage servers, `moirai.planning.space`), and every other
-model is planned on those same devices, so that memory is counted per device.
+model is planned on those same devices, so that memory is counted per device. The solvers do
+not see the other models' compute, only their memory: so that models do not pile onto one
+device while an equal one idles, each model is offered the devices least busy first (by the
+compute time per request that the models before it place there), and the solvers take the first
+of equal devices.
 
 What a plan holds on a device is the memory of the tasks that each of its lanes places there
 (weights and activations: the cost graph's `memory_bytes`, the figures the solvers' memory
@@ -26,10 +30,17 @@ from dataclasses import dataclass
 
 from moirai.devices import DeviceSet
 from moirai.errors import InfeasibleError
-from moirai.placement.problem import gib
+from moirai.placement.problem import GIB, gib
 from moirai.planning.inputs import PlanningInputs
 from moirai.planning.pipeline import Planned
 from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for the memory line: GiB from 1 GiB, MiB below (a stage server's overhead and
+    small models in MiB, not as 0.1 GiB)."""
+    return gib(nbytes) if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
+
 
 PlanOne = Callable[[PlanningInputs, Sequence[DeviceSet]], Planned]
 """Plans one model (its inputs) on the device sets given, as `plan_model` does."""
@@ -53,10 +64,10 @@ class Together:
         for d in self.devices.devices:
             held = self.held.get(d.name, {})
             free = d.memory_bytes - sum(held.values())
-            models = ", ".join(f"{m} {gib(b)}" for m, b in held.items())
-            parts.append(f"{d.name} ({gib(d.memory_bytes)}): {models + ', ' if models else ''}"
-                         f"{gib(free)} free")  # fmt: skip
-        each = f" (each CPU stage server {gib(STAGE_SERVER_OVERHEAD_BYTES)} beside its tasks)"
+            models = ", ".join(f"{m} {_size(b)}" for m, b in held.items())
+            parts.append(f"{d.name} ({_size(d.memory_bytes)}): {models + ', ' if models else ''}"
+                         f"{_size(free)} free")  # fmt: skip
+        each = f" (each CPU stage server {_size(STAGE_SERVER_OVERHEAD_BYTES)} beside its tasks)"
         return f"memory{each if overhead else ''}: " + "; ".join(parts)
 
 
@@ -74,15 +85,27 @@ def held_memory(planned: Planned) -> dict[str, int]:
     return out
 
 
-def _left(devices: DeviceSet, held: Mapping[str, Mapping[str, int]]) -> DeviceSet:
-    """`devices` with what the models hold taken off their memory."""
+def busy_ms(planned: Planned) -> dict[str, float]:
+    """Compute time per request that each device spends on a plan (every lane's tasks)."""
+    compute = {t.id: t.compute_ms for t in planned.costgraph.tasks}
+    out: dict[str, float] = {}
+    for placement in planned.placements:
+        for task, device in placement.assignment.items():
+            out[device] = out.get(device, 0.0) + compute[task].get(device, 0.0)
+    return out
+
+
+def _left(
+    devices: DeviceSet, held: Mapping[str, Mapping[str, int]], busy: Mapping[str, float]
+) -> DeviceSet:
+    """`devices` with what the models hold taken off their memory, least busy first."""
     return dataclasses.replace(
         devices,
         devices=tuple(
             dataclasses.replace(
                 d, memory_bytes=max(0, d.memory_bytes - sum(held.get(d.name, {}).values()))
             )
-            for d in devices.devices
+            for d in sorted(devices.devices, key=lambda d: busy.get(d.name, 0.0))
         ),
     )
 
@@ -97,6 +120,7 @@ def plan_together(models: Mapping[str, PlanningInputs], plan_one: PlanOne) -> To
     order = sorted(models, key=lambda name: -_weight_bytes(models[name]))
     planned: dict[str, Planned] = {}
     held: dict[str, dict[str, int]] = {}
+    busy: dict[str, float] = {}
     devices: DeviceSet | None = None
     for name in order:
         inputs = models[name]
@@ -105,7 +129,7 @@ def plan_together(models: Mapping[str, PlanningInputs], plan_one: PlanOne) -> To
             devices = result.layout.devices
         else:
             try:
-                result = plan_one(inputs, [_left(devices, held)])
+                result = plan_one(inputs, [_left(devices, held, busy)])
             except InfeasibleError as e:
                 split = Together(planned, devices, held).describe_memory()
                 raise InfeasibleError(
@@ -117,5 +141,7 @@ def plan_together(models: Mapping[str, PlanningInputs], plan_one: PlanOne) -> To
         for device, nbytes in held_memory(result).items():
             if nbytes:
                 held.setdefault(device, {})[name] = nbytes
+        for device, ms in busy_ms(result).items():
+            busy[device] = busy.get(device, 0.0) + ms
     assert devices is not None
     return Together({name: planned[name] for name in models}, devices, held)

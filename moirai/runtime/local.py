@@ -18,8 +18,8 @@ own (`moirai gateway` with every model's plan): a front end fused into one model
 would go down, with every model's endpoint, whenever that one process dies, and would share that
 model's event loop and cores with every other model's requests. Each model's stage servers are
 processes of their own (named `MODEL/DEVICE`, their plan and logs in the work directory's
-`MODEL/` folder), pinned to the cores of that model's devices: models share the machine's cores
-as they share its memory (`moirai.planning.together`).
+`MODEL/` folder); the models are planned on the same devices (`moirai.planning.together`), and
+a device's cores are the same for every model's stage server on it.
 
 No orphans: every child is asked (Linux `PR_SET_PDEATHSIG`) to receive SIGTERM when this process
 dies, even by SIGKILL, and `stop` sends SIGTERM, waits, then SIGKILLs what is left. Each child's
@@ -144,6 +144,8 @@ class LocalDeployment:
         self.addresses = {n: f"{LOCALHOST}:{p}" for n, p in zip(self._stages, ports, strict=False)}
         # Where stages push final outputs: the front end's chain port.
         self.addresses[GATEWAY] = self.addresses[self.entry] if self.entry else self.grpc_url
+        # The models share the devices: a device's cores are the same for every model.
+        cores = core_sets(self.plan) if self.pin_cores else {}
         for m in self.models:
             plan = m.plan.to_dict()
             plan["endpoints"] = {
@@ -152,9 +154,9 @@ class LocalDeployment:
             }
             self.plan_path(m).parent.mkdir(parents=True, exist_ok=True)
             self.plan_path(m).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
-            if self.pin_cores:
-                for device, cores in core_sets(m.plan).items():
-                    self.cores[self.name_of(m, device)] = cores
+            for device in m.plan.used_devices:
+                if device in cores:
+                    self.cores[self.name_of(m, device)] = cores[device]
         try:
             for name in self._stages:
                 self.start_stage(name)

@@ -94,8 +94,8 @@ def test_two_models_share_the_devices_memory_and_the_split_is_one_line(tmp_path:
         assert sum(held[d].get(name, 0) for d in held) == tasks + OVERHEAD * len(used)
     line = together.describe_memory()
     assert "\n" not in line
-    assert line.startswith("memory (each CPU stage server 0.1 GiB beside its tasks): cpu-0 (0.1 ")
-    assert "; cpu-1 (0.1 GiB): " in line and "free" in line and "big 0.1 GiB" in line
+    assert line.startswith("memory (each CPU stage server 128.0 MiB beside its tasks): cpu-0 (")
+    assert "; cpu-1 (131.0 MiB): " in line and "free" in line and "big 130.0 MiB" in line
 
 
 def test_models_that_fit_only_apart_are_refused_in_one_line(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_models_that_fit_only_apart_are_refused_in_one_line(tmp_path: Path) -> N
     assert "\n" not in message
     assert message.startswith(
         "model 'b' does not fit beside 'a' in the devices' memory (memory (each CPU stage "
-        "server 0.1 GiB beside its tasks): cpu-0 (0.3 GiB): a 0.1 GiB, 0.1 GiB free): "
+        "server 128.0 MiB beside its tasks): cpu-0 (258.5 MiB): a 130.0 MiB, 128.5 MiB free): "
     ), message
     assert "serve fewer models together, or on devices with more memory" in message
 
@@ -126,19 +126,30 @@ def test_the_largest_model_is_planned_first_and_chooses_the_devices(tmp_path: Pa
         "small": chain(tmp_path / "small.onnx", 64, 2, 0),
         "large": chain(tmp_path / "large.onnx", 256, 2, 1),
     }
-    seen: list[tuple[str, tuple[int, ...]]] = []
+    seen: list[tuple[str, dict[str, int]]] = []
 
     def spy(inputs: PlanningInputs, device_sets: Sequence[DeviceSet]):
-        seen.append(
-            (inputs.model.name, tuple(d.memory_bytes for s in device_sets for d in s.devices))
-        )
+        memory = {d.name: d.memory_bytes for s in device_sets for d in s.devices}
+        seen.append((inputs.model.name, memory))
         return plan_one(inputs, device_sets)
 
     together = plan_together(inputs_of(paths, devices(2, OVERHEAD + 64 * MIB)), spy)
     assert [name for name, _ in seen] == ["large", "small"]
-    assert seen[0][1] == (OVERHEAD + 64 * MIB, OVERHEAD + 64 * MIB)
+    whole = OVERHEAD + 64 * MIB
+    assert seen[0][1] == {"cpu-0": whole, "cpu-1": whole}
     large_held = held_memory(together.planned["large"])
-    assert seen[1][1] == tuple(
-        OVERHEAD + 64 * MIB - large_held.get(d, 0) for d in ("cpu-0", "cpu-1")
-    )
+    assert seen[1][1] == {d: whole - large_held.get(d, 0) for d in ("cpu-0", "cpu-1")}
     assert list(together.planned) == ["small", "large"]  # reported in the order given
+
+
+def test_models_go_to_the_devices_the_others_keep_least_busy(tmp_path: Path) -> None:
+    """Two models that each run best alone on one device: the second goes to the device the
+    first leaves idle, not onto the first's (the solvers see memory, not the others' compute)."""
+    paths = {
+        "one": chain(tmp_path / "one.onnx", 256, 2, 0),
+        "two": chain(tmp_path / "two.onnx", 128, 2, 1),
+    }
+    together = plan_together(inputs_of(paths, devices(2, OVERHEAD + 64 * MIB)), plan_one)
+    used = {name: set(held_memory(p)) for name, p in together.planned.items()}
+    assert len(used["one"]) == len(used["two"]) == 1
+    assert used["one"] != used["two"]
