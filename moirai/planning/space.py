@@ -11,13 +11,17 @@ and `plan_model` makes both by the plan's predicted served time:
 - **Lanes** (throughput only). A set of devices may hold one pipeline, or several complete
   copies of the model side by side, each on its own devices (`moirai.planning.lanes`). For n
   devices the candidates are: one lane on all of them; L lanes for every L that divides n, the
-  devices dealt out in turn (so alike devices make alike lanes); and one replica on each device
-  that can hold the model alone. Plain replication is always among them, so a throughput plan
-  is never predicted worse than it.
+  devices dealt out in turn (so alike devices make alike lanes); one replica on each device
+  that can hold the model alone; and mixes: where the devices are of several kinds (alike
+  devices: same kind, provider, threads, peaks and memory), every choice of kinds whose devices
+  each hold a replica while the others form one pipeline (a GPU alone beside a pipeline over
+  the CPUs, say). Plain replication is always among them, so a throughput plan is never
+  predicted worse than it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,6 +82,28 @@ def layouts(
             alone = tuple((d,) for d in names if fits is None or d in fits)
             if len(alone) > 1:
                 candidates.append(alone)
-        for lanes in dict.fromkeys(candidates):
+            candidates += _mixes(devices, fits)
+        order = {d: i for i, d in enumerate(names)}
+        for lanes in dict.fromkeys(
+            tuple(sorted(c, key=lambda lane: order[lane[0]])) for c in candidates
+        ):
             out.append(Layout(devices, lanes))
+    return out
+
+
+def _mixes(devices: DeviceSet, fits: set[str] | None) -> list[tuple[tuple[str, ...], ...]]:
+    """Replicas on the devices of some kinds, one pipeline over the rest (module docstring)."""
+    kinds: dict[tuple[object, ...], list[str]] = {}
+    for d in devices.devices:
+        key = (d.kind, d.provider, d.threads, d.peak_flops, d.memory_bandwidth_bytes_per_s)
+        kinds.setdefault((*key, d.memory_bytes), []).append(d.name)
+    groups = list(kinds.values())
+    out = []
+    for chosen in itertools.product((False, True), repeat=len(groups)):
+        if all(chosen) or not any(chosen):
+            continue
+        replicas = [(d,) for g, c in zip(groups, chosen, strict=True) if c for d in g]
+        rest = tuple(d for g, c in zip(groups, chosen, strict=True) if not c for d in g)
+        if all(fits is None or r[0] in fits for r in replicas):
+            out.append((*replicas, rest))
     return out

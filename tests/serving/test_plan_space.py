@@ -124,3 +124,12 @@ def test_the_grouping_of_the_cores_is_chosen_by_served_time(tmp_path: Path, obje
     assert p[key] == min(c["served_ms"] for c in p["candidates"])
     assert len(p["candidates"]) == (2 if objective == "latency" else 3)
     assert planned.layout.devices in groupings
+
+
+def test_a_mix_of_replicas_and_a_pipeline_is_a_candidate() -> None:
+    """A fast device alone beside a pipeline over two slow ones; every kind once."""
+    devices = DeviceSet((_cpu("fast", 60e9, threads=4), _cpu("s0", 10e9), _cpu("s1", 10e9)))
+    lanes = [layout.lanes for layout in layouts([devices], "throughput")]
+    assert (("fast",), ("s0", "s1")) in lanes
+    assert (("fast",), ("s0",), ("s1",)) in lanes  # plain replication, once
+    assert len(lanes) == 3  # one pipeline, plain replication, the mix
