@@ -34,6 +34,11 @@ from test_operator_harness import (
 )
 from tritonclient.utils import InferenceServerException
 
+from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
+
+# A device with room for a stage server and 32 KiB of tasks: less than the test model's weights.
+DEVICE_MEMORY = f"{STAGE_SERVER_OVERHEAD_BYTES // 1024 + 32}Ki"
+
 
 def test_a_placed_model_profiles_deploys_and_serves_in_containers(
     scheduling_control_plane, kube_api, namespace, make_node_pool, kubelet, tmp_path
@@ -45,8 +50,8 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
     cluster = Cluster(kube_api, plane, namespace)
     http_port, grpc_port = free_port(), free_port()
     with models_for(tmp_path / "models") as models:
-        # 32 KiB per device cannot hold the model's 64 KiB of weights: the plan must chain
-        # several stage servers.
+        # 32 KiB per device beside a stage server's fixed overhead cannot hold the model's
+        # 64 KiB of weights: the plan must chain several stage servers.
         spec = {
             "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
             "pools": [
@@ -55,7 +60,7 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
                     "kind": "cpu",
                     "threadsPerDevice": 1,
                     "maxDevices": 4,
-                    "memoryPerDevice": "32Ki",
+                    "memoryPerDevice": DEVICE_MEMORY,
                 }
             ],
             "profiling": {"mode": "measured"},
@@ -150,7 +155,7 @@ def test_two_lanes_lose_only_the_requests_in_flight_on_a_killed_stage_server(
                     "kind": "cpu",
                     "threadsPerDevice": 1,
                     "maxDevices": 4,
-                    "memoryPerDevice": "32Ki",  # a chain of stage servers in each lane
+                    "memoryPerDevice": DEVICE_MEMORY,  # a chain of stage servers in each lane
                 }
             ],
             "serving": {"port": http_port, "grpcPort": grpc_port, "replicas": 2},

@@ -235,8 +235,10 @@ def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool,
         "toobig": ("InsufficientMemory", "no pool has enough memory"),
     }
     for name, (reason, message) in expected.items():
-        cluster.wait_phase(name, "Failed")
-        planned = cluster.condition(name, "Planned")
+        # Phase and condition from one snapshot: a transient failure (ModelUnreachable) is
+        # retried, which may rewrite both right after the Failed phase was seen.
+        status = cluster.wait_phase(name, "Failed")
+        planned = next(c for c in status["conditions"] if c["type"] == "Planned")
         assert planned["status"] == "False" and planned["reason"] == reason, planned
         assert message in planned["message"]
         assert not cluster.deployments(name)
