@@ -32,8 +32,9 @@ GIB = float(1 << 30)
 
 
 def gib(nbytes: float) -> str:
-    """Bytes as a short human string (GiB with one decimal, or MiB below 0.1 GiB)."""
-    if nbytes >= 0.1 * GIB:
+    """Bytes as a short human string: GiB with one decimal from 1 GiB, MiB below (a stage
+    server's overhead and small models read as MiB, not as 0.1 GiB)."""
+    if nbytes >= GIB:
         return f"{nbytes / GIB:.1f} GiB"
     return f"{nbytes / (1 << 20):.1f} MiB"
 

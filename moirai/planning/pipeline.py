@@ -249,15 +249,23 @@ class _Solves:
         solver = solver or (self.solver if len(lane) > 1 else "single")
         if (solver, key) not in self.done:
             limit = self.time_limit / max(1, len(self.searching))
-            self.done[(solver, key)] = solve(
-                problem,
-                solver,
-                self.objective,
-                time_limit=limit,
-                threads=self.threads,
-                seed=self.seed,
-            )
+            try:
+                self.done[(solver, key)] = self._solve(problem, solver, limit)
+            except InfeasibleError:
+                # Said again on the lane's own device names, which the user knows.
+                self._solve(restrict(costgraph, lane), solver, limit)
+                raise
         return _renamed(self.done[(solver, key)], {f"d{i}": d for i, d in enumerate(lane)})
+
+    def _solve(self, problem: CostGraph, solver: str, time_limit: float) -> Placement:
+        return solve(
+            problem,
+            solver,
+            self.objective,
+            time_limit=time_limit,
+            threads=self.threads,
+            seed=self.seed,
+        )
 
 
 def _renamed(placement: Placement, names: Mapping[str, str]) -> Placement:

@@ -30,17 +30,10 @@ from dataclasses import dataclass
 
 from moirai.devices import DeviceSet
 from moirai.errors import InfeasibleError
-from moirai.placement.problem import GIB, gib
+from moirai.placement.problem import gib
 from moirai.planning.inputs import PlanningInputs
 from moirai.planning.pipeline import Planned
 from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
-
-
-def _size(nbytes: int) -> str:
-    """Bytes for the memory line: GiB from 1 GiB, MiB below (a stage server's overhead and
-    small models in MiB, not as 0.1 GiB)."""
-    return gib(nbytes) if nbytes >= GIB else f"{nbytes / (1 << 20):.1f} MiB"
-
 
 PlanOne = Callable[[PlanningInputs, Sequence[DeviceSet]], Planned]
 """Plans one model (its inputs) on the device sets given, as `plan_model` does."""
@@ -64,10 +57,10 @@ class Together:
         for d in self.devices.devices:
             held = self.held.get(d.name, {})
             free = d.memory_bytes - sum(held.values())
-            models = ", ".join(f"{m} {_size(b)}" for m, b in held.items())
-            parts.append(f"{d.name} ({_size(d.memory_bytes)}): {models + ', ' if models else ''}"
-                         f"{_size(free)} free")  # fmt: skip
-        each = f" (each CPU stage server {_size(STAGE_SERVER_OVERHEAD_BYTES)} beside its tasks)"
+            models = ", ".join(f"{m} {gib(b)}" for m, b in held.items())
+            parts.append(f"{d.name} ({gib(d.memory_bytes)}): {models + ', ' if models else ''}"
+                         f"{gib(free)} free")  # fmt: skip
+        each = f" (each CPU stage server {gib(STAGE_SERVER_OVERHEAD_BYTES)} beside its tasks)"
         return f"memory{each if overhead else ''}: " + "; ".join(parts)
 
 

@@ -28,13 +28,15 @@ from typing import Any
 from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSet, DeviceSpec
 from moirai.errors import MoiraiError
+from moirai.placement.problem import gib
+from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
 from moirai_operator.catalogue import Catalogue, DevicesDocument, devices_document
 from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
 from moirai_operator.spec import PlacedModelSpec, SpecError
 from moirai_operator.status import InsufficientMemoryError, ProfilingError
 
-GIB = float(1 << 30)
+_BESIDE = f"beside the {gib(STAGE_SERVER_OVERHEAD_BYTES)} a CPU stage server holds itself"
 
 
 def device_set(doc: DevicesDocument) -> DeviceSet:
@@ -64,15 +66,14 @@ def check_memory(cg: CostGraph) -> None:
     biggest = max(cg.tasks, key=lambda t: t.memory_bytes)
     if need > have:
         raise InsufficientMemoryError(
-            f"no pool has enough memory: the model needs {need / GIB:.2f} GiB, the "
-            f"{len(cg.devices)} device(s) offer {have / GIB:.2f} GiB in total (largest "
-            f"{largest / GIB:.2f} GiB); add devices (maxDevices), nodes, or memoryPerDevice"
+            f"no pool has enough memory: the model needs {gib(need)}, the "
+            f"{len(cg.devices)} device(s) offer {gib(have)} in total (largest {gib(largest)}) "
+            f"{_BESIDE}; add devices (maxDevices), nodes, or memoryPerDevice"
         )
     if biggest.memory_bytes > largest:
         raise InsufficientMemoryError(
             f"no pool has enough memory: one part of the model ({biggest.id}) needs "
-            f"{biggest.memory_bytes / GIB:.2f} GiB, the largest device has "
-            f"{largest / GIB:.2f} GiB"
+            f"{gib(biggest.memory_bytes)}, the largest device has {gib(largest)} {_BESIDE}"
         )
 
 

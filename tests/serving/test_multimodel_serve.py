@@ -200,3 +200,34 @@ def test_serve_refuses_two_models_of_one_name_and_names_that_no_url_takes(
     (tmp_path / "empty").mkdir()
     line = one_line_error(capsys, ["serve", str(tmp_path / "empty")])
     assert "no model in this folder" in line
+
+
+def test_serve_refuses_models_that_fit_only_apart_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A device with room for two stage servers and 2.5 MiB of tasks: a model of 2 MiB and one
+    of 1 MiB each serve alone (planned here), together they are refused before anything starts,
+    in one line that says how the memory was split."""
+    from moirai.devices import load_devices
+    from moirai.planning import plan_model
+    from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
+
+    memory = 2 * STAGE_SERVER_OVERHEAD_BYTES + (5 << 19)
+    devices = tmp_path / "devices.yaml"
+    devices.write_text(
+        "devices:\n"
+        "  - {name: cpu, kind: cpu, provider: CPUExecutionProvider, threads: 1,\n"
+        f"     peak_flops: 1e+11, memory_bandwidth_bytes_per_s: 1e+10, memory_bytes: {memory}}}\n"
+    )
+    for name, depth in (("a", 2), ("b", 1)):
+        onnx.save(models.mlp(width=512, depth=depth, seed=depth), tmp_path / f"{name}.onnx")
+        plan_model(tmp_path / f"{name}.onnx", load_devices(devices), time_limit=1)
+    grpc_port, http_port = free_ports(2)
+    line = one_line_error(
+        capsys,
+        ["serve", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--devices", str(devices),
+         "--time-limit", "1", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+    )  # fmt: skip
+    assert line.startswith("moirai: model 'b' does not fit beside 'a' in the devices' memory (")
+    assert "cpu (258.5 MiB): a 130.0 MiB, 128.5 MiB free" in line
+    assert line.endswith("serve fewer models together, or on devices with more memory")
