@@ -28,9 +28,10 @@ The JSON format, `moirai.stageplan/v1` (what `moirai serve` writes and every ser
     }
 
 - `model.path` is the file stage servers cut their sub-models from (`moirai.graph.load_model`
-  gives the same canonical node names whatever the shapes); `sha256` (of the file) lets a server
-  refuse a different model; `input_shapes` are the shapes every input was priced at (a symbolic
-  batch dimension at 1 unless the user gave another): informative, serving does not fix them.
+  gives the same canonical node names whatever the shapes); `sha256` (of the file followed by its
+  external data files: `moirai.weights.model_digest`) lets a server refuse a different model;
+  `input_shapes` are the shapes every input was priced at (a symbolic batch dimension at 1
+  unless the user gave another): informative, serving does not fix them.
 - `inputs`/`outputs` are the model's; `tensors` types every tensor that crosses a stage border.
   Datatypes are Open Inference Protocol names; a dimension of -1 is not fixed (it varies with a
   symbolic dimension of the model's inputs): servers accept any size there, and report -1 in the
