@@ -79,8 +79,8 @@ class Delivery:
     stage: str
     tensors: dict[str, np.ndarray]
     deadline_ms: float
-    timings: tuple[bytes, ...]
-    """Encoded timings of the stages upstream (`stage_server.wire.timing`)."""
+    timings: tuple[bytes | wire.Timing, ...]
+    """Timings of the stages upstream (`stage_server.wire`)."""
     origin: str
 
 
@@ -136,7 +136,7 @@ class ChainServicer:
         push = wire.decode_push(payload, mappings)
         transfer = max(0.0, received - push.sent_ms)
         timings = push.timings + tuple(
-            wire.timing(push.stage, "transfer", transfer, name) for name in push.tensors
+            wire.Timing(push.stage, "transfer", transfer, name) for name in push.tensors
         )
         self._handler.deliver(
             Delivery(
@@ -278,10 +278,10 @@ class Peers:
         request_id: str,
         tensors: Mapping[str, np.ndarray],
         deadline_ms: float,
-        timings: Iterable[bytes] = (),
+        timings: Iterable[bytes | wire.Timing] = (),
         origin: str = GATEWAY,
     ) -> None:
-        """Deliver `tensors` to `stage`; `timings` are encoded ones (`wire.timing`) to forward."""
+        """Deliver `tensors` to `stage`, with the `timings` (`stage_server.wire`) to forward."""
         timings = tuple(timings)
         handler = self.local.get(stage)
         if handler is not None:
@@ -316,7 +316,7 @@ class Peers:
         request_id: str,
         tensors: Mapping[str, np.ndarray],
         deadline_ms: float,
-        timings: tuple[bytes, ...],
+        timings: tuple[bytes | wire.Timing, ...],
         origin: str,
     ) -> None:
         """A push over the same-host path, large tensors in the connection's shared memory."""

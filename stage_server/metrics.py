@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from stage_server.protos import stage_pb2
+from stage_server.wire import Timing
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -62,7 +62,7 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe_timings(self, timings: Iterable[stage_pb2.Timing]) -> None:
+    def observe_timings(self, timings: Iterable[Timing]) -> None:
         for t in timings:
             key = (t.stage, t.kind)
             child = self._stage_children.get(key)

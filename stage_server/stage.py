@@ -10,16 +10,17 @@ over the chain (`stage_server.chain`), or, for a target in this process (another
 device, or the front end when it runs here), handed over in memory through the process's
 `chain.Router`. Final outputs go to the front end ("gateway").
 
-A device runs one stage at a time (the execution model the plan was solved for). Without a
-front end in the process the stage runs right on the event loop: the loop would have nothing
-else to do but receive, and a thread pool would cost two thread wake-ups per stage, which on a
-busy core are far from free, while incoming pushes wait meanwhile in the sockets and gRPC's own
-threads. Ready stages queue on the loop in arrival order, and that wait is reported as queue
-time. With a front end in the process (`offload`), or `workers` > 1 (a device that can run
-several stages at once), stages run in a thread pool of that size instead (ONNX Runtime
-releases the GIL), so that the loop keeps decoding and answering requests meanwhile; except
-stages that take less than `INLINE_MS`, for which the trip to the thread costs more than they
-block the loop.
+A device runs one stage at a time (the execution model the plan was solved for). A stage known
+to take less than `INLINE_MS` runs right where its last input is delivered, on the event loop,
+with no task and no thread: a one-stage plan with the front end in this process then answers a
+request within the front end's own call, and the outputs of such a stage reach the next stage in
+this process the same way. Other stages run in tasks: without a front end in the process right
+on the event loop (the loop would have nothing else to do but receive, and a thread pool would
+cost two thread wake-ups per stage, which on a busy core are far from free, while incoming
+pushes wait meanwhile in the sockets and gRPC's own threads), in arrival order, and that wait is
+reported as queue time; with a front end in the process (`offload`), or `workers` > 1 (a device
+that can run several stages at once), in a thread pool of that size (ONNX Runtime releases the
+GIL), so that the loop keeps decoding and answering requests meanwhile.
 
 Nothing waits forever: every request carries its absolute deadline, a sweeper frees the state of
 requests whose deadline passed, a request whose deadline passes while queued is dropped without
@@ -32,13 +33,15 @@ unreachable) is reported to the gateway with its status code.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,21 +57,23 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 0.25
 INLINE_MS = 0.5
-"""With a thread pool, a stage whose compute takes less than this (moving average) still runs on
+"""A stage whose compute takes less than this (the median of its recent runs) runs right away on
 the event loop: handing it to a thread and back costs two thread wake-ups, measured at about
-0.1 ms of CPU on a busy 2-core machine, more than such a stage holds the loop. Until a stage's
-time is known, it runs in the pool."""
+0.1 ms of CPU on a busy 2-core machine, more than such a stage holds the loop, and a task costs
+a turn of the loop. Until a stage's time is known, it runs in a task (and the pool)."""
+RECENT_RUNS = 9
+"""Runs of a stage whose median is its compute time estimate."""
 
 
 @dataclass
 class _Pending:
     deadline_ms: float
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    timings: dict[bytes, None] = field(default_factory=dict)
-    """Encoded timings, in arrival order without duplicates (a stage fed by two branches gets
-    their common upstream's timings twice)."""
+    timings: dict[bytes | wire.Timing, None] = field(default_factory=dict)
+    """Timings (`stage_server.wire`), in arrival order without duplicates (a stage fed by two
+    branches gets their common upstream's timings twice)."""
 
-    def add_timings(self, timings: Iterable[bytes]) -> None:
+    def add_timings(self, timings: Iterable[bytes | wire.Timing]) -> None:
         self.timings.update(dict.fromkeys(timings))
 
 
@@ -153,12 +158,15 @@ class StageServer:
             if workers > 1 or offload or cpus
             else None
         )
-        self._compute_ms: dict[str, float] = {}  # moving average of each stage's compute time
+        self._compute_ms: dict[str, float] = {}  # each stage's recent compute time (`_timed`)
+        self._recent: dict[str, collections.deque[float]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ inbound
     def deliver(self, delivery: Delivery) -> None:
+        """Tensors for one stage; when they complete its inputs, it runs (`_quick` stages
+        right away)."""
         stage = self.stages.get(delivery.stage)
         if stage is None:
             raise NotFound(f"stage {delivery.stage!r} is not on device {self.device}")
@@ -173,7 +181,11 @@ class StageServer:
         pending.add_timings(delivery.timings)
         if all(t in pending.tensors for t in stage.inputs):
             del self.pending[key]
-            self._spawn(self._run(rid, stage.id, pending, time.perf_counter()))
+            ready = time.perf_counter()
+            if self._quick(stage.id):
+                self._run_now(rid, stage.id, pending, ready)
+            else:
+                self._spawn(self._run(rid, stage.id, pending, ready))
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
         """The gateway cancels a request: free its state, drop what still arrives for it."""
@@ -199,32 +211,79 @@ class StageServer:
         end = time.perf_counter()
         return outputs, (start - ready) * 1000.0, (end - start) * 1000.0
 
-    async def _run(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
+    def _quick(self, stage_id: str) -> bool:
+        """Whether the stage is known to take less than `INLINE_MS`: it then runs right where
+        its last input arrives, with no task and no thread."""
+        return self._compute_ms.get(stage_id, INLINE_MS) < INLINE_MS
+
+    def _timed(self, stage_id: str, compute_ms: float) -> None:
+        """Add a compute time to the stage's estimate: the median of its recent runs, so that
+        a run stretched by preemption on a busy machine does not send a quick stage to the
+        thread pool."""
+        recent = self._recent.get(stage_id)
+        if recent is None:
+            recent = self._recent[stage_id] = collections.deque(maxlen=RECENT_RUNS)
+        recent.append(compute_ms)
+        self._compute_ms[stage_id] = sorted(recent)[len(recent) // 2]
+
+    def _run_now(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
+        """Run a quick stage now, on the event loop, and hand its outputs on."""
         try:
-            if self._pool is None or self._compute_ms.get(stage_id, INLINE_MS) < INLINE_MS:
+            outputs, queue_ms, compute_ms = self._compute(request_id, stage_id, pending, ready)
+        except _Expired:
+            return
+        except Exception as e:  # ONNX Runtime raises its own types; all are stage failures
+            self._spawn(
+                self._report(request_id, stage_id, self._failure(stage_id, e), pending.deadline_ms)
+            )
+            return
+        self._timed(stage_id, compute_ms)
+        remote = self._forward(request_id, stage_id, pending, outputs, queue_ms, compute_ms)
+        if remote:
+            self._spawn(self._pushed(request_id, stage_id, pending, remote))
+
+    async def _run(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
+        """Run a stage in the thread pool (or, without one, on the event loop in arrival
+        order), then hand its outputs on."""
+        try:
+            if self._pool is None:
                 outputs, queue_ms, compute_ms = self._compute(request_id, stage_id, pending, ready)
             else:
                 outputs, queue_ms, compute_ms = await asyncio.get_running_loop().run_in_executor(
                     self._pool, self._compute, request_id, stage_id, pending, ready
                 )
-            previous = self._compute_ms.get(stage_id, compute_ms)
-            self._compute_ms[stage_id] = previous + (compute_ms - previous) * 0.2
         except _Expired:
             return
         except Exception as e:  # ONNX Runtime raises its own types; all are stage failures
             await self._report(
-                request_id,
-                stage_id,
-                StageFailed(f"stage {stage_id} on {self.device} failed: {e}"),
-                pending.deadline_ms,
+                request_id, stage_id, self._failure(stage_id, e), pending.deadline_ms
             )
             return
+        self._timed(stage_id, compute_ms)
+        remote = self._forward(request_id, stage_id, pending, outputs, queue_ms, compute_ms)
+        if remote:
+            await self._pushed(request_id, stage_id, pending, remote)
+
+    def _failure(self, stage_id: str, error: Exception) -> StageFailed:
+        return StageFailed(f"stage {stage_id} on {self.device} failed: {error}")
+
+    def _forward(
+        self,
+        request_id: str,
+        stage_id: str,
+        pending: _Pending,
+        outputs: list[np.ndarray],
+        queue_ms: float,
+        compute_ms: float,
+    ) -> list[Coroutine[Any, Any, None]]:
+        """Hand the outputs to their targets in this process now; the pushes to the others,
+        to await."""
         if request_id in self.cancelled:
-            return
+            return []
         pending.add_timings(
             [
-                wire.timing(stage_id, "queue", queue_ms),
-                wire.timing(stage_id, "compute", compute_ms),
+                wire.Timing(stage_id, "queue", queue_ms),
+                wire.Timing(stage_id, "compute", compute_ms),
             ]
         )
         by_target: dict[str, dict[str, np.ndarray]] = {}
@@ -245,6 +304,16 @@ class StageServer:
                         target, request_id, tensors, pending.deadline_ms, timings, stage_id
                     )
                 )
+        return remote
+
+    async def _pushed(
+        self,
+        request_id: str,
+        stage_id: str,
+        pending: _Pending,
+        remote: list[Coroutine[Any, Any, None]],
+    ) -> None:
+        """Await the pushes of a stage's outputs; report the first failure."""
         if len(remote) == 1:  # the common case, without gather's extra task
             results: list[BaseException | None] = [None]
             try:

@@ -14,7 +14,9 @@ contract.
 
 Timings travel as their encoded `PushRequest.timings` fields, opaque to the stage servers: a stage
 adds its own and forwards the rest as bytes, so a long chain does not parse and re-encode the
-growing list at every hop; the gateway decodes them once, when the request completes.
+growing list at every hop; the gateway decodes them once, when the request completes. A timing
+made in this process is a `Timing` tuple until a push encodes it: one that never leaves the
+process (a one-stage plan whose front end runs beside its stage) is never encoded at all.
 
 Tensors that travel through shared memory (`stage_server.shm`, on the same-host path only) carry
 a `SharedMemory` reference instead of `data`; `decode_push` gives read-only arrays over the
@@ -26,8 +28,9 @@ The by-hand parts of the format (varints, walking fields) are `stage_server.prot
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -55,18 +58,41 @@ class Push:
     deadline_ms: float
     sent_ms: float
     timings: tuple[bytes, ...]
-    """Encoded `timings` fields (see `timing`, `decode_timings`)."""
+    """Encoded `timings` fields (see `decode_timings`)."""
     origin: str
 
 
-def timing(stage: str, kind: str, ms: float, tensor: str = "") -> bytes:
-    """One encoded `PushRequest.timings` field."""
-    body = stage_pb2.Timing(stage=stage, kind=kind, tensor=tensor, ms=ms).SerializeToString()
-    return _TIMING_KEY + protowire.varint(len(body)) + body
+class Timing(NamedTuple):
+    """One `moirai.stage.v1.Timing`, as this process made it (not yet encoded)."""
+
+    stage: str
+    kind: str
+    ms: float
+    tensor: str = ""
 
 
-def decode_timings(chunks: Iterable[bytes]) -> list[stage_pb2.Timing]:
-    return list(stage_pb2.PushRequest.FromString(b"".join(chunks)).timings)
+Timings = Sequence["bytes | Timing"]
+"""Timings as they travel with a request: encoded fields received from a peer, or tuples made
+in this process."""
+
+
+def _encoded(t: bytes | Timing) -> bytes:
+    """One `PushRequest.timings` field."""
+    if isinstance(t, bytes):
+        return t
+    body = stage_pb2.Timing(stage=t.stage, kind=t.kind, tensor=t.tensor, ms=t.ms)
+    data = body.SerializeToString()
+    return _TIMING_KEY + protowire.varint(len(data)) + data
+
+
+def decode_timings(timings: Collection[bytes | Timing]) -> list[Timing]:
+    """Every timing once (one that came back to its process encoded equals its tuple)."""
+    found = dict.fromkeys(t for t in timings if not isinstance(t, bytes))
+    encoded = [t for t in timings if isinstance(t, bytes)]
+    if encoded:
+        for t in stage_pb2.PushRequest.FromString(b"".join(encoded)).timings:
+            found[Timing(t.stage, t.kind, t.ms, t.tensor)] = None
+    return list(found)
 
 
 def encode_push(
@@ -75,7 +101,7 @@ def encode_push(
     tensors: Mapping[str, np.ndarray],
     deadline_ms: float,
     sent_ms: float,
-    timings: Sequence[bytes] = (),
+    timings: Timings = (),
     origin: str = "",
     shared: Mapping[str, stage_pb2.SharedMemory] | None = None,
 ) -> bytes:
@@ -87,7 +113,7 @@ def encode_push(
         sent_unix_ms=sent_ms,
         origin=origin,
     )
-    parts: list[bytes | memoryview] = [header.SerializeToString(), *timings]
+    parts: list[bytes | memoryview] = [header.SerializeToString(), *map(_encoded, timings)]
     for name, array in tensors.items():
         meta = stage_pb2.Tensor(name=name, datatype=codec.datatype_of(array), shape=array.shape)
         ref = (shared or {}).get(name)

@@ -34,8 +34,15 @@ TENSORS = {
 }
 
 
+def test_timings_made_here_and_received_encoded_count_once() -> None:
+    """A timing that left this process and came back encoded is the tuple it was made as."""
+    here, other = wire.Timing("s0", "compute", 1.5), wire.Timing("s1", "queue", 0.25)
+    received = wire.decode_push(wire.encode_push("r", "s1", {}, 1e12, 5.0, [here], "s0")).timings
+    assert wire.decode_timings((here, other, *received)) == [here, other]
+
+
 def test_pushes_read_by_protobuf_and_protobuf_pushes_read_back() -> None:
-    timings = [wire.timing("s0", "compute", 1.5), wire.timing("s0", "transfer", 0.25, "a")]
+    timings = [wire.Timing("s0", "compute", 1.5), wire.Timing("s0", "transfer", 0.25, "a")]
     payload = wire.encode_push("r1", "s1", TENSORS, 1e12, 5.0, timings, "s0")
     parsed = stage_pb2.PushRequest.FromString(payload)
     assert (parsed.request_id, parsed.stage, parsed.origin) == ("r1", "s1", "s0")
@@ -53,7 +60,9 @@ def test_pushes_read_by_protobuf_and_protobuf_pushes_read_back() -> None:
     unknown = b"\xfa\x01\x03abc"  # field 31, length-delimited
     push = wire.decode_push(parsed.SerializeToString() + unknown)
     assert (push.request_id, push.stage, push.origin, push.sent_ms) == ("r1", "s1", "s0", 5.0)
-    assert wire.decode_timings(push.timings) == list(parsed.timings)
+    assert wire.decode_timings(push.timings) == [
+        wire.Timing(t.stage, t.kind, t.ms, t.tensor) for t in parsed.timings
+    ]
     for name, want in TENSORS.items():
         np.testing.assert_array_equal(push.tensors[name], want)
         assert push.tensors[name].dtype == want.dtype
