@@ -2,7 +2,7 @@
 Runtime on its own and plain replication.
 
     .venv/bin/python bench/plans.py [--models squeezenet inception_v1 ...] [--requests 9] \
-        [--window 5] [--time-limit 10] [--cache-dir DIR]
+        [--window 5] [--rounds 2] [--time-limit 10] [--cache-dir DIR] [--append]
 
 For each zoo model, as `moirai serve --devices local` plans it (measured profile, cached; the
 CPU's cores grouped as serves best; lanes for throughput):
@@ -21,7 +21,10 @@ CPU's cores grouped as serves best; lanes for throughput):
    >= plain replication served (within 5%: measurements alternate, but the machine is shared).
 
 The served variants and the in-process ones run back to back for each model so that they see the
-same machine; the load average is recorded. Writes bench/results/plans.md and plans.json.
+same machine, in `rounds` rounds (each variant once per round; its best round kept); the load
+average before and after each model is recorded. Writes bench/results/plans.md and plans.json;
+with `--append`, the rows of models not run this time are kept from plans.json, so that a long
+list can be run in several invocations.
 """
 
 from __future__ import annotations
@@ -235,42 +238,63 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     feeds = inputs_for(latency.plan)
     model_bytes = inputs.model.proto.SerializeToString()
     cores = len(available_cores())
-    row: dict[str, Any] = {"model": name}
+    row: dict[str, Any] = {"model": name, "load_before": os.getloadavg()[0]}
+    same = throughput.plan.to_dict()["stages"] == replication.to_dict()["stages"]
 
-    # Latency: served, the frame, in-process ORT with every core and with one thread.
+    # Each variant is measured once per round, the rounds in turn, and its best round is kept:
+    # on a shared machine another process's burst then costs every variant alike.
+    latency_runs: dict[str, list[float]] = {}
+    rps_runs: dict[str, list[float]] = {}
+    cpu_runs: list[float] = []
+    all_cores, one_thread = _session(model_bytes, cores), _session(model_bytes, 1)
+    for _ in range(args.rounds):
+        # Latency: served, the frame, in-process ORT with every core and with one thread.
+        for key, value in (
+            ("latency_ms", _served_latency(latency.plan, path, feeds, args.requests, tmp / "lat")),
+            ("frame_ms", frame_ms(latency.plan, inputs.model.proto, args.requests, tmp)),
+            ("ort_all_ms", median_ms(partial(all_cores.run, None, feeds), args.requests)),
+            ("ort_one_ms", median_ms(partial(one_thread.run, None, feeds), args.requests)),
+        ):
+            latency_runs.setdefault(key, []).append(value)
+        # Throughput: served plan, served plain replication, ORT with every core, two replicas.
+        with LocalDeployment(throughput.plan, path, tmp / "tput") as d:
+            served = served_rps(d, throughput.plan.model_name, feeds, args.window)
+        rps_runs.setdefault("served_rps", []).append(served["rps"])
+        cpu_runs.append(served["cpu_ms"])
+        if not same:
+            with LocalDeployment(replication, path, tmp / "repl") as d:
+                repl = served_rps(d, replication.model_name, feeds, args.window)["rps"]
+            rps_runs.setdefault("replication_rps", []).append(repl)
+        rps_runs.setdefault("ort_all_rps", []).append(
+            in_process_rps(model_bytes, feeds, cores, args.window)
+        )
+        rps_runs.setdefault("replicas_rps", []).append(
+            replicas_rps(model_bytes, feeds, args.window)
+        )
+    row.update({k: min(v) for k, v in latency_runs.items()})
+    row.update({k: max(v) for k, v in rps_runs.items()})
+    row["served_cpu_ms"] = min(cpu_runs)
+    if same:
+        row["replication_rps"] = row["served_rps"]  # the plan is plain replication
+    row["runs"] = {**latency_runs, **rps_runs}
+
     row["latency_layout"] = _layout(latency.plan)
     row["latency_predicted_ms"] = latency.plan.predicted["latency_ms"]
-    row["latency_ms"] = _served_latency(latency.plan, path, feeds, args.requests, tmp / "lat")
-    row["frame_ms"] = frame_ms(latency.plan, inputs.model.proto, args.requests, tmp / "frame")
-    row["ort_all_ms"] = median_ms(
-        partial(_session(model_bytes, cores).run, None, feeds), args.requests
-    )
-    row["ort_one_ms"] = median_ms(partial(_session(model_bytes, 1).run, None, feeds), args.requests)
+    # What the planner weighed (predicted served ms of each layout), to set beside the measured.
+    row["latency_candidates"] = latency.plan.predicted.get("candidates", [])
+    row["throughput_candidates"] = throughput.plan.predicted.get("candidates", [])
     best = min(row["ort_all_ms"], row["ort_one_ms"])
     row["latency_goal_ms"] = LATENCY_GOAL * best + row["frame_ms"]
     row["latency_met"] = row["latency_ms"] <= row["latency_goal_ms"]
-
-    # Throughput: served plan, served plain replication, ORT with every core, two replicas.
     row["throughput_layout"] = _layout(throughput.plan)
     row["throughput_predicted_rps"] = 1000.0 / throughput.plan.predicted["served_period_ms"]
-    with LocalDeployment(throughput.plan, path, tmp / "tput") as d:
-        served = served_rps(d, throughput.plan.model_name, feeds, args.window)
-    row["served_rps"], row["served_cpu_ms"] = served["rps"], served["cpu_ms"]
-    if throughput.plan.to_dict()["stages"] == replication.to_dict()["stages"]:
-        row["replication_rps"] = row["served_rps"]  # the plan is plain replication
-    else:
-        with LocalDeployment(replication, path, tmp / "repl") as d:
-            row["replication_rps"] = served_rps(d, replication.model_name, feeds, args.window)[
-                "rps"
-            ]
     row["replication_lanes"] = lanes
-    row["ort_all_rps"] = in_process_rps(model_bytes, feeds, cores, args.window)
-    row["replicas_rps"] = replicas_rps(model_bytes, feeds, args.window)
     best_rps = max(row["ort_all_rps"], row["replicas_rps"])
     row["throughput_ratio"] = row["served_rps"] / best_rps
     row["throughput_met"] = row["throughput_ratio"] >= THROUGHPUT_GOAL
     row["replication_ratio"] = row["served_rps"] / row["replication_rps"]
     row["replication_met"] = row["replication_ratio"] >= REPLICATION_GOAL
+    row["load_after"] = os.getloadavg()[0]
     row["seconds"] = time.monotonic() - started
     print(
         f"{name:>14}: latency {row['latency_ms']:.2f} ms ({row['latency_layout']}; goal "
@@ -285,22 +309,27 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
 
 
 # ------------------------------------------------------------------- report
+def _load(row: dict[str, Any]) -> str:
+    return f"{row['load_before']:.1f} / {row['load_after']:.1f}"
+
+
 def report(results: dict[str, Any]) -> str:
     rows = [r for r in results["rows"] if "failed" not in r]
     failed = [r for r in results["rows"] if "failed" in r]
-    m = results["machine"]
+    m, s = results["machine"], results["settings"]
     lat = sum(r["latency_met"] for r in rows)
     tput = sum(r["throughput_met"] for r in rows)
     repl = sum(r["replication_met"] for r in rows)
     out = [
         "# The plan space, served (`bench/plans.py`)",
         "",
-        f"{m['cores']} cores ({m['cpu']}); load average before/after "
-        f"{m['load_before']:.1f} / {m['load_after']:.1f}. Plans as `moirai serve --devices "
+        f"{m['cores']} cores ({m['cpu']}), shared with other work: the load average (1 min) "
+        "before and after each model is in the last column. Plans as `moirai serve --devices "
         "local` makes them (measured profile; the CPU's cores grouped as serves best; lanes for "
-        f"throughput), solver time limit {results['settings']['time_limit']:g} s. Latency: "
-        f"median of {results['settings']['requests']} sequential requests; throughput: 3 "
-        f"client processes x 4 in flight over {results['settings']['window']:g} s.",
+        f"throughput), solver time limit {s['time_limit']:g} s. Latency: median of "
+        f"{s['requests']} sequential requests; throughput: 3 client processes x 4 in flight over "
+        f"{s['window']:g} s. Every variant is measured in each of {s['rounds']} rounds, in turn, "
+        "and its best round is kept (lowest latency, highest requests/s).",
         "",
         f"**Latency plans**: {lat} of {len(rows)} within {LATENCY_GOAL:g}x the better of "
         "in-process ONNX Runtime with every core and with one thread, plus the frame (the "
@@ -310,21 +339,22 @@ def report(results: dict[str, Any]) -> str:
         f"{repl} of {len(rows)} at >= {REPLICATION_GOAL:g}x plain replication served.",
         "",
         "| model | latency plan | served ms | predicted ms | ORT all cores ms | ORT 1 thread "
-        "ms | frame ms | goal ms | met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ms | frame ms | goal ms | met | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['model']} | {r['latency_layout']} | {r['latency_ms']:.2f} | "
             f"{r['latency_predicted_ms']:.2f} | {r['ort_all_ms']:.2f} | {r['ort_one_ms']:.2f} | "
             f"{r['frame_ms']:.2f} | {r['latency_goal_ms']:.2f} | "
-            f"{'yes' if r['latency_met'] else 'no'} |"
+            f"{'yes' if r['latency_met'] else 'no'} | {_load(r)} |"
         )
     out += [
         "",
         "| model | throughput plan | served req/s | predicted req/s | ORT all cores | two "
-        "replicas (ORT) | vs best | replication served | vs replication | server CPU ms/req |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "replicas (ORT) | vs best | replication served | vs replication | server CPU ms/req | load "
+        "|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
@@ -332,7 +362,7 @@ def report(results: dict[str, Any]) -> str:
             f"{r['throughput_predicted_rps']:.1f} | {r['ort_all_rps']:.1f} | "
             f"{r['replicas_rps']:.1f} | {r['throughput_ratio']:.2f}x | "
             f"{r['replication_rps']:.1f} | {r['replication_ratio']:.2f}x | "
-            f"{r['served_cpu_ms']:.1f} |"
+            f"{r['served_cpu_ms']:.1f} | {_load(r)} |"
         )
     if failed:
         out += ["", "Cases that failed:", ""]
@@ -347,10 +377,30 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=5.0, help="throughput window, s")
     parser.add_argument("--time-limit", type=float, default=10.0, help="solver time limit, s")
     parser.add_argument("--cache-dir", type=Path, help="profile cache (default: the user's)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of every variant, best kept")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other models' rows of the results directory's plans.json",
+    )
     args = parser.parse_args()
+    if args.rounds < 1 or args.requests < 1:
+        parser.error("--rounds and --requests: give 1 or more")
     args.out.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()[0]
+    settings = {
+        "requests": args.requests,
+        "window": args.window,
+        "time_limit": args.time_limit,
+        "rounds": args.rounds,
+    }
+    previous = args.out / "plans.json"
+    kept = []
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("settings") != settings:
+            raise SystemExit(f"--append: {previous} was written with other settings")
+        kept = [r for r in old["rows"] if r["model"] not in args.models]
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory(prefix="moirai-plans-") as tmp:
@@ -361,18 +411,9 @@ def main() -> None:
                 print(f"{name:>14}: failed: {message}", flush=True)
                 rows.append({"model": name, "failed": message})
     results = {
-        "rows": rows,
-        "settings": {
-            "requests": args.requests,
-            "window": args.window,
-            "time_limit": args.time_limit,
-        },
-        "machine": {
-            "cores": len(available_cores()),
-            "cpu": cpu_model(),
-            "load_before": load_before,
-            "load_after": os.getloadavg()[0],
-        },
+        "rows": kept + rows,
+        "settings": settings,
+        "machine": {"cores": len(available_cores()), "cpu": cpu_model()},
     }
     (args.out / "plans.json").write_text(json.dumps(results, indent=1) + "\n")
     text = report(results)
