@@ -1,5 +1,8 @@
 """`auto` (the default): heuristics, the series decomposition, then local search and CP-SAT.
 
+0. Memory: some assignment of the tasks fits the devices' memory (`memory.packing`: first-fit
+   decreasing, else CP-SAT's exact packing), or `auto` stops with the proof that none does.
+   Every later step then has a memory-feasible start.
 1. The list schedulers that need no LP (`QUICK_HEURISTICS`: HEFT, the best single device):
    milliseconds even on thousands of tasks, and a first incumbent; and the windowed load bound
    (`lp.windowed_load`). If the incumbent meets the lower bound it is optimal and we stop
@@ -54,6 +57,7 @@ from moirai.placement.bounds import settle, simple_bounds, strongest
 from moirai.placement.contract import SolveOptions, no_plan_message
 from moirai.placement.local import improve, plan_timing
 from moirai.placement.lp import windowed_load
+from moirai.placement.memory import packing
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
 from moirai.placement.series import decompose
@@ -167,6 +171,7 @@ class AutoSolver:
         started = time.monotonic()
         p = problem
         deadline = options.deadline - RESERVE_S
+        packing(p, deadline)  # 0. raises the proof when no assignment fits the memory
         best = _Incumbent(simple_bounds(p), options)
         # 1. the list schedulers that need no LP: milliseconds, and a first incumbent
         for h in heuristics.SOLVERS:
