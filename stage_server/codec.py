@@ -130,9 +130,9 @@ def raw_bytes(array: np.ndarray) -> memoryview:
 
 
 # ----------------------------------------------------------- OIP gRPC (KServe v2)
-# Field numbers of the raw contents in grpc_predict_v2.proto.
-_RAW_INPUT_CONTENTS = 7
-_RAW_OUTPUT_CONTENTS = 6
+# Field numbers of the raw contents, from grpc_predict_v2.proto's descriptors.
+_RAW_INPUT_CONTENTS = oip.ModelInferRequest.RAW_INPUT_CONTENTS_FIELD_NUMBER
+_RAW_OUTPUT_CONTENTS = oip.ModelInferResponse.RAW_OUTPUT_CONTENTS_FIELD_NUMBER
 _Tensor = oip.ModelInferRequest.InferInputTensor | oip.ModelInferResponse.InferOutputTensor
 
 

@@ -38,11 +38,11 @@ from stage_server import codec, protowire, shm
 from stage_server.errors import InvalidInput, SharedMemoryUnavailable
 from stage_server.protos import stage_pb2
 
-# Field numbers of stage.proto.
-_PUSH_TENSORS = 3
-_PUSH_TIMINGS = 6
-_TENSOR_DATA = 4
-_TENSOR_SHARED = 5
+# Field numbers, from stage.proto's descriptors.
+_PUSH_TENSORS = stage_pb2.PushRequest.TENSORS_FIELD_NUMBER
+_PUSH_TIMINGS = stage_pb2.PushRequest.TIMINGS_FIELD_NUMBER
+_TENSOR_DATA = stage_pb2.Tensor.DATA_FIELD_NUMBER
+_TENSOR_SHARED = stage_pb2.Tensor.SHARED_FIELD_NUMBER
 _TIMING_KEY = protowire.key(_PUSH_TIMINGS)
 _TENSOR_KEY = protowire.key(_PUSH_TENSORS)
 _DATA_KEY = protowire.key(_TENSOR_DATA)
