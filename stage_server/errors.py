@@ -31,6 +31,15 @@ class TooLarge(ServingError):
     """The request exceeds the configured size limit."""
 
 
+class Overloaded(ServingError):
+    """The server holds as many requests (or bytes of them) as it is configured to: retry
+    later."""
+
+
+class ClientTimeout(ServingError):
+    """The client did not send its request within the time it is given."""
+
+
 class Unavailable(ServingError):
     """A stage server cannot be reached or is not serving."""
 
@@ -56,13 +65,17 @@ _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, 400),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    ClientTimeout: (grpc.StatusCode.DEADLINE_EXCEEDED, 408),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Cancelled: (grpc.StatusCode.CANCELLED, 499),
     StageFailed: (grpc.StatusCode.INTERNAL, 500),
     SharedMemoryUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, 500),
 }
 _BY_CODE = {code.name: cls for cls, (code, _) in _STATUS.items()}
+"""A code reported along the chain becomes the last error of the table with that code: a stage
+that is full (RESOURCE_EXHAUSTED) is `Overloaded`, a deadline is `DeadlineExceeded`."""
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, int]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -110,6 +111,9 @@ class Gateway:
             if t.datatype in DTYPES and -1 not in t.shape
         }
         """Inputs of static shape: their dtype and shape, to check a request's in one go."""
+        self.input_bytes = _input_bytes(plan.inputs)
+        """The bytes of all the model's inputs when their shapes are fixed (None otherwise):
+        the transports refuse larger requests before reading them."""
         self.pending: dict[str, _Request] = {}
         self.metrics.in_flight.set_function(lambda: len(self.pending))  # counted when scraped
         self.up: dict[str, bool] = {d: peers.local.get(d) is not None for d in plan.used_devices}
@@ -347,6 +351,12 @@ class Gateway:
         request = self.pending.get(request_id)
         if request is not None and not request.future.done():
             request.future.set_exception(from_code(code, message))
+
+
+def _input_bytes(inputs: Sequence[TensorSpec]) -> int | None:
+    if any(-1 in t.shape for t in inputs):
+        return None
+    return sum(math.prod(t.shape) * DTYPES[t.datatype].itemsize for t in inputs)
 
 
 def _expire(future: asyncio.Future[None], timeout: float) -> None:

@@ -4,8 +4,11 @@ Each method looks the request's model up in the front end's `Repository` (NOT_FO
 not served), converts with `stage_server.codec`, calls that model's data plane, and converts
 back; errors are raised as domain errors and become status codes in
 `stage_server.transport.guarded`. The request size limit is the gRPC server's
-`max_receive_message_length`, so an oversized request is refused with RESOURCE_EXHAUSTED before
-it is held in memory. A client deadline shortens the gateway's own timeout.
+`max_receive_message_length` (`max_message_bytes`: the request limit, or what the models' inputs
+can take when their shapes are fixed), so gRPC refuses an oversized request with
+RESOURCE_EXHAUSTED from its message header, before it is held in memory. Each inference takes a
+place among the front end's requests in flight (`stage_server.limits.InFlight`). A client
+deadline shortens the gateway's own timeout.
 
 The methods are registered under the specification's service name, `inference.
 GRPCInferenceService`, by `add_to_server` (the messages live in a private protobuf package; see
@@ -15,10 +18,13 @@ GRPCInferenceService`, by `add_to_server` (the messages live in a private protob
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from moirai import __version__
 from stage_server import codec
+from stage_server.limits import InFlight
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 from stage_server.repository import VERSION, Repository
 from stage_server.transport import CountsErrors, guarded
@@ -35,6 +41,30 @@ METHODS: dict[str, tuple[type, type]] = {
 `stage_server.codec` reads and writes without copying tensors through protobuf."""
 SERVER_NAME = "moirai"
 PLATFORM = "onnxruntime_onnx"
+MESSAGE_OVERHEAD = 64 << 10
+"""Bytes of a ModelInferRequest besides its tensors' values (names, shapes, parameters): far
+less in practice."""
+_VARINT_MAX = 10
+"""Bytes of an integer in typed contents at most (a negative int32 is sign-extended)."""
+
+
+def max_message_bytes(repository: Repository, max_request_bytes: int) -> int:
+    """The largest ModelInferRequest worth receiving: `max_request_bytes`, or less when every
+    model is known from the start and every input of each has a fixed shape (its values as raw
+    contents or typed ones). A repository whose models come and go (labelled, empty at first:
+    the shared endpoint) keeps `max_request_bytes`."""
+    planes = repository.planes
+    if not planes or any(getattr(p, "input_bytes", None) is None for p in planes):
+        return max_request_bytes
+    largest = 0
+    for plane in planes:
+        total = MESSAGE_OVERHEAD
+        for spec in plane.inputs.values():
+            itemsize = codec.DTYPES[spec.datatype].itemsize
+            per_value = _VARINT_MAX if spec.datatype[:3] in ("INT", "UIN") else itemsize
+            total += math.prod(spec.shape) * per_value
+        largest = max(largest, total)
+    return min(max_request_bytes, largest)
 
 
 def add_to_server(
@@ -56,8 +86,10 @@ def add_to_server(
 
 
 class InferenceServicer:
-    def __init__(self, repository: Repository) -> None:
+    def __init__(self, repository: Repository, in_flight: InFlight) -> None:
+        """`in_flight` counts inference requests (shared with the HTTP transport)."""
         self._repository = repository
+        self._in_flight = in_flight
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -100,8 +132,9 @@ class InferenceServicer:
         )
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        message, inputs = codec.decode_infer_request(request)
-        plane = self._repository.get(message.model_name, message.model_version)
-        requested = [o.name for o in message.outputs] or None
-        outputs = await plane.infer(inputs, requested, context.time_remaining())
-        return codec.encode_infer_response(plane.model_name, message.id, outputs)
+        with self._in_flight:
+            message, inputs = codec.decode_infer_request(request)
+            plane = self._repository.get(message.model_name, message.model_version)
+            requested = [o.name for o in message.outputs] or None
+            outputs = await plane.infer(inputs, requested, context.time_remaining())
+            return codec.encode_infer_response(plane.model_name, message.id, outputs)

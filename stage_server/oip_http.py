@@ -7,9 +7,17 @@ extension answers: what `tritonclient`'s `get_model_repository_index` reads),
 model route looks its model up in the front end's `Repository` (404 naming the models served).
 Inference bodies are JSON, or JSON followed by raw tensor bytes under the binary-data extension
 (`Inference-Header-Content-Length` gives the JSON's length), which is what tritonclient sends by
-default; outputs come back as JSON `data` lists unless the request asks for binary outputs. The
-size limit is aiohttp's `client_max_size` (413). Errors become `{"error": message}` in
-`stage_server.transport.error_middleware`.
+default; outputs come back as JSON `data` lists unless the request asks for binary outputs.
+Errors become `{"error": message}` in `stage_server.transport.error_middleware`.
+
+An inference body is read by `_read_body`, within limits (`stage_server.limits`): its request
+takes a place among the requests in flight before a byte of it is read; a body whose declared
+length is over its limit is refused (413) before it is read, one without a declared length stops
+being read past it, and one that does not arrive within the request's timeout is refused (408).
+Its limit is the smallest of the request limit (`--max-request-bytes`), `MAX_JSON_BYTES` for a
+body of JSON alone, and, under the binary-data extension, the JSON's length plus what the model's
+inputs take when their shapes are fixed. The body is received into one buffer of its declared
+size, which the tensors are then read from, in place.
 
 The JSON part of a request has a lower limit of its own, `MAX_JSON_BYTES` (413 too): the gateway
 parses it on its event loop, holding the GIL (`json.loads` never lets go of it), so while it
@@ -20,6 +28,7 @@ deadline. Large tensors travel as binary data or over gRPC, which cost no parsin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import Any
@@ -29,7 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from moirai import __version__
 from stage_server import codec
-from stage_server.errors import InvalidInput, TooLarge
+from stage_server.errors import ClientTimeout, InvalidInput, TooLarge
+from stage_server.limits import InFlight
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
 from stage_server.repository import VERSION, Repository
 from stage_server.transport import error_middleware
@@ -39,7 +49,11 @@ MAX_JSON_BYTES = 16 << 20
 """About 2 million values in `data` lists; a 224x224 RGB image takes 2-3 MB."""
 
 
-def create_app(repository: Repository, max_request_bytes: int) -> web.Application:
+def create_app(
+    repository: Repository, max_request_bytes: int, in_flight: InFlight
+) -> web.Application:
+    """The app of `repository`'s models; `in_flight` counts inference requests (shared with the
+    gRPC transport)."""
     app = web.Application(
         client_max_size=max_request_bytes, middlewares=[error_middleware(repository.metrics)]
     )
@@ -82,13 +96,17 @@ def create_app(repository: Repository, max_request_bytes: int) -> web.Applicatio
 
     async def infer(request: web.Request) -> web.Response:
         plane = model_of(request)
-        body = await request.read()
-        header, binary = _split(body, request.headers.get(HEADER_LENGTH))
-        request_id = header.get("id")
-        if not isinstance(request_id, str | None):
-            raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
-        inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
-        outputs = await plane.infer(inputs, requested)
+        with in_flight:
+            json_length = _json_length(request.headers.get(HEADER_LENGTH))
+            limit, why = _body_limit(plane, max_request_bytes, json_length)
+            body, spent = await _read_body(request, limit, why, plane.timeout_s)
+            header, binary = _split(body, json_length)
+            request_id = header.get("id")
+            if not isinstance(request_id, str | None):
+                raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
+            inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
+            timeout = plane.timeout_s - spent if spent else None  # reading counts
+            outputs = await plane.infer(inputs, requested, timeout)
         response, blobs = codec.encode_json_outputs(
             plane.model_name, request_id or "", outputs, binary_out
         )
@@ -127,25 +145,96 @@ def create_app(repository: Repository, max_request_bytes: int) -> web.Applicatio
     return app
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header and the binary tensor data after it (a view: the tensors are read where
-    they were received)."""
-    if header_length is None:
-        length = len(body)
-    else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH} is {header_length!r}, not a number") from None
-        if not 0 <= length <= len(body):
-            raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the {len(body)}-byte body")
+def _json_length(header: str | None) -> int | None:
+    """The length of the JSON part of the body under the binary-data extension (None: the body
+    is JSON alone)."""
+    if header is None:
+        return None
+    try:
+        length = int(header)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH} is {header!r}, not a number") from None
+    if length < 0:
+        raise InvalidInput(f"{HEADER_LENGTH} is {length}: give the JSON's length in bytes")
     if length > MAX_JSON_BYTES:
-        raise TooLarge(
-            f"the request's JSON is {length} bytes, over the {MAX_JSON_BYTES} that the gateway "
-            "parses: send large tensors as binary data (the binary-data extension, "
-            "tritonclient's default) or over gRPC"
+        raise TooLarge(f"the request's JSON is {length} bytes, over {_json_limit()}")
+    return length
+
+
+def _json_limit() -> str:
+    """`MAX_JSON_BYTES` and what to do instead, in words (read when needed: tests lower it)."""
+    return (
+        f"the {MAX_JSON_BYTES} bytes that the gateway parses: send large tensors as binary data "
+        "(the binary-data extension, tritonclient's default) or over gRPC"
+    )
+
+
+def _body_limit(plane: Any, max_request_bytes: int, json_length: int | None) -> tuple[int, str]:
+    """The most bytes an inference body for `plane` may hold, and why, in words."""
+    inputs = getattr(plane, "input_bytes", None)  # None: shapes not fixed, or not known here
+    if json_length is None:
+        if max_request_bytes > MAX_JSON_BYTES:
+            return MAX_JSON_BYTES, _json_limit()
+    elif inputs is not None and json_length + inputs < max_request_bytes:
+        return json_length + inputs, (
+            f"its {json_length}-byte JSON and the {inputs} bytes that model "
+            f"{plane.model_name!r} takes as inputs"
         )
-    text = body[:length]
+    return max_request_bytes, f"the {max_request_bytes} bytes allowed (--max-request-bytes)"
+
+
+async def _read_body(
+    request: web.Request, limit: int, why: str, timeout_s: float
+) -> tuple[bytearray, float]:
+    """The request's body, read within `limit` bytes and `timeout_s` seconds, and the seconds
+    its reading took (0 when it had all arrived with the headers)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise TooLarge(f"the request's body is {length} bytes, over {why}")
+    content = request.content
+    if content.is_eof():  # arrived whole with the headers: no timer
+        return await _receive(content, length, limit, why), 0.0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await _receive(content, length, limit, why)
+    except TimeoutError:
+        raise ClientTimeout(
+            f"the request's body did not arrive within {timeout_s:g} s (the request timeout)"
+        ) from None
+    return body, loop.time() - start
+
+
+async def _receive(content: Any, length: int | None, limit: int, why: str) -> bytearray:
+    """Read the body into one buffer: of its declared `length`, or grown up to `limit`."""
+    if length is None:
+        body = bytearray()
+        while chunk := await content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(f"the request's body is over {why}")
+        return body
+    body = bytearray(length)
+    view = memoryview(body)
+    received = 0
+    while received < length:
+        chunk = await content.readany()
+        if not chunk:
+            raise InvalidInput(f"the body ended after {received} of its {length} bytes")
+        view[received : received + len(chunk)] = chunk
+        received += len(chunk)
+    return body
+
+
+def _split(body: bytearray, length: int | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header and the binary tensor data after it (a read-only view: the tensors are
+    read where they were received)."""
+    if length is None:
+        length = len(body)
+    elif length > len(body):
+        raise InvalidInput(f"{HEADER_LENGTH} {length} is outside the {len(body)}-byte body")
+    text = body if length == len(body) else body[:length]
     try:
         header = json.loads(text)
     except RecursionError:  # the decoder recurses once per level of nesting
@@ -156,7 +245,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memo
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
-    return header, memoryview(body)[length:]
+    return header, memoryview(body).toreadonly()[length:]
 
 
 class _LongInteger(int):
@@ -165,7 +254,7 @@ class _LongInteger(int):
     digits = 0
 
 
-def _long_integer(text: bytes) -> str:
+def _long_integer(text: bytes | bytearray) -> str:
     """The message for a body that holds an integer too long to convert, naming the input (or
     the field) that holds it. The body is parsed again for it, on this error path only, with
     such integers left unconverted."""

@@ -11,9 +11,9 @@ every model's stages push final outputs. The transports reach the models through
 only. The CLI (`moirai stage`, `moirai gateway`), the local runtime and the tests all start
 servers through here.
 
-The gateway's chain service shares the OIP gRPC port unless `chain_port` is given. The port's
-message size limit is then the request size limit, so the gateway checks at start that the
-largest push of final outputs fits under it, and otherwise asks for a separate chain port.
+The chain always has a port of its own, never a public one: a front end alone listens for the
+stages' pushes on `chain_port`, a stage server on its `port`. The public endpoint's limits
+(requests in flight, sizes, idle connections) are `stage_server.limits`'.
 
 Every chain port also serves the same-host fast path (`stage_server.samehost`) unless
 `same_host=False`, which also keeps this server's own pushes on gRPC: the path between hosts,
@@ -27,36 +27,38 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import numpy as np
 import onnx
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moirai.errors import MoiraiError
 from moirai.stageplan import GATEWAY, StagePlan
-from stage_server import samehost
+from stage_server import limits, samehost
 from stage_server.batchconfig import BatchingConfig
 from stage_server.batching import with_batching
 from stage_server.chain import ChainHandler, ChainServicer, Peers, Router
 from stage_server.chain import add_to_server as add_chain_to_server
-from stage_server.codec import DTYPES
+from stage_server.endpointconfig import EndpointConfig
 from stage_server.gateway import Gateway
-from stage_server.oip_grpc import InferenceServicer, add_to_server
+from stage_server.limits import InFlight
+from stage_server.oip_grpc import InferenceServicer, add_to_server, max_message_bytes
 from stage_server.oip_http import create_app
 from stage_server.repository import GatewayDispatch, Repository
 from stage_server.samehost import Listener
 from stage_server.stage import StageServer
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
-PUSH_OVERHEAD_BYTES = 64 << 10  # names, shapes, timings of one push: far less in practice
 _UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
-def _server(options: list[tuple[str, int]]) -> grpc.aio.Server:
+def _server(options: list[tuple[str, int]], max_calls: int | None = None) -> grpc.aio.Server:
     """A gRPC server that owns its port: gRPC sets SO_REUSEPORT by default, so a second server
     would bind a port in use and share its connections (and fail later, on the same-host socket
-    of that port)."""
-    return grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+    of that port). `max_calls`: calls at once, past which gRPC refuses with RESOURCE_EXHAUSTED
+    before reading their message."""
+    return grpc.aio.server(
+        options=[*options, ("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=max_calls
+    )
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
@@ -133,6 +135,8 @@ class Frontend:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     timeout_s: float = 30.0
     batching: BatchingConfig | None = None
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    """Its limits (`stage_server.limits`)."""
 
 
 @dataclass
@@ -145,6 +149,7 @@ class FrontendHandle:
     http: web.AppRunner
     grpc_port: int
     http_port: int
+    in_flight: InFlight
 
     @property
     def gateway(self) -> Any:
@@ -157,26 +162,41 @@ class FrontendHandle:
         await self.repository.stop()
 
 
-def _oip_server(repository: Repository, max_request_bytes: int) -> grpc.aio.Server:
-    """The OIP gRPC server of a front end, not yet bound; its message limit is the request
-    limit."""
-    limit = [
-        ("grpc.max_receive_message_length", max_request_bytes),
+def _oip_server(
+    repository: Repository,
+    max_request_bytes: int,
+    timeout_s: float,
+    endpoint: EndpointConfig,
+    in_flight: InFlight,
+) -> grpc.aio.Server:
+    """The OIP gRPC server of a front end, not yet bound."""
+    settings = [
+        ("grpc.max_receive_message_length", max_message_bytes(repository, max_request_bytes)),
         ("grpc.max_send_message_length", -1),
+        *limits.grpc_options(endpoint.idle_timeout_s, timeout_s),
     ]
-    server = _server(limit)
-    add_to_server(InferenceServicer(repository), server, repository.metrics)
+    server = _server(settings, limits.grpc_call_cap(endpoint.max_in_flight))
+    add_to_server(InferenceServicer(repository, in_flight), server, repository.metrics)
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return server
 
 
 async def _start_http(
-    repository: Repository, host: str, port: int, max_request_bytes: int
+    repository: Repository,
+    host: str,
+    port: int,
+    max_request_bytes: int,
+    endpoint: EndpointConfig,
+    in_flight: InFlight,
 ) -> web.AppRunner:
-    # handler_cancellation: a client that closes its connection cancels its request, which
-    # the gateway then cancels along the chain, instead of serving it for no one.
     runner = web.AppRunner(
-        create_app(repository, max_request_bytes), access_log=None, handler_cancellation=True
+        create_app(repository, max_request_bytes, in_flight),
+        access_log=None,
+        # A client that closes its connection cancels its request, which the gateway then
+        # cancels along the chain, instead of serving it for no one.
+        handler_cancellation=True,
+        # Also closes a connection whose request's headers never complete.
+        keepalive_timeout=endpoint.idle_timeout_s,
     )
     await runner.setup()
     try:
@@ -194,19 +214,27 @@ async def start_oip(
     grpc_port: int = 0,
     http_port: int = 0,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    timeout_s: float = 30.0,
+    endpoint: EndpointConfig | None = None,
 ) -> FrontendHandle:
     """Serve the OIP over gRPC and HTTP for the models of `repository` (whose chains, if any,
-    are served elsewhere) and start them; a failure stops what started."""
-    server = _oip_server(repository, max_request_bytes)
+    are served elsewhere) and start them, within `endpoint`'s limits; a failure stops what
+    started. `timeout_s` is what calls get to finish when their gRPC connection reaches its
+    maximum age."""
+    endpoint = endpoint or EndpointConfig()
+    in_flight = InFlight(endpoint.max_in_flight)
+    server = _oip_server(repository, max_request_bytes, timeout_s, endpoint, in_flight)
     try:
         bound = _bind(server, host, grpc_port)
         await server.start()
-        runner = await _start_http(repository, host, http_port, max_request_bytes)
+        runner = await _start_http(
+            repository, host, http_port, max_request_bytes, endpoint, in_flight
+        )
     except MoiraiError:
         await server.stop(None)
         raise
     await repository.start()
-    return FrontendHandle(repository, server, runner, bound, runner.addresses[0][1])
+    return FrontendHandle(repository, server, runner, bound, runner.addresses[0][1], in_flight)
 
 
 async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
@@ -217,6 +245,8 @@ async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> Fro
         grpc_port=options.grpc_port,
         http_port=options.http_port,
         max_request_bytes=options.max_request_bytes,
+        timeout_s=options.timeout_s,
+        endpoint=options.endpoint,
     )
 
 
@@ -298,33 +328,17 @@ async def start_stage(
 class GatewayHandle(FrontendHandle):
     """The front end alone: its OIP servers and the chain port stages push final outputs to."""
 
-    chain_port: int = field(kw_only=True)
-    chain_server: grpc.aio.Server | None = field(default=None, kw_only=True)
-    """None: the chain shares the OIP gRPC server."""
-    listener: Listener | None = field(default=None, kw_only=True)
+    chain: ChainHandle = field(kw_only=True)
+
+    @property
+    def chain_port(self) -> int:
+        return self.chain.port
 
     async def stop(self, grace: float | None = None) -> None:
         await self.http.cleanup()
-        if self.listener is not None:
-            await self.listener.stop()
         await self.server.stop(grace)
-        if self.chain_server is not None:
-            await self.chain_server.stop(grace)
+        await self.chain.stop(grace)
         await self.repository.stop()
-
-
-def _largest_final_push(plan: StagePlan) -> int:
-    """Bytes of the largest push of model outputs (one per producing stage), if shapes are fixed."""
-    largest = 0
-    for stage in plan.stages:
-        total = 0
-        for name in stage.outputs:
-            if GATEWAY in plan.routing.get(name, ()):
-                spec = plan.spec(name)
-                if -1 not in spec.shape:
-                    total += int(np.prod(spec.shape)) * DTYPES[spec.datatype].itemsize
-        largest = max(largest, total)
-    return largest
 
 
 @dataclass(frozen=True)
@@ -353,30 +367,21 @@ async def start_front_end(
     models: Sequence[ServedModel],
     *,
     host: str = "127.0.0.1",
-    grpc_port: int = 0,
-    http_port: int = 0,
-    chain_port: int | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    timeout_s: float = 30.0,
+    chain_port: int = 0,
     same_host: bool = True,
+    **options: Any,
 ) -> GatewayHandle:
     """A standalone front end of one or several models (`moirai gateway`), every stage remote:
-    a gateway per model in one `Repository`, behind one OIP endpoint, and one chain port where
-    the last stages of every model push their final outputs."""
-    if chain_port is None:
-        needed = max(_largest_final_push(m.plan) for m in models) + PUSH_OVERHEAD_BYTES
-        if needed > max_request_bytes:
-            raise MoiraiError(
-                f"the model's outputs ({needed} bytes in one push) exceed --max-request-bytes "
-                f"{max_request_bytes}, which also limits the shared chain port: give the "
-                "gateway a --chain-port of its own"
-            )
+    a gateway per model in one `Repository`, behind one OIP endpoint (`options` are `Frontend`'s
+    but batching, which is each model's), and the chain port, of its own, where the last stages
+    of every model push their final outputs."""
+    frontend = Frontend(**options)
     router = Router()
     gateways = [
         Gateway(
             m.plan,
             Peers(m.plan, m.addresses, same_host=same_host, local=router),
-            timeout_s=timeout_s,
+            timeout_s=frontend.timeout_s,
         )
         for m in models
     ]
@@ -384,37 +389,36 @@ async def start_front_end(
     repository = Repository(
         [with_batching(g, m.batching) for g, m in zip(gateways, models, strict=True)]
     )
-    oip_server = _oip_server(repository, max_request_bytes)
-    servers = [oip_server]
-    chain_server = None
-    if chain_port is not None:
-        chain_server = _server(_UNLIMITED)
-        servers.append(chain_server)
+    server = _server(_UNLIMITED)
     servicer = ChainServicer(router)
-    add_chain_to_server(servicer, chain_server or oip_server)
-    listener = None
+    add_chain_to_server(servicer, server)
     try:
-        bound_grpc = _bind(oip_server, host, grpc_port)
-        bound_chain = bound_grpc if chain_server is None else _bind(chain_server, host, chain_port)
-        for server in servers:
-            await server.start()
-        listener = await _listen(servicer, bound_chain, same_host)
-        runner = await _start_http(repository, host, http_port, max_request_bytes)
+        chain = ChainHandle(
+            server, *await _start_chain_port(server, servicer, host, chain_port, same_host)
+        )
     except MoiraiError:
-        if listener is not None:
-            await listener.stop()
-        for server in servers:
-            await server.stop(None)
         await repository.stop()
         raise
-    await repository.start()
+    try:
+        handle = await start_oip(
+            repository,
+            host=host,
+            grpc_port=frontend.grpc_port,
+            http_port=frontend.http_port,
+            max_request_bytes=frontend.max_request_bytes,
+            timeout_s=frontend.timeout_s,
+            endpoint=frontend.endpoint,
+        )
+    except MoiraiError:
+        await chain.stop(None)
+        await repository.stop()
+        raise
     return GatewayHandle(
         repository,
-        oip_server,
-        runner,
-        bound_grpc,
-        runner.addresses[0][1],
-        chain_port=bound_chain,
-        chain_server=chain_server,
-        listener=listener,
+        handle.server,
+        handle.http,
+        handle.grpc_port,
+        handle.http_port,
+        handle.in_flight,
+        chain=chain,
     )

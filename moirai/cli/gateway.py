@@ -4,9 +4,10 @@
         [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 ...] [--chain-port PORT] \
         [--max-request-bytes N] [--timeout 30] [--model model.onnx] [--grpc-only] \
         [--max-batch-size [MODEL=]8 [--preferred-batch-sizes [MODEL=]4,8] \
-         [--max-queue-delay-us [MODEL=]2000]]
+         [--max-queue-delay-us [MODEL=]2000]] [--max-in-flight 256] [--idle-timeout 60]
 
-Stage servers push final outputs to the gateway's `--chain-port` (by default the gRPC port).
+Stage servers push final outputs to the gateway's `--chain-port` (by default the port of the
+plans' `gateway` endpoint), a port of its own: never the public gRPC or HTTP port.
 With several `--plan`s the gateway serves every plan's model behind one endpoint, by model name
 (`stage_server.repository`), and the stage servers of every model push to the same chain port;
 each plan's stage servers are then found at its `endpoints` only (`--peer`, `MOIRAI_PEERS` and
@@ -20,8 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from moirai.cli.options import check_port_free, positive_float, positive_int
+from moirai.cli.options import check_port_free, port, positive_float, positive_int
 from moirai.errors import MoiraiError
 from moirai.runtime.daemon import (
     Stoppable,
@@ -29,13 +31,17 @@ from moirai.runtime.daemon import (
     peer_addresses,
     run_until_signalled,
 )
-from moirai.stageplan import StagePlan
+from moirai.stageplan import GATEWAY, StagePlan
+
+if TYPE_CHECKING:
+    from stage_server.serve import ServedModel
 
 
 def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of an Open Inference Protocol front end (`moirai gateway`, `moirai stage
     --frontend`)."""
     from stage_server.batchconfig import add_arguments as add_batching_arguments
+    from stage_server.endpointconfig import add_arguments as add_endpoint_arguments
     from stage_server.serve import DEFAULT_MAX_REQUEST_BYTES
 
     p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
@@ -48,6 +54,7 @@ def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
     add_batching_arguments(p)
+    add_endpoint_arguments(p)
 
 
 def frontend_ports(args: argparse.Namespace) -> dict[str, int]:
@@ -68,7 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="check that this model file is the plan's")
     p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
     add_frontend_arguments(p)
-    p.add_argument("--chain-port", type=int, help="port for stage pushes (default: gRPC port)")
+    p.add_argument(
+        "--chain-port",
+        type=port,
+        help="port on which the stage servers push final outputs, never the gRPC or HTTP port "
+        "(default: the port of the plans' 'gateway' endpoint)",
+    )
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument(
         "--grpc-only",
@@ -84,11 +96,12 @@ def run(args: argparse.Namespace) -> int:
         raise MoiraiError("--plan is required (or MOIRAI_PLAN)")
     ports = frontend_ports(args)
     if args.chain_port is not None:
-        ports["--chain-port"] = args.chain_port
+        ports["--chain-port"] = _apart(args, args.chain_port)
     for flag, number in ports.items():
         check_port_free(flag, number, args.host)
     from stage_server.allocator import keep_freed_memory
     from stage_server.batchconfig import check_model_names, from_args
+    from stage_server.endpointconfig import from_args as endpoint_from_args
     from stage_server.serve import ServedModel, start_front_end
 
     plans = [StagePlan.load(path) for path in paths]
@@ -114,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         ServedModel(plan, peer_addresses(plan, args.peer), from_args(args, plan.model_name))
         for plan in plans
     ]
+    chain_port = _chain_port(args, models)
+    endpoint = endpoint_from_args(args)
     keep_freed_memory()
 
     async def start() -> Stoppable:
@@ -122,10 +137,11 @@ def run(args: argparse.Namespace) -> int:
             host=args.host,
             grpc_port=args.grpc_port,
             http_port=args.http_port,
-            chain_port=args.chain_port,
+            chain_port=chain_port,
             max_request_bytes=args.max_request_bytes,
             timeout_s=args.timeout,
             same_host=not args.grpc_only,
+            endpoint=endpoint,
         )
 
     served = ", ".join(names)
@@ -133,3 +149,30 @@ def run(args: argparse.Namespace) -> int:
         start,
         f"gateway of {served} on {args.host}:{args.grpc_port} (gRPC), :{args.http_port} (HTTP)",
     )
+
+
+def _chain_port(args: argparse.Namespace, models: list[ServedModel]) -> int:
+    """The port on which the stage servers push final outputs: `--chain-port` (checked with the
+    other ports), or the port of the plans' "gateway" endpoint (one for every plan), checked
+    here."""
+    if args.chain_port is not None:
+        return args.chain_port
+    addresses = {m.addresses.get(GATEWAY) for m in models}
+    if len(addresses) != 1 or None in addresses:
+        raise MoiraiError(
+            "--chain-port is required: the port on which the stage servers push final outputs "
+            "(the plans give no one 'gateway' endpoint to take it from)"
+        )
+    chain_port = _apart(args, int(addresses.pop().rsplit(":", 1)[1]))
+    check_port_free("--chain-port", chain_port, args.host)
+    return chain_port
+
+
+def _apart(args: argparse.Namespace, chain_port: int) -> int:
+    """`chain_port`, refused when it is also a public port."""
+    if chain_port in (args.grpc_port, args.http_port) and chain_port != 0:
+        raise MoiraiError(
+            f"--chain-port {chain_port} is also the gRPC or HTTP port: the stages' pushes need "
+            "a port of their own, apart from the public endpoint"
+        )
+    return chain_port

@@ -52,6 +52,8 @@ from moirai.stageplan import StagePlan
 from stage_server.batchconfig import add_arguments as add_batching_arguments
 from stage_server.batchconfig import check_model_names
 from stage_server.batchconfig import from_args as batching_from_args
+from stage_server.endpointconfig import add_arguments as add_endpoint_arguments
+from stage_server.endpointconfig import from_args as endpoint_from_args
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workdir", type=output_folder, help="where the plan and logs go (default: temporary)"
     )
     add_batching_arguments(p)
+    add_endpoint_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -279,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             batching=first.batching,
             more=tuple(more),
+            endpoint=endpoint_from_args(args),
         )
         stopping = False
 

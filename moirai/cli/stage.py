@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
         if not getattr(args, flag):
             raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
     ports = {"--port": args.port, **(frontend_ports(args) if args.frontend else {})}
+    if args.frontend and args.port in (args.grpc_port, args.http_port):
+        raise MoiraiError(
+            f"--port {args.port} is also the gRPC or HTTP port: the chain needs a port of its "
+            "own, apart from the public endpoint"
+        )
     for flag, number in ports.items():
         check_port_free(flag, number, args.host)
     cpus = None
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.allocator import keep_freed_memory
     from stage_server.batchconfig import check_model_names
     from stage_server.batchconfig import from_args as batching_from_args
+    from stage_server.endpointconfig import from_args as endpoint_from_args
     from stage_server.serve import Frontend, start_stage
 
     keep_freed_memory()
@@ -115,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
                 args.max_request_bytes,
                 args.timeout,
                 batching,
+                endpoint_from_args(args),
             )
             if args.frontend
             else None,

@@ -48,6 +48,7 @@ from moirai.errors import MoiraiError
 from moirai.planning.cpu import core_sets
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server.batchconfig import BatchingConfig
+from stage_server.endpointconfig import EndpointConfig
 
 PR_SET_PDEATHSIG = 1
 LOCALHOST = "127.0.0.1"
@@ -96,6 +97,8 @@ class LocalDeployment:
     timeout_s: float = 30.0
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Dynamic batching at the front end (off by default)."""
+    endpoint: EndpointConfig = field(default_factory=EndpointConfig)
+    """The front end's limits."""
     pin_cores: bool = True
     same_host: bool = True
     fused: bool = True
@@ -138,12 +141,13 @@ class LocalDeployment:
         self._stages = {
             self.name_of(m, d): (m, d) for m in self.models for d in m.plan.used_devices
         }
-        ports = free_ports(len(self._stages) + 2)
+        ports = free_ports(len(self._stages) + 3)
         self.grpc_port = self.grpc_port or ports[-2]
         self.http_port = self.http_port or ports[-1]
         self.addresses = {n: f"{LOCALHOST}:{p}" for n, p in zip(self._stages, ports, strict=False)}
-        # Where stages push final outputs: the front end's chain port.
-        self.addresses[GATEWAY] = self.addresses[self.entry] if self.entry else self.grpc_url
+        # Where stages push final outputs: the front end's chain port (never a public one).
+        chain = self.addresses[self.entry] if self.entry else f"{LOCALHOST}:{ports[-3]}"
+        self.addresses[GATEWAY] = chain
         # The models share the devices: a device's cores are the same for every model.
         cores = core_sets(self.plan) if self.pin_cores else {}
         for m in self.models:
@@ -195,7 +199,9 @@ class LocalDeployment:
     def start_gateway(self) -> None:
         """(Re)start the front end alone, in a process of its own, with every model's plan."""
         plans = [arg for m in self.models for arg in ("--plan", str(self.plan_path(m)))]
-        self._spawn(GATEWAY, ["gateway", *plans, *self._frontend, *self._transport])
+        chain_port = self.addresses[GATEWAY].rsplit(":", 1)[1]
+        self._spawn(GATEWAY, ["gateway", *plans, "--chain-port", chain_port, *self._frontend,
+                              *self._transport])  # fmt: skip
 
     @property
     def _frontend(self) -> list[str]:
@@ -209,6 +215,7 @@ class LocalDeployment:
             "--http-port", str(self.http_port),
             "--timeout", str(self.timeout_s),
             *batching,
+            *self.endpoint.to_args(),
         ]  # fmt: skip
 
     @property

@@ -93,10 +93,10 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
 
     async def launch(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
         devices = plan.used_devices
-        ports = free_ports(len(devices) + 1)
+        ports = free_ports(len(devices) + 2)
         addresses = {d: f"127.0.0.1:{p}" for d, p in zip(devices, ports, strict=False)}
         entry = plan.stages[0].device if mode == "fused" else None
-        addresses["gateway"] = addresses[entry] if entry else f"127.0.0.1:{ports[-1]}"
+        addresses["gateway"] = addresses[entry] if entry else f"127.0.0.1:{ports[-2]}"
         stages = {}
         for d in devices:
             frontend = Frontend(grpc_port=ports[-1], **options) if d == entry else None
@@ -113,7 +113,12 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
             gateway = stages[entry].frontend
         else:
             gateway = await start_gateway(
-                plan, addresses, grpc_port=ports[-1], same_host=same_host, **options
+                plan,
+                addresses,
+                grpc_port=ports[-1],
+                chain_port=ports[-2],
+                same_host=same_host,
+                **options,
             )
         assert gateway is not None and await gateway.gateway.wait_ready(10)
         for _ in range(200):  # every lane, not only one

@@ -63,12 +63,13 @@ async def serve_two(request: pytest.FixtureRequest) -> AsyncIterator:
     async def launch(
         specs: dict[str, tuple[onnx.ModelProto, StagePlan, BatchingConfig | None]],
     ) -> Served:
-        front_port, *ports = free_ports(1 + sum(len(p.used_devices) for _, p, _ in specs.values()))
+        devices = sum(len(p.used_devices) for _, p, _ in specs.values())
+        front_port, chain_port, *ports = free_ports(2 + devices)
         served, stages = [], {}
         for name, (model, plan, batching) in specs.items():
             plan = _renamed(plan, name)
             addresses = {d: f"127.0.0.1:{ports.pop()}" for d in plan.used_devices}
-            addresses[GATEWAY] = f"127.0.0.1:{front_port}"
+            addresses[GATEWAY] = f"127.0.0.1:{chain_port}"
             stages[name] = {
                 d: await start_stage(
                     model,
@@ -81,7 +82,9 @@ async def serve_two(request: pytest.FixtureRequest) -> AsyncIterator:
                 for d in plan.used_devices
             }
             served.append(ServedModel(plan, addresses, batching))
-        front = await start_front_end(served, grpc_port=front_port, same_host=same_host)
+        front = await start_front_end(
+            served, grpc_port=front_port, chain_port=chain_port, same_host=same_host
+        )
         s = Served(front, stages, same_host)
         started.append(s)
         assert await front.repository.wait_ready(10)
@@ -221,7 +224,7 @@ async def test_one_models_stage_server_gone_makes_only_that_model_not_ready(serv
                 assert states == {"a": "UNAVAILABLE", "b": "READY"}
         plan = gateway_a.plan
         addresses = {d: gateway_a.peers.address(d) for d in plan.used_devices}
-        addresses[GATEWAY] = s.grpc_url
+        addresses[GATEWAY] = f"127.0.0.1:{s.front.chain_port}"
         s.stages["a"]["cpu-1"] = await start_stage(
             a, plan, "cpu-1", addresses, port=port, same_host=s.same_host
         )

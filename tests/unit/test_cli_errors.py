@@ -399,3 +399,12 @@ def test_serve_batching_a_model_with_a_fixed_batch(
     message = one_line_error(capsys, argv)
     assert "input 'x' has a fixed first dimension (1)" in message
     assert "without --max-batch-size" in message
+
+
+def test_gateway_chain_port_apart_from_the_public_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    """The stages' pushes never share the public endpoint's port."""
+    argv = ["gateway", "--plan", "missing.json", "--grpc-port", "18125", "--chain-port", "18125"]
+    assert one_line_error(capsys, argv) == (
+        "moirai: --chain-port 18125 is also the gRPC or HTTP port: the stages' pushes need a port "
+        "of their own, apart from the public endpoint"
+    )
