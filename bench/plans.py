@@ -127,17 +127,17 @@ def served_rps(
 
 
 # --------------------------------------------------------------- in process
-def _session(model_bytes: bytes, threads: int):
+def _session(model_file: str, threads: int):
     import onnxruntime as ort
 
     return ort.InferenceSession(
-        model_bytes, session_options(threads), providers=["CPUExecutionProvider"]
+        model_file, session_options(threads), providers=["CPUExecutionProvider"]
     )
 
 
-def in_process_rps(model_bytes: bytes, inputs: dict, threads: int, window_s: float) -> float:
+def in_process_rps(model_file: str, inputs: dict, threads: int, window_s: float) -> float:
     """Requests/s of 4 Python threads calling `run` on one session of `threads` threads."""
-    session = _session(model_bytes, threads)
+    session = _session(model_file, threads)
     stop, counts = threading.Event(), [0] * 4
 
     def worker(i: int) -> None:
@@ -158,9 +158,9 @@ def in_process_rps(model_bytes: bytes, inputs: dict, threads: int, window_s: flo
     return (n1 - n0) / (t1 - t0)
 
 
-def _replica(model_bytes: bytes, inputs: dict, core: int, count, ready, stop) -> None:
+def _replica(model_file: str, inputs: dict, core: int, count, ready, stop) -> None:
     os.sched_setaffinity(0, {core})
-    session = _session(model_bytes, 1)
+    session = _session(model_file, 1)
     session.run(None, inputs)
     ready.set()
     while not stop.is_set():
@@ -169,13 +169,13 @@ def _replica(model_bytes: bytes, inputs: dict, core: int, count, ready, stop) ->
             count.value += 1
 
 
-def replicas_rps(model_bytes: bytes, inputs: dict, window_s: float) -> float:
+def replicas_rps(model_file: str, inputs: dict, window_s: float) -> float:
     """Requests/s of one one-thread ORT process per core (two on two cores), together."""
     ctx = mp.get_context("spawn")
     count, stop = ctx.Value("q", 0), ctx.Event()
     readies = [ctx.Event() for _ in available_cores()]
     procs = [
-        ctx.Process(target=_replica, args=(model_bytes, inputs, core, count, ready, stop))
+        ctx.Process(target=_replica, args=(model_file, inputs, core, count, ready, stop))
         for core, ready in zip(available_cores(), readies, strict=True)
     ]
     for p in procs:
@@ -236,7 +236,8 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     replication = merge_lanes(copies, [1.0] * len(copies))
     lanes = len(copies)
     feeds = inputs_for(latency.plan)
-    model_bytes = inputs.model.proto.SerializeToString()
+    # The file itself, not the loaded proto's bytes: ORT reads external weights only beside a path.
+    model_file = str(path)
     cores = len(available_cores())
     row: dict[str, Any] = {"model": name, "load_before": os.getloadavg()[0]}
     same = throughput.plan.to_dict()["stages"] == replication.to_dict()["stages"]
@@ -246,7 +247,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     latency_runs: dict[str, list[float]] = {}
     rps_runs: dict[str, list[float]] = {}
     cpu_runs: list[float] = []
-    all_cores, one_thread = _session(model_bytes, cores), _session(model_bytes, 1)
+    all_cores, one_thread = _session(model_file, cores), _session(model_file, 1)
     for _ in range(args.rounds):
         # Latency: served, the frame, in-process ORT with every core and with one thread.
         for key, value in (
@@ -266,11 +267,9 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
                 repl = served_rps(d, replication.model_name, feeds, args.window)["rps"]
             rps_runs.setdefault("replication_rps", []).append(repl)
         rps_runs.setdefault("ort_all_rps", []).append(
-            in_process_rps(model_bytes, feeds, cores, args.window)
+            in_process_rps(model_file, feeds, cores, args.window)
         )
-        rps_runs.setdefault("replicas_rps", []).append(
-            replicas_rps(model_bytes, feeds, args.window)
-        )
+        rps_runs.setdefault("replicas_rps", []).append(replicas_rps(model_file, feeds, args.window))
     row.update({k: min(v) for k, v in latency_runs.items()})
     row.update({k: max(v) for k, v in rps_runs.items()})
     row["served_cpu_ms"] = min(cpu_runs)
