@@ -32,10 +32,7 @@ batching.json. Goal (issue 10): batched >= 1.3x the unbatched requests/s on CPU.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -51,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+from loadgen import drive  # noqa: E402
 
 from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
@@ -58,7 +56,6 @@ from moirai.planning import plan_model  # noqa: E402
 from moirai.planning.cpu import split_cpu  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.sessions import session_options  # noqa: E402
-from stage_server import codec  # noqa: E402
 from stage_server.batchconfig import BatchingConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -66,57 +63,6 @@ GOAL = 1.3
 
 
 # ------------------------------------------------------------------ measuring
-def _tree(pids: list[int]) -> list[int]:
-    """The processes and all their descendants."""
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def cpu_ms(pids: list[int]) -> float:
-    """CPU milliseconds of every thread of these processes and their descendants so far, from
-    the scheduler's nanosecond counts."""
-    total = 0
-    for pid in _tree(pids):
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):  # a thread that just ended
-                    total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e6
-
-
-def _client(url: str, model: str, name: str, x, want, inflight: int, count, stop, ok) -> None:
-    """One client process: `inflight` requests of `x` in flight until `stop`; `ok` says
-    whether its first answer matched `want`."""
-    import grpc
-
-    from stage_server.oip_grpc import SERVICE
-
-    request = codec.encode_infer_request(model, {name: x})
-
-    async def main() -> None:
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        async with grpc.aio.insecure_channel(url, options=options) as channel:
-            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
-            got = next(iter(codec.decode_infer_response(await call(request, timeout=600)).values()))
-            ok.value = int(np.allclose(got, want, rtol=1e-3, atol=1e-5))
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    await call(request, timeout=600)
-                    with count.get_lock():
-                        count.value += 1
-
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-
-    asyncio.run(main())
-
-
 def load(
     deployment: LocalDeployment,
     model: str,
@@ -124,7 +70,6 @@ def load(
     images: list[np.ndarray],
     wants: list[np.ndarray],
     *,
-    processes: int,
     inflight: int,
     warmup_s: float,
     window_s: float,
@@ -133,44 +78,20 @@ def load(
     """Drive the deployment from client processes (one image each); requests/s and the serving
     processes' CPU per request over the window, and for a batched deployment its batches over
     the window."""
-    ctx = mp.get_context("spawn")  # no inherited gRPC state
-    url = deployment.grpc_url
-    count, stop = ctx.Value("q", 0), ctx.Event()
-    oks = [ctx.Value("i", -1) for _ in range(processes)]
-    clients = [
-        ctx.Process(
-            target=_client,
-            args=(url, model, name, images[i], wants[i], inflight, count, stop, oks[i]),
-            daemon=True,
-        )
-        for i in range(processes)
-    ]
-    for c in clients:
-        c.start()
-    pids = list(deployment.pids.values())
-    try:
-        end = time.monotonic() + 600
-        while any(ok.value == -1 for ok in oks):  # each client's first answer is in
-            if time.monotonic() > end or not all(c.is_alive() for c in clients):
-                raise SystemExit("the clients did not get their first answers")
-            time.sleep(0.1)
-        time.sleep(warmup_s)
-        b0 = batch_metrics(deployment) if batched else {}
-        s0, n0, t0 = cpu_ms(pids), count.value, time.perf_counter()
-        time.sleep(window_s)
-        s1, n1, t1 = cpu_ms(pids), count.value, time.perf_counter()
-        b1 = batch_metrics(deployment) if batched else {}
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(30)
-            if c.is_alive():
-                c.kill()
-    if any(ok.value != 1 for ok in oks):
-        raise SystemExit(f"a client got a wrong answer: {[ok.value for ok in oks]}")
-    n = n1 - n0
-    result = {"requests": n, "rps": n / (t1 - t0), "server_cpu_ms": (s1 - s0) / max(n, 1)}
+    result = drive(
+        deployment.grpc_url,
+        model,
+        [{name: x} for x in images],
+        pids=list(deployment.pids.values()),
+        want=wants,
+        processes=len(images),
+        inflight=inflight,
+        warmup_s=warmup_s,
+        window_s=window_s,
+        snapshot=(lambda: batch_metrics(deployment)) if batched else None,
+    )
     if batched:
+        b0, b1 = result.pop("snapshots")
         d = {k.removeprefix("moirai_batch_"): b1[k] - b0[k] for k in b1}
         result["batches"] = d["size_count"]
         result["mean_batch_size"] = d["size_sum"] / max(d["size_count"], 1)
@@ -285,7 +206,6 @@ def run(args: argparse.Namespace) -> dict:
                     name,
                     images,
                     wants,
-                    processes=args.processes,
                     inflight=args.inflight,
                     warmup_s=args.warmup,
                     window_s=args.window,

@@ -30,7 +30,6 @@ list can be run in several invocations.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import multiprocessing as mp
@@ -47,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from loadgen import drive  # noqa: E402
 from runtime import inputs_for, median_ms  # noqa: E402
-from stack import cpu_ms  # noqa: E402
 from validation import frame_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
@@ -59,71 +58,18 @@ from moirai.profile.targets import cpu_model  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.sessions import session_options  # noqa: E402
 from moirai.stageplan import StagePlan  # noqa: E402
-from stage_server import codec  # noqa: E402
 from stage_server.client import InferenceClient  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LATENCY_GOAL, THROUGHPUT_GOAL, REPLICATION_GOAL = 1.05, 0.95, 0.95
 
 
-# ------------------------------------------------------------------ clients
-def _client(url: str, model: str, inputs: dict, inflight: int, count, stop, ok) -> None:
-    import grpc
-
-    from stage_server.oip_grpc import SERVICE
-
-    request = codec.encode_infer_request(model, inputs)
-
-    async def main() -> None:
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        async with grpc.aio.insecure_channel(url, options=options) as channel:
-            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
-            await call(request, timeout=300)
-            ok.value = 1
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    await call(request, timeout=300)
-                    with count.get_lock():
-                        count.value += 1
-
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-
-    asyncio.run(main())
-
-
-def served_rps(
-    d: LocalDeployment, model: str, inputs: dict, window_s: float, processes: int = 3
-) -> dict[str, float]:
+# ------------------------------------------------------------------ served
+def served_rps(d: LocalDeployment, model: str, inputs: dict, window_s: float) -> dict[str, float]:
     """Requests/s of the deployment under 3 client processes x 4 in flight, and the CPU all
     serving processes spent per request."""
-    ctx = mp.get_context("spawn")
-    count, stop = ctx.Value("q", 0), ctx.Event()
-    oks = [ctx.Value("i", 0) for _ in range(processes)]
-    clients = [
-        ctx.Process(target=_client, args=(d.grpc_url, model, inputs, 4, count, stop, ok))
-        for ok in oks
-    ]
-    for c in clients:
-        c.start()
-    try:
-        end = time.monotonic() + 300
-        while not all(ok.value for ok in oks):
-            if time.monotonic() > end or not all(c.is_alive() for c in clients):
-                raise SystemExit("the clients got no first answer")
-            time.sleep(0.1)
-        time.sleep(1.0)
-        pids = list(d.pids.values())
-        c0, n0, t0 = cpu_ms(pids), count.value, time.perf_counter()
-        time.sleep(window_s)
-        c1, n1, t1 = cpu_ms(pids), count.value, time.perf_counter()
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(30)
-            if c.is_alive():
-                c.kill()
-    return {"rps": (n1 - n0) / (t1 - t0), "cpu_ms": (c1 - c0) / max(n1 - n0, 1)}
+    r = drive(d.grpc_url, model, inputs, pids=list(d.pids.values()), window_s=window_s, warmup_s=1)
+    return {"rps": r["rps"], "cpu_ms": r["server_cpu_ms"]}
 
 
 # --------------------------------------------------------------- in process

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -54,6 +53,8 @@ from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from loadgen import cpu_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
@@ -94,17 +95,6 @@ def median_ms(fn, n: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
-
-
-def cpu_ms(pid: int) -> float:
-    """CPU time of a process's threads so far, from the scheduler's nanosecond counts in /proc
-    (its clock-tick counts are too coarse for requests of a millisecond; the servers' threads
-    live as long as they do, so no thread's time is lost)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that just ended
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e6
 
 
 def served_latency_ms(plan, model_path: Path, inputs, n: int, pin: bool = True) -> float:
@@ -193,7 +183,7 @@ def _paired_ms(
         for _ in range(3):
             ca.infer("hop", inputs, timeout_s=120)
             cb.infer("hop", inputs, timeout_s=120)
-        before = [{k: cpu_ms(pid) for k, pid in d.pids.items()} for d in (a, b)]
+        before = [{k: cpu_ms([pid]) for k, pid in d.pids.items()} for d in (a, b)]
         ta, tb = [], []
         for _ in range(n):
             for client, times in ((ca, ta), (cb, tb)):
@@ -201,7 +191,7 @@ def _paired_ms(
                 client.infer("hop", inputs, timeout_s=120)
                 times.append((time.perf_counter() - t0) * 1000)
     cpu = [
-        {k: (cpu_ms(pid) - start[k]) / n for k, pid in d.pids.items()}
+        {k: (cpu_ms([pid]) - start[k]) / n for k, pid in d.pids.items()}
         for d, start in zip((a, b), before, strict=True)
     ]
     diffs = [y - x for x, y in zip(ta, tb, strict=True)]
@@ -278,10 +268,10 @@ def _single_rps(session: ort.InferenceSession, inputs, total: int) -> tuple[floa
 def _served(d: LocalDeployment, model: str, inputs, c: int, total: int) -> tuple[float, dict]:
     """Requests/s of the deployment at concurrency `c`, and CPU ms per request of each of its
     processes and of this one (the load generator)."""
-    before = {name: cpu_ms(pid) for name, pid in d.pids.items()}
+    before = {name: cpu_ms([pid]) for name, pid in d.pids.items()}
     me = os.times()
     rps = asyncio.run(_rps(d.grpc_url, model, inputs, c, total))
-    cpu = {name: (cpu_ms(pid) - before[name]) / (total + 1) for name, pid in d.pids.items()}
+    cpu = {name: (cpu_ms([pid]) - before[name]) / (total + 1) for name, pid in d.pids.items()}
     cpu["client"] = (sum(os.times()[:2]) - sum(me[:2])) * 1000 / (total + 1)
     return rps, cpu
 

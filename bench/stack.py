@@ -28,10 +28,7 @@ figure moves with it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -48,6 +45,7 @@ sys.path.insert(0, str(TREE))
 os.environ["PYTHONPATH"] = str(TREE)  # the servers run this checkout's code too
 
 import onnx  # noqa: E402
+from loadgen import cpu_ms, drive  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from moirai import zoo  # noqa: E402
@@ -55,162 +53,10 @@ from moirai.graph import load_model  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.stageplan import DeviceSpec  # noqa: E402
-from stage_server import codec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SIZES = {"64 B": (16,), "0.57 MiB": (1, 3, 224, 224), "4.7 MiB": (1, 3, 640, 640)}
 HTTP_SIZE = "0.57 MiB"
-
-
-# ------------------------------------------------------------------ measuring
-def _tree(pids: list[int]) -> list[int]:
-    """The processes and all their descendants."""
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def cpu_ms(pids: list[int]) -> float:
-    """CPU milliseconds of every thread of these processes and their descendants so far."""
-    total = 0
-    for pid in _tree(pids):
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):  # a thread that just ended
-                    total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e6
-
-
-# ------------------------------------------------------------------- clients
-def _grpc_client(url: str, model: str, x, inflight: int, count, stop, ok) -> None:
-    """`x`: (input name, array); the first answer must be the input (Identity) or any output."""
-    import grpc
-
-    from stage_server.oip_grpc import SERVICE
-
-    name, x = x
-    request = codec.encode_infer_request(model, {name: x})
-
-    async def main() -> None:
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        async with grpc.aio.insecure_channel(url, options=options) as channel:
-            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
-            got = codec.decode_infer_response(await call(request, timeout=60))
-            ok.value = int(model != "identity" or np.array_equal(got["y"], x))
-            with count.get_lock():
-                count.value += 1
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    await call(request, timeout=60)
-                    with count.get_lock():
-                        count.value += 1
-
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-
-    asyncio.run(main())
-
-
-def _http_client(url: str, model: str, x, inflight: int, count, stop, ok) -> None:
-    import aiohttp
-
-    name, x = x
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": x.nbytes},
-                }
-            ],
-            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    body = header + x.tobytes()
-    headers = {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-    target = f"http://{url}/v2/models/{model}/infer"
-
-    async def main() -> None:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(target, data=body, headers=headers) as r:
-                raw = await r.read()
-                length = int(r.headers["Inference-Header-Content-Length"])
-                ok.value = int(model != "identity" or raw[length:] == x.tobytes())
-            with count.get_lock():
-                count.value += 1
-
-            async def worker() -> None:
-                while not stop.is_set():
-                    async with session.post(target, data=body, headers=headers) as r:
-                        await r.read()
-                        r.raise_for_status()
-                    with count.get_lock():
-                        count.value += 1
-
-            await asyncio.gather(*(worker() for _ in range(inflight)))
-
-    asyncio.run(main())
-
-
-def load(
-    pids: list[int],
-    url: str,
-    model: str,
-    x: tuple[str, np.ndarray],
-    *,
-    http: bool = False,
-    processes: int = 3,
-    inflight: int = 4,
-    warmup_s: float = 2.0,
-    window_s: float = 10.0,
-) -> dict:
-    """Drive the servers from client processes; their CPU per request over the window."""
-    ctx = mp.get_context("spawn")  # no inherited gRPC state
-    count, stop = ctx.Value("q", 0), ctx.Event()
-    oks = [ctx.Value("i", -1) for _ in range(processes)]
-    target = _http_client if http else _grpc_client
-    clients = [
-        ctx.Process(target=target, args=(url, model, x, inflight, count, stop, ok), daemon=True)
-        for ok in oks
-    ]
-    for c in clients:
-        c.start()
-    try:
-        end = time.monotonic() + 120
-        while any(ok.value == -1 for ok in oks):  # each client's first answer is in
-            if time.monotonic() > end or not all(c.is_alive() for c in clients):
-                raise SystemExit("the clients did not get their first answers")
-            time.sleep(0.1)
-        time.sleep(warmup_s)
-        client_pids = [c.pid for c in clients]
-        s0, c0, n0, t0 = cpu_ms(pids), cpu_ms(client_pids), count.value, time.perf_counter()
-        time.sleep(window_s)
-        s1, c1, n1, t1 = cpu_ms(pids), cpu_ms(client_pids), count.value, time.perf_counter()
-    finally:
-        stop.set()
-        for c in clients:
-            c.join(10)
-            if c.is_alive():
-                c.kill()
-    n = max(n1 - n0, 1)
-    if any(ok.value != 1 for ok in oks):
-        raise SystemExit(f"a client got a wrong answer or none: {[ok.value for ok in oks]}")
-    return {
-        "requests": n1 - n0,
-        "rps": (n1 - n0) / (t1 - t0),
-        "server_cpu_ms": (s1 - s0) / n,
-        "client_cpu_ms": (c1 - c0) / n,
-    }
 
 
 # -------------------------------------------------------------- 1. stack cost
@@ -236,9 +82,10 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
     with LocalDeployment(plan, path, tmp / "run") as d:
         pids = list(d.pids.values())
         row = {"size": size, "bytes": x.nbytes, "processes": len(pids)}
-        row["grpc"] = load(pids, d.grpc_url, "identity", ("x", x), window_s=window_s)
+        call = {"model": "identity", "inputs": {"x": x}, "pids": pids, "want": x}
+        row["grpc"] = drive(d.grpc_url, **call, window_s=window_s)
         if size == HTTP_SIZE:
-            row["http"] = load(pids, d.http_url, "identity", ("x", x), http=True, window_s=window_s)
+            row["http"] = drive(d.http_url, **call, http=True, window_s=window_s)
     return row
 
 
@@ -295,11 +142,12 @@ def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) ->
             rps, cpu = _in_process_rps(session, {spec.name: x}, inflight, window_s)
             single.append(rps)
             single_cpu.append(cpu)
-            r = load(
-                pids,
+            r = drive(
                 d.grpc_url,
                 "resnet50",
-                (spec.name, x),
+                {spec.name: x},
+                pids=pids,
+                want=want[0],
                 processes=4,
                 inflight=inflight // 4,
                 warmup_s=3.0,
