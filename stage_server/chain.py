@@ -30,7 +30,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,9 +38,11 @@ import grpc
 import numpy as np
 
 from moirai.stageplan import GATEWAY, StagePlan
-from stage_server import samehost, shm, wire
+from stage_server import auth, samehost, shm, wire
+from stage_server.codec import DTYPES
 from stage_server.errors import (
     DeadlineExceeded,
+    InvalidInput,
     NotFound,
     SharedMemoryUnavailable,
     Unavailable,
@@ -99,11 +101,31 @@ class Router:
     `Peers` consults it before any transport: a push to a target in this process is delivered
     in memory, synchronously, with nothing copied or encoded. That is how a stage hands its
     outputs to the next stage on its device, and how a front end in a stage server's process
-    hands model inputs to its stages and gets the final outputs back."""
+    hands model inputs to its stages and gets the final outputs back.
 
-    def __init__(self) -> None:
+    What arrives from a transport is checked against the `plans` first (the plan of a stage
+    server; every model's at a front end of several), since anyone who reaches the port could
+    have sent it: a push may carry only tensors that a plan routes to its target, of that plan's
+    datatype and shape, and no deadline (of a push or a failure report) later than
+    `max_deadline_s` from now; later ones are brought forward to it, so that no caller can make
+    a server keep a request's state longer. In-memory deliveries come from this process's own
+    code and are not checked. Without plans, pushes are not checked (tests and link
+    measurements)."""
+
+    def __init__(self, plans: Sequence[StagePlan] = (), max_deadline_s: float = 60.0) -> None:
         self._by_target: dict[str, ChainHandler] = {}
         self._handlers: list[ChainHandler] = []
+        self._max_deadline_ms = max_deadline_s * 1000.0
+        # Per target, per tensor a plan routes to it: its dtypes and shapes (-1: any size).
+        self._accepts: dict[str, dict[str, set[tuple[np.dtype, tuple[int, ...]]]]] | None = None
+        if plans:
+            self._accepts = {}
+            for plan in plans:
+                for name, consumers in plan.routing.items():
+                    spec = plan.spec(name)
+                    expected = (DTYPES[spec.datatype], tuple(spec.shape))
+                    for target in consumers:
+                        self._accepts.setdefault(target, {}).setdefault(name, set()).add(expected)
 
     def attach(self, targets: Iterable[str], handler: ChainHandler) -> None:
         for target in targets:
@@ -117,9 +139,30 @@ class Router:
         handler = self._by_target.get(delivery.stage)
         if handler is None:
             raise NotFound(f"no stage {delivery.stage!r} is served here")
+        if self._accepts is not None:
+            self._check(delivery)
+        delivery.deadline_ms = min(delivery.deadline_ms, now_ms() + self._max_deadline_ms)
         handler.deliver(delivery)
 
+    def _check(self, delivery: Delivery) -> None:
+        assert self._accepts is not None
+        accepts = self._accepts.get(delivery.stage, {})
+        for name, array in delivery.tensors.items():
+            expected = accepts.get(name)
+            if expected is None:
+                routed = ", ".join(accepts) or "no tensor"
+                raise InvalidInput(
+                    f"{delivery.stage} takes no tensor {name!r}: the plan routes {routed} to it"
+                )
+            if not any(_fits(array, dtype, shape) for dtype, shape in expected):
+                planned = " or ".join(f"{dtype} {list(shape)}" for dtype, shape in expected)
+                raise InvalidInput(
+                    f"{delivery.stage}: tensor {name!r} is {array.dtype} {list(array.shape)}, "
+                    f"but the plan has {planned} (-1: any size)"
+                )
+
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
+        deadline_ms = min(deadline_ms, now_ms() + self._max_deadline_ms)
         for handler in self._handlers:
             handler.failed(request_id, code, message, deadline_ms)
 
@@ -157,9 +200,19 @@ class ChainServicer:
         return stage_pb2.FailReply()
 
 
-def add_to_server(servicer: ChainServicer, server: grpc.aio.Server) -> None:
+def _fits(array: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> bool:
+    return (
+        array.dtype == dtype
+        and len(array.shape) == len(shape)
+        and all(want in (-1, have) for want, have in zip(shape, array.shape, strict=True))
+    )
+
+
+def add_to_server(
+    servicer: ChainServicer, server: grpc.aio.Server, token: str | None = None
+) -> None:
     """Serve the chain over gRPC: Push as raw bytes (decoded by `stage_server.wire`), Fail as
-    protobuf."""
+    protobuf; with `token`, only to calls that carry it (`stage_server.auth`)."""
     handlers = {
         "Push": grpc.unary_unary_rpc_method_handler(
             guarded(servicer.Push), response_serializer=stage_pb2.PushReply.SerializeToString
@@ -170,7 +223,11 @@ def add_to_server(servicer: ChainServicer, server: grpc.aio.Server) -> None:
             response_serializer=stage_pb2.FailReply.SerializeToString,
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
+    if token is not None:  # not registered: gRPC would then skip the guard
+        server.add_generic_rpc_handlers((auth.chain_guard(generic, token),))
+        return
+    server.add_generic_rpc_handlers((generic,))
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
@@ -188,8 +245,9 @@ def loopback_port(address: str) -> int | None:
 class _Peer:
     """One peer address: its gRPC channel and method callables, and the fast path to it."""
 
-    def __init__(self, address: str, same_host: bool) -> None:
+    def __init__(self, address: str, same_host: bool, token: str | None) -> None:
         self.address = address
+        self.token = token
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.push = self.channel.unary_unary(f"/{SERVICE}/Push", _registered_method=True)
         self.fail = self.channel.unary_unary(
@@ -217,7 +275,7 @@ class _Peer:
                 return None
             if self.connection is not None:
                 await self.connection.close()
-            self.connection = await samehost.Connection.open(self.port)
+            self.connection = await samehost.Connection.open(self.port, self.token)
             if self.connection is None:
                 self.retry_at = time.monotonic() + RECONNECT_S
             return self.connection
@@ -238,10 +296,12 @@ class Peers:
         *,
         same_host: bool = True,
         local: Router | None = None,
+        token: str | None = None,
     ) -> None:
         """`addresses` maps device names and "gateway" to host:port; `same_host` allows the
         fast path to loopback peers (off: every push takes gRPC, as between hosts); `local`
-        holds the targets in this process, which get their pushes in memory."""
+        holds the targets in this process, which get their pushes in memory; `token` is the
+        deployment's chain token, which every call carries (`stage_server.auth`)."""
         self.local = local or Router()
         missing = [d for d in plan.used_devices if d not in addresses and self.local.get(d) is None]
         if missing:
@@ -253,6 +313,8 @@ class Peers:
         self._addresses = dict(addresses)
         self._peers: dict[str, _Peer] = {}
         self._same_host = same_host and samehost.SUPPORTED
+        self._token = token
+        self._metadata = auth.chain_metadata(token)
 
     def address(self, target: str) -> str:
         """Address of a device name, a stage id or "gateway"."""
@@ -266,7 +328,7 @@ class Peers:
         address = self.address(target)
         peer = self._peers.get(address)
         if peer is None:
-            peer = self._peers[address] = _Peer(address, self._same_host)
+            peer = self._peers[address] = _Peer(address, self._same_host, self._token)
         return peer
 
     def channel(self, target: str) -> grpc.aio.Channel:
@@ -378,7 +440,7 @@ class Peers:
             if remaining <= 0:
                 raise DeadlineExceeded(f"deadline passed before {name} to {target}")
             try:
-                await method(request, timeout=remaining)
+                await method(request, timeout=remaining, metadata=self._metadata)
                 return
             except grpc.aio.AioRpcError as e:
                 where = f"{target} at {self.address(target)}"

@@ -29,8 +29,15 @@ def _method(channel: Any, name: str, request: type, response: type) -> Any:
     )
 
 
+def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The metadata of calls to an endpoint that needs `token` (`stage_server.auth`)."""
+    return None if token is None else (("authorization", f"Bearer {token}"),)
+
+
 class InferenceClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = None) -> None:
+        """`token`: the endpoint's bearer token, if it needs one."""
+        self._auth = _auth(token)
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._ready = _method(
             self._channel, "ServerReady", oip.ServerReadyRequest, oip.ServerReadyResponse
@@ -44,7 +51,8 @@ class InferenceClient:
         return bool(self._ready(oip.ServerReadyRequest(), timeout=timeout_s).ready)
 
     def metadata(self, model: str, timeout_s: float = 5.0) -> oip.ModelMetadataResponse:
-        return self._metadata(oip.ModelMetadataRequest(name=model), timeout=timeout_s)
+        request = oip.ModelMetadataRequest(name=model)
+        return self._metadata(request, timeout=timeout_s, metadata=self._auth)
 
     def infer(
         self,
@@ -54,7 +62,8 @@ class InferenceClient:
         timeout_s: float = 30.0,
     ) -> dict[str, np.ndarray]:
         request = codec.encode_infer_request(model, inputs, outputs)
-        return codec.decode_infer_response(self._infer(request, timeout=timeout_s))
+        reply = self._infer(request, timeout=timeout_s, metadata=self._auth)
+        return codec.decode_infer_response(reply)
 
     def close(self) -> None:
         self._channel.close()
@@ -72,7 +81,9 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = None) -> None:
+        """`token`: the endpoint's bearer token, if it needs one."""
+        self._auth = _auth(token)
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
 
@@ -84,7 +95,8 @@ class AsyncInferenceClient:
         timeout_s: float = 30.0,
     ) -> dict[str, np.ndarray]:
         request = codec.encode_infer_request(model, inputs, outputs)
-        return codec.decode_infer_response(await self._infer(request, timeout=timeout_s))
+        reply = await self._infer(request, timeout=timeout_s, metadata=self._auth)
+        return codec.decode_infer_response(reply)
 
     async def close(self) -> None:
         await self._channel.close()

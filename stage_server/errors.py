@@ -36,6 +36,10 @@ class Overloaded(ServingError):
     later."""
 
 
+class Unauthenticated(ServingError):
+    """The call lacks the token that this server needs (`stage_server.auth`)."""
+
+
 class ClientTimeout(ServingError):
     """The client did not send its request within the time it is given."""
 
@@ -64,6 +68,7 @@ class SharedMemoryUnavailable(ServingError):
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, 400),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, 503),

@@ -5,7 +5,7 @@ in flight each hold their tensors, a body is buffered while it is read, and a co
 never finishes its request holds its buffers forever. So every one of these is capped, with
 defaults that a newcomer never meets, and a client over a cap gets a status that says which
 (`stage_server.errors`), never a traceback. (The settings and their flags are
-`stage_server.endpointconfig`'s.)
+`stage_server.settings`'s.)
 
 - requests in flight (`InFlight`, `--max-in-flight`): inference requests held by the front end,
   over gRPC and HTTP together, counted from the moment an HTTP request's headers arrive (before

@@ -23,7 +23,7 @@ import math
 import grpc
 
 from moirai import __version__
-from stage_server import codec
+from stage_server import auth, codec
 from stage_server.limits import InFlight
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 from stage_server.repository import VERSION, Repository
@@ -67,10 +67,18 @@ def max_message_bytes(repository: Repository, max_request_bytes: int) -> int:
     return min(max_request_bytes, largest)
 
 
+OPEN_METHODS = (f"/{SERVICE}/ServerLive", f"/{SERVICE}/ServerReady")
+"""Methods that need no endpoint token: liveness and readiness, which probes call."""
+
+
 def add_to_server(
-    servicer: InferenceServicer, server: grpc.aio.Server, metrics: CountsErrors | None = None
+    servicer: InferenceServicer,
+    server: grpc.aio.Server,
+    metrics: CountsErrors | None = None,
+    token: str | None = None,
 ) -> None:
-    """Register the methods, each `guarded` (errors counted in `metrics`)."""
+    """Register the methods, each `guarded` (errors counted in `metrics`); with `token`, all but
+    `OPEN_METHODS` only for calls that carry it (`stage_server.auth`)."""
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             guarded(getattr(servicer, name), metrics),
@@ -82,7 +90,8 @@ def add_to_server(
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         guarded(servicer.ModelInfer, metrics)
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    generic = grpc.method_handlers_generic_handler(SERVICE, handlers)
+    server.add_generic_rpc_handlers((auth.endpoint_guard(generic, token, OPEN_METHODS),))
 
 
 class InferenceServicer:

@@ -37,7 +37,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from moirai import __version__
-from stage_server import codec
+from stage_server import auth, codec
 from stage_server.errors import ClientTimeout, InvalidInput, TooLarge
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
@@ -49,14 +49,20 @@ MAX_JSON_BYTES = 16 << 20
 """About 2 million values in `data` lists; a 224x224 RGB image takes 2-3 MB."""
 
 
+OPEN_PREFIXES = ("/v2/health/",)
+"""Routes that need no endpoint token: liveness and readiness, which probes call."""
+
+
 def create_app(
-    repository: Repository, max_request_bytes: int, in_flight: InFlight
+    repository: Repository, max_request_bytes: int, in_flight: InFlight, token: str | None = None
 ) -> web.Application:
     """The app of `repository`'s models; `in_flight` counts inference requests (shared with the
-    gRPC transport)."""
-    app = web.Application(
-        client_max_size=max_request_bytes, middlewares=[error_middleware(repository.metrics)]
-    )
+    gRPC transport); with `token`, every route but `OPEN_PREFIXES` needs it
+    (`stage_server.auth`), checked before a request's body is read."""
+    middlewares = [error_middleware(repository.metrics)]
+    if token is not None:
+        middlewares.append(auth.http_guard(token, OPEN_PREFIXES))
+    app = web.Application(client_max_size=max_request_bytes, middlewares=middlewares)
 
     def ready_response(ready: bool) -> web.Response:
         return web.json_response({"ready": ready}, status=200 if ready else 503)

@@ -18,6 +18,12 @@ host (`moirai serve`, where every server listens on loopback), neither is necess
   last array over a file is gone the receiver sends a release frame, `R<u64 inode>`, which lets
   the sender write the file again; both ends let go of everything when the connection ends.
 
+When the servers of a deployment share a chain token (`stage_server.auth`), a connection's first
+frame is a hello carrying it; a listener with a token answers any other first frame with
+UNAUTHENTICATED and closes the connection. Until then it reads no frame longer than a hello, and
+after it none longer than its limit (the pushes it could hold), so a caller cannot make it buffer
+more.
+
 A push keeps the chain's semantics: it carries the request's deadline and waits for its ack at
 most until then; the receiver's errors come back with their status code; a broken connection is
 UNAVAILABLE, like an unreachable gRPC peer. A peer that cannot map the sender's memory (not the
@@ -34,8 +40,15 @@ import struct
 import sys
 from collections.abc import Callable
 
-from stage_server import shm
-from stage_server.errors import ServingError, Unavailable, from_code, status_of
+from stage_server import auth, shm
+from stage_server.errors import (
+    ServingError,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    from_code,
+    status_of,
+)
 
 SUPPORTED = sys.platform == "linux"
 """Abstract Unix sockets are Linux's; elsewhere every push takes gRPC."""
@@ -73,8 +86,10 @@ class _Frames(asyncio.Protocol):
     Frames are handled right in `data_received`, not in a reading coroutine: no task wakes up
     per frame, which on the chain's small pushes is a good part of their cost."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = 1 << 62) -> None:
         self.transport: asyncio.Transport | None = None
+        self.max_frame = max_frame
+        """The longest frame read: a longer one ends the connection (`oversized`)."""
         self._partial = bytearray()  # the start of a frame not yet complete
         self._expected = 0  # its whole length once its header is in, else 0
 
@@ -87,6 +102,9 @@ class _Frames(asyncio.Protocol):
             self._partial += data
             if not self._expected and len(self._partial) >= _LENGTH.size:
                 self._expected = _LENGTH.size + _LENGTH.unpack_from(self._partial)[0]
+                if self._expected - _LENGTH.size > self.max_frame:
+                    self._oversized(self._expected - _LENGTH.size)
+                    return
             if not self._expected or len(self._partial) < self._expected:
                 return  # a large frame arriving in pieces
             data = bytes(self._partial)
@@ -95,27 +113,45 @@ class _Frames(asyncio.Protocol):
         pos = 0
         while len(data) - pos >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(data, pos)
+            if length > self.max_frame:
+                self._oversized(length)
+                return
             end = pos + _LENGTH.size + length
             if end > len(data):
                 break
             self.frame(data[pos + _LENGTH.size : end])
+            if self.transport is not None and self.transport.is_closing():
+                return  # the frame ended the connection
             pos = end
         if pos < len(data):
             self._partial = bytearray(data[pos:])
             if len(self._partial) >= _LENGTH.size:
                 self._expected = _LENGTH.size + _LENGTH.unpack_from(self._partial)[0]
+                if self._expected - _LENGTH.size > self.max_frame:
+                    self._oversized(self._expected - _LENGTH.size)
 
     def frame(self, payload: bytes) -> None:
         raise NotImplementedError
+
+    def oversized(self, length: int) -> None:
+        """A frame over `max_frame` is announced; the connection ends after this."""
+
+    def _oversized(self, length: int) -> None:
+        self._partial = bytearray()
+        self._expected = 0
+        self.oversized(length)
+        if self.transport is not None:
+            self.transport.close()
 
 
 class _Receiving(_Frames):
     """A listener's connection: decode and deliver each push, ack it in order."""
 
     def __init__(self, listener: Listener) -> None:
-        super().__init__()
+        super().__init__(auth.HELLO_MAX_BYTES if listener.token else listener.max_frame)
         self._listener = listener
         self._mappings = shm.Mappings(self._release)
+        self._first = True
 
     def _release(self, inode: int) -> None:
         """No array over this file of the sender's is left: it may write the file again."""
@@ -128,11 +164,37 @@ class _Receiving(_Frames):
 
     def frame(self, payload: bytes) -> None:
         assert self.transport is not None
+        if self._first:
+            self._first = False
+            if auth.check_hello(payload, self._listener.token):
+                self.max_frame = self._listener.max_frame
+                return  # a hello is not acked
+            if self._listener.token is not None:
+                self.transport.write(_ack(Unauthenticated(self._refusal())))
+                self.transport.close()
+                return
         try:
             self._listener.receive(payload, self._mappings)
             self.transport.write(_ack(None))
         except Exception as error:  # every failure goes back to its sender
             self.transport.write(_ack(error))
+
+    @staticmethod
+    def _refusal() -> str:
+        return (
+            "the chain of this deployment needs its token (the servers' MOIRAI_CHAIN_TOKEN or "
+            "--chain-token-file differ)"
+        )
+
+    def oversized(self, length: int) -> None:
+        assert self.transport is not None
+        if self._first and self._listener.token is not None:
+            error: ServingError = Unauthenticated(self._refusal())
+        else:
+            error = TooLarge(
+                f"a push of {length} bytes is over the {self.max_frame} this server holds"
+            )
+        self.transport.write(_ack(error))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._listener.connections.discard(self)
@@ -142,11 +204,19 @@ class _Receiving(_Frames):
 class Listener:
     """The receiving side: serves pushes on the Unix socket of a chain port."""
 
-    def __init__(self, receive: Callable[[bytes, shm.Mappings], None]) -> None:
+    def __init__(
+        self,
+        receive: Callable[[bytes, shm.Mappings], None],
+        token: str | None = None,
+        max_frame: int = 1 << 62,
+    ) -> None:
         """`receive` decodes and delivers one push with the connection's mappings of the
         sender's shared memory (`ChainServicer.receive`); what it raises goes back to the
-        sender with its status code."""
+        sender with its status code. `token`: the chain token a connection must present;
+        `max_frame`: the longest push read."""
         self.receive = receive
+        self.token = token.encode() if token is not None else None
+        self.max_frame = max_frame
         self.connections: set[_Receiving] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -179,14 +249,18 @@ class Connection(_Frames):
         self.closed = False
 
     @classmethod
-    async def open(cls, port: int) -> Connection | None:
-        """A connection to the chain port `port` on this host, or None when nothing listens."""
+    async def open(cls, port: int, token: str | None = None) -> Connection | None:
+        """A connection to the chain port `port` on this host, or None when nothing listens;
+        with the chain `token`, it says hello with it first."""
         try:
             _, connection = await asyncio.get_running_loop().create_unix_connection(
                 cls, socket_name(port)
             )
         except OSError:
             return None
+        if token is not None and connection.transport is not None:
+            hello = auth.hello(token)
+            connection.transport.writelines([_LENGTH.pack(len(hello)), hello])
         return connection
 
     async def push(

@@ -38,17 +38,19 @@ from stage_server.batchconfig import BatchingConfig
 from stage_server.batching import with_batching
 from stage_server.chain import ChainHandler, ChainServicer, Peers, Router
 from stage_server.chain import add_to_server as add_chain_to_server
-from stage_server.endpointconfig import EndpointConfig
 from stage_server.gateway import Gateway
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import InferenceServicer, add_to_server, max_message_bytes
 from stage_server.oip_http import create_app
 from stage_server.repository import GatewayDispatch, Repository
 from stage_server.samehost import Listener
+from stage_server.settings import DEFAULT_MAX_PENDING_BYTES, EndpointConfig
 from stage_server.stage import StageServer
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 30
-_UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+PUSH_OVERHEAD_BYTES = 64 << 10
+"""Bytes of a push besides its tensors' (ids, names, shapes, timings): far less in practice."""
+_GRPC_MAX_MESSAGE = 2**31 - 1
 
 
 def _server(options: list[tuple[str, int]], max_calls: int | None = None) -> grpc.aio.Server:
@@ -71,23 +73,24 @@ def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
-async def _listen(servicer: ChainServicer, port: int, same_host: bool) -> Listener | None:
-    if not (same_host and samehost.SUPPORTED):
-        return None
-    listener = Listener(servicer.receive)
-    try:
-        await listener.start(port)
-    except OSError as e:
-        raise MoiraiError(
-            f"cannot listen on the same-host socket of chain port {port} ({e.strerror}): another "
-            "server holds it; stop it or pick another port"
-        ) from None
-    return listener
+@dataclass(frozen=True)
+class ChainOptions:
+    """Who may call a server's chain port and what it holds for them."""
+
+    token: str | None = None
+    """The deployment's chain token (`stage_server.auth`): calls without it are refused, and
+    this server's own calls carry it. None: the chain is open to whoever reaches the port."""
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    """The most bytes of tensors a stage server holds for requests (RESOURCE_EXHAUSTED past
+    it); no push may be larger."""
+    timeout_s: float = 30.0
+    """The longest a request is held: later deadlines of pushes and failure reports are
+    brought forward to now plus this."""
 
 
 @dataclass
 class ChainHandle:
-    """A server of nothing but the chain (`start_chain`)."""
+    """A chain port: its gRPC server and same-host listener."""
 
     server: grpc.aio.Server
     port: int
@@ -99,31 +102,68 @@ class ChainHandle:
         await self.server.stop(grace)
 
 
+def _chain_server(
+    handler: ChainHandler, options: ChainOptions
+) -> tuple[grpc.aio.Server, ChainServicer, health.aio.HealthServicer]:
+    """A chain port's gRPC server for `handler`, with `grpc.health.v1` (open: probes carry no
+    token), not yet bound."""
+    largest = min(options.max_pending_bytes + PUSH_OVERHEAD_BYTES, _GRPC_MAX_MESSAGE)
+    server = _server(
+        [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", largest)]
+    )
+    servicer = ChainServicer(handler)
+    add_chain_to_server(servicer, server, options.token)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, servicer, health_servicer
+
+
 async def _start_chain_port(
-    server: grpc.aio.Server, servicer: ChainServicer, host: str, port: int, same_host: bool
-) -> tuple[int, Listener | None]:
-    """Bind and start `server` and the same-host listener of its port; the bound port. A
-    failure stops the server again."""
+    server: grpc.aio.Server,
+    servicer: ChainServicer,
+    host: str,
+    port: int,
+    same_host: bool,
+    options: ChainOptions,
+) -> ChainHandle:
+    """Bind and start `server` and the same-host listener of its port. A failure stops the
+    server again."""
     try:
         bound = _bind(server, host, port)
         await server.start()
-        return bound, await _listen(servicer, bound, same_host)
+        if not (same_host and samehost.SUPPORTED):
+            return ChainHandle(server, bound)
+        listener = Listener(
+            servicer.receive,
+            options.token,
+            options.max_pending_bytes + PUSH_OVERHEAD_BYTES,
+        )
+        try:
+            await listener.start(bound)
+        except OSError as e:
+            raise MoiraiError(
+                f"cannot listen on the same-host socket of chain port {bound} ({e.strerror}): "
+                "another server holds it; stop it or pick another port"
+            ) from None
+        return ChainHandle(server, bound, listener)
     except MoiraiError:
         await server.stop(None)
         raise
 
 
 async def start_chain(
-    handler: ChainHandler, *, host: str = "127.0.0.1", port: int = 0, same_host: bool = True
+    handler: ChainHandler,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    same_host: bool = True,
+    options: ChainOptions = ChainOptions(),
 ) -> ChainHandle:
     """Serve only `moirai.stage.v1.Chain` for `handler` (and `grpc.health.v1`, SERVING), over
     gRPC and the same-host fast path, exactly as a stage server receives pushes: for link
     measurements and tests."""
-    server = _server(_UNLIMITED)
-    servicer = ChainServicer(handler)
-    add_chain_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    return ChainHandle(server, *await _start_chain_port(server, servicer, host, port, same_host))
+    server, servicer, _ = _chain_server(handler, options)
+    return await _start_chain_port(server, servicer, host, port, same_host, options)
 
 
 @dataclass
@@ -176,7 +216,9 @@ def _oip_server(
         *limits.grpc_options(endpoint.idle_timeout_s, timeout_s),
     ]
     server = _server(settings, limits.grpc_call_cap(endpoint.max_in_flight))
-    add_to_server(InferenceServicer(repository, in_flight), server, repository.metrics)
+    add_to_server(
+        InferenceServicer(repository, in_flight), server, repository.metrics, endpoint.auth_token
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return server
 
@@ -190,7 +232,7 @@ async def _start_http(
     in_flight: InFlight,
 ) -> web.AppRunner:
     runner = web.AppRunner(
-        create_app(repository, max_request_bytes, in_flight),
+        create_app(repository, max_request_bytes, in_flight, endpoint.auth_token),
         access_log=None,
         # A client that closes its connection cancels its request, which the gateway then
         # cancels along the chain, instead of serving it for no one.
@@ -278,12 +320,13 @@ async def start_stage(
     same_host: bool = True,
     cpus: set[int] | None = None,
     frontend: Frontend | None = None,
+    chain: ChainOptions = ChainOptions(),
 ) -> StageHandle:
     """A stage server on `port`; with `frontend`, also the model's OIP front end, in this
     process (remote stages then push final outputs to `port`, the plan's "gateway" address).
     `cpus`: pin the threads that run stages to these cores, and only them."""
-    router = Router()
-    peers = Peers(plan, addresses, same_host=same_host, local=router)
+    router = Router((plan,), chain.timeout_s)
+    peers = Peers(plan, addresses, same_host=same_host, local=router, token=chain.token)
     impl = StageServer(
         model,
         plan,
@@ -294,25 +337,22 @@ async def start_stage(
         workers=workers,
         offload=frontend is not None,
         cpus=cpus,
+        max_pending_bytes=chain.max_pending_bytes,
     )
     gateway = None
     if frontend is not None:
         gateway = Gateway(plan, peers, timeout_s=frontend.timeout_s)
         router.attach([GATEWAY], gateway)
-    server = _server(_UNLIMITED)
-    servicer = ChainServicer(router)
-    add_chain_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server, servicer, health_servicer = _chain_server(router, chain)
     try:
-        bound, listener = await _start_chain_port(server, servicer, host, port, same_host)
+        port_handle = await _start_chain_port(server, servicer, host, port, same_host, chain)
     except MoiraiError:
         await impl.stop()
         raise
     impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    handle = StageHandle(server, bound, listener, impl=impl)
+    handle = StageHandle(server, port_handle.port, port_handle.listener, impl=impl)
     if gateway is not None:
         assert frontend is not None
         try:
@@ -369,6 +409,7 @@ async def start_front_end(
     host: str = "127.0.0.1",
     chain_port: int = 0,
     same_host: bool = True,
+    chain: ChainOptions = ChainOptions(),
     **options: Any,
 ) -> GatewayHandle:
     """A standalone front end of one or several models (`moirai gateway`), every stage remote:
@@ -376,11 +417,11 @@ async def start_front_end(
     but batching, which is each model's), and the chain port, of its own, where the last stages
     of every model push their final outputs."""
     frontend = Frontend(**options)
-    router = Router()
+    router = Router(tuple(m.plan for m in models), frontend.timeout_s)
     gateways = [
         Gateway(
             m.plan,
-            Peers(m.plan, m.addresses, same_host=same_host, local=router),
+            Peers(m.plan, m.addresses, same_host=same_host, local=router, token=chain.token),
             timeout_s=frontend.timeout_s,
         )
         for m in models
@@ -389,13 +430,9 @@ async def start_front_end(
     repository = Repository(
         [with_batching(g, m.batching) for g, m in zip(gateways, models, strict=True)]
     )
-    server = _server(_UNLIMITED)
-    servicer = ChainServicer(router)
-    add_chain_to_server(servicer, server)
+    server, servicer, _ = _chain_server(router, chain)
     try:
-        chain = ChainHandle(
-            server, *await _start_chain_port(server, servicer, host, chain_port, same_host)
-        )
+        chain_handle = await _start_chain_port(server, servicer, host, chain_port, same_host, chain)
     except MoiraiError:
         await repository.stop()
         raise
@@ -410,7 +447,7 @@ async def start_front_end(
             endpoint=frontend.endpoint,
         )
     except MoiraiError:
-        await chain.stop(None)
+        await chain_handle.stop(None)
         await repository.stop()
         raise
     return GatewayHandle(
@@ -420,5 +457,5 @@ async def start_front_end(
         handle.grpc_port,
         handle.http_port,
         handle.in_flight,
-        chain=chain,
+        chain=chain_handle,
     )

@@ -50,8 +50,9 @@ from moirai.stagecut import extract_stage
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
-from stage_server.errors import NotFound, ServingError, StageFailed, status_of
+from stage_server.errors import NotFound, Overloaded, ServingError, StageFailed, status_of
 from stage_server.sessions import StageSession, create_session
+from stage_server.settings import DEFAULT_MAX_PENDING_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,20 @@ RECENT_RUNS = 9
 class _Pending:
     deadline_ms: float
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    nbytes: int = 0
+    """Bytes of `tensors`, counted in the server's `held_bytes` until the request is dropped or
+    its stage has run."""
     timings: dict[bytes | wire.Timing, None] = field(default_factory=dict)
     """Timings (`stage_server.wire`), in arrival order without duplicates (a stage fed by two
     branches gets their common upstream's timings twice)."""
 
     def add_timings(self, timings: Iterable[bytes | wire.Timing]) -> None:
         self.timings.update(dict.fromkeys(timings))
+
+
+async def _failed(error: ServingError) -> None:
+    """A push that failed before it started."""
+    raise error
 
 
 def _pin(cpus: set[int]) -> None:
@@ -115,11 +124,13 @@ class StageServer:
         workers: int = 1,
         offload: bool = False,
         cpus: set[int] | None = None,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
         """`workers`: stages this device runs at once; `offload`: run them in a thread even
         when one at a time (a front end shares this process's event loop); `cpus`: the cores
         of the threads that run stages (ONNX Runtime's, and the pool's), when only they are to
-        be pinned."""
+        be pinned; `max_pending_bytes`: the most bytes of tensors held for requests waiting or
+        running here, past which a push is refused (RESOURCE_EXHAUSTED)."""
         spec = plan.device(device)
         self.device = device
         self.plan = plan
@@ -148,6 +159,9 @@ class StageServer:
         }
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
+        self.max_pending_bytes = max_pending_bytes
+        self.held_bytes = 0
+        """Bytes of tensors held for requests: waiting for inputs, queued, or running."""
         self._pool = (
             ThreadPoolExecutor(
                 workers,
@@ -175,9 +189,18 @@ class StageServer:
             return
         key = (rid, stage.id)
         pending = self.pending.get(key)
+        nbytes = sum(a.nbytes for a in delivery.tensors.values())
+        if self.held_bytes + nbytes > self.max_pending_bytes:
+            raise Overloaded(
+                f"stage server {self.device} holds {self.held_bytes} bytes of requests, and "
+                f"{nbytes} more would pass its limit (--max-pending-bytes "
+                f"{self.max_pending_bytes}): retry later"
+            )
         if pending is None:
             pending = self.pending[key] = _Pending(delivery.deadline_ms)
         pending.tensors.update(delivery.tensors)
+        pending.nbytes += nbytes
+        self.held_bytes += nbytes
         pending.add_timings(delivery.timings)
         if all(t in pending.tensors for t in stage.inputs):
             del self.pending[key]
@@ -191,7 +214,12 @@ class StageServer:
         """The gateway cancels a request: free its state, drop what still arrives for it."""
         self.cancelled[request_id] = deadline_ms if deadline_ms > 0 else now_ms() + 60_000
         for key in [k for k in self.pending if k[0] == request_id]:
-            del self.pending[key]
+            self._release(self.pending.pop(key))
+
+    def _release(self, pending: _Pending) -> None:
+        """A request's tensors are no longer held here (dropped, or its stage has run)."""
+        self.held_bytes -= pending.nbytes
+        pending.nbytes = 0
 
     # ------------------------------------------------------------------ running
     def _spawn(self, coro: object) -> None:
@@ -237,6 +265,8 @@ class StageServer:
                 self._report(request_id, stage_id, self._failure(stage_id, e), pending.deadline_ms)
             )
             return
+        finally:
+            self._release(pending)
         self._timed(stage_id, compute_ms)
         remote = self._forward(request_id, stage_id, pending, outputs, queue_ms, compute_ms)
         if remote:
@@ -244,7 +274,7 @@ class StageServer:
 
     async def _run(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
         """Run a stage in the thread pool (or, without one, on the event loop in arrival
-        order), then hand its outputs on."""
+        order), then hand its outputs on. Its inputs count as held until it has run."""
         try:
             if self._pool is None:
                 outputs, queue_ms, compute_ms = self._compute(request_id, stage_id, pending, ready)
@@ -259,6 +289,8 @@ class StageServer:
                 request_id, stage_id, self._failure(stage_id, e), pending.deadline_ms
             )
             return
+        finally:
+            self._release(pending)
         self._timed(stage_id, compute_ms)
         remote = self._forward(request_id, stage_id, pending, outputs, queue_ms, compute_ms)
         if remote:
@@ -295,9 +327,13 @@ class StageServer:
         for target, tensors in by_target.items():
             handler = self.peers.local.get(target)
             if handler is not None:  # in this process: in memory, right now
-                handler.deliver(
-                    Delivery(request_id, target, tensors, pending.deadline_ms, timings, stage_id)
+                delivery = Delivery(
+                    request_id, target, tensors, pending.deadline_ms, timings, stage_id
                 )
+                try:
+                    handler.deliver(delivery)
+                except ServingError as e:  # the next stage is full: report it as a push's
+                    remote.append(_failed(e))
             else:
                 remote.append(
                     self.peers.push(
@@ -344,7 +380,7 @@ class StageServer:
         """Free the state of requests whose deadline passed, and old tombstones."""
         now = now_ms()
         for key in [k for k, p in self.pending.items() if p.deadline_ms <= now]:
-            del self.pending[key]
+            self._release(self.pending.pop(key))
         for rid in [r for r, until in self.cancelled.items() if until <= now]:
             del self.cancelled[rid]
 

@@ -19,9 +19,10 @@ model or, with `MODEL=`, for one. Environment fallbacks: MOIRAI_PLAN, MOIRAI_HOS
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moirai.cli.options import check_port_free, port, positive_float, positive_int
 from moirai.errors import MoiraiError
@@ -34,15 +35,17 @@ from moirai.runtime.daemon import (
 from moirai.stageplan import GATEWAY, StagePlan
 
 if TYPE_CHECKING:
-    from stage_server.serve import ServedModel
+    from stage_server.serve import ChainOptions, ServedModel
+
+log = logging.getLogger(__name__)
 
 
 def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of an Open Inference Protocol front end (`moirai gateway`, `moirai stage
     --frontend`)."""
     from stage_server.batchconfig import add_arguments as add_batching_arguments
-    from stage_server.endpointconfig import add_arguments as add_endpoint_arguments
     from stage_server.serve import DEFAULT_MAX_REQUEST_BYTES
+    from stage_server.settings import add_arguments as add_endpoint_arguments
 
     p.add_argument("--grpc-port", type=int, default=8001, help="OIP gRPC port (default 8001)")
     p.add_argument("--http-port", type=int, default=8000, help="OIP HTTP port (default 8000)")
@@ -55,6 +58,32 @@ def add_frontend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=positive_float, default=30.0, help="request deadline, seconds")
     add_batching_arguments(p)
     add_endpoint_arguments(p)
+
+
+def add_chain_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of a chain port (`moirai stage`, `moirai gateway`)."""
+    p.add_argument(
+        "--chain-token-file",
+        metavar="FILE",
+        help="file holding the chain token that the servers of this deployment share (default: "
+        "$MOIRAI_CHAIN_TOKEN; none: the chain is open to whoever reaches its port)",
+    )
+
+
+def chain_options(args: argparse.Namespace, **settings: Any) -> ChainOptions:
+    """The chain options of the flags (`settings`: more fields of `ChainOptions`); warns when
+    the chain has no token."""
+    from stage_server.auth import CHAIN_TOKEN_ENV, read_token
+    from stage_server.serve import ChainOptions
+
+    token = read_token(args.chain_token_file, CHAIN_TOKEN_ENV, "--chain-token-file")
+    if token is None:
+        log.warning(
+            "the chain is not authenticated: anyone who reaches its port may push to it; give "
+            "the servers of this deployment a shared token (%s or --chain-token-file)",
+            CHAIN_TOKEN_ENV,
+        )
+    return ChainOptions(token, timeout_s=args.timeout, **settings)
 
 
 def frontend_ports(args: argparse.Namespace) -> dict[str, int]:
@@ -81,6 +110,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="port on which the stage servers push final outputs, never the gRPC or HTTP port "
         "(default: the port of the plans' 'gateway' endpoint)",
     )
+    add_chain_arguments(p)
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument(
         "--grpc-only",
@@ -101,9 +131,11 @@ def run(args: argparse.Namespace) -> int:
         check_port_free(flag, number, args.host)
     from stage_server.allocator import keep_freed_memory
     from stage_server.batchconfig import check_model_names, from_args
-    from stage_server.endpointconfig import from_args as endpoint_from_args
     from stage_server.serve import ServedModel, start_front_end
+    from stage_server.settings import from_args as endpoint_from_args
 
+    endpoint = endpoint_from_args(args)  # the token files read, before any work
+    chain = chain_options(args)
     plans = [StagePlan.load(path) for path in paths]
     names = [plan.model_name for plan in plans]
     for name in names:
@@ -128,7 +160,6 @@ def run(args: argparse.Namespace) -> int:
         for plan in plans
     ]
     chain_port = _chain_port(args, models)
-    endpoint = endpoint_from_args(args)
     keep_freed_memory()
 
     async def start() -> Stoppable:
@@ -138,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             chain_port=chain_port,
+            chain=chain,
             max_request_bytes=args.max_request_bytes,
             timeout_s=args.timeout,
             same_host=not args.grpc_only,

@@ -35,6 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output", action="append", default=[], help="outputs to return (default all)")
     p.add_argument("--save", type=output_folder, help="write each output to DIR/NAME.npy")
     p.add_argument("--timeout", type=positive_float, default=30.0, help="deadline, seconds")
+    p.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="file holding the endpoint's bearer token, if it needs one (default: "
+        "$MOIRAI_AUTH_TOKEN)",
+    )
     p.set_defaults(func=run)
 
 
@@ -110,6 +116,7 @@ def _array(name: str, value: object, datatype: str | None) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     import grpc
 
+    from stage_server.auth import AUTH_TOKEN_ENV, read_token
     from stage_server.client import InferenceClient
 
     if "://" in args.url:
@@ -118,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         )
     values = _values(args)
     connect_s = min(CONNECT_S, args.timeout)
-    with InferenceClient(args.url) as client:
+    token = read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
+    with InferenceClient(args.url, token) as client:
         try:
             meta = client.metadata(args.model, timeout_s=connect_s)
         except grpc.RpcError as e:

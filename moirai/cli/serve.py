@@ -52,8 +52,8 @@ from moirai.stageplan import StagePlan
 from stage_server.batchconfig import add_arguments as add_batching_arguments
 from stage_server.batchconfig import check_model_names
 from stage_server.batchconfig import from_args as batching_from_args
-from stage_server.endpointconfig import add_arguments as add_endpoint_arguments
-from stage_server.endpointconfig import from_args as endpoint_from_args
+from stage_server.settings import add_arguments as add_endpoint_arguments
+from stage_server.settings import from_args as endpoint_from_args
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.batchconfig import check_batchable
 
     batching_from_args(args)  # the flags for every model make sense, before any work
+    endpoint = endpoint_from_args(args)
     if args.grpc_port == args.http_port:
         raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
     check_port_free("--grpc-port", args.grpc_port)
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             batching=first.batching,
             more=tuple(more),
-            endpoint=endpoint_from_args(args),
+            endpoint=endpoint,
         )
         stopping = False
 

@@ -23,7 +23,12 @@ import argparse
 import os
 from pathlib import Path
 
-from moirai.cli.gateway import add_frontend_arguments, frontend_ports
+from moirai.cli.gateway import (
+    add_chain_arguments,
+    add_frontend_arguments,
+    chain_options,
+    frontend_ports,
+)
 from moirai.cli.options import check_port_free, port, positive_int
 from moirai.errors import MoiraiError
 from moirai.runtime.daemon import (
@@ -33,6 +38,7 @@ from moirai.runtime.daemon import (
     run_until_signalled,
 )
 from moirai.stageplan import StagePlan
+from stage_server.settings import DEFAULT_MAX_PENDING_BYTES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,6 +63,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--frontend",
         action="store_true",
         help="also serve the model's Open Inference Protocol endpoint from this process",
+    )
+    add_chain_arguments(p)
+    p.add_argument(
+        "--max-pending-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_PENDING_BYTES,
+        metavar="N",
+        help="bytes of tensors held for requests at most; pushes past it are refused with "
+        f"RESOURCE_EXHAUSTED (default {DEFAULT_MAX_PENDING_BYTES})",
     )
     add_frontend_arguments(p)
     p.set_defaults(func=run)
@@ -86,9 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.allocator import keep_freed_memory
     from stage_server.batchconfig import check_model_names
     from stage_server.batchconfig import from_args as batching_from_args
-    from stage_server.endpointconfig import from_args as endpoint_from_args
     from stage_server.serve import Frontend, start_stage
+    from stage_server.settings import EndpointConfig
+    from stage_server.settings import from_args as endpoint_from_args
 
+    chain = chain_options(args, max_pending_bytes=args.max_pending_bytes)
+    endpoint = endpoint_from_args(args) if args.frontend else None
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
     plan.device(args.device)
@@ -115,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             same_host=not args.grpc_only,
             cpus=cpus if args.frontend else None,
+            chain=chain,
             frontend=Frontend(
                 args.grpc_port,
                 args.http_port,
                 args.max_request_bytes,
                 args.timeout,
                 batching,
-                endpoint_from_args(args),
+                endpoint or EndpointConfig(),
             )
             if args.frontend
             else None,

@@ -11,7 +11,9 @@ with `os.sched_setaffinity` in the child: to the whole process, or only to the t
 stages in the process of the front end, which may use every core) so that their thread counts
 are real; GPU devices get their CUDA device id from the plan. The servers push to each other
 over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which keeps
-every push on gRPC, the path between hosts.
+every push on gRPC, the path between hosts. Every push carries the deployment's chain token
+(`stage_server.auth`), made afresh for each deployment and handed to the children in their
+environment.
 
 Several models (`more`) are served behind one front end, which then runs in a process of its
 own (`moirai gateway` with every model's plan): a front end fused into one model's stage server
@@ -32,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,8 +51,9 @@ import grpc
 from moirai.errors import MoiraiError
 from moirai.planning.cpu import core_sets
 from moirai.stageplan import GATEWAY, StagePlan
+from stage_server.auth import CHAIN_TOKEN_ENV
 from stage_server.batchconfig import BatchingConfig
-from stage_server.endpointconfig import EndpointConfig
+from stage_server.settings import EndpointConfig
 
 PR_SET_PDEATHSIG = 1
 LOCALHOST = "127.0.0.1"
@@ -105,6 +110,9 @@ class LocalDeployment:
     """The front end in the process of the plan's first stage (single-lane plans only)."""
     more: tuple[LocalModel, ...] = ()
     """Models served beside the first (`plan`), behind the same front end."""
+    chain_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    """The secret every push between these processes carries (`stage_server.auth`); they get
+    it in their environment, which only this user can read, never on their command line."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
     """Chain address by process name (a device's, or `MODEL/DEVICE` with several models)."""
@@ -194,6 +202,8 @@ class LocalDeployment:
             args += ["--cpus", ",".join(map(str, self.cores[name]))]
         if device == self.entry:
             args += ["--frontend", *self._frontend]
+        else:  # how long a request may be held
+            args += ["--timeout", str(self.timeout_s)]
         self._spawn(name, [*args, *self._transport])
 
     def start_gateway(self) -> None:
@@ -229,6 +239,7 @@ class LocalDeployment:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, CHAIN_TOKEN_ENV: self.chain_token},
             preexec_fn=_die_with_parent,
             # Python's descriptors are not inherited anyway (PEP 446). Closing every descriptor
             # between fork and exec would close gRPC's epoll descriptor under the poller thread

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from stage_server.client import AsyncInferenceClient
-from stage_server.endpointconfig import EndpointConfig
 from stage_server.protos import grpc_predict_v2_pb2 as oip
+from stage_server.settings import EndpointConfig
 
 from . import models
 

@@ -13,6 +13,7 @@ import pytest
 
 from moirai.cli import infer, main
 from moirai.errors import MoiraiError
+from moirai.runtime.local import free_ports
 
 COSTGRAPH = {
     "format": "moirai.costgraph/v1",
@@ -408,3 +409,30 @@ def test_gateway_chain_port_apart_from_the_public_ones(capsys: pytest.CaptureFix
         "moirai: --chain-port 18125 is also the gRPC or HTTP port: the stages' pushes need a port "
         "of their own, apart from the public endpoint"
     )
+
+
+@pytest.mark.parametrize("content", [None, "  \n"], ids=["missing", "empty"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gateway", "--plan", "missing.json", "--grpc-port", "0", "--http-port", "0"],
+        ["serve", "missing.onnx", "--grpc-port", "{0}", "--http-port", "{1}"],
+        ["infer", "--model", "m", "--input", "x=[1]"],
+    ],
+    ids=["gateway", "serve", "infer"],
+)
+def test_a_token_file_that_gives_no_token_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], content: str | None
+) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    ports = [str(p) for p in free_ports(2)]
+    argv = [a.format(*ports) for a in argv]
+    message = one_line_error(capsys, [*argv, "--auth-token-file", str(path)])
+    reason = (
+        "cannot read the token (No such file or directory)"
+        if content is None
+        else ("the file is empty; write the token into it")
+    )
+    assert message == f"moirai: --auth-token-file {path}: {reason}"

@@ -1,17 +1,20 @@
-"""The public endpoint's limits and security settings and their command-line flags, apart from
-the serving stack (`stage_server.limits`, `stage_server.serve`) so that the CLI and the operator
-use them without importing it. `moirai serve`, `moirai stage --frontend` and `moirai gateway`
-take the same flags."""
+"""The servers' limits and security settings and their command-line flags, apart from the
+serving stack (`stage_server.limits`, `stage_server.serve`) so that the CLI and the operator use
+them without importing it. The endpoint's (`EndpointConfig`): `moirai serve`, `moirai stage
+--frontend` and `moirai gateway` take the same flags."""
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moirai.errors import MoiraiError
 
+DEFAULT_MAX_PENDING_BYTES = 2 << 30
+"""Bytes of tensors a stage server holds for requests at most (`--max-pending-bytes`)."""
 DEFAULT_MAX_IN_FLIGHT = 256
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 
@@ -22,6 +25,11 @@ class EndpointConfig:
 
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    auth_token: str | None = field(default=None, repr=False)
+    """The bearer token clients must present (`stage_server.auth`); None: no authentication."""
+    auth_token_file: str | None = None
+    """The file it was read from, passed on to child processes (the token itself never goes
+    on a command line; from the environment, children inherit it)."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -36,6 +44,8 @@ class EndpointConfig:
             args += ["--max-in-flight", str(self.max_in_flight)]
         if self.idle_timeout_s != DEFAULT_IDLE_TIMEOUT_S:
             args += ["--idle-timeout", str(self.idle_timeout_s)]
+        if self.auth_token_file:
+            args += ["--auth-token-file", self.auth_token_file]
         return args
 
 
@@ -58,8 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"request whose headers never complete; gRPC without calls; default "
         f"{DEFAULT_IDLE_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--auth-token-file",
+        metavar="FILE",
+        help="file holding the token that clients must send as 'Authorization: Bearer <token>' "
+        "(default: $MOIRAI_AUTH_TOKEN; none: the endpoint is open); health and readiness stay "
+        "open",
+    )
 
 
 def from_args(args: Any) -> EndpointConfig:
     """The configuration of the flags of `add_arguments`."""
-    return EndpointConfig(args.max_in_flight, args.idle_timeout)
+    from stage_server.auth import AUTH_TOKEN_ENV, read_token
+
+    token = read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
+    path = str(Path(args.auth_token_file).resolve()) if args.auth_token_file else None
+    return EndpointConfig(args.max_in_flight, args.idle_timeout, token, path)
