@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from loadgen import drive  # noqa: E402
+from loadgen import cpu_ms, drive  # noqa: E402
 from runtime import inputs_for, median_ms  # noqa: E402
 from validation import frame_ms  # noqa: E402
 
@@ -366,14 +366,15 @@ def main() -> None:
                 message = " ".join(str(e).split())[:200]
                 print(f"{name:>14}: failed: {message}", flush=True)
                 rows.append({"model": name, "failed": message})
-    results = {
-        "rows": kept + rows,
-        "settings": settings,
-        "machine": {"cores": len(available_cores()), "cpu": cpu_model()},
-    }
-    (args.out / "plans.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = report(results)
-    (args.out / "plans.md").write_text(text)
+        # Written after every model, so that a run cut short keeps the models it measured.
+        results = {
+            "rows": kept + rows,
+            "settings": settings,
+            "machine": {"cores": len(available_cores()), "cpu": cpu_model()},
+        }
+        (args.out / "plans.json").write_text(json.dumps(results, indent=1) + "\n")
+        text = report(results)
+        (args.out / "plans.md").write_text(text)
     print(text)
 
 
