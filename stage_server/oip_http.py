@@ -3,7 +3,8 @@
 Routes: `/v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models` (the models served, as
 KServe lists them), `POST /v2/repository/index` (each with its state, as Triton's repository
 extension answers: what `tritonclient`'s `get_model_repository_index` reads),
-`/v2/models/{name}[/versions/{v}]`, `.../ready`, `.../infer`, and `/metrics` (Prometheus). Each
+`/v2/models/{name}[/versions/{v}]`, `.../ready`, `.../infer`, and `/metrics` (Prometheus), unless
+it has a port of its own (`create_metrics_app`, `--metrics-port`). Each
 model route looks its model up in the front end's `Repository` (404 naming the models served).
 Inference bodies are JSON, or JSON followed by raw tensor bytes under the binary-data extension
 (`Inference-Header-Content-Length` gives the JSON's length), which is what tritonclient sends by
@@ -54,11 +55,16 @@ OPEN_PREFIXES = ("/v2/health/",)
 
 
 def create_app(
-    repository: Repository, max_request_bytes: int, in_flight: InFlight, token: str | None = None
+    repository: Repository,
+    max_request_bytes: int,
+    in_flight: InFlight,
+    token: str | None = None,
+    metrics: bool = True,
 ) -> web.Application:
     """The app of `repository`'s models; `in_flight` counts inference requests (shared with the
     gRPC transport); with `token`, every route but `OPEN_PREFIXES` needs it
-    (`stage_server.auth`), checked before a request's body is read."""
+    (`stage_server.auth`), checked before a request's body is read. `metrics`: serve
+    `/metrics` too."""
     middlewares = [error_middleware(repository.metrics)]
     if token is not None:
         middlewares.append(auth.http_guard(token, OPEN_PREFIXES))
@@ -125,11 +131,6 @@ def create_app(
             content_type="application/octet-stream",
         )
 
-    async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=repository.exposition())
-        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        return response
-
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     app.add_routes(
@@ -145,10 +146,27 @@ def create_app(
             web.get(f"{versioned}/ready", model_ready),
             web.post(f"{model}/infer", infer),
             web.post(f"{versioned}/infer", infer),
-            web.get("/metrics", metrics),
         ]
     )
+    if metrics:
+        app.add_routes([_metrics_route(repository)])
     return app
+
+
+def create_metrics_app(repository: Repository) -> web.Application:
+    """`/metrics` alone, with no token: for a port of its own that only scrapers reach."""
+    app = web.Application()
+    app.add_routes([_metrics_route(repository)])
+    return app
+
+
+def _metrics_route(repository: Repository) -> web.RouteDef:
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=repository.exposition())
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    return web.get("/metrics", metrics)
 
 
 def _json_length(header: str | None) -> int | None:

@@ -41,7 +41,7 @@ from stage_server.chain import add_to_server as add_chain_to_server
 from stage_server.gateway import Gateway
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import InferenceServicer, add_to_server, max_message_bytes
-from stage_server.oip_http import create_app
+from stage_server.oip_http import create_app, create_metrics_app
 from stage_server.repository import GatewayDispatch, Repository
 from stage_server.samehost import Listener
 from stage_server.settings import DEFAULT_MAX_PENDING_BYTES, EndpointConfig
@@ -182,7 +182,7 @@ class Frontend:
 @dataclass
 class FrontendHandle:
     """A running front end: its models (`Repository`: a gateway per model, batching where
-    configured), OIP gRPC server and HTTP app."""
+    configured), OIP gRPC server and HTTP app, and its metrics app if on a port of its own."""
 
     repository: Repository
     server: grpc.aio.Server
@@ -190,15 +190,27 @@ class FrontendHandle:
     grpc_port: int
     http_port: int
     in_flight: InFlight
+    metrics: web.AppRunner | None = None
 
     @property
     def gateway(self) -> Any:
         """The data plane of the one model served (a gateway, or the batching front over it)."""
         return self.repository.only
 
-    async def stop(self, grace: float | None = None) -> None:
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of `/metrics` alone; None: it is on the HTTP port."""
+        return None if self.metrics is None else self.metrics.addresses[0][1]
+
+    async def stop_endpoint(self, grace: float | None = None) -> None:
+        """Stop the public servers (and the metrics port)."""
         await self.http.cleanup()
+        if self.metrics is not None:
+            await self.metrics.cleanup()
         await self.server.stop(grace)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.stop_endpoint(grace)
         await self.repository.stop()
 
 
@@ -232,7 +244,13 @@ async def _start_http(
     in_flight: InFlight,
 ) -> web.AppRunner:
     runner = web.AppRunner(
-        create_app(repository, max_request_bytes, in_flight, endpoint.auth_token),
+        create_app(
+            repository,
+            max_request_bytes,
+            in_flight,
+            endpoint.auth_token,
+            metrics=endpoint.metrics_port is None,
+        ),
         access_log=None,
         # A client that closes its connection cancels its request, which the gateway then
         # cancels along the chain, instead of serving it for no one.
@@ -240,6 +258,11 @@ async def _start_http(
         # Also closes a connection whose request's headers never complete.
         keepalive_timeout=endpoint.idle_timeout_s,
     )
+    return await _start_site(runner, host, port)
+
+
+async def _start_site(runner: web.AppRunner, host: str, port: int) -> web.AppRunner:
+    """Set `runner` up and listen on `host:port`; a failure cleans it up."""
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -266,17 +289,25 @@ async def start_oip(
     endpoint = endpoint or EndpointConfig()
     in_flight = InFlight(endpoint.max_in_flight)
     server = _oip_server(repository, max_request_bytes, timeout_s, endpoint, in_flight)
+    runner = metrics = None
     try:
         bound = _bind(server, host, grpc_port)
         await server.start()
         runner = await _start_http(
             repository, host, http_port, max_request_bytes, endpoint, in_flight
         )
+        if endpoint.metrics_port is not None:
+            metrics = web.AppRunner(create_metrics_app(repository), access_log=None)
+            metrics = await _start_site(metrics, host, endpoint.metrics_port)
     except MoiraiError:
+        if runner is not None:
+            await runner.cleanup()
         await server.stop(None)
         raise
     await repository.start()
-    return FrontendHandle(repository, server, runner, bound, runner.addresses[0][1], in_flight)
+    return FrontendHandle(
+        repository, server, runner, bound, runner.addresses[0][1], in_flight, metrics
+    )
 
 
 async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> FrontendHandle:
@@ -375,8 +406,7 @@ class GatewayHandle(FrontendHandle):
         return self.chain.port
 
     async def stop(self, grace: float | None = None) -> None:
-        await self.http.cleanup()
-        await self.server.stop(grace)
+        await self.stop_endpoint(grace)
         await self.chain.stop(grace)
         await self.repository.stop()
 
@@ -457,5 +487,6 @@ async def start_front_end(
         handle.grpc_port,
         handle.http_port,
         handle.in_flight,
+        handle.metrics,
         chain=chain_handle,
     )

@@ -30,12 +30,17 @@ class EndpointConfig:
     auth_token_file: str | None = None
     """The file it was read from, passed on to child processes (the token itself never goes
     on a command line; from the environment, children inherit it)."""
+    metrics_port: int | None = None
+    """The port that serves `/metrics` alone, with no token (for a scrape port that the
+    network restricts); None: `/metrics` is on the HTTP port, behind the token if any."""
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise MoiraiError(f"--max-in-flight {self.max_in_flight}: give 1 or more")
         if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
             raise MoiraiError(f"--idle-timeout {self.idle_timeout_s}: give seconds > 0")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise MoiraiError(f"--metrics-port {self.metrics_port}: give a port, 0 to 65535")
 
     def to_args(self) -> list[str]:
         """The command-line flags that give this configuration (`add_arguments`)."""
@@ -46,6 +51,8 @@ class EndpointConfig:
             args += ["--idle-timeout", str(self.idle_timeout_s)]
         if self.auth_token_file:
             args += ["--auth-token-file", self.auth_token_file]
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port)]
         return args
 
 
@@ -75,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: $MOIRAI_AUTH_TOKEN; none: the endpoint is open); health and readiness stay "
         "open",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port alone, with no token (restrict who reaches "
+        "it), and not on the HTTP port (default: /metrics on the HTTP port)",
+    )
 
 
 def from_args(args: Any) -> EndpointConfig:
@@ -83,4 +97,4 @@ def from_args(args: Any) -> EndpointConfig:
 
     token = read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
     path = str(Path(args.auth_token_file).resolve()) if args.auth_token_file else None
-    return EndpointConfig(args.max_in_flight, args.idle_timeout, token, path)
+    return EndpointConfig(args.max_in_flight, args.idle_timeout, token, path, args.metrics_port)

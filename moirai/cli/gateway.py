@@ -87,10 +87,17 @@ def chain_options(args: argparse.Namespace, **settings: Any) -> ChainOptions:
 
 
 def frontend_ports(args: argparse.Namespace) -> dict[str, int]:
-    """The front end's ports by flag, for `check_port_free`."""
-    if args.grpc_port == args.http_port != 0:  # 0: any free port
-        raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
-    return {"--grpc-port": args.grpc_port, "--http-port": args.http_port}
+    """The front end's ports by flag, for `check_port_free`; two flags of one port are
+    refused."""
+    ports = {"--grpc-port": args.grpc_port, "--http-port": args.http_port}
+    if args.metrics_port is not None:
+        ports["--metrics-port"] = args.metrics_port
+    seen: dict[int, str] = {}
+    for flag, number in ports.items():
+        if number in seen and number != 0:  # 0: any free port
+            raise MoiraiError(f"{seen[number]} and {flag} are both {number}: give two ports")
+        seen[number] = flag
+    return ports
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -202,9 +209,9 @@ def _chain_port(args: argparse.Namespace, models: list[ServedModel]) -> int:
 
 def _apart(args: argparse.Namespace, chain_port: int) -> int:
     """`chain_port`, refused when it is also a public port."""
-    if chain_port in (args.grpc_port, args.http_port) and chain_port != 0:
+    if chain_port in frontend_ports(args).values() and chain_port != 0:
         raise MoiraiError(
-            f"--chain-port {chain_port} is also the gRPC or HTTP port: the stages' pushes need "
+            f"--chain-port {chain_port} is also a front-end port: the stages' pushes need "
             "a port of their own, apart from the public endpoint"
         )
     return chain_port

@@ -248,16 +248,15 @@ def plan_several(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from moirai.cli.gateway import frontend_ports
     from moirai.planning import describe
     from moirai.runtime.local import LocalDeployment, LocalModel
     from stage_server.batchconfig import check_batchable
 
     batching_from_args(args)  # the flags for every model make sense, before any work
     endpoint = endpoint_from_args(args)
-    if args.grpc_port == args.http_port:
-        raise MoiraiError(f"--grpc-port and --http-port are both {args.grpc_port}: give two ports")
-    check_port_free("--grpc-port", args.grpc_port)
-    check_port_free("--http-port", args.http_port)
+    for flag, number in frontend_ports(args).items():
+        check_port_free(flag, number)
     files = model_files(args.model)
     names = list(files)
     check_model_names(args, names)
@@ -297,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"serving {', '.join(names)}: gRPC {deployment.grpc_url}, "
                 f"HTTP http://{deployment.http_url} (Open Inference Protocol); "
-                f"metrics at http://{deployment.http_url}/metrics; Ctrl-C stops",
+                f"metrics at http://{deployment.metrics_url}/metrics; Ctrl-C stops",
                 flush=True,
             )
             while not stopping:

@@ -81,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("plan", "model", "device"):
         if not getattr(args, flag):
             raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
-    ports = {"--port": args.port, **(frontend_ports(args) if args.frontend else {})}
-    if args.frontend and args.port in (args.grpc_port, args.http_port):
+    public = frontend_ports(args) if args.frontend else {}
+    ports = {"--port": args.port, **public}
+    if args.port in public.values():
         raise MoiraiError(
-            f"--port {args.port} is also the gRPC or HTTP port: the chain needs a port of its "
+            f"--port {args.port} is also a front-end port: the chain needs a port of its "
             "own, apart from the public endpoint"
         )
     for flag, number in ports.items():

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -145,13 +145,21 @@ class LocalDeployment:
     def http_url(self) -> str:
         return f"{LOCALHOST}:{self.http_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Where `/metrics` is: the metrics port's, or else the HTTP port's."""
+        port = self.endpoint.metrics_port
+        return self.http_url if port is None else f"{LOCALHOST}:{port}"
+
     def start(self, ready_timeout_s: float = 120.0) -> None:
         self._stages = {
             self.name_of(m, d): (m, d) for m in self.models for d in m.plan.used_devices
         }
-        ports = free_ports(len(self._stages) + 3)
+        ports = free_ports(len(self._stages) + 4)
         self.grpc_port = self.grpc_port or ports[-2]
         self.http_port = self.http_port or ports[-1]
+        if self.endpoint.metrics_port == 0:  # any free port: one, kept across restarts
+            self.endpoint = replace(self.endpoint, metrics_port=ports[-4])
         self.addresses = {n: f"{LOCALHOST}:{p}" for n, p in zip(self._stages, ports, strict=False)}
         # Where stages push final outputs: the front end's chain port (never a public one).
         chain = self.addresses[self.entry] if self.entry else f"{LOCALHOST}:{ports[-3]}"

@@ -13,8 +13,9 @@ For a plan over devices d1..dn the operator writes:
                                       push the model's outputs
     NetworkPolicy <pm>-stages         stage servers admit traffic only from their peer stages
                                       and their gateway (when enabled)
-    NetworkPolicy <pm>-gateway        the gateway admits clients on its public ports, and only
-                                      its stage servers on its chain port (when enabled)
+    NetworkPolicy <pm>-gateway        the gateway admits clients on its public ports, pods of
+                                      the cluster on its metrics port, and only its stage
+                                      servers on its chain port (when enabled)
     HorizontalPodAutoscaler <pm>-lanes   the lanes scaled on requests in flight (when asked)
 
 Every object carries the same labels (so the operator can list and prune what it owns), an
@@ -70,6 +71,8 @@ STAGE_PORT = 50051
 """Chain port of stage servers (internal)."""
 GATEWAY_CHAIN_PORT = 50052
 """The gateway's chain port (internal), where the last stages push the model's outputs."""
+METRICS_PORT = 9090
+"""The gateway's Prometheus `/metrics` (no token; reached only from inside the cluster)."""
 POD_IP_ENV = "POD_IP"
 PLAN_DIR = "/etc/moirai/plan"
 MODEL_DIR = "/var/lib/moirai/model"
@@ -259,6 +262,8 @@ def gateway_command(spec: PlacedModelSpec) -> list[str]:
         str(spec.serving.grpc_port),
         "--chain-port",
         str(GATEWAY_CHAIN_PORT),
+        "--metrics-port",
+        str(METRICS_PORT),
         "--grpc-only",
         *spec.serving.batching.to_args(),
     ]
@@ -438,6 +443,7 @@ def gateway_deployment(
             {"name": "http", "containerPort": spec.serving.port},
             {"name": "grpc", "containerPort": spec.serving.grpc_port},
             {"name": "chain", "containerPort": GATEWAY_CHAIN_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
         "readinessProbe": {
@@ -526,7 +532,8 @@ def _tcp(*ports: int) -> list[dict[str, Any]]:
 
 def network_policies(owner: Owner, spec: PlacedModelSpec) -> list[Manifest]:
     """Stage servers admit traffic only from their own PlacedModel's stages and gateway; the
-    gateway admits anyone on its public ports and only those stages on its chain port."""
+    gateway admits anyone on its public ports, the cluster's pods (a Prometheus in any
+    namespace) on its metrics port, and only those stages on its chain port."""
     stages = _ingress_policy(
         owner,
         "stages",
@@ -544,6 +551,7 @@ def network_policies(owner: Owner, spec: PlacedModelSpec) -> list[Manifest]:
         COMPONENT_GATEWAY,
         [
             {"ports": _tcp(spec.serving.port, spec.serving.grpc_port)},
+            {"from": [{"namespaceSelector": {}}], "ports": _tcp(METRICS_PORT)},
             {"from": [_peers(owner, COMPONENT_STAGE)], "ports": _tcp(GATEWAY_CHAIN_PORT)},
         ],
     )

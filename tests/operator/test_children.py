@@ -7,6 +7,7 @@ import json
 
 import pytest
 from moirai_operator.children import (
+    METRICS_PORT,
     STAGE_PORT,
     BuildOptions,
     Owner,
@@ -179,11 +180,29 @@ def test_gateway_policy_opens_public_ports_and_the_chain_port_to_stages_only() -
     _, objs = children(serving={"port": 9000, "grpcPort": 9001})
     policy = by_name(objs)[("NetworkPolicy", "resnet-gateway")]["spec"]
     assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
-    public, chain = policy["ingress"]
+    public, metrics, chain = policy["ingress"]
     assert "from" not in public and [p["port"] for p in public["ports"]] == [9000, 9001]
+    assert metrics == {
+        "from": [{"namespaceSelector": {}}],
+        "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+    }
     (peer,) = chain["from"]
     assert peer["podSelector"]["matchExpressions"][0]["values"] == ["stage-server"]
     assert chain["ports"] == [{"protocol": "TCP", "port": 50052}]
+
+
+def test_gateway_serves_metrics_on_a_port_of_its_own() -> None:
+    """`/metrics` (no token) is on the container's `metrics` port, not on the public Service."""
+    _, objs = children()
+    gateway = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    (container,) = gateway["containers"]
+    command = container["command"]
+    assert command[command.index("--metrics-port") + 1] == str(METRICS_PORT)
+    assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert len(ports) == len(container["ports"])  # every port apart
+    svc = by_name(objs)[("Service", "resnet-gateway")]["spec"]
+    assert METRICS_PORT not in [p["port"] for p in svc["ports"]]
 
 
 def test_oversized_plan_is_refused() -> None:

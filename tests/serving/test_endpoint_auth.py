@@ -1,12 +1,15 @@
 """The endpoint's bearer token and the chain token, over real sockets: a client without the
 endpoint's token gets 401 / UNAUTHENTICATED on everything but liveness and readiness, before its
 body is read; the processes of `moirai serve` share a chain token made for them, which no command
-line shows, and refuse pushes without it."""
+line shows, and refuse pushes without it. With a metrics port, `/metrics` is there alone, with no
+token, and no longer on the HTTP port."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -95,6 +98,30 @@ async def test_the_endpoint_answers_only_clients_with_its_token(cluster) -> None
     await client.close()
 
 
+async def test_metrics_answer_on_their_own_port_only(cluster) -> None:
+    """`--metrics-port`: `/metrics` answers there with no token, and is no route of the
+    inference port (404 even with the token); the inference port still serves."""
+    model = models.mlp()
+    endpoint = EndpointConfig(auth_token=TOKEN, metrics_port=0)
+    c = await cluster(model, split_plan(model, 2), endpoint=endpoint)
+    port = c.gateway.metrics_port
+    assert port not in (None, c.gateway.http_port, c.gateway.grpc_port)
+    client = AsyncInferenceClient(c.grpc_url, TOKEN)
+    await client.infer("mlp", models.random_inputs(model), timeout_s=10)
+    await client.close()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200
+            assert "moirai_request_duration_seconds_count 1.0" in (await r.text()).splitlines()
+        async with http.get(f"http://127.0.0.1:{port}/v2/models", headers=headers) as r:
+            assert r.status == 404  # the metrics port serves nothing else
+        async with http.get(f"http://{c.http_url}/metrics", headers=headers) as r:
+            assert r.status == 404
+        async with http.get(f"http://{c.http_url}/v2/models", headers=headers) as r:
+            assert r.status == 200
+
+
 def test_serve_processes_share_a_chain_token_that_no_command_line_shows(tmp_path: Path) -> None:
     """`LocalDeployment` (what `moirai serve` runs) makes a chain token and hands it to its
     children in their environment; the endpoint's token comes from a file. A push without the
@@ -104,7 +131,7 @@ def test_serve_processes_share_a_chain_token_that_no_command_line_shows(tmp_path
     onnx.save(model, path)
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n")
-    endpoint = EndpointConfig(auth_token=TOKEN, auth_token_file=str(token_file))
+    endpoint = EndpointConfig(auth_token=TOKEN, auth_token_file=str(token_file), metrics_port=0)
     plan = split_plan(model, 2)
     x = models.random_inputs(model)
     deployment = LocalDeployment(plan, path, tmp_path / "run", endpoint=endpoint)
@@ -137,3 +164,13 @@ def test_serve_processes_share_a_chain_token_that_no_command_line_shows(tmp_path
             with pytest.raises(Unauthenticated, match="needs its token"):
                 asyncio.run(push(same_host, None))
         asyncio.run(push(False, deployment.chain_token))  # the deployment's own token passes
+        # `--metrics-port` reaches the front end's process: /metrics there, with no token.
+        assert deployment.metrics_url != deployment.http_url
+        with urllib.request.urlopen(f"http://{deployment.metrics_url}/metrics") as response:
+            assert b"moirai_request_duration_seconds_count" in response.read()
+        request = urllib.request.Request(
+            f"http://{deployment.http_url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request)
+        assert e.value.code == 404

@@ -406,8 +406,15 @@ def test_gateway_chain_port_apart_from_the_public_ones(capsys: pytest.CaptureFix
     """The stages' pushes never share the public endpoint's port."""
     argv = ["gateway", "--plan", "missing.json", "--grpc-port", "18125", "--chain-port", "18125"]
     assert one_line_error(capsys, argv) == (
-        "moirai: --chain-port 18125 is also the gRPC or HTTP port: the stages' pushes need a port "
+        "moirai: --chain-port 18125 is also a front-end port: the stages' pushes need a port "
         "of their own, apart from the public endpoint"
+    )
+
+
+def test_metrics_port_apart_from_the_http_port(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["gateway", "--plan", "missing.json", "--http-port", "18126", "--metrics-port", "18126"]
+    assert one_line_error(capsys, argv) == (
+        "moirai: --http-port and --metrics-port are both 18126: give two ports"
     )
 
 
