@@ -166,7 +166,7 @@ def test_two_lanes_lose_only_the_requests_in_flight_on_a_killed_stage_server(
         assert status["replicas"] == 2
         pods = run_deployments(cluster, kubelet, "mlp")
         gateway = pods["mlp-gateway"]
-        metrics = f"http://{gateway.ip}:{http_port}"
+        metrics = f"http://{gateway.ip}:{gateway.port('metrics')}"  # not on the HTTP port
         lane1 = sorted(name for name in pods if name.endswith("-l1"))
         assert len(lane1) >= 2 and len(pods) == 2 * len(lane1) + 1
         victim = pods[lane1[-1]]
