@@ -29,17 +29,19 @@ times in milliseconds, sizes in bytes::
   --device NAME=TARGET` named it). Each entry is self-contained, so profiles of different devices
   (one per node pool, say) merge by taking the union of their entries.
 - `groups` are the fusion groups of *that device's* execution provider (what ONNX Runtime fuses
-  there), each with the canonical names of its ONNX nodes (`moirai.graph.load_model`), its median
-  time per run and interquartile range over the repeats, how it was timed (`trace`: ONNX Runtime's
-  per-node profiler over the whole model; `submodel`: the group cut out and run alone; `none`:
-  ONNX Runtime ran no kernel for it, e.g. only folded constants), and its memory: the weights its
-  kernels read and the activations they write (from the static shapes: ONNX Runtime's trace
-  reports prepacked weights as absent, which would understate what a device must hold).
-- `run_ms` is the whole model's compute time per run in a session built exactly as the stage
-  servers build theirs, without the profiler (null when the model could not run whole on the
-  device), `call_overhead_ms` what one session call costs beyond its kernels (feeding and
-  fetching), `kernel_ms` the sum of ONNX Runtime's per-kernel times. The group times add up to
-  `run_ms`: see `moirai.profile.measured` for how the time between kernels is shared out.
+  there), each with the canonical names of its ONNX nodes (`moirai.graph.load_model`), its time
+  per run (its share of the fastest run) and interquartile range over the repeats, how it was
+  timed (`trace`: ONNX Runtime's per-node profiler over the whole model; `submodel`: the group
+  cut out and run alone; `none`: ONNX Runtime ran no kernel for it, e.g. only folded
+  constants), and its memory: the weights its kernels read and the activations they write (from
+  the static shapes: ONNX Runtime's trace reports prepacked weights as absent, which would
+  understate what a device must hold).
+- `run_ms` is the whole model's compute time per run (the fastest of the repeats) in a session
+  built exactly as the stage servers build theirs, without the profiler (null when the model
+  could not run whole on the device), `call_overhead_ms` what one session call costs beyond its
+  kernels (feeding and fetching), `kernel_ms` the sum of ONNX Runtime's per-kernel times. The
+  group times add up to `run_ms`: see `moirai.profile.measured` for how the time between
+  kernels is shared out.
 - `link` (optional) is the fitted link between two stage servers (`moirai.profile.links`).
 
 How a profile prices a cost graph (`DocumentProfile`): a cost graph device takes the profile

@@ -48,8 +48,7 @@ saw the same machine, so the estimate holds up on a busy one, where medians of t
 taken apart can drift by more than the gap. (When the kernels add up to more than the plain run
 — noise, or the profiler slowing them — groups are scaled down by the median ratio instead.)
 Finally the groups are scaled together to add up to `run_ms` exactly: the trace says how the
-time splits, the plain session how much there is — the sum of per-group medians alone falls
-short of a typical run on a busy machine, where slow runs hit different groups. The one-off cost of
+time splits, the plain session how much there is. The one-off cost of
 a session call (feeding inputs, fetching outputs) is kept apart as `call_overhead_ms`: a stage
 pays it once per run whatever its size.
 
@@ -71,8 +70,15 @@ outputs on the GPU (`IOBinding`) and synchronise, so the times hold the GPU's wo
 host↔device copies; when the whole model ran, the group times are then scaled to add up to its
 run time, which folds in launch overlap and per-kernel overhead the way the CPU path does.
 
-**Statistics.** Per group, the median of its per-run times over `repeats` runs and their
-interquartile range (`spread_ms`); warm-up runs are never counted.
+**Statistics.** How much time a run takes (`run_ms`, a group sub-model's time) is the fastest
+of the timed runs: on a shared machine every other run carries some of other work's
+interference, and how much depends on the moment (a two-thread session loses a whole run's
+worth when one of its threads waits for a busy core), so medians measured at different times
+ranked devices by the load they met rather than by their speed, and a profile taken in a busy
+minute stayed in the cache. The fastest run is what the device does, and it is stable from
+idle to loaded. How that time splits among the groups comes from the medians of the trace's
+per-run times, and the spread of each is their interquartile range (`spread_ms`); warm-up runs
+are never counted.
 """
 
 from __future__ import annotations
@@ -154,6 +160,11 @@ class Settings:
 # ---------------------------------------------------------------- statistics
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
+
+
+def _fastest(values: Sequence[float]) -> float:
+    """The time of a run (module docstring, Statistics)."""
+    return min(values) if values else 0.0
 
 
 def _iqr(values: Sequence[float]) -> float:
@@ -437,7 +448,7 @@ def _run_submodels(
                 runner.run()
             out[index] = times = [runner.run() for _ in range(settings.repeats)]
             done += 1
-            say(f"group sub-model {done}/{len(measured)}: {_median(times):.3f} ms")
+            say(f"group sub-model {done}/{len(measured)}: {_fastest(times):.3f} ms")
         env.update(zip(stage.outputs, runner.results(), strict=True))
         for t in stage.inputs:
             uses[t] -= 1
@@ -474,7 +485,7 @@ def measure_device(
         overhead = call_overhead_ms(target)
         trace = target.kind == "cpu" and settings.method != "submodel"
         whole = _try_whole(model, graph, target, settings, feeds, Path(tmp), trace, say)
-        run_ms = None if whole is None else max(0.0, _median(whole.run_ms) - overhead)
+        run_ms = None if whole is None else max(0.0, _fastest(whole.run_ms) - overhead)
         timings: dict[int, GroupTiming] = {}
         kernel_ms = None
         untimed = list(range(len(groups)))
@@ -492,12 +503,12 @@ def measure_device(
             alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
             scale = 1.0
             if run_ms is not None and not timings:
-                total = sum(max(0.0, _median(ms) - overhead) for ms in alone.values())
+                total = sum(max(0.0, _fastest(ms) - overhead) for ms in alone.values())
                 scale = run_ms / total if total > 0 else 1.0
             for i, ms in alone.items():
                 timings[i] = GroupTiming(
                     groups[i].ops,
-                    max(0.0, _median(ms) - overhead) * scale,
+                    max(0.0, _fastest(ms) - overhead) * scale,
                     _iqr(ms) * scale,
                     "submodel",
                 )
@@ -624,7 +635,7 @@ def _from_trace(
     count = sum(launches) or 1.0
     shares = [medians[g] * scale + max(0.0, gap) * launches[g] / count for g in range(len(groups))]
     # The trace says how the time splits; the plain session says how much there is.
-    total = _median([c for c, _ in pairs])
+    total = _fastest([c for c, _ in pairs])
     norm = total / sum(shares) if sum(shares) > 0 else 1.0
     timings = {
         g: GroupTiming(group.ops, shares[g] * norm, spreads[g] * scale * norm, "trace")

@@ -5,6 +5,7 @@ the choice of provider (the GPU itself is checked on a GPU machine; see the modu
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import onnx
@@ -49,6 +50,34 @@ def test_zoo_cnn_every_group_timed_from_the_trace(squeezenet: ModelFile) -> None
     assert any("fusion groups" in m for m in messages) and any("run 4/4" in m for m in messages)
     assert profile.signature == signature(CPU1)
     assert (profile.warmup, profile.repeats) == (FAST.warmup, FAST.repeats)
+
+
+def test_runs_slowed_by_other_work_do_not_move_the_profile(
+    squeezenet: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same runs, once as measured and once with every run but the fastest slowed 4x (other
+    work on the machine): the same time per run, shared out among the same groups."""
+    model, graph = _load(squeezenet)
+    real_run_whole = measured._run_whole
+    recorded: list[measured._Whole] = []
+
+    def recording(*args: object, **kwargs: object) -> measured._Whole:
+        recorded.append(real_run_whole(*args, **kwargs))
+        return recorded[-1]
+
+    monkeypatch.setattr(measured, "call_overhead_ms", lambda target: 0.05)
+    monkeypatch.setattr(measured, "_run_whole", recording)
+    quiet = measure_device(model, graph, CPU1, FAST)
+    whole = recorded[0]
+    fastest = min(range(len(whole.run_ms)), key=whole.run_ms.__getitem__)
+    slowed = [ms if i == fastest else ms * 4 for i, ms in enumerate(whole.run_ms)]
+    monkeypatch.setattr(
+        measured, "_run_whole", lambda *a, **k: dataclasses.replace(whole, run_ms=slowed)
+    )
+    busy = measure_device(model, graph, CPU1, FAST)
+    assert quiet.run_ms is not None and busy.run_ms == pytest.approx(quiet.run_ms, rel=1e-9)
+    assert busy.total_ms == pytest.approx(quiet.total_ms, rel=1e-9)
+    assert busy.run_spread_ms > quiet.run_spread_ms  # the spread still says it was busy
 
 
 def _optimised(model: onnx.ModelProto, path: Path) -> onnx.GraphProto:
