@@ -17,6 +17,8 @@ For a plan over devices d1..dn the operator writes:
                                       the cluster on its metrics port, and only its stage
                                       servers on its chain port (when enabled)
     HorizontalPodAutoscaler <pm>-lanes   the lanes scaled on requests in flight (when asked)
+    Secret       <pm>-chain-token the chain token the stage servers and the gateway share
+                                      (`chain_secret`: made once, never by `build_children`)
 
 Every object carries the same labels (so the operator can list and prune what it owns), an
 ownerReference to the PlacedModel (so deleting it deletes them), and names derived only from the
@@ -30,6 +32,12 @@ Stage servers listen on their pod's IP (the downward API's `status.podIP`), not 
 address: they are reached only through their Services, and pods that share a network namespace
 (host networking, the container tests) can then all use the one chain port. Every push is gRPC
 (`--grpc-only`): no two pods share a loopback, so the same-host fast path never applies.
+
+Tokens reach the pods by reference only (`env.valueFrom.secretKeyRef`): the chain token from the
+PlacedModel's chain Secret, which the reconciler creates once with a random token and then keeps
+(a new token would split running pods from new ones), and the endpoint's bearer token from the
+Secret that `spec.serving.authTokenSecret` names. No token is ever an argument of a builder but
+`chain_secret`'s, so none can land in a pod spec, a label or an annotation.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import (
     ANNOTATION_PLAN_DIGEST,
     API_VERSION,
+    COMPONENT_CHAIN,
     COMPONENT_GATEWAY,
     COMPONENT_PLAN,
     COMPONENT_PROFILER,
@@ -66,6 +75,7 @@ from moirai_operator.resources import (
     Manifest,
 )
 from moirai_operator.spec import PlacedModelSpec
+from stage_server.auth import AUTH_TOKEN_ENV, CHAIN_TOKEN_ENV
 
 STAGE_PORT = 50051
 """Chain port of stage servers (internal)."""
@@ -84,6 +94,8 @@ CONFIGMAP_LIMIT = 1_000_000
 """Bytes: the API server rejects ConfigMaps over 1 MiB; keep a margin for metadata."""
 RUN_AS_USER = 10001
 """The non-root user of the image (see the Dockerfile)."""
+TOKEN_KEY = "token"
+"""The key of a token in its Secret: the chain Secret's and `spec.serving.authTokenSecret`'s."""
 
 
 class PlanTooLargeError(MoiraiError):
@@ -165,6 +177,31 @@ def gateway_name(owner: Owner) -> str:
 
 def gateway_chain_name(owner: Owner) -> str:
     return child_name(owner.name, "gateway-chain")
+
+
+def chain_secret_name(owner: Owner) -> str:
+    return child_name(owner.name, "chain-token")
+
+
+def chain_secret(owner: Owner, token: str) -> Manifest:
+    """The Secret holding the chain token of `owner`'s stage servers and gateway, owned by the
+    PlacedModel (deleting it deletes the Secret). Created once: see the module docstring."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(owner, chain_secret_name(owner), COMPONENT_CHAIN),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def _secret_env(env: str, secret: str) -> dict[str, Any]:
+    return {"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}}
+
+
+def chain_token_env(owner: Owner) -> dict[str, Any]:
+    """`MOIRAI_CHAIN_TOKEN` of every stage server and the gateway, from the chain Secret."""
+    return _secret_env(CHAIN_TOKEN_ENV, chain_secret_name(owner))
 
 
 def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
@@ -399,7 +436,7 @@ def stage_deployment(
     container = {
         "name": "stage-server",
         "command": stage_command(lane_name(device.entry.name, lane), spec),
-        "env": [POD_IP],
+        "env": [POD_IP, chain_token_env(owner)],
         "ports": [{"name": "chain", "containerPort": STAGE_PORT}],
         "resources": {"requests": requests, **({"limits": limits} if limits else {})},
         "readinessProbe": _grpc_probe(STAGE_PORT),
@@ -436,9 +473,13 @@ def stage_service(owner: Owner, device: PlannedDevice, lane: int = 0) -> Manifes
 def gateway_deployment(
     owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
 ) -> Manifest:
+    env = [chain_token_env(owner)]
+    if spec.serving.auth_token_secret:
+        env.append(_secret_env(AUTH_TOKEN_ENV, spec.serving.auth_token_secret))
     container = {
         "name": "gateway",
         "command": gateway_command(spec),
+        "env": env,
         "ports": [
             {"name": "http", "containerPort": spec.serving.port},
             {"name": "grpc", "containerPort": spec.serving.grpc_port},

@@ -13,9 +13,11 @@ status says was last done:
 so an operator restart at any point converges: whatever was not recorded in status is simply
 done again, and every write is an idempotent server-side apply of objects with derived names.
 
-Planning (`plan_and_apply`) fetches and verifies the model, asks the planner for a `Plan` (cost
-graph, solve, stage plan — run off the event loop), applies the children built by `children.py`
-and prunes what the new plan no longer needs. Errors a person can act on become a Failed phase
+Planning (`plan_and_apply`) checks that the endpoint's token Secret exists when the spec names
+one, fetches and verifies the model, asks the planner for a `Plan` (cost graph, solve, stage plan —
+run off the event loop), makes the chain Secret if there is none yet (its token is made here, once,
+and never replaced), applies the children built by `children.py` and prunes what the new plan no
+longer needs. Errors a person can act on become a Failed phase
 and a `Planned=False` condition here, through `status.failure`, and nowhere else; anything else
 (API errors, bugs) propagates so kopf logs it and retries. A failed re-plan leaves the previous
 children in place: a model that was serving keeps serving while the new spec is fixed.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +36,12 @@ from typing import Any, Protocol
 from moirai.errors import MoiraiError
 from moirai_operator import status as st
 from moirai_operator.children import (
+    TOKEN_KEY,
     BuildOptions,
     Owner,
     build_children,
+    chain_secret,
+    chain_secret_name,
     endpoint,
     scale_selector,
     selector,
@@ -197,6 +203,38 @@ async def _plan(
     return await ctx.planner(spec, matches, model_path, profile)
 
 
+async def ensure_chain_secret(kube: Kube, owner: Owner) -> None:
+    """Create the PlacedModel's chain Secret with a new random token, unless it already holds
+    one: a token is never replaced, since running pods keep the one they started with."""
+    current = await kube.get("Secret", owner.namespace, chain_secret_name(owner))
+    if current is not None and (current.get("data") or {}).get(TOKEN_KEY):
+        return
+    await kube.apply(chain_secret(owner, secrets.token_urlsafe(32)))
+
+
+async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> None:
+    """`spec.serving.authTokenSecret`, when given, must exist and hold a `token`: else the
+    gateway could not start (its pods would wait on the Secret, not say why)."""
+    name = spec.serving.auth_token_secret
+    if name is None:
+        return
+    secret = await kube.get("Secret", owner.namespace, name)
+    create = (
+        f"kubectl create secret generic {name} -n {owner.namespace} "
+        f"--from-literal={TOKEN_KEY}=<token>"
+    )
+    if secret is None:
+        raise st.AuthTokenSecretError(
+            f"spec.serving.authTokenSecret: Secret {name!r} not found in namespace "
+            f"{owner.namespace}: create it (`{create}`) or leave the field out"
+        )
+    if not (secret.get("data") or {}).get(TOKEN_KEY):
+        raise st.AuthTokenSecretError(
+            f"spec.serving.authTokenSecret: Secret {name!r} has no (or an empty) key "
+            f"{TOKEN_KEY!r}: put the token under that key (`{create}`)"
+        )
+
+
 def _plan_key(spec: PlacedModelSpec, pools_fingerprint: str) -> str:
     """What the plan depends on: the model, pools, placement and profiling (not the serving
     fields, the image or the lanes), and the pools as they are."""
@@ -216,6 +254,7 @@ async def plan_and_apply(
     status = _Status(ctx.kube, body)
     try:
         spec = parse_spec(body["spec"], ctx.defaults)
+        await check_auth_secret(ctx.kube, owner, spec)
         matches = match_pools(spec.pools, nodes)
         key = _plan_key(spec, fp)
         cached = ctx.plans.get(owner.uid)
@@ -245,6 +284,7 @@ async def plan_and_apply(
     events.info("Solved", summary)
     for note in plan.notes:
         events.warning("DeviceCatalogue", note)
+    await ensure_chain_secret(ctx.kube, owner)
     for manifest in children:
         await ctx.kube.apply(manifest)
     pruned = await ctx.kube.prune(owner.namespace, selector(owner), children)

@@ -34,6 +34,7 @@ COMPONENT_STAGE = "stage-server"
 COMPONENT_GATEWAY = "gateway"
 COMPONENT_PLAN = "plan"
 COMPONENT_PROFILER = "profiler"
+COMPONENT_CHAIN = "chain"
 ANNOTATION_PLAN_DIGEST = "moirai.dev/plan-digest"
 
 # Node labels naming the node pool, in order of preference: Moirai's own, then the clouds'.

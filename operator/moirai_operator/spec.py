@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -129,6 +130,9 @@ class ServingSpec:
     autoscaling: AutoscalingSpec | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Dynamic batching at the endpoint (`stage_server.batching`); off by default."""
+    auth_token_secret: str | None = None
+    """The Secret (in the PlacedModel's namespace, key `token`) whose token clients must send
+    as `Authorization: Bearer <token>`; None: the endpoint is open."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,21 @@ def _batching(raw: Mapping[str, Any], default: BatchingConfig) -> BatchingConfig
     return BatchingConfig(size, tuple(preferred), delay)
 
 
+SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def _secret_name(value: Any, where: str) -> str | None:
+    """A Secret's name (a DNS-1123 subdomain), or None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 253 or not SECRET_NAME.fullmatch(value):
+        raise SpecError(
+            f"{where} is {value!r}: give the name of a Secret in the PlacedModel's namespace "
+            "(lower-case letters, digits, '-' and '.')"
+        )
+    return value
+
+
 def _autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
     if raw is None:
         return None
@@ -315,6 +334,9 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             replicas=_int(serving.get("replicas"), "spec.serving.replicas", 1),
             autoscaling=_autoscaling(serving.get("autoscaling")),
             batching=_batching(serving.get("batching") or {}, defaults.batching),
+            auth_token_secret=_secret_name(
+                serving.get("authTokenSecret"), "spec.serving.authTokenSecret"
+            ),
         ),
         image=str(raw.get("image") or defaults.image),
         gpu_image=str(raw.get("image") or defaults.gpu_image),

@@ -56,6 +56,10 @@ class ProfilingError(MoiraiError):
     """Profiling the pools failed or is not available in the requested mode."""
 
 
+class AuthTokenSecretError(MoiraiError):
+    """`spec.serving.authTokenSecret` names a Secret that is missing or has no `token` key."""
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str
@@ -78,6 +82,7 @@ _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
     (PlanTooLargeError, "PlanTooLarge", False),
     (CatalogueError, "InvalidDeviceCatalogue", False),
     (ProfilingError, "ProfilingFailed", False),
+    (AuthTokenSecretError, "AuthTokenSecretMissing", True),
     (MoiraiError, "PlanningFailed", False),
 )
 

@@ -11,6 +11,7 @@ with single-process ONNX Runtime on the same model.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import urllib.request
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from prometheus_client.parser import text_string_to_metric_families
@@ -64,8 +66,14 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
                 }
             ],
             "profiling": {"mode": "measured"},
-            "serving": {"port": http_port, "grpcPort": grpc_port},
+            # Locked down: the chain by the operator's token, the endpoint by the clients'.
+            "serving": {"port": http_port, "grpcPort": grpc_port, "authTokenSecret": "clients"},
         }
+        token = "clients-ToKeN-0123456789"
+        cluster.core.create_namespaced_secret(
+            namespace, {"metadata": {"name": "clients"}, "stringData": {"token": token}}
+        )
+        headers = {"authorization": f"Bearer {token}"}
         with running_operator(plane, tmp_path / "cache"):
             profiled = in_thread(run_profiling_job, cluster, kubelet, "mlp")
             cluster.apply("mlp", spec)
@@ -84,22 +92,32 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
         http = triton_http.InferenceServerClient(f"{gateway.ip}:{http_port}")
         inputs = [triton_http.InferInput("x", [1, 64], "FP32")]
         inputs[0].set_data_from_numpy(x)
-        got = http.infer("mlp", inputs).as_numpy("y")
+        got = http.infer("mlp", inputs, headers=headers).as_numpy("y")
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException, match="needs a token"):
+            http.infer("mlp", inputs)
 
         grpc_client = triton_grpc.InferenceServerClient(f"{gateway.ip}:{grpc_port}")
         inputs = [triton_grpc.InferInput("x", [1, 64], "FP32")]
         inputs[0].set_data_from_numpy(x)
-        got = grpc_client.infer("mlp", inputs).as_numpy("y")
+        got = grpc_client.infer("mlp", inputs, headers=headers).as_numpy("y")
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        with pytest.raises(InferenceServerException, match="needs a token"):
+            grpc_client.infer("mlp", inputs)
 
-        # Every server ran as the pod specs say: user 10001 on a read-only root filesystem.
+        # Every server ran as the pod specs say: user 10001 on a read-only root filesystem, with
+        # the chain token of the PlacedModel's Secret (the chain served the requests above).
+        secret = cluster.secret("mlp-chain-token")
+        chain_token = base64.b64decode(secret.data["token"]).decode()
         for pod in pods.values():
             for container, docker_name in pod.containers.items():
                 if container != "pause":
                     config = kubelet.inspect(docker_name)
                     assert config["Config"]["User"] == "10001:10001"
                     assert config["HostConfig"]["ReadonlyRootfs"] is True
+                    env = dict(e.split("=", 1) for e in config["Config"]["Env"])
+                    if container in ("stage-server", "gateway"):  # not the model's fetcher
+                        assert env["MOIRAI_CHAIN_TOKEN"] == chain_token
 
 
 def _in_flight_load(

@@ -9,6 +9,7 @@ its own operators.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -161,11 +162,75 @@ def test_pool_change_replans(operator, cluster, make_node_pool, models):
     assert planned["reason"] == "NoMatchingPool" and "cordoned or NotReady" in planned["message"]
 
 
+def _env(deployment) -> dict[str, Any]:
+    (container,) = deployment.spec.template.spec.containers
+    return {e.name: e for e in container.env or []}
+
+
+def test_the_chain_token_is_a_secret_made_once_and_read_by_reference(
+    operator, cluster, make_node_pool, models
+):
+    gpu, cpu = two_pools(cluster, make_node_pool)
+    cluster.apply("mlp", spec_for(models, gpu, cpu))
+    cluster.wait_phase("mlp", "Ready")
+    secret = cluster.secret("mlp-chain-token")
+    token = base64.b64decode(secret.data["token"]).decode()
+    assert len(token) >= 40
+    (owner,) = secret.metadata.owner_references
+    assert (owner.kind, owner.uid) == ("PlacedModel", cluster.pm("mlp")["metadata"]["uid"])
+    deployments = cluster.deployments("mlp")
+    for d in deployments.values():
+        ref = _env(d)["MOIRAI_CHAIN_TOKEN"].value_from.secret_key_ref
+        assert (ref.name, ref.key) == ("mlp-chain-token", "token")
+    # Another plan and another lane later, the same Secret and token: no running pod is cut off.
+    cluster.apply("mlp", spec_for(models, gpu, cpu, serving={"replicas": 2}))
+    assert cluster.wait_phase("mlp", "Ready")["observedGeneration"] == 2
+    kept = cluster.secret("mlp-chain-token")
+    assert kept.metadata.uid == secret.metadata.uid and kept.data == secret.data
+    # The token is in no Deployment, the status, an annotation or an Event.
+    seen = [
+        cluster.api.sanitize_for_serialization(d)
+        for d in cluster.apps.list_namespaced_deployment(cluster.ns).items
+    ]
+    seen += [
+        cluster.pm("mlp"),
+        cluster.api.sanitize_for_serialization(cluster.core.list_namespaced_event(cluster.ns)),
+    ]
+    assert token not in json.dumps(seen)
+
+
+def test_an_endpoint_token_secret_is_waited_for_then_read_by_the_gateway(
+    operator, cluster, make_node_pool, models
+):
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="8")
+    spec = {
+        "model": {"uri": models["mlp"]},
+        "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 2}],
+        "serving": {"authTokenSecret": "mlp-clients"},
+    }
+    cluster.apply("mlp", spec)
+    status = cluster.wait_phase("mlp", "Failed")
+    planned = next(c for c in status["conditions"] if c["type"] == "Planned")
+    assert planned["reason"] == "AuthTokenSecretMissing", planned
+    assert "kubectl create secret generic mlp-clients" in planned["message"]
+    assert not cluster.deployments("mlp")
+    # Created later, with no change to the PlacedModel: the retry finds it.
+    cluster.core.create_namespaced_secret(
+        cluster.ns, {"metadata": {"name": "mlp-clients"}, "stringData": {"token": "open-sesame"}}
+    )
+    cluster.wait_phase("mlp", "Ready")
+    gateway = cluster.deployments("mlp")["mlp-gateway"]
+    ref = _env(gateway)["MOIRAI_AUTH_TOKEN"].value_from.secret_key_ref
+    assert (ref.name, ref.key) == ("mlp-clients", "token")
+    assert "open-sesame" not in json.dumps(cluster.api.sanitize_for_serialization(gateway))
+
+
 def test_delete_removes_every_child(operator, cluster, make_node_pool, models):
     gpu, cpu = two_pools(cluster, make_node_pool)
     cluster.apply("mlp", spec_for(models, gpu, cpu))
     cluster.wait_phase("mlp", "Ready")
-    assert cluster.children("mlp")
+    assert "Secret/mlp-chain-token" in cluster.children("mlp")
     cluster.custom.delete_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, "mlp")
     wait_until("the garbage collector to delete the children", lambda: not cluster.children("mlp"))
 

@@ -204,6 +204,7 @@ class Cluster:
             ("ConfigMap", self.core.list_namespaced_config_map(self.ns, label_selector=selector)),
             ("Service", self.core.list_namespaced_service(self.ns, label_selector=selector)),
             ("Deployment", self.apps.list_namespaced_deployment(self.ns, label_selector=selector)),
+            ("Secret", self.core.list_namespaced_secret(self.ns, label_selector=selector)),
         ):
             found |= {f"{kind}/{o.metadata.name}" for o in items.items}
         return found
@@ -238,18 +239,24 @@ def _manifest(api: client.ApiClient, obj: Any, kind: str) -> dict[str, Any]:
     return {"kind": kind, **api.sanitize_for_serialization(obj)}
 
 
+def add_secrets(cluster: Cluster, kubelet: Kubelet, pod_spec: dict[str, Any]) -> None:
+    """Hand the kubelet every Secret that `pod_spec`'s environment reads (`secretKeyRef`), as
+    the API server holds it; one written just after its pod is waited for, as kubelets do."""
+    for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
+        for env in container.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                name = ref["name"]
+                secret = wait_until(f"Secret {name}", lambda n=name: cluster.secret(n))
+                kubelet.add_object(_manifest(cluster.api, secret, "Secret"))
+
+
 def run_profiling_job(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, Any]:
     """The nodes' part in measured profiling: run the pod of PlacedModel `name`'s profiling Job
     to completion (its last container reports to the operator); returns the pod spec."""
     (job,) = wait_until("the profiling Job", lambda: cluster.profiling_jobs(name))
     pod_spec = cluster.api.sanitize_for_serialization(job.spec.template.spec)
-    for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
-        for env in container.get("env") or []:
-            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if ref:  # the operator may write the Secret just after the Job: wait, as kubelets do
-                name = ref["name"]
-                secret = wait_until(f"Secret {name}", lambda n=name: cluster.secret(n))
-                kubelet.add_object(_manifest(cluster.api, secret, "Secret"))
+    add_secrets(cluster, kubelet, pod_spec)
     labels = dict(job.spec.template.metadata.labels or {})
     kubelet.start(kubelet.pod(f"{job.metadata.name}-pod", cluster.ns, pod_spec, labels))
     return pod_spec
@@ -280,7 +287,8 @@ def in_thread(what: Callable[..., Any], *args: Any) -> Callable[[], Any]:
 
 def run_deployments(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, Pod]:
     """A pod for each Deployment of PlacedModel `name` (by Deployment name), started with its
-    plan ConfigMap, Services resolved, and ready."""
+    plan ConfigMap and the Secrets it reads (the chain token's, the endpoint token's), Services
+    resolved, and ready."""
     selector = f"moirai.dev/placedmodel={name}"
     for cm in cluster.core.list_namespaced_config_map(cluster.ns, label_selector=selector).items:
         kubelet.add_object(_manifest(cluster.api, cm, "ConfigMap"))
@@ -289,11 +297,10 @@ def run_deployments(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, 
     for deployment in deployments.items:
         assert deployment.spec.replicas == 1, deployment.metadata.name
         template = deployment.spec.template
+        pod_spec = cluster.api.sanitize_for_serialization(template.spec)
+        add_secrets(cluster, kubelet, pod_spec)
         pods[deployment.metadata.name] = kubelet.pod(
-            f"{deployment.metadata.name}-0",
-            cluster.ns,
-            cluster.api.sanitize_for_serialization(template.spec),
-            template.metadata.labels,
+            f"{deployment.metadata.name}-0", cluster.ns, pod_spec, template.metadata.labels
         )
     for service in cluster.core.list_namespaced_service(cluster.ns, label_selector=selector).items:
         manifest = _manifest(cluster.api, service, "Service")

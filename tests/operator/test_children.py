@@ -317,3 +317,46 @@ def test_replicas_are_lanes_each_with_stage_servers_of_its_own() -> None:
     assert plan.devices_of_lane(1) == ("gpu-0-l1", "cpu-0-l1")
     assert plan.routes("x", 1) == ("s0-l1",) and plan.routes("y", 1) == ("gateway",)
     assert plan.endpoints["cpu-0-l1"] == f"resnet-cpu-0-l1.ml.svc:{STAGE_PORT}"
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def test_every_server_reads_the_chain_token_from_the_placed_model_s_secret() -> None:
+    from moirai_operator.children import chain_secret, chain_secret_name
+
+    _, objs = children(serving={"replicas": 2})
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert len(deployments) == 5  # two lanes of two stage servers, and the gateway
+    name = chain_secret_name(OWNER)
+    assert name == "resnet-chain-token"
+    for d in deployments:
+        (container,) = d["spec"]["template"]["spec"]["containers"]
+        assert _env(container)["MOIRAI_CHAIN_TOKEN"] == {
+            "name": "MOIRAI_CHAIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": name, "key": "token"}},
+        }
+        assert "MOIRAI_AUTH_TOKEN" not in _env(container)  # the endpoint is open by default
+    # The Secret itself is not a child built from the spec (its token is made once, elsewhere).
+    assert not any(o["kind"] == "Secret" for o in objs)
+    secret = chain_secret(OWNER, "s3cret-ToKeN")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == name
+    assert secret["stringData"] == {"token": "s3cret-ToKeN"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert secret["metadata"]["labels"]["moirai.dev/placedmodel"] == "resnet"
+    assert "ToKeN" not in json.dumps(secret["metadata"])
+
+
+def test_the_gateway_reads_the_endpoint_token_from_the_secret_the_spec_names() -> None:
+    _, objs = children(serving={"authTokenSecret": "resnet-clients"})
+    gateway = by_name(objs)[("Deployment", "resnet-gateway")]
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    assert _env(container)["MOIRAI_AUTH_TOKEN"] == {
+        "name": "MOIRAI_AUTH_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "resnet-clients", "key": "token"}},
+    }
+    # The probes stay open: they call health and readiness, which need no token.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    stage = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
+    assert "MOIRAI_AUTH_TOKEN" not in _env(stage["containers"][0])

@@ -51,6 +51,16 @@ def test_crd_placement_enums_are_the_registry_names() -> None:
     assert placement["objective"]["enum"] == list(OBJECTIVES)
 
 
+def test_crd_admits_the_secret_names_the_operator_takes() -> None:
+    from moirai_operator.spec import SECRET_NAME
+
+    serving = schema()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["serving"][
+        "properties"
+    ]
+    assert serving["authTokenSecret"]["pattern"] == f"^{SECRET_NAME.pattern}$"
+    assert serving["authTokenSecret"]["maxLength"] == 253
+
+
 def test_crd_names_columns_and_status_subresource() -> None:
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["group"] == "moirai.dev"

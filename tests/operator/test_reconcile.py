@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import copy
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from moirai_operator.children import BuildOptions
+from moirai_operator.kube import PRUNED_KINDS
 from moirai_operator.pools import PoolMatch, node_facts
 from moirai_operator.reconcile import Context, converge, stale_reason
 from moirai_operator.spec import Defaults, PlacedModelSpec
@@ -17,16 +21,28 @@ from moirai.errors import InfeasibleError
 
 
 class FakeKube:
-    """Stores applied objects; status patches merge into `status`."""
+    """Stores applied objects (a Secret's stringData as the API server stores it, base64 in
+    data); status patches merge into `status`."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
         self.patches: list[dict[str, Any]] = []
+        self.applied: list[tuple[str, str]] = []
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        self.objects[(manifest["kind"], manifest["metadata"]["name"])] = manifest
+        manifest = copy.deepcopy(manifest)
+        if manifest["kind"] == "Secret":
+            data = manifest.setdefault("data", {})
+            for key, value in manifest.pop("stringData", {}).items():
+                data[key] = base64.b64encode(value.encode()).decode()
+        key = (manifest["kind"], manifest["metadata"]["name"])
+        self.objects[key] = manifest
+        self.applied.append(key)
         return manifest
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.objects.get((kind, name))
 
     async def list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list:
         return [
@@ -37,7 +53,7 @@ class FakeKube:
 
     async def prune(self, namespace: str, labels: Mapping[str, str], keep) -> list[str]:
         wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
-        gone = [key for key in self.objects if key not in wanted]
+        gone = [key for key in self.objects if key[0] in PRUNED_KINDS and key not in wanted]
         for key in gone:
             del self.objects[key]
         return [f"{k}/{n}" for k, n in gone]
@@ -273,3 +289,75 @@ async def test_lanes_change_without_solving_again(model: Path, tmp_path: Path) -
     body["metadata"]["generation"] = 4
     await converge(body, NODES, ctx, events)
     assert planner.calls == 2
+
+
+def _secret(name: str, **data: str) -> dict[str, Any]:
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    return {"kind": "Secret", "metadata": {"name": name, "namespace": "ml"}, "data": encoded}
+
+
+async def test_the_chain_secret_is_made_once_and_kept(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    secret = kube.objects[("Secret", "resnet-chain-token")]
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) >= 40  # secrets.token_urlsafe(32)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    # Made before the pods that read it; a new plan, a new spec, lanes: the same token.
+    assert kube.applied.index(("Secret", "resnet-chain-token")) < kube.applied.index(
+        ("Deployment", "resnet-gpu-0")
+    )
+    for generation, serving in ((2, {"replicas": 2}), (3, {"replicas": 1, "port": 9000})):
+        body["status"] = dict(kube.status)
+        body["spec"]["serving"] = serving
+        body["metadata"]["generation"] = generation
+        await converge(body, NODES, ctx, events)
+        assert kube.objects[("Secret", "resnet-chain-token")] == secret
+    assert kube.applied.count(("Secret", "resnet-chain-token")) == 1
+    # The token is read by reference only: in no other object, the status or an Event.
+    others = [o for k, o in kube.objects.items() if k != ("Secret", "resnet-chain-token")]
+    assert token not in json.dumps([others, kube.patches, events.seen])
+    # Another PlacedModel gets another token.
+    other = FakeKube()
+    await converge(make_body(path_spec(model)), NODES, context(other, Planner(), tmp_path), events)
+    assert other.objects[("Secret", "resnet-chain-token")]["data"] != secret["data"]
+
+
+async def test_a_missing_endpoint_token_secret_is_a_condition_until_it_exists(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model) | {"serving": {"authTokenSecret": "clients"}})
+    await converge(body, NODES, ctx, events)
+    assert kube.status["phase"] == "Failed" and planner.calls == 0
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert planned["reason"] == "AuthTokenSecretMissing"
+    assert planned["message"].startswith(
+        "spec.serving.authTokenSecret: Secret 'clients' not found in namespace ml: create it "
+        "(`kubectl create secret generic clients -n ml --from-literal=token=<token>`)"
+    )
+    assert "\n" not in planned["message"] and not kube.objects
+
+    # A Secret without the key: retried (no spec change needed), and says what is missing.
+    await kube.apply(_secret("clients", other="x"))
+    body["status"] = dict(kube.status)
+    assert stale_reason(body, kube.status["poolsFingerprint"]) is not None
+    await converge(body, NODES, ctx, events)
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert planned["reason"] == "AuthTokenSecretMissing"
+    assert "no (or an empty) key 'token'" in planned["message"]
+
+    await kube.apply(_secret("clients", token="let-me-in"))
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert kube.status["phase"] == "Deploying"
+    gateway = kube.objects[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in gateway["containers"][0]["env"]}
+    assert env["MOIRAI_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "clients",
+        "key": "token",
+    }
+    assert "let-me-in" not in json.dumps([gateway, kube.patches, events.seen])

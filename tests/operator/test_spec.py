@@ -85,11 +85,18 @@ def test_path_uri_needs_a_volume_that_contains_it() -> None:
         (make_spec(placement={"solver": "magic"}), r"spec\.placement\.solver"),
         (make_spec(model={"uri": "ftp://h/m.onnx"}), "scheme 'ftp'"),
         (make_spec(model={"uri": "http://h/m", "inputShapes": {"x": [0]}}), "inputShapes"),
+        (make_spec(serving={"authTokenSecret": "Not_A_Name"}), r"spec\.serving\.authTokenSecret"),
     ],
 )
 def test_invalid_specs_name_the_field(raw: dict, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse_spec(raw, DEFAULTS)
+
+
+def test_auth_token_secret_is_a_secret_name_or_left_out() -> None:
+    assert parse_spec(make_spec(), DEFAULTS).serving.auth_token_secret is None
+    spec = parse_spec(make_spec(serving={"authTokenSecret": "ml.clients-1"}), DEFAULTS)
+    assert spec.serving.auth_token_secret == "ml.clients-1"
 
 
 def test_batching_takes_the_operator_s_defaults_where_the_spec_leaves_it_out() -> None:
