@@ -73,7 +73,7 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
         cluster.core.create_namespaced_secret(
             namespace, {"metadata": {"name": "clients"}, "stringData": {"token": token}}
         )
-        headers = {"authorization": f"Bearer {token}"}
+        bearer = f"Bearer {token}"
         with running_operator(plane, tmp_path / "cache"):
             profiled = in_thread(run_profiling_job, cluster, kubelet, "mlp")
             cluster.apply("mlp", spec)
@@ -92,7 +92,8 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
         http = triton_http.InferenceServerClient(f"{gateway.ip}:{http_port}")
         inputs = [triton_http.InferInput("x", [1, 64], "FP32")]
         inputs[0].set_data_from_numpy(x)
-        got = http.infer("mlp", inputs, headers=headers).as_numpy("y")
+        # (a new dict each call: tritonclient's HTTP client adds its own headers to it)
+        got = http.infer("mlp", inputs, headers={"authorization": bearer}).as_numpy("y")
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         with pytest.raises(InferenceServerException, match="needs a token"):
             http.infer("mlp", inputs)
@@ -100,7 +101,7 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
         grpc_client = triton_grpc.InferenceServerClient(f"{gateway.ip}:{grpc_port}")
         inputs = [triton_grpc.InferInput("x", [1, 64], "FP32")]
         inputs[0].set_data_from_numpy(x)
-        got = grpc_client.infer("mlp", inputs, headers=headers).as_numpy("y")
+        got = grpc_client.infer("mlp", inputs, headers={"authorization": bearer}).as_numpy("y")
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         with pytest.raises(InferenceServerException, match="needs a token"):
             grpc_client.infer("mlp", inputs)
