@@ -2,8 +2,8 @@
 servers, and write a profile file for `--profile FILE`.
 
     moirai profile MODEL.onnx [--device cpu:threads=1 --device cuda:0 ...] \
-        [--input-shape NAME=DIMS] [--warmup 3] [--repeats 10] [--method auto|trace|submodel] \
-        [--no-links] [--cache-dir DIR | --no-cache] [-o profile.json]
+        [--input-shape NAME=DIMS] [--warmup 3] [--repeats 10] [--min-seconds 1] \
+        [--method auto|trace|submodel] [--no-links] [--cache-dir DIR | --no-cache] [-o profile.json]
 
 Devices are `cpu`, `cpu:threads=N`, `cuda` or `cuda:ID`, each optionally named (`NAME=TARGET`);
 by default, the devices `moirai serve --devices local` would use. Progress goes to stderr while
@@ -46,7 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--input-shape", action="append", default=[], metavar="NAME=DIMS", help="e.g. x=1x3x224x224"
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed runs (default 10)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs, at least (default 10)")
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="time the whole model for at least this long, with more runs of a quick model "
+        "(default 1)",
+    )
     p.add_argument(
         "--method",
         choices=("auto", "trace", "submodel"),
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     profiler = MeasuredProfile(
         args.model,
         parse_input_shapes(args.input_shape) or None,
-        settings=Settings(args.warmup, args.repeats, args.method),
+        settings=Settings(args.warmup, args.repeats, args.method, args.min_seconds),
         cache=None if args.no_cache else ProfileCache.at(args.cache_dir),
         link_probe=None if args.no_links else measure_loopback,
         progress=_progress,

@@ -11,7 +11,8 @@ run, its spread, how it was timed, and its memory.
 threads, pinned to as many cores as the local runtime pins a stage server to.
 
 **Whole model, per-node profiler (the CPU path).** Two sessions run the whole model in turns,
-`warmup` times untimed and then `repeats` times: a plain one, whose wall-clock time per run less
+`warmup` times untimed and then `repeats` times (more for a quick model: the timed runs last
+`min_seconds`, by default 1 s, up to `MAX_REPEATS`): a plain one, whose wall-clock time per run less
 one session call's overhead (timed on a one-node model) is `run_ms`, and one with ONNX Runtime's
 profiler on (`enable_profiling`), whose JSON trace has one "Node" event per kernel run, named
 `<optimised node name>_kernel_time`, with its duration in µs. Taking the times from the plain
@@ -88,6 +89,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -140,6 +142,7 @@ Progress = Callable[[str], None]
 METHOD_CHOICES = ("auto", "trace", "submodel")
 _KERNEL_SUFFIX = "_kernel_time"
 _OVERHEAD_CALLS = 50
+MAX_REPEATS = 200
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,23 @@ class Settings:
     method: str = "auto"
     """`auto` (trace on the CPU, sub-models on CUDA and as the fallback), `trace` (fail rather
     than fall back) or `submodel` (every group alone)."""
+    min_seconds: float = 1.0
+    """The whole model's timed runs last at least this long (more than `repeats` of a quick
+    model, at most `MAX_REPEATS`), so that the fastest run is taken over a window longer than
+    a busy moment of the machine."""
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.repeats < 1:
-            raise ProfileError("profiling needs --warmup >= 0 and --repeats >= 1")
+        if self.warmup < 0 or self.repeats < 1 or self.min_seconds < 0:
+            raise ProfileError(
+                "profiling needs --warmup >= 0, --repeats >= 1 and --min-seconds >= 0"
+            )
         if self.method not in METHOD_CHOICES:
             raise ProfileError(f"--method {self.method!r}: use one of {', '.join(METHOD_CHOICES)}")
+
+    def runs_for(self, run_ms: float) -> int:
+        """Timed runs of a model that takes `run_ms` a run (`min_seconds`)."""
+        wanted = math.ceil(self.min_seconds * 1000.0 / max(run_ms, 1e-3))
+        return max(self.repeats, min(MAX_REPEATS, wanted))
 
 
 # ---------------------------------------------------------------- statistics
@@ -301,15 +315,19 @@ def _run_whole(
     outputs = list(graph.outputs)
     plain = _Runner(_session(model, target), feeds, outputs, target)
     profiled = _profiled_session(model, target, workdir) if trace else None
-    times = []
+    warm: list[float] = []
+    times: list[float] = []
     total = settings.warmup + settings.repeats
-    for i in range(total):
+    i = 0
+    while i < total:
         elapsed = plain.run()
         if profiled is not None:
             profiled.run(outputs, dict(feeds))
-        if i >= settings.warmup:
-            times.append(elapsed)
+        (times if i >= settings.warmup else warm).append(elapsed)
+        if i + 1 == settings.warmup:
+            total = settings.warmup + settings.runs_for(min(warm))
         say(f"whole model, run {i + 1}/{total}" + (" (warm-up)" if i < settings.warmup else ""))
+        i += 1
     whole = _Whole(times)
     if profiled is not None:
         trace_file = profiled.end_profiling()
@@ -523,7 +541,7 @@ def measure_device(
         call_overhead_ms=overhead,
         kernel_ms=kernel_ms,
         warmup=settings.warmup,
-        repeats=settings.repeats,
+        repeats=settings.repeats if whole is None else len(whole.run_ms),
         measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     say(

@@ -15,7 +15,17 @@ from moirai.profile.document import ProfileDocument
 
 def _profile(model: ModelFile, *extra: str) -> int:
     shapes = [f"--input-shape={k}={'x'.join(map(str, v))}" for k, v in model.input_shapes.items()]
-    return main(["profile", str(model.path), *shapes, "--warmup=1", "--repeats=3", *extra])
+    return main(
+        [
+            "profile",
+            str(model.path),
+            *shapes,
+            "--warmup=1",
+            "--repeats=3",
+            "--min-seconds=0",
+            *extra,
+        ]
+    )
 
 
 def test_profile_writes_a_file_and_hits_the_cache_the_second_time(

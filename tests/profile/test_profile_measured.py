@@ -80,6 +80,21 @@ def test_runs_slowed_by_other_work_do_not_move_the_profile(
     assert busy.run_spread_ms > quiet.run_spread_ms  # the spread still says it was busy
 
 
+def test_a_quick_model_is_timed_over_the_whole_window(squeezenet: ModelFile) -> None:
+    """More runs than `repeats` where they would last less than `min_seconds`, as many as fill
+    it, never more than `MAX_REPEATS`."""
+    settings = Settings(warmup=1, repeats=3, min_seconds=1.0)
+    assert settings.runs_for(2000.0) == 3
+    assert settings.runs_for(50.0) == 20
+    assert settings.runs_for(0.01) == measured.MAX_REPEATS
+    model, graph = _load(squeezenet)
+    messages: list[str] = []
+    window = Settings(warmup=1, repeats=3, min_seconds=0.2)
+    profile = measure_device(model, graph, CPU1, window, messages.append)
+    assert profile.repeats > 3 and profile.run_ms is not None
+    assert any(f"run {profile.repeats + 1}/{profile.repeats + 1}" in m for m in messages)
+
+
 def _optimised(model: onnx.ModelProto, path: Path) -> onnx.GraphProto:
     """The graph ONNX Runtime runs for a stage server on one CPU thread (level all)."""
     options = session_options(1)
