@@ -65,6 +65,7 @@ print(seconds, int(hwm.split()[1]) * 1024)
 _PLAN = """
 import dataclasses, json, sys, time
 from moirai.devices import DeviceSet, local_devices
+from moirai.graph import build_graph
 from moirai.planning import plan_model
 from moirai.planning.cpu import split_cpu
 memory, parts = float(sys.argv[2]), int(sys.argv[3])
@@ -80,6 +81,11 @@ seconds = time.perf_counter() - started
 memory = {d.name: 0 for d in planned.costgraph.devices}
 for task in planned.costgraph.tasks:
     memory[planned.placement.assignment[task.id]] += task.memory_bytes
+# A device with room for packed copies of its weights holds them twice (moirai.weights).
+graph = build_graph(planned.model)
+for d in planned.plan.used_devices:
+    if planned.plan.device(d).prepack:
+        memory[d] += graph.weight_bytes(n for s in planned.plan.stages_on(d) for n in s.nodes)
 planned.plan.save(sys.argv[4])
 print(json.dumps({"seconds": seconds, "memory": memory}))
 """
@@ -199,7 +205,8 @@ def report(r: dict) -> str:
         ]
     lines += [
         "",
-        "| devices | stage server | stages | planned: tasks + overhead | peak resident (VmHWM) "
+        "| devices | stage server | stages | planned: tasks (+ packed weights) + overhead "
+        "| peak resident (VmHWM) "
         "| within plan | first answer | then | max abs difference from ORT |",
         "|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]

@@ -437,6 +437,15 @@ class OpGraph:
         `node_names` read: the weights a device running them must hold."""
         return sum(self.tensors[t].nbytes for t in self.weights_read(node_names))
 
+    def activation_bytes(self, node_names: Iterable[str]) -> int:
+        """Bytes of the tensors that the non-constant nodes among `node_names` write."""
+        return sum(
+            self.tensors[t].nbytes
+            for name in node_names
+            if not (n := self.node[name]).constant
+            for t in n.outputs
+        )
+
     def weights_read(self, node_names: Iterable[str]) -> set[str]:
         return {
             t

@@ -38,7 +38,9 @@ def create_session(
 ) -> ort.InferenceSession:
     """A session running `model` on `device`; `threads`/`cuda_device` override the plan's."""
     options = session_options(threads if threads is not None else device.threads)
-    return ort_session(model, options, execution_providers(device, cuda_device))
+    return ort_session(
+        model, options, execution_providers(device, cuda_device), prepack=device.prepack
+    )
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

@@ -98,6 +98,12 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     name: str
@@ -106,6 +112,10 @@ class DeviceSpec:
     """ONNX Runtime intra-op threads (CPU devices); None lets ONNX Runtime choose."""
     device_id: int | None = None
     """CUDA device ordinal (GPU devices)."""
+    prepack: bool = True
+    """Whether ONNX Runtime packs the weights of its matrix kernels when a session loads (a copy
+    beside the mapped weights, and faster MatMul and Gemm); planning turns it off where the
+    device's memory has no room for that copy (`moirai.planning.pipeline`)."""
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "kind": self.kind}
@@ -113,6 +123,8 @@ class DeviceSpec:
             out["threads"] = self.threads
         if self.device_id is not None:
             out["device_id"] = self.device_id
+        if not self.prepack:
+            out["prepack"] = False
         return out
 
 
@@ -252,6 +264,7 @@ class StagePlan:
                         kind=str(d.get("kind", "cpu")),
                         threads=None if d.get("threads") is None else int(d["threads"]),
                         device_id=None if d.get("device_id") is None else int(d["device_id"]),
+                        prepack=_flag(d.get("prepack", True), f"device {d['name']}: prepack"),
                     )
                     for d in data["devices"]
                 ),

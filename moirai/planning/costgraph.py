@@ -163,13 +163,7 @@ def _as_served(device: DeviceSpec) -> Device:
 
 
 def _memory_bytes(graph: OpGraph, group: Group) -> int:
-    activations = sum(
-        graph.tensors[t].nbytes
-        for n in group.ops
-        if not (node := graph.node[n]).constant
-        for t in node.outputs
-    )
-    return graph.weight_bytes(group.ops) + activations
+    return graph.weight_bytes(group.ops) + graph.activation_bytes(group.ops)
 
 
 def _edges(graph: OpGraph, groups: list[Group], task_ids: list[str]) -> tuple[Edge, ...]:

@@ -32,6 +32,7 @@ import onnx
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSet
 from moirai.errors import InfeasibleError
+from moirai.graph import OpGraph
 from moirai.partition import build_plan
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
@@ -201,7 +202,23 @@ def plan_model(
             for c in candidates
         ]
     plan = dataclasses.replace(best.plan, predicted=predicted)
+    plan = with_prepacking(plan, loaded.graph, best.costgraph)
     return Planned(loaded.proto, best.costgraph, best.placements, plan, best.layout)
+
+
+def with_prepacking(plan: StagePlan, graph: OpGraph, costgraph: CostGraph) -> StagePlan:
+    """`plan` with pre-packing (`moirai.weights`) on for each device whose memory for tasks
+    holds its stages' weights twice beside their activations, and off for the others: there a
+    stage server stays within the memory its tasks were planned at."""
+    memory = {d.name: d.memory_bytes for d in costgraph.devices}
+
+    def room(device: DeviceSpec) -> bool:
+        ops = [n for stage in plan.stages_on(device.name) for n in stage.nodes]
+        need = 2 * graph.weight_bytes(ops) + graph.activation_bytes(ops)
+        return device.name not in memory or need <= memory[device.name]
+
+    devices = tuple(dataclasses.replace(d, prepack=room(d)) for d in plan.devices)
+    return dataclasses.replace(plan, devices=devices)
 
 
 def _holds_the_model(costgraph: CostGraph) -> set[str]:

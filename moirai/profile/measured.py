@@ -553,11 +553,10 @@ def measure_device(
 
 def _with_memory(graph: OpGraph, timing: GroupTiming) -> GroupTiming:
     """The group's memory: the weights its kernels read and the activations they write."""
-    computing = [graph.node[n] for n in timing.ops if not graph.node[n].constant]
     return dataclasses.replace(
         timing,
         weight_bytes=graph.weight_bytes(timing.ops),
-        activation_bytes=sum(graph.tensors[t].nbytes for n in computing for t in n.outputs),
+        activation_bytes=graph.activation_bytes(timing.ops),
     )
 
 

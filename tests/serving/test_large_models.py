@@ -79,6 +79,10 @@ def test_split_over_two_small_devices_each_server_holds_its_own_weights(
     for task in planned.costgraph.tasks:
         memory[planned.placement.assignment[task.id]] += task.memory_bytes
     assert sorted(memory.values())[-1] >= 2 * WEIGHT
+    # Where two weights leave no room for packed copies beside them, only the mapped ones;
+    # the device with one weight has room for its packed copy.
+    packs = {d: plan.device(d).prepack for d in plan.used_devices}
+    assert packs == {d: memory[d] < 2 * WEIGHT for d in plan.used_devices}
     inputs, want = expected
     with LocalDeployment(plan, large, tmp_path / "run") as deployment:
         with InferenceClient(deployment.grpc_url) as client:
@@ -87,7 +91,10 @@ def test_split_over_two_small_devices_each_server_holds_its_own_weights(
                 np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
         for device in plan.used_devices:
             peak = _peak_resident(deployment.pids[device])
-            assert peak <= memory[device] + STAGE_SERVER_OVERHEAD_BYTES, (device, peak)
+            if packs[device]:  # its weights twice while they are packed, within the device
+                assert peak <= 1.6e9, (device, peak)
+            else:
+                assert peak <= memory[device] + STAGE_SERVER_OVERHEAD_BYTES, (device, peak)
             assert peak < 2.5 * WEIGHT  # never the whole model
 
 

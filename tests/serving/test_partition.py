@@ -208,6 +208,18 @@ def test_a_datatype_oip_does_not_know_is_refused_on_load(where: str) -> None:
         StagePlan.from_dict(json.loads(json.dumps(data)), "plan.json")
 
 
+def test_a_device_without_prepacking_keeps_it_through_the_file() -> None:
+    data = _mlp_plan().to_dict()
+    assert "prepack" not in data["devices"][0]  # the default, as older plans read
+    data["devices"][0]["prepack"] = False
+    plan = StagePlan.from_dict(json.loads(json.dumps(data)), "plan.json")
+    assert [d.prepack for d in plan.devices[:2]] == [False, True]
+    assert StagePlan.from_dict(plan.to_dict()).devices == plan.devices
+    data["devices"][0]["prepack"] = "no"
+    with pytest.raises(PlanError, match="prepack must be true or false, not 'no'"):
+        StagePlan.from_dict(data, "plan.json")
+
+
 def test_peer_addresses_name_plan_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     """An address for a device the plan lacks went nowhere, and a number passed as str(v)."""
     plan = _mlp_plan()

@@ -108,6 +108,15 @@ def test_latency_plans_have_one_lane(mlp_path: Path) -> None:
     assert len(planned.plan.lanes) == 1 and "candidates" not in planned.plan.predicted
 
 
+def test_weights_are_packed_where_the_device_has_room_for_the_copy(mlp_path: Path) -> None:
+    """6 MiB of weights: packed beside the mapping on 8 GB; on a device that holds them once
+    beside the stage server's overhead (128 MiB) but not twice, left mapped only."""
+    for memory, packed in [(8e9, True), ((128 + 9) * 2**20, False)]:
+        devices = DeviceSet((_cpu("a", 20e9, memory=memory),), default_link=SERVING_LOOPBACK)
+        plan = plan_model(mlp_path, devices, time_limit=5).plan
+        assert plan.device("a").prepack is packed, memory
+
+
 @pytest.mark.parametrize("objective", ["latency", "throughput"])
 def test_the_grouping_of_the_cores_is_chosen_by_served_time(tmp_path: Path, objective: str) -> None:
     """Every grouping is planned; the plan is the one that serves best for the objective, and
