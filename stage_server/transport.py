@@ -72,7 +72,7 @@ def error_middleware(metrics: CountsErrors | None = None) -> Callable[..., Any]:
 
     aiohttp's own "body too large" and "no such route" become the domain errors `TooLarge` and
     `NotFound` first, so they too get their status from the one table; its "method not allowed"
-    keeps its 405 and `Allow` header, with the same JSON body.
+    keeps its 405 and `Allow` header, with the same JSON body. A 401 carries `WWW-Authenticate`.
     """
 
     @web.middleware
@@ -102,6 +102,8 @@ def error_middleware(metrics: CountsErrors | None = None) -> Callable[..., Any]:
             code, status = status_of(error)
             if metrics is not None:
                 metrics.errors.labels(code.name).inc()
-            return web.json_response({"error": _describe(error)}, status=status)
+            # RFC 6750: a 401 names the scheme it wants.
+            headers = {"WWW-Authenticate": 'Bearer realm="moirai"'} if status == 401 else None
+            return web.json_response({"error": _describe(error)}, status=status, headers=headers)
 
     return middleware

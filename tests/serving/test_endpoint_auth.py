@@ -52,6 +52,7 @@ async def test_the_endpoint_answers_only_clients_with_its_token(cluster) -> None
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             async with http.post(infer, data=body, headers=headers) as r:
                 assert r.status == 401
+                assert r.headers["WWW-Authenticate"] == 'Bearer realm="moirai"'
                 assert "send it as 'Authorization: Bearer <token>'" in (await r.json())["error"]
         for path in ("/v2/models/mlp", "/metrics", "/v2/models"):
             async with http.get(f"http://{c.http_url}{path}") as r:
