@@ -35,10 +35,15 @@ def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
 
 
 class InferenceClient:
-    def __init__(self, address: str, token: str | None = None) -> None:
-        """`token`: the endpoint's bearer token, if it needs one."""
+    def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None) -> None:
+        """`token`: the endpoint's bearer token, if it needs one; `tls_ca`: the PEM
+        certificates to trust for an endpoint that serves TLS (None: plaintext)."""
         self._auth = _auth(token)
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        if tls_ca is None:
+            self._channel = grpc.insecure_channel(address, options=_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.secure_channel(address, credentials, options=_OPTIONS)
         self._ready = _method(
             self._channel, "ServerReady", oip.ServerReadyRequest, oip.ServerReadyResponse
         )
@@ -81,10 +86,14 @@ class InferenceClient:
 
 
 class AsyncInferenceClient:
-    def __init__(self, address: str, token: str | None = None) -> None:
-        """`token`: the endpoint's bearer token, if it needs one."""
+    def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None) -> None:
+        """As `InferenceClient`'s, on asyncio."""
         self._auth = _auth(token)
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        if tls_ca is None:
+            self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=_OPTIONS)
         self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
 
     async def infer(

@@ -22,6 +22,7 @@ which the tests and the benchmark exercise on one machine this way.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,14 +64,37 @@ def _server(options: list[tuple[str, int]], max_calls: int | None = None) -> grp
     )
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int) -> int:
+def _bind(
+    server: grpc.aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+) -> int:
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:
         raise MoiraiError(f"cannot listen on {host}:{port} (in use?)")
     return bound
+
+
+def _tls(endpoint: EndpointConfig) -> tuple[grpc.ServerCredentials, ssl.SSLContext] | None:
+    """The endpoint's TLS for gRPC and for HTTP, from its certificate and key files."""
+    if not endpoint.tls:
+        return None
+    cert, key = endpoint.tls_files()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(endpoint.tls_cert_file, endpoint.tls_key_file)
+    except ssl.SSLError as e:
+        raise MoiraiError(
+            f"--tls-cert-file / --tls-key-file: not a certificate and its key ({e.reason})"
+        ) from None
+    return grpc.ssl_server_credentials([(key, cert)]), context
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,7 @@ async def _start_http(
     max_request_bytes: int,
     endpoint: EndpointConfig,
     in_flight: InFlight,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     runner = web.AppRunner(
         create_app(
@@ -258,14 +283,17 @@ async def _start_http(
         # Also closes a connection whose request's headers never complete.
         keepalive_timeout=endpoint.idle_timeout_s,
     )
-    return await _start_site(runner, host, port)
+    return await _start_site(runner, host, port, ssl_context)
 
 
-async def _start_site(runner: web.AppRunner, host: str, port: int) -> web.AppRunner:
-    """Set `runner` up and listen on `host:port`; a failure cleans it up."""
+async def _start_site(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Set `runner` up and listen on `host:port` (over TLS with `ssl_context`); a failure
+    cleans it up."""
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except OSError as e:
         await runner.cleanup()
         raise MoiraiError(f"cannot listen on {host}:{port} ({e.strerror})") from None
@@ -287,14 +315,21 @@ async def start_oip(
     started. `timeout_s` is what calls get to finish when their gRPC connection reaches its
     maximum age."""
     endpoint = endpoint or EndpointConfig()
+    tls = _tls(endpoint)
     in_flight = InFlight(endpoint.max_in_flight)
     server = _oip_server(repository, max_request_bytes, timeout_s, endpoint, in_flight)
     runner = metrics = None
     try:
-        bound = _bind(server, host, grpc_port)
+        bound = _bind(server, host, grpc_port, tls[0] if tls else None)
         await server.start()
         runner = await _start_http(
-            repository, host, http_port, max_request_bytes, endpoint, in_flight
+            repository,
+            host,
+            http_port,
+            max_request_bytes,
+            endpoint,
+            in_flight,
+            tls[1] if tls else None,
         )
         if endpoint.metrics_port is not None:
             metrics = web.AppRunner(create_metrics_app(repository), access_log=None)

@@ -33,8 +33,18 @@ class EndpointConfig:
     metrics_port: int | None = None
     """The port that serves `/metrics` alone, with no token (for a scrape port that the
     network restricts); None: `/metrics` is on the HTTP port, behind the token if any."""
+    tls_cert_file: str | None = None
+    """PEM certificate chain of the endpoint: with `tls_key_file`, gRPC and HTTP serve TLS
+    only (the metrics port stays plain); None: plaintext."""
+    tls_key_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise MoiraiError("--tls-cert-file and --tls-key-file go together: give both")
         if self.max_in_flight < 1:
             raise MoiraiError(f"--max-in-flight {self.max_in_flight}: give 1 or more")
         if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
@@ -53,7 +63,27 @@ class EndpointConfig:
             args += ["--auth-token-file", self.auth_token_file]
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port)]
+        if self.tls_cert_file and self.tls_key_file:
+            args += ["--tls-cert-file", self.tls_cert_file, "--tls-key-file", self.tls_key_file]
         return args
+
+    def tls_files(self) -> tuple[bytes, bytes]:
+        """The certificate chain and the private key, as PEM bytes; one line when unreadable."""
+        assert self.tls_cert_file is not None and self.tls_key_file is not None
+        return read_pem(self.tls_cert_file, "--tls-cert-file"), read_pem(
+            self.tls_key_file, "--tls-key-file"
+        )
+
+
+def read_pem(path: str, flag: str) -> bytes:
+    """A PEM file's bytes; one line naming `flag` when it is unreadable or not PEM."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise MoiraiError(f"{flag} {path}: cannot read it ({e.strerror})") from None
+    if b"-----BEGIN" not in data:
+        raise MoiraiError(f"{flag} {path}: not a PEM file (give the PEM text, '-----BEGIN ...')")
+    return data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +119,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics on this port alone, with no token (restrict who reaches "
         "it), and not on the HTTP port (default: /metrics on the HTTP port)",
     )
+    parser.add_argument(
+        "--tls-cert-file",
+        metavar="FILE",
+        help="PEM certificate chain: serve gRPC and HTTP over TLS only, with --tls-key-file "
+        "(the metrics port stays plain; default: plaintext)",
+    )
+    parser.add_argument("--tls-key-file", metavar="FILE", help="PEM private key of the certificate")
 
 
 def from_args(args: Any) -> EndpointConfig:
@@ -97,4 +134,12 @@ def from_args(args: Any) -> EndpointConfig:
 
     token = read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
     path = str(Path(args.auth_token_file).resolve()) if args.auth_token_file else None
-    return EndpointConfig(args.max_in_flight, args.idle_timeout, token, path, args.metrics_port)
+    cert, key = (
+        str(Path(f).resolve()) if f else None for f in (args.tls_cert_file, args.tls_key_file)
+    )
+    config = EndpointConfig(
+        args.max_in_flight, args.idle_timeout, token, path, args.metrics_port, cert, key
+    )
+    if config.tls:
+        config.tls_files()  # unreadable files fail here, before any work
+    return config

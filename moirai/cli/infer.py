@@ -41,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="file holding the endpoint's bearer token, if it needs one (default: "
         "$MOIRAI_AUTH_TOKEN)",
     )
+    p.add_argument(
+        "--tls-ca-file",
+        metavar="FILE",
+        help="PEM certificates to trust: call an endpoint that serves TLS (for a self-signed "
+        "one, its --tls-cert-file; default: plaintext)",
+    )
     p.set_defaults(func=run)
 
 
@@ -118,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stage_server.auth import AUTH_TOKEN_ENV, read_token
     from stage_server.client import InferenceClient
+    from stage_server.settings import read_pem
 
     if "://" in args.url:
         raise MoiraiError(
@@ -126,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     values = _values(args)
     connect_s = min(CONNECT_S, args.timeout)
     token = read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
-    with InferenceClient(args.url, token) as client:
+    tls_ca = read_pem(args.tls_ca_file, "--tls-ca-file") if args.tls_ca_file else None
+    with InferenceClient(args.url, token, tls_ca) as client:
         try:
             meta = client.metadata(args.model, timeout_s=connect_s)
         except grpc.RpcError as e:

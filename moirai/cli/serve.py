@@ -293,10 +293,14 @@ def run(args: argparse.Namespace) -> int:
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             deployment.start()
+            endpoint = deployment.endpoint
+            web = "https" if endpoint.tls else "http"
+            scrape = "https" if endpoint.tls and endpoint.metrics_port is None else "http"
             print(
-                f"serving {', '.join(names)}: gRPC {deployment.grpc_url}, "
-                f"HTTP http://{deployment.http_url} (Open Inference Protocol); "
-                f"metrics at http://{deployment.metrics_url}/metrics; Ctrl-C stops",
+                f"serving {', '.join(names)}: gRPC {deployment.grpc_url}"
+                + (" (TLS)" if endpoint.tls else "")
+                + f", HTTP {web}://{deployment.http_url} (Open Inference Protocol); "
+                f"metrics at {scrape}://{deployment.metrics_url}/metrics; Ctrl-C stops",
                 flush=True,
             )
             while not stopping:

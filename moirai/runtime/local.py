@@ -38,13 +38,17 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -54,6 +58,9 @@ from moirai.stageplan import GATEWAY, StagePlan
 from stage_server.auth import CHAIN_TOKEN_ENV
 from stage_server.batchconfig import BatchingConfig
 from stage_server.settings import EndpointConfig
+
+if TYPE_CHECKING:
+    from stage_server.client import InferenceClient
 
 PR_SET_PDEATHSIG = 1
 LOCALHOST = "127.0.0.1"
@@ -69,6 +76,13 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _ready(client: InferenceClient) -> bool:
+    """Whether the front end that `client` calls reports ready."""
+    with contextlib.suppress(grpc.RpcError):
+        return client.ready(timeout_s=1.0)
+    return False
 
 
 def _die_with_parent() -> None:
@@ -270,13 +284,26 @@ class LocalDeployment:
                             f"{name} exited with status {proc.returncode} during start-up: "
                             f"{self.log_tail(name)}"
                         )
-                with contextlib.suppress(grpc.RpcError):
-                    if client.ready(timeout_s=1.0):
-                        return
+                if self._tls_ready() if self.endpoint.tls else _ready(client):
+                    return
                 time.sleep(0.1)
         raise MoiraiError(
             f"the servers were not ready within {timeout_s:.0f} s; logs in {self.workdir}"
         )
+
+    def _tls_ready(self) -> bool:
+        """Readiness over HTTPS, from this deployment's own front end on loopback: the
+        certificate need not name this address, so it is not checked (readiness carries no
+        token and no data)."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        url = f"https://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
+                return response.status == 200
+        except (OSError, urllib.error.HTTPError):
+            return False
 
     def log_tail(self, name: str, lines: int = 5) -> str:
         path = self.workdir / f"{name}.log"
