@@ -96,6 +96,9 @@ RUN_AS_USER = 10001
 """The non-root user of the image (see the Dockerfile)."""
 TOKEN_KEY = "token"
 """The key of a token in its Secret: the chain Secret's and `spec.serving.authTokenSecret`'s."""
+TLS_DIR = "/etc/moirai/tls"
+TLS_CERT_KEY, TLS_KEY_KEY = "tls.crt", "tls.key"
+"""The keys of a `kubernetes.io/tls` Secret (`spec.serving.tlsSecret`), mounted in `TLS_DIR`."""
 
 
 class PlanTooLargeError(MoiraiError):
@@ -286,6 +289,16 @@ def stage_command(device: str, spec: PlacedModelSpec) -> list[str]:
 
 def gateway_command(spec: PlacedModelSpec) -> list[str]:
     """The gateway needs only the plan (stage servers hold the model)."""
+    tls = (
+        [
+            "--tls-cert-file",
+            f"{TLS_DIR}/{TLS_CERT_KEY}",
+            "--tls-key-file",
+            f"{TLS_DIR}/{TLS_KEY_KEY}",
+        ]
+        if spec.serving.tls_secret
+        else []
+    )
     return [
         "moirai",
         "gateway",
@@ -303,6 +316,7 @@ def gateway_command(spec: PlacedModelSpec) -> list[str]:
         str(METRICS_PORT),
         "--grpc-only",
         *spec.serving.batching.to_args(),
+        *tls,
     ]
 
 
@@ -470,6 +484,15 @@ def stage_service(owner: Owner, device: PlannedDevice, lane: int = 0) -> Manifes
     }
 
 
+def _health(spec: PlacedModelSpec, which: str) -> dict[str, Any]:
+    """The kubelet's HTTP probe of the gateway, over HTTPS when it serves TLS (the kubelet
+    does not check the certificate)."""
+    probe: dict[str, Any] = {"path": f"/v2/health/{which}", "port": "http"}
+    if spec.serving.tls_secret:
+        probe["scheme"] = "HTTPS"
+    return probe
+
+
 def gateway_deployment(
     owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
 ) -> Manifest:
@@ -487,17 +510,19 @@ def gateway_deployment(
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
         "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
-        "readinessProbe": {
-            "httpGet": {"path": "/v2/health/ready", "port": "http"},
-            "periodSeconds": 5,
-        },
+        "readinessProbe": {"httpGet": _health(spec, "ready"), "periodSeconds": 5},
         "livenessProbe": {
-            "httpGet": {"path": "/v2/health/live", "port": "http"},
+            "httpGet": _health(spec, "live"),
             "initialDelaySeconds": 30,
             "periodSeconds": 10,
         },
     }
     pod = _pod_spec(owner, spec, options, container, spec.image, with_model=False)
+    if spec.serving.tls_secret:
+        pod["volumes"].append({"name": "tls", "secret": {"secretName": spec.serving.tls_secret}})
+        gateway = pod["containers"][0]
+        tls = {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+        gateway["volumeMounts"] = [*gateway["volumeMounts"], tls]
     name = gateway_name(owner)
     # One gateway: stage servers push each output to the gateway's one address, so two (as in a
     # rolling update) would receive each other's outputs; Recreate stops the old one first. It

@@ -36,6 +36,8 @@ from typing import Any, Protocol
 from moirai.errors import MoiraiError
 from moirai_operator import status as st
 from moirai_operator.children import (
+    TLS_CERT_KEY,
+    TLS_KEY_KEY,
     TOKEN_KEY,
     BuildOptions,
     Owner,
@@ -235,6 +237,28 @@ async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> 
         )
 
 
+async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> None:
+    """`spec.serving.tlsSecret`, when given, must exist and hold `tls.crt` and `tls.key`: else
+    the gateway could not start."""
+    name = spec.serving.tls_secret
+    if name is None:
+        return
+    secret = await kube.get("Secret", owner.namespace, name)
+    create = f"kubectl create secret tls {name} -n {owner.namespace} --cert=CERT --key=KEY"
+    if secret is None:
+        raise st.TLSSecretError(
+            f"spec.serving.tlsSecret: Secret {name!r} not found in namespace "
+            f"{owner.namespace}: create it (`{create}`) or leave the field out"
+        )
+    data = secret.get("data") or {}
+    missing = [key for key in (TLS_CERT_KEY, TLS_KEY_KEY) if not data.get(key)]
+    if missing:
+        raise st.TLSSecretError(
+            f"spec.serving.tlsSecret: Secret {name!r} has no (or an empty) "
+            f"{' and '.join(map(repr, missing))}: make it a TLS Secret (`{create}`)"
+        )
+
+
 def _plan_key(spec: PlacedModelSpec, pools_fingerprint: str) -> str:
     """What the plan depends on: the model, pools, placement and profiling (not the serving
     fields, the image or the lanes), and the pools as they are."""
@@ -255,6 +279,7 @@ async def plan_and_apply(
     try:
         spec = parse_spec(body["spec"], ctx.defaults)
         await check_auth_secret(ctx.kube, owner, spec)
+        await check_tls_secret(ctx.kube, owner, spec)
         matches = match_pools(spec.pools, nodes)
         key = _plan_key(spec, fp)
         cached = ctx.plans.get(owner.uid)

@@ -133,6 +133,9 @@ class ServingSpec:
     auth_token_secret: str | None = None
     """The Secret (in the PlacedModel's namespace, key `token`) whose token clients must send
     as `Authorization: Bearer <token>`; None: the endpoint is open."""
+    tls_secret: str | None = None
+    """The `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) the endpoint serves TLS with;
+    None: plaintext."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             auth_token_secret=_secret_name(
                 serving.get("authTokenSecret"), "spec.serving.authTokenSecret"
             ),
+            tls_secret=_secret_name(serving.get("tlsSecret"), "spec.serving.tlsSecret"),
         ),
         image=str(raw.get("image") or defaults.image),
         gpu_image=str(raw.get("image") or defaults.gpu_image),

@@ -60,6 +60,10 @@ class AuthTokenSecretError(MoiraiError):
     """`spec.serving.authTokenSecret` names a Secret that is missing or has no `token` key."""
 
 
+class TLSSecretError(MoiraiError):
+    """`spec.serving.tlsSecret` names a Secret that is missing or lacks `tls.crt` / `tls.key`."""
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str
@@ -83,6 +87,7 @@ _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
     (CatalogueError, "InvalidDeviceCatalogue", False),
     (ProfilingError, "ProfilingFailed", False),
     (AuthTokenSecretError, "AuthTokenSecretMissing", True),
+    (TLSSecretError, "TLSSecretMissing", True),
     (MoiraiError, "PlanningFailed", False),
 )
 

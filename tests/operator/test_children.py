@@ -360,3 +360,23 @@ def test_the_gateway_reads_the_endpoint_token_from_the_secret_the_spec_names() -
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     stage = by_name(objs)[("Deployment", "resnet-cpu-0")]["spec"]["template"]["spec"]
     assert "MOIRAI_AUTH_TOKEN" not in _env(stage["containers"][0])
+
+
+def test_the_gateway_serves_tls_from_the_secret_the_spec_names() -> None:
+    _, objs = children(serving={"tlsSecret": "resnet-tls"})
+    pod = by_name(objs)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert {"name": "tls", "secret": {"secretName": "resnet-tls"}} in pod["volumes"]
+    mount = {"name": "tls", "mountPath": "/etc/moirai/tls", "readOnly": True}
+    assert mount in container["volumeMounts"]
+    command = " ".join(container["command"])
+    assert "--tls-cert-file /etc/moirai/tls/tls.crt --tls-key-file /etc/moirai/tls/tls.key" in (
+        command
+    )
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    _, plain = children()
+    gateway = by_name(plain)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    assert "--tls-cert-file" not in gateway["containers"][0]["command"]
+    assert "scheme" not in gateway["containers"][0]["readinessProbe"]["httpGet"]
+    assert all(v["name"] != "tls" for v in gateway["volumes"])

@@ -57,8 +57,9 @@ def test_crd_admits_the_secret_names_the_operator_takes() -> None:
     serving = schema()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["serving"][
         "properties"
     ]
-    assert serving["authTokenSecret"]["pattern"] == f"^{SECRET_NAME.pattern}$"
-    assert serving["authTokenSecret"]["maxLength"] == 253
+    for field in ("authTokenSecret", "tlsSecret"):
+        assert serving[field]["pattern"] == f"^{SECRET_NAME.pattern}$"
+        assert serving[field]["maxLength"] == 253
 
 
 def test_crd_names_columns_and_status_subresource() -> None:

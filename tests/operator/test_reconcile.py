@@ -325,6 +325,32 @@ async def test_the_chain_secret_is_made_once_and_kept(model: Path, tmp_path: Pat
     assert other.objects[("Secret", "resnet-chain-token")]["data"] != secret["data"]
 
 
+async def test_a_missing_tls_secret_is_a_condition_until_it_exists(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model) | {"serving": {"tlsSecret": "endpoint-tls"}})
+    await converge(body, NODES, ctx, events)
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert planned["reason"] == "TLSSecretMissing" and planner.calls == 0
+    assert (
+        "kubectl create secret tls endpoint-tls -n ml --cert=CERT --key=KEY" in (planned["message"])
+    )
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT"}))
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    assert planned["reason"] == "TLSSecretMissing"
+    assert "no (or an empty) 'tls.key'" in planned["message"]
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert kube.status["phase"] == "Deploying"
+    gateway = kube.objects[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+    assert {"name": "tls", "secret": {"secretName": "endpoint-tls"}} in gateway["volumes"]
+
+
 async def test_a_missing_endpoint_token_secret_is_a_condition_until_it_exists(
     model: Path, tmp_path: Path
 ) -> None:

@@ -86,6 +86,7 @@ def test_path_uri_needs_a_volume_that_contains_it() -> None:
         (make_spec(model={"uri": "ftp://h/m.onnx"}), "scheme 'ftp'"),
         (make_spec(model={"uri": "http://h/m", "inputShapes": {"x": [0]}}), "inputShapes"),
         (make_spec(serving={"authTokenSecret": "Not_A_Name"}), r"spec\.serving\.authTokenSecret"),
+        (make_spec(serving={"tlsSecret": "Not_A_Name"}), r"spec\.serving\.tlsSecret"),
     ],
 )
 def test_invalid_specs_name_the_field(raw: dict, message: str) -> None:
