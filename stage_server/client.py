@@ -34,16 +34,20 @@ def _auth(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return None if token is None else (("authorization", f"Bearer {token}"),)
 
 
+def _channel(api: Any, address: str, tls_ca: bytes | None) -> Any:
+    """A channel of `api` (`grpc` or `grpc.aio`) to `address`, over TLS trusting `tls_ca`."""
+    if tls_ca is None:
+        return api.insecure_channel(address, options=_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+    return api.secure_channel(address, credentials, options=_OPTIONS)
+
+
 class InferenceClient:
     def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None) -> None:
         """`token`: the endpoint's bearer token, if it needs one; `tls_ca`: the PEM
         certificates to trust for an endpoint that serves TLS (None: plaintext)."""
         self._auth = _auth(token)
-        if tls_ca is None:
-            self._channel = grpc.insecure_channel(address, options=_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self._channel = grpc.secure_channel(address, credentials, options=_OPTIONS)
+        self._channel = _channel(grpc, address, tls_ca)
         self._ready = _method(
             self._channel, "ServerReady", oip.ServerReadyRequest, oip.ServerReadyResponse
         )
@@ -89,11 +93,7 @@ class AsyncInferenceClient:
     def __init__(self, address: str, token: str | None = None, tls_ca: bytes | None = None) -> None:
         """As `InferenceClient`'s, on asyncio."""
         self._auth = _auth(token)
-        if tls_ca is None:
-            self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self._channel = grpc.aio.secure_channel(address, credentials, options=_OPTIONS)
+        self._channel = _channel(grpc.aio, address, tls_ca)
         self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
 
     async def infer(

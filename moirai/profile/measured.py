@@ -509,7 +509,7 @@ def measure_device(
         untimed = list(range(len(groups)))
         if whole is not None and whole.kernels is not None:
             assert whole.restored is not None
-            timings, kernel_ms = _from_trace(graph, groups, whole, overhead)
+            timings, kernel_ms = _from_trace(graph, groups, whole, overhead, run_ms)
             present = _restored_tensors(whole.restored)
             untimed = [
                 i
@@ -622,10 +622,10 @@ def _escaped_the_trace(graph: OpGraph, group: Group, present: set[str]) -> bool:
 
 
 def _from_trace(
-    graph: OpGraph, groups: Sequence[Group], whole: _Whole, overhead: float
+    graph: OpGraph, groups: Sequence[Group], whole: _Whole, overhead: float, run_ms: float
 ) -> tuple[dict[int, GroupTiming], float]:
     """Group timings from the trace, calibrated to the plain session's runs (module
-    docstring); also the sum of the kernels' medians."""
+    docstring) and adding up to `run_ms`; also the sum of the kernels' medians."""
     assert whole.kernels is not None
     assert whole.optimised is not None and whole.restored is not None
     units = node_units(graph, whole.optimised, whole.restored)
@@ -652,8 +652,7 @@ def _from_trace(
     count = sum(launches) or 1.0
     shares = [medians[g] * scale + max(0.0, gap) * launches[g] / count for g in range(len(groups))]
     # The trace says how the time splits; the plain session says how much there is.
-    total = _fastest([c for c, _ in pairs])
-    norm = total / sum(shares) if sum(shares) > 0 else 1.0
+    norm = run_ms / sum(shares) if sum(shares) > 0 else 1.0
     timings = {
         g: GroupTiming(group.ops, shares[g] * norm, spreads[g] * scale * norm, "trace")
         for g, group in enumerate(groups)

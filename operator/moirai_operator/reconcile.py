@@ -214,23 +214,33 @@ async def ensure_chain_secret(kube: Kube, owner: Owner) -> None:
     await kube.apply(chain_secret(owner, secrets.token_urlsafe(32)))
 
 
+async def _named_secret(
+    kube: Kube, owner: Owner, field: str, name: str, create: str, error: type[MoiraiError]
+) -> Mapping[str, str]:
+    """The data of the Secret that the spec's `field` names; `error` when it is missing,
+    saying the `create` command that makes it."""
+    secret = await kube.get("Secret", owner.namespace, name)
+    if secret is None:
+        raise error(
+            f"{field}: Secret {name!r} not found in namespace {owner.namespace}: create it "
+            f"(`{create}`) or leave the field out"
+        )
+    return secret.get("data") or {}
+
+
 async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> None:
     """`spec.serving.authTokenSecret`, when given, must exist and hold a `token`: else the
     gateway could not start (its pods would wait on the Secret, not say why)."""
     name = spec.serving.auth_token_secret
     if name is None:
         return
-    secret = await kube.get("Secret", owner.namespace, name)
     create = (
         f"kubectl create secret generic {name} -n {owner.namespace} "
         f"--from-literal={TOKEN_KEY}=<token>"
     )
-    if secret is None:
-        raise st.AuthTokenSecretError(
-            f"spec.serving.authTokenSecret: Secret {name!r} not found in namespace "
-            f"{owner.namespace}: create it (`{create}`) or leave the field out"
-        )
-    if not (secret.get("data") or {}).get(TOKEN_KEY):
+    field = "spec.serving.authTokenSecret"
+    data = await _named_secret(kube, owner, field, name, create, st.AuthTokenSecretError)
+    if not data.get(TOKEN_KEY):
         raise st.AuthTokenSecretError(
             f"spec.serving.authTokenSecret: Secret {name!r} has no (or an empty) key "
             f"{TOKEN_KEY!r}: put the token under that key (`{create}`)"
@@ -243,14 +253,9 @@ async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> N
     name = spec.serving.tls_secret
     if name is None:
         return
-    secret = await kube.get("Secret", owner.namespace, name)
     create = f"kubectl create secret tls {name} -n {owner.namespace} --cert=CERT --key=KEY"
-    if secret is None:
-        raise st.TLSSecretError(
-            f"spec.serving.tlsSecret: Secret {name!r} not found in namespace "
-            f"{owner.namespace}: create it (`{create}`) or leave the field out"
-        )
-    data = secret.get("data") or {}
+    field = "spec.serving.tlsSecret"
+    data = await _named_secret(kube, owner, field, name, create, st.TLSSecretError)
     missing = [key for key in (TLS_CERT_KEY, TLS_KEY_KEY) if not data.get(key)]
     if missing:
         raise st.TLSSecretError(

@@ -208,7 +208,7 @@ async def test_failures_become_one_condition(
     body = make_body(spec_of(model))
     await converge(body, nodes, context(kube, planner, tmp_path), events)
     assert kube.status["phase"] == "Failed"
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert planned["status"] == "False" and planned["reason"] == reason
     assert message in planned["message"] and message in kube.status["message"]
     assert ("warning", reason, planned["message"]) in events.seen
@@ -246,7 +246,7 @@ async def test_measured_profiling_asks_the_profiler_first(model: Path, tmp_path:
     body = make_body(path_spec(model, **{}) | {"profiling": {"mode": "measured"}})
     ctx = context(kube, planner, tmp_path)
     await converge(body, NODES, ctx, events)  # no profiler configured
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert (
         planned["reason"] == "ProfilingFailed" and "use spec.profiling.mode" in planned["message"]
     )
@@ -291,6 +291,11 @@ async def test_lanes_change_without_solving_again(model: Path, tmp_path: Path) -
     assert planner.calls == 2
 
 
+def _planned(kube: FakeKube) -> dict[str, Any]:
+    """The PlacedModel's Planned condition as last written."""
+    return {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+
+
 def _secret(name: str, **data: str) -> dict[str, Any]:
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     return {"kind": "Secret", "metadata": {"name": name, "namespace": "ml"}, "data": encoded}
@@ -332,15 +337,14 @@ async def test_a_missing_tls_secret_is_a_condition_until_it_exists(
     ctx = context(kube, planner, tmp_path)
     body = make_body(path_spec(model) | {"serving": {"tlsSecret": "endpoint-tls"}})
     await converge(body, NODES, ctx, events)
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert planned["reason"] == "TLSSecretMissing" and planner.calls == 0
-    assert (
-        "kubectl create secret tls endpoint-tls -n ml --cert=CERT --key=KEY" in (planned["message"])
-    )
+    create = "kubectl create secret tls endpoint-tls -n ml --cert=CERT --key=KEY"
+    assert create in planned["message"]
     await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT"}))
     body["status"] = dict(kube.status)
     await converge(body, NODES, ctx, events)
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert planned["reason"] == "TLSSecretMissing"
     assert "no (or an empty) 'tls.key'" in planned["message"]
     await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
@@ -359,7 +363,7 @@ async def test_a_missing_endpoint_token_secret_is_a_condition_until_it_exists(
     body = make_body(path_spec(model) | {"serving": {"authTokenSecret": "clients"}})
     await converge(body, NODES, ctx, events)
     assert kube.status["phase"] == "Failed" and planner.calls == 0
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert planned["reason"] == "AuthTokenSecretMissing"
     assert planned["message"].startswith(
         "spec.serving.authTokenSecret: Secret 'clients' not found in namespace ml: create it "
@@ -372,7 +376,7 @@ async def test_a_missing_endpoint_token_secret_is_a_condition_until_it_exists(
     body["status"] = dict(kube.status)
     assert stale_reason(body, kube.status["poolsFingerprint"]) is not None
     await converge(body, NODES, ctx, events)
-    planned = {c["type"]: c for c in kube.status["conditions"]}["Planned"]
+    planned = _planned(kube)
     assert planned["reason"] == "AuthTokenSecretMissing"
     assert "no (or an empty) key 'token'" in planned["message"]
 
