@@ -208,8 +208,10 @@ def chain_token_env(owner: Owner) -> dict[str, Any]:
 
 
 def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
-    """The in-cluster URL of the gateway (Open Inference Protocol over HTTP)."""
-    return f"http://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
+    """The in-cluster URL of the gateway (Open Inference Protocol over HTTP, or HTTPS with
+    `spec.serving.tlsSecret`)."""
+    scheme = "https" if spec.serving.tls_secret else "http"
+    return f"{scheme}://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
 
 
 def lanes(spec: PlacedModelSpec) -> range:

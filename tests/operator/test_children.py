@@ -375,6 +375,8 @@ def test_the_gateway_serves_tls_from_the_secret_the_spec_names() -> None:
     )
     assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    spec, _ = children(serving={"tlsSecret": "resnet-tls"})
+    assert endpoint(OWNER, spec) == "https://resnet-gateway.ml.svc:8000"  # status.endpoint
     _, plain = children()
     gateway = by_name(plain)[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
     assert "--tls-cert-file" not in gateway["containers"][0]["command"]
