@@ -24,6 +24,10 @@ Every object carries the same labels (so the operator can list and prune what it
 ownerReference to the PlacedModel (so deleting it deletes them), and names derived only from the
 PlacedModel and the device (so applying twice, or after a restart, converges to one object). Pod
 templates carry the plan's digest: a new plan rolls the stage servers; an unchanged one does not.
+They also carry a digest of the Secrets their pods read (`secrets_digest`, from digests that the
+reconciler computes and that reveal no token): a Secret made again or changed rolls the pods
+that read it — a new chain token rolls every pod, a new endpoint token or certificate only the
+gateway — since a pod reads its Secrets once, when it starts.
 
 The stage-server and gateway command lines are written here and nowhere else: tests run them
 as local processes and, in tests/container, as containers of the image, to prove that the
@@ -55,6 +59,7 @@ from moirai_operator.plan import Plan, PlannedDevice
 from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import (
     ANNOTATION_PLAN_DIGEST,
+    ANNOTATION_SECRETS_DIGEST,
     API_VERSION,
     COMPONENT_CHAIN,
     COMPONENT_GATEWAY,
@@ -196,6 +201,25 @@ def chain_secret(owner: Owner, token: str) -> Manifest:
         "type": "Opaque",
         "stringData": {TOKEN_KEY: token},
     }
+
+
+def stage_secrets(owner: Owner) -> list[str]:
+    """The Secrets a stage server reads: the chain token's."""
+    return [chain_secret_name(owner)]
+
+
+def gateway_secrets(owner: Owner, spec: PlacedModelSpec) -> list[str]:
+    """The Secrets the gateway reads: the chain token's, and the endpoint token's and the TLS
+    Secret when the spec names them. Every Secret a pod of `owner` reads is one of these."""
+    named = (spec.serving.auth_token_secret, spec.serving.tls_secret)
+    return [chain_secret_name(owner), *(name for name in named if name)]
+
+
+def secrets_digest(digests: Mapping[str, str], names: list[str]) -> str:
+    """The pod-template annotation of pods that read the Secrets `names`, from each one's
+    digest (by name; the reconciler's, which reveal no token)."""
+    text = "\n".join(f"{name}={digests.get(name, '')}" for name in names)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _secret_env(env: str, secret: str) -> dict[str, Any]:
@@ -404,8 +428,13 @@ def _deployment(
     pod_labels: Mapping[str, str],
     pod_spec: dict[str, Any],
     digest: str,
+    secrets: str | None = None,
 ) -> Manifest:
+    """`digest`: the plan's, `secrets`: the Secrets' (`secrets_digest`; None: not annotated)."""
     match = {**selector(owner), LABEL_COMPONENT: component, "moirai.dev/child": name}
+    annotations = {ANNOTATION_PLAN_DIGEST: digest}
+    if secrets is not None:
+        annotations[ANNOTATION_SECRETS_DIGEST] = secrets
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -416,7 +445,7 @@ def _deployment(
             "template": {
                 "metadata": {
                     "labels": {**labels(owner, component), **pod_labels, **match},
-                    "annotations": {ANNOTATION_PLAN_DIGEST: digest},
+                    "annotations": annotations,
                 },
                 "spec": pod_spec,
             },
@@ -438,7 +467,9 @@ def stage_deployment(
     device: PlannedDevice,
     options: BuildOptions,
     lane: int = 0,
+    secrets: Mapping[str, str] | None = None,
 ) -> Manifest:
+    """`secrets`: each Secret's digest by name (see `secrets_digest`); None: not annotated."""
     requests: dict[str, str] = {"cpu": str(device.entry.threads)}
     limits: dict[str, str] = {}
     if device.gpus:
@@ -467,7 +498,8 @@ def stage_deployment(
     extra = {LABEL_DEVICE: device_name, LABEL_POOL: device.entry.pool, LABEL_LANE: str(lane)}
     # The solved plan's digest, not the lanes': a lane added or removed rolls no other lane.
     name = stage_name(owner, device_name)
-    return _deployment(owner, name, COMPONENT_STAGE, 1, extra, pod, plan.digest)
+    rolls = None if secrets is None else secrets_digest(secrets, stage_secrets(owner))
+    return _deployment(owner, name, COMPONENT_STAGE, 1, extra, pod, plan.digest, rolls)
 
 
 def stage_service(owner: Owner, device: PlannedDevice, lane: int = 0) -> Manifest:
@@ -496,8 +528,13 @@ def _health(spec: PlacedModelSpec, which: str) -> dict[str, Any]:
 
 
 def gateway_deployment(
-    owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
+    owner: Owner,
+    spec: PlacedModelSpec,
+    plan: Plan,
+    options: BuildOptions,
+    secrets: Mapping[str, str] | None = None,
 ) -> Manifest:
+    """`secrets`: each Secret's digest by name (see `secrets_digest`); None: not annotated."""
     env = [chain_token_env(owner)]
     if spec.serving.auth_token_secret:
         env.append(_secret_env(AUTH_TOKEN_ENV, spec.serving.auth_token_secret))
@@ -530,7 +567,8 @@ def gateway_deployment(
     # rolling update) would receive each other's outputs; Recreate stops the old one first. It
     # reads every lane, so it restarts when their number changes.
     digest = f"{plan.digest}-{spec.serving.replicas}"
-    deployment = _deployment(owner, name, COMPONENT_GATEWAY, 1, {}, pod, digest)
+    rolls = None if secrets is None else secrets_digest(secrets, gateway_secrets(owner, spec))
+    deployment = _deployment(owner, name, COMPONENT_GATEWAY, 1, {}, pod, digest, rolls)
     deployment["spec"]["strategy"] = {"type": "Recreate"}
     return deployment
 
@@ -792,19 +830,24 @@ def profile_job(
 
 
 def build_children(
-    owner: Owner, spec: PlacedModelSpec, plan: Plan, options: BuildOptions
+    owner: Owner,
+    spec: PlacedModelSpec,
+    plan: Plan,
+    options: BuildOptions,
+    secrets: Mapping[str, str] | None = None,
 ) -> list[Manifest]:
-    """Every object the PlacedModel should own, in the order to apply them."""
+    """Every object the PlacedModel should own, in the order to apply them. `secrets`: the
+    digest of each Secret its pods read, by name (the pod templates carry them)."""
     out: list[Manifest] = [plan_configmap(owner, spec, plan)]
     if options.network_policy:
         out.extend(network_policies(owner, spec))
     for lane in lanes(spec):
         for device in plan.devices:
             out.append(stage_service(owner, device, lane))
-            out.append(stage_deployment(owner, spec, plan, device, options, lane))
+            out.append(stage_deployment(owner, spec, plan, device, options, lane, secrets))
     out.append(gateway_service(owner, spec))
     out.append(gateway_chain_service(owner))
-    out.append(gateway_deployment(owner, spec, plan, options))
+    out.append(gateway_deployment(owner, spec, plan, options, secrets))
     if spec.serving.autoscaling is not None:
         out.append(autoscaler(owner, spec))
     return out

@@ -8,6 +8,7 @@ status says was last done:
     pools fingerprint != status.poolsFingerprint  nodes came, went, were
                                                   cordoned or changed     → plan and apply
     Planned=False for a reason that may pass      (the model URI was down)→ plan and apply
+    a Secret the pods read != status.secrets      made again or changed   → apply (rolls them)
     otherwise                                                             → refresh readiness
 
 so an operator restart at any point converges: whatever was not recorded in status is simply
@@ -16,17 +17,26 @@ done again, and every write is an idempotent server-side apply of objects with d
 Planning (`plan_and_apply`) checks that the endpoint's token Secret exists when the spec names
 one, fetches and verifies the model, asks the planner for a `Plan` (cost graph, solve, stage plan —
 run off the event loop), makes the chain Secret if there is none yet (its token is made here, once,
-and never replaced), applies the children built by `children.py` and prunes what the new plan no
-longer needs. Errors a person can act on become a Failed phase
-and a `Planned=False` condition here, through `status.failure`, and nowhere else; anything else
-(API errors, bugs) propagates so kopf logs it and retries. A failed re-plan leaves the previous
+and never replaced while the Secret exists), applies the children built by `children.py` and
+prunes what the new plan no longer needs. Every pass of a deployed PlacedModel also makes the
+chain Secret again if it was deleted, and compares a digest of each Secret its pods read with
+the one its children were applied with (`status.secrets`): a Secret made again or changed (a new
+chain token, a rotated endpoint token or certificate) applies the children again with the new
+digest in their pod templates, which rolls the pods that read it, without solving again.
+
+Errors a person can act on become a Failed phase and a `Planned=False` condition here, through
+`status.failure`, and nowhere else; anything else (API errors, bugs) propagates so kopf logs it
+and retries. A failed re-plan leaves the previous
 children in place: a model that was serving keeps serving while the new spec is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import hmac
+import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +55,7 @@ from moirai_operator.children import (
     chain_secret,
     chain_secret_name,
     endpoint,
+    gateway_secrets,
     scale_selector,
     selector,
     stage_name,
@@ -165,7 +176,7 @@ async def converge(
     """The one reconcile entry point (see the module docstring)."""
     nodes = list(nodes)
     fp = _spec_fingerprint(body, ctx, nodes)
-    why = stale_reason(body, fp)
+    why = stale_reason(body, fp) or await secrets_changed(body, ctx)
     if why is not None:
         await plan_and_apply(body, nodes, fp, why, ctx, events)
     else:
@@ -205,13 +216,18 @@ async def _plan(
     return await ctx.planner(spec, matches, model_path, profile)
 
 
-async def ensure_chain_secret(kube: Kube, owner: Owner) -> None:
-    """Create the PlacedModel's chain Secret with a new random token, unless it already holds
-    one: a token is never replaced, since running pods keep the one they started with."""
+async def ensure_chain_secret(kube: Kube, owner: Owner) -> str:
+    """The PlacedModel's chain token: its chain Secret's, or a new random one in a new Secret
+    when there is none (or it holds none). A token is never replaced while its Secret exists,
+    since running pods keep the one they started with; a Secret deleted is made again, and
+    the new token's digest rolls every pod (`secret_digests`)."""
     current = await kube.get("Secret", owner.namespace, chain_secret_name(owner))
-    if current is not None and (current.get("data") or {}).get(TOKEN_KEY):
-        return
-    await kube.apply(chain_secret(owner, secrets.token_urlsafe(32)))
+    held = ((current or {}).get("data") or {}).get(TOKEN_KEY)
+    if held:
+        return base64.b64decode(held).decode()
+    token = secrets.token_urlsafe(32)
+    await kube.apply(chain_secret(owner, token))
+    return token
 
 
 async def _named_secret(
@@ -228,12 +244,13 @@ async def _named_secret(
     return secret.get("data") or {}
 
 
-async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> None:
+async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> Mapping[str, str]:
     """`spec.serving.authTokenSecret`, when given, must exist and hold a `token`: else the
-    gateway could not start (its pods would wait on the Secret, not say why)."""
+    gateway could not start (its pods would wait on the Secret, not say why). Its data (none
+    when the spec names no Secret)."""
     name = spec.serving.auth_token_secret
     if name is None:
-        return
+        return {}
     create = (
         f"kubectl create secret generic {name} -n {owner.namespace} "
         f"--from-literal={TOKEN_KEY}=<token>"
@@ -245,14 +262,15 @@ async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> 
             f"spec.serving.authTokenSecret: Secret {name!r} has no (or an empty) key "
             f"{TOKEN_KEY!r}: put the token under that key (`{create}`)"
         )
+    return data
 
 
-async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> None:
+async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> Mapping[str, str]:
     """`spec.serving.tlsSecret`, when given, must exist and hold `tls.crt` and `tls.key`: else
-    the gateway could not start."""
+    the gateway could not start. Its data (none when the spec names no Secret)."""
     name = spec.serving.tls_secret
     if name is None:
-        return
+        return {}
     create = f"kubectl create secret tls {name} -n {owner.namespace} --cert=CERT --key=KEY"
     field = "spec.serving.tlsSecret"
     data = await _named_secret(kube, owner, field, name, create, st.TLSSecretError)
@@ -262,6 +280,53 @@ async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> N
             f"spec.serving.tlsSecret: Secret {name!r} has no (or an empty) "
             f"{' and '.join(map(repr, missing))}: make it a TLS Secret (`{create}`)"
         )
+    return data
+
+
+def _digest(key: str, data: Mapping[str, str], keys: Sequence[str]) -> str:
+    text = json.dumps([data.get(k, "") for k in keys])
+    return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+async def secret_digests(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> dict[str, str]:
+    """A digest of each Secret the pods of `owner` read (`gateway_secrets`), by name, from the
+    keys they read only. Keyed with the chain token, a random secret: the digests are written
+    in pod templates and the status, and a weak endpoint token must not be guessable from them.
+    Makes the chain Secret when there is none (`ensure_chain_secret`); raises the condition's
+    error when a Secret the spec names is missing or incomplete."""
+    auth = await check_auth_secret(kube, owner, spec)
+    tls = await check_tls_secret(kube, owner, spec)
+    token = await ensure_chain_secret(kube, owner)
+    names = gateway_secrets(owner, spec)
+    out = {names[0]: _digest(token, {TOKEN_KEY: token}, [TOKEN_KEY])}
+    if spec.serving.auth_token_secret:
+        out[spec.serving.auth_token_secret] = _digest(token, auth, [TOKEN_KEY])
+    if spec.serving.tls_secret:
+        out[spec.serving.tls_secret] = _digest(token, tls, [TLS_CERT_KEY, TLS_KEY_KEY])
+    return out
+
+
+def _secrets_status(digests: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"name": name, "digest": digest} for name, digest in digests.items()]
+
+
+async def secrets_changed(body: PlacedModelBody, ctx: Context) -> str | None:
+    """Why a PlacedModel whose plan is current must be applied again: a Secret its pods read
+    was deleted (the chain Secret is made again here), made again or changed since its children
+    were applied (`status.secrets`), or is missing now. None when nothing is deployed."""
+    current = body.get("status") or {}
+    if current.get("phase") not in (st.DEPLOYING, st.READY):
+        return None
+    try:
+        spec = parse_spec(body["spec"], ctx.defaults)
+        digests = await secret_digests(ctx.kube, owner_of(body), spec)
+    except MoiraiError:  # planning says which and how, in the Planned condition
+        return "a Secret it reads is missing or incomplete"
+    applied = {s.get("name"): s.get("digest") for s in current.get("secrets") or []}
+    for name, digest in digests.items():
+        if applied.get(name) != digest:
+            return f"Secret {name!r} was made again or changed"
+    return None
 
 
 def _plan_key(spec: PlacedModelSpec, pools_fingerprint: str) -> str:
@@ -293,7 +358,8 @@ async def plan_and_apply(
         else:
             plan = await _plan(owner, spec, matches, why, status, ctx, events)
             ctx.plans[owner.uid] = (key, plan)
-        children = build_children(owner, spec, plan, ctx.options)
+        digests = await secret_digests(ctx.kube, owner, spec)
+        children = build_children(owner, spec, plan, ctx.options, digests)
     except MoiraiError as e:
         failure = st.failure(e)
         assert failure is not None  # every MoiraiError maps to a reason
@@ -314,7 +380,6 @@ async def plan_and_apply(
     events.info("Solved", summary)
     for note in plan.notes:
         events.warning("DeviceCatalogue", note)
-    await ensure_chain_secret(ctx.kube, owner)
     for manifest in children:
         await ctx.kube.apply(manifest)
     pruned = await ctx.kube.prune(owner.namespace, selector(owner), children)
@@ -333,6 +398,7 @@ async def plan_and_apply(
         placement=st.placement_summary(plan, deployments),
         replicas=spec.serving.replicas,
         selector=scale_selector(owner),
+        secrets=_secrets_status(digests),
         observedGeneration=status.generation,
         poolsFingerprint=fp,
     )

@@ -36,6 +36,9 @@ COMPONENT_PLAN = "plan"
 COMPONENT_PROFILER = "profiler"
 COMPONENT_CHAIN = "chain"
 ANNOTATION_PLAN_DIGEST = "moirai.dev/plan-digest"
+ANNOTATION_SECRETS_DIGEST = "moirai.dev/secrets-digest"
+"""On a pod template: a digest of the Secrets its pods read, so that a Secret changed or made
+again rolls them (`children.secrets_digest`)."""
 
 # Node labels naming the node pool, in order of preference: Moirai's own, then the clouds'.
 POOL_LABELS = (
@@ -79,6 +82,7 @@ class PlacedModelStatus(TypedDict, total=False):
     placement: dict[str, Any]
     replicas: int
     selector: str
+    secrets: list[dict[str, str]]
     conditions: list[Condition]
 
 

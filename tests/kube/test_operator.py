@@ -197,6 +197,33 @@ def test_the_chain_token_is_a_secret_made_once_and_read_by_reference(
         cluster.api.sanitize_for_serialization(cluster.core.list_namespaced_event(cluster.ns)),
     ]
     assert token not in json.dumps(seen)
+    # Deleted: made again at a resync (the plan is current), with a new token that rolls every
+    # pod (their templates' secrets digest changes).
+    before = _rolls(cluster.deployments("mlp"))
+    cluster.core.delete_namespaced_secret("mlp-chain-token", cluster.ns)
+    remade = wait_until(
+        "the chain Secret made again",
+        lambda: (
+            (s := cluster.secret("mlp-chain-token")) and s.metadata.uid != kept.metadata.uid and s
+        ),
+    )
+    assert remade.data != kept.data
+    wait_until(
+        "every pod template rolled",
+        lambda: all(
+            after[name] != before[name]
+            for after in [_rolls(cluster.deployments("mlp"))]
+            for name in before
+        ),
+    )
+    assert cluster.pm("mlp")["status"]["observedGeneration"] == 2
+
+
+def _rolls(deployments: dict[str, Any]) -> dict[str, str]:
+    return {
+        name: d.spec.template.metadata.annotations["moirai.dev/secrets-digest"]
+        for name, d in deployments.items()
+    }
 
 
 def test_an_endpoint_token_secret_is_waited_for_then_read_by_the_gateway(
@@ -224,6 +251,19 @@ def test_an_endpoint_token_secret_is_waited_for_then_read_by_the_gateway(
     ref = _env(gateway)["MOIRAI_AUTH_TOKEN"].value_from.secret_key_ref
     assert (ref.name, ref.key) == ("mlp-clients", "token")
     assert "open-sesame" not in json.dumps(cluster.api.sanitize_for_serialization(gateway))
+    # A new token rolls the gateway, and only it.
+    before = _rolls(cluster.deployments("mlp"))
+    cluster.core.patch_namespaced_secret(
+        "mlp-clients", cluster.ns, {"stringData": {"token": "open-sesame-2"}}
+    )
+    wait_until(
+        "the gateway rolled",
+        lambda: _rolls(cluster.deployments("mlp"))["mlp-gateway"] != before["mlp-gateway"],
+    )
+    after = _rolls(cluster.deployments("mlp"))
+    assert {k: v for k, v in after.items() if k != "mlp-gateway"} == {
+        k: v for k, v in before.items() if k != "mlp-gateway"
+    }
 
 
 def test_delete_removes_every_child(operator, cluster, make_node_pool, models):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -391,3 +392,88 @@ async def test_a_missing_endpoint_token_secret_is_a_condition_until_it_exists(
         "key": "token",
     }
     assert "let-me-in" not in json.dumps([gateway, kube.patches, events.seen])
+
+
+def _rolls(kube: FakeKube) -> dict[str, str]:
+    """The secrets digest of each Deployment's pod template, by name."""
+    return {
+        name: o["spec"]["template"]["metadata"]["annotations"]["moirai.dev/secrets-digest"]
+        for (kind, name), o in kube.objects.items()
+        if kind == "Deployment"
+    }
+
+
+async def test_a_deleted_chain_secret_is_made_again_and_rolls_every_pod(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    before = _rolls(kube)
+    assert set(before) == {"resnet-gpu-0", "resnet-cpu-0", "resnet-gateway"}
+    assert [s["name"] for s in kube.status["secrets"]] == ["resnet-chain-token"]
+    # Nothing changed: nothing applied again.
+    applied = len(kube.applied)
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert len(kube.applied) == applied
+    # Deleted while the plan is current: made again at the next pass, with a new token that
+    # rolls the stage servers and the gateway, without solving again.
+    old = kube.objects.pop(("Secret", "resnet-chain-token"))
+    await converge(body, NODES, ctx, events)
+    new = kube.objects[("Secret", "resnet-chain-token")]
+    assert new["data"]["token"] != old["data"]["token"]
+    after = _rolls(kube)
+    assert all(after[name] != before[name] for name in before)
+    assert planner.calls == 1
+    # Then steady again.
+    applied = len(kube.applied)
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert len(kube.applied) == applied
+
+
+async def test_a_changed_endpoint_secret_rolls_the_gateway_only(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    await kube.apply(_secret("clients", token="let-me-in"))
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    serving = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
+    body = make_body(path_spec(model) | {"serving": serving})
+
+    async def again() -> dict[str, str]:
+        body["status"] = dict(kube.status)
+        await converge(body, NODES, ctx, events)
+        return _rolls(kube)
+
+    first = await again()
+    assert {s["name"] for s in kube.status["secrets"]} == {
+        "resnet-chain-token",
+        "clients",
+        "endpoint-tls",
+    }
+    # A key the pods do not read: nothing rolls. A new token, then a new certificate: the
+    # gateway rolls, the stage servers do not.
+    await kube.apply(_secret("clients", token="let-me-in", note="rotated monthly"))
+    assert await again() == first
+    await kube.apply(_secret("clients", token="open-sesame"))
+    second = await again()
+    assert second["resnet-gateway"] != first["resnet-gateway"]
+    assert {k: v for k, v in second.items() if k != "resnet-gateway"} == {
+        k: v for k, v in first.items() if k != "resnet-gateway"
+    }
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT2", "tls.key": "KEY2"}))
+    third = await again()
+    assert third["resnet-gateway"] not in (first["resnet-gateway"], second["resnet-gateway"])
+    assert planner.calls == 1
+    # No digest reveals a token: they are keyed with the chain token.
+    plain = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in ("let-me-in", "open-sesame")]
+    written = json.dumps([list(kube.objects.values()), kube.patches, events.seen])
+    assert not any(p in written for p in plain) and "open-sesame" not in written
+    # Deleted: the condition says so, and the running children stay.
+    del kube.objects[("Secret", "clients")]
+    assert await again() == third
+    assert _planned(kube)["reason"] == "AuthTokenSecretMissing"
