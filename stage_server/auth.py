@@ -19,6 +19,11 @@ without the token is refused without receiving its message, and the check is one
 metadata, not an interceptor's extra coroutine per call. Without a token nothing is wrapped and
 nothing is checked.
 
+A front end that forwards requests to another (the shared endpoint on Kubernetes, with its
+`stage_server.remote.RemoteModel`s) holds no endpoint token of its own: the transports put the
+`authorization` that each client sent in `client_authorization` while its request is served, and
+the forwarder passes it on as it came, so that the model's own gateway checks it.
+
 Tokens come from a file (`--chain-token-file`, `--auth-token-file`: a mounted Secret) or the
 environment (`MOIRAI_CHAIN_TOKEN`, `MOIRAI_AUTH_TOKEN`), never from a command-line value, which
 every user of the machine can read in /proc.
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +167,35 @@ def http_guard(token: str, open_prefixes: tuple[str, ...]) -> Callable[..., Any]
         return await handler(request)
 
     return guard
+
+
+# ------------------------------------------------- forwarding a client's
+client_authorization: ContextVar[str | None] = ContextVar("client_authorization", default=None)
+"""The `authorization` (header or metadata) of the client whose request is being served."""
+
+
+@contextmanager
+def serving_client(authorization: str | None) -> Iterator[None]:
+    """While a request of a client that sent `authorization` is served (the transports')."""
+    reset = client_authorization.set(authorization)
+    try:
+        yield
+    finally:
+        client_authorization.reset(reset)
+
+
+def grpc_authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The `authorization` metadata of a gRPC call, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
+def forwarded_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The metadata that passes the served client's `authorization` on (None: it sent none)."""
+    given = client_authorization.get()
+    return None if given is None else (("authorization", given),)
 
 
 # --------------------------------------------------------- same-host path

@@ -26,7 +26,7 @@ from moirai import __version__
 from stage_server import auth, codec
 from stage_server.limits import InFlight
 from stage_server.protos import grpc_predict_v2_pb2 as oip
-from stage_server.repository import VERSION, Repository
+from stage_server.repository import VERSION, Repository, described
 from stage_server.transport import CountsErrors, guarded
 
 SERVICE = "inference.GRPCInferenceService"
@@ -125,6 +125,8 @@ class InferenceServicer:
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         plane = self._repository.get(request.name, request.version)
+        with auth.serving_client(auth.grpc_authorization(context)):
+            await described(plane)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=plane.model_name,
@@ -141,7 +143,7 @@ class InferenceServicer:
         )
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        with self._in_flight:
+        with self._in_flight, auth.serving_client(auth.grpc_authorization(context)):
             message, inputs = codec.decode_infer_request(request)
             plane = self._repository.get(message.model_name, message.model_version)
             requested = [o.name for o in message.outputs] or None

@@ -42,7 +42,7 @@ from stage_server import auth, codec
 from stage_server.errors import ClientTimeout, InvalidInput, TooLarge
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
-from stage_server.repository import VERSION, Repository
+from stage_server.repository import VERSION, Repository, described
 from stage_server.transport import error_middleware
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -93,6 +93,8 @@ def create_app(
 
     async def model_metadata(request: web.Request) -> web.Response:
         plane = model_of(request)
+        with auth.serving_client(request.headers.get("Authorization")):
+            await described(plane)
         return web.json_response(
             {
                 "name": plane.model_name,
@@ -108,7 +110,7 @@ def create_app(
 
     async def infer(request: web.Request) -> web.Response:
         plane = model_of(request)
-        with in_flight:
+        with in_flight, auth.serving_client(request.headers.get("Authorization")):
             json_length = _json_length(request.headers.get(HEADER_LENGTH))
             limit, why = _body_limit(plane, max_request_bytes, json_length)
             body, spent = await _read_body(request, limit, why, plane.timeout_s)

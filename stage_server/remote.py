@@ -10,6 +10,14 @@ ModelReady, and its ModelMetadata each time it becomes ready (a new plan may cha
 A model that is not ready, or not reachable, refuses requests with UNAVAILABLE at once, saying
 why; an error of the remote endpoint reaches the client with the remote's status code.
 
+A model behind an endpoint token (`spec.serving.authTokenSecret`) is served too, though this
+front end holds no token: each request goes on with the `authorization` its client sent
+(`stage_server.auth.client_authorization`), which the model's gateway checks, so a client
+without the token is refused there (UNAUTHENTICATED, HTTP 401) as on the model's own Service.
+Its ModelReady needs the token, so its readiness is polled with ServerReady, which is open and,
+on a gateway of one model, says the same; its metadata is asked at each ModelMetadata request,
+with that client's token (`describe`).
+
 The forwarding costs one gRPC hop and a copy of the tensors each way, on top of the model's own
 endpoint: clients that care for the last fraction of a millisecond call the model's own Service.
 """
@@ -26,7 +34,7 @@ import grpc
 import numpy as np
 
 from moirai.stageplan import TensorSpec
-from stage_server import codec
+from stage_server import auth, codec
 from stage_server.errors import Unavailable, from_code
 from stage_server.metrics import Metrics
 from stage_server.oip_grpc import SERVICE
@@ -53,12 +61,21 @@ class RemoteModel:
         self.reason = f"its endpoint {address} has not answered yet"
         """Why it is not ready (the repository index shows it)."""
         self._ready = False
+        self._described = False
+        """Whether `inputs` and `outputs` are the model's as it now is."""
+        self._needs_token = False
+        """Its ModelReady refused the shared endpoint (which has no token): poll ServerReady."""
         self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
         self._model_ready = self._channel.unary_unary(
             f"/{SERVICE}/ModelReady",
             request_serializer=oip.ModelReadyRequest.SerializeToString,
             response_deserializer=oip.ModelReadyResponse.FromString,
+        )
+        self._server_ready = self._channel.unary_unary(
+            f"/{SERVICE}/ServerReady",
+            request_serializer=oip.ServerReadyRequest.SerializeToString,
+            response_deserializer=oip.ServerReadyResponse.FromString,
         )
         self._metadata = self._channel.unary_unary(
             f"/{SERVICE}/ModelMetadata",
@@ -86,16 +103,28 @@ class RemoteModel:
             await self.poll()
             await asyncio.sleep(self.poll_s)
 
+    async def _is_ready(self) -> bool:
+        timeout = self.poll_s + 1.0
+        if not self._needs_token:
+            name = oip.ModelReadyRequest(name=self.model_name)
+            try:
+                return (await self._model_ready(name, timeout=timeout)).ready
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    raise
+                self._needs_token = True
+                log.info("model %s at %s needs its clients' token", self.model_name, self.address)
+        return (await self._server_ready(oip.ServerReadyRequest(), timeout=timeout)).ready
+
     async def poll(self) -> None:
-        """Ask the endpoint whether the model is ready (and its metadata when it becomes so)."""
-        name = oip.ModelReadyRequest(name=self.model_name)
+        """Ask the endpoint whether the model is ready (and its metadata when it becomes so,
+        unless that needs a client's token)."""
         try:
-            ready = (await self._model_ready(name, timeout=self.poll_s + 1.0)).ready
+            ready = await self._is_ready()
             if ready and not self._ready:
-                request = oip.ModelMetadataRequest(name=self.model_name)
-                metadata = await self._metadata(request, timeout=self.poll_s + 1.0)
-                self.inputs = _specs(metadata.inputs)
-                self.outputs = _specs(metadata.outputs)
+                self._described = False
+                if not self._needs_token:
+                    await self._learn_metadata()
             self.reason = "" if ready else f"its endpoint {self.address} reports it not ready"
         except grpc.aio.AioRpcError as e:
             ready = False
@@ -103,6 +132,28 @@ class RemoteModel:
         if ready != self._ready:
             log.info("model %s at %s: %s", self.model_name, self.address, self.reason or "ready")
         self._ready = ready
+
+    async def _learn_metadata(self) -> None:
+        request = oip.ModelMetadataRequest(name=self.model_name)
+        metadata = await self._metadata(
+            request, timeout=self.poll_s + 1.0, metadata=auth.forwarded_metadata()
+        )
+        self.inputs = _specs(metadata.inputs)
+        self.outputs = _specs(metadata.outputs)
+        self._described = True
+
+    async def describe(self) -> None:
+        """Learn the ready model's metadata (`inputs`, `outputs`) unless known, with the token
+        of the client being served, if any; the remote's refusal (without the token:
+        UNAUTHENTICATED) reaches that client. A model behind a token is asked each time, so
+        that no client without it learns what one with it did. A model not ready keeps what is
+        known."""
+        if (self._described and not self._needs_token) or not self._ready:
+            return
+        try:
+            await self._learn_metadata()
+        except grpc.aio.AioRpcError as e:
+            raise from_code(e.code().name, f"{self.address}: {e.details()}") from None
 
     async def infer(
         self,
@@ -118,7 +169,7 @@ class RemoteModel:
         started = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
-            reply = await self._infer(request, timeout=timeout)
+            reply = await self._infer(request, timeout=timeout, metadata=auth.forwarded_metadata())
         except grpc.aio.AioRpcError as e:
             raise from_code(e.code().name, f"{self.address}: {e.details()}") from None
         finally:

@@ -174,3 +174,13 @@ class GatewayDispatch:
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:
         for gateway in self._gateways:
             gateway.failed(request_id, code, message, deadline_ms)
+
+
+async def described(plane: Any) -> Any:
+    """`plane`, its metadata (`inputs`, `outputs`) known: a plane that learns them only with
+    the client's own token (a `RemoteModel` of a model behind one) asks for them first, with
+    the token of the client being served (`stage_server.auth.client_authorization`)."""
+    describe = getattr(plane, "describe", None)
+    if describe is not None:
+        await describe()
+    return plane

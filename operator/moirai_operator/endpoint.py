@@ -19,7 +19,10 @@ the others' shared address out of its Service.
 Why a router in front of the models' gateways, not one gateway of every model: a PlacedModel's
 stage servers push the model's outputs to its own gateway's chain address, and its gateway
 carries the model's lanes, batching and autoscaling metric; routing to it keeps those where they
-are, at the cost of one hop (clients that want none call the model's own Service).
+are, at the cost of one hop (clients that want none call the model's own Service). It holds no
+endpoint token: each client's `authorization` goes on to the model's gateway, which checks it
+(`stage_server.remote`), so a PlacedModel behind `spec.serving.authTokenSecret` is served here
+to the clients that hold its token.
 
 PlacedModels of one name in several namespaces cannot share one name here: the name is listed
 as UNAVAILABLE with the reason, and each stays on its own Service. The API is only listed (no

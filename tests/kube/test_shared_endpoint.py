@@ -34,12 +34,19 @@ from moirai.partition import build_plan
 from moirai.runtime.local import LocalDeployment, free_ports
 from moirai.stageplan import DeviceSpec
 from stage_server.client import InferenceClient
+from stage_server.settings import EndpointConfig
 
 pytestmark = pytest.mark.timeout(300)
 ENDPOINT = "moirai-endpoint"  # the chart's names for release "moirai"
 
 
-def _one_stage(path: Path, name: str) -> LocalDeployment:
+def _one_stage(path: Path, name: str, token: str | None = None) -> LocalDeployment:
+    """A gateway of one stage serving `path` as `name`, behind `token` when given."""
+    endpoint = EndpointConfig()
+    if token is not None:
+        token_file = path.parent / f"{name}.token"
+        token_file.write_text(token)
+        endpoint = EndpointConfig(auth_token=token, auth_token_file=str(token_file))
     model = onnx.load(path)
     plan = build_plan(
         model, {n.name: "cpu-0" for n in model.graph.node}, [DeviceSpec("cpu-0", threads=1)]
@@ -49,6 +56,7 @@ def _one_stage(path: Path, name: str) -> LocalDeployment:
         path,
         path.parent / f"run-{name}",
         pin_cores=False,
+        endpoint=endpoint,
     )
 
 
@@ -192,6 +200,67 @@ def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
 
             plane.kubectl("delete", "placedmodel", "beta", "-n", namespace)
             _until(lambda: _get(f"{http_url}/v2/models")[1] == {"models": ["alpha"]}, "beta gone")
+
+
+def _http(url: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    """GET `url`, or POST `body` as JSON, with `Authorization: Bearer token` when given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_shared_endpoint_passes_the_clients_token_on(
+    control_plane, namespace, tmp_path
+) -> None:
+    """A PlacedModel behind an endpoint token (`spec.serving.authTokenSecret`): ready in the
+    shared endpoint's index, though it holds no token; the client's own `authorization` goes on
+    to the model's gateway over gRPC and HTTP, which answers with the token and refuses
+    without it (or with another), as on the model's own Service."""
+    plane = control_plane
+    install_crd(plane)
+    token = "s3cret-token"
+    path = write_mlp(tmp_path / "guarded.onnx", hidden=32, layers=2, seed=4)
+    x = np.random.default_rng(5).standard_normal((1, 32)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 32], "data": x[0].tolist()}]}
+    kubeconfig = plane.kubeconfig  # the RBAC is the test above's
+    with _one_stage(path, "guarded", token) as gateway:
+        _placed_model(plane, namespace, "guarded", gateway.grpc_port, gateway.http_port)
+        with (
+            _endpoint(kubeconfig, namespace, tmp_path / "endpoint.log") as (grpc_url, http_url),
+            InferenceClient(grpc_url, token=token) as client,
+            InferenceClient(grpc_url) as stranger,
+            InferenceClient(grpc_url, token="guess") as guesser,
+        ):
+            _until(lambda: _index(http_url) == {"guarded": "READY"}, "ready")
+            np.testing.assert_allclose(
+                client.infer("guarded", {"x": x})["y"], want, rtol=1e-5, atol=1e-6
+            )
+            assert [t.name for t in client.metadata("guarded").inputs] == ["x"]
+            for other in (stranger, guesser):
+                with pytest.raises(grpc.RpcError) as infer_error:
+                    other.infer("guarded", {"x": x})
+                with pytest.raises(grpc.RpcError) as metadata_error:
+                    other.metadata("guarded")
+                for e in (infer_error, metadata_error):
+                    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    assert "needs a token" in (e.value.details() or "")
+
+            infer = f"{http_url}/v2/models/guarded/infer"
+            status, reply = _http(infer, body, token)
+            assert status == 200, reply
+            got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape(want.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            status, metadata = _http(f"{http_url}/v2/models/guarded", token=token)
+            assert status == 200 and metadata["inputs"][0]["name"] == "x"
+            for given in (None, "guess"):
+                assert _http(infer, body, given)[0] == 401
+                assert _http(f"{http_url}/v2/models/guarded", token=given)[0] == 401
 
 
 @pytest.mark.parametrize("scope", ["namespaces", "cluster-wide"])
