@@ -86,7 +86,62 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
         row["grpc"] = drive(d.grpc_url, **call, window_s=window_s)
         if size == HTTP_SIZE:
             row["http"] = drive(d.http_url, **call, http=True, window_s=window_s)
+    row["floor"] = bench_floor(x, window_s)
     return row
+
+
+def _echo_server(port: int, response: bytes, ready) -> None:
+    """A bare gRPC server answering every ModelInfer with `response` (the transport's floor)."""
+    import asyncio
+
+    import grpc
+
+    from stage_server.allocator import keep_freed_memory
+    from stage_server.oip_grpc import SERVICE
+
+    keep_freed_memory()
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return response
+
+    async def serve() -> None:
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        server = grpc.aio.server(options=options)
+        handler = grpc.unary_unary_rpc_method_handler(infer)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bench_floor(x: np.ndarray, window_s: float) -> dict:
+    """The bare gRPC server's CPU per request for a request and an answer of `x`'s size."""
+    import multiprocessing as mp
+    import socket
+
+    from stage_server import codec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    response = codec.encode_infer_response("identity", "", {"y": x})
+    server = ctx.Process(target=_echo_server, args=(port, response, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(60):
+            raise SystemExit("the bare gRPC server did not start")
+        url = f"127.0.0.1:{port}"
+        return drive(url, "identity", {"x": x}, pids=[server.pid], want=x, window_s=window_s)
+    finally:
+        server.kill()
+        server.join()
 
 
 # ------------------------------------------------------- 2. against ORT in-process
@@ -186,16 +241,20 @@ def report(results: dict) -> str:
             f" before / {m['load_after']:.1f} after, {m['date']}"
         )
     out += ["", "| label | tensor | protocol | processes | server CPU ms/request | req/s | "
-            "client CPU ms/request |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+            "client CPU ms/request | bare gRPC server CPU ms/request |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label in labels:
         for row in results[label].get("stack", []):
             for protocol in ("grpc", "http"):
                 if protocol in row:
                     p = row[protocol]
+                    floor = row.get("floor") if protocol == "grpc" else None
+                    bare = f"{floor['server_cpu_ms']:.2f}" if floor else ""
                     out.append(
                         f"| {label} | {row['size']} | {protocol} | {row['processes']} | "
                         f"**{p['server_cpu_ms']:.2f}** | {p['rps']:.0f} | "
-                        f"{p['client_cpu_ms']:.2f} |"
+                        f"{p['client_cpu_ms']:.2f} | "
+                        f"{bare} |"
                     )
     out += ["", "| label | threads | in flight | in-process ORT req/s | served req/s | ratio | "
             "in-process CPU ms/request | served CPU ms/request |",
