@@ -1,10 +1,10 @@
 """Operator-wide configuration, read once at startup from the environment the chart sets.
 
 The Helm chart turns its values (images and the allow-list of `spec.image`, solver defaults,
-resync period, network policy, device catalogue) into `MOIRAI_*` environment variables of the
-operator Deployment; `OperatorConfig` parses them in one place, with a message naming the
-variable when one is malformed, so that a bad value fails the operator's start (visible in the
-pod's status) rather than some reconcile.
+the endpoint's default token and TLS Secrets, resync period, network policy, device catalogue)
+into `MOIRAI_*` environment variables of the operator Deployment; `OperatorConfig` parses them
+in one place, with a message naming the variable when one is malformed, so that a bad value
+fails the operator's start (visible in the pod's status) rather than some reconcile.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moirai.errors import MoiraiError
 from moirai_operator.children import BuildOptions
-from moirai_operator.spec import OBJECTIVES, SOLVERS, Defaults
+from moirai_operator.spec import OBJECTIVES, SECRET_NAME, SOLVERS, Defaults
 from stage_server.batchconfig import BatchingConfig
 
 
@@ -95,6 +95,15 @@ class OperatorConfig:
                 raise ConfigError(f"{key}={raw!r}: use a JSON list of image patterns")
             return tuple(value)
 
+        def secret_name(key: str) -> str | None:
+            raw = env.get(key, "").strip()
+            if raw and not (len(raw) <= 253 and SECRET_NAME.fullmatch(raw)):
+                raise ConfigError(
+                    f"{key}={raw!r}: give a Secret's name (lower-case letters, digits, '-' "
+                    "and '.'), or nothing"
+                )
+            return raw or None
+
         catalogue = env.get("MOIRAI_CATALOGUE")
         return cls(
             defaults=Defaults(
@@ -105,6 +114,8 @@ class OperatorConfig:
                 gpu_image=env.get("MOIRAI_GPU_IMAGE") or Defaults.gpu_image,
                 batching=batching(),
                 allowed_images=patterns("MOIRAI_ALLOWED_IMAGES"),
+                auth_token_secret=secret_name("MOIRAI_DEFAULT_AUTH_TOKEN_SECRET"),
+                tls_secret=secret_name("MOIRAI_DEFAULT_TLS_SECRET"),
             ),
             options=BuildOptions(
                 network_policy=flag("MOIRAI_NETWORK_POLICY", True),

@@ -230,16 +230,35 @@ async def ensure_chain_secret(kube: Kube, owner: Owner) -> str:
     return token
 
 
+def _named_by(spec: PlacedModelSpec, key: str) -> tuple[str, str]:
+    """Who named the Secret of `spec.serving.<key>`, and how else to do without it: the
+    PlacedModel, or the operator's default (the chart value `serving.<key>`)."""
+    field = f"spec.serving.{key}"
+    if key in spec.serving.defaulted:
+        return (
+            f"the operator's default {field} (chart value serving.{key})",
+            f"name another in {field}",
+        )
+    return field, "leave the field out"
+
+
 async def _named_secret(
-    kube: Kube, owner: Owner, field: str, name: str, create: str, error: type[MoiraiError]
+    kube: Kube,
+    owner: Owner,
+    spec: PlacedModelSpec,
+    key: str,
+    name: str,
+    create: str,
+    error: type[MoiraiError],
 ) -> Mapping[str, str]:
-    """The data of the Secret that the spec's `field` names; `error` when it is missing,
+    """The data of the Secret that `spec.serving.<key>` names; `error` when it is missing,
     saying the `create` command that makes it."""
     secret = await kube.get("Secret", owner.namespace, name)
     if secret is None:
+        field, otherwise = _named_by(spec, key)
         raise error(
             f"{field}: Secret {name!r} not found in namespace {owner.namespace}: create it "
-            f"(`{create}`) or leave the field out"
+            f"(`{create}`) or {otherwise}"
         )
     return secret.get("data") or {}
 
@@ -255,11 +274,11 @@ async def check_auth_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> 
         f"kubectl create secret generic {name} -n {owner.namespace} "
         f"--from-literal={TOKEN_KEY}=<token>"
     )
-    field = "spec.serving.authTokenSecret"
-    data = await _named_secret(kube, owner, field, name, create, st.AuthTokenSecretError)
+    key, error = "authTokenSecret", st.AuthTokenSecretError
+    data = await _named_secret(kube, owner, spec, key, name, create, error)
     if not data.get(TOKEN_KEY):
-        raise st.AuthTokenSecretError(
-            f"spec.serving.authTokenSecret: Secret {name!r} has no (or an empty) key "
+        raise error(
+            f"{_named_by(spec, key)[0]}: Secret {name!r} has no (or an empty) key "
             f"{TOKEN_KEY!r}: put the token under that key (`{create}`)"
         )
     return data
@@ -272,12 +291,12 @@ async def check_tls_secret(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> M
     if name is None:
         return {}
     create = f"kubectl create secret tls {name} -n {owner.namespace} --cert=CERT --key=KEY"
-    field = "spec.serving.tlsSecret"
-    data = await _named_secret(kube, owner, field, name, create, st.TLSSecretError)
+    key = "tlsSecret"
+    data = await _named_secret(kube, owner, spec, key, name, create, st.TLSSecretError)
     missing = [key for key in (TLS_CERT_KEY, TLS_KEY_KEY) if not data.get(key)]
     if missing:
         raise st.TLSSecretError(
-            f"spec.serving.tlsSecret: Secret {name!r} has no (or an empty) "
+            f"{_named_by(spec, key)[0]}: Secret {name!r} has no (or an empty) "
             f"{' and '.join(map(repr, missing))}: make it a TLS Secret (`{create}`)"
         )
     return data

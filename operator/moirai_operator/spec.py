@@ -52,6 +52,11 @@ class Defaults:
     """Shell-style patterns of the images `spec.image` may name, beside the two above (the
     chart's `allowedImages`): a PlacedModel's pods run whatever image it names, so by default
     it may name none but the operator's own."""
+    auth_token_secret: str | None = None
+    """The endpoint token Secret of a PlacedModel that names none in spec.serving (the chart's
+    `serving.authTokenSecret`): a Secret of that name in each PlacedModel's namespace."""
+    tls_secret: str | None = None
+    """The TLS Secret of a PlacedModel that names none (the chart's `serving.tlsSecret`)."""
 
     def check_image(self, image: str) -> None:
         if image in (self.image, self.gpu_image):
@@ -136,6 +141,9 @@ class ServingSpec:
     tls_secret: str | None = None
     """The `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) the endpoint serves TLS with;
     None: plaintext."""
+    defaulted: frozenset[str] = frozenset()
+    """Which of `authTokenSecret` and `tlsSecret` are the operator's defaults (`Defaults`), not
+    the PlacedModel's own: errors about them name the chart value."""
 
 
 @dataclass(frozen=True)
@@ -339,8 +347,18 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
             batching=_batching(serving.get("batching") or {}, defaults.batching),
             auth_token_secret=_secret_name(
                 serving.get("authTokenSecret"), "spec.serving.authTokenSecret"
+            )
+            or defaults.auth_token_secret,
+            tls_secret=_secret_name(serving.get("tlsSecret"), "spec.serving.tlsSecret")
+            or defaults.tls_secret,
+            defaulted=frozenset(
+                key
+                for key, default in (
+                    ("authTokenSecret", defaults.auth_token_secret),
+                    ("tlsSecret", defaults.tls_secret),
+                )
+                if default and serving.get(key) is None
             ),
-            tls_secret=_secret_name(serving.get("tlsSecret"), "spec.serving.tlsSecret"),
         ),
         image=str(raw.get("image") or defaults.image),
         gpu_image=str(raw.get("image") or defaults.gpu_image),

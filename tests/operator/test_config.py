@@ -63,6 +63,8 @@ def test_chart_values_arrive() -> None:
         ("MOIRAI_TIME_LIMIT_SECONDS", "soon"),
         ("MOIRAI_RESYNC_SECONDS", "0"),
         ("MOIRAI_NETWORK_POLICY", "maybe"),
+        ("MOIRAI_DEFAULT_AUTH_TOKEN_SECRET", "Clients"),
+        ("MOIRAI_DEFAULT_TLS_SECRET", "tls/secret"),
     ],
 )
 def test_malformed_values_name_the_variable(key: str, value: str) -> None:
@@ -80,3 +82,18 @@ def test_allowed_images_are_a_json_list() -> None:
     for bad in ("reg.example/moirai:*", '{"a": 1}', '[""]'):
         with pytest.raises(ConfigError, match=r"MOIRAI_ALLOWED_IMAGES=.*JSON list"):
             OperatorConfig.from_env({"MOIRAI_ALLOWED_IMAGES": bad})
+
+
+def test_the_endpoint_s_default_secrets_arrive() -> None:
+    env = {"MOIRAI_DEFAULT_AUTH_TOKEN_SECRET": "clients", "MOIRAI_DEFAULT_TLS_SECRET": "tls"}
+    defaults = OperatorConfig.from_env(env).defaults
+    assert (defaults.auth_token_secret, defaults.tls_secret) == ("clients", "tls")
+    empty = {"MOIRAI_DEFAULT_AUTH_TOKEN_SECRET": "", "MOIRAI_DEFAULT_TLS_SECRET": ""}
+    defaults = OperatorConfig.from_env(empty).defaults
+    assert (defaults.auth_token_secret, defaults.tls_secret) == (None, None)
+    with pytest.raises(ConfigError) as e:
+        OperatorConfig.from_env({"MOIRAI_DEFAULT_TLS_SECRET": "My_TLS"})
+    assert str(e.value) == (
+        "MOIRAI_DEFAULT_TLS_SECRET='My_TLS': give a Secret's name (lower-case letters, digits, "
+        "'-' and '.'), or nothing"
+    )

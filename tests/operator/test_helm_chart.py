@@ -199,6 +199,19 @@ def test_operator_deployment_has_probes_and_runs_kopf(helm: Path) -> None:
     assert env["MOIRAI_ALLOWED_IMAGES"] == "[]"  # spec.image: none but these two by default
 
 
+def test_the_endpoint_s_default_secrets_reach_the_operator(helm: Path) -> None:
+    def env(*args: str) -> dict[str, str]:
+        deployment = next(d for d in render(helm, *args) if d["kind"] == "Deployment")
+        (c,) = deployment["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e["value"] for e in c["env"]}
+
+    off = env()
+    assert off["MOIRAI_DEFAULT_AUTH_TOKEN_SECRET"] == off["MOIRAI_DEFAULT_TLS_SECRET"] == ""
+    on = env("--set", "serving.authTokenSecret=clients", "--set", "serving.tlsSecret=tls")
+    assert on["MOIRAI_DEFAULT_AUTH_TOKEN_SECRET"] == "clients"
+    assert on["MOIRAI_DEFAULT_TLS_SECRET"] == "tls"
+
+
 def _command(docs: list[dict[str, Any]]) -> list[str]:
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     return deployment["spec"]["template"]["spec"]["containers"][0]["command"]

@@ -477,3 +477,39 @@ async def test_a_changed_endpoint_secret_rolls_the_gateway_only(
     del kube.objects[("Secret", "clients")]
     assert await again() == third
     assert _planned(kube)["reason"] == "AuthTokenSecretMissing"
+
+
+async def test_the_operator_s_default_endpoint_secrets_apply_and_a_spec_s_own_wins(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    defaults = Defaults(auth_token_secret="clients", tls_secret="endpoint-tls")
+    ctx = Context(kube, planner, defaults, BuildOptions(), tmp_path / "cache")  # type: ignore[arg-type]
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    assert _planned(kube)["message"].startswith(
+        "the operator's default spec.serving.authTokenSecret (chart value "
+        "serving.authTokenSecret): Secret 'clients' not found in namespace ml: create it "
+        "(`kubectl create secret generic clients -n ml --from-literal=token=<token>`) or name "
+        "another in spec.serving.authTokenSecret"
+    )
+    await kube.apply(_secret("clients", token="let-me-in"))
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    await kube.apply(_secret("mine", token="mine"))
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert kube.status["endpoint"].startswith("https://")
+
+    def gateway() -> dict[str, Any]:
+        pod = kube.objects[("Deployment", "resnet-gateway")]["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        tls = [v["secret"]["secretName"] for v in pod["volumes"] if v["name"] == "tls"]
+        return {"token": env["MOIRAI_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"], "tls": tls}
+
+    assert gateway() == {"token": "clients", "tls": ["endpoint-tls"]}
+    # The PlacedModel's own Secret wins over the default.
+    body["status"] = dict(kube.status)
+    body["spec"]["serving"] = {"authTokenSecret": "mine"}
+    body["metadata"]["generation"] = 2
+    await converge(body, NODES, ctx, events)
+    assert gateway() == {"token": "mine", "tls": ["endpoint-tls"]}

@@ -139,3 +139,23 @@ def test_spec_image_must_be_the_operators_or_allowed() -> None:
     # By default no image but the operator's own.
     with pytest.raises(SpecError, match="none beside the operator's own"):
         parse_spec(make_spec(image="mine:2"), Defaults(image="img:1"))
+
+
+def test_the_operator_s_endpoint_secrets_apply_where_the_spec_names_none() -> None:
+    defaults = Defaults(auth_token_secret="clients", tls_secret="endpoint-tls")
+    serving = parse_spec(make_spec(), defaults).serving
+    assert (serving.auth_token_secret, serving.tls_secret) == ("clients", "endpoint-tls")
+    assert serving.defaulted == {"authTokenSecret", "tlsSecret"}
+    own = {"authTokenSecret": "mine", "tlsSecret": "my-tls"}
+    serving = parse_spec(make_spec(serving=own), defaults).serving
+    assert (serving.auth_token_secret, serving.tls_secret) == ("mine", "my-tls")
+    assert serving.defaulted == frozenset()
+    serving = parse_spec(make_spec(serving={"tlsSecret": "my-tls"}), defaults).serving
+    assert (serving.auth_token_secret, serving.tls_secret) == ("clients", "my-tls")
+    assert serving.defaulted == {"authTokenSecret"}
+    serving = parse_spec(make_spec(), Defaults()).serving
+    assert (serving.auth_token_secret, serving.tls_secret, serving.defaulted) == (
+        None,
+        None,
+        frozenset(),
+    )
