@@ -16,7 +16,8 @@ What it honours, as the kubelet does:
   read-only files;
 - init containers in order, each to success; `restartPolicy` (Always:
   Docker restarts a container whose process dies; Never: the pod runs to completion);
-- readiness probes (`grpc`, `httpGet`), which `wait_ready` runs against the pod's IP.
+- readiness probes (`grpc`, `httpGet` with scheme HTTP or HTTPS, whose certificate is not
+  checked, as the kubelet's is not), which `wait_ready` runs against the pod's IP.
 
 Networking: every container shares the host's network namespace, so all traffic stays on
 loopback. Each pod gets a loopback address of its own (127.a.b.c) as its IP, and each Service
@@ -36,6 +37,7 @@ import json
 import os
 import random
 import re
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -441,8 +443,13 @@ class Kubelet:
                     return reply.status == health_pb2.HealthCheckResponse.SERVING
             if "httpGet" in probe:
                 get = probe["httpGet"]
-                url = f"http://{pod.ip}:{pod.port(get['port'])}{get.get('path', '/')}"
-                with urllib.request.urlopen(url, timeout=2) as response:
+                _unknown("httpGet probe", get, {"path", "port", "scheme"})
+                scheme = get.get("scheme", "HTTP").lower()
+                url = f"{scheme}://{pod.ip}:{pod.port(get['port'])}{get.get('path', '/')}"
+                unchecked = ssl.create_default_context()
+                unchecked.check_hostname = False
+                unchecked.verify_mode = ssl.CERT_NONE
+                with urllib.request.urlopen(url, timeout=2, context=unchecked) as response:
                     return 200 <= response.status < 400
         except (OSError, grpc.RpcError):
             return False

@@ -12,6 +12,11 @@ with single-process ONNX Runtime on the same model.
 from __future__ import annotations
 
 import base64
+import http.client
+import json
+import socket
+import ssl
+import subprocess
 import threading
 import time
 import urllib.request
@@ -119,6 +124,105 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
                     env = dict(e.split("=", 1) for e in config["Config"]["Env"])
                     if container in ("stage-server", "gateway"):  # not the model's fetcher
                         assert env["MOIRAI_CHAIN_TOKEN"] == chain_token
+
+
+class _HTTPSTo(http.client.HTTPSConnection):
+    """HTTPS to `ip`, checking that the certificate is `name`'s (the Service's DNS name, which
+    this host cannot resolve)."""
+
+    def __init__(self, ip: str, name: str, port: int, context: ssl.SSLContext) -> None:
+        super().__init__(name, port, timeout=30, context=context)
+        self._ip, self._tls = ip, context
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+
+
+def test_the_gateway_serves_tls_from_its_secret_in_a_container(
+    scheduling_control_plane, kube_api, namespace, make_node_pool, kubelet, tmp_path
+):
+    """spec.serving.tlsSecret: the gateway container serves with the Secret's files mounted as
+    its pod spec says (read-only, /etc/moirai/tls), its probes over HTTPS; an HTTPS request and
+    a TLS gRPC request, checked against the CA for the gateway Service's name, answer as ONNX
+    Runtime does; plaintext on either port is refused."""
+    plane = scheduling_control_plane
+    install_crd(plane)
+    cpu = f"{namespace}-cpu"
+    make_node_pool(cpu, count=1, cpu="16")
+    cluster = Cluster(kube_api, plane, namespace)
+    http_port, grpc_port = free_port(), free_port()
+    service = f"mlp-gateway.{namespace}.svc"
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={service}"),
+            *("-addext", f"subjectAltName=DNS:{service}"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    cluster.core.create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "mlp-tls"},
+            "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": cert.read_text(), "tls.key": key.read_text()},
+        },
+    )
+    with models_for(tmp_path / "models") as models:
+        spec = {
+            "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
+            "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 1, "maxDevices": 2}],
+            "serving": {"port": http_port, "grpcPort": grpc_port, "tlsSecret": "mlp-tls"},
+        }
+        with running_operator(plane, tmp_path / "cache"):
+            cluster.apply("mlp", spec)
+            status = cluster.wait_phase("mlp", "Ready", timeout=120)
+        assert status["endpoint"] == f"https://{service}:{http_port}"
+        pods = run_deployments(cluster, kubelet, "mlp")  # ready: its HTTPS probe answered
+        gateway = pods["mlp-gateway"]
+        x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+        (expected,) = ort.InferenceSession(str(models["path"])).run(["y"], {"x": x})
+
+        trust = ssl.create_default_context(cafile=str(cert))
+        connection = _HTTPSTo(gateway.ip, service, http_port, trust)
+        body = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": x[0].tolist()}]
+        }
+        connection.request("POST", "/v2/models/mlp/infer", json.dumps(body))
+        response = connection.getresponse()
+        reply = json.loads(response.read())
+        assert response.status == 200, reply
+        got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape(expected.shape)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        connection.close()
+
+        secure = triton_grpc.InferenceServerClient(
+            f"{gateway.ip}:{grpc_port}",
+            ssl=True,
+            root_certificates=str(cert),
+            channel_args=[("grpc.ssl_target_name_override", service)],
+        )
+        inputs = [triton_grpc.InferInput("x", [1, 64], "FP32")]
+        inputs[0].set_data_from_numpy(x)
+        got = secure.infer("mlp", inputs).as_numpy("y")
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+        # Plaintext is refused on both ports.
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://{gateway.ip}:{http_port}/v2/health/ready", timeout=10)
+        plain = triton_grpc.InferenceServerClient(f"{gateway.ip}:{grpc_port}")
+        with pytest.raises(InferenceServerException) as e:
+            plain.infer("mlp", inputs, client_timeout=10)
+        assert e.value.status() == "StatusCode.UNAVAILABLE"
+
+        # The Secret's files as the pod spec mounts them: read-only, where the flags point.
+        config = kubelet.inspect(gateway.containers["gateway"])
+        (mount,) = [m for m in config["Mounts"] if m["Destination"] == "/etc/moirai/tls"]
+        assert mount["RW"] is False
+        assert "--tls-cert-file" in json.dumps(config["Config"])
 
 
 def _in_flight_load(

@@ -240,15 +240,22 @@ def _manifest(api: client.ApiClient, obj: Any, kind: str) -> dict[str, Any]:
 
 
 def add_secrets(cluster: Cluster, kubelet: Kubelet, pod_spec: dict[str, Any]) -> None:
-    """Hand the kubelet every Secret that `pod_spec`'s environment reads (`secretKeyRef`), as
-    the API server holds it; one written just after its pod is waited for, as kubelets do."""
+    """Hand the kubelet every Secret that `pod_spec`'s environment reads (`secretKeyRef`) or
+    its volumes mount, as the API server holds it; one written just after its pod is waited
+    for, as kubelets do."""
+    names = [
+        volume["secret"]["secretName"]
+        for volume in pod_spec.get("volumes") or []
+        if "secret" in volume
+    ]
     for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
         for env in container.get("env") or []:
             ref = (env.get("valueFrom") or {}).get("secretKeyRef")
             if ref:
-                name = ref["name"]
-                secret = wait_until(f"Secret {name}", lambda n=name: cluster.secret(n))
-                kubelet.add_object(_manifest(cluster.api, secret, "Secret"))
+                names.append(ref["name"])
+    for name in dict.fromkeys(names):
+        secret = wait_until(f"Secret {name}", lambda n=name: cluster.secret(n))
+        kubelet.add_object(_manifest(cluster.api, secret, "Secret"))
 
 
 def run_profiling_job(cluster: Cluster, kubelet: Kubelet, name: str) -> dict[str, Any]:
