@@ -4,9 +4,10 @@
    decreasing, else CP-SAT's exact packing), or `auto` stops with the proof that none does.
    Every later step then has a memory-feasible start.
 1. The list schedulers that need no LP (`QUICK_HEURISTICS`: HEFT, the best single device):
-   milliseconds even on thousands of tasks, and a first incumbent; and the windowed load bound
-   (`lp.windowed_load`). If the incumbent meets the lower bound it is optimal and we stop
-   (likewise after every step below).
+   milliseconds even on thousands of tasks, and a first incumbent; and the LP bounds: the
+   windowed load (`lp.windowed_load`) and, on models of moderate size, the path LP
+   (`lp.path_lp`: assignment, start times, transfers and ports in one LP). If the incumbent
+   meets the lower bound it is optimal and we stop (likewise after every step below).
 2. Series decomposition (`moirai.placement.series`, latency only): when the graph has cut
    vertices (a concat closing an Inception module, the norm after a residual add, every layer
    of a chain), the segments between them are solved exactly one by one, each for the devices
@@ -21,12 +22,15 @@
    does not.
 5. The race: local search (`moirai.placement.local`: block moves evaluated by list scheduling,
    with kicks out of local optima) and CP-SAT (interval model, no big-M) take turns, each
-   from the best plan so far; a search whose turn improved the plan gets a longer turn next,
-   one whose turn did not a shorter one, so the time goes to whichever is improving. CP-SAT's
-   model is built once and hinted anew each turn. Past `FULL_MODEL_LIMIT` optional intervals
-   the model is too big to search well in a minute on a few cores, so each task keeps only its
-   devices within `NEAR_FASTEST` of its fastest time plus its device in the incumbent (which
-   stays inside the restricted model), and the bound is then the others'; past
+   from the best plan so far. It opens as the pipeline before it did, so it never ends
+   behind that: a plain descent to a local optimum, then one long CP-SAT turn
+   (`CPSAT_FIRST_SHARE`). After that a search whose turn improved the plan gets a longer turn
+   next, one whose turn did not a shorter one (CP-SAT's never under `CPSAT_MIN_SLICE_S`), so
+   the time goes to whichever is improving. CP-SAT's model is built once and hinted anew each
+   turn. Past `FULL_MODEL_LIMIT` optional intervals the model is too big to search well in a
+   minute on a few cores, so each task keeps only its devices within `NEAR_FASTEST` of its
+   fastest time plus its devices in every plan offered so far (the incumbent stays inside the
+   restricted model), and the bound is then the others'; past
    `RESTRICTED_LIMIT`, or when building the model would take too much of the time left, local
    search has all the time.
 
@@ -49,14 +53,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from moirai.errors import InfeasibleError
 from moirai.placement import cpsat, heuristics, milp
 from moirai.placement.bounds import settle, simple_bounds, strongest
 from moirai.placement.contract import SolveOptions, no_plan_message
 from moirai.placement.local import improve, plan_timing
-from moirai.placement.lp import windowed_load
+from moirai.placement.lp import path_lp, windowed_load
 from moirai.placement.memory import packing
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -92,8 +96,21 @@ QUICK_HEURISTICS = ("heft", "single")
 """Run first; GETF and m-SCT solve an LP first, run after the series decomposition."""
 LP_BOUND_SHARE = 0.15
 """Share of the time limit the windowed load bound's LP may use (it needs far less)."""
+PATH_LP_SHARE = 0.2
+"""Share of the time limit the path LP (`lp.path_lp`) may use; it is skipped on models too
+large to solve in a few seconds (`lp.PATH_LP_COLUMNS`)."""
 SLICE_S = (0.5, 30.0)
 """Shortest and longest turn in the race between local search and CP-SAT."""
+DESCENT_SHARE = 0.15
+CPSAT_FIRST_SHARE = (0.6, 0.9)
+"""The race opens as the pipeline before it did: a plain descent of the local search (to its
+first local optimum, within `DESCENT_SHARE` of the time left), then CP-SAT in one turn, for
+the first share of the time left when the descent improved the plan (local search pays here:
+it gets its turns after), the second when it did not. Short CP-SAT turns restart its presolve
+and search each time; on a 600-task model a turn of a second or two finds nothing, where one
+long run improves the plan."""
+CPSAT_MIN_SLICE_S = 2.0
+"""CP-SAT's turns in the race are never shorter than this."""
 FIRST_SLICE_SHARE = 0.1
 """Each search's first turn: this share of the time left (at least the shortest turn)."""
 RESERVE_S = 0.5
@@ -130,6 +147,8 @@ class _Incumbent:
     options: SolveOptions
     plan: Placement | None = None
     label: str = "none"
+    seen: list[Placement] = field(default_factory=list)
+    """Every plan offered, kept or not (their devices stay in CP-SAT's restricted model)."""
 
     @property
     def bound(self) -> float:
@@ -141,6 +160,8 @@ class _Incumbent:
 
     def offer(self, plan: Placement | None, label: str, message: str = "") -> bool:
         """Keep `plan` when it is better; whether it was."""
+        if plan is not None:
+            self.seen.append(plan)
         if plan is None or (
             self.plan is not None and plan.objective_ms >= self.plan.objective_ms * (1 - 1e-9)
         ):
@@ -184,6 +205,10 @@ class AutoSolver:
         )
         if load is not None:
             best.bounds["windowed load"] = load
+        # and (latency, models of moderate size) the path LP: transfers priced on paths and ports
+        path = path_lp(p, min(deadline, time.monotonic() + PATH_LP_SHARE * options.time_limit))
+        if path is not None:
+            best.bounds["path LP"] = path
         if best.optimal:
             return self._done(best, started)
         # 2. the series decomposition: exact on graphs with cut vertices (every zoo model)
@@ -253,10 +278,18 @@ class AutoSolver:
         time goes to whichever search is improving.
         """
         session = self._session(p, best, options)
+        # the old pipeline's path first, so the race never ends behind it: a plain descent to
+        # a local optimum, then one long CP-SAT turn from it (its search needs a long run to
+        # pay for its presolve on large models)
+        descent = replace(options, deadline=time.monotonic() + DESCENT_SHARE * options.remaining())
+        descended = self._local(p, best, descent, 0, kicks=False)
         first = max(SLICE_S[0], FIRST_SLICE_SHARE * options.remaining())
-        arms = [_Arm("local", first)]
-        if session is not None:
-            arms.append(_Arm("cpsat", first))
+        arms = [_Arm("local", first, turns=1)]
+        if session is not None and not best.optimal:
+            share = CPSAT_FIRST_SHARE[0 if descended else 1]
+            long_turn = replace(options, deadline=time.monotonic() + share * options.remaining())
+            improved = self._cpsat(p, best, session, long_turn)
+            arms.append(_Arm("cpsat", first if improved else CPSAT_MIN_SLICE_S, turns=1))
         while options.remaining() > SLICE_S[0] / 2 and not best.optimal:
             for arm in arms:
                 if options.remaining() <= SLICE_S[0] / 2 or best.optimal:
@@ -271,7 +304,8 @@ class AutoSolver:
                     improved = self._cpsat(p, best, session, turn)
                 arm.turns += 1
                 grown = arm.slice_s * (2 if improved else 0.5)
-                arm.slice_s = min(SLICE_S[1], max(SLICE_S[0], grown))
+                shortest = CPSAT_MIN_SLICE_S if arm.name == "cpsat" else SLICE_S[0]
+                arm.slice_s = min(SLICE_S[1], max(shortest, grown))
 
     @staticmethod
     def _session(
@@ -284,7 +318,7 @@ class AutoSolver:
         size = interval_count(p, p.cand)
         allowed: list[tuple[int, ...]] | None = None
         if size > FULL_MODEL_LIMIT:
-            allowed = restrict(p, [best.plan])
+            allowed = restrict(p, [best.plan, *best.seen])
             size = interval_count(p, allowed)
             if size > RESTRICTED_LIMIT:
                 return None
@@ -302,12 +336,24 @@ class AutoSolver:
         return best.offer(plan, "cpsat")
 
     @staticmethod
-    def _local(p: PlacementProblem, best: _Incumbent, options: SolveOptions, turn: int) -> bool:
+    def _local(
+        p: PlacementProblem,
+        best: _Incumbent,
+        options: SolveOptions,
+        turn: int,
+        kicks: bool = True,
+    ) -> bool:
         assert best.plan is not None
         assign = [p.device_index[best.plan.assignment[t]] for t in p.tasks]
         start = plan_timing(p, best.plan) if p.objective == "latency" else None
         better, value, sched = improve(
-            p, assign, options.deadline, options.seed + turn, bound=best.bound, start=start
+            p,
+            assign,
+            options.deadline,
+            options.seed + turn,
+            bound=best.bound,
+            start=start,
+            kicks=kicks,
         )
         if value >= best.plan.objective_ms * (1 - 1e-9):
             return False

@@ -17,7 +17,9 @@ and so does the slowest single task at its fastest (transfers, on ports or on th
 pay for them, only add to the loads). Exact solvers report their own proven bound, and so does
 the series decomposition (`moirai.placement.series`); `auto` takes the best and names it in the
 plan (`bound_from`). Pins and memory restrict candidates, so the bounds use the
-candidate devices of each task, not all devices.
+candidate devices of each task, not all devices. The LP bounds, which need HiGHS, live in
+`moirai.placement.lp`: `windowed_load` (fractional loads in time windows) and `path_lp`
+(assignment, start times, transfers and ports in one LP).
 """
 
 from __future__ import annotations

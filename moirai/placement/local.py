@@ -192,16 +192,18 @@ def improve(
     max_evaluations: float = math.inf,
     bound: float = 0.0,
     start: Timing | None = None,
+    kicks: bool = True,
 ) -> tuple[list[int], float, Schedule | None]:
     """A better (or the same) assignment, its objective value and (latency) its schedule, by
     block moves and kicks; it stops early once the value meets `bound` (a lower bound: nothing
     better exists). `start` is the timing of the schedule the assignment comes from (`timing`),
-    so that the search begins from that schedule rather than from a list schedule of it."""
+    so that the search begins from that schedule rather than from a list schedule of it.
+    Without `kicks` it stops at the first local optimum (plain descent)."""
     rng = random.Random(seed)
     search = _Search(problem, assignment, deadline, max_evaluations, rng, start)
     search.descend()
     best, value, sched = list(search.assign), search.value, search.sched
-    while not search.out_of_work() and value > bound * (1 + OPTIMALITY_TOL):
+    while kicks and not search.out_of_work() and value > bound * (1 + OPTIMALITY_TOL):
         search.kick()
         search.descend()
         if search.value < value * (1 - 1e-9):

@@ -2,7 +2,8 @@
 
 `new_highs` makes a silent instance on a given number of threads, `run_highs` runs it so that
 Ctrl-C stops it, and `solve_lp` minimises one column of a small sparse LP within a deadline
-(GETF's and m-SCT's relaxations, and `windowed_load`, the load bound in time windows).
+(GETF's and m-SCT's relaxations, `windowed_load`, the load bound in time windows, and
+`path_lp`, the relaxation that couples the assignment with paths, transfers and ports).
 """
 
 from __future__ import annotations
@@ -169,3 +170,111 @@ def _grid(values: list[float]) -> list[float]:
     if len(values) <= WINDOWS:
         return values
     return [values[round(j * (len(values) - 1) / (WINDOWS - 1))] for j in range(WINDOWS)]
+
+
+PATH_LP_COLUMNS = 20_000
+"""`path_lp` is skipped on models with more columns (its transfer variables grow with edges
+times device pairs): 17,000 columns take HiGHS 3 s on one core of the development machine,
+37,000 more than 30 s."""
+
+
+def path_lp_columns(problem: PlacementProblem) -> int:
+    p = problem
+    count = sum(len(c) for c in p.cand) + p.n + 1
+    return count + sum(len(p.cand[i]) * len(p.cand[j]) for i, j in p.edges)
+
+
+def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
+    """The path LP bound (latency): assignment, start times, transfers and ports in one LP.
+
+    Variables: the fractional assignment `x[i][k]` (shares sum to 1; memory per device), a
+    start `S_i` per task, and per edge e = (i, j) a transport `z[e][a][b] >= 0` between i's
+    and j's shares (`sum_b z[e][a][b] = x[i][a]`, `sum_a z[e][a][b] = x[j][b]`; in a plan,
+    1 for the pair (i's device, j's device) and 0 elsewhere). Rows, each true of every plan
+    with makespan C read as an integral point:
+    - `S_j >= S_i + sum_a p[i][a] x[i][a] + sum_{a != b} tau[e][a][b] z[e][a][b]` (precedence,
+      with i's time and the edge's transfer under the assignment);
+    - `S_i >= sum_k head[i][k] x[i][k]` and `C >= S_i + sum_k tail[i][k] x[i][k]` (the
+      device-aware heads and tails of `bounds.heads_tails`, which hold for i's own device);
+    - `C >= sum_i p[i][k] x[i][k]` for every device, and `C >=` the time each device's send
+      port and receive port spend on transfers (`sum tau z` over the pairs leaving or entering
+      it), since a port moves one tensor at a time.
+    Its optimum is at most any plan's makespan. Unlike the load bounds it sees that keeping a
+    chain on the fast device leaves its neighbours' shares elsewhere paying for transfers on
+    their paths and ports. None when the model has more than `PATH_LP_COLUMNS` columns, for
+    the throughput objective (whose LP is the MILP's own), or when HiGHS does not finish by
+    the deadline.
+    """
+    p = problem
+    if p.objective != "latency" or path_lp_columns(p) > PATH_LP_COLUMNS:
+        return None
+    import highspy
+
+    inf = highspy.kHighsInf
+    head, tail = heads_tails(p)
+    col: dict[tuple[int, int], int] = {}
+    for i in range(p.n):
+        for k in p.cand[i]:
+            col[i, k] = len(col)
+    start = len(col)
+    makespan = start + p.n
+    ncol = makespan + 1
+    rows: list[tuple[float, float, list[int], list[float]]] = []
+    for i in range(p.n):
+        cols = [col[i, k] for k in p.cand[i]]
+        rows.append((1.0, 1.0, cols, [1.0] * len(cols)))
+        rows.append((0.0, inf, [start + i, *cols], [1.0, *(-head[i][k] for k in p.cand[i])]))
+        rows.append(
+            (0.0, inf, [makespan, start + i, *cols], [1.0, -1.0, *(-tail[i][k] for k in p.cand[i])])
+        )
+    for k in range(p.num_devices):
+        on_k = [i for i in range(p.n) if k in p.cand[i]]
+        if on_k:
+            cols = [makespan] + [col[i, k] for i in on_k]
+            rows.append((0.0, inf, cols, [1.0] + [-p.compute[i][k] for i in on_k]))
+        if sum(p.mem[i] for i in on_k) > p.cap[k]:
+            mem = [float(p.mem[i]) for i in on_k]
+            rows.append((-inf, float(p.cap[k]), [col[i, k] for i in on_k], mem))
+    send: list[list[tuple[int, float]]] = [[] for _ in range(p.num_devices)]
+    recv: list[list[tuple[int, float]]] = [[] for _ in range(p.num_devices)]
+    for e, (i, j) in enumerate(p.edges):
+        z = {}
+        for a in p.cand[i]:
+            for b in p.cand[j]:
+                z[a, b] = ncol
+                ncol += 1
+        for a in p.cand[i]:
+            rows.append(
+                (
+                    0.0,
+                    0.0,
+                    [col[i, a], *(z[a, b] for b in p.cand[j])],
+                    [-1.0] + [1.0] * len(p.cand[j]),
+                )
+            )
+        for b in p.cand[j]:
+            rows.append(
+                (
+                    0.0,
+                    0.0,
+                    [col[j, b], *(z[a, b] for a in p.cand[i])],
+                    [-1.0] + [1.0] * len(p.cand[i]),
+                )
+            )
+        cols = [start + j, start + i] + [col[i, a] for a in p.cand[i]]
+        vals = [1.0, -1.0] + [-p.compute[i][a] for a in p.cand[i]]
+        for (a, b), c in z.items():
+            tau = p.transfer[e][a][b]
+            if a != b and tau > 0:
+                cols.append(c)
+                vals.append(-tau)
+                send[a].append((c, tau))
+                recv[b].append((c, tau))
+        rows.append((0.0, inf, cols, vals))
+    for port in (*send, *recv):
+        if port:
+            rows.append(
+                (0.0, inf, [makespan] + [c for c, _ in port], [1.0] + [-t for _, t in port])
+            )
+    x = solve_lp(ncol, makespan, rows, deadline)
+    return None if x is None else x[makespan]

@@ -9,11 +9,11 @@ import pytest
 
 from moirai.placement import PlacementProblem, SolveOptions, check, solve
 from moirai.placement.bounds import simple_bounds
-from moirai.placement.lp import windowed_load
+from moirai.placement.lp import path_lp, windowed_load
 from moirai.placement.series import decompose
 
 from .brute import brute_force_makespan, brute_force_period
-from .instances import random_costgraph, series_costgraph
+from .instances import random_costgraph, random_dag, series_costgraph
 
 REL = 1e-3  # CP-SAT rounds durations down to its time unit (far below this)
 
@@ -40,10 +40,16 @@ def test_simple_bounds_never_exceed_the_optimum(
 
 
 def _bounds(problem: PlacementProblem) -> dict[str, float]:
-    """Every bound that needs no search: the simple ones and the windowed load LP."""
+    """Every bound that needs no search: the simple ones, the windowed load LP and (latency)
+    the path LP."""
     load = windowed_load(problem, time.monotonic() + 30)
     assert load is not None
-    return {**simple_bounds(problem), "windowed load": load}
+    bounds = {**simple_bounds(problem), "windowed load": load}
+    if problem.objective == "latency":
+        path = path_lp(problem, time.monotonic() + 30)
+        assert path is not None
+        bounds["path LP"] = path
+    return bounds
 
 
 def test_windowed_load_beats_plain_load_where_heads_and_tails_matter() -> None:
@@ -55,6 +61,31 @@ def test_windowed_load_beats_plain_load_where_heads_and_tails_matter() -> None:
     assert load is not None and plain is not None
     assert load > plain * 1.01
     assert load <= brute_force_makespan(problem) * (1 + 1e-9)
+
+
+DAGS = [(s, 5 + s % 2, 2 + s % 2, ccr) for s in range(4) for ccr in (0.3, 1.0)]
+
+
+@pytest.mark.parametrize(("seed", "tasks", "devices", "ccr"), DAGS)
+def test_lp_bounds_never_exceed_the_optimum_on_benchmark_style_dags(
+    seed: int, tasks: int, devices: int, ccr: float
+) -> None:
+    """The benchmark's random DAGs (`instances.random_dag`: transfer matrices per edge, a fast
+    island and slow far devices), small enough for brute force."""
+    problem = PlacementProblem(random_dag(seed, tasks, devices, ccr=ccr, max_width=3))
+    best = brute_force_makespan(problem)
+    for name, value in _bounds(problem).items():
+        assert value <= best * (1 + 1e-9), name
+
+
+def test_path_lp_prices_transfers_that_the_load_bounds_do_not_see() -> None:
+    """Costly transfers: the path LP proves more than the windowed load, and stays valid."""
+    problem = PlacementProblem(random_dag(2, 6, 3, ccr=1.0, max_width=3))
+    path = path_lp(problem, time.monotonic() + 30)
+    load = windowed_load(problem, time.monotonic() + 30)
+    assert path is not None and load is not None
+    assert path > load * 1.01
+    assert path <= brute_force_makespan(problem) * (1 + 1e-9)
 
 
 SERIES = [
@@ -101,10 +132,11 @@ def test_auto_reports_the_binding_bound() -> None:
         *simple_bounds(PlacementProblem(cg)),
         "series",
         "windowed load",
+        "path LP",
     }
     plan = solve(random_costgraph(3, tasks=6, devices=2), "auto", time_limit=20, threads=1)
     source = plan.extra["bound_from"]
     named = simple_bounds(PlacementProblem(random_costgraph(3, tasks=6, devices=2)))
-    assert source in {*named, "windowed load", "cpsat", "milp-highs"}
+    assert source in {*named, "windowed load", "path LP", "cpsat", "milp-highs"}
     if source in named:
         assert plan.lower_bound_ms == pytest.approx(min(named[source], plan.makespan_ms))
