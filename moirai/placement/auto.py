@@ -4,10 +4,9 @@
    decreasing, else CP-SAT's exact packing), or `auto` stops with the proof that none does.
    Every later step then has a memory-feasible start.
 1. The list schedulers that need no LP (`QUICK_HEURISTICS`: HEFT, the best single device):
-   milliseconds even on thousands of tasks, and a first incumbent; and the LP bounds: the
-   windowed load (`lp.windowed_load`) and, on models of moderate size, the path LP
-   (`lp.path_lp`: assignment, start times, transfers and ports in one LP). If the incumbent
-   meets the lower bound it is optimal and we stop (likewise after every step below).
+   milliseconds even on thousands of tasks, and a first incumbent; and the windowed load bound
+   (`lp.windowed_load`). If the incumbent meets the lower bound it is optimal and we stop
+   (likewise after every step below).
 2. Series decomposition (`moirai.placement.series`, latency only): when the graph has cut
    vertices (a concat closing an Inception module, the norm after a residual add, every layer
    of a chain), the segments between them are solved exactly one by one, each for the devices
@@ -15,7 +14,9 @@
    as soon as they meet (every zoo model, usually within seconds), or after `SERIES_SHARE` of
    the time left. Its segment solves are limited by work, not time, so it ends at the same
    plan on an idle and on a loaded machine.
-3. GETF and m-SCT, whose LPs get at most `HEURISTIC_SHARE` of the limit.
+3. On models of moderate size, the path LP bound (`lp.path_lp`: assignment, start times,
+   transfers and ports in one LP, within `PATH_LP_SHARE` of the limit); then GETF and m-SCT,
+   whose LPs get at most `HEURISTIC_SHARE` of the limit.
 4. The paper's MILP on HiGHS, warm-started, for `MILP_SHARE` of the time left, when its model
    is small (`MILP_ROWS`, and quick to build for the time it would get, `BUILD_S_PER_ROW`;
    the throughput model always is): its LP bound closes some instances that CP-SAT's search
@@ -205,10 +206,6 @@ class AutoSolver:
         )
         if load is not None:
             best.bounds["windowed load"] = load
-        # and (latency, models of moderate size) the path LP: transfers priced on paths and ports
-        path = path_lp(p, min(deadline, time.monotonic() + PATH_LP_SHARE * options.time_limit))
-        if path is not None:
-            best.bounds["path LP"] = path
         if best.optimal:
             return self._done(best, started)
         # 2. the series decomposition: exact on graphs with cut vertices (every zoo model)
@@ -221,6 +218,13 @@ class AutoSolver:
             if split.plan is not None:
                 plan = split.plan.to_placement("series", "feasible", best.bound, 0.0)
                 best.offer(plan, "series", f"series: {split.segments} segments")
+            if best.optimal:
+                return self._done(best, started)
+        # the path LP (latency, models of moderate size): transfers priced on paths and ports;
+        # after the series decomposition, which needs no more bound where it proves its plan
+        path = path_lp(p, min(deadline, time.monotonic() + PATH_LP_SHARE * options.time_limit))
+        if path is not None:
+            best.bounds["path LP"] = path
             if best.optimal:
                 return self._done(best, started)
         # 3. the heuristics with an LP (GETF, m-SCT), their LPs within a share of the limit
