@@ -9,7 +9,10 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
 (`served_costgraph`):
 
 - one task per stage, on its device: its groups' times there plus one session call
-  (`call_ms`, a measured profile's `call_overhead_ms`);
+  (`StageCosts.call_ms`, a measured profile's `call_overhead_ms`) plus, for every tensor that
+  crosses a border with another stage, half of what that border costs there
+  (`StageCosts.cut_ms_per_mib`, the profile's: converting layouts, allocating outputs), which
+  the profile's whole-model times do not include;
 - one edge per pair of stages, carrying the bytes of the tensors that cross, priced by the
   cost graph's links (the serving link);
 - the front end, with a task that pushes the inputs to the stages that read them and one that
@@ -18,6 +21,16 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
   one lane: `moirai.runtime.local`), so that stage's device takes the inputs and gives the
   outputs without a hop, and its links price the others; else as a CPU device of its own (the
   gateway) over the default link.
+
+A hop between stage servers is work on their cores, not only a wait: the sender encodes and
+writes its tensors, the receiver wakes, reads and files them, and a one-thread CPU device cannot
+compute meanwhile. The solvers' makespan model keeps transfers on the ports; the latency of a
+plan as served gives each hop's time, half to each end whose device pays for its transfers (a
+CPU, `Device.pays_for_transfers`), as a task on that device next to the stage
+(`with_hop_work`), and leaves the wire only what no end pays. On a path the hop still costs its
+time once; but a device busy sending one branch's outputs no longer computes the other branch
+then. (Split plans with many hops were served up to 30% slower than predicted without it:
+`bench/results/validation.md`.)
 
 The simulator gives its makespan (from the front end's first push to the last output back) and
 its pipelined period, under the same execution model as the solvers; the client's round trip to
@@ -32,10 +45,11 @@ for all of them (`combine`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from onnx import helper
@@ -44,7 +58,7 @@ from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
 from moirai.placement import PlacementProblem, evaluate
-from moirai.placement.simulate import loads
+from moirai.placement.simulate import loads, priority_order, upward_rank
 from moirai.profile import PricesCalls, Profile
 from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 
@@ -108,6 +122,17 @@ class Prediction:
         return line
 
 
+@dataclass(frozen=True)
+class StageCosts:
+    """What a stage costs beyond its groups' times, per device name (a measured profile's;
+    none is known from an analytic one)."""
+
+    call_ms: Mapping[str, float] = field(default_factory=dict)
+    """One session call."""
+    cut_ms_per_mib: Mapping[str, float] = field(default_factory=dict)
+    """A border with another stage, per MiB of the tensors that cross it."""
+
+
 def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
     """Bytes of these tensors; a dimension that is not fixed counts as 1."""
     total = 0
@@ -126,7 +151,7 @@ def front_end(plan: StagePlan, fused: bool = True) -> str:
 def served_costgraph(
     costgraph: CostGraph,
     plan: StagePlan,
-    call_ms: Mapping[str, float] | None = None,
+    costs: StageCosts | None = None,
     entry: str = GATEWAY,
 ) -> CostGraph:
     """The plan as the runtime executes it (module docstring), the front end on `entry`
@@ -134,12 +159,12 @@ def served_costgraph(
     stage runs them."""
     if GATEWAY in costgraph.device:
         raise MoiraiError(f"a device may not be named {GATEWAY!r}: the gateway's name")
-    call_ms = call_ms or {}
+    costs = costs or StageCosts()
     # A node that several stages copy (a shared constant) prices no task: its task goes to the
     # stage of one of its other nodes.
     copies = Counter(n for s in plan.stages for n in s.nodes)
     stage_of = {n: s for s in plan.stages for n in s.nodes if copies[n] == 1}
-    compute = {s.id: call_ms.get(s.device, 0.0) for s in plan.stages}
+    compute = {s.id: costs.call_ms.get(s.device, 0.0) for s in plan.stages}
     for task in costgraph.tasks:
         owner = next((stage_of[n] for n in task.ops if n in stage_of), None)
         if owner is not None:
@@ -151,6 +176,12 @@ def served_costgraph(
         for consumer in consumers:
             src, dst = producer[tensor], GATEWAY_OUT if consumer == GATEWAY else consumer
             crossing.setdefault((src, dst), []).append(tensor)
+    device = {s.id: s.device for s in plan.stages}
+    for (src, dst), tensors in crossing.items():
+        if src in device and dst in device:  # a border between two stages (not the gateway's)
+            mib = _nbytes(plan, tensors) / 2**20
+            for end in (src, dst):
+                compute[end] += costs.cut_ms_per_mib.get(device[end], 0.0) * mib / 2
     gateway = (Device(GATEWAY, memory_bytes=0, kind="cpu"),) if entry == GATEWAY else ()
     return CostGraph(
         name=f"{costgraph.name}-served",
@@ -168,10 +199,46 @@ def served_costgraph(
     )
 
 
+def with_hop_work(served: CostGraph, order: Sequence[str]) -> tuple[CostGraph, list[str]]:
+    """`served` (one device per task, as `served_costgraph` makes it) with the time of every hop
+    between two devices given half to each end that pays for its transfers, as a task on that
+    end's device (`send:` after the producer, `recv:` before the consumer), and the rest left
+    on the edge (module docstring); and `order`, a priority of `served`'s tasks, with each send
+    right after its producer (a stage server pushes its outputs as soon as it has them) and each
+    receive right before its consumer."""
+    device_of = {t.id: next(iter(t.compute_ms)) for t in served.tasks}
+    pays = {d.name: d.pays_for_transfers for d in served.devices}
+    tasks, edges = list(served.tasks), []
+    before: dict[str, list[str]] = {}
+    after: dict[str, list[str]] = {}
+    for edge in served.edges:
+        a, b = device_of[edge.src], device_of[edge.dst]
+        hop_ms = served.transfer_ms(edge, a, b)
+        if a == b or hop_ms <= 0.0:
+            edges.append(edge)
+            continue
+        src, dst, wire_ms = edge.src, edge.dst, hop_ms
+        if pays[a]:
+            src = f"send:{edge.src}->{edge.dst}"
+            tasks.append(Task(src, {a: hop_ms / 2}))
+            edges.append(Edge(edge.src, src, edge.bytes))
+            after.setdefault(edge.src, []).append(src)
+            wire_ms -= hop_ms / 2
+        if pays[b]:
+            dst = f"recv:{edge.src}->{edge.dst}"
+            tasks.append(Task(dst, {b: hop_ms / 2}))
+            edges.append(Edge(dst, edge.dst, edge.bytes))
+            before.setdefault(edge.dst, []).append(dst)
+            wire_ms -= hop_ms / 2
+        edges.append(Edge(src, dst, edge.bytes, {a: {b: wire_ms}}))
+    priority = [x for t in order for x in (*before.get(t, ()), t, *after.get(t, ()))]
+    return dataclasses.replace(served, tasks=tuple(tasks), edges=tuple(edges)), priority
+
+
 def predict(
     costgraph: CostGraph,
     plan: StagePlan,
-    call_ms: Mapping[str, float] | None = None,
+    costs: StageCosts | None = None,
     client: Link = CLIENT_LOOPBACK,
     fused: bool = True,
 ) -> Prediction:
@@ -182,11 +249,11 @@ def predict(
         from moirai.planning.lanes import lane_view
 
         lanes = [
-            predict_lane(costgraph, lane_view(plan, k), call_ms, client)
+            predict_lane(costgraph, lane_view(plan, k), costs, client)
             for k in range(len(plan.lanes))
         ]
         return combine(lanes, [lane.weight for lane in plan.lanes])
-    return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused)).prediction
+    return predict_lane(costgraph, plan, costs, client, front_end(plan, fused)).prediction
 
 
 @dataclass(frozen=True)
@@ -201,21 +268,25 @@ class LanePrediction:
 def predict_lane(
     costgraph: CostGraph,
     plan: StagePlan,
-    call_ms: Mapping[str, float] | None = None,
+    costs: StageCosts | None = None,
     client: Link = CLIENT_LOOPBACK,
     entry: str = GATEWAY,
 ) -> LanePrediction:
     """One lane's prediction, the front end on `entry` (`front_end`), with the parts `combine`
     needs to put lanes together."""
-    served = served_costgraph(costgraph, plan, call_ms, entry)
+    served = served_costgraph(costgraph, plan, costs, entry)
     assignment = {
         GATEWAY_IN: entry,
         GATEWAY_OUT: entry,
         **{s.id: s.device for s in plan.stages},
     }
     problem = PlacementProblem(served)
-    result = evaluate(problem, assignment)
-    busy = loads(problem, [problem.device_index[assignment[t]] for t in problem.tasks])
+    assign = [problem.device_index[assignment[t]] for t in problem.tasks]
+    order = [problem.tasks[i] for i in priority_order(problem, upward_rank(problem, assign))]
+    worked, priority = with_hop_work(served, order)
+    result = evaluate(worked, {t.id: next(iter(t.compute_ms)) for t in worked.tasks}, priority)
+    # The period charges a paying device its transfers in full already (`loads`).
+    busy = loads(problem, assign)
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
     # The front end's own share of every request, the client's call, keeps its process busy.
     client_ms = client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs))
@@ -252,14 +323,16 @@ def balanced_weights(lanes: Sequence[LanePrediction]) -> list[float]:
     return [r / sum(rates) for r in rates]
 
 
-def call_overheads(profile: Profile | None, devices: Sequence[DeviceSpec]) -> dict[str, float]:
-    """What one session call costs on each device beyond its kernels, where the profile says
-    (a measured one does; an analytic profile counts kernels only)."""
+def stage_costs(profile: Profile | None, devices: Sequence[DeviceSpec]) -> StageCosts:
+    """What a session call and a stage border cost on each device, where the profile says (a
+    measured one does; an analytic profile counts kernels only)."""
     if not isinstance(profile, PricesCalls):
-        return {}
-    out = {}
+        return StageCosts()
+    calls, cuts = {}, {}
     for d in devices:
-        ms = profile.call_overhead_ms(d)
-        if ms is not None:
-            out[d.name] = ms
-    return out
+        call, cut = profile.call_overhead_ms(d), profile.cut_ms_per_mib(d)
+        if call is not None:
+            calls[d.name] = call
+        if cut is not None:
+            cuts[d.name] = cut
+    return StageCosts(calls, cuts)

@@ -14,6 +14,7 @@ times in milliseconds, sizes in bytes::
                         "cpu": "AMD EPYC", "threads": 1},
           "warmup": 3, "repeats": 10, "measured_at": "2026-11-23T01:20:00+00:00",
           "run_ms": 17.1, "run_spread_ms": 0.4, "call_overhead_ms": 0.02, "kernel_ms": 16.5,
+          "cut_ms_per_mib": 0.12,
           "groups": [
             {"ops": ["n0", "n1"], "ms": 1.92, "spread_ms": 0.05, "method": "trace",
              "weight_bytes": 7168, "activation_bytes": 3154176}
@@ -39,7 +40,9 @@ times in milliseconds, sizes in bytes::
 - `run_ms` is the whole model's compute time per run (the fastest of the repeats) in a session
   built exactly as the stage servers build theirs, without the profiler (null when the model
   could not run whole on the device), `call_overhead_ms` what one session call costs beyond its
-  kernels (feeding and fetching), `kernel_ms` the sum of ONNX Runtime's per-kernel times. The
+  kernels (feeding and fetching), `kernel_ms` the sum of ONNX Runtime's per-kernel times,
+  `cut_ms_per_mib` what a border between two stages costs per MiB of tensors crossing it (0
+  when not measured; `moirai.profile.measured`, Cutting into stages). The
   group times add up to `run_ms`: see `moirai.profile.measured` for how the time between
   kernels is shared out.
 - `link` (optional) is the fitted link between two stage servers (`moirai.profile.links`).
@@ -115,6 +118,7 @@ class DeviceProfile:
     warmup: int
     repeats: int
     measured_at: str
+    cut_ms_per_mib: float = 0.0
 
     @property
     def total_ms(self) -> float:
@@ -131,6 +135,7 @@ class DeviceProfile:
             "run_spread_ms": self.run_spread_ms,
             "call_overhead_ms": self.call_overhead_ms,
             "kernel_ms": self.kernel_ms,
+            "cut_ms_per_mib": self.cut_ms_per_mib,
             "groups": [g.to_dict() for g in self.groups],
         }
 
@@ -162,6 +167,7 @@ class DeviceProfile:
                 warmup=int(data.get("warmup", 0)),
                 repeats=int(data.get("repeats", 0)),
                 measured_at=str(data.get("measured_at", "")),
+                cut_ms_per_mib=_time(data.get("cut_ms_per_mib", 0.0), f"{where}.cut_ms_per_mib"),
             )
         except ProfileError:
             raise
@@ -309,6 +315,11 @@ class DocumentProfile:
         """The session call overhead measured for `device`'s entry, if the profile has one."""
         entry = self.entry_for(device)
         return None if entry is None else self.document.devices[entry].call_overhead_ms
+
+    def cut_ms_per_mib(self, device: DeviceSpec) -> float | None:
+        """What a stage border costs per MiB crossing it on `device`'s entry, if any."""
+        entry = self.entry_for(device)
+        return None if entry is None else self.document.devices[entry].cut_ms_per_mib
 
     def compute_ms(
         self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]

@@ -53,6 +53,17 @@ time splits, the plain session how much there is. The one-off cost of
 a session call (feeding inputs, fetching outputs) is kept apart as `call_overhead_ms`: a stage
 pays it once per run whatever its size.
 
+**Cutting into stages.** A stage is a session of its own, and the border between two stages
+costs what the whole model does not pay: on the CPU, the NCHWc layout transformer converts a
+tensor out of its blocked layout at the end of one session and back into it at the start of the
+next, and every session allocates its outputs anew. Per cut that is a copy of the tensors that
+cross it, far from free for a convolutional network's activations (ResNet-50 cut into 11 stages
+on one core: 4.1 ms more per run than whole, 0.4 ms a cut), and invisible in a whole model's
+trace. So the model is also cut into `CUT_STAGES` consecutive stages of its fusion groups and run
+through them, in turns with the whole model: `cut_ms_per_mib` is what the cut runs take beyond
+the whole one's, less a session call per extra stage, per MiB of tensors crossing the cuts. The
+served prediction (`moirai.planning.prediction`) charges it to both stages of every border.
+
 A group can also end up with no kernel of its own: its nodes were folded (constants), removed
 (Identity, Dropout, static Reshape chains) or fused into a neighbouring group's kernel where
 the fusion groups keep them apart (the NCHWc convolution takes in a residual Add and the Relu
@@ -143,6 +154,8 @@ METHOD_CHOICES = ("auto", "trace", "submodel")
 _KERNEL_SUFFIX = "_kernel_time"
 _OVERHEAD_CALLS = 50
 MAX_REPEATS = 200
+CUT_STAGES = 4
+"""Stages the model is cut into to price a cut (module docstring, Cutting into stages)."""
 
 
 @dataclass(frozen=True)
@@ -475,6 +488,69 @@ def _run_submodels(
     return out
 
 
+def _cut_ms_per_mib(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    groups: Sequence[Group],
+    target: Target,
+    settings: Settings,
+    feeds: Mapping[str, np.ndarray],
+    overhead: float,
+    say: Progress,
+) -> float:
+    """What a cut between two stages costs on the target per MiB crossing it (module
+    docstring, Cutting into stages); 0 when the model has no border to cut at."""
+    parts = min(CUT_STAGES, len(groups))
+    if parts < 2:
+        return 0.0
+    # Consecutive runs of groups, alternately on two devices: one stage each (more where a
+    # branch crosses a border).
+    plan = build_plan(
+        model,
+        {f"g{i}": f"d{i * parts // len(groups) % 2}" for i in range(len(groups))},
+        [PlanDevice("d0"), PlanDevice("d1")],
+        groups={f"g{i}": g.ops for i, g in enumerate(groups)},
+    )
+    produced = {t for stage in plan.stages for t in stage.outputs}
+    crossing = sum(
+        graph.tensors[t].nbytes for stage in plan.stages for t in stage.inputs if t in produced
+    )
+    if len(plan.stages) < 2 or crossing == 0:
+        return 0.0
+    stages = [
+        (stage, _session(extract_stage(model, plan, stage.id), target)) for stage in plan.stages
+    ]
+    whole = _session(model, target)
+    outputs = list(graph.outputs)
+
+    def run_whole() -> float:
+        started = time.perf_counter()
+        whole.run(outputs, dict(feeds))
+        return (time.perf_counter() - started) * 1000.0
+
+    def run_cut() -> float:
+        env = dict(feeds)
+        started = time.perf_counter()
+        for stage, session in stages:
+            results = session.run(list(stage.outputs), {t: env[t] for t in stage.inputs})
+            env.update(zip(stage.outputs, results, strict=True))
+        return (time.perf_counter() - started) * 1000.0
+
+    for _ in range(max(1, settings.warmup)):
+        run_whole(), run_cut()
+    whole_ms, cut_ms = [], []
+    for _ in range(settings.runs_for(run_whole())):  # in turns: both see the same machine
+        whole_ms.append(run_whole())
+        cut_ms.append(run_cut())
+    extra = _fastest(cut_ms) - _fastest(whole_ms) - (len(stages) - 1) * overhead
+    per_mib = max(0.0, extra) / (crossing / 2**20)
+    say(
+        f"cut into {len(stages)} stages: {_fastest(cut_ms):.3f} ms against "
+        f"{_fastest(whole_ms):.3f} ms whole, {per_mib:.3f} ms per MiB crossing"
+    )
+    return per_mib
+
+
 # ------------------------------------------------------------ one device
 def measure_device(
     model: onnx.ModelProto,
@@ -530,6 +606,11 @@ def measure_device(
                     _iqr(ms) * scale,
                     "submodel",
                 )
+        # The cut runs hold the model twice (whole, and in stages): only where that fits.
+        available = _available_memory(target)
+        cut = 0.0
+        if whole is not None and (available is None or 2 * _needed_bytes(graph) <= available):
+            cut = _cut_ms_per_mib(model, graph, groups, target, settings, feeds, overhead, say)
     for i, g in enumerate(groups):
         timings.setdefault(i, GroupTiming(g.ops, 0.0, 0.0, "none"))
     profile = DeviceProfile(
@@ -540,6 +621,7 @@ def measure_device(
         run_spread_ms=0.0 if whole is None else _iqr(whole.run_ms),
         call_overhead_ms=overhead,
         kernel_ms=kernel_ms,
+        cut_ms_per_mib=cut,
         warmup=settings.warmup,
         repeats=settings.repeats if whole is None else len(whole.run_ms),
         measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -572,9 +654,7 @@ def _try_whole(
 ) -> _Whole | None:
     """The whole-model runs, or None (with a warning) when the model does not fit or fails
     there; `--method trace` fails instead."""
-    needed = graph.weight_bytes(n.name for n in graph.nodes) + sum(
-        t.nbytes for t in graph.tensors.values() if not t.constant
-    )
+    needed = _needed_bytes(graph)
     available = _available_memory(target)
     problem = None
     if available is not None and needed * (2 if trace else 1) > available:
@@ -589,6 +669,13 @@ def _try_whole(
     log.warning("%s: the whole model cannot run there (%s): timing groups alone", target, problem)
     say("the whole model does not run here: every group as a sub-model")
     return None
+
+
+def _needed_bytes(graph: OpGraph) -> int:
+    """What a session of the whole model holds: its weights and every activation."""
+    return graph.weight_bytes(n.name for n in graph.nodes) + sum(
+        t.nbytes for t in graph.tensors.values() if not t.constant
+    )
 
 
 def _available_memory(target: Target) -> int | None:

@@ -6,6 +6,7 @@ the choice of provider (the GPU itself is checked on a GPU machine; see the modu
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import onnx
@@ -93,6 +94,43 @@ def test_a_quick_model_is_timed_over_the_whole_window(squeezenet: ModelFile) -> 
     profile = measure_device(model, graph, CPU1, window, messages.append)
     assert profile.repeats > 3 and profile.run_ms is not None
     assert any(f"run {profile.repeats + 1}/{profile.repeats + 1}" in m for m in messages)
+
+
+def test_a_cut_into_stages_is_priced_per_mib_crossing(
+    squeezenet: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model cut into `CUT_STAGES` stages and run through them, in turns with the whole
+    model: what the cut runs take beyond the whole's, less a call per extra stage, per MiB
+    crossing the cuts. A stage session that took 5 ms more per run would price every cut at
+    about that much, over what crosses them."""
+    model, graph = _load(squeezenet)
+    messages: list[str] = []
+    monkeypatch.setattr(measured, "call_overhead_ms", lambda target: 0.05)
+    plain = measure_device(model, graph, CPU1, FAST, messages.append)
+    (line,) = [m for m in messages if "cut into" in m]
+    stages = int(line.split("cut into ")[1].split()[0])
+    assert stages >= measured.CUT_STAGES and 0.0 <= plain.cut_ms_per_mib < 5.0
+
+    class SlowRun:
+        def __init__(self, session: ort.InferenceSession) -> None:
+            self.session = session
+
+        def run(self, *args: object) -> object:
+            time.sleep(0.005)
+            return self.session.run(*args)
+
+    whole_model = measured._session
+    monkeypatch.setattr(
+        measured,
+        "_session",
+        lambda m, target: whole_model(m, target) if m is model else SlowRun(whole_model(m, target)),
+    )
+    slowed = measure_device(model, graph, CPU1, FAST)
+    # Each stage call 5 ms slower: the cut runs take stages x 5 ms more, priced per MiB.
+    extra_per_mib = slowed.cut_ms_per_mib - plain.cut_ms_per_mib
+    assert extra_per_mib > 0
+    crossing_mib = stages * 5.0 / extra_per_mib
+    assert 0.05 < crossing_mib < 50  # squeezenet's activations: more than 50 KiB, a few MiB
 
 
 def _optimised(model: onnx.ModelProto, path: Path) -> onnx.GraphProto:

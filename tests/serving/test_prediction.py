@@ -15,9 +15,16 @@ from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
+from moirai.placement import evaluate
 from moirai.planning import describe, plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
-from moirai.planning.prediction import Prediction, call_overheads, predict
+from moirai.planning.prediction import (
+    Prediction,
+    StageCosts,
+    predict,
+    stage_costs,
+    with_hop_work,
+)
 from moirai.profile.analytic import AnalyticProfile
 from moirai.profile.document import DocumentProfile, ProfileDocument
 from moirai.stageplan import DeviceSpec
@@ -29,6 +36,7 @@ DEVICES = [DeviceSpec("cpu-0", threads=1), DeviceSpec("cpu-1", threads=1)]
 CHAIN, CLIENT = Link(1e6, 0.5), Link(1e6, 1.0)  # 1 byte per microsecond
 HOP = 0.5 + 64 * 4 / 1e3  # one [1, 64] float tensor over CHAIN
 CALL = {"cpu-0": 0.2, "cpu-1": 0.3}
+COSTS = StageCosts(call_ms=CALL)
 
 
 def layers_costgraph(ms: float = 1.0) -> CostGraph:
@@ -57,7 +65,7 @@ def plan_on(devices: list[str]):
 def test_one_stage_is_its_compute_and_the_gateway_hops() -> None:
     cg, plan = plan_on(["cpu-0"] * 6)
     assert len(plan.stages) == 1
-    got = predict(cg, plan, CALL, CLIENT, fused=False)
+    got = predict(cg, plan, COSTS, CLIENT, fused=False)
     client = 1.0 + 2 * 256 / 1e3  # inputs there, outputs back
     assert got.client_ms == pytest.approx(client)
     assert got.served_ms == pytest.approx(HOP + 6.0 + CALL["cpu-0"] + HOP)
@@ -70,8 +78,8 @@ def test_a_front_end_in_the_first_stage_takes_no_hop() -> None:
     link from and to the first stage's device."""
     cg, one = plan_on(["cpu-0"] * 6)
     _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
-    assert predict(cg, one, CALL, CLIENT).served_ms == pytest.approx(6.0 + CALL["cpu-0"])
-    assert predict(cg, two, CALL, CLIENT).served_ms == pytest.approx(
+    assert predict(cg, one, COSTS, CLIENT).served_ms == pytest.approx(6.0 + CALL["cpu-0"])
+    assert predict(cg, two, COSTS, CLIENT).served_ms == pytest.approx(
         6.0 + CALL["cpu-0"] + CALL["cpu-1"] + 2 * HOP
     )
 
@@ -81,7 +89,7 @@ def test_each_stage_adds_its_call_and_its_hop() -> None:
     _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
     _, three = plan_on(["cpu-0"] * 2 + ["cpu-1"] * 2 + ["cpu-0"] * 2)
     assert [len(p.stages) for p in (one, two, three)] == [1, 2, 3]
-    latency = [predict(cg, p, CALL, CLIENT, fused=False).latency_ms for p in (one, two, three)]
+    latency = [predict(cg, p, COSTS, CLIENT, fused=False).latency_ms for p in (one, two, three)]
     assert latency[1] - latency[0] == pytest.approx(HOP + CALL["cpu-1"])
     assert latency[2] - latency[1] == pytest.approx(HOP + CALL["cpu-0"])
 
@@ -115,18 +123,81 @@ def test_the_predicted_keys_round_trip_and_bad_ones_are_reported() -> None:
         Prediction.from_dict({"latency_ms": 5.0})
 
 
-def test_call_overheads_come_from_a_measured_profile_only() -> None:
+def test_stage_costs_come_from_a_measured_profile_only() -> None:
     devices = split_cpu(local_devices(), len(available_cores())).devices  # 1 thread each
+    entry = {"target": "cpu:threads=1", "call_overhead_ms": 0.25, "cut_ms_per_mib": 0.5}
     document = ProfileDocument.from_dict(
         {
             "format": "moirai.profile/v1",
             "model": {"name": "m", "sha256": "0" * 64},
-            "devices": {"cpu": {"target": "cpu:threads=1", "call_overhead_ms": 0.25, "groups": []}},
+            "devices": {"cpu": {**entry, "groups": []}},
         }
     )
     cpu = [d for d in devices if d.kind == "cpu"]
-    assert call_overheads(DocumentProfile(document), cpu) == {d.name: 0.25 for d in cpu}
-    assert call_overheads(None, devices) == {}
+    costs = stage_costs(DocumentProfile(document), cpu)
+    assert costs.call_ms == {d.name: 0.25 for d in cpu}
+    assert costs.cut_ms_per_mib == {d.name: 0.5 for d in cpu}
+    assert stage_costs(None, devices) == StageCosts()
+
+
+def test_a_border_between_stages_costs_its_cut_price_on_both_sides() -> None:
+    """Each stage of a border pays half the price of the tensors crossing it on its device;
+    the gateway's hops pay none (the whole model converts its inputs and outputs too)."""
+    cg, one = plan_on(["cpu-0"] * 6)
+    _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
+    cut = StageCosts(call_ms=CALL, cut_ms_per_mib={"cpu-0": 2000.0, "cpu-1": 6000.0})
+    mib = 256 / 2**20  # one [1, 64] float tensor crosses
+    assert predict(cg, one, cut, CLIENT).served_ms == predict(cg, one, COSTS, CLIENT).served_ms
+    assert predict(cg, two, cut, CLIENT).served_ms == pytest.approx(
+        predict(cg, two, COSTS, CLIENT).served_ms + (2000.0 + 6000.0) * mib / 2
+    )
+
+
+def test_a_hop_is_work_for_each_end_that_pays_for_its_transfers() -> None:
+    """Half a hop's time on each CPU end, as a task there; a GPU end's half stays a wait."""
+    cg = CostGraph(
+        name="hops",
+        devices=(
+            Device("cpu-0", 1 << 30),
+            Device("cpu-1", 1 << 30),
+            Device("gpu-0", 1 << 30, kind="gpu"),
+        ),
+        tasks=(Task("a", {"cpu-0": 1.0}), Task("b", {"cpu-1": 1.0}), Task("c", {"gpu-0": 1.0})),
+        edges=(Edge("a", "b", 500), Edge("a", "c", 500)),
+        default_link=CHAIN,  # 0.5 ms + 500 bytes at 1 byte per microsecond: 1.0 ms
+    )
+    worked, order = with_hop_work(cg, ["a", "b", "c"])
+    assert order == ["a", "send:a->b", "send:a->c", "recv:a->b", "b", "c"]
+    tasks = {t.id: t.compute_ms for t in worked.tasks}
+    assert tasks["send:a->b"] == {"cpu-0": 0.5} and tasks["recv:a->b"] == {"cpu-1": 0.5}
+    assert tasks["send:a->c"] == {"cpu-0": 0.5} and "recv:a->c" not in tasks
+    wire = {(e.src, e.dst): e.transfer_ms for e in worked.edges if e.transfer_ms}
+    assert wire[("send:a->b", "recv:a->b")] == {"cpu-0": {"cpu-1": 0.0}}
+    assert wire[("send:a->c", "c")] == {"cpu-0": {"gpu-0": 0.5}}
+
+
+def test_a_device_sending_a_branch_out_computes_the_other_later() -> None:
+    """`a` on cpu-0 feeds `b` on cpu-1 and `c` on cpu-0: a served plan cannot hide the hop's
+    work on cpu-0 behind `c`, as the solvers' port model does."""
+    cg = CostGraph(
+        name="branch",
+        devices=(Device("cpu-0", 1 << 30), Device("cpu-1", 1 << 30)),
+        tasks=(
+            Task("a", {"cpu-0": 1.0}),
+            Task("b", {"cpu-1": 4.0}),
+            Task("c", {"cpu-0": 5.5}),
+            Task("d", {"cpu-0": 1.0}),
+        ),
+        edges=(Edge("a", "b", 500), Edge("a", "c", 0), Edge("b", "d", 0), Edge("c", "d", 0)),
+        default_link=CHAIN,  # the a -> b hop: 1.0 ms
+    )
+    assignment = {t.id: next(iter(t.compute_ms)) for t in cg.tasks}
+    ports = evaluate(cg, assignment).makespan_ms
+    worked, order = with_hop_work(cg, ["a", "b", "c", "d"])
+    served = evaluate(worked, {t.id: next(iter(t.compute_ms)) for t in worked.tasks}, order)
+    assert ports == pytest.approx(7.5)  # c ends at 6.5, as b's result arrives; then d
+    # a, its push to b (0.5 ms of cpu-0), c, then b's result taken in (0.25 ms), then d.
+    assert served.makespan_ms == pytest.approx(1.0 + 0.5 + 5.5 + 0.25 + 1.0)
 
 
 @pytest.mark.parametrize("objective", ["latency", "throughput"])
@@ -208,6 +279,9 @@ class CostlyCalls(AnalyticProfile):
 
     def call_overhead_ms(self, device: object) -> float:
         return self.ms
+
+    def cut_ms_per_mib(self, device: object) -> float:
+        return 0.0
 
 
 def test_auto_serves_the_model_whole_when_a_split_would_serve_slower(tmp_path: Path) -> None:
