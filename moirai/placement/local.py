@@ -14,6 +14,14 @@ At such a local optimum the search *kicks* (iterated local search): a few random
 blocks go to random other devices whatever it costs, the descent runs again from there, and the
 result replaces the best only when it is better; otherwise the next kick starts from the best.
 
+A move is evaluated by replaying the accepted schedule's order of operations with the block
+on its new device (`simulate.Replay`): the operations before the first one the move touches
+stay where they were, only the rest are placed again, and the replay stops as soon as an
+operation's end plus its longest path to the end shows that the move cannot beat the current
+makespan. Most moves lose, and most lose early, so a move costs about 1.5 ms on 600 tasks (a
+full list schedule and replay cost about 10 ms). A winning move is list scheduled as well, and
+the better schedule is kept.
+
 The search counts its evaluations and stops after `max_evaluations` (its work limit: the same
 count gives the same result on any machine) or at the deadline, whichever comes first.
 
@@ -31,7 +39,15 @@ from collections.abc import Mapping, Sequence
 from moirai.placement.bounds import OPTIMALITY_TOL
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
-from moirai.placement.simulate import Schedule, list_schedule, loads, period, retime, upward_rank
+from moirai.placement.simulate import (
+    Replay,
+    Schedule,
+    list_schedule,
+    loads,
+    period,
+    retime,
+    upward_rank,
+)
 
 MAX_BLOCK = 64
 KICK_BLOCKS = 3
@@ -90,6 +106,7 @@ class _Search:
         self.max_evaluations = max_evaluations
         self.rng = rng
         self.evaluations = 0
+        self.replay: Replay | None = None
         self.assign = list(assignment)
         self.used = [0] * problem.num_devices
         for i, k in enumerate(self.assign):
@@ -115,10 +132,29 @@ class _Search:
                 s = kept
         return s.makespan, s
 
+    def evaluate_move(self, block: list[int]) -> tuple[float, Schedule | None]:
+        """The objective after moving `block` (already moved in `self.assign`). For the
+        makespan: the accepted schedule replayed from the move on (`simulate.Replay`), inf when
+        it cannot beat the current value; accepted moves are then list scheduled as well."""
+        if self.replay is None:
+            return self.evaluate()
+        self.evaluations += 1
+        s = self.replay.evaluate(self.assign, block, self.value * (1 - 1e-9))
+        if s is None:
+            return math.inf, None
+        listed = list_schedule(self.p, self.assign)
+        if listed.makespan < s.makespan:
+            s = listed
+        return s.makespan, s
+
     def accept(self, value: float, sched: Schedule | None) -> None:
         self.value, self.sched = value, sched
         if sched is not None:
             self.timing = timing(self.p, sched)
+            self.replay = Replay(self.p, self.assign, *self.timing)
+            if self.replay.schedule.makespan < value:
+                self.value, self.sched = self.replay.schedule.makespan, self.replay.schedule
+                self.timing = timing(self.p, self.sched)
 
     def targets(self, block: list[int]) -> list[int]:
         p = self.p
@@ -155,7 +191,7 @@ class _Search:
                     self.rng.shuffle(targets)
                     for k in targets:
                         self.move(block, k)
-                        value, sched = self.evaluate()
+                        value, sched = self.evaluate_move(block)
                         if value < self.value * (1 - 1e-9):
                             self.accept(value, sched)
                             improved = True

@@ -20,7 +20,8 @@ Three things live here and nowhere else:
   operation in the order of its start times. Replaying in start order with insertion never
   starts an operation later than the solver did (by induction over the order), so exact
   solvers lose nothing, and their plans are re-timed in exact floating point whatever rounding
-  or tolerances they used.
+  or tolerances they used. `Replay` is `retime` for a search: it remembers the order, and
+  replays an assignment that differs in a few tasks from the first operation they touch.
 - `check(costgraph_or_problem, placement)`: verifies a finished plan rule by rule and reports
   the first violated rule in one line (`InvalidScheduleError`); returns the recomputed makespan.
 
@@ -335,34 +336,197 @@ def retime(
     """
     p = problem
     # operation ids: task i -> i, transfer of edge e -> n + e
-    key: dict[int, tuple[float, int]] = {i: (task_start[i], 2 * i) for i in range(p.n)}
     succs: dict[int, list[int]] = {i: [] for i in range(p.n)}
     waiting = dict.fromkeys(range(p.n), 0)
     for e, (i, j) in enumerate(p.edges):
         if assignment[i] != assignment[j]:
             op = p.n + e
-            key[op] = (transfer_start.get(e, task_start[j]), 2 * j - 1)
             succs[i].append(op)
             succs[op] = [j]
             waiting[op] = 1
         else:
             succs[i].append(j)
         waiting[j] += 1
-    ready = [(key[op], op) for op, count in waiting.items() if count == 0]
-    heapq.heapify(ready)
     sched = Schedule(p)
+    _release(sched, assignment, task_start, transfer_start, succs, waiting)
+    return sched
+
+
+def _release(
+    sched: Schedule,
+    assignment: Sequence[int],
+    task_start: Sequence[float],
+    transfer_start: Mapping[int, float],
+    succs: dict[int, list[int]],
+    waiting: dict[int, int],
+    limit: float = math.inf,
+    order: list[int] | None = None,
+    tail: tuple[Sequence[float], set[int]] | None = None,
+) -> bool:
+    """Place the operations of `waiting` (task i, or n + e for edge e's transfer) in order of
+    their solver start, each once its predecessors (`succs`, counted in `waiting`) are placed;
+    appends them to `order` as they go. False, leaving the schedule unfinished, as soon as an
+    operation ends after `limit`, or (with `tail`: the time after each task to the end on its
+    longest path, and the tasks whose tails are not known) once those tasks are placed, as soon
+    as a task's end plus its tail, or a transfer's end plus its destination's rank, exceeds it."""
+    p = sched.problem
+    n = p.n
+    after, unknown = tail if tail is not None else ((), set())
+    checking = tail is not None and not unknown
+
+    def key(op: int) -> tuple[float, int]:
+        if op < n:
+            return task_start[op], 2 * op
+        j = p.edges[op - n][1]
+        return transfer_start.get(op - n, task_start[j]), 2 * j - 1
+
+    ready = [(key(op), op) for op, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
     while ready:
         _, op = heapq.heappop(ready)
-        if op < p.n:
+        if op < n:
             sched.place_task_after_inputs(op, assignment[op])
+            end = sched.end[op]
+            if checking:
+                end += after[op]
+            elif op in unknown:
+                unknown.discard(op)
+                checking = tail is not None and not unknown
         else:
-            e = op - p.n
+            e = op - n
             sched.place_transfer(e, assignment[p.edges[e][1]])
-        for nxt in succs[op]:
+            end = sched.xfer[e][1]
+            if checking:
+                j = p.edges[e][1]
+                end += after[j] + p.compute[j][assignment[j]]
+        if end > limit:
+            return False
+        if order is not None:
+            order.append(op)
+        for nxt in succs.get(op, ()):
             waiting[nxt] -= 1
             if waiting[nxt] == 0:
-                heapq.heappush(ready, (key[nxt], nxt))
-    return sched
+                heapq.heappush(ready, (key(nxt), nxt))
+    return True
+
+
+class Replay:
+    """`retime` of one assignment that remembers its order of operations, so that the replay of
+    an assignment differing in a few tasks re-places only what follows the change (the local
+    search's move evaluation: a few milliseconds less per move on hundreds of tasks, and a
+    move that cannot win stops as soon as an operation ends past the value to beat).
+
+    The base replay places operations in a sequence (start order, predecessors first). Moving
+    tasks to other devices changes those tasks and the transfers of their edges; the
+    operations placed before the first of them (the cut) have all their predecessors before
+    the cut too and none of them changed, so in the new assignment they stay where they are.
+    `evaluate` keeps that prefix and replays the rest, in the same start order, into the
+    timelines the prefix leaves: a valid schedule of the new assignment (each operation at
+    its earliest gap once its inputs are in), usually exactly `retime`'s.
+    """
+
+    def __init__(
+        self,
+        problem: PlacementProblem,
+        assignment: Sequence[int],
+        task_start: Sequence[float],
+        transfer_start: Mapping[int, float],
+    ) -> None:
+        p = problem
+        self.problem = p
+        self.task_start = task_start
+        self.transfer_start = transfer_start
+        order: list[int] = []
+        succs: dict[int, list[int]] = {i: [] for i in range(p.n)}
+        waiting = dict.fromkeys(range(p.n), 0)
+        for e, (i, j) in enumerate(p.edges):
+            if assignment[i] != assignment[j]:
+                succs[i].append(p.n + e)
+                succs[p.n + e] = [j]
+                waiting[p.n + e] = 1
+            else:
+                succs[i].append(j)
+            waiting[j] += 1
+        sched = Schedule(p)
+        _release(sched, assignment, task_start, transfer_start, succs, waiting, order=order)
+        self.schedule = sched
+        self.order = order
+        self.position = {op: q for q, op in enumerate(order)}
+        # every resource's busy intervals, by start, with the position of their operation
+        busy: list[list[tuple[float, float, int]]] = [[] for _ in range(3 * p.num_devices)]
+        kk = p.num_devices
+        for i in range(p.n):
+            if sched.end[i] > sched.start[i]:
+                busy[sched.where[i]].append((sched.start[i], sched.end[i], self.position[i]))
+        for e, (s, f) in sched.xfer.items():
+            if f > s:
+                a, b = sched.where[p.edges[e][0]], sched.where[p.edges[e][1]]
+                q = self.position[p.n + e]
+                busy[kk + a].append((s, f, q))
+                busy[2 * kk + b].append((s, f, q))
+        self.busy = [sorted(b) for b in busy]
+        rank = upward_rank(p, assignment)
+        self.after = [rank[i] - p.compute[i][assignment[i]] for i in range(p.n)]
+        """Longest path from each task's end to the end (no resources): a task that does not
+        lead to a moved one keeps it in the new assignment, so its end plus this is a lower
+        bound of the new makespan."""
+
+    def evaluate(
+        self, assignment: Sequence[int], moved: Sequence[int], limit: float = math.inf
+    ) -> Schedule | None:
+        """The replay of `assignment`, which differs from the base's in the tasks `moved`
+        only; None when an operation ends after `limit` (the makespan would be above it)."""
+        p, n, base, position = self.problem, self.problem.n, self.schedule, self.position
+        cut = len(self.order)
+        for i in moved:
+            cut = min(cut, position[i])
+            for e in p.in_edges[i]:
+                q = position.get(n + e)
+                if q is not None and q < cut:
+                    cut = q
+        sched = Schedule(p)
+        sched.where = list(base.where)
+        sched.start = list(base.start)
+        sched.end = list(base.end)
+        sched.xfer = {e: x for e, x in base.xfer.items() if position[n + e] < cut}
+        kk = p.num_devices
+        for r, items in enumerate(self.busy):
+            kept = [it for it in items if it[2] < cut]
+            if r < kk:
+                tl = sched.device[r]
+            elif r < 2 * kk:
+                tl = sched.send[r - kk]
+            else:
+                tl = sched.recv[r - 2 * kk]
+            tl.starts = [it[0] for it in kept]
+            tl.ends = [it[1] for it in kept]
+        succs: dict[int, list[int]] = {}
+        waiting: dict[int, int] = {}
+        rest = [op for op in self.order[cut:] if op < n]
+        for v in rest:
+            waiting[v] = 0
+        for v in rest:
+            b = assignment[v]
+            for e in p.in_edges[v]:
+                u = p.edges[e][0]
+                later = position[u] >= cut
+                if assignment[u] != b:
+                    op = n + e
+                    q = position.get(op)
+                    if q is not None and q < cut:  # its transfer is in the prefix, unchanged
+                        continue
+                    waiting[op] = 1 if later else 0
+                    if later:
+                        succs.setdefault(u, []).append(op)
+                    succs[op] = [v]
+                    waiting[v] += 1
+                elif later:
+                    succs.setdefault(u, []).append(v)
+                    waiting[v] += 1
+        starts, transfers = self.task_start, self.transfer_start
+        tail = (self.after, set(moved))
+        done = _release(sched, assignment, starts, transfers, succs, waiting, limit, tail=tail)
+        return sched if done else None
 
 
 def loads(

@@ -19,9 +19,9 @@ from moirai.placement import (
     solve,
 )
 from moirai.placement.bounds import critical_path, device_critical_path, lower_bound, total_work
-from moirai.placement.simulate import loads, retime
+from moirai.placement.simulate import Replay, loads, retime
 
-from .instances import random_costgraph
+from .instances import random_costgraph, random_dag
 
 
 def fork() -> CostGraph:
@@ -196,3 +196,33 @@ def test_retime_never_starts_later_than_the_solver(seed: int) -> None:
     assert all(replay.start[i] <= task_start[i] + 1e-9 for i in range(p.n))
     assert replay.makespan <= plan.makespan_ms + 1e-9
     assert list_schedule(p, assign).makespan > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replay_from_a_move_is_valid_and_stops_only_above_its_limit(seed: int) -> None:
+    """`Replay.evaluate` keeps the base replay up to the first operation a move touches: the
+    schedule of the moved assignment is valid, and with a limit it answers None exactly when
+    that schedule would end after the limit."""
+    import random
+
+    from moirai.placement.heuristics import heft
+    from moirai.placement.local import timing
+
+    cg = random_costgraph(seed, tasks=14, devices=3, zero_prob=0.2) if seed < 2 else None
+    p = PlacementProblem(cg if cg is not None else random_dag(seed, 80, 4, ccr=1.0))
+    base = heft(p)
+    replay = Replay(p, list(base.where), *timing(p, base))
+    assert replay.schedule.makespan <= base.makespan + 1e-9
+    rng = random.Random(seed)
+    for _ in range(30):
+        assign = list(base.where)
+        moved = rng.sample(range(p.n), rng.randint(1, 4))
+        for i in moved:
+            assign[i] = rng.choice(p.cand[i])
+        sched = replay.evaluate(assign, moved)
+        assert sched is not None and list(sched.where) == assign
+        plan = sched.to_placement("replay", "heuristic", 0.0, 0.0)
+        assert abs(check(p, plan) - sched.makespan) < 1e-9
+        for limit in (sched.makespan * 0.97, sched.makespan * (1 + 1e-9)):
+            limited = replay.evaluate(assign, moved, limit)
+            assert (limited is None) == (sched.makespan > limit)
