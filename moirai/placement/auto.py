@@ -23,8 +23,9 @@
    does not.
 5. The race: local search (`moirai.placement.local`: block moves evaluated by list scheduling,
    with kicks out of local optima) and CP-SAT (interval model, no big-M) take turns, each
-   from the best plan so far. It opens as the pipeline before it did, so it never ends
-   behind that: a plain descent to a local optimum, then one long CP-SAT turn
+   from the best plan so far. It opens with a plain descent to a local optimum; when that
+   improved the plan the search goes on, with kicks, for `LOCAL_FIRST_SHARE` of the time left
+   (moves are cheap to evaluate, `simulate.Replay`); then one long CP-SAT turn
    (`CPSAT_FIRST_SHARE`). After that a search whose turn improved the plan gets a longer turn
    next, one whose turn did not a shorter one (CP-SAT's never under `CPSAT_MIN_SLICE_S`), so
    the time goes to whichever is improving. CP-SAT's model is built once and hinted anew each
@@ -110,6 +111,10 @@ the first share of the time left when the descent improved the plan (local searc
 it gets its turns after), the second when it did not. Short CP-SAT turns restart its presolve
 and search each time; on a 600-task model a turn of a second or two finds nothing, where one
 long run improves the plan."""
+LOCAL_FIRST_SHARE = 0.5
+"""When the descent improved the plan, the local search goes on (with kicks) for this share of
+the time left before CP-SAT's long turn: with moves evaluated by replay (`simulate.Replay`) it
+improves random DAGs of 100 to 800 tasks further in 20 s than CP-SAT's search does."""
 CPSAT_MIN_SLICE_S = 2.0
 """CP-SAT's turns in the race are never shorter than this."""
 FIRST_SLICE_SHARE = 0.1
@@ -287,8 +292,13 @@ class AutoSolver:
         # pay for its presolve on large models)
         descent = replace(options, deadline=time.monotonic() + DESCENT_SHARE * options.remaining())
         descended = self._local(p, best, descent, 0, kicks=False)
+        if descended:  # moves pay here: the search goes on, with kicks, before CP-SAT's turn
+            kicked = replace(
+                options, deadline=time.monotonic() + LOCAL_FIRST_SHARE * options.remaining()
+            )
+            self._local(p, best, kicked, 1)
         first = max(SLICE_S[0], FIRST_SLICE_SHARE * options.remaining())
-        arms = [_Arm("local", first, turns=1)]
+        arms = [_Arm("local", first, turns=2)]
         if session is not None and not best.optimal:
             share = CPSAT_FIRST_SHARE[0 if descended else 1]
             long_turn = replace(options, deadline=time.monotonic() + share * options.remaining())
@@ -298,6 +308,8 @@ class AutoSolver:
             for arm in arms:
                 if options.remaining() <= SLICE_S[0] / 2 or best.optimal:
                     break
+                if arm.name == "cpsat" and options.remaining() < CPSAT_MIN_SLICE_S:
+                    continue  # a shorter turn finds nothing and may overrun the limit
                 turn = replace(
                     options, deadline=time.monotonic() + min(arm.slice_s, options.remaining())
                 )
