@@ -3,6 +3,7 @@ latency of the served plan.
 
     .venv/bin/python bench/validation.py [--models squeezenet resnet50 ...] [--devices 2 ...]
                                          [--repeats 5] [--requests 10] [--time-limit 5]
+                                         [--solver cpsat] [--out DIR]
 
 For each zoo model and each device count N (CPU devices of one thread each, as `moirai serve
 --cpu-devices N` makes them, pinned to their own cores when the machine has enough; with
@@ -145,6 +146,7 @@ def validate(
     requests: int,
     limit: float,
     gpus: bool = False,
+    solver: str = "auto",
 ) -> dict[str, Any]:
     started = time.monotonic()
     path = zoo.get(name)
@@ -163,7 +165,9 @@ def validate(
     profile = MeasuredProfile(
         path, shapes, settings=settings, cache=cache, link_probe=measure_loopback
     )
-    planned = plan_model(path, devices, input_shapes=shapes, time_limit=limit, profile=profile)
+    planned = plan_model(
+        path, devices, input_shapes=shapes, solver=solver, time_limit=limit, profile=profile
+    )
     link = profile.document.link
     assert link is not None
     p = planned.plan.predicted
@@ -239,7 +243,8 @@ def report(results: dict[str, Any]) -> str:
         f"{machine['cores']} cores ({machine['cpu']}); CPU devices of 1 thread each, pinned to "
         f"their own cores when they fit; warm-up {results['settings']['warmup']}, "
         f"{results['settings']['repeats']} profiled runs, median of "
-        f"{results['settings']['requests']} served requests. Load average before/after: "
+        f"{results['settings']['requests']} served requests, solver "
+        f"`{results['settings'].get('solver', 'auto')}`. Load average before/after: "
         f"{machine['load_before']:.1f} / {machine['load_after']:.1f}.",
         "",
         f"Measured link (two stage servers over gRPC on loopback): "
@@ -331,6 +336,12 @@ def main() -> None:
     parser.add_argument(
         "--with-gpus", action="store_true", help="add this machine's GPUs to the CPU devices"
     )
+    parser.add_argument(
+        "--solver",
+        default="auto",
+        help="the latency plan's solver (default auto; a named one, e.g. cpsat, keeps its split "
+        "where auto would serve one device: to check what a split is predicted against served)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +361,7 @@ def main() -> None:
                         args.requests,
                         args.time_limit,
                         args.with_gpus,
+                        args.solver,
                     )
                 except (MoiraiError, grpc.RpcError) as e:  # a case that fails is reported
                     message = " ".join(str(e).split())[:160]
@@ -365,6 +377,7 @@ def main() -> None:
             "repeats": args.repeats,
             "requests": args.requests,
             "time_limit": args.time_limit,
+            "solver": args.solver,
         },
         "machine": {
             "cores": len(available_cores()),
