@@ -41,12 +41,11 @@ from moirai.planning.lanes import merge_lanes, restrict
 from moirai.planning.prediction import (
     LanePrediction,
     Prediction,
-    StageCosts,
     balanced_weights,
+    call_overheads,
     combine,
     front_end,
     predict_lane,
-    stage_costs,
 )
 from moirai.planning.space import Layout, layouts
 from moirai.profile import Profile
@@ -80,7 +79,7 @@ class _Context:
     model: LoadedModel
     costgraph: CostGraph
     specs: Sequence[DeviceSpec]
-    costs: StageCosts
+    call_ms: Mapping[str, float]
 
     def as_served(
         self, placement: Placement, fused: bool = True
@@ -100,7 +99,7 @@ class _Context:
             dynamic=self.model.dynamic,
         )
         entry = front_end(plan, fused)
-        return plan, predict_lane(self.costgraph, plan, self.costs, entry=entry)
+        return plan, predict_lane(self.costgraph, plan, self.call_ms, entry=entry)
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def plan_model(
             )
             for d in device_set.devices
         ]
-        context = _Context(loaded, costgraph, specs, stage_costs(profile, device_set.devices))
+        context = _Context(loaded, costgraph, specs, call_overheads(profile, device_set.devices))
         for layout in layouts([device_set], objective, _holds_the_model(costgraph)):
             contexts.append((context, layout))
     solves = _Solves(solver, objective, time_limit, threads, seed, fused_front_end)

@@ -9,12 +9,10 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
 (`served_costgraph`):
 
 - one task per stage, on its device: its groups' times there plus one session call
-  (`StageCosts.call_ms`, a measured profile's `call_overhead_ms`) plus, for every tensor that
-  crosses a border with another stage, half of what that border costs there
-  (`StageCosts.cut_ms_per_mib`, the profile's: converting layouts, allocating outputs), which
-  the profile's whole-model times do not include;
+  (`call_ms`, a measured profile's `call_overhead_ms`);
 - one edge per pair of stages, carrying the bytes of the tensors that cross, priced by the
-  cost graph's links (the serving link);
+  cost graph's links (the serving link, with the price of a stage border on the devices whose
+  measured profile has one: `moirai.profile.document.with_borders`);
 - the front end, with a task that pushes the inputs to the stages that read them and one that
   collects the outputs (one push at a time, as the execution model sends from any device): in
   the process of the plan's first stage where `moirai serve` runs it there (`fused`, a plan of
@@ -49,7 +47,7 @@ import dataclasses
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from onnx import helper
@@ -122,17 +120,6 @@ class Prediction:
         return line
 
 
-@dataclass(frozen=True)
-class StageCosts:
-    """What a stage costs beyond its groups' times, per device name (a measured profile's;
-    none is known from an analytic one)."""
-
-    call_ms: Mapping[str, float] = field(default_factory=dict)
-    """One session call."""
-    cut_ms_per_mib: Mapping[str, float] = field(default_factory=dict)
-    """A border with another stage, per MiB of the tensors that cross it."""
-
-
 def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
     """Bytes of these tensors; a dimension that is not fixed counts as 1."""
     total = 0
@@ -151,7 +138,7 @@ def front_end(plan: StagePlan, fused: bool = True) -> str:
 def served_costgraph(
     costgraph: CostGraph,
     plan: StagePlan,
-    costs: StageCosts | None = None,
+    call_ms: Mapping[str, float] | None = None,
     entry: str = GATEWAY,
 ) -> CostGraph:
     """The plan as the runtime executes it (module docstring), the front end on `entry`
@@ -159,12 +146,12 @@ def served_costgraph(
     stage runs them."""
     if GATEWAY in costgraph.device:
         raise MoiraiError(f"a device may not be named {GATEWAY!r}: the gateway's name")
-    costs = costs or StageCosts()
+    call_ms = call_ms or {}
     # A node that several stages copy (a shared constant) prices no task: its task goes to the
     # stage of one of its other nodes.
     copies = Counter(n for s in plan.stages for n in s.nodes)
     stage_of = {n: s for s in plan.stages for n in s.nodes if copies[n] == 1}
-    compute = {s.id: costs.call_ms.get(s.device, 0.0) for s in plan.stages}
+    compute = {s.id: call_ms.get(s.device, 0.0) for s in plan.stages}
     for task in costgraph.tasks:
         owner = next((stage_of[n] for n in task.ops if n in stage_of), None)
         if owner is not None:
@@ -176,12 +163,6 @@ def served_costgraph(
         for consumer in consumers:
             src, dst = producer[tensor], GATEWAY_OUT if consumer == GATEWAY else consumer
             crossing.setdefault((src, dst), []).append(tensor)
-    device = {s.id: s.device for s in plan.stages}
-    for (src, dst), tensors in crossing.items():
-        if src in device and dst in device:  # a border between two stages (not the gateway's)
-            mib = _nbytes(plan, tensors) / 2**20
-            for end in (src, dst):
-                compute[end] += costs.cut_ms_per_mib.get(device[end], 0.0) * mib / 2
     gateway = (Device(GATEWAY, memory_bytes=0, kind="cpu"),) if entry == GATEWAY else ()
     return CostGraph(
         name=f"{costgraph.name}-served",
@@ -238,7 +219,7 @@ def with_hop_work(served: CostGraph, order: Sequence[str]) -> tuple[CostGraph, l
 def predict(
     costgraph: CostGraph,
     plan: StagePlan,
-    costs: StageCosts | None = None,
+    call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
     fused: bool = True,
 ) -> Prediction:
@@ -249,11 +230,11 @@ def predict(
         from moirai.planning.lanes import lane_view
 
         lanes = [
-            predict_lane(costgraph, lane_view(plan, k), costs, client)
+            predict_lane(costgraph, lane_view(plan, k), call_ms, client)
             for k in range(len(plan.lanes))
         ]
         return combine(lanes, [lane.weight for lane in plan.lanes])
-    return predict_lane(costgraph, plan, costs, client, front_end(plan, fused)).prediction
+    return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused)).prediction
 
 
 @dataclass(frozen=True)
@@ -268,13 +249,13 @@ class LanePrediction:
 def predict_lane(
     costgraph: CostGraph,
     plan: StagePlan,
-    costs: StageCosts | None = None,
+    call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
     entry: str = GATEWAY,
 ) -> LanePrediction:
     """One lane's prediction, the front end on `entry` (`front_end`), with the parts `combine`
     needs to put lanes together."""
-    served = served_costgraph(costgraph, plan, costs, entry)
+    served = served_costgraph(costgraph, plan, call_ms, entry)
     assignment = {
         GATEWAY_IN: entry,
         GATEWAY_OUT: entry,
@@ -323,16 +304,14 @@ def balanced_weights(lanes: Sequence[LanePrediction]) -> list[float]:
     return [r / sum(rates) for r in rates]
 
 
-def stage_costs(profile: Profile | None, devices: Sequence[DeviceSpec]) -> StageCosts:
-    """What a session call and a stage border cost on each device, where the profile says (a
-    measured one does; an analytic profile counts kernels only)."""
+def call_overheads(profile: Profile | None, devices: Sequence[DeviceSpec]) -> dict[str, float]:
+    """What one session call costs on each device beyond its kernels, where the profile says
+    (a measured one does; an analytic profile counts kernels only)."""
     if not isinstance(profile, PricesCalls):
-        return StageCosts()
-    calls, cuts = {}, {}
+        return {}
+    out = {}
     for d in devices:
-        call, cut = profile.call_overhead_ms(d), profile.cut_ms_per_mib(d)
-        if call is not None:
-            calls[d.name] = call
-        if cut is not None:
-            cuts[d.name] = cut
-    return StageCosts(calls, cuts)
+        ms = profile.call_overhead_ms(d)
+        if ms is not None:
+            out[d.name] = ms
+    return out

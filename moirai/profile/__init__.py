@@ -43,11 +43,6 @@ class PricesCalls(Protocol):
         """What one session call costs on `device` beyond its kernels (None: not known)."""
         ...
 
-    def cut_ms_per_mib(self, device: DeviceSpec) -> float | None:
-        """What a border between two stages costs on `device` per MiB of tensors crossing it
-        (None: not known)."""
-        ...
-
 
 @runtime_checkable
 class Annotates(Protocol):

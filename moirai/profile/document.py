@@ -56,8 +56,10 @@ nodes there (one FLOP more per node, so nodes that compute nothing still count a
 is exact whenever tasks are unions of groups, as they are for the providers the profile measured
 and after coarsening. The cost graph then records where its numbers came from: `source.profile`
 and, per device, the profile entry, signature and repeats (`source.measured`); the measured link
-(`source.link`) replaces the devices file's default link; each task's `source` says per device
-how its time was measured.
+(`source.link`) replaces the devices file's default link; a device whose entry prices a stage
+border (`cut_ms_per_mib`) makes every link into and out of it slower by half its price per MiB
+(`with_borders`; `source.border_ms_per_mib`); each task's `source` says per device how its time
+was measured.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moirai.costgraph import CostGraph
+from moirai.costgraph import CostGraph, Link
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
 from moirai.fusion import Group
@@ -316,11 +318,6 @@ class DocumentProfile:
         entry = self.entry_for(device)
         return None if entry is None else self.document.devices[entry].call_overhead_ms
 
-    def cut_ms_per_mib(self, device: DeviceSpec) -> float | None:
-        """What a stage border costs per MiB crossing it on `device`'s entry, if any."""
-        entry = self.entry_for(device)
-        return None if entry is None else self.document.devices[entry].cut_ms_per_mib
-
     def compute_ms(
         self, graph: OpGraph, groups: Sequence[Group], devices: Sequence[DeviceSpec]
     ) -> list[Mapping[str, float]]:
@@ -344,7 +341,9 @@ class DocumentProfile:
         return list(out)
 
     def annotate(self, costgraph: CostGraph) -> CostGraph:
-        """The cost graph with the measured link and the provenance of its numbers."""
+        """The cost graph with the measured link, the price of a stage border on every link
+        into or out of a device that has one (`with_borders`), and the provenance of its
+        numbers."""
         source = dict(costgraph.extra.get("source", {}))
         source["profile"] = self.name
         if self.origin:
@@ -371,6 +370,16 @@ class DocumentProfile:
                 "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s,
                 "r2": link.r2,
             }
+        borders = {
+            device: cut
+            for device, name in self._used.items()
+            if (cut := self.document.devices[name].cut_ms_per_mib) > 0
+        }
+        if borders:
+            changes["pair_links"] = with_borders(
+                costgraph, changes.get("default_link", costgraph.default_link), borders
+            )
+            source["border_ms_per_mib"] = borders
         tasks = tuple(
             dataclasses.replace(t, extra={**t.extra, "source": self._methods[t.ops]})
             if t.ops in self._methods
@@ -380,3 +389,24 @@ class DocumentProfile:
         return dataclasses.replace(
             costgraph, tasks=tasks, extra={**costgraph.extra, "source": source}, **changes
         )
+
+
+def with_borders(
+    costgraph: CostGraph, default: Link, border_ms_per_mib: Mapping[str, float]
+) -> dict[tuple[str, str], Link]:
+    """The cost graph's links between every two devices, each tensor crossing from `a` to `b`
+    also paying half of `a`'s border price and half of `b`'s per MiB (a tensor leaving a stage
+    is converted out of its session's layout, and into the next's: `cut_ms_per_mib`). So the
+    solvers price what a border costs, and the served prediction, which gives each CPU end half
+    of a hop as work on its device, charges each its own conversion."""
+    pairs = dict(costgraph.pair_links)
+    names = [d.name for d in costgraph.devices]
+    for a in names:
+        for b in names:
+            per_mib = (border_ms_per_mib.get(a, 0.0) + border_ms_per_mib.get(b, 0.0)) / 2
+            if a == b or per_mib <= 0:
+                continue
+            base = pairs.get((a, b), default)
+            seconds_per_byte = 1.0 / base.bandwidth_bytes_per_s + per_mib / 1000.0 / 2**20
+            pairs[(a, b)] = Link(1.0 / seconds_per_byte, base.latency_ms)
+    return pairs

@@ -62,7 +62,8 @@ on one core: 4.1 ms more per run than whole, 0.4 ms a cut), and invisible in a w
 trace. So the model is also cut into `CUT_STAGES` consecutive stages of its fusion groups and run
 through them, in turns with the whole model: `cut_ms_per_mib` is what the cut runs take beyond
 the whole one's, less a session call per extra stage, per MiB of tensors crossing the cuts. The
-served prediction (`moirai.planning.prediction`) charges it to both stages of every border.
+cost graph's links into and out of the device carry it (`moirai.profile.document.with_borders`),
+so the solvers and the served prediction both price a border.
 
 A group can also end up with no kernel of its own: its nodes were folded (constants), removed
 (Identity, Dropout, static Reshape chains) or fused into a neighbouring group's kernel where

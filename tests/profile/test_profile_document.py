@@ -3,6 +3,7 @@ finer tasks, provenance in the cost graph, and the errors a user meets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from moirai.profile.document import (
     ProfileDocument,
     ProfileError,
     allocate,
+    with_borders,
 )
 from moirai.profile.links import LinkSample, fit
 from moirai.profile.measured import MeasuredProfile
@@ -74,6 +76,31 @@ def test_file_prices_a_cost_graph_and_says_where_numbers_came_from(
     coarse = build_costgraph(tiny_bert.path, devices, tiny_bert.input_shapes, profile, 5)
     assert len(coarse.tasks) == 5
     assert sum(t.compute_ms["cpu-0"] for t in coarse.tasks) == pytest.approx(entry.total_ms)
+
+
+def test_a_stage_border_is_priced_on_the_links_of_the_devices_that_pay_it(
+    tiny_bert: ModelFile, tmp_path: Path
+) -> None:
+    """`cut_ms_per_mib` makes each link into or out of its device slower by half the price
+    per MiB: both ends of a CPU-to-CPU hop pay, a device without a price pays nothing."""
+    measured = _measured(tiny_bert, tmp_path)
+    entry = dataclasses.replace(measured.devices["cpu:threads=1"], cut_ms_per_mib=0.8)
+    document = ProfileDocument(measured.model, {"cpu:threads=1": entry}, measured.link)
+    assert ProfileDocument.from_dict(document.to_dict()) == document
+    devices = DeviceSet((_cpu("cpu-0"), _cpu("cpu-1")))
+    costgraph = build_costgraph(
+        tiny_bert.path, devices, tiny_bert.input_shapes, DocumentProfile(document)
+    )
+    mib = 1 << 20
+    base = measured.link.link  # the measured loopback, as a profile without a price gives it
+    link = costgraph.link("cpu-0", "cpu-1")
+    assert link.latency_ms == base.latency_ms
+    assert link.transfer_ms(mib) == pytest.approx(base.transfer_ms(mib) + 0.8)
+    assert costgraph.extra["source"]["border_ms_per_mib"] == {"cpu-0": 0.8, "cpu-1": 0.8}
+    one_end = with_borders(dataclasses.replace(costgraph, pair_links={}), base, {"cpu-0": 0.8})
+    assert one_end[("cpu-1", "cpu-0")].transfer_ms(mib) == pytest.approx(
+        base.transfer_ms(mib) + 0.4
+    )
 
 
 def test_a_group_spanning_tasks_is_shared_by_flops(tiny_bert: ModelFile) -> None:

@@ -18,13 +18,7 @@ from moirai.partition import build_plan
 from moirai.placement import evaluate
 from moirai.planning import describe, plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
-from moirai.planning.prediction import (
-    Prediction,
-    StageCosts,
-    predict,
-    stage_costs,
-    with_hop_work,
-)
+from moirai.planning.prediction import Prediction, call_overheads, predict, with_hop_work
 from moirai.profile.analytic import AnalyticProfile
 from moirai.profile.document import DocumentProfile, ProfileDocument
 from moirai.stageplan import DeviceSpec
@@ -36,7 +30,6 @@ DEVICES = [DeviceSpec("cpu-0", threads=1), DeviceSpec("cpu-1", threads=1)]
 CHAIN, CLIENT = Link(1e6, 0.5), Link(1e6, 1.0)  # 1 byte per microsecond
 HOP = 0.5 + 64 * 4 / 1e3  # one [1, 64] float tensor over CHAIN
 CALL = {"cpu-0": 0.2, "cpu-1": 0.3}
-COSTS = StageCosts(call_ms=CALL)
 
 
 def layers_costgraph(ms: float = 1.0) -> CostGraph:
@@ -65,7 +58,7 @@ def plan_on(devices: list[str]):
 def test_one_stage_is_its_compute_and_the_gateway_hops() -> None:
     cg, plan = plan_on(["cpu-0"] * 6)
     assert len(plan.stages) == 1
-    got = predict(cg, plan, COSTS, CLIENT, fused=False)
+    got = predict(cg, plan, CALL, CLIENT, fused=False)
     client = 1.0 + 2 * 256 / 1e3  # inputs there, outputs back
     assert got.client_ms == pytest.approx(client)
     assert got.served_ms == pytest.approx(HOP + 6.0 + CALL["cpu-0"] + HOP)
@@ -78,8 +71,8 @@ def test_a_front_end_in_the_first_stage_takes_no_hop() -> None:
     link from and to the first stage's device."""
     cg, one = plan_on(["cpu-0"] * 6)
     _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
-    assert predict(cg, one, COSTS, CLIENT).served_ms == pytest.approx(6.0 + CALL["cpu-0"])
-    assert predict(cg, two, COSTS, CLIENT).served_ms == pytest.approx(
+    assert predict(cg, one, CALL, CLIENT).served_ms == pytest.approx(6.0 + CALL["cpu-0"])
+    assert predict(cg, two, CALL, CLIENT).served_ms == pytest.approx(
         6.0 + CALL["cpu-0"] + CALL["cpu-1"] + 2 * HOP
     )
 
@@ -89,7 +82,7 @@ def test_each_stage_adds_its_call_and_its_hop() -> None:
     _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
     _, three = plan_on(["cpu-0"] * 2 + ["cpu-1"] * 2 + ["cpu-0"] * 2)
     assert [len(p.stages) for p in (one, two, three)] == [1, 2, 3]
-    latency = [predict(cg, p, COSTS, CLIENT, fused=False).latency_ms for p in (one, two, three)]
+    latency = [predict(cg, p, CALL, CLIENT, fused=False).latency_ms for p in (one, two, three)]
     assert latency[1] - latency[0] == pytest.approx(HOP + CALL["cpu-1"])
     assert latency[2] - latency[1] == pytest.approx(HOP + CALL["cpu-0"])
 
@@ -123,34 +116,18 @@ def test_the_predicted_keys_round_trip_and_bad_ones_are_reported() -> None:
         Prediction.from_dict({"latency_ms": 5.0})
 
 
-def test_stage_costs_come_from_a_measured_profile_only() -> None:
+def test_call_overheads_come_from_a_measured_profile_only() -> None:
     devices = split_cpu(local_devices(), len(available_cores())).devices  # 1 thread each
-    entry = {"target": "cpu:threads=1", "call_overhead_ms": 0.25, "cut_ms_per_mib": 0.5}
     document = ProfileDocument.from_dict(
         {
             "format": "moirai.profile/v1",
             "model": {"name": "m", "sha256": "0" * 64},
-            "devices": {"cpu": {**entry, "groups": []}},
+            "devices": {"cpu": {"target": "cpu:threads=1", "call_overhead_ms": 0.25, "groups": []}},
         }
     )
     cpu = [d for d in devices if d.kind == "cpu"]
-    costs = stage_costs(DocumentProfile(document), cpu)
-    assert costs.call_ms == {d.name: 0.25 for d in cpu}
-    assert costs.cut_ms_per_mib == {d.name: 0.5 for d in cpu}
-    assert stage_costs(None, devices) == StageCosts()
-
-
-def test_a_border_between_stages_costs_its_cut_price_on_both_sides() -> None:
-    """Each stage of a border pays half the price of the tensors crossing it on its device;
-    the gateway's hops pay none (the whole model converts its inputs and outputs too)."""
-    cg, one = plan_on(["cpu-0"] * 6)
-    _, two = plan_on(["cpu-0"] * 3 + ["cpu-1"] * 3)
-    cut = StageCosts(call_ms=CALL, cut_ms_per_mib={"cpu-0": 2000.0, "cpu-1": 6000.0})
-    mib = 256 / 2**20  # one [1, 64] float tensor crosses
-    assert predict(cg, one, cut, CLIENT).served_ms == predict(cg, one, COSTS, CLIENT).served_ms
-    assert predict(cg, two, cut, CLIENT).served_ms == pytest.approx(
-        predict(cg, two, COSTS, CLIENT).served_ms + (2000.0 + 6000.0) * mib / 2
-    )
+    assert call_overheads(DocumentProfile(document), cpu) == {d.name: 0.25 for d in cpu}
+    assert call_overheads(None, devices) == {}
 
 
 def test_a_hop_is_work_for_each_end_that_pays_for_its_transfers() -> None:
@@ -279,9 +256,6 @@ class CostlyCalls(AnalyticProfile):
 
     def call_overhead_ms(self, device: object) -> float:
         return self.ms
-
-    def cut_ms_per_mib(self, device: object) -> float:
-        return 0.0
 
 
 def test_auto_serves_the_model_whole_when_a_split_would_serve_slower(tmp_path: Path) -> None:
