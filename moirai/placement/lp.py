@@ -45,13 +45,17 @@ def solve_lp(
     objective_col: int,
     rows: list[tuple[float, float, list[int], list[float]]],
     deadline: float,
+    method: str | None = None,
 ) -> list[float] | None:
     """Minimise one column subject to sparse rows (lower, upper, cols, vals), columns >= 0;
-    None when HiGHS does not finish by the deadline (the caller then drops the LP's advice)."""
+    None when HiGHS does not finish by the deadline (the caller then drops the LP's advice).
+    `method` is HiGHS's `solver` option (`ipm`, `simplex`; by default HiGHS chooses)."""
     import highspy
     import numpy as np
 
     h = new_highs(1)
+    if method is not None:
+        h.setOptionValue("solver", method)
     h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
     inf = highspy.kHighsInf
     cost = np.zeros(ncol)
@@ -172,10 +176,14 @@ def _grid(values: list[float]) -> list[float]:
     return [values[round(j * (len(values) - 1) / (WINDOWS - 1))] for j in range(WINDOWS)]
 
 
-PATH_LP_COLUMNS = 20_000
+PATH_LP_COLUMNS = 80_000
 """`path_lp` is skipped on models with more columns (its transfer variables grow with edges
-times device pairs): 17,000 columns take HiGHS 3 s on one core of the development machine,
-37,000 more than 30 s."""
+times device pairs)."""
+PATH_LP_S_PER_COLUMN = 1.5e-4
+"""About what building and solving `path_lp`'s model costs per column with HiGHS's interior
+point method on one core of the development machine (17,000 columns: 1.6 s, 33,000-47,000:
+5.5-8.5 s; the dual simplex it used before took 3 s and 32 s); the model is not built when
+that estimate passes its deadline."""
 
 
 def path_lp_columns(problem: PlacementProblem) -> int:
@@ -201,12 +209,15 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
       it), since a port moves one tensor at a time.
     Its optimum is at most any plan's makespan. Unlike the load bounds it sees that keeping a
     chain on the fast device leaves its neighbours' shares elsewhere paying for transfers on
-    their paths and ports. None when the model has more than `PATH_LP_COLUMNS` columns, for
-    the throughput objective (whose LP is the MILP's own), or when HiGHS does not finish by
-    the deadline.
+    their paths and ports. None when the model has more than `PATH_LP_COLUMNS` columns or would
+    take longer than the time left (`PATH_LP_S_PER_COLUMN`), for the throughput objective
+    (whose LP is the MILP's own), or when HiGHS does not finish by the deadline.
     """
     p = problem
-    if p.objective != "latency" or path_lp_columns(p) > PATH_LP_COLUMNS:
+    if p.objective != "latency":
+        return None
+    columns = path_lp_columns(p)
+    if columns > PATH_LP_COLUMNS or columns * PATH_LP_S_PER_COLUMN > deadline - time.monotonic():
         return None
     import highspy
 
@@ -276,5 +287,5 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
             rows.append(
                 (0.0, inf, [makespan] + [c for c, _ in port], [1.0] + [-t for _, t in port])
             )
-    x = solve_lp(ncol, makespan, rows, deadline)
+    x = solve_lp(ncol, makespan, rows, deadline, method="ipm")
     return None if x is None else x[makespan]
