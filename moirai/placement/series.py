@@ -416,6 +416,9 @@ class Decomposition:
     """Whether the bound is the optimum of the problem without memory coupling (and without
     the edges that jump over a cut vertex, when there are any)."""
     jumps: int
+    largest: int = 0
+    """Tasks in the largest segment: a graph whose segments are all small is one the series
+    bound sees nearly whole."""
 
 
 def decompose(problem: PlacementProblem, options: SolveOptions) -> Decomposition | None:
@@ -452,7 +455,8 @@ def decompose(problem: PlacementProblem, options: SolveOptions) -> Decomposition
     exact = not unproven
     value, path = _cheapest_path(p, cuts, segs, twins, upper=True)
     plan = _plan(p, cuts, segs, twins, path) if math.isfinite(value) else None
-    return Decomposition(bound, plan, len(segs), solves, exact, jumps)
+    largest = max(len(seg.inner) for seg in segs)
+    return Decomposition(bound, plan, len(segs), solves, exact, jumps, largest)
 
 
 def _plan(

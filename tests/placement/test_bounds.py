@@ -117,6 +117,21 @@ def test_series_bound_is_valid_and_exact_where_it_says_so(seed: int, opts: dict)
         assert split.bound == pytest.approx(best, rel=REL)
 
 
+def test_series_segments_small_enough_for_auto_to_skip_the_path_lp() -> None:
+    """A paper-style graph of small Inception modules: the series decomposition's segments
+    are small, and `auto` skips the path LP (its bound is far weaker there); a random DAG
+    without cut vertices gets it."""
+    from moirai.placement import auto
+
+    from .instances import inception_costgraph
+
+    small = PlacementProblem(inception_costgraph(1, 4))
+    split = decompose(small, SolveOptions(time_limit=30, threads=1))
+    assert split is not None and 0 < split.largest <= auto.SERIES_WHOLE * small.n
+    plain = PlacementProblem(random_dag(3, 40, 3, ccr=1.0))
+    assert decompose(plain, SolveOptions(time_limit=30, threads=1)) is None
+
+
 def test_twins_are_interchangeable_devices_only() -> None:
     assert PlacementProblem(series_costgraph(1, twins=True)).twins == [0, 1, 1]
     assert PlacementProblem(series_costgraph(1)).twins == [0, 1, 2]
