@@ -104,6 +104,9 @@ TOKEN_KEY = "token"
 TLS_DIR = "/etc/moirai/tls"
 TLS_CERT_KEY, TLS_KEY_KEY = "tls.crt", "tls.key"
 """The keys of a `kubernetes.io/tls` Secret (`spec.serving.tlsSecret`), mounted in `TLS_DIR`."""
+TLS_CA_KEY = "ca.crt"
+"""The issuer's certificate in a TLS Secret, where there is one (cert-manager writes it): the
+trust root the operator publishes for the shared endpoint (`status.gatewayCA`)."""
 
 
 class PlanTooLargeError(MoiraiError):
@@ -231,11 +234,17 @@ def chain_token_env(owner: Owner) -> dict[str, Any]:
     return _secret_env(CHAIN_TOKEN_ENV, chain_secret_name(owner))
 
 
+def gateway_host(owner: Owner) -> str:
+    """The gateway Service's DNS name in the cluster: the name its certificate must carry
+    (`spec.serving.tlsSecret`) for the shared endpoint, which verifies it, to reach it."""
+    return f"{gateway_name(owner)}.{owner.namespace}.svc"
+
+
 def endpoint(owner: Owner, spec: PlacedModelSpec) -> str:
     """The in-cluster URL of the gateway (Open Inference Protocol over HTTP, or HTTPS with
     `spec.serving.tlsSecret`)."""
     scheme = "https" if spec.serving.tls_secret else "http"
-    return f"{scheme}://{gateway_name(owner)}.{owner.namespace}.svc:{spec.serving.port}"
+    return f"{scheme}://{gateway_host(owner)}:{spec.serving.port}"
 
 
 def lanes(spec: PlacedModelSpec) -> range:

@@ -23,6 +23,10 @@ chain Secret again if it was deleted, and compares a digest of each Secret its p
 the one its children were applied with (`status.secrets`): a Secret made again or changed (a new
 chain token, a rotated endpoint token or certificate) applies the children again with the new
 digest in their pod templates, which rolls the pods that read it, without solving again.
+With `spec.serving.tlsSecret`, the gateway's trust root (the Secret's `ca.crt`, else its
+`tls.crt`: public certificates, never the key) is published in `status.gatewayCA` for the shared
+endpoint, which verifies the gateway with it and may not read Secrets; a new one is written at
+the next pass (a new `ca.crt` alone rolls no pod).
 
 Errors a person can act on become a Failed phase and a `Planned=False` condition here, through
 `status.failure`, and nowhere else; anything else (API errors, bugs) propagates so kopf logs it
@@ -46,6 +50,7 @@ from typing import Any, Protocol
 from moirai.errors import MoiraiError
 from moirai_operator import status as st
 from moirai_operator.children import (
+    TLS_CA_KEY,
     TLS_CERT_KEY,
     TLS_KEY_KEY,
     TOKEN_KEY,
@@ -220,7 +225,7 @@ async def ensure_chain_secret(kube: Kube, owner: Owner) -> str:
     """The PlacedModel's chain token: its chain Secret's, or a new random one in a new Secret
     when there is none (or it holds none). A token is never replaced while its Secret exists,
     since running pods keep the one they started with; a Secret deleted is made again, and
-    the new token's digest rolls every pod (`secret_digests`)."""
+    the new token's digest rolls every pod (`secret_state`)."""
     current = await kube.get("Secret", owner.namespace, chain_secret_name(owner))
     held = ((current or {}).get("data") or {}).get(TOKEN_KEY)
     if held:
@@ -307,12 +312,33 @@ def _digest(key: str, data: Mapping[str, str], keys: Sequence[str]) -> str:
     return hmac.new(key.encode(), text.encode(), hashlib.sha256).hexdigest()[:16]
 
 
-async def secret_digests(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> dict[str, str]:
+def gateway_trust_root(tls: Mapping[str, str]) -> str | None:
+    """What verifies the gateway's certificate, from its TLS Secret's data (base64, as the API
+    gives it): the issuer's `ca.crt` when the Secret has one (cert-manager writes it), else the
+    certificate `tls.crt` itself (a self-signed one). Certificates only, never the key: the
+    operator publishes it in `status.gatewayCA` for the shared endpoint, which may not read
+    Secrets. None: no TLS Secret."""
+    pem = tls.get(TLS_CA_KEY) or tls.get(TLS_CERT_KEY)
+    return base64.b64decode(pem).decode(errors="replace") if pem else None
+
+
+@dataclass(frozen=True)
+class SecretState:
+    """What the reconciler learns from the Secrets a PlacedModel's pods read."""
+
+    digests: dict[str, str]
+    """A digest of each Secret, by name."""
+    gateway_ca: str | None
+    """The gateway's trust root (`gateway_trust_root`); None without TLS."""
+
+
+async def secret_state(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> SecretState:
     """A digest of each Secret the pods of `owner` read (`gateway_secrets`), by name, from the
-    keys they read only. Keyed with the chain token, a random secret: the digests are written
-    in pod templates and the status, and a weak endpoint token must not be guessable from them.
-    Makes the chain Secret when there is none (`ensure_chain_secret`); raises the condition's
-    error when a Secret the spec names is missing or incomplete."""
+    keys they read only, and the gateway's trust root. Keyed with the chain token, a random
+    secret: the digests are written in pod templates and the status, and a weak endpoint token
+    must not be guessable from them. Makes the chain Secret when there is none
+    (`ensure_chain_secret`); raises the condition's error when a Secret the spec names is
+    missing or incomplete."""
     auth = await check_auth_secret(kube, owner, spec)
     tls = await check_tls_secret(kube, owner, spec)
     token = await ensure_chain_secret(kube, owner)
@@ -322,7 +348,7 @@ async def secret_digests(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> dic
         out[spec.serving.auth_token_secret] = _digest(token, auth, [TOKEN_KEY])
     if spec.serving.tls_secret:
         out[spec.serving.tls_secret] = _digest(token, tls, [TLS_CERT_KEY, TLS_KEY_KEY])
-    return out
+    return SecretState(out, gateway_trust_root(tls))
 
 
 def _secrets_status(digests: Mapping[str, str]) -> list[dict[str, str]]:
@@ -338,13 +364,15 @@ async def secrets_changed(body: PlacedModelBody, ctx: Context) -> str | None:
         return None
     try:
         spec = parse_spec(body["spec"], ctx.defaults)
-        digests = await secret_digests(ctx.kube, owner_of(body), spec)
+        state = await secret_state(ctx.kube, owner_of(body), spec)
     except MoiraiError:  # planning says which and how, in the Planned condition
         return "a Secret it reads is missing or incomplete"
     applied = {s.get("name"): s.get("digest") for s in current.get("secrets") or []}
-    for name, digest in digests.items():
+    for name, digest in state.digests.items():
         if applied.get(name) != digest:
             return f"Secret {name!r} was made again or changed"
+    if current.get("gatewayCA") != state.gateway_ca:  # a new ca.crt alone rolls no pod
+        return f"the trust root in Secret {spec.serving.tls_secret!r} changed"
     return None
 
 
@@ -377,8 +405,8 @@ async def plan_and_apply(
         else:
             plan = await _plan(owner, spec, matches, why, status, ctx, events)
             ctx.plans[owner.uid] = (key, plan)
-        digests = await secret_digests(ctx.kube, owner, spec)
-        children = build_children(owner, spec, plan, ctx.options, digests)
+        secret = await secret_state(ctx.kube, owner, spec)
+        children = build_children(owner, spec, plan, ctx.options, secret.digests)
     except MoiraiError as e:
         failure = st.failure(e)
         assert failure is not None  # every MoiraiError maps to a reason
@@ -417,7 +445,8 @@ async def plan_and_apply(
         placement=st.placement_summary(plan, deployments),
         replicas=spec.serving.replicas,
         selector=scale_selector(owner),
-        secrets=_secrets_status(digests),
+        secrets=_secrets_status(secret.digests),
+        gatewayCA=secret.gateway_ca,
         observedGeneration=status.generation,
         poolsFingerprint=fp,
     )

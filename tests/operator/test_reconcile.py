@@ -14,7 +14,7 @@ import pytest
 from moirai_operator.children import BuildOptions
 from moirai_operator.kube import PRUNED_KINDS
 from moirai_operator.pools import PoolMatch, node_facts
-from moirai_operator.reconcile import Context, converge, stale_reason
+from moirai_operator.reconcile import Context, converge, gateway_trust_root, stale_reason
 from moirai_operator.spec import Defaults, PlacedModelSpec
 from operator_bodies import make_body, make_node, make_plan, make_spec
 
@@ -477,6 +477,52 @@ async def test_a_changed_endpoint_secret_rolls_the_gateway_only(
     del kube.objects[("Secret", "clients")]
     assert await again() == third
     assert _planned(kube)["reason"] == "AuthTokenSecretMissing"
+
+
+def test_the_gateway_s_trust_root_is_the_issuer_s_else_the_certificate_never_the_key() -> None:
+    def data(**keys: str) -> dict[str, str]:
+        return {k: base64.b64encode(v.encode()).decode() for k, v in keys.items()}
+
+    assert gateway_trust_root(data(**{"tls.crt": "LEAF", "tls.key": "KEY"})) == "LEAF"
+    both = data(**{"tls.crt": "LEAF", "tls.key": "KEY", "ca.crt": "ISSUER"})
+    assert gateway_trust_root(both) == "ISSUER"
+    assert gateway_trust_root({}) is None
+
+
+async def test_the_gateway_s_trust_root_is_published_and_kept_up_to_date(
+    model: Path, tmp_path: Path
+) -> None:
+    """status.gatewayCA, for the shared endpoint (which may not read Secrets): the TLS Secret's
+    tls.crt, then its ca.crt once it has one (written at the next pass, rolling no pod: the
+    gateway does not read it); a new certificate is published as it rolls the gateway; gone
+    when the PlacedModel drops TLS. No key is ever in the status."""
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    body = make_body(path_spec(model) | {"serving": {"tlsSecret": "endpoint-tls"}})
+
+    async def again() -> dict[str, str]:
+        body["status"] = dict(kube.status)
+        await converge(body, NODES, ctx, events)
+        return _rolls(kube)
+
+    first = await again()
+    assert kube.status["gatewayCA"] == "CERT"
+    applied = len(kube.applied)
+    assert await again() == first and len(kube.applied) == applied  # steady: nothing applied
+    ca = {"tls.crt": "CERT", "tls.key": "KEY", "ca.crt": "ISSUER"}
+    await kube.apply(_secret("endpoint-tls", **ca))
+    assert await again() == first
+    assert kube.status["gatewayCA"] == "ISSUER"
+    await kube.apply(_secret("endpoint-tls", **(ca | {"tls.crt": "CERT2", "ca.crt": "ISSUER2"})))
+    assert (await again())["resnet-gateway"] != first["resnet-gateway"]
+    assert kube.status["gatewayCA"] == "ISSUER2"
+    assert planner.calls == 1
+    assert not any("KEY" in json.dumps(p) for p in kube.patches)
+    body["spec"]["serving"] = {}
+    body["metadata"]["generation"] = 2
+    await again()
+    assert kube.status["endpoint"].startswith("http://") and kube.status["gatewayCA"] is None
 
 
 async def test_the_operator_s_default_endpoint_secrets_apply_and_a_spec_s_own_wins(
