@@ -18,6 +18,12 @@ Its ModelReady needs the token, so its readiness is polled with ServerReady, whi
 on a gateway of one model, says the same; its metadata is asked at each ModelMetadata request,
 with that client's token (`describe`).
 
+A model whose endpoint serves TLS (`spec.serving.tlsSecret` on Kubernetes) is called over TLS,
+its certificate verified, never skipped: against `trust_root` (PEM certificates: the issuer's, or
+a self-signed certificate itself) and for `server_name` (the gateway Service's DNS name, which
+the certificate must carry), whatever address the channel dials. A handshake that fails says so
+in the model's `reason`, in one line, and its requests fail with UNAVAILABLE.
+
 The forwarding costs one gRPC hop and a copy of the tensors each way, on top of the model's own
 endpoint: clients that care for the last fraction of a millisecond call the model's own Service.
 """
@@ -27,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -45,14 +53,46 @@ log = logging.getLogger(__name__)
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
+@dataclass(frozen=True)
+class TLSTarget:
+    """How to verify a remote endpoint that serves TLS: the PEM certificates to trust, and the
+    name its certificate must carry (checked instead of the address dialled)."""
+
+    trust_root: bytes
+    server_name: str
+    source: str = "the trust root given"
+    """Where `trust_root` came from, to say in the reason when the certificate fails it."""
+
+
+def _channel(address: str, tls: TLSTarget | None) -> grpc.aio.Channel:
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls.trust_root)
+    options = [*_OPTIONS, ("grpc.ssl_target_name_override", tls.server_name)]
+    return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+_HANDSHAKE_SIGNS = ("handshake", "certificate", "verification", "peer name", "ssl")
+"""Words of gRPC's errors when a TLS handshake failed (its certificate, or the name, did not
+verify)."""
+
+
 class RemoteModel:
-    """Model `model_name` at the OIP gRPC endpoint `address` (host:port)."""
+    """Model `model_name` at the OIP gRPC endpoint `address` (host:port), over TLS verified as
+    `tls` says when given, else in plaintext."""
 
     def __init__(
-        self, model_name: str, address: str, *, timeout_s: float = 30.0, poll_s: float = 1.0
+        self,
+        model_name: str,
+        address: str,
+        *,
+        tls: TLSTarget | None = None,
+        timeout_s: float = 30.0,
+        poll_s: float = 1.0,
     ) -> None:
         self.model_name = model_name
         self.address = address
+        self.tls = tls
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.metrics = Metrics({})
@@ -65,7 +105,7 @@ class RemoteModel:
         """Whether `inputs` and `outputs` are the model's as it now is."""
         self._needs_token = False
         """Its ModelReady refused the shared endpoint (which has no token): poll ServerReady."""
-        self._channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        self._channel = _channel(address, tls)
         self._infer = self._channel.unary_unary(f"/{SERVICE}/ModelInfer")
         self._model_ready = self._channel.unary_unary(
             f"/{SERVICE}/ModelReady",
@@ -128,10 +168,25 @@ class RemoteModel:
             self.reason = "" if ready else f"its endpoint {self.address} reports it not ready"
         except grpc.aio.AioRpcError as e:
             ready = False
-            self.reason = f"its endpoint {self.address} does not answer ({e.code().name})"
+            self.reason = self._unreachable(e)
         if ready != self._ready:
             log.info("model %s at %s: %s", self.model_name, self.address, self.reason or "ready")
         self._ready = ready
+
+    def _unreachable(self, e: grpc.aio.AioRpcError) -> str:
+        """Why the endpoint did not answer, in one line: for TLS, what its certificate must
+        be when the handshake failed."""
+        details = " ".join((e.details() or "").split())
+        if self.tls is not None and any(sign in details.lower() for sign in _HANDSHAKE_SIGNS):
+            # gRPC's "failed to connect to all addresses; last error: UNKNOWN: ipv4:IP:PORT: "
+            # says nothing the reason does not.
+            details = re.sub(r"^.*last error: \w+: \S+: ", "", details)[:300]
+            return (
+                f"its endpoint {self.address} failed the TLS check: its certificate must be "
+                f"signed by {self.tls.source} (or be it) and carry the DNS name "
+                f"{self.tls.server_name} ({details})"
+            )
+        return f"its endpoint {self.address} does not answer ({e.code().name})"
 
     async def _learn_metadata(self) -> None:
         request = oip.ModelMetadataRequest(name=self.model_name)

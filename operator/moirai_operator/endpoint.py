@@ -24,6 +24,15 @@ endpoint token: each client's `authorization` goes on to the model's gateway, wh
 (`stage_server.remote`), so a PlacedModel behind `spec.serving.authTokenSecret` is served here
 to the clients that hold its token.
 
+A PlacedModel with `spec.serving.tlsSecret` (its gateway serves TLS only: an `https` endpoint in
+its status) is called over TLS, its certificate verified, never skipped: against the trust root
+the operator publishes in its `status.gatewayCA` (the Secret's `ca.crt`, else its `tls.crt`;
+public certificates, so the endpoint needs no access to Secrets, which hold the keys), and for
+the gateway Service's DNS name `<name>-gateway.<namespace>.svc`, which the certificate must carry
+whatever address is dialled. Without a trust root, or with one that does not verify it, the model
+is listed UNAVAILABLE with the reason, in one line, and only its requests fail (UNAVAILABLE, HTTP
+503); a model without TLS is called in plaintext.
+
 PlacedModels of one name in several namespaces cannot share one name here: the name is listed
 as UNAVAILABLE with the reason, and each stays on its own Service. The API is only listed (no
 watch, no write): the chart's RBAC for the endpoint is `list` of PlacedModels.
@@ -41,11 +50,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 from moirai.errors import MoiraiError
+from moirai_operator.children import Owner, gateway_host
 from moirai_operator.resources import GROUP, PLURAL, VERSION, PlacedModelBody
 from moirai_operator.spec import ServingSpec
 from stage_server.errors import Unavailable
 from stage_server.metrics import Metrics
-from stage_server.remote import RemoteModel
+from stage_server.remote import RemoteModel, TLSTarget
 from stage_server.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -53,17 +63,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Route:
-    """Where the shared endpoint sends a model's requests: its gateway's OIP gRPC address, or
-    nowhere and why."""
+    """Where the shared endpoint sends a model's requests: its gateway's OIP gRPC address (and
+    how to verify it, when it serves TLS), or nowhere and why."""
 
     name: str
     address: str = ""
     reason: str = ""
+    tls: TLSTarget | None = None
+
+
+_PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
+
+
+def _route(pm: PlacedModelBody, host: str, port: int) -> Route:
+    """The route to one PlacedModel's gateway at `host`: in plaintext, or over TLS (an `https`
+    endpoint) verified with the trust root the operator publishes (`status.gatewayCA`) for the
+    gateway Service's DNS name; without a trust root that can verify it, nowhere."""
+    status = pm.get("status") or {}
+    meta = pm["metadata"]
+    address = f"{host}:{port}"
+    if urlparse(status["endpoint"]).scheme != "https":
+        return Route(meta["name"], address)
+    ca = status.get("gatewayCA") or ""
+    server_name = gateway_host(Owner(meta["name"], meta["namespace"], meta.get("uid", "")))
+    if _PEM_CERTIFICATE not in ca:
+        what = "is not a PEM certificate" if ca else "is empty"
+        return Route(
+            meta["name"],
+            reason=f"its gateway serves TLS, and its status.gatewayCA (the trust root the "
+            f"operator publishes from spec.serving.tlsSecret's ca.crt, else tls.crt) {what}: "
+            "not called until its certificate can be verified",
+        )
+    source = "its status.gatewayCA (spec.serving.tlsSecret's ca.crt, else its tls.crt)"
+    return Route(meta["name"], address, tls=TLSTarget(ca.encode(), server_name, source))
 
 
 def routes(placed_models: Iterable[PlacedModelBody]) -> dict[str, Route]:
     """The route of every PlacedModel with an endpoint in its status, by name."""
-    found: dict[str, list[tuple[str, str]]] = {}
+    found: dict[str, list[tuple[str, Route]]] = {}
     for pm in placed_models:
         endpoint = (pm.get("status") or {}).get("endpoint")
         host = urlparse(endpoint).hostname if endpoint else None
@@ -72,11 +109,11 @@ def routes(placed_models: Iterable[PlacedModelBody]) -> dict[str, Route]:
         serving = (pm.get("spec") or {}).get("serving") or {}
         port = serving.get("grpcPort", ServingSpec.grpc_port)
         meta = pm["metadata"]
-        found.setdefault(meta["name"], []).append((meta["namespace"], f"{host}:{port}"))
+        found.setdefault(meta["name"], []).append((meta["namespace"], _route(pm, host, port)))
     out = {}
     for name, where in sorted(found.items()):
         if len(where) == 1:
-            out[name] = Route(name, where[0][1])
+            out[name] = where[0][1]
         else:
             namespaces = " and ".join(sorted(ns for ns, _ in where))
             out[name] = Route(
@@ -91,9 +128,11 @@ class _Unrouted:
     """A model name that the shared endpoint cannot route (`Route.reason`): listed, never
     ready."""
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, timeout_s: float) -> None:
         self.model_name = route.name
         self.reason = route.reason
+        self.timeout_s = timeout_s
+        """The request deadline that the transports read (the HTTP one bounds the body's)."""
         self.metrics = Metrics({})
         self.inputs: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
@@ -144,14 +183,19 @@ class SharedEndpoint:
             if name in self._routes:
                 continue
             plane = (
-                RemoteModel(name, route.address, timeout_s=self.timeout_s)
+                RemoteModel(name, route.address, tls=route.tls, timeout_s=self.timeout_s)
                 if route.address
-                else _Unrouted(route)
+                else _Unrouted(route, self.timeout_s)
             )
             await plane.start()
             self.repository.add(plane)
             self._routes[name] = route
-            log.info("routing model %s to %s", name, route.address or f"nowhere: {route.reason}")
+            log.info(
+                "routing model %s to %s%s",
+                name,
+                route.address or f"nowhere: {route.reason}",
+                f" over TLS, verified for {route.tls.server_name}" if route.tls else "",
+            )
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -40,13 +40,20 @@ pytestmark = pytest.mark.timeout(300)
 ENDPOINT = "moirai-endpoint"  # the chart's names for release "moirai"
 
 
-def _one_stage(path: Path, name: str, token: str | None = None) -> LocalDeployment:
-    """A gateway of one stage serving `path` as `name`, behind `token` when given."""
+def _one_stage(
+    path: Path, name: str, token: str | None = None, tls: tuple[Path, Path] | None = None
+) -> LocalDeployment:
+    """A gateway of one stage serving `path` as `name`, behind `token` when given, over TLS
+    only with `tls` (certificate, key) when given."""
     endpoint = EndpointConfig()
     if token is not None:
         token_file = path.parent / f"{name}.token"
         token_file.write_text(token)
         endpoint = EndpointConfig(auth_token=token, auth_token_file=str(token_file))
+    if tls is not None:
+        endpoint = dataclasses.replace(
+            endpoint, tls_cert_file=str(tls[0]), tls_key_file=str(tls[1])
+        )
     model = onnx.load(path)
     plan = build_plan(
         model, {n.name: "cpu-0" for n in model.graph.node}, [DeviceSpec("cpu-0", threads=1)]
@@ -68,10 +75,14 @@ def _get(url: str) -> tuple[int, dict | list]:
         return e.code, json.loads(e.read())
 
 
-def _index(url: str) -> dict[str, str]:
+def _index_entries(url: str) -> dict[str, dict[str, str]]:
     request = urllib.request.Request(f"{url}/v2/repository/index", method="POST")
     with urllib.request.urlopen(request, timeout=10) as r:
-        return {m["name"]: m["state"] for m in json.loads(r.read())}
+        return {m["name"]: m for m in json.loads(r.read())}
+
+
+def _index(url: str) -> dict[str, str]:
+    return {name: m["state"] for name, m in _index_entries(url).items()}
 
 
 def _until(condition, what: str, timeout_s: float = 60.0) -> None:
@@ -113,7 +124,14 @@ def _endpoint(kubeconfig: Path, namespace: str, log: Path) -> Iterator[tuple[str
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
 
 
-def _placed_model(plane, namespace: str, name: str, grpc_port: int, http_port: int) -> None:
+def _placed_model(
+    plane, namespace: str, name: str, grpc_port: int, http_port: int, ca: str | None = None
+) -> None:
+    """A PlacedModel whose status is what the operator writes once its gateway, on loopback
+    here, is deployed; served over TLS with `ca`, the trust root the operator publishes."""
+    serving: dict = {"port": http_port, "grpcPort": grpc_port}
+    if ca is not None:
+        serving["tlsSecret"] = f"{name}-tls"
     body = {
         "apiVersion": "moirai.dev/v1alpha1",
         "kind": "PlacedModel",
@@ -121,24 +139,25 @@ def _placed_model(plane, namespace: str, name: str, grpc_port: int, http_port: i
         "spec": {
             "model": {"uri": f"/models/{name}.onnx"},
             "pools": [{"name": "cpu", "kind": "cpu"}],
-            "serving": {"port": http_port, "grpcPort": grpc_port},
+            "serving": serving,
         },
     }
     plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(body))
-    # What the operator writes once the model is deployed (there `http://<name>-gateway.<ns>.
-    # svc:<port>`; here the gateway's loopback address).
-    status = {"status": {"endpoint": f"http://127.0.0.1:{http_port}"}}
+    # What the operator writes once the model is deployed (there `http[s]://<name>-gateway.
+    # <ns>.svc:<port>`; here the gateway's loopback address) and, with TLS, status.gatewayCA.
+    scheme = "https" if ca is not None else "http"
+    status: dict = {"status": {"endpoint": f"{scheme}://127.0.0.1:{http_port}"}}
+    if ca is not None:
+        status["status"]["gatewayCA"] = ca
     plane.kubectl(
         "patch", "placedmodel", name, "-n", namespace, "--subresource=status", "--type=merge",
         "-p", json.dumps(status),
     )  # fmt: skip
 
 
-def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
-    control_plane, namespace, tmp_path
-) -> None:
-    plane = control_plane
-    install_crd(plane)
+def _as_the_endpoint(plane, namespace: str, tmp_path: Path) -> Path:
+    """A kubeconfig of the chart's ServiceAccount for the shared endpoint, with exactly the
+    chart's RBAC for it (list PlacedModels; no Secret, no ConfigMap) applied."""
     manifests = render(plane, namespace, "--set", "sharedEndpoint.enabled=true")
     identity = [
         d
@@ -154,7 +173,15 @@ def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
         "-",
         stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
     )
-    kubeconfig = _kubeconfig_of(plane, namespace, ENDPOINT, tmp_path / "endpoint.kubeconfig")
+    return _kubeconfig_of(plane, namespace, ENDPOINT, tmp_path / "endpoint.kubeconfig")
+
+
+def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
+    control_plane, namespace, tmp_path
+) -> None:
+    plane = control_plane
+    install_crd(plane)
+    kubeconfig = _as_the_endpoint(plane, namespace, tmp_path)
     paths = {
         "alpha": write_mlp(tmp_path / "alpha.onnx", hidden=32, layers=2, seed=1),
         "beta": write_mlp(tmp_path / "beta.onnx", hidden=48, layers=3, seed=2),
@@ -261,6 +288,126 @@ def test_the_shared_endpoint_passes_the_clients_token_on(
             for given in (None, "guess"):
                 assert _http(infer, body, given)[0] == 401
                 assert _http(f"{http_url}/v2/models/guarded", token=given)[0] == 401
+
+
+def _certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for the DNS name `name`, and its key (what `kubectl create
+    secret tls` would be given)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"),
+            *("-addext", f"subjectAltName=DNS:{name}"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def _patch_ca(plane, namespace: str, name: str, ca: str | None) -> None:
+    status = {"status": {"gatewayCA": ca}}
+    plane.kubectl(
+        "patch", "placedmodel", name, "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+
+
+def test_the_shared_endpoint_calls_a_tls_gateway_verified_with_its_published_trust_root(
+    control_plane, namespace, tmp_path
+) -> None:
+    """A PlacedModel with spec.serving.tlsSecret: its gateway serves TLS only, with a
+    certificate for its Service's DNS name. The shared endpoint, with the chart's RBAC (no
+    Secret), verifies it with status.gatewayCA and that name, though it dials loopback, and
+    answers as ONNX Runtime over gRPC and HTTP. A wrong trust root, a missing one, and one
+    whose certificate lacks the name: that model not ready, saying why in one line, its
+    requests UNAVAILABLE / 503; a plaintext model beside it keeps answering. The right trust
+    root again: ready again."""
+    plane = control_plane
+    install_crd(plane)
+    kubeconfig = _as_the_endpoint(plane, namespace, tmp_path)
+    service = f"secure-gateway.{namespace}.svc"
+    cert, key = _certificate(tmp_path / "secure", service)
+    stranger, _ = _certificate(tmp_path / "stranger", service)  # same name, another key
+    paths = {
+        "secure": write_mlp(tmp_path / "secure.onnx", hidden=32, layers=2, seed=6),
+        "plain": write_mlp(tmp_path / "plain.onnx", hidden=48, layers=2, seed=7),
+    }
+    x = {name: np.random.default_rng(8).standard_normal((1, w)).astype(np.float32)
+         for name, w in (("secure", 32), ("plain", 48))}  # fmt: skip
+    want = {
+        name: ort.InferenceSession(str(path)).run(None, {"x": x[name]})[0]
+        for name, path in paths.items()
+    }
+    body = {
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [1, 32], "data": x["secure"][0].tolist()}
+        ]
+    }
+    secure = _one_stage(paths["secure"], "secure", tls=(cert, key))
+    plain = _one_stage(paths["plain"], "plain")
+    with secure, plain:
+        _placed_model(
+            plane, namespace, "secure", secure.grpc_port, secure.http_port, cert.read_text()
+        )
+        _placed_model(plane, namespace, "plain", plain.grpc_port, plain.http_port)
+        with (
+            _endpoint(kubeconfig, namespace, tmp_path / "endpoint.log") as (grpc_url, http_url),
+            InferenceClient(grpc_url) as client,
+        ):
+            both = {"secure": "READY", "plain": "READY"}
+            _until(lambda: _index(http_url) == both, "both ready")
+            got = client.infer("secure", {"x": x["secure"]})["y"]
+            np.testing.assert_allclose(got, want["secure"], rtol=1e-5, atol=1e-6)
+            status, reply = _http(f"{http_url}/v2/models/secure/infer", body)
+            assert status == 200, reply
+            got = np.asarray(reply["outputs"][0]["data"], dtype=np.float32).reshape((1, -1))
+            np.testing.assert_allclose(got, want["secure"], rtol=1e-5, atol=1e-6)
+            status, metadata = _http(f"{http_url}/v2/models/secure")
+            assert status == 200 and metadata["inputs"][0]["shape"] == [1, 32]
+
+            def refused(name: str, said: str) -> None:
+                """`name` listed not ready, saying `said` in one line; its requests refused
+                over gRPC and HTTP; the plaintext model unharmed."""
+
+                def says() -> bool:
+                    entry = _index_entries(http_url).get(name, {})  # listed at a refresh
+                    return entry.get("state") == "UNAVAILABLE" and said in entry["reason"]
+
+                _until(says, f"{name} unavailable: {said}")
+                reason = _index_entries(http_url)[name]["reason"]
+                assert "\n" not in reason and len(reason) < 600, reason
+                with pytest.raises(grpc.RpcError) as e:
+                    client.infer(name, {"x": x["secure"]})
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert said in (e.value.details() or ""), e.value.details()
+                status, error = _http(f"{http_url}/v2/models/{name}/infer", body)
+                assert status == 503 and said in error["error"], error
+                assert _get(f"{http_url}/v2/models/{name}/ready")[0] == 503
+                got = client.infer("plain", {"x": x["plain"]})["y"]
+                np.testing.assert_allclose(got, want["plain"], rtol=1e-5, atol=1e-6)
+                assert _index(http_url)["plain"] == "READY"
+
+            # A trust root that did not sign its certificate (same name, another key).
+            _patch_ca(plane, namespace, "secure", stranger.read_text())
+            refused("secure", "failed the TLS check: its certificate must be signed by")
+            refused("secure", f"carry the DNS name {service}")
+            # No trust root: never called unverified.
+            _patch_ca(plane, namespace, "secure", None)
+            refused("secure", "status.gatewayCA (the trust root the operator publishes")
+            # The right trust root, but a certificate without the Service's name: a PlacedModel
+            # "twin" whose status points at the same gateway.
+            _placed_model(
+                plane, namespace, "twin", secure.grpc_port, secure.http_port, cert.read_text()
+            )
+            refused("twin", f"carry the DNS name twin-gateway.{namespace}.svc")
+            _patch_ca(plane, namespace, "secure", cert.read_text())
+            plane.kubectl("delete", "placedmodel", "twin", "-n", namespace)
+            _until(lambda: _index(http_url) == both, "ready again")
+            got = client.infer("secure", {"x": x["secure"]})["y"]
+            np.testing.assert_allclose(got, want["secure"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scope", ["namespaces", "cluster-wide"])

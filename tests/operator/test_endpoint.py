@@ -10,6 +10,8 @@ from typing import Any
 from moirai_operator.endpoint import Route, routes
 from test_helm_chart import helm, render  # noqa: F401 (helm: the fixture)
 
+from stage_server.remote import TLSTarget
+
 
 def pm(name: str, namespace: str = "ml", endpoint: str | None = None, **serving: int) -> dict:
     body: dict[str, Any] = {
@@ -33,6 +35,39 @@ def test_each_placed_model_with_an_endpoint_is_routed_to_its_gateways_grpc_port(
         "bert": Route("bert", "bert-gateway.nlp.svc:9001"),
         "resnet": Route("resnet", "resnet-gateway.ml.svc:8001"),
     }
+
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def test_a_tls_gateway_is_verified_with_its_published_trust_root_for_its_service_name() -> None:
+    """`spec.serving.tlsSecret`: an https endpoint. Called over TLS with `status.gatewayCA`,
+    its certificate checked for the gateway Service's DNS name whatever host the endpoint
+    names; without a PEM trust root, routed nowhere (never called unverified)."""
+    tls = pm("resnet", endpoint="https://10.0.0.7:8000", grpcPort=9001)
+    tls["status"]["gatewayCA"] = PEM
+    assert routes([tls])["resnet"] == Route(
+        "resnet",
+        "10.0.0.7:9001",
+        tls=TLSTarget(
+            PEM.encode(),
+            "resnet-gateway.ml.svc",
+            "its status.gatewayCA (spec.serving.tlsSecret's ca.crt, else its tls.crt)",
+        ),
+    )
+    for ca, what in ((None, "is empty"), ("CERT", "is not a PEM certificate")):
+        tls["status"]["gatewayCA"] = ca
+        route = routes([tls])["resnet"]
+        assert route.address == "" and route.tls is None
+        assert route.reason == (
+            "its gateway serves TLS, and its status.gatewayCA (the trust root the operator "
+            f"publishes from spec.serving.tlsSecret's ca.crt, else tls.crt) {what}: not called "
+            "until its certificate can be verified"
+        )
+    # A gateway without TLS stays in plaintext, whatever its status holds.
+    plain = pm("bert", endpoint="http://bert-gateway.ml.svc:8000")
+    plain["status"]["gatewayCA"] = PEM
+    assert routes([plain])["bert"] == Route("bert", "bert-gateway.ml.svc:8001")
 
 
 def test_a_name_in_two_namespaces_is_routed_nowhere_and_says_why() -> None:
@@ -84,7 +119,7 @@ def test_the_shared_endpoint_lists_placed_models_of_the_served_namespaces(
         ("grpc", 8001),
     ]
     assert service["spec"]["selector"].items() <= labels.items()
-    for namespace in ("a", "b"):
+    for namespace in ("a", "b"):  # no Secret, no ConfigMap: TLS trust roots are in the status
         assert docs[("Role", "r-moirai-endpoint", namespace)]["rules"] == [
             {"apiGroups": ["moirai.dev"], "resources": ["placedmodels"], "verbs": ["list"]}
         ]
