@@ -360,22 +360,30 @@ async def _start_frontend(gateway: Gateway, host: str, options: Frontend) -> Fro
 
 @dataclass
 class StageHandle(ChainHandle):
-    """A stage server: its chain port, the stages behind it, and its front end if it has one."""
+    """A stage server: its chain port, the data plane of each device it serves, and its front
+    end if it has one."""
 
-    impl: StageServer = field(kw_only=True)
+    impls: tuple[StageServer, ...] = field(kw_only=True)
     frontend: FrontendHandle | None = field(default=None, kw_only=True)
+
+    @property
+    def impl(self) -> StageServer:
+        """The data plane of a server of one device."""
+        (only,) = self.impls
+        return only
 
     async def stop(self, grace: float | None = None) -> None:
         if self.frontend is not None:
             await self.frontend.stop(grace)
         await super().stop(grace)
-        await self.impl.stop()
+        for impl in self.impls:
+            await impl.stop()
 
 
 async def start_stage(
     model: onnx.ModelProto,
     plan: StagePlan,
-    device: str,
+    devices: str | Sequence[str],
     addresses: Mapping[str, str],
     *,
     host: str = "127.0.0.1",
@@ -384,27 +392,40 @@ async def start_stage(
     cuda_device: int | None = None,
     workers: int = 1,
     same_host: bool = True,
-    cpus: set[int] | None = None,
+    cpus: Mapping[str, set[int]] | None = None,
     frontend: Frontend | None = None,
     chain: ChainOptions = ChainOptions(),
 ) -> StageHandle:
-    """A stage server on `port`; with `frontend`, also the model's OIP front end, in this
-    process (remote stages then push final outputs to `port`, the plan's "gateway" address).
-    `cpus`: pin the threads that run stages to these cores, and only them."""
+    """A stage server on `port` for one device, or several (their stages then run each in a
+    thread of its device, side by side, and hand tensors to each other in memory); with
+    `frontend`, also the model's OIP front end, in this process (remote stages then push final
+    outputs to `port`, the plan's "gateway" address). `cpus`: pin the threads that run a
+    device's stages to these cores, and only them."""
+    devices = [devices] if isinstance(devices, str) else list(devices)
     router = Router((plan,), chain.timeout_s)
     peers = Peers(plan, addresses, same_host=same_host, local=router, token=chain.token)
-    impl = StageServer(
-        model,
-        plan,
-        device,
-        peers,
-        threads=threads,
-        cuda_device=cuda_device,
-        workers=workers,
-        offload=frontend is not None,
-        cpus=cpus,
-        max_pending_bytes=chain.max_pending_bytes,
-    )
+    impls: list[StageServer] = []
+    try:
+        for device in devices:
+            impls.append(
+                StageServer(
+                    model,
+                    plan,
+                    device,
+                    peers,
+                    threads=threads,
+                    cuda_device=cuda_device,
+                    workers=workers,
+                    # The loop must stay free for the front end, and devices run side by side.
+                    offload=frontend is not None or len(devices) > 1,
+                    cpus=(cpus or {}).get(device),
+                    max_pending_bytes=chain.max_pending_bytes,
+                )
+            )
+    except BaseException:
+        for impl in impls:
+            await impl.stop()
+        raise
     gateway = None
     if frontend is not None:
         gateway = Gateway(plan, peers, timeout_s=frontend.timeout_s)
@@ -413,12 +434,14 @@ async def start_stage(
     try:
         port_handle = await _start_chain_port(server, servicer, host, port, same_host, chain)
     except MoiraiError:
-        await impl.stop()
+        for impl in impls:
+            await impl.stop()
         raise
-    impl.start()
+    for impl in impls:
+        impl.start()
     for service in ("", "moirai.stage.v1.Chain"):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    handle = StageHandle(server, port_handle.port, port_handle.listener, impl=impl)
+    handle = StageHandle(server, port_handle.port, port_handle.listener, impls=tuple(impls))
     if gateway is not None:
         assert frontend is not None
         try:

@@ -1,4 +1,4 @@
-"""`moirai stage`: run the stage server of one device of a stage plan.
+"""`moirai stage`: run the stage server of one device of a stage plan (or of several).
 
     moirai stage --plan plan.json --model model.onnx --device cpu-1 --port 50052 \
         [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 --peer gateway=127.0.0.1:8001] \
@@ -11,6 +11,11 @@ With `--frontend` the stage server is also the model's Open Inference Protocol e
 give back final outputs in memory, and the other stage servers push final outputs to `--port`
 (give them this server's address as the `gateway` peer). `--cpus` then pins only the threads
 that run the stages, so that the front end can use every core.
+
+Several `--device` flags serve several devices from one process (what `moirai serve` runs for a
+plan of several lanes: the front end with the first stage of every lane, so that no request
+crosses a process to reach its lane): each device's stages run in a thread of its own, pinned
+by `--cpus DEVICE=CORES`, and hand tensors to each other in memory.
 
 Peer addresses come from the plan's endpoints, `MOIRAI_PEERS` (JSON) and `--peer`. Every flag
 has an environment fallback for containers: MOIRAI_PLAN, MOIRAI_MODEL, MOIRAI_DEVICE,
@@ -46,13 +51,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     env = os.environ.get
     p.add_argument("--plan", default=env("MOIRAI_PLAN"), help="stage plan JSON")
     p.add_argument("--model", default=env("MOIRAI_MODEL"), help="the ONNX model the plan cuts")
-    p.add_argument("--device", default=env("MOIRAI_DEVICE"), help="device name in the plan")
+    p.add_argument(
+        "--device",
+        action="append",
+        help="device name in the plan; several: serve them all from this process, each "
+        "device's stages in a thread of its own (default: MOIRAI_DEVICE)",
+    )
     p.add_argument("--host", default=env("MOIRAI_HOST", "127.0.0.1"), help="address to bind")
     p.add_argument("--port", type=port, default=env("MOIRAI_PORT", "50051"))
     p.add_argument("--peer", action="append", default=[], metavar="NAME=HOST:PORT")
     p.add_argument("--threads", type=positive_int, help="intra-op threads (default: the plan's)")
     p.add_argument("--cuda-device", type=int, help="CUDA device id (default: the plan's)")
-    p.add_argument("--cpus", help="pin this process to these cores, e.g. 0,1")
+    p.add_argument(
+        "--cpus",
+        action="append",
+        metavar="[DEVICE=]CORES",
+        help="pin this process to these cores, e.g. 0,1; with several devices, each one's "
+        "stage threads: cpu-0=0 --cpus cpu-1=1",
+    )
     p.add_argument("--workers", type=positive_int, default=1, help="stages run at once (default 1)")
     p.add_argument(
         "--grpc-only",
@@ -78,9 +94,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.device and os.environ.get("MOIRAI_DEVICE"):
+        args.device = [os.environ["MOIRAI_DEVICE"]]
     for flag in ("plan", "model", "device"):
         if not getattr(args, flag):
             raise MoiraiError(f"--{flag} is required (or MOIRAI_{flag.upper()})")
+    if len(args.device) > 1 and (args.threads or args.cuda_device is not None):
+        raise MoiraiError(
+            "--threads / --cuda-device apply to one --device: with several, each device "
+            "takes the plan's"
+        )
     public = frontend_ports(args) if args.frontend else {}
     ports = {"--port": args.port, **public}
     if args.port in public.values():
@@ -90,14 +113,14 @@ def run(args: argparse.Namespace) -> int:
         )
     for flag, number in ports.items():
         check_port_free(flag, number, args.host)
-    cpus = None
-    if args.cpus:
+    cpus = core_pins(args.cpus or [], args.device)
+    if cpus and not args.frontend and len(args.device) == 1:
+        # The whole process runs the stages of one device: pin it.
+        (cores,) = cpus.values()
         try:
-            cpus = {int(c) for c in args.cpus.split(",")}
-            if not args.frontend:  # the whole process runs the stages: pin it
-                os.sched_setaffinity(0, cpus)
-        except (ValueError, OSError) as e:
-            raise MoiraiError(f"--cpus {args.cpus}: cannot pin to these cores ({e})") from None
+            os.sched_setaffinity(0, cores)
+        except OSError as e:
+            raise MoiraiError(f"--cpus {args.cpus[0]}: cannot pin to these cores ({e})") from None
     from moirai.graph import load_model
     from stage_server.allocator import keep_freed_memory
     from stage_server.batchconfig import check_model_names
@@ -110,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     endpoint = endpoint_from_args(args) if args.frontend else None
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
-    plan.device(args.device)
+    for device in args.device:
+        plan.device(device)
     check_model_names(args, [plan.model_name])
     batching = batching_from_args(args, plan.model_name)
     model_path = Path(args.model)
@@ -133,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             cuda_device=args.cuda_device,
             workers=args.workers,
             same_host=not args.grpc_only,
-            cpus=cpus if args.frontend else None,
+            cpus=cpus if args.frontend or len(args.device) > 1 else None,
             chain=chain,
             frontend=Frontend(
                 args.grpc_port,
@@ -147,7 +171,33 @@ def run(args: argparse.Namespace) -> int:
             else None,
         )
 
-    what = f"stage server {args.device} on {args.host}:{args.port}"
+    what = f"stage server {', '.join(args.device)} on {args.host}:{args.port}"
     if args.frontend:
         what += f", front end on :{args.grpc_port} (gRPC), :{args.http_port} (HTTP)"
     return run_until_signalled(start, what)
+
+
+def core_pins(values: list[str], devices: list[str]) -> dict[str, set[int]]:
+    """Device -> its cores, from `--cpus` values: `0,1` for the one device, or `DEVICE=0,1`."""
+    pins: dict[str, set[int]] = {}
+    for value in values:
+        device, sep, cores = value.rpartition("=")
+        if not sep:
+            if len(devices) > 1:
+                raise MoiraiError(
+                    f"--cpus {value}: with several --device, name the device: "
+                    f"--cpus {devices[0]}={value}"
+                )
+            device = devices[0]
+        if device not in devices:
+            raise MoiraiError(
+                f"--cpus {value}: {device!r} is not a --device of this server "
+                f"({', '.join(devices)})"
+            )
+        try:
+            pins[device] = {int(c) for c in cores.split(",")}
+            if not pins[device] <= os.sched_getaffinity(0):
+                raise ValueError("not all of them are available to this process")
+        except ValueError as e:
+            raise MoiraiError(f"--cpus {value}: cannot pin to these cores ({e})") from None
+    return pins

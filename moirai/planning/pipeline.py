@@ -137,8 +137,9 @@ def plan_model(
     into (every stage costs a hop on each side); `time_limit` is shared by the solves that
     search (lanes of one device need none); `threads` bounds the solver's (default: every
     core); `check` sees each cost graph before the solver and raises to refuse it;
-    `fused_front_end` says whether the front end runs in the first stage's process (as
-    `moirai serve` runs a plan of one lane) or apart (the operator's gateway)."""
+    `fused_front_end` says whether the front end runs in the first stage's process, with
+    every lane's first stage (as `moirai serve` runs a plan), or apart (the operator's
+    gateway)."""
     loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
     device_sets = [devices] if isinstance(devices, DeviceSet) else list(devices)
     contexts = []
@@ -300,13 +301,12 @@ def _renamed(placement: Placement, names: Mapping[str, str]) -> Placement:
 def _serve(context: _Context, layout: Layout, solves: _Solves) -> _Candidate:
     """Solve each lane of `layout`, and serve them together in prediction."""
     placements, plans, served = [], [], []
-    fused = solves.fused and len(layout.lanes) == 1  # several lanes: a gateway of their own
     for lane in layout.lanes:
         placement = solves.solve(context.costgraph, lane)
-        plan, prediction = context.as_served(placement, fused)
+        plan, prediction = context.as_served(placement, solves.fused)
         if solves.solver == "auto" and len(plan.stages) > 1:
             placement, plan, prediction = compare_single_device(
-                context, solves, lane, (placement, plan, prediction), fused
+                context, solves, lane, (placement, plan, prediction)
             )
         placements.append(placement)
         plans.append(plan)
@@ -323,7 +323,6 @@ def compare_single_device(
     solves: _Solves,
     lane: Sequence[str],
     split: tuple[Placement, StagePlan, LanePrediction],
-    fused: bool,
 ) -> tuple[Placement, StagePlan, LanePrediction]:
     """`auto`'s last step for a lane: its best device alone when that serves better than the
     split plan. A stage costs a session call the solvers do not price, and a split that the
@@ -332,7 +331,7 @@ def compare_single_device(
         alone = solves.solve(context.costgraph, lane, "single")
     except InfeasibleError:  # no device of the lane holds the whole model
         return split
-    alone_plan, alone_served = context.as_served(alone, fused)
+    alone_plan, alone_served = context.as_served(alone, solves.fused)
     objective = solves.objective
     if served_cost(alone_served.prediction, objective) < served_cost(
         split[2].prediction, objective

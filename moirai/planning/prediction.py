@@ -15,10 +15,10 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
   measured profile has one: `moirai.profile.document.with_borders`);
 - the front end, with a task that pushes the inputs to the stages that read them and one that
   collects the outputs (one push at a time, as the execution model sends from any device): in
-  the process of the plan's first stage where `moirai serve` runs it there (`fused`, a plan of
-  one lane: `moirai.runtime.local`), so that stage's device takes the inputs and gives the
-  outputs without a hop, and its links price the others; else as a CPU device of its own (the
-  gateway) over the default link.
+  the process of the plan's first stage where `moirai serve` runs it there (`fused`:
+  `moirai.runtime.local`), so that stage's device takes the inputs and gives the outputs
+  without a hop, and its links price the others; else as a CPU device of its own (the gateway)
+  over the default link, as on Kubernetes.
 
 A hop between stage servers is work on their cores, not only a wait: the sender encodes and
 writes its tensors, the receiver wakes, reads and files them, and a one-thread CPU device cannot
@@ -38,7 +38,10 @@ first stage's device, or the gateway) busy as long for every request.
 A plan of several lanes (`moirai.planning.lanes`) is priced lane by lane and combined by the
 lanes' weights: a request's latency is its lane's, and the period is that of the busiest
 resource per request, a lane's own devices for the share of requests it takes, the one gateway
-for all of them (`combine`).
+for all of them (`combine`). Fused, every lane's first stage shares the front end's process
+(`moirai.runtime.local`), and each lane's first device carries the front end's work for the
+requests of that lane: its event loop runs on whichever core is free, which on a machine whose
+cores are all the lanes' is, in the mean, a lane's.
 """
 
 from __future__ import annotations
@@ -224,14 +227,15 @@ def predict(
     fused: bool = True,
 ) -> Prediction:
     """Latency and period of `plan` as served (module docstring), the front end `fused` into
-    the first stage's process where the plan has one lane; a plan of several lanes is priced
-    lane by lane (`combine`), behind a gateway of its own."""
+    the first stage's process; a plan of several lanes is priced lane by lane (`combine`), each
+    lane's share of the front end's work on its first stage's device where `fused`, else on a
+    gateway of its own."""
     if len(plan.lanes) > 1:
         from moirai.planning.lanes import lane_view
 
+        views = [lane_view(plan, k) for k in range(len(plan.lanes))]
         lanes = [
-            predict_lane(costgraph, lane_view(plan, k), call_ms, client)
-            for k in range(len(plan.lanes))
+            predict_lane(costgraph, view, call_ms, client, front_end(view, fused)) for view in views
         ]
         return combine(lanes, [lane.weight for lane in plan.lanes])
     return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused)).prediction

@@ -4,14 +4,18 @@ each, on loopback.
 Each stage server runs as `python -m moirai stage ...`, the command a Kubernetes deployment runs,
 so the local runtime exercises the same code paths. The Open Inference Protocol front end runs
 inside the process of the plan's first stage (`moirai stage --frontend`, "fused"), so a request
-reaches that stage, and a one-stage plan answers, without any hop between processes; a plan of
-several lanes (or `fused=False`) gets the front end in a process of its own (`moirai gateway`),
-which no lane's failure takes down. CPU devices are pinned to disjoint cores (`--cpus`, applied
-with `os.sched_setaffinity` in the child: to the whole process, or only to the threads that run
-stages in the process of the front end, which may use every core) so that their thread counts
-are real; GPU devices get their CUDA device id from the plan. The servers push to each other
-over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which keeps
-every push on gRPC, the path between hosts. Every push carries the deployment's chain token
+reaches that stage, and a one-stage plan answers, without any hop between processes. A plan of
+several lanes has the first stage of every lane in that process too (each device's stages in a
+thread of their own, pinned to its cores), so a request reaches its lane, and replicas answer,
+without a hop either: a hop costs each request of a light model a third of its CPU time here
+(`bench/plans.py`). The price is that a lane's crash takes the others down until the
+restart, as a one-lane plan's does. `fused=False` puts the front end in a process of its own
+(`moirai gateway`), as on Kubernetes. CPU devices are pinned to disjoint cores (`--cpus`,
+applied with `os.sched_setaffinity` in the child: to the whole process, or only to the threads
+that run stages in the process of the front end, which may use every core) so that their thread
+counts are real; GPU devices get their CUDA device id from the plan. The servers push to each
+other over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which
+keeps every push on gRPC, the path between hosts. Every push carries the deployment's chain token
 (`stage_server.auth`), made afresh for each deployment and handed to the children in their
 environment.
 
@@ -131,7 +135,9 @@ class LocalDeployment:
     addresses: dict[str, str] = field(default_factory=dict)
     """Chain address by process name (a device's, or `MODEL/DEVICE` with several models)."""
     cores: dict[str, list[int]] = field(default_factory=dict)
-    _stages: dict[str, tuple[LocalModel, str]] = field(default_factory=dict, repr=False)
+    """Cores by device name (`MODEL/DEVICE` with several models)."""
+    _stages: dict[str, tuple[LocalModel, tuple[str, ...]]] = field(default_factory=dict, repr=False)
+    """The stage servers by process name: their model and devices."""
 
     @property
     def models(self) -> list[LocalModel]:
@@ -145,11 +151,13 @@ class LocalDeployment:
         return self.workdir / (f"{model.name}/plan.json" if self.more else "plan.json")
 
     @property
-    def entry(self) -> str | None:
-        """The device whose process holds the front end; None when it runs alone."""
-        if not self.fused or self.more or len(self.plan.lanes) > 1:
-            return None
-        return self.plan.stages[0].device
+    def entries(self) -> tuple[str, ...]:
+        """The devices whose stage servers share the front end's process, named after the
+        first: each lane's first stage's; none when the front end runs alone."""
+        if not self.fused or self.more:
+            return ()
+        firsts = (self.plan.stages_of_lane(k)[0].device for k in range(len(self.plan.lanes)))
+        return tuple(dict.fromkeys(firsts))
 
     @property
     def grpc_url(self) -> str:
@@ -166,8 +174,17 @@ class LocalDeployment:
         return self.http_url if port is None else f"{LOCALHOST}:{port}"
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
+        entries = self.entries
         self._stages = {
-            self.name_of(m, d): (m, d) for m in self.models for d in m.plan.used_devices
+            self.name_of(m, d): (m, (d,))
+            for m in self.models
+            for d in m.plan.used_devices
+            if d not in entries
+        }
+        if entries:
+            self._stages = {entries[0]: (self.models[0], entries), **self._stages}
+        host_of = {
+            self.name_of(m, d): name for name, (m, devices) in self._stages.items() for d in devices
         }
         ports = free_ports(len(self._stages) + 4)
         self.grpc_port = self.grpc_port or ports[-2]
@@ -176,14 +193,14 @@ class LocalDeployment:
             self.endpoint = replace(self.endpoint, metrics_port=ports[-4])
         self.addresses = {n: f"{LOCALHOST}:{p}" for n, p in zip(self._stages, ports, strict=False)}
         # Where stages push final outputs: the front end's chain port (never a public one).
-        chain = self.addresses[self.entry] if self.entry else f"{LOCALHOST}:{ports[-3]}"
+        chain = self.addresses[entries[0]] if entries else f"{LOCALHOST}:{ports[-3]}"
         self.addresses[GATEWAY] = chain
         # The models share the devices: a device's cores are the same for every model.
         cores = core_sets(self.plan) if self.pin_cores else {}
         for m in self.models:
             plan = m.plan.to_dict()
             plan["endpoints"] = {
-                **{d: self.addresses[self.name_of(m, d)] for d in m.plan.used_devices},
+                **{d: self.addresses[host_of[self.name_of(m, d)]] for d in m.plan.used_devices},
                 GATEWAY: self.addresses[GATEWAY],
             }
             self.plan_path(m).parent.mkdir(parents=True, exist_ok=True)
@@ -194,7 +211,7 @@ class LocalDeployment:
         try:
             for name in self._stages:
                 self.start_stage(name)
-            if self.entry is None:
+            if not entries:
                 self.start_gateway()
             self.wait_ready(ready_timeout_s)
         except BaseException:
@@ -211,18 +228,21 @@ class LocalDeployment:
     def start_stage(self, name: str) -> None:
         """(Re)start a stage server (by process name: its device's, or `MODEL/DEVICE`) on its
         address and cores."""
-        model, device = self._stages[name]
+        model, devices = self._stages[name]
         port = self.addresses[name].rsplit(":", 1)[1]
         args = [
             "stage",
             "--plan", str(self.plan_path(model)),
             "--model", str(model.model_path),
-            "--device", device,
+            *(a for d in devices for a in ("--device", d)),
             "--port", port,
         ]  # fmt: skip
-        if self.cores.get(name):
-            args += ["--cpus", ",".join(map(str, self.cores[name]))]
-        if device == self.entry:
+        for device in devices:
+            cores = self.cores.get(self.name_of(model, device))
+            if cores:
+                cpus = ",".join(map(str, cores))
+                args += ["--cpus", f"{device}={cpus}" if len(devices) > 1 else cpus]
+        if devices == self.entries:
             args += ["--frontend", *self._frontend]
         else:  # how long a request may be held
             args += ["--timeout", str(self.timeout_s)]

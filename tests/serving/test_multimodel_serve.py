@@ -71,7 +71,7 @@ def test_two_models_as_processes_one_stage_server_dying_fails_only_its_model(
         more=(LocalModel(split_plan(cnn, 2), tmp_path / "cnn.onnx", BatchingConfig(4)),),
     )
     with deployment, InferenceClient(deployment.grpc_url) as client:
-        assert deployment.entry is None
+        assert deployment.entries == ()
         assert set(deployment.processes) == {
             "mlp/cpu-0", "mlp/cpu-1", "cnn/cpu-0", "cnn/cpu-1", "gateway",
         }  # fmt: skip

@@ -14,7 +14,7 @@ from moirai.devices import DeviceSet, DeviceSpec, local_devices
 from moirai.planning import plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK, split_cpu
 from moirai.planning.lanes import lane_view
-from moirai.planning.prediction import predict, predict_lane
+from moirai.planning.prediction import front_end, predict, predict_lane
 from moirai.planning.space import cpu_groupings, layouts
 from moirai.runtime.sequential import run_sequential
 from moirai.stageplan import StagePlan
@@ -87,14 +87,16 @@ def test_replicas_win_throughput_on_alike_devices(mlp_path: Path) -> None:
 
 def test_lanes_share_requests_by_speed(mlp_path: Path) -> None:
     """Each lane takes requests in proportion to its rate (a device three times as fast, about
-    three times as many: the hops in and out cost both the same); the period is that of the
-    lanes together."""
+    three times as many, less for the front end's work that each carries for its requests); the
+    period is that of the lanes together."""
     devices = DeviceSet((_cpu("fast", 60e9), _cpu("slow", 20e9)), default_link=SERVING_LOOPBACK)
     planned = plan_model(mlp_path, devices, objective="throughput", time_limit=5)
     plan = planned.plan
     assert len(plan.lanes) == 2
+    views = [lane_view(plan, k) for k in range(2)]
     fast, slow = (
-        predict_lane(planned.costgraph, lane_view(plan, k)).lane_period_ms for k in range(2)
+        predict_lane(planned.costgraph, view, entry=front_end(view)).lane_period_ms
+        for view in views
     )
     weights = [lane.weight for lane in plan.lanes]
     assert weights[0] / weights[1] == pytest.approx(slow / fast, rel=0.05)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moirai.runtime.local import LocalDeployment
 from moirai.stageplan import StagePlan
@@ -140,9 +142,12 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
         children = subprocess.run(
             ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True
         ).stdout.split()
-        # One stage server per used device, the front end inside the first stage's process.
+        # One stage server per used device, the front end inside the first stage's process
+        # with the first stage of every lane.
         served = StagePlan.load(tmp_path / "run" / "plan.json")
-        assert len(children) == len(served.used_devices)
+        firsts = {served.stages_of_lane(k)[0].device for k in range(len(served.lanes))}
+        processes = len(served.used_devices) - len(firsts) + 1
+        assert len(children) == processes
         # The front end's process dies: `serve` starts it again, and it answers again.
         (front,) = [pid for pid in children if "--frontend" in cmdline(pid)]
         os.kill(int(front), signal.SIGKILL)
@@ -160,7 +165,7 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
         children += subprocess.run(
             ["pgrep", "-P", str(serve.pid)], capture_output=True, text=True
         ).stdout.split()
-        assert len(set(children)) == len(served.used_devices) + 1
+        assert len(set(children)) == processes + 1
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=30)
@@ -168,24 +173,47 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
     assert not any(alive(int(pid)) for pid in children)
 
 
-def test_a_plan_of_two_lanes_gets_a_front_end_of_its_own_and_survives_a_lane(
-    tmp_path: Path,
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gateway-alone"])
+def test_a_plan_of_two_lanes_shares_requests_and_survives_a_lane(
+    tmp_path: Path, fused: bool
 ) -> None:
-    """Two lanes: the front end runs alone (no lane's failure takes it down); with a lane's
-    stage server killed, the model stays ready and the other lane answers."""
+    """Two lanes of two stages. Fused, the front end shares its process with the first stage of
+    each lane, so no request crosses a process to reach its lane; else it runs alone. Both lanes
+    take requests; with a lane's other stage server killed, the model stays ready and the other
+    lane answers."""
     model = models.mlp(width=32, depth=4)
     path = tmp_path / "mlp.onnx"
     onnx.save(model, path)
-    plan = laned(split_plan(model, 1))
+    plan = laned(split_plan(model, 2))
     x = models.random_inputs(model)
     want = ort.InferenceSession(model.SerializeToString()).run(None, x)[0]
-    deployment = LocalDeployment(plan, path, tmp_path / "run", pin_cores=False)
+    deployment = LocalDeployment(plan, path, tmp_path / "run", pin_cores=False, fused=fused)
     with deployment, InferenceClient(deployment.grpc_url) as client:
-        assert deployment.entry is None
-        assert set(deployment.processes) == {"cpu-0", "cpu-0-l1", "gateway"}
+        if fused:
+            assert deployment.entries == ("cpu-0", "cpu-0-l1")
+            assert set(deployment.processes) == {"cpu-0", "cpu-1", "cpu-1-l1"}
+            assert "--device cpu-0 --device cpu-0-l1" in cmdline(str(deployment.pids["cpu-0"]))
+        else:
+            assert deployment.entries == ()
+            assert set(deployment.processes) == {
+                "cpu-0",
+                "cpu-1",
+                "cpu-0-l1",
+                "cpu-1-l1",
+                "gateway",
+            }
         for _ in range(4):
             np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-5)
-        deployment.kill("cpu-0-l1")
+        with urllib.request.urlopen(f"http://{deployment.metrics_url}/metrics") as response:
+            text = response.read().decode()
+        computed = {
+            sample.labels["device"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "moirai_stage_seconds_count" and sample.labels["kind"] == "compute"
+        }
+        assert computed["cpu-1"] == computed["cpu-1-l1"] == 2.0  # each lane took two
+        deployment.kill("cpu-1-l1")
         # Until the health watch notices, a request sent to lane 1 fails UNAVAILABLE; then
         # every request goes to lane 0.
         in_a_row, end = 0, time.monotonic() + 30

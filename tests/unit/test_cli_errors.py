@@ -443,3 +443,28 @@ def test_a_token_file_that_gives_no_token_is_refused_before_any_work(
         else ("the file is empty; write the token into it")
     )
     assert message == f"moirai: --auth-token-file {path}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("devices", "cpus", "says"),
+    [
+        (["a", "b"], ["0"], "--cpus 0: with several --device, name the device: --cpus a=0"),
+        (["a"], ["b=0"], "--cpus b=0: 'b' is not a --device of this server (a)"),
+        (["a"], ["x"], "--cpus x: cannot pin to these cores (invalid literal"),
+        (["a"], ["4096"], "--cpus 4096: cannot pin to these cores (not all of them are available"),
+    ],
+)
+def test_stage_cores_of_each_device(
+    capsys: pytest.CaptureFixture[str], devices: list[str], cpus: list[str], says: str
+) -> None:
+    port = str(free_ports(1)[0])
+    argv = ["stage", "--plan", "p.json", "--model", "m.onnx", "--port", port]
+    argv += [a for d in devices for a in ("--device", d)] + [a for c in cpus for a in ("--cpus", c)]
+    assert one_line_error(capsys, argv).startswith(f"moirai: {says}")
+
+
+def test_stage_threads_apply_to_one_device(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["stage", "--plan", "p.json", "--model", "m.onnx", "--device", "a", "--device", "b"]
+    assert "--threads / --cuda-device apply to one --device" in one_line_error(
+        capsys, [*argv, "--threads", "2"]
+    )
