@@ -173,6 +173,18 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
     assert not any(alive(int(pid)) for pid in children)
 
 
+def metric(deployment: LocalDeployment, name: str, **labels: str) -> dict[str, float]:
+    """Samples of metric `name` with `labels`, by device, from the front end's /metrics."""
+    with urllib.request.urlopen(f"http://{deployment.metrics_url}/metrics") as response:
+        text = response.read().decode()
+    return {
+        sample.labels["device"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    }
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "gateway-alone"])
 def test_a_plan_of_two_lanes_shares_requests_and_survives_a_lane(
     tmp_path: Path, fused: bool
@@ -202,16 +214,13 @@ def test_a_plan_of_two_lanes_shares_requests_and_survives_a_lane(
                 "cpu-1-l1",
                 "gateway",
             }
+        end = time.monotonic() + 30  # ready is one lane up; the other's watch may lag
+        while not all(metric(deployment, "moirai_stage_server_up").values()):
+            assert time.monotonic() < end, "a lane did not come up"
+            time.sleep(0.1)
         for _ in range(4):
             np.testing.assert_allclose(client.infer("mlp", x)["y"], want, rtol=1e-5)
-        with urllib.request.urlopen(f"http://{deployment.metrics_url}/metrics") as response:
-            text = response.read().decode()
-        computed = {
-            sample.labels["device"]: sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "moirai_stage_seconds_count" and sample.labels["kind"] == "compute"
-        }
+        computed = metric(deployment, "moirai_stage_seconds_count", kind="compute")
         assert computed["cpu-1"] == computed["cpu-1-l1"] == 2.0  # each lane took two
         deployment.kill("cpu-1-l1")
         # Until the health watch notices, a request sent to lane 1 fails UNAVAILABLE; then
