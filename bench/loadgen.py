@@ -80,6 +80,84 @@ def _grpc_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok)
     asyncio.run(main())
 
 
+def _shared_memory_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
+    """A gRPC client that hands its tensors over in shared memory (Triton's system shared-memory
+    extension): a region for each request in flight, holding its inputs and then its outputs,
+    whose sizes a first ordinary request tells."""
+    import uuid
+    from multiprocessing import shared_memory
+
+    import grpc
+
+    from stage_server.oip_grpc import SERVICE
+    from stage_server.protos import grpc_predict_v2_pb2 as oip
+
+    segments: list[shared_memory.SharedMemory] = []
+
+    async def main() -> None:
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        async with grpc.aio.insecure_channel(url, options=options) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/ModelInfer")
+            register = channel.unary_unary(
+                f"/{SERVICE}/SystemSharedMemoryRegister",
+                request_serializer=oip.SystemSharedMemoryRegisterRequest.SerializeToString,
+                response_deserializer=oip.SystemSharedMemoryRegisterResponse.FromString,
+            )
+            plain = codec.encode_infer_request(model, inputs)
+            outputs = codec.decode_infer_response(await call(plain, timeout=timeout_s))
+            tensors = [*inputs.items(), *outputs.items()]
+            slot = sum(a.nbytes for _, a in tensors)
+            requests = []
+            for _ in range(inflight):
+                segment = shared_memory.SharedMemory(f"moirai-bench-{uuid.uuid4().hex}", True, slot)
+                segments.append(segment)
+                await register(
+                    oip.SystemSharedMemoryRegisterRequest(
+                        name=segment.name, key="/" + segment.name, byte_size=slot
+                    ),
+                    timeout=timeout_s,
+                )
+                request, offset = oip.ModelInferRequest(model_name=model), 0
+                for name, array in tensors:
+                    if name in inputs:
+                        np.ndarray(array.shape, array.dtype, segment.buf, offset)[:] = array
+                        tensor = request.inputs.add(
+                            name=name, datatype=codec.datatype_of(array), shape=array.shape
+                        )
+                    else:
+                        tensor = request.outputs.add(name=name)
+                    _place(tensor.parameters, segment.name, array.nbytes, offset)
+                    offset += array.nbytes
+                requests.append(request.SerializeToString())
+            await call(requests[0], timeout=timeout_s)
+            first = next(iter(outputs.values()))
+            at = sum(a.nbytes for _, a in tensors[: len(inputs)])
+            ok.value = int(
+                _matches(np.ndarray(first.shape, first.dtype, segments[0].buf, at), want)
+            )
+
+            async def worker(request: bytes) -> None:
+                while not stop.is_set():
+                    await call(request, timeout=timeout_s)
+                    with count.get_lock():
+                        count.value += 1
+
+            await asyncio.gather(*(worker(r) for r in requests))
+
+    try:
+        asyncio.run(main())
+    finally:
+        for segment in segments:
+            segment.close()
+            segment.unlink()
+
+
+def _place(parameters, region: str, nbytes: int, offset: int) -> None:
+    parameters["shared_memory_region"].string_param = region
+    parameters["shared_memory_byte_size"].int64_param = nbytes
+    parameters["shared_memory_offset"].int64_param = offset
+
+
 def _http_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
     import aiohttp
 
@@ -138,6 +216,7 @@ def drive(
     pids: Sequence[int],
     want: np.ndarray | Sequence[np.ndarray] | None = None,
     http: bool = False,
+    shared_memory: bool = False,
     processes: int = 3,
     inflight: int = 4,
     warmup_s: float = 2.0,
@@ -148,6 +227,7 @@ def drive(
     """Drive the servers at `url` from `processes` client processes with `inflight` requests
     each; after every client's first answer and `warmup_s`, measure over `window_s`.
 
+    `shared_memory`: over gRPC with the tensors in shared memory (the servers must allow it).
     `inputs` is one request for every client or one per client; `want`, the first output each
     client must get first (one for all, one per client, or None: any answer). `pids` are the
     serving processes whose CPU is counted (their descendants too). `snapshot`, when given, is
@@ -161,7 +241,7 @@ def drive(
     ctx = mp.get_context("spawn")  # no inherited gRPC state
     count, stop = ctx.Value("q", 0), ctx.Event()
     oks = [ctx.Value("i", -1) for _ in range(processes)]
-    target = _http_client if http else _grpc_client
+    target = _http_client if http else _shared_memory_client if shared_memory else _grpc_client
     clients = [
         ctx.Process(
             target=target,

@@ -6,11 +6,12 @@
 1. **Stack cost.** A model that computes nothing (one Identity node) served as a one-stage plan by
    `moirai serve`'s real processes (`moirai.runtime.local.LocalDeployment`), at 64 B, 0.57 MiB
    (1x3x224x224 FP32) and 4.7 MiB (1x3x640x640 FP32), driven by several client *processes* over
-   gRPC (and over HTTP with binary tensors at 0.57 MiB). Over a load window, the CPU every
-   serving process spent (all threads, from the scheduler's nanosecond counts in /proc, the
-   process tree of the deployment) divided by the requests completed in that window. Clients
-   send a request encoded once and do not decode answers (one checked answer each), so that
-   their own CPU disturbs the servers as little as possible; their CPU is reported apart.
+   gRPC (and over HTTP with binary tensors at 0.57 MiB, and over gRPC with the tensors in the
+   clients' shared memory, Triton's extension, from 0.57 MiB: `grpc+shm`). Over a load window,
+   the CPU every serving process spent (all threads, from the scheduler's nanosecond counts in
+   /proc, the process tree of the deployment) divided by the requests completed in that window.
+   Clients send a request encoded once and do not decode answers (one checked answer each), so
+   that their own CPU disturbs the servers as little as possible; their CPU is reported apart.
 2. **Against in-process ONNX Runtime.** ResNet-50 (`moirai.zoo`, 1x3x224x224) as a one-stage plan
    on one CPU device with every core's thread, 16 requests in flight from client processes,
    against in-process ORT with the same session options and threads at 16 in flight (16 Python
@@ -53,10 +54,13 @@ from moirai.graph import load_model  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.stageplan import DeviceSpec  # noqa: E402
+from stage_server.settings import EndpointConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SIZES = {"64 B": (16,), "0.57 MiB": (1, 3, 224, 224), "4.7 MiB": (1, 3, 640, 640)}
 HTTP_SIZE = "0.57 MiB"
+SHARED_MEMORY_BYTES = 1 << 16
+"""Sizes from which the clients' shared memory is measured too (`stage_server.regions`)."""
 
 
 # -------------------------------------------------------------- 1. stack cost
@@ -79,13 +83,16 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
         model, {"Identity_0": "cpu-0"}, [DeviceSpec("cpu-0", threads=1)], model_name="identity"
     )
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    with LocalDeployment(plan, path, tmp / "run") as d:
+    endpoint = EndpointConfig(allow_shared_memory=True)
+    with LocalDeployment(plan, path, tmp / "run", endpoint=endpoint) as d:
         pids = list(d.pids.values())
         row = {"size": size, "bytes": x.nbytes, "processes": len(pids)}
         call = {"model": "identity", "inputs": {"x": x}, "pids": pids, "want": x}
         row["grpc"] = drive(d.grpc_url, **call, window_s=window_s)
         if size == HTTP_SIZE:
             row["http"] = drive(d.http_url, **call, http=True, window_s=window_s)
+        if x.nbytes >= SHARED_MEMORY_BYTES:
+            row["grpc+shm"] = drive(d.grpc_url, **call, shared_memory=True, window_s=window_s)
     row["floor"] = bench_floor(x, window_s)
     return row
 
@@ -245,7 +252,7 @@ def report(results: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label in labels:
         for row in results[label].get("stack", []):
-            for protocol in ("grpc", "http"):
+            for protocol in ("grpc", "http", "grpc+shm"):
                 if protocol in row:
                     p = row[protocol]
                     floor = row.get("floor") if protocol == "grpc" else None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,10 +141,17 @@ SMALL_MESSAGE_BYTES = 16 << 10
 it by hand, and its copies of them cost next to nothing."""
 
 
-def decode_infer_request(payload: bytes) -> tuple[oip.ModelInferRequest, dict[str, np.ndarray]]:
+SharedView = Callable[[str, str, int, int], memoryview]
+"""`stage_server.regions.SharedMemoryRegions.view`: (tensor, region, byte size, offset) -> the
+bytes there."""
+
+
+def decode_infer_request(
+    payload: bytes, shared: SharedView | None = None
+) -> tuple[oip.ModelInferRequest, dict[str, np.ndarray]]:
     """A serialised `ModelInferRequest` and its input tensors, from raw contents (views into
-    `payload`, no copy, and not in the message returned, if it is not small) or typed
-    contents."""
+    `payload`, no copy, and not in the message returned, if it is not small), typed contents,
+    or the clients' shared memory (read through `shared`, no copy)."""
     if len(payload) < SMALL_MESSAGE_BYTES:
         message, raw = payload, None
     else:
@@ -155,34 +162,96 @@ def decode_infer_request(payload: bytes) -> tuple[oip.ModelInferRequest, dict[st
         raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
     if raw is None:
         raw = list(request.raw_input_contents)
-    return request, _decode_tensors(request.inputs, raw, "input")
+    return request, _decode_tensors(request.inputs, raw, "input", shared)
 
 
 def _decode_tensors(
-    tensors: Sequence[_Tensor], raw: list[memoryview], role: str
+    tensors: Sequence[_Tensor], raw: list[memoryview], role: str, shared: SharedView | None = None
 ) -> dict[str, np.ndarray]:
-    """The tensors of a request (`role` "input") or response ("output"), from the raw contents
-    `raw` when there are any, else from each tensor's typed contents."""
-    if raw and len(raw) != len(tensors):
+    """The tensors of a request (`role` "input") or response ("output"): each from shared
+    memory where its parameters name a region, else from the raw contents `raw` when there are
+    any (one per tensor not in shared memory, in order), else from its typed contents."""
+    places = [shared_memory(t.parameters, f"{role} {t.name!r}") for t in tensors]
+    inline = [t for t, place in zip(tensors, places, strict=True) if place is None]
+    if raw and len(raw) != len(inline):
         raise InvalidInput(
-            f"raw_{role}_contents has {len(raw)} entries for {len(tensors)} {role}s: give "
-            f"one per {role}, in the order of `{role}s`"
+            f"raw_{role}_contents has {len(raw)} entries for {len(inline)} {role}s: give "
+            f"one per {role} not in shared memory, in the order of `{role}s`"
         )
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(tensors):
+    contents = iter(raw)
+    for tensor, place in zip(tensors, places, strict=True):
         if tensor.name in arrays:
             raise InvalidInput(f"{role} {tensor.name!r} is given twice")
-        if raw:
+        if place is not None:
+            arrays[tensor.name] = _from_shared(tensor, place, role, shared)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
                     f"{role} {tensor.name!r}: give raw_{role}_contents or typed contents, not both"
                 )
             arrays[tensor.name] = from_bytes(
-                tensor.name, tensor.datatype, tensor.shape, raw[i], role
+                tensor.name, tensor.datatype, tensor.shape, next(contents), role
             )
         else:
             arrays[tensor.name] = _from_contents(tensor, role)
     return arrays
+
+
+SharedPlace = tuple[str, int, int]
+"""Where a tensor lies in the clients' shared memory: region, byte size, offset."""
+
+
+def shared_memory(parameters: Mapping[str, Any], who: str) -> SharedPlace | None:
+    """The shared-memory place that a tensor's parameters name (protobuf `InferParameter`s or
+    JSON values), or None."""
+    if "shared_memory_region" not in parameters:
+        return None
+
+    def value(key: str, kind: type, default: Any = None) -> Any:
+        if key not in parameters:
+            if default is None:
+                raise InvalidInput(f"{who}: shared_memory_region needs {key} too")
+            return default
+        found = parameters[key]
+        if isinstance(found, oip.InferParameter):
+            found = getattr(found, found.WhichOneof("parameter_choice") or "string_param")
+        if not isinstance(found, kind) or isinstance(found, bool):
+            raise InvalidInput(f"{who}: parameter {key} must be a {kind.__name__}")
+        return found
+
+    return (
+        value("shared_memory_region", str),
+        value("shared_memory_byte_size", int),
+        value("shared_memory_offset", int, 0),
+    )
+
+
+def _from_shared(
+    tensor: _Tensor, place: SharedPlace, role: str, shared: SharedView | None
+) -> np.ndarray:
+    if shared is None:
+        raise InvalidInput(f"{role} {tensor.name!r}: shared memory is not read here")
+    if tensor.HasField("contents"):
+        raise InvalidInput(
+            f"{role} {tensor.name!r}: give shared_memory_region or contents, not both"
+        )
+    return from_shared(tensor.name, tensor.datatype, tensor.shape, place, shared)
+
+
+def from_shared(
+    name: str, datatype: str, shape: Sequence[int], place: SharedPlace, shared: SharedView
+) -> np.ndarray:
+    """A read-only array over input `name`'s bytes in the clients' shared memory (no copy)."""
+    region, byte_size, offset = place
+    expected = nbytes(name, datatype, shape)
+    if byte_size != expected:
+        raise InvalidInput(
+            f"input {name!r}: shared_memory_byte_size is {byte_size}, but {datatype} "
+            f"{list(shape)} needs {expected}"
+        )
+    view = shared(f"input {name!r}", region, byte_size, offset)
+    return from_bytes(name, datatype, shape, view.toreadonly())
 
 
 def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
@@ -216,28 +285,65 @@ def _from_values(
 
 
 def encode_infer_response(
-    model_name: str, request_id: str, outputs: Mapping[str, np.ndarray]
+    model_name: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    shared: Mapping[str, memoryview] | None = None,
 ) -> bytes:
     """A serialised `ModelInferResponse` carrying every output as raw contents (as Triton
-    does), each copied once."""
+    does), each copied once; an output with a place in `shared` (`shared_outputs`) is copied
+    there instead, and its raw contents are empty."""
+    shared = shared or {}
     response = oip.ModelInferResponse(model_name=model_name, id=request_id)
+    blobs = []
     for name, array in outputs.items():
         response.outputs.add(name=name, datatype=datatype_of(array), shape=array.shape)
-    raw = protowire.bytes_field_parts(
-        _RAW_OUTPUT_CONTENTS, [raw_bytes(a) for a in outputs.values()]
-    )
+        if name in shared:
+            write_shared(name, array, shared[name])
+            blobs.append(memoryview(b""))
+        else:
+            blobs.append(raw_bytes(array))
+    raw = protowire.bytes_field_parts(_RAW_OUTPUT_CONTENTS, blobs)
     return b"".join([response.SerializeToString(), *raw])
+
+
+def shared_outputs(
+    requested: Iterable[tuple[str, Mapping[str, Any]]], shared: SharedView | None
+) -> dict[str, memoryview]:
+    """Where the requested outputs (name, parameters) that name a shared-memory region go."""
+    places = {}
+    for name, parameters in requested:
+        place = shared_memory(parameters, f"output {name!r}")
+        if place is not None:
+            if shared is None:
+                raise InvalidInput(f"output {name!r}: shared memory is not written here")
+            region, byte_size, offset = place
+            places[name] = shared(f"output {name!r}", region, byte_size, offset)
+    return places
+
+
+def write_shared(name: str, array: np.ndarray, place: memoryview) -> None:
+    """Copy output `name` into its place in the clients' shared memory."""
+    data = raw_bytes(array)
+    if len(data) > len(place):
+        raise InvalidInput(
+            f"output {name!r}: its {len(data)} bytes do not fit the {len(place)} of "
+            "shared_memory_byte_size"
+        )
+    place[: len(data)] = data
 
 
 # ----------------------------------------------------------------- OIP HTTP/JSON
 def decode_json_inputs(
-    body: Mapping[str, Any], binary: bytes | memoryview = b""
-) -> tuple[dict[str, np.ndarray], list[str] | None, bool]:
-    """Inputs, requested output names and whether binary outputs are wanted, from a JSON body.
+    body: Mapping[str, Any], binary: bytes | memoryview = b"", shared: SharedView | None = None
+) -> tuple[dict[str, np.ndarray], list[str] | None, bool, dict[str, memoryview]]:
+    """Inputs, requested output names, whether binary outputs are wanted, and where outputs go
+    in the clients' shared memory (`shared_outputs`), from a JSON body.
 
     `binary` holds the bytes that followed the JSON header under the binary-data extension
     (`Inference-Header-Content-Length`); inputs whose parameters give `binary_data_size` take
-    their contents from it, in order.
+    their contents from it, in order; inputs whose parameters name a `shared_memory_region`,
+    from there (read through `shared`).
     """
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -258,8 +364,19 @@ def decode_json_inputs(
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given twice")
-        size = _parameters(entry, f"input {name!r}").get("binary_data_size")
-        if size is not None:
+        parameters = _parameters(entry, f"input {name!r}")
+        size = parameters.get("binary_data_size")
+        place = shared_memory(parameters, f"input {name!r}")
+        if place is not None:
+            if shared is None:
+                raise InvalidInput(f"input {name!r}: shared memory is not read here")
+            if "data" in entry or size is not None:
+                raise InvalidInput(
+                    f"input {name!r}: give shared_memory_region, 'data' or binary_data_size, "
+                    "only one"
+                )
+            arrays[name] = from_shared(name, datatype, shape, place, shared)
+        elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(
                     f"input {name!r}: binary_data_size must be a non-negative integer (the "
@@ -284,6 +401,7 @@ def decode_json_inputs(
         )
     requested = body.get("outputs")
     names = None
+    places: dict[str, memoryview] = {}
     binary_out = _flag(_parameters(body, "the request"), "binary_data_output", "the request")
     if requested is not None:
         if not isinstance(requested, list) or not all(
@@ -294,7 +412,8 @@ def decode_json_inputs(
         for o in requested:
             where = f"output {o['name']!r}"
             binary_out = _flag(_parameters(o, where), "binary_data", where) or binary_out
-    return arrays, names, binary_out
+        places = shared_outputs(((o["name"], _parameters(o, "")) for o in requested), shared)
+    return arrays, names, binary_out, places
 
 
 def _show(value: Any) -> str:
@@ -361,9 +480,14 @@ def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np
 
 
 def encode_json_outputs(
-    model_name: str, request_id: str, outputs: Mapping[str, np.ndarray], binary: bool
+    model_name: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    binary: bool,
+    shared: Mapping[str, memoryview] | None = None,
 ) -> tuple[dict[str, Any], list[memoryview]]:
-    """The JSON response body and, for the binary-data extension, the bytes to append."""
+    """The JSON response body and, for the binary-data extension, the bytes to append; an
+    output with a place in `shared` is copied there, and its entry carries no data."""
     entries = []
     blobs: list[memoryview] = []
     for name, array in outputs.items():
@@ -372,7 +496,9 @@ def encode_json_outputs(
             "datatype": datatype_of(array),
             "shape": list(array.shape),
         }
-        if binary:
+        if shared and name in shared:
+            write_shared(name, array, shared[name])
+        elif binary:
             blob = raw_bytes(array)  # copied once, into the response
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

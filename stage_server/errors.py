@@ -27,6 +27,14 @@ class NotFound(ServingError):
     """The request names a model this gateway does not serve."""
 
 
+class AlreadyExists(ServingError):
+    """The request would create what exists already (a shared memory region's name)."""
+
+
+class NotAllowed(ServingError):
+    """This endpoint does not serve the request's kind (shared memory, when not allowed)."""
+
+
 class TooLarge(ServingError):
     """The request exceeds the configured size limit."""
 
@@ -68,6 +76,8 @@ class SharedMemoryUnavailable(ServingError):
 _STATUS: dict[type[ServingError], tuple[grpc.StatusCode, int]] = {
     InvalidInput: (grpc.StatusCode.INVALID_ARGUMENT, 400),
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, 409),
+    NotAllowed: (grpc.StatusCode.PERMISSION_DENIED, 403),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),

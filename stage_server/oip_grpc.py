@@ -13,7 +13,8 @@ deadline shortens the gateway's own timeout.
 The methods are registered under the specification's service name, `inference.
 GRPCInferenceService`, by `add_to_server` (the messages live in a private protobuf package; see
 `protos/grpc_predict_v2.proto` for why). The protocol's repository methods are not among them
-(UNIMPLEMENTED): the list of models is HTTP's (`oip_http`).
+(UNIMPLEMENTED): the list of models is HTTP's (`oip_http`). The system shared-memory extension's
+methods are Triton's (`stage_server.regions`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moirai import __version__
 from stage_server import auth, codec
 from stage_server.limits import InFlight
 from stage_server.protos import grpc_predict_v2_pb2 as oip
+from stage_server.regions import SharedMemoryRegions
 from stage_server.repository import VERSION, Repository, described
 from stage_server.transport import CountsErrors, guarded
 
@@ -36,6 +38,18 @@ METHODS: dict[str, tuple[type, type]] = {
     "ModelReady": (oip.ModelReadyRequest, oip.ModelReadyResponse),
     "ServerMetadata": (oip.ServerMetadataRequest, oip.ServerMetadataResponse),
     "ModelMetadata": (oip.ModelMetadataRequest, oip.ModelMetadataResponse),
+    "SystemSharedMemoryStatus": (
+        oip.SystemSharedMemoryStatusRequest,
+        oip.SystemSharedMemoryStatusResponse,
+    ),
+    "SystemSharedMemoryRegister": (
+        oip.SystemSharedMemoryRegisterRequest,
+        oip.SystemSharedMemoryRegisterResponse,
+    ),
+    "SystemSharedMemoryUnregister": (
+        oip.SystemSharedMemoryUnregisterRequest,
+        oip.SystemSharedMemoryUnregisterResponse,
+    ),
 }
 """Methods with protobuf (de)serialisers; ModelInfer takes and returns raw bytes, which
 `stage_server.codec` reads and writes without copying tensors through protobuf."""
@@ -95,10 +109,14 @@ def add_to_server(
 
 
 class InferenceServicer:
-    def __init__(self, repository: Repository, in_flight: InFlight) -> None:
-        """`in_flight` counts inference requests (shared with the HTTP transport)."""
+    def __init__(
+        self, repository: Repository, in_flight: InFlight, regions: SharedMemoryRegions
+    ) -> None:
+        """`in_flight` counts inference requests, `regions` are the clients' shared memory
+        (both shared with the HTTP transport)."""
         self._repository = repository
         self._in_flight = in_flight
+        self._regions = regions
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -119,7 +137,10 @@ class InferenceServicer:
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
+        extensions = ["system_shared_memory"] if self._regions.allowed else []
+        return oip.ServerMetadataResponse(
+            name=SERVER_NAME, version=__version__, extensions=extensions
+        )
 
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -144,8 +165,33 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self._in_flight, auth.serving_client(auth.grpc_authorization(context)):
-            message, inputs = codec.decode_infer_request(request)
+            shared = self._regions.view
+            message, inputs = codec.decode_infer_request(request, shared)
             plane = self._repository.get(message.model_name, message.model_version)
             requested = [o.name for o in message.outputs] or None
+            places = codec.shared_outputs(((o.name, o.parameters) for o in message.outputs), shared)
             outputs = await plane.infer(inputs, requested, context.time_remaining())
-            return codec.encode_infer_response(plane.model_name, message.id, outputs)
+            return codec.encode_infer_response(plane.model_name, message.id, outputs, places)
+
+    async def SystemSharedMemoryStatus(
+        self, request: oip.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> oip.SystemSharedMemoryStatusResponse:
+        status = oip.SystemSharedMemoryStatusResponse.RegionStatus
+        return oip.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in self._regions.status(request.name)
+            }
+        )
+
+    async def SystemSharedMemoryRegister(
+        self, request: oip.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> oip.SystemSharedMemoryRegisterResponse:
+        self._regions.register(request.name, request.key, request.offset, request.byte_size)
+        return oip.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: oip.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> oip.SystemSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name)
+        return oip.SystemSharedMemoryUnregisterResponse()

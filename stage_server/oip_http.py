@@ -3,7 +3,8 @@
 Routes: `/v2/health/live`, `/v2/health/ready`, `/v2`, `/v2/models` (the models served, as
 KServe lists them), `POST /v2/repository/index` (each with its state, as Triton's repository
 extension answers: what `tritonclient`'s `get_model_repository_index` reads),
-`/v2/models/{name}[/versions/{v}]`, `.../ready`, `.../infer`, and `/metrics` (Prometheus), unless
+`/v2/models/{name}[/versions/{v}]`, `.../ready`, `.../infer`, Triton's system shared-memory
+routes (`/v2/systemsharedmemory/...`: `stage_server.regions`), and `/metrics` (Prometheus), unless
 it has a port of its own (`create_metrics_app`, `--metrics-port`). Each
 model route looks its model up in the front end's `Repository` (404 naming the models served).
 Inference bodies are JSON, or JSON followed by raw tensor bytes under the binary-data extension
@@ -42,6 +43,7 @@ from stage_server import auth, codec
 from stage_server.errors import ClientTimeout, InvalidInput, TooLarge
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import PLATFORM, SERVER_NAME
+from stage_server.regions import SharedMemoryRegions
 from stage_server.repository import VERSION, Repository, described
 from stage_server.transport import error_middleware
 
@@ -58,13 +60,14 @@ def create_app(
     repository: Repository,
     max_request_bytes: int,
     in_flight: InFlight,
+    regions: SharedMemoryRegions,
     token: str | None = None,
     metrics: bool = True,
 ) -> web.Application:
-    """The app of `repository`'s models; `in_flight` counts inference requests (shared with the
-    gRPC transport); with `token`, every route but `OPEN_PREFIXES` needs it
-    (`stage_server.auth`), checked before a request's body is read. `metrics`: serve
-    `/metrics` too."""
+    """The app of `repository`'s models; `in_flight` counts inference requests, `regions` are
+    the clients' shared memory (both shared with the gRPC transport); with `token`, every route
+    but `OPEN_PREFIXES` needs it (`stage_server.auth`), checked before a request's body is
+    read. `metrics`: serve `/metrics` too."""
     middlewares = [error_middleware(repository.metrics)]
     if token is not None:
         middlewares.append(auth.http_guard(token, OPEN_PREFIXES))
@@ -80,7 +83,37 @@ def create_app(
         return ready_response(repository.ready())
 
     async def server_metadata(request: web.Request) -> web.Response:
-        return web.json_response({"name": SERVER_NAME, "version": __version__, "extensions": []})
+        extensions = ["system_shared_memory"] if regions.allowed else []
+        return web.json_response(
+            {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
+        )
+
+    async def shm_status(request: web.Request) -> web.Response:
+        found = regions.status(request.match_info.get("region", ""))
+        return web.json_response(
+            [
+                {"name": r.name, "key": r.key, "offset": r.offset, "byte_size": r.byte_size}
+                for r in found
+            ]
+        )
+
+    async def shm_register(request: web.Request) -> web.Response:
+        body = await _small_json(request)
+        name = request.match_info["region"]
+        key, offset, size = (body.get(k) for k in ("key", "offset", "byte_size"))
+        if not isinstance(key, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (offset or 0, size)
+        ):
+            raise InvalidInput(
+                f"shared memory region {name!r}: give key (a string), byte_size and offset "
+                "(integers)"
+            )
+        regions.register(name, key, offset or 0, size)
+        return web.json_response({})
+
+    async def shm_unregister(request: web.Request) -> web.Response:
+        regions.unregister(request.match_info.get("region", ""))
+        return web.json_response({})
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"models": repository.names})
@@ -118,11 +151,13 @@ def create_app(
             request_id = header.get("id")
             if not isinstance(request_id, str | None):
                 raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
-            inputs, requested, binary_out = codec.decode_json_inputs(header, binary)
+            inputs, requested, binary_out, places = codec.decode_json_inputs(
+                header, binary, regions.view
+            )
             timeout = plane.timeout_s - spent if spent else None  # reading counts
             outputs = await plane.infer(inputs, requested, timeout)
         response, blobs = codec.encode_json_outputs(
-            plane.model_name, request_id or "", outputs, binary_out
+            plane.model_name, request_id or "", outputs, binary_out, places
         )
         text = json.dumps(response).encode()
         if not blobs:
@@ -148,6 +183,11 @@ def create_app(
             web.get(f"{versioned}/ready", model_ready),
             web.post(f"{model}/infer", infer),
             web.post(f"{versioned}/infer", infer),
+            web.get("/v2/systemsharedmemory/status", shm_status),
+            web.get("/v2/systemsharedmemory/region/{region}/status", shm_status),
+            web.post("/v2/systemsharedmemory/region/{region}/register", shm_register),
+            web.post("/v2/systemsharedmemory/unregister", shm_unregister),
+            web.post("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister),
         ]
     )
     if metrics:
@@ -207,6 +247,26 @@ def _body_limit(plane: Any, max_request_bytes: int, json_length: int | None) -> 
             f"{plane.model_name!r} takes as inputs"
         )
     return max_request_bytes, f"the {max_request_bytes} bytes allowed (--max-request-bytes)"
+
+
+SMALL_JSON_BYTES = 64 << 10
+"""The body of a call that is not an inference (a shared-memory registration) at most."""
+
+
+async def _small_json(request: web.Request) -> dict[str, Any]:
+    """The JSON object of a small body (`SMALL_JSON_BYTES`)."""
+    if (request.content_length or 0) > SMALL_JSON_BYTES:
+        raise TooLarge(f"the body takes {request.content_length} bytes; at most {SMALL_JSON_BYTES}")
+    body = await request.content.read(SMALL_JSON_BYTES + 1)
+    if len(body) > SMALL_JSON_BYTES:
+        raise TooLarge(f"the body takes more than {SMALL_JSON_BYTES} bytes")
+    try:
+        parsed = json.loads(body or b"{}")
+    except ValueError as e:
+        raise InvalidInput(f"the body is not JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput("the body must be a JSON object")
+    return parsed
 
 
 async def _read_body(

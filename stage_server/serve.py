@@ -43,6 +43,7 @@ from stage_server.gateway import Gateway
 from stage_server.limits import InFlight
 from stage_server.oip_grpc import InferenceServicer, add_to_server, max_message_bytes
 from stage_server.oip_http import create_app, create_metrics_app
+from stage_server.regions import SharedMemoryRegions
 from stage_server.repository import GatewayDispatch, Repository
 from stage_server.samehost import Listener
 from stage_server.settings import DEFAULT_MAX_PENDING_BYTES, EndpointConfig
@@ -244,6 +245,7 @@ def _oip_server(
     timeout_s: float,
     endpoint: EndpointConfig,
     in_flight: InFlight,
+    regions: SharedMemoryRegions,
 ) -> grpc.aio.Server:
     """The OIP gRPC server of a front end, not yet bound."""
     settings = [
@@ -253,7 +255,10 @@ def _oip_server(
     ]
     server = _server(settings, limits.grpc_call_cap(endpoint.max_in_flight))
     add_to_server(
-        InferenceServicer(repository, in_flight), server, repository.metrics, endpoint.auth_token
+        InferenceServicer(repository, in_flight, regions),
+        server,
+        repository.metrics,
+        endpoint.auth_token,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     return server
@@ -266,6 +271,7 @@ async def _start_http(
     max_request_bytes: int,
     endpoint: EndpointConfig,
     in_flight: InFlight,
+    regions: SharedMemoryRegions,
     ssl_context: ssl.SSLContext | None = None,
 ) -> web.AppRunner:
     runner = web.AppRunner(
@@ -273,6 +279,7 @@ async def _start_http(
             repository,
             max_request_bytes,
             in_flight,
+            regions,
             endpoint.auth_token,
             metrics=endpoint.metrics_port is None,
         ),
@@ -317,7 +324,8 @@ async def start_oip(
     endpoint = endpoint or EndpointConfig()
     tls = _tls(endpoint)
     in_flight = InFlight(endpoint.max_in_flight)
-    server = _oip_server(repository, max_request_bytes, timeout_s, endpoint, in_flight)
+    regions = SharedMemoryRegions(endpoint.allow_shared_memory)
+    server = _oip_server(repository, max_request_bytes, timeout_s, endpoint, in_flight, regions)
     runner = metrics = None
     try:
         bound = _bind(server, host, grpc_port, tls[0] if tls else None)
@@ -329,6 +337,7 @@ async def start_oip(
             max_request_bytes,
             endpoint,
             in_flight,
+            regions,
             tls[1] if tls else None,
         )
         if endpoint.metrics_port is not None:

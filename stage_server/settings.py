@@ -37,6 +37,9 @@ class EndpointConfig:
     """PEM certificate chain of the endpoint: with `tls_key_file`, gRPC and HTTP serve TLS
     only (the metrics port stays plain); None: plaintext."""
     tls_key_file: str | None = None
+    allow_shared_memory: bool = False
+    """Whether clients may hand tensors over in shared memory of this host
+    (`stage_server.regions`)."""
 
     @property
     def tls(self) -> bool:
@@ -65,6 +68,8 @@ class EndpointConfig:
             args += ["--metrics-port", str(self.metrics_port)]
         if self.tls_cert_file and self.tls_key_file:
             args += ["--tls-cert-file", self.tls_cert_file, "--tls-key-file", self.tls_key_file]
+        if self.allow_shared_memory:
+            args.append("--allow-shared-memory")
         return args
 
     def tls_files(self) -> tuple[bytes, bytes]:
@@ -126,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the metrics port stays plain; default: plaintext)",
     )
     parser.add_argument("--tls-key-file", metavar="FILE", help="PEM private key of the certificate")
+    parser.add_argument(
+        "--allow-shared-memory",
+        action="store_true",
+        help="let clients on this host pass tensors in POSIX shared memory (Triton's system "
+        "shared-memory extension); whoever may call the endpoint may then read and write "
+        "this user's /dev/shm objects through the model (default: off)",
+    )
 
 
 def from_args(args: Any) -> EndpointConfig:
@@ -138,7 +150,14 @@ def from_args(args: Any) -> EndpointConfig:
         str(Path(f).resolve()) if f else None for f in (args.tls_cert_file, args.tls_key_file)
     )
     config = EndpointConfig(
-        args.max_in_flight, args.idle_timeout, token, path, args.metrics_port, cert, key
+        args.max_in_flight,
+        args.idle_timeout,
+        token,
+        path,
+        args.metrics_port,
+        cert,
+        key,
+        args.allow_shared_memory,
     )
     if config.tls:
         config.tls_files()  # unreadable files fail here, before any work
