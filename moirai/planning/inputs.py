@@ -12,9 +12,11 @@ their own terms (flags, a PlacedModel's pools and profiling Jobs); `resolve` tur
 - profile (by default measured where the devices are at hand, `local`, and analytic for a
   devices file): `analytic` (roofline, no hardware), `measured` (this machine's devices,
   measured now or taken from the profile cache, with the loopback link between two local stage
-  servers), the path of a profile file from `moirai profile` or a `ProfileDocument` (measured
-  on this model with these input shapes), a profile document as parsed JSON (the operator's
-  Jobs, which measured the model the operator verified), or a `Profile` itself;
+  servers; the devices of every device set are timed in turns, so the groupings the planner
+  compares met the same load, `moirai.profile.turns`), the path of a profile file from
+  `moirai profile` or a `ProfileDocument` (measured on this model with these input shapes), a
+  profile document as parsed JSON (the operator's Jobs, which measured the model the operator
+  verified), or a `Profile` itself;
 - the model, loaded once (`moirai.planning.costgraph.load`) for every later step.
 """
 
@@ -100,10 +102,12 @@ def resolve_profile(
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     origin: str = "a profile document",
+    device_sets: Sequence[DeviceSet] = (),
     **settings: Any,
 ) -> Profile:
     """The profile `spec` names (module docstring); `origin` says where a parsed document came
-    from; `settings` are `moirai.profile.measured.Settings` fields for `measured`."""
+    from; `device_sets` are the devices a `measured` one times in turns; `settings` are
+    `moirai.profile.measured.Settings` fields for `measured`."""
     from moirai.profile.analytic import AnalyticProfile
     from moirai.profile.document import DocumentProfile, ProfileDocument
 
@@ -112,7 +116,15 @@ def resolve_profile(
     if spec == MEASURED:
         from moirai.profile.cache import ProfileCache
         from moirai.profile.measured import MeasuredProfile, Settings
+        from moirai.profile.targets import CPU, CUDA, Target
         from moirai.runtime.linkprobe import measure_loopback
+
+        together = {
+            Target.of(d)
+            for devices in device_sets
+            for d in devices.devices
+            if d.provider in (CPU, CUDA)
+        }
 
         return MeasuredProfile(
             model.path,
@@ -122,6 +134,7 @@ def resolve_profile(
             link_probe=measure_loopback,
             progress=progress,
             loaded=(model.proto, model.graph, model.sha256),
+            together=sorted(together, key=lambda t: t.key),
         )
     if isinstance(spec, Mapping):
         # The operator's profiling Jobs measured the model it fetched and verified itself.
@@ -164,5 +177,12 @@ def resolve(
     return PlanningInputs(
         model,
         device_sets,
-        resolve_profile(profile, model, cache_dir=cache_dir, progress=progress, origin=origin),
+        resolve_profile(
+            profile,
+            model,
+            cache_dir=cache_dir,
+            progress=progress,
+            origin=origin,
+            device_sets=device_sets,
+        ),
     )

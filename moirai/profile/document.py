@@ -15,6 +15,9 @@ times in milliseconds, sizes in bytes::
           "warmup": 3, "repeats": 10, "measured_at": "2026-11-23T01:20:00+00:00",
           "run_ms": 17.1, "run_spread_ms": 0.4, "call_overhead_ms": 0.02, "kernel_ms": 16.5,
           "cut_ms_per_mib": 0.12,
+          "load": {"loadavg": 1.2, "others_cpu": 0.03, "waited": 0.0, "turns": 20,
+                   "quiet_turns": 19, "seconds": 2.1, "contended": false,
+                   "alongside": ["cpu:threads=2"], "nice": -20},
           "groups": [
             {"ops": ["n0", "n1"], "ms": 1.92, "spread_ms": 0.05, "method": "trace",
              "weight_bytes": 7168, "activation_bytes": 3154176}
@@ -42,7 +45,10 @@ times in milliseconds, sizes in bytes::
   could not run whole on the device), `call_overhead_ms` what one session call costs beyond its
   kernels (feeding and fetching), `kernel_ms` the sum of ONNX Runtime's per-kernel times,
   `cut_ms_per_mib` what a border between two stages costs per MiB of tensors crossing it (0
-  when not measured; `moirai.profile.measured`, Cutting into stages). The
+  when not measured; `moirai.profile.measured`, Cutting into stages), `load` (optional) the
+  load the run time met (`moirai.profile.turns`: other processes' share of the device's cores,
+  how long its runs waited for a core, how many of its turns were quiet, the other targets timed
+  in the same turns, the priority they ran at; `contended` when too few turns were quiet). The
   group times add up to `run_ms`: see `moirai.profile.measured` for how the time between
   kernels is shared out.
 - `link` (optional) is the fitted link between two stage servers (`moirai.profile.links`).
@@ -109,6 +115,72 @@ class GroupTiming:
 
 
 @dataclass(frozen=True)
+class Load:
+    """What other work a device's run time met while it was measured (`moirai.profile.turns`)."""
+
+    loadavg: float | None
+    """The machine's 1-minute load average at the end."""
+    others_cpu: float | None
+    """Share of the device's cores that other processes used during its turns."""
+    waited: float | None
+    """Time its runs waited for a core, all its threads together, per unit of run time."""
+    turns: int
+    quiet_turns: int
+    seconds: float
+    """How long the turns of every device measured together lasted."""
+    contended: bool
+    """It never had enough quiet turns: its time may be slower than the device alone."""
+    alongside: tuple[str, ...] = ()
+    """The targets timed in the same turns."""
+    nice: int | None = None
+    """The priority (nice value) the turns ran at (`moirai.profile.turns.raised_priority`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "loadavg": self.loadavg,
+            "others_cpu": self.others_cpu,
+            "waited": self.waited,
+            "turns": self.turns,
+            "quiet_turns": self.quiet_turns,
+            "seconds": self.seconds,
+            "contended": self.contended,
+            "alongside": list(self.alongside),
+            "nice": self.nice,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Load:
+        def number(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        return cls(
+            loadavg=number("loadavg"),
+            others_cpu=number("others_cpu"),
+            waited=number("waited"),
+            turns=int(data.get("turns", 0)),
+            quiet_turns=int(data.get("quiet_turns", 0)),
+            seconds=float(data.get("seconds", 0.0)),
+            contended=bool(data.get("contended", False)),
+            alongside=tuple(str(a) for a in data.get("alongside", ())),
+            nice=None if data.get("nice") is None else int(data["nice"]),
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.others_cpu is not None:
+            parts.append(f"others used {self.others_cpu:.0%} of its cores")
+        if self.waited is not None:
+            parts.append(f"its runs waited {self.waited:.0%} of their time for a core")
+        parts.append(f"{self.quiet_turns} of {self.turns} turns quiet")
+        if self.loadavg is not None:
+            parts.append(f"load average {self.loadavg:.1f}")
+        if self.nice is not None:
+            parts.append(f"nice {self.nice}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     target: str
     signature: Mapping[str, Any]
@@ -121,6 +193,12 @@ class DeviceProfile:
     repeats: int
     measured_at: str
     cut_ms_per_mib: float = 0.0
+    load: Load | None = None
+    """The load its run time was measured under (None: not recorded)."""
+
+    @property
+    def contended(self) -> bool:
+        return self.load is not None and self.load.contended
 
     @property
     def total_ms(self) -> float:
@@ -139,6 +217,7 @@ class DeviceProfile:
             "kernel_ms": self.kernel_ms,
             "cut_ms_per_mib": self.cut_ms_per_mib,
             "groups": [g.to_dict() for g in self.groups],
+            **({} if self.load is None else {"load": self.load.to_dict()}),
         }
 
     @classmethod
@@ -170,6 +249,7 @@ class DeviceProfile:
                 repeats=int(data.get("repeats", 0)),
                 measured_at=str(data.get("measured_at", "")),
                 cut_ms_per_mib=_time(data.get("cut_ms_per_mib", 0.0), f"{where}.cut_ms_per_mib"),
+                load=None if data.get("load") is None else Load.from_dict(data["load"]),
             )
         except ProfileError:
             raise

@@ -92,6 +92,17 @@ minute stayed in the cache. The fastest run is what the device does, and it is s
 idle to loaded. How that time splits among the groups comes from the medians of the trace's
 per-run times, and the spread of each is their interquartile range (`spread_ms`); warm-up runs
 are never counted.
+
+**In turns with the other devices.** The fastest run guards against a busy moment, not a busy
+window: a device timed alone, in a second when another process held the other core, kept that
+second's time. So before the devices are profiled one by one, the whole model runs on every
+device measured for it in turns (`time_in_turns`, `moirai.profile.turns`: at the highest
+priority the process may take, for as long as the settings ask and then until each device had
+quiet turns, at most `patience_seconds` more), and `run_ms` is the fastest run of those and of
+the device's own runs. The profile records the load its turns met (`load`); one measured under
+load throughout is `contended`, and `MeasuredProfile` measures it again the next time it is
+asked for, keeping the better measurement. `MeasuredProfile`'s `together` names the devices to
+time in turns (the planner's: every grouping of this machine's CPU).
 """
 
 from __future__ import annotations
@@ -136,6 +147,7 @@ from moirai.profile.document import (
     DeviceProfile,
     DocumentProfile,
     GroupTiming,
+    Load,
     ProfileDocument,
     ProfileError,
     allocate,
@@ -143,6 +155,7 @@ from moirai.profile.document import (
 from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, LinkProbe
 from moirai.profile.links import PATH as LINK_PATH
 from moirai.profile.targets import Target, cpu_model, signature, usable_cores
+from moirai.profile.turns import Contender, Timed, raised_priority, take_turns
 from moirai.sessions import create_session, execution_providers, session_options
 from moirai.stagecut import extract_stage
 from moirai.stageplan import DeviceSpec as PlanDevice
@@ -170,11 +183,14 @@ class Settings:
     """The whole model's timed runs last at least this long (more than `repeats` of a quick
     model, at most `MAX_REPEATS`), so that the fastest run is taken over a window longer than
     a busy moment of the machine."""
+    patience_seconds: float = 10.0
+    """How much longer the devices' turns may go on for quiet turns (`moirai.profile.turns`)."""
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.repeats < 1 or self.min_seconds < 0:
+        if self.warmup < 0 or self.repeats < 1 or self.min_seconds < 0 or self.patience_seconds < 0:
             raise ProfileError(
-                "profiling needs --warmup >= 0, --repeats >= 1 and --min-seconds >= 0"
+                "profiling needs --warmup >= 0, --repeats >= 1, --min-seconds >= 0 and "
+                "--patience-seconds >= 0"
             )
         if self.method not in METHOD_CHOICES:
             raise ProfileError(f"--method {self.method!r}: use one of {', '.join(METHOD_CHOICES)}")
@@ -552,6 +568,64 @@ def _cut_ms_per_mib(
     return per_mib
 
 
+# ------------------------------------------------------------ in turns
+Turns = tuple[Timed, Load]
+"""One device's whole-model runs in the turns, and the load they met."""
+
+
+def _cores(target: Target) -> list[int]:
+    """The cores a target's runs use (`_pinned`); none for a GPU (its work is not on them)."""
+    if target.kind != "cpu":
+        return []
+    cores = usable_cores()
+    return (
+        cores if target.threads is None or target.threads > len(cores) else cores[: target.threads]
+    )
+
+
+def time_in_turns(
+    model: onnx.ModelProto,
+    graph: OpGraph,
+    targets: Mapping[str, Target],
+    settings: Settings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Turns]:
+    """The whole model's runs on every target, in turns (`moirai.profile.turns`): target name →
+    its runs and the load they met. A target whose session cannot be made, or that does not
+    fit in memory beside the others, is left out (`measure_device` times it alone)."""
+    settings = settings or Settings()
+    feeds = _feeds(graph)
+    outputs = list(graph.outputs)
+    available = _available_memory(Target("cpu"))
+    needed = _needed_bytes(graph)
+    with raised_priority() as nice:  # the sessions' threads are made under it and keep it
+        contenders: dict[str, Contender] = {}
+        for name, target in targets.items():
+            fits = available is None or needed * (len(contenders) + 1) <= available
+            if target.kind == "cpu" and not fits:
+                break
+            try:
+                with _pinned(target):
+                    runner = _Runner(_session(model, target), feeds, outputs, target)
+            except Exception as e:  # ORT raises its own types, without a common base
+                log.info("%s: no whole-model session for the turns (%s)", target, e)
+                continue
+            contenders[name] = Contender(
+                run=runner.run, cores=_cores(target), pinned=lambda t=target: _pinned(t)
+            )
+        if not contenders:
+            return {}
+        return take_turns(
+            contenders,
+            warmup=settings.warmup,
+            runs_for=settings.runs_for,
+            min_seconds=settings.min_seconds,
+            patience_seconds=settings.patience_seconds,
+            progress=progress,
+            nice=nice,
+        )
+
+
 # ------------------------------------------------------------ one device
 def measure_device(
     model: onnx.ModelProto,
@@ -559,8 +633,10 @@ def measure_device(
     target: Target,
     settings: Settings | None = None,
     progress: Progress | None = None,
+    turns: Turns | None = None,
 ) -> DeviceProfile:
-    """The profile of one device (module docstring). `model` comes from `load_model`."""
+    """The profile of one device (module docstring). `model` comes from `load_model`; `turns`
+    are its runs in turns with other devices (`time_in_turns`), else it takes turns alone."""
     settings = settings or Settings()
     target.check_available()
     if settings.method == "trace" and target.kind != "cpu":
@@ -580,7 +656,15 @@ def measure_device(
         overhead = call_overhead_ms(target)
         trace = target.kind == "cpu" and settings.method != "submodel"
         whole = _try_whole(model, graph, target, settings, feeds, Path(tmp), trace, say)
-        run_ms = None if whole is None else max(0.0, _fastest(whole.run_ms) - overhead)
+        if whole is not None and turns is None:
+            turns = time_in_turns(model, graph, {target.key: target}, settings, say).get(target.key)
+        run_ms = None
+        if whole is not None:
+            fastest = _fastest(whole.run_ms)
+            if turns is not None:
+                fastest = min(fastest, turns[0].fastest)
+                say(f"in turns: {turns[0].fastest:.3f} ms ({turns[1].describe()})")
+            run_ms = max(0.0, fastest - overhead)
         timings: dict[int, GroupTiming] = {}
         kernel_ms = None
         untimed = list(range(len(groups)))
@@ -626,6 +710,7 @@ def measure_device(
         warmup=settings.warmup,
         repeats=settings.repeats if whole is None else len(whole.run_ms),
         measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        load=None if turns is None else turns[1],
     )
     say(
         f"{profile.total_ms:.3f} ms per run in {len(groups)} groups"
@@ -750,6 +835,16 @@ def _from_trace(
 
 
 # ------------------------------------------------------- the Profile source
+def _better(new: DeviceProfile, old: DeviceProfile) -> bool:
+    """Whether a new measurement replaces an earlier, contended one: a quiet one always does,
+    a contended one where the device ran faster (the faster run is nearer the device alone)."""
+    if not new.contended:
+        return True
+    if new.run_ms is None or old.run_ms is None:
+        return new.run_ms is not None
+    return new.run_ms <= old.run_ms
+
+
 def link_signature() -> dict[str, Any]:
     """What a loopback link measurement depends on: the machine, the gRPC build, the method."""
     return {
@@ -765,7 +860,10 @@ class MeasuredProfile(DocumentProfile):
     """Measures every device it is asked to price (or takes it from the cache), and with a
     `link_probe` (`moirai.runtime.linkprobe.measure_loopback`) the loopback link between two
     local stage servers; a `Profile`. `loaded` hands over the model already loaded (its
-    `load_model` model, graph and file digest), so it is not loaded again."""
+    `load_model` model, graph and file digest), so it is not loaded again. `together` names
+    targets to measure in turns with whichever is asked for first (the devices of every
+    grouping of this machine's CPU, `moirai.planning.space.cpu_groupings`), so that the
+    times the planner compares them by met the same load (`moirai.profile.turns`)."""
 
     def __init__(
         self,
@@ -778,8 +876,10 @@ class MeasuredProfile(DocumentProfile):
         link_sizes: Sequence[int] = DEFAULT_SIZES,
         progress: Progress | None = None,
         loaded: tuple[onnx.ModelProto, OpGraph, str] | None = None,
+        together: Sequence[Target] = (),
     ) -> None:
         self.model_path = Path(model_path)
+        self.together = {t.key: t for t in together}
         self.input_shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
         self.settings = settings or Settings()
         self.cache = cache
@@ -809,25 +909,47 @@ class MeasuredProfile(DocumentProfile):
         return self._model
 
     def measure(self, targets: Mapping[str, Target]) -> ProfileDocument:
-        """Profile each named target (cache first), and the link with a probe; the document."""
+        """Profile each named target (cache first), and the link with a probe; the document.
+        Targets to measure are timed in turns with each other and with the `together` ones not
+        measured yet."""
         for target in targets.values():
             target.check_available()
         devices = dict(self.document.devices)
-        digest = self.document.model["sha256"]
-        for name, target in targets.items():
-            if name in devices:
-                continue
-            key = signature(target)
-            entry = self.cache.get(digest, self.input_shapes, key) if self.cache else None
-            if entry is not None:
-                self.cache_status[name] = "hit"
-                self._say(f"{target}: cached ({self.cache.directory if self.cache else ''})")
-            else:
-                model, graph = self._loaded()
-                entry = measure_device(model, graph, target, self.settings, self.progress)
-                self.cache_status[name] = "measured"
-                if self.cache is not None:
-                    self.cache.put(digest, self.input_shapes, key, entry)
+        earlier: dict[str, DeviceProfile] = {}
+        wanted = self._from_cache(
+            {n: t for n, t in targets.items() if n not in devices}, devices, earlier
+        )
+        if wanted:
+            present = {d.target for d in devices.values()} | set(wanted)
+            others = {
+                k: t for k, t in self.together.items() if k not in present and k not in devices
+            }
+            wanted |= self._from_cache(others, devices, earlier)
+        turns: dict[str, Turns] = {}
+        if wanted:
+            model, graph = self._loaded()
+            self._say(f"timing {', '.join(map(str, wanted.values()))} in turns")
+            turns = time_in_turns(model, graph, wanted, self.settings, self.progress)
+        for name, target in wanted.items():
+            model, graph = self._loaded()
+            entry = measure_device(
+                model, graph, target, self.settings, self.progress, turns.get(name)
+            )
+            before = earlier.get(name)
+            if before is not None and not _better(entry, before):
+                self._say(f"{target}: the earlier measurement was faster: kept")
+                entry = before
+            self.cache_status[name] = "measured"
+            if self.cache is not None and entry is not before:
+                digest = self.document.model["sha256"]
+                self.cache.put(digest, self.input_shapes, signature(target), entry)
+            if entry.contended:
+                log.warning(
+                    "%s: measured under load (%s): its time may be slower than the device alone; "
+                    "the cache keeps it until a quieter measurement",
+                    target,
+                    entry.load.describe() if entry.load else "",
+                )
             devices[name] = entry
         link = self.document.link
         if self.link_probe is not None and link is None:
@@ -858,6 +980,31 @@ class MeasuredProfile(DocumentProfile):
             for device, info in source["measured"].items()
         }
         return dataclasses.replace(annotated, extra={**annotated.extra, "source": source})
+
+    def _from_cache(
+        self,
+        targets: Mapping[str, Target],
+        devices: dict[str, DeviceProfile],
+        earlier: dict[str, DeviceProfile],
+    ) -> dict[str, Target]:
+        """Put the cached entries of `targets` into `devices`; those measured under load into
+        `earlier` instead (measured again, `_better`); the targets left to measure."""
+        digest = self.document.model["sha256"]
+        wanted = {}
+        for name, target in targets.items():
+            entry = (
+                self.cache.get(digest, self.input_shapes, signature(target)) if self.cache else None
+            )
+            if entry is not None and not entry.contended:
+                self.cache_status[name] = "hit"
+                self._say(f"{target}: cached ({self.cache.directory if self.cache else ''})")
+                devices[name] = entry
+                continue
+            if entry is not None:
+                earlier[name] = entry
+                self._say(f"{target}: cached, but measured under load: measuring again")
+            wanted[name] = target
+        return wanted
 
     def _say(self, message: str) -> None:
         if self.progress is not None:

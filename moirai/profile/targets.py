@@ -37,7 +37,7 @@ from moirai.stageplan import DeviceSpec as PlanDevice
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-METHOD_VERSION = 4
+METHOD_VERSION = 5
 """Bump when the measuring method changes what a profile means: cached profiles then miss."""
 
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=)?(?P<target>[a-z]+(?::[^\s]*)?)$")

@@ -8,7 +8,7 @@ from pathlib import Path
 from moirai.graph import InputShapes
 from moirai.profile.measured import Settings
 
-FAST = Settings(warmup=1, repeats=3, min_seconds=0)
+FAST = Settings(warmup=1, repeats=3, min_seconds=0, patience_seconds=0)
 
 
 @dataclass(frozen=True)
