@@ -183,7 +183,7 @@ def test_without_patience_the_turns_end_with_the_base_window() -> None:
 
 
 def test_raised_priority_holds_for_the_threads_started_under_it() -> None:
-    before = os.getpriority(os.PRIO_PROCESS, 0)
+    before, group = os.getpriority(os.PRIO_PROCESS, 0), turns._autogroup_nice()
     seen: list[int] = []
     with turns.raised_priority() as nice:
         assert nice == os.getpriority(os.PRIO_PROCESS, 0)
@@ -194,6 +194,7 @@ def test_raised_priority_holds_for_the_threads_started_under_it() -> None:
         worker.join()
     assert seen == [nice]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    assert turns._autogroup_nice() == group  # the session's group, where there is one, too
 
 
 def test_the_load_goes_through_the_profile_file() -> None:
