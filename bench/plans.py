@@ -19,6 +19,9 @@ CPU's cores grouped as serves best; lanes for throughput):
    calling `run` in a loop; their requests/s added) and plain replication served (one lane per
    one-thread device). Goals: served >= 0.95 x the best of every-core ORT and two replicas, and
    >= plain replication served (within 5%: measurements alternate, but the machine is shared).
+   The throughput plan is also driven with the clients' tensors in shared memory (Triton's
+   extension, `--allow-shared-memory`), as a client on the serving host can send them; the goals
+   are judged on requests that carry their tensors.
 
 The served variants and the in-process ones run back to back for each model so that they see the
 same machine, in `rounds` rounds (each variant once per round; its best round kept); the load
@@ -59,16 +62,28 @@ from moirai.runtime.local import LocalDeployment  # noqa: E402
 from moirai.sessions import session_options  # noqa: E402
 from moirai.stageplan import StagePlan  # noqa: E402
 from stage_server.client import InferenceClient  # noqa: E402
+from stage_server.settings import EndpointConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 LATENCY_GOAL, THROUGHPUT_GOAL, REPLICATION_GOAL = 1.05, 0.95, 0.95
 
 
 # ------------------------------------------------------------------ served
-def served_rps(d: LocalDeployment, model: str, inputs: dict, window_s: float) -> dict[str, float]:
+def served_rps(
+    d: LocalDeployment, model: str, inputs: dict, window_s: float, shared_memory: bool = False
+) -> dict[str, float]:
     """Requests/s of the deployment under 3 client processes x 4 in flight, and the CPU all
-    serving processes spent per request."""
-    r = drive(d.grpc_url, model, inputs, pids=list(d.pids.values()), window_s=window_s, warmup_s=1)
+    serving processes spent per request; `shared_memory`: the clients' tensors in shared
+    memory (Triton's extension) instead of in the requests."""
+    r = drive(
+        d.grpc_url,
+        model,
+        inputs,
+        pids=list(d.pids.values()),
+        window_s=window_s,
+        warmup_s=1,
+        shared_memory=shared_memory,
+    )
     return {"rps": r["rps"], "cpu_ms": r["server_cpu_ms"]}
 
 
@@ -209,10 +224,13 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
         ):
             latency_runs.setdefault(key, []).append(value)
         # Throughput: served plan, served plain replication, ORT with every core, two replicas.
-        with LocalDeployment(throughput.plan, path, tmp / "tput") as d:
+        endpoint = EndpointConfig(allow_shared_memory=True)
+        with LocalDeployment(throughput.plan, path, tmp / "tput", endpoint=endpoint) as d:
             served = served_rps(d, throughput.plan.model_name, feeds, args.window)
-        rps_runs.setdefault("served_rps", []).append(served["rps"])
-        cpu_runs.setdefault("served_cpu_ms", []).append(served["cpu_ms"])
+            shm = served_rps(d, throughput.plan.model_name, feeds, args.window, True)
+        for key, measured in (("served", served), ("served_shm", shm)):
+            rps_runs.setdefault(f"{key}_rps", []).append(measured["rps"])
+            cpu_runs.setdefault(f"{key}_cpu_ms", []).append(measured["cpu_ms"])
         if not same:
             with LocalDeployment(replication, path, tmp / "repl") as d:
                 repl = served_rps(d, replication.model_name, feeds, args.window)["rps"]
@@ -307,18 +325,24 @@ def report(results: dict[str, Any]) -> str:
     out += [
         "",
         "| model | throughput plan | served req/s | predicted req/s | ORT all cores | two "
-        "replicas (ORT) | vs best | replication served | vs replication | CPU ms/req: served / "
-        "ORT all cores / replicas | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "replicas (ORT) | vs best | replication served | vs replication | served, tensors in "
+        "shared memory | CPU ms/req: served / shared memory / ORT all cores / replicas | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        shm = r.get("served_shm_rps")
         out.append(
             f"| {r['model']} | {r['throughput_layout']} | {r['served_rps']:.1f} | "
             f"{r['throughput_predicted_rps']:.1f} | {r['ort_all_rps']:.1f} | "
             f"{r['replicas_rps']:.1f} | {r['throughput_ratio']:.2f}x | "
             f"{r['replication_rps']:.1f} | {r['replication_ratio']:.2f}x | "
-            f"{r['served_cpu_ms']:.1f} / {r['ort_all_cpu_ms']:.1f} / {r['replicas_cpu_ms']:.1f} | "
-            f"{_load(r)} |"
+            + (
+                f"{shm:.1f} ({shm / max(r['ort_all_rps'], r['replicas_rps']):.2f}x) | "
+                if shm
+                else "| "
+            )
+            + f"{r['served_cpu_ms']:.1f} / {r.get('served_shm_cpu_ms', float('nan')):.1f} / "
+            f"{r['ort_all_cpu_ms']:.1f} / {r['replicas_cpu_ms']:.1f} | {_load(r)} |"
         )
     if failed:
         out += ["", "Cases that failed:", ""]

@@ -14,7 +14,9 @@ The front end maps what a remote caller names, so the extension is off unless th
 started with `--allow-shared-memory` (every call is refused, PERMISSION_DENIED / 403, saying
 so), and takes only a regular file directly in `/dev/shm`, owned by this server's user, not
 through a symbolic link. Anyone allowed to call the endpoint can then read and write such files
-through a model; turn it on for clients of the same host that are trusted as this user is.
+through a model; turn it on for clients of the same host that are trusted as this user is. A
+client that shrinks an object it registered (ftruncate) takes the server down at the next read
+of the lost pages (SIGBUS), as with Triton: the mapping cannot be guarded against that.
 
 A region's mapping lives until it is unregistered and the last request reading it is done
 (arrays over it keep it alive), so unregistering never pulls memory from under a request.
