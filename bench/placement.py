@@ -213,9 +213,9 @@ def report(data: dict[str, Any]) -> str:
         f"{data.get('machine', {}).get('before', '?')}). Makespans and bounds in ms; gap = "
         "(makespan - lower bound) / makespan, proven; `bound` = the binding lower bound: "
         "`series` (the series decomposition), a solver's own (`cpsat`, `milp-highs`) or a "
-        "simple one (`critical path`, `device critical path`, `work`) or an LP's (`windowed load`, "
-        "`path LP`). ▼ marks a plan or bound "
-        "worse than before.",
+        "simple one (`critical path`, `device critical path`, `sequenced critical path`, `work`) "
+        "or an LP's (`windowed load`, `path LP`; both built on the sequenced heads and tails "
+        "of `moirai.placement.bounds`). ▼ marks a plan or bound worse than before.",
         "",
     ]
     summary = [

@@ -8,11 +8,19 @@
   from i's start on k to the end, is symmetric. Any plan puts j on some device a* and its real
   times dominate these by induction, so `min_k head[i][k] + tail[i][k]` bounds the makespan for
   every task i. It sees that leaving a fast device costs a transfer, which the plain bound does
-  not. The exact models use `head`/`tail` too, as conditional release times and tails.
+  not.
+- Sequenced critical path (stronger still): the same with heads and tails that also count a
+  task's predecessors together (`heads_tails`): those on its device run there one at a time,
+  and the others' tensors pass its device's receive port one at a time, so for each split of
+  the predecessors between the device and elsewhere the task waits for two single-machine
+  schedules, and its head is the least over the splits (successors and the send port alike for
+  tails). On the benchmark's random DAGs, whose tasks join two or three branches, it raises
+  the device-aware bound by up to 13%. The LP bounds and the exact models use these heads
+  and tails too (as conditional release times and tails).
 - Total work: every task takes at least its fastest time somewhere, and the devices can share
   it at best perfectly, so the sum of fastest times over the number of devices.
 
-Both hold for the makespan; for the pipelined period (throughput) the work bound holds as well,
+All hold for the makespan; for the pipelined period (throughput) the work bound holds as well,
 and so does the slowest single task at its fastest (transfers, on ports or on the devices that
 pay for them, only add to the loads). Exact solvers report their own proven bound, and so does
 the series decomposition (`moirai.placement.series`); `auto` takes the best and names it in the
@@ -24,6 +32,7 @@ candidate devices of each task, not all devices. The LP bounds, which need HiGHS
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 from moirai.placement.problem import PlacementProblem
@@ -43,33 +52,140 @@ def critical_path(problem: PlacementProblem) -> float:
     return max(finish, default=0.0)
 
 
-def heads_tails(problem: PlacementProblem) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
-    """`head[i][k]` and `tail[i][k]` (tail includes i's own time on k), for k in `cand[i]`."""
-    p = problem
+NEIGHBOURS = 8
+"""`heads_tails` sequences at most this many predecessors (successors) of a task, those that
+weigh most; the others count one at a time (2^8 subsets per task and device)."""
+
+
+HeadsTails = tuple[list[dict[int, float]], list[dict[int, float]]]
+_KNOWN: dict[tuple[int, bool], HeadsTails] = {}
+"""`heads_tails` per live problem (by id, dropped with the problem): the sequenced heads take
+most of a second on 1,500 tasks and 8 devices, and the simple bounds, both LP bounds and the
+exact models each ask for them."""
+
+
+def heads_tails(problem: PlacementProblem, sequenced: bool = True) -> HeadsTails:
+    """`head[i][k]` and `tail[i][k]` (tail includes i's own time on k), for k in `cand[i]`;
+    computed once per problem and shared, so callers must not change them.
+
+    Plain (`sequenced=False`): each predecessor j of i on k counts alone, at the least over
+    j's devices a of `head[j][a] + p[j][a] + transfer(a -> k)`. Sequenced (the default), the
+    predecessors also count together: those on k run on k one at a time, and those elsewhere
+    send their tensors through k's receive port one at a time; so for each split of the
+    predecessors into the ones on k and the others, i waits for both single-machine
+    schedules (in order of release: `_release_order`), and the head is the least over the
+    splits. Tails are symmetric (successors on k after i, one at a time; transfers out of
+    k's send port one at a time). Every plan's times dominate these, by induction in
+    topological order, so they stay valid heads and tails.
+    """
+    key = (id(problem), sequenced)
+    known = _KNOWN.get(key)
+    if known is None:
+        known = _KNOWN[key] = _heads_tails(problem, sequenced)
+        weakref.finalize(problem, _KNOWN.pop, key, None)
+    return known
+
+
+def _heads_tails(p: PlacementProblem, sequenced: bool) -> HeadsTails:
     head: list[dict[int, float]] = [{} for _ in range(p.n)]
     for i in range(p.n):
         for k in p.cand[i]:
-            h = 0.0
+            waits = []
             for e in p.in_edges[i]:
                 j = p.edges[e][0]
-                h = max(
-                    h,
-                    min(head[j][a] + p.compute[j][a] + p.transfer[e][a][k] for a in p.cand[j]),
+                others = [a for a in p.cand[j] if a != k]
+                on = (head[j][k], p.compute[j][k]) if k in p.cand[j] else None
+                off = (
+                    (
+                        min(head[j][a] + p.compute[j][a] for a in others),
+                        min(p.transfer[e][a][k] for a in others),
+                        min(head[j][a] + p.compute[j][a] + p.transfer[e][a][k] for a in others),
+                    )
+                    if others
+                    else None
                 )
-            head[i][k] = h
+                waits.append((on, off))
+            head[i][k] = _least_wait(waits, sequenced)
     tail: list[dict[int, float]] = [{} for _ in range(p.n)]
     for i in reversed(range(p.n)):
         for k in p.cand[i]:
-            t = 0.0
+            waits = []
             for e in p.out_edges[i]:
                 j = p.edges[e][1]
-                t = max(t, min(p.transfer[e][k][b] + tail[j][b] for b in p.cand[j]))
-            tail[i][k] = p.compute[i][k] + t
+                others = [b for b in p.cand[j] if b != k]
+                on = (tail[j][k] - p.compute[j][k], p.compute[j][k]) if k in p.cand[j] else None
+                off = (
+                    (
+                        min(tail[j][b] for b in others),
+                        min(p.transfer[e][k][b] for b in others),
+                        min(p.transfer[e][k][b] + tail[j][b] for b in others),
+                    )
+                    if others
+                    else None
+                )
+                waits.append((on, off))
+            tail[i][k] = p.compute[i][k] + _least_wait(waits, sequenced)
     return head, tail
 
 
-def device_critical_path(problem: PlacementProblem) -> float:
-    head, tail = heads_tails(problem)
+Wait = tuple[tuple[float, float] | None, tuple[float, float, float] | None]
+"""A neighbour of a task on a device: `(release, duration)` on that device, or None when it
+cannot go there; and elsewhere `(release, transfer, total)`: the least release there, the least
+transfer to (from) the device, and the least of release plus transfer; None when it can go
+nowhere else."""
+
+
+def _least_wait(waits: list[Wait], sequenced: bool) -> float:
+    """The least time a task waits for its neighbours (`Wait`) over the ways to split them
+    between its device and the others: with `sequenced`, those on the device run one at a
+    time, and the transfers of the others pass one port one at a time."""
+    inf = float("inf")
+
+    def alone(w: Wait) -> float:
+        on, off = w
+        return min(on[0] + on[1] if on else inf, off[2] if off else inf)
+
+    least = max((alone(w) for w in waits), default=0.0)
+    if not sequenced or len(waits) < 2:
+        return least
+    heavy = sorted(waits, key=alone, reverse=True)[:NEIGHBOURS]
+    best = inf
+    for mask in range(1 << len(heavy)):
+        here: list[tuple[float, float]] = []
+        port: list[tuple[float, float]] = []
+        value = 0.0
+        for b, (on, off) in enumerate(heavy):
+            if mask >> b & 1:
+                if on is None:
+                    value = inf
+                    break
+                here.append(on)
+            else:
+                if off is None:
+                    value = inf
+                    break
+                port.append(off[:2])
+                value = max(value, off[2])
+        if value >= best:
+            continue
+        value = max(value, _release_order(here), _release_order(port))
+        best = min(best, value)
+    return max(least, best)
+
+
+def _release_order(jobs: list[tuple[float, float]]) -> float:
+    """The least time one machine needs to finish `jobs` (release, duration), run one at a
+    time: in order of release. By symmetry it is also the least time from the start to the
+    end when the jobs start together and each has a time after it (the release read as that
+    time after: `max over subsets of min release + sum of durations` either way)."""
+    t = 0.0
+    for release, duration in sorted(jobs):
+        t = max(t, release) + duration
+    return t
+
+
+def device_critical_path(problem: PlacementProblem, sequenced: bool = False) -> float:
+    head, tail = heads_tails(problem, sequenced)
     return max(
         (min(head[i][k] + tail[i][k] for k in problem.cand[i]) for i in range(problem.n)),
         default=0.0,
@@ -98,6 +214,7 @@ def simple_bounds(problem: PlacementProblem) -> dict[str, float]:
     return {
         "critical path": critical_path(problem),
         "device critical path": device_critical_path(problem),
+        "sequenced critical path": device_critical_path(problem, sequenced=True),
         "work": total_work(problem),
     }
 
