@@ -64,6 +64,33 @@ def test_windowed_load_beats_plain_load_where_heads_and_tails_matter() -> None:
     assert load <= brute_force_makespan(problem) * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_windowed_load_separates_every_window(seed: int) -> None:
+    """The windows added by separation reach the optimum of the LP with every window (t, 0)
+    and (0, s), t and s up to the simple bound, written down at once."""
+    from moirai.placement.bounds import heads_tails, lower_bound
+    from moirai.placement.lp import solve_lp
+
+    p = PlacementProblem(random_dag(seed, 60, 3 + seed % 2, ccr=1.0))
+    head, tail = heads_tails(p)
+    after = [{k: tail[i][k] - p.compute[i][k] for k in p.cand[i]} for i in range(p.n)]
+    known = lower_bound(p)
+    col = {(i, k): c for c, (i, k) in enumerate((i, k) for i in range(p.n) for k in p.cand[i])}
+    c = len(col)
+    rows = [(1.0, 1.0, [col[i, k] for k in p.cand[i]], [1.0] * len(p.cand[i])) for i in range(p.n)]
+    for k in range(p.num_devices):
+        values = {v[k] for side in (head, after) for v in side if k in v}
+        for t in [0.0, *(v for v in values if v <= known)]:
+            for side in (head, after):
+                inside = [i for i in range(p.n) if k in p.cand[i] and side[i][k] >= t]
+                cols = [c] + [col[i, k] for i in inside]
+                rows.append((t, float("inf"), cols, [1.0] + [-p.compute[i][k] for i in inside]))
+    full = solve_lp(c + 1, c, rows, time.monotonic() + 60)
+    load = windowed_load(p, time.monotonic() + 60)
+    assert full is not None and load is not None
+    assert load >= full[c] * (1 - 1e-6)
+
+
 DAGS = [(s, 5 + s % 2, 2 + s % 2, ccr) for s in range(4) for ccr in (0.3, 1.0)]
 
 
