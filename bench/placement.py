@@ -289,6 +289,34 @@ def report(data: dict[str, Any]) -> str:
             else:
                 cells += ["-"] * 6
             lines.append("| " + " | ".join(cells) + " |")
+    previous = runs.get("previous", {})
+    pairs = [(n, _auto(previous.get(n)), _auto(after[n])) for n in names]
+    shown = [(n, old, new) for n, old, new in pairs if old is not None and new is not None]
+    if shown:
+        lines += [
+            "",
+            "## Against the previous run",
+            "",
+            "The label `previous` holds an earlier `after` run (the main branch this change "
+            "started from, same instances, limits and machine): its plan, bound and the "
+            "bound's source, next to this run's.",
+            "",
+            "| instance | previous | bound | gap | bound from | after | bound | gap | bound from |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for n, old, new in shown:
+            cells = [n]
+            for r in (old, new):
+                cells += [
+                    f"{r['makespan_ms']:.3f}",
+                    f"{r['lower_bound_ms']:.3f}",
+                    f"{r['gap']:.1%}",
+                    r["bound_from"] or "-",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+        was = _median([old["gap"] for _, old, _ in shown])
+        now = _median([new["gap"] for _, _, new in shown])
+        lines.append(f"| median | | | {was} | | | | {now} | |")
     lines.append("")
     return "\n".join(lines)
 
