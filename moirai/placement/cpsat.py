@@ -10,9 +10,13 @@ reasons about natively (no big-M):
   `y[e,a,b] <-> x[i,a] and x[j,b]` (a != b); for each such pair an optional interval
   `(T_e, tau[e,a,b])` present iff `y[e,a,b]`, added to device a's send-port `NoOverlap` and to
   device b's receive-port `NoOverlap` (congestion);
+- hop work (`problem.hop_work`, on the devices that pay for their transfers): the sender's,
+  an optional interval `(T_e, send[e,a,b])` present iff `y[e,a,b]` in device a's `NoOverlap`;
+  the receiver's, an optional interval `(R_e, recv[e,a,b])` in device b's, with
+  `R_e >= T_e + tau[e,a,b] - recv[e,a,b]` (the data is in) and `S_j >= R_e + recv[e,a,b]`;
 - memory `sum_i mem_i x[i,k] <= cap_k`; makespan `C >= S_i + tail[i,k]` when `x[i,k]` (the tail
   includes i's own time, so this covers `C >= E_i`), minimised; redundantly `S_i >= head[i,k]`
-  when `x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load.
+  when `x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load, its hop work included.
 
 `throughput` keeps only the assignment: minimise `Z >=` each device's, send port's and receive
 port's total time (a device that pays for its transfers counts those into and out of it too,
@@ -23,7 +27,8 @@ horizon (a heuristic's makespan) spans at least 10^6 units, the shortest positiv
 least ~100 and each operation's rounding at most 1/20000 of the horizon, capped at 10^9 units.
 Durations are rounded *down*: then any real schedule maps to an integer one no longer than it
 (floor(a + b) >= floor(a) + floor(b)), so CP-SAT's bound divided by the scale is a valid lower
-bound of the real problem. The solution's assignment and operation order are replayed in exact
+bound of the real problem (the receiver's earliest start `T_e + tau - recv` rounds its `recv`
+up for the same reason). The solution's assignment and operation order are replayed in exact
 time by the simulator (`retime`); the difference to CP-SAT's own objective is the rounding
 error, reported in the plan (`rounding_error_ms`).
 
@@ -80,6 +85,8 @@ class CpModel:
     start: list[Any]
     end: list[Any]
     tstart: dict[int, Any]
+    rstart: dict[int, Any]
+    """Start of each edge's receiver's work (edges that may have some)."""
     objective: Any
     intervals: int
 
@@ -131,7 +138,7 @@ def build(
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[1] == k))
             m.Add(z >= sum(t * y[key] for key, t in tau.items() if key[2] == k))
         m.Minimize(z)
-        return CpModel(m, scale, x, y, [], [], {}, z, 0)
+        return CpModel(m, scale, x, y, [], [], {}, {}, z, 0)
 
     start = [m.NewIntVar(0, horizon, f"s{i}") for i in range(p.n)]
     end = []
@@ -148,6 +155,8 @@ def build(
     send_iv: list[list[Any]] = [[] for _ in range(p.num_devices)]
     recv_iv: list[list[Any]] = [[] for _ in range(p.num_devices)]
     tstart: dict[int, Any] = {}
+    rstart: dict[int, Any] = {}
+    hop_load: list[list[Any]] = [[] for _ in range(p.num_devices)]
     for e, (i, j) in enumerate(p.edges):
         keys = [key for key in ((e, a, b) for a in cands[i] for b in cands[j]) if key in y]
         if not keys:
@@ -163,6 +172,27 @@ def build(
                 )
                 send_iv[key[1]].append(iv)
                 recv_iv[key[2]].append(iv)
+        sends = {key: math.floor(p.send_work[e][key[1]][key[2]] * scale) for key in keys}
+        for key, d in sends.items():
+            if d > 0:
+                device_iv[key[1]].append(
+                    m.NewOptionalFixedSizeIntervalVar(t, d, y[key], f"hs{e}_{key[1]}_{key[2]}")
+                )
+                hop_load[key[1]].append(d * y[key])
+        recvs = {key: p.recv_work[e][key[1]][key[2]] * scale for key in keys}
+        if not any(math.floor(v) > 0 for v in recvs.values()):
+            continue
+        r = rstart[e] = m.NewIntVar(0, horizon, f"R{e}")
+        m.Add(r >= t + sum((tau[key] - math.ceil(v)) * y[key] for key, v in recvs.items()))
+        m.Add(start[j] >= r + sum(math.floor(v) * y[key] for key, v in recvs.items()))
+        for key, v in recvs.items():
+            if math.floor(v) > 0:
+                device_iv[key[2]].append(
+                    m.NewOptionalFixedSizeIntervalVar(
+                        r, math.floor(v), y[key], f"hr{e}_{key[1]}_{key[2]}"
+                    )
+                )
+                hop_load[key[2]].append(math.floor(v) * y[key])
     for ivs in (*device_iv, *send_iv, *recv_iv):
         if len(ivs) > 1:
             m.AddNoOverlap(ivs)
@@ -179,11 +209,11 @@ def build(
         m.Add(cmax >= start[i] + cp_model.LinearExpr.WeightedSum(xs, ts))
     for k in range(p.num_devices):
         load = [dur[i][k] * x[i][k] for i in range(p.n) if k in x[i] and dur[i][k] > 0]
-        if load:
-            m.Add(cmax >= sum(load))
+        if load or hop_load[k]:
+            m.Add(cmax >= sum(load) + sum(hop_load[k]))
     m.Minimize(cmax)
     intervals = sum(len(ivs) for ivs in (*device_iv, *send_iv, *recv_iv))
-    return CpModel(m, scale, x, y, start, end, tstart, cmax, intervals)
+    return CpModel(m, scale, x, y, start, end, tstart, rstart, cmax, intervals)
 
 
 def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
@@ -210,11 +240,20 @@ def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
     for i in range(p.n):
         m.AddHint(cp.start[i], begin[i])
         m.AddHint(cp.end[i], finish[i])
-    xs = {(x.src, x.dst): x.start_ms for x in plan.transfers}
+    xs = {(x.src, x.dst): x for x in plan.transfers}
     for e, v in cp.tstart.items():
         i, j = p.edges[e]
         key = (p.tasks[i], p.tasks[j])
-        m.AddHint(v, math.floor(xs[key] * s) if key in xs else finish[i])
+        m.AddHint(v, math.floor(xs[key].start_ms * s) if key in xs else finish[i])
+    for e, v in cp.rstart.items():
+        i, j = p.edges[e]
+        x = xs.get((p.tasks[i], p.tasks[j]))
+        if x is None:  # no transfer: any time between the source's end and the consumer's start
+            m.AddHint(v, finish[i])
+            continue
+        arrive = x.end_ms if x.arrive_ms is None else x.arrive_ms
+        rw = p.recv_work[e][assign[i]][assign[j]]
+        m.AddHint(v, math.floor((arrive - rw) * s))
     m.AddHint(cp.objective, max(finish))
 
 
@@ -324,7 +363,8 @@ class Session:
         if p.objective == "latency":
             starts = [solver.Value(v) / scale for v in cp.start]
             tstarts = {e: solver.Value(v) / scale for e, v in cp.tstart.items()}
-            schedules.append(retime(p, assign, starts, tstarts))
+            rstarts = {e: solver.Value(v) / scale for e, v in cp.rstart.items()}
+            schedules.append(retime(p, assign, starts, tstarts, rstarts))
         sched = min(schedules, key=lambda s: s.makespan)
         extra = {"time_unit_ms": 1.0 / scale, "cpsat_status": self.status}
         plan = sched.to_placement(label, "feasible", self.bound, time.monotonic() - started, extra)

@@ -1,7 +1,8 @@
 """List-scheduling heuristics: `heft`, `getf`, `msct` (the paper's baselines) and `single`.
 
 All of them build their schedule with the one simulator's `Schedule` (insertion-based, transfers
-on send/receive ports), so they obey Moirai's execution model including congestion, and all are
+on send/receive ports, hop work on the devices that pay for their transfers), so they obey
+Moirai's execution model including congestion and hop work, and all are
 memory- and pin-aware: a task only goes to its candidate devices (runnable, pinned, fits alone)
 and only where `memory.MemoryGuard` says the tasks not yet placed can still fit, so on a
 memory-tight instance they answer whenever the tasks can be packed at all, and otherwise say
@@ -110,6 +111,8 @@ def etf(
             sched.device[k].version,
             sched.recv[k].version,
             *(sched.send[sched.where[p.edges[e][0]]].version for e in p.in_edges[i]),
+            # the senders' hop work (a CPU's share of a transfer) sits on their devices
+            *(sched.device[sched.where[p.edges[e][0]]].version for e in p.in_edges[i]),
         )
         hit = cache.get((i, k))
         if hit is not None and hit[0] == stamp:

@@ -19,6 +19,14 @@ i, devices k in `cand[i]`, edges e = (i, j):
   device (or enter the same device), an order binary `q` and, per such port, the same
   disjunction with `send[e,a] = sum_b y[e,a,b]` (`recv[e,b] = sum_a y[e,a,b]`) as indicators
   (pairs with a zero transfer time are left out: a zero-length transfer occupies no port);
+- hop work (`problem.hop_work`, on devices that pay for their transfers): the sender's share
+  of edge e starts with its transfer (`T_e`, length `sum_b send[e,a,b] y[e,a,b]` on device a),
+  the receiver's at `R_e >= T_e + sum (tau - recv) y`, with `S_j >= R_e + sum recv y`; each is
+  one more operation on its device, in the same big-M disjunctions against every task and
+  every other hop's work there that precedence does not order (a sender's shares on one device
+  are already apart: their transfers hold its send port for longer). These pairs grow with
+  tasks x edges, so on CPU devices the model is larger; `count_rows` counts them, and a model
+  past `MAX_ROWS` returns its warm start as before;
 - makespan `C >= S_i + sum_k tail[i,k] x[i,k]` for every task, minimised, and release times
   `S_i >= sum_k head[i,k] x[i,k]` (`bounds.heads_tails`) and `C >=` each device's load
   (redundant, they tighten the LP).
@@ -110,8 +118,12 @@ class Formulation:
     y: dict[tuple[int, int, int], int]
     start: list[int]
     tstart: dict[int, int]
+    rstart: dict[int, int]
     order: dict[tuple[int, int], int]
     xorder: dict[tuple[int, int], int]
+    horder: dict[tuple[Any, Any], int]
+    """Order binaries of hop work against a task (`(op, i)`) or other hop work (`(op, op)`):
+    1 when the first comes first."""
     objective: int
     horizon: float
 
@@ -127,6 +139,17 @@ def count_rows(problem: PlacementProblem, limit: int = MAX_ROWS) -> int:
                 rows += 2 * len(ci.intersection(p.cand[j]))
         if rows > limit:
             return rows
+    if p.has_hop_work:
+        ops = _hop_ops(p)
+        for k, items in ops.items():
+            tasks = [i for i in range(p.n) if k in p.cand[i] and p.compute[i][k] > 0]
+            for _, e, _ in items:
+                rows += 2 * sum(not _task_hop_ordered(p, i, e) for i in tasks)
+                if rows > limit:
+                    return rows
+            rows += 2 * len(_hop_pairs(p, items))
+            if rows > limit:
+                return rows
     ne = len(p.edges)
     for e in range(ne):
         rows += len(p.cand[p.edges[e][0]]) * len(p.cand[p.edges[e][1]])
@@ -145,6 +168,40 @@ def _transfers_ordered(p: PlacementProblem, e: int, f: int) -> bool:
     return (
         b == c or d == a or bool((p.descendants[b] >> c) & 1) or bool((p.descendants[d] >> a) & 1)
     )
+
+
+HopOp = tuple[str, int, int]
+"""Hop work on a device: (`send` or `recv`, edge, device)."""
+
+
+def _hop_ops(p: PlacementProblem) -> dict[int, list[HopOp]]:
+    """Per device, the hop work that may land on it (some candidate pair gives it a share)."""
+    out: dict[int, list[HopOp]] = {}
+    for e, (i, j) in enumerate(p.edges):
+        for k in range(p.num_devices):
+            if any(p.send_work[e][k][b] > 0 for b in p.cand[j] if k in p.cand[i]):
+                out.setdefault(k, []).append(("send", e, k))
+            if any(p.recv_work[e][a][k] > 0 for a in p.cand[i] if k in p.cand[j]):
+                out.setdefault(k, []).append(("recv", e, k))
+    return out
+
+
+def _task_hop_ordered(p: PlacementProblem, i: int, e: int) -> bool:
+    """Whether precedence orders task i and the hop work of edge e = (u, v), which lies
+    between u's end and v's start."""
+    u, v = p.edges[e]
+    return i in (u, v) or bool((p.descendants[i] >> u) & 1) or bool((p.descendants[v] >> i) & 1)
+
+
+def _hop_pairs(p: PlacementProblem, items: list[HopOp]) -> list[tuple[HopOp, HopOp]]:
+    """Pairs of hop work on one device that need a disjunction: not ordered by precedence, and
+    not two senders' shares (their transfers already hold the send port apart)."""
+    return [
+        (h, g)
+        for n1, h in enumerate(items)
+        for g in items[n1 + 1 :]
+        if h[1] != g[1] and not (h[0] == g[0] == "send") and not _transfers_ordered(p, h[1], g[1])
+    ]
 
 
 def build(problem: PlacementProblem, horizon: float) -> Formulation:
@@ -186,7 +243,7 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
             m.row(device, 0.0, math.inf)
             m.row(send, 0.0, math.inf)
             m.row(recv, 0.0, math.inf)
-        return Formulation(m, x, y, [], {}, {}, {}, z, horizon)
+        return Formulation(m, x, y, [], {}, {}, {}, {}, {}, z, horizon)
 
     start = [m.var(0.0, horizon) for _ in range(p.n)]
 
@@ -238,6 +295,11 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
                 terms = {start[i]: 1.0, start[j]: -1.0, o: big, x[i][k]: -big, x[j][k]: -big}
                 m.row(terms, p.compute[j][k] - 2 * big, math.inf)
 
+    rstart: dict[int, int] = {}
+    horder: dict[tuple[Any, Any], int] = {}
+    if p.has_hop_work:
+        _hop_rows(p, m, x, y, start, tstart, rstart, horder, big)
+
     xorder: dict[tuple[int, int], int] = {}
     edges = sorted(tstart)
     for n1, e in enumerate(edges):
@@ -273,7 +335,87 @@ def build(problem: PlacementProblem, horizon: float) -> Formulation:
                 for c in (*ind_e, *ind_f):
                     _add(terms, c, -big)
                 m.row(terms, -2 * big, math.inf)
-    return Formulation(m, x, y, start, tstart, order, xorder, cmax, horizon)
+    return Formulation(m, x, y, start, tstart, rstart, order, xorder, horder, cmax, horizon)
+
+
+def _hop_rows(
+    p: PlacementProblem,
+    m: LinearModel,
+    x: list[dict[int, int]],
+    y: dict[tuple[int, int, int], int],
+    start: list[int],
+    tstart: dict[int, int],
+    rstart: dict[int, int],
+    horder: dict[tuple[Any, Any], int],
+    big: float,
+) -> None:
+    """The hop work's start times, precedence and disjunctions (module docstring)."""
+    horizon = big
+    for e, (i, j) in enumerate(p.edges):
+        keys = [(e, a, b) for a in p.cand[i] for b in p.cand[j] if (e, a, b) in y]
+        if e not in tstart or not any(p.recv_work[e][a][b] > 0 for _, a, b in keys):
+            continue
+        r = rstart[e] = m.var(0.0, horizon)
+        terms = {r: 1.0, tstart[e]: -1.0}
+        for key in keys:
+            _add(terms, y[key], -(p.transfer[e][key[1]][key[2]] - p.recv_work[e][key[1]][key[2]]))
+        m.row(terms, 0.0, math.inf)
+        terms = {start[j]: 1.0, r: -1.0}
+        for key in keys:
+            _add(terms, y[key], -p.recv_work[e][key[1]][key[2]])
+        m.row(terms, 0.0, math.inf)
+
+    def shape(op: HopOp) -> tuple[int, dict[int, float], list[int]]:
+        """Start column, length terms and presence indicators of hop work on its device."""
+        kind, e, k = op
+        i, j = p.edges[e]
+        if kind == "send":
+            pairs = [(k, b) for b in p.cand[j] if (e, k, b) in y and p.send_work[e][k][b] > 0]
+            work = p.send_work
+            col = tstart[e]
+        else:
+            pairs = [(a, k) for a in p.cand[i] if (e, a, k) in y and p.recv_work[e][a][k] > 0]
+            work = p.recv_work
+            col = rstart[e]
+        length = {y[e, a, b]: work[e][a][b] for a, b in pairs}
+        return col, length, [y[e, a, b] for a, b in pairs]
+
+    def disjunction(
+        first: tuple[int, dict[int, float]],
+        second: tuple[int, dict[int, float]],
+        indicators: list[int],
+        o: int,
+    ) -> None:
+        """first before second when o = 1, second before first when o = 0, if both present."""
+        (s1, len1), (s2, len2) = first, second
+        terms = {s2: 1.0, s1: -1.0, o: -big}
+        for c, v in len1.items():
+            _add(terms, c, -v)
+        for c in indicators:
+            _add(terms, c, -big)
+        m.row(terms, -3 * big, math.inf)
+        terms = {s1: 1.0, s2: -1.0, o: big}
+        for c, v in len2.items():
+            _add(terms, c, -v)
+        for c in indicators:
+            _add(terms, c, -big)
+        m.row(terms, -2 * big, math.inf)
+
+    for k, items in _hop_ops(p).items():
+        tasks = [i for i in range(p.n) if k in p.cand[i] and p.compute[i][k] > 0]
+        shapes = {op: shape(op) for op in items}
+        for op in items:
+            col, length, ind = shapes[op]
+            for i in tasks:
+                if _task_hop_ordered(p, i, op[1]):
+                    continue
+                o = horder[op, i] = m.var(0.0, 1.0, integer=True)
+                task = (start[i], {x[i][k]: p.compute[i][k]})
+                disjunction((col, length), task, [*ind, x[i][k]], o)
+        for h, g in _hop_pairs(p, items):
+            o = horder[h, g] = m.var(0.0, 1.0, integer=True)
+            (c1, l1, i1), (c2, l2, i2) = shapes[h], shapes[g]
+            disjunction((c1, l1), (c2, l2), [*i1, *i2], o)
 
 
 def mip_start(form: Formulation, problem: PlacementProblem, plan: Placement) -> list[float]:
@@ -301,6 +443,22 @@ def mip_start(form: Formulation, problem: PlacementProblem, plan: Placement) -> 
         vals[col] = 1.0 if (s[p.tasks[i]], i) <= (s[p.tasks[j]], j) else 0.0
     for (e, f), col in form.xorder.items():
         vals[col] = 1.0 if (vals[form.tstart[e]], e) <= (vals[form.tstart[f]], f) else 0.0
+    arrive = {
+        (x.src, x.dst): x.end_ms if x.arrive_ms is None else x.arrive_ms for x in plan.transfers
+    }
+    for e, col in form.rstart.items():
+        i, j = p.edges[e]
+        key = (p.tasks[i], p.tasks[j])
+        rw = p.recv_work[e][assign[i]][assign[j]]
+        vals[col] = arrive[key] - rw if key in arrive else s[p.tasks[j]]
+
+    def begin(op: Any) -> float:
+        if isinstance(op, int):
+            return s[p.tasks[op]]
+        return vals[form.tstart[op[1]] if op[0] == "send" else form.rstart[op[1]]]
+
+    for (first, second), col in form.horder.items():
+        vals[col] = 1.0 if begin(first) <= begin(second) else 0.0
     vals[form.objective] = plan.makespan_ms
     return vals
 
@@ -509,7 +667,8 @@ class MilpSolver:
         if p.objective == "latency":
             starts = [values[c] for c in form.start]
             tstarts = {e: values[c] for e, c in form.tstart.items()}
-            schedules.append(retime(p, assign, starts, tstarts))
+            rstarts = {e: values[c] for e, c in form.rstart.items()}
+            schedules.append(retime(p, assign, starts, tstarts, rstarts))
         sched = min(schedules, key=lambda s: s.makespan)
         plan = sched.to_placement(label, "feasible", bound, time.monotonic() - started, notes)
         if warm is not None and warm.objective_ms < plan.objective_ms:  # stopped above it

@@ -11,12 +11,24 @@ It also precomputes, once, the dense integer-indexed view that every solver and 
 work on, so no solver re-derives it and all agree on it: tasks in topological order, the
 candidate devices of each task (runnable, allowed by its pin, with enough memory), compute times,
 transfer times of every edge for every ordered device pair, which devices pay for their
-transfers with their own time (the throughput objective), and reachability between tasks
-(which orderings are already implied by precedence; the exact models skip those pairs).
+transfers with their own time, the hop work that follows from it, and reachability between
+tasks (which orderings are already implied by precedence; the exact models skip those pairs).
+
+Hop work (Moirai's execution model, `moirai.placement.simulate`): a hop between two devices is
+work on the cores of each end that pays for its transfers (a CPU: its stage server encodes and
+writes the tensor, the receiver wakes, reads and files it), so a device pushing one branch's
+outputs does not compute meanwhile. When edge e crosses from device a to device b, a spends
+half of the hop's time (`send_work[e][a][b]`) on a at the transfer's start and b spends half
+(`recv_work[e][a][b]`) on b once the data is in, before the consumer starts; the transfer still
+takes its whole time (`transfer`) on both ports, so a hop costs a path its time once, as before,
+and the work only adds to what a device does. `hop_work` is the one place this split is
+computed: the solvers, the simulator and the served prediction (`moirai.planning.prediction`)
+all read it here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,6 +51,13 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / (1 << 20):.1f} MiB"
 
 
+def hop_work(transfer_ms: float, sender_pays: bool, receiver_pays: bool) -> tuple[float, float]:
+    """The work a hop of `transfer_ms` puts on its sender and on its receiver: half of its time
+    to each end that pays for its transfers (module docstring), none to one that does not."""
+    half = transfer_ms / 2
+    return (half if sender_pays else 0.0, half if receiver_pays else 0.0)
+
+
 @dataclass(frozen=True)
 class PlacementProblem:
     """A cost graph plus the objective, pins and memory limits; validated on construction.
@@ -46,7 +65,8 @@ class PlacementProblem:
     Index view (all lists are indexed by task position `i` in `tasks`, a topological order, and
     device position `k` in `devices`; edge position `e` in `edges`):
     `cand[i]` candidate devices, `compute[i][k]` time (only for candidates), `mem[i]`, `cap[k]`,
-    `edge_src[e]`, `edge_dst[e]`, `transfer[e][a][b]` (0 when `a == b`), `in_edges[i]`,
+    `edge_src[e]`, `edge_dst[e]`, `transfer[e][a][b]` (0 when `a == b`), `send_work[e][a][b]`
+    and `recv_work[e][a][b]` (the hop work on a and on b, 0 when `a == b`), `in_edges[i]`,
     `out_edges[i]`, `pays_for_transfers[k]`.
     """
 
@@ -185,6 +205,46 @@ class PlacementProblem:
         cg = self.costgraph
         names = self.devices
         return [[[cg.transfer_ms(edge, a, b) for b in names] for a in names] for edge in cg.edges]
+
+    @cached_property
+    def send_work(self) -> list[list[list[float]]]:
+        """`send_work[e][a][b]`: the sender's share of edge e's hop from a to b (`hop_work`)."""
+        return self._hop_shares(0)
+
+    @cached_property
+    def recv_work(self) -> list[list[list[float]]]:
+        """`recv_work[e][a][b]`: the receiver's share of edge e's hop from a to b (`hop_work`)."""
+        return self._hop_shares(1)
+
+    def _hop_shares(self, end: int) -> list[list[list[float]]]:
+        pays = self.pays_for_transfers
+        return [
+            [
+                [hop_work(t, pa, pb)[end] for t, pb in zip(row, pays, strict=True)]
+                for row, pa in zip(times, pays, strict=True)
+            ]
+            for times in self.transfer
+        ]
+
+    @cached_property
+    def has_hop_work(self) -> bool:
+        """Whether any hop may put work on a device (some device pays for its transfers)."""
+        return any(self.pays_for_transfers) and self.num_devices > 1
+
+    def ports_only(self) -> PlacementProblem:
+        """The same problem with no device paying for its transfers: no hop work, transfers
+        on the ports only (a relaxation of the makespan: any schedule of this problem's
+        assignment under hop work takes at least as long). Greedy placers choose devices better
+        on it (`auto`): they place a consumer after its producer's device has moved on, where
+        the sender's share of the hop no longer fits."""
+        cg = self.costgraph
+        devices = tuple(dataclasses.replace(d, transfers_occupy_device=False) for d in cg.devices)
+        return PlacementProblem(
+            dataclasses.replace(cg, devices=devices),
+            self.objective,
+            self.pins,
+            self.memory_limits,
+        )
 
     @cached_property
     def in_edges(self) -> list[list[int]]:

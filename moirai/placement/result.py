@@ -8,6 +8,10 @@ The objective decides what `lower_bound_ms` and `gap` refer to: the makespan for
 `throughput`, the pipelined period `period_ms` (the busiest device or port per request, a
 device's transfers included when it pays for them, see `moirai.placement.simulate.loads`), while
 `makespan_ms` still reports one request's latency.
+
+Moirai extends a transfer with `arrive_ms` where its receiver does part of the hop on its own
+device (a CPU: `moirai.placement.simulate`, hop work): the end of that work, when the consumer
+may start; absent otherwise (the data is in at `end_ms`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class ScheduledTransfer:
     to_device: str
     start_ms: float
     end_ms: float
+    arrive_ms: float | None = None
+    """When the receiver has done its share of the hop (`moirai.placement.simulate`: the
+    consumer may start); None when it does none (the data is in at `end_ms`)."""
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Placement:
                     "to": t.to_device,
                     "start_ms": t.start_ms,
                     "end_ms": t.end_ms,
+                    **({"arrive_ms": t.arrive_ms} if t.arrive_ms is not None else {}),
                 }
                 for t in self.transfers
             ],
@@ -144,6 +152,7 @@ class Placement:
                         to_device=t["to"],
                         start_ms=float(t["start_ms"]),
                         end_ms=float(t["end_ms"]),
+                        arrive_ms=float(t["arrive_ms"]) if "arrive_ms" in t else None,
                     )
                     for t in data.get("transfers", [])
                 ],

@@ -7,6 +7,16 @@ source task ends and lasts the edge's transfer time for that device pair; conges
 sends at most one transfer at a time (its send port) and receives at most one at a time (its
 receive port). Zero-length tasks and transfers occupy nothing. Makespan = the last end.
 
+Hop work (Moirai's extension, `problem.hop_work`): a device that pays for its transfers (a CPU,
+`PlacementProblem.pays_for_transfers`) also does part of every hop on its own time, and computes
+nothing meanwhile. A transfer of edge e from a to b that starts at T occupies a's device for
+`send_work[e][a][b]` from T (the sender encodes and writes) and b's device for
+`recv_work[e][a][b]` at some time R >= T + transfer - recv_work (the receiver reads and files the
+data once it is in; it may do so later when busy), and its consumer starts after R + recv_work
+(the transfer's *arrival*, its end when b does no work). The ports still carry the whole
+transfer, so every bound that prices transfers on paths and ports stays valid, and the hop work
+only adds to what a device does. A plan records R + recv_work as a transfer's `arrive_ms`.
+
 Three things live here and nowhere else:
 
 - `Schedule`: a schedule under construction over timelines (device, send port, receive port).
@@ -29,8 +39,7 @@ Three things live here and nowhere else:
 `loads`, the busy time per request of every device and port. The period has its own resource
 model: a device whose `pays_for_transfers` is set (by default a CPU: its stage server copies and
 serialises every tensor it sends or receives on its own cores) is busy for its transfers as
-well as its tasks. The makespan model keeps transfers on the ports only: one request's hop is a
-wait for the data, and the pipelined cost of that copy is what the period charges.
+well as its tasks (in full: in steady state both ends' work and the wait add up per request).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from typing import Any
 
 from moirai.costgraph import CostGraph
 from moirai.errors import MoiraiError
-from moirai.placement.problem import PlacementProblem, gib
+from moirai.placement.problem import PlacementProblem, gib, hop_work
 from moirai.placement.result import Placement, ScheduledTask, ScheduledTransfer, Status
 
 
@@ -63,12 +72,16 @@ class Timeline:
         self.ends: list[float] = []
         self.version = 0
 
-    def conflict(self, t: float, dur: float) -> float | None:
-        """End of the first busy interval overlapping `[t, t + dur)`, or None when free."""
-        idx = bisect_right(self.ends, t)
-        if idx < len(self.starts) and self.starts[idx] < t + dur:
-            return self.ends[idx]
-        return None
+    def first_free(self, t: float, dur: float) -> float:
+        """Earliest `t' >= t` at which `[t', t' + dur)` is free (`dur` > 0): one pass over the
+        busy intervals from t, which are sorted and disjoint."""
+        starts, ends = self.starts, self.ends
+        idx = bisect_right(ends, t)
+        n = len(starts)
+        while idx < n and starts[idx] < t + dur:
+            t = ends[idx]
+            idx += 1
+        return t
 
     def add(self, start: float, end: float) -> None:
         if end <= start:
@@ -89,26 +102,44 @@ class Timeline:
         self.version += 1
 
 
+def earliest_fit(windows: Sequence[tuple[Timeline, float]], ready: float) -> float:
+    """Earliest `t >= ready` at which every `(timeline, duration)` is free on `[t, t + duration)`
+    (windows of one operation that start together: a transfer's ports and its sender's work)."""
+    t = ready
+    moved = True
+    while moved:
+        moved = False
+        for tl, dur in windows:
+            if dur <= 0:
+                continue
+            free = tl.first_free(t, dur)
+            if free > t:
+                t = free
+                moved = True
+    return t
+
+
 def earliest_gap(timelines: Sequence[Timeline], ready: float, dur: float) -> float:
     """Earliest `t >= ready` at which `[t, t + dur)` is free on every timeline."""
     if dur <= 0:
         return ready
+    if len(timelines) == 1:
+        return timelines[0].first_free(ready, dur)
     t = ready
     moved = True
     while moved:
         moved = False
         for tl in timelines:
-            end = tl.conflict(t, dur)
-            while end is not None:
-                t = end
+            free = tl.first_free(t, dur)
+            if free > t:
+                t = free
                 moved = True
-                end = tl.conflict(t, dur)
     return t
 
 
 # -------------------------------------------------------------------- schedule
-TransferPlan = list[tuple[int, float, float]]
-"""Incoming transfers of a task: (edge index, start, end)."""
+TransferPlan = list[tuple[int, float, float, float]]
+"""Incoming transfers of a task: (edge index, start, end, arrival)."""
 
 
 class Schedule:
@@ -124,14 +155,20 @@ class Schedule:
         self.start = [0.0] * problem.n
         self.end = [0.0] * problem.n
         self.xfer: dict[int, tuple[float, float]] = {}
+        """Each cross-device edge's transfer on the ports: (start, end)."""
+        self.arrive: dict[int, float] = {}
+        """When each transfer's data is in its consumer's hands: the end of the receiver's
+        work, or of the transfer when the receiver does none."""
 
     # ---------------------------------------------------------------- tasks
     def plan(self, i: int, k: int) -> tuple[float, TransferPlan]:
         """Earliest start of task i on device k, with its incoming transfers (not committed).
 
-        Every predecessor must be placed. Incoming cross-device transfers are tried in order of
-        their source's end, each at the earliest gap on both ports (tentatively booked so they
-        do not collide with each other), then the task at the earliest gap on the device.
+        Every predecessor must be placed. Incoming cross-device transfers not yet scheduled
+        (`place_transfer` may have sent some already) are tried in order of their source's end,
+        each at the earliest gap on both ports and its sender's device, its receiver's work at
+        the earliest gap on device k once the data is in (tentatively booked so they do not
+        collide with each other), then the task at the earliest gap on the device.
         """
         p = self.problem
         ready = 0.0
@@ -141,31 +178,65 @@ class Schedule:
             a = self.where[j]
             if a == k:
                 ready = max(ready, self.end[j])
+            elif e in self.xfer:
+                ready = max(ready, self.arrive[e])
             else:
                 cross.append((self.end[j], e, a))
         plan: TransferPlan = []
         if cross:
             cross.sort()
-            recv = self.recv[k]
             for r, e, a in cross:
-                d = p.transfer[e][a][k]
-                s = earliest_gap((self.send[a], recv), r, d)
-                self.send[a].add(s, s + d)
-                recv.add(s, s + d)
-                plan.append((e, s, s + d))
-                ready = max(ready, s + d)
-            for (_, s, f), (_, _, a) in zip(plan, cross, strict=True):
-                self.send[a].remove(s, f)
-                recv.remove(s, f)
+                s, f, arrive = self._book(e, a, k, r)
+                plan.append((e, s, f, arrive))
+                ready = max(ready, arrive)
+            for (e, s, f, arrive), (_, _, a) in zip(plan, cross, strict=True):
+                self._unbook(e, a, k, s, f, arrive)
         return earliest_gap((self.device[k],), ready, p.compute[i][k]), plan
+
+    def _book(
+        self, e: int, a: int, b: int, ready: float, receive: bool = True
+    ) -> tuple[float, float, float]:
+        """Book edge e's transfer from a to b at its earliest (ports and the sender's work from
+        the same start), then (`receive`) the receiver's work at its earliest once the data is
+        in; returns (start, end, arrival)."""
+        p = self.problem
+        d, sw = p.transfer[e][a][b], p.send_work[e][a][b]
+        s = earliest_fit(((self.send[a], d), (self.recv[b], d), (self.device[a], sw)), ready)
+        self.send[a].add(s, s + d)
+        self.recv[b].add(s, s + d)
+        self.device[a].add(s, s + sw)
+        arrive = self._receive(e, a, b, s + d) if receive else s + d
+        return s, s + d, arrive
+
+    def _receive(self, e: int, a: int, b: int, end: float) -> float:
+        """Book the receiver's work of edge e's transfer (ending at `end`) at its earliest on
+        device b; returns the arrival."""
+        rw = self.problem.recv_work[e][a][b]
+        if rw <= 0:
+            return end
+        arrive = earliest_gap((self.device[b],), end - rw, rw) + rw
+        self.device[b].add(arrive - rw, arrive)
+        return arrive
+
+    def _unbook(self, e: int, a: int, b: int, s: float, f: float, arrive: float) -> None:
+        p = self.problem
+        self.send[a].remove(s, f)
+        self.recv[b].remove(s, f)
+        self.device[a].remove(s, s + p.send_work[e][a][b])
+        rw = p.recv_work[e][a][b]
+        self.device[b].remove(arrive - rw, arrive)
 
     def commit(self, i: int, k: int, start: float, plan: TransferPlan) -> None:
         p = self.problem
-        for e, s, f in plan:
+        for e, s, f, arrive in plan:
             a = self.where[p.edges[e][0]]
             self.send[a].add(s, f)
             self.recv[k].add(s, f)
+            self.device[a].add(s, s + p.send_work[e][a][k])
+            rw = p.recv_work[e][a][k]
+            self.device[k].add(arrive - rw, arrive)
             self.xfer[e] = (s, f)
+            self.arrive[e] = arrive
         end = start + p.compute[i][k]
         self.device[k].add(start, end)
         self.where[i] = k
@@ -179,16 +250,23 @@ class Schedule:
         return self.end[i]
 
     # ----------------------------------------------------- one op at a time
-    def place_transfer(self, e: int, k: int) -> None:
-        """Schedule edge e's transfer to device k (its source placed) at the earliest gap."""
-        p = self.problem
-        i = p.edges[e][0]
-        a = self.where[i]
-        d = p.transfer[e][a][k]
-        s = earliest_gap((self.send[a], self.recv[k]), self.end[i], d)
-        self.send[a].add(s, s + d)
-        self.recv[k].add(s, s + d)
-        self.xfer[e] = (s, s + d)
+    def place_transfer(self, e: int, k: int, receive: bool = True) -> float:
+        """Schedule edge e's transfer to device k (its source placed) at the earliest gap, with
+        its sender's hop work and (`receive`) its receiver's; returns its arrival (its end when
+        the receiver's work is left for `place_receive`)."""
+        a = self.where[self.problem.edges[e][0]]
+        s, f, arrive = self._book(e, a, k, self.end[self.problem.edges[e][0]], receive)
+        self.xfer[e] = (s, f)
+        if receive or self.problem.recv_work[e][a][k] <= 0:
+            self.arrive[e] = arrive
+        return arrive
+
+    def place_receive(self, e: int, k: int) -> float:
+        """Schedule the receiver's work of edge e's transfer (placed) on device k; returns
+        the arrival."""
+        a = self.where[self.problem.edges[e][0]]
+        self.arrive[e] = self._receive(e, a, k, self.xfer[e][1])
+        return self.arrive[e]
 
     def place_task_after_inputs(self, i: int, k: int) -> None:
         """Place task i on device k once its inputs are there (transfers already scheduled)."""
@@ -196,13 +274,13 @@ class Schedule:
         ready = 0.0
         for e in p.in_edges[i]:
             j = p.edges[e][0]
-            ready = max(ready, self.end[j] if self.where[j] == k else self.xfer[e][1])
+            ready = max(ready, self.end[j] if self.where[j] == k else self.arrive[e])
         self.commit(i, k, earliest_gap((self.device[k],), ready, p.compute[i][k]), [])
 
     # --------------------------------------------------------------- result
     @property
     def makespan(self) -> float:
-        ends = [*self.end, *(f for _, f in self.xfer.values())]
+        ends = [*self.end, *self.arrive.values()]
         return max(ends, default=0.0)
 
     def to_placement(
@@ -225,11 +303,9 @@ class Schedule:
         for e in sorted(self.xfer, key=lambda e: (self.xfer[e][0], e)):
             i, j = p.edges[e]
             s, f = self.xfer[e]
-            transfers.append(
-                ScheduledTransfer(
-                    names[i], names[j], devs[self.where[i]], devs[self.where[j]], s, f
-                )
-            )
+            a, b = self.where[i], self.where[j]
+            arrive = self.arrive[e] if p.recv_work[e][a][b] > 0 else None
+            transfers.append(ScheduledTransfer(names[i], names[j], devs[a], devs[b], s, f, arrive))
         return Placement(
             costgraph=p.costgraph.name,
             solver=solver,
@@ -301,12 +377,24 @@ def list_schedule(
     problem: PlacementProblem,
     assignment: Sequence[int] | Mapping[str, str],
     priority: Sequence[int] | Sequence[str] | None = None,
+    eager: bool | None = None,
 ) -> Schedule:
     """Turn an assignment into a valid schedule by list scheduling.
 
     Tasks go in `priority` order (made topological if it is not), by default by decreasing
     upward rank under the assignment; each is placed at its earliest start on its device.
+    `eager`: a task's outgoing transfers are sent as soon as it is placed (a stage server
+    pushes its outputs as soon as it has them), rather than when their consumer is placed;
+    its sender's hop work then sits right after the task instead of after the tasks placed on
+    its device in between. None (the default): both, the better schedule kept, where the
+    problem has hop work; lazy otherwise.
     """
+    if eager is None:
+        lazy = list_schedule(problem, assignment, priority, eager=False)
+        if not problem.has_hop_work:
+            return lazy
+        sent = list_schedule(problem, assignment, priority, eager=True)
+        return sent if sent.makespan < lazy.makespan else lazy
     assign = _as_indices(problem, assignment)
     if priority is None:
         order = priority_order(problem, upward_rank(problem, assign))
@@ -316,9 +404,43 @@ def list_schedule(
             raise ValueError("priority must list every task exactly once")
     order = _topological_priority(problem, order)
     sched = Schedule(problem)
+    rank = {i: q for q, i in enumerate(order)}
+    p = problem
     for i in order:
         sched.place(i, assign[i])
+        if eager:
+            out = [e for e in p.out_edges[i] if assign[p.edges[e][1]] != assign[i]]
+            for e in sorted(out, key=lambda e: rank[p.edges[e][1]]):
+                sched.place_transfer(e, assign[p.edges[e][1]])
     return sched
+
+
+def _operations(
+    problem: PlacementProblem, assignment: Sequence[int]
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """The operations of an assignment and their precedence: task i is `i`, edge e's transfer
+    `n + e`, its receiver's hop work (where there is some) `n + m + e` (m edges); successors of
+    each, and how many predecessors each waits for."""
+    p = problem
+    n, m = p.n, len(p.edges)
+    succs: dict[int, list[int]] = {i: [] for i in range(n)}
+    waiting = dict.fromkeys(range(n), 0)
+    for e, (i, j) in enumerate(p.edges):
+        a, b = assignment[i], assignment[j]
+        if a != b:
+            x = n + e
+            succs[i].append(x)
+            waiting[x] = 1
+            if p.recv_work[e][a][b] > 0:
+                succs[x] = [n + m + e]
+                succs[n + m + e] = [j]
+                waiting[n + m + e] = 1
+            else:
+                succs[x] = [j]
+        else:
+            succs[i].append(j)
+        waiting[j] += 1
+    return succs, waiting
 
 
 def retime(
@@ -326,29 +448,20 @@ def retime(
     assignment: Sequence[int],
     task_start: Sequence[float],
     transfer_start: Mapping[int, float],
+    recv_start: Mapping[int, float] | None = None,
 ) -> Schedule:
     """Replay a solver's schedule in exact time, operation by operation in start order.
 
     `transfer_start[e]` is the solver's start of each cross-device edge (a missing one counts
-    as its destination's start). Operations are released in order of the solver's start, but
-    never before their predecessors (so zero-length operations and a solver's tolerances, which
-    may put a successor a hair before its predecessor, cannot break the replay).
+    as its destination's start), `recv_start[e]` the start of its receiver's hop work (a
+    missing one counts as late as its consumer allows). Operations are released in order of
+    the solver's start, but never before their predecessors (so zero-length operations and a
+    solver's tolerances, which may put a successor a hair before its predecessor, cannot break
+    the replay).
     """
-    p = problem
-    # operation ids: task i -> i, transfer of edge e -> n + e
-    succs: dict[int, list[int]] = {i: [] for i in range(p.n)}
-    waiting = dict.fromkeys(range(p.n), 0)
-    for e, (i, j) in enumerate(p.edges):
-        if assignment[i] != assignment[j]:
-            op = p.n + e
-            succs[i].append(op)
-            succs[op] = [j]
-            waiting[op] = 1
-        else:
-            succs[i].append(j)
-        waiting[j] += 1
-    sched = Schedule(p)
-    _release(sched, assignment, task_start, transfer_start, succs, waiting)
+    succs, waiting = _operations(problem, assignment)
+    sched = Schedule(problem)
+    _release(sched, assignment, task_start, transfer_start, recv_start or {}, succs, waiting)
     return sched
 
 
@@ -357,28 +470,33 @@ def _release(
     assignment: Sequence[int],
     task_start: Sequence[float],
     transfer_start: Mapping[int, float],
+    recv_start: Mapping[int, float],
     succs: dict[int, list[int]],
     waiting: dict[int, int],
     limit: float = math.inf,
     order: list[int] | None = None,
     tail: tuple[Sequence[float], set[int]] | None = None,
 ) -> bool:
-    """Place the operations of `waiting` (task i, or n + e for edge e's transfer) in order of
-    their solver start, each once its predecessors (`succs`, counted in `waiting`) are placed;
-    appends them to `order` as they go. False, leaving the schedule unfinished, as soon as an
-    operation ends after `limit`, or (with `tail`: the time after each task to the end on its
-    longest path, and the tasks whose tails are not known) once those tasks are placed, as soon
-    as a task's end plus its tail, or a transfer's end plus its destination's rank, exceeds it."""
+    """Place the operations of `waiting` (`_operations`' ids) in order of their solver start,
+    each once its predecessors (`succs`, counted in `waiting`) are placed; appends them to
+    `order` as they go. False, leaving the schedule unfinished, as soon as an operation ends
+    after `limit`, or (with `tail`: the time after each task to the end on its longest path,
+    and the tasks whose tails are not known) once those tasks are placed, as soon as a task's
+    end plus its tail, or a transfer's arrival plus its destination's rank, exceeds it."""
     p = sched.problem
-    n = p.n
+    n, m = p.n, len(p.edges)
     after, unknown = tail if tail is not None else ((), set())
     checking = tail is not None and not unknown
 
     def key(op: int) -> tuple[float, int]:
         if op < n:
             return task_start[op], 2 * op
-        j = p.edges[op - n][1]
-        return transfer_start.get(op - n, task_start[j]), 2 * j - 1
+        e = (op - n) % m
+        i, j = p.edges[e]
+        if op < n + m:
+            return transfer_start.get(e, task_start[j]), 2 * j - 1
+        rw = p.recv_work[e][assignment[i]][assignment[j]]
+        return recv_start.get(e, task_start[j] - rw), 2 * j - 1
 
     ready = [(key(op), op) for op, count in waiting.items() if count == 0]
     heapq.heapify(ready)
@@ -393,11 +511,13 @@ def _release(
                 unknown.discard(op)
                 checking = tail is not None and not unknown
         else:
-            e = op - n
-            sched.place_transfer(e, assignment[p.edges[e][1]])
-            end = sched.xfer[e][1]
+            e = (op - n) % m
+            j = p.edges[e][1]
+            if op < n + m:
+                end = sched.place_transfer(e, assignment[j], receive=False)
+            else:
+                end = sched.place_receive(e, assignment[j])
             if checking:
-                j = p.edges[e][1]
                 end += after[j] + p.compute[j][assignment[j]]
         if end > limit:
             return False
@@ -417,12 +537,12 @@ class Replay:
     move that cannot win stops as soon as an operation ends past the value to beat).
 
     The base replay places operations in a sequence (start order, predecessors first). Moving
-    tasks to other devices changes those tasks and the transfers of their edges; the
-    operations placed before the first of them (the cut) have all their predecessors before
-    the cut too and none of them changed, so in the new assignment they stay where they are.
-    `evaluate` keeps that prefix and replays the rest, in the same start order, into the
-    timelines the prefix leaves: a valid schedule of the new assignment (each operation at
-    its earliest gap once its inputs are in), usually exactly `retime`'s.
+    tasks to other devices changes those tasks and the transfers of their edges (and their hop
+    work); the operations placed before the first of them (the cut) have all their
+    predecessors before the cut too and none of them changed, so in the new assignment they
+    stay where they are. `evaluate` keeps that prefix and replays the rest, in the same start
+    order, into the timelines the prefix leaves: a valid schedule of the new assignment (each
+    operation at its earliest gap once its inputs are in), usually exactly `retime`'s.
     """
 
     def __init__(
@@ -431,39 +551,47 @@ class Replay:
         assignment: Sequence[int],
         task_start: Sequence[float],
         transfer_start: Mapping[int, float],
+        recv_start: Mapping[int, float] | None = None,
     ) -> None:
         p = problem
         self.problem = p
         self.task_start = task_start
         self.transfer_start = transfer_start
+        self.recv_start = recv_start or {}
         order: list[int] = []
-        succs: dict[int, list[int]] = {i: [] for i in range(p.n)}
-        waiting = dict.fromkeys(range(p.n), 0)
-        for e, (i, j) in enumerate(p.edges):
-            if assignment[i] != assignment[j]:
-                succs[i].append(p.n + e)
-                succs[p.n + e] = [j]
-                waiting[p.n + e] = 1
-            else:
-                succs[i].append(j)
-            waiting[j] += 1
+        succs, waiting = _operations(p, assignment)
         sched = Schedule(p)
-        _release(sched, assignment, task_start, transfer_start, succs, waiting, order=order)
+        _release(
+            sched,
+            assignment,
+            task_start,
+            transfer_start,
+            self.recv_start,
+            succs,
+            waiting,
+            order=order,
+        )
         self.schedule = sched
         self.order = order
         self.position = {op: q for q, op in enumerate(order)}
         # every resource's busy intervals, by start, with the position of their operation
         busy: list[list[tuple[float, float, int]]] = [[] for _ in range(3 * p.num_devices)]
-        kk = p.num_devices
+        kk, n, m = p.num_devices, p.n, len(p.edges)
         for i in range(p.n):
             if sched.end[i] > sched.start[i]:
                 busy[sched.where[i]].append((sched.start[i], sched.end[i], self.position[i]))
         for e, (s, f) in sched.xfer.items():
+            a, b = sched.where[p.edges[e][0]], sched.where[p.edges[e][1]]
+            q = self.position[n + e]
             if f > s:
-                a, b = sched.where[p.edges[e][0]], sched.where[p.edges[e][1]]
-                q = self.position[p.n + e]
                 busy[kk + a].append((s, f, q))
                 busy[2 * kk + b].append((s, f, q))
+            sw, rw = p.send_work[e][a][b], p.recv_work[e][a][b]
+            if sw > 0:
+                busy[a].append((s, s + sw, q))
+            if rw > 0:
+                arrive = sched.arrive[e]
+                busy[b].append((arrive - rw, arrive, self.position[n + m + e]))
         self.busy = [sorted(b) for b in busy]
         rank = upward_rank(p, assignment)
         self.after = [rank[i] - p.compute[i][assignment[i]] for i in range(p.n)]
@@ -477,6 +605,7 @@ class Replay:
         """The replay of `assignment`, which differs from the base's in the tasks `moved`
         only; None when an operation ends after `limit` (the makespan would be above it)."""
         p, n, base, position = self.problem, self.problem.n, self.schedule, self.position
+        m = len(p.edges)
         cut = len(self.order)
         for i in moved:
             cut = min(cut, position[i])
@@ -489,6 +618,10 @@ class Replay:
         sched.start = list(base.start)
         sched.end = list(base.end)
         sched.xfer = {e: x for e, x in base.xfer.items() if position[n + e] < cut}
+        # a transfer's arrival is known once its last operation (its receiver's work) is kept
+        sched.arrive = {
+            e: base.arrive[e] for e in sched.xfer if position.get(n + m + e, position[n + e]) < cut
+        }
         kk = p.num_devices
         for r, items in enumerate(self.busy):
             kept = [it for it in items if it[2] < cut]
@@ -510,22 +643,41 @@ class Replay:
             for e in p.in_edges[v]:
                 u = p.edges[e][0]
                 later = position[u] >= cut
-                if assignment[u] != b:
-                    op = n + e
-                    q = position.get(op)
-                    if q is not None and q < cut:  # its transfer is in the prefix, unchanged
-                        continue
-                    waiting[op] = 1 if later else 0
+                a = assignment[u]
+                if a == b:
                     if later:
-                        succs.setdefault(u, []).append(op)
-                    succs[op] = [v]
-                    waiting[v] += 1
-                elif later:
-                    succs.setdefault(u, []).append(v)
-                    waiting[v] += 1
+                        succs.setdefault(u, []).append(v)
+                        waiting[v] += 1
+                    continue
+                if e in sched.arrive:  # its transfer is in the prefix, unchanged
+                    continue
+                x, r = n + e, n + m + e
+                receives = p.recv_work[e][a][b] > 0
+                last = r if receives else x
+                if e not in sched.xfer:
+                    waiting[x] = 1 if later else 0
+                    if later:
+                        succs.setdefault(u, []).append(x)
+                    if receives:
+                        succs[x] = [r]
+                        waiting[r] = 1
+                elif receives:  # only the receiver's work is left
+                    waiting[r] = 0
+                succs[last] = [v]
+                waiting[v] += 1
         starts, transfers = self.task_start, self.transfer_start
         tail = (self.after, set(moved))
-        done = _release(sched, assignment, starts, transfers, succs, waiting, limit, tail=tail)
+        done = _release(
+            sched,
+            assignment,
+            starts,
+            transfers,
+            self.recv_start,
+            succs,
+            waiting,
+            limit,
+            tail=tail,
+        )
         return sched if done else None
 
 
@@ -596,8 +748,9 @@ def check(
     Checks, in order: every task assigned once to a device that can run it (and its pin),
     memory per device, each scheduled task on its assigned device for exactly its compute time,
     exactly one transfer per cross-device edge (and none for same-device edges) lasting its
-    transfer time, precedence (a transfer starts after its source ends; a task starts after
-    each input arrived), no overlap on a device, on a send port and on a receive port, that
+    transfer time, its receiver's work (if any) done once the data is in, precedence (a
+    transfer starts after its source ends; a task starts after each input arrived), no overlap
+    on a device (tasks and hop work), on a send port and on a receive port, that
     the reported makespan is the schedule's, and the reported period (when there is one) the
     assignment's (`period`). Raises `InvalidScheduleError` naming the first violation.
     """
@@ -691,15 +844,32 @@ def check(
                 f"transfer {e.src}->{e.dst} lasts {x.end_ms - x.start_ms:.6g} ms; it takes "
                 f"{dur:.6g} ms from {da!r} to {db!r}"
             )
+        sw, rw = hop_work(dur, cg.device[da].pays_for_transfers, cg.device[db].pays_for_transfers)
+        arrive = x.end_ms if x.arrive_ms is None else x.arrive_ms
+        label = f"hop {e.src}->{e.dst}"
+        if sw > 0:
+            per_device[da].append((x.start_ms, x.start_ms + sw, label))
+        if rw > 0:
+            if arrive < x.end_ms - tol:
+                fail(
+                    f"transfer {e.src}->{e.dst} arrives at {arrive:.6g} ms, before its data is "
+                    f"in at {x.end_ms:.6g} ms"
+                )
+            per_device[db].append((arrive - rw, arrive, label))
+        elif abs(arrive - x.end_ms) > tol:
+            fail(
+                f"transfer {e.src}->{e.dst} arrives at {arrive:.6g} ms; with no work on "
+                f"{db!r} it arrives when it ends at {x.end_ms:.6g} ms"
+            )
         if x.start_ms < end[e.src] - tol:
             fail(
                 f"transfer {e.src}->{e.dst} starts at {x.start_ms:.6g} ms before {e.src!r} ends "
                 f"at {end[e.src]:.6g} ms"
             )
-        if start[e.dst] < x.end_ms - tol:
+        if start[e.dst] < arrive - tol:
             fail(
                 f"task {e.dst!r} starts at {start[e.dst]:.6g} ms before its input from "
-                f"{e.src!r} arrives at {x.end_ms:.6g} ms"
+                f"{e.src!r} arrives at {arrive:.6g} ms"
             )
     for what, table in (
         ("device", per_device),
@@ -711,7 +881,13 @@ def check(
             for (_, e1, n1), (s2, _, n2) in itertools.pairwise(busy):
                 if s2 < e1 - tol:
                     fail(f"{what} {d!r}: {n1} and {n2} overlap ({s2:.6g} ms < {e1:.6g} ms)")
-    makespan = max([*end.values(), *(x.end_ms for x in xfers.values())], default=0.0)
+    makespan = max(
+        [
+            *end.values(),
+            *(x.end_ms if x.arrive_ms is None else x.arrive_ms for x in xfers.values()),
+        ],
+        default=0.0,
+    )
     if not math.isclose(placement.makespan_ms, makespan, rel_tol=1e-9, abs_tol=tol):
         fail(f"makespan_ms is {placement.makespan_ms:.6g} but the schedule ends at {makespan:.6g}")
     if placement.period_ms is not None:

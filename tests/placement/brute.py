@@ -10,6 +10,11 @@ semi-active schedule by start time is such an order, so restricting the search t
 with non-decreasing start times loses nothing and removes most permutations; a branch stops
 as soon as it cannot beat the best makespan found.
 
+Hop work (a device that pays for its transfers, a CPU): a transfer also holds its sender's
+device for the sender's share from its start, and the receiver's share is an operation of its
+own on the receiving device, before the consumer, that may start once the transfer has no more
+than that share left (it overlaps the transfer's end at the earliest).
+
 The pipelined period needs no schedule: every assignment, and the busiest device or port per
 request, with the transfers into and out of a device that pays for them (a CPU by default)
 added to its compute.
@@ -67,35 +72,59 @@ def brute_force_period(problem: PlacementProblem) -> float:
 
 def _search(p: PlacementProblem, assign: list[int], best: list[float]) -> None:
     kk = p.num_devices
-    # operations: ("t", i) tasks and ("x", e) cross-device transfers
+    # operations: ("t", i) tasks, ("x", e) cross-device transfers, ("r", e) receivers' work
     ops: list[tuple[str, int]] = [("t", i) for i in range(p.n)]
     ops += [("x", e) for e, (i, j) in enumerate(p.edges) if assign[i] != assign[j]]
+    ops += [
+        ("r", e)
+        for e, (i, j) in enumerate(p.edges)
+        if assign[i] != assign[j] and p.recv_work[e][assign[i]][assign[j]] > 0
+    ]
     dur = {}
     res: dict[tuple[str, int], tuple[int, ...]] = {}
+    hold: dict[tuple[str, int], tuple[float, ...]] = {}  # how long it holds each resource
     preds: dict[tuple[str, int], list[tuple[str, int]]] = {op: [] for op in ops}
     for i in range(p.n):
         dur["t", i] = p.compute[i][assign[i]]
         res["t", i] = (assign[i],)
     for e, (i, j) in enumerate(p.edges):
-        if assign[i] != assign[j]:
-            dur["x", e] = p.transfer[e][assign[i]][assign[j]]
-            res["x", e] = (kk + assign[i], 2 * kk + assign[j])  # send port, receive port
+        a, b = assign[i], assign[j]
+        if a != b:
+            d = dur["x", e] = p.transfer[e][a][b]
+            res["x", e] = (kk + a, 2 * kk + b)  # send port, receive port
+            hold["x", e] = (d, d)
+            if p.send_work[e][a][b] > 0:
+                res["x", e] += (a,)
+                hold["x", e] += (p.send_work[e][a][b],)
             preds["x", e].append(("t", i))
-            preds["t", j].append(("x", e))
+            if ("r", e) in preds:
+                dur["r", e] = p.recv_work[e][a][b]
+                res["r", e] = (b,)
+                preds["r", e].append(("x", e))
+                preds["t", j].append(("r", e))
+            else:
+                preds["t", j].append(("x", e))
         else:
             preds["t", j].append(("t", i))
+    for op in ops:
+        hold.setdefault(op, tuple(dur[op] for _ in res[op]))
     succs: dict[tuple[str, int], list[tuple[str, int]]] = {op: [] for op in ops}
     for op, ps in preds.items():
         for q in ps:
             succs[q].append(op)
+
+    def lag(q: tuple[str, int], op: tuple[str, int]) -> float:
+        """How long before q's end op may start (a receiver's work overlaps its transfer)."""
+        return dur[op] if op[0] == "r" else 0.0
+
     tail: dict[tuple[str, int], float] = {}  # op's duration plus its longest chain after it
     for op in reversed(_topological(ops, preds)):
-        tail[op] = dur[op] + max((tail[s] for s in succs[op]), default=0.0)
+        tail[op] = dur[op] + max((tail[s] - lag(op, s) for s in succs[op]), default=0.0)
     left = [0.0] * (3 * kk)  # work not yet scheduled per resource
     for op in ops:
         if dur[op] > 0:
-            for r in res[op]:
-                left[r] += dur[op]
+            for r, h in zip(res[op], hold[op], strict=True):
+                left[r] += h
     free = [0.0] * (3 * kk)
     end: dict[tuple[str, int], float] = {}
 
@@ -104,7 +133,7 @@ def _search(p: PlacementProblem, assign: list[int], best: list[float]) -> None:
         bound = max(makespan, last_start + max(left))
         for op in ops:
             if op not in end:
-                ready = max((end[q] for q in preds[op] if q in end), default=0.0)
+                ready = max((end[q] - lag(q, op) for q in preds[op] if q in end), default=0.0)
                 bound = max(bound, max(ready, last_start) + tail[op])
         if bound >= best[0] - 1e-12:
             return
@@ -114,23 +143,23 @@ def _search(p: PlacementProblem, assign: list[int], best: list[float]) -> None:
         for op in ops:
             if op in end or any(q not in end for q in preds[op]):
                 continue
-            ready = max((end[q] for q in preds[op]), default=0.0)
+            ready = max((end[q] - lag(q, op) for q in preds[op]), default=0.0)
             d = dur[op]
             start = ready if d <= 0 else max(ready, *(free[r] for r in res[op]))
             if start < last_start - 1e-12:
                 continue
             saved = [free[r] for r in res[op]]
             if d > 0:
-                for r in res[op]:
-                    free[r] = start + d
-                    left[r] -= d
+                for r, h in zip(res[op], hold[op], strict=True):
+                    free[r] = start + h
+                    left[r] -= h
             end[op] = start + d
             rec(start, max(makespan, start + d))
             del end[op]
-            for r, v in zip(res[op], saved, strict=True):
+            for r, v, h in zip(res[op], saved, hold[op], strict=True):
                 free[r] = v
                 if d > 0:
-                    left[r] += d
+                    left[r] += h
 
     rec(0.0, 0.0)
 

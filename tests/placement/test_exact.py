@@ -71,3 +71,24 @@ def test_throughput_optimum_by_enumeration(
         assert plan.period_ms == pytest.approx(best, rel=REL), solver
         assert plan.objective_ms == plan.period_ms
         assert plan.lower_bound_ms <= best * (1 + 1e-6)
+
+
+HOP_WORK = [
+    # (seed, tasks, devices, cpus): CPUs do half of every hop into or out of them on their own
+    # time (`problem.hop_work`), which the exact models must schedule as the simulator does
+    *((500 + s, 5 + s % 2, 2, 2) for s in range(6)),
+    *((510 + s, 5 + s % 2, 3, 1 + s % 2) for s in range(4)),
+]
+
+
+@pytest.mark.parametrize(("seed", "tasks", "devices", "cpus"), HOP_WORK)
+def test_hop_work_optimum_by_brute_force(seed: int, tasks: int, devices: int, cpus: int) -> None:
+    cg = random_costgraph(seed, tasks=tasks, devices=devices, edge_prob=0.5, cpus=cpus)
+    problem = PlacementProblem(cg)
+    assert problem.has_hop_work
+    best = brute_force_makespan(problem)
+    for solver in ("milp-highs", "cpsat"):
+        plan = solve(cg, solver, time_limit=60, threads=2, seed=seed)
+        assert plan.status == "optimal", (solver, plan.extra)
+        assert plan.makespan_ms == pytest.approx(best, rel=REL), solver
+        assert plan.lower_bound_ms <= best * (1 + 1e-6)

@@ -24,11 +24,12 @@ from moirai.placement.simulate import Replay, loads, retime
 from .instances import random_costgraph, random_dag
 
 
-def fork() -> CostGraph:
-    """a feeds b and c; b and c both feed d. Transfers take 2 ms (1 MB at 0.5 GB/s)."""
+def fork(kind: str = "gpu") -> CostGraph:
+    """a feeds b and c; b and c both feed d. Transfers take 2 ms (1 MB at 0.5 GB/s). On GPUs
+    hops are waits on the ports only; on CPUs they are also work on both ends (hop work)."""
     return CostGraph(
         name="fork",
-        devices=(Device("x", 10**9), Device("y", 10**9)),
+        devices=(Device("x", 10**9, kind), Device("y", 10**9, kind)),
         tasks=(
             Task("a", {"x": 1.0, "y": 1.0}),
             Task("b", {"x": 3.0, "y": 3.0}),
@@ -77,7 +78,7 @@ def test_period_is_the_busiest_resource() -> None:
 
 
 def test_period_charges_transfers_to_the_devices_that_pay_for_them() -> None:
-    p = PlacementProblem(fork())  # CPU devices: a stage server copies tensors on its own core
+    p = PlacementProblem(fork("cpu"))  # CPU devices: a stage server copies tensors on its own core
     x, y = p.device_index["x"], p.device_index["y"]
     assign = [x, x, y, x]
     # x: computes 5, sends a->c (2), receives c->d (2); y: computes 3, receives 2, sends 2
@@ -86,13 +87,51 @@ def test_period_charges_transfers_to_the_devices_that_pay_for_them() -> None:
     assert period(p, [x] * 4) == 8  # no transfer: one device computing everything wins
     # a CPU told otherwise, and a GPU told to pay, swap roles
     swapped = dataclasses.replace(
-        fork(),
+        fork("cpu"),
         devices=(
             Device("x", 10**9, transfers_occupy_device=False),
             Device("y", 10**9, "gpu", transfers_occupy_device=True),
         ),
     )
     assert loads(PlacementProblem(swapped), assign) == [5, 7, 2, 2, 2, 2]
+
+
+def test_hop_work_by_hand() -> None:
+    # CPUs: a 2 ms hop is 1 ms of work on the sender from its start and 1 ms on the receiver
+    # once the data is in. a 0..1 on x; a->c 1..3 with x busy 1..2, y receiving 2..3; b waits
+    # for x: 2..5; c 3..6 on y; c->d 6..8 with y busy 6..7, x receiving 7..8; d 8..9
+    cpus = fork("cpu")
+    p = PlacementProblem(cpus)
+    assert p.send_work[0][0][1] == p.recv_work[0][0][1] == 1.0
+    assert p.send_work[0][0][0] == 0.0
+    plan = evaluate(cpus, {"a": "x", "b": "x", "c": "y", "d": "x"})
+    times = {s.task: (s.start_ms, s.end_ms) for s in plan.schedule}
+    assert times == {"a": (0, 1), "b": (2, 5), "c": (3, 6), "d": (8, 9)}
+    hops = {(t.src, t.dst): (t.start_ms, t.end_ms, t.arrive_ms) for t in plan.transfers}
+    assert hops == {("a", "c"): (1, 3, 3), ("c", "d"): (6, 8, 8)}
+    assert check(p, plan) == 9
+    # the same plan on GPUs leaves b where it was
+    assert {s.task: s.start_ms for s in evaluate(fork(), plan.assignment).schedule}["b"] == 1
+    # a task over the sender's share, or the consumer before the receiver's, is caught
+    early_b = [s if s.task != "b" else ScheduledTask("b", "x", 1.0, 4.0) for s in plan.schedule]
+    with pytest.raises(InvalidScheduleError, match=r"device 'x': .*hop a->c.* overlap"):
+        check(p, _bad(plan, schedule=early_b))
+    late = [dataclasses.replace(t, arrive_ms=4.0) if t.src == "a" else t for t in plan.transfers]
+    with pytest.raises(InvalidScheduleError, match="before its input from 'a' arrives at 4"):
+        check(p, _bad(plan, transfers=late))
+    soon = [dataclasses.replace(t, arrive_ms=2.5) if t.src == "a" else t for t in plan.transfers]
+    with pytest.raises(InvalidScheduleError, match="before its data is in"):
+        check(p, _bad(plan, transfers=soon))
+
+
+def test_transfers_sent_when_their_source_ends() -> None:
+    # pushing a's output before b takes x (eager) beats sending it when c is placed (lazy)
+    p = PlacementProblem(fork("cpu"))
+    assign = {"a": "x", "b": "x", "c": "y", "d": "x"}
+    order = ["a", "b", "c", "d"]
+    assert list_schedule(p, assign, order, eager=True).makespan == 9
+    assert list_schedule(p, assign, order, eager=False).makespan == 12
+    assert list_schedule(p, assign, order).makespan == 9  # the better of the two
 
 
 def test_bounds_are_valid_and_ordered() -> None:
@@ -162,10 +201,12 @@ def test_check_catches_assignment_and_memory_errors(good) -> None:  # type: igno
         check(fork(), _bad(good, assignment={**good.assignment, "a": "z"}))
     with pytest.raises(InvalidScheduleError, match="makespan_ms is 1"):
         check(fork(), _bad(good, makespan_ms=1.0))
-    # y computes b and c (6) and copies four 2 ms transfers (8); the ports alone would say 6
-    assert good.period_ms == 14
+    # on CPUs y computes b and c (6) and copies four 2 ms transfers (8); the ports alone say 6
+    assert good.period_ms == 6
+    cpus = evaluate(fork("cpu"), good.assignment)
+    assert cpus.period_ms == 14
     with pytest.raises(InvalidScheduleError, match="period_ms is 6 but the assignment's is 14"):
-        check(fork(), _bad(good, period_ms=6.0))
+        check(fork("cpu"), _bad(cpus, period_ms=6.0))
     small = dataclasses.replace(
         fork(),
         devices=(Device("x", 10), Device("y", 10)),

@@ -28,6 +28,8 @@ INSTANCES = {
     "zero-times": dict(seed=3, tasks=9, devices=3, zero_prob=0.3),
     "unrunnable": dict(seed=4, tasks=10, devices=3, unrunnable_prob=0.5),
     "tight-memory": dict(seed=5, tasks=10, devices=3, memory_tight=True),
+    # every hop is work on both ends (`problem.hop_work`)
+    "cpus": dict(seed=6, tasks=12, devices=3, cpus=3, edge_prob=0.3),
 }
 
 
