@@ -22,13 +22,15 @@ makes one call to the gateway. So the plan is predicted on a cost graph of its o
 
 A hop between stage servers is work on their cores, not only a wait: the sender encodes and
 writes its tensors, the receiver wakes, reads and files them, and a one-thread CPU device cannot
-compute meanwhile. The solvers' makespan model keeps transfers on the ports; the latency of a
-plan as served gives each hop's time, half to each end whose device pays for its transfers (a
-CPU, `Device.pays_for_transfers`), as a task on that device next to the stage
-(`with_hop_work`), and leaves the wire only what no end pays. On a path the hop still costs its
-time once; but a device busy sending one branch's outputs no longer computes the other branch
-then. (Split plans with many hops were served up to 30% slower than predicted without it:
-`bench/results/validation.md`.)
+compute meanwhile. The execution model that the solvers and the simulator share has this hop
+work (`moirai.placement.problem.hop_work`: half of a hop's time on each end whose device pays
+for its transfers, a CPU, `Device.pays_for_transfers`; the sender's share as the transfer
+starts, the receiver's once the data is in), so the served plan is priced by the same code and
+rules that planned it. On a path the hop still costs its time once; but a device busy sending
+one branch's outputs does not compute the other branch then. (Split plans with many hops were
+served up to 30% slower than predicted without it: `bench/results/validation.md`.) The served
+plan is list scheduled with each stage's outputs pushed as soon as it has them, as a stage
+server does (`simulate.list_schedule`, `eager`).
 
 The simulator gives its makespan (from the front end's first push to the last output back) and
 its pipelined period, under the same execution model as the solvers; the client's round trip to
@@ -46,7 +48,6 @@ cores are all the lanes' is, in the mean, a lane's.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -58,8 +59,8 @@ from onnx import helper
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
-from moirai.placement import PlacementProblem, evaluate
-from moirai.placement.simulate import loads, priority_order, upward_rank
+from moirai.placement import PlacementProblem
+from moirai.placement.simulate import list_schedule, loads
 from moirai.profile import PricesCalls, Profile
 from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 
@@ -183,42 +184,6 @@ def served_costgraph(
     )
 
 
-def with_hop_work(served: CostGraph, order: Sequence[str]) -> tuple[CostGraph, list[str]]:
-    """`served` (one device per task, as `served_costgraph` makes it) with the time of every hop
-    between two devices given half to each end that pays for its transfers, as a task on that
-    end's device (`send:` after the producer, `recv:` before the consumer), and the rest left
-    on the edge (module docstring); and `order`, a priority of `served`'s tasks, with each send
-    right after its producer (a stage server pushes its outputs as soon as it has them) and each
-    receive right before its consumer."""
-    device_of = {t.id: next(iter(t.compute_ms)) for t in served.tasks}
-    pays = {d.name: d.pays_for_transfers for d in served.devices}
-    tasks, edges = list(served.tasks), []
-    before: dict[str, list[str]] = {}
-    after: dict[str, list[str]] = {}
-    for edge in served.edges:
-        a, b = device_of[edge.src], device_of[edge.dst]
-        hop_ms = served.transfer_ms(edge, a, b)
-        if a == b or hop_ms <= 0.0:
-            edges.append(edge)
-            continue
-        src, dst, wire_ms = edge.src, edge.dst, hop_ms
-        if pays[a]:
-            src = f"send:{edge.src}->{edge.dst}"
-            tasks.append(Task(src, {a: hop_ms / 2}))
-            edges.append(Edge(edge.src, src, edge.bytes))
-            after.setdefault(edge.src, []).append(src)
-            wire_ms -= hop_ms / 2
-        if pays[b]:
-            dst = f"recv:{edge.src}->{edge.dst}"
-            tasks.append(Task(dst, {b: hop_ms / 2}))
-            edges.append(Edge(dst, edge.dst, edge.bytes))
-            before.setdefault(edge.dst, []).append(dst)
-            wire_ms -= hop_ms / 2
-        edges.append(Edge(src, dst, edge.bytes, {a: {b: wire_ms}}))
-    priority = [x for t in order for x in (*before.get(t, ()), t, *after.get(t, ()))]
-    return dataclasses.replace(served, tasks=tuple(tasks), edges=tuple(edges)), priority
-
-
 def predict(
     costgraph: CostGraph,
     plan: StagePlan,
@@ -267,9 +232,7 @@ def predict_lane(
     }
     problem = PlacementProblem(served)
     assign = [problem.device_index[assignment[t]] for t in problem.tasks]
-    order = [problem.tasks[i] for i in priority_order(problem, upward_rank(problem, assign))]
-    worked, priority = with_hop_work(served, order)
-    result = evaluate(worked, {t.id: next(iter(t.compute_ms)) for t in worked.tasks}, priority)
+    result = list_schedule(problem, assign, eager=True)
     # The period charges a paying device its transfers in full already (`loads`).
     busy = loads(problem, assign)
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
@@ -280,7 +243,7 @@ def predict_lane(
     gateway = max(busy[g], busy[k + g], busy[2 * k + g]) if g >= 0 else 0.0
     own = max((b for i, b in enumerate(busy) if i % k != g), default=0.0)
     return LanePrediction(
-        Prediction(served_ms=result.makespan_ms, client_ms=client_ms, period_ms=max(gateway, own)),
+        Prediction(served_ms=result.makespan, client_ms=client_ms, period_ms=max(gateway, own)),
         own,
         gateway,
     )

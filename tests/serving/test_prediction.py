@@ -4,6 +4,7 @@ operator report."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
-from moirai.placement import evaluate
+from moirai.placement import PlacementProblem, evaluate
 from moirai.planning import describe, plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
-from moirai.planning.prediction import Prediction, call_overheads, predict, with_hop_work
+from moirai.planning.prediction import Prediction, call_overheads, predict
 from moirai.profile.analytic import AnalyticProfile
 from moirai.profile.document import DocumentProfile, ProfileDocument
 from moirai.stageplan import DeviceSpec
@@ -143,19 +144,22 @@ def test_a_hop_is_work_for_each_end_that_pays_for_its_transfers() -> None:
         edges=(Edge("a", "b", 500), Edge("a", "c", 500)),
         default_link=CHAIN,  # 0.5 ms + 500 bytes at 1 byte per microsecond: 1.0 ms
     )
-    worked, order = with_hop_work(cg, ["a", "b", "c"])
-    assert order == ["a", "send:a->b", "send:a->c", "recv:a->b", "b", "c"]
-    tasks = {t.id: t.compute_ms for t in worked.tasks}
-    assert tasks["send:a->b"] == {"cpu-0": 0.5} and tasks["recv:a->b"] == {"cpu-1": 0.5}
-    assert tasks["send:a->c"] == {"cpu-0": 0.5} and "recv:a->c" not in tasks
-    wire = {(e.src, e.dst): e.transfer_ms for e in worked.edges if e.transfer_ms}
-    assert wire[("send:a->b", "recv:a->b")] == {"cpu-0": {"cpu-1": 0.0}}
-    assert wire[("send:a->c", "c")] == {"cpu-0": {"gpu-0": 0.5}}
+    p = PlacementProblem(cg)  # the one place the split is made, for solvers and prediction
+    cpu0, cpu1, gpu0 = (p.device_index[d] for d in ("cpu-0", "cpu-1", "gpu-0"))
+    ab, ac = 0, 1
+    assert p.send_work[ab][cpu0][cpu1] == 0.5 and p.recv_work[ab][cpu0][cpu1] == 0.5
+    assert p.send_work[ac][cpu0][gpu0] == 0.5 and p.recv_work[ac][cpu0][gpu0] == 0.0
+    plan = evaluate(cg, {"a": "cpu-0", "b": "cpu-1", "c": "gpu-0"})
+    # a 0..1; its push to b holds cpu-0 1..1.5 (b reads it 1.5..2), then the push to c
+    # 2..3 (the send port is busy until 2), of which cpu-0 works 2..2.5
+    hops = {t.dst: (t.start_ms, t.end_ms, t.arrive_ms) for t in plan.transfers}
+    assert hops == {"b": (1.0, 2.0, 2.0), "c": (2.0, 3.0, None)}
+    assert plan.makespan_ms == pytest.approx(4.0)
 
 
 def test_a_device_sending_a_branch_out_computes_the_other_later() -> None:
     """`a` on cpu-0 feeds `b` on cpu-1 and `c` on cpu-0: a served plan cannot hide the hop's
-    work on cpu-0 behind `c`, as the solvers' port model does."""
+    work on cpu-0 behind `c`, as a model with transfers on the ports only (GPUs) does."""
     cg = CostGraph(
         name="branch",
         devices=(Device("cpu-0", 1 << 30), Device("cpu-1", 1 << 30)),
@@ -169,9 +173,11 @@ def test_a_device_sending_a_branch_out_computes_the_other_later() -> None:
         default_link=CHAIN,  # the a -> b hop: 1.0 ms
     )
     assignment = {t.id: next(iter(t.compute_ms)) for t in cg.tasks}
-    ports = evaluate(cg, assignment).makespan_ms
-    worked, order = with_hop_work(cg, ["a", "b", "c", "d"])
-    served = evaluate(worked, {t.id: next(iter(t.compute_ms)) for t in worked.tasks}, order)
+    gpus = dataclasses.replace(
+        cg, devices=tuple(dataclasses.replace(d, kind="gpu") for d in cg.devices)
+    )
+    ports = evaluate(gpus, assignment).makespan_ms
+    served = evaluate(cg, assignment)
     assert ports == pytest.approx(7.5)  # c ends at 6.5, as b's result arrives; then d
     # a, its push to b (0.5 ms of cpu-0), c, then b's result taken in (0.25 ms), then d.
     assert served.makespan_ms == pytest.approx(1.0 + 0.5 + 5.5 + 0.25 + 1.0)
