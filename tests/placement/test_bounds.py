@@ -3,6 +3,7 @@ instances; and the series decomposition is exact where it says so."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -123,7 +124,8 @@ def test_sequenced_critical_path_by_hand() -> None:
     is the optimum (a and c on y, b and d on x)."""
     fork = CostGraph(
         name="fork",
-        devices=(Device("x", 10**9), Device("y", 10**9)),
+        # GPUs: transfers on the ports only (on CPUs, hop work makes the split cost 8)
+        devices=(Device("x", 10**9, "gpu"), Device("y", 10**9, "gpu")),
         tasks=(
             Task("a", {"x": 1.0, "y": 1.0}),
             Task("b", {"x": 3.0, "y": 3.0}),
@@ -143,6 +145,12 @@ def test_sequenced_critical_path_by_hand() -> None:
     assert bounds["device critical path"] == pytest.approx(5.0)
     assert bounds["sequenced critical path"] == pytest.approx(7.0)
     assert brute_force_makespan(problem) == pytest.approx(7.0)
+    # on CPUs the hop work only adds: the same bound, an optimum of 8
+    cpus = PlacementProblem(
+        dataclasses.replace(fork, devices=(Device("x", 10**9), Device("y", 10**9)))
+    )
+    assert simple_bounds(cpus)["sequenced critical path"] == pytest.approx(7.0)
+    assert brute_force_makespan(cpus) == pytest.approx(8.0)
 
 
 JOINS = [(s, 5 + s % 2, 2 + s % 3, 0.3 + 0.7 * (s % 2)) for s in range(12)]
