@@ -187,11 +187,12 @@ class Settings:
     """How much longer the devices' turns may go on for quiet turns (`moirai.profile.turns`)."""
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.repeats < 1 or self.min_seconds < 0 or self.patience_seconds < 0:
+        if self.warmup < 0 or self.repeats < 1 or self.min_seconds < 0:
             raise ProfileError(
-                "profiling needs --warmup >= 0, --repeats >= 1, --min-seconds >= 0 and "
-                "--patience-seconds >= 0"
+                "profiling needs --warmup >= 0, --repeats >= 1 and --min-seconds >= 0"
             )
+        if self.patience_seconds < 0:
+            raise ProfileError("profiling needs patience_seconds >= 0 (Settings)")
         if self.method not in METHOD_CHOICES:
             raise ProfileError(f"--method {self.method!r}: use one of {', '.join(METHOD_CHOICES)}")
 
