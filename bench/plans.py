@@ -341,8 +341,9 @@ def report(results: dict[str, Any]) -> str:
                 if shm
                 else "| "
             )
-            + f"{r['served_cpu_ms']:.1f} / {r.get('served_shm_cpu_ms', float('nan')):.1f} / "
-            f"{r['ort_all_cpu_ms']:.1f} / {r['replicas_cpu_ms']:.1f} | {_load(r)} |"
+            + f"{r['served_cpu_ms']:.1f} / "
+            + (f"{r['served_shm_cpu_ms']:.1f} / " if shm else "- / ")
+            + f"{r['ort_all_cpu_ms']:.1f} / {r['replicas_cpu_ms']:.1f} | {_load(r)} |"
         )
     if failed:
         out += ["", "Cases that failed:", ""]
