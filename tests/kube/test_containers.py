@@ -294,6 +294,13 @@ def test_two_lanes_lose_only_the_requests_in_flight_on_a_killed_stage_server(
         assert len(lane1) >= 2 and len(pods) == 2 * len(lane1) + 1
         victim = pods[lane1[-1]]
         device = victim.labels["moirai.dev/device"]
+        # The gateway is ready with one lane up; the other's health watch may lag its pods.
+        devices = [pod.labels["moirai.dev/device"] for n, pod in pods.items() if n != "mlp-gateway"]
+        wait_until(
+            "the gateway to see every stage server up",
+            lambda: all(_metric(metrics, "moirai_stage_server_up", device=d) == 1 for d in devices),
+            timeout=60,
+        )
 
         stop = threading.Event()
         results: list[tuple[float, float, str]] = []
