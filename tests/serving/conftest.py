@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import onnx
 import pytest
 
+from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.stageplan import GATEWAY, DeviceSpec, Lane, StagePlan
 from stage_server.chain import Delivery
@@ -92,34 +93,50 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
     started: list[Cluster] = []
 
     async def launch(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
+        """`launch_once`, again on fresh ports when a port picked free was taken meanwhile (by
+        another process's outbound connection: the free ports are ephemeral ones)."""
+        for _ in range(2):
+            try:
+                return await launch_once(model, plan, **options)
+            except MoiraiError as e:
+                if "cannot listen" not in str(e):
+                    raise
+        return await launch_once(model, plan, **options)
+
+    async def launch_once(model: onnx.ModelProto, plan: StagePlan, **options: object) -> Cluster:
         devices = plan.used_devices
         ports = free_ports(len(devices) + 2)
         addresses = {d: f"127.0.0.1:{p}" for d, p in zip(devices, ports, strict=False)}
         entry = plan.stages[0].device if mode == "fused" else None
         addresses["gateway"] = addresses[entry] if entry else f"127.0.0.1:{ports[-2]}"
         stages = {}
-        for d in devices:
-            frontend = Frontend(grpc_port=ports[-1], **options) if d == entry else None
-            stages[d] = await start_stage(
-                model,
-                plan,
-                d,
-                addresses,
-                port=int(addresses[d].split(":")[1]),
-                same_host=same_host,
-                frontend=frontend,
-            )
-        if entry:
-            gateway = stages[entry].frontend
-        else:
-            gateway = await start_gateway(
-                plan,
-                addresses,
-                grpc_port=ports[-1],
-                chain_port=ports[-2],
-                same_host=same_host,
-                **options,
-            )
+        try:
+            for d in devices:
+                frontend = Frontend(grpc_port=ports[-1], **options) if d == entry else None
+                stages[d] = await start_stage(
+                    model,
+                    plan,
+                    d,
+                    addresses,
+                    port=int(addresses[d].split(":")[1]),
+                    same_host=same_host,
+                    frontend=frontend,
+                )
+            if entry:
+                gateway = stages[entry].frontend
+            else:
+                gateway = await start_gateway(
+                    plan,
+                    addresses,
+                    grpc_port=ports[-1],
+                    chain_port=ports[-2],
+                    same_host=same_host,
+                    **options,
+                )
+        except MoiraiError:
+            for started_stage in stages.values():
+                await started_stage.stop(0)
+            raise
         assert gateway is not None and await gateway.gateway.wait_ready(10)
         for _ in range(200):  # every lane, not only one
             if all(gateway.gateway.up.values()):
