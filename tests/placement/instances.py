@@ -393,3 +393,25 @@ def series_costgraph(
         default_link=Link(1e9, 0.05),
         pair_links={(names[a], names[b]): link for (a, b), link in links.items()},
     )
+
+
+def fork(kind: str = "gpu") -> CostGraph:
+    """a feeds b and c; b and c both feed d. Transfers take 2 ms (1 MB at 0.5 GB/s). On GPUs
+    hops are waits on the ports only; on CPUs they are also work on both ends (hop work)."""
+    return CostGraph(
+        name="fork",
+        devices=(Device("x", 10**9, kind), Device("y", 10**9, kind)),
+        tasks=(
+            Task("a", {"x": 1.0, "y": 1.0}),
+            Task("b", {"x": 3.0, "y": 3.0}),
+            Task("c", {"x": 3.0, "y": 3.0}),
+            Task("d", {"x": 1.0, "y": 1.0}),
+        ),
+        edges=(
+            Edge("a", "b", 1_000_000),
+            Edge("a", "c", 1_000_000),
+            Edge("b", "d", 1_000_000),
+            Edge("c", "d", 1_000_000),
+        ),
+        default_link=Link(0.5e9, 0.0),
+    )

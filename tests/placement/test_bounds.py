@@ -3,19 +3,17 @@ instances; and the series decomposition is exact where it says so."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
 
-from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.placement import PlacementProblem, SolveOptions, check, solve
 from moirai.placement.bounds import simple_bounds
 from moirai.placement.lp import path_lp, windowed_load
 from moirai.placement.series import decompose
 
 from .brute import brute_force_makespan, brute_force_period
-from .instances import random_costgraph, random_dag, series_costgraph
+from .instances import fork, random_costgraph, random_dag, series_costgraph
 
 REL = 1e-3  # CP-SAT rounds durations down to its time unit (far below this)
 
@@ -122,33 +120,14 @@ def test_sequenced_critical_path_by_hand() -> None:
     (b and c in parallel on x: the plain device-aware bound, 5); together they run on x one
     after the other (d at 7), or one goes to y and its result comes back by 6: so 7, which
     is the optimum (a and c on y, b and d on x)."""
-    fork = CostGraph(
-        name="fork",
-        # GPUs: transfers on the ports only (on CPUs, hop work makes the split cost 8)
-        devices=(Device("x", 10**9, "gpu"), Device("y", 10**9, "gpu")),
-        tasks=(
-            Task("a", {"x": 1.0, "y": 1.0}),
-            Task("b", {"x": 3.0, "y": 3.0}),
-            Task("c", {"x": 3.0, "y": 3.0}),
-            Task("d", {"x": 1.0, "y": 1.0}),
-        ),
-        edges=(
-            Edge("a", "b", 1_000_000),
-            Edge("a", "c", 1_000_000),
-            Edge("b", "d", 1_000_000),
-            Edge("c", "d", 1_000_000),
-        ),
-        default_link=Link(0.5e9, 0.0),
-    )
-    problem = PlacementProblem(fork)
+    # GPUs: transfers on the ports only (on CPUs, hop work makes the split cost 8)
+    problem = PlacementProblem(fork())
     bounds = simple_bounds(problem)
     assert bounds["device critical path"] == pytest.approx(5.0)
     assert bounds["sequenced critical path"] == pytest.approx(7.0)
     assert brute_force_makespan(problem) == pytest.approx(7.0)
     # on CPUs the hop work only adds: the same bound, an optimum of 8
-    cpus = PlacementProblem(
-        dataclasses.replace(fork, devices=(Device("x", 10**9), Device("y", 10**9)))
-    )
+    cpus = PlacementProblem(fork("cpu"))
     assert simple_bounds(cpus)["sequenced critical path"] == pytest.approx(7.0)
     assert brute_force_makespan(cpus) == pytest.approx(8.0)
 

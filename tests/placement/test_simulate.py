@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from moirai.costgraph import CostGraph, Device, Edge, Link, Task
+from moirai.costgraph import Device
 from moirai.placement import (
     InvalidScheduleError,
     PlacementProblem,
@@ -21,29 +21,7 @@ from moirai.placement import (
 from moirai.placement.bounds import critical_path, device_critical_path, lower_bound, total_work
 from moirai.placement.simulate import Replay, loads, retime
 
-from .instances import random_costgraph, random_dag
-
-
-def fork(kind: str = "gpu") -> CostGraph:
-    """a feeds b and c; b and c both feed d. Transfers take 2 ms (1 MB at 0.5 GB/s). On GPUs
-    hops are waits on the ports only; on CPUs they are also work on both ends (hop work)."""
-    return CostGraph(
-        name="fork",
-        devices=(Device("x", 10**9, kind), Device("y", 10**9, kind)),
-        tasks=(
-            Task("a", {"x": 1.0, "y": 1.0}),
-            Task("b", {"x": 3.0, "y": 3.0}),
-            Task("c", {"x": 3.0, "y": 3.0}),
-            Task("d", {"x": 1.0, "y": 1.0}),
-        ),
-        edges=(
-            Edge("a", "b", 1_000_000),
-            Edge("a", "c", 1_000_000),
-            Edge("b", "d", 1_000_000),
-            Edge("c", "d", 1_000_000),
-        ),
-        default_link=Link(0.5e9, 0.0),
-    )
+from .instances import fork, random_costgraph, random_dag
 
 
 def test_list_schedule_by_hand() -> None:
