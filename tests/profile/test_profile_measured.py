@@ -183,8 +183,11 @@ def test_measured_time_of_a_projection_lands_on_its_matmul(layernorm_matmul: Mod
     ms = {g.ops: g.ms for g in profile.groups}
     assert set(ms) == {("ln",), ("matmul", "add")}
     assert all(g.method == "trace" for g in profile.groups)
-    # 67 MFLOP against a LayerNorm of 32 K elements: the MatMul's group holds the bulk.
-    assert ms[("matmul", "add")] > 5 * ms[("ln",)]
+    # 67 MFLOP against a LayerNorm of 32 K elements: the MatMul's group holds the bulk. Were
+    # the Gemm credited to the LayerNorm, the MatMul's group would hold only two Reshapes. The
+    # margin is loose: a small kernel's trace time swells on a busy machine (5x failed once in
+    # CI at 4.99x).
+    assert ms[("matmul", "add")] > 2 * ms[("ln",)]
     assert ms[("matmul", "add")] + ms[("ln",)] == pytest.approx(profile.run_ms, rel=1e-6)
 
 
