@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -138,7 +140,14 @@ def raised_priority(nice: int = NICE) -> Iterator[int | None]:
     On Linux a thread's nice value is its own and new threads inherit it; but where the kernel
     groups processes by session (autogroups, `kernel.sched_autogroup_enabled`), a nice value
     only orders threads within the group, and the groups share the cores equally. So the
-    session's group is raised too (`/proc/self/autogroup`), for as long as the block lasts."""
+    session's group is raised too (`/proc/self/autogroup`), for as long as the block lasts.
+
+    The group outlives this process (the shell that started it, and whatever else runs in its
+    session, stay in it), so a process killed in the block must still put it back: a signal
+    that would end the process without unwinding (SIGTERM, SIGHUP, or SIGINT where its default
+    is set; `_restoring_on_signals`) first restores the group, then ends the process by the same
+    signal, as it would have. A handler the program installed itself is left alone: it decides
+    how the process ends, and unwinding runs the restore below. SIGKILL cannot be caught."""
     if not hasattr(os, "setpriority"):
         yield None
         return
@@ -151,12 +160,47 @@ def raised_priority(nice: int = NICE) -> Iterator[int | None]:
     group = _autogroup_nice()
     if group is not None:
         group = group if _set_autogroup_nice(nice) else None
-    try:
-        yield nice
-    finally:
+
+    def restore() -> None:
         if group is not None:
             _set_autogroup_nice(group)
         os.setpriority(os.PRIO_PROCESS, 0, before)  # lowering a priority is always permitted
+
+    with _restoring_on_signals(restore if group is not None else None):
+        try:
+            yield nice
+        finally:
+            restore()
+
+
+_ENDING_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def _restoring_on_signals(restore: Callable[[], None] | None) -> Iterator[None]:
+    """While the block lasts, each of `_ENDING_SIGNALS` whose disposition is the default (the
+    process ends without unwinding) calls `restore`, then ends the process by that signal as
+    the default would. Only the main thread may set handlers; elsewhere this does nothing."""
+    if restore is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ending(signum: int, _frame: object) -> None:
+        restore()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    installed = {}
+    for signum in _ENDING_SIGNALS:
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            installed[signum] = signal.signal(signum, ending)
+    try:
+        yield
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
 
 
 def _autogroup_nice() -> int | None:

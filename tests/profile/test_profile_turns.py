@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -195,6 +198,45 @@ def test_raised_priority_holds_for_the_threads_started_under_it() -> None:
     assert seen == [nice]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
     assert turns._autogroup_nice() == group  # the session's group, where there is one, too
+
+
+KILLED_IN_THE_TURNS = """
+import subprocess, sys, time
+from moirai.profile import turns
+keeper = subprocess.Popen(["sleep", "60"])  # stays in this session: its autogroup outlives us
+with turns.raised_priority() as nice:
+    print(keeper.pid, nice, turns._autogroup_nice(), flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(turns.AUTOGROUP), reason="no autogroups on this kernel")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_profiler_killed_in_the_turns_restores_its_sessions_group(signum: int) -> None:
+    """A real process, in a session of its own (so this one's group is not touched), is sent
+    SIGTERM (or SIGHUP) while its priority is raised: it dies by that signal as before, and the
+    group its session keeps (a `sleep` stays in it) is back at its nice value."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_IN_THE_TURNS],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=Path(turns.__file__).parents[2],
+    )
+    assert child.stdout is not None
+    keeper_pid, nice, raised = child.stdout.readline().split()
+    keeper = Path(f"/proc/{keeper_pid}/autogroup")
+    try:
+        if nice != str(turns.NICE) or raised != str(turns.NICE):
+            child.kill()
+            pytest.skip("this process may not raise its priority (root or CAP_SYS_NICE)")
+        child.send_signal(signum)
+        assert child.wait(timeout=10) == -signum  # ended by the signal, as without the handler
+        assert keeper.read_text().split()[-1] == "0"  # a new session's group starts at 0
+    finally:
+        child.kill()
+        child.wait()
+        os.kill(int(keeper_pid), signal.SIGKILL)
 
 
 def test_the_load_goes_through_the_profile_file() -> None:
