@@ -1,5 +1,5 @@
-"""Argument types the subcommands share: positive numbers, ports, files and folders to write;
-and the check that a port is free.
+"""Argument types the subcommands share: positive (or non-negative) numbers, ports, files and
+folders to write; and the check that a port is free.
 
 argparse calls the types while it parses, so a bad value is refused with the flag's name and exit
 status 2 before any work starts. Without them a `--time-limit nan` solved with no limit, a
@@ -19,11 +19,15 @@ from pathlib import Path
 from moirai.errors import MoiraiError
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert: type[int] | type[float], noun: str) -> int | float:
     try:
-        value = int(text)
+        return convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+
+
+def positive_int(text: str) -> int:
+    value = int(_number(text, int, "a whole number"))
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
@@ -31,20 +35,22 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0: seconds, for instance."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text, float, "a number")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0: seconds that may be none."""
+    value = _number(text, float, "a number")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    value = int(_number(text, int, "a port number"))
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port: use 1 to 65535")
     return value

@@ -3,7 +3,8 @@ servers, and write a profile file for `--profile FILE`.
 
     moirai profile MODEL.onnx [--device cpu:threads=1 --device cuda:0 ...] \
         [--input-shape NAME=DIMS] [--warmup 3] [--repeats 10] [--min-seconds 1] \
-        [--method auto|trace|submodel] [--no-links] [--cache-dir DIR | --no-cache] [-o profile.json]
+        [--patience-seconds 10] [--method auto|trace|submodel] [--no-links] \
+        [--cache-dir DIR | --no-cache] [-o profile.json]
 
 Devices are `cpu`, `cpu:threads=N`, `cuda` or `cuda:ID`, each optionally named (`NAME=TARGET`);
 by default, the devices `moirai serve --devices local` would use. Progress goes to stderr while
@@ -21,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moirai.cli.options import output_file, output_folder
+from moirai.cli.options import non_negative_float, output_file, output_folder
 from moirai.errors import MoiraiError
 
 if TYPE_CHECKING:  # the profiling modules load ONNX Runtime and gRPC: only when run
@@ -53,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="time the whole model for at least this long, with more runs of a quick model "
         "(default 1)",
+    )
+    p.add_argument(
+        "--patience-seconds",
+        type=non_negative_float,
+        default=10.0,
+        help="then take turns up to this much longer, until each device had quiet turns "
+        "(default 10; see moirai.profile.turns)",
     )
     p.add_argument(
         "--method",
@@ -99,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     profiler = MeasuredProfile(
         args.model,
         parse_input_shapes(args.input_shape) or None,
-        settings=Settings(args.warmup, args.repeats, args.method, args.min_seconds),
+        settings=Settings(
+            args.warmup, args.repeats, args.method, args.min_seconds, args.patience_seconds
+        ),
         cache=None if args.no_cache else ProfileCache.at(args.cache_dir),
         link_probe=None if args.no_links else measure_loopback,
         progress=_progress,

@@ -23,6 +23,7 @@ def _profile(model: ModelFile, *extra: str) -> int:
             "--warmup=1",
             "--repeats=3",
             "--min-seconds=0",
+            "--patience-seconds=0",
             *extra,
         ]
     )

@@ -72,6 +72,8 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["infer", "--model", "m", "--timeout", "-1"], "--timeout"),
         (["gateway", "--max-request-bytes", "-1"], "--max-request-bytes"),
         (["stage", "--workers", "0"], "--workers"),
+        (["profile", "m.onnx", "--patience-seconds", "-1"], "--patience-seconds"),
+        (["profile", "m.onnx", "--patience-seconds", "nan"], "--patience-seconds"),
     ],
 )
 def test_numbers_out_of_range_are_refused_while_parsing(
@@ -468,3 +470,24 @@ def test_stage_threads_apply_to_one_device(capsys: pytest.CaptureFixture[str]) -
     assert "--threads / --cuda-device apply to one --device" in one_line_error(
         capsys, [*argv, "--threads", "2"]
     )
+
+
+def test_profile_patience_seconds_reaches_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--patience-seconds` is the profile settings' `patience_seconds` (0: no turns beyond the
+    base window)."""
+    from moirai.profile import measured
+
+    seen: list[measured.Settings] = []
+
+    class Stop(Exception):
+        pass
+
+    def profiler(*_: object, settings: measured.Settings, **__: object) -> None:
+        seen.append(settings)
+        raise Stop
+
+    monkeypatch.setattr(measured, "MeasuredProfile", profiler)
+    for flag, patience in (([], 10.0), (["--patience-seconds", "0"], 0.0)):
+        with pytest.raises(Stop):
+            main(["profile", "m.onnx", "--device", "cpu", *flag])
+        assert seen.pop().patience_seconds == patience
