@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.gantt is not None:
         from moirai.placement.gantt import draw_gantt
 
-        draw_gantt(best, list(problem.devices), args.gantt)
+        draw_gantt(best, problem.costgraph, args.gantt)
         print(f"schedule drawn to {args.gantt}")
     return 0
 
