@@ -287,24 +287,10 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
             for b in p.cand[j]:
                 z[a, b] = ncol
                 ncol += 1
-        for a in p.cand[i]:
-            rows.append(
-                (
-                    0.0,
-                    0.0,
-                    [col[i, a], *(z[a, b] for b in p.cand[j])],
-                    [-1.0] + [1.0] * len(p.cand[j]),
-                )
-            )
-        for b in p.cand[j]:
-            rows.append(
-                (
-                    0.0,
-                    0.0,
-                    [col[j, b], *(z[a, b] for a in p.cand[i])],
-                    [-1.0] + [1.0] * len(p.cand[i]),
-                )
-            )
+        ends = [(col[i, a], [z[a, b] for b in p.cand[j]]) for a in p.cand[i]]
+        ends += [(col[j, b], [z[a, b] for a in p.cand[i]]) for b in p.cand[j]]
+        for x, pairs in ends:  # each end's share is the sum of its device pairs' shares
+            rows.append((0.0, 0.0, [x, *pairs], [-1.0] + [1.0] * len(pairs)))
         cols = [start + j, start + i] + [col[i, a] for a in p.cand[i]]
         vals = [1.0, -1.0] + [-p.compute[i][a] for a in p.cand[i]]
         for (a, b), c in z.items():
