@@ -1,5 +1,6 @@
 """Argument types the subcommands share: positive (or non-negative) numbers, ports, files and
-folders to write; and the check that a port is free.
+folders to write; the check that a port is free; and the planning flags' values as the planner
+takes them (`resolve_from_args`, `solver_options`: `moirai place`, `serve` and `demo`).
 
 argparse calls the types while it parses, so a bad value is refused with the flag's name and exit
 status 2 before any work starts. Without them a `--time-limit nan` solved with no limit, a
@@ -14,9 +15,15 @@ import errno
 import math
 import os
 import socket
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moirai.errors import MoiraiError
+
+if TYPE_CHECKING:
+    from moirai.planning import PlanningInputs
 
 
 def _number(text: str, convert: type[int] | type[float], noun: str) -> int | float:
@@ -109,3 +116,33 @@ def check_port_free(flag: str, port: int, host: str = "127.0.0.1") -> None:
                 f"{flag} {port}: {host}:{port} is taken; stop what serves there or pick another "
                 "port"
             ) from None
+
+
+def resolve_from_args(
+    args: argparse.Namespace,
+    model: Path,
+    input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
+) -> PlanningInputs:
+    """The planner's inputs for `model` as the planning flags say (`--devices`, `--cpu-devices`,
+    `--input-shape` unless `input_shapes` is given, `--profile`), profiling progress on stderr."""
+    from moirai.planning import resolve
+
+    return resolve(
+        model,
+        args.devices,
+        cpu_devices=args.cpu_devices,
+        input_shapes=args.input_shape if input_shapes is None else input_shapes,
+        profile=args.profile,
+        progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
+    )
+
+
+def solver_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`moirai.planning.plan_model`'s keywords from the solver flags (`--solver`, `--objective`,
+    `--time-limit`, `--max-tasks`)."""
+    return {
+        "solver": args.solver,
+        "objective": args.objective,
+        "time_limit": args.time_limit,
+        "max_tasks": args.max_tasks,
+    }

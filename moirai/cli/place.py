@@ -27,7 +27,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moirai.cli.options import output_file, positive_float, positive_int
+from moirai.cli.options import (
+    output_file,
+    positive_float,
+    positive_int,
+    resolve_from_args,
+    solver_options,
+)
 from moirai.errors import MoiraiError
 
 if TYPE_CHECKING:
@@ -117,28 +123,18 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
         raise MoiraiError("nothing to place: give MODEL.onnx --devices FILE, or --costgraph FILE")
     if not args.devices:
         raise MoiraiError("MODEL.onnx needs --devices FILE (a devices YAML file) or 'local'")
-    from moirai.planning import build_costgraph, plan_model, resolve
+    from moirai.planning import build_costgraph, plan_model
 
-    inputs = resolve(
-        args.model,
-        args.devices,
-        cpu_devices=args.cpu_devices,
-        input_shapes=args.input_shape,
-        profile=args.profile,
-        progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
-    )
+    inputs = resolve_from_args(args, args.model)
     devices = inputs.device_sets[0]
     if len(inputs.device_sets) > 1:  # the grouping of the CPU `moirai serve` would choose
         planned = plan_model(
             inputs.model,
             inputs.device_sets,
-            solver=args.solver,
-            objective=args.objective,
-            time_limit=args.time_limit,
             seed=args.seed,
             profile=inputs.profile,
-            max_tasks=args.max_tasks,
             threads=args.threads,
+            **solver_options(args),
         )
         devices = planned.layout.devices
         print(

@@ -34,10 +34,9 @@ import dataclasses
 import logging
 import re
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moirai.cli.options import (
@@ -46,6 +45,8 @@ from moirai.cli.options import (
     port,
     positive_float,
     positive_int,
+    resolve_from_args,
+    solver_options,
 )
 from moirai.errors import MoiraiError
 from moirai.stageplan import StagePlan
@@ -113,26 +114,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def plan_from_args(args: argparse.Namespace, model: Path, input_shapes: object = None):
+def plan_from_args(
+    args: argparse.Namespace,
+    model: Path,
+    input_shapes: Sequence[str] | Mapping[str, Sequence[int]] | None = None,
+):
     """Plan `model` as the planning flags say (`input_shapes` overrides `--input-shape`)."""
-    from moirai.planning import plan_model, resolve
+    from moirai.planning import plan_model
 
-    inputs = resolve(
-        model,
-        args.devices,
-        cpu_devices=args.cpu_devices,
-        input_shapes=args.input_shape if input_shapes is None else input_shapes,
-        profile=args.profile,
-        progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
-    )
+    inputs = resolve_from_args(args, model, input_shapes)
     return plan_model(
-        inputs.model,
-        inputs.device_sets,
-        solver=args.solver,
-        objective=args.objective,
-        time_limit=args.time_limit,
-        profile=inputs.profile,
-        max_tasks=args.max_tasks,
+        inputs.model, inputs.device_sets, profile=inputs.profile, **solver_options(args)
     )
 
 
@@ -212,19 +204,12 @@ def _named(plan: StagePlan, name: str) -> StagePlan:
 def plan_several(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, StagePlan]:
     """Plan several models on shared devices (`moirai.planning.together`), print each plan and
     how the memory was split; their plans by name."""
-    from moirai.planning import describe, plan_model, resolve
+    from moirai.planning import describe, plan_model
     from moirai.planning.together import plan_together
 
     names = list(files)
     models = {
-        name: resolve(
-            path,
-            args.devices,
-            cpu_devices=args.cpu_devices,
-            input_shapes=_input_shapes(args.input_shape, name, names),
-            profile=args.profile,
-            progress=lambda message: print(f"moirai: profile: {message}", file=sys.stderr),
-        )
+        name: resolve_from_args(args, path, _input_shapes(args.input_shape, name, names))
         for name, path in files.items()
     }
     together = plan_together(
@@ -232,12 +217,9 @@ def plan_several(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, 
         lambda inputs, device_sets: plan_model(
             inputs.model,
             device_sets,
-            solver=args.solver,
-            objective=args.objective,
-            time_limit=args.time_limit,
             profile=inputs.profile,
-            max_tasks=args.max_tasks,
             fused_front_end=False,  # several models: the front end runs alone
+            **solver_options(args),
         ),
     )
     plans = {name: _named(p.plan, name) for name, p in together.planned.items()}
