@@ -79,6 +79,17 @@ def test_rendered_chart_passes_server_side_dry_run(control_plane, namespace, val
 IDENTITY = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
 
 
+def apply_all(plane, items: list[dict]) -> None:
+    """Apply rendered manifests `items` server-side, as one List."""
+    plane.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+    )
+
+
 def rules_of(manifests: str) -> set[tuple[str, str, str]]:
     out = set()
     for doc in yaml.safe_load_all(manifests):
@@ -122,13 +133,7 @@ def test_operator_runs_with_exactly_the_charts_rbac(
     install_crd(plane)
     manifests = render(plane, namespace)
     identity = [d for d in yaml.safe_load_all(manifests) if d and d["kind"] in IDENTITY]
-    plane.kubectl(
-        "apply",
-        "--server-side",
-        "-f",
-        "-",
-        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
-    )
+    apply_all(plane, identity)
     kubeconfig = service_account_kubeconfig(plane, namespace, tmp_path / "operator.kubeconfig")
     first, second = f"{namespace}-a", f"{namespace}-b"
     make_node_pool(first, count=1, cpu="8")

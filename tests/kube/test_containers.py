@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -47,33 +48,62 @@ from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
 DEVICE_MEMORY = f"{STAGE_SERVER_OVERHEAD_BYTES // 1024 + 32}Ki"
 
 
+def _one_cpu_pool(
+    plane: Any, kube_api: Any, namespace: str, make_node_pool: Any
+) -> tuple[Cluster, str, int, int]:
+    """The CRD installed and a pool of one 16-core node: the cluster, the pool's name and two
+    free ports for the endpoint (HTTP, gRPC)."""
+    install_crd(plane)
+    cpu = f"{namespace}-cpu"
+    make_node_pool(cpu, count=1, cpu="16")
+    return Cluster(kube_api, plane, namespace), cpu, free_port(), free_port()
+
+
+def _mlp(
+    models: dict[str, Any],
+    pool: str,
+    ports: tuple[int, int],
+    *,
+    max_devices: int,
+    memory_per_device: str | None = None,
+    **serving: Any,
+) -> dict[str, Any]:
+    """The spec of a PlacedModel of the test MLP on `pool`'s 1-thread CPU devices, its endpoint
+    on `ports` (HTTP, gRPC) with the other `serving` keys given."""
+    devices: dict[str, Any] = {
+        "name": pool,
+        "kind": "cpu",
+        "threadsPerDevice": 1,
+        "maxDevices": max_devices,
+    }
+    if memory_per_device is not None:
+        devices["memoryPerDevice"] = memory_per_device
+    return {
+        "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
+        "pools": [devices],
+        "serving": {"port": ports[0], "grpcPort": ports[1], **serving},
+    }
+
+
 def test_a_placed_model_profiles_deploys_and_serves_in_containers(
     scheduling_control_plane, kube_api, namespace, make_node_pool, kubelet, tmp_path
 ):
     plane = scheduling_control_plane
-    install_crd(plane)
-    cpu = f"{namespace}-cpu"
-    make_node_pool(cpu, count=1, cpu="16")
-    cluster = Cluster(kube_api, plane, namespace)
-    http_port, grpc_port = free_port(), free_port()
+    cluster, cpu, http_port, grpc_port = _one_cpu_pool(plane, kube_api, namespace, make_node_pool)
     with models_for(tmp_path / "models") as models:
         # 32 KiB per device beside a stage server's fixed overhead cannot hold the model's
         # 64 KiB of weights: the plan must chain several stage servers.
-        spec = {
-            "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
-            "pools": [
-                {
-                    "name": cpu,
-                    "kind": "cpu",
-                    "threadsPerDevice": 1,
-                    "maxDevices": 4,
-                    "memoryPerDevice": DEVICE_MEMORY,
-                }
-            ],
-            "profiling": {"mode": "measured"},
-            # Locked down: the chain by the operator's token, the endpoint by the clients'.
-            "serving": {"port": http_port, "grpcPort": grpc_port, "authTokenSecret": "clients"},
-        }
+        # Locked down: the chain by the operator's token, the endpoint by the clients'.
+        ports = (http_port, grpc_port)
+        spec = _mlp(
+            models,
+            cpu,
+            ports,
+            max_devices=4,
+            memory_per_device=DEVICE_MEMORY,
+            authTokenSecret="clients",
+        )
+        spec["profiling"] = {"mode": "measured"}
         token = "clients-ToKeN-0123456789"
         cluster.core.create_namespaced_secret(
             namespace, {"metadata": {"name": "clients"}, "stringData": {"token": token}}
@@ -147,11 +177,7 @@ def test_the_gateway_serves_tls_from_its_secret_in_a_container(
     a TLS gRPC request, checked against the CA for the gateway Service's name, answer as ONNX
     Runtime does; plaintext on either port is refused."""
     plane = scheduling_control_plane
-    install_crd(plane)
-    cpu = f"{namespace}-cpu"
-    make_node_pool(cpu, count=1, cpu="16")
-    cluster = Cluster(kube_api, plane, namespace)
-    http_port, grpc_port = free_port(), free_port()
+    cluster, cpu, http_port, grpc_port = _one_cpu_pool(plane, kube_api, namespace, make_node_pool)
     service = f"mlp-gateway.{namespace}.svc"
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run(
@@ -172,11 +198,7 @@ def test_the_gateway_serves_tls_from_its_secret_in_a_container(
         },
     )
     with models_for(tmp_path / "models") as models:
-        spec = {
-            "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
-            "pools": [{"name": cpu, "kind": "cpu", "threadsPerDevice": 1, "maxDevices": 2}],
-            "serving": {"port": http_port, "grpcPort": grpc_port, "tlsSecret": "mlp-tls"},
-        }
+        spec = _mlp(models, cpu, (http_port, grpc_port), max_devices=2, tlsSecret="mlp-tls")
         with running_operator(plane, tmp_path / "cache"):
             cluster.apply("mlp", spec)
             status = cluster.wait_phase("mlp", "Ready", timeout=120)
@@ -264,25 +286,11 @@ def test_two_lanes_lose_only_the_requests_in_flight_on_a_killed_stage_server(
     failures (UNAVAILABLE) only for requests in flight then, lane 0 serves meanwhile, and the
     lane serves again once Docker has restarted the container (as the kubelet would)."""
     plane = scheduling_control_plane
-    install_crd(plane)
-    cpu = f"{namespace}-cpu"
-    make_node_pool(cpu, count=1, cpu="16")
-    cluster = Cluster(kube_api, plane, namespace)
-    http_port, grpc_port = free_port(), free_port()
+    cluster, cpu, http_port, grpc_port = _one_cpu_pool(plane, kube_api, namespace, make_node_pool)
     with models_for(tmp_path / "models") as models:
-        spec = {
-            "model": {"uri": models["mlp"], "sha256": models["mlp_sha256"]},
-            "pools": [
-                {
-                    "name": cpu,
-                    "kind": "cpu",
-                    "threadsPerDevice": 1,
-                    "maxDevices": 4,
-                    "memoryPerDevice": DEVICE_MEMORY,  # a chain of stage servers in each lane
-                }
-            ],
-            "serving": {"port": http_port, "grpcPort": grpc_port, "replicas": 2},
-        }
+        ports = (http_port, grpc_port)
+        # DEVICE_MEMORY: a chain of stage servers in each lane
+        spec = _mlp(models, cpu, ports, max_devices=4, memory_per_device=DEVICE_MEMORY, replicas=2)
         with running_operator(plane, tmp_path / "cache"):
             cluster.apply("mlp", spec)
             status = cluster.wait_phase("mlp", "Ready", timeout=120)

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
-from test_chart_install import IDENTITY, render, rules_of
+from test_chart_install import IDENTITY, apply_all, render, rules_of
 from test_operator_harness import install_crd, write_mlp
 
 from moirai.partition import build_plan
@@ -155,6 +155,26 @@ def _placed_model(
     )  # fmt: skip
 
 
+def _mlps(
+    tmp_path: Path, rng: int, **models: tuple[int, int, int]
+) -> tuple[dict[str, Path], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """MLP files in `tmp_path` (name → width, layers, seed); each one's input (drawn from a
+    generator seeded `rng`) and ONNX Runtime's answer to it."""
+    paths = {
+        name: write_mlp(tmp_path / f"{name}.onnx", hidden=width, layers=layers, seed=seed)
+        for name, (width, layers, seed) in models.items()
+    }
+    x = {
+        name: np.random.default_rng(rng).standard_normal((1, width)).astype(np.float32)
+        for name, (width, _, _) in models.items()
+    }
+    want = {
+        name: ort.InferenceSession(str(path)).run(None, {"x": x[name]})[0]
+        for name, path in paths.items()
+    }
+    return paths, x, want
+
+
 def _as_the_endpoint(plane, namespace: str, tmp_path: Path) -> Path:
     """A kubeconfig of the chart's ServiceAccount for the shared endpoint, with exactly the
     chart's RBAC for it (list PlacedModels; no Secret, no ConfigMap) applied."""
@@ -166,13 +186,7 @@ def _as_the_endpoint(plane, namespace: str, tmp_path: Path) -> Path:
     ]
     assert {d["kind"] for d in identity} == {"ServiceAccount", "Role", "RoleBinding"}
     assert rules_of(yaml.safe_dump_all(identity)) == {("moirai.dev", "placedmodels", "list")}
-    plane.kubectl(
-        "apply",
-        "--server-side",
-        "-f",
-        "-",
-        stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": identity}),
-    )
+    apply_all(plane, identity)
     return _kubeconfig_of(plane, namespace, ENDPOINT, tmp_path / "endpoint.kubeconfig")
 
 
@@ -182,16 +196,7 @@ def test_the_shared_endpoint_routes_by_model_name_with_the_charts_rbac(
     plane = control_plane
     install_crd(plane)
     kubeconfig = _as_the_endpoint(plane, namespace, tmp_path)
-    paths = {
-        "alpha": write_mlp(tmp_path / "alpha.onnx", hidden=32, layers=2, seed=1),
-        "beta": write_mlp(tmp_path / "beta.onnx", hidden=48, layers=3, seed=2),
-    }
-    x = {name: np.random.default_rng(3).standard_normal((1, w)).astype(np.float32)
-         for name, w in (("alpha", 32), ("beta", 48))}  # fmt: skip
-    want = {
-        name: ort.InferenceSession(str(path)).run(None, {"x": x[name]})[0]
-        for name, path in paths.items()
-    }
+    paths, x, want = _mlps(tmp_path, 3, alpha=(32, 2, 1), beta=(48, 3, 2))
     alpha, beta = _one_stage(paths["alpha"], "alpha"), _one_stage(paths["beta"], "beta")
     with alpha, beta:
         for name, gateway in (("alpha", alpha), ("beta", beta)):
@@ -331,16 +336,7 @@ def test_the_shared_endpoint_calls_a_tls_gateway_verified_with_its_published_tru
     service = f"secure-gateway.{namespace}.svc"
     cert, key = _certificate(tmp_path / "secure", service)
     stranger, _ = _certificate(tmp_path / "stranger", service)  # same name, another key
-    paths = {
-        "secure": write_mlp(tmp_path / "secure.onnx", hidden=32, layers=2, seed=6),
-        "plain": write_mlp(tmp_path / "plain.onnx", hidden=48, layers=2, seed=7),
-    }
-    x = {name: np.random.default_rng(8).standard_normal((1, w)).astype(np.float32)
-         for name, w in (("secure", 32), ("plain", 48))}  # fmt: skip
-    want = {
-        name: ort.InferenceSession(str(path)).run(None, {"x": x[name]})[0]
-        for name, path in paths.items()
-    }
+    paths, x, want = _mlps(tmp_path, 8, secure=(32, 2, 6), plain=(48, 2, 7))
     body = {
         "inputs": [
             {"name": "x", "datatype": "FP32", "shape": [1, 32], "data": x["secure"][0].tolist()}
