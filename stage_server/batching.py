@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 from stage_server.batchconfig import BatchingConfig, check_batchable
 from stage_server.errors import DeadlineExceeded, InvalidInput, StageFailed, Unavailable
+from stage_server.limits import request_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ class Batcher:
         if self._closed:
             raise Unavailable("the server is shutting down")
         rows = self._rows(inputs)
-        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        timeout = request_timeout_s(timeout_s, self.timeout_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         entry = _Entry(

@@ -55,6 +55,7 @@ from stage_server.errors import (
     from_code,
     status_of,
 )
+from stage_server.limits import request_timeout_s
 from stage_server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class Gateway:
         self.validate(inputs, requested)
         lane = self._pick_lane()
         wanted = list(requested or self.outputs)
-        timeout = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
+        timeout = request_timeout_s(timeout_s, self.timeout_s)
         started = time.perf_counter()
         rid = f"{self._id_prefix}{next(self._ids)}"
         deadline_ms = now_ms() + timeout * 1000.0

@@ -21,7 +21,9 @@ defaults that a newcomer never meets, and a client over a cap gets a status that
   timeout; a gRPC connection without calls is closed after the idle timeout, one whose client
   stopped answering keepalive pings after `KEEPALIVE_TIMEOUT_S`, and every gRPC connection after
   `MAX_CONNECTION_AGE_S` (its calls then get the request timeout to finish; clients reconnect by
-  themselves), which bounds how long a client that sends its message slowly holds a call.
+  themselves), which bounds how long a client that sends its message slowly holds a call. A
+  request's deadline is what its client asked, never beyond the server's request timeout
+  (`request_timeout_s`: the gateway, a batcher and a remote model alike).
 
 So a front end holds at most about `max_in_flight` x `max_request_bytes` of requests per
 transport, whatever its clients do.
@@ -37,6 +39,11 @@ KEEPALIVE_TIMEOUT_S = 10.0
 MAX_CONNECTION_AGE_S = 600.0
 GRPC_CALL_ROOM = 64
 """gRPC calls allowed beyond the requests in flight: health checks, readiness, metadata."""
+
+
+def request_timeout_s(asked_s: float | None, longest_s: float) -> float:
+    """A request's timeout: what its client asked (None: nothing), at most `longest_s`."""
+    return longest_s if asked_s is None else min(asked_s, longest_s)
 
 
 class InFlight:

@@ -44,6 +44,7 @@ import numpy as np
 from moirai.stageplan import TensorSpec
 from stage_server import auth, codec
 from stage_server.errors import Unavailable, from_code
+from stage_server.limits import request_timeout_s
 from stage_server.metrics import Metrics
 from stage_server.oip_grpc import SERVICE
 from stage_server.protos import grpc_predict_v2_pb2 as oip
@@ -219,7 +220,7 @@ class RemoteModel:
         """The requested outputs (all when None), from the model's own endpoint."""
         if not self._ready:
             raise Unavailable(f"model {self.model_name!r} is not ready: {self.reason}")
-        timeout = min(timeout_s, self.timeout_s) if timeout_s is not None else self.timeout_s
+        timeout = request_timeout_s(timeout_s, self.timeout_s)
         request = codec.encode_infer_request(self.model_name, inputs, requested or ())
         started = time.perf_counter()
         self.metrics.in_flight.inc()
