@@ -124,22 +124,15 @@ def test_a_placed_model_profiles_deploys_and_serves_in_containers(
         x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
         (expected,) = ort.InferenceSession(str(models["path"])).run(["y"], {"x": x})
 
-        http = triton_http.InferenceServerClient(f"{gateway.ip}:{http_port}")
-        inputs = [triton_http.InferInput("x", [1, 64], "FP32")]
-        inputs[0].set_data_from_numpy(x)
-        # (a new dict each call: tritonclient's HTTP client adds its own headers to it)
-        got = http.infer("mlp", inputs, headers={"authorization": bearer}).as_numpy("y")
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        with pytest.raises(InferenceServerException, match="needs a token"):
-            http.infer("mlp", inputs)
-
-        grpc_client = triton_grpc.InferenceServerClient(f"{gateway.ip}:{grpc_port}")
-        inputs = [triton_grpc.InferInput("x", [1, 64], "FP32")]
-        inputs[0].set_data_from_numpy(x)
-        got = grpc_client.infer("mlp", inputs, headers={"authorization": bearer}).as_numpy("y")
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-        with pytest.raises(InferenceServerException, match="needs a token"):
-            grpc_client.infer("mlp", inputs)
+        for triton, endpoint_port in ((triton_http, http_port), (triton_grpc, grpc_port)):
+            client = triton.InferenceServerClient(f"{gateway.ip}:{endpoint_port}")
+            inputs = [triton.InferInput("x", [1, 64], "FP32")]
+            inputs[0].set_data_from_numpy(x)
+            # (a new dict each call: tritonclient's HTTP client adds its own headers to it)
+            got = client.infer("mlp", inputs, headers={"authorization": bearer}).as_numpy("y")
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            with pytest.raises(InferenceServerException, match="needs a token"):
+                client.infer("mlp", inputs)
 
         # Every server ran as the pod specs say: user 10001 on a read-only root filesystem, with
         # the chain token of the PlacedModel's Secret (the chain served the requests above).
