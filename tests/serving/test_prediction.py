@@ -17,7 +17,7 @@ from moirai.devices import local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.placement import PlacementProblem, evaluate
-from moirai.planning import describe, plan_model
+from moirai.planning import describe, pipeline, plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
 from moirai.planning.prediction import Prediction, call_overheads, predict
 from moirai.profile.analytic import AnalyticProfile
@@ -279,3 +279,26 @@ def test_auto_serves_the_model_whole_when_a_split_would_serve_slower(tmp_path: P
     chosen = plan_model(path, devices, time_limit=5, profile=profile)
     assert len(chosen.plan.stages) == 1
     assert chosen.plan.predicted["latency_ms"] == pytest.approx(alone.plan.predicted["latency_ms"])
+
+
+def test_auto_takes_a_split_only_when_it_gains_more_than_the_margin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A split plan predicted faster than the best device alone is served only when it gains
+    more than `SPLIT_MARGIN`: with the margin just above its gain `auto` keeps the device alone,
+    just below it `auto` takes the split."""
+    path = tmp_path / "two.onnx"
+    onnx.save(two_branches(), path)
+    devices = split_cpu(local_devices(), 2)
+    split = plan_model(path, devices, time_limit=5, solver="cpsat").plan.predicted["latency_ms"]
+    alone = plan_model(path, devices, time_limit=5, solver="single").plan.predicted["latency_ms"]
+    gain = 1 - split / alone
+    assert gain > 0.01
+    monkeypatch.setattr(pipeline, "SPLIT_MARGIN", gain + 0.005)
+    kept = plan_model(path, devices, time_limit=5).plan
+    assert len(kept.stages) == 1
+    assert kept.predicted["latency_ms"] == pytest.approx(alone)
+    monkeypatch.setattr(pipeline, "SPLIT_MARGIN", gain - 0.005)
+    taken = plan_model(path, devices, time_limit=5).plan
+    assert len(taken.used_devices) == 2
+    assert taken.predicted["latency_ms"] == pytest.approx(split)
