@@ -9,7 +9,11 @@ HiGHS model and adds the windows its solutions violate.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from moirai.errors import InfeasibleError
@@ -28,10 +32,35 @@ def new_highs(threads: int) -> Any:
     import highspy
 
     highspy.Highs.resetGlobalScheduler(True)
-    h = highspy.Highs()
+    with _stdout_muted(not _made):
+        h = highspy.Highs()
+    _made.append(True)
     h.silent()
     h.setOptionValue("threads", threads)
     return h
+
+
+_made: list[bool] = []
+"""Whether this process has made a HiGHS instance: HiGHS writes its banner ("Running HiGHS
+...") to the process's standard output when it makes its first one, before any option can
+silence it, and `moirai place` prints its report there."""
+
+
+@contextlib.contextmanager
+def _stdout_muted(mute: bool) -> Iterator[None]:
+    """File descriptor 1 pointed at /dev/null for the block (C code writes to it directly)."""
+    if not mute:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_highs(h: Any) -> None:
