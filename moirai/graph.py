@@ -15,7 +15,8 @@ Two things leave this module, and both are contracts:
 - `load_model(path, symbolic=True)` is the serving view: the same model and names, but input
   dimensions stay as the file declares them, so the stage servers' sub-models accept every size
   the model accepts. `dynamic_shapes(path)` tells which dimensions of which tensors vary with
-  those symbolic inputs (ONNX's symbolic shape inference): the stage plan marks them -1.
+  those symbolic inputs or with the inputs' values (ONNX's symbolic shape inference): the stage
+  plan marks them -1.
 - `canonical_node_names(model)`: a node keeps its name when it is non-empty and unique in the
   graph, otherwise it becomes `f"{op_type}_{index}"` (made unique with a numeric suffix). The
   cost graph's `Task.ops` and the stage plans speak these names, so applying the rule twice
@@ -135,17 +136,18 @@ def load_model(
 
 def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """The shapes of a model's tensors as its file declares its inputs, -1 for a dimension that
-    is not fixed; empty when every input dimension is fixed (nothing varies).
+    is not fixed: one that varies with a symbolic input dimension, or with the values of the
+    inputs (a `Reshape` or `Pad` whose sizes a client sends, a `NonZero`), which no input shape
+    fixes even when every input dimension is fixed.
 
     From ONNX's symbolic shape inference on the graph alone (external data is not read: shapes
     of weights are in their headers). A tensor that inference cannot shape is left out: the
-    caller should treat all of its dimensions as varying. Call it on a file that `load_model`
-    accepted."""
+    caller should treat all of its dimensions as varying. (The static shapes `load_model`
+    completes by a run of ONNX Runtime on zero-filled inputs price the model, but hold only for
+    those values.) Call it on a file that `load_model` accepted."""
     path = Path(path)
     model = read_skeleton(path)
     _drop_initializer_inputs(model)
-    if all(_static(i.type) for i in model.graph.input):
-        return {}
     del model.graph.value_info[:]  # a file's own value_info may be stale (exported at batch 1)
     try:
         model = onnx.shape_inference.infer_shapes(model)

@@ -57,8 +57,8 @@ class LoadedModel:
     """`moirai.weights.model_digest`, computed beside the fusion analysis (for a large model
     both read every weight): `sha256` waits for it."""
     dynamic: Mapping[str, Sequence[int]]
-    """`moirai.graph.dynamic_shapes`: what varies with the file's symbolic inputs (empty when
-    nothing does); the stage plan leaves those dimensions open."""
+    """`moirai.graph.dynamic_shapes`: what varies with the file's symbolic inputs or with the
+    inputs' values; the stage plan leaves those dimensions open."""
 
     @property
     def name(self) -> str:

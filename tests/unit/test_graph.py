@@ -171,8 +171,32 @@ def test_dynamic_shapes_mark_what_varies_with_the_batch(tmp_path: Path) -> None:
     assert shapes["y"] == (-1, 4)
 
 
-def test_dynamic_shapes_of_a_static_model_are_empty(tmp_path: Path) -> None:
-    assert dynamic_shapes(save(_relus(["a"]), tmp_path / "s.onnx")) == {}
+def test_dynamic_shapes_of_a_static_model_are_static(tmp_path: Path) -> None:
+    shapes = dynamic_shapes(save(_relus(["a"]), tmp_path / "s.onnx"))
+    assert shapes and all(-1 not in shape for shape in shapes.values())
+
+
+def test_dynamic_shapes_mark_sizes_that_come_from_input_values(tmp_path: Path) -> None:
+    """Every input dimension is fixed, but the Reshape's target is an input: its output's
+    dimensions vary with what a client sends (node/test_center_crop_pad_pad_expanded)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+            helper.make_node("Relu", ["y"], ["z"]),
+        ],
+        "reshape_by_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    path = save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "r.onnx"
+    )
+    shapes = dynamic_shapes(path)
+    assert shapes["x"] == (2, 6)
+    assert shapes.get("y", (-1, -1)) == (-1, -1)
 
 
 def test_unknown_input_name_lists_the_real_inputs(tmp_path: Path) -> None:
