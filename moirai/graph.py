@@ -36,20 +36,23 @@ Shapes come from `onnx.shape_inference`, without its data propagation: that repr
 1-D weights exhausted 23 GB). What it leaves open (shapes computed at run time from `Shape`
 chains, operators without an ONNX schema such as ONNX Runtime's contrib operators,
 data-dependent sizes) is asked of ONNX Runtime, whose session knows its own operators' shapes,
-and what stays symbolic there is measured by one run on zero-filled inputs. (ONNX Runtime's
-symbolic shape inference script would need sympy, which is not a dependency.) The answers go
-into `value_info`, so the returned model is fully typed — which serving needs for the tensors
-crossing a stage border. A tensor whose shape is still unknown counts as 0 bytes and is logged.
+and what stays symbolic there is measured by one run on zero-filled inputs (one-filled where
+zeros fail). (ONNX Runtime's symbolic shape inference script would need sympy, which is not a
+dependency.) The answers go into `value_info`, so the returned model is fully typed — which
+serving needs for the rank of the tensors crossing a stage border (their sizes that vary with
+the inputs' values are `dynamic_shapes`'s). A tensor whose shape is still unknown counts as 0
+bytes and is logged.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -313,32 +316,68 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed run is reported below, or retried
     try:
         session = ort_session(probe, options, ["CPUExecutionProvider"])
         answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
-        if not all(isinstance(d, int) for t in missing for d in answers[t][1]):
-            feeds = {
-                i.name: np.zeros(i.shape, helper.tensor_dtype_to_np_dtype(_elem_type(i.type)))
-                for i in session.get_inputs()
-            }
-            results = session.run(missing, feeds)
-            answers.update(
-                {t: (answers[t][0], list(r.shape)) for t, r in zip(missing, results, strict=True)}
-            )
+        # A shape of [] is a scalar or a tensor of unknown rank (a Loop's output): measured.
+        if not all(
+            answers[t][1] and all(isinstance(d, int) for d in answers[t][1]) for t in missing
+        ):
+            shapes = _probe_shapes(session, missing)
+            answers.update({t: (answers[t][0], s) for t, s in zip(missing, shapes, strict=True)})
     except Exception as e:  # ORT raises its own exception types, without a common base
         log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
         return
+    partial = {v.name: v for v in graph.value_info}  # what ONNX shaped in part
     for name in missing:
         type_name, shape = answers[name]
-        if not type_name.startswith("tensor("):
-            continue  # sequences and maps carry no static size
+        if not type_name.startswith("tensor(") or shape is None:
+            continue  # sequences and maps carry no static size; a rank the values decide
         value = helper.make_tensor_value_info(name, _elem_type(type_name), shape)
         if name in outputs:
             outputs[name].CopyFrom(value)
+        elif name in partial:
+            partial[name].CopyFrom(value)
         else:
             graph.value_info.append(value)
     log.info("%s: ONNX Runtime shaped %d tensors that ONNX could not", path, len(missing))
+
+
+def _probe_shapes(session: ort.InferenceSession, outputs: list[str]) -> list[list[int] | None]:
+    """The shapes of `outputs` in a run on zero-filled inputs, or where zeros are no valid input
+    (a size or a count read from an input: node/test_affine_grid_2d_expanded), on inputs filled
+    with ones. Where the model reads integer inputs, a second run with counting integers (0, 1,
+    2...) checks the ranks: an output whose rank differs between the runs depends on the values
+    (ReduceSum over axes that an input gives, where [0, 0] is one axis and [0, 1] two:
+    node/test_reduce_log_sum_asc_axes_expanded), and its shape is None, unknown."""
+    inputs = [
+        (i.name, i.shape, helper.tensor_dtype_to_np_dtype(_elem_type(i.type)))
+        for i in session.get_inputs()
+    ]
+
+    def run(fill: Callable[[Any, np.dtype], np.ndarray]) -> list[list[int]]:
+        feeds = {name: fill(shape, dtype) for name, shape, dtype in inputs}
+        return [list(r.shape) for r in session.run(outputs, feeds)]
+
+    try:
+        shapes = run(np.zeros)
+    except Exception:  # ORT raises its own exception types, without a common base
+        shapes = run(np.ones)
+    if not any(np.issubdtype(dtype, np.integer) for *_, dtype in inputs):
+        return list(shapes)
+    try:
+        other = run(_counting)
+    except Exception:  # ORT raises its own exception types, without a common base
+        return list(shapes)
+    return [s if len(s) == len(o) else None for s, o in zip(shapes, other, strict=True)]
+
+
+def _counting(shape: Any, dtype: np.dtype) -> np.ndarray:
+    """Integers 0, 1, 2... in `shape` (zeros for other types)."""
+    if not np.issubdtype(dtype, np.integer):
+        return np.zeros(shape, dtype)
+    return np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape).astype(dtype)
 
 
 def _elem_type(ort_type: str) -> int:

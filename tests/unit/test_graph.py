@@ -317,3 +317,62 @@ def test_shapes_computed_from_shape_chains_are_resolved(tmp_path: Path) -> None:
     graph = build_graph(load_model(save(m, tmp_path / "m.onnx"), {"x": [2, 3, 4]}))
     assert graph.tensors["r"].shape == (2, 12) and graph.tensors["y"].nbytes == 2 * 12 * 4
     assert not graph.unknown_shapes
+
+
+def test_a_rank_that_the_input_values_decide_is_left_unknown(tmp_path: Path) -> None:
+    """ReduceSum over axes that an input gives: the zero-filled probe reduces over [0, 0], one
+    axis, where [0, 1] reduces two, so the probe's rank is no rank at all
+    (node/test_reduce_log_sum_asc_axes_expanded)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0),
+            helper.make_node("Log", ["s"], ["y"]),
+        ],
+        "reduce_by_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4, 5]),
+            helper.make_tensor_value_info("axes", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    loaded = load_model(save(model, tmp_path / "r.onnx"))
+    shaped = {v.name for v in loaded.graph.value_info if v.type.tensor_type.HasField("shape")}
+    assert "s" not in shaped
+
+
+def test_a_loop_output_is_measured_not_taken_for_a_scalar(tmp_path: Path) -> None:
+    """ONNX Runtime types a Loop's output as shape [], which is also a scalar's: the probe
+    measures it (corners/scopes in tests/conformance)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["c"], ["c_out"]),
+            helper.make_node("Add", ["acc", "x"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc", TensorProto.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, None),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["n", "", "x"], ["looped"], body=body),
+            helper.make_node("Relu", ["looped"], ["y"]),
+        ],
+        "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        initializer=[numpy_helper.from_array(np.array(2, np.int64), "n")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    loaded = load_model(save(model, tmp_path / "l.onnx"))
+    shapes = {
+        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in loaded.graph.value_info
+    }
+    assert shapes["looped"] == [2, 3]
