@@ -59,7 +59,8 @@ only — so the units of every provider present are merged (union-find) into gro
 device a task lands on, no fusion of its provider is split. Each group keeps its units per
 provider (`Group.kernels`), so a cost model charges a device for its own provider's launches.
 Merging can make the group graph cyclic (A's fusion and B's fusion interleave), so strongly
-connected components are contracted.
+connected components are contracted. A tensor that cannot cross a stage border (a sequence, a
+string, a tensor of unknown rank) also keeps its producer and its consumers in one group.
 
 CUDA without onnxruntime-gpu (this project's default install): the CUDA units are those of a
 CPU session with the CPU-only transformers disabled (`_CPU_ONLY_TRANSFORMERS`, the list in
@@ -97,6 +98,7 @@ import onnxruntime as ort
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
 from moirai.graph import OpGraph
+from moirai.stageplan import ONNX_DATATYPES
 from moirai.weights import optimised_model_without_weights, ort_session
 
 log = logging.getLogger(__name__)
@@ -370,9 +372,36 @@ def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[st
     for provider_units in units.values():
         for unit in provider_units:
             merged.merge(unit)
+    for tensor in _unservable(model, graph):
+        merged.merge([graph.producer[tensor], *graph.consumers[tensor]])
     blocks = merged.classes()
     components = _contract_cycles(graph, blocks)
     return _as_groups(graph, [[n for b in c for n in blocks[b]] for c in components], units)
+
+
+def _unservable(model: onnx.ModelProto, graph: OpGraph) -> list[str]:
+    """Tensors passed between nodes that cannot cross a stage border: sequences, optionals,
+    maps, strings (what the wire does not carry: `moirai.stageplan.ONNX_DATATYPES`) and tensors
+    of unknown rank, as the model's value types say (a tensor they do not type is left to the
+    stage plan). Their producer and consumers stay in one group, so that no placement cuts them
+    (simple/test_sequence_model1, node/test_affine_grid_2d_expanded)."""
+    g = model.graph
+    types = {v.name: v.type for v in (*g.value_info, *g.input, *g.output)}
+    out = []
+    for tensor in graph.producer:
+        if tensor not in graph.consumers:
+            continue
+        value = types.get(tensor)
+        if value is None:
+            continue
+        servable = (
+            value.WhichOneof("value") == "tensor_type"
+            and value.tensor_type.elem_type in ONNX_DATATYPES
+            and value.tensor_type.HasField("shape")
+        )
+        if not servable:
+            out.append(tensor)
+    return out
 
 
 def _alone(graph: OpGraph) -> list[tuple[str, ...]]:

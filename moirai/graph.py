@@ -387,6 +387,8 @@ def _elem_type(ort_type: str) -> int:
 
 def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
     for value in model.graph.input:
+        if value.type.WhichOneof("value") != "tensor_type":
+            continue  # a sequence or an optional has no shape to give (serving refuses it)
         tensor_type = value.type.tensor_type
         dims = tensor_type.shape.dim
         unknown = [(axis, d) for axis, d in enumerate(dims) if not d.HasField("dim_value")]

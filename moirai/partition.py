@@ -117,10 +117,20 @@ def _spec(
     t = value.type.tensor_type
     datatype = ONNX_DATATYPES.get(t.elem_type)
     if datatype is None:
-        name = TensorProto.DataType.Name(t.elem_type)
+        kind = value.type.WhichOneof("value")
+        name = (
+            TensorProto.DataType.Name(t.elem_type)
+            if kind == "tensor_type"
+            else {"sequence_type": "a sequence", "optional_type": "an optional"}.get(kind, kind)
+        )
         raise ModelError(
             f"tensor {value.name!r} is {name}: serving supports "
             f"{', '.join(ONNX_DATATYPES.values())}"
+        )
+    if not t.HasField("shape"):  # not a scalar: a tensor of unknown rank
+        raise ModelError(
+            f"tensor {value.name!r} has no inferable rank, so it cannot cross a stage border; "
+            "give static input shapes (--input-shape) so that shape inference can shape it"
         )
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
     if dynamic:
