@@ -10,7 +10,7 @@ on two cores; `MOIRAI_CONFORMANCE_ALL=1` takes every one.
 
 The reference is ONNX Runtime on the whole model, not the expected outputs in the files: Moirai
 must compute what ONNX Runtime computes. A model ONNX Runtime itself cannot load or run is no
-case but a skip, with ONNX Runtime's own reason (`Case.skip`), decided when the cases are
+case but left out, with ONNX Runtime's own reason (`Case.skip`), decided when the cases are
 collected.
 """
 
