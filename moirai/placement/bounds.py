@@ -87,6 +87,7 @@ def heads_tails(problem: PlacementProblem, sequenced: bool = True) -> HeadsTails
 
 
 def _heads_tails(p: PlacementProblem, sequenced: bool) -> HeadsTails:
+    send, recv = p.send_work, p.recv_work
     head: list[dict[int, float]] = [{} for _ in range(p.n)]
     for i in range(p.n):
         for k in p.cand[i]:
@@ -100,6 +101,12 @@ def _heads_tails(p: PlacementProblem, sequenced: bool) -> HeadsTails:
                         min(head[j][a] + p.compute[j][a] for a in others),
                         min(p.transfer[e][a][k] for a in others),
                         min(head[j][a] + p.compute[j][a] + p.transfer[e][a][k] for a in others),
+                        # k's share of the hop: from the transfer's end less that share on
+                        min(
+                            head[j][a] + p.compute[j][a] + p.transfer[e][a][k] - recv[e][a][k]
+                            for a in others
+                        ),
+                        min(recv[e][a][k] for a in others),
                     )
                     if others
                     else None
@@ -119,6 +126,9 @@ def _heads_tails(p: PlacementProblem, sequenced: bool) -> HeadsTails:
                         min(tail[j][b] for b in others),
                         min(p.transfer[e][k][b] for b in others),
                         min(p.transfer[e][k][b] + tail[j][b] for b in others),
+                        # k's share of the hop: from the transfer's start, then the rest
+                        min(p.transfer[e][k][b] - send[e][k][b] + tail[j][b] for b in others),
+                        min(send[e][k][b] for b in others),
                     )
                     if others
                     else None
@@ -128,11 +138,13 @@ def _heads_tails(p: PlacementProblem, sequenced: bool) -> HeadsTails:
     return head, tail
 
 
-Wait = tuple[tuple[float, float] | None, tuple[float, float, float] | None]
+Wait = tuple[tuple[float, float] | None, tuple[float, float, float, float, float] | None]
 """A neighbour of a task on a device: `(release, duration)` on that device, or None when it
-cannot go there; and elsewhere `(release, transfer, total)`: the least release there, the least
-transfer to (from) the device, and the least of release plus transfer; None when it can go
-nowhere else."""
+cannot go there; and elsewhere `(release, transfer, total, hop release, hop)`: the least
+release there, the least transfer to (from) the device, the least of release plus transfer,
+and the device's own share of the hop (`problem.hop_work`) as a job on the device: its least
+release and least duration (0 where the device does no hop work); None when it can go nowhere
+else. For tails, releases read as times after (`_release_order`)."""
 
 
 def _least_wait(waits: list[Wait], sequenced: bool) -> float:
@@ -166,6 +178,8 @@ def _least_wait(waits: list[Wait], sequenced: bool) -> float:
                     break
                 port.append(off[:2])
                 value = max(value, off[2])
+                if off[4] > 0:
+                    here.append(off[3:])
         if value >= best:
             continue
         value = max(value, _release_order(here), _release_order(port))

@@ -266,9 +266,11 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
       with i's time and the edge's transfer under the assignment);
     - `S_i >= sum_k head[i][k] x[i][k]` and `C >= S_i + sum_k tail[i][k] x[i][k]` (the
       device-aware heads and tails of `bounds.heads_tails`, which hold for i's own device);
-    - `C >= sum_i p[i][k] x[i][k]` for every device, and `C >=` the time each device's send
-      port and receive port spend on transfers (`sum tau z` over the pairs leaving or entering
-      it), since a port moves one tensor at a time.
+    - `C >= sum_i p[i][k] x[i][k]` plus the device's hop work (`problem.hop_work`: its share
+      of each pair's time, `z` times it, over the pairs leaving or entering it) for every
+      device, and `C >=` the time each device's send port and receive port spend on transfers
+      (`sum tau z` over those pairs), since a device does one thing at a time and a port moves
+      one tensor at a time.
     Its optimum is at most any plan's makespan. Unlike the load bounds it sees that keeping a
     chain on the fast device leaves its neighbours' shares elsewhere paying for transfers on
     their paths and ports. None when the model has more than `PATH_LP_COLUMNS` columns or would
@@ -300,11 +302,10 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
         rows.append(
             (0.0, inf, [makespan, start + i, *cols], [1.0, -1.0, *(-tail[i][k] for k in p.cand[i])])
         )
+    work: list[list[tuple[int, float]]] = [[] for _ in range(p.num_devices)]
     for k in range(p.num_devices):
         on_k = [i for i in range(p.n) if k in p.cand[i]]
-        if on_k:
-            cols = [makespan] + [col[i, k] for i in on_k]
-            rows.append((0.0, inf, cols, [1.0] + [-p.compute[i][k] for i in on_k]))
+        work[k] = [(col[i, k], p.compute[i][k]) for i in on_k]
         if sum(p.mem[i] for i in on_k) > p.cap[k]:
             mem = [float(p.mem[i]) for i in on_k]
             rows.append((-inf, float(p.cap[k]), [col[i, k] for i in on_k], mem))
@@ -329,8 +330,11 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
                 vals.append(-tau)
                 send[a].append((c, tau))
                 recv[b].append((c, tau))
+                for k, hop in ((a, p.send_work[e][a][b]), (b, p.recv_work[e][a][b])):
+                    if hop > 0:
+                        work[k].append((c, hop))
         rows.append((0.0, inf, cols, vals))
-    for port in (*send, *recv):
+    for port in (*send, *recv, *work):
         if port:
             rows.append(
                 (0.0, inf, [makespan] + [c for c, _ in port], [1.0] + [-t for _, t in port])

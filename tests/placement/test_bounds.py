@@ -107,7 +107,7 @@ def test_lp_bounds_never_exceed_the_optimum_on_benchmark_style_dags(
 
 def test_path_lp_prices_transfers_that_the_load_bounds_do_not_see() -> None:
     """Costly transfers: the path LP proves more than the windowed load, and stays valid."""
-    problem = PlacementProblem(random_dag(2, 6, 3, ccr=1.0, max_width=3))
+    problem = PlacementProblem(random_dag(0, 6, 3, ccr=1.0, max_width=3))
     path = path_lp(problem, time.monotonic() + 30)
     load = windowed_load(problem, time.monotonic() + 30)
     assert path is not None and load is not None
@@ -146,6 +146,38 @@ def test_sequenced_heads_never_exceed_the_optimum_on_joins(
     best = brute_force_makespan(problem)
     for name, value in _bounds(problem).items():
         assert value <= best * (1 + 1e-9), name
+
+
+HOPS = [(s, 5 + s % 2, 2 + s % 2) for s in range(8)]
+
+
+@pytest.mark.parametrize(("seed", "tasks", "devices"), HOPS)
+def test_bounds_with_hop_work_never_exceed_the_optimum(seed: int, tasks: int, devices: int) -> None:
+    """Every device a CPU, so every hop is work on both ends (`problem.hop_work`), which the
+    sequenced heads and tails and the path LP's device rows count: still valid."""
+    cg = random_costgraph(300 + seed, tasks=tasks, devices=devices, edge_prob=0.5, cpus=devices)
+    problem = PlacementProblem(cg)
+    assert problem.has_hop_work
+    best = brute_force_makespan(problem)
+    for name, value in _bounds(problem).items():
+        assert value <= best * (1 + 1e-9), name
+
+
+def test_hop_work_raises_the_bounds() -> None:
+    """On CPUs a hop is work on both ends: the sequenced heads (a receiver's share of each
+    hop into a task's device) and the path LP (each device's share of its hops) prove more
+    than on the same problem with transfers on the ports only, and stay valid."""
+    problem = PlacementProblem(random_dag(0, 6, 3, ccr=1.0, max_width=3))
+    ports = problem.ports_only()
+    assert problem.has_hop_work and not ports.has_hop_work
+    path, path_ports = (path_lp(q, time.monotonic() + 30) for q in (problem, ports))
+    assert path is not None and path_ports is not None
+    assert path > path_ports * 1.05
+    assert path <= brute_force_makespan(problem) * (1 + 1e-9)
+    joins = PlacementProblem(random_dag(107, 6, 2, ccr=1.0, max_width=2))
+    seq = simple_bounds(joins)["sequenced critical path"]
+    assert seq > simple_bounds(joins.ports_only())["sequenced critical path"] * 1.01
+    assert seq <= brute_force_makespan(joins) * (1 + 1e-9)
 
 
 SERIES = [
