@@ -20,7 +20,9 @@
    plan on an idle and on a loaded machine.
 3. On models of moderate size whose series decomposition leaves a segment of more than
    `SERIES_WHOLE` of the tasks (or has none), the path LP bound (`lp.path_lp`: assignment,
-   start times, transfers and ports in one LP, within `PATH_LP_SHARE` of the limit); then
+   start times, transfers, ports and hop work in one LP, within `PATH_LP_SHARE` of the
+   limit); on larger ones with hop work, the windowed load with the devices' hop work
+   instead (within `HOPS_LP_SHARE`); then
    GETF and m-SCT, whose LPs get at most `HEURISTIC_SHARE` of the limit.
 4. The paper's MILP on HiGHS, warm-started, for `MILP_SHARE` of the time left, when its model
    is small (`MILP_ROWS`, and quick to build for the time it would get, `BUILD_S_PER_ROW`;
@@ -67,7 +69,7 @@ from moirai.placement import cpsat, heuristics, milp
 from moirai.placement.bounds import settle, simple_bounds, strongest
 from moirai.placement.contract import SolveOptions, no_plan_message
 from moirai.placement.local import improve, plan_timing
-from moirai.placement.lp import path_lp, windowed_load
+from moirai.placement.lp import hops_seconds, path_lp, windowed_load
 from moirai.placement.memory import packing
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -107,6 +109,10 @@ PATH_LP_SHARE = 0.2
 """Share of the time limit the path LP (`lp.path_lp`) may use; it is skipped on models too
 large to solve in that time (`lp.PATH_LP_S_PER_COLUMN`: at 20 s, up to about 27,000 columns;
 at 60 s, 80,000)."""
+HOPS_LP_SHARE = 0.3
+"""Share of the time limit the windowed load with hop work (`lp.windowed_load` with `hops`)
+may use, where the path LP does not run; it is skipped on models too large to solve in that
+time (`lp.hops_seconds`: at 20 s, 600 to 800 tasks on 6 to 8 CPUs, 1,500 on 3)."""
 SERIES_WHOLE = 0.5
 """The path LP is skipped when the series decomposition's largest segment holds at most this
 share of the tasks."""
@@ -255,6 +261,16 @@ class AutoSolver:
             best.bounds["path LP"] = path
             if best.optimal:
                 return self._done(best, started)
+        elif p.objective == "latency" and p.has_hop_work:
+            # no path LP (too large): the windowed load with the devices' hop work instead,
+            # when its first LP should finish within `HOPS_LP_SHARE` of the limit
+            lp_s = min(deadline - time.monotonic(), HOPS_LP_SHARE * options.time_limit)
+            if hops_seconds(p) <= lp_s:
+                load = windowed_load(p, time.monotonic() + lp_s, hops=True)
+                if load is not None and load > best.bounds.get("windowed load", 0.0):
+                    best.bounds["windowed load"] = load
+                if best.optimal:
+                    return self._done(best, started)
         # 3. the heuristics with an LP (GETF, m-SCT), their LPs within a share of the limit
         lp_deadline = min(deadline, time.monotonic() + HEURISTIC_SHARE * options.time_limit)
         for h in heuristics.SOLVERS:

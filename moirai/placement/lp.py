@@ -10,6 +10,7 @@ HiGHS model and adds the windows its solutions violate.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -106,7 +107,7 @@ SEPARATION_ROUNDS = 60
 """LPs `windowed_load` solves at most, each with the windows the last one violated most."""
 
 
-def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
+def windowed_load(problem: PlacementProblem, deadline: float, hops: bool = False) -> float | None:
     """The windowed load bound: a fractional assignment's busiest device, in time windows.
 
     In a plan with makespan C, a task i on device k starts no earlier than its head
@@ -126,6 +127,16 @@ def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
     The window (0, 0) alone is the plain fractional load bound, which holds for the
     throughput objective's period as well: there it is all this computes. None when HiGHS
     does not finish the first LP by the deadline.
+
+    With `hops` (latency, devices that pay for their transfers), the windows also hold the
+    devices' hop work (`problem.hop_work`), priced by `_hop_columns` on the fractional
+    assignment: a window reaching the end holds the sends of its tasks (a send starts after
+    its task and ends before its consumer starts), one from the start their receives (which
+    end before their task starts); the window (0, 0) holds both. On the bench's random DAGs
+    it raises the bound by 15-30% (random-6 6.35 -> 8.35 ms, random-7 9.37 -> 10.82), but its
+    first LP takes seconds on large models (HiGHS's interior point: 1.3 s on 600 tasks and 6
+    devices, 5.4 s on 800 x 8, 15 s on 1,500 x 8; the simplex takes 27 s on 800 x 8), so
+    `auto` asks for it only after the plain one, where the path LP does not run.
     """
     import highspy
     import numpy as np
@@ -141,20 +152,36 @@ def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
             col[i, k] = len(col)
     makespan = len(col)
     inf = highspy.kHighsInf
+    rows: list[Row] = []
+    with_hops = hops and latency and p.has_hop_work
+    sends, recvs, ncol = _hop_columns(p, col, makespan + 1, rows) if with_hops else ({}, {}, 0)
+    ncol = max(ncol, makespan + 1)
     h = new_highs(1)
-    h.addVars(makespan + 1, np.zeros(makespan + 1), np.full(makespan + 1, inf))
+    if sends or recvs:  # HiGHS's simplex stalls on the hop rows (800 tasks: 27 s, IPM 2 s)
+        h.setOptionValue("solver", "ipm")
+    h.addVars(ncol, np.zeros(ncol), np.full(ncol, inf))
     h.changeColCost(makespan, 1.0)
     busy = [
-        [i for i in range(p.n) if k in p.cand[i] and p.compute[i][k] > 0]
+        [
+            i
+            for i in range(p.n)
+            if k in p.cand[i] and (p.compute[i][k] > 0 or (k, i) in sends or (k, i) in recvs)
+        ]
         for k in range(p.num_devices)
     ]
 
     def window(k: int, t: float, s: float) -> Row:
         inside = [i for i in busy[k] if not latency or (head[i][k] >= t and after[i][k] >= s)]
         cols = [makespan] + [col[i, k] for i in inside]
-        return (t + s, inf, cols, [1.0] + [-p.compute[i][k] for i in inside])
+        vals = [1.0] + [-p.compute[i][k] for i in inside]
+        for hops, side in ((sends, s), (recvs, t)):  # sends end by C, receives start from 0
+            if side == 0:
+                for i in inside:
+                    for c, work in hops.get((k, i), ()):
+                        cols.append(c)
+                        vals.append(-work)
+        return (t + s, inf, cols, vals)
 
-    rows: list[Row] = []
     for i in range(p.n):
         cols = [col[i, k] for k in p.cand[i]]
         rows.append((1.0, 1.0, cols, [1.0] * len(cols)))
@@ -176,14 +203,16 @@ def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
         if status != highspy.HighsModelStatus.kOptimal:
             return best
         x = h.getSolution().col_value
+        h.setOptionValue("solver", "simplex")  # later rounds start from this basis
         best = max(best or 0.0, x[makespan])
         known = max(known, best)
         if not latency or time.monotonic() >= deadline:
             return best
         rows = []
         for k in range(p.num_devices):
-            for side in (head, after):
-                t = _most_violated(p, busy[k], side, k, x, col, known, x[makespan])
+            for side, hops in ((head, sends), (after, recvs)):
+                extra = {i: sum(work * x[c] for c, work in hops.get((k, i), ())) for i in busy[k]}
+                t = _most_violated(p, busy[k], side, k, x, col, known, x[makespan], extra)
                 w = (k, t, 0.0) if side is head else (k, 0.0, t)
                 if t is not None and w not in seen:
                     seen.add(w)
@@ -194,6 +223,44 @@ def windowed_load(problem: PlacementProblem, deadline: float) -> float | None:
 
 
 Row = tuple[float, float, list[int], list[float]]
+
+
+Hops = dict[tuple[int, int], list[tuple[int, float]]]
+
+
+def _hop_columns(
+    p: PlacementProblem, col: dict[tuple[int, int], int], first: int, rows: list[Row]
+) -> tuple[Hops, Hops, int]:
+    """Columns for the hop work of a fractional assignment (`windowed_load`): per edge
+    e = (i, j) and device k that pays for its transfers, `s[e][k] >= x[i][k] - x[j][k]` (i on
+    k, j elsewhere: k sends) and `r[e][k] >= x[j][k] - x[i][k]` (k receives), rows appended to
+    `rows`; in a plan each is 1 exactly when k does that share of the hop, which then takes at
+    least its least share over the other end's devices. Returns, by (device, task), the
+    columns and least shares of the task's sends and of its receives, and the column count."""
+    sends: Hops = {}
+    recvs: Hops = {}
+    ncol = first
+    for e, (i, j) in enumerate(p.edges):
+        for k in range(p.num_devices):
+            if not p.pays_for_transfers[k]:
+                continue
+            for me, other, hops, work in (
+                (i, j, sends, lambda b, k=k, e=e: p.send_work[e][k][b]),
+                (j, i, recvs, lambda a, k=k, e=e: p.recv_work[e][a][k]),
+            ):
+                if k not in p.cand[me]:
+                    continue
+                least = min((work(d) for d in p.cand[other] if d != k), default=0.0)
+                if least <= 0:
+                    continue
+                cols, vals = [ncol, col[me, k]], [1.0, -1.0]
+                if k in p.cand[other]:
+                    cols.append(col[other, k])
+                    vals.append(1.0)
+                rows.append((0.0, math.inf, cols, vals))
+                hops.setdefault((k, me), []).append((ncol, least))
+                ncol += 1
+    return sends, recvs, ncol
 
 
 def _add_rows(h: Any, rows: list[Row]) -> None:
@@ -224,6 +291,7 @@ def _most_violated(
     col: dict[tuple[int, int], int],
     known: float,
     makespan: float,
+    extra: dict[int, float],
 ) -> float | None:
     """The threshold t <= `known` whose one-sided window on device k (the tasks with
     `side[i][k] >= t`) the fractional solution `x` violates most, or None when none is
@@ -231,11 +299,26 @@ def _most_violated(
     most, arg = 1e-6 * max(makespan, 1e-9), None
     load = 0.0
     for i in sorted(tasks, key=lambda i: side[i][k], reverse=True):
-        load += p.compute[i][k] * x[col[i, k]]
+        load += p.compute[i][k] * x[col[i, k]] + extra[i]
         t = side[i][k]
         if t <= known and t + load - makespan > most:
             most, arg = t + load - makespan, t
     return arg
+
+
+HOPS_S_PER_COLUMN_SQUARED = 5e-9
+"""About what the first LP of `windowed_load` with `hops` costs, per its columns squared
+(interior point, one core of the development machine: 18,000 columns 1.3 s, 32,000 5.4 s,
+60,000 15 s)."""
+
+
+def hops_seconds(problem: PlacementProblem) -> float:
+    """About how long the first LP of `windowed_load` with `hops` takes: its columns are one
+    per task and candidate, and two per edge and device that pays for its transfers."""
+    p = problem
+    paying = sum(p.pays_for_transfers)
+    columns = sum(len(c) for c in p.cand) + 2 * len(p.edges) * paying
+    return HOPS_S_PER_COLUMN_SQUARED * columns**2
 
 
 PATH_LP_COLUMNS = 80_000

@@ -44,7 +44,9 @@ def _bounds(problem: PlacementProblem) -> dict[str, float]:
     the path LP."""
     load = windowed_load(problem, time.monotonic() + 30)
     assert load is not None
-    bounds = {**simple_bounds(problem), "windowed load": load}
+    hops = windowed_load(problem, time.monotonic() + 30, hops=True)
+    assert hops is not None
+    bounds = {**simple_bounds(problem), "windowed load": load, "windowed load with hops": hops}
     if problem.objective == "latency":
         path = path_lp(problem, time.monotonic() + 30)
         assert path is not None
@@ -173,7 +175,13 @@ def test_hop_work_raises_the_bounds() -> None:
     path, path_ports = (path_lp(q, time.monotonic() + 30) for q in (problem, ports))
     assert path is not None and path_ports is not None
     assert path > path_ports * 1.05
-    assert path <= brute_force_makespan(problem) * (1 + 1e-9)
+    best = brute_force_makespan(problem)
+    assert path <= best * (1 + 1e-9)
+    wide = PlacementProblem(random_dag(7, 6, 3, ccr=1.0, max_width=3))
+    load = windowed_load(wide, time.monotonic() + 30)
+    hops = windowed_load(wide, time.monotonic() + 30, hops=True)
+    assert load is not None and hops is not None
+    assert load * 1.05 < hops <= brute_force_makespan(wide) * (1 + 1e-9)
     joins = PlacementProblem(random_dag(107, 6, 2, ccr=1.0, max_width=2))
     seq = simple_bounds(joins)["sequenced critical path"]
     assert seq > simple_bounds(joins.ports_only())["sequenced critical path"] * 1.01
