@@ -14,7 +14,8 @@ Sets (cost graphs built once and cached under `~/.cache/moirai/bench-placement/`
   tasks on 4 heterogeneous devices, a cost per task and device and a transfer matrix per edge,
   two of them with a fastest device too small for the whole model; 60 s.
 - `random`: random DAGs (`tests/placement/instances.random_dag`) of 100 to 1500 tasks on 3 to 8
-  devices, communication-to-computation ratios 0.3 and 1; 20 s.
+  devices, communication-to-computation ratios 0.3 and 1; 20 s. The devices are CPUs, so every
+  hop is also work on both ends (`problem.hop_work`, since 998b171).
 
 Each solve is its own `moirai place --costgraph FILE` process, so `--code DIR` runs the same
 instances through another checkout's solvers (`before`: the main branch this work started
@@ -215,7 +216,8 @@ def report(data: dict[str, Any]) -> str:
         "`series` (the series decomposition), a solver's own (`cpsat`, `milp-highs`) or a "
         "simple one (`critical path`, `device critical path`, `sequenced critical path`, `work`) "
         "or an LP's (`windowed load`, `path LP`; both built on the sequenced heads and tails "
-        "of `moirai.placement.bounds`). ▼ marks a plan or bound worse than before.",
+        "of `moirai.placement.bounds`, and both counting the devices' hop work where they pay "
+        "for their transfers). ▼ marks a plan or bound worse than before.",
         "",
     ]
     summary = [
