@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -174,14 +173,20 @@ client_authorization: ContextVar[str | None] = ContextVar("client_authorization"
 """The `authorization` (header or metadata) of the client whose request is being served."""
 
 
-@contextmanager
-def serving_client(authorization: str | None) -> Iterator[None]:
-    """While a request of a client that sent `authorization` is served (the transports')."""
-    reset = client_authorization.set(authorization)
-    try:
-        yield
-    finally:
-        client_authorization.reset(reset)
+class ServingClient:
+    """While a request of a client that sent `authorization` is served (the transports'): a
+    context manager. A class, not a generator's, because it wraps every request: half the cost."""
+
+    __slots__ = ("_authorization", "_reset")
+
+    def __init__(self, authorization: str | None) -> None:
+        self._authorization = authorization
+
+    def __enter__(self) -> None:
+        self._reset = client_authorization.set(self._authorization)
+
+    def __exit__(self, *exc: object) -> None:
+        client_authorization.reset(self._reset)
 
 
 def grpc_authorization(context: grpc.aio.ServicerContext) -> str | None:

@@ -73,7 +73,7 @@ def now_ms() -> float:
     return time.time() * 1000.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """Tensors of one request for one stage, as received."""
 

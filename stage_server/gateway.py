@@ -78,7 +78,7 @@ class _Lane:
     sent: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     wanted: frozenset[str]
     deadline_ms: float
@@ -143,7 +143,7 @@ class Gateway:
 
     # --------------------------------------------------------------- readiness
     def _lane_up(self, lane: _Lane) -> bool:
-        return all(self.up[d] for d in lane.devices)
+        return all(map(self.up.__getitem__, lane.devices))
 
     def ready(self) -> bool:
         """At least one lane has all its stage servers up."""

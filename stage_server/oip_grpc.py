@@ -146,7 +146,7 @@ class InferenceServicer:
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
         plane = self._repository.get(request.name, request.version)
-        with auth.serving_client(auth.grpc_authorization(context)):
+        with auth.ServingClient(auth.grpc_authorization(context)):
             await described(plane)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
@@ -164,12 +164,16 @@ class InferenceServicer:
         )
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        with self._in_flight, auth.serving_client(auth.grpc_authorization(context)):
+        with self._in_flight, auth.ServingClient(auth.grpc_authorization(context)):
             shared = self._regions.view
             message, inputs = codec.decode_infer_request(request, shared)
             plane = self._repository.get(message.model_name, message.model_version)
-            requested = [o.name for o in message.outputs] or None
-            places = codec.shared_outputs(((o.name, o.parameters) for o in message.outputs), shared)
+            requested, places = None, None  # the usual request names no outputs: all of them
+            if message.outputs:
+                requested = [o.name for o in message.outputs]
+                places = codec.shared_outputs(
+                    ((o.name, o.parameters) for o in message.outputs), shared
+                )
             outputs = await plane.infer(inputs, requested, context.time_remaining())
             return codec.encode_infer_response(plane.model_name, message.id, outputs, places)
 

@@ -126,7 +126,7 @@ def create_app(
 
     async def model_metadata(request: web.Request) -> web.Response:
         plane = model_of(request)
-        with auth.serving_client(request.headers.get("Authorization")):
+        with auth.ServingClient(request.headers.get("Authorization")):
             await described(plane)
         return web.json_response(
             {
@@ -143,7 +143,7 @@ def create_app(
 
     async def infer(request: web.Request) -> web.Response:
         plane = model_of(request)
-        with in_flight, auth.serving_client(request.headers.get("Authorization")):
+        with in_flight, auth.ServingClient(request.headers.get("Authorization")):
             json_length = _json_length(request.headers.get(HEADER_LENGTH))
             limit, why = _body_limit(plane, max_request_bytes, json_length)
             body, spent = await _read_body(request, limit, why, plane.timeout_s)

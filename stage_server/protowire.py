@@ -14,6 +14,7 @@ Malformed input raises `InvalidInput`, like every other malformed tensor.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 from stage_server.errors import InvalidInput
@@ -21,7 +22,12 @@ from stage_server.errors import InvalidInput
 LENGTH_DELIMITED = 2
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
+
+
 def varint(value: int) -> bytes:
+    if value < 0x80:  # a small message's lengths
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -30,6 +36,7 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+@functools.cache
 def key(number: int) -> bytes:
     """The key of length-delimited field `number`."""
     return varint(number << 3 | LENGTH_DELIMITED)

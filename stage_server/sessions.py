@@ -74,7 +74,7 @@ class StageSession:
         """The outputs, in the order of the plan; arena arrays come back read-only."""
         key = tuple(a.shape for a in feeds.values()) if self._open else None
         guessed = self._guess(key) if key is not None else {}
-        shared = {**self._fixed, **guessed}
+        shared = {**self._fixed, **guessed} if guessed else self._fixed
         if not shared:
             outputs = self.session.run(self._names, dict(feeds))
         else:

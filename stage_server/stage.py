@@ -66,7 +66,7 @@ RECENT_RUNS = 9
 """Runs of a stage whose median is its compute time estimate."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     deadline_ms: float
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
@@ -78,7 +78,8 @@ class _Pending:
     branches gets their common upstream's timings twice)."""
 
     def add_timings(self, timings: Iterable[bytes | wire.Timing]) -> None:
-        self.timings.update(dict.fromkeys(timings))
+        if timings:  # none from the front end
+            self.timings.update(dict.fromkeys(timings))
 
 
 async def _failed(error: ServingError) -> None:
@@ -157,6 +158,7 @@ class StageServer:
             sid: [(name, plan.routes(name, stage.lane)) for name in stage.outputs]
             for sid, stage in self.stages.items()
         }
+        self._inputs = {sid: frozenset(stage.inputs) for sid, stage in self.stages.items()}
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
         self.max_pending_bytes = max_pending_bytes
@@ -189,7 +191,7 @@ class StageServer:
             return
         key = (rid, stage.id)
         pending = self.pending.get(key)
-        nbytes = sum(a.nbytes for a in delivery.tensors.values())
+        nbytes = sum([a.nbytes for a in delivery.tensors.values()])
         if self.held_bytes + nbytes > self.max_pending_bytes:
             raise Overloaded(
                 f"stage server {self.device} holds {self.held_bytes} bytes of requests, and "
@@ -202,7 +204,7 @@ class StageServer:
         pending.nbytes += nbytes
         self.held_bytes += nbytes
         pending.add_timings(delivery.timings)
-        if all(t in pending.tensors for t in stage.inputs):
+        if pending.tensors.keys() >= self._inputs[stage.id]:
             del self.pending[key]
             ready = time.perf_counter()
             if self._quick(stage.id):

@@ -87,9 +87,11 @@ def _encoded(t: bytes | Timing) -> bytes:
 
 def decode_timings(timings: Collection[bytes | Timing]) -> list[Timing]:
     """Every timing once (one that came back to its process encoded equals its tuple)."""
-    found = dict.fromkeys(t for t in timings if not isinstance(t, bytes))
-    encoded = [t for t in timings if isinstance(t, bytes)]
+    found = dict.fromkeys(timings)
+    encoded = [t for t in found if isinstance(t, bytes)]
     if encoded:
+        for t in encoded:
+            del found[t]
         for t in stage_pb2.PushRequest.FromString(b"".join(encoded)).timings:
             found[Timing(t.stage, t.kind, t.ms, t.tensor)] = None
     return list(found)
