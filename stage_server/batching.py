@@ -413,7 +413,9 @@ class BatchingFront:
         inputs: Mapping[str, np.ndarray],
         requested: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        places: Mapping[str, memoryview] | None = None,
     ) -> dict[str, np.ndarray]:
+        """`places` are not used: outputs computed in a batch are split, then copied there."""
         return await self.batcher.infer(inputs, requested, timeout_s)
 
     async def stop(self) -> None:

@@ -84,6 +84,9 @@ class Delivery:
     timings: tuple[bytes | wire.Timing, ...]
     """Timings of the stages upstream (`stage_server.wire`)."""
     origin: str
+    places: Mapping[str, memoryview] | None = None
+    """Where the client wants final outputs in its shared memory: handed along in memory only,
+    from the front end of this process (`StageServer._run_now`)."""
 
 
 class ChainHandler(Protocol):

@@ -326,15 +326,37 @@ def shared_outputs(
     return places
 
 
+PLACE_ALIGNMENT = 64
+"""The alignment of an output written straight into a client's shared memory (`array_at`): what
+ONNX Runtime's own allocations have."""
+
+
+def array_at(place: memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A writable array over the start of `place` (a client's shared memory), for a stage to
+    write an output of this dtype and shape straight there, so that `write_shared` has nothing
+    to copy; None when it does not fit, or its address is not aligned (`PLACE_ALIGNMENT`)."""
+    if math.prod(shape) * dtype.itemsize > len(place):
+        return None
+    array = np.ndarray(shape, dtype, place)
+    return array if array.ctypes.data % PLACE_ALIGNMENT == 0 else None
+
+
 def write_shared(name: str, array: np.ndarray, place: memoryview) -> None:
-    """Copy output `name` into its place in the clients' shared memory."""
+    """Copy output `name` into its place in the clients' shared memory (nothing to copy when a
+    stage wrote it there, `array_at`)."""
     data = raw_bytes(array)
     if len(data) > len(place):
         raise InvalidInput(
             f"output {name!r}: its {len(data)} bytes do not fit the {len(place)} of "
             "shared_memory_byte_size"
         )
+    if len(data) and np.frombuffer(data, np.uint8).ctypes.data == _address(place):
+        return
     place[: len(data)] = data
+
+
+def _address(view: memoryview) -> int:
+    return np.frombuffer(view, np.uint8).ctypes.data if len(view) else 0
 
 
 # ----------------------------------------------------------------- OIP HTTP/JSON

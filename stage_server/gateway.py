@@ -259,8 +259,10 @@ class Gateway:
         inputs: Mapping[str, np.ndarray],
         requested: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        places: Mapping[str, memoryview] | None = None,
     ) -> dict[str, np.ndarray]:
-        """The requested outputs (all when None) of one inference."""
+        """The requested outputs (all when None) of one inference; `places`: where the client
+        wants outputs in its shared memory, where stages in this process may write them."""
         self.validate(inputs, requested)
         lane = self._pick_lane()
         wanted = list(requested or self.outputs)
@@ -287,7 +289,7 @@ class Gateway:
             for stage, tensors in by_stage.items():
                 handler = self.peers.local.get(stage)
                 if handler is not None:  # a stage in this process: in memory, right now
-                    handler.deliver(Delivery(rid, stage, tensors, deadline_ms, (), GATEWAY))
+                    handler.deliver(Delivery(rid, stage, tensors, deadline_ms, (), GATEWAY, places))
                 else:
                     remote.append(self.peers.push(stage, rid, tensors, deadline_ms))
             if len(remote) == 1:  # without gather's tasks

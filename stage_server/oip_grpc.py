@@ -174,7 +174,7 @@ class InferenceServicer:
                 places = codec.shared_outputs(
                     ((o.name, o.parameters) for o in message.outputs), shared
                 )
-            outputs = await plane.infer(inputs, requested, context.time_remaining())
+            outputs = await plane.infer(inputs, requested, context.time_remaining(), places)
             return codec.encode_infer_response(plane.model_name, message.id, outputs, places)
 
     async def SystemSharedMemoryStatus(

@@ -155,7 +155,7 @@ def create_app(
                 header, binary, regions.view
             )
             timeout = plane.timeout_s - spent if spent else None  # reading counts
-            outputs = await plane.infer(inputs, requested, timeout)
+            outputs = await plane.infer(inputs, requested, timeout, places)
         response, blobs = codec.encode_json_outputs(
             plane.model_name, request_id or "", outputs, binary_out, places
         )

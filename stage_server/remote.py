@@ -216,8 +216,10 @@ class RemoteModel:
         inputs: Mapping[str, np.ndarray],
         requested: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        places: Mapping[str, memoryview] | None = None,
     ) -> dict[str, np.ndarray]:
-        """The requested outputs (all when None), from the model's own endpoint."""
+        """The requested outputs (all when None), from the model's own endpoint (`places` are
+        not used: the front end copies the outputs there)."""
         if not self._ready:
             raise Unavailable(f"model {self.model_name!r} is not ready: {self.reason}")
         timeout = request_timeout_s(timeout_s, self.timeout_s)

@@ -9,8 +9,10 @@ or for a dynamic output from an earlier run at the same input shapes) are bound 
 IOBinding) to arrays of the server's `stage_server.shm.Arena`, so the stage writes them straight
 into the memory files that a same-host push then references, and inputs are bound where they lie
 (the receiver's mappings of the sender's files): no tensor is copied between two stages on one
-host. Other outputs are ONNX Runtime's own arrays, as `InferenceSession.run` returns them; on a
-gRPC push an arena array is only reused memory.
+host. A large final output that a client asked for in its shared memory (`places`) is bound
+there instead, when its shape is known and the place fits (`codec.array_at`): the front end then
+copies nothing. Other outputs are ONNX Runtime's own arrays, as `InferenceSession.run` returns
+them; on a gRPC push an arena array is only reused memory.
 """
 
 from __future__ import annotations
@@ -56,13 +58,16 @@ class StageSession:
         self._names = [t.name for t in outputs]
         self._arena = arena
         # Outputs that can go to the arena: by datatype (else the push rejects them, as always).
-        typed = [t for t in outputs if arena is not None and t.datatype in codec.DTYPES]
-        self._fixed = {
-            t.name: (codec.DTYPES[t.datatype], t.shape)
-            for t in typed
-            if min(t.shape, default=0) >= 0
+        large = {  # outputs of static shape large enough to be worth binding
+            t.name: (codec.DTYPES[t.datatype], tuple(t.shape))
+            for t in outputs
+            if t.datatype in codec.DTYPES
+            and min(t.shape, default=0) >= 0
             and codec.nbytes(t.name, t.datatype, t.shape) >= samehost.SHARED_MIN_BYTES
         }
+        self._placeable = large
+        self._fixed = large if arena is not None else {}
+        typed = [t for t in outputs if arena is not None and t.datatype in codec.DTYPES]
         self._open = {t.name: codec.DTYPES[t.datatype] for t in typed if -1 in t.shape}
         self._seen: OrderedDict[tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]] = (
             OrderedDict()
@@ -70,24 +75,40 @@ class StageSession:
         self._unstable: set[str] = set()
         self._lock = threading.Lock()  # stage servers with workers > 1 run from several threads
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The outputs, in the order of the plan; arena arrays come back read-only."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], places: Mapping[str, memoryview] | None = None
+    ) -> list[np.ndarray]:
+        """The outputs, in the order of the plan; bound arrays (arena, `places`) come back
+        read-only. `places`: where outputs go in a client's shared memory."""
         key = tuple(a.shape for a in feeds.values()) if self._open else None
         guessed = self._guess(key) if key is not None else {}
         shared = {**self._fixed, **guessed} if guessed else self._fixed
-        if not shared:
+        placed = self._placed(places, guessed) if places else {}
+        if not shared and not placed:
             outputs = self.session.run(self._names, dict(feeds))
         else:
             try:
-                outputs = self._run_bound(feeds, shared)
+                outputs = self._run_bound(feeds, shared, placed)
             except Exception:
-                if not guessed:
+                if not guessed and not placed:
                     raise
                 outputs = self.session.run(self._names, dict(feeds))  # a real error raises again
                 self._distrust(guessed, outputs)
         if key is not None and not guessed:
             self._remember(key, outputs)
         return outputs
+
+    def _placed(
+        self, places: Mapping[str, memoryview], guessed: Mapping[str, tuple[np.dtype, tuple]]
+    ) -> dict[str, np.ndarray]:
+        """Arrays over the places of large outputs whose shapes are known, where they fit."""
+        arrays = {}
+        for name, place in places.items():
+            typed = self._placeable.get(name) or guessed.get(name)
+            array = None if typed is None else codec.array_at(place, *typed)
+            if array is not None:
+                arrays[name] = array
+        return arrays
 
     def _guess(self, key: tuple[tuple[int, ...], ...]) -> dict[str, tuple[np.dtype, tuple]]:
         """Large open outputs with the shapes these input shapes gave before."""
@@ -124,19 +145,27 @@ class StageSession:
             self._unstable.update(n for n, (_, shape) in guessed.items() if got[n].shape != shape)
 
     def _run_bound(
-        self, feeds: Mapping[str, np.ndarray], shared: Mapping[str, tuple[np.dtype, tuple]]
+        self,
+        feeds: Mapping[str, np.ndarray],
+        shared: Mapping[str, tuple[np.dtype, tuple]],
+        placed: Mapping[str, np.ndarray],
     ) -> list[np.ndarray]:
-        assert self._arena is not None
+        """A run with outputs bound to `placed` arrays, else to new arena arrays (`shared`),
+        else to ONNX Runtime's own."""
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         arrays: dict[str, np.ndarray] = {}
         for name in self._names:
-            typed = shared.get(name)
-            if typed is None:
-                binding.bind_output(name)
-                continue
-            array = arrays[name] = self._arena.empty(*typed)
+            array = placed.get(name)
+            if array is None:
+                typed = shared.get(name)
+                if typed is None:
+                    binding.bind_output(name)
+                    continue
+                assert self._arena is not None
+                array = self._arena.empty(*typed)
+            arrays[name] = array
             binding.bind_output(name, "cpu", 0, array.dtype, array.shape, array.ctypes.data)
         self.session.run_with_iobinding(binding)
         outputs = []

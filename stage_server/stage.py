@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +76,8 @@ class _Pending:
     timings: dict[bytes | wire.Timing, None] = field(default_factory=dict)
     """Timings (`stage_server.wire`), in arrival order without duplicates (a stage fed by two
     branches gets their common upstream's timings twice)."""
+    places: Mapping[str, memoryview] | None = None
+    """Where the client wants final outputs in its shared memory (`chain.Delivery.places`)."""
 
     def add_timings(self, timings: Iterable[bytes | wire.Timing]) -> None:
         if timings:  # none from the front end
@@ -158,6 +160,10 @@ class StageServer:
             sid: [(name, plan.routes(name, stage.lane)) for name in stage.outputs]
             for sid, stage in self.stages.items()
         }
+        self._final = {  # outputs that go to the front end alone
+            sid: frozenset(name for name, targets in routes if list(targets) == [GATEWAY])
+            for sid, routes in self._routes.items()
+        }
         self._inputs = {sid: frozenset(stage.inputs) for sid, stage in self.stages.items()}
         self.pending: dict[tuple[str, str], _Pending] = {}
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
@@ -204,6 +210,8 @@ class StageServer:
         pending.nbytes += nbytes
         self.held_bytes += nbytes
         pending.add_timings(delivery.timings)
+        if delivery.places:
+            pending.places = delivery.places
         if pending.tensors.keys() >= self._inputs[stage.id]:
             del self.pending[key]
             ready = time.perf_counter()
@@ -230,14 +238,19 @@ class StageServer:
         task.add_done_callback(self._tasks.discard)
 
     def _compute(
-        self, request_id: str, stage_id: str, pending: _Pending, ready: float
+        self,
+        request_id: str,
+        stage_id: str,
+        pending: _Pending,
+        ready: float,
+        places: Mapping[str, memoryview] | None = None,
     ) -> tuple[list[np.ndarray], float, float]:
         start = time.perf_counter()
         if request_id in self.cancelled or pending.deadline_ms <= now_ms():
             raise _Expired
         stage = self.stages[stage_id]
         feeds = {t: pending.tensors[t] for t in stage.inputs}
-        outputs = self.sessions[stage_id].run(feeds)
+        outputs = self.sessions[stage_id].run(feeds, places)
         end = time.perf_counter()
         return outputs, (start - ready) * 1000.0, (end - start) * 1000.0
 
@@ -257,9 +270,18 @@ class StageServer:
         self._compute_ms[stage_id] = sorted(recent)[len(recent) // 2]
 
     def _run_now(self, request_id: str, stage_id: str, pending: _Pending, ready: float) -> None:
-        """Run a quick stage now, on the event loop, and hand its outputs on."""
+        """Run a quick stage now, on the event loop, and hand its outputs on. Its final outputs
+        that the client wants in its shared memory are written there: only here, while the
+        front end in this process waits for them (a stage in a thread could still write after
+        the client was answered, timed out, and reused that memory)."""
+        places = pending.places
+        if places:
+            final = self._final[stage_id]
+            places = {name: place for name, place in places.items() if name in final}
         try:
-            outputs, queue_ms, compute_ms = self._compute(request_id, stage_id, pending, ready)
+            outputs, queue_ms, compute_ms = self._compute(
+                request_id, stage_id, pending, ready, places
+            )
         except _Expired:
             return
         except Exception as e:  # ONNX Runtime raises its own types; all are stage failures
@@ -330,7 +352,13 @@ class StageServer:
             handler = self.peers.local.get(target)
             if handler is not None:  # in this process: in memory, right now
                 delivery = Delivery(
-                    request_id, target, tensors, pending.deadline_ms, timings, stage_id
+                    request_id,
+                    target,
+                    tensors,
+                    pending.deadline_ms,
+                    timings,
+                    stage_id,
+                    pending.places,
                 )
                 try:
                     handler.deliver(delivery)
