@@ -103,12 +103,35 @@ class _Context:
 
 
 @dataclass(frozen=True)
+class DeclinedSplit:
+    """A lane's split plan that `auto` predicted to serve better than the lane's best device
+    alone, but by no more than `SPLIT_MARGIN`: the device alone serves instead."""
+
+    devices: tuple[str, ...]
+    split_ms: float
+    alone_ms: float
+    """The objective's figure as served (latency, or period for throughput) of each."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"devices": list(self.devices), "split_ms": self.split_ms, "alone_ms": self.alone_ms}
+
+    def describe(self) -> str:
+        gain = 100 * (1 - self.split_ms / self.alone_ms)
+        return (
+            f"auto kept one device: a split over {', '.join(self.devices)} was predicted "
+            f"{gain:.1f}% better ({self.split_ms:.2f} against {self.alone_ms:.2f} ms), under "
+            f"the {100 * SPLIT_MARGIN:g}% margin a split must clear (--solver NAME serves it)"
+        )
+
+
+@dataclass(frozen=True)
 class _Candidate:
     layout: Layout
     costgraph: CostGraph
     placements: tuple[Placement, ...]
     plan: StagePlan
     served: Prediction
+    declined: tuple[DeclinedSplit, ...] = ()
 
 
 def plan_model(
@@ -197,6 +220,8 @@ def plan_model(
             }
             for lane, p in zip(best.layout.lanes, best.placements, strict=True)
         ]
+    if best.declined:
+        predicted["declined_splits"] = [d.to_dict() for d in best.declined]
     if len(candidates) > 1:
         predicted["candidates"] = [
             {"layout": c.layout.describe(), "served_ms": served_cost(c.served, objective)}
@@ -300,21 +325,27 @@ def _renamed(placement: Placement, names: Mapping[str, str]) -> Placement:
 
 def _serve(context: _Context, layout: Layout, solves: _Solves) -> _Candidate:
     """Solve each lane of `layout`, and serve them together in prediction."""
-    placements, plans, served = [], [], []
+    placements, plans, served, declined = [], [], [], []
     for lane in layout.lanes:
         placement = solves.solve(context.costgraph, lane)
         plan, prediction = context.as_served(placement, solves.fused)
         if solves.solver == "auto" and len(plan.stages) > 1:
-            placement, plan, prediction = compare_single_device(
+            (placement, plan, prediction), decline = compare_single_device(
                 context, solves, lane, (placement, plan, prediction)
             )
+            declined += [decline] if decline else []
         placements.append(placement)
         plans.append(plan)
         served.append(prediction)
     weights = balanced_weights(served) if len(served) > 1 else [1.0]
     prediction = combine(served, weights) if len(served) > 1 else served[0].prediction
     return _Candidate(
-        layout, context.costgraph, tuple(placements), merge_lanes(plans, weights), prediction
+        layout,
+        context.costgraph,
+        tuple(placements),
+        merge_lanes(plans, weights),
+        prediction,
+        tuple(declined),
     )
 
 
@@ -332,21 +363,22 @@ def compare_single_device(
     solves: _Solves,
     lane: Sequence[str],
     split: tuple[Placement, StagePlan, LanePrediction],
-) -> tuple[Placement, StagePlan, LanePrediction]:
+) -> tuple[tuple[Placement, StagePlan, LanePrediction], DeclinedSplit | None]:
     """`auto`'s last step for a lane: its best device alone unless the split plan is predicted
-    to serve better by more than `SPLIT_MARGIN`. A stage costs a session call the solvers do not
-    price, and a split that the solver overlaps can still lose to hops the schedule hid."""
+    to serve better by more than `SPLIT_MARGIN`, and the split it declined for the margin
+    alone. A stage costs a session call the solvers do not price, and a split that the solver
+    overlaps can still lose to hops the schedule hid."""
     try:
         alone = solves.solve(context.costgraph, lane, "single")
     except InfeasibleError:  # no device of the lane holds the whole model
-        return split
+        return split, None
     alone_plan, alone_served = context.as_served(alone, solves.fused)
-    objective = solves.objective
-    if served_cost(split[2].prediction, objective) < (1 - SPLIT_MARGIN) * served_cost(
-        alone_served.prediction, objective
-    ):
-        return split
-    return alone, alone_plan, alone_served
+    split_ms = served_cost(split[2].prediction, solves.objective)
+    alone_ms = served_cost(alone_served.prediction, solves.objective)
+    if split_ms < (1 - SPLIT_MARGIN) * alone_ms:
+        return split, None
+    decline = DeclinedSplit(tuple(split[1].used_devices), split_ms, alone_ms)
+    return (alone, alone_plan, alone_served), decline if split_ms < alone_ms else None
 
 
 def served_cost(served: Prediction, objective: Objective) -> float:
@@ -382,6 +414,12 @@ def describe(plan: StagePlan) -> str:
     if "served_ms" in p:
         served = Prediction.from_dict(p)
         lines.append(served.describe(period=p.get("objective") == "throughput"))
+    for declined in p.get("declined_splits", []):
+        lines.append(
+            DeclinedSplit(
+                tuple(declined["devices"]), declined["split_ms"], declined["alone_ms"]
+            ).describe()
+        )
     if p.get("candidates"):
         lines.append(
             "chosen from: "

@@ -298,7 +298,14 @@ def test_auto_takes_a_split_only_when_it_gains_more_than_the_margin(
     kept = plan_model(path, devices, time_limit=5).plan
     assert len(kept.stages) == 1
     assert kept.predicted["latency_ms"] == pytest.approx(alone)
+    # The user is told what was declined, and why.
+    (declined,) = kept.predicted["declined_splits"]
+    assert sorted(declined["devices"]) == sorted(d.name for d in devices.devices)
+    assert declined["split_ms"] == pytest.approx(split)
+    assert declined["alone_ms"] == pytest.approx(alone)
+    assert "margin" in describe(kept) and f"{100 * gain:.1f}% better" in describe(kept)
     monkeypatch.setattr(pipeline, "SPLIT_MARGIN", gain - 0.005)
     taken = plan_model(path, devices, time_limit=5).plan
     assert len(taken.used_devices) == 2
     assert taken.predicted["latency_ms"] == pytest.approx(split)
+    assert "declined_splits" not in taken.predicted
