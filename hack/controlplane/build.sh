@@ -7,7 +7,8 @@
 #   hack/controlplane/build.sh              build what is missing, print where it lives
 #   hack/controlplane/build.sh --print-dir  only print that directory (the fixtures ask this)
 #
-# Output: ${MOIRAI_CACHE_DIR:-$HOME/.cache/moirai}/controlplane/<version key>/
+# Output: ${MOIRAI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moirai}/controlplane/<version key>/ (the cache
+# folder moirai.cachedir uses)
 #   bin/{kube-apiserver,kube-controller-manager,kube-scheduler,etcd,kwok,helm}
 #   kwok-stages/   kwok's Stage configs, from its module's kustomize/stage/
 # The versions are pinned in versions.env beside this script and nowhere else. Each artefact is
@@ -25,7 +26,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$HERE/versions.env"
 
 VERSION_KEY="k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_kwok-${KWOK_VERSION}_helmlayer-${HELM_LAYER_VERSION}"
-OUT="${MOIRAI_CACHE_DIR:-$HOME/.cache/moirai}/controlplane/${VERSION_KEY}"
+OUT="${MOIRAI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moirai}/controlplane/${VERSION_KEY}"
 BIN="$OUT/bin"
 WORK="$OUT/work"
 MIN_GO_MINOR=26
