@@ -255,3 +255,20 @@ def test_auto_reports_the_binding_bound() -> None:
     assert source in {*named, "windowed load", "path LP", "cpsat", "milp-highs"}
     if source in named:
         assert plan.lower_bound_ms == pytest.approx(min(named[source], plan.makespan_ms))
+
+
+def test_auto_takes_the_windowed_load_with_hops_where_the_path_lp_does_not_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the path LP is too large (here: made so), `auto` asks for the windowed load with
+    the devices' hop work, and its plan's bound is at least that LP's."""
+    from moirai.placement import lp
+
+    monkeypatch.setattr(lp, "PATH_LP_COLUMNS", 0)
+    cg = random_dag(7, 60, 4, ccr=1.0)
+    problem = PlacementProblem(cg)
+    hops = windowed_load(problem, time.monotonic() + 30, hops=True)
+    plain = windowed_load(problem, time.monotonic() + 30)
+    assert hops is not None and plain is not None and hops > plain * 1.05
+    plan = solve(cg, "auto", time_limit=4, threads=1)
+    assert plan.lower_bound_ms >= min(hops, plan.makespan_ms) * (1 - 1e-9)
