@@ -40,14 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"moirai.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"moirai.cli.{name}":
-                raise
-            continue  # subcommand not built yet
-        module.register(subparsers)
+        importlib.import_module(f"moirai.cli.{name}").register(subparsers)
     return parser
+
+
+SERVERS = ("serve", "demo", "stage", "gateway")
+"""Subcommands that run servers: their log lines carry the time; the others' read as the rest of
+their messages to a person, `moirai: ...` (`_OneLine`)."""
+
+
+class _OneLine(logging.Formatter):
+    """`moirai: message`, and `moirai: warning: message` above INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"moirai: {level}{super().format(record)}"
+
+
+def _configure_logging(command: str, verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if command in SERVERS
+        else _OneLine()
+    )
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,10 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(args.command, args.verbose)
     try:
         return int(args.func(args) or 0)
     except MoiraiError as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,18 @@ def test_truncated_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("moirai: ")
+
+
+def test_place_writes_every_message_as_a_moirai_line(tmp_path: Path) -> None:
+    """The library's log lines read like the command's own (`moirai: ...`, no timestamps and
+    logger names), and stdout holds the report alone; a real process, as a user runs it."""
+    from moirai import zoo
+
+    root = Path(__file__).resolve().parents[2]
+    argv = [sys.executable, "-m", "moirai", "place", str(zoo.get("squeezenet"))]
+    argv += ["--devices", str(root / "examples/devices/bench-3.yaml"), "--time-limit", "5"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    lines = done.stderr.splitlines()
+    assert any("fusion groups" in line for line in lines), done.stderr  # a library log line
+    assert all(line.startswith("moirai: ") for line in lines), done.stderr
+    assert done.stdout.lstrip().startswith("light_squeezenet:"), done.stdout
