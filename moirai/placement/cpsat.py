@@ -52,6 +52,7 @@ from typing import Any
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
 from moirai.placement.contract import SolveOptions, fall_back, interruptible, no_plan_message
+from moirai.placement.memory import assignment_vars
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
 from moirai.placement.simulate import list_schedule, loads, retime
@@ -105,13 +106,7 @@ def build(
     cands = [tuple(allowed[i]) if allowed else p.cand[i] for i in range(p.n)]
     m = cp_model.CpModel()
     dur = [{k: math.floor(p.compute[i][k] * scale) for k in cands[i]} for i in range(p.n)]
-    x = [{k: m.NewBoolVar(f"x{i}_{k}") for k in cands[i]} for i in range(p.n)]
-    for i in range(p.n):
-        m.AddExactlyOne(x[i].values())
-    for k in range(p.num_devices):
-        items = [(p.mem[i], x[i][k]) for i in range(p.n) if k in x[i] and p.mem[i] > 0]
-        if sum(w for w, _ in items) > p.cap[k]:
-            m.Add(sum(w * v for w, v in items) <= p.cap[k])
+    x = assignment_vars(m, p, cands)
 
     y: dict[tuple[int, int, int], Any] = {}
     tau: dict[tuple[int, int, int], int] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from moirai.errors import InfeasibleError
 from moirai.placement.problem import PlacementProblem, gib
@@ -48,6 +49,23 @@ def first_fit_decreasing(
     return out
 
 
+def assignment_vars(
+    model: Any, problem: PlacementProblem, cands: Sequence[Sequence[int]]
+) -> list[dict[int, Any]]:
+    """In CP-SAT `model`, one Boolean per task and candidate device (`cands[i]`), exactly one
+    true per task, and each device's tasks within its memory: the assignment part that the
+    packing and the CP-SAT solver share."""
+    p = problem
+    x = [{k: model.NewBoolVar(f"x{i}_{k}") for k in cands[i]} for i in range(p.n)]
+    for i in range(p.n):
+        model.AddExactlyOne(x[i].values())
+    for k in range(p.num_devices):
+        items = [(p.mem[i], x[i][k]) for i in range(p.n) if k in x[i] and p.mem[i] > 0]
+        if sum(w for w, _ in items) > p.cap[k]:
+            model.Add(sum(w * v for w, v in items) <= p.cap[k])
+    return x
+
+
 def exact_packing(problem: PlacementProblem, deadline: float = math.inf) -> list[int] | None:
     """A memory-feasible assignment of every task by CP-SAT, or None when time runs out.
 
@@ -57,13 +75,7 @@ def exact_packing(problem: PlacementProblem, deadline: float = math.inf) -> list
 
     p = problem
     m = cp_model.CpModel()
-    x = [{k: m.NewBoolVar(f"x{i}_{k}") for k in p.cand[i]} for i in range(p.n)]
-    for i in range(p.n):
-        m.AddExactlyOne(x[i].values())
-    for k in range(p.num_devices):
-        items = [(p.mem[i], x[i][k]) for i in range(p.n) if k in x[i] and p.mem[i] > 0]
-        if sum(w for w, _ in items) > p.cap[k]:
-            m.Add(sum(w * v for w, v in items) <= p.cap[k])
+    x = assignment_vars(m, p, p.cand)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(PACKING_MIN_S, deadline - time.monotonic())
     solver.parameters.num_workers = 1
