@@ -44,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SERVERS = ("serve", "demo", "stage", "gateway")
-"""Subcommands that run servers: their log lines carry the time; the others' read as the rest of
-their messages to a person, `moirai: ...` (`_OneLine`)."""
+SERVERS = ("serve", "stage", "gateway")
+"""Subcommands that run until stopped: their log lines carry the time; the others' (`demo` too,
+whose servers are child processes logging to files) read as the rest of their messages to a
+person, `moirai: ...` (`_OneLine`)."""
 
 
 class _OneLine(logging.Formatter):
