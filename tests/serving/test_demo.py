@@ -1,0 +1,21 @@
+"""`moirai demo`, the README's main job (`make demo`), as a user runs it: a real process that
+plans SqueezeNet, serves it with real stage server processes and checks every output against
+single-process ONNX Runtime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_serves_the_bundled_model_and_matches_onnx_runtime() -> None:
+    argv = [sys.executable, "-m", "moirai", "demo", "--profile", "analytic"]
+    argv += ["--requests", "3", "--concurrency", "2", "--time-limit", "5"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "model light_squeezenet:" in out  # the plan, described
+    assert "outputs equal single-process ONNX Runtime: yes" in out, out
+    assert "latency    predicted" in out and "throughput predicted" in out, out
+    assert all(line.startswith("moirai: ") for line in done.stderr.splitlines()), done.stderr
+    assert "Traceback" not in done.stderr
