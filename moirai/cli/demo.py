@@ -1,6 +1,7 @@
 """`moirai demo`: Moirai's main job, end to end, on a bundled model.
 
-    moirai demo [--model squeezenet] [--requests 30] [--concurrency 8] [planning flags]
+    moirai demo [--model squeezenet] [--requests 30] [--concurrency 8] [--window 2]
+                [planning flags]
 
 The objective defaults to throughput here (pipelines or copies of the model over every device),
 and the profile to measured (cached after the first run).
@@ -10,7 +11,8 @@ present), serves it with one stage server per device and the gateway, sends requ
 Open Inference Protocol, checks every output against single-process ONNX Runtime on the whole
 model, prints the plan, the latency and throughput predicted for the plan as served against the
 measured ones and those of in-process ONNX Runtime with as many threads, and shuts everything
-down. Exit status 0 when every output matched, 1 otherwise.
+down. Throughput is counted over a window of `--window` seconds, after a warm-up, for the
+served plan and for ONNX Runtime alike. Exit status 0 when every output matched, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from moirai.cli.options import positive_int
+from moirai.cli.options import positive_float, positive_int
 from moirai.cli.serve import add_planning_arguments, plan_from_args
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -37,27 +40,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--concurrency", type=positive_int, default=8, help="requests in flight for throughput"
     )
+    p.add_argument(
+        "--window", type=positive_float, default=2.0, help="seconds throughput is counted over"
+    )
     add_planning_arguments(p)
     # Pipelining across the devices is what serving many requests needs.
     p.set_defaults(func=run, objective="throughput")
 
 
-async def _throughput(url: str, model: str, inputs: dict[str, np.ndarray], n: int, c: int) -> float:
+async def _throughput(
+    url: str, model: str, inputs: dict[str, np.ndarray], seconds: float, c: int
+) -> float:
+    """Requests/s answered with `c` in flight over `seconds`, after one round to warm up."""
     from stage_server.client import AsyncInferenceClient
 
     client = AsyncInferenceClient(url)
-    queue = list(range(n))
+    await asyncio.gather(*(client.infer(model, inputs) for _ in range(c)))
+    answered = 0
+    start = time.perf_counter()
+    deadline = start + seconds
 
     async def worker() -> None:
-        while queue:
-            queue.pop()
+        nonlocal answered
+        while time.perf_counter() < deadline:
             await client.infer(model, inputs)
+            answered += 1
 
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(c)))
     elapsed = time.perf_counter() - start
     await client.close()
-    return n / elapsed
+    return answered / elapsed
+
+
+def _runs_per_second(run: Callable[[], object], seconds: float) -> float:
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        runs += 1
+    return runs / (time.perf_counter() - start)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,18 +137,15 @@ def run(args: argparse.Namespace) -> int:
                 client.infer(plan.model_name, samples[0])
                 times.append(time.perf_counter() - t0)
             served_ms = statistics.median(times) * 1000
-            # Single-process ORT runs as many requests right before, so that both throughputs
-            # see the same machine (on a shared one, a burst of single runs flatters it).
-            t0 = time.perf_counter()
-            for _ in range(args.requests * 2):
-                single.run(names, samples[0])
-            single_rps = args.requests * 2 / (time.perf_counter() - t0)
+            # Single-process ORT runs over the same window right before, so that both
+            # throughputs see the same machine.
+            single_rps = _runs_per_second(lambda: single.run(names, samples[0]), args.window)
             rps = asyncio.run(
                 _throughput(
                     deployment.grpc_url,
                     plan.model_name,
                     samples[0],
-                    args.requests * 2,
+                    args.window,
                     args.concurrency,
                 )
             )
@@ -144,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"throughput predicted {predicted.throughput_rps:8.1f} req/s  measured {rps:8.1f} req/s "
-        f"at concurrency {args.concurrency} (single-process ORT, {threads} threads: "
-        f"{single_rps:.1f} req/s; {rps / single_rps:.2f}x)"
+        f"at concurrency {args.concurrency} over {args.window:g} s (single-process ORT, "
+        f"{threads} threads: {single_rps:.1f} req/s; {rps / single_rps:.2f}x)"
     )
     return 1 if mismatches else 0

@@ -10,7 +10,7 @@ import sys
 
 def test_demo_serves_the_bundled_model_and_matches_onnx_runtime() -> None:
     argv = [sys.executable, "-m", "moirai", "demo", "--profile", "analytic"]
-    argv += ["--requests", "3", "--concurrency", "2", "--time-limit", "5"]
+    argv += ["--requests", "3", "--concurrency", "2", "--window", "0.5", "--time-limit", "5"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout

@@ -69,6 +69,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["serve", "m.onnx", "--timeout", "nan"], "--timeout"),
         (["demo", "--requests", "0"], "--requests"),  # a StatisticsError traceback
         (["demo", "--concurrency", "0"], "--concurrency"),  # a throughput of nonsense
+        (["demo", "--window", "0"], "--window"),  # no request counted: a division by zero
         (["infer", "--model", "m", "--timeout", "-1"], "--timeout"),
         (["gateway", "--max-request-bytes", "-1"], "--max-request-bytes"),
         (["stage", "--workers", "0"], "--workers"),
