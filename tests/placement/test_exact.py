@@ -46,8 +46,10 @@ def test_brute_force_with_pins() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_milp_and_cpsat_agree_on_twelve_tasks(seed: int) -> None:
     cg = random_costgraph(1000 + seed, tasks=12, devices=3, edge_prob=0.3)
-    plans = [solve(cg, s, time_limit=90, threads=2, seed=0) for s in ("milp-highs", "cpsat")]
-    assert all(p.status == "optimal" for p in plans)
+    # The limit is far from binding (HiGHS proves seed 0, the slowest, in about 20 s on two
+    # cores): it only stops a solver gone wrong. At 90 s a busy CI machine stopped it once.
+    plans = [solve(cg, s, time_limit=300, threads=2, seed=0) for s in ("milp-highs", "cpsat")]
+    assert all(p.status == "optimal" for p in plans), [(p.solver, p.status) for p in plans]
     assert plans[0].makespan_ms == pytest.approx(plans[1].makespan_ms, rel=REL)
 
 
