@@ -98,7 +98,7 @@ import onnxruntime as ort
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
 from moirai.graph import OpGraph
-from moirai.stageplan import ONNX_DATATYPES
+from moirai.stageplan import border_problem
 from moirai.weights import optimised_model_without_weights, ort_session
 
 log = logging.getLogger(__name__)
@@ -381,8 +381,8 @@ def fusion_groups(model: onnx.ModelProto, graph: OpGraph, providers: Iterable[st
 
 def _unservable(model: onnx.ModelProto, graph: OpGraph) -> list[str]:
     """Tensors passed between nodes that cannot cross a stage border: sequences, optionals,
-    maps, strings (what the wire does not carry: `moirai.stageplan.ONNX_DATATYPES`) and tensors
-    of unknown rank, as the model's value types say (a tensor they do not type is left to the
+    maps, strings and tensors of unknown rank (`moirai.stageplan.border_problem`, the check a
+    stage plan makes too), as the model's value types say (a tensor they do not type is left to the
     stage plan). Their producer and consumers stay in one group, so that no placement cuts them
     (simple/test_sequence_model1, node/test_affine_grid_2d_expanded)."""
     g = model.graph
@@ -392,14 +392,7 @@ def _unservable(model: onnx.ModelProto, graph: OpGraph) -> list[str]:
         if tensor not in graph.consumers:
             continue
         value = types.get(tensor)
-        if value is None:
-            continue
-        servable = (
-            value.WhichOneof("value") == "tensor_type"
-            and value.tensor_type.elem_type in ONNX_DATATYPES
-            and value.tensor_type.HasField("shape")
-        )
-        if not servable:
+        if value is not None and border_problem(value) is not None:
             out.append(tensor)
     return out
 

@@ -41,7 +41,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import onnx
-from onnx import TensorProto
 
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
@@ -52,6 +51,7 @@ from moirai.stageplan import (
     Stage,
     StagePlan,
     TensorSpec,
+    border_problem,
 )
 
 
@@ -114,24 +114,11 @@ def _spec(
 ) -> TensorSpec:
     """The tensor's plan type; with `dynamic` (`moirai.graph.dynamic_shapes`), a dimension that
     varies there is -1, and so is every dimension of a tensor it could not shape."""
+    problem = border_problem(value.type)
+    if problem is not None:
+        raise ModelError(f"tensor {value.name!r} {problem}")
     t = value.type.tensor_type
-    datatype = ONNX_DATATYPES.get(t.elem_type)
-    if datatype is None:
-        kind = value.type.WhichOneof("value")
-        name = (
-            TensorProto.DataType.Name(t.elem_type)
-            if kind == "tensor_type"
-            else {"sequence_type": "a sequence", "optional_type": "an optional"}.get(kind, kind)
-        )
-        raise ModelError(
-            f"tensor {value.name!r} is {name}: serving supports "
-            f"{', '.join(ONNX_DATATYPES.values())}"
-        )
-    if not t.HasField("shape"):  # not a scalar: a tensor of unknown rank
-        raise ModelError(
-            f"tensor {value.name!r} has no inferable rank, so it cannot cross a stage border; "
-            "give static input shapes (--input-shape) so that shape inference can shape it"
-        )
+    datatype = ONNX_DATATYPES[t.elem_type]
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
     if dynamic:
         varies = dynamic.get(value.name)

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from onnx import TensorProto
+from onnx import TensorProto, TypeProto
 
 from moirai.errors import MoiraiError
 from moirai.textfile import read_json, write_json
@@ -81,6 +81,26 @@ ONNX_DATATYPES: Mapping[int, str] = {
     TensorProto.FLOAT: "FP32",
     TensorProto.DOUBLE: "FP64",
 }
+
+
+def border_problem(value: TypeProto) -> str | None:
+    """Why a value of this type cannot cross a stage border or the gateway, as the rest of a
+    sentence that names the value (the wire carries tensors of `ONNX_DATATYPES` whose rank is
+    known), or None when it can."""
+    kind = value.WhichOneof("value")
+    if kind != "tensor_type" or value.tensor_type.elem_type not in ONNX_DATATYPES:
+        name = (
+            TensorProto.DataType.Name(value.tensor_type.elem_type)
+            if kind == "tensor_type"
+            else {"sequence_type": "a sequence", "optional_type": "an optional"}.get(kind, kind)
+        )
+        return f"is {name}: serving supports {', '.join(ONNX_DATATYPES.values())}"
+    if not value.tensor_type.HasField("shape"):  # not a scalar: a tensor of unknown rank
+        return (
+            "has no inferable rank, so it cannot cross a stage border; give static input shapes "
+            "(--input-shape) so that shape inference can shape it"
+        )
+    return None
 
 
 class PlanError(MoiraiError):
