@@ -10,6 +10,7 @@ HiGHS model and adds the windows its solutions violate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -33,26 +34,27 @@ def new_highs(threads: int) -> Any:
     import highspy
 
     highspy.Highs.resetGlobalScheduler(True)
-    with _stdout_muted(not _made):
-        h = highspy.Highs()
-    _made.append(True)
+    _banner_muted()
+    h = highspy.Highs()
     h.silent()
     h.setOptionValue("threads", threads)
     return h
 
 
-_made: list[bool] = []
-"""Whether this process has made a HiGHS instance: HiGHS writes its banner ("Running HiGHS
-...") to the process's standard output when it makes its first one, before any option can
-silence it, and `moirai place` prints its report there."""
+@functools.cache
+def _banner_muted() -> None:
+    """Make this process's first HiGHS instance with standard output muted: HiGHS writes its
+    banner ("Running HiGHS ...") there when it makes its first one, before any option can
+    silence it, and `moirai place` prints its report there."""
+    import highspy
+
+    with _stdout_muted():
+        highspy.Highs()
 
 
 @contextlib.contextmanager
-def _stdout_muted(mute: bool) -> Iterator[None]:
+def _stdout_muted() -> Iterator[None]:
     """File descriptor 1 pointed at /dev/null for the block (C code writes to it directly)."""
-    if not mute:
-        yield
-        return
     sys.stdout.flush()
     saved = os.dup(1)
     try:
@@ -174,10 +176,10 @@ def windowed_load(problem: PlacementProblem, deadline: float, hops: bool = False
         inside = [i for i in busy[k] if not latency or (head[i][k] >= t and after[i][k] >= s)]
         cols = [makespan] + [col[i, k] for i in inside]
         vals = [1.0] + [-p.compute[i][k] for i in inside]
-        for hops, side in ((sends, s), (recvs, t)):  # sends end by C, receives start from 0
+        for shares, side in ((sends, s), (recvs, t)):  # sends end by C, receives start from 0
             if side == 0:
                 for i in inside:
-                    for c, work in hops.get((k, i), ()):
+                    for c, work in shares.get((k, i), ()):
                         cols.append(c)
                         vals.append(-work)
         return (t + s, inf, cols, vals)
@@ -210,8 +212,8 @@ def windowed_load(problem: PlacementProblem, deadline: float, hops: bool = False
             return best
         rows = []
         for k in range(p.num_devices):
-            for side, hops in ((head, sends), (after, recvs)):
-                extra = {i: sum(work * x[c] for c, work in hops.get((k, i), ())) for i in busy[k]}
+            for side, shares in ((head, sends), (after, recvs)):
+                extra = {i: sum(work * x[c] for c, work in shares.get((k, i), ())) for i in busy[k]}
                 t = _most_violated(p, busy[k], side, k, x, col, known, x[makespan], extra)
                 w = (k, t, 0.0) if side is head else (k, 0.0, t)
                 if t is not None and w not in seen:
