@@ -115,6 +115,10 @@ class DeclinedSplit:
     def to_dict(self) -> dict[str, Any]:
         return {"devices": list(self.devices), "split_ms": self.split_ms, "alone_ms": self.alone_ms}
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeclinedSplit:
+        return cls(tuple(d["devices"]), d["split_ms"], d["alone_ms"])
+
     def describe(self) -> str:
         gain = 100 * (1 - self.split_ms / self.alone_ms)
         return (
@@ -415,11 +419,7 @@ def describe(plan: StagePlan) -> str:
         served = Prediction.from_dict(p)
         lines.append(served.describe(period=p.get("objective") == "throughput"))
     for declined in p.get("declined_splits", []):
-        lines.append(
-            DeclinedSplit(
-                tuple(declined["devices"]), declined["split_ms"], declined["alone_ms"]
-            ).describe()
-        )
+        lines.append(DeclinedSplit.from_dict(declined).describe())
     if p.get("candidates"):
         lines.append(
             "chosen from: "
