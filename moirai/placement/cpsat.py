@@ -246,7 +246,7 @@ def add_hint(cp: CpModel, problem: PlacementProblem, plan: Placement) -> None:
         if x is None:  # no transfer: any time between the source's end and the consumer's start
             m.AddHint(v, finish[i])
             continue
-        arrive = x.end_ms if x.arrive_ms is None else x.arrive_ms
+        arrive = x.arrival_ms
         rw = p.recv_work[e][assign[i]][assign[j]]
         m.AddHint(v, math.floor((arrive - rw) * s))
     m.AddHint(cp.objective, max(finish))

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from moirai.costgraph import CostGraph
-from moirai.placement.problem import hop_work
 from moirai.placement.result import Placement
+from moirai.placement.simulate import hop_spans
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -42,20 +42,16 @@ class Bar:
 def bars(plan: Placement, costgraph: CostGraph) -> list[Bar]:
     """Every bar of `plan`'s chart: its tasks, its transfers (on the sender's send row) and the
     hop work of the devices that pay for their transfers (module docstring)."""
-    device = costgraph.device
     out = [Bar(s.device, s.start_ms, s.end_ms, "task", s.device, s.task) for s in plan.schedule]
     for x in plan.transfers:
         label = f"{x.src}->{x.dst}"
         a, b = x.from_device, x.to_device
         out.append(Bar(f"{a} send", x.start_ms, x.end_ms, "transfer", b, label))
-        sw, rw = hop_work(
-            x.end_ms - x.start_ms, device[a].pays_for_transfers, device[b].pays_for_transfers
-        )
-        arrive = x.end_ms if x.arrive_ms is None else x.arrive_ms
-        if sw > 0:
-            out.append(Bar(a, x.start_ms, x.start_ms + sw, "hop", b, f"hop {label}"))
-        if rw > 0:
-            out.append(Bar(b, arrive - rw, arrive, "hop", a, f"hop {label}"))
+        send, receive = hop_spans(x, costgraph)
+        if send is not None:
+            out.append(Bar(a, *send, "hop", b, f"hop {label}"))
+        if receive is not None:
+            out.append(Bar(b, *receive, "hop", a, f"hop {label}"))
     return out
 
 

@@ -443,9 +443,7 @@ def mip_start(form: Formulation, problem: PlacementProblem, plan: Placement) -> 
         vals[col] = 1.0 if (s[p.tasks[i]], i) <= (s[p.tasks[j]], j) else 0.0
     for (e, f), col in form.xorder.items():
         vals[col] = 1.0 if (vals[form.tstart[e]], e) <= (vals[form.tstart[f]], f) else 0.0
-    arrive = {
-        (x.src, x.dst): x.end_ms if x.arrive_ms is None else x.arrive_ms for x in plan.transfers
-    }
+    arrive = {(x.src, x.dst): x.arrival_ms for x in plan.transfers}
     for e, col in form.rstart.items():
         i, j = p.edges[e]
         key = (p.tasks[i], p.tasks[j])

@@ -48,6 +48,12 @@ class ScheduledTransfer:
     """When the receiver has done its share of the hop (`moirai.placement.simulate`: the
     consumer may start); None when it does none (the data is in at `end_ms`)."""
 
+    @property
+    def arrival_ms(self) -> float:
+        """When the consumer may start: `arrive_ms`, or `end_ms` where the receiver does no
+        share of the hop."""
+        return self.end_ms if self.arrive_ms is None else self.arrive_ms
+
 
 @dataclass
 class Placement:

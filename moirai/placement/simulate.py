@@ -737,6 +737,24 @@ def _as_indices(
 
 
 # ----------------------------------------------------------------------- check
+Span = tuple[float, float]
+
+
+def hop_spans(x: ScheduledTransfer, costgraph: CostGraph) -> tuple[Span | None, Span | None]:
+    """When a plan's transfer `x` has its sender and its receiver do their shares of the hop
+    (module docstring: from the transfer's start on the sender, up to its arrival on the
+    receiver); None for an end that does no share."""
+    device = costgraph.device
+    sw, rw = hop_work(
+        x.end_ms - x.start_ms,
+        device[x.from_device].pays_for_transfers,
+        device[x.to_device].pays_for_transfers,
+    )
+    send = (x.start_ms, x.start_ms + sw) if sw > 0 else None
+    receive = (x.arrival_ms - rw, x.arrival_ms) if rw > 0 else None
+    return send, receive
+
+
 def check(
     problem: PlacementProblem | CostGraph,
     placement: Placement,
@@ -844,18 +862,18 @@ def check(
                 f"transfer {e.src}->{e.dst} lasts {x.end_ms - x.start_ms:.6g} ms; it takes "
                 f"{dur:.6g} ms from {da!r} to {db!r}"
             )
-        sw, rw = hop_work(dur, cg.device[da].pays_for_transfers, cg.device[db].pays_for_transfers)
-        arrive = x.end_ms if x.arrive_ms is None else x.arrive_ms
+        send, receive = hop_spans(x, cg)
+        arrive = x.arrival_ms
         label = f"hop {e.src}->{e.dst}"
-        if sw > 0:
-            per_device[da].append((x.start_ms, x.start_ms + sw, label))
-        if rw > 0:
+        if send is not None:
+            per_device[da].append((*send, label))
+        if receive is not None:
             if arrive < x.end_ms - tol:
                 fail(
                     f"transfer {e.src}->{e.dst} arrives at {arrive:.6g} ms, before its data is "
                     f"in at {x.end_ms:.6g} ms"
                 )
-            per_device[db].append((arrive - rw, arrive, label))
+            per_device[db].append((*receive, label))
         elif abs(arrive - x.end_ms) > tol:
             fail(
                 f"transfer {e.src}->{e.dst} arrives at {arrive:.6g} ms; with no work on "
@@ -884,7 +902,7 @@ def check(
     makespan = max(
         [
             *end.values(),
-            *(x.end_ms if x.arrive_ms is None else x.arrive_ms for x in xfers.values()),
+            *(x.arrival_ms for x in xfers.values()),
         ],
         default=0.0,
     )
