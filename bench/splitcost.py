@@ -80,7 +80,9 @@ def compute_ms(deployment: LocalDeployment) -> float:
     )
 
 
-def serve(model: onnx.ModelProto, path: Path, split: bool, requests: int) -> dict[str, float]:
+def serve(
+    model: onnx.ModelProto, path: Path, x: np.ndarray, split: bool, requests: int
+) -> dict[str, float]:
     nodes = [n.name for n in model.graph.node]
     plan = build_plan(
         model,
@@ -88,8 +90,6 @@ def serve(model: onnx.ModelProto, path: Path, split: bool, requests: int) -> dic
         DEVICES,
         model_name="chain",
     )
-    rows = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
-    x = np.random.default_rng(1).standard_normal((rows, WIDTH)).astype(np.float32)
     with (
         tempfile.TemporaryDirectory() as work,
         LocalDeployment(plan, path, Path(work)) as deployment,
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     model = chain(args.stages, args.rows)
+    x = np.random.default_rng(1).standard_normal((args.rows, WIDTH)).astype(np.float32)
     nbytes = args.rows * WIDTH * 4
     crossings = args.stages - 1 + (args.stages % 2 == 0)  # an even chain ends on cpu-1
     load = os.getloadavg()[0]
@@ -131,8 +132,8 @@ def main() -> None:
         path = Path(work) / "chain.onnx"
         onnx.save(model, path)
         for r in range(args.rounds):
-            whole = serve(model, path, False, args.requests)
-            split = serve(model, path, True, args.requests)
+            whole = serve(model, path, x, False, args.requests)
+            split = serve(model, path, x, True, args.requests)
             rounds.append(
                 {
                     "round": r + 1,
