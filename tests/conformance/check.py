@@ -15,7 +15,8 @@ stage plans (`moirai.partition.build_plan`, with the file's dynamic shapes as se
 Each plan must be well formed (stages in a topological order of an acyclic stage DAG, every
 input produced before it is read, every tensor routed, the JSON round trip exact), and its
 stages, cut from the serving view of the model (`load_model(symbolic=True)`, as a stage server
-cuts them) and run one after the other in ONNX Runtime, must reproduce ONNX Runtime's outputs.
+cuts them) and run one after the other (`moirai.runtime.sequential`, the reference semantics of a
+plan), must reproduce ONNX Runtime's outputs.
 
 Moirai may refuse a model, but only with a one-line `MoiraiError`, and only for what serving
 does not support (`LIMITS`): anything else, a traceback included, fails the case.
@@ -38,8 +39,7 @@ from moirai.graph import load_model
 from moirai.partition import build_plan
 from moirai.planning import build_costgraph, load, plan_model
 from moirai.planning.cpu import SERVING_LOOPBACK
-from moirai.sessions import create_session
-from moirai.stagecut import extract_stage
+from moirai.runtime.sequential import run_sequential
 from moirai.stageplan import GATEWAY, StagePlan
 from moirai.stageplan import DeviceSpec as PlanDevice
 
@@ -165,7 +165,7 @@ def check_plan(case: Case, serving: onnx.ModelProto, plan: StagePlan, what: str)
     where = f"{case.name} ({what})"
     check_structure(plan, where)
     assert StagePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan, where
-    got = run_stages(serving, plan, case.inputs)
+    got = run_sequential(serving, plan, case.inputs)
     assert case.want is not None
     assert set(got) == set(case.want), f"{where}: outputs {sorted(got)}, not {sorted(case.want)}"
     for name, value in case.want.items():
@@ -188,14 +188,3 @@ def check_structure(plan: StagePlan, where: str) -> None:
     for o in plan.outputs:
         assert o.name in available, f"{where}: output {o.name!r} never produced"
         assert GATEWAY in plan.routing.get(o.name, ()), f"{where}: {o.name!r} not routed out"
-
-
-def run_stages(model: onnx.ModelProto, plan: StagePlan, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The plan's stages run in plan order, each in its own session, as a stage server cuts
-    and runs it."""
-    env = dict(inputs)
-    for stage in plan.stages:
-        session = create_session(extract_stage(model, plan, stage.id), plan.device(stage.device))
-        results = session.run(list(stage.outputs), {t: env[t] for t in stage.inputs})
-        env.update(zip(stage.outputs, results, strict=True))
-    return {o.name: env[o.name] for o in plan.outputs}
