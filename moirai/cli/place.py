@@ -124,6 +124,7 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
     if not args.devices:
         raise MoiraiError("MODEL.onnx needs --devices FILE (a devices YAML file) or 'local'")
     from moirai.planning import build_costgraph, plan_model
+    from moirai.planning.costgraph import coarsening
 
     inputs = resolve_from_args(args, args.model)
     devices = inputs.device_sets[0]
@@ -141,7 +142,12 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
             f"moirai: devices: {planned.layout.describe()} serves best (--cpu-devices N to choose)",
             file=sys.stderr,
         )
-    return build_costgraph(inputs.model, devices, profile=inputs.profile, max_tasks=args.max_tasks)
+    costgraph = build_costgraph(
+        inputs.model, devices, profile=inputs.profile, max_tasks=args.max_tasks
+    )
+    if len(inputs.device_sets) == 1:  # else plan_model said it
+        print(f"moirai: {coarsening(costgraph)}", file=sys.stderr)
+    return costgraph
 
 
 class _Reporter:

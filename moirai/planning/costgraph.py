@@ -132,13 +132,6 @@ def build_costgraph(
         "fusion_groups": fused,
         "tasks": len(groups),
     }
-    log.info(
-        "%s: %d nodes → %d fusion groups → %d tasks",
-        model_path.name,
-        len(graph.nodes),
-        fused,
-        len(groups),
-    )
     costgraph = CostGraph(
         name=model_path.stem,
         devices=tuple(_as_served(d) for d in devices.devices),
@@ -148,7 +141,19 @@ def build_costgraph(
         pair_links=dict(devices.pair_links),
         extra={"source": source},
     )
+    log.debug("%s on %s", coarsening(costgraph), ", ".join(d.name for d in devices.devices))
     return profile.annotate(costgraph) if isinstance(profile, Annotates) else costgraph
+
+
+def coarsening(costgraph: CostGraph) -> str:
+    """`model.onnx: N nodes → G fusion groups → T tasks`, from a cost graph that
+    `build_costgraph` made. Planners log it once per model, not once per device set (the
+    groupings of one machine's CPU give the same line)."""
+    source = costgraph.extra["source"]
+    return (
+        f"{source['model']}: {source['nodes']} nodes → {source['fusion_groups']} fusion groups"
+        f" → {source['tasks']} tasks"
+    )
 
 
 def _as_served(device: DeviceSpec) -> Device:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from moirai.graph import OpGraph
 from moirai.partition import build_plan
 from moirai.placement import Objective, solve
 from moirai.placement.result import Placement
-from moirai.planning.costgraph import LoadedModel, build_costgraph, load
+from moirai.planning.costgraph import LoadedModel, build_costgraph, coarsening, load
 from moirai.planning.lanes import merge_lanes, restrict
 from moirai.planning.prediction import (
     LanePrediction,
@@ -50,6 +51,8 @@ from moirai.planning.prediction import (
 from moirai.planning.space import Layout, layouts
 from moirai.profile import Profile
 from moirai.stageplan import DeviceSpec, StagePlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,8 +173,10 @@ def plan_model(
     loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
     device_sets = [devices] if isinstance(devices, DeviceSet) else list(devices)
     contexts = []
-    for device_set in device_sets:
+    for i, device_set in enumerate(device_sets):
         costgraph = build_costgraph(loaded, device_set, profile=profile, max_tasks=max_tasks)
+        if i == 0:  # the other sets: the same CPU grouped otherwise, the same groups
+            log.info("%s", coarsening(costgraph))
         if check is not None:
             check(costgraph)
         specs = [

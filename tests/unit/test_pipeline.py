@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,3 +134,35 @@ def test_profile_source_is_pluggable(tmp_path: Path) -> None:
     assert cg.runnable_devices("t1") == ("cpu",)
     assert cg.runnable_devices("t0") == ("gpu", "cpu")
     assert isinstance(DEVICES, DeviceSet)
+
+
+def test_the_coarsening_is_logged_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`plan_model` builds a cost graph for every grouping of the CPU; the line that reports the
+    model's coarsening used to come once per grouping (three here)."""
+    from moirai.planning import plan_model
+    from moirai.planning.space import cpu_groupings
+
+    cpu = parse_devices(
+        {
+            "devices": [
+                {
+                    "name": "cpu",
+                    "kind": "cpu",
+                    "threads": 4,
+                    "peak_flops": 1e12,
+                    "memory_bandwidth_bytes_per_s": 1e11,
+                    "memory_bytes": 64e9,
+                }
+            ],
+            "links": {"default": {"bandwidth_bytes_per_s": 1e9, "latency_ms": 0.05}},
+        }
+    )
+    groupings = cpu_groupings(cpu)
+    assert len(groupings) == 3  # 1, 2 and 4 devices
+    with caplog.at_level(logging.INFO, logger="moirai"):
+        plan_model(save(diamond(), tmp_path / "m.onnx"), groupings, time_limit=1.0)
+    said = [r for r in caplog.records if "fusion groups" in r.getMessage()]
+    assert [r.levelno for r in said].count(logging.INFO) == 1, [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith("m.onnx: ")
