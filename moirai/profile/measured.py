@@ -202,6 +202,22 @@ class Settings:
         return max(self.repeats, min(MAX_REPEATS, wanted))
 
 
+class _Every:
+    """Progress said once per run or per group, reduced to the first, the last and one a
+    second between: a quick model's 200 timed runs were 200 lines."""
+
+    def __init__(self, say: Progress, seconds: float = 1.0) -> None:
+        self._say = say
+        self._seconds = seconds
+        self._said: float | None = None
+
+    def __call__(self, message: str, last: bool = False) -> None:
+        now = time.monotonic()
+        if last or self._said is None or now - self._said >= self._seconds:
+            self._said = now
+            self._say(message)
+
+
 # ---------------------------------------------------------------- statistics
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else 0.0
@@ -349,6 +365,7 @@ def _run_whole(
     warm: list[float] = []
     times: list[float] = []
     total = settings.warmup + settings.repeats
+    every = _Every(say)
     i = 0
     while i < total:
         elapsed = plain.run()
@@ -357,7 +374,8 @@ def _run_whole(
         (times if i >= settings.warmup else warm).append(elapsed)
         if i + 1 == settings.warmup:
             total = settings.warmup + settings.runs_for(min(warm))
-        say(f"whole model, run {i + 1}/{total}" + (" (warm-up)" if i < settings.warmup else ""))
+        warming = " (warm-up)" if i < settings.warmup else ""
+        every(f"whole model, run {i + 1}/{total}{warming}", last=i + 1 == total)
         i += 1
     whole = _Whole(times)
     if profiled is not None:
@@ -484,6 +502,7 @@ def _run_submodels(
     env: dict[str, np.ndarray] = dict(feeds)
     out: dict[int, list[float]] = {}
     done = 0
+    every = _Every(say)
     for stage in plan.stages:
         runner = _Runner(
             _session(extract_stage(model, plan, stage.id), target),
@@ -497,7 +516,10 @@ def _run_submodels(
                 runner.run()
             out[index] = times = [runner.run() for _ in range(settings.repeats)]
             done += 1
-            say(f"group sub-model {done}/{len(measured)}: {_fastest(times):.3f} ms")
+            every(
+                f"group sub-model {done}/{len(measured)}: {_fastest(times):.3f} ms",
+                last=done == len(measured),
+            )
         env.update(zip(stage.outputs, runner.results(), strict=True))
         for t in stage.inputs:
             uses[t] -= 1

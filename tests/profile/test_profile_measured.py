@@ -95,6 +95,9 @@ def test_a_quick_model_is_timed_over_the_whole_window(squeezenet: ModelFile) -> 
     profile = measure_device(model, graph, CPU1, window, messages.append)
     assert profile.repeats > 3 and profile.run_ms is not None
     assert any(f"run {profile.repeats + 1}/{profile.repeats + 1}" in m for m in messages)
+    # The first run, the last and one a second between, not a line a run (dozens here).
+    runs = [m for m in messages if "whole model, run" in m]
+    assert "run 1/" in runs[0] and len(runs) <= 2 + 1, runs
 
 
 def test_a_cut_into_stages_is_priced_per_mib_crossing(
@@ -196,8 +199,15 @@ def test_transformer_groups_timed_and_fallback_to_submodels(tiny_bert: ModelFile
     traced = measure_device(model, graph, CPU1, FAST)
     assert all(g.method == "trace" for g in traced.groups)
     assert traced.total_ms > 0
-    alone = measure_device(model, graph, CPU1, Settings(1, 3, "submodel"))
+    messages: list[str] = []
+    started = time.monotonic()
+    alone = measure_device(model, graph, CPU1, Settings(1, 3, "submodel"), messages.append)
+    seconds = time.monotonic() - started
     assert [g.ops for g in alone.groups] == [g.ops for g in traced.groups]
+    # Progress: the first group, the last and one a second between, not a line a group.
+    timed = [m for m in messages if "group sub-model" in m]
+    assert f"group sub-model {len(alone.groups)}/" in timed[-1]
+    assert len(timed) <= 2 + seconds < len(alone.groups), (len(timed), seconds)
     assert {g.method for g in alone.groups} <= {"submodel"}
     # Timed alone, the groups are scaled to add up to the whole model's run.
     assert alone.run_ms is not None
