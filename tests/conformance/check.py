@@ -163,7 +163,7 @@ def _check_costgraph(costgraph: CostGraph, names: list[str]) -> None:
 
 def check_plan(case: Case, serving: onnx.ModelProto, plan: StagePlan, what: str) -> None:
     where = f"{case.name} ({what})"
-    check_structure(plan, where)
+    check_structure(plan, where, serving)
     assert StagePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan, where
     got = run_sequential(serving, plan, case.inputs)
     assert case.want is not None
@@ -172,12 +172,15 @@ def check_plan(case: Case, serving: onnx.ModelProto, plan: StagePlan, what: str)
         assert_same(got[name], value, f"{where}: {name}", RTOL, ATOL)
 
 
-def check_structure(plan: StagePlan, where: str) -> None:
-    """Stages in topological order (so the stage DAG is acyclic), every input produced before
-    it is read, every tensor produced once and routed where it is read."""
+def check_structure(plan: StagePlan, where: str, model: onnx.ModelProto | None = None) -> None:
+    """Stages in topological order (so the stage DAG is acyclic), none empty, every input
+    produced before it is read, every tensor produced once and routed where it is read (and
+    somewhere), the outputs routed out; and, given the `model`, no node but a Constant in two
+    stages. The one check of a plan's structure: `tests/serving/test_partition.py` uses it too."""
     available = {t.name for t in plan.inputs}
     produced: dict[str, str] = {}
     for stage in plan.stages:
+        assert stage.inputs or stage.nodes, f"{where}: {stage.id} is empty"
         for t in stage.inputs:
             assert t in available, f"{where}: {stage.id} reads {t!r} before it is produced"
             assert stage.id in plan.routing.get(t, ()), f"{where}: {t!r} not routed to {stage.id}"
@@ -185,6 +188,11 @@ def check_structure(plan: StagePlan, where: str) -> None:
             assert t not in produced, f"{where}: {t!r} produced by {produced[t]} and {stage.id}"
             produced[t] = stage.id
             available.add(t)
+            assert plan.routing.get(t), f"{where}: {t!r} of {stage.id} goes nowhere"
     for o in plan.outputs:
         assert o.name in available, f"{where}: output {o.name!r} never produced"
         assert GATEWAY in plan.routing.get(o.name, ()), f"{where}: {o.name!r} not routed out"
+    if model is not None:
+        constants = {n.name for n in model.graph.node if n.op_type == "Constant"}
+        placed = [n for s in plan.stages for n in s.nodes if n not in constants]
+        assert len(placed) == len(set(placed)), f"{where}: a node sits in two stages"

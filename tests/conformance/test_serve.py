@@ -46,7 +46,7 @@ def _forced_split(path: Path, case) -> StagePlan:
         model_path=str(path),
         model_sha256=loaded.sha256,
     )
-    check_structure(plan, case.name)
+    check_structure(plan, case.name, loaded.proto)
     assert len(plan.stages) > 1
     return plan
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conformance.check import check_structure
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,7 @@ from moirai.partition import build_plan
 from moirai.runtime.daemon import peer_addresses
 from moirai.runtime.sequential import run_sequential
 from moirai.stagecut import extract_stage
-from moirai.stageplan import GATEWAY, DeviceSpec, PlanError, StagePlan
+from moirai.stageplan import DeviceSpec, PlanError, StagePlan
 
 from . import models
 
@@ -35,28 +36,6 @@ def reference(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str
     return dict(zip([o.name for o in model.graph.output], session.run(None, inputs), strict=True))
 
 
-def check_structure(model: onnx.ModelProto, plan: StagePlan) -> None:
-    """Stages in topological order, each tensor produced before it is read, routing complete."""
-    available = {i.name for i in plan.inputs}
-    producers: dict[str, str] = {}
-    for stage in plan.stages:
-        assert stage.inputs or stage.nodes, stage
-        for t in stage.inputs:
-            assert t in available, f"{stage.id} reads {t} before any stage produces it"
-            assert stage.id in plan.routing[t]
-        for t in stage.outputs:
-            assert t not in producers, f"{t} produced twice"
-            producers[t] = stage.id
-            available.add(t)
-            assert plan.routing[t], f"{t} goes nowhere"
-    for o in plan.outputs:
-        assert GATEWAY in plan.routing[o.name]
-    placed = [n for s in plan.stages for n in s.nodes]
-    constants = {n.name for n in model.graph.node if n.op_type == "Constant"}
-    non_constant = [n for n in placed if n not in constants]
-    assert len(non_constant) == len(set(non_constant)), "a node sits in two stages"
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
@@ -71,7 +50,7 @@ def test_random_placements_reproduce_the_model(name: str, data: st.DataObject) -
     # Any schedule: start times only order the nodes (within the data flow), and decide cuts.
     start_ms = {n: data.draw(st.floats(0, 10), label=f"start {n}") for n in assignment}
     plan = build_plan(model, assignment, cpu_only, start_ms=start_ms)
-    check_structure(model, plan)
+    check_structure(plan, name, model)
     assert StagePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     inputs = models.random_inputs(model, seed=data.draw(st.integers(0, 100), label="seed"))
     want = reference(model, inputs)
