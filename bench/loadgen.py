@@ -4,51 +4,26 @@ What every serving benchmark here measures the same way. One Python client proce
 bottleneck, so the load comes from several spawned processes, each keeping `inflight` requests
 in flight over gRPC (or HTTP with binary tensors), its request encoded once and its answers not
 decoded, so that the clients disturb the servers as little as possible. Each client's first
-answer is checked against what it expects. CPU is read from the scheduler's nanosecond counts in
-/proc for every thread of the serving processes and their descendants: clock-tick counts are too
-coarse for requests of a millisecond, and CPU per request survives a noisy machine far better
-than requests/s.
+answer is checked against what it expects. CPU is read for every thread of the serving
+processes and their descendants (`moirai.runtime.cputime.cpu_ms`, which `moirai demo` reports
+from too; the benchmarks import it from here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moirai.runtime.cputime import cpu_ms
 from stage_server import codec
 
 Inputs = Mapping[str, np.ndarray]
-
-
-def process_tree(pids: Sequence[int]) -> list[int]:
-    """The processes and all their descendants."""
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def cpu_ms(pids: Sequence[int]) -> float:
-    """CPU milliseconds so far of every thread of these processes and their descendants."""
-    total = 0
-    for pid in process_tree(pids):
-        with contextlib.suppress(OSError):
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                with contextlib.suppress(OSError):  # a thread that just ended
-                    total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e6
 
 
 def _matches(got: np.ndarray, want: np.ndarray | None) -> bool:

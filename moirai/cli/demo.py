@@ -12,7 +12,9 @@ Open Inference Protocol, checks every output against single-process ONNX Runtime
 model, prints the plan, the latency and throughput predicted for the plan as served against the
 measured ones and those of in-process ONNX Runtime with as many threads, and shuts everything
 down. Throughput is counted over a window of `--window` seconds, after a warm-up, for the
-served plan and for ONNX Runtime alike. Exit status 0 when every output matched, 1 otherwise.
+served plan and for ONNX Runtime alike, and so is the CPU per request: every thread of every
+serving process (`moirai.runtime.cputime`), against the CPU of ONNX Runtime's runs in this
+process. Exit status 0 when every output matched, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import asyncio
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def _throughput(
-    url: str, model: str, inputs: dict[str, np.ndarray], seconds: float, c: int
-) -> float:
-    """Requests/s answered with `c` in flight over `seconds`, after one round to warm up."""
+    url: str,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    seconds: float,
+    c: int,
+    servers: Sequence[int],
+) -> tuple[float, float]:
+    """Requests/s answered with `c` in flight over `seconds`, after one round to warm up, and
+    the CPU ms per request of the processes `servers` and their descendants meanwhile."""
+    from moirai.runtime.cputime import cpu_ms
     from stage_server.client import AsyncInferenceClient
 
     client = AsyncInferenceClient(url)
     await asyncio.gather(*(client.infer(model, inputs) for _ in range(c)))
     answered = 0
+    cpu_before = cpu_ms(servers)
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -68,16 +78,19 @@ async def _throughput(
 
     await asyncio.gather(*(worker() for _ in range(c)))
     elapsed = time.perf_counter() - start
+    cpu = cpu_ms(servers) - cpu_before
     await client.close()
-    return answered / elapsed
+    return answered / elapsed, cpu / max(answered, 1)
 
 
-def _runs_per_second(run: Callable[[], object], seconds: float) -> float:
-    runs, start = 0, time.perf_counter()
+def _runs_per_second(run: Callable[[], object], seconds: float) -> tuple[float, float]:
+    """Runs/s of `run` over `seconds`, and this process's CPU ms per run meanwhile."""
+    runs, start, cpu_before = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         run()
         runs += 1
-    return runs / (time.perf_counter() - start)
+    cpu = (time.process_time() - cpu_before) * 1000
+    return runs / (time.perf_counter() - start), cpu / max(runs, 1)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,14 +152,17 @@ def run(args: argparse.Namespace) -> int:
             served_ms = statistics.median(times) * 1000
             # Single-process ORT runs over the same window right before, so that both
             # throughputs see the same machine.
-            single_rps = _runs_per_second(lambda: single.run(names, samples[0]), args.window)
-            rps = asyncio.run(
+            single_rps, single_cpu = _runs_per_second(
+                lambda: single.run(names, samples[0]), args.window
+            )
+            rps, served_cpu = asyncio.run(
                 _throughput(
                     deployment.grpc_url,
                     plan.model_name,
                     samples[0],
                     args.window,
                     args.concurrency,
+                    list(deployment.pids.values()),
                 )
             )
     predicted = Prediction.from_dict(plan.predicted)
@@ -163,5 +179,9 @@ def run(args: argparse.Namespace) -> int:
         f"throughput predicted {predicted.throughput_rps:8.1f} req/s  measured {rps:8.1f} req/s "
         f"at concurrency {args.concurrency} over {args.window:g} s (single-process ORT, "
         f"{threads} threads: {single_rps:.1f} req/s; {rps / single_rps:.2f}x)"
+    )
+    print(
+        f"CPU        {served_cpu:8.2f} ms per request, every serving process together "
+        f"(single-process ORT: {single_cpu:.2f} ms per run)"
     )
     return 1 if mismatches else 0

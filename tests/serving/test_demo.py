@@ -4,6 +4,7 @@ single-process ONNX Runtime."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -17,5 +18,9 @@ def test_demo_serves_the_bundled_model_and_matches_onnx_runtime() -> None:
     assert "model light_squeezenet:" in out  # the plan, described
     assert "outputs equal single-process ONNX Runtime: yes" in out, out
     assert "latency    predicted" in out and "throughput predicted" in out, out
+    # The serving processes' CPU per request beside in-process ONNX Runtime's per run.
+    cpu = re.search(r"^CPU +([0-9.]+) ms per request, every serving process together", out, re.M)
+    assert cpu is not None and float(cpu.group(1)) > 0, out
+    assert "(single-process ORT: " in out, out
     assert all(line.startswith("moirai: ") for line in done.stderr.splitlines()), done.stderr
     assert "Traceback" not in done.stderr
