@@ -38,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moirai.cli.options import (
     check_port_free,
@@ -55,6 +56,9 @@ from stage_server.batchconfig import check_model_names
 from stage_server.batchconfig import from_args as batching_from_args
 from stage_server.settings import add_arguments as add_endpoint_arguments
 from stage_server.settings import from_args as endpoint_from_args
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +233,29 @@ def plan_several(args: argparse.Namespace, files: dict[str, Path]) -> dict[str, 
     return plans
 
 
+def _check_declared_batch(name: str, path: Path) -> None:
+    """Refuse batching for a model whose file fixes the first dimension of an input or output,
+    before any profiling or solving (minutes, for a large model); the plan's tensors are
+    checked again once planned."""
+    from moirai.graph import dynamic_shapes
+    from moirai.stageplan import TensorSpec
+    from moirai.weights import read_skeleton
+    from stage_server.batchconfig import check_batchable
+
+    graph = read_skeleton(path).graph
+    shapes = dynamic_shapes(path)
+    weights = {i.name for i in graph.initializer}
+
+    def declared(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
+        return [
+            TensorSpec(v.name, "", shapes[v.name])
+            for v in values
+            if v.name in shapes and v.name not in weights
+        ]
+
+    check_batchable(name, declared(graph.input), declared(graph.output))
+
+
 def run(args: argparse.Namespace) -> int:
     from moirai.cli.gateway import frontend_ports
     from moirai.planning import describe
@@ -243,6 +270,9 @@ def run(args: argparse.Namespace) -> int:
     names = list(files)
     check_model_names(args, names)
     batching = {name: batching_from_args(args, name) for name in names}
+    for name, path in files.items():
+        if batching[name].enabled:
+            _check_declared_batch(name, path)
     if len(files) == 1:
         planned = plan_from_args(args, files[names[0]])
         plans = {names[0]: _named(planned.plan, names[0])}

@@ -379,9 +379,16 @@ def test_serve_batching_flags_that_make_no_sense(
 
 
 def test_serve_batching_a_model_with_a_fixed_batch(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Refused after planning, before any server starts."""
+    """Refused before planning (it used to be refused after profiling and solving, which take
+    minutes on a large model), and so before any server starts."""
+    import moirai.cli.serve
+
+    def planned(*args: object, **kwargs: object) -> None:
+        raise AssertionError("planned a model that cannot be batched")
+
+    monkeypatch.setattr(moirai.cli.serve, "plan_from_args", planned)
     import onnx
     from onnx import TensorProto, helper
 
