@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.client import InferenceClient
     from stage_server.settings import read_pem
 
-    if "://" in args.url:
+    host, _, port = args.url.rpartition(":")
+    if "://" in args.url or not host or not port.isdigit():  # gRPC would take port 443
         raise MoiraiError(
             f"--url {args.url}: give HOST:PORT of the gateway's gRPC port, e.g. 127.0.0.1:8001"
         )
@@ -149,6 +150,15 @@ def run(args: argparse.Namespace) -> int:
         try:
             outputs = client.infer(args.model, inputs, args.output, timeout_s=args.timeout)
         except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (
+                e.details() or ""
+            ):  # refused by gRPC from the request's size alone, before any check of its inputs
+                takes = ", ".join(f"{t.name} {list(t.shape)}" for t in meta.inputs)
+                raise MoiraiError(
+                    f"gateway {args.url}: the request is larger than the endpoint takes "
+                    f"({e.details()}); model {args.model!r} takes {takes} (-1: any size): "
+                    "check the inputs' shapes, or raise the server's --max-request-bytes"
+                ) from None
             raise MoiraiError(f"gateway {args.url}: {e.code().name}: {e.details()}") from None
     for name, array in outputs.items():
         print(f"{name}: {array.dtype} {list(array.shape)}")

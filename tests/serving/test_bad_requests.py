@@ -284,3 +284,27 @@ async def test_json_over_its_own_limit_is_413_and_binary_data_is_not(
         async with s.post(url, data=header + x.tobytes(), headers=headers) as r:
             assert r.status == 200, await r.text()
             assert (await r.json())["outputs"][0]["shape"] == [256, 8]
+
+
+async def test_moirai_infer_of_a_tensor_over_the_size_limit_names_the_shapes(
+    cluster, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gRPC refuses it from its size alone (the inputs' fixed shapes bound the request), and
+    `moirai infer` printed gRPC's words only: 'RESOURCE_EXHAUSTED: SERVER: Received message
+    larger than max (64000061 vs. 65612)'. Now it names the shapes the model takes; the next
+    good request is answered."""
+    from moirai.cli import main
+
+    model = models.mlp(width=8, depth=2)
+    c = await cluster(model, split_plan(model, 2))
+    huge = tmp_path / "huge.npy"
+    np.save(huge, np.ones((1, 8, 1000, 100), np.float32))
+    argv = ["infer", "--url", c.grpc_url, "--model", "mlp", "--input", f"x={huge}"]
+    assert await asyncio.to_thread(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the request is larger than the endpoint takes" in err[0], err
+    assert "model 'mlp' takes x [1, 8] (-1: any size)" in err[0] and "Traceback" not in err[0]
+    good = tmp_path / "good.npy"
+    np.save(good, models.random_inputs(model)["x"])
+    argv = ["infer", "--url", c.grpc_url, "--model", "mlp", "--input", f"x={good}"]
+    assert await asyncio.to_thread(main, argv) == 0

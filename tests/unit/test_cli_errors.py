@@ -156,8 +156,10 @@ def test_infer_inputs_file_that_is_not_text(
     assert f"--inputs {path}: cannot read it as JSON" in message
 
 
-def test_infer_url_that_is_an_http_url(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", "http://127.0.0.1:8001"]
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "127.0.0.1", "127.0.0.1:grpc"])
+def test_infer_url_that_is_no_host_and_port(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a port, gRPC called port 443 ('ipv4:127.0.0.1:443: Connection refused')."""
+    argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", url]
     assert "give HOST:PORT of the gateway's gRPC port" in one_line_error(capsys, argv)
 
 
