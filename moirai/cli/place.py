@@ -250,7 +250,8 @@ def _summary(
         coarsening = f" ({source['nodes']} nodes -> {source.get('fusion_groups', '?')} groups)"
     lines = [
         f"{costgraph.name}: {len(costgraph.tasks)} tasks{coarsening}, {len(costgraph.edges)} "
-        f"edges, {len(costgraph.devices)} devices; objective {problem.objective}",
+        f"edges, {len(costgraph.devices)} device{'' if len(costgraph.devices) == 1 else 's'}; "
+        f"objective {problem.objective}",
         "",
         f"{'solver':<24} {'status':<10} {'makespan ms':>12} {'period ms':>10} "
         f"{'bound ms':>10} {'gap':>7} {'seconds':>8}",

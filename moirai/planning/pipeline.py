@@ -395,15 +395,19 @@ def served_cost(served: Prediction, objective: Objective) -> float:
     return served.period_ms if objective == "throughput" else served.latency_ms
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def describe(plan: StagePlan) -> str:
     """A person's view of a plan: devices, lanes, stages with their border tensors,
     predictions, and the layouts it was chosen from."""
     p = plan.predicted
     lanes = len(plan.lanes)
     lines = [
-        f"model {plan.model_name}: {len(plan.stages)} stages on "
+        f"model {plan.model_name}: {_count(len(plan.stages), 'stage')} on "
         + ", ".join(
-            f"{d.name} ({d.kind}, {d.threads or 'all'} threads)"
+            f"{d.name} ({d.kind}, {_count(d.threads, 'thread') if d.threads else 'all threads'})"
             if d.kind == "cpu"
             else f"{d.name} (gpu {d.device_id or 0})"
             for d in plan.devices

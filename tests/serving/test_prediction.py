@@ -202,6 +202,18 @@ def test_plan_model_predicts_the_plan_as_served(tmp_path: Path, objective: str) 
     assert ("req/s" in text) == (objective == "throughput")
 
 
+def test_describe_counts_in_words() -> None:
+    """It said '1 stages on cpu-0 (cpu, 1 threads)'."""
+    one = build_plan(MODEL, {n.name: "cpu-0" for n in MODEL.graph.node}, DEVICES[:1])
+    assert describe(one).startswith("model mlp: 1 stage on cpu-0 (cpu, 1 thread)\n")
+    two = build_plan(
+        MODEL,
+        {n.name: f"cpu-{i % 2}" for i, n in enumerate(MODEL.graph.node)},
+        [DeviceSpec("cpu-0", threads=2), DeviceSpec("cpu-1", threads=2)],
+    )
+    assert "stages on cpu-0 (cpu, 2 threads), cpu-1 (cpu, 2 threads)" in describe(two)
+
+
 def two_branches(width: int = 1024, rows: int = 64, depth: int = 3) -> onnx.ModelProto:
     """x [rows, width] → two chains of `depth` MatMuls (width x width) → their sum: branches
     heavy enough that a latency plan runs them on two devices side by side."""

@@ -4,6 +4,7 @@ killed under load and brought back."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
             lines.append(line)
             if line.startswith("serving"):
                 break
-        assert any("stages on" in line for line in lines), lines
+        assert any(re.match(r"model mlp: \d+ stages? on ", line) for line in lines), lines
         x = np.ones((1, 32), np.float32)
         np.save(tmp_path / "x.npy", x)
         out = subprocess.run(
