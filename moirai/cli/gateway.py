@@ -142,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.settings import from_args as endpoint_from_args
 
     endpoint = endpoint_from_args(args)  # the token files read, before any work
-    chain = chain_options(args)
     plans = [StagePlan.load(path) for path in paths]
     names = [plan.model_name for plan in plans]
     for name in names:
@@ -167,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         for plan in plans
     ]
     chain_port = _chain_port(args, models)
+    # Last: it warns of an open chain, which is no news beside a plan refused.
+    chain = chain_options(args)
     keep_freed_memory()
 
     async def start() -> Stoppable:

@@ -129,7 +129,6 @@ def run(args: argparse.Namespace) -> int:
     from stage_server.settings import EndpointConfig
     from stage_server.settings import from_args as endpoint_from_args
 
-    chain = chain_options(args, max_pending_bytes=args.max_pending_bytes)
     endpoint = endpoint_from_args(args) if args.frontend else None
     keep_freed_memory()
     plan = StagePlan.load(args.plan)
@@ -144,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     # server's peak memory.
     model = load_model(model_path, symbolic=True, check=not plan.model_sha256)
     addresses = peer_addresses(plan, args.peer)
+    # Last: it warns of an open chain, which is no news beside a plan or model refused.
+    chain = chain_options(args, max_pending_bytes=args.max_pending_bytes)
 
     async def start() -> Stoppable:
         return await start_stage(

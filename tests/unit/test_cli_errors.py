@@ -4,7 +4,10 @@ a message naming the flag, before any work starts, never with a traceback or a h
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -501,3 +504,27 @@ def test_profile_patience_seconds_reaches_the_settings(monkeypatch: pytest.Monke
         with pytest.raises(Stop):
             main(["profile", "m.onnx", "--device", "cpu", *flag])
         assert seen.pop().patience_seconds == patience
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stage", "--plan", "{plan}", "--model", "m.onnx", "--device", "d", "--port", "{port}"],
+        ["gateway", "--plan", "{plan}", "--grpc-port", "0", "--http-port", "0"],
+    ],
+    ids=["stage", "gateway"],
+)
+@pytest.mark.parametrize("plan", ["missing.json", "not-a-plan.json"])
+def test_a_bad_plan_is_the_only_line(tmp_path: Path, argv: list[str], plan: str) -> None:
+    """A real process (its logging as the CLI sets it up): the warning that the chain has no
+    token came first, above the plan's error."""
+    (tmp_path / "not-a-plan.json").write_text('{"format": "moirai.costgraph/v1"}')
+    (port,) = free_ports(1)
+    argv = [a.format(plan=tmp_path / plan, port=port) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "MOIRAI_CHAIN_TOKEN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "moirai", *argv], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"moirai: {tmp_path / plan}: "), err
