@@ -272,12 +272,19 @@ def _validate(cg: CostGraph) -> None:
             _check_time(ms, f"costgraph.tasks[{i}].compute_ms[{dev!r}]")
         if t.memory_bytes < 0:
             raise CostGraphError(f"costgraph.tasks[{i}].memory_bytes is negative")
+    pairs: dict[tuple[str, str], int] = {}
     for i, e in enumerate(cg.edges):
         for end in (e.src, e.dst):
             if end not in ids:
                 raise CostGraphError(f"costgraph.edges[{i}] names unknown task {end!r}")
         if e.src == e.dst:
             raise CostGraphError(f"costgraph.edges[{i}] is a self-loop on task {e.src!r}")
+        first = pairs.setdefault((e.src, e.dst), i)
+        if first != i:
+            raise CostGraphError(
+                f"costgraph.edges[{i}] repeats edges[{first}] ({e.src} -> {e.dst}): give a "
+                "pair of tasks one edge, with the bytes of every tensor between them"
+            )
         if e.bytes < 0:
             raise CostGraphError(f"costgraph.edges[{i}].bytes is negative")
         for a, row in e.transfer_ms.items():
@@ -408,7 +415,7 @@ def _parse(data: Any, where: str) -> CostGraph:
             Edge(
                 src=str(_require(e, "src", w, (str, int))),
                 dst=str(_require(e, "dst", w, (str, int))),
-                bytes=_bytes(e, "bytes", w, default=0),
+                bytes=_bytes(e, "bytes", w),
                 transfer_ms={
                     str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()
                 },

@@ -110,3 +110,23 @@ def test_byte_counts_must_be_finite(path: tuple[str, int, str], where: str) -> N
     data[kind][index][key] = json.loads("1e400")
     with pytest.raises(CostGraphError, match=where + r" is inf: .* must be finite"):
         CostGraph.from_dict(data)
+
+
+def test_an_edge_given_twice_is_refused() -> None:
+    """The MILP found such a graph infeasible: 'no placement fits the device memories
+    (proven)'."""
+    data = json.loads(json.dumps(cluster().to_dict()))
+    data["edges"].append(dict(data["edges"][0]))
+    n, (src, dst) = len(data["edges"]) - 1, (data["edges"][0]["src"], data["edges"][0]["dst"])
+    with pytest.raises(
+        CostGraphError, match=rf"edges\[{n}\] repeats edges\[0\] \({src} -> {dst}\)"
+    ):
+        CostGraph.from_dict(data)
+
+
+def test_an_edge_without_bytes_is_refused() -> None:
+    """It was priced as 0 bytes, silently: a typo ('byts') made every transfer free."""
+    data = json.loads(json.dumps(cluster().to_dict()))
+    data["edges"][0]["byts"] = data["edges"][0].pop("bytes")
+    with pytest.raises(CostGraphError, match=r"edges\[0\]\.bytes is missing"):
+        CostGraph.from_dict(data)
