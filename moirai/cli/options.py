@@ -90,6 +90,34 @@ def output_folder(text: str) -> Path:
     return path
 
 
+def solver_name(text: str) -> str:
+    """A solver of `moirai.placement.registry` that can run here: an unknown name used to be
+    refused only after the model was loaded and profiled (minutes, when measured)."""
+    from moirai.errors import SolverError
+    from moirai.placement.registry import get_solver
+
+    try:
+        get_solver(text)
+    except SolverError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def picture_file(text: str) -> Path:
+    """An `output_file` whose suffix names a format matplotlib draws (`.png`, `.svg`, `.pdf`,
+    ...): another used to end a finished solve in matplotlib's traceback."""
+    path = output_file(text)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise argparse.ArgumentTypeError(
+            f"{text}: name a picture file, ending in one of "
+            + ", ".join(f".{f}" for f in sorted(formats))
+        )
+    return path
+
+
 def check_port_free(flag: str, port: int, host: str = "127.0.0.1") -> None:
     """Refuse a port that something listens on, naming the flag. The probe sets no SO_REUSEPORT,
     so it also sees a gRPC server, which sets it: a second server would otherwise bind the same

@@ -29,9 +29,11 @@ from typing import TYPE_CHECKING
 
 from moirai.cli.options import (
     output_file,
+    picture_file,
     positive_float,
     positive_int,
     resolve_from_args,
+    solver_name,
     solver_options,
 )
 from moirai.errors import MoiraiError
@@ -63,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-tasks", type=positive_int, help="coarsen MODEL to at most this many tasks"
     )
-    p.add_argument("--solver", default="auto", help="auto (default), cpsat, milp, heft, ...")
+    p.add_argument(
+        "--solver", type=solver_name, default="auto", help="auto (default), cpsat, milp, heft, ..."
+    )
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     p.add_argument("--time-limit", type=positive_float, default=60.0, help="seconds (default 60)")
     p.add_argument("--threads", type=positive_int, help="solver threads (default: all cores)")
@@ -83,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--costgraph-out", type=output_file, help="write the cost graph that was planned"
     )
     p.add_argument("--compare", action="store_true", help="run every available solver")
-    p.add_argument("--gantt", type=output_file, help="draw the schedule to this PNG file")
+    p.add_argument(
+        "--gantt", type=picture_file, help="draw the schedule to this picture (PNG, SVG, PDF...)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
@@ -118,6 +124,19 @@ def load_costgraph(args: argparse.Namespace) -> CostGraph:
     if args.costgraph is not None:
         if args.model is not None:
             raise MoiraiError("give either MODEL.onnx or --costgraph FILE, not both")
+        model_flags = {
+            "--devices": args.devices,
+            "--cpu-devices": args.cpu_devices,
+            "--input-shape": args.input_shape,
+            "--profile": args.profile,
+            "--max-tasks": args.max_tasks,
+        }
+        given = [flag for flag, value in model_flags.items() if value]
+        if given:  # they were ignored
+            raise MoiraiError(
+                f"{given[0]} applies to MODEL.onnx: a cost graph names its own devices and "
+                "times (write one with --costgraph-out)"
+            )
         return CostGraph.load(args.costgraph)
     if args.model is None:
         raise MoiraiError("nothing to place: give MODEL.onnx --devices FILE, or --costgraph FILE")

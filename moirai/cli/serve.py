@@ -47,6 +47,7 @@ from moirai.cli.options import (
     positive_float,
     positive_int,
     resolve_from_args,
+    solver_name,
     solver_options,
 )
 from moirai.errors import MoiraiError
@@ -78,7 +79,9 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
         "--devices local), 'analytic' (the default with a devices file), or a profile file from "
         "`moirai profile`",
     )
-    p.add_argument("--solver", default="auto", help="placement solver (default auto)")
+    p.add_argument(
+        "--solver", type=solver_name, default="auto", help="placement solver (default auto)"
+    )
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     p.add_argument(
         "--time-limit", type=positive_float, default=10.0, help="solver time limit, seconds"

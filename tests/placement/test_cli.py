@@ -119,9 +119,6 @@ def test_usage_errors(costgraph_file: Path, capsys: pytest.CaptureFixture[str]) 
     _one_line_error(capsys, ["place"], "nothing to place")
     _one_line_error(capsys, ["place", "model.onnx"], "needs --devices")
     _one_line_error(
-        capsys, ["place", "--costgraph", str(costgraph_file), "--solver", "magic"], "unknown solver"
-    )
-    _one_line_error(
         capsys, ["place", "--costgraph", str(costgraph_file), "--pin", "t0"], "TASK=DEVICE"
     )
     _one_line_error(capsys, ["place", "--costgraph", "/nonexistent.json"], "cannot read")

@@ -106,6 +106,49 @@ def test_place_outputs_are_checked_before_solving(
     assert "is a folder" in message
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["place", "absent.onnx", "--devices", "local"],
+        ["serve", "absent.onnx"],
+        ["demo"],
+    ],
+    ids=["place", "serve", "demo"],
+)
+def test_an_unknown_solver_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """It was refused only once the model was loaded and profiled (minutes, measured); the
+    model does not exist here, so nothing read it first."""
+    message = usage_error(capsys, [*argv, "--solver", "magic"], "--solver")
+    assert "unknown solver 'magic': use one of " in message and "auto" in message
+
+
+def test_a_gantt_file_matplotlib_cannot_write_is_refused_before_solving(
+    tmp_path: Path, costgraph: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--gantt plan.txt` ended a finished solve in matplotlib's ValueError traceback."""
+    argv = ["place", "--costgraph", costgraph, "--gantt", str(tmp_path / "plan.txt")]
+    message = usage_error(capsys, argv, "--gantt")
+    assert "name a picture file, ending in one of " in message and ".png" in message
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--devices", "local"], ["--profile", "analytic"], ["--input-shape", "x=1"]],
+    ids=["devices", "profile", "input-shape"],
+)
+def test_a_models_flags_beside_a_cost_graph_are_refused(
+    costgraph: str, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    """They were ignored: the cost graph was planned as it is."""
+    message = one_line_error(capsys, ["place", "--costgraph", costgraph, *flags])
+    assert message == (
+        f"moirai: {flags[0]} applies to MODEL.onnx: a cost graph names its own devices and "
+        "times (write one with --costgraph-out)"
+    )
+
+
 def test_profile_output_is_checked_before_measuring(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
