@@ -592,7 +592,28 @@ class Replay:
             if rw > 0:
                 arrive = sched.arrive[e]
                 busy[b].append((arrive - rw, arrive, self.position[n + m + e]))
-        self.busy = [sorted(b) for b in busy]
+        # each resource's intervals as columns, and the latest position among the first q of
+        # them (so that the intervals placed before a cut are found by bisection, bar the few
+        # that an earlier operation inserted after a later one)
+        self.busy: list[tuple[list[float], list[float], list[int], list[int]]] = []
+        for items in busy:
+            items.sort()
+            positions = [it[2] for it in items]
+            self.busy.append(
+                (
+                    [it[0] for it in items],
+                    [it[1] for it in items],
+                    positions,
+                    list(itertools.accumulate(positions, max)),
+                )
+            )
+        # the transfers, and their arrivals, by the position of their last operation
+        xfers = sorted((self.position[n + e], e) for e in sched.xfer)
+        self.xfers = ([q for q, _ in xfers], [(e, sched.xfer[e]) for _, e in xfers])
+        arrivals = sorted(
+            (self.position.get(n + m + e, self.position[n + e]), e) for e in sched.arrive
+        )
+        self.arrivals = ([q for q, _ in arrivals], [(e, sched.arrive[e]) for _, e in arrivals])
         rank = upward_rank(p, assignment)
         self.after = [rank[i] - p.compute[i][assignment[i]] for i in range(p.n)]
         """Longest path from each task's end to the end (no resources): a task that does not
@@ -617,22 +638,24 @@ class Replay:
         sched.where = list(base.where)
         sched.start = list(base.start)
         sched.end = list(base.end)
-        sched.xfer = {e: x for e, x in base.xfer.items() if position[n + e] < cut}
+        sched.xfer = dict(self.xfers[1][: bisect_left(self.xfers[0], cut)])
         # a transfer's arrival is known once its last operation (its receiver's work) is kept
-        sched.arrive = {
-            e: base.arrive[e] for e in sched.xfer if position.get(n + m + e, position[n + e]) < cut
-        }
+        sched.arrive = dict(self.arrivals[1][: bisect_left(self.arrivals[0], cut)])
         kk = p.num_devices
-        for r, items in enumerate(self.busy):
-            kept = [it for it in items if it[2] < cut]
+        for r, (starts, ends, positions, latest) in enumerate(self.busy):
+            q = bisect_left(latest, cut)
             if r < kk:
                 tl = sched.device[r]
             elif r < 2 * kk:
                 tl = sched.send[r - kk]
             else:
                 tl = sched.recv[r - 2 * kk]
-            tl.starts = [it[0] for it in kept]
-            tl.ends = [it[1] for it in kept]
+            tl.starts = starts[:q]
+            tl.ends = ends[:q]
+            for t in range(q, len(starts)):
+                if positions[t] < cut:
+                    tl.starts.append(starts[t])
+                    tl.ends.append(ends[t])
         succs: dict[int, list[int]] = {}
         waiting: dict[int, int] = {}
         rest = [op for op in self.order[cut:] if op < n]
