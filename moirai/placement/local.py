@@ -35,6 +35,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from moirai.placement.bounds import OPTIMALITY_TOL
 from moirai.placement.problem import PlacementProblem
@@ -88,6 +89,17 @@ def _order(
     return sorted(range(p.n), key=lambda i: (-(sched.start[i] + rank[i]), noise[i]))
 
 
+@dataclass
+class _Pass:
+    """A descent's pass: the tasks by criticality, the next to try, those tried, and whether
+    a move was made."""
+
+    order: list[int]
+    next: int = 0
+    tried: set[int] = field(default_factory=set)
+    improved: bool = False
+
+
 class _Search:
     """The state of one search: the current assignment, its value, the work done."""
 
@@ -107,6 +119,8 @@ class _Search:
         self.rng = rng
         self.evaluations = 0
         self.replay: Replay | None = None
+        self.pass_: _Pass | None = None
+        """The descent's pass under way, if the work ran out in it."""
         self.assign = list(assignment)
         self.used = [0] * problem.num_devices
         for i, k in enumerate(self.assign):
@@ -175,39 +189,47 @@ class _Search:
         for j in block:
             self.assign[j] = k
 
-    def descend(self) -> None:
-        """First-improvement block moves until none improves (or the work is done).
+    def descend(self) -> bool:
+        """First-improvement block moves until none improves: True there (a local optimum),
+        False when the work ran out first (the next call resumes the pass where it stopped).
 
         A pass tries every task once, most critical first; after a move is made the order is
         computed again for the new schedule, but the tasks already tried in this pass are not
         tried again (a rescan from the top would spend most of the work on critical tasks that
         just failed: on random-3 the accepted move's task sat at position 14 of the order in
         the median). A pass that made a move is followed by another."""
-        improved = True
-        while improved and not self.out_of_work():
-            improved = False
-            tried: set[int] = set()
-            order = _order(self.p, self.assign, self.sched, self.rng)
-            q = 0
-            while q < len(order) and not self.out_of_work():
-                i = order[q]
-                q += 1
-                if i in tried:
+        while not self.out_of_work():
+            if self.pass_ is None:
+                self.pass_ = _Pass(_order(self.p, self.assign, self.sched, self.rng))
+            now = self.pass_
+            while now.next < len(now.order):
+                i = now.order[now.next]
+                if i in now.tried:
+                    now.next += 1
                     continue
-                tried.add(i)
-                if self._try(i):
-                    improved = True
-                    order, q = _order(self.p, self.assign, self.sched, self.rng), 0
+                moved = self._try(i)
+                if moved is None:  # out of work: this task first next time
+                    return False
+                now.tried.add(i)
+                now.next += 1
+                if moved:
+                    now.improved = True
+                    now.order, now.next = _order(self.p, self.assign, self.sched, self.rng), 0
+            self.pass_ = None
+            if not now.improved:
+                return True
+        return False
 
-    def _try(self, i: int) -> bool:
-        """The first improving move of a block from task i, made; whether there was one."""
+    def _try(self, i: int) -> bool | None:
+        """The first improving move of a block from task i, made; whether there was one (None:
+        the work ran out first)."""
         for block in _blocks(self.p, self.assign, i):
             home = self.assign[i]
             targets = self.targets(block)
             self.rng.shuffle(targets)
             for k in targets:
                 if self.out_of_work():
-                    return False
+                    return None
                 self.move(block, k)
                 value, sched = self.evaluate_move(block)
                 if value < self.value * (1 - 1e-9):
@@ -222,6 +244,7 @@ class _Search:
         for i, k in enumerate(self.assign):
             self.used[k] += self.p.mem[i]
         self.accept(value, sched)
+        self.pass_ = None
 
     def kick(self) -> None:
         """Move a few random blocks among the most critical tasks to random devices."""
@@ -234,6 +257,62 @@ class _Search:
             if targets:
                 self.move(block, self.rng.choice(targets))
         self.accept(*self.evaluate())
+        self.pass_ = None
+
+
+class LocalSearch:
+    """A local search that goes on where it stopped: `run` until a deadline or a total of
+    evaluations, then `run` again later (the race in `auto` gives it turns) without trying
+    again the moves its last pass has already tried, nor proving again that a local optimum is
+    one.
+
+    From the start assignment it descends to a local optimum, then (with `kicks`) kicks and
+    descends again, keeping the best assignment found; it stops early once the value meets
+    `bound` (a lower bound: nothing better exists). `start` is the timing of the schedule the
+    assignment comes from (`timing`), so that the search begins from that schedule rather
+    than from a list schedule of it."""
+
+    def __init__(
+        self,
+        problem: PlacementProblem,
+        assignment: Sequence[int],
+        seed: int = 0,
+        bound: float = 0.0,
+        start: Timing | None = None,
+    ) -> None:
+        self.bound = bound
+        self._search = _Search(problem, assignment, math.inf, math.inf, random.Random(seed), start)
+        s = self._search
+        self.best: tuple[list[int], float, Schedule | None] = (list(s.assign), s.value, s.sched)
+        """The best assignment so far, its objective value and (latency) its schedule."""
+        self._settled = False
+        """Whether the search stands at a local optimum (the next step is a kick)."""
+
+    @property
+    def value(self) -> float:
+        return self.best[1]
+
+    def run(
+        self, deadline: float, max_evaluations: float = math.inf, kicks: bool = True
+    ) -> tuple[list[int], float, Schedule | None]:
+        """Search until `deadline`, or until `max_evaluations` in all since it was made, and
+        return the best so far. Without `kicks` it stops at the next local optimum."""
+        s = self._search
+        s.deadline, s.max_evaluations = deadline, max_evaluations
+        while not s.out_of_work() and self.value > self.bound * (1 + OPTIMALITY_TOL):
+            if not self._settled:
+                self._settled = s.descend()
+                if s.value < self.value * (1 - 1e-9):
+                    self.best = (list(s.assign), s.value, s.sched)
+                if not self._settled:
+                    break
+            if not kicks:
+                break
+            if s.assign != self.best[0]:  # back to the best
+                s.restore(*self.best)
+            s.kick()
+            self._settled = False
+        return self.best
 
 
 def improve(
@@ -247,22 +326,10 @@ def improve(
     kicks: bool = True,
 ) -> tuple[list[int], float, Schedule | None]:
     """A better (or the same) assignment, its objective value and (latency) its schedule, by
-    block moves and kicks; it stops early once the value meets `bound` (a lower bound: nothing
-    better exists). `start` is the timing of the schedule the assignment comes from (`timing`),
-    so that the search begins from that schedule rather than from a list schedule of it.
-    Without `kicks` it stops at the first local optimum (plain descent)."""
-    rng = random.Random(seed)
-    search = _Search(problem, assignment, deadline, max_evaluations, rng, start)
-    search.descend()
-    best, value, sched = list(search.assign), search.value, search.sched
-    while kicks and not search.out_of_work() and value > bound * (1 + OPTIMALITY_TOL):
-        search.kick()
-        search.descend()
-        if search.value < value * (1 - 1e-9):
-            best, value, sched = list(search.assign), search.value, search.sched
-        else:  # back to the best
-            search.restore(best, value, sched)
-    return best, value, sched
+    block moves and kicks (`LocalSearch`, in one run). Without `kicks` it stops at the first
+    local optimum (plain descent)."""
+    search = LocalSearch(problem, assignment, seed, bound, start)
+    return search.run(deadline, max_evaluations, kicks)
 
 
 Timing = tuple[Sequence[float], Mapping[int, float]]
