@@ -32,8 +32,10 @@
    with kicks out of local optima) and CP-SAT (interval model, no big-M) take turns, each
    from the best plan so far. It opens with a plain descent to a local optimum; when that
    improved the plan the search goes on, with kicks, for `LOCAL_FIRST_SHARE` of the time left
-   (moves are cheap to evaluate, `simulate.Replay`); then one long CP-SAT turn
-   (`CPSAT_FIRST_SHARE`). After that a search whose turn improved the plan gets a longer turn
+   (moves are cheap to evaluate, `simulate.Replay`), again and again as long as each such turn
+   improves the plan (`LOCAL_MORE_S`); then one long CP-SAT turn (`CPSAT_FIRST_SHARE`). The
+   local search resumes where its last turn stopped while the plan is still its own
+   (`local.LocalSearch`). After that a search whose turn improved the plan gets a longer turn
    next, one whose turn did not a shorter one (CP-SAT's never under `CPSAT_MIN_SLICE_S`), so
    the time goes to whichever is improving. CP-SAT's model is built once and hinted anew each
    turn. Past `FULL_MODEL_LIMIT` optional intervals the model is too big to search well in a
