@@ -7,15 +7,23 @@ Each subcommand lives in its own module (`moirai/cli/<name>.py`) exposing
 Ctrl-C into status 130, so users never see a traceback for bad input. argparse's own errors (a
 missing argument, a value its type refuses) take the same form, one `moirai: ` line and status 2,
 instead of the usage followed by the error.
+
+SIGTERM (`kill`, a pod being stopped) unwinds as Ctrl-C does (`Terminated`), ending in status
+143: it used to end the process where it stood, so that one sent while `moirai serve` or `moirai
+place` profiled or planned left their temporary folders behind. A command that serves installs
+its own handler once it serves (`moirai serve` stops its processes).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
 from moirai import __version__
@@ -68,9 +76,39 @@ def _configure_logging(command: str, verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands, so that it unwinds as from Ctrl-C: temporary
+    folders removed, child processes stopped, priorities put back."""
+
+
+def _terminate(signum: int, frame: object) -> NoReturn:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the block lasts, unless it is ignored (`nohup`) or this
+    is not the main thread (which alone may set handlers)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _run(argv)
+        with _sigterm_unwinds():
+            return _run(argv)
+    except Terminated:
+        print("moirai: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # also while the subcommands' imports load, before any work
         print("moirai: interrupted", file=sys.stderr)
         return 130

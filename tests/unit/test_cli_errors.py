@@ -571,3 +571,33 @@ def test_a_bad_plan_is_the_only_line(tmp_path: Path, argv: list[str], plan: str)
     assert done.returncode == 2
     err = done.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"moirai: {tmp_path / plan}: "), err
+
+
+def test_sigterm_while_planning_unwinds_as_ctrl_c(tmp_path: Path) -> None:
+    """SIGTERM used to end `moirai place` (and `serve`) where it stood: a signal sent while it
+    profiled left its temporary folders behind (moirai-profile-*, moirai-fusion-*). Now it
+    unwinds as Ctrl-C does, and ends with status 143."""
+    import onnx
+
+    from tests.serving import models
+
+    path = tmp_path / "wide.onnx"
+    onnx.save(models.mlp(width=512, batch=128), path)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "MOIRAI_CACHE": str(tmp_path / "cache"), "TMPDIR": str(temp)}
+    argv = [sys.executable, "-m", "moirai", "place", str(path), "--devices", "local"]
+    with subprocess.Popen(
+        [*argv, "--cpu-devices", "1"], stderr=subprocess.PIPE, text=True, env=env
+    ) as place:
+        assert place.stderr is not None
+        for line in place.stderr:
+            if "whole model, run" in line:  # profiling, in its temporary folder
+                break
+        assert list(temp.glob("moirai-*")), "no temporary folder while profiling"
+        place.terminate()
+        rest = place.stderr.read()
+        assert place.wait(timeout=60) == 143, rest
+    assert rest.strip().splitlines()[-1] == "moirai: terminated", rest
+    assert "Traceback" not in rest
+    assert not list(temp.glob("moirai-*"))  # (ONNX Runtime keeps its .ses file there)
