@@ -140,9 +140,10 @@ def run(args: argparse.Namespace) -> int:
             meta = client.metadata(args.model, timeout_s=connect_s)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                limit = f"--timeout {connect_s:g}" if connect_s < CONNECT_S else f"{connect_s:g}"
                 raise MoiraiError(
-                    f"--url {args.url}: no answer within {connect_s:g} s; is "
-                    "the gateway running there, and is this its gRPC port (not the HTTP one)?"
+                    f"--url {args.url}: no answer within {limit} s; is the gateway running "
+                    "there, and is this its gRPC port (not the HTTP one)?"
                 ) from None
             raise MoiraiError(f"gateway {args.url}: {e.code().name}: {e.details()}") from None
         datatypes = {t.name: t.datatype for t in meta.inputs}

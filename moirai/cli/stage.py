@@ -197,8 +197,11 @@ def core_pins(values: list[str], devices: list[str]) -> dict[str, set[int]]:
             )
         try:
             pins[device] = {int(c) for c in cores.split(",")}
-            if not pins[device] <= os.sched_getaffinity(0):
-                raise ValueError("not all of them are available to this process")
-        except ValueError as e:
-            raise MoiraiError(f"--cpus {value}: cannot pin to these cores ({e})") from None
+        except ValueError:
+            raise MoiraiError(f"--cpus {value}: write core numbers, e.g. 0,1") from None
+        if not pins[device] <= os.sched_getaffinity(0):
+            raise MoiraiError(
+                f"--cpus {value}: cannot pin to these cores (not all of them are available to "
+                f"this process: {','.join(map(str, sorted(os.sched_getaffinity(0))))})"
+            )
     return pins

@@ -229,6 +229,16 @@ def test_infer_where_nothing_answers_fails_at_the_connect_limit(
     assert f"--url {url}: no answer within 0.5 s" in message and "gRPC port" in message
 
 
+def test_infer_within_a_timeout_under_the_connect_limit_names_the_timeout(
+    silent_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--timeout 0.2` was reported as 'no answer within 0.2 s', as if that were the connect
+    limit: the flag that set it is named."""
+    url = f"127.0.0.1:{silent_port}"
+    argv = ["infer", "--model", "m", "--input", "x=[1]", "--url", url, "--timeout", "0.2"]
+    assert f"--url {url}: no answer within --timeout 0.2 s; " in one_line_error(capsys, argv)
+
+
 def test_infer_where_the_port_is_closed(capsys: pytest.CaptureFixture[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -508,7 +518,7 @@ def test_a_token_file_that_gives_no_token_is_refused_before_any_work(
     [
         (["a", "b"], ["0"], "--cpus 0: with several --device, name the device: --cpus a=0"),
         (["a"], ["b=0"], "--cpus b=0: 'b' is not a --device of this server (a)"),
-        (["a"], ["x"], "--cpus x: cannot pin to these cores (invalid literal"),
+        (["a"], ["x"], "--cpus x: write core numbers, e.g. 0,1"),  # "invalid literal for int()"
         (["a"], ["4096"], "--cpus 4096: cannot pin to these cores (not all of them are available"),
     ],
 )
