@@ -23,6 +23,7 @@ from moirai_operator.profiling import JobProfiler, ProfileInbox
 from moirai_operator.reconcile import Context, converge
 from moirai_operator.spec import Defaults
 from test_operator_harness import (
+    COMMON_VALUES,
     Cluster,
     free_port,
     in_thread,
@@ -58,8 +59,10 @@ def render(plane, namespace: str, *values: str, crds: bool = False) -> str:
         [],
         ["--set", "watchAllNamespaces=true"],
         ["--set", "watchNamespaces={default,kube-public}", "--set", "networkPolicy.enabled=false"],
+        # Served namespaces that exist here.
+        [*COMMON_VALUES, "--set", "watchNamespaces={default,kube-public}"],
     ],
-    ids=["own-namespace", "cluster-wide", "namespaces"],
+    ids=["own-namespace", "cluster-wide", "namespaces", "common-values"],
 )
 def test_rendered_chart_passes_server_side_dry_run(control_plane, namespace, values):
     manifests = render(control_plane, namespace, *values, crds=True)

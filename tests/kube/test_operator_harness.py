@@ -31,7 +31,7 @@ from moirai_operator.resources import GROUP, PLURAL, VERSION
 REPO = Path(__file__).resolve().parents[2]
 # The operator's unit tests' builders: one PlacedModel body and one test model for both suites.
 sys.path.insert(0, str(REPO / "tests" / "operator"))
-from operator_bodies import placed_model, write_mlp  # noqa: E402
+from operator_bodies import COMMON_VALUES, placed_model, write_mlp  # noqa: E402, F401
 
 OPERATOR_ARGS = ["run", "--standalone", "-m", "moirai_operator.handlers"]
 OPERATOR_ENV = {

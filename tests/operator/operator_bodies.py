@@ -10,6 +10,28 @@ from moirai_operator.resources import API_VERSION, KIND
 
 GIB = 1 << 30
 
+COMMON_VALUES = [
+    *("--set", "image.repository=registry.example.com/team/moirai"),
+    *("--set-string", "image.tag=20240101"),
+    *("--set", "image.pullPolicy=Always"),
+    *("--set", "watchNamespaces={ml,ml-staging}"),
+    *(
+        "--set",
+        "resources.requests.cpu=2,resources.requests.memory=4Gi,resources.limits.memory=8Gi",
+    ),
+    *("--set", "serving.authTokenSecret=clients,serving.tlsSecret=endpoint-tls"),
+    *("--set", "solver.name=cpsat,solver.timeLimitSeconds=30,solver.workers=4"),
+    *("--set", "batching.maxBatchSize=8,batching.preferredBatchSizes={4,8}"),
+    *("--set-json", 'imagePullSecrets=[{"name":"regcred"}]'),
+    *("--set-json", 'tolerations=[{"key":"dedicated","operator":"Exists"}]'),
+    *("--set-json", 'extraVolumes=[{"name":"models","persistentVolumeClaim":{"claimName":"m"}}]'),
+    *("--set-json", 'extraVolumeMounts=[{"name":"models","mountPath":"/models"}]'),
+    *("--set", "podAnnotations.team=ml,nodeSelector.pool=system"),
+    *("--set", "sharedEndpoint.enabled=true,sharedEndpoint.serviceType=LoadBalancer"),
+]
+"""Values users commonly set of the chart: test_helm_chart.py renders them,
+tests/kube/test_chart_install.py dry-runs them on a server."""
+
 
 def make_node(
     name: str,

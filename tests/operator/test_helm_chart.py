@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from operator_bodies import COMMON_VALUES
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "placedmodels.moirai.dev.yaml"
@@ -282,3 +283,70 @@ def test_allowed_images_reach_the_operator(helm: Path) -> None:
 def _command_env(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     return deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_values_users_commonly_set_render(helm: Path) -> None:
+    docs = render(helm, *COMMON_VALUES)
+    operator = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "r-moirai"
+    )
+    pod = operator["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.example.com/team/moirai:20240101"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["MOIRAI_GPU_IMAGE"] == "registry.example.com/team/moirai:20240101-gpu"
+    assert env["MOIRAI_DEFAULT_AUTH_TOKEN_SECRET"] == "clients"
+    assert env["MOIRAI_PREFERRED_BATCH_SIZES"] == "4,8"
+    assert c["resources"]["requests"] == {"cpu": 2, "memory": "4Gi"}
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    # The operator's environment parses: a chart that renders starts the operator.
+    from moirai_operator.config import OperatorConfig
+
+    config = OperatorConfig.from_env(env)
+    assert config.defaults.solver == "cpsat" and config.defaults.batching.max_batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # A number, which the image reference printed as 'moirai:%!s(int64=2)'.
+        (("--set", "image.tag=2"), "at '/image/tag': got number, want string"),
+        (("--set", "image.pullPolicy=Sometimes"), "at '/image/pullPolicy': value must be one of"),
+        (("--set", "solver.name=magic"), "at '/solver/name': value must be one of"),
+        (("--set", "solver.objective=speed"), "at '/solver/objective'"),
+        (("--set", "solver.timeLimitSeconds=0"), "at '/solver/timeLimitSeconds'"),
+        (("--set", "resources=2Gi"), "at '/resources': got string, want object"),
+        # A string, which rendered YAML that did not parse ('mapping values are not allowed').
+        (("--set", "watchNamespaces=ml"), "at '/watchNamespaces': got string, want array"),
+        (("--set", "watchNamespaces={ML}"), "at '/watchNamespaces/0'"),
+        (("--set", "serving.authTokenSecret=My_Token"), "at '/serving/authTokenSecret'"),
+        (("--set", "podAnnotations.replicas=2"), "at '/podAnnotations/replicas'"),
+        (("--set", "sharedEndpoint.serviceType=Ingress"), "at '/sharedEndpoint/serviceType'"),
+        (("--set", "solvers.name=cpsat"), "additional properties 'solvers' not allowed"),
+        (("--set", "profiling.port=8080"), "profiling.port 8080 is the operator's health port"),
+        (
+            ("--set", "batching.preferredBatchSizes={16}"),
+            "batching.preferredBatchSizes has 16, above batching.maxBatchSize (0)",
+        ),
+    ],
+)
+def test_a_wrong_value_fails_the_render_naming_it(helm: Path, values, message: str) -> None:
+    """Before values.schema.json these rendered, and the operator failed at its start (a
+    ConfigError in a crash-looping pod) or the API server refused a manifest."""
+    out = subprocess.run(
+        [str(helm), "template", "r", str(CHART), "--namespace", "moirai-system", *values],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_the_values_schema_admits_the_operator_s_solvers_and_objectives() -> None:
+    from moirai_operator.spec import SOLVERS
+
+    from moirai.placement import OBJECTIVES
+
+    values = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    assert values["solver"]["properties"]["name"]["enum"] == list(SOLVERS)
+    assert values["solver"]["properties"]["objective"]["enum"] == list(OBJECTIVES)

@@ -91,3 +91,18 @@ HorizontalPodAutoscaler.
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
+
+{{/*
+What values.schema.json cannot say: a failed render names the value and the fix. Included by
+the operator's Deployment.
+*/}}
+{{- define "moirai.validate" -}}
+{{- if eq (int .Values.profiling.port) 8080 -}}
+{{- fail "profiling.port 8080 is the operator's health port: choose another port for the profile inbox" -}}
+{{- end -}}
+{{- range .Values.batching.preferredBatchSizes -}}
+{{- if gt (int .) (int $.Values.batching.maxBatchSize) -}}
+{{- fail (printf "batching.preferredBatchSizes has %v, above batching.maxBatchSize (%v): give sizes from 1 to maxBatchSize, or raise it" . $.Values.batching.maxBatchSize) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
