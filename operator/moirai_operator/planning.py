@@ -77,6 +77,20 @@ def check_memory(cg: CostGraph) -> None:
         )
 
 
+def in_spec_terms(error: MoiraiError, model_path: Path, uri: str) -> MoiraiError:
+    """`error` as a PlacedModel's author reads it: the library names the file it read (here the
+    operator's cached download, a path in the operator's pod) and the `moirai` CLI's flags; the
+    status names the model's URI and the spec's fields instead."""
+    text = str(error).replace(str(model_path), f"model {uri}")
+    text = text.replace("--input-shape", "spec.model.inputShapes")
+    if text == str(error):
+        return error
+    try:
+        return type(error)(text)
+    except TypeError:  # an error class built otherwise: keep it as it is
+        return error
+
+
 @dataclass(frozen=True)
 class Planner:
     """Plans with the profiling Jobs' measurements when given (`spec.profiling.mode: measured`),
@@ -95,9 +109,12 @@ class Planner:
     ) -> Plan:
         doc = devices_document(pools, self.catalogue)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, self._plan, spec, pools, doc, model_path, profile
-        )
+        try:
+            return await loop.run_in_executor(
+                self.executor, self._plan, spec, pools, doc, model_path, profile
+            )
+        except MoiraiError as e:
+            raise in_spec_terms(e, model_path, spec.model.uri) from None
 
     def _plan(
         self,

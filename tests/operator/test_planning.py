@@ -14,6 +14,7 @@ from moirai_operator.spec import Defaults, SpecError, parse_spec
 from moirai_operator.status import InsufficientMemoryError, failure, placement_summary
 from operator_bodies import make_node, make_spec, write_mlp
 
+from moirai.errors import ModelError
 from moirai.planning import build_costgraph
 from moirai.planning.prediction import predict
 from moirai.stageplan import StagePlan
@@ -151,3 +152,32 @@ async def test_a_measured_profile_prices_the_plan(tmp_path: Path, planner) -> No
     assert slowed.latency_ms - measured.latency_ms == pytest.approx(
         slowed.placement["makespan_ms"] - measured.placement["makespan_ms"], rel=0.05
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "shapes", "message"),
+    [
+        (b"<html>not a model</html>", {}, "model {uri}: not a valid ONNX model"),
+        (None, {"nope": [1, 64]}, "spec.model.inputShapes names unknown input 'nope'"),
+        (None, {"x": [1, 3]}, "is fixed at 64 in the model but spec.model.inputShapes gives 3"),
+    ],
+)
+async def test_model_errors_name_the_uri_and_the_spec_fields(
+    tmp_path: Path, planner, content, shapes, message
+) -> None:
+    """Not the operator's cached copy of the model nor the CLI's --input-shape, which were all
+    the status said: '/var/cache/moirai/models/717b3858f22cf0f9/model.onnx: not a valid ONNX
+    model'."""
+    cached = tmp_path / "cache" / "717b3858f22cf0f9" / "model.onnx"
+    cached.parent.mkdir(parents=True)
+    if content is None:
+        write_mlp(cached)
+    else:
+        cached.write_bytes(content)
+    uri = "https://models.example/mlp.onnx"
+    spec = parse_spec(make_spec(model={"uri": uri, "inputShapes": shapes}), Defaults())
+    with pytest.raises(ModelError) as error:
+        await planner(spec, match_pools(spec.pools, NODES), cached)
+    assert message.format(uri=uri) in str(error.value)
+    assert str(cached) not in str(error.value) and "--" not in str(error.value)
+    assert failure(error.value).reason == "InvalidModel"
