@@ -12,7 +12,8 @@ profiling Jobs hold no credentials and the operator needs no permission on pods 
 `ProfileInbox` is the operator's small HTTP endpoint for that: each Job gets a one-time random
 token in its URL, which only its Secret holds (not its name, not its spec: who may read Jobs
 need not read Secrets), and `JobProfiler.profile` waits (without blocking the event loop, within
-a time limit) until every pool's token has been delivered, deletes the Jobs (their Secrets go
+a time limit, and no longer once a Job has failed or is gone) until every pool's token has been
+delivered, deletes the Jobs (their Secrets go
 with them), and merges the documents.
 Each pool's profile names one device after the pool; the merged document repeats that entry for
 every device of the pool (`<pool>-0`, `<pool>-1`, ...), which is what `DocumentProfile` matches
@@ -108,6 +109,46 @@ class JobProfiler:
     """Base URL at which pods reach the inbox, e.g. http://moirai.moirai-system.svc:8081."""
     options: BuildOptions
     timeout_s: float
+    poll_s: float = 5.0
+    """How often the Jobs are looked at while their reports are awaited."""
+
+    async def _wait(
+        self,
+        owner: Owner,
+        waits: Mapping[str, asyncio.Future[dict[str, Any]]],
+        jobs: Mapping[str, str],
+    ) -> set[asyncio.Future[dict[str, Any]]]:
+        """Wait for every report, within the time limit; the futures still pending after it.
+        A Job that failed (its pods crashed, its deadline passed) or is gone (its PlacedModel
+        was deleted) will never report: that ends the wait at once, saying which."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        pending = set(waits.values())
+        while pending and (left := deadline - loop.time()) > 0:
+            _, pending = await asyncio.wait(pending, timeout=min(left, self.poll_s))
+            if pending:
+                waiting = {jobs[pool] for pool, f in waits.items() if f in pending}
+                await self._check_jobs(owner, waiting)
+        return pending
+
+    async def _check_jobs(self, owner: Owner, names: set[str]) -> None:
+        found = {
+            job["metadata"]["name"]: job
+            for job in await self.kube.list(
+                "Job", owner.namespace, labels(owner, COMPONENT_PROFILER)
+            )
+        }
+        for name in sorted(names):
+            job = found.get(name)
+            if job is None:
+                raise ProfilingError(f"profiling Job {name} was deleted before it reported")
+            for c in (job.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "Failed" and c.get("status") == "True":
+                    why = " ".join(f"{c.get('reason', '')}: {c.get('message', '')}".split())
+                    raise ProfilingError(
+                        f"profiling Job {name} failed ({why}): see `kubectl logs job/{name} "
+                        "--all-containers` in namespace " + owner.namespace
+                    )
 
     async def _clean(self, owner: Owner) -> None:
         await self.kube.prune(owner.namespace, labels(owner, COMPONENT_PROFILER), (), ("Job",))
@@ -129,7 +170,7 @@ class JobProfiler:
                 jobs[match.spec.name] = job["metadata"]["name"]
                 secret = profile_secret(owner, match, attempt, url, job["metadata"]["uid"])
                 await self.kube.apply(secret)
-            _, pending = await asyncio.wait(waits.values(), timeout=self.timeout_s)
+            pending = await self._wait(owner, waits, jobs)
             if pending:
                 late = [pool for pool, f in waits.items() if f in pending]
                 raise ProfilingError(
