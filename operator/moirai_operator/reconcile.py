@@ -30,8 +30,11 @@ the next pass (a new `ca.crt` alone rolls no pod).
 
 Errors a person can act on become a Failed phase and a `Planned=False` condition here, through
 `status.failure`, and nowhere else; anything else (API errors, bugs) propagates so kopf logs it
-and retries. A failed re-plan leaves the previous
-children in place: a model that was serving keeps serving while the new spec is fixed.
+and retries. A child that the API server refuses as written (invalid, or denied by RBAC, a quota
+or an admission policy: `apply_child`) is such an error too, `ChildRejected`, not a traceback
+retried forever. A failed re-plan leaves the previous children in place: a model that was
+serving keeps serving while the new spec is fixed, its message says that the new spec is not
+applied, and its `Ready` condition goes on following the children that serve.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from kubernetes.client.exceptions import ApiException
 
 from moirai.errors import MoiraiError
 from moirai_operator import status as st
@@ -69,8 +74,8 @@ from moirai_operator.fetch import fetch
 from moirai_operator.kube import Kube
 from moirai_operator.plan import Plan
 from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
-from moirai_operator.resources import Condition, PlacedModelBody
-from moirai_operator.spec import Defaults, PlacedModelSpec, parse_spec
+from moirai_operator.resources import Condition, Manifest, PlacedModelBody
+from moirai_operator.spec import Defaults, PlacedModelSpec, check_name, parse_spec
 
 
 class Planner(Protocol):
@@ -221,6 +226,34 @@ async def _plan(
     return await ctx.planner(spec, matches, model_path, profile)
 
 
+REFUSED = frozenset({400, 403, 422})
+"""API statuses that refuse an object as written (invalid, or denied by RBAC, a quota or an
+admission policy): a condition saying so, not an exception that kopf retries in a loop."""
+
+
+def _api_message(error: ApiException) -> str:
+    body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else error.body
+    try:
+        message = json.loads(body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return " ".join(str(message or error.reason or f"HTTP {error.status}").split())
+
+
+async def apply_child(kube: Kube, manifest: Manifest) -> dict[str, Any]:
+    """`kube.apply`, with a refusal (`REFUSED`) raised as `ChildRejectedError` in the API
+    server's own words."""
+    try:
+        return await kube.apply(manifest)
+    except ApiException as e:
+        if e.status not in REFUSED:
+            raise
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        raise st.ChildRejectedError(
+            f"the API server refused {kind} {name}: {_api_message(e)}"
+        ) from None
+
+
 async def ensure_chain_secret(kube: Kube, owner: Owner) -> str:
     """The PlacedModel's chain token: its chain Secret's, or a new random one in a new Secret
     when there is none (or it holds none). A token is never replaced while its Secret exists,
@@ -231,7 +264,7 @@ async def ensure_chain_secret(kube: Kube, owner: Owner) -> str:
     if held:
         return base64.b64decode(held).decode()
     token = secrets.token_urlsafe(32)
-    await kube.apply(chain_secret(owner, token))
+    await apply_child(kube, chain_secret(owner, token))
     return token
 
 
@@ -394,6 +427,7 @@ async def plan_and_apply(
     owner = owner_of(body)
     status = _Status(ctx.kube, body)
     try:
+        check_name(owner.name)
         spec = parse_spec(body["spec"], ctx.defaults)
         await check_auth_secret(ctx.kube, owner, spec)
         await check_tls_secret(ctx.kube, owner, spec)
@@ -407,28 +441,20 @@ async def plan_and_apply(
             ctx.plans[owner.uid] = (key, plan)
         secret = await secret_state(ctx.kube, owner, spec)
         children = build_children(owner, spec, plan, ctx.options, secret.digests)
+        summary = (
+            f"{st.format_latency(plan.latency_ms)} predicted on {len(plan.devices)} device(s), "
+            f"{plan.stages} stage(s) ({plan.solver}: {plan.solver_status}, gap {plan.gap:.1%})"
+        )
+        events.info("Solved", summary)
+        for note in plan.notes:
+            events.warning("DeviceCatalogue", note)
+        for manifest in children:
+            await apply_child(ctx.kube, manifest)
     except MoiraiError as e:
         failure = st.failure(e)
         assert failure is not None  # every MoiraiError maps to a reason
-        events.warning(failure.reason, failure.message)
-        status.condition(st.PLANNED, False, failure.reason, failure.message)
-        status.condition(st.READY_CONDITION, False, "PlanFailed", failure.message)
-        await status.write(
-            phase=st.FAILED,
-            message=failure.message,
-            observedGeneration=status.generation,
-            poolsFingerprint=fp,
-        )
+        await _report_failure(body, owner, failure, fp, status, ctx, events)
         return
-    summary = (
-        f"{st.format_latency(plan.latency_ms)} predicted on {len(plan.devices)} device(s), "
-        f"{plan.stages} stage(s) ({plan.solver}: {plan.solver_status}, gap {plan.gap:.1%})"
-    )
-    events.info("Solved", summary)
-    for note in plan.notes:
-        events.warning("DeviceCatalogue", note)
-    for manifest in children:
-        await ctx.kube.apply(manifest)
     pruned = await ctx.kube.prune(owner.namespace, selector(owner), children)
     events.info(
         "Deployed",
@@ -452,14 +478,54 @@ async def plan_and_apply(
     )
 
 
+def _serves_an_earlier_plan(body: PlacedModelBody) -> bool:
+    """Whether children of an earlier plan were applied (and are kept while this one fails)."""
+    return bool((body.get("status") or {}).get("placement"))
+
+
+async def _report_failure(
+    body: PlacedModelBody,
+    owner: Owner,
+    failure: st.Failure,
+    fp: str,
+    status: _Status,
+    ctx: Context,
+    events: Events,
+) -> None:
+    """Failed, with the reason in `Planned`. A PlacedModel that served an earlier plan keeps its
+    children: its message says that this spec (or these pools) is not applied, and `Ready`
+    goes on saying whether those children serve, not that the new plan failed."""
+    message = failure.message
+    events.warning(failure.reason, message)
+    if _serves_an_earlier_plan(body):
+        message += "; not applied: the previous plan keeps serving"
+        ready, readiness = await _readiness(ctx, owner)
+        status.condition(
+            st.READY_CONDITION, ready, "Available" if ready else "Deploying", readiness
+        )
+    else:
+        status.condition(st.READY_CONDITION, False, "PlanFailed", message)
+    status.condition(st.PLANNED, False, failure.reason, message)
+    await status.write(
+        phase=st.FAILED,
+        message=message,
+        observedGeneration=status.generation,
+        poolsFingerprint=fp,
+    )
+
+
 async def _readiness(ctx: Context, owner: Owner) -> tuple[bool, str]:
     deployments = await ctx.kube.list("Deployment", owner.namespace, selector(owner))
     return st.readiness(deployments)
 
 
 async def refresh_readiness(body: PlacedModelBody, ctx: Context, events: Events) -> None:
-    """Move between Deploying and Ready as the Deployments become (un)available."""
+    """Move between Deploying and Ready as the Deployments become (un)available; while a new
+    spec fails (Failed) and an earlier plan serves, keep its `Ready` condition true to them."""
     current = body.get("status") or {}
+    if current.get("phase") == st.FAILED and _serves_an_earlier_plan(body):
+        await _refresh_ready_condition(body, ctx)
+        return
     if current.get("phase") not in (st.DEPLOYING, st.READY):
         return
     ready, message = await _readiness(ctx, owner_of(body))
@@ -471,3 +537,20 @@ async def refresh_readiness(body: PlacedModelBody, ctx: Context, events: Events)
     status = _Status(ctx.kube, body)
     status.condition(st.READY_CONDITION, ready, "Available" if ready else "Deploying", message)
     await status.write(phase=phase, message=message)
+
+
+async def _refresh_ready_condition(body: PlacedModelBody, ctx: Context) -> None:
+    """`Ready` of the children an earlier plan left serving; the phase and message (the
+    failure of the current spec) stay."""
+    ready, message = await _readiness(ctx, owner_of(body))
+    value = "True" if ready else "False"
+    if any(
+        c.get("type") == st.READY_CONDITION
+        and c.get("status") == value
+        and c.get("message") == message
+        for c in (body.get("status") or {}).get("conditions") or []
+    ):
+        return
+    status = _Status(ctx.kube, body)
+    status.condition(st.READY_CONDITION, ready, "Available" if ready else "Deploying", message)
+    await status.write()

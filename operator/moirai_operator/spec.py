@@ -270,6 +270,25 @@ def _batching(raw: Mapping[str, Any], default: BatchingConfig) -> BatchingConfig
 SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+"""A PlacedModel's name: its children's Services are named after it (DNS-1035 labels, no '.')
+and its children carry it as a label value (at most 63 characters). The CRD's schema repeats
+this pattern and length on metadata.name (a test checks that they agree)."""
+
+
+def check_name(name: str) -> None:
+    """Raise `SpecError` unless `name` can name a PlacedModel's children (`NAME`): the API
+    server admits longer and dotted names for objects made before the CRD said so, and would
+    refuse each child of such a PlacedModel."""
+    if len(name) <= 63 and NAME.fullmatch(name):
+        return
+    raise SpecError(
+        f"metadata.name {name!r} cannot name this PlacedModel's Services and label its "
+        "children: use at most 63 lower-case letters, digits and '-' (no '.'), and recreate "
+        "the PlacedModel under that name"
+    )
+
+
 def _secret_name(value: Any, where: str) -> str | None:
     """A Secret's name (a DNS-1123 subdomain), or None when not given."""
     if value is None:

@@ -64,6 +64,11 @@ class TLSSecretError(MoiraiError):
     """`spec.serving.tlsSecret` names a Secret that is missing or lacks `tls.crt` / `tls.key`."""
 
 
+class ChildRejectedError(MoiraiError):
+    """The API server (or an admission policy) refused a child the plan needs; the message is
+    its own, one line."""
+
+
 @dataclass(frozen=True)
 class Failure:
     reason: str
@@ -88,6 +93,8 @@ _REASONS: tuple[tuple[type[BaseException], str, bool], ...] = (
     (ProfilingError, "ProfilingFailed", False),
     (AuthTokenSecretError, "AuthTokenSecretMissing", True),
     (TLSSecretError, "TLSSecretMissing", True),
+    # Retried: a policy, a quota or the operator's permissions may change without the spec.
+    (ChildRejectedError, "ChildRejected", True),
     (MoiraiError, "PlanningFailed", False),
 )
 

@@ -313,6 +313,44 @@ def test_schema_rejects_invalid_specs(crd, cluster, spec, message):
     assert error.value.status == 422 and message in error.value.body
 
 
+@pytest.mark.parametrize("name", ["a.b", "x" * 64])
+def test_schema_rejects_names_that_cannot_name_children(crd, cluster, name):
+    """A dot cannot be in a Service's name, and a label value has at most 63 characters: the
+    operator would have every child of such a PlacedModel refused."""
+    body = placed_model(
+        name, {"model": {"uri": "http://x/m"}, "pools": [{"name": "a", "kind": "cpu"}]}
+    )
+    with pytest.raises(ApiException) as error:
+        cluster.custom.create_namespaced_custom_object(GROUP, VERSION, cluster.ns, PLURAL, body)
+    assert error.value.status == 422 and "metadata.name" in error.value.body
+
+
+def test_a_bad_edit_keeps_the_old_plan_serving_and_says_so(
+    operator, cluster, make_node_pool, models
+):
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="8")
+    pool = {"name": cpu, "kind": "cpu", "threadsPerDevice": 2}
+    cluster.apply("mlp", {"model": {"uri": models["mlp"]}, "pools": [pool]})
+    serving = cluster.wait_phase("mlp", "Ready")
+    before = {n: d.metadata.uid for n, d in cluster.deployments("mlp").items()}
+    cluster.apply("mlp", {"model": {"uri": models["mlp"]}, "pools": [{**pool, "name": "nowhere"}]})
+    status = cluster.wait_phase("mlp", "Failed")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Planned"]["reason"] == "NoMatchingPool"
+    assert conditions["Planned"]["message"].endswith(
+        "; not applied: the previous plan keeps serving"
+    )
+    assert status["message"] == conditions["Planned"]["message"]
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("True", "Available")
+    assert status["endpoint"] == serving["endpoint"]
+    assert status["placement"] == serving["placement"]
+    assert {n: d.metadata.uid for n, d in cluster.deployments("mlp").items()} == before
+    # Fixed: taken.
+    cluster.apply("mlp", {"model": {"uri": models["mlp"]}, "pools": [{**pool, "maxDevices": 2}]})
+    assert cluster.wait_phase("mlp", "Ready")["observedGeneration"] == 3
+
+
 def test_failures_are_conditions_with_reasons(operator, cluster, make_node_pool, models):
     cpu = f"{cluster.ns}-cpu"
     make_node_pool(cpu, count=1, cpu="4", memory="8Gi")

@@ -63,6 +63,15 @@ def test_crd_admits_the_secret_names_the_operator_takes() -> None:
         assert serving[field]["maxLength"] == 253
 
 
+def test_crd_admits_the_names_the_operator_takes() -> None:
+    """A name the operator refuses (`check_name`: its Services could not be named) is refused
+    at admission already."""
+    from moirai_operator.spec import NAME
+
+    name = schema()["schema"]["openAPIV3Schema"]["properties"]["metadata"]["properties"]["name"]
+    assert name["pattern"] == f"^{NAME.pattern}$" and name["maxLength"] == 63
+
+
 def test_crd_names_columns_and_status_subresource() -> None:
     crd = yaml.safe_load(CRD.read_text())
     assert crd["spec"]["group"] == "moirai.dev"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 from moirai_operator.children import BuildOptions
 from moirai_operator.kube import PRUNED_KINDS
 from moirai_operator.pools import PoolMatch, node_facts
@@ -224,6 +225,9 @@ async def test_failed_replan_keeps_serving_children(model: Path, tmp_path: Path)
     ctx = context(kube, planner, tmp_path)
     body = make_body(path_spec(model))
     await converge(body, NODES, ctx, events)
+    for obj in kube.objects.values():
+        if obj["kind"] == "Deployment":
+            obj["status"] = {"availableReplicas": 1, "updatedReplicas": 1}
     before = dict(kube.objects)
     body["status"] = dict(kube.status)
     body["spec"]["placement"] = {"solver": "getf"}
@@ -231,6 +235,89 @@ async def test_failed_replan_keeps_serving_children(model: Path, tmp_path: Path)
     planner.error = InfeasibleError("no")
     await converge(body, NODES, ctx, events)
     assert kube.objects == before and kube.status["phase"] == "Failed"
+    # The status says why the new spec is not taken, and that the old plan still serves.
+    conditions = {c["type"]: c for c in kube.status["conditions"]}
+    planned, ready = conditions["Planned"], conditions["Ready"]
+    assert planned["reason"] == "Infeasible"
+    assert planned["message"] == "no; not applied: the previous plan keeps serving"
+    assert kube.status["message"] == planned["message"]
+    assert (ready["status"], ready["reason"]) == ("True", "Available")
+    # ... and goes on following those children while the spec stays wrong.
+    body["status"] = dict(kube.status)
+    del kube.objects[("Deployment", "resnet-gateway")]["status"]
+    await converge(body, NODES, ctx, events)
+    assert planner.calls == 2 and kube.status["phase"] == "Failed"
+    ready = {c["type"]: c for c in kube.status["conditions"]}["Ready"]
+    assert (ready["status"], ready["message"]) == (
+        "False",
+        "waiting for resnet-gateway (0/1 available)",
+    )
+
+
+async def test_a_first_plan_that_fails_says_so_in_ready_too(model: Path, tmp_path: Path) -> None:
+    kube, planner, events = FakeKube(), Planner(InfeasibleError("no")), Events()
+    await converge(make_body(path_spec(model)), NODES, context(kube, planner, tmp_path), events)
+    ready = {c["type"]: c for c in kube.status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "PlanFailed", "no")
+
+
+async def test_a_name_that_cannot_name_children_is_a_condition(model: Path, tmp_path: Path) -> None:
+    """Names the CRD admitted before it said otherwise: its Services could not be named."""
+    for name in ("a.b", "x" * 64):
+        kube, planner, events = FakeKube(), Planner(), Events()
+        body = make_body(path_spec(model))
+        body["metadata"]["name"] = name
+        await converge(body, NODES, context(kube, planner, tmp_path), events)
+        planned = _planned(kube)
+        assert (kube.status["phase"], planned["reason"]) == ("Failed", "InvalidSpec")
+        assert planned["message"].startswith(f"metadata.name {name!r} cannot name")
+        assert not kube.objects and planner.calls == 0
+
+
+class RefusingKube(FakeKube):
+    """Refuses to apply objects of one kind as an API server refuses an invalid one."""
+
+    def __init__(self, kind: str, status: int = 422) -> None:
+        super().__init__()
+        self.kind, self.code = kind, status
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        if manifest["kind"] == self.kind:
+            name = manifest["metadata"]["name"]
+            error = ApiException(status=self.code, reason="Unprocessable Entity")
+            error.body = json.dumps(
+                {"kind": "Status", "message": f'{self.kind} "{name}" is invalid: spec: bad\nvalue'}
+            ).encode()
+            raise error
+        return await super().apply(manifest)
+
+
+async def test_a_child_the_api_server_refuses_is_a_condition_not_a_loop(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = RefusingKube("Service"), Planner(), Events()
+    body = make_body(path_spec(model))
+    await converge(body, NODES, context(kube, planner, tmp_path), events)
+    planned = _planned(kube)
+    assert (kube.status["phase"], planned["reason"]) == ("Failed", "ChildRejected")
+    assert planned["message"] == (
+        'the API server refused Service resnet-gpu-0: Service "resnet-gpu-0" is invalid: '
+        "spec: bad value"
+    )
+    # Retried (a policy or the operator's permissions may change), without solving again.
+    body["status"] = dict(kube.status)
+    assert stale_reason(body, kube.status["poolsFingerprint"]) == "retrying after ChildRejected"
+    kube.kind = "None"
+    await converge(body, NODES, context(kube, planner, tmp_path), events)
+    assert kube.status["phase"] == "Deploying"
+    # Other API errors (the server overloaded, gone) are kopf's to retry.
+    with pytest.raises(ApiException):
+        await converge(
+            make_body(path_spec(model)),
+            NODES,
+            context(RefusingKube("Service", 503), planner, tmp_path),
+            events,
+        )
 
 
 class Profiler:
