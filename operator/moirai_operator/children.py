@@ -66,6 +66,7 @@ from moirai_operator.resources import (
     COMPONENT_PLAN,
     COMPONENT_PROFILER,
     COMPONENT_STAGE,
+    GATEWAY_CHAIN_PORT,
     GPU_RESOURCE,
     KIND,
     LABEL_COMPONENT,
@@ -77,6 +78,7 @@ from moirai_operator.resources import (
     LABEL_PLACEDMODEL,
     LABEL_POOL,
     MANAGED_BY,
+    METRICS_PORT,
     Manifest,
 )
 from moirai_operator.spec import PlacedModelSpec
@@ -84,10 +86,6 @@ from stage_server.auth import AUTH_TOKEN_ENV, CHAIN_TOKEN_ENV
 
 STAGE_PORT = 50051
 """Chain port of stage servers (internal)."""
-GATEWAY_CHAIN_PORT = 50052
-"""The gateway's chain port (internal), where the last stages push the model's outputs."""
-METRICS_PORT = 9090
-"""The gateway's Prometheus `/metrics` (no token; reached only from inside the cluster)."""
 POD_IP_ENV = "POD_IP"
 PLAN_DIR = "/etc/moirai/plan"
 MODEL_DIR = "/var/lib/moirai/model"

@@ -40,6 +40,12 @@ ANNOTATION_SECRETS_DIGEST = "moirai.dev/secrets-digest"
 """On a pod template: a digest of the Secrets its pods read, so that a Secret changed or made
 again rolls them (`children.secrets_digest`)."""
 
+# The gateway's own ports, beside the two public ones a PlacedModel chooses (spec.serving).
+GATEWAY_CHAIN_PORT = 50052
+"""The gateway's chain port (internal), where the last stages push the model's outputs."""
+METRICS_PORT = 9090
+"""The gateway's Prometheus `/metrics` (no token; reached only from inside the cluster)."""
+
 # Node labels naming the node pool, in order of preference: Moirai's own, then the clouds'.
 POOL_LABELS = (
     "moirai.dev/pool",

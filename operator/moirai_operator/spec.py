@@ -23,6 +23,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from moirai.errors import MoiraiError
 from moirai.placement import OBJECTIVES, solvers
+from moirai_operator.resources import GATEWAY_CHAIN_PORT, METRICS_PORT
 from stage_server.batchconfig import BatchingConfig
 
 # The placement registry's names, which the CRD's enum repeats (a test checks that they agree).
@@ -320,6 +321,23 @@ def _autoscaling(raw: Mapping[str, Any] | None) -> AutoscalingSpec | None:
     return scaling
 
 
+def _check_ports(serving: ServingSpec) -> None:
+    """The gateway listens on both public ports and on its own chain and metrics ports: two
+    that are the same would leave its pod failing to start, with no condition saying why."""
+    if serving.port == serving.grpc_port:
+        raise SpecError(
+            f"spec.serving.port and spec.serving.grpcPort are both {serving.port}: give the "
+            "gateway's HTTP and gRPC ports two different numbers"
+        )
+    own = {GATEWAY_CHAIN_PORT: "chain", METRICS_PORT: "metrics"}
+    for field_name, port in (("port", serving.port), ("grpcPort", serving.grpc_port)):
+        if port in own:
+            raise SpecError(
+                f"spec.serving.{field_name} is {port}, the gateway's own {own[port]} port: "
+                "choose another"
+            )
+
+
 def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
     """Parse a PlacedModel's `spec` (already schema-checked by the API server)."""
     pools_raw = raw.get("pools") or []
@@ -337,7 +355,7 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
     serving = raw.get("serving") or {}
     if raw.get("image"):
         defaults.check_image(str(raw["image"]))
-    return PlacedModelSpec(
+    spec = PlacedModelSpec(
         model=_model(raw.get("model") or {}),
         pools=pools,
         placement=PlacementSpec(
@@ -382,3 +400,5 @@ def parse_spec(raw: Mapping[str, Any], defaults: Defaults) -> PlacedModelSpec:
         image=str(raw.get("image") or defaults.image),
         gpu_image=str(raw.get("image") or defaults.gpu_image),
     )
+    _check_ports(spec.serving)
+    return spec

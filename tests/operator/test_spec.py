@@ -159,3 +159,23 @@ def test_the_operator_s_endpoint_secrets_apply_where_the_spec_names_none() -> No
         None,
         frozenset(),
     )
+
+
+@pytest.mark.parametrize(
+    ("serving", "message"),
+    [
+        (
+            {"port": 8000, "grpcPort": 8000},
+            "spec.serving.port and spec.serving.grpcPort are both 8000: give the gateway's "
+            "HTTP and gRPC ports two different numbers",
+        ),
+        ({"grpcPort": 8000}, "are both 8000"),  # the default HTTP port
+        ({"port": 9090}, "spec.serving.port is 9090, the gateway's own metrics port: choose"),
+        ({"grpcPort": 50052}, "spec.serving.grpcPort is 50052, the gateway's own chain port"),
+    ],
+)
+def test_ports_the_gateway_cannot_listen_on_together_are_refused(serving, message) -> None:
+    """The schema admits them; the gateway's pod then failed to bind, 'Deploying' forever."""
+    with pytest.raises(SpecError) as error:
+        parse_spec(make_spec(serving=serving), DEFAULTS)
+    assert message in str(error.value)
