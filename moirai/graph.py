@@ -169,6 +169,13 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def _read(path: Path, check: bool) -> onnx.ModelProto:
     model = read_skeleton(path)
+    if not model.graph.output:
+        raise ModelError(
+            f"{path}: the model has no outputs, so nothing to compute: list the tensors it "
+            "returns as its graph's outputs"
+        )
+    if not model.graph.node:
+        raise ModelError(f"{path}: the model has no nodes: nothing to place or serve")
     if not check:
         return model
     try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from moirai.errors import MoiraiError
+from moirai.errors import ModelError, MoiraiError
 from moirai.stageplan import DeviceSpec
 from moirai.weights import ort_session
 
@@ -36,11 +36,23 @@ def create_session(
     threads: int | None = None,
     cuda_device: int | None = None,
 ) -> ort.InferenceSession:
-    """A session running `model` on `device`; `threads`/`cuda_device` override the plan's."""
+    """A session running `model` on `device`; `threads`/`cuda_device` override the plan's.
+    A model that ONNX Runtime refuses (an operator it lacks, an opset it does not know) is a
+    `ModelError` in one line: a stage server used to die of it in a traceback, after planning
+    had placed the model node by node (`moirai.fusion`)."""
     options = session_options(threads if threads is not None else device.threads)
-    return ort_session(
-        model, options, execution_providers(device, cuda_device), prepack=device.prepack
-    )
+    try:
+        return ort_session(
+            model, options, execution_providers(device, cuda_device), prepack=device.prepack
+        )
+    except MoiraiError:
+        raise
+    except Exception as e:  # ORT raises its own exception types, without a common base
+        text = " ".join(str(e).split())
+        raise ModelError(
+            f"ONNX Runtime cannot run {model.graph.name or 'the model'!r} on {device.name}: "
+            + (text if len(text) <= 300 else text[:297] + "...")
+        ) from None
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:

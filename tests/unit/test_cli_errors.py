@@ -611,3 +611,40 @@ def test_sigterm_while_planning_unwinds_as_ctrl_c(tmp_path: Path) -> None:
     assert rest.strip().splitlines()[-1] == "moirai: terminated", rest
     assert "Traceback" not in rest
     assert not list(temp.glob("moirai-*"))  # (ONNX Runtime keeps its .ses file there)
+
+
+def test_a_model_onnx_runtime_cannot_run_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator ONNX Runtime lacks: planning places it node by node (`moirai.fusion`), and
+    the measured profile (serve's default) then ended in ONNX Runtime's traceback, as did a
+    stage server on an analytic plan. Now each says so in one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from moirai.sessions import create_session
+    from moirai.stageplan import DeviceSpec
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Mystery", ["a"], ["y"], domain="example.unknown"),
+        ],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("example.unknown", 1)],
+    )
+    with pytest.raises(MoiraiError, match=r"ONNX Runtime cannot run 'custom' on cpu-0: .*Mystery"):
+        create_session(model, DeviceSpec("cpu-0", threads=1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    monkeypatch.setenv("MOIRAI_CACHE", str(tmp_path / "cache"))
+    argv = ["place", str(path), "--devices", "local", "--cpu-devices", "1", "--profile", "measured"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "ONNX Runtime cannot run " in err[-1] and "Mystery" in err[-1], err
+    assert not any("Traceback" in line for line in err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +377,22 @@ def test_a_loop_output_is_measured_not_taken_for_a_scalar(tmp_path: Path) -> Non
         v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in loaded.graph.value_info
     }
     assert shapes["looped"] == [2, 3]
+
+
+@pytest.mark.parametrize(
+    ("nodes", "outputs", "says"),
+    [
+        ([helper.make_node("Relu", ["x"], ["y"])], [], "the model has no outputs"),
+        ([], [tensor("x", [1, 4])], "the model has no nodes: nothing to place or serve"),
+    ],
+    ids=["no-outputs", "no-nodes"],
+)
+def test_a_model_with_nothing_to_compute_is_refused(
+    tmp_path: Path, nodes: list, outputs: list, says: str
+) -> None:
+    """Without outputs, `moirai serve` planned no stage and died in an IndexError; without
+    nodes, the error spoke of the cost graph's tasks."""
+    path = save(model(nodes, [tensor("x", [1, 4])], outputs), tmp_path / "m.onnx")
+    for symbolic in (False, True):
+        with pytest.raises(ModelError, match=f"^{re.escape(str(path))}: {says}"):
+            load_model(path, symbolic=symbolic)
