@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 FORMAT = "moirai.profile-cache/v1"
 
 
+_ELSEWHERE = (
+    "set MOIRAI_CACHE to a folder you can write (moirai profile also takes --cache-dir, or "
+    "--no-cache)"
+)
+"""What to do about a cache folder that cannot be used: --cache-dir and --no-cache are flags of
+`moirai profile` alone, so `place`, `serve` and `demo` named flags they do not have."""
+
+
 def default_dir() -> Path:
     return cache_dir("profiles")
 
@@ -58,14 +66,10 @@ class ProfileCache:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ProfileError(
-                f"{path}: cannot create the profile cache folder ({e.strerror}); "
-                "choose another with --cache-dir, or --no-cache"
+                f"{path}: cannot create the profile cache folder ({e.strerror}); {_ELSEWHERE}"
             ) from None
         if not os.access(path, os.W_OK | os.X_OK):
-            raise ProfileError(
-                f"{path}: the profile cache folder is not writable; "
-                "choose another with --cache-dir, or --no-cache"
-            )
+            raise ProfileError(f"{path}: the profile cache folder is not writable; {_ELSEWHERE}")
         return cls(path)
 
     # ------------------------------------------------------------- devices

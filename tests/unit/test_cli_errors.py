@@ -648,3 +648,21 @@ def test_a_model_onnx_runtime_cannot_run_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert "ONNX Runtime cannot run " in err[-1] and "Mystery" in err[-1], err
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_cache_folder_that_cannot_be_made_names_what_each_command_takes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`moirai place --devices local` (serve and demo too) was told to use --cache-dir or
+    --no-cache, flags only `moirai profile` has."""
+    import onnx
+
+    from tests.serving import models
+
+    onnx.save(models.mlp(width=8, depth=1), tmp_path / "m.onnx")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MOIRAI_CACHE", str(tmp_path / "file"))
+    argv = ["place", str(tmp_path / "m.onnx"), "--devices", "local", "--cpu-devices", "1"]
+    message = one_line_error(capsys, argv)
+    assert message.startswith(f"moirai: {tmp_path / 'file' / 'profiles'}: cannot create"), message
+    assert "set MOIRAI_CACHE to a folder you can write" in message
