@@ -4,10 +4,11 @@ A pool is a set of nodes that share a pool label (Moirai's `moirai.dev/pool` or 
 node-group label) or match a PlacedModel's node selector. Only nodes that can take new pods
 count: a cordoned or NotReady node is skipped, so cordoning a node re-plans onto the rest.
 
-Each matched pool offers device slots: one slot per `gpusPerDevice` allocatable GPUs (gpu
-pools) or per `threadsPerDevice` allocatable cores (cpu pools, also bounded by memory when
-`memoryPerDevice` is set), capped by `maxDevices`. A Deployment's pods may land on any node of
-the pool, so a pool's device figures (GPU product, memory) are those of its weakest node.
+Each matched pool offers device slots: one slot per `threadsPerDevice` allocatable cores, and
+per `gpusPerDevice` allocatable GPUs on gpu pools (whose pods request those cores too), also
+bounded by memory when `memoryPerDevice` is set, capped by `maxDevices`. A Deployment's pods
+may land on any node of the pool, so a pool's device figures (GPU product, memory) are those of
+its weakest node.
 
 Everything here is a pure function of Node bodies, so the kopf index and the unit tests feed it
 the same dicts. `fingerprint` digests exactly the facts a plan depends on; the operator compares
@@ -103,9 +104,11 @@ class PoolMatch:
         return min(self.nodes, key=lambda n: (self.slot_memory(n), n.name))
 
     def slots_on(self, node: NodeFacts) -> int:
-        if self.spec.kind == "gpu":
-            return node.gpus // self.spec.gpus_per_device
+        """Devices that fit on `node`: each requests `threadsPerDevice` cores and, when set,
+        `memoryPerDevice` (a gpu device too: its pod asks for them), and `gpusPerDevice` GPUs."""
         slots = int(node.cpu // self.spec.threads_per_device)
+        if self.spec.kind == "gpu":
+            slots = min(slots, node.gpus // self.spec.gpus_per_device)
         per_device = self.spec.memory_per_device_bytes
         if per_device:
             slots = min(slots, node.memory_bytes // per_device)
@@ -124,11 +127,11 @@ def _selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 
 
 def _describe(req: PoolSpec) -> str:
-    if req.kind == "gpu":
-        return f"{req.gpus_per_device} {GPU_RESOURCE} per device"
     need = f"{req.threads_per_device} cpu"
     if req.memory_per_device:
         need += f" and {req.memory_per_device} memory"
+    if req.kind == "gpu":
+        return f"{req.gpus_per_device} {GPU_RESOURCE} per device, with {need}"
     return need + " per device"
 
 

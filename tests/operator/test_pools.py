@@ -108,3 +108,20 @@ def test_fingerprint_moves_with_the_pools_not_with_heartbeats(nodes) -> None:
     assert fingerprint(reqs, facts(cordoned)) != base
     assert fingerprint(reqs, facts(nodes[2:])) != base  # gpu pool gone: an error, digested
     assert fingerprint(reqs, facts(list(reversed(nodes)))) == base
+
+
+def test_gpu_slots_count_the_cores_and_memory_their_pods_request_too() -> None:
+    """A gpu device's pod requests threadsPerDevice cores and memoryPerDevice: a slot counted
+    from the GPUs alone left pods Pending for ever ('Deploying', no reason)."""
+    node = facts([make_node("g", "gpu", gpus=4, cpu="4", memory="16Gi")])
+    assert match_pool(PoolSpec("gpu", "gpu", max_devices=8), node).devices == 2  # 2 cores each
+    m = match_pool(PoolSpec("gpu", "gpu", max_devices=8, threads_per_device=1), node)
+    assert m.devices == 4
+    roomy = PoolSpec("gpu", "gpu", max_devices=8, threads_per_device=1, memory_per_device="8Gi")
+    assert match_pool(roomy, node).devices == 2
+    with pytest.raises(PoolError) as error:
+        match_pool(PoolSpec("gpu", "gpu", memory_per_device="32Gi"), node)
+    assert str(error.value) == (
+        "pool 'gpu' has 1 node(s) but none can host a device: it needs 1 nvidia.com/gpu per "
+        "device, with 2 cpu and 32Gi memory"
+    )
