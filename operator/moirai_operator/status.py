@@ -178,6 +178,25 @@ def placement_summary(plan: Plan, deployments: dict[str, str]) -> dict[str, Any]
     }
 
 
+_STUCK = frozenset({("ReplicaFailure", "True"), ("Progressing", "False")})
+
+
+def _stuck(status: dict[str, Any]) -> list[str]:
+    """Why a Deployment makes no progress, as its controller says: pods it may not create
+    (`ReplicaFailure`: a quota, an admission policy) or a rollout past its deadline
+    (`Progressing` False: pods that never schedule or start). One line each."""
+    out = []
+    for c in status.get("conditions") or []:
+        stuck = (c.get("type"), c.get("status")) in (
+            ("ReplicaFailure", "True"),
+            ("Progressing", "False"),
+        )
+        if stuck:
+            text = " ".join(f"{c.get('reason', '')}: {c.get('message', '')}".split())
+            out.append(text if len(text) <= 300 else text[:297] + "...")
+    return out
+
+
 def readiness(deployments: Sequence[dict[str, Any]]) -> tuple[bool, str]:
     """Whether every Deployment has all its replicas available, and a message saying which not."""
     waiting = []
@@ -188,7 +207,8 @@ def readiness(deployments: Sequence[dict[str, Any]]) -> tuple[bool, str]:
         current = status.get("observedGeneration", 0) >= d["metadata"].get("generation", 0)
         updated = int(status.get("updatedReplicas") or 0) >= want
         if have < want or not current or not updated:
-            waiting.append(f"{d['metadata']['name']} ({have}/{want} available)")
+            why = "".join(f"; {w}" for w in _stuck(status))
+            waiting.append(f"{d['metadata']['name']} ({have}/{want} available{why})")
     if not deployments:
         return False, "no Deployments yet"
     if waiting:

@@ -646,3 +646,41 @@ async def test_the_operator_s_default_endpoint_secrets_apply_and_a_spec_s_own_wi
     body["metadata"]["generation"] = 2
     await converge(body, NODES, ctx, events)
     assert gateway() == {"token": "mine", "tls": ["endpoint-tls"]}
+
+
+def test_readiness_says_why_a_deployment_is_stuck() -> None:
+    """Its controller's reasons, where the message said only '(0/1 available)' for ever: pods a
+    quota forbids, a rollout past its deadline (pods that never schedule)."""
+    from moirai_operator.status import readiness
+
+    def deployment(name: str, *conditions: dict[str, str]) -> dict[str, Any]:
+        return {
+            "metadata": {"name": name, "generation": 1},
+            "spec": {"replicas": 1},
+            "status": {"observedGeneration": 1, "conditions": list(conditions)},
+        }
+
+    quota = {
+        "type": "ReplicaFailure",
+        "status": "True",
+        "reason": "FailedCreate",
+        "message": 'pods "m-gateway-1" is forbidden:\nexceeded quota: q, requested: cpu=500m',
+    }
+    deadline = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "m-cpu-0-7d" has timed out progressing.',
+    }
+    progressing = {"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}
+    ready, message = readiness(
+        [deployment("m-gateway", quota), deployment("m-cpu-0", deadline, progressing)]
+    )
+    assert not ready and message == (
+        'waiting for m-cpu-0 (0/1 available; ProgressDeadlineExceeded: ReplicaSet "m-cpu-0-7d" '
+        "has timed out progressing.), m-gateway (0/1 available; FailedCreate: pods "
+        '"m-gateway-1" is forbidden: exceeded quota: q, requested: cpu=500m)'
+    )
+    assert readiness([deployment("m-cpu-0", progressing)])[1] == (
+        "waiting for m-cpu-0 (0/1 available)"
+    )
