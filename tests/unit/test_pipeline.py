@@ -136,11 +136,13 @@ def test_profile_source_is_pluggable(tmp_path: Path) -> None:
     assert isinstance(DEVICES, DeviceSet)
 
 
-def test_the_coarsening_is_logged_once_per_model(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_the_coarsening_is_found_and_logged_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`plan_model` builds a cost graph for every grouping of the CPU; the line that reports the
-    model's coarsening used to come once per grouping (three here)."""
+    model's coarsening used to come once per grouping (three here), and the fusion analysis
+    behind it ran as often."""
+    import moirai.planning.costgraph as costgraph_module
     from moirai.planning import plan_model
     from moirai.planning.space import cpu_groupings
 
@@ -161,8 +163,18 @@ def test_the_coarsening_is_logged_once_per_model(
     )
     groupings = cpu_groupings(cpu)
     assert len(groupings) == 3  # 1, 2 and 4 devices
+    analyses = []
+    real = costgraph_module.fusion_groups
+
+    def counted(*args: object) -> list[Group]:
+        analyses.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(costgraph_module, "fusion_groups", counted)
     with caplog.at_level(logging.INFO, logger="moirai"):
         plan_model(save(diamond(), tmp_path / "m.onnx"), groupings, time_limit=1.0)
     said = [r for r in caplog.records if "fusion groups" in r.getMessage()]
     assert [r.levelno for r in said].count(logging.INFO) == 1, [r.getMessage() for r in said]
     assert said[0].getMessage().startswith("m.onnx: ")
+    # ONNX Runtime's fusion analysis runs once for the three groupings, not once each.
+    assert len(analyses) == 1
