@@ -63,7 +63,10 @@ class InvalidScheduleError(MoiraiError):
 
 # ------------------------------------------------------------------- timelines
 class Timeline:
-    """Busy intervals `[start, end)` of one resource, sorted and disjoint."""
+    """Busy intervals `[start, end)` of one resource, sorted and disjoint; intervals that touch
+    are kept as one (a device that runs its tasks back to back is one interval, so finding the
+    next gap after a task's ready time does not walk over every task of the run: on 1,500
+    tasks, 3 devices, this walk took most of a list schedule's time)."""
 
     __slots__ = ("ends", "starts", "version")
 
@@ -86,19 +89,41 @@ class Timeline:
     def add(self, start: float, end: float) -> None:
         if end <= start:
             return
-        idx = bisect_left(self.starts, start)
-        self.starts.insert(idx, start)
-        self.ends.insert(idx, end)
+        starts, ends = self.starts, self.ends
+        idx = bisect_left(starts, start)
+        before = idx > 0 and ends[idx - 1] == start
+        after = idx < len(starts) and starts[idx] == end
+        if before and after:  # fills the gap between two intervals
+            ends[idx - 1] = ends[idx]
+            del starts[idx]
+            del ends[idx]
+        elif before:
+            ends[idx - 1] = end
+        elif after:
+            starts[idx] = start
+        else:
+            starts.insert(idx, start)
+            ends.insert(idx, end)
         self.version += 1
 
     def remove(self, start: float, end: float) -> None:
+        """Free `[start, end)`, which was added: cut it out of the interval that holds it."""
         if end <= start:
             return
-        idx = bisect_left(self.starts, start)
-        while self.ends[idx] != end:
-            idx += 1
-        del self.starts[idx]
-        del self.ends[idx]
+        starts, ends = self.starts, self.ends
+        idx = bisect_right(starts, start) - 1
+        first, last = starts[idx], ends[idx]
+        if first < start and end < last:
+            ends[idx] = start
+            starts.insert(idx + 1, end)
+            ends.insert(idx + 1, last)
+        elif first < start:
+            ends[idx] = start
+        elif end < last:
+            starts[idx] = end
+        else:
+            del starts[idx]
+            del ends[idx]
         self.version += 1
 
 
