@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -19,7 +20,7 @@ from moirai.placement import (
     solve,
 )
 from moirai.placement.bounds import critical_path, device_critical_path, lower_bound, total_work
-from moirai.placement.simulate import Replay, loads, retime
+from moirai.placement.simulate import Replay, Timeline, loads, retime
 
 from .instances import fork, random_costgraph, random_dag
 
@@ -245,3 +246,41 @@ def test_replay_from_a_move_is_valid_and_stops_only_above_its_limit(seed: int) -
         for limit in (sched.makespan * 0.97, sched.makespan * (1 + 1e-9)):
             limited = replay.evaluate(assign, moved, limit)
             assert (limited is None) == (sched.makespan > limit)
+
+
+def test_timeline_keeps_touching_intervals_as_one() -> None:
+    """Back-to-back intervals are one (the next gap is found in one step), removing one cuts
+    it out again, and the earliest free start is that of the intervals added, one by one,
+    whatever was merged (against a brute force over the intervals themselves)."""
+    tl = Timeline()
+    for k in range(5):
+        tl.add(float(k), k + 1.0)
+    assert (tl.starts, tl.ends) == ([0.0], [5.0])
+    assert tl.first_free(0.5, 0.1) == 5.0
+    tl.remove(2.0, 3.0)
+    assert (tl.starts, tl.ends) == ([0.0, 3.0], [2.0, 5.0])
+    assert tl.first_free(1.0, 1.0) == 2.0 and tl.first_free(1.0, 1.5) == 5.0
+    tl.remove(0.0, 1.0)
+    tl.remove(4.0, 5.0)
+    assert (tl.starts, tl.ends) == ([1.0, 3.0], [2.0, 4.0])
+    tl.add(2.0, 3.0)
+    assert (tl.starts, tl.ends) == ([1.0], [4.0])
+
+    rng = random.Random(7)
+    tl, busy = Timeline(), set()
+    for _ in range(400):
+        free = [k for k in range(40) if k not in busy]
+        if busy and (not free or rng.random() < 0.4):
+            k = rng.choice(sorted(busy))
+            busy.discard(k)
+            tl.remove(k / 4, (k + 1) / 4)
+        else:
+            k = rng.choice(free)
+            busy.add(k)
+            tl.add(k / 4, (k + 1) / 4)
+        t, dur = rng.uniform(0, 10), rng.choice((0.1, 0.25, 0.6, 1.1))
+        start = t
+        while any(k / 4 < start + dur and start < (k + 1) / 4 for k in busy):
+            start = min((k + 1) / 4 for k in busy if k / 4 < start + dur and start < (k + 1) / 4)
+        assert tl.first_free(t, dur) == start
+        assert all(e < s for e, s in zip(tl.ends, tl.starts[1:], strict=False))
