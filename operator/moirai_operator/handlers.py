@@ -10,7 +10,8 @@ and `--liveness`). What happens here and only here:
 - an index of Nodes (as `NodeFacts`), so that pool discovery never lists Nodes on each pass;
 - create, update (spec, labels, annotations) and resume of a PlacedModel → `converge`;
 - a daemon per PlacedModel that calls `converge` every `resync_seconds`: it notices pool
-  changes (through the pools fingerprint) and Deployment readiness;
+  changes (through the pools fingerprint) and Deployment readiness, and forgets the object's
+  last plan when it stops (the object was deleted);
 - a liveness probe reporting the Node count.
 
 A per-object lock keeps the handlers and the daemon of one PlacedModel from reconciling it at the
@@ -135,14 +136,20 @@ async def resync(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    while not stopped:
-        await stopped.wait(memo.resync_seconds)
-        if stopped:
-            break
-        try:
-            await _converge(body, memo, nodes)
-        except Exception:  # a failed pass must not end the daemon: log it, try next period
-            logger.exception("resync failed; retrying in %.0fs", memo.resync_seconds)
+    try:
+        while not stopped:
+            await stopped.wait(memo.resync_seconds)
+            if stopped:
+                break
+            try:
+                await _converge(body, memo, nodes)
+            except Exception:  # a failed pass must not end the daemon: log it, try next period
+                logger.exception("resync failed; retrying in %.0fs", memo.resync_seconds)
+    finally:
+        # The daemon stops when its PlacedModel is deleted (or the operator stops): its last
+        # plan is no longer needed, and kept it would grow the operator by one plan per object.
+        ctx: Context = memo.ctx
+        ctx.plans.pop(body.meta.uid, None)
 
 
 @kopf.on.probe(id="nodes")
