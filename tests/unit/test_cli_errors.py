@@ -588,8 +588,7 @@ def test_sigterm_while_planning_unwinds_as_ctrl_c(tmp_path: Path) -> None:
     profiled left its temporary folders behind (moirai-profile-*, moirai-fusion-*). Now it
     unwinds as Ctrl-C does, and ends with status 143."""
     import onnx
-
-    from tests.serving import models
+    from serving import models
 
     path = tmp_path / "wide.onnx"
     onnx.save(models.mlp(width=512, batch=128), path)
@@ -656,8 +655,7 @@ def test_a_cache_folder_that_cannot_be_made_names_what_each_command_takes(
     """`moirai place --devices local` (serve and demo too) was told to use --cache-dir or
     --no-cache, flags only `moirai profile` has."""
     import onnx
-
-    from tests.serving import models
+    from serving import models
 
     onnx.save(models.mlp(width=8, depth=1), tmp_path / "m.onnx")
     (tmp_path / "file").write_text("")
