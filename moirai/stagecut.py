@@ -6,6 +6,14 @@ which tensors cross its border, and this module makes the sub-model of those nod
 initializers they read and the border as its inputs and outputs. Weights stay where they are
 (`moirai.weights`): an initializer whose data lie in a file is copied as its reference, so the
 sub-model is the stage's graph, and its session maps only the stage's own weights.
+
+A stage's border keeps the model's names of its symbolic dimensions (`batch`, where the plan
+says only -1). Without them ONNX Runtime cannot tell that two open dimensions are the same, and
+may run other kernels than on the whole model: a dynamically quantised BERT was served 0.09 away
+from in-process ONNX Runtime (rounding differences that its quantisation amplified), where with
+them a stage computes the same bits. The model's shapes of the tensors inside a stage
+(`value_info`) are not carried: a file's may be stale (exported at batch 1), and a stage would
+then fail on a batch the plan opens (`moirai.graph.dynamic_shapes` ignores them too).
 """
 
 from __future__ import annotations
@@ -32,11 +40,12 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
             "made for another model or other input shapes"
         )
     read = {t for n in nodes for t in node_inputs(n)}
+    declared = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
     sub = helper.make_graph(
         nodes,
         f"{graph.name or 'model'}_{stage_id}",
-        [_value_info(plan.spec(t)) for t in stage.inputs],
-        [_value_info(plan.spec(t)) for t in stage.outputs],
+        [_value_info(plan.spec(t), declared.get(t)) for t in stage.inputs],
+        [_value_info(plan.spec(t), declared.get(t)) for t in stage.outputs],
         initializer=[i for i in graph.initializer if i.name in read],
         sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
     )
@@ -50,9 +59,15 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
     return stage_model
 
 
-def _value_info(spec: TensorSpec) -> onnx.ValueInfoProto:
+def _value_info(spec: TensorSpec, declared: onnx.ValueInfoProto | None) -> onnx.ValueInfoProto:
     """A border tensor as the plan types it: -1 becomes a dimension of no fixed size, so the
-    stage accepts every size the model does."""
+    stage accepts every size the model does, named as the model names it (`declared`, when
+    the model gives this tensor a shape of the same rank: module docstring)."""
     elem_type = next(e for e, d in ONNX_DATATYPES.items() if d == spec.datatype)
-    dims = [d if d >= 0 else None for d in spec.shape]
-    return helper.make_tensor_value_info(spec.name, elem_type, dims)
+    names: list[str | None] = [None] * len(spec.shape)
+    if declared is not None and declared.type.tensor_type.HasField("shape"):
+        dims = declared.type.tensor_type.shape.dim
+        if len(dims) == len(spec.shape):
+            names = [d.dim_param or None for d in dims]
+    shape = [d if d >= 0 else name for d, name in zip(spec.shape, names, strict=True)]
+    return helper.make_tensor_value_info(spec.name, elem_type, shape)
