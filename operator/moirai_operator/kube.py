@@ -3,7 +3,8 @@
 kopf watches and calls the handlers; everything the operator itself writes goes through here.
 Writes are server-side apply with one field manager and `force`, so applying the same manifest
 twice, or after an operator restart mid-reconcile, converges on one object with no read-modify-
-write race; what the operator stops wanting is deleted by label (`prune`). The official client
+write race; what the operator stops wanting is deleted by label (`prune`). An apply may be a dry
+run (the API server validates and admits it as it would, and stores nothing). The official client
 does the authentication (kubeconfig or in-cluster service account, as kopf does) and the
 transport; its calls are blocking, so each runs in a worker thread and never stalls the event
 loop that serves the other PlacedModels.
@@ -106,24 +107,28 @@ class Kube:
             raise ApiException(http_resp=response)
         return json.loads(data) if data else {}
 
-    def _apply(self, manifest: Manifest) -> dict[str, Any]:
+    def _apply(self, manifest: Manifest, dry_run: bool) -> dict[str, Any]:
         meta = manifest["metadata"]
         kind = manifest["kind"]
         _, group, plural = KINDS[kind]
         self.used.add((group, plural, "create"))  # applying a new object creates it
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        if dry_run:
+            query.append(("dryRun", "All"))
         return self._call(
             "patch",
             "PATCH",
             kind,
             self._path(kind, meta["namespace"], meta["name"]),
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            query=query,
             body=manifest,
             content_type="application/apply-patch+yaml",
         )
 
-    async def apply(self, manifest: Manifest) -> dict[str, Any]:
-        """Create or update `manifest` by server-side apply; returns the object as stored."""
-        return await asyncio.to_thread(self._apply, manifest)
+    async def apply(self, manifest: Manifest, dry_run: bool = False) -> dict[str, Any]:
+        """Create or update `manifest` by server-side apply; returns the object as stored.
+        `dry_run`: validated and admitted as it would be, with the same refusals; not stored."""
+        return await asyncio.to_thread(self._apply, manifest, dry_run)
 
     def _list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         out = self._call(
@@ -153,6 +158,10 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete an object (its dependents in the background); one already gone is no error."""
+        await asyncio.to_thread(self._delete, kind, namespace, name)
 
     async def prune(
         self,

@@ -34,7 +34,12 @@ and retries. A child that the API server refuses as written (invalid, or denied 
 or an admission policy: `apply_child`) is such an error too, `ChildRejected`, not a traceback
 retried forever. A failed re-plan leaves the previous children in place: a model that was
 serving keeps serving while the new spec is fixed, its message says that the new spec is not
-applied, and its `Ready` condition goes on following the children that serve.
+applied, and its `Ready` condition goes on following the children that serve. That holds for a
+refused child too, since a plan's children are applied all or nothing as far as the API server
+allows (`apply_children`: every child dry-run first, then the new ones made with no pods, and
+removed again if one is refused); the one case it cannot undo, a refusal that the dry run did not
+foresee after shared children were updated, is named in the message, which then does not say
+that the previous plan serves untouched.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from moirai_operator.children import (
     stage_name,
 )
 from moirai_operator.fetch import fetch
-from moirai_operator.kube import Kube
+from moirai_operator.kube import PRUNED_KINDS, Kube
 from moirai_operator.plan import Plan
 from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
 from moirai_operator.resources import Condition, Manifest, PlacedModelBody
@@ -230,6 +235,13 @@ REFUSED = frozenset({400, 403, 422})
 """API statuses that refuse an object as written (invalid, or denied by RBAC, a quota or an
 admission policy): a condition saying so, not an exception that kopf retries in a loop."""
 
+_FIXES = {
+    403: "lift the quota, admission policy or RBAC rule that forbids it, or change the spec",
+}
+_FIX = "change the spec, or the admission policy that refuses it"
+_APPLIED_NAMED = 8
+"""At most this many children are named in a message (then how many more)."""
+
 
 def _api_message(error: ApiException) -> str:
     body = error.body.decode(errors="replace") if isinstance(error.body, bytes) else error.body
@@ -240,17 +252,87 @@ def _api_message(error: ApiException) -> str:
     return " ".join(str(message or error.reason or f"HTTP {error.status}").split())
 
 
-async def apply_child(kube: Kube, manifest: Manifest) -> dict[str, Any]:
+async def apply_child(kube: Kube, manifest: Manifest, dry_run: bool = False) -> dict[str, Any]:
     """`kube.apply`, with a refusal (`REFUSED`) raised as `ChildRejectedError` in the API
-    server's own words."""
+    server's own words, and what to do about it."""
     try:
-        return await kube.apply(manifest)
+        return await kube.apply(manifest, dry_run=dry_run)
     except ApiException as e:
         if e.status not in REFUSED:
             raise
         kind, name = manifest["kind"], manifest["metadata"]["name"]
+        fix = _FIXES.get(e.status, _FIX)
         raise st.ChildRejectedError(
-            f"the API server refused {kind} {name}: {_api_message(e)}"
+            f"the API server refused {kind} {name}: {_api_message(e)}; {fix} (retried at every "
+            "resync)"
+        ) from None
+
+
+def _key(manifest: Manifest) -> tuple[str, str]:
+    return manifest["kind"], manifest["metadata"]["name"]
+
+
+def _not_live(manifest: Manifest) -> Manifest:
+    """`manifest` as made ahead of its plan (`apply_children`): a Deployment with no pods."""
+    if manifest["kind"] != "Deployment":
+        return manifest
+    return {**manifest, "spec": {**manifest["spec"], "replicas": 0}}
+
+
+def _named(keys: Sequence[tuple[str, str]]) -> str:
+    names = [f"{kind} {name}" for kind, name in keys]
+    more = len(names) - _APPLIED_NAMED
+    return ", ".join(names[:_APPLIED_NAMED]) + (f" and {more} more" if more > 0 else "")
+
+
+async def apply_children(kube: Kube, owner: Owner, children: Sequence[Manifest]) -> None:
+    """Apply a plan's children all or nothing, as far as the API server lets an operator:
+
+    1. every child is applied as a dry run: one the API server refuses as written (invalid,
+       denied by RBAC or an admission policy, over a quota on its own) is refused before
+       anything is written, and whatever serves is untouched;
+    2. the children that do not exist yet and that the operator may delete (`PRUNED_KINDS`: a
+       new device's or lane's Service and Deployment, the autoscaler) are made, Deployments
+       with no replicas, so none is live: a refusal that only their sum meets (a quota on the
+       number of Services, which each dry run passed alone) deletes those made, and nothing
+       else was touched;
+    3. every child is applied as built, in order (the ones of step 2 get their replicas).
+
+    A refusal in step 1 or 2 raises `ChildRejectedError` with nothing of the new plan left.
+    Not sound in one case: a refusal in step 3, which the dry run admitted (a quota or policy
+    changed in between, a webhook that answers otherwise), comes after the children before it
+    were updated. The children made in step 2 are deleted, but a child both plans share (the
+    plan ConfigMap, the NetworkPolicies, the gateway, a device's Service and Deployment) stays
+    updated: the previous plan's manifests cannot be built again (its spec is gone) and the
+    operator may not read ConfigMaps to keep a copy. The error names those children
+    (`ChildRejectedError.applied`), and the status does not claim the previous plan serves
+    untouched. A first plan's ConfigMap and NetworkPolicies, made in step 3, stay too (the
+    operator may not delete them; nothing serves yet, and the next try applies them again)."""
+    existing: set[tuple[str, str]] = set()
+    for kind in {m["kind"] for m in children} & set(PRUNED_KINDS):
+        listed = await kube.list(kind, owner.namespace, selector(owner))
+        existing |= {(kind, o["metadata"]["name"]) for o in listed}
+    for manifest in children:
+        await apply_child(kube, manifest, dry_run=True)
+    made: list[tuple[str, str]] = []
+    applied: list[tuple[str, str]] = []
+    try:
+        for manifest in children:
+            if manifest["kind"] in PRUNED_KINDS and _key(manifest) not in existing:
+                await apply_child(kube, _not_live(manifest))
+                made.append(_key(manifest))
+        for manifest in children:
+            await apply_child(kube, manifest)
+            applied.append(_key(manifest))
+    except st.ChildRejectedError as e:
+        for kind, name in reversed(made):
+            await kube.delete(kind, owner.namespace, name)
+        left = [key for key in applied if key not in made]
+        if not left:
+            raise
+        raise st.ChildRejectedError(
+            f"{e}; applied before the refusal and not undone: {_named(left)}",
+            [f"{kind}/{name}" for kind, name in left],
         ) from None
 
 
@@ -448,8 +530,7 @@ async def plan_and_apply(
         events.info("Solved", summary)
         for note in plan.notes:
             events.warning("DeviceCatalogue", note)
-        for manifest in children:
-            await apply_child(ctx.kube, manifest)
+        await apply_children(ctx.kube, owner, children)
     except MoiraiError as e:
         failure = st.failure(e)
         assert failure is not None  # every MoiraiError maps to a reason
@@ -498,7 +579,10 @@ async def _report_failure(
     message = failure.message
     events.warning(failure.reason, message)
     if _serves_an_earlier_plan(body):
-        message += "; not applied: the previous plan keeps serving"
+        if failure.partial:
+            message += "; the rest is not applied: the previous plan's other children keep serving"
+        else:
+            message += "; not applied: the previous plan keeps serving"
         ready, readiness = await _readiness(ctx, owner)
         status.condition(
             st.READY_CONDITION, ready, "Available" if ready else "Deploying", readiness

@@ -66,7 +66,12 @@ class TLSSecretError(MoiraiError):
 
 class ChildRejectedError(MoiraiError):
     """The API server (or an admission policy) refused a child the plan needs; the message is
-    its own, one line."""
+    its own, one line. `applied`: the children (`Kind/name`) that were applied before the
+    refusal and could not be put back (see `reconcile.apply_children`); none as a rule."""
+
+    def __init__(self, message: str, applied: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.applied = tuple(applied)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ class Failure:
     message: str
     retry: bool
     """Whether retrying without a spec or pool change may succeed (e.g. a network error)."""
+    partial: bool = False
+    """Whether some children of the failed spec were applied and left so (the message names
+    them): then the previous plan, if any, does not serve untouched."""
 
 
 # Most specific first: the first matching class wins.
@@ -107,7 +115,8 @@ def failure(exc: BaseException) -> Failure | None:
     """The condition reason for an error a person can act on; None for bugs and API errors."""
     for cls, reason, retry in _REASONS:
         if isinstance(exc, cls):
-            return Failure(reason, str(exc), retry)
+            partial = isinstance(exc, ChildRejectedError) and bool(exc.applied)
+            return Failure(reason, str(exc), retry, partial)
     return None
 
 

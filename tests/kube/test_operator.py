@@ -10,6 +10,7 @@ its own operators.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -400,3 +401,173 @@ def test_liveness_endpoint_answers(operator, make_node_pool, namespace):
         return body if body.get("nodes", 0) >= 1 else None
 
     assert wait_until("the liveness probe to count the nodes", probe)["nodes"] >= 1
+
+
+def _served(cluster: Cluster, name: str) -> dict[str, Any]:
+    """What serves PlacedModel `name`, as a refused re-plan must leave it: its children, the
+    plan they read, each Deployment's template (by generation) and each Service's version."""
+    selector = f"moirai.dev/placedmodel={name}"
+    services = cluster.core.list_namespaced_service(cluster.ns, label_selector=selector).items
+    return {
+        "children": cluster.children(name),
+        "plan": cluster.core.read_namespaced_config_map(f"{name}-plan", cluster.ns).data,
+        "deployments": {n: d.metadata.generation for n, d in cluster.deployments(name).items()},
+        "services": {s.metadata.name: s.metadata.resource_version for s in services},
+    }
+
+
+def _one_cpu_device(cluster: Cluster, make_node_pool, models) -> tuple[dict[str, Any], str]:
+    """A PlacedModel `mlp` serving on one cpu device; its spec and that device's Deployment."""
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="16")
+    pool = {"name": cpu, "kind": "cpu", "threadsPerDevice": 2, "maxDevices": 1}
+    spec = {"model": {"uri": models["mlp"]}, "pools": [pool]}
+    cluster.apply("mlp", spec)
+    cluster.wait_phase("mlp", "Ready")
+    return spec, f"mlp-{cpu}-0"
+
+
+@contextlib.contextmanager
+def _refuse_second_lanes(cluster: Cluster) -> Iterator[None]:
+    """An admission policy of the namespace that refuses Deployments of a second lane (`-l1`),
+    in force once this yields; removed after."""
+    name = f"{cluster.ns}-no-second-lane"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["apps"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["deployments"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": "!object.metadata.name.endsWith('-l1')",
+                    "message": "one lane only in this namespace",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cluster.ns}}
+            },
+        },
+    }
+    for obj in (policy, binding):
+        cluster.plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(obj))
+    probe = {
+        "metadata": {"name": "probe-l1"},
+        "spec": {
+            "selector": {"matchLabels": {"probe": "1"}},
+            "template": {
+                "metadata": {"labels": {"probe": "1"}},
+                "spec": {"containers": [{"name": "c", "image": "moirai:test"}]},
+            },
+        },
+    }
+
+    def refused() -> bool:
+        try:
+            cluster.apps.create_namespaced_deployment(cluster.ns, probe, dry_run="All")
+        except ApiException as e:
+            return "one lane only" in str(e.body)
+        return False
+
+    try:
+        wait_until("the admission policy in force", refused)
+        yield
+    finally:
+        cluster.plane.kubectl("delete", "validatingadmissionpolicybinding", name)
+        cluster.plane.kubectl("delete", "validatingadmissionpolicy", name)
+
+
+def test_a_re_plan_with_a_child_an_admission_policy_refuses_changes_nothing_that_serves(
+    operator, cluster, make_node_pool, models
+):
+    spec, device = _one_cpu_device(cluster, make_node_pool, models)
+    before = _served(cluster, "mlp")
+    with _refuse_second_lanes(cluster):
+        cluster.apply("mlp", {**spec, "serving": {"replicas": 2}})
+        status = cluster.wait_phase("mlp", "Failed")
+        # Refused before anything was written: not the plan, nor the lane's Service.
+        assert _served(cluster, "mlp") == before
+        planned = cluster.condition("mlp", "Planned")
+        assert planned["reason"] == "ChildRejected"
+        message = planned["message"]
+        assert message.startswith(f"the API server refused Deployment {device}-l1: ")
+        assert "one lane only in this namespace" in message
+        assert "retried at every resync" in message  # and what to change
+        assert message.endswith("; not applied: the previous plan keeps serving")
+        assert status["message"] == message
+        assert cluster.condition("mlp", "Ready")["status"] == "True"
+    # Lifted: the retry takes the spec.
+    assert cluster.wait_phase("mlp", "Ready")["observedGeneration"] == 2
+    assert f"Deployment/{device}-l1" in cluster.children("mlp")
+
+
+def test_a_re_plan_refused_partway_by_a_quota_removes_what_it_made(
+    operator, cluster, make_node_pool, models
+):
+    """A quota of 4 Services with 3 in use admits each of two new lanes' Services alone (a dry
+    run passes), but not both: the first one made, and its lane's Deployment, are removed."""
+    spec, device = _one_cpu_device(cluster, make_node_pool, models)
+    before = _served(cluster, "mlp")
+    assert len(before["services"]) == 3
+
+    def quota(services: int, used: int | None = None) -> None:
+        body = {
+            "apiVersion": "v1",
+            "kind": "ResourceQuota",
+            "metadata": {"name": "services", "namespace": cluster.ns},
+            "spec": {"hard": {"services": str(services)}},
+        }
+        cluster.plane.kubectl("apply", "--server-side", "-f", "-", stdin=json.dumps(body))
+        wait_until(
+            "the quota counted",
+            lambda: (
+                (q := cluster.core.read_namespaced_resource_quota("services", cluster.ns)).status
+                and (q.status.hard or {}).get("services") == str(services)
+                and (used is None or (q.status.used or {}).get("services") == str(used))
+            ),
+        )
+
+    quota(4, used=3)
+    cluster.apply("mlp", {**spec, "serving": {"replicas": 3}})
+    wait_until(
+        "the second new Service refused",
+        lambda: f"refused Service {device}-l2: " in cluster.condition("mlp", "Planned")["message"],
+    )
+    wait_until(
+        "what the refused re-plan made removed",
+        lambda: cluster.children("mlp") == before["children"],
+        timeout=20,
+    )
+    # Retried at each resync, each time undone. With no room at all the retries stop at the dry
+    # run (the first new Service refused), and then nothing of the refused spec can be left.
+    quota(3)
+    wait_until(
+        "the first new Service refused",
+        lambda: f"refused Service {device}-l1: " in cluster.condition("mlp", "Planned")["message"],
+    )
+    status = cluster.status("mlp")
+    assert status["phase"] == "Failed" and "exceeded quota" in status["message"]
+    assert status["message"].endswith("; not applied: the previous plan keeps serving")
+    assert _served(cluster, "mlp") == before
+    cluster.core.delete_namespaced_resource_quota("services", cluster.ns)
+    assert cluster.wait_phase("mlp", "Ready")["observedGeneration"] == 2
+    assert len(cluster.deployments("mlp")) == 4

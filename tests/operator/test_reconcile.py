@@ -31,9 +31,14 @@ class FakeKube:
         self.status: dict[str, Any] = {}
         self.patches: list[dict[str, Any]] = []
         self.applied: list[tuple[str, str]] = []
+        self.dry_runs: list[tuple[str, str]] = []
+        self.deleted: list[tuple[str, str]] = []
 
-    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         manifest = copy.deepcopy(manifest)
+        if dry_run:
+            self.dry_runs.append((manifest["kind"], manifest["metadata"]["name"]))
+            return manifest
         if manifest["kind"] == "Secret":
             data = manifest.setdefault("data", {})
             for key, value in manifest.pop("stringData", {}).items():
@@ -52,6 +57,10 @@ class FakeKube:
             for (k, _), o in self.objects.items()
             if k == kind and labels.items() <= o["metadata"]["labels"].items()
         ]
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.deleted.append((kind, name))
+        self.objects.pop((kind, name), None)
 
     async def prune(self, namespace: str, labels: Mapping[str, str], keep) -> list[str]:
         wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
@@ -281,7 +290,7 @@ class RefusingKube(FakeKube):
         super().__init__()
         self.kind, self.code = kind, status
 
-    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         if manifest["kind"] == self.kind:
             name = manifest["metadata"]["name"]
             error = ApiException(status=self.code, reason="Unprocessable Entity")
@@ -289,7 +298,7 @@ class RefusingKube(FakeKube):
                 {"kind": "Status", "message": f'{self.kind} "{name}" is invalid: spec: bad\nvalue'}
             ).encode()
             raise error
-        return await super().apply(manifest)
+        return await super().apply(manifest, dry_run)
 
 
 async def test_a_child_the_api_server_refuses_is_a_condition_not_a_loop(
@@ -302,7 +311,8 @@ async def test_a_child_the_api_server_refuses_is_a_condition_not_a_loop(
     assert (kube.status["phase"], planned["reason"]) == ("Failed", "ChildRejected")
     assert planned["message"] == (
         'the API server refused Service resnet-gpu-0: Service "resnet-gpu-0" is invalid: '
-        "spec: bad value"
+        "spec: bad value; change the spec, or the admission policy that refuses it (retried at "
+        "every resync)"
     )
     # Retried (a policy or the operator's permissions may change), without solving again.
     body["status"] = dict(kube.status)
@@ -683,4 +693,96 @@ def test_readiness_says_why_a_deployment_is_stuck() -> None:
     )
     assert readiness([deployment("m-cpu-0", progressing)])[1] == (
         "waiting for m-cpu-0 (0/1 available)"
+    )
+
+
+class AdmittingKube(FakeKube):
+    """Refuses (403, as a quota does) what `refuse(manifest, dry_run)` names; the rest is
+    stored as FakeKube stores it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = lambda manifest, dry_run: False
+
+    async def apply(self, manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        if self.refuse(manifest, dry_run):
+            error = ApiException(status=403, reason="Forbidden")
+            error.body = json.dumps({"message": "exceeded quota: q"}).encode()
+            raise error
+        return await super().apply(manifest, dry_run)
+
+
+async def _serving_two_devices(model: Path, tmp_path: Path):
+    kube, planner, events = AdmittingKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    await converge(body, NODES, ctx, events)
+    body["status"] = dict(kube.status)
+    body["metadata"]["generation"] = 2
+    body["spec"]["serving"] = {"replicas": 2}  # a second lane: two Services, two Deployments
+    return kube, ctx, events, body
+
+
+async def test_a_re_plan_a_dry_run_refuses_writes_nothing(model: Path, tmp_path: Path) -> None:
+    kube, ctx, events, body = await _serving_two_devices(model, tmp_path)
+    before = copy.deepcopy(kube.objects)
+    kube.refuse = lambda m, dry_run: m["metadata"]["name"] == "resnet-cpu-0-l1"
+    await converge(body, NODES, ctx, events)
+    assert kube.objects == before
+    planned = _planned(kube)
+    assert planned["reason"] == "ChildRejected"
+    assert planned["message"] == (
+        "the API server refused Service resnet-cpu-0-l1: exceeded quota: q; lift the quota, "
+        "admission policy or RBAC rule that forbids it, or change the spec (retried at every "
+        "resync); not applied: the previous plan keeps serving"
+    )
+
+
+async def test_a_re_plan_refused_as_it_makes_its_new_children_removes_them(
+    model: Path, tmp_path: Path
+) -> None:
+    """Each new Service passes its dry run alone, not both together (a quota): the first one
+    made, and the Deployment after it (made with no replicas), are deleted; nothing the
+    previous plan serves with was touched."""
+    kube, ctx, events, body = await _serving_two_devices(model, tmp_path)
+    before = copy.deepcopy(kube.objects)
+    applied = len(kube.applied)
+    kube.refuse = lambda m, dry_run: not dry_run and m["metadata"]["name"] == "resnet-cpu-0-l1"
+    await converge(body, NODES, ctx, events)
+    assert kube.objects == before
+    made = kube.applied[applied:]
+    assert made == [("Service", "resnet-gpu-0-l1"), ("Deployment", "resnet-gpu-0-l1")]
+    assert kube.deleted == made[::-1]
+    assert _planned(kube)["message"].startswith(
+        "the API server refused Service resnet-cpu-0-l1: exceeded quota: q;"
+    )
+    assert kube.status["message"].endswith("; not applied: the previous plan keeps serving")
+    # Lifted: taken, every new Deployment with its replica.
+    kube.refuse = lambda m, dry_run: False
+    body["status"] = dict(kube.status)
+    await converge(body, NODES, ctx, events)
+    assert kube.status["phase"] == "Deploying"
+    lanes = [o for (k, n), o in kube.objects.items() if k == "Deployment" and n.endswith("-l1")]
+    assert len(lanes) == 2 and all(o["spec"]["replicas"] == 1 for o in lanes)
+
+
+async def test_a_refusal_after_the_shared_children_were_updated_says_so(
+    model: Path, tmp_path: Path
+) -> None:
+    """Not sound, and said: a refusal that its dry run did not foresee, of a child both plans
+    share, comes after the children before it were updated; those made new are removed, the
+    updated ones are named, and the status does not claim the previous plan serves as it was."""
+    kube, ctx, events, body = await _serving_two_devices(model, tmp_path)
+    kube.refuse = lambda m, dry_run: not dry_run and m["metadata"]["name"] == "resnet-gateway-chain"
+    await converge(body, NODES, ctx, events)
+    assert not any(name.endswith("-l1") for _, name in kube.objects)
+    message = _planned(kube)["message"]
+    assert message.startswith("the API server refused Service resnet-gateway-chain: exceeded quota")
+    assert (
+        "; applied before the refusal and not undone: ConfigMap resnet-plan, NetworkPolicy "
+        "resnet-stages, NetworkPolicy resnet-gateway, Service resnet-gpu-0, Deployment "
+        "resnet-gpu-0, Service resnet-cpu-0, Deployment resnet-cpu-0, Service resnet-gateway; "
+    ) in message
+    assert message.endswith(
+        "; the rest is not applied: the previous plan's other children keep serving"
     )
