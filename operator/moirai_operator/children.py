@@ -223,6 +223,35 @@ def secrets_digest(digests: Mapping[str, str], names: list[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+SECRET_VOLUME_KEYS = {"tls": (TLS_CERT_KEY, TLS_KEY_KEY)}
+"""The keys that the pods read from each Secret volume they mount, by volume name."""
+
+
+def pod_secrets(pod: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The Secrets a pod spec as built here reads (an environment `secretKeyRef`, a Secret
+    volume), by name, each with the keys it reads, in the order of `stage_secrets` and
+    `gateway_secrets`: what a running Deployment's pods read, told from its template alone
+    (its spec may have been edited since, and may no longer parse)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
+        for env in container.get("env") or []:
+            ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if ref:
+                out[ref["name"]] = (*out.get(ref["name"], ()), ref["key"])
+    for volume in pod.get("volumes") or []:
+        if "secret" in volume:
+            name = volume["secret"]["secretName"]
+            out[name] = (*out.get(name, ()), *SECRET_VOLUME_KEYS.get(volume["name"], ()))
+    return out
+
+
+def secrets_patch(digest: str) -> dict[str, Any]:
+    """A merge patch of a Deployment that sets its pods' Secrets digest (`secrets_digest`):
+    rolls them, and nothing else of the Deployment changes."""
+    annotations = {ANNOTATION_SECRETS_DIGEST: digest}
+    return {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+
+
 def _secret_env(env: str, secret: str) -> dict[str, Any]:
     return {"name": env, "valueFrom": {"secretKeyRef": {"name": secret, "key": TOKEN_KEY}}}
 

@@ -1,10 +1,12 @@
-"""A thin asynchronous Kubernetes client: server-side apply, list, delete, status patch.
+"""A thin asynchronous Kubernetes client: server-side apply, list, delete, patch, status patch.
 
 kopf watches and calls the handlers; everything the operator itself writes goes through here.
 Writes are server-side apply with one field manager and `force`, so applying the same manifest
 twice, or after an operator restart mid-reconcile, converges on one object with no read-modify-
 write race; what the operator stops wanting is deleted by label (`prune`). An apply may be a dry
-run (the API server validates and admits it as it would, and stores nothing). The official client
+run (the API server validates and admits it as it would, and stores nothing). A merge patch
+(`patch`) sets one field of a child whose manifest cannot be built again: the annotation that
+rolls the pods of a plan still serving while a new spec fails. The official client
 does the authentication (kubeconfig or in-cluster service account, as kopf does) and the
 transport; its calls are blocking, so each runs in a worker thread and never stalls the event
 loop that serves the other PlacedModels.
@@ -129,6 +131,21 @@ class Kube:
         """Create or update `manifest` by server-side apply; returns the object as stored.
         `dry_run`: validated and admitted as it would be, with the same refusals; not stored."""
         return await asyncio.to_thread(self._apply, manifest, dry_run)
+
+    def _patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self._call(
+            "patch",
+            "PATCH",
+            kind,
+            self._path(kind, namespace, name),
+            query=[("fieldManager", FIELD_MANAGER)],
+            body=dict(patch),
+            content_type="application/merge-patch+json",
+        )
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """Merge `patch` into an object (the next apply of its manifest takes the fields back)."""
+        await asyncio.to_thread(self._patch, kind, namespace, name, patch)
 
     def _list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         out = self._call(

@@ -10,6 +10,8 @@ status says was last done:
     Planned=False for a reason that may pass      (the model URI was down)→ plan and apply
     a Secret the pods read != status.secrets      made again or changed   → apply (rolls them)
     otherwise                                                             → refresh readiness
+                                                  (Failed while an earlier plan serves: a
+                                                  Secret its pods read that changed rolls them)
 
 so an operator restart at any point converges: whatever was not recorded in status is simply
 done again, and every write is an idempotent server-side apply of objects with derived names.
@@ -22,7 +24,11 @@ prunes what the new plan no longer needs. Every pass of a deployed PlacedModel a
 chain Secret again if it was deleted, and compares a digest of each Secret its pods read with
 the one its children were applied with (`status.secrets`): a Secret made again or changed (a new
 chain token, a rotated endpoint token or certificate) applies the children again with the new
-digest in their pod templates, which rolls the pods that read it, without solving again.
+digest in their pod templates, which rolls the pods that read it, without solving again. While a
+new spec fails and an earlier plan serves, the spec cannot build that plan's children again (it
+built other ones, or does not parse): the Secrets its Deployments read are told from their pod
+templates, and a changed one rolls them by a patch of their Secrets digest alone
+(`_serving_secrets`), so a token rotated during a bad edit still reaches the serving pods.
 With `spec.serving.tlsSecret`, the gateway's trust root (the Secret's `ca.crt`, else its
 `tls.crt`: public certificates, never the key) is published in `status.gatewayCA` for the shared
 endpoint, which verifies the gateway with it and may not read Secrets; a new one is written at
@@ -71,7 +77,10 @@ from moirai_operator.children import (
     chain_secret_name,
     endpoint,
     gateway_secrets,
+    pod_secrets,
     scale_selector,
+    secrets_digest,
+    secrets_patch,
     selector,
     stage_name,
 )
@@ -458,7 +467,7 @@ async def secret_state(kube: Kube, owner: Owner, spec: PlacedModelSpec) -> Secre
     tls = await check_tls_secret(kube, owner, spec)
     token = await ensure_chain_secret(kube, owner)
     names = gateway_secrets(owner, spec)
-    out = {names[0]: _digest(token, {TOKEN_KEY: token}, [TOKEN_KEY])}
+    out = {names[0]: _chain_digest(token)}
     if spec.serving.auth_token_secret:
         out[spec.serving.auth_token_secret] = _digest(token, auth, [TOKEN_KEY])
     if spec.serving.tls_secret:
@@ -473,7 +482,8 @@ def _secrets_status(digests: Mapping[str, str]) -> list[dict[str, str]]:
 async def secrets_changed(body: PlacedModelBody, ctx: Context) -> str | None:
     """Why a PlacedModel whose plan is current must be applied again: a Secret its pods read
     was deleted (the chain Secret is made again here), made again or changed since its children
-    were applied (`status.secrets`), or is missing now. None when nothing is deployed."""
+    were applied (`status.secrets`), or is missing now. None when nothing is deployed, and
+    while a new spec fails (Failed): `_serving_secrets` follows the Secrets of what serves."""
     current = body.get("status") or {}
     if current.get("phase") not in (st.DEPLOYING, st.READY):
         return None
@@ -574,15 +584,18 @@ async def _report_failure(
     events: Events,
 ) -> None:
     """Failed, with the reason in `Planned`. A PlacedModel that served an earlier plan keeps its
-    children: its message says that this spec (or these pools) is not applied, and `Ready`
-    goes on saying whether those children serve, not that the new plan failed."""
+    children: its message says that this spec (or these pools) is not applied, `Ready` goes on
+    saying whether those children serve, not that the new plan failed, and a Secret they read
+    that changed still rolls them (`_serving_secrets`)."""
     message = failure.message
     events.warning(failure.reason, message)
+    fields: dict[str, Any] = {}
     if _serves_an_earlier_plan(body):
         if failure.partial:
             message += "; the rest is not applied: the previous plan's other children keep serving"
         else:
             message += "; not applied: the previous plan keeps serving"
+        fields = await _serving_secrets(body, ctx, events)
         ready, readiness = await _readiness(ctx, owner)
         status.condition(
             st.READY_CONDITION, ready, "Available" if ready else "Deploying", readiness
@@ -595,7 +608,68 @@ async def _report_failure(
         message=message,
         observedGeneration=status.generation,
         poolsFingerprint=fp,
+        **fields,
     )
+
+
+def _chain_digest(token: str) -> str:
+    return _digest(token, {TOKEN_KEY: token}, [TOKEN_KEY])
+
+
+async def _serving_secrets(body: PlacedModelBody, ctx: Context, events: Events) -> dict[str, Any]:
+    """What `secrets_changed` does for a current plan, for the children an earlier plan left
+    serving while a new spec fails: a Secret their pods read that was made again or changed
+    since they were applied (`status.secrets`) rolls the Deployments whose pods read it, and a
+    deleted chain Secret is made again. The Secrets each Deployment reads are told from its
+    pod template (`pod_secrets`), not from the spec, which built other children or does not
+    parse; only the template's Secrets digest changes (a merge patch), nothing else of the
+    previous plan. A Secret that is missing rolls nothing (pods that start wait for it). The
+    status fields to write with it: `secrets` (the digests the pods now run with) and
+    `gatewayCA`, when they changed."""
+    owner = owner_of(body)
+    current = body.get("status") or {}
+    applied = {s.get("name"): s.get("digest") for s in current.get("secrets") or []}
+    if not applied:  # applied before digests were recorded: nothing to compare with
+        return {}
+    try:
+        token = await ensure_chain_secret(ctx.kube, owner)
+    except st.ChildRejectedError as e:
+        events.warning("ChildRejected", str(e))
+        return {}
+    deployments = await ctx.kube.list("Deployment", owner.namespace, selector(owner))
+    reads = {d["metadata"]["name"]: pod_secrets(d["spec"]["template"]["spec"]) for d in deployments}
+    digests: dict[str, str] = {}
+    gateway_ca = current.get("gatewayCA")
+    for name, keys in {n: k for read in reads.values() for n, k in read.items()}.items():
+        if name == chain_secret_name(owner):
+            digests[name] = _chain_digest(token)
+            continue
+        secret = await ctx.kube.get("Secret", owner.namespace, name)
+        if secret is None:
+            continue
+        data = secret.get("data") or {}
+        digests[name] = _digest(token, data, keys)
+        if TLS_CERT_KEY in keys:
+            gateway_ca = gateway_trust_root(data)
+    fields: dict[str, Any] = {}
+    if gateway_ca != current.get("gatewayCA"):
+        fields["gatewayCA"] = gateway_ca
+    changed = sorted(name for name, digest in digests.items() if applied.get(name) != digest)
+    if not changed:
+        return fields
+    now = {**applied, **digests}
+    rolled = []
+    for deployment, names in reads.items():
+        if set(changed) & set(names):
+            rolls = secrets_patch(secrets_digest(now, list(names)))
+            await ctx.kube.patch("Deployment", owner.namespace, deployment, rolls)
+            rolled.append(deployment)
+    events.info(
+        "SecretsChanged",
+        f"Secret(s) {', '.join(changed)} made again or changed: rolled {', '.join(rolled)} "
+        "of the previous plan, which keeps serving",
+    )
+    return {**fields, "secrets": _secrets_status(now)}
 
 
 async def _readiness(ctx: Context, owner: Owner) -> tuple[bool, str]:
@@ -605,10 +679,11 @@ async def _readiness(ctx: Context, owner: Owner) -> tuple[bool, str]:
 
 async def refresh_readiness(body: PlacedModelBody, ctx: Context, events: Events) -> None:
     """Move between Deploying and Ready as the Deployments become (un)available; while a new
-    spec fails (Failed) and an earlier plan serves, keep its `Ready` condition true to them."""
+    spec fails (Failed) and an earlier plan serves, keep its `Ready` condition true to them and
+    roll them when a Secret they read changes (`_serving_secrets`)."""
     current = body.get("status") or {}
     if current.get("phase") == st.FAILED and _serves_an_earlier_plan(body):
-        await _refresh_ready_condition(body, ctx)
+        await _refresh_ready_condition(body, ctx, await _serving_secrets(body, ctx, events))
         return
     if current.get("phase") not in (st.DEPLOYING, st.READY):
         return
@@ -623,12 +698,15 @@ async def refresh_readiness(body: PlacedModelBody, ctx: Context, events: Events)
     await status.write(phase=phase, message=message)
 
 
-async def _refresh_ready_condition(body: PlacedModelBody, ctx: Context) -> None:
-    """`Ready` of the children an earlier plan left serving; the phase and message (the
-    failure of the current spec) stay."""
+async def _refresh_ready_condition(
+    body: PlacedModelBody, ctx: Context, fields: Mapping[str, Any]
+) -> None:
+    """`Ready` of the children an earlier plan left serving, with `fields` (what
+    `_serving_secrets` changed); the phase and message (the failure of the current spec)
+    stay."""
     ready, message = await _readiness(ctx, owner_of(body))
     value = "True" if ready else "False"
-    if any(
+    if not fields and any(
         c.get("type") == st.READY_CONDITION
         and c.get("status") == value
         and c.get("message") == message
@@ -637,4 +715,4 @@ async def _refresh_ready_condition(body: PlacedModelBody, ctx: Context) -> None:
         return
     status = _Status(ctx.kube, body)
     status.condition(st.READY_CONDITION, ready, "Available" if ready else "Deploying", message)
-    await status.write()
+    await status.write(**fields)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -401,6 +402,51 @@ def test_liveness_endpoint_answers(operator, make_node_pool, namespace):
         return body if body.get("nodes", 0) >= 1 else None
 
     assert wait_until("the liveness probe to count the nodes", probe)["nodes"] >= 1
+
+
+def test_a_rotated_endpoint_token_rolls_the_gateway_while_a_bad_edit_waits(
+    operator, cluster, make_node_pool, models
+):
+    """A bad edit leaves the previous plan serving; its gateway still reads the endpoint token
+    Secret, so a token rotated meanwhile must still roll it (and only it)."""
+    cpu = f"{cluster.ns}-cpu"
+    make_node_pool(cpu, count=1, cpu="8")
+    cluster.core.create_namespaced_secret(
+        cluster.ns, {"metadata": {"name": "mlp-clients"}, "stringData": {"token": "open-sesame"}}
+    )
+    pool = {"name": cpu, "kind": "cpu", "threadsPerDevice": 2}
+    serving = {"authTokenSecret": "mlp-clients"}
+    cluster.apply("mlp", {"model": {"uri": models["mlp"]}, "pools": [pool], "serving": serving})
+    cluster.wait_phase("mlp", "Ready")
+    bad = {"model": {"uri": models["mlp"]}, "pools": [{**pool, "name": "nowhere"}]}
+    cluster.apply("mlp", {**bad, "serving": serving})
+    failed = cluster.wait_phase("mlp", "Failed")
+    before = _rolls(cluster.deployments("mlp"))
+    cluster.core.patch_namespaced_secret(
+        "mlp-clients", cluster.ns, {"stringData": {"token": "open-sesame-2"}}
+    )
+    wait_until(
+        "the serving gateway rolled to the new token",
+        lambda: _rolls(cluster.deployments("mlp"))["mlp-gateway"] != before["mlp-gateway"],
+        timeout=20,
+    )
+    after = _rolls(cluster.deployments("mlp"))
+    assert {k: v for k, v in after.items() if k != "mlp-gateway"} == {
+        k: v for k, v in before.items() if k != "mlp-gateway"
+    }
+    # Nothing else moved: the bad edit is still reported, the old plan still serves, and the
+    # status records the digest the gateway now runs with (so it rolls once, not each pass).
+    status = cluster.status("mlp")
+    assert status["phase"] == "Failed" and status["message"] == failed["message"]
+    assert status["placement"] == failed["placement"]
+    digests = {s["name"]: s["digest"] for s in status["secrets"]}
+    was = {s["name"]: s["digest"] for s in failed["secrets"]}
+    assert digests["mlp-clients"] != was["mlp-clients"]
+    assert digests["mlp-chain-token"] == was["mlp-chain-token"]
+    gateway = cluster.deployments("mlp")["mlp-gateway"].metadata.generation
+    time.sleep(3)  # a few resyncs
+    assert cluster.deployments("mlp")["mlp-gateway"].metadata.generation == gateway
+    assert cluster.status("mlp")["secrets"] == status["secrets"]
 
 
 def _served(cluster: Cluster, name: str) -> dict[str, Any]:

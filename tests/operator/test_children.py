@@ -382,3 +382,37 @@ def test_the_gateway_serves_tls_from_the_secret_the_spec_names() -> None:
     assert "--tls-cert-file" not in gateway["containers"][0]["command"]
     assert "scheme" not in gateway["containers"][0]["readinessProbe"]["httpGet"]
     assert all(v["name"] != "tls" for v in gateway["volumes"])
+
+
+def test_the_secrets_a_running_pod_reads_are_told_from_its_template_alone() -> None:
+    """`pod_secrets` reads back what the builders wrote, in their order, so the reconciler can
+    roll a Deployment whose spec no longer parses with the annotation a build would give."""
+    from moirai_operator.children import (
+        gateway_secrets,
+        pod_secrets,
+        secrets_digest,
+        secrets_patch,
+        stage_secrets,
+    )
+
+    serving = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
+    digests = {"resnet-chain-token": "a", "clients": "b", "endpoint-tls": "c"}
+    spec = parse_spec(make_spec(serving=serving), Defaults(image="moirai:test"))
+    objs = by_name(build_children(OWNER, spec, make_plan(), BuildOptions(), digests))
+    gateway = objs[("Deployment", "resnet-gateway")]["spec"]["template"]
+    stage = objs[("Deployment", "resnet-gpu-0")]["spec"]["template"]
+    assert pod_secrets(gateway["spec"]) == {
+        "resnet-chain-token": ("token",),
+        "clients": ("token",),
+        "endpoint-tls": ("tls.crt", "tls.key"),
+    }
+    assert list(pod_secrets(gateway["spec"])) == gateway_secrets(OWNER, spec)
+    assert list(pod_secrets(stage["spec"])) == stage_secrets(OWNER)
+    for template in (gateway, stage):
+        names = list(pod_secrets(template["spec"]))
+        patch = secrets_patch(secrets_digest(digests, names))
+        assert patch["spec"]["template"]["metadata"]["annotations"] == {
+            "moirai.dev/secrets-digest": template["metadata"]["annotations"][
+                "moirai.dev/secrets-digest"
+            ]
+        }

@@ -33,6 +33,7 @@ class FakeKube:
         self.applied: list[tuple[str, str]] = []
         self.dry_runs: list[tuple[str, str]] = []
         self.deleted: list[tuple[str, str]] = []
+        self.patched: list[tuple[str, str]] = []
 
     async def apply(self, manifest: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         manifest = copy.deepcopy(manifest)
@@ -61,6 +62,17 @@ class FakeKube:
     async def delete(self, kind: str, namespace: str, name: str) -> None:
         self.deleted.append((kind, name))
         self.objects.pop((kind, name), None)
+
+    async def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        def merge(into: dict[str, Any], patch: Mapping[str, Any]) -> None:
+            for key, value in patch.items():
+                if isinstance(value, Mapping):
+                    merge(into.setdefault(key, {}), value)
+                else:
+                    into[key] = value
+
+        merge(self.objects[(kind, name)], patch)
+        self.patched.append((kind, name))
 
     async def prune(self, namespace: str, labels: Mapping[str, str], keep) -> list[str]:
         wanted = {(m["kind"], m["metadata"]["name"]) for m in keep}
@@ -786,3 +798,53 @@ async def test_a_refusal_after_the_shared_children_were_updated_says_so(
     assert message.endswith(
         "; the rest is not applied: the previous plan's other children keep serving"
     )
+
+
+async def test_secrets_still_roll_the_previous_plan_while_a_new_spec_fails(
+    model: Path, tmp_path: Path
+) -> None:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    ctx = context(kube, planner, tmp_path)
+    await kube.apply(_secret("clients", token="let-me-in"))
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    serving = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
+    body = make_body(path_spec(model) | {"serving": serving})
+
+    async def again() -> dict[str, str]:
+        body["status"] = dict(kube.status)
+        await converge(body, NODES, ctx, events)
+        return _rolls(kube)
+
+    first = await again()
+    # A bad edit (a Secret the previous plan's pods do not read, a field the spec refuses).
+    body["spec"]["serving"] = {**serving, "authTokenSecret": "nowhere", "port": 50052}
+    body["metadata"]["generation"] = 2
+    assert await again() == first
+    failed = dict(kube.status)
+    assert failed["phase"] == "Failed" and _planned(kube)["reason"] == "InvalidSpec"
+    assert kube.patched == []
+    # A new endpoint token: the gateway rolls, nothing else; then steady.
+    await kube.apply(_secret("clients", token="open-sesame"))
+    second = await again()
+    assert second["resnet-gateway"] != first["resnet-gateway"]
+    assert {k: v for k, v in second.items() if k != "resnet-gateway"} == {
+        k: v for k, v in first.items() if k != "resnet-gateway"
+    }
+    assert kube.patched == [("Deployment", "resnet-gateway")]
+    assert kube.status["message"] == failed["message"] and kube.status["phase"] == "Failed"
+    assert await again() == second and len(kube.patched) == 1
+    # A new certificate: the gateway rolls, and its trust root is published.
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT2", "tls.key": "KEY2"}))
+    third = await again()
+    assert third["resnet-gateway"] != second["resnet-gateway"]
+    assert kube.status["gatewayCA"] == "CERT2"
+    # The chain Secret deleted: made again, and every pod rolls.
+    del kube.objects[("Secret", "resnet-chain-token")]
+    fourth = await again()
+    assert ("Secret", "resnet-chain-token") in kube.objects
+    assert all(fourth[name] != third[name] for name in third)
+    # What a build would write: the spec fixed (its Secrets the same), nothing rolls again.
+    body["spec"]["serving"] = serving
+    body["metadata"]["generation"] = 3
+    assert await again() == fourth and kube.status["phase"] == "Deploying"
+    assert planner.calls == 1
