@@ -39,7 +39,11 @@ which the extended level keeps as three. The transformer renames every tensor in
   NCHWc Conv that took in an Add is that Add's other input), and a Reorder's output is its
   input: so each token gets the extended tensor it holds, and an NCHWc node's output becomes
   whatever its consumers read (t15 is r15, since "r18_nchwc" comes from n16, which reads r15);
-- Reorder nodes are dropped: they only convert layouts, computing nothing of the model.
+- Reorder nodes are dropped: they only convert layouts, computing nothing of the model;
+- a node outside the layout that the extended graph does not have, and whose outputs are
+  extended tensors, is a fusion of the all level's own and is kept as it is (a float16
+  model's `SimplifiedLayerNormalization`: the CPU provider wraps float16 nodes in casts, and
+  only the all level, having removed the casts between them, fuses the norm).
 
 The restored graph then goes through the claim walk like any other. Every step checks what it
 assumes (one extended tensor per token, an output at or after the node it comes from, each
@@ -210,9 +214,13 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
         itertools.chain(known, (t for n in optimised.node for t in [*n.input, *n.output] if t))
     )
     counterpart: dict[int, onnx.NodeProto] = {}
+    own: set[int] = set()  # fusions of the all level's own, in extended tensor names
     for i, node in enumerate(optimised.node):
         if node.domain == _NCHWC and node.op_type in _REORDERS:
             same.merge((node.input[0], node.output[0]))
+            continue
+        if _own_fusion(node, by_name, known):
+            own.add(i)
             continue
         origin = counterpart[i] = _counterpart(node, by_name, producer)
         pairs = list(zip(node.input, origin.input, strict=False))
@@ -234,6 +242,14 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
     del restored.node[:]
     written: set[str] = set()
     for i, node in enumerate(optimised.node):
+        if i in own:
+            copy = restored.node.add()
+            copy.CopyFrom(node)
+            copy.input[:] = [names.get(t, t) for t in node.input]
+            if written.intersection(node.output):
+                raise LayoutError(f"two nodes compute {', '.join(node.output)}")
+            written.update(node.output)
+            continue
         if i not in counterpart:
             continue
         copy = restored.node.add()
@@ -251,6 +267,20 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
             copy.output[j] = name
         copy.input[:] = [names.get(t, t) for t in node.input]
     return restored
+
+
+def _own_fusion(
+    node: onnx.NodeProto, by_name: Mapping[str, onnx.NodeProto], known: set[str]
+) -> bool:
+    """Whether an all-level node is a fusion the extended level does not make, outside the
+    NCHWc layout, computing extended tensors: kept as it is, the claim walk maps it like any
+    other (a float16 model's `SimplifiedLayerNormalization`, fused once the casts that the CPU
+    provider wraps around float16 nodes are removed)."""
+    return (
+        node.name not in by_name
+        and node.domain != _NCHWC
+        and all(t in known for t in node.output if t)
+    )
 
 
 def _counterpart(

@@ -256,6 +256,26 @@ def test_zoo_residual_blocks_are_one_cpu_group(tmp_path: Path) -> None:
     assert len(groups) == 58  # 90 at the extended level
 
 
+def test_float16_norms_fused_by_the_all_level_alone_map_back(tmp_path: Path, caplog) -> None:
+    """The CPU provider wraps float16 nodes in casts, so only the all level, with the casts
+    between them gone, fuses a norm (`SimplifiedLayerNormalization`): a node the extended
+    graph lacks, kept as it is rather than dropping the all level's fusions with a warning."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(
+        zoo.bert_encoder(layers=1, hidden=64, heads=2, seq=16, vocab=100), keep_io_types=True
+    )
+    loaded, graph = _load(half, tmp_path)
+    extended = fusion.optimised_graph(loaded, CPU)
+    optimised = fusion.optimised_graph(loaded, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    assert "SimplifiedLayerNormalization" in {n.op_type for n in optimised.node}
+    assert "SimplifiedLayerNormalization" not in {n.op_type for n in extended.node}
+    restored = fusion.restore_layout(extended, optimised)
+    assert "SimplifiedLayerNormalization" in {n.op_type for n in restored.node}
+    _assert_partition_dag(graph, fusion_groups(loaded, graph, [CPU]))
+    assert "extended level only" not in caplog.text
+
+
 # ---------------------------------------------------------------- cycles
 def test_interleaved_fusions_are_contracted_into_one_group(tmp_path: Path) -> None:
     """If {relu, join} were one fusion and {left} another, relu → left → join would be a
