@@ -124,7 +124,7 @@ def load_model(
         raise ValueError("a symbolic load takes no input shapes")
     path = Path(path)
     model = _read(path, check)
-    _drop_initializer_inputs(model)
+    _tidy_interface(model)
     if not symbolic:
         _apply_input_shapes(model, input_shapes or {}, path)
         _price_batch_at_one(model, path)
@@ -150,7 +150,7 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     those values.) Call it on a file that `load_model` accepted."""
     path = Path(path)
     model = read_skeleton(path)
-    _drop_initializer_inputs(model)
+    _tidy_interface(model)
     del model.graph.value_info[:]  # a file's own value_info may be stale (exported at batch 1)
     try:
         model = onnx.shape_inference.infer_shapes(model)
@@ -210,6 +210,23 @@ def _ort_refuses(model: onnx.ModelProto) -> str | None:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _tidy_interface(model: onnx.ModelProto) -> None:
+    """The model's inputs and outputs as every later step reads them."""
+    _drop_initializer_inputs(model)
+    _open_negative_dims(model)
+
+
+def _open_negative_dims(model: onnx.ModelProto) -> None:
+    """A dimension some exporters write as the value -1 (PaddlePaddle's) is an open one, as
+    ONNX Runtime reads it: it becomes a dimension of no fixed size."""
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.HasField("tensor_type"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value < 0:
+                    dim.ClearField("dim_value")
 
 
 def _drop_initializer_inputs(model: onnx.ModelProto) -> None:

@@ -165,6 +165,23 @@ def test_symbolic_load_keeps_the_file_s_dimensions(tmp_path: Path) -> None:
         load_model(_batch_only(tmp_path), {"x": [1, 2, 3]}, symbolic=True)
 
 
+def test_a_dimension_written_as_minus_one_is_open(tmp_path: Path) -> None:
+    """PaddlePaddle writes an open dimension as the value -1 (PP-OCR's classifier takes
+    [-1, 3, '?', '?']), which ONNX Runtime reads as open: `--input-shape x=1x2x3` was refused
+    with "dimension 0 is fixed at -1 in the model"."""
+    path = _batch_only(tmp_path)
+    m = onnx.load(path)
+    for value in (m.graph.input[0], m.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(m, path)
+    assert build_graph(load_model(path, {"x": [8, 2, 3]})).tensors["r"].shape == (8, 6)
+    assert build_graph(load_model(path)).tensors["y"].shape == (1, 4)  # priced at 1
+    assert dynamic_shapes(path)["x"] == (-1, 2, 3)
+    assert dynamic_shapes(path)["y"] == (-1, 4)
+    served = load_model(path, symbolic=True).graph.input[0].type.tensor_type.shape.dim
+    assert not served[0].HasField("dim_value")
+
+
 def test_dynamic_shapes_mark_what_varies_with_the_batch(tmp_path: Path) -> None:
     shapes = dynamic_shapes(_batch_only(tmp_path))
     assert shapes["x"] == (-1, 2, 3)
