@@ -4,7 +4,8 @@
         [--url 127.0.0.1:8001] [--output y] [--save DIR] [--timeout 30]
 
 An input is a .npy file or a JSON value; `--inputs` reads a JSON object {name: value}. JSON values
-take the input's datatype from the model's metadata. `--save` writes each output as NAME.npy.
+take the input's datatype from the model's metadata. `--save` writes each output as NAME.npy,
+a `/` in the name written as `_` (`head/probs` → `head_probs.npy`).
 
 The metadata call comes first and waits at most `CONNECT_S`: an address where nothing answers
 (a firewall that drops packets, a port that is not the gateway's gRPC port) fails in seconds
@@ -161,10 +162,17 @@ def run(args: argparse.Namespace) -> int:
                     "check the inputs' shapes, or raise the server's --max-request-bytes"
                 ) from None
             raise MoiraiError(f"gateway {args.url}: {e.code().name}: {e.details()}") from None
+    files = {name: f"{name.replace('/', '_')}.npy" for name in outputs}
+    if args.save and len(set(files.values())) < len(files):
+        raise MoiraiError(
+            f"--save {args.save}: outputs {', '.join(map(repr, files))} would share a file "
+            "name; ask for one at a time with --output"
+        )
     for name, array in outputs.items():
         print(f"{name}: {array.dtype} {list(array.shape)}")
         print(np.array2string(array, threshold=20, edgeitems=3))
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
-            np.save(args.save / f"{name}.npy", array)
+            np.save(args.save / files[name], array)
+            print(f"saved to {args.save / files[name]}")
     return 0

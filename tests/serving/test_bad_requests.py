@@ -11,6 +11,7 @@ from collections.abc import Callable
 import aiohttp
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from stage_server import codec, oip_http
@@ -308,3 +309,27 @@ async def test_moirai_infer_of_a_tensor_over_the_size_limit_names_the_shapes(
     np.save(good, models.random_inputs(model)["x"])
     argv = ["infer", "--url", c.grpc_url, "--model", "mlp", "--input", f"x={good}"]
     assert await asyncio.to_thread(main, argv) == 0
+
+
+async def test_moirai_infer_saves_an_output_whose_name_has_a_slash(
+    cluster, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PaddlePaddle's exports name outputs like 'save_infer_model/scale_0.tmp_1': `--save`
+    wrote DIR/save_infer_model/scale_0.tmp_1.npy and failed on the missing folder, after the
+    answer had been printed. Now the file is DIR/save_infer_model_scale_0.tmp_1.npy."""
+    from moirai.cli import main
+
+    model = models.mlp(width=8, depth=2)
+    slashed = "save_infer_model/scale_0.tmp_1"
+    for node in model.graph.node:
+        node.output[:] = [slashed if t == "y" else t for t in node.output]
+    model.graph.output[0].name = slashed
+    c = await cluster(model, split_plan(model, 2))
+    x = tmp_path / "x.npy"
+    np.save(x, models.random_inputs(model)["x"])
+    out = tmp_path / "out"
+    argv = ["infer", "--url", c.grpc_url, "--model", "mlp", "--input", f"x={x}", "--save", str(out)]
+    assert await asyncio.to_thread(main, argv) == 0, capsys.readouterr().err
+    saved = np.load(out / "save_infer_model_scale_0.tmp_1.npy")
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": np.load(x)})[0]
+    np.testing.assert_allclose(saved, want, rtol=1e-5, atol=1e-6)
