@@ -702,7 +702,10 @@ def measure_device(
             ]
         if untimed:
             say(f"{len(untimed)} groups to time as sub-models")
-            alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
+            try:
+                alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
+            except Exception as e:  # ORT raises its own types, without a common base
+                raise ProfileError(_untimeable(target, e)) from None
             scale = 1.0
             if run_ms is not None and not timings:
                 total = sum(max(0.0, _fastest(ms) - overhead) for ms in alone.values())
@@ -778,6 +781,20 @@ def _try_whole(
     log.warning("%s: the whole model cannot run there (%s): timing groups alone", target, problem)
     say("the whole model does not run here: every group as a sub-model")
     return None
+
+
+def _untimeable(target: Target, error: Exception) -> str:
+    """Why `target` cannot time a model whose groups fail as sub-models, and the way out: a
+    model that runs only on meaningful values (silero-vad's sample rate, which selects the
+    branch of an `If` and is 0 in `_feeds`), or whose unused branch ONNX Runtime cannot type
+    at the planned input shapes."""
+    problem = " ".join(str(error).split())
+    problem = problem if len(problem) <= 300 else problem[:297] + "..."
+    return (
+        f"{target}: the model cannot be timed here, on random floats and zero integers "
+        f"({problem}); plan with --profile analytic (on Kubernetes spec.profiling.mode: "
+        "analytic), which runs nothing"
+    )
 
 
 def _needed_bytes(graph: OpGraph) -> int:
