@@ -9,8 +9,9 @@ their own terms (flags, a PlacedModel's pools and profiling Jobs); `resolve` tur
   in the one `cpu_devices` asks for (`moirai.planning.cpu.split_cpu`); a path is a devices file;
   a `DeviceSet` is taken as it is (the operator's pools);
 - input shapes: `NAME=DIMS` flags or a mapping;
-- profile (by default measured where the devices are at hand, `local`, and analytic for a
-  devices file): `analytic` (roofline, no hardware), `measured` (this machine's devices,
+- profile (by default measured where the devices are at hand, `local`, falling back to analytic
+  for a model that cannot be timed, `moirai.profile.fallback`; analytic for a devices file):
+  `analytic` (roofline, no hardware), `measured` (this machine's devices,
   measured now or taken from the profile cache, with the loopback link between two local stage
   servers; the devices of every device set are timed in turns, so the groupings the planner
   compares met the same load, `moirai.profile.turns`), the path of a profile file from
@@ -164,6 +165,7 @@ def resolve(
     from moirai.profile.document import ProfileDocument
 
     device_sets = resolve_devices(devices, cpu_devices)
+    defaulted = profile is None
     if profile is None:
         profile = default_profile(devices)
     shapes = (
@@ -174,15 +176,16 @@ def resolve(
     if isinstance(profile, str | Path) and str(profile) not in (ANALYTIC, MEASURED):
         profile, origin = ProfileDocument.load(profile), str(profile)
     model = load(model_path, shapes)
-    return PlanningInputs(
+    chosen = resolve_profile(
+        profile,
         model,
-        device_sets,
-        resolve_profile(
-            profile,
-            model,
-            cache_dir=cache_dir,
-            progress=progress,
-            origin=origin,
-            device_sets=device_sets,
-        ),
+        cache_dir=cache_dir,
+        progress=progress,
+        origin=origin,
+        device_sets=device_sets,
     )
+    if defaulted and profile == MEASURED:
+        from moirai.profile.fallback import MeasuredElseAnalytic
+
+        chosen = MeasuredElseAnalytic(chosen)
+    return PlanningInputs(model, device_sets, chosen)

@@ -614,8 +614,9 @@ def time_in_turns(
     progress: Progress | None = None,
 ) -> dict[str, Turns]:
     """The whole model's runs on every target, in turns (`moirai.profile.turns`): target name →
-    its runs and the load they met. A target whose session cannot be made, or that does not
-    fit in memory beside the others, is left out (`measure_device` times it alone)."""
+    its runs and the load they met. A target whose session cannot be made or run (one trial
+    run, before the warm-up), or that does not fit in memory beside the others, is left out
+    (`measure_device` times it alone)."""
     settings = settings or Settings()
     feeds = _feeds(graph)
     outputs = list(graph.outputs)
@@ -630,8 +631,9 @@ def time_in_turns(
             try:
                 with _pinned(target):
                     runner = _Runner(_session(model, target), feeds, outputs, target)
+                    runner.run()
             except Exception as e:  # ORT raises its own types, without a common base
-                log.info("%s: no whole-model session for the turns (%s)", target, e)
+                log.info("%s: no whole-model run for the turns (%s)", target, e)
                 continue
             contenders[name] = Contender(
                 run=runner.run, cores=_cores(target), pinned=lambda t=target: _pinned(t)
@@ -705,7 +707,7 @@ def measure_device(
             try:
                 alone = _run_submodels(model, graph, groups, untimed, target, settings, feeds, say)
             except Exception as e:  # ORT raises its own types, without a common base
-                raise ProfileError(_untimeable(target, e)) from None
+                raise UntimeableError(target, e) from None
             scale = 1.0
             if run_ms is not None and not timings:
                 total = sum(max(0.0, _fastest(ms) - overhead) for ms in alone.values())
@@ -783,18 +785,27 @@ def _try_whole(
     return None
 
 
-def _untimeable(target: Target, error: Exception) -> str:
-    """Why `target` cannot time a model whose groups fail as sub-models, and the way out: a
-    model that runs only on meaningful values (silero-vad's sample rate, which selects the
-    branch of an `If` and is 0 in `_feeds`), or whose unused branch ONNX Runtime cannot type
-    at the planned input shapes."""
-    problem = " ".join(str(error).split())
-    problem = problem if len(problem) <= 300 else problem[:297] + "..."
-    return (
-        f"{target}: the model cannot be timed here, on random floats and zero integers "
-        f"({problem}); plan with --profile analytic (on Kubernetes spec.profiling.mode: "
-        "analytic), which runs nothing"
-    )
+class UntimeableError(ProfileError):
+    """`target` cannot time the model: its groups fail as sub-models (`problem`, ONNX Runtime's
+    words). A model that runs only on meaningful values (silero-vad's sample rate, which picks
+    the branch of an `If` and is 0 in `_feeds`), or whose unused branch ONNX Runtime cannot
+    type at the planned input shapes. Analytic costs still price it."""
+
+    def __init__(self, target: Target, error: Exception) -> None:
+        problem = " ".join(str(error).split())
+        self.target = target
+        self.problem = problem if len(problem) <= 300 else problem[:297] + "..."
+        super().__init__(
+            f"{self.reason}; plan with --profile analytic (on Kubernetes spec.profiling.mode: "
+            "analytic), which runs nothing"
+        )
+
+    @property
+    def reason(self) -> str:
+        return (
+            f"{self.target}: the model cannot be timed here, on random floats and zero "
+            f"integers ({self.problem})"
+        )
 
 
 def _needed_bytes(graph: OpGraph) -> int:

@@ -9,16 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from moirai.cli import main
 from moirai.devices import local_devices
 from moirai.errors import MoiraiError
-from moirai.planning import load, resolve
+from moirai.planning import build_costgraph, load, resolve
 from moirai.planning.cpu import available_cores, split_cpu
 from moirai.planning.inputs import default_profile, resolve_devices
 from moirai.planning.space import cpu_groupings
 from moirai.profile.analytic import AnalyticProfile
+from moirai.profile.document import ProfileError
 
 from .onnx_patterns import diamond, save
 
@@ -58,6 +61,39 @@ def test_measured_is_the_default_where_the_devices_are_at_hand(tmp_path: Path) -
     assert default_profile("local") == "measured"
     assert default_profile(tmp_path / "devices.yaml") == "analytic"
     assert default_profile(local_devices()) == "analytic"  # the operator's pools
+
+
+def _range_of_a_step(path: Path) -> Path:
+    """Range(0, 8, step) with the step an input: it fails on the zero that profiling feeds, as
+    silero-vad fails on a sample rate of 0."""
+    graph = helper.make_graph(
+        [helper.make_node("Range", ["start", "limit", "step"], ["r"])],
+        "steps",
+        [helper.make_tensor_value_info("step", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("r", TensorProto.INT64, ["n"])],
+        [numpy_helper.from_array(np.array(0, np.int64), "start"),
+         numpy_helper.from_array(np.array(8, np.int64), "limit")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return save(model, path)
+
+
+def test_a_model_that_cannot_be_timed_is_planned_analytically_unless_measured_is_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ONNX Runtime's exception escaped profiling; now a defaulted measured profile prices the
+    model analytically with a warning, and `--profile measured` stops with what to do."""
+    path = _range_of_a_step(tmp_path / "steps.onnx")
+    asked = resolve(path, "local", cpu_devices=1, profile="measured", cache_dir=tmp_path)
+    with pytest.raises(ProfileError) as e:
+        build_costgraph(asked.model, asked.devices, profile=asked.profile)
+    assert "\n" not in str(e.value) and "random floats and zero integers" in str(e.value)
+    assert "--profile analytic" in str(e.value)
+    default = resolve(path, "local", cpu_devices=1, cache_dir=tmp_path)
+    costgraph = build_costgraph(default.model, default.devices, profile=default.profile)
+    assert costgraph.extra["source"]["profile"] == "analytic"
+    assert "planned with analytic costs instead" in caplog.text
 
 
 def test_a_profile_file_is_read_before_the_model(tmp_path: Path) -> None:
