@@ -94,7 +94,13 @@ def border_problem(value: TypeProto) -> str | None:
             if kind == "tensor_type"
             else {"sequence_type": "a sequence", "optional_type": "an optional"}.get(kind, kind)
         )
-        return f"is {name}: serving supports {', '.join(ONNX_DATATYPES.values())}"
+        hint = (
+            " (a scikit-learn classifier's probabilities: convert it without ZipMap, skl2onnx's "
+            "options={'zipmap': False})"
+            if kind == "sequence_type"
+            else ""
+        )
+        return f"is {name}: serving supports {', '.join(ONNX_DATATYPES.values())}{hint}"
     if not value.tensor_type.HasField("shape"):  # not a scalar: a tensor of unknown rank
         return (
             "has no inferable rank, so it cannot cross a stage border; give static input shapes "

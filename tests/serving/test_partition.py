@@ -277,3 +277,28 @@ def test_stages_compute_the_bits_of_the_whole_model(tmp_path: Path) -> None:
         assert plan.inputs[0].shape == (-1, 16)
         got = run_sequential(load_model(path, symbolic=True), plan, inputs)
         np.testing.assert_array_equal(got["last_hidden_state"], want["last_hidden_state"])
+
+
+def test_a_zipmap_output_is_refused_with_the_way_to_export_without_it() -> None:
+    """A scikit-learn classifier converted by skl2onnx returns its probabilities as a sequence
+    of maps (ZipMap), which no Open Inference Protocol tensor carries: the refusal says how to
+    convert it so that it returns a tensor."""
+    from onnx import TensorProto, helper
+
+    labels = helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(1, []))
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["p"], "softmax", axis=1),
+         helper.make_node("ZipMap", ["p"], ["z"], "zipmap", domain="ai.onnx.ml",
+                          classlabels_int64s=[0, 1])],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_value_info("z", labels)],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    assignment = {n.name: "cpu-0" for n in model.graph.node}
+    with pytest.raises(ModelError, match=r"is a sequence: .*options=\{'zipmap': False\}"):
+        build_plan(model, assignment, DEVICES[:1])
