@@ -305,9 +305,13 @@ def run(args: argparse.Namespace) -> int:
             nonlocal stopping
             stopping = True
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous: dict[int, object] = {}
         try:
+            # Until every server is up, Ctrl-C and SIGTERM unwind as while planning (`moirai.cli`:
+            # status 130 or 143, the servers started so far stopped), rather than leave start-up
+            # waiting and then take the stage servers that the same Ctrl-C stopped for crashed.
             deployment.start()
+            previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
             endpoint = deployment.endpoint
             web = "https" if endpoint.tls else "http"
             scrape = "https" if endpoint.tls and endpoint.metrics_port is None else "http"

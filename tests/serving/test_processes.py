@@ -174,6 +174,36 @@ def test_serve_and_infer_commands_restart_and_sigterm_leaves_no_process(tmp_path
     assert not any(alive(int(pid)) for pid in children)
 
 
+def test_ctrl_c_during_start_up_stops_as_while_planning(tmp_path: Path) -> None:
+    """Ctrl-C while the stage servers start (the terminal signals the whole process group)
+    used to end `moirai serve` with status 2 and "cpu-0 exited with status 130 during
+    start-up": the stage server that the same Ctrl-C stopped was taken for crashed. Now it
+    unwinds as while planning: "interrupted", status 130, no process left."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(models.mlp(width=32, depth=4), path)
+    from moirai.runtime.local import free_ports
+
+    grpc_port, http_port = free_ports(2)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "moirai", "serve", str(path), "--cpu-devices", "1",
+         "--time-limit", "2", "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert serve.stdout is not None
+    lines = []
+    for line in serve.stdout:
+        lines.append(line)
+        if re.match(r"\s+s0 on ", line):  # the plan is printed: the servers start next
+            break
+    time.sleep(0.3)  # a stage server takes seconds to import ONNX Runtime and gRPC
+    os.killpg(serve.pid, signal.SIGINT)
+    output = "".join(lines) + serve.stdout.read()
+    assert serve.wait(timeout=30) == 130, output
+    assert "moirai: interrupted" in output and "during start-up" not in output, output
+    left = subprocess.run(["pgrep", "-s", str(serve.pid)], capture_output=True, text=True)
+    assert not left.stdout.split(), left.stdout
+
+
 def metric(deployment: LocalDeployment, name: str, **labels: str) -> dict[str, float]:
     """Samples of metric `name` with `labels`, by device, from the front end's /metrics."""
     with urllib.request.urlopen(f"http://{deployment.metrics_url}/metrics") as response:
