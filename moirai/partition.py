@@ -102,11 +102,34 @@ def typed_values(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, onnx
         types.update(_value_types(inferred))
     missing = [n for n in names if n not in types]
     if missing:
-        raise ModelError(
-            f"tensor {missing[0]!r} has no inferable type; give static input shapes "
-            "(--input-shape) so that shape inference can type it"
-        )
+        raise ModelError(_untyped(model, missing[0]))
     return {n: types[n] for n in names}
+
+
+def _untyped(model: onnx.ModelProto, name: str) -> str:
+    """Why tensor `name` has no type, and what to do: static input shapes where an input has
+    an open dimension; otherwise neither ONNX nor ONNX Runtime typed it at the shapes given
+    (`moirai.graph` warns why ONNX Runtime could not), and no input shape would help."""
+    producer = next((n for n in model.graph.node if name in n.output), None)
+    made = f" ({producer.op_type} node {producer.name!r})" if producer is not None else ""
+    weights = {i.name for i in model.graph.initializer}
+    open_inputs = [
+        i.name
+        for i in model.graph.input
+        if i.name not in weights
+        and i.type.HasField("tensor_type")
+        and not all(d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)
+    ]
+    if open_inputs:
+        return (
+            f"tensor {name!r}{made} has no inferable type; give static input shapes "
+            f"(--input-shape {open_inputs[0]}=...) so that shape inference can type it"
+        )
+    return (
+        f"tensor {name!r}{made} has no type: neither ONNX's shape inference nor ONNX Runtime "
+        "could type it at the input shapes given (a warning above may say why), so no stage "
+        "border can carry it"
+    )
 
 
 def _spec(

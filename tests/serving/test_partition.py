@@ -302,3 +302,31 @@ def test_a_zipmap_output_is_refused_with_the_way_to_export_without_it() -> None:
     assignment = {n.name: "cpu-0" for n in model.graph.node}
     with pytest.raises(ModelError, match=r"is a sequence: .*options=\{'zipmap': False\}"):
         build_plan(model, assignment, DEVICES[:1])
+
+
+@pytest.mark.parametrize("batch", [1, "n"], ids=["static", "symbolic"])
+def test_an_untyped_border_tensor_names_its_node_and_asks_for_shapes_only_where_open(
+    batch: int | str,
+) -> None:
+    """A tensor that neither ONNX nor ONNX Runtime could type cannot cross a stage border.
+    The refusal asked for --input-shape even where every input was static (the Normalizer of
+    onnxruntime's own logreg_iris.onnx, at [3, 2]), which no shape would fix: now it names the
+    node that makes it, and asks for a shape only where an input has an open dimension."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["t"], "mystery", domain="test.untyped"),
+         helper.make_node("Relu", ["t"], ["y"], "relu")],
+        "untyped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("test.untyped", 1)]
+    )
+    assignment = {"mystery": "cpu-0", "relu": "cpu-1"}
+    with pytest.raises(ModelError) as refused:
+        build_plan(model, assignment, DEVICES[:2])
+    message = str(refused.value)
+    assert "'t' (Mystery node 'mystery')" in message
+    assert ("--input-shape x=" in message) == (batch == "n"), message
