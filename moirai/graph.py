@@ -128,6 +128,8 @@ def load_model(
     if not symbolic:
         _apply_input_shapes(model, input_shapes or {}, path)
         _price_batch_at_one(model, path)
+        if input_shapes:
+            _check_input_shapes_run(model, path, input_shapes)
         model = _infer_shapes(model, path)
         _check_static_inputs(model, path)
     for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
@@ -315,6 +317,37 @@ def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return inferred
 
 
+def _check_input_shapes_run(model: onnx.ModelProto, path: Path, shapes: InputShapes) -> None:
+    """Refuse input shapes that the model's operators cannot take (a YOLO detector at 33x47,
+    whose Concat then joins feature maps of different sizes), in ONNX's words, which name the
+    node: where ONNX's strict shape inference finds a contradiction and ONNX Runtime refuses
+    the model at those shapes too (ONNX's inference alone can be stricter than ONNX Runtime).
+    Else such shapes went on to a profile that cannot run them. The file's `value_info` is left
+    out: it may be stale (exported at batch 1)."""
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.graph.value_info[:]
+    try:
+        onnx.shape_inference.infer_shapes(bare, strict_mode=True)
+        return
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+        if "ShapeInferenceError" not in str(e):
+            return
+        problem = _one_line(e)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort_session(bare, options, ["CPUExecutionProvider"])
+        return
+    except Exception:  # ORT raises its own exception types, without a common base
+        given = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+        raise ModelError(
+            f"{path}: the model cannot run at --input-shape {given}: {problem}; give sizes its "
+            "operators take"
+        ) from None
+
+
 def _static(value_type: onnx.TypeProto) -> bool:
     tensor_type = value_type.tensor_type
     return tensor_type.HasField("shape") and all(
@@ -344,12 +377,14 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     try:
         session = ort_session(probe, options, ["CPUExecutionProvider"])
         answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
+        # Sequences and maps (a ZipMap's output) have no shape to measure.
+        tensors = [t for t in missing if answers[t][0].startswith("tensor(")]
         # A shape of [] is a scalar or a tensor of unknown rank (a Loop's output): measured.
         if not all(
-            answers[t][1] and all(isinstance(d, int) for d in answers[t][1]) for t in missing
+            answers[t][1] and all(isinstance(d, int) for d in answers[t][1]) for t in tensors
         ):
-            shapes = _probe_shapes(session, missing)
-            answers.update({t: (answers[t][0], s) for t, s in zip(missing, shapes, strict=True)})
+            shapes = _probe_shapes(session, tensors)
+            answers.update({t: (answers[t][0], s) for t, s in zip(tensors, shapes, strict=True)})
     except Exception as e:  # ORT raises its own exception types, without a common base
         log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
         return
@@ -417,7 +452,7 @@ def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
         dims = tensor_type.shape.dim
         unknown = [(axis, d) for axis, d in enumerate(dims) if not d.HasField("dim_value")]
         if not tensor_type.HasField("shape") or unknown:
-            example = "x".join(str(d.dim_value or 1) for d in dims) or "1x3x224x224"
+            example = "x".join(_example_dim(d) for d in dims) or "1x3x224x224"
             what = (
                 f"dimension {unknown[0][0]} ({unknown[0][1].dim_param or 'unnamed'!r}) is symbolic"
                 if unknown
@@ -427,6 +462,14 @@ def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
                 f"{path}: input {value.name!r} {what}: give its size, e.g. "
                 f"--input-shape {value.name}={example}"
             )
+
+
+def _example_dim(dim: onnx.TensorShapeProto.Dimension) -> str:
+    """A dimension in an example `--input-shape`: its size, or where it has none a placeholder
+    named as the model names it (`<height>`), else `<size>`."""
+    if dim.HasField("dim_value"):
+        return str(dim.dim_value)
+    return f"<{dim.dim_param}>" if dim.dim_param.isidentifier() else "<size>"
 
 
 def _dims_text(dims: Iterable[int]) -> str:
@@ -584,11 +627,13 @@ def build_graph(model: onnx.ModelProto) -> OpGraph:
         inputs=tuple(i.name for i in graph.input),
         outputs=tuple(o.name for o in graph.output),
     )
-    if op_graph.unknown_shapes:
+    unknown = op_graph.unknown_shapes
+    if unknown:
         log.warning(
-            "%d tensors have no static shape after inference (e.g. %s); they count as 0 bytes",
-            len(op_graph.unknown_shapes),
-            op_graph.unknown_shapes[0],
+            "%s no static shape after inference (e.g. %s); %s as 0 bytes",
+            "1 tensor has" if len(unknown) == 1 else f"{len(unknown)} tensors have",
+            unknown[0],
+            "it counts" if len(unknown) == 1 else "they count",
         )
     return op_graph
 
