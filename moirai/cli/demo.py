@@ -1,6 +1,6 @@
-"""`moirai demo`: Moirai's main job, end to end, on a bundled model.
+"""`moirai demo`: Moirai's main job, end to end, on a bundled model or your own.
 
-    moirai demo [--model squeezenet] [--requests 30] [--concurrency 8] [--window 2]
+    moirai demo [--model squeezenet|model.onnx] [--requests 30] [--concurrency 8] [--window 2]
                 [planning flags]
 
 The objective defaults to throughput here (pipelines or copies of the model over every device),
@@ -8,7 +8,8 @@ and the profile to measured (cached after the first run).
 
 Plans the model over this machine's devices (the CPU's cores grouped as serves best, GPUs when
 present), serves it with one stage server per device and the gateway, sends requests through the
-Open Inference Protocol, checks every output against single-process ONNX Runtime on the whole
+Open Inference Protocol (random inputs at the priced shapes: `--input-shape` for a model with
+symbolic dimensions), checks every output against single-process ONNX Runtime on the whole
 model, prints the plan, the latency and throughput predicted for the plan as served against the
 measured ones and those of in-process ONNX Runtime with as many threads, and shuts everything
 down. Throughput is counted over a window of `--window` seconds, after a warm-up, for the
@@ -36,8 +37,12 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="plan, serve and check a bundled model end to end")
-    p.add_argument("--model", default="squeezenet", help="bundled model (moirai.zoo)")
+    p = subparsers.add_parser("demo", help="plan, serve and check a model end to end")
+    p.add_argument(
+        "--model",
+        default="squeezenet",
+        help="a bundled model (moirai.zoo: " + ", ".join(_bundled()) + ") or an ONNX file",
+    )
     p.add_argument("--requests", type=positive_int, default=30, help="sequential requests timed")
     p.add_argument(
         "--concurrency", type=positive_int, default=8, help="requests in flight for throughput"
@@ -93,17 +98,38 @@ def _runs_per_second(run: Callable[[], object], seconds: float) -> tuple[float, 
     return runs / (time.perf_counter() - start), cpu / max(runs, 1)
 
 
+def _bundled() -> list[str]:
+    from moirai import zoo
+
+    return list(zoo.names())
+
+
+def _model(name: str) -> tuple[Path, dict[str, list[int]] | None]:
+    """The file of `--model` and the input shapes it is priced at (None: `--input-shape`)."""
+    from moirai import zoo
+    from moirai.errors import MoiraiError
+
+    if name in zoo.names():
+        return zoo.get(name), zoo.input_shapes(name)
+    if Path(name).is_file():
+        return Path(name), None
+    raise MoiraiError(
+        f"--model {name}: no bundled model and no file of that name; bundled models are "
+        f"{', '.join(zoo.names())}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from moirai import zoo
+    from moirai.errors import MoiraiError
     from moirai.planning import Prediction, describe
     from moirai.runtime.local import LocalDeployment
     from stage_server.client import InferenceClient
     from stage_server.codec import DTYPES
 
-    path = zoo.get(args.model)
-    planned = plan_from_args(args, path, zoo.input_shapes(args.model))
+    path, shapes = _model(args.model)
+    planned = plan_from_args(args, path, shapes)
     plan = planned.plan
     print(describe(plan), flush=True)
     rng = np.random.default_rng(0)
@@ -122,7 +148,14 @@ def run(args: argparse.Namespace) -> int:
     options.intra_op_num_threads = max(1, threads)
     single = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in plan.outputs]
-    expected = [dict(zip(names, single.run(names, s), strict=True)) for s in samples]
+    try:
+        expected = [dict(zip(names, single.run(names, s), strict=True)) for s in samples]
+    except Exception as e:  # ORT raises its own exception types, without a common base
+        problem = " ".join(str(e).split())[:300]
+        raise MoiraiError(
+            f"{path}: ONNX Runtime cannot run the model on random inputs ({problem}): serve it "
+            "with moirai serve and send your own with moirai infer"
+        ) from None
     times = []
     for _ in range(args.requests):
         t0 = time.perf_counter()
