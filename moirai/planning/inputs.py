@@ -186,6 +186,8 @@ def resolve(
     )
     if defaulted and profile == MEASURED:
         from moirai.profile.fallback import MeasuredElseAnalytic
+        from moirai.profile.measured import MeasuredProfile
 
+        assert isinstance(chosen, MeasuredProfile)
         chosen = MeasuredElseAnalytic(chosen)
     return PlanningInputs(model, device_sets, chosen)
