@@ -247,12 +247,27 @@ def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
 
 
 def _apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, path: Path) -> None:
+    """The user's shapes, by input (`x=1x3x224x224`), or by the name of a symbolic dimension
+    (`sequence=128`: that dimension of every input that has it, as ONNX Runtime's free
+    dimension overrides; a transformer's dozens of cache inputs share one `past_sequence`)."""
     inputs = {i.name: i for i in model.graph.input}
+    named = _symbolic_dims(model)
+    sizes: dict[str, int] = {}
     for name, dims in shapes.items():
+        if name not in inputs and name in named:
+            dims = list(dims)
+            if len(dims) != 1 or not isinstance(dims[0], int | np.integer) or dims[0] <= 0:
+                raise ModelError(
+                    f"{path}: --input-shape {name}=... names a dimension: give its size as one "
+                    f"positive integer, e.g. {name}=128"
+                )
+            sizes[name] = int(dims[0])
+            continue
         if name not in inputs:
             raise ModelError(
                 f"{path}: --input-shape names unknown input {name!r}; the model's inputs are "
                 f"{', '.join(inputs) or '(none)'}"
+                + (f", its symbolic dimensions {', '.join(sorted(named))}" if named else "")
             )
         dims = list(dims)
         if not dims or not all(isinstance(d, int | np.integer) and d > 0 for d in dims):
@@ -275,6 +290,21 @@ def _apply_input_shapes(model: onnx.ModelProto, shapes: InputShapes, path: Path)
         del shape.dim[:]
         for size in dims:
             shape.dim.add().dim_value = int(size)
+    for value in model.graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+
+
+def _symbolic_dims(model: onnx.ModelProto) -> set[str]:
+    """The names of the inputs' symbolic dimensions."""
+    return {
+        d.dim_param
+        for i in model.graph.input
+        if i.type.HasField("tensor_type")
+        for d in i.type.tensor_type.shape.dim
+        if d.dim_param and not d.HasField("dim_value")
+    }
 
 
 def _price_batch_at_one(model: onnx.ModelProto, path: Path) -> None:
@@ -458,9 +488,14 @@ def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
                 if unknown
                 else "has no shape"
             )
+            by_name = (
+                f" (or --input-shape {unknown[0][1].dim_param}=SIZE for every input that has it)"
+                if unknown and unknown[0][1].dim_param.isidentifier()
+                else ""
+            )
             raise ModelError(
                 f"{path}: input {value.name!r} {what}: give its size, e.g. "
-                f"--input-shape {value.name}={example}"
+                f"--input-shape {value.name}={example}{by_name}"
             )
 
 

@@ -97,7 +97,8 @@ def add_planning_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=DIMS",
-        help="e.g. x=1x3x224x224 (serving several models: MODEL:NAME=DIMS)",
+        help="e.g. x=1x3x224x224, or a symbolic dimension of every input, e.g. sequence=128 "
+        "(serving several models: MODEL:NAME=DIMS)",
     )
 
 

@@ -214,6 +214,29 @@ def test_a_zipmap_output_leaves_the_other_tensors_shaped(caplog: pytest.LogCaptu
     assert "could not shape" not in caplog.text
 
 
+def test_a_symbolic_dimension_is_sized_by_name_for_every_input(tmp_path: Path) -> None:
+    """A transformer's inputs share their sequence dimensions (a decoder's cache inputs, one
+    `past` each): `--input-shape seq=5` sizes it in every input that has it, where each input
+    had to be given whole, one refusal at a time."""
+    m = model(
+        [helper.make_node("Concat", ["a", "b"], ["y"], name="join", axis=1)],
+        [tensor("a", ["N", "seq", 4]), tensor("b", ["N", "past", 4])],
+        [tensor("y", ["N", "total", 4])],
+    )
+    path = save(m, tmp_path / "kv.onnx")
+    with pytest.raises(ModelError) as e:
+        load_model(path)
+    assert "--input-shape seq=SIZE for every input that has it" in _one_line(e)
+    graph = build_graph(load_model(path, {"seq": [5], "past": [3]}))
+    assert graph.tensors["a"].shape == (1, 5, 4) and graph.tensors["y"].shape == (1, 8, 4)
+    graph = build_graph(load_model(path, {"past": [3], "a": [2, 7, 4], "N": [2]}))
+    assert graph.tensors["y"].shape == (2, 10, 4)  # an input given whole keeps its shape
+    with pytest.raises(ModelError, match=r"give its size as one positive integer, e\.g\. seq=128"):
+        load_model(path, {"seq": [1, 5], "past": [3]})
+    with pytest.raises(ModelError, match="its symbolic dimensions N, past, seq"):
+        load_model(path, {"nope": [1]})
+
+
 def test_dynamic_shapes_mark_what_varies_with_the_batch(tmp_path: Path) -> None:
     shapes = dynamic_shapes(_batch_only(tmp_path))
     assert shapes["x"] == (-1, 2, 3)
