@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import re
+import shutil
 import signal
 import tempfile
 import time
@@ -260,6 +262,28 @@ def _check_declared_batch(name: str, path: Path) -> None:
     check_batchable(name, declared(graph.input), declared(graph.output))
 
 
+WORKDIR_PREFIX = "moirai-serve-"
+OWNER_FILE = "serve.pid"
+"""In a temporary working folder, the process id of the `moirai serve` that made it."""
+
+
+def remove_abandoned_workdirs() -> None:
+    """Remove the temporary working folders (plan, logs) of `moirai serve` runs that were
+    killed (SIGKILL: nothing of theirs ran to remove them), so they do not pile up: this user's
+    folders whose owner process is gone. A folder with no owner file, or whose process id
+    names a live process, stays."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / OWNER_FILE).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no owner file yet, not ours, or a live process of another user
+
+
 def run(args: argparse.Namespace) -> int:
     from moirai.cli.gateway import frontend_ports
     from moirai.planning import describe
@@ -287,7 +311,9 @@ def run(args: argparse.Namespace) -> int:
         if batching[name].enabled:
             check_batchable(name, plan.inputs, plan.outputs)
     models = [LocalModel(plans[n], files[n].resolve(), batching[n]) for n in names]
-    with tempfile.TemporaryDirectory(prefix="moirai-serve-") as tmp:
+    remove_abandoned_workdirs()
+    with tempfile.TemporaryDirectory(prefix=WORKDIR_PREFIX) as tmp:
+        (Path(tmp) / OWNER_FILE).write_text(str(os.getpid()))
         first, *more = models
         deployment = LocalDeployment(
             first.plan,

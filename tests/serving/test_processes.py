@@ -266,3 +266,24 @@ def test_a_plan_of_two_lanes_shares_requests_and_survives_a_lane(
                 assert e.code() == grpc.StatusCode.UNAVAILABLE
                 in_a_row = 0
         assert client.ready()
+
+
+def test_serve_removes_the_working_folders_of_killed_runs(tmp_path: Path, monkeypatch) -> None:
+    """A `moirai serve` killed with SIGKILL leaves its temporary working folder (plan, logs);
+    the next one removes those whose owner process is gone, and no other."""
+    import tempfile
+
+    from moirai.cli.serve import OWNER_FILE, WORKDIR_PREFIX, remove_abandoned_workdirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    folders = {}
+    for label, pid in (("killed", gone.pid), ("running", os.getpid()), ("starting", None)):
+        folders[label] = tmp_path / f"{WORKDIR_PREFIX}{label}"
+        folders[label].mkdir()
+        if pid is not None:
+            (folders[label] / OWNER_FILE).write_text(str(pid))
+    remove_abandoned_workdirs()
+    assert not folders["killed"].exists()
+    assert folders["running"].exists() and folders["starting"].exists()
