@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -543,20 +544,40 @@ async def test_a_deleted_chain_secret_is_made_again_and_rolls_every_pod(
     assert len(kube.applied) == applied
 
 
+ENDPOINT_SECRETS = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
+
+
+@dataclass
+class _Served:
+    """A PlacedModel served with an endpoint token and certificate
+    (`_served_with_endpoint_secrets`)."""
+
+    kube: FakeKube
+    planner: Planner
+    events: Events
+    ctx: Context
+    body: dict[str, Any]
+
+    async def again(self) -> dict[str, str]:
+        """Converge once more from the status last written; each Deployment's rolls."""
+        self.body["status"] = dict(self.kube.status)
+        await converge(self.body, NODES, self.ctx, self.events)
+        return _rolls(self.kube)
+
+
+async def _served_with_endpoint_secrets(model: Path, tmp_path: Path) -> _Served:
+    kube, planner, events = FakeKube(), Planner(), Events()
+    await kube.apply(_secret("clients", token="let-me-in"))
+    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
+    body = make_body(path_spec(model) | {"serving": dict(ENDPOINT_SECRETS)})
+    return _Served(kube, planner, events, context(kube, planner, tmp_path), body)
+
+
 async def test_a_changed_endpoint_secret_rolls_the_gateway_only(
     model: Path, tmp_path: Path
 ) -> None:
-    kube, planner, events = FakeKube(), Planner(), Events()
-    ctx = context(kube, planner, tmp_path)
-    await kube.apply(_secret("clients", token="let-me-in"))
-    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
-    serving = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
-    body = make_body(path_spec(model) | {"serving": serving})
-
-    async def again() -> dict[str, str]:
-        body["status"] = dict(kube.status)
-        await converge(body, NODES, ctx, events)
-        return _rolls(kube)
+    served = await _served_with_endpoint_secrets(model, tmp_path)
+    kube, planner, events, again = served.kube, served.planner, served.events, served.again
 
     first = await again()
     assert {s["name"] for s in kube.status["secrets"]} == {
@@ -803,17 +824,9 @@ async def test_a_refusal_after_the_shared_children_were_updated_says_so(
 async def test_secrets_still_roll_the_previous_plan_while_a_new_spec_fails(
     model: Path, tmp_path: Path
 ) -> None:
-    kube, planner, events = FakeKube(), Planner(), Events()
-    ctx = context(kube, planner, tmp_path)
-    await kube.apply(_secret("clients", token="let-me-in"))
-    await kube.apply(_secret("endpoint-tls", **{"tls.crt": "CERT", "tls.key": "KEY"}))
-    serving = {"authTokenSecret": "clients", "tlsSecret": "endpoint-tls"}
-    body = make_body(path_spec(model) | {"serving": serving})
-
-    async def again() -> dict[str, str]:
-        body["status"] = dict(kube.status)
-        await converge(body, NODES, ctx, events)
-        return _rolls(kube)
+    served = await _served_with_endpoint_secrets(model, tmp_path)
+    kube, planner, body, again = served.kube, served.planner, served.body, served.again
+    serving = dict(ENDPOINT_SECRETS)
 
     first = await again()
     # A bad edit (a Secret the previous plan's pods do not read, a field the spec refuses).
