@@ -29,3 +29,12 @@ class InfeasibleError(MoiraiError):
 
 class SolverError(MoiraiError):
     """A solver is unknown, unavailable, or failed."""
+
+
+def one_line(message: object, limit: int | None = 200) -> str:
+    """`message` (an exception: ONNX Runtime's and the API server's span lines) on one line,
+    cut to `limit` characters with "..." (None: whole), to quote inside a one-line error."""
+    text = " ".join(str(message).split())
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."

@@ -105,7 +105,7 @@ import onnx
 import onnxruntime as ort
 
 from moirai.dag import topological_order
-from moirai.errors import ModelError, MoiraiError
+from moirai.errors import ModelError, MoiraiError, one_line
 from moirai.graph import OpGraph
 from moirai.stageplan import border_problem
 from moirai.weights import optimised_model_without_weights, ort_session
@@ -424,9 +424,8 @@ def optimised_graph(
                 disabled_optimizers=disabled,
             )
         except Exception as e:  # ORT raises its own exception types, without a common base
-            message = " ".join(str(e).split())[:200]
             raise ModelError(
-                f"ONNX Runtime cannot load the model with {provider}: {message}"
+                f"ONNX Runtime cannot load the model with {provider}: {one_line(e)}"
             ) from None
         return onnx.load(written, load_external_data=False).graph
 

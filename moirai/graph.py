@@ -59,7 +59,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from moirai.errors import ModelError
+from moirai.errors import ModelError, one_line
 from moirai.weights import ort_session, read_skeleton
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,7 @@ def load_model(
     if not symbolic:
         _apply_input_shapes(model, input_shapes or {}, path)
         _price_batch_at_one(model, path)
-        if input_shapes:
-            _check_input_shapes_run(model, path, input_shapes)
-        model = _infer_shapes(model, path)
+        model = _infer_shapes(model, path, input_shapes)
         _check_static_inputs(model, path)
     for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
         node.name = name
@@ -157,7 +155,7 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
-        log.warning("%s: symbolic shape inference failed (%s)", path, _one_line(e))
+        log.warning("%s: symbolic shape inference failed (%s)", path, one_line(e))
     graph = model.graph
     shapes = {}
     for value in (*graph.input, *graph.value_info, *graph.output):
@@ -184,7 +182,7 @@ def _read(path: Path, check: bool) -> onnx.ModelProto:
         # Given the path, the checker resolves external data files relative to the model.
         onnx.checker.check_model(str(path))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
-        problem = _one_line(e)
+        problem = one_line(e)
         if _ort_refuses(model) is not None:
             raise ModelError(
                 f"{path}: invalid ONNX model: {problem}; fix or re-export the model"
@@ -197,21 +195,23 @@ def _read(path: Path, check: bool) -> onnx.ModelProto:
     return model
 
 
-def _ort_refuses(model: onnx.ModelProto) -> str | None:
-    """Why ONNX Runtime cannot load `model` (None when it can): it has the last word."""
+def _probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session of `model`, unoptimised and silent: it asks what ONNX Runtime makes of the
+    model (whether it loads it, the shapes it gives), not for speed; a failure is the caller's
+    to report."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4
+    return ort_session(model, options, ["CPUExecutionProvider"])
+
+
+def _ort_refuses(model: onnx.ModelProto) -> str | None:
+    """Why ONNX Runtime cannot load `model` (None when it can): it has the last word."""
     try:
-        ort_session(model, options, ["CPUExecutionProvider"])
+        _probe_session(model)
     except Exception as e:  # ORT raises its own exception types, without a common base
-        return _one_line(e)
+        return one_line(e)
     return None
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _tidy_interface(model: onnx.ModelProto) -> None:
@@ -325,20 +325,24 @@ def _price_batch_at_one(model: onnx.ModelProto, path: Path) -> None:
             first.dim_value = 1
 
 
-def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+def _infer_shapes(
+    model: onnx.ModelProto, path: Path, given: InputShapes | None = None
+) -> onnx.ModelProto:
     """ONNX's shapes in `value_info`; where ONNX cannot infer them, none (ONNX Runtime's are
     then asked for: `_complete_shapes`). Subgraphs (If/Loop/Scan bodies) stay as the file has
     them: ONNX Runtime infers their insides itself, and an inference of another ONNX version
-    written into them could contradict it."""
-    # Keep only the shapes we are about to derive again from the (possibly new) input shapes.
+    written into them could contradict it. Input shapes the user gave (`given`) that the
+    model's operators cannot take are refused (`_inference`)."""
+    # Keep only the shapes we are about to derive again from the (possibly new) input shapes:
+    # a file's own may be stale (exported at batch 1).
     del model.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = _inference(model, path, given)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
         log.warning(
             "%s: ONNX's shape inference fails (%s): the shapes are ONNX Runtime's",
             path,
-            _one_line(e),
+            one_line(e),
         )
         return model
     for original, node in zip(model.graph.node, inferred.graph.node, strict=True):
@@ -347,35 +351,23 @@ def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     return inferred
 
 
-def _check_input_shapes_run(model: onnx.ModelProto, path: Path, shapes: InputShapes) -> None:
-    """Refuse input shapes that the model's operators cannot take (a YOLO detector at 33x47,
-    whose Concat then joins feature maps of different sizes), in ONNX's words, which name the
-    node: where ONNX's strict shape inference finds a contradiction and ONNX Runtime refuses
-    the model at those shapes too (ONNX's inference alone can be stricter than ONNX Runtime).
-    Else such shapes went on to a profile that cannot run them. The file's `value_info` is left
-    out: it may be stale (exported at batch 1)."""
-    bare = onnx.ModelProto()
-    bare.CopyFrom(model)
-    del bare.graph.value_info[:]
-    try:
-        onnx.shape_inference.infer_shapes(bare, strict_mode=True)
-        return
-    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
-        if "ShapeInferenceError" not in str(e):
-            return
-        problem = _one_line(e)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    try:
-        ort_session(bare, options, ["CPUExecutionProvider"])
-        return
-    except Exception:  # ORT raises its own exception types, without a common base
-        given = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-        raise ModelError(
-            f"{path}: the model cannot run at --input-shape {given}: {problem}; give sizes its "
-            "operators take"
-        ) from None
+def _inference(model: onnx.ModelProto, path: Path, given: InputShapes | None) -> onnx.ModelProto:
+    """ONNX's shape inference of `model`; at input shapes the user gave, strict first, so that
+    shapes the operators cannot take (a YOLO detector at 33x47, whose Concat then joins feature
+    maps of different sizes) are refused in ONNX's words, which name the node, where ONNX
+    Runtime refuses the model at those shapes too (ONNX's inference alone can be stricter than
+    ONNX Runtime). Else such shapes went on to a profile that cannot run them."""
+    if given:
+        try:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+            if "ShapeInferenceError" in str(e) and _ort_refuses(model) is not None:
+                shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in given.items())
+                raise ModelError(
+                    f"{path}: the model cannot run at --input-shape {shapes}: {one_line(e)}; "
+                    "give sizes its operators take"
+                ) from None
+    return onnx.shape_inference.infer_shapes(model)
 
 
 def _static(value_type: onnx.TypeProto) -> bool:
@@ -401,11 +393,8 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in missing if t not in outputs)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4  # a failed run is reported below, or retried
     try:
-        session = ort_session(probe, options, ["CPUExecutionProvider"])
+        session = _probe_session(probe)
         answers = {o.name: (o.type, o.shape) for o in session.get_outputs()}
         # Sequences and maps (a ZipMap's output) have no shape to measure.
         tensors = [t for t in missing if answers[t][0].startswith("tensor(")]
@@ -416,7 +405,7 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
             shapes = _probe_shapes(session, tensors)
             answers.update({t: (answers[t][0], s) for t, s in zip(tensors, shapes, strict=True)})
     except Exception as e:  # ORT raises its own exception types, without a common base
-        log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], _one_line(e))
+        log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], one_line(e))
         return
     partial = {v.name: v for v in graph.value_info}  # what ONNX shaped in part
     for name in missing:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from moirai.errors import ModelError, MoiraiError
+from moirai.errors import ModelError, MoiraiError, one_line
 from moirai.stageplan import DeviceSpec
 from moirai.weights import ort_session
 
@@ -48,10 +48,9 @@ def create_session(
     except MoiraiError:
         raise
     except Exception as e:  # ORT raises its own exception types, without a common base
-        text = " ".join(str(e).split())
         raise ModelError(
             f"ONNX Runtime cannot run {model.graph.name or 'the model'!r} on {device.name}: "
-            + (text if len(text) <= 300 else text[:297] + "...")
+            + one_line(e, 300)
         ) from None
 
 

@@ -122,7 +122,7 @@ def _model(name: str) -> tuple[Path, dict[str, list[int]] | None]:
 def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
-    from moirai.errors import MoiraiError
+    from moirai.errors import MoiraiError, one_line
     from moirai.planning import Prediction, describe
     from moirai.runtime.local import LocalDeployment
     from stage_server.client import InferenceClient
@@ -151,10 +151,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         expected = [dict(zip(names, single.run(names, s), strict=True)) for s in samples]
     except Exception as e:  # ORT raises its own exception types, without a common base
-        problem = " ".join(str(e).split())[:300]
         raise MoiraiError(
-            f"{path}: ONNX Runtime cannot run the model on random inputs ({problem}): serve it "
-            "with moirai serve and send your own with moirai infer"
+            f"{path}: ONNX Runtime cannot run the model on random inputs ({one_line(e, 300)}): "
+            "serve it with moirai serve and send your own with moirai infer"
         ) from None
     times = []
     for _ in range(args.requests):

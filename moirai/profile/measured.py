@@ -130,6 +130,7 @@ from onnx import helper
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
+from moirai.errors import one_line
 from moirai.fusion import (
     CPU,
     Group,
@@ -777,7 +778,7 @@ def _try_whole(
         try:
             return _run_whole(model, graph, target, settings, feeds, workdir, trace, say)
         except Exception as e:  # ORT raises its own types, without a common base
-            problem = " ".join(str(e).split())[:200]
+            problem = one_line(e)
     if settings.method == "trace":
         raise ProfileError(f"{target}: the whole model cannot run there ({problem})")
     log.warning("%s: the whole model cannot run there (%s): timing groups alone", target, problem)
@@ -792,9 +793,8 @@ class UntimeableError(ProfileError):
     type at the planned input shapes. Analytic costs still price it."""
 
     def __init__(self, target: Target, error: Exception) -> None:
-        problem = " ".join(str(error).split())
         self.target = target
-        self.problem = problem if len(problem) <= 300 else problem[:297] + "..."
+        self.problem = one_line(error, 300)
         super().__init__(
             f"{self.reason}; plan with --profile analytic (on Kubernetes spec.profiling.mode: "
             "analytic), which runs nothing"
