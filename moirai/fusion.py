@@ -220,8 +220,9 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
     same = _UnionFind(
         itertools.chain(known, (t for n in optimised.node for t in [*n.input, *n.output] if t))
     )
-    counterpart: dict[int, onnx.NodeProto] = {}
-    own: set[int] = set()  # fusions of the all level's own, in extended tensor names
+    # the nodes kept, each with the extended node it was made from (None: a fusion of the all
+    # level's own, already in extended tensor names)
+    counterpart: dict[int, onnx.NodeProto | None] = {}
     for i, node in enumerate(optimised.node):
         if node.domain == _NCHWC and node.op_type in _REORDERS:
             # One that took in a Transpose to or from channels-last (`channels_last`) holds
@@ -230,7 +231,7 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
                 same.merge((node.input[0], node.output[0]))
             continue
         if _own_fusion(node, by_name, producer, known):
-            own.add(i)
+            counterpart[i] = None
             continue
         origin = counterpart[i] = _counterpart(node, by_name, producer)
         pairs = list(zip(node.input, origin.input, strict=False))
@@ -252,27 +253,19 @@ def restore_layout(extended: onnx.GraphProto, optimised: onnx.GraphProto) -> onn
     del restored.node[:]
     written: set[str] = set()
     for i, node in enumerate(optimised.node):
-        if i in own:
-            copy = restored.node.add()
-            copy.CopyFrom(node)
-            copy.input[:] = [names.get(t, t) for t in node.input]
-            if written.intersection(node.output):
-                raise LayoutError(f"two nodes compute {', '.join(node.output)}")
-            written.update(node.output)
-            continue
         if i not in counterpart:
             continue
         copy = restored.node.add()
         copy.CopyFrom(node)
         origin = counterpart[i]
+        made = origin.output if origin is not None else ()
         for j, t in enumerate(node.output):
             name = names.get(t, t)
-            if name not in known and j < len(origin.output):
-                name = origin.output[j]  # no consumer says otherwise: what it was made from
-            if j < len(origin.output) and not _downstream(
-                origin.output[j], name, consumers, outputs
-            ):
-                raise LayoutError(f"{node.name} would compute {name}, not after {origin.name}")
+            if j < len(made):
+                if name not in known:
+                    name = made[j]  # no consumer says otherwise: what it was made from
+                if not _downstream(made[j], name, consumers, outputs):
+                    raise LayoutError(f"{node.name} would compute {name}, not after {origin.name}")
             if name in written:
                 raise LayoutError(f"two nodes compute {name}")
             written.add(name)
