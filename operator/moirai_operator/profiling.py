@@ -40,7 +40,7 @@ from moirai_operator.kube import Kube
 from moirai_operator.pools import PoolMatch
 from moirai_operator.resources import COMPONENT_PROFILER
 from moirai_operator.spec import PlacedModelSpec
-from moirai_operator.status import ProfilingError
+from moirai_operator.status import ProfilingError, condition_line
 
 
 @dataclass
@@ -144,10 +144,9 @@ class JobProfiler:
                 raise ProfilingError(f"profiling Job {name} was deleted before it reported")
             for c in (job.get("status") or {}).get("conditions") or []:
                 if c.get("type") == "Failed" and c.get("status") == "True":
-                    why = " ".join(f"{c.get('reason', '')}: {c.get('message', '')}".split())
                     raise ProfilingError(
-                        f"profiling Job {name} failed ({why}): see `kubectl logs job/{name} "
-                        "--all-containers` in namespace " + owner.namespace
+                        f"profiling Job {name} failed ({condition_line(c)}): see `kubectl logs "
+                        f"job/{name} --all-containers` in namespace {owner.namespace}"
                     )
 
     async def _clean(self, owner: Owner) -> None:

@@ -63,7 +63,7 @@ from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
-from moirai.errors import MoiraiError
+from moirai.errors import MoiraiError, one_line
 from moirai_operator import status as st
 from moirai_operator.children import (
     TLS_CA_KEY,
@@ -258,7 +258,7 @@ def _api_message(error: ApiException) -> str:
         message = json.loads(body or "{}").get("message")
     except (ValueError, AttributeError):
         message = None
-    return " ".join(str(message or error.reason or f"HTTP {error.status}").split())
+    return one_line(message or error.reason or f"HTTP {error.status}", None)
 
 
 async def apply_child(kube: Kube, manifest: Manifest, dry_run: bool = False) -> dict[str, Any]:

@@ -17,7 +17,7 @@ Deploying → Ready, or Failed. `lastTransitionTime` only moves when a condition
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from moirai.errors import (
     ModelError,
     MoiraiError,
     SolverError,
+    one_line,
 )
 from moirai_operator.catalogue import CatalogueError
 from moirai_operator.children import PlanTooLargeError
@@ -190,20 +191,20 @@ def placement_summary(plan: Plan, deployments: dict[str, str]) -> dict[str, Any]
 _STUCK = frozenset({("ReplicaFailure", "True"), ("Progressing", "False")})
 
 
+def condition_line(condition: Mapping[str, Any], limit: int | None = None) -> str:
+    """A Kubernetes condition's reason and message, on one line (cut to `limit` characters)."""
+    return one_line(f"{condition.get('reason', '')}: {condition.get('message', '')}", limit)
+
+
 def _stuck(status: dict[str, Any]) -> list[str]:
     """Why a Deployment makes no progress, as its controller says: pods it may not create
     (`ReplicaFailure`: a quota, an admission policy) or a rollout past its deadline
     (`Progressing` False: pods that never schedule or start). One line each."""
-    out = []
-    for c in status.get("conditions") or []:
-        stuck = (c.get("type"), c.get("status")) in (
-            ("ReplicaFailure", "True"),
-            ("Progressing", "False"),
-        )
-        if stuck:
-            text = " ".join(f"{c.get('reason', '')}: {c.get('message', '')}".split())
-            out.append(text if len(text) <= 300 else text[:297] + "...")
-    return out
+    return [
+        condition_line(c, 300)
+        for c in status.get("conditions") or []
+        if (c.get("type"), c.get("status")) in _STUCK
+    ]
 
 
 def readiness(deployments: Sequence[dict[str, Any]]) -> tuple[bool, str]:
