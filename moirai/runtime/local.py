@@ -126,6 +126,8 @@ class LocalDeployment:
     same_host: bool = True
     fused: bool = True
     """The front end in the process of the plan's first stage (single-lane plans only)."""
+    workers: int | None = None
+    """Stages each stage server runs at once (`moirai stage --workers`; None: its default)."""
     more: tuple[LocalModel, ...] = ()
     """Models served beside the first (`plan`), behind the same front end."""
     chain_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
@@ -242,6 +244,8 @@ class LocalDeployment:
             if cores:
                 cpus = ",".join(map(str, cores))
                 args += ["--cpus", f"{device}={cpus}" if len(devices) > 1 else cpus]
+        if self.workers is not None:
+            args += ["--workers", str(self.workers)]
         if devices == self.entries:
             args += ["--frontend", *self._frontend]
         else:  # how long a request may be held
