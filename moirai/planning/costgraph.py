@@ -164,9 +164,13 @@ def coarsening(costgraph: CostGraph) -> str:
     groupings of one machine's CPU give the same line)."""
     source = costgraph.extra["source"]
     return (
-        f"{source['model']}: {source['nodes']} nodes → {source['fusion_groups']} fusion groups"
-        f" → {source['tasks']} tasks"
+        f"{source['model']}: {_count(source['nodes'], 'node')} → "
+        f"{_count(source['fusion_groups'], 'fusion group')} → {_count(source['tasks'], 'task')}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _as_served(device: DeviceSpec) -> Device:

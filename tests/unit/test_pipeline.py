@@ -178,3 +178,17 @@ def test_the_coarsening_is_found_and_logged_once_per_model(
     assert said[0].getMessage().startswith("m.onnx: ")
     # ONNX Runtime's fusion analysis runs once for the three groupings, not once each.
     assert len(analyses) == 1
+
+
+def test_the_coarsening_line_counts_in_words() -> None:
+    """A one-node model read "1 nodes → 1 fusion groups → 1 tasks"."""
+    from types import SimpleNamespace
+
+    from moirai.planning.costgraph import coarsening
+
+    def line(nodes: int, groups: int, tasks: int) -> str:
+        source = {"model": "m.onnx", "nodes": nodes, "fusion_groups": groups, "tasks": tasks}
+        return coarsening(SimpleNamespace(extra={"source": source}))  # type: ignore[arg-type]
+
+    assert line(1, 1, 1) == "m.onnx: 1 node → 1 fusion group → 1 task"
+    assert line(105, 39, 2) == "m.onnx: 105 nodes → 39 fusion groups → 2 tasks"
