@@ -9,7 +9,8 @@
 #               module. Default python:3.11-slim; where no image registry can be reached,
 #               hack/image/base.sh makes an equivalent one from Debian's packages.
 #   CUDA_IMAGE  base of the GPU image, which gets python3 and python3-venv from its distribution
-#               (Ubuntu 24.04: Python 3.12).
+#               (Ubuntu 24.04: Python 3.12). Its CUDA and cuDNN must be those onnxruntime-gpu is
+#               built for (1.31: CUDA 13, cuDNN 9), or the CUDA provider cannot load.
 # The builds download Moirai's dependencies from PyPI. Where that needs a CA bundle the base
 # image lacks (a proxy's), pass it as the build secret `ca`:
 #   docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt ...
@@ -28,7 +29,7 @@
 # 10001, the UID that the operator's pod templates and the chart's securityContext name.
 
 ARG BASE_IMAGE=python:3.11-slim
-ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ------------------------------------------------------------------------------- bases
 FROM ${BASE_IMAGE} AS cpu-base

@@ -52,7 +52,9 @@ from moirai.costgraph import DEVICE_KINDS, Device, Link
 from moirai.errors import DevicesError
 from moirai.textfile import read_text
 
-DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "gpu": "CUDAExecutionProvider"}
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEFAULT_PROVIDER = {"cpu": CPU, "gpu": CUDA}
 DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Ethernet
 # Local stage servers talk gRPC over loopback: roughly a memory copy through the kernel.
 LOOPBACK_LINK = Link(bandwidth_bytes_per_s=2e9, latency_ms=0.1)
@@ -323,7 +325,7 @@ def local_devices() -> DeviceSet:
     cpu = DeviceSpec(
         name="cpu-0",
         kind="cpu",
-        provider="CPUExecutionProvider",
+        provider=CPU,
         peak_flops=cores * _cpu_hz() * _cpu_flops_per_cycle(),
         # Roughly what one socket's memory system streams; a guess until measured.
         memory_bandwidth_bytes_per_s=min(10e9 * cores, 100e9),
@@ -359,7 +361,7 @@ def _cpu_flops_per_cycle() -> int:
 def _local_gpus() -> list[DeviceSpec]:
     import onnxruntime
 
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+    if CUDA not in onnxruntime.get_available_providers():
         return []
     smi = shutil.which("nvidia-smi")
     if smi is None:
@@ -384,7 +386,7 @@ def _local_gpus() -> list[DeviceSpec]:
             DeviceSpec(
                 name=f"gpu-{index}",
                 kind="gpu",
-                provider="CUDAExecutionProvider",
+                provider=CUDA,
                 peak_flops=flops,
                 memory_bandwidth_bytes_per_s=bandwidth,
                 memory_bytes=int(float(memory_mib) * 2**20),

@@ -105,6 +105,7 @@ import onnx
 import onnxruntime as ort
 
 from moirai.dag import topological_order
+from moirai.devices import CPU, CUDA
 from moirai.errors import ModelError, MoiraiError, one_line
 from moirai.graph import OpGraph
 from moirai.stageplan import border_problem
@@ -112,8 +113,6 @@ from moirai.weights import optimised_model_without_weights, ort_session
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 # Level-2 transformers that ONNX Runtime registers for the CPU provider but not for CUDA
 # (onnxruntime/core/optimizer/graph_transformer_utils.cc).
 _CPU_ONLY_TRANSFORMERS = (

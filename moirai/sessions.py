@@ -15,9 +15,12 @@ stage's session maps the weights of its own nodes and no others.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import onnxruntime as ort
 
+from moirai.devices import CPU, CUDA
 from moirai.errors import ModelError, MoiraiError, one_line
 from moirai.stageplan import DeviceSpec
 from moirai.weights import ort_session
@@ -42,9 +45,7 @@ def create_session(
     had placed the model node by node (`moirai.fusion`)."""
     options = session_options(threads if threads is not None else device.threads)
     try:
-        return ort_session(
-            model, options, execution_providers(device, cuda_device), prepack=device.prepack
-        )
+        return device_session(model, options, device, cuda_device, prepack=device.prepack)
     except MoiraiError:
         raise
     except Exception as e:  # ORT raises its own exception types, without a common base
@@ -52,6 +53,37 @@ def create_session(
             f"ONNX Runtime cannot run {model.graph.name or 'the model'!r} on {device.name}: "
             + one_line(e, 300)
         ) from None
+
+
+def device_session(
+    model: onnx.ModelProto,
+    options: ort.SessionOptions,
+    device: DeviceSpec,
+    cuda_device: int | None = None,
+    *,
+    prepack: bool = True,
+) -> ort.InferenceSession:
+    """`model` in a session on `device`'s providers. ONNX Runtime starts a session without its
+    CUDA provider when that provider's libraries do not load (a CUDA or cuDNN other than the
+    one onnxruntime-gpu was built for), saying so only in a warning that stage sessions do not
+    log: a GPU device would then serve, and be profiled, on the CPU. That is an error here."""
+    session = ort_session(model, options, execution_providers(device, cuda_device), prepack=prepack)
+    if device.kind == "gpu" and CUDA not in session.get_providers():
+        raise MoiraiError(cuda_not_started(device))
+    return session
+
+
+def cuda_not_started(device: DeviceSpec) -> str:
+    """Why a GPU device's session has no CUDA provider, and what to check."""
+    from onnxruntime.capi import build_and_package_info as build
+
+    cuda = getattr(build, "cuda_version", None) or "the version it was built for"
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    return (
+        f"device {device.name} is a GPU, but ONNX Runtime {ort.__version__} could not start its "
+        f"CUDA provider: it needs the NVIDIA driver, CUDA {cuda} and cuDNN 9 on the library "
+        f"path (`ldd {library}` names what is missing)"
+    )
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -72,11 +104,11 @@ def execution_providers(
 ) -> list[str | tuple[str, dict[str, str]]]:
     """The providers of a device: CUDA with its device id (CPU for what CUDA lacks), or CPU."""
     if device.kind != "gpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return [CPU]
+    if CUDA not in ort.get_available_providers():
         raise MoiraiError(
             f"device {device.name} is a GPU, but this ONNX Runtime has no CUDA provider: "
             "install onnxruntime-gpu (the `gpu` extra) or plan for CPU devices only"
         )
     ordinal = cuda_device if cuda_device is not None else (device.device_id or 0)
-    return [("CUDAExecutionProvider", {"device_id": str(ordinal)}), "CPUExecutionProvider"]
+    return [(CUDA, {"device_id": str(ordinal)}), CPU]

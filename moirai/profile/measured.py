@@ -157,10 +157,10 @@ from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, LinkProbe
 from moirai.profile.links import PATH as LINK_PATH
 from moirai.profile.targets import Target, cpu_model, signature, usable_cores
 from moirai.profile.turns import Contender, Timed, raised_priority, take_turns
-from moirai.sessions import create_session, execution_providers, session_options
+from moirai.sessions import create_session, device_session, session_options
 from moirai.stagecut import extract_stage
 from moirai.stageplan import DeviceSpec as PlanDevice
-from moirai.weights import model_digest, optimised_model_without_weights, ort_session
+from moirai.weights import model_digest, optimised_model_without_weights
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _profiled_session(
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "trace")
     optimised_model_without_weights(options, workdir)
-    return ort_session(model, options, execution_providers(target.plan_device))
+    return device_session(model, options, target.plan_device)
 
 
 def _run_whole(

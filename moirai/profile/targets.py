@@ -31,12 +31,10 @@ from typing import Any
 
 import onnxruntime as ort
 
-from moirai.devices import DeviceSpec
+from moirai.devices import CPU, CUDA, DeviceSpec
 from moirai.errors import MoiraiError
 from moirai.stageplan import DeviceSpec as PlanDevice
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 METHOD_VERSION = 5
 """Bump when the measuring method changes what a profile means: cached profiles then miss."""
 

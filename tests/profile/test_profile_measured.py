@@ -21,7 +21,8 @@ from moirai.profile import measured
 from moirai.profile.document import ProfileError
 from moirai.profile.measured import Settings, measure_device, node_units, restored_graph
 from moirai.profile.targets import CUDA, Target, parse_device, signature
-from moirai.sessions import execution_providers, session_options
+from moirai.sessions import create_session, execution_providers, session_options
+from moirai.stageplan import DeviceSpec as PlanDevice
 from moirai.weights import ort_session
 
 CPU1 = Target("cpu", threads=1)
@@ -276,6 +277,28 @@ def test_cuda_missing_is_one_clear_line(tiny_bert: ModelFile) -> None:
         measure_device(model, graph, Target("gpu"), FAST)
     message = str(error.value)
     assert "no CUDA provider" in message and "onnxruntime-gpu" in message and "\n" not in message
+
+
+def test_a_gpu_session_that_came_up_without_cuda_is_one_clear_line(
+    tiny_bert: ModelFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists its CUDA provider even where its libraries cannot load (a CUDA or
+    cuDNN other than the one it was built for), then starts sessions on the CPU with only a
+    warning: a GPU device was profiled and served on the CPU without a word. Here CPU-only
+    ONNX Runtime stands in for it: told (a stand-in for `get_available_providers`) that CUDA is
+    there, it starts the session without it, just as onnxruntime-gpu does when CUDA is
+    missing."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, "CPUExecutionProvider"])
+    model, graph = _load(tiny_bert)
+    gpu = PlanDevice("gpu-0", kind="gpu", device_id=0)
+    with pytest.raises(MoiraiError) as error:
+        create_session(model, gpu)
+    message = str(error.value)
+    assert "gpu-0" in message and "could not start its CUDA provider" in message
+    assert "cuDNN" in message and "ldd " in message and "\n" not in message
+    with pytest.raises(MoiraiError, match="could not start its CUDA provider"):
+        measure_device(model, graph, Target("gpu"), FAST)
+    create_session(model, PlanDevice("cpu-0", threads=1))  # a CPU device is unaffected
 
 
 def test_trace_method_is_refused_on_cuda(
