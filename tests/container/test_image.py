@@ -4,9 +4,13 @@ builds its Python layer (on the CPU base image: no registry here offers the CUDA
 
 from __future__ import annotations
 
+import re
 import subprocess
+from pathlib import Path
 
 from image import image as build_image
+
+DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
 
 LOCKED_DOWN = ["--network", "none", "--read-only", "--cap-drop", "ALL", "--tmpfs", "/tmp"]
 
@@ -42,3 +46,15 @@ def test_the_gpu_target_builds_with_onnxruntime_gpu() -> None:
     assert "CUDAExecutionProvider" in providers
     assert run(gpu, "id", "-u").strip() == "10001"
     assert "Place an ONNX model" in run(gpu, "moirai", "--help")
+    # The CUDA the installed onnxruntime-gpu is built for is the default base's: with another
+    # major version its CUDA provider cannot load (the default base was CUDA 12.6, onnxruntime-gpu
+    # 1.31 needs CUDA 13).
+    built_for = run(
+        gpu,
+        "python",
+        "-c",
+        "from onnxruntime.capi import build_and_package_info as b; print(b.cuda_version)",
+    ).strip()
+    default_base = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", DOCKERFILE.read_text(), re.M)
+    assert default_base, "the Dockerfile names no default nvidia/cuda base"
+    assert built_for.split(".")[0] == default_base.group(1), (built_for, default_base.group(0))
