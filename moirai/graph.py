@@ -133,7 +133,7 @@ def load_model(
     for node, name in zip(model.graph.node, canonical_node_names(model), strict=True):
         node.name = name
     if not symbolic:
-        _complete_shapes(model, path)
+        _complete_shapes(model, path, input_shapes)
     return model
 
 
@@ -195,20 +195,24 @@ def _read(path: Path, check: bool) -> onnx.ModelProto:
     return model
 
 
-def _probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session of `model`, unoptimised and silent: it asks what ONNX Runtime makes of the
-    model (whether it loads it, the shapes it gives), not for speed; a failure is the caller's
-    to report."""
+def _probe_session(model: onnx.ModelProto, folded: bool = False) -> ort.InferenceSession:
+    """A CPU session of `model`, unoptimised (`folded`: with the basic level's constant folding)
+    and silent: it asks what ONNX Runtime makes of the model (whether it loads it, the shapes it
+    gives), not for speed; a failure is the caller's to report."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if folded
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.log_severity_level = 4
     return ort_session(model, options, ["CPUExecutionProvider"])
 
 
-def _ort_refuses(model: onnx.ModelProto) -> str | None:
+def _ort_refuses(model: onnx.ModelProto, folded: bool = False) -> str | None:
     """Why ONNX Runtime cannot load `model` (None when it can): it has the last word."""
     try:
-        _probe_session(model)
+        _probe_session(model, folded)
     except Exception as e:  # ORT raises its own exception types, without a common base
         return one_line(e)
     return None
@@ -362,12 +366,16 @@ def _inference(model: onnx.ModelProto, path: Path, given: InputShapes | None) ->
             return onnx.shape_inference.infer_shapes(model, strict_mode=True)
         except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
             if "ShapeInferenceError" in str(e) and _ort_refuses(model) is not None:
-                shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in given.items())
-                raise ModelError(
-                    f"{path}: the model cannot run at --input-shape {shapes}: {one_line(e)}; "
-                    "give sizes its operators take"
-                ) from None
+                raise _cannot_run_at(path, given, one_line(e)) from None
     return onnx.shape_inference.infer_shapes(model)
+
+
+def _cannot_run_at(path: Path, given: InputShapes, problem: str) -> ModelError:
+    shapes = " ".join(f"{k}={'x'.join(map(str, v))}" for k, v in given.items())
+    return ModelError(
+        f"{path}: the model cannot run at --input-shape {shapes}: {problem}; "
+        "give sizes its operators take"
+    )
 
 
 def _static(value_type: onnx.TypeProto) -> bool:
@@ -377,8 +385,15 @@ def _static(value_type: onnx.TypeProto) -> bool:
     )
 
 
-def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
-    """Ask ONNX Runtime for the shapes that ONNX's inference left open (module docstring)."""
+def _complete_shapes(model: onnx.ModelProto, path: Path, given: InputShapes | None = None) -> None:
+    """Ask ONNX Runtime for the shapes that ONNX's inference left open (module docstring).
+
+    Input shapes the user gave (`given`) that ONNX Runtime's own inference refuses once it has
+    folded the constants are refused: a sequence longer than a CLIP text encoder's 77 position
+    embeddings (exported by PyTorch, the embeddings' `Slice` ends come from a `Shape` chain that
+    ONNX's inference leaves open) fails in the Add that broadcasts them. Else such shapes went
+    on to fusion analysis, profiles and a plan priced at a size no session can run, with the
+    same failure warned of at every step."""
     graph = model.graph
     known = {v.name for v in (*graph.input, *graph.value_info, *graph.output) if _static(v.type)}
     known.update(t.name for t in graph.initializer)
@@ -405,6 +420,9 @@ def _complete_shapes(model: onnx.ModelProto, path: Path) -> None:
             shapes = _probe_shapes(session, tensors)
             answers.update({t: (answers[t][0], s) for t, s in zip(tensors, shapes, strict=True)})
     except Exception as e:  # ORT raises its own exception types, without a common base
+        refusal = _ort_refuses(probe, folded=True) if given else None
+        if refusal is not None and "ShapeInferenceError" in refusal:
+            raise _cannot_run_at(path, given or {}, refusal) from None
         log.warning("%s: ONNX Runtime could not shape %s: %s", path, missing[0], one_line(e))
         return
     partial = {v.name: v for v in graph.value_info}  # what ONNX shaped in part

@@ -202,6 +202,39 @@ def test_input_shapes_the_operators_cannot_take_are_refused_naming_the_node(
     assert build_graph(load_model(path, {"x": [2, 4]})).tensors["y"].shape == (3, 4)
 
 
+def test_a_sequence_longer_than_the_position_table_is_refused(tmp_path: Path) -> None:
+    """PyTorch's export of a CLIP text encoder: the 77 position embeddings are sliced to the
+    sequence length by a `Shape` chain that ONNX's inference leaves open, and added to the
+    tokens' embeddings. `sequence=128` went on, warned of in every step, to a plan priced at a
+    size no session can run; now it is refused naming the Add. A length the table holds loads."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "one"], ["length"], axis=0),
+        helper.make_node("Unsqueeze", ["length", "axis0"], ["end"]),
+        helper.make_node("Slice", ["table", "axis0", "end", "axis1"], ["positions"]),
+        helper.make_node("Unsqueeze", ["x", "axis2"], ["x3"]),
+        helper.make_node("Add", ["x3", "positions"], ["y"], name="embed"),
+    ]
+    m = model(
+        nodes,
+        [tensor("x", ["batch", "sequence"])],
+        [tensor("y", ["batch", "sequence", 4])],
+        [
+            numpy_helper.from_array(np.ones((1, 77, 4), np.float32), "table"),
+            numpy_helper.from_array(np.array(1, np.int64), "one"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+        ],
+    )
+    path = save(m, tmp_path / "positions.onnx")
+    with pytest.raises(ModelError) as e:
+        load_model(path, {"sequence": [128]})
+    message = _one_line(e)
+    assert "cannot run at --input-shape sequence=128" in message and "(embed)" in message
+    assert build_graph(load_model(path, {"sequence": [64]})).tensors["y"].shape == (1, 64, 4)
+
+
 def test_a_zipmap_output_leaves_the_other_tensors_shaped(caplog: pytest.LogCaptureFixture) -> None:
     """ONNX Runtime's own example of a scikit-learn classifier: its probabilities leave as a
     ZipMap's sequence of maps, which has no shape to measure. Measuring it made the probe fail
