@@ -437,7 +437,12 @@ def _complete_shapes(model: onnx.ModelProto, path: Path, given: InputShapes | No
             partial[name].CopyFrom(value)
         else:
             graph.value_info.append(value)
-    log.info("%s: ONNX Runtime shaped %d tensors that ONNX could not", path, len(missing))
+    log.info(
+        "%s: shapes of %d tensor%s that ONNX's shape inference left open taken from ONNX Runtime",
+        path,
+        len(missing),
+        "" if len(missing) == 1 else "s",
+    )
 
 
 def _probe_shapes(session: ort.InferenceSession, outputs: list[str]) -> list[list[int] | None]:
