@@ -61,6 +61,7 @@ from onnx import helper
 
 from moirai.errors import ModelError, one_line
 from moirai.weights import ort_session, read_skeleton
+from moirai.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -438,10 +439,9 @@ def _complete_shapes(model: onnx.ModelProto, path: Path, given: InputShapes | No
         else:
             graph.value_info.append(value)
     log.info(
-        "%s: shapes of %d tensor%s that ONNX's shape inference left open taken from ONNX Runtime",
+        "%s: shapes of %s that ONNX's shape inference left open taken from ONNX Runtime",
         path,
-        len(missing),
-        "" if len(missing) == 1 else "s",
+        counted(len(missing), "tensor"),
     )
 
 

@@ -262,14 +262,19 @@ def _summary(
 ) -> str:
     from moirai.placement.problem import gib
     from moirai.placement.simulate import loads
+    from moirai.wording import counted
 
     source = costgraph.extra.get("source", {})
     coarsening = ""
     if isinstance(source, dict) and "nodes" in source:
-        coarsening = f" ({source['nodes']} nodes -> {source.get('fusion_groups', '?')} groups)"
+        groups = source.get("fusion_groups")
+        coarsening = (
+            f" ({counted(source['nodes'], 'node')} -> "
+            f"{'?' if groups is None else counted(groups, 'group')})"
+        )
     lines = [
-        f"{costgraph.name}: {len(costgraph.tasks)} tasks{coarsening}, {len(costgraph.edges)} "
-        f"edges, {len(costgraph.devices)} device{'' if len(costgraph.devices) == 1 else 's'}; "
+        f"{costgraph.name}: {counted(len(costgraph.tasks), 'task')}{coarsening}, "
+        f"{counted(len(costgraph.edges), 'edge')}, {counted(len(costgraph.devices), 'device')}; "
         f"objective {problem.objective}",
         "",
         f"{'solver':<24} {'status':<10} {'makespan ms':>12} {'period ms':>10} "

@@ -39,6 +39,7 @@ from moirai.profile import Annotates, Profile
 from moirai.profile.analytic import AnalyticProfile, node_flops
 from moirai.sessions import STAGE_SERVER_OVERHEAD_BYTES
 from moirai.weights import model_digest
+from moirai.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,9 @@ def coarsening(costgraph: CostGraph) -> str:
     groupings of one machine's CPU give the same line)."""
     source = costgraph.extra["source"]
     return (
-        f"{source['model']}: {_count(source['nodes'], 'node')} → "
-        f"{_count(source['fusion_groups'], 'fusion group')} → {_count(source['tasks'], 'task')}"
+        f"{source['model']}: {counted(source['nodes'], 'node')} → "
+        f"{counted(source['fusion_groups'], 'fusion group')} → {counted(source['tasks'], 'task')}"
     )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _as_served(device: DeviceSpec) -> Device:

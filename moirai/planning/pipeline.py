@@ -51,6 +51,7 @@ from moirai.planning.prediction import (
 from moirai.planning.space import Layout, layouts
 from moirai.profile import Profile
 from moirai.stageplan import DeviceSpec, StagePlan
+from moirai.wording import counted
 
 log = logging.getLogger(__name__)
 
@@ -441,5 +442,6 @@ def describe(plan: StagePlan) -> str:
         for s in plan.stages_of_lane(k):
             ins = ", ".join(s.inputs) or "-"
             outs = ", ".join(s.outputs)
-            lines.append(f"  {s.id:>4} on {s.device:<8} {len(s.nodes):>4} nodes  {ins} -> {outs}")
+            nodes = counted(len(s.nodes), "node")
+            lines.append(f"  {s.id:>4} on {s.device:<8} {nodes:>10}  {ins} -> {outs}")
     return "\n".join(lines)
