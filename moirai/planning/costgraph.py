@@ -26,6 +26,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,13 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @cached_property
+    def tensor_bytes(self) -> dict[str, int]:
+        """The bytes of every tensor of known shape, at the shapes the model is priced at:
+        what the tensors a stage plan types with -1 (they vary with a symbolic dimension) carry
+        as priced (`moirai.planning.prediction`)."""
+        return {n: t.nbytes for n, t in self.graph.tensors.items() if t.shape is not None}
 
     @property
     def sha256(self) -> str:

@@ -103,7 +103,8 @@ class _Context:
             dynamic=self.model.dynamic,
         )
         entry = front_end(plan, fused)
-        return plan, predict_lane(self.costgraph, plan, self.call_ms, entry=entry)
+        sizes = self.model.tensor_bytes
+        return plan, predict_lane(self.costgraph, plan, self.call_ms, entry=entry, sizes=sizes)
 
 
 @dataclass(frozen=True)

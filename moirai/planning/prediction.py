@@ -124,10 +124,15 @@ class Prediction:
         return line
 
 
-def _nbytes(plan: StagePlan, tensors: Sequence[str]) -> int:
-    """Bytes of these tensors; a dimension that is not fixed counts as 1."""
+def _nbytes(plan: StagePlan, tensors: Sequence[str], sizes: Mapping[str, int] | None) -> int:
+    """Bytes of these tensors as priced: `sizes` (the model's tensors at the shapes it was
+    priced at, `LoadedModel.tensor_bytes`) where it has them, else the plan's types, where a
+    dimension that is not fixed counts as 1."""
     total = 0
     for name in tensors:
+        if sizes is not None and name in sizes:
+            total += sizes[name]
+            continue
         spec = plan.spec(name)
         total += math.prod(max(1, d) for d in spec.shape) * _ITEMSIZE[spec.datatype]
     return total
@@ -144,10 +149,13 @@ def served_costgraph(
     plan: StagePlan,
     call_ms: Mapping[str, float] | None = None,
     entry: str = GATEWAY,
+    sizes: Mapping[str, int] | None = None,
 ) -> CostGraph:
     """The plan as the runtime executes it (module docstring), the front end on `entry`
     (`front_end`). `costgraph` is the one the plan was made from: its tasks' `ops` say which
-    stage runs them."""
+    stage runs them. `sizes` gives the bytes of the tensors that cross at the priced shapes
+    (`LoadedModel.tensor_bytes`): a plan types what varies with a symbolic dimension -1, so
+    without them a transformer's [batch, sequence, 768] border counts one row."""
     if GATEWAY in costgraph.device:
         raise MoiraiError(f"a device may not be named {GATEWAY!r}: the gateway's name")
     call_ms = call_ms or {}
@@ -177,7 +185,8 @@ def served_costgraph(
             Task(GATEWAY_OUT, {entry: 0.0}),
         ),
         edges=tuple(
-            Edge(src, dst, _nbytes(plan, tensors)) for (src, dst), tensors in crossing.items()
+            Edge(src, dst, _nbytes(plan, tensors, sizes))
+            for (src, dst), tensors in crossing.items()
         ),
         default_link=costgraph.default_link,
         pair_links=costgraph.pair_links,
@@ -190,20 +199,22 @@ def predict(
     call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
     fused: bool = True,
+    sizes: Mapping[str, int] | None = None,
 ) -> Prediction:
     """Latency and period of `plan` as served (module docstring), the front end `fused` into
     the first stage's process; a plan of several lanes is priced lane by lane (`combine`), each
     lane's share of the front end's work on its first stage's device where `fused`, else on a
-    gateway of its own."""
+    gateway of its own. `sizes`: `served_costgraph`'s."""
     if len(plan.lanes) > 1:
         from moirai.planning.lanes import lane_view
 
         views = [lane_view(plan, k) for k in range(len(plan.lanes))]
         lanes = [
-            predict_lane(costgraph, view, call_ms, client, front_end(view, fused)) for view in views
+            predict_lane(costgraph, view, call_ms, client, front_end(view, fused), sizes)
+            for view in views
         ]
         return combine(lanes, [lane.weight for lane in plan.lanes])
-    return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused)).prediction
+    return predict_lane(costgraph, plan, call_ms, client, front_end(plan, fused), sizes).prediction
 
 
 @dataclass(frozen=True)
@@ -221,10 +232,11 @@ def predict_lane(
     call_ms: Mapping[str, float] | None = None,
     client: Link = CLIENT_LOOPBACK,
     entry: str = GATEWAY,
+    sizes: Mapping[str, int] | None = None,
 ) -> LanePrediction:
     """One lane's prediction, the front end on `entry` (`front_end`), with the parts `combine`
-    needs to put lanes together."""
-    served = served_costgraph(costgraph, plan, call_ms, entry)
+    needs to put lanes together; `sizes`: `served_costgraph`'s."""
+    served = served_costgraph(costgraph, plan, call_ms, entry, sizes)
     assignment = {
         GATEWAY_IN: entry,
         GATEWAY_OUT: entry,
@@ -237,7 +249,7 @@ def predict_lane(
     busy = loads(problem, assign)
     inputs, outputs = [t.name for t in plan.inputs], [t.name for t in plan.outputs]
     # The front end's own share of every request, the client's call, keeps its process busy.
-    client_ms = client.transfer_ms(_nbytes(plan, inputs) + _nbytes(plan, outputs))
+    client_ms = client.transfer_ms(_nbytes(plan, inputs, sizes) + _nbytes(plan, outputs, sizes))
     busy[problem.device_index[entry]] += client_ms
     k, g = problem.num_devices, problem.device_index.get(GATEWAY, -1)
     gateway = max(busy[g], busy[k + g], busy[2 * k + g]) if g >= 0 else 0.0
