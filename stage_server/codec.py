@@ -10,6 +10,16 @@ table of types. This module converts between numpy and each of the wire forms:
   contents framed by `stage_server.protowire`, so a large tensor is copied once, not four times);
 - the OIP HTTP/JSON body (`data` lists) and its binary-data extension (raw bytes after the JSON).
 
+String tensors (ONNX `tensor(string)`) are the datatype `BYTES`, as in Triton and KServe: inside
+Moirai a numpy array of Python `str` (dtype object), what ONNX Runtime takes and returns; on every
+wire that carries raw bytes (the chain's `Tensor.data`, gRPC `raw_*_contents`, the binary-data
+extension, clients' shared memory) each element is a 4-byte little-endian length followed by its
+UTF-8 bytes, in row-major order (`encode_strings`, `decode_strings`: the one serialisation); gRPC
+typed contents carry them as `bytes_contents`, JSON `data` as strings. ONNX Runtime's Python API
+takes only `str` elements (`bytes` ones it turns into their repr, silently), so an element that
+is not UTF-8 is refused here, naming the tensor. The numeric paths do not change: each function
+branches on `BYTES` only where a numeric lookup has already missed, or once per tensor.
+
 Every malformed tensor raises `InvalidInput` with a message naming the tensor and what was
 expected, so the transports never see a numpy or protobuf exception.
 """
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +52,15 @@ DTYPES: Mapping[str, np.dtype] = {
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
 }
+"""The fixed-size datatypes: each element takes its dtype's itemsize (`BYTES` is not one)."""
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+BYTES = "BYTES"
+"""The datatype of string tensors: numpy arrays of `str` (dtype object) inside Moirai, and each
+element length-prefixed on the wire (`encode_strings`)."""
+_STRINGS = np.dtype(object)
+DATATYPES = (*DTYPES, BYTES)
+"""Every datatype Moirai serves."""
 
 # The typed-contents field of `InferTensorContents` for each datatype (FP16 travels raw only).
 _CONTENTS_FIELD = {
@@ -64,17 +83,22 @@ def datatype_of(array: np.ndarray) -> str:
     try:
         return _NAMES[array.dtype]
     except KeyError:
+        if array.dtype.kind in "OUS":  # object (of str or bytes), numpy's unicode and bytes
+            return BYTES
         raise InvalidInput(f"tensor dtype {array.dtype} is not supported") from None
 
 
 def numpy_dtype(datatype: str, name: str, role: str = "input") -> np.dtype:
-    """The numpy dtype of a datatype; `role` and `name` name the tensor in the message."""
+    """The numpy dtype of a datatype (object for `BYTES`); `role` and `name` name the tensor in
+    the message."""
     try:
         return DTYPES[datatype]
     except KeyError:
+        if datatype == BYTES:
+            return _STRINGS
         raise InvalidInput(
             f"{role} {name!r}: datatype {datatype!r} is not supported; use one of "
-            f"{', '.join(DTYPES)}"
+            f"{', '.join(DATATYPES)}"
         ) from None
 
 
@@ -97,8 +121,84 @@ def _shape(shape: Sequence[int], name: str, role: str = "input") -> tuple[int, .
 
 
 def nbytes(name: str, datatype: str, shape: Sequence[int]) -> int:
-    """The size in bytes of a tensor of this datatype and shape."""
+    """The size in bytes of a tensor of this fixed-size datatype and shape."""
+    if datatype == BYTES:
+        raise InvalidInput(f"tensor {name!r}: BYTES tensors have no size fixed by their shape")
     return math.prod(_shape(shape, name)) * numpy_dtype(datatype, name).itemsize
+
+
+# ------------------------------------------------------------- BYTES (strings)
+_LENGTH = struct.Struct("<I")
+
+
+def encode_strings(array: np.ndarray) -> bytes:
+    """The wire form of a `BYTES` tensor: each element, in row-major order, as a 4-byte
+    little-endian length followed by its bytes (`str` elements encoded as UTF-8), as Triton's
+    and KServe's clients write it."""
+    pack = _LENGTH.pack
+    parts = []
+    for value in array.ravel().tolist():
+        if isinstance(value, str):
+            value = value.encode()
+        elif not isinstance(value, bytes):
+            raise InvalidInput(
+                f"a BYTES tensor holds {_show_value(value)} ({type(value).__name__}): its "
+                "elements must be strings"
+            )
+        parts += (pack(len(value)), value)
+    return b"".join(parts)
+
+
+def decode_strings(
+    who: str, dims: tuple[int, ...], data: bytes | memoryview | np.ndarray
+) -> np.ndarray:
+    """A `BYTES` tensor of shape `dims` (an array of `str`) from its wire form
+    (`encode_strings`); `who` names the tensor in messages."""
+    raw = bytes(data)
+    count = math.prod(dims)
+    values = []
+    offset, end = 0, len(raw)
+    unpack = _LENGTH.unpack_from
+    for i in range(count):
+        if offset + 4 > end:
+            raise InvalidInput(
+                f"{who}: BYTES contents hold {len(values)} elements in {end} bytes, but shape "
+                f"{list(dims)} needs {count} (each a 4-byte little-endian length, then its bytes)"
+            )
+        (length,) = unpack(raw, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidInput(
+                f"{who}: the length prefix of BYTES element {i} ({length}) runs past the end "
+                f"of the contents ({end - offset} bytes left)"
+            )
+        values.append(_text(who, i, raw[offset : offset + length]))
+        offset += length
+    if offset != end:
+        raise InvalidInput(
+            f"{who}: {end - offset} bytes follow the {count} BYTES elements of shape {list(dims)}"
+        )
+    return _strings(values, dims)
+
+
+def _text(who: str, index: int, value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{who}: BYTES element {index} is not UTF-8 text (ONNX Runtime takes strings as text)"
+        ) from None
+
+
+def _strings(values: Sequence[str], dims: tuple[int, ...]) -> np.ndarray:
+    array = np.empty(len(values), _STRINGS)
+    array[:] = values
+    return array.reshape(dims)
+
+
+def _show_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def from_bytes(
@@ -108,9 +208,12 @@ def from_bytes(
     data: bytes | memoryview | np.ndarray,
     role: str = "input",
 ) -> np.ndarray:
-    """A read-only array over `data` (no copy), after checking its size against the shape."""
+    """A read-only array over `data` (no copy), after checking its size against the shape; for
+    `BYTES`, an array of the strings in `data` (`decode_strings`)."""
     dtype = numpy_dtype(datatype, name, role)
     dims = _shape(shape, name, role)
+    if dtype is _STRINGS:
+        return decode_strings(f"{role} {name!r}", dims, data)
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
@@ -124,7 +227,10 @@ def from_bytes(
 
 
 def raw_bytes(array: np.ndarray) -> memoryview:
-    """The array's bytes as a view, without a copy (one when it is not C-contiguous)."""
+    """The array's bytes as a view, without a copy (one when it is not C-contiguous); for a
+    string array, its wire form (`encode_strings`)."""
+    if array.dtype.kind in "OUS":
+        return memoryview(encode_strings(array))
     if array.flags.c_contiguous and array.size:
         return array.data.cast("B")
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
@@ -248,6 +354,10 @@ def from_shared(
 ) -> np.ndarray:
     """A read-only array over input `name`'s bytes in the clients' shared memory (no copy)."""
     region, byte_size, offset = place
+    if datatype == BYTES:  # its size is that of its elements: the contents say whether it fits
+        return from_bytes(
+            name, datatype, shape, shared(f"input {name!r}", region, byte_size, offset)
+        )
     expected = nbytes(name, datatype, shape)
     if byte_size != expected:
         raise InvalidInput(
@@ -263,6 +373,10 @@ def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
     dtype = numpy_dtype(datatype, name, role)
     dims = _shape(tensor.shape, name, role)
     field = _CONTENTS_FIELD.get(datatype)
+    if dtype is _STRINGS:
+        who = f"{role} {name!r}"
+        values = [_text(who, i, v) for i, v in enumerate(tensor.contents.bytes_contents)]
+        return _from_values(who, dtype, dims, values, "contents.bytes_contents")
     if field is None:
         raise InvalidInput(
             f"{role} {name!r}: {datatype} tensors travel as raw_{role}_contents only"
@@ -282,6 +396,8 @@ def _from_values(
         raise InvalidInput(
             f"{who}: {source} holds {len(values)} values, but shape {list(dims)} needs {count}"
         )
+    if dtype is _STRINGS:
+        return _strings(values, dims)
     try:
         return np.array(values, dtype=dtype).reshape(dims)
     except OverflowError:
@@ -470,6 +586,8 @@ def _json_kind(datatype: str) -> tuple[str, Callable[[Any], bool]]:
     strings, take null as NaN and true as 1; bool being an int, it is refused for numbers."""
     if datatype == "BOOL":
         return "true or false", lambda v: isinstance(v, bool)
+    if datatype == BYTES:
+        return "strings", lambda v: isinstance(v, str)
     if datatype.startswith("FP"):
         return "JSON numbers", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     return "JSON integers", lambda v: isinstance(v, int) and not isinstance(v, bool)

@@ -120,8 +120,10 @@ BAD_BODIES: list[tuple[bytes, str]] = [
      "holds 2 values, but shape [1, 8] needs 8"),
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": ["a"]}]}',
      "FP32 'data' must be JSON numbers"),
-    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "BYTES", "data": [1]}]}',
-     "'BYTES' is not supported"),
+    (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "BF16", "data": [1]}]}',
+     "'BF16' is not supported"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [1]}]}',
+     "input 'x': 'data' holds 1, but BYTES 'data' must be strings"),
     (b'{"inputs": [{"name": "x", "shape": [-1, 8], "datatype": "FP32", "data": [1]}]}',
      "negative dimension"),
     (b'{"inputs": [{"name": "x", "shape": [1, 8], "datatype": "FP32", "data": [1, 2, 3, 4, '

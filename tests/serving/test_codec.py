@@ -50,12 +50,18 @@ def test_raw_output_contents_decode_as_before() -> None:
         ),
         (
             oip.ModelInferResponse(
+                outputs=[oip.ModelInferResponse.InferOutputTensor(name="s", datatype="BF16")]
+            ).SerializeToString(),
+            "output 's': datatype 'BF16' is not supported",
+        ),
+        (
+            oip.ModelInferResponse(
                 outputs=[oip.ModelInferResponse.InferOutputTensor(name="s", datatype="BYTES")]
             ).SerializeToString(),
-            "output 's': datatype 'BYTES' is not supported",
+            "output 's': contents.bytes_contents holds 0 values, but shape .. needs 1",
         ),
     ],
-    ids=["garbage", "raw-count", "bytes"],
+    ids=["garbage", "raw-count", "bf16", "bytes"],
 )
 def test_responses_that_do_not_add_up(payload: bytes, needle: str) -> None:
     with pytest.raises(InvalidInput, match=needle):
