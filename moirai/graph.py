@@ -524,6 +524,13 @@ def _dims_text(dims: Iterable[int]) -> str:
 
 
 # ------------------------------------------------------------------- the graph
+STRING_ELEMENT_BYTES = 16
+"""The size a string element (ONNX `tensor(string)`) is priced at, its length being known only
+at run time: its 4-byte length prefix on the wire plus 12 bytes of text. String tensors are the
+categories and words of tabular and text models (a city, a label, a token), short next to any
+numeric tensor of the same model; a price off by a few times moves no cut that matters."""
+
+
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -536,8 +543,10 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        if self.shape is None or self.elem_type in (0, onnx.TensorProto.STRING):
+        if self.shape is None or self.elem_type == 0:
             return 0
+        if self.elem_type == onnx.TensorProto.STRING:
+            return int(np.prod(self.shape, dtype=np.int64)) * STRING_ELEMENT_BYTES
         itemsize = helper.tensor_dtype_to_np_dtype(self.elem_type).itemsize
         return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 

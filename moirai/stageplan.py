@@ -80,6 +80,7 @@ ONNX_DATATYPES: Mapping[int, str] = {
     TensorProto.FLOAT16: "FP16",
     TensorProto.FLOAT: "FP32",
     TensorProto.DOUBLE: "FP64",
+    TensorProto.STRING: "BYTES",  # Triton's and KServe's name; see stage_server.codec
 }
 
 

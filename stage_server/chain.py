@@ -39,7 +39,7 @@ import numpy as np
 
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import auth, samehost, shm, wire
-from stage_server.codec import DTYPES
+from stage_server.codec import numpy_dtype
 from stage_server.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -126,7 +126,7 @@ class Router:
             for plan in plans:
                 for name, consumers in plan.routing.items():
                     spec = plan.spec(name)
-                    expected = (DTYPES[spec.datatype], tuple(spec.shape))
+                    expected = (numpy_dtype(spec.datatype, name, "tensor"), tuple(spec.shape))
                     for target in consumers:
                         self._accepts.setdefault(target, {}).setdefault(name, set()).add(expected)
 
@@ -389,7 +389,13 @@ class Peers:
         references = {}
         try:
             for name, array in tensors.items():
-                if share and array.nbytes >= samehost.SHARED_MIN_BYTES:
+                # Never a string tensor (an object array: its bytes are pointers, and the size of
+                # its wire form is not known before it is encoded); it travels inline.
+                if (
+                    share
+                    and array.nbytes >= samehost.SHARED_MIN_BYTES
+                    and not array.dtype.hasobject
+                ):
                     tensor, references[name] = connection.pool.take(array)
                     shared.append(tensor)
             payload = wire.encode_push(

@@ -113,7 +113,8 @@ class Gateway:
         }
         """Inputs of static shape: their dtype and shape, to check a request's in one go."""
         self.input_bytes = _input_bytes(plan.inputs)
-        """The bytes of all the model's inputs when their shapes are fixed (None otherwise):
+        """The bytes of all the model's inputs when their sizes are fixed (None otherwise: an
+        open dimension, or a BYTES input, whose shape does not fix its size):
         the transports refuse larger requests before reading them."""
         self.pending: dict[str, _Request] = {}
         self.metrics.in_flight.set_function(lambda: len(self.pending))  # counted when scraped
@@ -357,7 +358,7 @@ class Gateway:
 
 
 def _input_bytes(inputs: Sequence[TensorSpec]) -> int | None:
-    if any(-1 in t.shape for t in inputs):
+    if any(-1 in t.shape or t.datatype not in DTYPES for t in inputs):  # BYTES: any size
         return None
     return sum(math.prod(t.shape) * DTYPES[t.datatype].itemsize for t in inputs)
 

@@ -57,7 +57,9 @@ class StageSession:
         self.session = session
         self._names = [t.name for t in outputs]
         self._arena = arena
-        # Outputs that can go to the arena: by datatype (else the push rejects them, as always).
+        # Outputs that can go to the arena: those of a fixed-size datatype (`codec.DTYPES`). A
+        # string output (BYTES) is never bound: its elements are Python objects, and the arena's
+        # buffers are fixed-size; ONNX Runtime allocates it, and it travels inline.
         large = {  # outputs of static shape large enough to be worth binding
             t.name: (codec.DTYPES[t.datatype], tuple(t.shape))
             for t in outputs

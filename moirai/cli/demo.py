@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moirai.errors import MoiraiError, one_line
     from moirai.planning import Prediction, describe
+    from moirai.profile.measured import random_strings
     from moirai.runtime.local import LocalDeployment
     from stage_server.client import InferenceClient
     from stage_server.codec import DTYPES
@@ -136,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     samples = [
         {
             t.name: rng.random(plan.priced_shape(t.name)).astype(DTYPES[t.datatype])
+            if t.datatype in DTYPES
+            else random_strings(rng, plan.priced_shape(t.name))  # BYTES
             for t in plan.inputs
         }
         for _ in range(3)
@@ -170,7 +173,11 @@ def run(args: argparse.Namespace) -> int:
             for sample, want in zip(samples, expected, strict=True):
                 got = client.infer(plan.model_name, sample)
                 for name in names:
-                    if not np.allclose(got[name], want[name], **TOLERANCE):
+                    if want[name].dtype.kind in "OUS":  # strings: equal or not
+                        if not np.array_equal(got[name], want[name]):
+                            mismatches += 1
+                            print(f"MISMATCH in {name}: the strings differ")
+                    elif not np.allclose(got[name], want[name], **TOLERANCE):
                         mismatches += 1
                         print(
                             f"MISMATCH in {name}: max |diff| "

@@ -4,8 +4,10 @@
         [--url 127.0.0.1:8001] [--output y] [--save DIR] [--timeout 30]
 
 An input is a .npy file or a JSON value; `--inputs` reads a JSON object {name: value}. JSON values
-take the input's datatype from the model's metadata. `--save` writes each output as NAME.npy,
-a `/` in the name written as `_` (`head/probs` → `head_probs.npy`).
+take the input's datatype from the model's metadata: numbers, or strings for a `BYTES` input
+(`--input city='[["a"], ["b"]]'`; a .npy of numpy strings works too). `--save` writes each output
+as NAME.npy (string outputs as numpy strings, which np.load reads without pickle), a `/` in the
+name written as `_` (`head/probs` → `head_probs.npy`).
 
 The metadata call comes first and waits at most `CONNECT_S`: an address where nothing answers
 (a firewall that drops packets, a port that is not the gateway's gRPC port) fails in seconds
@@ -86,11 +88,19 @@ def _values(args: argparse.Namespace) -> dict[str, object]:
 
 def _array(name: str, value: object, datatype: str | None) -> np.ndarray:
     """An input as the array to send: a .npy array as it is, a JSON value as the model's
-    datatype for the input (numbers only: numpy would turn "1" or null into a float)."""
-    from stage_server.codec import DTYPES
+    datatype for the input (numbers only: numpy would turn "1" or null into a float; strings
+    only for BYTES)."""
+    from stage_server.codec import BYTES, DTYPES
 
     if isinstance(value, np.ndarray):
         array = value
+    elif datatype == BYTES:
+        array = np.asarray(value, dtype=object)
+        if not all(isinstance(v, str) for v in array.ravel().tolist()):
+            raise MoiraiError(
+                f"--input {name}: the model takes strings (BYTES): give a JSON list of strings, "
+                f"not {value!r:.40}"
+            )
     else:
         try:
             array = np.asarray(value)
@@ -112,10 +122,12 @@ def _array(name: str, value: object, datatype: str | None) -> np.ndarray:
                 raise MoiraiError(
                     f"--input {name}: a value is out of range for {datatype}"
                 ) from None
+    if array.dtype.kind in "OUS" and datatype in (BYTES, None):  # strings, for a BYTES input
+        return array
     if array.dtype not in DTYPES.values():
         raise MoiraiError(
             f"--input {name}: dtype {array.dtype} is not supported; use one of "
-            f"{', '.join(str(d) for d in DTYPES.values())}"
+            f"{', '.join(str(d) for d in DTYPES.values())} (numpy strings for a BYTES input)"
         )
     return array
 
@@ -173,6 +185,6 @@ def run(args: argparse.Namespace) -> int:
         print(np.array2string(array, threshold=20, edgeitems=3))
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
-            np.save(args.save / files[name], array)
+            np.save(args.save / files[name], array.astype(str) if array.dtype == object else array)
             print(f"saved to {args.save / files[name]}")
     return 0

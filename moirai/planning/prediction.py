@@ -54,11 +54,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from onnx import helper
+from onnx import TensorProto, helper
 
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
 from moirai.devices import DeviceSpec
 from moirai.errors import MoiraiError
+from moirai.graph import STRING_ELEMENT_BYTES
 from moirai.placement import PlacementProblem
 from moirai.placement.simulate import list_schedule, loads
 from moirai.profile import PricesCalls, Profile
@@ -69,7 +70,9 @@ from moirai.stageplan import GATEWAY, ONNX_DATATYPES, StagePlan
 CLIENT_LOOPBACK = Link(bandwidth_bytes_per_s=0.55e9, latency_ms=0.9)
 GATEWAY_IN, GATEWAY_OUT = f"{GATEWAY}:in", f"{GATEWAY}:out"
 _ITEMSIZE = {
-    name: helper.tensor_dtype_to_np_dtype(onnx_type).itemsize
+    name: STRING_ELEMENT_BYTES
+    if onnx_type == TensorProto.STRING
+    else helper.tensor_dtype_to_np_dtype(onnx_type).itemsize
     for onnx_type, name in ONNX_DATATYPES.items()
 }
 

@@ -126,7 +126,7 @@ import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import TensorProto, helper
 
 from moirai.costgraph import CostGraph
 from moirai.devices import DeviceSpec
@@ -253,14 +253,34 @@ def _pinned(target: Target) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def random_strings(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Random lowercase words of 1 to 12 letters in `shape` (an array of `str`, what ONNX
+    Runtime takes for a `tensor(string)` input), for timing a model and for the demo's
+    requests. Any strings are enough: ONNX's string operators (LabelEncoder, CategoryMapper,
+    OneHotEncoder, StringNormalizer, TfIdfVectorizer) take every string, an unknown one mapping
+    to their default, and their time follows the count of elements, hardly which strings they
+    are; the demo compares the served answers with ONNX Runtime's on the same strings."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    count = int(np.prod(shape, dtype=np.int64))
+    lengths = rng.integers(1, 13, count)
+    words = ["".join(rng.choice(letters, n)) for n in lengths.tolist()]
+    array = np.empty(count, object)
+    array[:] = words
+    return array.reshape(shape)
+
+
 def _feeds(graph: OpGraph, seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs to run the model with: N(0, 1) floats, zeros for integers (valid indices)."""
+    """Inputs to run the model with: N(0, 1) floats, zeros for integers (valid indices), random
+    words for strings (`random_strings`)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for name in graph.inputs:
         tensor = graph.tensors[name]
-        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         shape = tensor.shape or ()
+        if tensor.elem_type == TensorProto.STRING:
+            feeds[name] = random_strings(rng, shape)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         if np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:

@@ -1,8 +1,8 @@
 """Hand-built graphs for the corners that ONNX's test models reach rarely or never: a model input
 that is also an output, an output listed twice, an output also read inside the model, a
 `Constant` output, nodes without inputs, empty optional inputs, zero-sized, bool and int64
-tensors on the way, If/Loop/Scan bodies that read the outer scope (two scopes up too), an
-initializer read by nodes far apart, a node that reads one tensor twice."""
+tensors on the way, string tensors on the way, If/Loop/Scan bodies that read the outer scope (two
+scopes up too), an initializer read by nodes far apart, a node that reads one tensor twice."""
 
 from __future__ import annotations
 
@@ -177,8 +177,33 @@ def scopes() -> Case:
     return Case("corners/scopes", model, {"x": np.array([0.3, -0.7], np.float32)})
 
 
+def strings() -> Case:
+    """String tensors (OIP BYTES): a string input, strings crossing borders (`upper`) and leaving
+    as an output (`same`), an empty string and non-ASCII text, beside a numeric branch that
+    reads them (a scikit-learn pipeline's shape: LabelEncoder from the ONNX-ML domain)."""
+    nodes = [
+        helper.make_node("StringNormalizer", ["words"], ["upper"], case_change_action="UPPER",
+                         locale="C"),
+        helper.make_node("Identity", ["upper"], ["same"]),
+        helper.make_node("LabelEncoder", ["same"], ["code"], domain="ai.onnx.ml",
+                         keys_strings=["A", "B"], values_int64s=[1, 2], default_int64=0),
+        helper.make_node("Cast", ["code"], ["code_f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "code_f"], ["y"]),
+    ]  # fmt: skip
+    words = helper.make_tensor_value_info("words", TensorProto.STRING, [1, 4])
+    same = helper.make_tensor_value_info("same", TensorProto.STRING, [1, 4])
+    graph = helper.make_graph(nodes, "strings", [words, _f("x", [1, 4])], [same, _f("y", [1, 4])])
+    opsets = [*OPSET, helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    inputs = {
+        "words": np.array([["a", "b", "", "ünïcödé"]], dtype=object),
+        "x": np.arange(4, dtype=np.float32).reshape(1, 4),
+    }
+    return Case("corners/strings", model, inputs)
+
+
 def cases() -> list[Case]:
-    out = [passthrough(), constants(), types(), scopes()]
+    out = [passthrough(), constants(), types(), scopes(), strings()]
     for case in out:
         onnx.checker.check_model(case.model, full_check=True)
     return out

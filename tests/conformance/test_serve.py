@@ -28,6 +28,7 @@ SERVED = [
     "corners/scopes",  # If, Loop and Scan bodies reading the outer scope; a bool output
     "corners/types",  # bool, int64 and zero-sized tensors on the wire; an empty optional input
     "corners/passthrough",  # an input that is an output; an output read inside the model
+    "corners/strings",  # string (BYTES) inputs, borders and outputs, as JSON strings over HTTP
     "node/test_center_crop_pad_pad_expanded",  # sizes that come from an input's values
     "light/light_squeezenet",  # a real CNN, its fusion groups cut
 ]
@@ -70,7 +71,8 @@ def _http_infer(url: str, plan: StagePlan, inputs: dict) -> dict[str, np.ndarray
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         reply = json.loads(response.read())
-    dtypes = {"BOOL": np.bool_, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64}
+    dtypes = {"BOOL": np.bool_, "INT64": np.int64, "FP32": np.float32, "FP64": np.float64,
+              "BYTES": object}  # fmt: skip
     return {
         o["name"]: np.array(o["data"], dtypes[o["datatype"]]).reshape(o["shape"])
         for o in reply["outputs"]

@@ -315,3 +315,33 @@ def test_settings_are_checked() -> None:
         Settings(repeats=0)
     with pytest.raises(ProfileError):
         Settings(method="guess")
+
+
+def test_a_model_with_a_string_input_is_timed(tmp_path: Path) -> None:
+    """Its string input is fed random words (`random_strings`): every group is timed."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("LabelEncoder", ["city"], ["code"], name="code", domain="ai.onnx.ml",
+                         keys_strings=["a", "b"], values_int64s=[1, 2], default_int64=0),
+        helper.make_node("Cast", ["code"], ["y"], name="cast", to=TensorProto.FLOAT),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "strings",
+        [helper.make_tensor_value_info("city", TensorProto.STRING, [64, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 1])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    path = tmp_path / "strings.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), path)
+    model, graph = _load(ModelFile(path, None))
+    feeds = measured._feeds(graph)
+    assert feeds["city"].dtype == object and feeds["city"].shape == (64, 1)
+    assert all(isinstance(s, str) and s for s in feeds["city"].ravel())
+    profile = measure_device(model, graph, CPU1, FAST)
+    assert profile.run_ms is not None and profile.total_ms > 0
+    assert sum(g.activation_bytes for g in profile.groups) > 0
+    random = measured.random_strings(np.random.default_rng(1), (2, 3))
+    assert random.shape == (2, 3) and random.dtype == object

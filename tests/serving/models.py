@@ -182,3 +182,53 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         else:
             out[i.name] = rng.standard_normal(shape).astype(np.float32)
     return out
+
+
+def strings(rows: int | str = "N") -> onnx.ModelProto:
+    """A tabular model with a string column, as scikit-learn pipelines exported by skl2onnx
+    are: `city` (strings) mapped to upper case by a LabelEncoder (`upper`, a string output the
+    model also reads on), then to a code (a LabelEncoder from strings to integers, unknown
+    cities 0), added to a numeric branch on `age`: `score` = relu(2 * age) + code. Cut in two
+    by `split_plan`, `upper` crosses the border; `rows` is the batch dimension."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [
+        helper.make_node("LabelEncoder", ["city"], ["upper"], domain="ai.onnx.ml",
+                         keys_strings=["a", "b", "c"], values_strings=["A", "B", "C"],
+                         default_string="?"),
+        helper.make_node("Mul", ["age", "two"], ["scaled"]),
+        helper.make_node("Relu", ["scaled"], ["positive"]),
+        helper.make_node("LabelEncoder", ["upper"], ["code"], domain="ai.onnx.ml",
+                         keys_strings=["A", "B", "C"], values_int64s=[1, 2, 3], default_int64=0),
+        helper.make_node("Cast", ["code"], ["code_f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["positive", "code_f"], ["score"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        _name(nodes),
+        "strings",
+        [
+            helper.make_tensor_value_info("city", TensorProto.STRING, [rows, 1]),
+            helper.make_tensor_value_info("age", TensorProto.FLOAT, [rows, 1]),
+        ],
+        [
+            helper.make_tensor_value_info("upper", TensorProto.STRING, [rows, 1]),
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, [rows, 1]),
+        ],
+        initializer=[two],
+    )
+    opsets = [*OPSET, helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    onnx.checker.check_model(model)
+    return onnx.shape_inference.infer_shapes(model)
+
+
+CITIES = np.array(["a", "b", "c", "d", "", "ünïcödé"], dtype=object)
+"""Cities for `strings`: known ones, unknown ones, the empty string, and non-ASCII text."""
+
+
+def string_inputs(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of `strings` with `rows` rows."""
+    rng = np.random.default_rng(seed)
+    return {
+        "city": rng.choice(CITIES, (rows, 1)),
+        "age": (rng.random((rows, 1)) * 80 - 10).astype(np.float32),
+    }

@@ -127,3 +127,24 @@ def diamond() -> onnx.ModelProto:
         [tensor("x", [1, 64])],
         [tensor("y", [1, 64])],
     )
+
+
+def string_column(rows: int = 4) -> onnx.ModelProto:
+    """A scikit-learn-like tabular model: city (strings, rows×1) → LabelEncoder to upper case
+    (`upper`, strings) → LabelEncoder to a code (int64) → Cast → + age (float) → y."""
+    nodes = [
+        helper.make_node("LabelEncoder", ["city"], ["upper"], name="upper", domain="ai.onnx.ml",
+                         keys_strings=["a", "b"], values_strings=["A", "B"], default_string="?"),
+        helper.make_node("LabelEncoder", ["upper"], ["code"], name="code", domain="ai.onnx.ml",
+                         keys_strings=["A", "B"], values_int64s=[1, 2], default_int64=0),
+        helper.make_node("Cast", ["code"], ["code_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Add", ["age", "code_f"], ["y"], name="add"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "string_column",
+        [tensor("city", [rows, 1], TensorProto.STRING), tensor("age", [rows, 1])],
+        [tensor("y", [rows, 1])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)

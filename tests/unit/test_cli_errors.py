@@ -177,6 +177,8 @@ def test_memory_limit_must_be_a_finite_number(
         ([1000], "INT8", "out of range for INT8"),
         ([-1], "UINT8", "out of range for UINT8"),
         (np.array(["a"]), "FP32", "dtype <U1 is not supported"),
+        ([1, 2], "BYTES", "the model takes strings (BYTES)"),
+        ([["a"], [None]], "BYTES", "the model takes strings (BYTES)"),
     ],
 )
 def test_infer_values_that_are_no_tensor(value: object, datatype: str, needle: str) -> None:
@@ -191,6 +193,10 @@ def test_infer_values_take_the_models_datatype() -> None:
     assert infer._array("x", [3, 4], "UINT8").dtype == np.uint8
     npy = np.zeros(3, np.float64)
     assert infer._array("x", npy, "FP32") is npy  # a file's array goes as it is; the gateway checks
+    cities = infer._array("city", [["a"], ["ünï"]], "BYTES")
+    assert cities.dtype == object and cities.tolist() == [["a"], ["ünï"]]
+    npy = np.array(["a", "bc"])
+    assert infer._array("city", npy, "BYTES") is npy
 
 
 def test_infer_inputs_file_that_is_not_text(

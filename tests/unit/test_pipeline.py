@@ -18,7 +18,7 @@ from moirai.fusion import Group
 from moirai.graph import OpGraph, build_graph, load_model
 from moirai.planning import build_costgraph
 
-from .onnx_patterns import conv_bn_relu, diamond, save
+from .onnx_patterns import conv_bn_relu, diamond, save, string_column
 
 DEVICES = parse_devices(
     {
@@ -64,6 +64,18 @@ def test_tasks_edges_memory_and_provenance(tmp_path: Path) -> None:
     assert source["input_shapes"] == {"x": [1, 64]}
     assert (source["nodes"], source["fusion_groups"], source["tasks"]) == (4, 4, 4)
     assert cg.device["gpu"].extra["provider"] == "CUDAExecutionProvider"
+
+
+def test_a_string_tensor_is_priced_per_element(tmp_path: Path) -> None:
+    """String tensors (4 rows of a city column here) were 0 bytes: an edge carrying one was
+    free to cross any link. Each element is priced at `STRING_ELEMENT_BYTES`."""
+    from moirai.graph import STRING_ELEMENT_BYTES
+
+    cg = build_costgraph(save(string_column(4), tmp_path / "strings.onnx"), DEVICES)
+    edges = {(e.src, e.dst): e.bytes for e in cg.edges}
+    assert edges[("t0", "t1")] == 4 * STRING_ELEMENT_BYTES  # `upper`, strings
+    assert edges[("t1", "t2")] == 4 * 8  # `code`, int64
+    assert STRING_ELEMENT_BYTES == 16
 
 
 def test_memory_is_weights_plus_activations(tmp_path: Path) -> None:
