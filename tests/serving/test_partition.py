@@ -279,6 +279,49 @@ def test_stages_compute_the_bits_of_the_whole_model(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got["last_hidden_state"], want["last_hidden_state"])
 
 
+def test_a_training_mode_dropout_at_a_border_computes_what_the_whole_model_does() -> None:
+    """A PyTorch module exported without `.eval()` keeps its Dropouts in training mode, which
+    ONNX Runtime's optimised session of the whole model removes, but not where the Dropout's
+    output leaves the graph: a stage ending at one zeroed half its values at random (a BERT
+    served 3.5 away from in-process ONNX Runtime). Cut there, it is an identity as in the whole
+    model, every call alike; the model's own output Dropout stays as ONNX Runtime runs it."""
+    from onnx import helper, numpy_helper
+
+    def constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node(
+            "Constant", [], [name], name=name, value=numpy_helper.from_array(value)
+        )
+
+    nodes = [
+        constant("ratio", np.array(0.5, np.float32)),
+        constant("training", np.array(True)),
+        helper.make_node("MatMul", ["x", "w"], ["h0"], name="project"),
+        helper.make_node("Dropout", ["h0", "ratio", "training"], ["h"], name="drop"),
+        helper.make_node("Relu", ["h"], ["y"], name="act"),
+    ]
+    value = (onnx.TensorProto.FLOAT, [1, 256])
+    graph = helper.make_graph(
+        nodes,
+        "dropout",
+        [helper.make_tensor_value_info("x", *value)],
+        [helper.make_tensor_value_info("y", *value)],
+        [numpy_helper.from_array(np.eye(256, dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = {"x": np.ones((1, 256), np.float32)}
+    want = reference(model, inputs)["y"]
+    np.testing.assert_array_equal(want, inputs["x"])  # the whole model's session drops it
+    assignment = {"project": "cpu-0", "drop": "cpu-0", "act": "cpu-1"}
+    plan = build_plan(model, assignment, DEVICES[:2])
+    assert [s.outputs for s in plan.stages] == [("h",), ("y",)]
+    for _ in range(2):
+        np.testing.assert_array_equal(run_sequential(model, plan, inputs)["y"], want)
+    model.graph.output.append(helper.make_tensor_value_info("h", *value))
+    whole = build_plan(model, dict.fromkeys(assignment, "cpu-0"), DEVICES)
+    dropout = [n for n in extract_stage(model, whole, "s0").graph.node if n.op_type == "Dropout"]
+    assert list(dropout[0].input) == ["h0", "ratio", "training"]
+
+
 def test_a_zipmap_output_is_refused_with_the_way_to_export_without_it() -> None:
     """A scikit-learn classifier converted by skl2onnx returns its probabilities as a sequence
     of maps (ZipMap), which no Open Inference Protocol tensor carries: the refusal says how to
