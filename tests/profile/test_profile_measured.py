@@ -318,13 +318,16 @@ def test_settings_are_checked() -> None:
 
 
 def test_a_model_with_a_string_input_is_timed(tmp_path: Path) -> None:
-    """Its string input is fed random words (`random_strings`): every group is timed."""
+    """Its string input is fed random words (`random_strings`): every group is timed, from the
+    trace and as sub-models (a string tensor between two of them)."""
     import numpy as np
     from onnx import TensorProto, helper
 
     nodes = [
-        helper.make_node("LabelEncoder", ["city"], ["code"], name="code", domain="ai.onnx.ml",
-                         keys_strings=["a", "b"], values_int64s=[1, 2], default_int64=0),
+        helper.make_node("LabelEncoder", ["city"], ["upper"], name="upper", domain="ai.onnx.ml",
+                         keys_strings=["a", "b"], values_strings=["A", "B"], default_string="?"),
+        helper.make_node("LabelEncoder", ["upper"], ["code"], name="code", domain="ai.onnx.ml",
+                         keys_strings=["A", "B"], values_int64s=[1, 2], default_int64=0),
         helper.make_node("Cast", ["code"], ["y"], name="cast", to=TensorProto.FLOAT),
     ]  # fmt: skip
     graph = helper.make_graph(
@@ -343,5 +346,7 @@ def test_a_model_with_a_string_input_is_timed(tmp_path: Path) -> None:
     profile = measure_device(model, graph, CPU1, FAST)
     assert profile.run_ms is not None and profile.total_ms > 0
     assert sum(g.activation_bytes for g in profile.groups) > 0
+    alone = measure_device(model, graph, CPU1, Settings(1, 3, "submodel"))
+    assert [g.method for g in alone.groups] == ["submodel"] * 3
     random = measured.random_strings(np.random.default_rng(1), (2, 3))
     assert random.shape == (2, 3) and random.dtype == object

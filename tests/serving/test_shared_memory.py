@@ -193,3 +193,41 @@ def test_the_flag_reaches_the_children_of_serve() -> None:
     assert config.allow_shared_memory and "--allow-shared-memory" in config.to_args()
     assert from_args(parser.parse_args(config.to_args())) == config
     assert "--allow-shared-memory" not in EndpointConfig().to_args()
+
+
+@pytest.mark.parametrize("module", [tgrpc, thttp], ids=["grpc", "http"])
+async def test_string_tensors_in_shared_memory_are_length_prefixed(
+    cluster, segments, module
+) -> None:
+    """A BYTES input in a client's region, in Triton's form (each element a 4-byte length then
+    its bytes, as tritonclient's serialize_byte_tensor writes it), and a BYTES output written
+    there in the same form."""
+    from tritonclient.utils import serialize_byte_tensor
+
+    model = models.strings()
+    c = await cluster(model, split_plan(model, 2), endpoint=ALLOWED)
+    inputs = models.string_inputs(5, seed=2)
+    upper, _ = ort.InferenceSession(model.SerializeToString()).run(None, inputs)
+    city = serialize_byte_tensor(inputs["city"]).item()
+    want = serialize_byte_tensor(upper).item()
+    segment, key = segments(len(city) + len(want) + 64)
+    segment.buf[: len(city)] = city
+    client = _client(module, c.grpc_url if module is tgrpc else c.http_url)
+    try:
+        await client.register_system_shared_memory("io", key, len(city) + len(want) + 64)
+        city_in = module.InferInput("city", [5, 1], "BYTES")
+        city_in.set_shared_memory("io", len(city))
+        age_in = module.InferInput("age", [5, 1], "FP32")
+        age_in.set_data_from_numpy(inputs["age"])
+        out = module.InferRequestedOutput("upper")
+        out.set_shared_memory("io", len(want) + 64, offset=len(city))
+        result = await client.infer("strings", [city_in, age_in], outputs=[out])
+        assert bytes(segment.buf[len(city) : len(city) + len(want)]) == want
+        assert result.as_numpy("score") is None  # only what was asked for
+        # One byte short of the input's elements: refused in one line, naming it.
+        city_in.set_shared_memory("io", len(city) - 1)
+        with pytest.raises(InferenceServerException, match="input 'city'"):
+            await client.infer("strings", [city_in, age_in], outputs=[out])
+        await client.unregister_system_shared_memory("io")
+    finally:
+        await client.close()

@@ -79,6 +79,25 @@ async def test_strings_cross_the_chain_and_answer_as_onnx_runtime(cluster) -> No
         await client.close()
 
 
+async def test_typed_contents_carry_strings_as_bytes_contents(cluster) -> None:
+    """A gRPC request with typed contents (`bytes_contents`, `fp32_contents`), as KServe's
+    clients may send it: the same answer; the response's strings come back as raw contents."""
+    model = models.strings()
+    c = await cluster(model, split_plan(model, 2))
+    inputs = models.string_inputs(4, seed=9)
+    request = oip.ModelInferRequest(model_name="strings")
+    city = request.inputs.add(name="city", datatype="BYTES", shape=[4, 1])
+    city.contents.bytes_contents.extend(s.encode() for s in inputs["city"].ravel())
+    age = request.inputs.add(name="age", datatype="FP32", shape=[4, 1])
+    age.contents.fp32_contents.extend(inputs["age"].ravel().tolist())
+    async with grpc.aio.insecure_channel(c.grpc_url) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=oip.ModelInferRequest.SerializeToString,
+        )
+        check(codec.decode_infer_response(await call(request, timeout=10)), reference(inputs))
+
+
 async def test_batched_string_requests_each_get_their_own_answer(cluster) -> None:
     """24 concurrent requests of 1 to 6 rows, batched by the gateway: each answer is ONNX
     Runtime's on that request alone, and some batches held several requests."""
