@@ -487,6 +487,11 @@ def _elem_type(ort_type: str) -> int:
 
 
 def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
+    """Refuses, in one message, every input that still has a symbolic dimension: a model
+    exported by PyTorch with `dynamic_axes` as lists names each input's sequence dimension
+    apart (`input_ids_dynamic_axes_2`, `attention_mask_dynamic_axes_2`), and naming one input
+    at a time took a run per input to find them."""
+    problems = []
     for value in model.graph.input:
         if value.type.WhichOneof("value") != "tensor_type":
             continue  # a sequence or an optional has no shape to give (serving refuses it)
@@ -505,10 +510,12 @@ def _check_static_inputs(model: onnx.ModelProto, path: Path) -> None:
                 if unknown and unknown[0][1].dim_param.isidentifier()
                 else ""
             )
-            raise ModelError(
-                f"{path}: input {value.name!r} {what}: give its size, e.g. "
+            problems.append(
+                f"input {value.name!r} {what}: give its size, e.g. "
                 f"--input-shape {value.name}={example}{by_name}"
             )
+    if problems:
+        raise ModelError(f"{path}: {'; '.join(problems)}")
 
 
 def _example_dim(dim: onnx.TensorShapeProto.Dimension) -> str:

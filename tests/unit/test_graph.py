@@ -128,6 +128,29 @@ def test_unresolved_dimension_names_input_and_suggests_flag(tmp_path: Path) -> N
     assert "--input-shape x=1x3x<height>x8" in message
 
 
+def test_every_unresolved_input_is_named_in_one_refusal(tmp_path: Path) -> None:
+    """PyTorch's exporter with `dynamic_axes` as lists names each input's sequence apart
+    (`input_ids_dynamic_axes_2`, `attention_mask_dynamic_axes_2`): the refusal named one input,
+    and the next run the other."""
+    m = model(
+        [helper.make_node("Add", ["ids", "mask"], ["y"], name="add")],
+        [
+            tensor("ids", ["ids_axis_1", "ids_axis_2"]),
+            tensor("mask", ["mask_axis_1", "mask_axis_2"]),
+        ],
+        [tensor("y", ["ids_axis_1", "ids_axis_2"])],
+    )
+    path = save(m, tmp_path / "two.onnx")
+    with pytest.raises(ModelError) as e:
+        load_model(path)
+    message = _one_line(e)
+    assert "--input-shape ids=1x<ids_axis_2>" in message
+    assert "--input-shape mask=1x<mask_axis_2>" in message
+    assert build_graph(load_model(path, {"ids_axis_2": [5], "mask_axis_2": [5]})).tensors[
+        "y"
+    ].shape == (1, 5)
+
+
 def _batch_only(tmp_path: Path) -> Path:
     """A symbolic batch through a Reshape and a MatMul, to a [batch, 4] output."""
     m = model(
