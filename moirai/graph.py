@@ -148,13 +148,19 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     of weights are in their headers). A tensor that inference cannot shape is left out: the
     caller should treat all of its dimensions as varying. (The static shapes `load_model`
     completes by a run of ONNX Runtime on zero-filled inputs price the model, but hold only for
-    those values.) Call it on a file that `load_model` accepted."""
+    those values.) Call it on a file that `load_model` accepted.
+
+    Inference propagates the values of shape tensors (`data_prop`): a length computed from
+    shapes (`Slice(Shape(x))`, `ConstantOfShape(Shape(...))`, as `torch.onnx.export` writes
+    them) is then known, where without it such a tensor, and all that follows, is left open. A
+    stage whose border typed the slice feeding a Resize's `sizes` with an open length was refused
+    by ONNX Runtime (torchvision's raft_small, cut so)."""
     path = Path(path)
     model = read_skeleton(path)
     _tidy_interface(model)
     del model.graph.value_info[:]  # a file's own value_info may be stale (exported at batch 1)
     try:
-        model = onnx.shape_inference.infer_shapes(model)
+        model = _symbolic_inference(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
         log.warning("%s: symbolic shape inference failed (%s)", path, one_line(e))
     graph = model.graph
@@ -166,6 +172,15 @@ def dynamic_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
                 d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim
             )
     return shapes
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's shape inference with the values of shape tensors propagated, else without them
+    (`data_prop` is the younger path of ONNX's inference: where it fails, the plain one may not)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        return onnx.shape_inference.infer_shapes(model)
 
 
 def _read(path: Path, check: bool) -> onnx.ModelProto:

@@ -322,6 +322,62 @@ def test_a_training_mode_dropout_at_a_border_computes_what_the_whole_model_does(
     assert list(dropout[0].input) == ["h0", "ratio", "training"]
 
 
+def _resize_to_a_computed_size() -> onnx.ModelProto:
+    """The shape of RAFT's upsampling as `torch.onnx.export` writes it (torchvision raft_small):
+    Resize's `sizes` is a Concat of the input's first two dimensions, sliced from the Shape of a
+    tensor that an Expand to a ConstantOfShape made. ONNX's shape inference sees that tensor's
+    rank, and so the slice's length (2), only when it propagates the values of shape tensors."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in [("zero", [0]), ("two", [2]), ("hw", [4, 4])]
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["x_shape"], "shape"),
+        helper.make_node("Shape", ["x_shape"], ["rank"], "rank"),
+        helper.make_node(
+            "ConstantOfShape", ["rank"], ["ones"], "ones",
+            value=numpy_helper.from_array(np.array([1], np.int64)),
+        ),
+        helper.make_node("Expand", ["x", "ones"], ["e"], "expand"),
+        helper.make_node("Shape", ["e"], ["e_shape"], "e_shape"),
+        helper.make_node("Slice", ["e_shape", "zero", "two"], ["nc"], "slice"),
+        helper.make_node("Concat", ["nc", "hw"], ["sizes"], "concat", axis=0),
+        helper.make_node("Resize", ["e", "", "", "sizes"], ["y"], "resize", mode="linear"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "resize_to_computed_size",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        initializer=const,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_cut_before_a_resize_keeps_the_length_of_its_computed_sizes(tmp_path: Path) -> None:
+    """Cut between the Slice and the Concat of Resize's `sizes`, the slice crosses the border.
+    Typed with a length of -1 there, ONNX Runtime refused the second stage ("Number of elements
+    of input 'sizes' (0) must be same as rank of input 'X' (4)"): the plan of torchvision's
+    raft_small cut so could not be served. Its length is 2 whatever the batch."""
+    model = _resize_to_a_computed_size()
+    path = tmp_path / "resize.onnx"
+    onnx.save(model, path)
+    static = load_model(path)
+    names = [n.name for n in static.graph.node]
+    cut = names.index("concat")
+    assignment = {n: "cpu-0" if i < cut else "cpu-1" for i, n in enumerate(names)}
+    plan = build_plan(static, assignment, DEVICES[:2], dynamic=dynamic_shapes(path))
+    assert sorted(plan.stage("s1").inputs) == ["e", "nc"]
+    assert plan.spec("nc").shape == (2,)
+    assert plan.spec("e").shape == (-1, 3, 8, 8)
+    for batch in (1, 3):
+        inputs = {"x": np.random.default_rng(batch).random((batch, 3, 8, 8), np.float32)}
+        got = run_sequential(load_model(path, symbolic=True), plan, inputs)
+        np.testing.assert_array_equal(got["y"], reference(model, inputs)["y"])
+
+
 def test_a_zipmap_output_is_refused_with_the_way_to_export_without_it() -> None:
     """A scikit-learn classifier converted by skl2onnx returns its probabilities as a sequence
     of maps (ZipMap), which no Open Inference Protocol tensor carries: the refusal says how to
