@@ -460,6 +460,35 @@ def _complete_shapes(model: onnx.ModelProto, path: Path, given: InputShapes | No
     )
 
 
+def open_measured_sizes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a model from `load_model` for sessions that run other values than zeros
+    (measured profiling's random floats): the sizes that only ONNX Runtime's run on zero-filled
+    inputs gave (`_complete_shapes`) are left open, each dimension under a name of its own, the
+    ranks kept. Those sizes price the model; they hold for zeros alone where they depend on the
+    values: a NonZero finds nothing in zeros. Told them, ONNX Runtime refused a sub-model whose
+    border was declared of 0 rows and fed 33, and its memory planner failed on torchvision's
+    retinanet_resnet50_fpn ('Shape mismatch attempting to re-use buffer. {1,0} != {1,833}'), so
+    that measured profiling said the model could not be timed. The sessions infer those sizes
+    themselves, as the stage servers' do (`moirai.stagecut` carries no inner shapes)."""
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    del plain.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(plain).graph
+        onnx_static = {v.name for v in (*inferred.value_info, *inferred.output) if _static(v.type)}
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError):
+        onnx_static = set()  # as `_infer_shapes` fell back: every shape was ONNX Runtime's
+    opened = onnx.ModelProto()
+    opened.CopyFrom(model)
+    for value in (*opened.graph.value_info, *opened.graph.output):
+        if value.name in onnx_static or not value.type.tensor_type.HasField("shape"):
+            continue
+        for i, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                dim.dim_param = f"moirai_measured_{value.name}_{i}"
+    return opened
+
+
 def _probe_shapes(session: ort.InferenceSession, outputs: list[str]) -> list[list[int] | None]:
     """The shapes of `outputs` in a run on zero-filled inputs, or where zeros are no valid input
     (a size or a count read from an input: node/test_affine_grid_2d_expanded), on inputs filled

@@ -140,7 +140,7 @@ from moirai.fusion import (
     optimised_graph,
     restore_layout,
 )
-from moirai.graph import InputShapes, OpGraph, build_graph, load_model
+from moirai.graph import InputShapes, OpGraph, build_graph, load_model, open_measured_sizes
 from moirai.partition import build_plan
 from moirai.profile.analytic import node_flops
 from moirai.profile.cache import ProfileCache
@@ -641,6 +641,7 @@ def time_in_turns(
     settings = settings or Settings()
     feeds = _feeds(graph)
     outputs = list(graph.outputs)
+    model = open_measured_sizes(model)  # the sessions run random floats, not zeros
     available = _available_memory(Target("cpu"))
     needed = _needed_bytes(graph)
     with raised_priority() as nice:  # the sessions' threads are made under it and keep it
@@ -698,6 +699,7 @@ def measure_device(
     groups = fusion_groups(model, graph, [target.provider])
     say(f"{len(graph.nodes)} nodes in {len(groups)} fusion groups")
     feeds = _feeds(graph)
+    model = open_measured_sizes(model)  # the sessions run random floats, not zeros
     with _pinned(target), tempfile.TemporaryDirectory(prefix="moirai-profile-") as tmp:
         overhead = call_overhead_ms(target)
         trace = target.kind == "cpu" and settings.method != "submodel"
