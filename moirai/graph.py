@@ -238,6 +238,32 @@ def _tidy_interface(model: onnx.ModelProto) -> None:
     """The model's inputs and outputs as every later step reads them."""
     _drop_initializer_inputs(model)
     _open_negative_dims(model)
+    _compute_constant_outputs(model)
+
+
+def _compute_constant_outputs(model: onnx.ModelProto) -> None:
+    """A model output that is an initializer becomes the output of an `Identity` of it (the
+    initializer renamed), so that a node produces every output and a stage can send it: PyTorch's
+    dynamo exporter writes a returned buffer or parameter so (its TorchScript exporter writes
+    the Identity itself), and serving refused such a model. The Identity goes first, where every
+    node that reads the name finds it already made."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    constant = [t for t in graph.initializer if t.name in outputs]
+    if not constant:
+        return
+    taken = {t.name for t in graph.initializer} | {t for n in graph.node for t in n.output}
+    identities = []
+    for tensor in constant:
+        name, renamed = tensor.name, f"{tensor.name}/initializer"
+        while renamed in taken:
+            renamed += "_"
+        taken.add(renamed)
+        tensor.name = renamed
+        identities.append(helper.make_node("Identity", [renamed], [name], name=f"{name}/identity"))
+    nodes = [*identities, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _open_negative_dims(model: onnx.ModelProto) -> None:

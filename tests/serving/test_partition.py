@@ -378,6 +378,44 @@ def test_a_cut_before_a_resize_keeps_the_length_of_its_computed_sizes(tmp_path: 
         np.testing.assert_array_equal(got["y"], reference(model, inputs)["y"])
 
 
+def test_an_initializer_that_is_a_model_output_is_served(tmp_path: Path) -> None:
+    """PyTorch's dynamo exporter writes a returned buffer or parameter as an initializer that
+    is a model output (here also read by the Gemm): the plan refused it ('serving cannot route
+    it'). An Identity now produces it, in every load of the model alike, so the stage plan routes
+    it and the stages compute what the whole model does, at another batch too."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "weight", "bias"], ["y"], name="linear", transB=1)],
+        "constant_outputs",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [
+            helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4]),
+            helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("weight", onnx.TensorProto.FLOAT, [4, 4]),
+        ],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "weight"),
+            numpy_helper.from_array(np.zeros(4, np.float32), "bias"),
+            numpy_helper.from_array(np.array([2.0, 3.0], np.float32), "scale"),
+        ],
+    )
+    path = tmp_path / "constant_outputs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    static = load_model(path)
+    names = [n.name for n in static.graph.node]
+    for devices in (["cpu-0"] * len(names), ["cpu-0", "cpu-1", "cpu-1"]):
+        assignment = dict(zip(names, devices, strict=True))
+        plan = build_plan(static, assignment, DEVICES[:2], dynamic=dynamic_shapes(path))
+        assert [o.name for o in plan.outputs] == ["y", "scale", "weight"]
+        inputs = {"x": rng.standard_normal((3, 4)).astype(np.float32)}
+        want = reference(onnx.load(path), inputs)
+        got = run_sequential(load_model(path, symbolic=True), plan, inputs)
+        for name, value in want.items():
+            np.testing.assert_array_equal(got[name], value)
+
+
 def test_a_zipmap_output_is_refused_with_the_way_to_export_without_it() -> None:
     """A scikit-learn classifier converted by skl2onnx returns its probabilities as a sequence
     of maps (ZipMap), which no Open Inference Protocol tensor carries: the refusal says how to
