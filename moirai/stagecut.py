@@ -11,9 +11,15 @@ A stage's border keeps the model's names of its symbolic dimensions (`batch`, wh
 says only -1). Without them ONNX Runtime cannot tell that two open dimensions are the same, and
 may run other kernels than on the whole model: a dynamically quantised BERT was served 0.09 away
 from in-process ONNX Runtime (rounding differences that its quantisation amplified), where with
-them a stage computes the same bits. The model's shapes of the tensors inside a stage
-(`value_info`) are not carried: a file's may be stale (exported at batch 1), and a stage would
-then fail on a batch the plan opens (`moirai.graph.dynamic_shapes` ignores them too).
+them a stage computes the same bits. For the same reason a stage carries the model's shapes of
+the tensors inside it (`value_info`) that name a symbolic dimension: PyTorch's dynamo exporter
+writes them, and ONNX Runtime fuses the residual Add into the LayerNormalization after it
+(SkipLayerNormalization) only where it knows both Add inputs' shapes, which its own inference
+of a Reshape to a computed shape does not give: a BERT's stage ran without those fusions,
+1.2e-6 away from the whole model (4.3e-4 dynamically quantised, on a fully masked input,
+which `moirai demo` called a mismatch). Shapes with no symbolic dimension are not carried: a
+file's may be stale (exported at batch 1), and a stage would then fail on a batch the plan
+opens (`moirai.graph.dynamic_shapes` ignores them too).
 
 A `Dropout` in training mode (a PyTorch module exported without `.eval()`: `training_mode`
 true) is cut as an inference-mode one, where the whole model's session would drop it: ONNX
@@ -52,12 +58,15 @@ def extract_stage(model: onnx.ModelProto, plan: StagePlan, stage_id: str) -> onn
         nodes = [_as_dropped(n, outputs, everything_read) for n in nodes]
     read = {t for n in nodes for t in node_inputs(n)}
     declared = {v.name: v for v in (*graph.input, *graph.output, *graph.value_info)}
+    border = {*stage.inputs, *stage.outputs}
+    inside = {t for n in nodes for t in n.output} - border
     sub = helper.make_graph(
         nodes,
         f"{graph.name or 'model'}_{stage_id}",
         [_value_info(plan.spec(t), declared.get(t)) for t in stage.inputs],
         [_value_info(plan.spec(t), declared.get(t)) for t in stage.outputs],
         initializer=[i for i in graph.initializer if i.name in read],
+        value_info=[v for v in graph.value_info if v.name in inside and _names_a_dimension(v)],
         sparse_initializer=[s for s in graph.sparse_initializer if s.values.name in read],
     )
     stage_model = helper.make_model(
@@ -82,6 +91,12 @@ def _as_dropped(node: onnx.NodeProto, outputs: set[str], read: set[str]) -> onnx
     plain.CopyFrom(node)
     del plain.input[1:]
     return plain
+
+
+def _names_a_dimension(value: onnx.ValueInfoProto) -> bool:
+    """Whether a tensor's declared shape has a symbolic dimension (module docstring)."""
+    tensor_type = value.type.tensor_type
+    return value.type.HasField("tensor_type") and any(d.dim_param for d in tensor_type.shape.dim)
 
 
 def _value_info(spec: TensorSpec, declared: onnx.ValueInfoProto | None) -> onnx.ValueInfoProto:
