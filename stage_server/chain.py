@@ -39,7 +39,7 @@ import numpy as np
 
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import auth, samehost, shm, wire
-from stage_server.codec import numpy_dtype
+from stage_server.codec import datatype_name, numpy_dtype
 from stage_server.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -158,10 +158,12 @@ class Router:
                     f"{delivery.stage} takes no tensor {name!r}: the plan routes {routed} to it"
                 )
             if not any(_fits(array, dtype, shape) for dtype, shape in expected):
-                planned = " or ".join(f"{dtype} {list(shape)}" for dtype, shape in expected)
+                planned = " or ".join(
+                    f"{datatype_name(dtype)} {list(shape)}" for dtype, shape in expected
+                )
                 raise InvalidInput(
-                    f"{delivery.stage}: tensor {name!r} is {array.dtype} {list(array.shape)}, "
-                    f"but the plan has {planned} (-1: any size)"
+                    f"{delivery.stage}: tensor {name!r} is {datatype_name(array.dtype)} "
+                    f"{list(array.shape)}, but the plan has {planned} (-1: any size)"
                 )
 
     def failed(self, request_id: str, code: str, message: str, deadline_ms: float) -> None:

@@ -88,6 +88,15 @@ def datatype_of(array: np.ndarray) -> str:
         raise InvalidInput(f"tensor dtype {array.dtype} is not supported") from None
 
 
+def datatype_name(dtype: np.dtype) -> str:
+    """The OIP datatype name of a numpy dtype, for messages: numpy's own name where Moirai
+    serves none."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        return BYTES if dtype.kind in "OUS" else str(dtype)
+    return name
+
+
 def numpy_dtype(datatype: str, name: str, role: str = "input") -> np.dtype:
     """The numpy dtype of a datatype (object for `BYTES`); `role` and `name` name the tensor in
     the message."""

@@ -97,8 +97,9 @@ async def test_a_stage_server_takes_only_what_the_plan_routes_to_it() -> None:
     try:
         refused = [
             ({"q": ones}, "s0 takes no tensor 'q': the plan routes x, z to it"),
-            ({"x": ones.astype(np.float64)}, "tensor 'x' is float64 [1, 262144], but the plan"),
-            ({"x": ones[:, :8]}, "tensor 'x' is float32 [1, 8], but the plan has float32"),
+            ({"x": ones.astype(np.float64)}, "tensor 'x' is FP64 [1, 262144], but the plan"),
+            ({"x": ones[:, :8]}, "tensor 'x' is FP32 [1, 8], but the plan has FP32"),
+            ({"x": np.array([["a"] * 8], object)}, "'x' is BYTES [1, 8], but the plan has FP32"),
         ]
         for tensors, message in refused:
             with pytest.raises(InvalidInput) as e:
