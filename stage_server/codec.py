@@ -20,6 +20,14 @@ takes only `str` elements (`bytes` ones it turns into their repr, silently), so 
 is not UTF-8 is refused here, naming the tensor. The numeric paths do not change: each function
 branches on `BYTES` only where a numeric lookup has already missed, or once per tensor.
 
+A string tensor takes far more memory decoded than on the wire: each element is a Python `str` of
+some 40 to 50 bytes besides its characters, by Python version (about ten times the wire size for
+words of two letters), which `nbytes` does not see (it counts the 8-byte pointers). `memory_bytes`
+is what a decoded tensor holds, the one count of every limit on held bytes. The front end decodes a
+request under a `Budget` (its `--max-request-bytes`): a string tensor's elements are counted as
+they are made, so a request past the limit is refused (`TooLarge`) before its strings are decoded
+whole.
+
 Every malformed tensor raises `InvalidInput` with a message naming the tensor and what was
 expected, so the transports never see a numpy or protobuf exception.
 """
@@ -29,13 +37,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from stage_server import protowire
-from stage_server.errors import InvalidInput
+from stage_server.errors import InvalidInput, TooLarge
 from stage_server.protos import grpc_predict_v2_pb2 as oip
 
 DTYPES: Mapping[str, np.dtype] = {
@@ -138,6 +147,67 @@ def nbytes(name: str, datatype: str, shape: Sequence[int]) -> int:
 
 # ------------------------------------------------------------- BYTES (strings)
 _LENGTH = struct.Struct("<I")
+_POINTER = np.dtype(object).itemsize
+_ASCII_STR = sys.getsizeof("")
+"""The size of an ASCII `str` of no characters: one of n characters takes n bytes more."""
+_STR_AT_MOST = sys.getsizeof("\U0001f600") - 8
+"""The most bytes a `str` takes besides 4 a character and 4 for its terminator: the header
+of one with a character past U+FFFF (the 4-byte kind, the widest)."""
+
+
+def memory_bytes(array: np.ndarray) -> int:
+    """The bytes of memory a decoded tensor holds: its `nbytes`, plus, for a string tensor (an
+    object array, whose `nbytes` counts only its pointers), the size of each element
+    (`sys.getsizeof`, what tracemalloc counts; an element repeated is counted each time)."""
+    if array.dtype.hasobject:
+        return array.nbytes + _sizes(array.ravel().tolist())
+    return array.nbytes
+
+
+def _sizes(values: list[Any], utf8: int | None = None) -> int:
+    """The sum of `sys.getsizeof` of `values`, at once where they are ASCII text (a fifth of
+    the time): known from `utf8`, the bytes of their UTF-8 form, when given (ASCII alone has as
+    many characters as bytes)."""
+    try:
+        chars = sum(map(len, values))
+        if (chars == utf8) if utf8 is not None else all(map(str.isascii, values)):
+            return len(values) * _ASCII_STR + chars
+    except TypeError:  # not str (a client's bytes)
+        pass
+    return sum(map(sys.getsizeof, values))
+
+
+def strings_bound(count: int, wire_bytes: int) -> int:
+    """The most memory that `count` strings take decoded from `wire_bytes` of their wire form
+    (`encode_strings`), pointers included: each character takes a byte of UTF-8 at least and 4
+    bytes of memory at most."""
+    return count * (_POINTER + _STR_AT_MOST + 4) + 4 * (wire_bytes - 4 * count)
+
+
+class Budget:
+    """The memory a request's decoded tensors may take: `limit` bytes (the front end's
+    `--max-request-bytes`), of which `held` are taken so far. Given to the decoders, which
+    count a string tensor's elements as they make them and refuse the request as soon as it
+    passes the limit."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int, held: int = 0) -> None:
+        self.limit = limit
+        self.held = held
+
+    def take(self, who: str, nbytes: int, strings: int | None = None) -> None:
+        """Count `nbytes` more for tensor `who`; past the limit, refuse the request (`strings`:
+        the elements of the string tensor being decoded, for the message)."""
+        self.held += nbytes
+        if self.held > self.limit:
+            why = ""
+            if strings is not None:
+                why = f": its {strings} strings are Python objects, several times their wire size"
+            raise TooLarge(
+                f"{who}: decoded, the request would take over the {self.limit} bytes allowed "
+                f"(--max-request-bytes){why}"
+            )
 
 
 def encode_strings(array: np.ndarray) -> bytes:
@@ -159,15 +229,26 @@ def encode_strings(array: np.ndarray) -> bytes:
 
 
 def decode_strings(
-    who: str, dims: tuple[int, ...], data: bytes | memoryview | np.ndarray
+    who: str,
+    dims: tuple[int, ...],
+    data: bytes | memoryview | np.ndarray,
+    budget: Budget | None = None,
 ) -> np.ndarray:
     """A `BYTES` tensor of shape `dims` (an array of `str`) from its wire form
-    (`encode_strings`); `who` names the tensor in messages."""
+    (`encode_strings`); `who` names the tensor in messages. Under a `budget`, its memory is
+    taken (`memory_bytes`): its pointers first, then its elements' sizes once decoded, or, when
+    they could pass the budget (`strings_bound`), each as it is decoded (half again as slow)."""
     raw = bytes(data)
     count = math.prod(dims)
     values = []
     offset, end = 0, len(raw)
     unpack = _LENGTH.unpack_from
+    counting = False
+    if budget is not None:
+        counting = budget.held + strings_bound(count, end) > budget.limit
+        budget.take(who, min(count, end // 4) * _POINTER, count)  # as many as `raw` can hold
+        room, size = budget.limit - budget.held, 0
+        getsizeof = sys.getsizeof
     for i in range(count):
         if offset + 4 > end:
             raise InvalidInput(
@@ -181,12 +262,19 @@ def decode_strings(
                 f"{who}: the length prefix of BYTES element {i} ({length}) runs past the end "
                 f"of the contents ({end - offset} bytes left)"
             )
-        values.append(_text(who, i, raw[offset : offset + length]))
+        value = _text(who, i, raw[offset : offset + length])
+        if counting:
+            size += getsizeof(value)
+            if size > room:
+                budget.take(who, size, count)  # raises
+        values.append(value)
         offset += length
     if offset != end:
         raise InvalidInput(
             f"{who}: {end - offset} bytes follow the {count} BYTES elements of shape {list(dims)}"
         )
+    if budget is not None:
+        budget.take(who, size if counting else _sizes(values, end - 4 * count), count)
     return _strings(values, dims)
 
 
@@ -216,13 +304,14 @@ def from_bytes(
     shape: Sequence[int],
     data: bytes | memoryview | np.ndarray,
     role: str = "input",
+    budget: Budget | None = None,
 ) -> np.ndarray:
     """A read-only array over `data` (no copy), after checking its size against the shape; for
-    `BYTES`, an array of the strings in `data` (`decode_strings`)."""
+    `BYTES`, an array of the strings in `data` (`decode_strings`, under `budget`)."""
     dtype = numpy_dtype(datatype, name, role)
     dims = _shape(shape, name, role)
     if dtype is _STRINGS:
-        return decode_strings(f"{role} {name!r}", dims, data)
+        return decode_strings(f"{role} {name!r}", dims, data, budget)
     expected = math.prod(dims) * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
@@ -263,11 +352,13 @@ bytes there."""
 
 
 def decode_infer_request(
-    payload: bytes, shared: SharedView | None = None
+    payload: bytes, shared: SharedView | None = None, max_bytes: int | None = None
 ) -> tuple[oip.ModelInferRequest, dict[str, np.ndarray]]:
     """A serialised `ModelInferRequest` and its input tensors, from raw contents (views into
     `payload`, no copy, and not in the message returned, if it is not small), typed contents,
-    or the clients' shared memory (read through `shared`, no copy)."""
+    or the clients' shared memory (read through `shared`, no copy); with `max_bytes`
+    (`--max-request-bytes`), one whose tensors would take more memory decoded is refused
+    (`_decode_tensors`)."""
     if len(payload) < SMALL_MESSAGE_BYTES:
         message, raw = payload, None
     else:
@@ -278,15 +369,24 @@ def decode_infer_request(
         raise InvalidInput(f"malformed ModelInferRequest: {e}") from None
     if raw is None:
         raw = list(request.raw_input_contents)
-    return request, _decode_tensors(request.inputs, raw, "input", shared)
+    return request, _decode_tensors(request.inputs, raw, "input", shared, max_bytes)
 
 
 def _decode_tensors(
-    tensors: Sequence[_Tensor], raw: list[memoryview], role: str, shared: SharedView | None = None
+    tensors: Sequence[_Tensor],
+    raw: list[memoryview],
+    role: str,
+    shared: SharedView | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The tensors of a request (`role` "input") or response ("output"): each from shared
     memory where its parameters name a region, else from the raw contents `raw` when there are
-    any (one per tensor not in shared memory, in order), else from its typed contents."""
+    any (one per tensor not in shared memory, in order), else from its typed contents.
+
+    With `max_bytes`, from the first string tensor on, the tensors are decoded under a `Budget`
+    that holds the memory of those before it: a numeric tensor takes its wire size (it is a view
+    of it), which the transport's limit has counted already, so a request without strings is
+    never counted."""
     # Most tensors have no parameters: then no place, and no message to format.
     places = [
         shared_memory(t.parameters, f"{role} {t.name!r}") if t.parameters else None for t in tensors
@@ -299,21 +399,26 @@ def _decode_tensors(
         )
     arrays: dict[str, np.ndarray] = {}
     contents = iter(raw)
+    budget = None
     for tensor, place in zip(tensors, places, strict=True):
-        if tensor.name in arrays:
-            raise InvalidInput(f"{role} {tensor.name!r} is given twice")
+        name, datatype = tensor.name, tensor.datatype
+        if name in arrays:
+            raise InvalidInput(f"{role} {name!r} is given twice")
+        if budget is None and datatype == BYTES and max_bytes is not None:
+            budget = Budget(max_bytes, sum([a.nbytes for a in arrays.values()]))
         if place is not None:
-            arrays[tensor.name] = _from_shared(tensor, place, role, shared)
+            array = _from_shared(tensor, place, role, shared, budget)
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"{role} {tensor.name!r}: give raw_{role}_contents or typed contents, not both"
+                    f"{role} {name!r}: give raw_{role}_contents or typed contents, not both"
                 )
-            arrays[tensor.name] = from_bytes(
-                tensor.name, tensor.datatype, tensor.shape, next(contents), role
-            )
+            array = from_bytes(name, datatype, tensor.shape, next(contents), role, budget)
         else:
-            arrays[tensor.name] = _from_contents(tensor, role)
+            array = _from_contents(tensor, role, budget)
+        if budget is not None and datatype != BYTES:
+            budget.take(f"{role} {name!r}", array.nbytes)
+        arrays[name] = array
     return arrays
 
 
@@ -347,7 +452,11 @@ def shared_memory(parameters: Mapping[str, Any], who: str) -> SharedPlace | None
 
 
 def _from_shared(
-    tensor: _Tensor, place: SharedPlace, role: str, shared: SharedView | None
+    tensor: _Tensor,
+    place: SharedPlace,
+    role: str,
+    shared: SharedView | None,
+    budget: Budget | None = None,
 ) -> np.ndarray:
     if shared is None:
         raise InvalidInput(f"{role} {tensor.name!r}: shared memory is not read here")
@@ -355,18 +464,23 @@ def _from_shared(
         raise InvalidInput(
             f"{role} {tensor.name!r}: give shared_memory_region or contents, not both"
         )
-    return from_shared(tensor.name, tensor.datatype, tensor.shape, place, shared)
+    return from_shared(tensor.name, tensor.datatype, tensor.shape, place, shared, budget)
 
 
 def from_shared(
-    name: str, datatype: str, shape: Sequence[int], place: SharedPlace, shared: SharedView
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    place: SharedPlace,
+    shared: SharedView,
+    budget: Budget | None = None,
 ) -> np.ndarray:
-    """A read-only array over input `name`'s bytes in the clients' shared memory (no copy)."""
+    """A read-only array over input `name`'s bytes in the clients' shared memory (no copy); a
+    string tensor decoded from there under `budget`."""
     region, byte_size, offset = place
     if datatype == BYTES:  # its size is that of its elements: the contents say whether it fits
-        return from_bytes(
-            name, datatype, shape, shared(f"input {name!r}", region, byte_size, offset)
-        )
+        view = shared(f"input {name!r}", region, byte_size, offset)
+        return from_bytes(name, datatype, shape, view, budget=budget)
     expected = nbytes(name, datatype, shape)
     if byte_size != expected:
         raise InvalidInput(
@@ -377,14 +491,22 @@ def from_shared(
     return from_bytes(name, datatype, shape, view.toreadonly())
 
 
-def _from_contents(tensor: _Tensor, role: str) -> np.ndarray:
+def _from_contents(tensor: _Tensor, role: str, budget: Budget | None = None) -> np.ndarray:
     name, datatype = tensor.name, tensor.datatype
     dtype = numpy_dtype(datatype, name, role)
     dims = _shape(tensor.shape, name, role)
     field = _CONTENTS_FIELD.get(datatype)
     if dtype is _STRINGS:
         who = f"{role} {name!r}"
-        values = [_text(who, i, v) for i, v in enumerate(tensor.contents.bytes_contents)]
+        items = tensor.contents.bytes_contents
+        if budget is not None:  # each element's size as it is made (protobuf holds the bytes)
+            budget.take(who, len(items) * _POINTER, len(items))
+            values = []
+            for i, item in enumerate(items):
+                values.append(_text(who, i, item))
+                budget.take(who, sys.getsizeof(values[-1]), len(items))
+        else:
+            values = [_text(who, i, v) for i, v in enumerate(items)]
         return _from_values(who, dtype, dims, values, "contents.bytes_contents")
     if field is None:
         raise InvalidInput(
@@ -486,7 +608,10 @@ def _address(view: memoryview) -> int:
 
 # ----------------------------------------------------------------- OIP HTTP/JSON
 def decode_json_inputs(
-    body: Mapping[str, Any], binary: bytes | memoryview = b"", shared: SharedView | None = None
+    body: Mapping[str, Any],
+    binary: bytes | memoryview = b"",
+    shared: SharedView | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str] | None, bool, dict[str, memoryview]]:
     """Inputs, requested output names, whether binary outputs are wanted, and where outputs go
     in the clients' shared memory (`shared_outputs`), from a JSON body.
@@ -494,13 +619,16 @@ def decode_json_inputs(
     `binary` holds the bytes that followed the JSON header under the binary-data extension
     (`Inference-Header-Content-Length`); inputs whose parameters give `binary_data_size` take
     their contents from it, in order; inputs whose parameters name a `shared_memory_region`,
-    from there (read through `shared`).
+    from there (read through `shared`). With `max_bytes`, a request whose tensors would take
+    more memory decoded is refused, as in `_decode_tensors` (strings in `data` once parsed, the
+    JSON parser having made them, but before their array).
     """
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request body needs a non-empty 'inputs' list")
     arrays: dict[str, np.ndarray] = {}
     offset = 0
+    budget = None
     for i, entry in enumerate(inputs):
         if not isinstance(entry, dict):
             raise InvalidInput(f"inputs[{i}] must be an object with name, shape, datatype, data")
@@ -515,6 +643,8 @@ def decode_json_inputs(
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
         if name in arrays:
             raise InvalidInput(f"input {name!r} is given twice")
+        if budget is None and datatype == BYTES and max_bytes is not None:
+            budget = Budget(max_bytes, sum([a.nbytes for a in arrays.values()]))
         parameters = _parameters(entry, f"input {name!r}")
         size = parameters.get("binary_data_size")
         place = shared_memory(parameters, f"input {name!r}")
@@ -526,7 +656,7 @@ def decode_json_inputs(
                     f"input {name!r}: give shared_memory_region, 'data' or binary_data_size, "
                     "only one"
                 )
-            arrays[name] = from_shared(name, datatype, shape, place, shared)
+            array = from_shared(name, datatype, shape, place, shared, budget)
         elif size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(
@@ -542,10 +672,13 @@ def decode_json_inputs(
                     f"input {name!r}: binary_data_size {size} runs past the {len(binary)} bytes "
                     "of binary data after the JSON header"
                 )
-            arrays[name] = from_bytes(name, datatype, shape, binary[offset : offset + size])
+            array = from_bytes(name, datatype, shape, binary[offset : offset + size], budget=budget)
             offset += size
         else:
-            arrays[name] = _from_json_data(name, datatype, shape, entry.get("data"))
+            array = _from_json_data(name, datatype, shape, entry.get("data"), budget)
+        if budget is not None and datatype != BYTES:
+            budget.take(f"input {name!r}", array.nbytes)
+        arrays[name] = array
     if offset != len(binary):
         raise InvalidInput(
             f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input"
@@ -617,7 +750,9 @@ def _flatten(data: list[Any]) -> list[Any]:
     return values
 
 
-def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+def _from_json_data(
+    name: str, datatype: str, shape: list[int], data: Any, budget: Budget | None = None
+) -> np.ndarray:
     dtype = numpy_dtype(datatype, name)
     dims = _shape(shape, name)
     if not isinstance(data, list):
@@ -629,6 +764,8 @@ def _from_json_data(name: str, datatype: str, shape: list[int], data: Any) -> np
             raise InvalidInput(
                 f"input {name!r}: 'data' holds {_show(value)}, but {datatype} 'data' must be {kind}"
             )
+    if budget is not None and dtype is _STRINGS:
+        budget.take(f"input {name!r}", len(values) * _POINTER + _sizes(values), len(values))
     return _from_values(f"input {name!r}", dtype, dims, values, "'data'")
 
 

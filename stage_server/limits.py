@@ -15,7 +15,9 @@ defaults that a newcomer never meets, and a client over a cap gets a status that
 - the size of a request (`--max-request-bytes`, and what the model's inputs can take when their
   shapes are fixed): refused on its declared length before a byte of it is read (HTTP
   Content-Length, gRPC's message header), and an HTTP body without a length stops being read
-  past the limit;
+  past the limit. The same limit counts a request's tensors as they take memory decoded, which
+  for string tensors is several times their wire size (`codec.Budget`): such a request is
+  refused while its strings are decoded;
 - time: an HTTP body must arrive within the request's timeout (408 otherwise); an HTTP connection
   idle between requests, or that never completes its request's headers, is closed after the idle
   timeout; a gRPC connection without calls is closed after the idle timeout, one whose client

@@ -6,7 +6,10 @@ back; errors are raised as domain errors and become status codes in
 `stage_server.transport.guarded`. The request size limit is the gRPC server's
 `max_receive_message_length` (`max_message_bytes`: the request limit, or what the models' inputs
 can take when their shapes are fixed), so gRPC refuses an oversized request with
-RESOURCE_EXHAUSTED from its message header, before it is held in memory. Each inference takes a
+RESOURCE_EXHAUSTED from its message header, before it is held in memory; string tensors, which
+take several times their wire size decoded, are counted against the same limit as they are
+decoded (`codec.Budget`), and a request past it is refused with RESOURCE_EXHAUSTED too. Each
+inference takes a
 place among the front end's requests in flight (`stage_server.limits.InFlight`). A client
 deadline shortens the gateway's own timeout.
 
@@ -110,13 +113,19 @@ def add_to_server(
 
 class InferenceServicer:
     def __init__(
-        self, repository: Repository, in_flight: InFlight, regions: SharedMemoryRegions
+        self,
+        repository: Repository,
+        in_flight: InFlight,
+        regions: SharedMemoryRegions,
+        max_request_bytes: int | None = None,
     ) -> None:
         """`in_flight` counts inference requests, `regions` are the clients' shared memory
-        (both shared with the HTTP transport)."""
+        (both shared with the HTTP transport); `max_request_bytes`: what a request's tensors may
+        take in memory decoded (strings take several times their wire size; `codec.Budget`)."""
         self._repository = repository
         self._in_flight = in_flight
         self._regions = regions
+        self._max_request_bytes = max_request_bytes
 
     async def ServerLive(
         self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -166,7 +175,7 @@ class InferenceServicer:
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         with self._in_flight, auth.ServingClient(auth.grpc_authorization(context)):
             shared = self._regions.view
-            message, inputs = codec.decode_infer_request(request, shared)
+            message, inputs = codec.decode_infer_request(request, shared, self._max_request_bytes)
             plane = self._repository.get(message.model_name, message.model_version)
             requested, places = None, None  # the usual request names no outputs: all of them
             if message.outputs:

@@ -19,7 +19,9 @@ being read past it, and one that does not arrive within the request's timeout is
 Its limit is the smallest of the request limit (`--max-request-bytes`), `MAX_JSON_BYTES` for a
 body of JSON alone, and, under the binary-data extension, the JSON's length plus what the model's
 inputs take when their shapes are fixed. The body is received into one buffer of its declared
-size, which the tensors are then read from, in place.
+size, which the tensors are then read from, in place. String tensors, which take several times
+their wire size decoded, count against the request limit as they are decoded (`codec.Budget`;
+413 past it).
 
 The JSON part of a request has a lower limit of its own, `MAX_JSON_BYTES` (413 too): the gateway
 parses it on its event loop, holding the GIL (`json.loads` never lets go of it), so while it
@@ -152,7 +154,7 @@ def create_app(
             if not isinstance(request_id, str | None):
                 raise InvalidInput(f"'id' must be a string, got {request_id!r:.40}")
             inputs, requested, binary_out, places = codec.decode_json_inputs(
-                header, binary, regions.view
+                header, binary, regions.view, max_request_bytes
             )
             timeout = plane.timeout_s - spent if spent else None  # reading counts
             outputs = await plane.infer(inputs, requested, timeout, places)

@@ -255,7 +255,7 @@ def _oip_server(
     ]
     server = _server(settings, limits.grpc_call_cap(endpoint.max_in_flight))
     add_to_server(
-        InferenceServicer(repository, in_flight, regions),
+        InferenceServicer(repository, in_flight, regions, max_request_bytes),
         server,
         repository.metrics,
         endpoint.auth_token,

@@ -50,6 +50,7 @@ from moirai.stagecut import extract_stage
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import shm, wire
 from stage_server.chain import Delivery, Peers, now_ms
+from stage_server.codec import memory_bytes
 from stage_server.errors import NotFound, Overloaded, ServingError, StageFailed, status_of
 from stage_server.sessions import StageSession, create_session
 from stage_server.settings import DEFAULT_MAX_PENDING_BYTES
@@ -71,8 +72,8 @@ class _Pending:
     deadline_ms: float
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     nbytes: int = 0
-    """Bytes of `tensors`, counted in the server's `held_bytes` until the request is dropped or
-    its stage has run."""
+    """Bytes of memory of `tensors` (`codec.memory_bytes`: a string's elements too), counted in
+    the server's `held_bytes` until the request is dropped or its stage has run."""
     timings: dict[bytes | wire.Timing, None] = field(default_factory=dict)
     """Timings (`stage_server.wire`), in arrival order without duplicates (a stage fed by two
     branches gets their common upstream's timings twice)."""
@@ -133,7 +134,8 @@ class StageServer:
         when one at a time (a front end shares this process's event loop); `cpus`: the cores
         of the threads that run stages (ONNX Runtime's, and the pool's), when only they are to
         be pinned; `max_pending_bytes`: the most bytes of tensors held for requests waiting or
-        running here, past which a push is refused (RESOURCE_EXHAUSTED)."""
+        running here (their memory, `codec.memory_bytes`: a string tensor's elements count),
+        past which a push is refused (RESOURCE_EXHAUSTED)."""
         spec = plan.device(device)
         self.device = device
         self.plan = plan
@@ -169,7 +171,8 @@ class StageServer:
         self.cancelled: dict[str, float] = {}  # request id -> when its tombstone may go
         self.max_pending_bytes = max_pending_bytes
         self.held_bytes = 0
-        """Bytes of tensors held for requests: waiting for inputs, queued, or running."""
+        """Bytes of memory of tensors held for requests: waiting for inputs, queued, or
+        running."""
         self._pool = (
             ThreadPoolExecutor(
                 workers,
@@ -197,7 +200,7 @@ class StageServer:
             return
         key = (rid, stage.id)
         pending = self.pending.get(key)
-        nbytes = sum([a.nbytes for a in delivery.tensors.values()])
+        nbytes = sum([memory_bytes(a) for a in delivery.tensors.values()])
         if self.held_bytes + nbytes > self.max_pending_bytes:
             raise Overloaded(
                 f"stage server {self.device} holds {self.held_bytes} bytes of requests, and "

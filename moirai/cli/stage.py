@@ -86,7 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=DEFAULT_MAX_PENDING_BYTES,
         metavar="N",
-        help="bytes of tensors held for requests at most; pushes past it are refused with "
+        help="bytes of tensors held for requests at most (their memory: a string tensor's "
+        "elements too); pushes past it are refused with "
         f"RESOURCE_EXHAUSTED (default {DEFAULT_MAX_PENDING_BYTES})",
     )
     add_frontend_arguments(p)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from moirai.partition import build_plan
 from moirai.stageplan import DeviceSpec, StagePlan
-from stage_server import samehost
+from stage_server import codec, samehost
 from stage_server.chain import Peers, now_ms
 from stage_server.errors import InvalidInput, Overloaded, Unauthenticated
 from stage_server.serve import ChainOptions, start_chain, start_stage
@@ -153,3 +153,44 @@ async def test_thirty_pushes_with_a_ten_year_deadline_hold_no_more_than_the_cap(
         await peers.close()
         await server.stop(0)
         await gateway.stop(0)
+
+
+async def test_a_pushed_string_tensor_counts_its_memory_against_the_cap() -> None:
+    """Its strings, not only its pointers (`nbytes`): 20000 words of two letters take 160 KB of
+    pointers and 1.2 MB of memory; with a cap of 1 MB the stage server refuses them."""
+    k = 20000
+    info = [helper.make_tensor_value_info("s", TensorProto.STRING, [1, k]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])]  # fmt: skip
+    nodes = [
+        helper.make_node("LabelEncoder", ["s"], ["code"], domain="ai.onnx.ml", name="Code_0",
+                         keys_strings=["ab"], values_int64s=[1], default_int64=0),
+        helper.make_node("Cast", ["code"], ["f"], to=TensorProto.FLOAT, name="Cast_1"),
+        helper.make_node("Add", ["f", "x"], ["y"], name="Add_2"),
+    ]  # fmt: skip
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k])
+    graph = helper.make_graph(nodes, "words", info, [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    placement = dict.fromkeys(["Code_0", "Cast_1", "Add_2"], "cpu-0")
+    plan = build_plan(model, placement, [DeviceSpec("cpu-0", threads=1)])
+    words = {"s": np.array([["ab"] * k], dtype=object)}
+    memory = codec.memory_bytes(words["s"])
+    assert memory > 7 * words["s"].nbytes
+    for cap, held in [(memory, memory), (1 << 20, 0)]:
+        gateway = await start_chain(Recorder())
+        (port,) = free_ports(1)
+        addresses = {"cpu-0": f"127.0.0.1:{port}", "gateway": f"127.0.0.1:{gateway.port}"}
+        options = ChainOptions(max_pending_bytes=cap)
+        server = await start_stage(model, plan, "cpu-0", addresses, port=port, chain=options)
+        peers = Peers(plan, addresses)
+        try:
+            if held:
+                await peers.push(plan.stages[0].id, "r", words, now_ms() + 5000)
+            else:
+                with pytest.raises(Overloaded, match=r"and \d+ more would pass its limit"):
+                    await peers.push(plan.stages[0].id, "r", words, now_ms() + 5000)
+            assert server.impl.held_bytes == held
+        finally:
+            await peers.close()
+            await server.stop(0)
+            await gateway.stop(0)

@@ -127,6 +127,62 @@ async def test_batched_string_requests_each_get_their_own_answer(cluster) -> Non
     assert metrics.get_sample_value("moirai_batch_size_count") < len(requests)
 
 
+async def test_strings_count_against_the_request_limit_as_they_take_memory(cluster) -> None:
+    """6000 words of two letters: 36 KB on the wire and 24 KB of numbers, under the 128 KiB
+    request limit, but 354 KB decoded: refused with RESOURCE_EXHAUSTED over gRPC (raw and typed
+    contents) and 413 over HTTP (binary data and JSON), in one line naming the tensor and the
+    limit; 1000 words are served."""
+    model = models.strings()
+    c = await cluster(model, split_plan(model, 2), max_request_bytes=128 * 1024)
+    rows = 6000
+    inputs = {
+        "city": np.array([["ab"]] * rows, dtype=object),
+        "age": models.string_inputs(rows)["age"],
+    }
+    assert len(codec.encode_infer_request("strings", inputs)) < 64 * 1024
+    assert codec.memory_bytes(inputs["city"]) > 2 * 128 * 1024
+    needle = (
+        "input 'city': decoded, the request would take over the 131072 bytes allowed "
+        "(--max-request-bytes)"
+    )
+    typed = oip.ModelInferRequest(model_name="strings")
+    city = typed.inputs.add(name="city", datatype="BYTES", shape=[rows, 1])
+    city.contents.bytes_contents.extend([b"ab"] * rows)
+    age = typed.inputs.add(name="age", datatype="FP32", shape=[rows, 1])
+    age.contents.fp32_contents.extend(inputs["age"].ravel().tolist())
+    g = tgrpc.InferenceServerClient(c.grpc_url)
+    h = thttp.InferenceServerClient(c.http_url)
+    try:
+        with pytest.raises(Exception) as e:
+            await g.infer("strings", triton_inputs(tgrpc, inputs))
+        assert "RESOURCE_EXHAUSTED" in str(e.value) and needle in str(e.value)
+        async with grpc.aio.insecure_channel(c.grpc_url) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=oip.ModelInferRequest.SerializeToString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await call(typed, timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert needle in e.value.details() and "\n" not in e.value.details()
+        with pytest.raises(Exception) as e:  # binary data: tritonclient's JSON is over the limit
+            await h.infer("strings", triton_inputs(thttp, inputs))
+        assert str(e.value).startswith(f"[413] {needle}")
+        url = f"http://{c.http_url}/v2/models/strings/infer"
+        body = {"inputs": [
+            {"name": "city", "datatype": "BYTES", "shape": [rows, 1], "data": ["ab"] * rows},
+            {"name": "age", "datatype": "FP32", "shape": [rows, 1], "data": [1.0] * rows},
+        ]}  # fmt: skip
+        async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+            assert r.status == 413 and (await r.json())["error"].startswith(needle)
+        small = {name: array[:1000] for name, array in inputs.items()}
+        result = await g.infer("strings", triton_inputs(tgrpc, small))
+        check({n: result.as_numpy(n) for n in ("upper", "score")}, reference(small))
+    finally:
+        await g.close()
+        await h.close()
+
+
 async def test_bad_string_contents_are_refused_in_one_line_and_servers_serve_on(cluster) -> None:
     model = models.strings()
     c = await cluster(model, split_plan(model, 2))
