@@ -66,14 +66,40 @@ class _OneLine(logging.Formatter):
         return f"moirai: {level}{super().format(record)}"
 
 
-def _configure_logging(command: str, verbose: bool) -> None:
+class _Once(logging.Filter):
+    """A warning said again word for word is not said again. Planning analyses one model for
+    every device it profiles, and each analysis meets the same problem: the first `moirai place`
+    of a QDQ-quantised MobileNetV3 exported from torchvision said that its CPU fusions came from
+    the extended level only, and why, 5 times. Only for the commands that end (not `SERVERS`,
+    where a warning that comes back later is news)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self._said:
+            return False
+        self._said.add(message)
+        return True
+
+
+def _handler(command: str) -> logging.Handler:
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if command in SERVERS
-        else _OneLine()
-    )
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if command in SERVERS:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_OneLine())
+        handler.addFilter(_Once())
+    return handler
+
+
+def _configure_logging(command: str, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, handlers=[_handler(command)])
 
 
 class Terminated(KeyboardInterrupt):

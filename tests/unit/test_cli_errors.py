@@ -670,3 +670,39 @@ def test_a_cache_folder_that_cannot_be_made_names_what_each_command_takes(
     message = one_line_error(capsys, argv)
     assert message.startswith(f"moirai: {tmp_path / 'file' / 'profiles'}: cannot create"), message
     assert "set MOIRAI_CACHE to a folder you can write" in message
+
+
+def test_a_warning_said_again_word_for_word_is_said_once_by_a_command_that_ends() -> None:
+    """Planning analyses one model per device profiled: the first `moirai place` of a
+    QDQ-quantised MobileNetV3 (torchvision, quantize_static) said the same warning 5 times.
+    A server's log keeps every warning: one that comes back later is news."""
+    import io
+    import logging
+
+    from moirai import cli
+
+    def said(command: str) -> list[str]:
+        handler = cli._handler(command)
+        stream = io.StringIO()
+        handler.setStream(stream)  # type: ignore[attr-defined]
+        logger = logging.getLogger("moirai.test_once")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        try:
+            for _ in range(3):
+                logger.warning("CPU fusions from the extended level only: %s", "why")
+            logger.warning("another")
+            logger.info("progress")
+            logger.info("progress")
+        finally:
+            logger.removeHandler(handler)
+        return stream.getvalue().splitlines()
+
+    assert said("place") == [
+        "moirai: warning: CPU fusions from the extended level only: why",
+        "moirai: warning: another",
+        "moirai: progress",
+        "moirai: progress",
+    ]
+    assert len(said("serve")) == 6
