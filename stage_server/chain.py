@@ -265,6 +265,7 @@ class _Peer:
         self.shared = shm.SUPPORTED
         self.connection: samehost.Connection | None = None
         self.retry_at = 0.0
+        self.closed = False
         self._opening = asyncio.Lock()
 
     async def fast_path(self) -> samehost.Connection | None:
@@ -281,11 +282,15 @@ class _Peer:
             if self.connection is not None:
                 await self.connection.close()
             self.connection = await samehost.Connection.open(self.port, self.token)
+            if self.closed:  # closed while it opened: nothing else would ever close it
+                await self.close()
+                raise Unavailable(f"the chain to {self.address} is closed")
             if self.connection is None:
                 self.retry_at = time.monotonic() + RECONNECT_S
             return self.connection
 
     async def close(self) -> None:
+        self.closed = True
         if self.connection is not None:
             await self.connection.close()
         await self.channel.close()
@@ -320,6 +325,7 @@ class Peers:
         self._same_host = same_host and samehost.SUPPORTED
         self._token = token
         self._metadata = auth.chain_metadata(token)
+        self._closed = False
 
     def address(self, target: str) -> str:
         """Address of a device name, a stage id or "gateway"."""
@@ -331,6 +337,8 @@ class Peers:
 
     def _peer(self, target: str) -> _Peer:
         address = self.address(target)
+        if self._closed:  # a push still running as its server stops must not reopen anything
+            raise Unavailable(f"the chain to {address} is closed")
         peer = self._peers.get(address)
         if peer is None:
             peer = self._peers[address] = _Peer(address, self._same_host, self._token)
@@ -471,6 +479,9 @@ class Peers:
         return True
 
     async def close(self) -> None:
-        for peer in self._peers.values():
-            await peer.close()
+        """Close every peer's channel and connection; pushes from now on are `Unavailable`."""
+        self._closed = True
+        peers = list(self._peers.values())
         self._peers.clear()
+        for peer in peers:
+            await peer.close()

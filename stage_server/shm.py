@@ -216,6 +216,7 @@ class Pool:
         self._budget = budget
         self._idle: dict[int, list[SharedTensor]] = collections.defaultdict(list)
         self._idle_bytes = 0
+        self._closed = False
 
     def take(self, array: np.ndarray) -> tuple[SharedTensor, stage_pb2.SharedMemory]:
         """The file holding `array`, and its reference: the arena file it lies in, or a file of
@@ -248,13 +249,20 @@ class Pool:
         for tensor in tensors:
             if tensor.arena is not None:
                 tensor.arena.release(tensor, reuse)
-            elif reuse and tensor.pooled and self._idle_bytes + tensor.capacity <= self._budget:
+            elif (
+                reuse
+                and tensor.pooled
+                and not self._closed
+                and self._idle_bytes + tensor.capacity <= self._budget
+            ):
                 self._idle[tensor.capacity].append(tensor)
                 self._idle_bytes += tensor.capacity
             else:
                 tensor.close()
 
     def close(self) -> None:
+        """Close the idle files; those given back later close then."""
+        self._closed = True
         for idle in self._idle.values():
             for tensor in idle:
                 tensor.close()

@@ -19,6 +19,7 @@ import pytest
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.stageplan import GATEWAY, DeviceSpec, Lane, StagePlan
+from stage_server import shm
 from stage_server.chain import Delivery
 from stage_server.serve import (
     ChainHandle,
@@ -154,11 +155,26 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
         for s in c.stages.values():
             await s.stop(0)
     # Tasks the stop cancelled may still hold tensors until the loop has run them once more.
-    for _ in range(40):
+    for _ in range(200):
         if shared_memory_in_use() == before:
             break
         await asyncio.sleep(0.05)
-    assert shared_memory_in_use() == before, "shared memory left after the servers stopped"
+    assert shared_memory_in_use() == before, (
+        f"shared memory left after the servers stopped: {shared_memory_held()}"
+    )
+
+
+def shared_memory_held() -> str:
+    """What holds this process's memory files: the sender's files still open and the mappings
+    (a mapping object also holds a descriptor), for a failure to name its leak."""
+    files = [
+        f"{'arena' if o.arena else 'pool'} file of {o.capacity} B, {o.holds} holds"
+        for o in gc.get_objects()
+        if isinstance(o, shm.SharedTensor) and o.inode and o._fd >= 0
+    ]
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = [line.split()[0] for line in maps if "memfd:moirai-" in line]
+    return f"{len(files)} files open ({'; '.join(files)}); mappings at {', '.join(mapped)}"
 
 
 def laned(plan: StagePlan, weights: tuple[float, ...] = (1.0, 1.0)) -> StagePlan:

@@ -113,6 +113,17 @@ def test_shared_tensors_are_read_in_place_released_reused_and_nothing_left() -> 
     assert shared_memory_in_use() == before
 
 
+def test_a_file_given_back_after_its_pool_closed_is_closed() -> None:
+    """A push that gave up before it was sent gives its file back, possibly after its
+    connection ended and closed the pool: kept as idle then, nothing would ever close it."""
+    before = shared_memory_in_use()
+    pool = shm.Pool()
+    sent, _ = pool.take(np.ones(1 << 16, np.float32))
+    pool.close()
+    pool.give_back([sent])
+    assert shared_memory_in_use() == before
+
+
 def test_a_shared_tensor_is_only_read_when_it_is_the_one_named() -> None:
     pool = shm.Pool()
     sent, reference = pool.take(np.ones(1024, np.float32))
@@ -182,6 +193,32 @@ async def test_pushes_arrive_and_errors_come_back_with_their_code(same_host: boo
     np.testing.assert_array_equal(delivery.tensors["small"], big[:3])
     kinds = {(t.kind, t.tensor) for t in wire.decode_timings(delivery.timings)}
     assert kinds == {("transfer", "big"), ("transfer", "small")}
+
+
+async def test_a_push_racing_the_chains_close_leaves_no_connection_open() -> None:
+    """A push still opening its same-host connection when its server stops (a request the
+    stop cancelled, a push after a deadline) must not leave that connection, and the files
+    it would carry, open for good: `Peers.close` had already passed its peer."""
+    handler = _Recorder()
+    server, address = await _serve(handler)
+    peers = Peers(_plan(), {"dev": address})
+    big = np.arange(1 << 16, dtype=np.float32)
+    try:
+        push = asyncio.ensure_future(peers.push("s", "r", {"big": big}, now_ms() + 5000))
+        await asyncio.sleep(0)  # the push is opening its connection
+        await peers.close()
+        with pytest.raises(Unavailable, match="closed"):
+            await push
+        with pytest.raises(Unavailable, match="closed"):
+            await peers.push("s", "r2", {"big": big}, now_ms() + 5000)
+        for _ in range(100):  # the listener hears of closed connections on a later turn
+            if not server.listener.connections:
+                break
+            await asyncio.sleep(0.01)
+        assert not server.listener.connections
+        assert handler.deliveries == []
+    finally:
+        await server.stop(0)
 
 
 class _Refusing(_Recorder):
