@@ -46,6 +46,13 @@ allows (`apply_children`: every child dry-run first, then the new ones made with
 removed again if one is refused); the one case it cannot undo, a refusal that the dry run did not
 foresee after shared children were updated, is named in the message, which then does not say
 that the previous plan serves untouched.
+
+A solve may run for minutes, and the PlacedModel may be edited or deleted meanwhile; its result
+(a plan or a failure) is then for a spec that no longer exists and is dropped (`superseded`):
+nothing of it is applied and no status is written, and the pass for the new generation (kopf's
+update handler, queued behind this one) plans again. The solver thread is not stopped: the
+solver contract has no way to stop a solve, so it runs to its time limit and its result is
+dropped.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +98,8 @@ from moirai_operator.plan import Plan
 from moirai_operator.pools import NodeFacts, PoolMatch, fingerprint, match_pools
 from moirai_operator.resources import Condition, Manifest, PlacedModelBody
 from moirai_operator.spec import Defaults, PlacedModelSpec, check_name, parse_spec
+
+log = logging.getLogger(__name__)
 
 
 class Planner(Protocol):
@@ -205,6 +215,27 @@ async def converge(
         await plan_and_apply(body, nodes, fp, why, ctx, events)
     else:
         await refresh_readiness(body, ctx, events)
+
+
+async def superseded(kube: Kube, owner: Owner, generation: int) -> bool:
+    """Whether the PlacedModel was deleted (or deleted and made again: another uid) or its
+    spec changed (another generation) since a pass began for `generation`: then what that pass
+    found is for a spec that is gone, and is dropped (logged here)."""
+    fresh = await kube.get("PlacedModel", owner.namespace, owner.name)
+    if fresh is None or fresh["metadata"].get("uid") != owner.uid:
+        why = "it was deleted"
+    elif (current := int(fresh["metadata"].get("generation", 1))) != generation:
+        why = f"its spec changed (generation {current})"
+    else:
+        return False
+    log.info(
+        "PlacedModel %s/%s: dropping what planning generation %d found: %s meanwhile",
+        owner.namespace,
+        owner.name,
+        generation,
+        why,
+    )
+    return True
 
 
 async def _plan(
@@ -530,6 +561,8 @@ async def plan_and_apply(
             plan = cached[1]  # only how it is served changed (lanes, ports, image...)
         else:
             plan = await _plan(owner, spec, matches, why, status, ctx, events)
+            if await superseded(ctx.kube, owner, status.generation):
+                return
             ctx.plans[owner.uid] = (key, plan)
         secret = await secret_state(ctx.kube, owner, spec)
         children = build_children(owner, spec, plan, ctx.options, secret.digests)
@@ -542,6 +575,8 @@ async def plan_and_apply(
             events.warning("DeviceCatalogue", note)
         await apply_children(ctx.kube, owner, children)
     except MoiraiError as e:
+        if await superseded(ctx.kube, owner, status.generation):
+            return
         failure = st.failure(e)
         assert failure is not None  # every MoiraiError maps to a reason
         await _report_failure(body, owner, failure, fp, status, ctx, events)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +15,11 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from moirai_operator import reconcile
 from moirai_operator.children import BuildOptions
 from moirai_operator.kube import PRUNED_KINDS
 from moirai_operator.pools import PoolMatch, node_facts
-from moirai_operator.reconcile import Context, converge, gateway_trust_root, stale_reason
+from moirai_operator.reconcile import Context, gateway_trust_root, stale_reason
 from moirai_operator.spec import Defaults, PlacedModelSpec
 from operator_bodies import make_body, make_node, make_plan, make_spec
 
@@ -25,10 +28,12 @@ from moirai.errors import InfeasibleError
 
 class FakeKube:
     """Stores applied objects (a Secret's stringData as the API server stores it, base64 in
-    data); status patches merge into `status`."""
+    data); status patches merge into `status`. `placed`: the PlacedModels, by name (`converge`
+    puts the one it reconciles there; the reconciler reads it back after planning)."""
 
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.placed: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
         self.patches: list[dict[str, Any]] = []
         self.applied: list[tuple[str, str]] = []
@@ -51,6 +56,8 @@ class FakeKube:
         return manifest
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind == "PlacedModel":
+            return self.placed.get(name)
         return self.objects.get((kind, name))
 
     async def list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list:
@@ -138,6 +145,14 @@ def path_spec(model: Path, **extra: Any) -> dict[str, Any]:
 
 def context(kube: FakeKube, planner: Planner, tmp_path: Path) -> Context:
     return Context(kube, planner, Defaults(), BuildOptions(), tmp_path / "cache")  # type: ignore[arg-type]
+
+
+async def converge(body: dict[str, Any], nodes: Any, ctx: Context, events: Events) -> None:
+    """`reconcile.converge` of `body` as the API server holds it: stored in the fake (the same
+    dict, so a test's edits of it are the server's too)."""
+    assert isinstance(ctx.kube, FakeKube)
+    ctx.kube.placed[body["metadata"]["name"]] = body
+    await reconcile.converge(body, nodes, ctx, events)
 
 
 async def test_first_pass_plans_applies_and_reports(model: Path, tmp_path: Path) -> None:
@@ -294,6 +309,65 @@ async def test_a_name_that_cannot_name_children_is_a_condition(model: Path, tmp_
         assert (kube.status["phase"], planned["reason"]) == ("Failed", "InvalidSpec")
         assert planned["message"].startswith(f"metadata.name {name!r} cannot name")
         assert not kube.objects and planner.calls == 0
+
+
+class WaitingPlanner(Planner):
+    """Sets `started` when asked for a plan, and answers once `release` is set: a solve that
+    runs while the test changes the PlacedModel."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__(error)
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(
+        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, profile=None
+    ):
+        self.started.set()
+        await self.release.wait()
+        return await super().__call__(spec, pools, model, profile)
+
+
+@pytest.mark.parametrize("error", [None, InfeasibleError("no room")], ids=["plan", "failure"])
+@pytest.mark.parametrize("change", ["edited", "deleted", "made again"])
+async def test_what_a_solve_finds_after_its_placed_model_changed_is_dropped(
+    change: str,
+    error: Exception | None,
+    model: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="moirai_operator.reconcile")
+    kube, planner, events = FakeKube(), WaitingPlanner(error), Events()
+    ctx = context(kube, planner, tmp_path)
+    body = make_body(path_spec(model))
+    solving = asyncio.create_task(converge(body, NODES, ctx, events))
+    await planner.started.wait()
+    now = copy.deepcopy(body)  # the PlacedModel as the API server holds it from now on
+    if change == "edited":
+        now["metadata"]["generation"] = 2
+        kube.placed["resnet"] = now
+    elif change == "made again":
+        now["metadata"]["uid"] = "uid-2"
+        kube.placed["resnet"] = now
+    else:
+        del kube.placed["resnet"]
+    planner.release.set()
+    await solving
+    # Nothing of the old spec's plan (or failure) is applied, cached or reported.
+    assert not kube.objects and not kube.dry_runs and not ctx.plans
+    assert [p.get("phase") for p in kube.patches] == ["Profiling", "Solving"]
+    assert "observedGeneration" not in kube.status
+    assert events.reasons == ["Profiling", "Solving"]
+    assert "dropping what planning generation 1 found" in caplog.text
+    if change == "deleted":
+        return
+    # The pass for the PlacedModel as it is now plans and applies it.
+    planner.error = None
+    await converge(now, NODES, ctx, events)
+    assert kube.status["observedGeneration"] == now["metadata"]["generation"]
+    deployment = kube.objects[("Deployment", "resnet-gpu-0")]
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == now["metadata"]["uid"]
 
 
 class RefusingKube(FakeKube):
