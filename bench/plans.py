@@ -54,8 +54,8 @@ from runtime import inputs_for, median_ms  # noqa: E402
 from validation import frame_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
+from moirai.devices import available_cores  # noqa: E402
 from moirai.planning import plan_model, resolve  # noqa: E402
-from moirai.planning.cpu import available_cores  # noqa: E402
 from moirai.planning.lanes import merge_lanes  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402

@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moirai import zoo  # noqa: E402
+from moirai.devices import available_cores  # noqa: E402
 from moirai.planning import plan_model, resolve  # noqa: E402
-from moirai.planning.cpu import available_cores  # noqa: E402
 from moirai.profile import measured  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402
 

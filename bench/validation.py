@@ -66,12 +66,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 from runtime import inputs_for, served_latency_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
-from moirai.devices import local_devices  # noqa: E402
+from moirai.devices import available_cores, local_devices  # noqa: E402
 from moirai.errors import MoiraiError  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
 from moirai.planning import plan_model  # noqa: E402
-from moirai.planning.cpu import available_cores, split_cpu  # noqa: E402
+from moirai.planning.cpu import split_cpu  # noqa: E402
 from moirai.profile.cache import ProfileCache  # noqa: E402
 from moirai.profile.measured import MeasuredProfile, Settings  # noqa: E402
 from moirai.profile.targets import cpu_model  # noqa: E402

@@ -317,10 +317,16 @@ _GPU_PEAKS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def available_cores() -> list[int]:
+    """The cores the calling thread may run on (a stage server's pinned ones, in its threads)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def local_devices() -> DeviceSet:
     """This machine's devices (see the module docstring); links are gRPC over loopback."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = len(available_cores())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu = DeviceSpec(
         name="cpu-0",

@@ -1,8 +1,13 @@
 """ONNX Runtime sessions for one device of a stage plan, built the same way everywhere.
 
 A CPU device gets the CPU execution provider with its own intra-op thread count (one inter-op
-thread, sequential execution, no spinning: the stage servers of several CPU devices share one
-machine, and a spinning pool would steal the cores of its neighbours). A GPU device gets the CUDA
+thread, sequential execution). Its threads spin while they wait for work only when they are
+every core the session may run on (`spins`): a stage server pinned to its own cores, or alone on
+the machine, then takes no other server's cores, and a model of many small kernels runs much
+faster (measured in process on 2 cores: EfficientNet-B0 9.0 ms without spinning, 6.7 ms with;
+MobileNetV3-Large 4.6 and 3.5 ms; ResNet-50 39.1 and 38.4 ms), which is also ONNX Runtime's
+default that a user compares with. Where several devices share cores, spinning threads would
+steal them from their neighbours, so it is off. A GPU device gets the CUDA
 execution provider with its device id, falling back to the CPU provider only for operators CUDA
 lacks; when this ONNX Runtime build has no CUDA provider, that is an error the user can act on
 rather than a silent run on the CPU.
@@ -20,7 +25,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from moirai.devices import CPU, CUDA
+from moirai.devices import CPU, CUDA, available_cores
 from moirai.errors import ModelError, MoiraiError, one_line
 from moirai.stageplan import DeviceSpec
 from moirai.weights import ort_session
@@ -93,10 +98,17 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     options.log_severity_level = 3
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spins(threads))))
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def spins(threads: int | None) -> bool:
+    """Whether a session of `threads` intra-op threads, built in the calling thread, lets them
+    spin: when they are several and exactly the cores the calling thread may run on (the threads
+    ONNX Runtime starts inherit its cores). `None` (ONNX Runtime's choice) never spins."""
+    return threads is not None and threads > 1 and threads == len(available_cores())
 
 
 def execution_providers(

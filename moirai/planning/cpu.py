@@ -10,10 +10,9 @@ brings its own).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from moirai.costgraph import Link
-from moirai.devices import DeviceSet
+from moirai.devices import DeviceSet, available_cores
 from moirai.errors import MoiraiError
 from moirai.stageplan import StagePlan
 
@@ -26,10 +25,6 @@ MAX_LOCAL_CPU_DEVICES = 4
 # latency plan waits for it once per hop. A measured profile (`--profile measured`) brings its
 # own measured link instead.
 SERVING_LOOPBACK = Link(bandwidth_bytes_per_s=1.0e9, latency_ms=0.35)
-
-
-def available_cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
 
 
 def split_cpu(devices: DeviceSet, parts: int | None = None) -> DeviceSet:

@@ -25,9 +25,9 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moirai.devices import DeviceSet
+from moirai.devices import DeviceSet, available_cores
 from moirai.placement import Objective
-from moirai.planning.cpu import MAX_LOCAL_CPU_DEVICES, available_cores, split_cpu
+from moirai.planning.cpu import MAX_LOCAL_CPU_DEVICES, split_cpu
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from moirai.costgraph import CostGraph
-from moirai.devices import DeviceSpec
+from moirai.devices import DeviceSpec, available_cores
 from moirai.errors import one_line
 from moirai.fusion import (
     CPU,
@@ -155,7 +155,7 @@ from moirai.profile.document import (
 )
 from moirai.profile.links import DEFAULT_SIZES, LINK_METHOD_VERSION, LinkProbe
 from moirai.profile.links import PATH as LINK_PATH
-from moirai.profile.targets import Target, cpu_model, signature, usable_cores
+from moirai.profile.targets import Target, cpu_model, signature
 from moirai.profile.turns import Contender, Timed, raised_priority, take_turns
 from moirai.sessions import create_session, device_session, session_options
 from moirai.stagecut import extract_stage
@@ -241,7 +241,7 @@ def _iqr(values: Sequence[float]) -> float:
 def _pinned(target: Target) -> Iterator[None]:
     """Pin this thread (and the ONNX Runtime threads it creates) to `threads` cores, as the
     local runtime pins a stage server; leave it alone when there are not enough cores."""
-    cores = usable_cores()
+    cores = available_cores()
     if target.kind != "cpu" or target.threads is None or target.threads > len(cores):
         yield
         return
@@ -621,7 +621,7 @@ def _cores(target: Target) -> list[int]:
     """The cores a target's runs use (`_pinned`); none for a GPU (its work is not on them)."""
     if target.kind != "cpu":
         return []
-    cores = usable_cores()
+    cores = available_cores()
     return (
         cores if target.threads is None or target.threads > len(cores) else cores[: target.threads]
     )
@@ -924,7 +924,7 @@ def link_signature() -> dict[str, Any]:
         "method": LINK_METHOD_VERSION,
         "path": LINK_PATH,
         "cpu": cpu_model(),
-        "cores": len(usable_cores()),
+        "cores": len(available_cores()),
         "grpc": grpc.__version__,
     }
 

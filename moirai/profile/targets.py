@@ -19,7 +19,6 @@ it: two GPUs of one model time the same.
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 import shutil
@@ -31,12 +30,13 @@ from typing import Any
 
 import onnxruntime as ort
 
-from moirai.devices import CPU, CUDA, DeviceSpec
+from moirai.devices import CPU, CUDA, DeviceSpec, available_cores
 from moirai.errors import MoiraiError
 from moirai.stageplan import DeviceSpec as PlanDevice
 
-METHOD_VERSION = 5
-"""Bump when the measuring method changes what a profile means: cached profiles then miss."""
+METHOD_VERSION = 6
+"""Bump when the measuring method changes what a profile means: cached profiles then miss (6:
+sessions of every core of their thread spin, `moirai.sessions.spins`)."""
 
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=)?(?P<target>[a-z]+(?::[^\s]*)?)$")
 
@@ -131,14 +131,10 @@ def signature(target: Target) -> dict[str, Any]:
         "cpu": cpu_model(),
     }
     if target.kind == "cpu":
-        out["threads"] = target.threads or f"default of {len(usable_cores())} cores"
+        out["threads"] = target.threads or f"default of {len(available_cores())} cores"
     else:
         out["gpu"] = gpu_name(target.device_id)
     return out
-
-
-def usable_cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
 
 
 @cache

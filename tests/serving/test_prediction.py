@@ -13,12 +13,12 @@ import pytest
 from onnx import helper, numpy_helper
 
 from moirai.costgraph import CostGraph, Device, Edge, Link, Task
-from moirai.devices import local_devices
+from moirai.devices import available_cores, local_devices
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.placement import PlacementProblem, evaluate
 from moirai.planning import describe, load, pipeline, plan_model
-from moirai.planning.cpu import SERVING_LOOPBACK, available_cores, split_cpu
+from moirai.planning.cpu import SERVING_LOOPBACK, split_cpu
 from moirai.planning.prediction import (
     CLIENT_LOOPBACK,
     Prediction,

@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from moirai.cli import main
-from moirai.devices import local_devices
+from moirai.devices import available_cores, local_devices
 from moirai.errors import MoiraiError
 from moirai.planning import build_costgraph, load, resolve
-from moirai.planning.cpu import available_cores, split_cpu
+from moirai.planning.cpu import split_cpu
 from moirai.planning.inputs import default_profile, resolve_devices
 from moirai.planning.space import cpu_groupings
 from moirai.profile.analytic import AnalyticProfile
