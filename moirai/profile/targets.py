@@ -34,9 +34,10 @@ from moirai.devices import CPU, CUDA, DeviceSpec, available_cores
 from moirai.errors import MoiraiError
 from moirai.stageplan import DeviceSpec as PlanDevice
 
-METHOD_VERSION = 6
+METHOD_VERSION = 7
 """Bump when the measuring method changes what a profile means: cached profiles then miss (6:
-sessions of every core of their thread spin, `moirai.sessions.spins`)."""
+sessions of every core of their thread spin, `moirai.sessions.spins`; 7: and stop spinning when a
+run ends, which profiles timed in turns were measured beside)."""
 
 _SPEC = re.compile(r"^(?:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)=)?(?P<target>[a-z]+(?::[^\s]*)?)$")
 

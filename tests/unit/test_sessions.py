@@ -29,13 +29,15 @@ def _on_cores(cores: set[int], work: Callable[[], str]) -> str:
 
 
 def _spinning(threads: int) -> Callable[[], str]:
+    """How a session of `threads` threads spins: "0", or "1" and stopping after each run."""
     model = matmul_add()
 
     def build() -> str:
-        session = create_session(model, DeviceSpec("cpu-0", threads=threads))
-        return session.get_session_options().get_session_config_entry(
-            "session.intra_op.allow_spinning"
-        )
+        options = create_session(model, DeviceSpec("cpu-0", threads=threads)).get_session_options()
+        spin = options.get_session_config_entry("session.intra_op.allow_spinning")
+        if spin == "1":
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        return spin
 
     return build
 
