@@ -36,12 +36,13 @@ those of the GPUs from a small table of published figures; measured profiling re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,23 @@ def available_cores() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def pinned(cores: Iterable[int]) -> Iterator[None]:
+    """The calling thread pinned to `cores` for a while (Linux: affinity is per thread, and the
+    threads it starts meanwhile, ONNX Runtime's among them, keep it); no cores, or a platform
+    without thread affinity: left alone."""
+    cores = set(cores)
+    if not cores or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def local_devices() -> DeviceSet:

@@ -2,20 +2,19 @@
 
 A CPU device gets the CPU execution provider with its own intra-op thread count (one inter-op
 thread, sequential execution). Its threads spin while they wait for work only when they are
-every core the session may run on (`spins`): a stage server pinned to its own cores, or alone on
-the machine, then takes no other server's cores, and a model of many small kernels runs much
-faster (measured in process on 2 cores: EfficientNet-B0 9.0 ms without spinning, 6.7 ms with;
-MobileNetV3-Large 4.6 and 3.5 ms; ResNet-50 39.1 and 38.4 ms), which is also ONNX Runtime's
-default that a user compares with. They stop spinning when a run ends
+exactly the cores the session may run on (`spins`): a stage server pinned to its own cores, or
+alone on the machine, then takes no other server's cores, and a model of many small kernels runs
+much faster (measured in process on 2 cores: EfficientNet-B0 9.0 ms without spinning, 6.7 ms
+with; MobileNetV3-Large 4.6 and 3.5 ms; ResNet-50 39.1 and 38.4 ms), which is also ONNX
+Runtime's default that a user compares with. They stop spinning when a run ends
 (`session.force_spinning_stop`): ONNX Runtime's default keeps them spinning for 20 ms and more
 after each run, a whole core taken from the front end, the client and the next request's
 decoding in the same process (shufflenet: 2.64 ms a run spinning, 2.67 ms with the stop, 3.87
 without spinning; CPU in the 20 ms after a run 19.8, 0.0 and 0.0 ms). Where several devices
 share cores, spinning threads would steal them from their neighbours, so it is off. A GPU device
-gets the CUDA
-execution provider with its device id, falling back to the CPU provider only for operators CUDA
-lacks; when this ONNX Runtime build has no CUDA provider, that is an error the user can act on
-rather than a silent run on the CPU.
+gets the CUDA execution provider with its device id, falling back to the CPU provider only for
+operators CUDA lacks; when this ONNX Runtime build has no CUDA provider, that is an error the
+user can act on rather than a silent run on the CPU.
 
 The stage servers (`stage_server.sessions`), measured profiling (`moirai.profile.measured`) and
 the in-process reference run (`moirai.runtime.sequential`) all build their sessions here, so a

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from moirai.devices import pinned
 from moirai.stagecut import extract_stage
 from moirai.stageplan import GATEWAY, StagePlan
 from stage_server import shm, wire
@@ -95,20 +96,6 @@ def _pin(cpus: set[int]) -> None:
     os.sched_setaffinity(0, cpus)
 
 
-@contextlib.contextmanager
-def _pinned(cpus: set[int] | None) -> Iterator[None]:
-    """The calling thread pinned to `cpus` for a while (threads it starts keep the affinity)."""
-    if not cpus:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    _pin(cpus)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 class _Expired(Exception):
     """The request's deadline passed, or it was cancelled, while it waited in the queue."""
 
@@ -141,7 +128,7 @@ class StageServer:
         self.plan = plan
         self.stages = {s.id: s for s in plan.stages_on(device)}
         self._arena = shm.Arena() if shm.SUPPORTED else None  # large outputs go there
-        with _pinned(cpus):  # ONNX Runtime's threads start here and keep the affinity
+        with pinned(cpus or ()):  # ONNX Runtime's threads start here and keep the affinity
             self.sessions = {
                 sid: StageSession(
                     create_session(

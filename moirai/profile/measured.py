@@ -113,11 +113,10 @@ import datetime
 import json
 import logging
 import math
-import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +128,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from moirai.costgraph import CostGraph
-from moirai.devices import DeviceSpec, available_cores
+from moirai.devices import DeviceSpec, available_cores, pinned
 from moirai.errors import one_line
 from moirai.fusion import (
     CPU,
@@ -237,20 +236,10 @@ def _iqr(values: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------- running
-@contextlib.contextmanager
-def _pinned(target: Target) -> Iterator[None]:
-    """Pin this thread (and the ONNX Runtime threads it creates) to `threads` cores, as the
-    local runtime pins a stage server; leave it alone when there are not enough cores."""
-    cores = available_cores()
-    if target.kind != "cpu" or target.threads is None or target.threads > len(cores):
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, set(cores[: target.threads]))
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
+def _pinned(target: Target) -> contextlib.AbstractContextManager[None]:
+    """This thread (and the ONNX Runtime threads it creates) pinned to the target's cores
+    (`_cores`), as the local runtime pins a stage server."""
+    return pinned(_cores(target))
 
 
 def random_strings(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:

@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from moirai.devices import pinned
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.profile.links import DEFAULT_SIZES, KIB, PATH, LinkFit, LinkSample, fit
@@ -171,24 +172,11 @@ def measure_loopback(
     runs on the first core and the receiving stage server on the last, as the local runtime
     pins stage servers to their own cores."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    with _pinned_to(cores[:1] if len(cores) > 1 else []):
+    with pinned(cores[:1] if len(cores) > 1 else []):
         samples = asyncio.run(
             measure(sizes, repeats, warmup, progress, cores[-1] if len(cores) > 1 else None)
         )
     return fit(samples, PATH)
-
-
-@contextlib.contextmanager
-def _pinned_to(cores: Sequence[int]) -> Iterator[None]:
-    if not cores:
-        yield
-        return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, set(cores))
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 def _human(nbytes: int) -> str:
