@@ -31,6 +31,10 @@ class SolverError(MoiraiError):
     """A solver is unknown, unavailable, or failed."""
 
 
+class StoppedError(SolverError):
+    """A solve was stopped (`SolveOptions.stop`) before it found any plan."""
+
+
 def one_line(message: object, limit: int | None = 200) -> str:
     """`message` (an exception: ONNX Runtime's and the API server's span lines) on one line,
     cut to `limit` characters with "..." (None: whole), to quote inside a one-line error."""

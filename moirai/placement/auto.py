@@ -56,7 +56,9 @@ every step before it stops by work or proof, not by the clock (the heuristics, a
 decomposition's segment solves, limited by CP-SAT's deterministic time), so the same inputs
 give the same plan on an idle and on a loaded machine (as long as the machine is not so slow
 that the series phase's deadline comes first). `time`: the time limit ended the search, and a
-faster or less loaded machine may find a better plan in the same limit.
+faster or less loaded machine may find a better plan in the same limit. `stop`: the caller
+stopped it (`SolveOptions.stop`): every step then ends at its next deadline check, and the best
+plan so far is returned.
 """
 
 from __future__ import annotations
@@ -66,10 +68,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from moirai.errors import InfeasibleError
+from moirai.errors import InfeasibleError, StoppedError
 from moirai.placement import cpsat, heuristics, milp
 from moirai.placement.bounds import settle, simple_bounds, strongest
-from moirai.placement.contract import SolveOptions, no_plan_message
+from moirai.placement.contract import SolveOptions, no_plan, seconds_left, stoppable
 from moirai.placement.local import LocalSearch, plan_timing
 from moirai.placement.lp import hops_seconds, path_lp, windowed_load
 from moirai.placement.memory import packing
@@ -225,12 +227,28 @@ class AutoSolver:
     def available(self) -> tuple[bool, str]:
         return True, ""
 
+    @stoppable
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
-        p = problem
         deadline = options.deadline - RESERVE_S
-        packing(p, deadline)  # 0. raises the proof when no assignment fits the memory
-        best = _Incumbent(simple_bounds(p), options)
+        packing(problem, deadline)  # 0. raises the proof when no assignment fits the memory
+        best = _Incumbent(simple_bounds(problem), options)
+        try:
+            self._steps(problem, best, options, deadline, started)
+        except StoppedError:  # a step stopped before it found a plan: keep the best so far
+            if best.plan is None:
+                raise
+        return self._done(best, started)
+
+    def _steps(
+        self,
+        p: PlacementProblem,
+        best: _Incumbent,
+        options: SolveOptions,
+        deadline: float,
+        started: float,
+    ) -> None:
+        """Steps 1 to 5 (see the module docstring); each returns early once `best` is optimal."""
         # 1. the list schedulers that need no LP: milliseconds, and a first incumbent
         for h in heuristics.SOLVERS:
             if h.name in QUICK_HEURISTICS:
@@ -245,7 +263,7 @@ class AutoSolver:
         if load is not None:
             best.bounds["windowed load"] = load
         if best.optimal:
-            return self._done(best, started)
+            return
         # 2. the series decomposition: exact on graphs with cut vertices (every zoo model)
         now = time.monotonic()
         split = decompose(
@@ -257,7 +275,7 @@ class AutoSolver:
                 plan = split.plan.to_placement("series", "feasible", best.bound, 0.0)
                 best.offer(plan, "series", f"series: {split.segments} segments")
             if best.optimal:
-                return self._done(best, started)
+                return
         # the path LP (latency, models of moderate size): transfers priced on paths and ports;
         # after the series decomposition, which needs no more bound where it proves its plan,
         # and not where every segment is small: there the series bound is far stronger
@@ -269,17 +287,17 @@ class AutoSolver:
         if path is not None:
             best.bounds["path LP"] = path
             if best.optimal:
-                return self._done(best, started)
+                return
         elif p.objective == "latency" and p.has_hop_work:
             # no path LP (too large): the windowed load with the devices' hop work instead,
             # when its first LP should finish within `HOPS_LP_SHARE` of the limit
-            lp_s = min(deadline - time.monotonic(), HOPS_LP_SHARE * options.time_limit)
+            lp_s = min(seconds_left(deadline), HOPS_LP_SHARE * options.time_limit)
             if hops_seconds(p) <= lp_s:
                 load = windowed_load(p, time.monotonic() + lp_s, hops=True)
                 if load is not None and load > best.bounds.get("windowed load", 0.0):
                     best.bounds["windowed load"] = load
                 if best.optimal:
-                    return self._done(best, started)
+                    return
         # 3. the heuristics with an LP (GETF, m-SCT), their LPs within a share of the limit
         lp_deadline = min(deadline, time.monotonic() + HEURISTIC_SHARE * options.time_limit)
         for h in heuristics.SOLVERS:
@@ -287,16 +305,15 @@ class AutoSolver:
                 quiet = replace(options, progress=None, deadline=lp_deadline)
                 best.offer(self._heuristic(p, h, quiet), h.name)
         if best.plan is None:
-            raise InfeasibleError(no_plan_message("auto", options))
+            raise no_plan("auto", options)
         if best.optimal:
-            return self._done(best, started)
+            return
         # 4. the MILP, when its model is small (the throughput model always is)
         self._milp(p, best, replace(options, deadline=deadline))
         if best.optimal:
-            return self._done(best, started)
+            return
         # 5. local search and CP-SAT take turns, each from the best plan so far
         self._race(p, best, replace(options, deadline=deadline))
-        return self._done(best, started)
 
     @staticmethod
     def _heuristic(
@@ -304,7 +321,7 @@ class AutoSolver:
     ) -> Placement | None:
         try:
             return h.solve(p, options)
-        except InfeasibleError:
+        except (InfeasibleError, StoppedError):
             return None
 
     @staticmethod

@@ -2,10 +2,23 @@
 
 A solver is anything with a `name`, `available() -> (bool, reason)` and
 `solve(problem, options) -> Placement`; the problem knows nothing about solvers (as in PuLP's
-and cvxpy's solver interfaces). `SolveOptions` carries the time limit, threads, seed, a hint
-and the progress callback; `interruptible` runs a native search so that Ctrl-C stops it;
-`fall_back` and `no_plan_message` are what an exact solver answers when its search found nothing
-better, or nothing.
+and cvxpy's solver interfaces). `SolveOptions` carries the time limit, threads, seed, a hint,
+the progress callback and a stop; `interruptible` runs a native search so that Ctrl-C or the
+stop ends it; `fall_back` and `no_plan` are what an exact solver answers when its search found
+nothing better, or nothing.
+
+Stopping. `SolveOptions.stop` is an Event that anyone may set while a solve runs (the operator
+does when the PlacedModel being planned was edited or deleted): the solve then ends at its next
+deadline check, within about a second, with its best plan so far, marked
+`extra["stopped_by"] = "stop"` unless proven optimal, or raises `StoppedError` (a
+`SolverError`) when it has none. A stop is a deadline that has come early, so it takes the
+paths every deadline already takes rather than checks of its own: a solver's `solve` is
+`stoppable`, which makes the stop the one of the solve running on this thread; within it,
+`SolveOptions.remaining`, `seconds_left` and `passed` (what every deadline in the package is
+checked with, including the plain `deadline: float` that the heuristics, LPs and the local
+search take) answer 0 and True once it is set, and `interruptible` ends the native search it
+runs (CP-SAT's `StopSearch`, HiGHS's `cancelSolve`, Gurobi's `terminate`), as on Ctrl-C but
+returning what the search found instead of raising.
 
 Every solver returns a plan re-timed by the one simulator (`moirai.placement.simulate`) and
 `solve` re-checks it, so a solver bug cannot reach a user as a wrong schedule.
@@ -13,14 +26,16 @@ Every solver returns a plan re-timed by the one simulator (`moirai.placement.sim
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from moirai.errors import SolverError
+from moirai.errors import InfeasibleError, MoiraiError, SolverError, StoppedError
 from moirai.placement.bounds import settle
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -58,6 +73,9 @@ class SolveOptions:
     origin: float = field(default=0.0)
     """When the user's solve began (`time.monotonic()`); progress reports count from it, also
     from solvers that `auto` runs inside its own time."""
+    stop: threading.Event | None = None
+    """Set (from any thread) to end the solve early with its best plan so far (see the module
+    docstring)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_limit) and self.time_limit > 0):
@@ -71,8 +89,13 @@ class SolveOptions:
         if self.deadline == 0.0:
             object.__setattr__(self, "deadline", self.origin + self.time_limit)
 
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
     def remaining(self) -> float:
-        return max(0.0, self.deadline - time.monotonic())
+        """Seconds to the deadline; 0 once stopped."""
+        return 0.0 if self.stopped else max(0.0, self.deadline - time.monotonic())
 
     def report(
         self, solver: str, incumbent: float | None, bound: float | None, message: str = ""
@@ -83,17 +106,66 @@ class SolveOptions:
 
 
 T = TypeVar("T")
+S = TypeVar("S")
+
+STOP_POLL_S = 0.1
+"""How often `interruptible` looks at the solve's stop while a native search runs."""
+
+_stop: ContextVar[threading.Event | None] = ContextVar("moirai_solve_stop", default=None)
+"""The stop of the solve running in this context (`stoppable`)."""
+
+
+def stopped() -> bool:
+    """Whether the solve running on this thread was stopped (`SolveOptions.stop`)."""
+    stop = _stop.get()
+    return stop is not None and stop.is_set()
+
+
+def seconds_left(deadline: float) -> float:
+    """Seconds to a `time.monotonic()` deadline; 0 once the solve was stopped."""
+    return 0.0 if stopped() else max(0.0, deadline - time.monotonic())
+
+
+def passed(deadline: float) -> bool:
+    """Whether a `time.monotonic()` deadline has passed, or the solve was stopped."""
+    return stopped() or time.monotonic() >= deadline
+
+
+def stoppable(
+    solve: Callable[[S, PlacementProblem, SolveOptions], Placement],
+) -> Callable[[S, PlacementProblem, SolveOptions], Placement]:
+    """A solver's `solve`, under `options.stop`: the deadline checks and native searches within
+    it answer to the stop, and a plan it cut short says `stopped_by: "stop"`."""
+
+    @functools.wraps(solve)
+    def stoppable_solve(self: S, problem: PlacementProblem, options: SolveOptions) -> Placement:
+        token = _stop.set(options.stop) if options.stop is not None else None
+        try:
+            plan = solve(self, problem, options)
+        finally:
+            if token is not None:
+                _stop.reset(token)
+        if options.stopped and plan.status != "optimal":
+            plan.extra["stopped_by"] = "stop"
+        return plan
+
+    return stoppable_solve
 
 
 def interruptible(solve: Callable[[], T], stop: Callable[[], None]) -> T:
-    """Run a native solver's blocking `solve` so that Ctrl-C stops it and propagates.
+    """Run a native solver's blocking `solve` so that Ctrl-C stops it and propagates, and the
+    solve's stop (`stoppable`) ends it early.
 
     Python runs signal handlers only on the main thread between bytecodes, so while a solver's
     C++ search holds the main thread a Ctrl-C waits for the search to end (and CP-SAT, left to
     itself, catches SIGINT and merely ends the search early). The search runs on a worker thread
     instead; the main thread waits on it, and on KeyboardInterrupt asks the solver to `stop`,
     waits for it to unwind and re-raises, so the caller never goes on with a cut-short result.
+    While the solve's stop is set it asks the solver to `stop` every `STOP_POLL_S` until the
+    search returns (a request made before the native search began may be lost), and returns
+    what the search found.
     """
+    stopping = _stop.get()
     result: list[T] = []
     failure: list[BaseException] = []
     done = threading.Event()
@@ -110,7 +182,9 @@ def interruptible(solve: Callable[[], T], stop: Callable[[], None]) -> T:
     # bpo-45274), so a second join would not wait and the process would exit mid-search.
     threading.Thread(target=work, name="moirai-solve", daemon=True).start()
     try:
-        done.wait()
+        while not done.wait(None if stopping is None else STOP_POLL_S):
+            if stopping is not None and stopping.is_set():
+                stop()
     except KeyboardInterrupt:
         stop()
         done.wait()
@@ -151,8 +225,11 @@ def fall_back(
     return plan
 
 
-def no_plan_message(solver: str, options: SolveOptions) -> str:
-    return (
+def no_plan(solver: str, options: SolveOptions) -> MoiraiError:
+    """What a solver raises when its search found no plan: it was stopped, or ran out of time."""
+    if options.stopped:
+        return StoppedError(f"{solver}: stopped before it found a placement")
+    return InfeasibleError(
         f"{solver}: found no placement that fits the device memories within "
         f"{options.time_limit:g} s (not proven impossible: raise --time-limit)"
     )

@@ -51,7 +51,13 @@ from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
-from moirai.placement.contract import SolveOptions, fall_back, interruptible, no_plan_message
+from moirai.placement.contract import (
+    SolveOptions,
+    fall_back,
+    interruptible,
+    no_plan,
+    stoppable,
+)
 from moirai.placement.memory import assignment_vars
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -269,6 +275,7 @@ class CpSatSolver:
             return False, "ortools is not installed"
         return True, ""
 
+    @stoppable
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         return solve_cpsat(problem, options)
 
@@ -398,7 +405,7 @@ def solve_cpsat(
         plan = None
     if plan is None:
         if warm is None:
-            raise InfeasibleError(no_plan_message(label, options))
+            raise no_plan(label, options)
         note = "no solution within the time limit"
         if session.status == "INFEASIBLE":
             note = "restricted model infeasible"

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from moirai.errors import InfeasibleError
 from moirai.placement.bounds import lower_bound, settle
-from moirai.placement.contract import SolveOptions
+from moirai.placement.contract import SolveOptions, stoppable
 from moirai.placement.lp import solve_lp
 from moirai.placement.memory import MemoryGuard
 from moirai.placement.problem import PlacementProblem
@@ -323,6 +323,7 @@ class Heuristic:
     def available(self) -> tuple[bool, str]:
         return True, ""
 
+    @stoppable
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
         sched = self.build(problem, options.deadline)

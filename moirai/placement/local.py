@@ -40,11 +40,11 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moirai.placement.bounds import OPTIMALITY_TOL
+from moirai.placement.contract import passed
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
 from moirai.placement.simulate import (
@@ -135,7 +135,7 @@ class _Search:
         self.accept(*self.evaluate())
 
     def out_of_work(self) -> bool:
-        return self.evaluations >= self.max_evaluations or time.monotonic() >= self.deadline
+        return self.evaluations >= self.max_evaluations or passed(self.deadline)
 
     def evaluate(self) -> tuple[float, Schedule | None]:
         """The objective of the current assignment. For the makespan, the better of two

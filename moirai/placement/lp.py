@@ -1,10 +1,10 @@
 """HiGHS helpers shared by the LP-based heuristics, the MILP and the LP bounds.
 
 `new_highs` makes a silent instance on a given number of threads, `run_highs` runs it so that
-Ctrl-C stops it, and `solve_lp` minimises one column of a small sparse LP within a deadline
-(GETF's and m-SCT's relaxations, and `path_lp`, the relaxation that couples the assignment
-with paths, transfers and ports). `windowed_load`, the load bound in time windows, keeps one
-HiGHS model and adds the windows its solutions violate.
+Ctrl-C or the solve's stop ends it, and `solve_lp` minimises one column of a small sparse LP
+within a deadline (GETF's and m-SCT's relaxations, and `path_lp`, the relaxation that couples
+the assignment with paths, transfers and ports). `windowed_load`, the load bound in time
+windows, keeps one HiGHS model and adds the windows its solutions violate.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import functools
 import math
 import os
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 from moirai.errors import InfeasibleError
 from moirai.placement.bounds import heads_tails, lower_bound
-from moirai.placement.contract import interruptible
+from moirai.placement.contract import interruptible, passed, seconds_left
 from moirai.placement.problem import PlacementProblem
 
 
@@ -67,8 +66,8 @@ def _stdout_muted() -> Iterator[None]:
 
 
 def run_highs(h: Any) -> None:
-    """`h.run()`, stopped by Ctrl-C (`interruptible`): HiGHS's interrupt callbacks poll the flag
-    that `cancelSolve` sets."""
+    """`h.run()`, stopped by Ctrl-C or the solve's stop (`interruptible`): HiGHS's interrupt
+    callbacks poll the flag that `cancelSolve` sets."""
     h.HandleUserInterrupt = True
     interruptible(h.run, h.cancelSolve)
 
@@ -89,7 +88,7 @@ def solve_lp(
     h = new_highs(1)
     if method is not None:
         h.setOptionValue("solver", method)
-    h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
+    h.setOptionValue("time_limit", max(0.05, seconds_left(deadline)))
     inf = highspy.kHighsInf
     cost = np.zeros(ncol)
     cost[objective_col] = 1.0
@@ -197,7 +196,7 @@ def windowed_load(problem: PlacementProblem, deadline: float, hops: bool = False
     best = None
     for _ in range(SEPARATION_ROUNDS):
         _add_rows(h, rows)
-        h.setOptionValue("time_limit", max(0.05, deadline - time.monotonic()))
+        h.setOptionValue("time_limit", max(0.05, seconds_left(deadline)))
         run_highs(h)
         status = h.getModelStatus()
         if status == highspy.HighsModelStatus.kInfeasible:
@@ -208,7 +207,7 @@ def windowed_load(problem: PlacementProblem, deadline: float, hops: bool = False
         h.setOptionValue("solver", "simplex")  # later rounds start from this basis
         best = max(best or 0.0, x[makespan])
         known = max(known, best)
-        if not latency or time.monotonic() >= deadline:
+        if not latency or passed(deadline):
             return best
         rows = []
         for k in range(p.num_devices):
@@ -366,7 +365,7 @@ def path_lp(problem: PlacementProblem, deadline: float) -> float | None:
     if p.objective != "latency":
         return None
     columns = path_lp_columns(p)
-    if columns > PATH_LP_COLUMNS or columns * PATH_LP_S_PER_COLUMN > deadline - time.monotonic():
+    if columns > PATH_LP_COLUMNS or columns * PATH_LP_S_PER_COLUMN > seconds_left(deadline):
         return None
     import highspy
 

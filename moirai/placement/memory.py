@@ -15,11 +15,11 @@ a heuristic says "no plan" only when there is none, or when the deadline passed 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from moirai.errors import InfeasibleError
+from moirai.errors import InfeasibleError, StoppedError
+from moirai.placement.contract import interruptible, seconds_left, stopped
 from moirai.placement.problem import PlacementProblem, gib
 
 PACKING_MIN_S = 0.5
@@ -67,7 +67,8 @@ def assignment_vars(
 
 
 def exact_packing(problem: PlacementProblem, deadline: float = math.inf) -> list[int] | None:
-    """A memory-feasible assignment of every task by CP-SAT, or None when time runs out.
+    """A memory-feasible assignment of every task by CP-SAT, or None when time runs out (or
+    the solve was stopped).
 
     Raises `InfeasibleError` when CP-SAT proves that none exists.
     """
@@ -77,10 +78,10 @@ def exact_packing(problem: PlacementProblem, deadline: float = math.inf) -> list
     m = cp_model.CpModel()
     x = assignment_vars(m, p, p.cand)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(PACKING_MIN_S, deadline - time.monotonic())
+    solver.parameters.max_time_in_seconds = max(PACKING_MIN_S, seconds_left(deadline))
     solver.parameters.num_workers = 1
     solver.parameters.catch_sigint_signal = False
-    status = solver.Solve(m)
+    status = interruptible(lambda: solver.Solve(m), solver.StopSearch)
     if status == cp_model.INFEASIBLE:
         raise InfeasibleError(
             f"no placement fits the device memories (proven): {gib(sum(p.mem))} of tasks on "
@@ -94,11 +95,14 @@ def exact_packing(problem: PlacementProblem, deadline: float = math.inf) -> list
 def packing(problem: PlacementProblem, deadline: float = math.inf) -> list[int]:
     """A memory-feasible assignment of every task (first-fit decreasing, else exact).
 
-    Raises `InfeasibleError` when there is none, or none was found by the deadline.
+    Raises `InfeasibleError` when there is none, or none was found by the deadline, and
+    `StoppedError` when the solve was stopped first.
     """
     witness = first_fit_decreasing(problem, range(problem.n), problem.cap)
     if witness is None:
         witness = exact_packing(problem, deadline)
+    if witness is None and stopped():
+        raise StoppedError("stopped before it found a placement that fits the device memories")
     if witness is None:
         raise InfeasibleError(
             "found no placement that fits the device memories in time "

@@ -53,7 +53,13 @@ from typing import Any
 
 from moirai.errors import InfeasibleError, SolverError
 from moirai.placement.bounds import heads_tails, lower_bound, serial_horizon, settle
-from moirai.placement.contract import SolveOptions, fall_back, no_plan_message
+from moirai.placement.contract import (
+    SolveOptions,
+    fall_back,
+    interruptible,
+    no_plan,
+    stoppable,
+)
 from moirai.placement.lp import new_highs, run_highs
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.result import Placement
@@ -594,7 +600,12 @@ def _solve_gurobi(
                 options.report(name, obj, bnd)
 
         try:
-            g.optimize(callback if options.progress is not None else None)
+            # interruptible: Ctrl-C and the stop end it (`terminate` may be called from
+            # another thread)
+            interruptible(
+                lambda: g.optimize(callback if options.progress is not None else None),
+                g.terminate,
+            )
         except gp.GurobiError as e:
             if e.errno == gp.GRB.Error.SIZE_LIMIT_EXCEEDED:
                 raise GurobiSizeLimit(str(e)) from None
@@ -625,6 +636,7 @@ class MilpSolver:
             return False, "highspy is not installed"
         return True, ""
 
+    @stoppable
     def solve(self, problem: PlacementProblem, options: SolveOptions) -> Placement:
         started = time.monotonic()
         p = problem
@@ -634,6 +646,8 @@ class MilpSolver:
         if warm is not None and p.objective == "latency" and count_rows(p) > MAX_ROWS:
             note = f"model too large (> {MAX_ROWS} rows): returned the warm start"
             return fall_back(warm, label, lb, started, note, options)
+        if warm is not None and options.stopped:  # building the model looks at no deadline
+            return fall_back(warm, label, lb, started, "stopped before the search", options)
         horizon = warm.objective_ms if warm is not None else serial_horizon(p)
         form = build(p, horizon=horizon * (1 + 1e-6) + 1e-9)
         start = mip_start(form, p, warm) if warm is not None else None
@@ -657,7 +671,7 @@ class MilpSolver:
         values = result.values
         if values is None:
             if warm is None:
-                raise InfeasibleError(no_plan_message(label, options))
+                raise no_plan(label, options)
             note = notes.get("note", "no solution within the time limit")
             return fall_back(warm, label, bound, started, note, options)
         assign = [max(xs, key=lambda k: values[xs[k]]) for xs in form.x]

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moirai.costgraph import CostGraph, Device, Edge, Task
-from moirai.errors import InfeasibleError, SolverError
+from moirai.errors import InfeasibleError, MoiraiError, SolverError, StoppedError
 from moirai.placement import (
+    Placement,
     PlacementProblem,
     Progress,
     SolveOptions,
     check,
     get_solver,
     solve,
+    solve_problem,
     solvers,
 )
+from moirai.placement.contract import no_plan
 
 from .instances import random_costgraph, tight_costgraph
 
@@ -285,3 +291,86 @@ def test_degenerate_graphs(solver: str) -> None:
     assert plan.status == "optimal"
     plan = solve(free, solver, time_limit=5, threads=1)
     assert plan.makespan_ms == 0.0 and plan.status == "optimal"
+
+
+STOP_GUARD_S = 60.0
+"""Only a guard against a hang: without the stop these solves would run for ten minutes."""
+
+
+def _solve_stopped(
+    solver: str, problem: PlacementProblem, stop: threading.Event, **options: Any
+) -> Placement | MoiraiError:
+    """Solve on a thread, as the operator does, with `stop`: the plan (valid, and stopped or
+    proven optimal), or the error that says it was stopped first."""
+    out: list[Placement | MoiraiError] = []
+
+    def run() -> None:
+        try:
+            opts = SolveOptions(time_limit=600, threads=2, stop=stop, **options)
+            out.append(solve_problem(problem, solver, opts))
+        except MoiraiError as e:
+            out.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(STOP_GUARD_S)
+    assert out, f"{solver} did not end within {STOP_GUARD_S} s of its stop"
+    result = out[0]
+    if isinstance(result, Placement):
+        check(problem, result)
+        assert result.status == "optimal" or result.extra.get("stopped_by") == "stop"
+    else:
+        assert isinstance(result, StoppedError), result
+    return result
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_stop_set_before_the_solve_ends_it(solver: str) -> None:
+    """A stop that is set already: a plan at once (the heuristics' or the warm start), never
+    the ten-minute search."""
+    _available(solver)
+    stop = threading.Event()
+    stop.set()
+    problem = PlacementProblem(random_costgraph(seed=13, tasks=30, devices=4, cpus=2))
+    assert isinstance(_solve_stopped(solver, problem, stop), Placement)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_stop_set_while_solving_ends_it_with_its_best_plan(solver: str, objective: str) -> None:
+    """The stop is set at the first progress report (the search has an incumbent): the solve
+    ends at its next check with its best plan, marked `stopped_by: stop` unless proven."""
+    _available(solver)
+    stop = threading.Event()
+    seen: list[Progress] = []
+
+    def progress(report: Progress) -> None:
+        seen.append(report)
+        stop.set()
+
+    cg = random_costgraph(seed=14, tasks=20, devices=4, cpus=2)
+    result = _solve_stopped(solver, PlacementProblem(cg, objective), stop, progress=progress)
+    assert seen and isinstance(result, Placement) and result.objective == objective
+
+
+def test_auto_stopped_in_its_race_ends_it() -> None:
+    """Stopped once its local search has improved the plan (the race is under way, with most
+    of ten minutes left for its turns): the race ends and the improved plan is returned."""
+    stop = threading.Event()
+
+    def progress(report: Progress) -> None:
+        if report.message.startswith("local search"):
+            stop.set()
+
+    problem = PlacementProblem(random_costgraph(seed=14, tasks=30, devices=4, cpus=2))
+    plan = _solve_stopped("auto", problem, stop, progress=progress)
+    assert stop.is_set() and isinstance(plan, Placement)
+    assert plan.solver.endswith("+local)") and plan.extra["stopped_by"] == "stop"
+
+
+def test_a_solve_stopped_with_no_plan_says_so() -> None:
+    stop = threading.Event()
+    assert isinstance(no_plan("cpsat", SolveOptions(stop=stop)), InfeasibleError)
+    stop.set()
+    error = no_plan("cpsat", SolveOptions(stop=stop))
+    assert isinstance(error, SolverError) and "stopped before it found a placement" in str(error)
