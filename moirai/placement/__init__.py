@@ -27,6 +27,7 @@ because a CPU stage server copies those tensors on its own cores. That key exten
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 
@@ -111,13 +112,15 @@ def solve(
     pins: Mapping[str, str] | None = None,
     progress: ProgressCallback | None = None,
     memory_limits: Mapping[str, int] | None = None,
+    stop: threading.Event | None = None,
 ) -> Placement:
     """Place `costgraph` with the named solver; the plan is checked by the simulator.
 
     `solver`: `auto` (default), `cpsat`, `milp` (= `milp-highs`), `milp-gurobi`, `heft`, `getf`,
     `msct`, `single`. `time_limit` bounds the whole call (seconds); `threads` defaults to every
     core this process may use; `pins` fix tasks to devices; `memory_limits` lower device
-    memories (bytes); `progress` receives improving incumbents and bounds. Heuristics are
+    memories (bytes); `progress` receives improving incumbents and bounds; `stop`, once set,
+    ends the solve early with its best plan (`SolveOptions.stop`). Heuristics are
     deterministic; exact solvers are deterministic for a seed when they finish by proof or run
     on one thread (a multi-threaded search cut by the clock may end elsewhere).
 
@@ -130,6 +133,7 @@ def solve(
         threads=threads or default_threads(),
         seed=seed,
         progress=progress,
+        stop=stop,
     )
     return solve_problem(problem, solver, options)
 

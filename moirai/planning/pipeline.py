@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -157,6 +158,7 @@ def plan_model(
     threads: int | None = None,
     check: Callable[[CostGraph], None] | None = None,
     fused_front_end: bool = True,
+    stop: threading.Event | None = None,
 ) -> Planned:
     """The best plan of `model` on `devices` as served, with its prediction.
 
@@ -171,7 +173,8 @@ def plan_model(
     core); `check` sees each cost graph before the solver and raises to refuse it;
     `fused_front_end` says whether the front end runs in the first stage's process, with
     every lane's first stage (as `moirai serve` runs a plan), or apart (the operator's
-    gateway)."""
+    gateway); `stop`, once set, ends the solves early with their best plans
+    (`SolveOptions.stop`: the operator sets it when the PlacedModel being planned changed)."""
     loaded = model if isinstance(model, LoadedModel) else load(model, input_shapes)
     device_sets = [devices] if isinstance(devices, DeviceSet) else list(devices)
     contexts = []
@@ -193,7 +196,7 @@ def plan_model(
         context = _Context(loaded, costgraph, specs, call_overheads(profile, device_set.devices))
         for layout in layouts([device_set], objective, _holds_the_model(costgraph)):
             contexts.append((context, layout))
-    solves = _Solves(solver, objective, time_limit, threads, seed, fused_front_end)
+    solves = _Solves(solver, objective, time_limit, threads, seed, fused_front_end, stop)
     for context, layout in contexts:
         for lane in layout.lanes:
             solves.expect(context.costgraph, lane)
@@ -281,9 +284,10 @@ class _Solves:
         threads: int | None,
         seed: int,
         fused: bool,
+        stop: threading.Event | None = None,
     ) -> None:
         self.solver, self.objective, self.time_limit = solver, objective, time_limit
-        self.threads, self.seed, self.fused = threads, seed, fused
+        self.threads, self.seed, self.fused, self.stop = threads, seed, fused, stop
         self.searching: set[str] = set()
         self.done: dict[tuple[str, str], Placement] = {}
 
@@ -319,6 +323,7 @@ class _Solves:
             time_limit=time_limit,
             threads=self.threads,
             seed=self.seed,
+            stop=self.stop,
         )
 
 

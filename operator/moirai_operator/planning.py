@@ -10,14 +10,17 @@ before the solver, and the solver's thread count; a spec that batches is refused
 when the plan shows no batch dimension to batch along. It keeps the result in a `Plan`. All of it is
 CPU work (ONNX loading, profiling estimates, a solver that may run for the whole time limit), so
 `Planner` runs it in a dedicated thread pool: the event loop keeps serving the other
-PlacedModels, and at most `solver_workers` solves compete for the cores. The memory check
-catches the one infeasibility a person most often meets — the model does not fit in the
-devices — so the message can say how much is needed and how much the pools offer.
+PlacedModels, and at most `solver_workers` solves compete for the cores. A `stop` Event, set
+from the event loop (`reconcile`, when the PlacedModel changed meanwhile), ends the solve
+early (`SolveOptions.stop`), so a superseded solve frees its worker within about a second.
+The memory check catches the one infeasibility a person most often meets — the model does not
+fit in the devices — so the message can say how much is needed and how much the pools offer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -106,12 +109,13 @@ class Planner:
         pools: Sequence[PoolMatch],
         model_path: Path,
         profile: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
     ) -> Plan:
         doc = devices_document(pools, self.catalogue)
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self.executor, self._plan, spec, pools, doc, model_path, profile
+                self.executor, self._plan, spec, pools, doc, model_path, profile, stop
             )
         except MoiraiError as e:
             raise in_spec_terms(e, model_path, spec.model.uri) from None
@@ -123,6 +127,7 @@ class Planner:
         doc: DevicesDocument,
         model_path: Path,
         profile: Mapping[str, Any] | None,
+        stop: threading.Event | None,
     ) -> Plan:
         from moirai.planning import plan_model, resolve
         from moirai.profile.document import ProfileError
@@ -149,6 +154,7 @@ class Planner:
             threads=self.threads,
             check=check_memory,
             fused_front_end=False,  # the gateway is a Deployment of its own
+            stop=stop,
         )
         placement, stage_plan = planned.placement, planned.plan
         if spec.serving.batching.enabled:

@@ -50,9 +50,14 @@ that the previous plan serves untouched.
 A solve may run for minutes, and the PlacedModel may be edited or deleted meanwhile; its result
 (a plan or a failure) is then for a spec that no longer exists and is dropped (`superseded`):
 nothing of it is applied and no status is written, and the pass for the new generation (kopf's
-update handler, queued behind this one) plans again. The solver thread is not stopped: the
-solver contract has no way to stop a solve, so it runs to its time limit and its result is
-dropped.
+update handler, queued behind this one) plans again. While the solve runs, a watcher
+(`_stop_when_superseded`) reads the PlacedModel back every `Context.supersede_check_s`: once it
+was deleted (or made again), or edited in a field the plan depends on (`_plan_key`), it sets
+the solve's stop (`SolveOptions.stop`), which ends the solve within about a second, and its
+result is dropped as above. An edit of fields the plan does not depend on (replicas, ports, the
+image...) lets the solve finish: its plan is cached (`Context.plans`) though dropped, and the
+next generation's pass applies it without solving again. The watcher only reads and sets an
+Event; everything else stays in this pass.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +109,8 @@ log = logging.getLogger(__name__)
 
 
 class Planner(Protocol):
-    """(spec, matched pools, local model path, measured profile or None) → Plan."""
+    """(spec, matched pools, local model path, measured profile or None) → Plan; `stop`, once
+    set, ends the solve early (its best plan, or a `StoppedError`)."""
 
     async def __call__(
         self,
@@ -111,6 +118,7 @@ class Planner(Protocol):
         pools: Sequence[PoolMatch],
         model_path: Path,
         profile: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
     ) -> Plan: ...
 
 
@@ -145,6 +153,8 @@ class Context:
     """The last plan of each PlacedModel (by uid) with its `_plan_key`: a change of the spec
     that the plan does not depend on (lanes above all, which an autoscaler changes) is applied
     without solving again. Lost on restart, when planning again is the safe way."""
+    supersede_check_s: float = 5.0
+    """How often a running solve reads its PlacedModel back to stop it when superseded."""
 
 
 class _Status:
@@ -217,17 +227,28 @@ async def converge(
         await refresh_readiness(body, ctx, events)
 
 
+def _supersession(fresh: PlacedModelBody | None, owner: Owner, generation: int) -> str | None:
+    """Why the PlacedModel as it is now (`fresh`, None: gone) supersedes the one a pass for
+    `generation` began with, or None when it does not."""
+    if fresh is None or fresh["metadata"].get("uid") != owner.uid:
+        return "it was deleted"
+    if (current := int(fresh["metadata"].get("generation", 1))) != generation:
+        return f"its spec changed (generation {current})"
+    return None
+
+
 async def superseded(kube: Kube, owner: Owner, generation: int) -> bool:
     """Whether the PlacedModel was deleted (or deleted and made again: another uid) or its
     spec changed (another generation) since a pass began for `generation`: then what that pass
     found is for a spec that is gone, and is dropped (logged here)."""
     fresh = await kube.get("PlacedModel", owner.namespace, owner.name)
-    if fresh is None or fresh["metadata"].get("uid") != owner.uid:
-        why = "it was deleted"
-    elif (current := int(fresh["metadata"].get("generation", 1))) != generation:
-        why = f"its spec changed (generation {current})"
-    else:
-        return False
+    why = _supersession(fresh, owner, generation)
+    if why is not None:
+        _log_dropped(owner, generation, why)
+    return why is not None
+
+
+def _log_dropped(owner: Owner, generation: int, why: str) -> None:
     log.info(
         "PlacedModel %s/%s: dropping what planning generation %d found: %s meanwhile",
         owner.namespace,
@@ -235,7 +256,50 @@ async def superseded(kube: Kube, owner: Owner, generation: int) -> bool:
         generation,
         why,
     )
-    return True
+
+
+def _plans_alike(
+    fresh: PlacedModelBody | None, owner: Owner, key: str, nodes: list[NodeFacts], ctx: Context
+) -> bool:
+    """Whether the PlacedModel as it is now (`fresh`) is the same object and plans as `key`:
+    an edit of fields the plan does not depend on, whose next pass may reuse the plan."""
+    if fresh is None or fresh["metadata"].get("uid") != owner.uid:
+        return False
+    try:
+        spec = parse_spec(fresh["spec"], ctx.defaults)
+    except MoiraiError:
+        return False
+    return _plan_key(spec, fingerprint(spec.pools, nodes)) == key
+
+
+async def _stop_when_superseded(
+    owner: Owner,
+    generation: int,
+    key: str,
+    nodes: list[NodeFacts],
+    stop: threading.Event,
+    ctx: Context,
+) -> None:
+    """Set `stop` once the PlacedModel, read back every `ctx.supersede_check_s`, was deleted,
+    made again, or edited where the plan looks (`_plans_alike`); runs until cancelled."""
+    while True:
+        await asyncio.sleep(ctx.supersede_check_s)
+        try:
+            fresh = await ctx.kube.get("PlacedModel", owner.namespace, owner.name)
+        except ApiException as e:  # the pass reads it again when the solve ends
+            log.debug("reading PlacedModel %s/%s back failed: %s", owner.namespace, owner.name, e)
+            continue
+        why = _supersession(fresh, owner, generation)
+        if why is not None and not _plans_alike(fresh, owner, key, nodes, ctx):
+            log.info(
+                "PlacedModel %s/%s: stopping the solve for generation %d: %s",
+                owner.namespace,
+                owner.name,
+                generation,
+                why,
+            )
+            stop.set()
+            return
 
 
 async def _plan(
@@ -246,8 +310,9 @@ async def _plan(
     status: _Status,
     ctx: Context,
     events: Events,
+    stop: threading.Event,
 ) -> Plan:
-    """Fetch the model, profile (when measured) and solve."""
+    """Fetch the model, profile (when measured) and solve (until `stop` is set)."""
     events.info("Profiling", f"planning because {why}")
     status.condition(st.PLANNED, False, "Planning", f"planning because {why}")
     await status.write(phase=st.PROFILING, message=f"fetching the model ({why})")
@@ -268,7 +333,7 @@ async def _plan(
         profile = await ctx.profiler.profile(owner, spec, matches)
     events.info("Solving", f"{spec.placement.solver} solver on {pools_text}")
     await status.write(phase=st.SOLVING, message=f"solving on {pools_text}")
-    return await ctx.planner(spec, matches, model_path, profile)
+    return await ctx.planner(spec, matches, model_path, profile, stop=stop)
 
 
 REFUSED = frozenset({400, 403, 422})
@@ -539,6 +604,39 @@ def _plan_key(spec: PlacedModelSpec, pools_fingerprint: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+async def _watched_plan(
+    owner: Owner,
+    spec: PlacedModelSpec,
+    matches: Sequence[PoolMatch],
+    why: str,
+    key: str,
+    nodes: list[NodeFacts],
+    status: _Status,
+    ctx: Context,
+    events: Events,
+) -> Plan | None:
+    """`_plan`, stopped when the PlacedModel is superseded meanwhile (`_stop_when_superseded`);
+    None when it was (the plan is dropped). A plan the stop did not cut short is cached for
+    `key`, also when an edit of fields the plan does not depend on superseded it: the next
+    generation's pass then applies it without solving again."""
+    stop = threading.Event()
+    watcher = asyncio.create_task(
+        _stop_when_superseded(owner, status.generation, key, nodes, stop, ctx)
+    )
+    try:
+        plan = await _plan(owner, spec, matches, why, status, ctx, events, stop)
+    finally:
+        watcher.cancel()
+    fresh = await ctx.kube.get("PlacedModel", owner.namespace, owner.name)
+    gone = _supersession(fresh, owner, status.generation)
+    if not stop.is_set() and (gone is None or _plans_alike(fresh, owner, key, nodes, ctx)):
+        ctx.plans[owner.uid] = (key, plan)
+    if gone is not None:
+        _log_dropped(owner, status.generation, gone)
+        return None
+    return plan
+
+
 async def plan_and_apply(
     body: PlacedModelBody,
     nodes: list[NodeFacts],
@@ -560,10 +658,9 @@ async def plan_and_apply(
         if cached is not None and cached[0] == key:
             plan = cached[1]  # only how it is served changed (lanes, ports, image...)
         else:
-            plan = await _plan(owner, spec, matches, why, status, ctx, events)
-            if await superseded(ctx.kube, owner, status.generation):
+            plan = await _watched_plan(owner, spec, matches, why, key, nodes, status, ctx, events)
+            if plan is None:
                 return
-            ctx.plans[owner.uid] = (key, plan)
         secret = await secret_state(ctx.kube, owner, spec)
         children = build_children(owner, spec, plan, ctx.options, secret.digests)
         summary = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,6 +51,20 @@ async def test_plan_places_the_model_on_pool_devices(tmp_path: Path, planner) ->
         assert d.gpus == (1 if d.entry.kind == "gpu" else 0)
         assert d.node_selector == {"moirai.dev/pool": d.entry.pool}
         assert d.tasks >= 1
+
+
+@pytest.mark.timeout(120)  # a hang guard: without the stop the solves take ten minutes
+async def test_a_stopped_solve_answers_at_once_with_its_best_plan(tmp_path: Path, planner) -> None:
+    """The stop that `reconcile` sets on a superseded solve reaches the real solver: a plan
+    from it, marked as stopped, instead of the whole time limit."""
+    model = write_mlp(tmp_path / "mlp.onnx", layers=6)
+    placement = {"solver": "auto", "timeLimitSeconds": 600}
+    spec = parse_spec(model_spec(model, placement=placement), Defaults())
+    stop = threading.Event()
+    stop.set()
+    plan = await planner(spec, match_pools(spec.pools, NODES), model, stop=stop)
+    assert plan.devices and plan.solver.startswith("auto(")
+    assert plan.solver_status == "optimal" or plan.placement["extra"]["stopped_by"] == "stop"
 
 
 async def test_cpu_devices_plan_their_stage_servers_memory(tmp_path: Path, planner) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from moirai_operator.reconcile import Context, gateway_trust_root, stale_reason
 from moirai_operator.spec import Defaults, PlacedModelSpec
 from operator_bodies import make_body, make_node, make_plan, make_spec
 
-from moirai.errors import InfeasibleError
+from moirai.errors import InfeasibleError, StoppedError
 
 
 class FakeKube:
@@ -116,7 +118,12 @@ class Planner:
         self.devices = devices
 
     async def __call__(
-        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, profile=None
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        model: Path,
+        profile=None,
+        stop: threading.Event | None = None,
     ):
         self.calls += 1
         self.profile = profile
@@ -321,7 +328,12 @@ class WaitingPlanner(Planner):
         self.release = asyncio.Event()
 
     async def __call__(
-        self, spec: PlacedModelSpec, pools: Sequence[PoolMatch], model: Path, profile=None
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        model: Path,
+        profile=None,
+        stop: threading.Event | None = None,
     ):
         self.started.set()
         await self.release.wait()
@@ -344,8 +356,9 @@ async def test_what_a_solve_finds_after_its_placed_model_changed_is_dropped(
     solving = asyncio.create_task(converge(body, NODES, ctx, events))
     await planner.started.wait()
     now = copy.deepcopy(body)  # the PlacedModel as the API server holds it from now on
-    if change == "edited":
+    if change == "edited":  # where the plan looks (an edit elsewhere: see the next tests)
         now["metadata"]["generation"] = 2
+        now["spec"]["placement"] = {"timeLimitSeconds": 5}
         kube.placed["resnet"] = now
     elif change == "made again":
         now["metadata"]["uid"] = "uid-2"
@@ -368,6 +381,100 @@ async def test_what_a_solve_finds_after_its_placed_model_changed_is_dropped(
     assert kube.status["observedGeneration"] == now["metadata"]["generation"]
     deployment = kube.objects[("Deployment", "resnet-gpu-0")]
     assert deployment["metadata"]["ownerReferences"][0]["uid"] == now["metadata"]["uid"]
+
+
+class WatchedKube(FakeKube):
+    """Sets `read` whenever the PlacedModel is read back (what the solve's watcher does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = asyncio.Event()
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind == "PlacedModel":
+            self.read.set()
+        return await super().get(kind, namespace, name)
+
+
+class StoppablePlanner(WaitingPlanner):
+    """A solve that runs until its stop is set (as the solvers do: its best plan, or the
+    `StoppedError` of one that had none), or until `release`."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__(error)
+        self.stopped: bool | None = None
+
+    async def __call__(
+        self,
+        spec: PlacedModelSpec,
+        pools: Sequence[PoolMatch],
+        model: Path,
+        profile=None,
+        stop: threading.Event | None = None,
+    ):
+        assert stop is not None
+        self.started.set()
+        while not (stop.is_set() or self.release.is_set()):  # stop is set on another task
+            await asyncio.sleep(0.005)
+        self.stopped = stop.is_set()
+        return await Planner.__call__(self, spec, pools, model, profile)
+
+
+@pytest.mark.parametrize(
+    "error", [None, StoppedError("auto: stopped before it found a placement")], ids=["plan", "none"]
+)
+@pytest.mark.parametrize("change", ["edited", "deleted", "made again"])
+@pytest.mark.timeout(60)  # a hang guard: only the stop ends the planner's solve
+async def test_a_solve_is_stopped_when_its_placed_model_changes_where_the_plan_looks(
+    change: str, error: Exception | None, model: Path, tmp_path: Path
+) -> None:
+    """The solve ends early (its stop is set) instead of running to its time limit, and what
+    it returns is dropped as any superseded result."""
+    kube, planner, events = WatchedKube(), StoppablePlanner(error), Events()
+    ctx = dataclasses.replace(context(kube, planner, tmp_path), supersede_check_s=0.01)
+    body = make_body(path_spec(model))
+    solving = asyncio.create_task(converge(body, NODES, ctx, events))
+    await planner.started.wait()
+    now = copy.deepcopy(body)
+    if change == "edited":
+        now["metadata"]["generation"] = 2
+        now["spec"]["pools"] = now["spec"]["pools"][:1]  # the GPUs only
+        kube.placed["resnet"] = now
+    elif change == "made again":
+        now["metadata"]["uid"] = "uid-2"
+        kube.placed["resnet"] = now
+    else:
+        del kube.placed["resnet"]
+    await solving  # no release: only the stop ends this solve
+    assert planner.stopped is True
+    assert not kube.objects and not kube.dry_runs and not ctx.plans
+    assert [p.get("phase") for p in kube.patches] == ["Profiling", "Solving"]
+
+
+async def test_an_edit_the_plan_does_not_depend_on_lets_the_solve_end_and_reuses_its_plan(
+    model: Path, tmp_path: Path
+) -> None:
+    """More lanes while the solve runs: it is not stopped, its plan is dropped for generation
+    1 but cached, and generation 2's pass applies it without solving again."""
+    kube, planner, events = WatchedKube(), StoppablePlanner(), Events()
+    ctx = dataclasses.replace(context(kube, planner, tmp_path), supersede_check_s=0.01)
+    body = make_body(path_spec(model))
+    solving = asyncio.create_task(converge(body, NODES, ctx, events))
+    await planner.started.wait()
+    now = copy.deepcopy(body)
+    now["metadata"]["generation"] = 2
+    now["spec"]["serving"] = {"replicas": 2}
+    kube.placed["resnet"] = now
+    for _ in range(2):  # the watcher has read the edit back, and gone on watching
+        kube.read.clear()
+        await kube.read.wait()
+    planner.release.set()
+    await solving
+    assert planner.stopped is False and planner.calls == 1
+    assert not kube.objects and "observedGeneration" not in kube.status
+    await converge(now, NODES, ctx, events)
+    assert planner.calls == 1  # the plan of the solve above
+    assert kube.status["observedGeneration"] == 2 and kube.status["replicas"] == 2
 
 
 class RefusingKube(FakeKube):
