@@ -4,9 +4,10 @@ What every serving benchmark here measures the same way. One Python client proce
 bottleneck, so the load comes from several spawned processes, each keeping `inflight` requests
 in flight over gRPC (or HTTP with binary tensors), its request encoded once and its answers not
 decoded, so that the clients disturb the servers as little as possible. Each client's first
-answer is checked against what it expects. CPU is read for every thread of the serving
-processes and their descendants (`moirai.runtime.cputime.cpu_ms`, which `moirai demo` reports
-from too; the benchmarks import it from here).
+answer is checked against what it expects. Their malloc is tuned as the servers' are
+(`stage_server.allocator`), so that a large request costs them no page faults. CPU is read for
+every thread of the serving processes and their descendants (`moirai.runtime.cputime.cpu_ms`,
+which `moirai demo` reports from too; the benchmarks import it from here).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from moirai.runtime.cputime import cpu_ms
 from stage_server import codec
+from stage_server.allocator import keep_freed_memory
 
 Inputs = Mapping[str, np.ndarray]
 
@@ -31,6 +33,7 @@ def _matches(got: np.ndarray, want: np.ndarray | None) -> bool:
 
 
 def _grpc_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
+    keep_freed_memory()  # as the servers: no page faults per request (README)
     import grpc
 
     from stage_server.oip_grpc import SERVICE
@@ -56,6 +59,7 @@ def _grpc_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok)
 
 
 def _shared_memory_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
+    keep_freed_memory()  # as the servers: no page faults per request (README)
     """A gRPC client that hands its tensors over in shared memory (Triton's system shared-memory
     extension): a region for each request in flight, holding its inputs and then its outputs,
     whose sizes a first ordinary request tells."""
@@ -134,6 +138,7 @@ def _place(parameters, region: str, nbytes: int, offset: int) -> None:
 
 
 def _http_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
+    keep_freed_memory()  # as the servers: no page faults per request (README)
     import aiohttp
 
     header = json.dumps(

@@ -1,7 +1,7 @@
 """Stack cost: what `moirai serve` costs per request, and how close it serves to ONNX Runtime.
 
     .venv/bin/python bench/stack.py [--quick] [--tree LABEL=CHECKOUT ...] [--window 10] \
-        [--only stack|resnet]
+        [--only stack|resnet|wait]
 
 1. **Stack cost.** A model that computes nothing (one Identity node) served as a one-stage plan by
    `moirai serve`'s real processes (`moirai.runtime.local.LocalDeployment`), at 64 B, 0.57 MiB
@@ -17,6 +17,12 @@
    against in-process ORT with the same session options and threads at 16 in flight (16 Python
    threads calling `run` on one session) in alternating rounds, so that both see the same
    machine.
+3. **The answer's wait.** The bare gRPC server of (1) answering a 0.57 MiB request with a 4 KiB
+   answer (a classifier's input and output) at once, and after holding its event loop for 2, 7
+   and 20 ms (a busy wait, as a stage that runs there holds it): one client, sequential requests,
+   the median round trip less the wait. What a request costs the transport grows when its answer
+   waits, which a model that computes nothing (the frame) does not show. The client's malloc is
+   tuned as the servers' (`stage_server.allocator`).
 
 Several checkouts can be measured side by side: `--tree before=/path/to/old/checkout --tree
 after=.` runs each measurement (a size, the ResNet-50 comparison) for each checkout in turn, in a
@@ -29,6 +35,7 @@ figure moves with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +105,9 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
     return row
 
 
-def _echo_server(port: int, response: bytes, ready) -> None:
-    """A bare gRPC server answering every ModelInfer with `response` (the transport's floor)."""
+def _echo_server(port: int, response: bytes, ready, hold_ms: float = 0.0) -> None:
+    """A bare gRPC server answering every ModelInfer with `response` (the transport's floor),
+    after holding its event loop for `hold_ms`."""
     import asyncio
 
     import grpc
@@ -109,6 +118,9 @@ def _echo_server(port: int, response: bytes, ready) -> None:
     keep_freed_memory()
 
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        until = time.perf_counter() + hold_ms / 1000.0
+        while time.perf_counter() < until:
+            pass
         return response
 
     async def serve() -> None:
@@ -126,29 +138,36 @@ def _echo_server(port: int, response: bytes, ready) -> None:
     asyncio.run(serve())
 
 
-def bench_floor(x: np.ndarray, window_s: float) -> dict:
-    """The bare gRPC server's CPU per request for a request and an answer of `x`'s size."""
+@contextlib.contextmanager
+def echo_server(response: bytes, hold_ms: float = 0.0) -> Iterator[tuple[str, int]]:
+    """A bare gRPC server (`_echo_server`) in a process of its own: its address and pid."""
     import multiprocessing as mp
     import socket
-
-    from stage_server import codec
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    response = codec.encode_infer_response("identity", "", {"y": x})
-    server = ctx.Process(target=_echo_server, args=(port, response, ready), daemon=True)
+    server = ctx.Process(target=_echo_server, args=(port, response, ready, hold_ms), daemon=True)
     server.start()
     try:
         if not ready.wait(60):
             raise SystemExit("the bare gRPC server did not start")
-        url = f"127.0.0.1:{port}"
-        return drive(url, "identity", {"x": x}, pids=[server.pid], want=x, window_s=window_s)
+        assert server.pid is not None
+        yield f"127.0.0.1:{port}", server.pid
     finally:
         server.kill()
         server.join()
+
+
+def bench_floor(x: np.ndarray, window_s: float) -> dict:
+    """The bare gRPC server's CPU per request for a request and an answer of `x`'s size."""
+    from stage_server import codec
+
+    response = codec.encode_infer_response("identity", "", {"y": x})
+    with echo_server(response) as (url, pid):
+        return drive(url, "identity", {"x": x}, pids=[pid], want=x, window_s=window_s)
 
 
 # ------------------------------------------------------- 2. against ORT in-process
@@ -228,6 +247,33 @@ def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) ->
     }
 
 
+# ------------------------------------------------------------ 3. the answer's wait
+WAITS_MS = (0.0, 2.0, 7.0, 20.0)
+
+
+def bench_wait(requests: int) -> list[dict]:
+    """Round trip less the wait, bare gRPC server, for each of `WAITS_MS` (module docstring)."""
+    from stage_server import codec
+    from stage_server.allocator import keep_freed_memory
+    from stage_server.client import InferenceClient
+
+    keep_freed_memory()  # the client's too: untuned, its page faults add 0.5 ms (README)
+    x = np.random.default_rng(0).random(SIZES[HTTP_SIZE], dtype=np.float32)
+    response = codec.encode_infer_response("m", "", {"y": np.zeros((1, 1000), np.float32)})
+    rows = []
+    for wait in WAITS_MS:
+        with echo_server(response, wait) as (url, _), InferenceClient(url) as client:
+            for _ in range(5):
+                client.infer("m", {"x": x})
+            times = []
+            for _ in range(requests):
+                start = time.perf_counter()
+                client.infer("m", {"x": x})
+                times.append((time.perf_counter() - start) * 1000.0)
+        rows.append({"wait_ms": wait, "round_trip_less_wait_ms": statistics.median(times) - wait})
+    return rows
+
+
 # --------------------------------------------------------------------- report
 def report(results: dict) -> str:
     labels = list(results)
@@ -247,33 +293,45 @@ def report(results: dict) -> str:
             f"- **{label}**: {m['commit']}, {m['cores']} cores, load average {m['load_before']:.1f}"
             f" before / {m['load_after']:.1f} after, {m['date']}"
         )
-    out += ["", "| label | tensor | protocol | processes | server CPU ms/request | req/s | "
-            "client CPU ms/request | bare gRPC server CPU ms/request |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    if any(results[label].get("stack") for label in labels):
+        out += ["", "| label | tensor | protocol | processes | server CPU ms/request | req/s | "
+                "client CPU ms/request | bare gRPC server CPU ms/request |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for label in labels:
+            for row in results[label].get("stack", []):
+                for protocol in ("grpc", "http", "grpc+shm"):
+                    if protocol in row:
+                        p = row[protocol]
+                        floor = row.get("floor") if protocol == "grpc" else None
+                        bare = f"{floor['server_cpu_ms']:.2f}" if floor else ""
+                        out.append(
+                            f"| {label} | {row['size']} | {protocol} | {row['processes']} | "
+                            f"**{p['server_cpu_ms']:.2f}** | {p['rps']:.0f} | "
+                            f"{p['client_cpu_ms']:.2f} | "
+                            f"{bare} |"
+                        )
+    if any(results[label].get("resnet") for label in labels):
+        out += ["", "| label | threads | in flight | in-process ORT req/s | served req/s | ratio | "
+                "in-process CPU ms/request | served CPU ms/request |",
+                "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for label in labels:
+            r = results[label].get("resnet")
+            if r:
+                out.append(
+                    f"| {label} | {r['threads']} | {r['inflight']} | {r['in_process_rps']:.2f} | "
+                    f"{r['served_rps']:.2f} | **{r['ratio']:.2f}x** | "
+                    f"{r['in_process_cpu_ms']:.1f} | {r['served_cpu_ms']:.1f} |"
+                )
     for label in labels:
-        for row in results[label].get("stack", []):
-            for protocol in ("grpc", "http", "grpc+shm"):
-                if protocol in row:
-                    p = row[protocol]
-                    floor = row.get("floor") if protocol == "grpc" else None
-                    bare = f"{floor['server_cpu_ms']:.2f}" if floor else ""
-                    out.append(
-                        f"| {label} | {row['size']} | {protocol} | {row['processes']} | "
-                        f"**{p['server_cpu_ms']:.2f}** | {p['rps']:.0f} | "
-                        f"{p['client_cpu_ms']:.2f} | "
-                        f"{bare} |"
-                    )
-    out += ["", "| label | threads | in flight | in-process ORT req/s | served req/s | ratio | "
-            "in-process CPU ms/request | served CPU ms/request |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for label in labels:
-        r = results[label].get("resnet")
-        if r:
-            out.append(
-                f"| {label} | {r['threads']} | {r['inflight']} | {r['in_process_rps']:.2f} | "
-                f"{r['served_rps']:.2f} | **{r['ratio']:.2f}x** | {r['in_process_cpu_ms']:.1f} | "
-                f"{r['served_cpu_ms']:.1f} |"
+        rows = results[label].get("wait")
+        if rows:
+            title = (
+                f"The answer's wait ({label}): bare gRPC server, 0.57 MiB request, 4 KiB answer, "
+                "one client, median of sequential requests"
             )
+            out += ["", title, "", "| answer waits (ms) | round trip less the wait (ms) |"]
+            out.append("|---|---|")
+            out += [f"| {r['wait_ms']:g} | {r['round_trip_less_wait_ms']:.2f} |" for r in rows]
     return "\n".join(out) + "\n"
 
 
@@ -291,6 +349,8 @@ def child(part: str, window_s: float, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if part == "resnet":
             return bench_resnet(Path(tmp), window_s, rounds)
+        if part == "wait":
+            return {"rows": bench_wait(100 * rounds)}
         return bench_size(Path(tmp), part, window_s)
 
 
@@ -323,7 +383,7 @@ def main() -> None:
     )
     parser.add_argument("--window", type=float, help="load window, seconds (default 10)")
     parser.add_argument("--rounds", type=int, help="ResNet-50 rounds (default 3)")
-    parser.add_argument("--only", choices=("stack", "resnet"), help="one section alone")
+    parser.add_argument("--only", choices=("stack", "resnet", "wait"), help="one section alone")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     window = args.window or (4.0 if args.quick else 10.0)
@@ -337,6 +397,7 @@ def main() -> None:
         trees[label] = Path(path).resolve()
     parts = [*SIZES] if args.only in (None, "stack") else []
     parts += ["resnet"] if args.only in (None, "resnet") else []
+    parts += ["wait"] if args.only in (None, "wait") else []
     load_before = os.getloadavg()[0]
     results: dict = {label: {"stack": []} for label in trees}
     for part in parts:
@@ -344,6 +405,8 @@ def main() -> None:
             got = run_child(tree, part, window, rounds)
             if part == "resnet":
                 results[label]["resnet"] = got
+            elif part == "wait":
+                results[label]["wait"] = got["rows"]
             else:
                 results[label]["stack"].append(got)
             print(label, part, got, flush=True)

@@ -126,9 +126,11 @@ def run(args: argparse.Namespace) -> int:
     from moirai.planning import Prediction, describe
     from moirai.profile.measured import random_strings
     from moirai.runtime.local import LocalDeployment
+    from stage_server.allocator import keep_freed_memory
     from stage_server.client import InferenceClient
     from stage_server.codec import DTYPES
 
+    keep_freed_memory()  # this process is the client: no page faults per request (README)
     path, shapes = _model(args.model)
     planned = plan_from_args(args, path, shapes)
     plan = planned.plan
