@@ -201,8 +201,10 @@ def test_raised_priority_holds_for_the_threads_started_under_it() -> None:
 
 
 KILLED_IN_THE_TURNS = """
-import subprocess, sys, time
+import signal, subprocess, sys, time
 from moirai.profile import turns
+for signum in (signal.SIGTERM, signal.SIGHUP):  # as from a terminal (not nohup's SIGHUP ignored)
+    signal.signal(signum, signal.SIG_DFL)
 keeper = subprocess.Popen(["sleep", "60"])  # stays in this session: its autogroup outlives us
 with turns.raised_priority() as nice:
     print(keeper.pid, nice, turns._autogroup_nice(), flush=True)
