@@ -11,7 +11,9 @@ Runtime's default that a user compares with. They stop spinning when a run ends
 after each run, a whole core taken from the front end, the client and the next request's
 decoding in the same process (shufflenet: 2.64 ms a run spinning, 2.67 ms with the stop, 3.87
 without spinning; CPU in the 20 ms after a run 19.8, 0.0 and 0.0 ms). Where several devices
-share cores, spinning threads would steal them from their neighbours, so it is off. A GPU device
+share cores, spinning threads would steal them from their neighbours, so it is off; the local
+runtime says so explicitly where it cannot give every stage server cores of its own
+(`moirai stage --no-spin`). A GPU device
 gets the CUDA execution provider with its device id, falling back to the CPU provider only for
 operators CUDA lacks; when this ONNX Runtime build has no CUDA provider, that is an error the
 user can act on rather than a silent run on the CPU.
@@ -47,12 +49,14 @@ def create_session(
     *,
     threads: int | None = None,
     cuda_device: int | None = None,
+    spin: bool = True,
 ) -> ort.InferenceSession:
-    """A session running `model` on `device`; `threads`/`cuda_device` override the plan's.
+    """A session running `model` on `device`; `threads`/`cuda_device` override the plan's;
+    `spin=False`: its threads never spin, even on cores of their own (`session_options`).
     A model that ONNX Runtime refuses (an operator it lacks, an opset it does not know) is a
     `ModelError` in one line: a stage server used to die of it in a traceback, after planning
     had placed the model node by node (`moirai.fusion`)."""
-    options = session_options(threads if threads is not None else device.threads)
+    options = session_options(threads if threads is not None else device.threads, spin=spin)
     try:
         return device_session(model, options, device, cuda_device, prepack=device.prepack)
     except MoiraiError:
@@ -95,14 +99,16 @@ def cuda_not_started(device: DeviceSpec) -> str:
     )
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, *, spin: bool = True) -> ort.SessionOptions:
     """The options of every stage session (module docstring); measured profiling starts from
-    them too, so that it times what the stage servers run."""
+    them too, so that it times what the stage servers run. `spin=False` where the caller knows
+    that other sessions share the cores (several stage servers unpinned, or several models on
+    one device): spinning threads would take them from each other."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    spin = spins(threads)
+    spin = spin and spins(threads)
     options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spin)))
     if spin:  # between the parallel sections of a run, not for long after it (module docstring)
         options.add_session_config_entry("session.force_spinning_stop", "1")

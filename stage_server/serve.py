@@ -404,12 +404,14 @@ async def start_stage(
     cpus: Mapping[str, set[int]] | None = None,
     frontend: Frontend | None = None,
     chain: ChainOptions = ChainOptions(),
+    spin: bool = True,
 ) -> StageHandle:
     """A stage server on `port` for one device, or several (their stages then run each in a
     thread of its device, side by side, and hand tensors to each other in memory); with
     `frontend`, also the model's OIP front end, in this process (remote stages then push final
     outputs to `port`, the plan's "gateway" address). `cpus`: pin the threads that run a
-    device's stages to these cores, and only them."""
+    device's stages to these cores, and only them; `spin=False`: ONNX Runtime's threads never
+    spin (other processes share these cores)."""
     devices = [devices] if isinstance(devices, str) else list(devices)
     router = Router((plan,), chain.timeout_s)
     peers = Peers(plan, addresses, same_host=same_host, local=router, token=chain.token)
@@ -429,6 +431,7 @@ async def start_stage(
                     offload=frontend is not None or len(devices) > 1,
                     cpus=(cpus or {}).get(device),
                     max_pending_bytes=chain.max_pending_bytes,
+                    spin=spin,
                 )
             )
     except BaseException:

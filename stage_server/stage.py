@@ -116,13 +116,15 @@ class StageServer:
         offload: bool = False,
         cpus: set[int] | None = None,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        spin: bool = True,
     ) -> None:
         """`workers`: stages this device runs at once; `offload`: run them in a thread even
         when one at a time (a front end shares this process's event loop); `cpus`: the cores
         of the threads that run stages (ONNX Runtime's, and the pool's), when only they are to
         be pinned; `max_pending_bytes`: the most bytes of tensors held for requests waiting or
         running here (their memory, `codec.memory_bytes`: a string tensor's elements count),
-        past which a push is refused (RESOURCE_EXHAUSTED)."""
+        past which a push is refused (RESOURCE_EXHAUSTED); `spin=False`: ONNX Runtime's
+        threads never spin (`moirai.sessions.session_options`)."""
         spec = plan.device(device)
         self.device = device
         self.plan = plan
@@ -136,6 +138,7 @@ class StageServer:
                         spec,
                         threads=threads,
                         cuda_device=cuda_device,
+                        spin=spin,
                     ),
                     [plan.spec(t) for t in stage.outputs],
                     self._arena,

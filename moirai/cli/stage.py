@@ -2,7 +2,7 @@
 
     moirai stage --plan plan.json --model model.onnx --device cpu-1 --port 50052 \
         [--host 127.0.0.1] [--peer cpu-0=127.0.0.1:50051 --peer gateway=127.0.0.1:8001] \
-        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1] [--grpc-only] \
+        [--threads N] [--cuda-device ID] [--cpus 2,3] [--workers 1] [--no-spin] [--grpc-only] \
         [--frontend [--grpc-port 8001] [--http-port 8000] [--max-request-bytes N] [--timeout 30]
                     [--max-batch-size 8 ...]]
 
@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stage threads: cpu-0=0 --cpus cpu-1=1",
     )
     p.add_argument("--workers", type=positive_int, default=1, help="stages run at once (default 1)")
+    p.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="ONNX Runtime's threads never spin, even on cores of their own (other stage "
+        "servers share them)",
+    )
     p.add_argument(
         "--grpc-only",
         action="store_true",
@@ -161,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
             same_host=not args.grpc_only,
             cpus=cpus if args.frontend or len(args.device) > 1 else None,
             chain=chain,
+            spin=not args.no_spin,
             frontend=Frontend(
                 args.grpc_port,
                 args.http_port,

@@ -13,11 +13,14 @@ restart, as a one-lane plan's does. `fused=False` puts the front end in a proces
 (`moirai gateway`), as on Kubernetes. CPU devices are pinned to disjoint cores (`--cpus`,
 applied with `os.sched_setaffinity` in the child: to the whole process, or only to the threads
 that run stages in the process of the front end, which may use every core) so that their thread
-counts are real; GPU devices get their CUDA device id from the plan. The servers push to each
-other over the same-host fast path (`stage_server.samehost`) unless `same_host` is off, which
-keeps every push on gRPC, the path between hosts. Every push carries the deployment's chain token
-(`stage_server.auth`), made afresh for each deployment and handed to the children in their
-environment.
+counts are real; GPU devices get their CUDA device id from the plan. ONNX Runtime's threads
+spin between the parallel sections of a run only where they are alone on their cores
+(`moirai.sessions`); where stage servers share cores (devices that do not fit them, or several
+models on one device) the stage servers are told not to (`--no-spin`, `cores_shared`). The
+servers push to each other over the same-host fast path (`stage_server.samehost`) unless
+`same_host` is off, which keeps every push on gRPC, the path between hosts. Every push carries
+the deployment's chain token (`stage_server.auth`), made afresh for each deployment and handed
+to the children in their environment.
 
 Several models (`more`) are served behind one front end, which then runs in a process of its
 own (`moirai gateway` with every model's plan): a front end fused into one model's stage server
@@ -108,6 +111,13 @@ class LocalModel:
         return self.plan.model_name
 
 
+def cores_shared(plan: StagePlan, models: int, pinned: bool) -> bool:
+    """Whether stage servers of a deployment run on the same cores: several models on the
+    plan's devices, or several CPU devices that could not be pinned apart (`core_sets`)."""
+    cpus = [d for d in plan.used_devices if plan.device(d).kind == "cpu"]
+    return models > 1 or (not pinned and len(cpus) > 1)
+
+
 @dataclass
 class LocalDeployment:
     """Stage servers and the front end as local processes; a context manager."""
@@ -138,6 +148,8 @@ class LocalDeployment:
     """Chain address by process name (a device's, or `MODEL/DEVICE` with several models)."""
     cores: dict[str, list[int]] = field(default_factory=dict)
     """Cores by device name (`MODEL/DEVICE` with several models)."""
+    spin: bool = True
+    """Whether ONNX Runtime's threads may spin: not where stage servers share cores."""
     _stages: dict[str, tuple[LocalModel, tuple[str, ...]]] = field(default_factory=dict, repr=False)
     """The stage servers by process name: their model and devices."""
 
@@ -199,6 +211,7 @@ class LocalDeployment:
         self.addresses[GATEWAY] = chain
         # The models share the devices: a device's cores are the same for every model.
         cores = core_sets(self.plan) if self.pin_cores else {}
+        self.spin = not cores_shared(self.plan, len(self.models), bool(cores))
         for m in self.models:
             plan = m.plan.to_dict()
             plan["endpoints"] = {
@@ -246,6 +259,8 @@ class LocalDeployment:
                 args += ["--cpus", f"{device}={cpus}" if len(devices) > 1 else cpus]
         if self.workers is not None:
             args += ["--workers", str(self.workers)]
+        if not self.spin:
+            args.append("--no-spin")
         if devices == self.entries:
             args += ["--frontend", *self._frontend]
         else:  # how long a request may be held

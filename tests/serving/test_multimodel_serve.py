@@ -77,6 +77,8 @@ def test_two_models_as_processes_one_stage_server_dying_fails_only_its_model(
         }  # fmt: skip
         front = cmdline(str(deployment.pids["gateway"]))
         assert "--max-batch-size cnn=4" in front and front.count("--plan") == 2
+        # Both models' stage servers run on the same cores: their threads must not spin.
+        assert "--no-spin" in cmdline(str(deployment.pids["cnn/cpu-0"]))
         assert StagePlan.load(tmp_path / "run" / "cnn" / "plan.json").model_name == "cnn"
         np.testing.assert_allclose(client.infer("mlp", x)["y"], _ort(mlp, x)["y"], rtol=1e-5)
         got = client.infer("cnn", images)
