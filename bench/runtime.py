@@ -276,13 +276,17 @@ def _served(d: LocalDeployment, model: str, inputs, c: int, total: int) -> tuple
     return rps, cpu
 
 
-def _capacity(cpu: dict, devices: list[str], single_cpu_ms: float) -> float:
-    """The speed-up the CPU costs allow when the machine is this benchmark's alone: each device
-    is bounded by its core, and everything together by all the cores."""
-    busiest = max(cpu[d] for d in devices)
+def _capacity(cpu: dict, d: LocalDeployment, single_cpu_ms: float) -> float:
+    """The speed-up the CPU costs allow when the machine is this benchmark's alone: each stage
+    server process is bounded by its devices' cores (the lanes' first stages share the front
+    end's process, `LocalDeployment.entries`), and everything together by all the cores."""
     cores = len(os.sched_getaffinity(0))
-    served = min(1000 / busiest, cores * 1000 / sum(cpu.values()))
-    return served * single_cpu_ms / 1000
+    bounds = [cores * 1000 / sum(cpu.values())]
+    for name in d.pids:
+        devices = d.entries if d.entries and name == d.entries[0] else (name,)
+        threads = sum(d.plan.device(device).threads or 1 for device in devices)
+        bounds.append(threads * 1000 / cpu[name])
+    return min(bounds) * single_cpu_ms / 1000
 
 
 def bench_throughput(
@@ -324,7 +328,6 @@ def bench_throughput(
         ratios: dict[int, list[float]] = {c: [] for c in concurrencies}
         capacity: dict[int, list[float]] = {c: [] for c in concurrencies}
         cpu_at_8: list[dict] = []
-        used = list(planned.plan.used_devices)
         with tempfile.TemporaryDirectory() as tmp:
             d = LocalDeployment(planned.plan, path, Path(tmp))
             with d:
@@ -337,7 +340,7 @@ def bench_throughput(
                         rps, cpu = _served(d, planned.plan.model_name, inputs, c, total)
                         served[c].append(rps)
                         ratios[c].append(rps / rps_single)
-                        capacity[c].append(_capacity(cpu, used, cpu_single))
+                        capacity[c].append(_capacity(cpu, d, cpu_single))
                         if c == 8:
                             cpu_at_8.append(cpu)
                         print("throughput", name, profile, c, rps, rps_single, cpu, flush=True)
@@ -346,7 +349,9 @@ def bench_throughput(
                 "model": name,
                 "plan": f"{profile} profile" + (f", --max-tasks {max_tasks}" if max_tasks else ""),
                 "stages": len(planned.plan.stages),
-                "predicted_period_ms": planned.plan.predicted.get("period_ms"),
+                "layout": planned.plan.predicted.get("layout", "?"),
+                # As served: the lanes together (a lane's own period is `period_ms`).
+                "predicted_period_ms": planned.plan.predicted.get("served_period_ms"),
                 "single_rps": statistics.median(single),
                 "single_cpu_ms": statistics.median(single_cpu),
                 "served_rps": {c: statistics.median(v) for c, v in served.items()},
@@ -423,12 +428,13 @@ def report(results: dict) -> str:
                        f"{g['hop_cpu_ms']:.2f} |")  # fmt: skip
     for t in results.get("throughput", []):
         out += ["", f"## Throughput, {t['model']}, {t['plan']}: two 1-thread CPU "
-                f"devices, throughput plan ({t['stages']} stages, predicted period "
+                f"devices, throughput plan ({t.get('layout', '?')}: {t['stages']} stages, "
+                "predicted period as served "
                 f"{t['predicted_period_ms']:.1f} ms)", "",
                 "Speed-up: served over single-process ORT requests/s, measured in alternating "
                 "rounds (medians). CPU-bound speed-up: what the measured CPU per request allows "
-                "with the cores to ourselves (each device bounded by its core, all processes "
-                "by all cores), against single-process ORT's CPU per request "
+                "with the cores to ourselves (each stage server by its devices' cores, all "
+                "processes by all cores), against single-process ORT's CPU per request "
                 f"({t['single_cpu_ms']:.1f} ms). CPU ms per request at concurrency 8: "
                 + ", ".join(f"{k} {v:.1f}" for k, v in t["cpu_ms_at_8"].items()) + ".", "",
                 "| concurrency | served req/s | single-process ORT req/s | speed-up | "
