@@ -283,9 +283,9 @@ def _capacity(cpu: dict, d: LocalDeployment, single_cpu_ms: float) -> float:
     cores = len(os.sched_getaffinity(0))
     bounds = [cores * 1000 / sum(cpu.values())]
     for name in d.pids:
-        devices = d.entries if d.entries and name == d.entries[0] else (name,)
-        threads = sum(d.plan.device(device).threads or 1 for device in devices)
-        bounds.append(threads * 1000 / cpu[name])
+        if devices := d.devices_of(name):  # a front end alone: bounded by all the cores only
+            threads = sum(d.plan.device(device).threads or 1 for device in devices)
+            bounds.append(threads * 1000 / cpu[name])
     return min(bounds) * single_cpu_ms / 1000
 
 

@@ -148,8 +148,6 @@ class LocalDeployment:
     """Chain address by process name (a device's, or `MODEL/DEVICE` with several models)."""
     cores: dict[str, list[int]] = field(default_factory=dict)
     """Cores by device name (`MODEL/DEVICE` with several models)."""
-    spin: bool = True
-    """Whether ONNX Runtime's threads may spin: not where stage servers share cores."""
     _stages: dict[str, tuple[LocalModel, tuple[str, ...]]] = field(default_factory=dict, repr=False)
     """The stage servers by process name: their model and devices."""
 
@@ -172,6 +170,15 @@ class LocalDeployment:
             return ()
         firsts = (self.plan.stages_of_lane(k)[0].device for k in range(len(self.plan.lanes)))
         return tuple(dict.fromkeys(firsts))
+
+    @property
+    def spin(self) -> bool:
+        """Whether ONNX Runtime's threads may spin: not where stage servers share cores."""
+        return not cores_shared(self.plan, len(self.models), bool(self.cores))
+
+    def devices_of(self, name: str) -> tuple[str, ...]:
+        """The devices a process (by name, as in `pids`) serves: none for a front end alone."""
+        return self._stages[name][1] if name in self._stages else ()
 
     @property
     def grpc_url(self) -> str:
@@ -211,7 +218,6 @@ class LocalDeployment:
         self.addresses[GATEWAY] = chain
         # The models share the devices: a device's cores are the same for every model.
         cores = core_sets(self.plan) if self.pin_cores else {}
-        self.spin = not cores_shared(self.plan, len(self.models), bool(cores))
         for m in self.models:
             plan = m.plan.to_dict()
             plan["endpoints"] = {
