@@ -377,7 +377,8 @@ class Peers:
                 connection, peer.shared, stage, request_id, tensors, deadline_ms, timings, origin
             )
         except SharedMemoryUnavailable as e:
-            log.info("%s cannot map shared memory (%s): sending tensors inline", stage, e)
+            # The message, not the exception, whose frames hold the tensors (`StageServer._report`)
+            log.info("%s cannot map shared memory (%s): sending tensors inline", stage, str(e))
             peer.shared = False
             await self._local(
                 connection, False, stage, request_id, tensors, deadline_ms, timings, origin

@@ -391,12 +391,18 @@ class StageServer:
     async def _report(
         self, request_id: str, stage_id: str, error: Exception, deadline_ms: float
     ) -> None:
+        # Messages are logged, not exceptions: a log record keeps its arguments (pytest's
+        # capture, a MemoryHandler), and an exception's frames hold the request's tensors, whose
+        # shared memory would then be neither reused nor freed.
         code = status_of(error)[0].name
-        log.debug("request %s failed at stage %s: %s", request_id, stage_id, error)
+        message = str(error)
+        log.debug("request %s failed at stage %s: %s", request_id, stage_id, message)
         try:
-            await self.peers.fail(GATEWAY, request_id, code, str(error), stage_id, deadline_ms)
+            await self.peers.fail(GATEWAY, request_id, code, message, stage_id, deadline_ms)
         except ServingError as e:
-            log.warning("cannot report failure of request %s to the gateway: %s", request_id, e)
+            log.warning(
+                "cannot report failure of request %s to the gateway: %s", request_id, str(e)
+            )
 
     # ---------------------------------------------------------------- lifecycle
     def sweep(self) -> None:

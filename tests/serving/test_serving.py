@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 
 import aiohttp
 import grpc
@@ -18,7 +19,7 @@ import tritonclient.http.aio as thttp
 from moirai.errors import MoiraiError
 from moirai.partition import build_plan
 from moirai.stageplan import DeviceSpec
-from stage_server import codec, samehost
+from stage_server import codec, samehost, sessions
 from stage_server.chain import ChainServicer
 from stage_server.client import AsyncInferenceClient
 from stage_server.errors import InvalidInput
@@ -320,6 +321,41 @@ async def test_a_thousand_requests_with_failures_leave_nothing_behind(cluster) -
     assert not gateway.pending
     assert [s.in_flight for s in stages] == [0, 0]
     assert gateway.metrics.in_flight._value.get() == 0
+
+
+@pytest.mark.parametrize("cluster", ["same-host"], indirect=True)
+async def test_a_failure_too_late_to_report_pins_no_shared_memory(
+    cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first stage that outruns the request's deadline can neither push its output nor report
+    that to the gateway, and logs it. The log record used to hold the exception, whose frames
+    held the output in its shared memory file and the input in its mapping: while pytest kept
+    the record, the `cluster` fixture found the file held after the servers stopped."""
+    model = models.gather(rows=1024)  # x and the tensor between the stages: 128 KiB
+    run = sessions.StageSession.run
+
+    def slow_first_stage(
+        self: sessions.StageSession, feeds: dict[str, np.ndarray], places: object = None
+    ) -> list[np.ndarray]:
+        if "x" in feeds:
+            time.sleep(0.2)
+        return run(self, feeds, places)
+
+    monkeypatch.setattr(sessions.StageSession, "run", slow_first_stage)
+    c = await cluster(model, split_plan(model, 2))
+    client = AsyncInferenceClient(c.grpc_url)
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await client.infer("gather", models.random_inputs(model), timeout_s=0.1)
+            assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):  # the first stage logs once its run is over
+            if "cannot report failure" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await client.close()
+    assert "cannot report failure" in caplog.text
 
 
 @pytest.mark.parametrize("cluster", ["same-host", "fused"], indirect=True)
