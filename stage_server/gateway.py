@@ -326,13 +326,13 @@ class Gateway:
         """Tell every stage server of the request's lane to drop it (in the background)."""
         request = self.pending[rid]
         code = status_of(error)[0].name
+        message = str(error)  # not the error, whose frames hold the request's tensors
         deadline = max(request.deadline_ms, now_ms() + 1000.0)
         devices = request.lane.devices
 
         async def broadcast() -> None:
             calls = [
-                self.peers.fail(device, rid, code, str(error), GATEWAY, deadline)
-                for device in devices
+                self.peers.fail(device, rid, code, message, GATEWAY, deadline) for device in devices
             ]
             await asyncio.gather(*calls, return_exceptions=True)
 
