@@ -1,7 +1,7 @@
 """Stack cost: what `moirai serve` costs per request, and how close it serves to ONNX Runtime.
 
     .venv/bin/python bench/stack.py [--quick] [--tree LABEL=CHECKOUT ...] [--window 10] \
-        [--only stack|resnet|wait]
+        [--only stack|resnet|wait|latency]
 
 1. **Stack cost.** A model that computes nothing (one Identity node) served as a one-stage plan by
    `moirai serve`'s real processes (`moirai.runtime.local.LocalDeployment`), at 64 B, 0.57 MiB
@@ -23,6 +23,15 @@
    the median round trip less the wait. What a request costs the transport grows when its answer
    waits, which a model that computes nothing (the frame) does not show. The client's malloc is
    tuned as the servers' (`stage_server.allocator`).
+4. **A light model's latency, against bare servers running it.** SqueezeNet (0.57 MiB in, 4 KiB
+   out) as a one-stage plan on one device with every core's thread, served by `moirai serve`'s
+   processes, against three bare gRPC servers that run the same session (the stage servers'
+   options) with nothing around it but `stage_server.codec`'s decoding and encoding: `grpc.aio`
+   handing the run to a one-thread pool (as a stage server does), `grpc.aio` running it on the
+   event loop, and the sync gRPC server running it in its handler thread (no event loop at
+   all); and in-process ONNX Runtime. One client, sequential requests, the median of each
+   variant in each round, rounds alternating. What the bare servers add to ORT is the
+   transport's; what Moirai adds to the best of them is its own.
 
 Several checkouts can be measured side by side: `--tree before=/path/to/old/checkout --tree
 after=.` runs each measurement (a size, the ResNet-50 comparison) for each checkout in turn, in a
@@ -43,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +63,7 @@ sys.path.insert(0, str(TREE))
 os.environ["PYTHONPATH"] = str(TREE)  # the servers run this checkout's code too
 
 import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 from loadgen import cpu_ms, drive  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
@@ -61,7 +71,7 @@ from moirai import zoo  # noqa: E402
 from moirai.graph import load_model  # noqa: E402
 from moirai.partition import build_plan  # noqa: E402
 from moirai.runtime.local import LocalDeployment  # noqa: E402
-from moirai.stageplan import DeviceSpec  # noqa: E402
+from moirai.stageplan import DeviceSpec, StagePlan  # noqa: E402
 from stage_server.settings import EndpointConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -105,7 +115,7 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
     return row
 
 
-def _echo_server(port: int, response: bytes, ready, hold_ms: float = 0.0) -> None:
+def _echo_server(port: int, ready, response: bytes, hold_ms: float = 0.0) -> None:
     """A bare gRPC server answering every ModelInfer with `response` (the transport's floor),
     after holding its event loop for `hold_ms`."""
     import asyncio
@@ -139,8 +149,9 @@ def _echo_server(port: int, response: bytes, ready, hold_ms: float = 0.0) -> Non
 
 
 @contextlib.contextmanager
-def echo_server(response: bytes, hold_ms: float = 0.0) -> Iterator[tuple[str, int]]:
-    """A bare gRPC server (`_echo_server`) in a process of its own: its address and pid."""
+def bare_server(serve: Callable[..., None], *args: object) -> Iterator[tuple[str, int]]:
+    """`serve(port, ready, *args)`, a bare gRPC server, in a process of its own: its address and
+    pid once it is ready."""
     import multiprocessing as mp
     import socket
 
@@ -149,7 +160,7 @@ def echo_server(response: bytes, hold_ms: float = 0.0) -> Iterator[tuple[str, in
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    server = ctx.Process(target=_echo_server, args=(port, response, ready, hold_ms), daemon=True)
+    server = ctx.Process(target=serve, args=(port, ready, *args), daemon=True)
     server.start()
     try:
         if not ready.wait(60):
@@ -166,7 +177,7 @@ def bench_floor(x: np.ndarray, window_s: float) -> dict:
     from stage_server import codec
 
     response = codec.encode_infer_response("identity", "", {"y": x})
-    with echo_server(response) as (url, pid):
+    with bare_server(_echo_server, response) as (url, pid):
         return drive(url, "identity", {"x": x}, pids=[pid], want=x, window_s=window_s)
 
 
@@ -194,22 +205,30 @@ def _in_process_rps(session, feeds: dict, inflight: int, window_s: float) -> tup
     return (n1 - n0) / (t1 - t0), (c1 - c0) / max(n1 - n0, 1)
 
 
-def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) -> dict:
-    import onnxruntime as ort
+def one_device_plan(name: str) -> tuple[Path, onnx.ModelProto, StagePlan]:
+    """Zoo model `name` as a one-stage plan on one CPU device with every core's thread."""
+    path = zoo.get(name)
+    model = load_model(path, zoo.input_shapes(name))
+    nodes = dict.fromkeys((n.name for n in model.graph.node), "cpu-0")
+    devices = [DeviceSpec("cpu-0", threads=len(os.sched_getaffinity(0)))]
+    return path, model, build_plan(model, nodes, devices, model_name=name)
 
+
+def stage_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    """A session of `model` with the stage servers' options."""
     from stage_server.sessions import session_options
 
-    threads = len(os.sched_getaffinity(0))
-    path = zoo.get("resnet50")
-    model = load_model(path, zoo.input_shapes("resnet50"))
-    nodes = dict.fromkeys((n.name for n in model.graph.node), "cpu-0")
-    devices = [DeviceSpec("cpu-0", threads=threads)]
-    plan = build_plan(model, nodes, devices, model_name="resnet50")
-    (spec,) = plan.inputs
-    x = np.random.default_rng(0).random(spec.shape, dtype=np.float32)
-    session = ort.InferenceSession(
+    return ort.InferenceSession(
         model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
     )
+
+
+def bench_resnet(tmp: Path, window_s: float, rounds: int, inflight: int = 16) -> dict:
+    threads = len(os.sched_getaffinity(0))
+    path, model, plan = one_device_plan("resnet50")
+    (spec,) = plan.inputs
+    x = np.random.default_rng(0).random(spec.shape, dtype=np.float32)
+    session = stage_session(model, threads)
     want = session.run(None, {spec.name: x})
     served, single, served_cpu, single_cpu = [], [], [], []
     with LocalDeployment(plan, path, tmp / "resnet") as d:
@@ -255,23 +274,141 @@ def bench_wait(requests: int) -> list[dict]:
     """Round trip less the wait, bare gRPC server, for each of `WAITS_MS` (module docstring)."""
     from stage_server import codec
     from stage_server.allocator import keep_freed_memory
-    from stage_server.client import InferenceClient
 
     keep_freed_memory()  # the client's too: untuned, its page faults add 0.5 ms (README)
     x = np.random.default_rng(0).random(SIZES[HTTP_SIZE], dtype=np.float32)
     response = codec.encode_infer_response("m", "", {"y": np.zeros((1, 1000), np.float32)})
     rows = []
     for wait in WAITS_MS:
-        with echo_server(response, wait) as (url, _), InferenceClient(url) as client:
-            for _ in range(5):
-                client.infer("m", {"x": x})
-            times = []
-            for _ in range(requests):
-                start = time.perf_counter()
-                client.infer("m", {"x": x})
-                times.append((time.perf_counter() - start) * 1000.0)
-        rows.append({"wait_ms": wait, "round_trip_less_wait_ms": statistics.median(times) - wait})
+        with bare_server(_echo_server, response, wait) as (url, _):
+            round_trip = median_round_trip(url, "m", {"x": x}, requests)
+        rows.append({"wait_ms": wait, "round_trip_less_wait_ms": round_trip - wait})
     return rows
+
+
+def median_round_trip(url: str, model: str, inputs: dict, requests: int) -> float:
+    """The median ms of `requests` sequential calls from one client, after 5 unmeasured."""
+    from stage_server.client import InferenceClient
+
+    with InferenceClient(url) as client:
+        for _ in range(5):
+            client.infer(model, inputs)
+        return median_ms(lambda: client.infer(model, inputs), requests)
+
+
+def median_ms(call: Callable[[], object], times: int) -> float:
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        call()
+        spent.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(spent)
+
+
+# -------------------------------------- 4. a light model's latency, against bare servers
+LATENCY_MODEL = "squeezenet"
+BARE_SERVERS = {
+    "bare grpc.aio, run in a thread": "aio-thread",
+    "bare grpc.aio, run on the loop": "aio-loop",
+    "bare sync gRPC, run in the handler": "sync",
+}
+"""The bare servers that run the model (module docstring), by label: their `_model_server`
+kind."""
+
+
+def _model_server(port: int, ready, name: str, kind: str) -> None:
+    """A bare gRPC server of `kind` (`BARE_SERVERS`) running zoo model `name` for every
+    ModelInfer: decoded and encoded with `stage_server.codec`, run on every core's thread."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from stage_server import codec
+    from stage_server.allocator import keep_freed_memory
+    from stage_server.oip_grpc import SERVICE
+
+    keep_freed_memory()
+    _, model, _ = one_device_plan(name)
+    session = stage_session(model, len(os.sched_getaffinity(0)))
+    names = [o.name for o in session.get_outputs()]
+
+    def infer(request: bytes) -> bytes:
+        _, inputs = codec.decode_infer_request(request)
+        outputs = dict(zip(names, session.run(names, inputs), strict=True))
+        return codec.encode_infer_response(name, "", outputs)
+
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+
+    def handlers(call: Callable) -> tuple:
+        handler = grpc.unary_unary_rpc_method_handler(call)
+        return (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
+
+    if kind == "sync":
+        server = grpc.server(ThreadPoolExecutor(4), options=options)
+        server.add_generic_rpc_handlers(handlers(lambda request, context: infer(request)))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        ready.set()
+        server.wait_for_termination()
+        return
+    pool = ThreadPoolExecutor(1)
+
+    async def in_a_thread(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return await asyncio.get_running_loop().run_in_executor(pool, infer, request)
+
+    async def on_the_loop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return infer(request)
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers(
+            handlers(in_a_thread if kind == "aio-thread" else on_the_loop)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def bench_latency(tmp: Path, rounds: int, requests: int) -> dict:
+    """Median sequential latency of each server of `LATENCY_MODEL` and of in-process ORT, per
+    round (module docstring)."""
+    from stage_server.allocator import keep_freed_memory
+    from stage_server.client import InferenceClient
+
+    keep_freed_memory()
+    threads = len(os.sched_getaffinity(0))
+    path, model, plan = one_device_plan(LATENCY_MODEL)
+    (spec,) = plan.inputs
+    inputs = {spec.name: np.random.default_rng(0).random(spec.shape, dtype=np.float32)}
+    session = stage_session(model, threads)
+    want = session.run(None, inputs)[0]
+    times: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        deployment = stack.enter_context(LocalDeployment(plan, path, tmp / "latency"))
+        urls = {"moirai serve": deployment.grpc_url}
+        for label, kind in BARE_SERVERS.items():
+            urls[label], _ = stack.enter_context(bare_server(_model_server, LATENCY_MODEL, kind))
+        for url in urls.values():
+            with InferenceClient(url) as client:
+                got = client.infer(LATENCY_MODEL, inputs, timeout_s=60)
+            np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-4, atol=1e-5)
+        for _ in range(rounds):
+            for label, url in urls.items():
+                ms = median_round_trip(url, LATENCY_MODEL, inputs, requests)
+                times.setdefault(label, []).append(ms)
+            ms = median_ms(lambda: session.run(None, inputs), requests)
+            times.setdefault("in-process ONNX Runtime", []).append(ms)
+    return {
+        "model": LATENCY_MODEL,
+        "threads": threads,
+        "requests": requests,
+        "rounds": times,
+        "median_ms": {label: statistics.median(ms) for label, ms in times.items()},
+    }
 
 
 # --------------------------------------------------------------------- report
@@ -332,6 +469,19 @@ def report(results: dict) -> str:
             out += ["", title, "", "| answer waits (ms) | round trip less the wait (ms) |"]
             out.append("|---|---|")
             out += [f"| {r['wait_ms']:g} | {r['round_trip_less_wait_ms']:.2f} |" for r in rows]
+    for label in labels:
+        r = results[label].get("latency")
+        if r:
+            rounds = len(next(iter(r["rounds"].values())))
+            ort = r["median_ms"]["in-process ONNX Runtime"]
+            title = (
+                f"A light model's latency ({label}): {r['model']}, one device of {r['threads']} "
+                f"threads, one client, median of {r['requests']} sequential requests, median of "
+                f"{rounds} rounds"
+            )
+            out += ["", title, "", "| server | latency (ms) | over in-process ORT (ms) |"]
+            out.append("|---|---|---|")
+            out += [f"| {k} | {v:.2f} | {v - ort:+.2f} |" for k, v in r["median_ms"].items()]
     return "\n".join(out) + "\n"
 
 
@@ -351,6 +501,8 @@ def child(part: str, window_s: float, rounds: int) -> dict:
             return bench_resnet(Path(tmp), window_s, rounds)
         if part == "wait":
             return {"rows": bench_wait(100 * rounds)}
+        if part == "latency":
+            return bench_latency(Path(tmp), rounds, 200)
         return bench_size(Path(tmp), part, window_s)
 
 
@@ -382,8 +534,10 @@ def main() -> None:
         help="measure this checkout's servers under this label (repeatable; default after=.)",
     )
     parser.add_argument("--window", type=float, help="load window, seconds (default 10)")
-    parser.add_argument("--rounds", type=int, help="ResNet-50 rounds (default 3)")
-    parser.add_argument("--only", choices=("stack", "resnet", "wait"), help="one section alone")
+    parser.add_argument("--rounds", type=int, help="ResNet-50 and latency rounds (default 3)")
+    parser.add_argument(
+        "--only", choices=("stack", "resnet", "wait", "latency"), help="one section alone"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     window = args.window or (4.0 if args.quick else 10.0)
@@ -398,6 +552,7 @@ def main() -> None:
     parts = [*SIZES] if args.only in (None, "stack") else []
     parts += ["resnet"] if args.only in (None, "resnet") else []
     parts += ["wait"] if args.only in (None, "wait") else []
+    parts += ["latency"] if args.only in (None, "latency") else []
     load_before = os.getloadavg()[0]
     results: dict = {label: {"stack": []} for label in trees}
     for part in parts:
@@ -407,6 +562,8 @@ def main() -> None:
                 results[label]["resnet"] = got
             elif part == "wait":
                 results[label]["wait"] = got["rows"]
+            elif part == "latency":
+                results[label]["latency"] = got
             else:
                 results[label]["stack"].append(got)
             print(label, part, got, flush=True)
