@@ -8,11 +8,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
+import mmap
 import os
 import socket
+import types
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import onnx
 import pytest
 
@@ -165,8 +169,9 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
 
 
 def shared_memory_held() -> str:
-    """What holds this process's memory files: the sender's files still open and the mappings
-    (a mapping object also holds a descriptor), for a failure to name its leak."""
+    """What holds this process's memory files: the sender's files still open, the mappings (a
+    mapping object also holds a descriptor), and what refers to arrays over them, for a failure
+    to name its leak."""
     files = [
         f"{'arena' if o.arena else 'pool'} file of {o.capacity} B, {o.holds} holds"
         for o in gc.get_objects()
@@ -174,7 +179,56 @@ def shared_memory_held() -> str:
     ]
     with open("/proc/self/maps", encoding="utf-8") as maps:
         mapped = [line.split()[0] for line in maps if "memfd:moirai-" in line]
-    return f"{len(files)} files open ({'; '.join(files)}); mappings at {', '.join(mapped)}"
+    held = "".join(f"\n  held by {' <- '.join(chain)}" for chain in _holders())
+    return f"{len(files)} files open ({'; '.join(files)}); mappings at {', '.join(mapped)}{held}"
+
+
+def _holders(most: int = 3, depth: int = 12) -> list[list[str]]:
+    """For at most `most` objects that refer to an array over a mapping (an arena file's own
+    array aside), what refers to them in turn, `depth` steps up: say, a frame of
+    `Peers._local`, its traceback, the exception, ..., the `LogRecord` that kept them."""
+    gc.collect()
+    objects = gc.get_objects()
+    tensors = [o for o in objects if isinstance(o, shm.SharedTensor)]
+    own = {id(o) for o in tensors} | {id(o.__dict__) for o in tensors}
+    starts = [o for o in objects if id(o) not in own and _refers_to_a_mapping(o)][:most]
+    chains = []
+    for start in starts:
+        chain, here = [_describe(start)], start
+        seen = {id(objects), id(starts), id(start), id(inspect.currentframe())}
+        for _ in range(depth):
+            referrers = gc.get_referrers(here)
+            seen.add(id(referrers))
+            here = next((r for r in referrers if id(r) not in seen), None)
+            if here is None:
+                break
+            seen.add(id(here))
+            chain.append(_describe(here))
+        chains.append(chain)
+    return chains
+
+
+def _refers_to_a_mapping(o: object) -> bool:
+    """Whether `o` refers to an array over a mapping, itself or through containers that the
+    garbage collector does not track (a dict of arrays only, say, such as a push's tensors)."""
+    for r in gc.get_referents(o):
+        while isinstance(r, np.ndarray) and r.base is not None:
+            r = r.base
+        if isinstance(r, memoryview) and isinstance(r.obj, mmap.mmap):  # np.frombuffer's base
+            return True
+        untracked = isinstance(r, dict | list | tuple) and not gc.is_tracked(r)
+        if untracked and _refers_to_a_mapping(r):
+            return True
+    return False
+
+
+def _describe(o: object) -> str:
+    if isinstance(o, types.FrameType):
+        return f"frame of {o.f_code.co_qualname}"
+    if isinstance(o, dict):
+        keys = [k if isinstance(k, str) else type(k).__name__ for k in list(o)[:4]]
+        return f"dict of {', '.join(keys)}"
+    return type(o).__name__
 
 
 def laned(plan: StagePlan, weights: tuple[float, ...] = (1.0, 1.0)) -> StagePlan:
