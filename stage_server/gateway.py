@@ -311,6 +311,10 @@ class Gateway:
         finally:
             if timer is not None:
                 timer.cancel()
+            if request.future.done() and not request.future.cancelled():
+                # Read, so asyncio does not log it as never retrieved: a stage server that goes
+                # away fails the request's future while a push to it fails the call itself.
+                request.future.exception()
             del self.pending[rid]
             lane.in_flight -= 1
         self.metrics.request_seconds.observe(time.perf_counter() - started)
