@@ -115,10 +115,12 @@ def bench_size(tmp: Path, size: str, window_s: float) -> dict:
     return row
 
 
-def _echo_server(port: int, ready, response: bytes, hold_ms: float = 0.0) -> None:
-    """A bare gRPC server answering every ModelInfer with `response` (the transport's floor),
-    after holding its event loop for `hold_ms`."""
+def _serve(port: int, ready, infer: Callable, sync: bool = False) -> None:
+    """A bare gRPC server on `port` answering ModelInfer with `infer` (raw bytes in and out), its
+    malloc tuned as the stage servers'; `ready` is set once it listens. A `grpc.aio` server for
+    a coroutine, or with `sync` the sync server (handler threads) for a function."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
@@ -126,26 +128,38 @@ def _echo_server(port: int, ready, response: bytes, hold_ms: float = 0.0) -> Non
     from stage_server.oip_grpc import SERVICE
 
     keep_freed_memory()
-
-    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        until = time.perf_counter() + hold_ms / 1000.0
-        while time.perf_counter() < until:
-            pass
-        return response
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    handler = grpc.unary_unary_rpc_method_handler(infer)
+    handlers = (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
+    if sync:
+        server = grpc.server(ThreadPoolExecutor(4), handlers=handlers, options=options)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        server.start()
+        ready.set()
+        server.wait_for_termination()
+        return
 
     async def serve() -> None:
-        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-        server = grpc.aio.server(options=options)
-        handler = grpc.unary_unary_rpc_method_handler(infer)
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
-        )
+        server = grpc.aio.server(handlers=handlers, options=options)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         ready.set()
         await server.wait_for_termination()
 
     asyncio.run(serve())
+
+
+def _echo_server(port: int, ready, response: bytes, hold_ms: float = 0.0) -> None:
+    """A bare gRPC server answering every ModelInfer with `response` (the transport's floor),
+    after holding its event loop for `hold_ms`."""
+
+    async def infer(request: bytes, context: object) -> bytes:
+        until = time.perf_counter() + hold_ms / 1000.0
+        while time.perf_counter() < until:
+            pass
+        return response
+
+    _serve(port, ready, infer)
 
 
 @contextlib.contextmanager
@@ -322,55 +336,29 @@ def _model_server(port: int, ready, name: str, kind: str) -> None:
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    import grpc
-
     from stage_server import codec
-    from stage_server.allocator import keep_freed_memory
-    from stage_server.oip_grpc import SERVICE
 
-    keep_freed_memory()
     _, model, _ = one_device_plan(name)
     session = stage_session(model, len(os.sched_getaffinity(0)))
     names = [o.name for o in session.get_outputs()]
 
-    def infer(request: bytes) -> bytes:
+    def infer(request: bytes, context: object = None) -> bytes:
         _, inputs = codec.decode_infer_request(request)
         outputs = dict(zip(names, session.run(names, inputs), strict=True))
         return codec.encode_infer_response(name, "", outputs)
 
-    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-    def handlers(call: Callable) -> tuple:
-        handler = grpc.unary_unary_rpc_method_handler(call)
-        return (grpc.method_handlers_generic_handler(SERVICE, {"ModelInfer": handler}),)
-
-    if kind == "sync":
-        server = grpc.server(ThreadPoolExecutor(4), options=options)
-        server.add_generic_rpc_handlers(handlers(lambda request, context: infer(request)))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        server.start()
-        ready.set()
-        server.wait_for_termination()
-        return
     pool = ThreadPoolExecutor(1)
 
-    async def in_a_thread(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def in_a_thread(request: bytes, context: object) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(pool, infer, request)
 
-    async def on_the_loop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def on_the_loop(request: bytes, context: object) -> bytes:
         return infer(request)
 
-    async def serve() -> None:
-        server = grpc.aio.server(options=options)
-        server.add_generic_rpc_handlers(
-            handlers(in_a_thread if kind == "aio-thread" else on_the_loop)
-        )
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    if kind == "sync":
+        _serve(port, ready, infer, sync=True)
+    else:
+        _serve(port, ready, in_a_thread if kind == "aio-thread" else on_the_loop)
 
 
 def bench_latency(tmp: Path, rounds: int, requests: int) -> dict:
