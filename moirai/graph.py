@@ -60,6 +60,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from moirai.errors import ModelError, one_line
+from moirai.nodeinputs import node_inputs
 from moirai.weights import ort_session, read_skeleton
 from moirai.wording import counted
 
@@ -738,7 +739,7 @@ def build_graph(model: onnx.ModelProto) -> OpGraph:
         add(value.name, constant=False)
     nodes = []
     for node in graph.node:
-        inputs = tuple(dict.fromkeys([*(i for i in node.input if i), *_outer_scope_inputs(node)]))
+        inputs = tuple(node_inputs(node))
         for name in inputs:
             add(name, constant=False)  # an undeclared input: the checker allows none here
         constant = _is_constant(node, [tensors[i] for i in inputs])
@@ -780,17 +781,3 @@ def _is_constant(node: onnx.NodeProto, inputs: Sequence[Tensor]) -> bool:
     if node.op_type in _SHAPE_OPS:
         return inputs[0].shape is not None
     return all(t.constant for t in inputs)
-
-
-def _outer_scope_inputs(node: onnx.NodeProto) -> list[str]:
-    """Names a node's subgraphs read from the enclosing graph (implicit inputs)."""
-    found: list[str] = []
-    for attr in node.attribute:
-        for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
-            defined = {i.name for i in sub.input} | {t.name for t in sub.initializer}
-            for inner in sub.node:
-                for name in [*inner.input, *_outer_scope_inputs(inner)]:
-                    if name and name not in defined:
-                        found.append(name)
-                defined.update(inner.output)
-    return found

@@ -44,6 +44,7 @@ import onnx
 
 from moirai.dag import topological_order
 from moirai.errors import ModelError, MoiraiError
+from moirai.nodeinputs import node_inputs
 from moirai.stageplan import (
     GATEWAY,
     ONNX_DATATYPES,
@@ -56,27 +57,6 @@ from moirai.stageplan import (
 
 
 # ------------------------------------------------------------------ graph helpers
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope tensors that the subgraphs of `node` (If/Loop/Scan bodies) read."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = list(attr.graphs)
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        for g in graphs:
-            defined = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for n in g.node:
-                defined.update(n.output)
-            for n in g.node:
-                names.update(t for t in (*n.input, *_subgraph_inputs(n)) if t and t not in defined)
-    return names
-
-
-def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Every tensor a node reads: its inputs and what its subgraphs read from the outer scope."""
-    return [t for t in node.input if t] + sorted(_subgraph_inputs(node) - set(node.input))
-
-
 def _is_shared_constant(node: onnx.NodeProto, model_outputs: set[str]) -> bool:
     return (
         node.op_type == "Constant"

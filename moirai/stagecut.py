@@ -34,7 +34,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from moirai.partition import node_inputs
+from moirai.nodeinputs import node_inputs
 from moirai.stageplan import ONNX_DATATYPES, PlanError, StagePlan, TensorSpec
 from moirai.weights import folder_of, set_folder
 

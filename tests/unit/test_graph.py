@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from moirai import zoo
 from moirai.errors import ModelError
 from moirai.graph import build_graph, canonical_node_names, dynamic_shapes, load_model
+from moirai.nodeinputs import node_inputs
 
 from .onnx_patterns import conv_bn_relu, init, model, save, tensor
 
@@ -524,3 +525,41 @@ def test_a_model_with_nothing_to_compute_is_refused(
     for symbolic in (False, True):
         with pytest.raises(ModelError, match=f"^{re.escape(str(path))}: {says}"):
             load_model(path, symbolic=symbolic)
+
+
+# ------------------------------------------------------------------ what a node reads
+def test_node_inputs_include_what_nested_subgraphs_read_from_outside() -> None:
+    """A Loop whose body holds an If: the If's branch reads `outer` (from outside the Loop) and
+    `carried` (the body's own input) and `inner` (made earlier in the body); only `outer` is
+    read from the Loop's scope. Empty optional inputs are left out, repeats read once."""
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Add", ["outer", "inner"], ["t"]),
+            helper.make_node("Add", ["t", "carried"], ["r"]),
+        ],
+        "then",
+        [],
+        [tensor("r", [1])],
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["r2"])], "else", [], [tensor("r2", [1])]
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["carried"], ["inner"]),
+            helper.make_node(
+                "If", ["cond_in"], ["out"], then_branch=then_branch, else_branch=else_branch
+            ),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            tensor("i", [], TensorProto.INT64),
+            tensor("cond_in", [], TensorProto.BOOL),
+            tensor("carried", [1]),
+        ],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("out", [1])],
+    )
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body)
+    assert node_inputs(loop) == ["trips", "x", "outer"]
+    assert node_inputs(helper.make_node("Add", ["a", "a"], ["b"])) == ["a"]
