@@ -5,7 +5,7 @@
     .venv/bin/python bench/placement.py --set zoo --code DIR --label before   # another checkout
     .venv/bin/python bench/placement.py --report                              # tables only
 
-Sets (cost graphs built once and cached under `~/.cache/moirai/bench-placement/`):
+Sets (cost graphs built once and cached under Moirai's cache folder, `bench-placement-v2/`):
 - `zoo`: every zoo model (`moirai.zoo`) on `examples/devices/bench-3.yaml` (A100, T4, Xeon;
   10 Gb/s Ethernet), `bench-4.yaml` (A100, two T4 on one PCIe node, Xeon) and
   `bench-gpus.yaml` (two A100 on NVLink, two T4, one PCIe node), analytic costs; 60 s.
@@ -44,11 +44,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moirai.cachedir import cache_dir  # noqa: E402
 from moirai.costgraph import CostGraph  # noqa: E402
 from moirai.placement import default_threads  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CACHE = Path.home() / ".cache" / "moirai" / "bench-placement"
+# v2: a file's devices pay for their transfers only where it says so (the format's model); the
+# instances of before, saved without the key, would now load without their CPUs' hop work.
+CACHE = cache_dir("bench-placement-v2")
 DEVICE_SETS = ("bench-3", "bench-4", "bench-gpus")
 HEURISTICS = ("single", "heft", "getf", "msct")
 LABEL = {"single": "single", "heft": "HEFT", "getf": "GETF", "msct": "m-SCT", "auto": "auto"}

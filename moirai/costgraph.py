@@ -32,11 +32,13 @@ class Device:
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Informative keys (execution provider, threads, peak figures); ignored by solvers."""
     transfers_occupy_device: bool | None = None
-    """Whether moving a tensor into or out of this device takes the device's own time, so the
-    throughput objective counts it in the device's busy time per request (Moirai's extension of
-    the format, `docs/throughput-model.md`). None: by `kind`, true for a CPU, whose stage server
-    copies and serialises every tensor on its own cores; false for a GPU, whose copies run on
-    DMA engines beside its compute."""
+    """Whether moving a tensor into or out of this device takes the device's own time (hop work;
+    the throughput objective counts it in the device's busy time per request): Moirai's extension
+    of the format, `docs/throughput-model.md`. None: by `kind`, as Moirai's own stage servers
+    behave, true for a CPU, which copies and serialises every tensor on its own cores, false for
+    a GPU, whose copies run on DMA engines beside its compute. A cost graph *file* states it: a
+    device read without the key does not pay, since the format's execution model has no hop work
+    and its `kind` is informative only (`CostGraph.to_dict` writes the resolved value)."""
 
     @property
     def pays_for_transfers(self) -> bool:
@@ -153,11 +155,7 @@ class CostGraph:
                     "name": d.name,
                     "memory_bytes": d.memory_bytes,
                     "kind": d.kind,
-                    **(
-                        {"transfers_occupy_device": d.transfers_occupy_device}
-                        if d.transfers_occupy_device is not None
-                        else {}
-                    ),
+                    **({_OCCUPY: True} if d.pays_for_transfers else {}),
                     **dict(d.extra),
                 }
                 for d in self.devices
@@ -362,8 +360,8 @@ def _parse(data: Any, where: str) -> CostGraph:
     devices = []
     for i, d in enumerate(_require(data, "devices", where, list)):
         w = f"{where}.devices[{i}]"
-        occupy = d.get(_OCCUPY) if isinstance(d, dict) else None
-        if occupy is not None and not isinstance(occupy, bool):
+        occupy = d.get(_OCCUPY, False) if isinstance(d, dict) else False
+        if not isinstance(occupy, bool):
             raise CostGraphError(f"{w}.{_OCCUPY} must be true or false, got {occupy!r}")
         devices.append(
             Device(

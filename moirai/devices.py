@@ -16,8 +16,8 @@ and the network links between them::
         launch_overhead_ms: 0.01   # optional: per-kernel overhead, default by kind
         efficiency: 0.5            # optional: fraction of the peaks kernels reach, (0, 1];
                                    # default by kind and threads (moirai.profile.analytic)
-        transfers_occupy_device: false  # optional: its transfers take its own time in the
-                                   # throughput objective; default true for cpu, false for gpu
+        transfers_occupy_device: false  # optional: its transfers take its own time (hop
+                                   # work); default true for cpu, false for gpu
     links:
       default: {bandwidth_bytes_per_s: 1.25e9, latency_ms: 0.05}
       pairs:

@@ -43,10 +43,7 @@ def brute_force_makespan(problem: PlacementProblem) -> float:
 def brute_force_period(problem: PlacementProblem) -> float:
     p = problem
     kk = p.num_devices
-    pays = [
-        d.kind == "cpu" if d.transfers_occupy_device is None else d.transfers_occupy_device
-        for d in p.costgraph.devices
-    ]
+    pays = [d.pays_for_transfers for d in p.costgraph.devices]
     best = float("inf")
     for assign in itertools.product(*p.cand):
         used = [0] * kk

@@ -166,3 +166,43 @@ def test_place_writes_every_message_as_a_moirai_line(tmp_path: Path) -> None:
     assert any("fusion groups" in line for line in lines), done.stderr  # a library log line
     assert all(line.startswith("moirai: ") for line in lines), done.stderr
     assert done.stdout.lstrip().startswith("light_squeezenet:"), done.stdout
+
+
+def _fork_and_join_on_two_cpus(tmp_path: Path, occupy: bool | None) -> Path:
+    """a (1 ms) forks to b and c (4 ms each), which join in d (1 ms), on two CPUs; every hop
+    takes 1 ms. Under the format's execution model c and d go to the other CPU: 7 ms."""
+    device = {"memory_bytes": 10**9, "kind": "cpu"}
+    if occupy is not None:
+        device["transfers_occupy_device"] = occupy
+    hop = {"x": {"y": 1.0}, "y": {"x": 1.0}}
+    doc = {
+        "format": "moirai.costgraph/v1",
+        "name": "fork-join",
+        "devices": [{"name": "x", **device}, {"name": "y", **device}],
+        "tasks": [
+            {"id": t, "compute_ms": {"x": ms, "y": ms}, "memory_bytes": 1}
+            for t, ms in (("a", 1.0), ("b", 4.0), ("c", 4.0), ("d", 1.0))
+        ],
+        "edges": [
+            {"src": s, "dst": d, "bytes": 1, "transfer_ms": hop}
+            for s, d in (("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"))
+        ],
+    }
+    path = tmp_path / f"fork-join-{occupy}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_a_costgraph_file_is_solved_under_the_formats_execution_model(tmp_path: Path) -> None:
+    """A device's `kind` is informative in a cost graph file: CPUs that do not say
+    `transfers_occupy_device` do no hop work, as the format defines; saying it adds it."""
+    makespans = {}
+    for occupy in (None, False, True):
+        out = tmp_path / f"plan-{occupy}.json"
+        argv = ["place", "--costgraph", str(_fork_and_join_on_two_cpus(tmp_path, occupy))]
+        assert main([*argv, "--time-limit", "10", "--threads", "1", "-q", "-o", str(out)]) == 0
+        plan = Placement.load(out)
+        assert plan.status == "optimal"
+        makespans[occupy] = plan.makespan_ms
+    assert makespans[None] == makespans[False] == pytest.approx(7.0)
+    assert makespans[True] > makespans[None] + 0.1  # half of each hop on each end

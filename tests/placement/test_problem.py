@@ -80,12 +80,18 @@ def test_bin_packing_infeasibility_is_proven_by_cpsat() -> None:
             solve(cg, solver, time_limit=5, threads=1)
 
 
-def test_transfers_occupy_device_defaults_by_kind_and_round_trips() -> None:
-    data = cluster().to_dict()
-    assert "transfers_occupy_device" not in data["devices"][0]  # left out when by kind
+def test_transfers_occupy_device_defaults_by_kind_in_memory_and_to_false_in_a_file() -> None:
+    """Built in memory (Moirai's own devices), a CPU pays for its transfers and a GPU does not;
+    a file states it, and a device read without the key follows the format's execution model,
+    which has no hop work whatever the device's kind (an instance from elsewhere)."""
     assert PlacementProblem(cluster()).pays_for_transfers == [False, True]  # gpu, cpu
+    data = cluster().to_dict()
+    assert "transfers_occupy_device" not in data["devices"][0]  # the gpu: false, left out
+    assert data["devices"][1]["transfers_occupy_device"] is True  # the cpu: resolved, written
+    assert PlacementProblem(CostGraph.from_dict(data)).pays_for_transfers == [False, True]
+    del data["devices"][1]["transfers_occupy_device"]
+    assert PlacementProblem(CostGraph.from_dict(data)).pays_for_transfers == [False, False]
     data["devices"][0]["transfers_occupy_device"] = True
-    data["devices"][1]["transfers_occupy_device"] = False
     cg = CostGraph.from_dict(data)
     assert PlacementProblem(cg).pays_for_transfers == [True, False]
     assert CostGraph.from_dict(cg.to_dict()) == cg
