@@ -21,7 +21,6 @@ from moirai.errors import CostGraphError
 from moirai.textfile import read_json, write_json
 
 FORMAT = "moirai.costgraph/v1"
-DEVICE_KINDS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -229,10 +228,6 @@ def _validate(cg: CostGraph) -> None:
         dup = next(n for n in names if names.count(n) > 1)
         raise CostGraphError(f"costgraph.devices: device name {dup!r} appears twice")
     for i, d in enumerate(cg.devices):
-        if d.kind not in DEVICE_KINDS:
-            raise CostGraphError(
-                f"costgraph.devices[{i}].kind is {d.kind!r}: use one of {', '.join(DEVICE_KINDS)}"
-            )
         if d.memory_bytes < 0:
             raise CostGraphError(f"costgraph.devices[{i}].memory_bytes is negative")
     links = [("links.default", cg.default_link)] + [

@@ -49,12 +49,14 @@ from typing import Any
 
 import yaml
 
-from moirai.costgraph import DEVICE_KINDS, Device, Link
+from moirai.costgraph import Device, Link
 from moirai.errors import DevicesError
 from moirai.textfile import read_text
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+DEVICE_KINDS = ("cpu", "gpu")
+"""What Moirai can serve on: a cost graph file may name any kind, which is informative there."""
 DEFAULT_PROVIDER = {"cpu": CPU, "gpu": CUDA}
 DEFAULT_LINK = Link(bandwidth_bytes_per_s=1.25e9, latency_ms=0.05)  # 10 Gb/s Ethernet
 # Local stage servers talk gRPC over loopback: roughly a memory copy through the kernel.

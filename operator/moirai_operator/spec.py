@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from kubernetes.utils.quantity import parse_quantity
 
+from moirai.devices import DEVICE_KINDS
 from moirai.errors import MoiraiError
 from moirai.placement import OBJECTIVES, solvers
 from moirai_operator.resources import GATEWAY_CHAIN_PORT, METRICS_PORT
@@ -29,7 +30,6 @@ from stage_server.batchconfig import BatchingConfig
 # The placement registry's names, which the CRD's enum repeats (a test checks that they agree).
 SOLVERS = tuple(s.name for s in solvers())
 PROFILING_MODES = ("analytic", "measured")
-DEVICE_KINDS = ("cpu", "gpu")
 
 
 class SpecError(MoiraiError):

@@ -136,3 +136,14 @@ def test_an_edge_without_bytes_is_refused() -> None:
     data["edges"][0]["byts"] = data["edges"][0].pop("bytes")
     with pytest.raises(CostGraphError, match=r"edges\[0\]\.bytes is missing"):
         CostGraph.from_dict(data)
+
+
+def test_a_costgraph_files_device_kind_is_informative() -> None:
+    """The format leaves `kind` to the writer ("GPU", "npu", none at all); only Moirai's own
+    devices are limited to what it can serve on (`moirai.devices`)."""
+    data = cluster().to_dict()
+    data["devices"][0]["kind"] = "GPU"
+    data["devices"][1]["kind"] = "npu"
+    cg = CostGraph.from_dict(data)
+    assert [d.kind for d in cg.devices] == ["GPU", "npu"]
+    assert PlacementProblem(cg).pays_for_transfers == [False, True]  # as the file says
