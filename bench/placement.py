@@ -17,6 +17,10 @@ Sets (cost graphs built once and cached under Moirai's cache folder, `bench-plac
   devices, communication-to-computation ratios 0.3 and 1; 20 s. The devices are CPUs, so every
   hop is also work on both ends (`problem.hop_work`, since 998b171).
 
+`--no-hop-work` solves the same graphs under the cost graph format's own execution model, where
+no device does hop work (its instances are named with `-no-hop-work`): the model of the labels
+`old-main` (the issue's baseline) and `pre-hop-work`, and of an instance file from elsewhere.
+
 Each solve is its own `moirai place --costgraph FILE` process, so `--code DIR` runs the same
 instances through another checkout's solvers (`before`: the main branch this work started
 from). A run writes its numbers under its label in bench/results/placement.json; the report
@@ -38,6 +42,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +122,13 @@ def instances(which: str, quick: bool) -> list[tuple[str, Callable[[], CostGraph
     raise SystemExit(f"unknown set {which!r}: use zoo, paper or random")
 
 
+def without_hop_work(build: Callable[[], CostGraph]) -> CostGraph:
+    """The instance with no device paying for its transfers: the format's execution model."""
+    cg = build()
+    devices = tuple(replace(d, transfers_occupy_device=False) for d in cg.devices)
+    return replace(cg, devices=devices)
+
+
 def cached(name: str, build: Callable[[], CostGraph]) -> Path:
     path = CACHE / (name.replace("/", "__") + ".json")
     if not path.exists():
@@ -165,6 +178,8 @@ def run(args: argparse.Namespace) -> None:
     for which in args.set:
         limit = 10.0 if args.quick else TIME_LIMIT[which]
         for name, build in instances(which, args.quick):
+            if args.no_hop_work:
+                name, build = f"{name}-no-hop-work", partial(without_hop_work, build)
             cg_path = cached(name, build)
             cg = CostGraph.load(cg_path)
             row = runs.setdefault(name, {})
@@ -362,6 +377,12 @@ def main() -> None:
     parser.add_argument("--solvers", type=lambda s: s.split(","))
     parser.add_argument("--quick", action="store_true", help="10 s limits, fewer instances")
     parser.add_argument("--report", action="store_true", help="only rewrite the report")
+    parser.add_argument(
+        "--no-hop-work",
+        action="store_true",
+        help="solve under the cost graph format's own execution model (no device does hop work), "
+        "as the labels old-main and pre-hop-work were",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.report:

@@ -37,7 +37,8 @@ class Device:
     behave, true for a CPU, which copies and serialises every tensor on its own cores, false for
     a GPU, whose copies run on DMA engines beside its compute. A cost graph *file* states it: a
     device read without the key does not pay, since the format's execution model has no hop work
-    and its `kind` is informative only (`CostGraph.to_dict` writes the resolved value)."""
+    and its `kind` is informative only (`CostGraph.to_dict` writes the resolved value, true or
+    false, so that a reader that took the key's absence otherwise reads the same)."""
 
     @property
     def pays_for_transfers(self) -> bool:
@@ -154,7 +155,7 @@ class CostGraph:
                     "name": d.name,
                     "memory_bytes": d.memory_bytes,
                     "kind": d.kind,
-                    **({_OCCUPY: True} if d.pays_for_transfers else {}),
+                    _OCCUPY: d.pays_for_transfers,
                     **dict(d.extra),
                 }
                 for d in self.devices
