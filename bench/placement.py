@@ -337,8 +337,51 @@ def report(data: dict[str, Any]) -> str:
         was = _median([old["gap"] for _, old, _ in shown])
         now = _median([new["gap"] for _, _, new in shown])
         lines.append(f"| median | | | {was} | | | | {now} | |")
+    lines += _without_hop_work(runs)
     lines.append("")
     return "\n".join(lines)
+
+
+NO_HOP_WORK = ("old-main", "pre-hop-work", "no-hop-work")
+"""Labels solved under the format's own model: the issue's baseline, the last run before hop
+work, and `--no-hop-work --label no-hop-work`."""
+
+
+def _without_hop_work(runs: dict[str, Any]) -> list[str]:
+    """The format's execution model: the `no-hop-work` run against the issue's baseline and the
+    last run before hop work, on the same graphs."""
+    latest = runs.get("no-hop-work", {})
+    bases = [n.removesuffix("-no-hop-work") for n in latest]
+    if not bases:
+        return []
+    lines = [
+        "",
+        "## Under the format's execution model (no hop work)",
+        "",
+        "The same graphs with no device doing hop work, as the cost graph format defines them "
+        "and as instances from elsewhere are solved: `old-main` (the issue's baseline), "
+        "`pre-hop-work` (the last run before hop work) and `no-hop-work` "
+        "(`--no-hop-work --label no-hop-work`).",
+        "",
+        "| instance | " + " | ".join(f"{label} | bound | gap" for label in NO_HOP_WORK) + " |",
+        "|---|" + "---|---|---|" * len(NO_HOP_WORK),
+    ]
+    gaps: dict[tuple[str, str], list[float]] = {}
+    for base in bases:
+        row = [runs.get("old-main", {}).get(base), runs.get("pre-hop-work", {}).get(base)]
+        row.append(latest.get(f"{base}-no-hop-work"))
+        cells = [base]
+        for label, r in zip(NO_HOP_WORK, (_auto(r) for r in row), strict=True):
+            if r is None:
+                cells += ["-"] * 3
+                continue
+            cells += [f"{r['makespan_ms']:.3f}", f"{r['lower_bound_ms']:.3f}", f"{r['gap']:.1%}"]
+            gaps.setdefault((latest[f"{base}-no-hop-work"]["set"], label), []).append(r["gap"])
+        lines.append("| " + " | ".join(cells) + " |")
+    for which in dict.fromkeys(r["set"] for r in latest.values()):
+        medians = [_median(gaps.get((which, label), [])) for label in NO_HOP_WORK]
+        lines.append(f"| median gap, {which} | " + " | ".join(f"| | {m}" for m in medians) + " |")
+    return lines
 
 
 def plot(data: dict[str, Any]) -> None:
