@@ -405,14 +405,20 @@ def _parse(data: Any, where: str) -> CostGraph:
         tm = e.get("transfer_ms", {}) if isinstance(e, dict) else {}
         if not isinstance(tm, dict):
             raise CostGraphError(f"{w}.transfer_ms must be an object {{from: {{to: ms}}}}")
+        transfer = {str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()}
+        names = [d.name for d in devices]
+        every_pair = all(b in transfer.get(a, {}) for a in names for b in names if a != b)
+        if isinstance(e, dict) and "bytes" not in e and not every_pair:
+            raise CostGraphError(
+                f"{w}.bytes is missing: give the tensor's size, or transfer_ms for every pair of "
+                "devices"
+            )
         edges.append(
             Edge(
                 src=str(_require(e, "src", w, (str, int))),
                 dst=str(_require(e, "dst", w, (str, int))),
-                bytes=_bytes(e, "bytes", w),
-                transfer_ms={
-                    str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()
-                },
+                bytes=_bytes(e, "bytes", w, default=0),  # unused where every pair is timed
+                transfer_ms=transfer,
             )
         )
     extra = {

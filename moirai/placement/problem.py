@@ -162,7 +162,8 @@ class PlacementProblem:
 
     @cached_property
     def pays_for_transfers(self) -> list[bool]:
-        """Whether transfers into and out of device k take k's own time (throughput)."""
+        """Whether transfers into and out of device k take its own time: hop work, and in the
+        throughput objective its load."""
         return [d.pays_for_transfers for d in self.costgraph.devices]
 
     @cached_property

@@ -129,12 +129,16 @@ def test_an_edge_given_twice_is_refused() -> None:
         CostGraph.from_dict(data)
 
 
-def test_an_edge_without_bytes_is_refused() -> None:
+def test_an_edge_without_bytes_is_refused_unless_every_pair_is_timed() -> None:
     """It was priced as 0 bytes, silently: a typo ('byts') made every transfer free."""
     data = json.loads(json.dumps(cluster().to_dict()))
     data["edges"][0]["byts"] = data["edges"][0].pop("bytes")
-    with pytest.raises(CostGraphError, match=r"edges\[0\]\.bytes is missing"):
+    with pytest.raises(CostGraphError, match=r"edges\[0\]\.bytes is missing: give the tensor"):
         CostGraph.from_dict(data)
+    # Timed between every pair of devices, an edge needs no size: it would never be read.
+    data["edges"][0]["transfer_ms"] = {"gpu": {"cpu": 0.5}, "cpu": {"gpu": 0.7}}
+    cg = CostGraph.from_dict(data)
+    assert cg.transfer_ms(cg.edges[0], "cpu", "gpu") == 0.7
 
 
 def test_a_costgraph_files_device_kind_is_informative() -> None:
