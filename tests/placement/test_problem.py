@@ -117,16 +117,29 @@ def test_byte_counts_must_be_finite(path: tuple[str, int, str], where: str) -> N
         CostGraph.from_dict(data)
 
 
-def test_an_edge_given_twice_is_refused() -> None:
-    """The MILP found such a graph infeasible: 'no placement fits the device memories
-    (proven)'."""
+def test_edges_between_the_same_tasks_become_one_transfer_of_their_summed_time() -> None:
+    """A file may give an edge per tensor. Refused once, since the MILP called such a graph
+    infeasible ('no placement fits the device memories (proven)'); now the tensors travel as one
+    transfer, priced per pair of devices from each one's own time (explicit or by the link)."""
     data = json.loads(json.dumps(cluster().to_dict()))
-    data["edges"].append(dict(data["edges"][0]))
-    n, (src, dst) = len(data["edges"]) - 1, (data["edges"][0]["src"], data["edges"][0]["dst"])
-    with pytest.raises(
-        CostGraphError, match=rf"edges\[{n}\] repeats edges\[0\] \({src} -> {dst}\)"
-    ):
-        CostGraph.from_dict(data)
+    first = data["edges"][0]
+    twin = {"src": first["src"], "dst": first["dst"], "bytes": 10**6}
+    twin["transfer_ms"] = {"gpu": {"cpu": 0.25}}  # cpu -> gpu: by the link
+    data["edges"].append(twin)
+    cg = CostGraph.from_dict(data)
+    alone = CostGraph.from_dict(cluster().to_dict())
+    assert len(cg.edges) == len(alone.edges)
+    merged, was = cg.edges[0], alone.edges[0]
+    assert merged.bytes == was.bytes + 10**6
+    link = cg.link("cpu", "gpu").transfer_ms(10**6)
+    assert cg.transfer_ms(merged, "gpu", "cpu") == pytest.approx(
+        alone.transfer_ms(was, "gpu", "cpu") + 0.25
+    )
+    assert cg.transfer_ms(merged, "cpu", "gpu") == pytest.approx(
+        alone.transfer_ms(was, "cpu", "gpu") + link
+    )
+    for solver in ("milp", "cpsat", "auto"):
+        assert solve(cg, solver, time_limit=10, threads=1).status == "optimal"
 
 
 def test_an_edge_without_bytes_is_refused_unless_every_pair_is_timed() -> None:
