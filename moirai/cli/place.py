@@ -253,6 +253,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hop_work_line(costgraph: CostGraph) -> str:
+    """Which devices do hop work (their transfers take their own time): Moirai's CPUs by
+    default; in a cost graph file only those that say `transfers_occupy_device: true`."""
+    paying = [d.name for d in costgraph.devices if d.pays_for_transfers]
+    if not paying:
+        return "execution model: the cost graph format's (no device does hop work)"
+    return f"hop work (transfers take the device's own time) on {', '.join(paying)}"
+
+
 def _summary(
     costgraph: CostGraph,
     problem: PlacementProblem,
@@ -276,6 +285,7 @@ def _summary(
         f"{costgraph.name}: {counted(len(costgraph.tasks), 'task')}{coarsening}, "
         f"{counted(len(costgraph.edges), 'edge')}, {counted(len(costgraph.devices), 'device')}; "
         f"objective {problem.objective}",
+        _hop_work_line(costgraph),
         "",
         f"{'solver':<24} {'status':<10} {'makespan ms':>12} {'period ms':>10} "
         f"{'bound ms':>10} {'gap':>7} {'seconds':>8}",

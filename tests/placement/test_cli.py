@@ -193,14 +193,20 @@ def _fork_and_join_on_two_cpus(tmp_path: Path, occupy: bool | None) -> Path:
     return path
 
 
-def test_a_costgraph_file_is_solved_under_the_formats_execution_model(tmp_path: Path) -> None:
+def test_a_costgraph_file_is_solved_under_the_formats_execution_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A device's `kind` is informative in a cost graph file: CPUs that do not say
-    `transfers_occupy_device` do no hop work, as the format defines; saying it adds it."""
+    `transfers_occupy_device` do no hop work, as the format defines; saying it adds it. The
+    report says which model it solved."""
     makespans = {}
     for occupy in (None, False, True):
         out = tmp_path / f"plan-{occupy}.json"
         argv = ["place", "--costgraph", str(_fork_and_join_on_two_cpus(tmp_path, occupy))]
         assert main([*argv, "--time-limit", "10", "--threads", "1", "-q", "-o", str(out)]) == 0
+        report = capsys.readouterr().out
+        said = "hop work (transfers take the device's own time) on x, y"
+        assert (said if occupy else "execution model: the cost graph format's") in report
         plan = Placement.load(out)
         assert plan.status == "optimal"
         makespans[occupy] = plan.makespan_ms
