@@ -12,7 +12,8 @@ Sets (cost graphs built once and cached under Moirai's cache folder, `bench-plac
 - `paper`: graphs in the style of the paper's published instances
   (`tests/placement/instances.inception_costgraph`): Inception-like networks of 144 to 1378
   tasks on 4 heterogeneous devices, a cost per task and device and a transfer matrix per edge,
-  two of them with a fastest device too small for the whole model; 60 s.
+  two of them with a fastest device too small for the whole model; 60 s. The fourth device is a
+  CPU, which does hop work as Moirai's CPUs do.
 - `random`: random DAGs (`tests/placement/instances.random_dag`) of 100 to 1500 tasks on 3 to 8
   devices, communication-to-computation ratios 0.3 and 1; 20 s. The devices are CPUs, so every
   hop is also work on both ends (`problem.hop_work`, since 998b171).
