@@ -41,8 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from loadgen import drive  # noqa: E402
-from runtime import median_ms  # noqa: E402
+from loadgen import drive, median_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
 from moirai.devices import DeviceSet, local_devices  # noqa: E402

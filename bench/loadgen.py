@@ -7,7 +7,8 @@ decoded, so that the clients disturb the servers as little as possible. Each cli
 answer is checked against what it expects. Their malloc is tuned as the servers' are
 (`stage_server.allocator`), so that a large request costs them no page faults. CPU is read for
 every thread of the serving processes and their descendants (`moirai.runtime.cputime.cpu_ms`,
-which `moirai demo` reports from too; the benchmarks import it from here).
+which `moirai demo` reports from too; the benchmarks import it from here). Sequential latency
+is measured the same way everywhere too: `median_ms`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +28,18 @@ from stage_server import codec
 from stage_server.allocator import keep_freed_memory
 
 Inputs = Mapping[str, np.ndarray]
+
+
+def median_ms(call: Callable[[], object], times: int, warmup: int = 1) -> float:
+    """The median milliseconds of `times` calls of `call`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    spent = []
+    for _ in range(times):
+        start = time.perf_counter()
+        call()
+        spent.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(spent)
 
 
 def _matches(got: np.ndarray, want: np.ndarray | None) -> bool:

@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from loadgen import cpu_ms, drive  # noqa: E402
-from runtime import inputs_for, median_ms  # noqa: E402
+from loadgen import cpu_ms, drive, median_ms  # noqa: E402
+from runtime import inputs_for  # noqa: E402
 from validation import frame_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402

@@ -54,7 +54,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadgen import cpu_ms  # noqa: E402
+from loadgen import cpu_ms, median_ms  # noqa: E402
 
 from moirai import zoo  # noqa: E402
 from moirai.devices import local_devices  # noqa: E402
@@ -85,16 +85,6 @@ def single_session(path, threads: int = 1) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def median_ms(fn, n: int) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
 
 
 def served_latency_ms(plan, model_path: Path, inputs, n: int, pin: bool = True) -> float:

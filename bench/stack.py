@@ -64,7 +64,7 @@ os.environ["PYTHONPATH"] = str(TREE)  # the servers run this checkout's code too
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from loadgen import cpu_ms, drive  # noqa: E402
+from loadgen import cpu_ms, drive, median_ms  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from moirai import zoo  # noqa: E402
@@ -305,18 +305,7 @@ def median_round_trip(url: str, model: str, inputs: dict, requests: int) -> floa
     from stage_server.client import InferenceClient
 
     with InferenceClient(url) as client:
-        for _ in range(5):
-            client.infer(model, inputs)
-        return median_ms(lambda: client.infer(model, inputs), requests)
-
-
-def median_ms(call: Callable[[], object], times: int) -> float:
-    spent = []
-    for _ in range(times):
-        start = time.perf_counter()
-        call()
-        spent.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(spent)
+        return median_ms(lambda: client.infer(model, inputs), requests, warmup=5)
 
 
 # -------------------------------------- 4. a light model's latency, against bare servers
