@@ -101,7 +101,7 @@ class CostGraph:
             groups.setdefault((e.src, e.dst), []).append(e)
         if len(groups) == len(self.edges):
             return self.edges
-        names = [d.name for d in self.devices]
+        names = self.device_names
         return tuple(
             group[0]
             if len(group) == 1
@@ -419,6 +419,7 @@ def _parse(data: Any, where: str) -> CostGraph:
                 },
             )
         )
+    pairs = [(a.name, b.name) for a in devices for b in devices if a is not b]
     edges = []
     for i, e in enumerate(_require(data, "edges", where, list)):
         w = f"{where}.edges[{i}]"
@@ -426,9 +427,11 @@ def _parse(data: Any, where: str) -> CostGraph:
         if not isinstance(tm, dict):
             raise CostGraphError(f"{w}.transfer_ms must be an object {{from: {{to: ms}}}}")
         transfer = {str(a): _times(row, f"{w}.transfer_ms[{a!r}]") for a, row in tm.items()}
-        names = [d.name for d in devices]
-        every_pair = all(b in transfer.get(a, {}) for a in names for b in names if a != b)
-        if isinstance(e, dict) and "bytes" not in e and not every_pair:
+        if (
+            isinstance(e, dict)
+            and "bytes" not in e
+            and not all(b in transfer.get(a, {}) for a, b in pairs)  # timed everywhere: unused
+        ):
             raise CostGraphError(
                 f"{w}.bytes is missing: give the tensor's size, or transfer_ms for every pair of "
                 "devices"
@@ -437,7 +440,7 @@ def _parse(data: Any, where: str) -> CostGraph:
             Edge(
                 src=str(_require(e, "src", w, (str, int))),
                 dst=str(_require(e, "dst", w, (str, int))),
-                bytes=_bytes(e, "bytes", w, default=0),  # unused where every pair is timed
+                bytes=_bytes(e, "bytes", w, default=0),
                 transfer_ms=transfer,
             )
         )
