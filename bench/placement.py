@@ -338,7 +338,7 @@ def report(data: dict[str, Any]) -> str:
         was = _median([old["gap"] for _, old, _ in shown])
         now = _median([new["gap"] for _, _, new in shown])
         lines.append(f"| median | | | {was} | | | | {now} | |")
-    lines += _without_hop_work(runs)
+    lines += _report_without_hop_work(runs)
     lines.append("")
     return "\n".join(lines)
 
@@ -348,7 +348,7 @@ NO_HOP_WORK = ("old-main", "pre-hop-work", "no-hop-work")
 work, and `--no-hop-work --label no-hop-work`."""
 
 
-def _without_hop_work(runs: dict[str, Any]) -> list[str]:
+def _report_without_hop_work(runs: dict[str, Any]) -> list[str]:
     """The format's execution model: the `no-hop-work` run against the issue's baseline and the
     last run before hop work, on the same graphs."""
     latest = runs.get("no-hop-work", {})
