@@ -25,10 +25,11 @@ upper bound with a schedule that attains it:
 - the cheapest path through the lower bounds is a lower bound of the whole problem (each
   segment's sub-problem, memory included, is a relaxation of the part of any plan it covers);
 - that path is then refined where it is not exact: each of its segments is solved by CP-SAT
-  with its entry and exit pinned (`cpsat.solve_cpsat` on a small sub-problem), which raises
-  its bound and lowers its upper bound, and the path is recomputed, until the path is exact
-  (proven optimal, when memory allows the plan) or the time is up. Only segments on the
-  current best path are ever solved, so a graph with hundreds of segments takes few solves;
+  with its entry and exit pinned (`cpsat.solve_cpsat` on a small sub-problem, one segment per
+  thread), which raises its bound and lowers its upper bound, and the path is recomputed,
+  until the path is exact (proven optimal, when memory allows the plan) or the time is up.
+  Only segments on the current best path are ever solved, so a graph with hundreds of
+  segments takes few solves;
 - the cheapest path through the upper bounds, its segment schedules laid end to end, is a plan
   (re-timed by the simulator), kept when it fits the device memories;
 - interchangeable devices (`PlacementProblem.twins`: a node's identical GPUs, a CPU split into
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from moirai.costgraph import CostGraph, Edge, Task
@@ -449,9 +451,13 @@ def decompose(problem: PlacementProblem, options: SolveOptions) -> Decomposition
         ]
         if not todo or options.remaining() <= 0.05:
             break
-        for seg, a, b in todo:
-            _solve_exact(p, seg, a, b, options)
-            solves += 1
+        # a segment per thread (CP-SAT releases the GIL while it searches): the path holds
+        # each segment once, and each solve is single-threaded, limited by work and touches
+        # only its own segment, so the spans are the same whatever the threads or the order
+        # the solves end in
+        with ThreadPoolExecutor(options.threads) as pool:
+            list(pool.map(lambda job: _solve_exact(p, *job, options), todo))
+        solves += len(todo)
     exact = not unproven
     value, path = _cheapest_path(p, cuts, segs, twins, upper=True)
     plan = _plan(p, cuts, segs, twins, path) if math.isfinite(value) else None

@@ -232,6 +232,21 @@ def test_series_segments_small_enough_for_auto_to_skip_the_path_lp() -> None:
     assert decompose(plain, SolveOptions(time_limit=30, threads=1)) is None
 
 
+def test_series_solves_segments_side_by_side_to_the_same_result() -> None:
+    """With two threads the segments on the cheapest path are solved two at a time; each solve
+    is single-threaded and limited by work, so bound, plan and the number of solves are those
+    of one thread."""
+    from .instances import inception_costgraph
+
+    problem = PlacementProblem(inception_costgraph(3, 6))
+    one, two = (decompose(problem, SolveOptions(time_limit=60, threads=t)) for t in (1, 2))
+    assert one is not None and two is not None and one.plan is not None and two.plan is not None
+    assert one.solves > 2  # several segments on the path, solved side by side with two threads
+    assert (two.bound, two.solves, two.exact) == (one.bound, one.solves, one.exact)
+    assert two.plan.where == one.plan.where
+    assert two.plan.makespan == one.plan.makespan
+
+
 def test_twins_are_interchangeable_devices_only() -> None:
     assert PlacementProblem(series_costgraph(1, twins=True)).twins == [0, 1, 1]
     assert PlacementProblem(series_costgraph(1)).twins == [0, 1, 2]
