@@ -17,6 +17,10 @@ Sets (cost graphs built once and cached under Moirai's cache folder, `bench-plac
 - `random`: random DAGs (`tests/placement/instances.random_dag`) of 100 to 1500 tasks on 3 to 8
   devices, communication-to-computation ratios 0.3 and 1; 20 s. The devices are CPUs, so every
   hop is also work on both ends (`problem.hop_work`, since 998b171).
+- `published`: the paper's own published instances (`bench/published.py`), read from a copy of
+  its reference implementation's `sample-data/` folder (`--published DIR`; not in this
+  repository, and not cached); 60 s. Run them with `--label no-hop-work` (the format's model,
+  which they are in) and the issue's baseline with `--label old-main --code DIR`.
 
 `--no-hop-work` solves the same graphs under the cost graph format's own execution model, where
 no device does hop work (its instances are named with `-no-hop-work`): the model of the labels
@@ -62,7 +66,7 @@ CACHE = cache_dir("bench-placement-v2")
 DEVICE_SETS = ("bench-3", "bench-4", "bench-gpus")
 HEURISTICS = ("single", "heft", "getf", "msct")
 LABEL = {"single": "single", "heft": "HEFT", "getf": "GETF", "msct": "m-SCT", "auto": "auto"}
-TIME_LIMIT = {"zoo": 60.0, "paper": 60.0, "random": 20.0}
+TIME_LIMIT = {"zoo": 60.0, "paper": 60.0, "random": 20.0, "published": 60.0}
 PAPER = [  # (seed, Inception modules, memory-tight): 144 to 1378 tasks
     (1, 16, False),
     (2, 16, True),
@@ -85,10 +89,18 @@ RANDOM = [  # (seed, tasks, devices, ccr)
 ]
 
 
-def instances(which: str, quick: bool) -> list[tuple[str, Callable[[], CostGraph]]]:
+def instances(
+    which: str, quick: bool, published: Path | None = None
+) -> list[tuple[str, Callable[[], CostGraph]]]:
     """(name, builder) of every instance of a set; built lazily, cached as JSON."""
     from tests.placement.instances import inception_costgraph, random_dag
 
+    if which == "published":
+        import published as paper_data
+
+        if published is None:
+            raise SystemExit("--set published needs --published DIR (the paper's sample-data)")
+        return [(n, partial(paper_data.read_xls, p)) for n, p in paper_data.instances(published)]
     if which == "zoo":
         from moirai import zoo
         from moirai.planning import build_costgraph
@@ -120,7 +132,7 @@ def instances(which: str, quick: bool) -> list[tuple[str, Callable[[], CostGraph
             )
             for seed, n, k, ccr in (RANDOM[:3] if quick else RANDOM)
         ]
-    raise SystemExit(f"unknown set {which!r}: use zoo, paper or random")
+    raise SystemExit(f"unknown set {which!r}: use zoo, paper, random or published")
 
 
 def without_hop_work(build: Callable[[], CostGraph]) -> CostGraph:
@@ -130,9 +142,9 @@ def without_hop_work(build: Callable[[], CostGraph]) -> CostGraph:
     return replace(cg, devices=devices)
 
 
-def cached(name: str, build: Callable[[], CostGraph]) -> Path:
+def cached(name: str, build: Callable[[], CostGraph], refresh: bool = False) -> Path:
     path = CACHE / (name.replace("/", "__") + ".json")
-    if not path.exists():
+    if refresh or not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         build().save(path)
     return path
@@ -178,10 +190,10 @@ def run(args: argparse.Namespace) -> None:
     solvers = args.solvers or (["auto"] if args.label == "before" else [*HEURISTICS, "auto"])
     for which in args.set:
         limit = 10.0 if args.quick else TIME_LIMIT[which]
-        for name, build in instances(which, args.quick):
-            if args.no_hop_work:
+        for name, build in instances(which, args.quick, args.published):
+            if args.no_hop_work and which != "published":  # those are in the format's model
                 name, build = f"{name}-no-hop-work", partial(without_hop_work, build)
-            cg_path = cached(name, build)
+            cg_path = cached(name, build, refresh=which == "published")
             cg = CostGraph.load(cg_path)
             row = runs.setdefault(name, {})
             row.update(
@@ -352,8 +364,7 @@ def _report_without_hop_work(runs: dict[str, Any]) -> list[str]:
     """The format's execution model: the `no-hop-work` run against the issue's baseline and the
     last run before hop work, on the same graphs."""
     latest = runs.get("no-hop-work", {})
-    bases = [n.removesuffix("-no-hop-work") for n in latest]
-    if not bases:
+    if not latest:
         return []
     lines = [
         "",
@@ -362,22 +373,23 @@ def _report_without_hop_work(runs: dict[str, Any]) -> list[str]:
         "The same graphs with no device doing hop work, as the cost graph format defines them "
         "and as instances from elsewhere are solved: `old-main` (the issue's baseline), "
         "`pre-hop-work` (the last run before hop work) and `no-hop-work` "
-        "(`--no-hop-work --label no-hop-work`).",
+        "(`--no-hop-work --label no-hop-work`); and the paper's published instances "
+        "(`published-`, `--set published`), which are in that model.",
         "",
         "| instance | " + " | ".join(f"{label} | bound | gap" for label in NO_HOP_WORK) + " |",
         "|---|" + "---|---|---|" * len(NO_HOP_WORK),
     ]
     gaps: dict[tuple[str, str], list[float]] = {}
-    for base in bases:
-        row = [runs.get("old-main", {}).get(base), runs.get("pre-hop-work", {}).get(base)]
-        row.append(latest.get(f"{base}-no-hop-work"))
+    for name, result in latest.items():
+        base = name.removesuffix("-no-hop-work")
+        row = [runs.get("old-main", {}).get(base), runs.get("pre-hop-work", {}).get(base), result]
         cells = [base]
         for label, r in zip(NO_HOP_WORK, (_auto(r) for r in row), strict=True):
             if r is None:
                 cells += ["-"] * 3
                 continue
             cells += [f"{r['makespan_ms']:.3f}", f"{r['lower_bound_ms']:.3f}", f"{r['gap']:.1%}"]
-            gaps.setdefault((latest[f"{base}-no-hop-work"]["set"], label), []).append(r["gap"])
+            gaps.setdefault((result["set"], label), []).append(r["gap"])
         lines.append("| " + " | ".join(cells) + " |")
     for which in dict.fromkeys(r["set"] for r in latest.values()):
         medians = [_median(gaps.get((which, label), [])) for label in NO_HOP_WORK]
@@ -419,6 +431,9 @@ def main() -> None:
     parser.add_argument("--code", type=Path, help="run this checkout's solvers (PYTHONPATH)")
     parser.add_argument("--threads", type=int, default=min(2, default_threads()))
     parser.add_argument("--solvers", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--published", type=Path, help="the paper's sample-data folder (for --set published)"
+    )
     parser.add_argument("--quick", action="store_true", help="10 s limits, fewer instances")
     parser.add_argument("--report", action="store_true", help="only rewrite the report")
     parser.add_argument(
