@@ -374,7 +374,8 @@ def _report_without_hop_work(runs: dict[str, Any]) -> list[str]:
         "and as instances from elsewhere are solved: `old-main` (the issue's baseline), "
         "`pre-hop-work` (the last run before hop work) and `no-hop-work` "
         "(`--no-hop-work --label no-hop-work`); and the paper's published instances "
-        "(`published-`, `--set published`), which are in that model.",
+        "(`published-`, `--set published`), which are in that model. `error`: that "
+        "checkout's `auto` stopped with an error (its message is in placement.json).",
         "",
         "| instance | " + " | ".join(f"{label} | bound | gap" for label in NO_HOP_WORK) + " |",
         "|---|" + "---|---|---|" * len(NO_HOP_WORK),
@@ -384,9 +385,10 @@ def _report_without_hop_work(runs: dict[str, Any]) -> list[str]:
         base = name.removesuffix("-no-hop-work")
         row = [runs.get("old-main", {}).get(base), runs.get("pre-hop-work", {}).get(base), result]
         cells = [base]
-        for label, r in zip(NO_HOP_WORK, (_auto(r) for r in row), strict=True):
-            if r is None:
-                cells += ["-"] * 3
+        for label, raw in zip(NO_HOP_WORK, row, strict=True):
+            r = _auto(raw)
+            if r is None:  # not run, or stopped with an error
+                cells += ["error" if (raw or {}).get("auto") else "-", "-", "-"]
                 continue
             cells += [f"{r['makespan_ms']:.3f}", f"{r['lower_bound_ms']:.3f}", f"{r['gap']:.1%}"]
             gaps.setdefault((result["set"], label), []).append(r["gap"])
