@@ -4,8 +4,8 @@ A solver is anything with a `name`, `available() -> (bool, reason)` and
 `solve(problem, options) -> Placement`; the problem knows nothing about solvers (as in PuLP's
 and cvxpy's solver interfaces). `SolveOptions` carries the time limit, threads, seed, a hint,
 the progress callback and a stop; `interruptible` runs a native search so that Ctrl-C or the
-stop ends it; `fall_back` and `no_plan` are what an exact solver answers when its search found
-nothing better, or nothing.
+stop ends it, `side_by_side` several at once; `fall_back` and `no_plan` are what an exact
+solver answers when its search found nothing better, or nothing.
 
 Stopping. `SolveOptions.stop` is an Event that anyone may set while a solve runs (the operator
 does when the PlacedModel being planned was edited or deleted): the solve then ends at its next
@@ -30,7 +30,8 @@ import functools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -192,6 +193,35 @@ def interruptible(solve: Callable[[], T], stop: Callable[[], None]) -> T:
     if failure:
         raise failure[0]
     return result[0]
+
+
+def side_by_side(jobs: Sequence[Callable[[], T]], threads: int) -> list[T]:
+    """The results of `jobs`, run `threads` at a time (native searches release the GIL), in
+    order; one after the other with one thread.
+
+    Ctrl-C and the running solve's stop reach every job, as `interruptible` does for one: each
+    job runs under a stop of its own (what its deadline checks and native searches look at),
+    set when the solve is stopped or on Ctrl-C, and the caller goes on (or re-raises) only once
+    every job has returned.
+    """
+    if threads <= 1:
+        return [job() for job in jobs]
+    halt = threading.Event()
+    if stopped():
+        halt.set()
+
+    def run(job: Callable[[], T]) -> T:
+        token = _stop.set(halt)
+        try:
+            return job()
+        finally:
+            _stop.reset(token)
+
+    def run_all() -> list[T]:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(run, jobs))
+
+    return interruptible(run_all, halt.set)
 
 
 class Solver(Protocol):

@@ -39,14 +39,14 @@ upper bound with a schedule that attains it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from moirai.costgraph import CostGraph, Edge, Task
 from moirai.errors import InfeasibleError
-from moirai.placement.contract import SolveOptions
+from moirai.placement.contract import SolveOptions, side_by_side
 from moirai.placement.cpsat import solve_cpsat
 from moirai.placement.problem import PlacementProblem
 from moirai.placement.simulate import Schedule, retime
@@ -454,12 +454,11 @@ def decompose(problem: PlacementProblem, options: SolveOptions) -> Decomposition
         ]
         if not todo or options.remaining() <= 0.05:
             break
-        # a segment per thread (CP-SAT releases the GIL while it searches): the path holds
-        # each segment once, and each solve is single-threaded, limited by work and touches
-        # only its own segment, so the spans are the same whatever the threads or the order
-        # the solves end in
-        with ThreadPoolExecutor(options.threads) as pool:
-            list(pool.map(lambda job: _solve_exact(p, *job, options), todo))
+        # a segment per thread: the path holds each segment once, and each solve is
+        # single-threaded, limited by work and touches only its own segment, so the spans are
+        # the same whatever the threads or the order the solves end in
+        jobs = [functools.partial(_solve_exact, p, seg, a, b, options) for seg, a, b in todo]
+        side_by_side(jobs, options.threads)
         solves += len(todo)
     exact = not unproven
     value, path = _cheapest_path(p, cuts, segs, twins, upper=True)

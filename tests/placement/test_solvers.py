@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -17,12 +18,13 @@ from moirai.placement import (
     Progress,
     SolveOptions,
     check,
+    contract,
     get_solver,
     solve,
     solve_problem,
     solvers,
 )
-from moirai.placement.contract import no_plan
+from moirai.placement.contract import no_plan, side_by_side, stopped
 
 from .instances import random_costgraph, tight_costgraph
 
@@ -366,6 +368,31 @@ def test_auto_stopped_in_its_race_ends_it() -> None:
     plan = _solve_stopped("auto", problem, stop, progress=progress)
     assert stop.is_set() and isinstance(plan, Placement)
     assert plan.solver.endswith("+local)") and plan.extra["stopped_by"] == "stop"
+
+
+def test_jobs_side_by_side_see_the_solves_stop_and_keep_their_order() -> None:
+    """`side_by_side` runs each job on a thread of its own; the running solve's stop (set on
+    the calling thread, as `stoppable` does) must reach every job, or a stopped series
+    decomposition would go on solving its segments."""
+
+    def job(k: int) -> Any:
+        def wait() -> tuple[int, bool, int]:
+            guard = time.monotonic() + STOP_GUARD_S
+            while not stopped() and time.monotonic() < guard:
+                time.sleep(0.01)
+            return k, stopped(), threading.get_ident()
+
+        return wait
+
+    stop = threading.Event()
+    token = contract._stop.set(stop)  # what `stoppable` does for a solve with a stop
+    try:
+        threading.Timer(0.1, stop.set).start()
+        out = side_by_side([job(k) for k in range(3)], threads=3)
+    finally:
+        contract._stop.reset(token)
+    assert [(k, seen) for k, seen, _ in out] == [(0, True), (1, True), (2, True)]
+    assert len({thread for _, _, thread in out}) == 3  # side by side
 
 
 def test_a_solve_stopped_with_no_plan_says_so() -> None:
