@@ -19,8 +19,9 @@ Sets (cost graphs built once and cached under Moirai's cache folder, `bench-plac
   hop is also work on both ends (`problem.hop_work`, since 998b171).
 - `published`: the paper's own published instances (`bench/published.py`), read from a copy of
   its reference implementation's `sample-data/` folder (`--published DIR`; not in this
-  repository, and not cached); 60 s. Run them with `--label no-hop-work` (the format's model,
-  which they are in) and the issue's baseline with `--label old-main --code DIR`.
+  repository; read anew on every run, the cache file only hands them to `moirai place`); 60 s.
+  Run them with `--label no-hop-work` (the format's model, which they are in) and the issue's
+  baseline with `--label old-main --code DIR`.
 
 `--no-hop-work` solves the same graphs under the cost graph format's own execution model, where
 no device does hop work (its instances are named with `-no-hop-work`): the model of the labels
