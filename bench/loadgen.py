@@ -73,10 +73,10 @@ def _grpc_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok)
 
 
 def _shared_memory_client(url, model, inputs, want, inflight, timeout_s, count, stop, ok) -> None:
-    keep_freed_memory()  # as the servers: no page faults per request (README)
     """A gRPC client that hands its tensors over in shared memory (Triton's system shared-memory
     extension): a region for each request in flight, holding its inputs and then its outputs,
     whose sizes a first ordinary request tells."""
+    keep_freed_memory()  # as the servers: no page faults per request (README)
     import uuid
     from multiprocessing import shared_memory
 
