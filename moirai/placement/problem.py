@@ -45,10 +45,13 @@ GIB = float(1 << 30)
 
 def gib(nbytes: float) -> str:
     """Bytes as a short human string: GiB with one decimal from 1 GiB, MiB below (a stage
-    server's overhead and small models read as MiB, not as 0.1 GiB)."""
+    server's overhead and small models read as MiB, not as 0.1 GiB), and bytes where that would
+    read as 0.0 MiB but is not none (cost graphs from elsewhere may count in small units)."""
     if nbytes >= GIB:
         return f"{nbytes / GIB:.1f} GiB"
-    return f"{nbytes / (1 << 20):.1f} MiB"
+    if nbytes >= 0.05 * (1 << 20) or nbytes <= 0:
+        return f"{nbytes / (1 << 20):.1f} MiB"
+    return f"{nbytes:g} B"
 
 
 def hop_work(transfer_ms: float, sender_pays: bool, receiver_pays: bool) -> tuple[float, float]:

@@ -9,6 +9,7 @@ import pytest
 from moirai.costgraph import CostGraph, Device, Edge, Task
 from moirai.errors import CostGraphError, InfeasibleError
 from moirai.placement import PlacementProblem, solve
+from moirai.placement.problem import gib
 
 GB = 1 << 30
 
@@ -163,3 +164,18 @@ def test_a_costgraph_files_device_kind_is_informative() -> None:
     cg = CostGraph.from_dict(data)
     assert [d.kind for d in cg.devices] == ["GPU", "npu"]
     assert PlacementProblem(cg).pays_for_transfers == [False, True]  # as the file says
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "text"),
+    [
+        (3 << 30, "3.0 GiB"),
+        (130 << 20, "130.0 MiB"),
+        (1 << 19, "0.5 MiB"),
+        (14, "14 B"),
+        (0, "0.0 MiB"),
+    ],
+)
+def test_memory_reads_in_a_unit_that_shows_it(nbytes: int, text: str) -> None:
+    """Cost graphs from elsewhere count memory in small units: 14 bytes used to read 0.0 MiB."""
+    assert gib(nbytes) == text
