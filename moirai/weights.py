@@ -37,7 +37,6 @@ import hashlib
 import json
 import mmap
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -46,7 +45,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from moirai.cachedir import cache_dir
+from moirai.cachedir import cache_dir, write_entry
 from moirai.errors import ModelError
 
 if TYPE_CHECKING:
@@ -212,11 +211,7 @@ def model_digest(path: Path | str) -> str:
             raise ModelError(f"{file}: cannot read the model ({e.strerror})") from None
     if [_stamp(f) for f in files] == stamps:  # unchanged while it was read
         with contextlib.suppress(OSError):  # a cache that cannot be written is no cache
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"stamps": stamps, "sha256": digest.hexdigest()}, f)
-            os.replace(tmp, entry)
+            write_entry(entry, {"stamps": stamps, "sha256": digest.hexdigest()})
     return digest.hexdigest()
 
 

@@ -21,13 +21,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moirai.cachedir import cache_dir
+from moirai.cachedir import cache_dir, write_entry
 from moirai.profile.document import DeviceProfile, ProfileError
 from moirai.profile.links import LinkFit
 
@@ -110,7 +109,7 @@ class ProfileCache:
         profile: DeviceProfile,
     ) -> Path:
         path, ingredients = self.device_path(model_sha256, input_shapes, signature)
-        self._write(path, {"format": FORMAT, "key": ingredients, "device": profile.to_dict()})
+        write_entry(path, {"format": FORMAT, "key": ingredients, "device": profile.to_dict()})
         return path
 
     # --------------------------------------------------------------- links
@@ -130,7 +129,7 @@ class ProfileCache:
 
     def put_link(self, signature: Mapping[str, Any], link: LinkFit) -> Path:
         path = self.link_path(signature)
-        self._write(path, {"format": FORMAT, "key": dict(signature), "link": link.to_dict()})
+        write_entry(path, {"format": FORMAT, "key": dict(signature), "link": link.to_dict()})
         return path
 
     # ----------------------------------------------------------------- io
@@ -144,13 +143,3 @@ class ProfileCache:
             log.warning("ignoring unreadable cache entry %s: %s", path, e)
             return None
         return data if isinstance(data, dict) and data.get("format") == FORMAT else None
-
-    @staticmethod
-    def _write(path: Path, data: Mapping[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=".tmp-", suffix=".json", delete=False, encoding="utf-8"
-        ) as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        Path(f.name).replace(path)
