@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import secrets
 import signal
@@ -62,6 +61,7 @@ import grpc
 from moirai.errors import MoiraiError
 from moirai.planning.cpu import core_sets
 from moirai.stageplan import GATEWAY, StagePlan
+from moirai.textfile import write_json
 from stage_server.auth import CHAIN_TOKEN_ENV
 from stage_server.batchconfig import BatchingConfig
 from stage_server.settings import EndpointConfig
@@ -225,7 +225,7 @@ class LocalDeployment:
                 GATEWAY: self.addresses[GATEWAY],
             }
             self.plan_path(m).parent.mkdir(parents=True, exist_ok=True)
-            self.plan_path(m).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
+            write_json(self.plan_path(m), plan, "the stage plan")
             for device in m.plan.used_devices:
                 if device in cores:
                     self.cores[self.name_of(m, device)] = cores[device]
