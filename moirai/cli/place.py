@@ -262,6 +262,25 @@ def _hop_work_line(costgraph: CostGraph) -> str:
     return f"hop work (transfers take the device's own time) on {', '.join(paying)}"
 
 
+ENDED_BY = {
+    "proof": "proven optimal",
+    "time": "ended by the time limit: a longer --time-limit may improve the plan or its bound",
+    "stop": "stopped before the time limit",
+}
+"""How a plan's `stopped_by` reads in the report."""
+
+
+def _ending(plan: Placement) -> str:
+    """Which lower bound binds and why the search ended, where the solver says (`auto`'s
+    `bound_from` and `stopped_by`): whether more time could pay."""
+    parts = []
+    if plan.extra.get("bound_from"):
+        parts.append(f"binding bound: {plan.extra['bound_from']}")
+    if plan.extra.get("stopped_by") in ENDED_BY:
+        parts.append(ENDED_BY[plan.extra["stopped_by"]])
+    return "; ".join(parts)
+
+
 def _summary(
     costgraph: CostGraph,
     problem: PlacementProblem,
@@ -299,6 +318,9 @@ def _summary(
             f"{plan.period_ms or 0.0:>10.4f} {plan.lower_bound_ms:>10.4f} {plan.gap:>7.2%} "
             f"{plan.solve_seconds:>8.2f}{mark}"
         )
+    ending = _ending(best)
+    if ending:  # of the best plan, marked * when several are compared
+        lines.append(f"* {ending}" if len(plans) > 1 else ending)
     busy = dict.fromkeys(problem.devices, 0.0)
     tasks = dict.fromkeys(problem.devices, 0)
     memory = dict.fromkeys(problem.devices, 0)

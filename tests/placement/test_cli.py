@@ -49,6 +49,23 @@ def test_place_costgraph_writes_a_checked_plan(
     assert gantt.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(("tasks", "limit"), [(10, "10"), (80, "1")])
+def test_the_report_says_which_bound_binds_and_why_the_search_ended(
+    tmp_path: Path, tasks: int, limit: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whether more time could pay: the binding bound and the search's end, as the plan says
+    (a small instance is proven optimal, a larger one in a second usually is not)."""
+    path, out = tmp_path / "cg.json", tmp_path / "plan.json"
+    random_costgraph(seed=5, tasks=tasks, devices=4).save(path)
+    assert (
+        main(["place", "--costgraph", str(path), "--time-limit", limit, "-q", "-o", str(out)]) == 0
+    )
+    plan = Placement.load(out)
+    ended = "proven optimal" if plan.status == "optimal" else "ended by the time limit"
+    line = f"binding bound: {plan.extra['bound_from']}; {ended}"
+    assert line in capsys.readouterr().out
+
+
 def test_compare_runs_every_solver(
     costgraph_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
