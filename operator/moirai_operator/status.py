@@ -171,6 +171,12 @@ def placement_summary(plan: Plan, deployments: dict[str, str]) -> dict[str, Any]
         "latencyMs": round(plan.latency_ms, 6),
         "lowerBoundMs": round(plan.lower_bound_ms, 6),
         "gap": round(plan.gap, 6),
+        # auto's: which bound binds, and why the solve ended (whether more time could pay)
+        **{
+            camel: str(plan.placement[key])
+            for key, camel in (("bound_from", "boundFrom"), ("stopped_by", "stoppedBy"))
+            if plan.placement.get(key)
+        },
         "solver": plan.solver,
         "solverStatus": plan.solver_status,
         "objective": plan.objective,

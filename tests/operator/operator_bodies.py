@@ -1,14 +1,26 @@
 """Builders of raw Node and PlacedModel bodies and of a small model, for the operator's unit tests
 and its control-plane tests (`tests/kube/test_operator_harness.py` imports this module), so both
-build a PlacedModel one way. Only the standard library, onnx and numpy: importing it is cheap."""
+build a PlacedModel one way; and the CRD's schema, which both check against. Only the standard
+library, onnx, numpy and yaml: importing it is cheap."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import yaml
 from moirai_operator.resources import API_VERSION, KIND
 
 GIB = 1 << 30
+CRD = Path(__file__).resolve().parents[2] / "crds" / "placedmodels.moirai.dev.yaml"
+
+
+def schema() -> dict[str, Any]:
+    """The CRD's one version: its name, schema, printer columns."""
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    return version
+
 
 COMMON_VALUES = [
     *("--set", "image.repository=registry.example.com/team/moirai"),

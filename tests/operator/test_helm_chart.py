@@ -14,17 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_bodies import COMMON_VALUES
+from operator_bodies import COMMON_VALUES, CRD, schema
 
 REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "placedmodels.moirai.dev.yaml"
 CHART = REPO / "charts" / "moirai"
-
-
-def schema() -> dict[str, Any]:
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = crd["spec"]["versions"]
-    return version
 
 
 def test_chart_carries_an_identical_copy_of_the_crd() -> None:

@@ -13,7 +13,7 @@ from moirai_operator.planning import Planner, device_set
 from moirai_operator.pools import match_pools, node_facts
 from moirai_operator.spec import Defaults, SpecError, parse_spec
 from moirai_operator.status import InsufficientMemoryError, failure, placement_summary
-from operator_bodies import make_node, make_spec, write_mlp
+from operator_bodies import make_node, make_spec, schema, write_mlp
 
 from moirai.errors import ModelError
 from moirai.planning import build_costgraph
@@ -110,6 +110,26 @@ async def test_the_status_reports_the_latency_the_library_predicts(tmp_path: Pat
     summary = placement_summary(plan, {d.entry.name: d.entry.name for d in plan.devices})
     assert summary["latencyMs"] == round(want.latency_ms, 6)
     assert plan.latency_ms > plan.placement["makespan_ms"] + want.client_ms
+
+
+@pytest.mark.parametrize("solver", ["auto", "heft"])
+async def test_the_status_says_which_bound_binds_and_why_the_solve_ended(
+    tmp_path: Path, planner, solver: str
+) -> None:
+    """`auto`'s plans say both (whether more time could pay); a heuristic's say neither, and
+    the status leaves them out rather than writing empty strings."""
+    model = write_mlp(tmp_path / "mlp.onnx")
+    spec = parse_spec(model_spec(model, placement={"solver": solver}), Defaults())
+    plan = await planner(spec, match_pools(spec.pools, NODES), model)
+    summary = placement_summary(plan, {d.entry.name: d.entry.name for d in plan.devices})
+    if solver == "auto":
+        assert summary["boundFrom"] == plan.placement["bound_from"]
+        assert summary["stoppedBy"] == plan.placement["stopped_by"] in ("proof", "time")
+    else:
+        assert "boundFrom" not in summary and "stoppedBy" not in summary
+    # the API server prunes what the CRD's schema does not name: every field must be there
+    status = schema()["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    assert set(summary) <= set(status["placement"]["properties"])
 
 
 async def test_model_larger_than_the_pools_is_reported_in_gib(tmp_path: Path, planner) -> None:
