@@ -45,15 +45,22 @@ def read_xls(path: Path) -> CostGraph:
             "reading the paper's .xls instances takes xlrd: pip install xlrd"
         ) from None
     sheet = xlrd.open_workbook(str(path)).sheets()[0]
-    header = [str(h) for h in sheet.row_values(0)]
-    column = {name: c for c, name in enumerate(header)}
+    rows = [sheet.row_values(r) for r in range(sheet.nrows)]
+    return costgraph(path.stem, rows, str(path))
+
+
+def costgraph(name: str, rows: list[list[Any]], where: str) -> CostGraph:
+    """A sheet's rows (the header first; cells as xlrd gives them: numbers as floats, text as
+    str) as a cost graph named `name`; `where` names the file in errors."""
+    header = [str(h) for h in rows[0]]
+    column = {h: c for c, h in enumerate(header)}
     devices = [h[1:] for h in header if h[:1] == "p" and h[1:].isdigit()]
-    rows = [r for r in map(sheet.row_values, range(1, sheet.nrows)) if isinstance(r[0], float)]
-    if not rows:
-        raise SystemExit(f"{path}: no task rows")
+    body = [r for r in rows[1:] if isinstance(r[0], float)]
+    if not body:
+        raise SystemExit(f"{where}: no task rows")
     names = {d: f"d{d}" for d in devices}
     tasks, edges = [], []
-    for row in rows:
+    for row in body:
         task = f"t{int(row[0])}"
         tasks.append(
             {
@@ -80,11 +87,11 @@ def read_xls(path: Path) -> CostGraph:
             edges.append(
                 {"src": task, "dst": f"t{int(float(succ))}", "bytes": 0, "transfer_ms": matrix}
             )
-    first = rows[0]
+    first = body[0]
     return CostGraph.from_dict(
         {
             "format": FORMAT,
-            "name": path.stem,
+            "name": name,
             "devices": [
                 {"name": names[d], "memory_bytes": int(float(first[column[f"m{d}"]]))}
                 for d in devices
@@ -92,7 +99,7 @@ def read_xls(path: Path) -> CostGraph:
             "tasks": tasks,
             "edges": edges,
         },
-        where=str(path),
+        where=where,
     )
 
 
